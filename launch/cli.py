@@ -1,0 +1,37 @@
+"""The `medsapiens` command. Each stage registers its own subcommands; this root only assembles them.
+
+The root lives in `launch/` (the top of the dependency graph) so that the shared core
+`medsapiens/` never imports a stage. Registration imports no torch: `--help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import finetune.cli
+import medsapiens.cli
+import pretrain.cli
+import shards.cli
+
+STAGES = (shards.cli, medsapiens.cli, pretrain.cli, finetune.cli)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medsapiens",
+        description="Anatomical landmark detection with Sapiens ViTs: build shards, pretrain with "
+        "DeepSpeed, fine-tune, evaluate and predict.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for stage in STAGES:
+        stage.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

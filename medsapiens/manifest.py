@@ -1,0 +1,156 @@
+"""The shard-set manifest: the contract between `shards` (writer) and the trainers (readers).
+
+`manifest.json` sits beside the shards. Shard URLs in it are relative to the manifest's own
+location, so a shard directory can be moved or uploaded to S3 as a whole. Trainers take dataset
+ids, K, landmark names and mixture sizes from here, never from code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from medsapiens import storage
+from medsapiens.registry import LandmarkSet
+
+FORMAT = "medsapiens-shards"
+VERSION = 1
+MANIFEST_NAME = "manifest.json"
+REJECTED_NAME = "rejected.jsonl"
+
+
+class ManifestError(ValueError):
+    pass
+
+
+@dataclass
+class ShardInfo:
+    url: str
+    dataset: str
+    split: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class DatasetInfo:
+    landmark_set: LandmarkSet
+    splits: dict[str, int]
+    source: dict = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    datasets: dict[str, DatasetInfo]
+    shards: list[ShardInfo]
+    inputs: int
+    rejected: int
+    build: dict = field(default_factory=dict)
+    location: str = ""
+    digest: str = ""
+
+    def url_of(self, shard: ShardInfo) -> str:
+        """Absolute URL of a shard (relative URLs resolve against the manifest's directory)."""
+        if storage.is_s3(shard.url) or shard.url.startswith("/"):
+            return shard.url
+        return storage.join(self.location, shard.url)
+
+    def shards_for(self, dataset: str, split: str) -> list[ShardInfo]:
+        return [s for s in self.shards if s.dataset == dataset and s.split == split]
+
+    def landmark_set(self, dataset: str) -> LandmarkSet:
+        try:
+            return self.datasets[dataset].landmark_set
+        except KeyError:
+            raise ManifestError(
+                f"dataset {dataset!r} is not in the manifest at {self.location or '?'}; "
+                f"it has: {', '.join(sorted(self.datasets)) or 'none'}"
+            ) from None
+
+    @property
+    def written(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "datasets": {
+                name: {
+                    "num_landmarks": info.landmark_set.num_landmarks,
+                    "names": list(info.landmark_set.names),
+                    "landmark_set": info.landmark_set.to_dict(),
+                    "splits": dict(sorted(info.splits.items())),
+                    "source": info.source,
+                }
+                for name, info in sorted(self.datasets.items())
+            },
+            "shards": [vars(s) for s in self.shards],
+            "totals": {"inputs": self.inputs, "written": self.written, "rejected": self.rejected},
+            "rejected": {"count": self.rejected, "report": REJECTED_NAME},
+            "build": self.build,
+        }
+
+    def to_json(self) -> bytes:
+        return (json.dumps(self.to_dict(), indent=2) + "\n").encode()
+
+    @classmethod
+    def from_dict(cls, d: dict, location: str = "", digest: str = "") -> "Manifest":
+        if d.get("format") != FORMAT or d.get("version") != VERSION:
+            raise ManifestError(
+                f"{location or 'manifest'}: not a {FORMAT} v{VERSION} manifest "
+                f"(format={d.get('format')!r}, version={d.get('version')!r})"
+            )
+        try:
+            datasets = {
+                name: DatasetInfo(LandmarkSet.from_dict(v["landmark_set"]), dict(v["splits"]), v.get("source", {}))
+                for name, v in d["datasets"].items()
+            }
+            shards = [ShardInfo(**s) for s in d["shards"]]
+            manifest = cls(datasets, shards, d["totals"]["inputs"], d["rejected"]["count"], d.get("build", {}),
+                           location, digest)
+        except (KeyError, TypeError) as exc:
+            raise ManifestError(f"{location or 'manifest'}: malformed manifest ({exc!r})") from None
+        manifest.validate()
+        return manifest
+
+    def validate(self) -> None:
+        """Internal consistency: split counts match the shards, K matches the names."""
+        where = self.location or "manifest"
+        for shard in self.shards:
+            if shard.dataset not in self.datasets:
+                raise ManifestError(f"{where}: shard {shard.url} names unknown dataset {shard.dataset!r}")
+        for name, info in self.datasets.items():
+            if info.landmark_set.id != name:
+                raise ManifestError(f"{where}: dataset {name!r} carries landmark set {info.landmark_set.id!r}")
+            for split, count in info.splits.items():
+                in_shards = sum(s.samples for s in self.shards_for(name, split))
+                if in_shards != count:
+                    raise ManifestError(
+                        f"{where}: dataset {name!r} split {split!r} claims {count} samples, its shards hold {in_shards}"
+                    )
+        if self.inputs != self.written + self.rejected:
+            raise ManifestError(
+                f"{where}: inputs {self.inputs} != written {self.written} + rejected {self.rejected}"
+            )
+
+
+def manifest_url(location: str) -> str:
+    """Accept a shard directory (local or s3://) or the manifest file itself."""
+    location = str(location)
+    return location if location.endswith(".json") else storage.join(location, MANIFEST_NAME)
+
+
+def load(location: str) -> Manifest:
+    url = manifest_url(location)
+    try:
+        raw = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise ManifestError(f"no manifest at {url} (build shards with `medsapiens shards build`)") from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{url}: not valid JSON ({exc})") from None
+    base = url.rsplit("/", 1)[0] if "/" in url else "."
+    return Manifest.from_dict(data, location=base, digest=hashlib.sha256(raw).hexdigest())

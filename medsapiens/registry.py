@@ -1,0 +1,146 @@
+"""The landmark-set registry: what every stage needs to know about a dataset's landmarks.
+
+A `LandmarkSet` carries the landmark names (hence K), the left/right swap pairs used by flip
+augmentation and flip test, the evaluation protocol (unit, spacing or normalisation rule, SDR
+radii). Shards copy the entries they use into their manifest, bundles into their config, so later
+stages read them from data, never from this file.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+ISBI_NAMES = (
+    "sella", "nasion", "orbitale", "porion", "subspinale", "supramentale", "pogonion", "menton",
+    "gnathion", "gonion", "lower_incisal_incision", "upper_incisal_incision", "upper_lip",
+    "lower_lip", "subnasale", "soft_tissue_pogonion", "posterior_nasal_spine",
+    "anterior_nasal_spine", "articulare",
+)
+AARIZ_NAMES = (
+    "a_point", "anterior_nasal_spine", "b_point", "menton", "nasion", "orbitale", "pogonion",
+    "posterior_nasal_spine", "pronasale", "ramus", "sella", "articulare", "condylion", "gnathion",
+    "gonion", "porion", "lower_2nd_pm_cusp_tip", "lower_incisor_tip", "lower_molar_cusp_tip",
+    "upper_2nd_pm_cusp_tip", "upper_incisor_apex", "upper_incisor_tip", "upper_molar_cusp_tip",
+    "lower_incisor_apex", "labrale_inferius", "labrale_superius", "soft_tissue_nasion",
+    "soft_tissue_pogonion", "subnasale",
+)
+
+
+@dataclass(frozen=True)
+class LandmarkSet:
+    """One dataset's landmarks and evaluation protocol.
+
+    flip_pairs: None when the left/right correspondence is unknown (flip augmentation and flip
+    test are then off); an empty tuple when a mirrored image keeps every label (lateral
+    cephalograms, a single hand); otherwise the (i, j) index pairs to swap.
+    normalization: None (errors from `spacing_mm`, or pixels when there is none), or a rule:
+    {"rule": "wrist_width", "mm": 50.0, "landmarks": [1, 5]} or {"rule": "frame", "size": [512, 512]}.
+    """
+
+    id: str
+    names: tuple[str, ...]
+    flip_pairs: tuple[tuple[int, int], ...] | None
+    unit: str
+    sdr_radii: tuple[float, ...]
+    native_spacing_mm: float | None = None
+    normalization: dict | None = field(default=None, hash=False)
+    description: str = ""
+
+    @property
+    def num_landmarks(self) -> int:
+        return len(self.names)
+
+    @property
+    def can_flip(self) -> bool:
+        return self.flip_pairs is not None
+
+    def flip_permutation(self) -> list[int]:
+        """Channel order of the mirrored image: index i of the result is the landmark that lands on i."""
+        if self.flip_pairs is None:
+            raise ValueError(f"landmark set {self.id!r} has unknown left/right pairs: flipping is off")
+        perm = list(range(self.num_landmarks))
+        for i, j in self.flip_pairs:
+            perm[i], perm[j] = j, i
+        return perm
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["names"] = list(self.names)
+        d["sdr_radii"] = list(self.sdr_radii)
+        d["flip_pairs"] = None if self.flip_pairs is None else [list(p) for p in self.flip_pairs]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LandmarkSet":
+        pairs = d.get("flip_pairs")
+        return cls(
+            id=d["id"],
+            names=tuple(d["names"]),
+            flip_pairs=None if pairs is None else tuple((int(i), int(j)) for i, j in pairs),
+            unit=d["unit"],
+            sdr_radii=tuple(float(r) for r in d["sdr_radii"]),
+            native_spacing_mm=d.get("native_spacing_mm"),
+            normalization=d.get("normalization"),
+            description=d.get("description", ""),
+        )
+
+    def __post_init__(self):
+        if not self.id or "." in self.id or "_" in self.id:
+            raise ValueError(f"landmark set id {self.id!r} must be non-empty, without '.' or '_'")
+        if self.unit not in ("mm", "px"):
+            raise ValueError(f"landmark set {self.id!r}: unit must be 'mm' or 'px', got {self.unit!r}")
+        for pair in self.flip_pairs or ():
+            if not all(0 <= i < len(self.names) for i in pair):
+                raise ValueError(f"landmark set {self.id!r}: flip pair {pair} outside 0..{len(self.names) - 1}")
+
+
+def _indexed(prefix: str, n: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}{i}" for i in range(n))
+
+
+BUILTIN: dict[str, LandmarkSet] = {
+    s.id: s
+    for s in (
+        LandmarkSet(
+            id="head", names=ISBI_NAMES, flip_pairs=(), unit="mm", sdr_radii=(2.0, 2.5, 3.0, 4.0),
+            native_spacing_mm=0.1, description="ISBI 2015 cephalometric, 19 landmarks, 0.1 mm/px",
+        ),
+        LandmarkSet(
+            id="hand", names=_indexed("hand_", 37), flip_pairs=(), unit="mm", sdr_radii=(2.0, 4.0, 10.0),
+            normalization={"rule": "wrist_width", "mm": 50.0, "landmarks": [1, 5]},
+            description="Digital Hand Atlas with Payer's 37 landmarks; errors normalised to a 50 mm wrist",
+        ),
+        LandmarkSet(
+            id="chest", names=_indexed("chest_", 6), flip_pairs=None, unit="px", sdr_radii=(3.0, 6.0, 9.0),
+            normalization={"rule": "frame", "size": [512, 512]},
+            description="Shenzhen chest (GU2Net labels), 6 landmarks; errors in pixels of a 512x512 frame",
+        ),
+        LandmarkSet(
+            id="leg",
+            names=_indexed("left_", 13) + _indexed("right_", 13),
+            flip_pairs=tuple((i, i + 13) for i in range(13)),
+            unit="mm", sdr_radii=(2.0, 4.0, 10.0),
+            description="Lower limb (BMPLE), 26 landmarks, 13 left + 13 right, per-image spacing",
+        ),
+        LandmarkSet(
+            id="aariz", names=AARIZ_NAMES, flip_pairs=(), unit="mm", sdr_radii=(2.0, 2.5, 3.0, 4.0),
+            description="Aariz cephalometric, 29 landmarks, mean of junior and senior annotators",
+        ),
+    )
+}
+
+DEFAULT_CUSTOM_RADII = {"mm": (2.0, 4.0, 10.0), "px": (3.0, 6.0, 9.0)}
+
+
+def get(dataset_id: str) -> LandmarkSet:
+    try:
+        return BUILTIN[dataset_id]
+    except KeyError:
+        raise KeyError(f"unknown dataset {dataset_id!r}; built-in ones: {', '.join(BUILTIN)}") from None
+
+
+def custom(dataset_id: str, names, flip_pairs=None, unit: str = "px", sdr_radii=None) -> LandmarkSet:
+    """A landmark set defined by the data (e.g. a COCO category), not by this registry."""
+    return LandmarkSet(
+        id=dataset_id, names=tuple(names), flip_pairs=flip_pairs, unit=unit,
+        sdr_radii=tuple(sdr_radii or DEFAULT_CUSTOM_RADII[unit]), description="custom set",
+    )

@@ -1,0 +1,155 @@
+"""Local paths and s3://bucket/key URLs behind one small interface.
+
+S3 goes through boto3 with the standard credential and endpoint chain (environment, profile,
+instance role; `AWS_ENDPOINT_URL` honoured). Transient failures are retried with exponential
+backoff. Nothing here prints or logs credentials: messages name URLs only.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+RETRIES = 6
+
+
+def is_s3(url: str) -> bool:
+    return str(url).startswith("s3://")
+
+
+def join(base: str, *names: str) -> str:
+    if is_s3(base):
+        return "/".join([str(base).rstrip("/"), *names])
+    return str(Path(base, *names))
+
+
+def split_s3(url: str) -> tuple[str, str]:
+    parsed = urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"not an s3://bucket/key URL: {url!r}")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+@functools.lru_cache(maxsize=None)
+def _client_for_pid(pid: int):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(retries={"max_attempts": RETRIES, "mode": "standard"}))
+
+
+def s3_client():
+    """One client per process: boto3 clients must not cross a fork (DataLoader workers, pools)."""
+    return _client_for_pid(os.getpid())
+
+
+def _transient(exc: Exception) -> bool:
+    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, ReadTimeoutError
+
+    if isinstance(exc, (BotoConnectionError, ReadTimeoutError, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or code in ("Throttling", "SlowDown", "RequestTimeout")
+    return False
+
+
+def with_retries(what: str, fn, *args, **kwargs):
+    """Call fn, retrying transient S3 errors with exponential backoff and jitter."""
+    for attempt in range(RETRIES):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - filtered by _transient
+            if attempt == RETRIES - 1 or not _transient(exc):
+                raise
+            time.sleep(min(30.0, 0.2 * 2**attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def _not_found(exc: Exception) -> bool:
+    from botocore.exceptions import ClientError
+
+    return isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+
+
+def read_bytes(url: str) -> bytes:
+    if not is_s3(url):
+        return Path(url).read_bytes()
+    bucket, key = split_s3(url)
+    try:
+        body = with_retries(f"get {url}", s3_client().get_object, Bucket=bucket, Key=key)["Body"]
+        return body.read()
+    except Exception as exc:
+        if _not_found(exc):
+            raise FileNotFoundError(f"no such object: {url}") from None
+        raise
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write a whole object; local files appear atomically (temp name, then rename)."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        with_retries(f"put {url}", s3_client().put_object, Bucket=bucket, Key=key, Body=data)
+        return
+    path = Path(url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        tmp.write(data)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
+
+
+def exists(url: str) -> bool:
+    if not is_s3(url):
+        return Path(url).exists()
+    bucket, key = split_s3(url)
+    try:
+        with_retries(f"head {url}", s3_client().head_object, Bucket=bucket, Key=key)
+        return True
+    except Exception as exc:
+        if _not_found(exc):
+            return False
+        raise
+
+
+def upload_file(local_path: str | Path, url: str, multipart_threshold: int = MULTIPART_THRESHOLD) -> None:
+    """Upload a local file to S3, in parts above `multipart_threshold` bytes (5 MiB at least)."""
+    from boto3.s3.transfer import TransferConfig
+
+    bucket, key = split_s3(url)
+    threshold = max(multipart_threshold, 5 * 1024 * 1024)
+    config = TransferConfig(multipart_threshold=threshold, multipart_chunksize=threshold)
+    with_retries(f"upload {url}", s3_client().upload_file, str(local_path), bucket, key, Config=config)
+
+
+def open_stream(url: str):
+    """A readable binary stream of the whole object (S3 objects are streamed, not buffered)."""
+    if not is_s3(url):
+        return open(url, "rb")
+    bucket, key = split_s3(url)
+    try:
+        return with_retries(f"get {url}", s3_client().get_object, Bucket=bucket, Key=key)["Body"]
+    except Exception as exc:
+        if _not_found(exc):
+            raise FileNotFoundError(f"no such object: {url}") from None
+        raise
+
+
+def _webdataset_s3_opener(url, mode="rb", bufsize=8192, **kw):
+    if mode[0] != "r":
+        raise ValueError(f"s3 URLs are read-only in the data pipeline: {url}")
+    return open_stream(url)
+
+
+def register_webdataset_opener() -> None:
+    """Teach webdataset's gopen to stream s3:// URLs through boto3."""
+    from webdataset.gopen import gopen_schemes
+
+    gopen_schemes["s3"] = _webdataset_s3_opener

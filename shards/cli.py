@@ -1,0 +1,6 @@
+"""`medsapiens shards ...` subcommands."""
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    pass
