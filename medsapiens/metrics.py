@@ -1,0 +1,103 @@
+"""Landmark errors by each dataset's evaluation protocol: radial error, MRE, SDR.
+
+All errors are measured in ORIGINAL image pixels and converted to the protocol's unit with a
+per-image, per-axis factor: the pixel spacing (mm), the hand's wrist-width normalisation
+(50 mm over two landmarks), or the chest's 512x512 frame (px).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from medsapiens.registry import LandmarkSet
+
+SDR_CONVENTIONS = {"<": np.less, "<=": np.less_equal}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How one dataset's errors are measured (derived from its LandmarkSet, optionally overridden)."""
+
+    landmark_set: LandmarkSet
+    wrist_landmarks: tuple[int, int] | None = None
+    sdr_convention: str = "<"
+
+    @property
+    def rule(self) -> str:
+        norm = self.landmark_set.normalization
+        return norm["rule"] if norm else "spacing"
+
+    @property
+    def unit(self) -> str:
+        return self.landmark_set.unit
+
+    def description(self) -> str:
+        norm = self.landmark_set.normalization or {}
+        if self.rule == "wrist_width":
+            a, b = self.wrist_landmarks or norm["landmarks"]
+            return f"errors scaled by {norm['mm']} mm / ||gt[{a}] - gt[{b}]|| (wrist width), in mm"
+        if self.rule == "frame":
+            w, h = norm["size"]
+            return f"errors in pixels of the image resized to {w}x{h}"
+        return "errors in original pixels times the pixel spacing (mm); pixels where no spacing is known"
+
+    def unit_per_pixel(self, gt_orig: np.ndarray, spacing_orig, orig_size) -> np.ndarray:
+        """(sx, sy): protocol units per original pixel for one image."""
+        norm = self.landmark_set.normalization or {}
+        if self.rule == "wrist_width":
+            a, b = self.wrist_landmarks or norm["landmarks"]
+            width = float(np.linalg.norm(np.asarray(gt_orig[a]) - np.asarray(gt_orig[b])))
+            if width <= 0:
+                raise ValueError(f"wrist landmarks {a} and {b} coincide: cannot normalise hand errors")
+            return np.full(2, norm["mm"] / width)
+        if self.rule == "frame":
+            fw, fh = norm["size"]
+            return np.array([fw / orig_size[0], fh / orig_size[1]], dtype=np.float64)
+        if spacing_orig is None:
+            if self.unit == "mm":
+                raise ValueError(f"dataset {self.landmark_set.id!r} is measured in mm but an image has no spacing")
+            return np.ones(2)
+        return np.asarray(spacing_orig, dtype=np.float64)
+
+
+def radial_errors(pred_orig, gt_orig, unit_per_pixel) -> np.ndarray:
+    """(N, K) errors: || (pred - gt) * (sx, sy) || per landmark, with one (sx, sy) per image."""
+    diff = (np.asarray(pred_orig, np.float64) - np.asarray(gt_orig, np.float64)) * np.asarray(unit_per_pixel)[:, None, :]
+    return np.linalg.norm(diff, axis=-1)
+
+
+def summarize(errors: np.ndarray, radii, convention: str = "<", mask: np.ndarray | None = None,
+              names=None, image_ids=None, worst: int = 10) -> dict:
+    """MRE (+ both stds), SDR per radius, per-landmark tables and the worst images.
+
+    `mre_std_images` is the std of per-image mean errors (MedSapiens' printed +-), and
+    `mre_std_landmarks` the std over all (image, landmark) errors.
+    """
+    errors = np.asarray(errors, dtype=np.float64)
+    mask = np.ones_like(errors, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    below = SDR_CONVENTIONS[convention]
+    flat = errors[mask]
+    per_image = np.array([row[m].mean() if m.any() else np.nan for row, m in zip(errors, mask)])
+
+    def sdr(values) -> dict:
+        return {f"{r:g}": float(100.0 * below(values, r).mean()) if len(values) else float("nan") for r in radii}
+
+    names = list(names) if names is not None else [str(k) for k in range(errors.shape[1])]
+    image_ids = list(image_ids) if image_ids is not None else [str(i) for i in range(len(errors))]
+    order = np.argsort(-np.nan_to_num(per_image, nan=-1.0))[:worst]
+    return {
+        "images": int(len(errors)),
+        "landmarks": int(mask.sum()),
+        "mre": float(flat.mean()),
+        "mre_std_landmarks": float(flat.std()),
+        "mre_std_images": float(np.nanstd(per_image)),
+        "sdr": sdr(flat),
+        "per_landmark": {
+            name: {"mre": float(errors[mask[:, k], k].mean()) if mask[:, k].any() else float("nan"),
+                   "sdr": sdr(errors[mask[:, k], k])}
+            for k, name in enumerate(names)
+        },
+        "worst": [{"id": image_ids[i], "mre": float(per_image[i])} for i in order],
+        "per_image": {image_ids[i]: float(per_image[i]) for i in range(len(errors))},
+    }
