@@ -1,0 +1,51 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from medsapiens import config as configlib
+from medsapiens.data.pipeline import DataConfig
+from medsapiens.engine import OptimConfig, TrainConfig
+
+
+@dataclass
+class Experiment:
+    run_dir: str = "runs/x"
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def test_yaml_plus_dotted_overrides(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("data:\n  micro_batch: 4\n  augment:\n    rotation_deg: 30\noptim:\n  lr: 1.0e-3\n")
+    cfg = configlib.load(Experiment, path, ["optim.betas=[0.8, 0.9]", "train.max_steps=7", "data.datasets=[head, hand]"])
+    assert cfg.data.micro_batch == 4 and cfg.data.augment.rotation_deg == 30.0
+    assert cfg.optim.lr == 1e-3 and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.train.max_steps == 7 and cfg.data.datasets == ["head", "hand"]
+    assert isinstance(cfg.data.augment.rotation_deg, float)
+
+
+def test_unknown_keys_are_named(tmp_path):
+    with pytest.raises(configlib.ConfigError, match=r"data\.augment\.rotaton_deg"):
+        configlib.load(Experiment, None, ["data.augment.rotaton_deg=3"])
+    path = tmp_path / "exp.yaml"
+    path.write_text("optimm:\n  lr: 1\n")
+    with pytest.raises(configlib.ConfigError, match=r"exp\.yaml.*optimm.*valid keys"):
+        configlib.load(Experiment, path)
+
+
+def test_types_are_checked():
+    with pytest.raises(configlib.ConfigError, match="train.max_steps: expected an integer"):
+        configlib.load(Experiment, None, ["train.max_steps=1.5"])
+    with pytest.raises(configlib.ConfigError, match="optim.betas: expected 2 values"):
+        configlib.load(Experiment, None, ["optim.betas=[0.9]"])
+    with pytest.raises(configlib.ConfigError, match="not of the form"):
+        configlib.load(Experiment, None, ["train.max_steps"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = configlib.load(Experiment, None, ["optim.lr=0.002", "data.weights={head: 2.0}"])
+    configlib.save(cfg, tmp_path / "resolved.yaml")
+    again = configlib.load(Experiment, tmp_path / "resolved.yaml")
+    assert again == cfg and configlib.digest(again) == configlib.digest(cfg)
+    assert configlib.digest(configlib.load(Experiment, None, ["optim.lr=0.003"])) != configlib.digest(cfg)
