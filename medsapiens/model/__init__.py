@@ -1,0 +1,5 @@
+"""The MedSapiens model: the Sapiens ViT backbone (timm), checkpoint loading, the shared
+multi-head landmark decoder and its loss, optimiser parameter groups, LoRA, and cost estimates."""
+from medsapiens.model.archs import ARCHS, DEFAULT_IMG_SIZE, DEFAULT_TRUNK_WIDTH, ArchSpec, feature_grid, get_arch
+from medsapiens.model.backbone import SapiensViT, build_backbone
+from medsapiens.model.checkpoint import LoadReport, convert_checkpoint, load_backbone, load_checkpoint, load_state
