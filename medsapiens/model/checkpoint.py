@@ -1,0 +1,286 @@
+"""Backbone weights from user-supplied files: the released Sapiens `*_clean.pth`, full pose
+checkpoints (`backbone.` / `backbone.module.` prefixes), and safetensors in either key naming.
+
+Everything is renamed to timm's keys; the cls token and the pos_embed's cls slot are dropped and
+the pos_embed grid is resized bicubically (align_corners=False, no antialias, float32) to the
+model's grid. Files are read with `torch.load(weights_only=True)` or safetensors, never pickle.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from medsapiens.model.archs import DEFAULT_IMG_SIZE, PATCH_SIZE, ArchSpec, get_arch
+from medsapiens.model.backbone import SapiensViT, build_backbone
+
+log = logging.getLogger(__name__)
+
+FORMAT = "medsapiens-backbone"
+GRID_METADATA_KEY = "pos_embed_grid"
+WRAPPER_KEYS = ("state_dict", "model")
+BACKBONE_PREFIXES = ("backbone.module.", "backbone.")  # longest first
+DROPPED_KEYS = ("cls_token",)
+
+# Released (mmpretrain) names -> timm names; timm names pass through unchanged.
+RENAMES = (
+    (re.compile(r"^patch_embed\.projection\."), "patch_embed.proj."),
+    (re.compile(r"^layers\.(\d+)\.ln1\."), r"blocks.\1.norm1."),
+    (re.compile(r"^layers\.(\d+)\.ln2\."), r"blocks.\1.norm2."),
+    (re.compile(r"^layers\.(\d+)\.attn\."), r"blocks.\1.attn."),
+    (re.compile(r"^layers\.(\d+)\.ffn\.layers\.0\.0\."), r"blocks.\1.mlp.fc1."),
+    (re.compile(r"^layers\.(\d+)\.ffn\.layers\.1\."), r"blocks.\1.mlp.fc2."),
+    (re.compile(r"^ln1\."), "norm."),
+)
+
+
+@dataclass
+class LoadReport:
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing and not self.unexpected
+
+    def summary(self) -> str:
+        lines = [f"{self.source}: loaded {len(self.loaded)} backbone tensors"]
+        for label, keys in (("missing", self.missing), ("unexpected", self.unexpected), ("ignored", self.ignored)):
+            if keys:
+                lines.append(f"  {label} ({len(keys)}): {_abbreviate(keys)}")
+        lines += [f"  {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+@dataclass
+class BackboneState:
+    """A checkpoint's backbone tensors under timm names, pos_embed without its cls slot."""
+
+    tensors: dict[str, torch.Tensor]
+    file_keys: dict[str, str]  # timm name -> name in the file, for error messages
+    grid: tuple[int, int] | None  # the pos_embed's grid; None without a pos_embed
+    ignored: list[str]
+    notes: list[str]
+
+
+def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a checkpoint file and its safetensors metadata ({} for torch files)."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path}: cannot be read with weights_only=True ({e}); "
+            "save its state dict alone (a dict of tensors) and retry"
+        ) from e
+    for key in WRAPPER_KEYS:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+    return obj, {}
+
+
+def normalize_state(
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    source: str,
+    model_grid: tuple[int, int] | None = None,
+) -> BackboneState:
+    """Select the backbone's tensors, rename them to timm keys and split off the cls slot.
+
+    model_grid helps to recognise a non-square pos_embed that was saved at the model's grid."""
+    prefix_present = any(k.startswith(BACKBONE_PREFIXES) for k in tensors)
+    state = BackboneState({}, {}, None, [], [])
+    for file_key, tensor in tensors.items():
+        key = _strip_backbone_prefix(file_key) if prefix_present else file_key
+        if key is None or key in DROPPED_KEYS:
+            state.ignored.append(file_key)
+            continue
+        key = _rename(key)
+        state.tensors[key] = tensor
+        state.file_keys[key] = file_key
+    if "pos_embed" in state.tensors:
+        state.tensors["pos_embed"], state.grid, note = _split_pos_embed(
+            state.tensors["pos_embed"], _metadata_grid(metadata), model_grid, source
+        )
+        if note:
+            state.notes.append(note)
+    return state
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+    """(1, gh*gw, C) -> (1, nh*nw, C): bicubic, align_corners=False, no antialias, in float32."""
+    (gh, gw), (nh, nw), channels = grid, new_grid, pos_embed.shape[-1]
+    image = pos_embed.float().reshape(1, gh, gw, channels).permute(0, 3, 1, 2)
+    image = F.interpolate(image, size=(nh, nw), mode="bicubic", align_corners=False, antialias=False)
+    return image.permute(0, 2, 3, 1).reshape(1, nh * nw, channels).to(pos_embed.dtype)
+
+
+def load_state(backbone: SapiensViT, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+               source: str = "state dict") -> LoadReport:
+    """Load checkpoint tensors (any supported naming) into `backbone`; see `LoadReport`."""
+    state = normalize_state(tensors, metadata or {}, source, backbone.grid_size)
+    if state.grid is not None and state.grid != backbone.grid_size:
+        state.tensors["pos_embed"] = resize_pos_embed(state.tensors["pos_embed"], state.grid, backbone.grid_size)
+        state.notes.append(f"pos_embed resized from {_grid_text(state.grid)} to {_grid_text(backbone.grid_size)}")
+    report = compare_with_model(state, backbone.state_dict(), source)
+    backbone.load_state_dict({k: state.tensors[k] for k in report.loaded}, strict=False)
+    return report
+
+
+def load_checkpoint(backbone: SapiensViT, path: str | Path) -> LoadReport:
+    tensors, metadata = read_tensors(path)
+    return load_state(backbone, tensors, metadata, source=str(path))
+
+
+def load_backbone(
+    arch: str | ArchSpec,
+    checkpoint: str | None = None,
+    img_size: tuple[int, int] = DEFAULT_IMG_SIZE,
+    grad_checkpointing: bool = False,
+) -> SapiensViT:
+    """The backbone, with weights from a Sapiens or MedSapiens checkpoint file when one is given.
+
+    A missing or unexpected backbone key is an error; keys outside the backbone (a pose
+    checkpoint's head, a bundle's decoder) and the cls token are reported as ignored."""
+    backbone = build_backbone(arch, img_size)
+    if checkpoint is not None:
+        report = load_checkpoint(backbone, checkpoint)
+        if not report.complete:
+            raise ValueError(report.summary())
+        log.info(report.summary())
+    backbone.set_grad_checkpointing(grad_checkpointing)
+    return backbone
+
+
+def compare_with_model(state: BackboneState, model_state: dict[str, torch.Tensor], source: str) -> LoadReport:
+    """Key sets and shapes of a normalised checkpoint against a model's; a shape clash raises."""
+    for key, tensor in state.tensors.items():
+        if key in model_state and tensor.shape != model_state[key].shape:
+            raise ValueError(
+                f"{source}: {state.file_keys[key]!r} (model key {key!r}) has shape {tuple(tensor.shape)} "
+                f"in the checkpoint but {tuple(model_state[key].shape)} in the model"
+            )
+    return LoadReport(
+        source=source,
+        loaded=[k for k in model_state if k in state.tensors],
+        missing=[k for k in model_state if k not in state.tensors],
+        unexpected=[state.file_keys[k] for k in state.tensors if k not in model_state],
+        ignored=state.ignored,
+        notes=state.notes,
+    )
+
+
+def convert_checkpoint(path: str | Path, arch: str | ArchSpec, out: str | Path) -> LoadReport:
+    """Write the backbone of a Sapiens checkpoint as safetensors in timm naming.
+
+    The pos_embed stays at the checkpoint's grid (cls slot dropped); the grid, arch and source are
+    recorded in the metadata. The file must fit `arch` exactly: nothing missing or unexpected."""
+    arch = get_arch(arch)
+    tensors, metadata = read_tensors(path)
+    state = normalize_state(tensors, metadata, str(path))
+    if state.grid is None:
+        raise ValueError(f"{path}: no pos_embed; not a Sapiens backbone checkpoint")
+    with torch.device("meta"):
+        probe = build_backbone(arch, tuple(g * PATCH_SIZE for g in state.grid))
+    report = compare_with_model(state, probe.state_dict(), str(path))
+    if not report.complete:
+        raise ValueError(f"{path} does not fit {arch.name}:\n{report.summary()}")
+    save_file(
+        {k: t.contiguous() for k, t in state.tensors.items()},
+        str(out),
+        metadata={
+            "format": FORMAT,
+            "arch": arch.name,
+            GRID_METADATA_KEY: _grid_text(state.grid),
+            "source": Path(path).name,
+            "source_sha256": _sha256(path),
+        },
+    )
+    return report
+
+
+def _strip_backbone_prefix(key: str) -> str | None:
+    for prefix in BACKBONE_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return None
+
+
+def _rename(key: str) -> str:
+    for pattern, replacement in RENAMES:
+        key, count = pattern.subn(replacement, key)
+        if count:
+            break
+    return key
+
+
+def _split_pos_embed(pos_embed, recorded_grid, model_grid, source):
+    """-> (pos_embed without cls slot, its grid, a note or None)."""
+    tokens = pos_embed.shape[1]
+    grid = recorded_grid or _infer_grid(tokens, model_grid)
+    if grid is None or tokens - grid[0] * grid[1] not in (0, 1):
+        raise ValueError(
+            f"{source}: pos_embed has shape {tuple(pos_embed.shape)}: its {tokens} tokens are neither "
+            f"the model's grid nor a square grid, with or without a cls slot; record the grid in the "
+            f"safetensors metadata as {GRID_METADATA_KEY}='HxW'"
+        )
+    if tokens == grid[0] * grid[1]:
+        return pos_embed, grid, None
+    return pos_embed[:, 1:], grid, f"pos_embed cls slot dropped ({_grid_text(grid)} grid)"
+
+
+def _infer_grid(tokens: int, model_grid: tuple[int, int] | None) -> tuple[int, int] | None:
+    if model_grid and tokens - model_grid[0] * model_grid[1] in (0, 1):
+        return model_grid
+    for patches in (tokens, tokens - 1):
+        side = math.isqrt(max(patches, 0))
+        if side > 0 and side * side == patches:
+            return side, side
+    return None
+
+
+def _metadata_grid(metadata: dict[str, str]) -> tuple[int, int] | None:
+    text = metadata.get(GRID_METADATA_KEY)
+    if text is None:
+        return None
+    h, w = text.split("x")
+    return int(h), int(w)
+
+
+def _grid_text(grid: tuple[int, int]) -> str:
+    return f"{grid[0]}x{grid[1]}"
+
+
+def _abbreviate(keys: list[str], most: int = 8) -> str:
+    shown = ", ".join(keys[:most])
+    return shown + (f", ... (+{len(keys) - most} more)" if len(keys) > most else "")
+
+
+def _sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,120 @@
+"""Analytic parameter counts, forward FLOPs and training-memory estimates. Torch-free.
+
+FLOPs: 2 per multiply-add, counting the matmuls, attention (QK^T and AV), the patch conv and the
+decoder's (de)convolutions: the convention of torch.utils.flop_counter and of MFU figures. Norms,
+activations, softmax and bias adds are left out (well under 1%). A training step costs about
+3 x forward (backward = 2 x forward); activation checkpointing adds a recomputed backbone forward,
+which MFU conventionally does not count.
+
+`head_channels` is the number of final-head channels an image goes through: its dataset's K (or
+the sum over heads, an upper bound; the heads cost well under 1% either way).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from medsapiens.model.archs import DEFAULT_IMG_SIZE, DEFAULT_TRUNK_WIDTH, PATCH_SIZE, ArchSpec, feature_grid, get_arch
+
+DECONV_TAPS = 16  # 4x4 kernels
+UPSAMPLING = 4  # two stride-2 deconvs: heatmaps are (H/4, W/4), 16x the token grid's area
+
+# Bytes per parameter and per activation element. "bf16" is DeepSpeed-style mixed precision:
+# bf16 weights and grads, fp32 master weights + Adam m and v in the optimizer (2 + 2 + 12 bytes).
+PRECISIONS = {
+    "fp32": {"weights": 4, "grads": 4, "optimizer": 8, "activation": 4},
+    "bf16": {"weights": 2, "grads": 2, "optimizer": 12, "activation": 2},
+}
+
+
+@dataclass(frozen=True)
+class Split:
+    backbone: int
+    decoder: int
+
+    @property
+    def total(self) -> int:
+        return self.backbone + self.decoder
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes. Activations are per image: what autograd keeps from forward to backward."""
+
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int
+    activations_checkpointed: int
+
+    def total(self, micro_batch: int = 1, checkpointing: bool = False) -> int:
+        per_image = self.activations_checkpointed if checkpointing else self.activations
+        return self.weights + self.grads + self.optimizer + micro_batch * per_image
+
+
+def count_params(arch: str | ArchSpec, img_size=DEFAULT_IMG_SIZE, trunk_width: int = DEFAULT_TRUNK_WIDTH,
+                 head_channels: int = 0) -> Split:
+    a, tokens = get_arch(arch), _tokens(img_size)
+    c, m, w = a.embed_dim, a.mlp_dim, trunk_width
+    patch = c * 3 * PATCH_SIZE**2 + c
+    # norm1 2C, qkv 3C^2 + 3C, proj C^2 + C, norm2 2C, fc1 CM + M, fc2 MC + C
+    block = 4 * c * c + 2 * c * m + 9 * c + m
+    backbone = patch + tokens * c + a.depth * block + 2 * c
+    decoder = DECONV_TAPS * (c * w + w * w) + 2 * (w * w + w) + head_channels * (w + 1)
+    return Split(backbone, decoder)
+
+
+def forward_flops(arch: str | ArchSpec, img_size=DEFAULT_IMG_SIZE, trunk_width: int = DEFAULT_TRUNK_WIDTH,
+                  head_channels: int = 0) -> Split:
+    """Forward FLOPs for one image (see the module docstring for what counts)."""
+    a, tokens = get_arch(arch), _tokens(img_size)
+    c, m, w = a.embed_dim, a.mlp_dim, trunk_width
+    patch = 2 * tokens * c * 3 * PATCH_SIZE**2
+    block = 2 * tokens * (4 * c * c + 2 * c * m) + 4 * tokens * tokens * c
+    # a transposed conv multiplies every input pixel by the whole kernel
+    deconvs = 2 * DECONV_TAPS * (tokens * c * w + UPSAMPLING * tokens * w * w)
+    heatmap_pixels = UPSAMPLING**2 * tokens
+    convs = 2 * heatmap_pixels * (2 * w * w + w * head_channels)
+    return Split(patch + a.depth * block, deconvs + convs)
+
+
+def memory_estimate(arch: str | ArchSpec, img_size=DEFAULT_IMG_SIZE, trunk_width: int = DEFAULT_TRUNK_WIDTH,
+                    head_channels: int = 0, precision: str = "bf16") -> MemoryEstimate:
+    """Training memory with AdamW, all parameters trainable, on one device without ZeRO (ZeRO-1
+    divides `optimizer` by the data-parallel size, ZeRO-2 also `grads`, ZeRO-3 also `weights`).
+
+    Activations assume a fused SDPA kernel (flash or memory-efficient: no N x N attention matrix
+    kept) and, with checkpointing, timm's per-block checkpoints: every block keeps its input and one
+    block at a time is recomputed in full. Left out: CUDA context, allocator fragmentation,
+    framework workspaces and communication buckets (budget 10-20% more)."""
+    sizes = PRECISIONS[precision]
+    params = count_params(arch, img_size, trunk_width, head_channels).total
+    full, checkpointed = _activation_elements(get_arch(arch), img_size, trunk_width, head_channels)
+    return MemoryEstimate(
+        weights=params * sizes["weights"],
+        grads=params * sizes["grads"],
+        optimizer=params * sizes["optimizer"],
+        activations=full * sizes["activation"],
+        activations_checkpointed=checkpointed * sizes["activation"],
+    )
+
+
+def _activation_elements(a: ArchSpec, img_size, trunk_width: int, head_channels: int) -> tuple[int, int]:
+    """Saved-for-backward elements per image: (without, with activation checkpointing)."""
+    tokens, c, w = _tokens(img_size), a.embed_dim, trunk_width
+    # per token: norm1 input and output, q k v, the attention output (which is also proj's input),
+    # norm2 input and output (8C); fc1 output and GELU output (2M); two LayerNorms' mean and rstd
+    # (4); the attention's logsumexp (one per head)
+    block = tokens * (8 * c + 2 * a.mlp_dim + 4 + a.num_heads)
+    image = 3 * img_size[0] * img_size[1]  # the patch conv keeps its input for the weight grad
+    final_norm = tokens * (c + 2)
+    heatmap_pixels = UPSAMPLING**2 * tokens
+    # the features in NCHW; per trunk layer its conv, norm and SiLU outputs; the loss's weighted error
+    trunk_pixels = UPSAMPLING * tokens + 3 * heatmap_pixels
+    decoder = tokens * c + 3 * w * trunk_pixels + head_channels * heatmap_pixels
+    common = image + final_norm + decoder
+    return common + a.depth * block, common + a.depth * tokens * c + block
+
+
+def _tokens(img_size) -> int:
+    h, w = feature_grid(img_size)
+    return h * w

@@ -1,0 +1,61 @@
+"""Backbone + shared multi-head decoder.
+
+State-dict keys (what bundles store): `backbone.<timm ViT keys>`, `decoder.trunk.{0..3}.conv.*`,
+`decoder.heads.<dataset_id>.{weight,bias}`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from medsapiens.model.archs import DEFAULT_IMG_SIZE, DEFAULT_TRUNK_WIDTH, ArchSpec
+from medsapiens.model.backbone import SapiensViT
+from medsapiens.model.checkpoint import load_backbone
+from medsapiens.model.decoder import HeadOutput, MultiHeadDecoder
+from medsapiens.model.loss import HeatmapLoss, heatmap_loss
+
+
+class LandmarkModel(nn.Module):
+    def __init__(self, backbone: SapiensViT, decoder: MultiHeadDecoder):
+        super().__init__()
+        self.backbone = backbone
+        self.decoder = decoder
+
+    def forward(self, images: torch.Tensor, dataset_index: torch.Tensor) -> dict[str, HeadOutput]:
+        """images (B, 3, H, W), dataset_index (B,) into `dataset_ids` ->
+        {dataset_id: HeadOutput(indices (n,), heatmaps (n, K, H/4, W/4))} for every head."""
+        return self.decoder(self.backbone(images), dataset_index)
+
+    def heatmaps(self, images: torch.Tensor, dataset_id: str) -> torch.Tensor:
+        """All images through one dataset's head: (B, K, H/4, W/4), for evaluation and prediction."""
+        position = self.dataset_ids.index(dataset_id)
+        index = torch.full((images.shape[0],), position, dtype=torch.long, device=images.device)
+        return self(images, index)[dataset_id].heatmaps
+
+    @staticmethod
+    def loss(outputs: dict[str, HeadOutput], target_heatmaps: torch.Tensor,
+             target_weights: torch.Tensor) -> HeatmapLoss:
+        return heatmap_loss(outputs, target_heatmaps, target_weights)
+
+    @property
+    def dataset_ids(self) -> list[str]:
+        return self.decoder.dataset_ids
+
+    def add_head(self, dataset_id: str, num_landmarks: int) -> None:
+        self.decoder.add_head(dataset_id, num_landmarks)
+
+    def drop_head(self, dataset_id: str) -> None:
+        self.decoder.drop_head(dataset_id)
+
+
+def build_model(
+    arch: str | ArchSpec,
+    img_size: tuple[int, int] = DEFAULT_IMG_SIZE,
+    heads: dict[str, int] | None = None,
+    trunk_width: int = DEFAULT_TRUNK_WIDTH,
+    checkpoint: str | None = None,
+    grad_checkpointing: bool = False,
+) -> LandmarkModel:
+    """heads: {dataset_id: K} in the order `dataset_index` refers to."""
+    backbone = load_backbone(arch, checkpoint, img_size, grad_checkpointing)
+    return LandmarkModel(backbone, MultiHeadDecoder(backbone.embed_dim, heads or {}, trunk_width))

@@ -1,0 +1,170 @@
+"""The timm-based Sapiens backbone against a plain-PyTorch reference written from the spec, and
+checkpoint loading in every supported form."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from medsapiens.model import ARCHS, build_backbone, convert_checkpoint, load_backbone, load_checkpoint, load_state
+from medsapiens.model.checkpoint import read_tensors
+from sapiens_checkpoints import released_state
+
+TINY = ARCHS["sapiens_tiny"]
+IMG = (256, 192)
+
+
+def reference_forward(state, images, arch):
+    """The Sapiens ViT as the spec describes it, on the released keys, in float64."""
+    sd = {k: v.double() for k, v in state.items()}
+    c, heads = arch.embed_dim, arch.num_heads
+    x = F.conv2d(images.double(), sd["patch_embed.projection.weight"], sd["patch_embed.projection.bias"],
+                 stride=16, padding=2)
+    batch, _, gh, gw = x.shape
+    x = x.flatten(2).transpose(1, 2)
+    side = math.isqrt(sd["pos_embed"].shape[1] - 1)
+    pos = sd["pos_embed"][:, 1:].reshape(1, side, side, c).permute(0, 3, 1, 2)
+    pos = F.interpolate(pos.float(), size=(gh, gw), mode="bicubic", align_corners=False, antialias=False)
+    x = x + pos.double().flatten(2).transpose(1, 2)
+
+    def norm(t, prefix):
+        return F.layer_norm(t, (c,), sd[prefix + ".weight"], sd[prefix + ".bias"], eps=1e-6)
+
+    for i in range(arch.depth):
+        p = f"layers.{i}."
+        qkv = F.linear(norm(x, p + "ln1"), sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"])
+        q, k, v = qkv.reshape(batch, -1, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        weights = (q @ k.transpose(-2, -1) / math.sqrt(c // heads)).softmax(dim=-1)
+        attended = (weights @ v).transpose(1, 2).reshape(batch, -1, c)
+        x = x + F.linear(attended, sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
+        hidden = F.gelu(F.linear(norm(x, p + "ln2"), sd[p + "ffn.layers.0.0.weight"], sd[p + "ffn.layers.0.0.bias"]))
+        x = x + F.linear(hidden, sd[p + "ffn.layers.1.weight"], sd[p + "ffn.layers.1.bias"])
+    return norm(x, "ln1").transpose(1, 2).reshape(batch, c, gh, gw)
+
+
+@pytest.fixture(scope="module")
+def tiny_state():
+    return released_state(TINY)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(2, 3, *IMG, generator=torch.Generator().manual_seed(1))
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def test_loaded_backbone_matches_reference_forward(tmp_path, tiny_state, images):
+    path = tmp_path / "sapiens_tiny_clean.pth"
+    torch.save(tiny_state, path)
+    backbone = load_backbone("sapiens_tiny", str(path), img_size=IMG).eval()
+    with torch.no_grad():
+        features = backbone(images)
+    assert features.shape == (2, TINY.embed_dim, IMG[0] // 16, IMG[1] // 16)
+    assert relative_error(features, reference_forward(tiny_state, images, TINY)) < 1e-5
+    assert all(block.attn.fused_attn for block in backbone.blocks)
+    # eps 1e-5 vs 1e-6 hardly moves the output at these activations: check it directly
+    norms = [m for m in backbone.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * TINY.depth + 1 and all(m.eps == 1e-6 for m in norms)
+
+
+def test_every_checkpoint_form_loads_the_same_weights(tmp_path, tiny_state):
+    flat = tmp_path / "flat.pth"
+    torch.save(tiny_state, flat)
+    head = {"head.final_layer.weight": torch.zeros(19, 768, 1, 1)}
+    pose = tmp_path / "pose.pth"
+    torch.save({"meta": {"epoch": 210}, "state_dict": {**{"backbone." + k: v for k, v in tiny_state.items()}, **head}},
+               pose)
+    lora = tmp_path / "lora.pth"
+    torch.save({"model": {"backbone.module." + k: v for k, v in tiny_state.items()}}, lora)
+    released_safetensors = tmp_path / "released.safetensors"
+    save_file(tiny_state, released_safetensors)
+
+    expected = load_backbone("sapiens_tiny", str(flat), img_size=IMG).state_dict()
+    for path in (pose, lora, released_safetensors):
+        backbone = build_backbone("sapiens_tiny", IMG)
+        report = load_checkpoint(backbone, path)
+        assert report.complete, report.summary()
+        assert_same_weights(backbone.state_dict(), expected)
+        assert any(k.endswith("cls_token") for k in report.ignored)
+    assert "head.final_layer.weight" in load_checkpoint(build_backbone("sapiens_tiny", IMG), pose).ignored
+
+
+def test_own_safetensors_forms_load_the_same_weights(tmp_path, tiny_state):
+    """A converted file (64x64 grid in its metadata) and a bundle-like file of a whole model at the
+    model's own non-square grid, with a decoder beside the backbone."""
+    flat = tmp_path / "flat.pth"
+    torch.save(tiny_state, flat)
+    converted = tmp_path / "converted.safetensors"
+    assert convert_checkpoint(flat, "sapiens_tiny", converted).complete
+    tensors, metadata = read_tensors(converted)
+    assert metadata["pos_embed_grid"] == "64x64" and metadata["source"] == "flat.pth"
+    assert tensors["pos_embed"].shape == (1, 64 * 64, TINY.embed_dim) and "cls_token" not in tensors
+    assert "blocks.0.attn.qkv.weight" in tensors
+
+    expected = load_backbone("sapiens_tiny", str(flat), img_size=IMG).state_dict()
+    assert_same_weights(load_backbone("sapiens_tiny", str(converted), img_size=IMG).state_dict(), expected)
+    bundle = tmp_path / "model.safetensors"
+    save_file({**{"backbone." + k: v for k, v in expected.items()}, "decoder.heads.head.bias": torch.zeros(19)},
+              bundle)
+    assert_same_weights(load_backbone("sapiens_tiny", str(bundle), img_size=IMG).state_dict(), expected)
+
+
+def assert_same_weights(actual, expected):
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_shape_mismatch_names_the_key_and_both_shapes(tiny_state):
+    state = dict(tiny_state)
+    state["layers.1.attn.qkv.weight"] = torch.zeros(3 * TINY.embed_dim, TINY.embed_dim + 1)
+    with pytest.raises(ValueError, match=r"layers\.1\.attn\.qkv\.weight.*\(576, 193\).*\(576, 192\)"):
+        load_state(build_backbone("sapiens_tiny", IMG), state)
+    state = dict(tiny_state, pos_embed=torch.zeros(1, 1000, TINY.embed_dim))
+    with pytest.raises(ValueError, match=r"pos_embed has shape \(1, 1000, 192\)"):
+        load_state(build_backbone("sapiens_tiny", IMG), state)
+
+
+def test_missing_or_unexpected_backbone_keys_refuse_to_load(tmp_path, tiny_state):
+    missing = tmp_path / "missing.pth"
+    torch.save({k: v for k, v in tiny_state.items() if not k.startswith("layers.3.")}, missing)
+    with pytest.raises(ValueError, match=r"missing \(12\): blocks\.3\.norm1\.weight"):
+        load_backbone("sapiens_tiny", str(missing), img_size=IMG)
+    deeper = tmp_path / "deeper.pth"
+    torch.save({**tiny_state, "layers.4.ln1.weight": torch.ones(TINY.embed_dim)}, deeper)
+    with pytest.raises(ValueError, match=r"unexpected \(1\): layers\.4\.ln1\.weight"):
+        load_backbone("sapiens_tiny", str(deeper), img_size=IMG)
+
+
+def test_grad_checkpointing_gives_the_same_gradients(images):
+    torch.manual_seed(0)
+    plain = build_backbone("sapiens_tiny", IMG)
+    checkpointed = build_backbone("sapiens_tiny", IMG)
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.set_grad_checkpointing(True)
+    for model in (plain, checkpointed):
+        model(images).square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_input_size_must_be_a_multiple_of_16():
+    with pytest.raises(ValueError, match="250x192"):
+        build_backbone("sapiens_tiny", (250, 192))
+
+
+@pytest.mark.parametrize("arch, billions", [("sapiens_0.3b", 0.30), ("sapiens_0.6b", 0.63),
+                                            ("sapiens_1b", 1.13), ("sapiens_2b", 2.13)])
+def test_full_sizes_take_the_released_keys(arch, billions):
+    with torch.device("meta"):
+        backbone = build_backbone(arch)
+    report = load_state(backbone, released_state(ARCHS[arch], device="meta"))
+    assert report.complete and report.loaded == list(backbone.state_dict())
+    assert report.ignored == ["cls_token"]
+    params = sum(p.numel() for p in backbone.parameters())
+    assert abs(params / 1e9 - billions) / billions < 0.03
+    assert backbone.grid_size == (64, 48)

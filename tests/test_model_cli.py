@@ -1,0 +1,46 @@
+"""`medsapiens model info` and `medsapiens model convert`."""
+import subprocess
+import sys
+
+import torch
+
+from launch.cli import main
+from medsapiens.model import ARCHS, build_backbone, count_params, forward_flops
+from medsapiens.model.checkpoint import read_tensors
+from sapiens_checkpoints import released_state
+
+
+def test_info_prints_the_computed_numbers(capsys):
+    assert main(["model", "info", "--arch", "sapiens_tiny", "--img-size", "256", "192",
+                 "--trunk-width", "64", "--heads", "19"]) == 0
+    out = capsys.readouterr().out
+    counted = count_params("sapiens_tiny", (256, 192), 64, 19)
+    assert f"backbone {counted.backbone:,}" in out and f"decoder {counted.decoder:,}" in out
+    assert f"total {forward_flops('sapiens_tiny', (256, 192), 64, 19).total / 1e9:.2f}" in out
+    assert "activations per image, checkpointed" in out
+
+
+def test_bad_arguments_are_one_line_errors(capsys):
+    assert main(["model", "info", "--arch", "sapiens_9b"]) == 2
+    assert "unknown arch 'sapiens_9b'" in capsys.readouterr().err
+    assert main(["model", "info", "--arch", "sapiens_tiny", "--img-size", "250", "192"]) == 2
+    assert "250x192" in capsys.readouterr().err
+
+
+def test_convert_writes_a_backbone_with_its_provenance(tmp_path, capsys):
+    checkpoint, out = tmp_path / "sapiens_tiny_clean.pth", tmp_path / "tiny.safetensors"
+    torch.save({"backbone." + k: v for k, v in released_state(ARCHS["sapiens_tiny"]).items()}, checkpoint)
+    assert main(["model", "convert", str(checkpoint), "--arch", "sapiens_tiny", "--out", str(out)]) == 0
+    assert "ignored (1): backbone.cls_token" in capsys.readouterr().out
+    tensors, metadata = read_tensors(out)
+    assert tensors.keys() == build_backbone("sapiens_tiny").state_dict().keys()
+    assert tensors["pos_embed"].shape == (1, 4096, 192)
+    assert metadata["arch"] == "sapiens_tiny" and metadata["pos_embed_grid"] == "64x64"
+    assert metadata["source"] == "sapiens_tiny_clean.pth" and len(metadata["source_sha256"]) == 64
+    assert main(["model", "convert", str(checkpoint), "--arch", "sapiens_small", "--out", str(out)]) == 2
+    assert "in the checkpoint but" in capsys.readouterr().err
+
+
+def test_cli_registration_imports_no_torch():
+    code = "import sys, launch.cli; launch.cli.build_parser(); sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
