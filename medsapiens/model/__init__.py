@@ -5,7 +5,7 @@ from medsapiens.model.backbone import SapiensViT, build_backbone
 from medsapiens.model.checkpoint import LoadReport, convert_checkpoint, load_backbone, load_checkpoint, load_state
 from medsapiens.model.cost import MemoryEstimate, Split, count_params, forward_flops, memory_estimate
 from medsapiens.model.decoder import HeadOutput, MultiHeadDecoder
-from medsapiens.model.landmark_model import LandmarkModel, build_model
+from medsapiens.model.landmark_model import LandmarkModel, ModelConfig, build_model
 from medsapiens.model.lora import apply_lora, base_backbone, count_trainable, merge_lora
 from medsapiens.model.loss import HeatmapLoss, heatmap_loss
 from medsapiens.model.param_groups import param_groups

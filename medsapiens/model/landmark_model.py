@@ -5,6 +5,8 @@ State-dict keys (what bundles store): `backbone.<timm ViT keys>`, `decoder.trunk
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -59,3 +61,17 @@ def build_model(
     """heads: {dataset_id: K} in the order `dataset_index` refers to."""
     backbone = load_backbone(arch, checkpoint, img_size, grad_checkpointing)
     return LandmarkModel(backbone, MultiHeadDecoder(backbone.embed_dim, heads or {}, trunk_width))
+
+
+@dataclass
+class ModelConfig:
+    """The model section of an experiment config (img_size is (H, W), a multiple of 16)."""
+
+    arch: str = "sapiens_0.3b"
+    img_size: tuple[int, int] = DEFAULT_IMG_SIZE
+    trunk_width: int = DEFAULT_TRUNK_WIDTH
+    checkpoint: str | None = None
+    grad_checkpointing: bool = False
+
+    def build(self, heads: dict[str, int]) -> LandmarkModel:
+        return build_model(self.arch, self.img_size, heads, self.trunk_width, self.checkpoint, self.grad_checkpointing)

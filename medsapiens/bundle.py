@@ -1,0 +1,103 @@
+"""The bundle: the contract between pretraining and fine-tuning/evaluation/prediction.
+
+A directory with `model.safetensors` (backbone + shared trunk + every head, fp32) and
+`config.json` (architecture, input size, heads {dataset: K}, codec settings, the landmark-set
+registry entries of its heads, provenance). Loading it needs no pickle.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from medsapiens.model import ModelConfig, feature_grid
+from medsapiens.registry import LandmarkSet
+
+FORMAT = "medsapiens-bundle"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+@dataclass
+class CodecSettings:
+    sigma: float = 3.0
+    margin: float = 1.25
+    blur_kernel: int = 11
+
+
+@dataclass
+class Bundle:
+    model: ModelConfig
+    landmark_sets: dict[str, LandmarkSet]
+    codec: CodecSettings = field(default_factory=CodecSettings)
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def heads(self) -> dict[str, int]:
+        return {d: s.num_landmarks for d, s in self.landmark_sets.items()}
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(W, H), the codec's order."""
+        return self.model.img_size[1], self.model.img_size[0]
+
+    def to_dict(self) -> dict:
+        model = asdict(replace(self.model, checkpoint=None))
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": {**model, "img_size": list(model["img_size"]), "heads": self.heads},
+            "codec": asdict(self.codec),
+            "landmark_sets": {d: s.to_dict() for d, s in self.landmark_sets.items()},
+            "provenance": self.provenance,
+        }
+
+
+def save(out_dir: str | Path, model: torch.nn.Module, bundle: Bundle) -> Path:
+    """Write weights and config under temporary names, then rename: a bundle is never half written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    missing = set(bundle.heads) - {k.split(".")[2] for k in state if k.startswith("decoder.heads.")}
+    if missing:
+        raise ValueError(f"bundle config lists head(s) {sorted(missing)} that the model does not have")
+    grid = feature_grid(bundle.model.img_size)
+    save_file(state, str(out / f".{WEIGHTS}.tmp"), metadata={"format": FORMAT, "pos_embed_grid": f"{grid[0]}x{grid[1]}"})
+    (out / f".{CONFIG}.tmp").write_text(json.dumps(bundle.to_dict(), indent=2))
+    os.replace(out / f".{WEIGHTS}.tmp", out / WEIGHTS)
+    os.replace(out / f".{CONFIG}.tmp", out / CONFIG)
+    return out
+
+
+def read_config(path: str | Path) -> Bundle:
+    path = Path(path)
+    try:
+        d = json.loads((path / CONFIG).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is not a bundle: no {CONFIG} (export one with `medsapiens pretrain export`)") from None
+    if d.get("format") != FORMAT or d.get("version") != VERSION:
+        raise ValueError(f"{path / CONFIG}: not a {FORMAT} v{VERSION} config")
+    model = dict(d["model"])
+    heads = model.pop("heads")
+    sets = {k: LandmarkSet.from_dict(v) for k, v in d["landmark_sets"].items()}
+    if {k: s.num_landmarks for k, s in sets.items()} != heads:
+        raise ValueError(f"{path / CONFIG}: heads {heads} disagree with the landmark sets")
+    model["img_size"] = tuple(model["img_size"])
+    return Bundle(ModelConfig(**model), sets, CodecSettings(**d["codec"]), d.get("provenance", {}))
+
+
+def load(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, Bundle) from a bundle directory."""
+    bundle = read_config(path)
+    model = bundle.model.build(bundle.heads)
+    state = load_file(str(Path(path) / WEIGHTS), device="cpu")
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{path}/{WEIGHTS} does not match its config: missing {result.missing_keys[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}")
+    return model.to(device).eval(), bundle

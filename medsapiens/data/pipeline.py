@@ -1,0 +1,278 @@
+"""Streaming input pipeline: shards listed in a manifest -> augmented images + UDP targets.
+
+Training reads resampled shards (every rank and DataLoader worker draws its own shards; there are
+no epochs, the trainer runs a fixed number of steps), mixes datasets by weight, and is
+deterministic in (seed, segment start step, rank, worker). The stream restarts at the start of
+every segment of `segment_steps` steps; checkpoints are taken on segment boundaries, so a resumed
+run reproduces exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import io
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from medsapiens import storage
+from medsapiens.codec import apply_affine, encode_udp, whole_image_affine
+from medsapiens.data.augment import AugmentConfig, normalize, photometric, random_affine, warp
+from medsapiens.manifest import Manifest, ManifestError
+from medsapiens.record import Rejection, validate_record
+from medsapiens.registry import LandmarkSet
+
+MIXING_RULES = ("proportional", "uniform", "temperature")
+VAL_SPLIT_PREFERENCE = ("val", "test1", "test")
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""
+    datasets: list[str] = field(default_factory=list)
+    mixing: str = "proportional"
+    temperature: float = 2.0
+    weights: dict[str, float] = field(default_factory=dict)
+    train_split: str = "train"
+    val_split: str = "auto"
+    micro_batch: int = 2
+    workers: int = 2
+    shuffle_buffer: int = 64
+    sigma: float = 3.0
+    max_corrupt_fraction: float = 0.01
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+class CorruptDataError(RuntimeError):
+    pass
+
+
+def heatmap_size(input_size) -> tuple[int, int]:
+    return input_size[0] // 4, input_size[1] // 4
+
+
+def mixture_weights(manifest: Manifest, cfg: DataConfig, datasets: list[str]) -> np.ndarray:
+    """Sampling probability of each dataset: by size, uniform, size^(1/T), or given explicitly."""
+    if cfg.mixing not in MIXING_RULES:
+        raise ValueError(f"data.mixing must be one of {MIXING_RULES}, got {cfg.mixing!r}")
+    unknown = sorted(set(cfg.weights) - set(datasets))
+    if unknown:
+        raise ValueError(f"data.weights names dataset(s) not being trained: {unknown}")
+    sizes = np.array([manifest.datasets[d].splits.get(cfg.train_split, 0) for d in datasets], dtype=np.float64)
+    empty = [d for d, n in zip(datasets, sizes) if n == 0]
+    if empty:
+        raise ManifestError(f"no {cfg.train_split!r} samples for dataset(s) {empty} in {manifest.location}")
+    base = {"proportional": sizes, "uniform": np.ones_like(sizes), "temperature": sizes ** (1.0 / cfg.temperature)}
+    weights = np.array([cfg.weights.get(d, w) for d, w in zip(datasets, base[cfg.mixing])])
+    return weights / weights.sum()
+
+
+def resolve_val_split(manifest: Manifest, dataset: str, requested: str) -> str | None:
+    splits = manifest.datasets[dataset].splits
+    if requested != "auto":
+        return requested if splits.get(requested) else None
+    return next((s for s in VAL_SPLIT_PREFERENCE if splits.get(s)), None)
+
+
+def decode_sample(sample: dict, landmark_set: LandmarkSet | None = None):
+    """Shard sample -> (image as float32 (H, W) or (H, W, 3) on a 0-255 scale, record dict)."""
+    try:
+        meta = json.loads(sample["json"])
+        with Image.open(io.BytesIO(sample["png"])) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I"):
+                image = np.asarray(im, dtype=np.float32) / 257.0
+            else:
+                image = np.asarray(im.convert("RGB" if im.mode in ("RGB", "RGBA", "P") else "L"), dtype=np.float32)
+    except (KeyError, OSError, ValueError) as exc:
+        raise Rejection("unreadable_image", f"{sample.get('__key__')}: {exc}") from None
+    validate_record(meta, (image.shape[1], image.shape[0]), landmark_set.num_landmarks if landmark_set else None)
+    return image, meta
+
+
+def read_shard(url: str):
+    """Samples of one shard, in order (webdataset's tar iteration over a local or s3:// stream)."""
+    from webdataset.tariterators import tarfile_samples
+
+    storage.register_webdataset_opener()
+    yield from tarfile_samples([{"url": url}])
+
+
+def training_example(image, meta, landmark_set: LandmarkSet, dataset_index: int, input_size, sigma,
+                     cfg: AugmentConfig, rng: np.random.Generator) -> dict:
+    size = (image.shape[1], image.shape[0])
+    matrix, flipped = random_affine(rng, size, input_size, cfg, landmark_set.can_flip)
+    landmarks = apply_affine(matrix, torch.tensor(meta["landmarks"], dtype=torch.float64))
+    visible = torch.tensor(meta["visible"], dtype=torch.float32)
+    if flipped:
+        perm = landmark_set.flip_permutation()
+        landmarks, visible = landmarks[perm], visible[perm]
+    heatmaps, weights = encode_udp(landmarks, visible, input_size, heatmap_size(input_size), sigma)
+    img = photometric(warp(image, matrix, input_size), rng, cfg)
+    return {"image": normalize(img), "heatmaps": heatmaps, "weights": weights, "dataset_index": dataset_index}
+
+
+def collate(examples: list[dict]) -> dict:
+    """Stack a mixed batch; targets are zero-padded to the largest K (weight 0 there)."""
+    k_max = max(e["weights"].shape[0] for e in examples)
+    heat = torch.zeros(len(examples), k_max, *examples[0]["heatmaps"].shape[1:])
+    weights = torch.zeros(len(examples), k_max)
+    for i, e in enumerate(examples):
+        k = e["weights"].shape[0]
+        heat[i, :k], weights[i, :k] = e["heatmaps"], e["weights"]
+    return {
+        "images": torch.stack([e["image"] for e in examples]),
+        "dataset_index": torch.tensor([e["dataset_index"] for e in examples], dtype=torch.long),
+        "target_heatmaps": heat,
+        "target_weights": weights,
+    }
+
+
+class CorruptCounter:
+    """Counts bad samples per shard, warns at a limited rate, aborts past a fraction."""
+
+    def __init__(self, max_fraction: float, where: str):
+        self.max_fraction = max_fraction
+        self.where = where
+        self.seen = 0
+        self.bad = Counter()
+
+    def ok(self) -> None:
+        self.seen += 1
+
+    def record(self, url: str, error: Exception) -> None:
+        self.seen += 1
+        self.bad[url] += 1
+        total = sum(self.bad.values())
+        if total <= 3 or total % 100 == 0:
+            print(f"warning: {self.where}: skipped corrupt sample #{total} in {url}: {error}", file=sys.stderr)
+        if total > self.max_fraction * max(self.seen, 100):
+            worst, count = self.bad.most_common(1)[0]
+            raise CorruptDataError(
+                f"{self.where}: {total} of {self.seen} samples were corrupt (limit "
+                f"{self.max_fraction:.1%}); worst shard {worst} with {count}; last error: {error}"
+            )
+
+
+class TrainStream(IterableDataset):
+    """Infinite stream of collated micro-batches for one rank; see the module docstring."""
+
+    def __init__(self, manifest: Manifest, cfg: DataConfig, dataset_ids: list[str], input_size,
+                 seed: int, rank: int):
+        self.manifest = manifest
+        self.cfg = cfg
+        self.dataset_ids = dataset_ids
+        self.input_size = tuple(input_size)
+        self.seed = seed
+        self.rank = rank
+        self.segment_start = 0
+        self.probabilities = mixture_weights(manifest, cfg, dataset_ids)
+        self.landmark_sets = [manifest.landmark_set(d) for d in dataset_ids]
+
+    def _shard_cycle(self, dataset: str, rng: np.random.Generator):
+        shards = self.manifest.shards_for(dataset, self.cfg.train_split)
+        p = np.array([s.samples for s in shards], dtype=np.float64)
+        p /= p.sum()
+        while True:
+            url = self.manifest.url_of(shards[rng.choice(len(shards), p=p)])
+            try:
+                for sample in read_shard(url):
+                    yield url, sample
+            except Exception as exc:  # a damaged shard: count it and draw another
+                yield url, exc
+
+    def _dataset_stream(self, dataset: str, seed_seq: np.random.SeedSequence):
+        import random
+
+        from webdataset.filters import shuffle
+
+        rng = np.random.default_rng(seed_seq)
+        buffered = shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer,
+                           rng=random.Random(int(rng.integers(2**62))))
+        return iter(buffered(self._shard_cycle(dataset, rng)))
+
+    def __iter__(self):
+        worker = get_worker_info()
+        worker_id = worker.id if worker else 0
+        root = np.random.SeedSequence([self.seed, self.segment_start, self.rank, worker_id])
+        mix_seq, aug_seq, *dataset_seqs = root.spawn(2 + len(self.dataset_ids))
+        mix_rng, aug_rng = np.random.default_rng(mix_seq), np.random.default_rng(aug_seq)
+        streams = [self._dataset_stream(d, s) for d, s in zip(self.dataset_ids, dataset_seqs)]
+        counter = CorruptCounter(self.cfg.max_corrupt_fraction, f"rank {self.rank} worker {worker_id}")
+        batch = []
+        while True:
+            d = int(mix_rng.choice(len(streams), p=self.probabilities))
+            url, sample = next(streams[d])
+            try:
+                if isinstance(sample, Exception):
+                    raise sample
+                image, meta = decode_sample(sample, self.landmark_sets[d])
+            except Exception as exc:
+                counter.record(url, exc)
+                continue
+            counter.ok()
+            batch.append(training_example(image, meta, self.landmark_sets[d], d, self.input_size,
+                                          self.cfg.sigma, self.cfg.augment, aug_rng))
+            if len(batch) == self.cfg.micro_batch:
+                yield collate(batch)
+                batch = []
+
+
+def train_batches(stream: TrainStream, start_step: int, max_steps: int, segment_steps: int,
+                  grad_accum: int, workers: int):
+    """Yield (step, [micro-batches]) from start_step to max_steps, restarting the stream per segment."""
+    step = start_step
+    while step < max_steps:
+        stream.segment_start = step
+        loader = iter(DataLoader(stream, batch_size=None, num_workers=workers,
+                                 prefetch_factor=4 if workers else None))
+        segment_end = min(max_steps, (step // segment_steps + 1) * segment_steps)
+        while step < segment_end:
+            yield step, [next(loader) for _ in range(grad_accum)]
+            step += 1
+        del loader
+
+
+@dataclass
+class EvalExample:
+    image: torch.Tensor
+    matrix: torch.Tensor
+    meta: dict
+    valid: bool = True
+
+
+def eval_example(image, meta, input_size, margin: float) -> EvalExample:
+    matrix = whole_image_affine((image.shape[1], image.shape[0]), input_size, margin)
+    return EvalExample(normalize(warp(image, matrix, input_size)), matrix, meta)
+
+
+def eval_examples(manifest: Manifest, dataset: str, split: str, input_size, margin: float = 1.25,
+                  rank: int = 0, world_size: int = 1, limit: int = 0):
+    """This rank's share of a split, in a fixed order, padded so every rank yields as many examples.
+
+    Ranks must run the same number of forward passes under ZeRO-3, hence the padding (marked
+    `valid=False`). A bad sample here is an error, not a skip: evaluation must see every image.
+    """
+    total = manifest.datasets[dataset].splits.get(split, 0)
+    if limit:
+        total = min(total, limit)
+    per_rank = -(-total // world_size)
+    landmark_set = manifest.landmark_set(dataset)
+    index, last = 0, None
+    for shard in manifest.shards_for(dataset, split):
+        for sample in read_shard(manifest.url_of(shard)):
+            if index >= total:
+                break
+            if index % world_size == rank:
+                image, meta = decode_sample(sample, landmark_set)
+                last = eval_example(image, meta, input_size, margin)
+                yield last
+            index += 1
+    if last is None:
+        last = EvalExample(torch.zeros(3, input_size[1], input_size[0]), torch.eye(3, dtype=torch.float64), {})
+    for _ in range(per_rank - len(range(rank, total, world_size))):
+        yield EvalExample(last.image, last.matrix, last.meta, valid=False)

@@ -1,0 +1,109 @@
+"""From model heatmaps to landmarks in original-image pixels, and the evaluation loop over a split.
+
+Used by validation during training, by `medsapiens evaluate` and by `medsapiens predict`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from medsapiens import distributed
+from medsapiens.codec import apply_affine, decode_udp, flip_heatmaps, heatmap_to_input
+from medsapiens.data.pipeline import eval_examples, heatmap_size
+from medsapiens.manifest import Manifest
+from medsapiens.metrics import Protocol
+from medsapiens.record import original_spacing, to_original
+
+
+@torch.no_grad()
+def predict_heatmaps(model, images: torch.Tensor, dataset_id: str, dataset_index: int,
+                     flip_permutation=None) -> torch.Tensor:
+    """(B, K, h, w) float32 heatmaps of one dataset's head; averaged with the flipped view if asked."""
+    index = torch.full((len(images),), dataset_index, dtype=torch.long, device=images.device)
+    heat = model(images, index)[dataset_id].heatmaps.float()
+    if flip_permutation is not None:
+        flipped = model(images.flip(-1), index)[dataset_id].heatmaps.float()
+        heat = (heat + flip_heatmaps(flipped, flip_permutation)) / 2
+    return heat
+
+
+def heatmaps_to_image(heatmaps: torch.Tensor, matrices: torch.Tensor, input_size):
+    """Decode and map back through each sample's affine: (B, K, 2) image pixels and (B, K) scores."""
+    keypoints, scores = decode_udp(heatmaps.cpu())
+    in_pixels = heatmap_to_input(keypoints, input_size, heatmap_size(input_size))
+    return apply_affine(torch.linalg.inv(matrices.double()), in_pixels).numpy(), scores.numpy()
+
+
+@dataclass
+class SplitPredictions:
+    """Everything needed to score one split, in original pixels, gathered from all ranks."""
+
+    ids: list = field(default_factory=list)
+    pred: list = field(default_factory=list)
+    gt: list = field(default_factory=list)
+    visible: list = field(default_factory=list)
+    spacing: list = field(default_factory=list)
+    orig_size: list = field(default_factory=list)
+    panels: list = field(default_factory=list)
+
+    def extend(self, other: "SplitPredictions") -> None:
+        for name in vars(self):
+            getattr(self, name).extend(getattr(other, name))
+
+    def errors(self, protocol: Protocol):
+        from medsapiens.metrics import radial_errors
+
+        factors = np.stack([protocol.unit_per_pixel(g, s, o) for g, s, o in zip(self.gt, self.spacing, self.orig_size)])
+        return radial_errors(np.stack(self.pred), np.stack(self.gt), factors), np.stack(self.visible) > 0
+
+
+def predict_split(model, manifest: Manifest, dataset_id: str, dataset_index: int, split: str, input_size,
+                  device, dtype, batch_size: int = 8, flip_test: bool = False, limit: int = 0,
+                  panels: int = 0, margin: float = 1.25) -> SplitPredictions | None:
+    """Run a split through the model on every rank; rank 0 returns the gathered predictions."""
+    landmark_set = manifest.landmark_set(dataset_id)
+    perm = landmark_set.flip_permutation() if flip_test and landmark_set.can_flip else None
+    mine = SplitPredictions()
+    examples = eval_examples(manifest, dataset_id, split, input_size, margin,
+                             distributed.rank(), distributed.world_size(), limit)
+    batch = []
+
+    def run(batch):
+        images = torch.stack([e.image for e in batch]).to(device, dtype)
+        heat = predict_heatmaps(model, images, dataset_id, dataset_index, perm)
+        stored, _ = heatmaps_to_image(heat, torch.stack([e.matrix for e in batch]), input_size)
+        for e, points in zip(batch, stored):
+            if not e.valid:
+                continue
+            meta = e.meta
+            mine.ids.append(meta["source_id"])
+            mine.pred.append(to_original(points, meta["scale"]))
+            mine.gt.append(to_original(meta["landmarks"], meta["scale"]))
+            mine.visible.append(np.asarray(meta["visible"]))
+            mine.spacing.append(original_spacing(meta))
+            mine.orig_size.append(meta["orig_size"])
+            if len(mine.panels) < panels:
+                mine.panels.append((e.image, points_in_input(e.matrix, points), points_in_input(
+                    e.matrix, meta["landmarks"])))
+
+    for example in examples:
+        batch.append(example)
+        if len(batch) == batch_size:
+            run(batch)
+            batch = []
+    if batch:
+        run(batch)
+    gathered = distributed.gather_to_rank0(mine)
+    if gathered is None:
+        return None
+    result = SplitPredictions()
+    for part in gathered:
+        result.extend(part)
+    result.panels = result.panels[:panels]
+    return result
+
+
+def points_in_input(matrix: torch.Tensor, stored_points) -> np.ndarray:
+    return apply_affine(matrix, torch.as_tensor(np.asarray(stored_points), dtype=torch.float64)).numpy()

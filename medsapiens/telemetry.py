@@ -1,0 +1,89 @@
+"""Training metrics from one place: TensorBoard event files plus a `metrics.jsonl` mirror.
+
+Only rank 0 writes. Throughput, the fraction of time spent waiting for data, MFU and peak memory
+are computed here from timings the trainer reports.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Dense bf16 tensor-core peaks (FLOP/s) of common training GPUs, for MFU.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class Telemetry:
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in values.items() if v is not None and np.isfinite(v)}
+        for tag, value in clean.items():
+            self.writer.add_scalar(tag, value, step)
+        self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self.jsonl.flush()
+
+    def images(self, step: int, tag: str, images: list[np.ndarray]) -> None:
+        """HWC uint8 panels."""
+        if self.enabled and images:
+            for i, image in enumerate(images):
+                self.writer.add_image(f"{tag}/{i}", image, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.jsonl.close()
+
+
+class StepTimer:
+    """Wall time per step split into waiting for data and computing, since the last report."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.data_wait = 0.0
+        self.steps = 0
+        self.samples = 0
+
+    def waited(self, seconds: float) -> None:
+        self.data_wait += seconds
+
+    def stepped(self, samples: int) -> None:
+        self.steps += 1
+        self.samples += samples
+
+    def report(self, device: torch.device, flops_per_sample: float | None) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = {
+            "perf/samples_per_s": self.samples / elapsed,
+            "perf/step_time_s": elapsed / max(self.steps, 1),
+            "perf/data_wait_fraction": self.data_wait / elapsed,
+        }
+        peak = peak_flops(device)
+        if peak and flops_per_sample:
+            out["perf/mfu"] = 3 * flops_per_sample * self.samples / elapsed / peak  # forward + 2x backward
+        if device.type == "cuda":
+            out["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        self.reset()
+        return out

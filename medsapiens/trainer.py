@@ -1,0 +1,190 @@
+"""The training loop shared by pretraining and fine-tuning: steps, logging, validation, checkpoints.
+
+A run directory holds `config.yaml` (the resolved config), `run.json` (datasets, heads, landmark
+sets, manifest digest), `tensorboard/`, `metrics.jsonl`, `checkpoints/` (DeepSpeed tags
+`step_NNNNNNNN`, `latest`) and `best.json` when the best validation checkpoint is tracked.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from medsapiens import distributed
+from medsapiens.data.pipeline import DataConfig, TrainStream, resolve_val_split, train_batches
+from medsapiens.engine import TAG_PREFIX, Engine, TrainConfig
+from medsapiens.inference import predict_split
+from medsapiens.manifest import Manifest
+from medsapiens.metrics import Protocol, summarize
+from medsapiens.telemetry import StepTimer, Telemetry
+from medsapiens.visualize import draw_landmarks, to_rgb_uint8
+
+CHECKPOINTS = "checkpoints"
+
+
+def checkpoint_tag(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+@dataclass
+class RunContext:
+    """What the loop needs besides the engine: data, sizes and identity of the run."""
+
+    run_dir: Path
+    manifest: Manifest
+    dataset_ids: list[str]
+    input_size: tuple[int, int]
+    data: DataConfig
+    train: TrainConfig
+    config_digest: str
+    flops_per_sample: float | None = None
+    track_best: bool = False
+
+
+class Trainer:
+    def __init__(self, engine: Engine, loss_fn, ctx: RunContext):
+        self.engine, self.loss_fn, self.ctx = engine, loss_fn, ctx
+        self.is_main = distributed.rank() == 0
+        self.telemetry = Telemetry(ctx.run_dir, self.is_main)
+        if self.is_main:
+            (ctx.run_dir / "deepspeed.json").write_text(json.dumps(engine.config, indent=2))
+            print(f"DeepSpeed ZeRO-{engine.zero_stage}, {engine.precision}: micro-batch {ctx.data.micro_batch} x "
+                  f"accumulation {ctx.train.grad_accum} x {distributed.world_size()} rank(s) = global batch "
+                  f"{ctx.data.micro_batch * ctx.train.grad_accum * distributed.world_size()}", file=sys.stderr)
+        self.best: dict | None = None
+        self.last_validation: dict = {}
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.ctx.run_dir / CHECKPOINTS
+
+    def resume(self, mode: str) -> int:
+        """Load a checkpoint ('auto': the last complete one, if any; 'universal'; 'none'); return the step."""
+        if mode == "none":
+            return 0
+        if mode == "auto" and not (self.ckpt_dir / "latest").is_file():
+            return 0
+        state = self.engine.load(self.ckpt_dir)
+        if state is None:
+            raise SystemExit(f"error: no checkpoint to resume from in {self.ckpt_dir}")
+        if state.get("manifest_digest") != self.ctx.manifest.digest:
+            raise SystemExit(
+                f"error: the checkpoint in {self.ckpt_dir} was trained on another shard manifest "
+                f"(sha256 {state.get('manifest_digest', '?')[:12]}, now {self.ctx.manifest.digest[:12]})"
+            )
+        if state.get("config_digest") != self.ctx.config_digest and self.is_main:
+            print("warning: resuming with a config that differs from the checkpoint's", file=sys.stderr)
+        self.best = state.get("best")
+        if self.is_main:
+            print(f"resumed from step {state['step']} ({self.ckpt_dir})", file=sys.stderr)
+        return int(state["step"])
+
+    def fit(self, start_step: int) -> dict:
+        ctx, train = self.ctx, self.ctx.train
+        stream = TrainStream(ctx.manifest, ctx.data, ctx.dataset_ids, ctx.input_size, train.seed, distributed.rank())
+        batches = train_batches(stream, start_step, train.max_steps, train.checkpoint_every, train.grad_accum,
+                                ctx.data.workers)
+        timer, sums = StepTimer(), {}
+        progress = tqdm(total=train.max_steps, initial=start_step, disable=not self.is_main, desc="train",
+                        unit="step", dynamic_ncols=True)
+        waiting_since = time.perf_counter()
+        for step, micro_batches in batches:
+            timer.waited(time.perf_counter() - waiting_since)
+            result = self.engine.train_step(micro_batches, self.loss_fn)
+            timer.stepped(ctx.data.micro_batch * train.grad_accum)
+            for name, (s, n) in result["per_dataset"].items():
+                prev = sums.get(name, (0.0, 0))
+                sums[name] = (prev[0] + s, prev[1] + n)
+            done = step + 1
+            final = done == train.max_steps
+            if done % train.log_every == 0 or final:
+                progress.set_postfix(loss=f"{self._log_train(done, sums, result, timer):.4g}")
+                sums = {}
+            if done % train.val_every == 0 or final:
+                self.validate(done)
+            if done % train.checkpoint_every == 0 or final:
+                self.checkpoint(done)
+            progress.update(1)
+            waiting_since = time.perf_counter()
+        progress.close()
+        self.telemetry.close()
+        return self.last_validation
+
+    def _log_train(self, step: int, sums: dict, result: dict, timer: StepTimer) -> float:
+        totals = distributed.sum_across_ranks(sums, self.ctx.dataset_ids)
+        loss = sum(s for s, _ in totals.values()) / max(1, sum(n for _, n in totals.values()))
+        scalars = {"loss/total": loss, "train/grad_norm": result["grad_norm"]}
+        scalars.update({f"loss/{name}": s / n for name, (s, n) in totals.items()})
+        scalars.update({f"lr/{tag}": lr for tag, lr in self.engine.group_lrs().items()})
+        scalars.update(timer.report(self.engine.device, self.ctx.flops_per_sample))
+        self.telemetry.scalars(step, scalars)
+        return loss
+
+    def validate(self, step: int) -> dict:
+        ctx, results, panels = self.ctx, {}, []
+        for index, dataset in enumerate(ctx.dataset_ids):
+            split = resolve_val_split(ctx.manifest, dataset, ctx.data.val_split)
+            if split is None:
+                continue
+            preds = predict_split(self.engine.ds, ctx.manifest, dataset, index, split, ctx.input_size,
+                                  self.engine.device, self.engine.dtype, ctx.data.micro_batch,
+                                  limit=ctx.train.val_limit, panels=ctx.train.val_panels,
+                                  margin=ctx.data.augment.margin)
+            if preds is None:
+                continue
+            landmark_set = ctx.manifest.landmark_set(dataset)
+            errors, mask = preds.errors(Protocol(landmark_set))
+            summary = summarize(errors, landmark_set.sdr_radii, mask=mask, names=landmark_set.names, image_ids=preds.ids)
+            results[dataset] = {"split": split, "unit": landmark_set.unit, "mre": summary["mre"], "sdr": summary["sdr"]}
+            scalars = {f"val/{dataset}/mre_{landmark_set.unit}": summary["mre"]}
+            scalars.update({f"val/{dataset}/sdr_{r}{landmark_set.unit}": v for r, v in summary["sdr"].items()})
+            self.telemetry.scalars(step, scalars)
+            panels = [draw_landmarks(to_rgb_uint8(img), truth, pred) for img, pred, truth in preds.panels]
+            self.telemetry.images(step, f"val/{dataset}", panels)
+        if self.is_main and results:
+            self.last_validation = results
+            self._update_best(step, results)
+        return results
+
+    def _update_best(self, step: int, results: dict) -> None:
+        if not self.ctx.track_best:
+            return
+        score = float(np.mean([r["mre"] for r in results.values()]))
+        if self.best is None or score < self.best["mre"]:
+            self.best = {"step": step, "tag": checkpoint_tag(step), "mre": score, "validation": results}
+
+    def checkpoint(self, step: int) -> None:
+        best = [self.best] if self.ctx.track_best else [None]
+        distributed.broadcast_from_rank0(best)
+        self.best = best[0]
+        keep = {self.best["tag"]} if self.best else set()
+        self.engine.save(self.ckpt_dir, step, {
+            "step": step,
+            "data": {"seed": self.ctx.train.seed, "segment_steps": self.ctx.train.checkpoint_every},
+            "config_digest": self.ctx.config_digest,
+            "manifest_digest": self.ctx.manifest.digest,
+            "world_size": distributed.world_size(),
+            "best": self.best,
+        }, keep=keep)
+        if self.is_main and self.best:
+            (self.ctx.run_dir / "best.json").write_text(json.dumps(self.best, indent=2))
+
+
+def validation_at(run_dir: Path, step: int) -> dict[str, float]:
+    """The validation scalars of the last validation at or before `step` (from metrics.jsonl)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    rows = [r for r in rows if r["step"] <= step and any(k.startswith("val/") for k in r)]
+    if not rows:
+        return {}
+    last = max(r["step"] for r in rows)
+    found = {"step": last}
+    for row in rows:
+        if row["step"] == last:
+            found.update({k: v for k, v in row.items() if k.startswith("val/")})
+    return found

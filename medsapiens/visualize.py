@@ -1,0 +1,45 @@
+"""Drawing landmarks on images: TensorBoard panels, evaluation overlays, contact sheets."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from medsapiens.data.augment import IMAGENET_MEAN, IMAGENET_STD
+
+TRUE_COLOR = (40, 220, 60)
+PRED_COLOR = (255, 60, 60)
+ERROR_COLOR = (255, 210, 0)
+
+
+def to_rgb_uint8(image) -> np.ndarray:
+    """A normalised (3, h, w) tensor, or a grey/RGB array on any scale, as an (h, w, 3) uint8 image."""
+    if isinstance(image, torch.Tensor):
+        arr = (image.float().cpu() * IMAGENET_STD + IMAGENET_MEAN).permute(1, 2, 0).numpy()
+    else:
+        arr = np.asarray(image, dtype=np.float64)
+        if arr.max() > 255:
+            arr = arr / arr.max() * 255
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def draw_landmarks(image: np.ndarray, truth=None, pred=None, numbered: bool = True,
+                   radius: float | None = None) -> np.ndarray:
+    """Ground truth in green, predictions in red, a yellow line from each truth to its prediction."""
+    canvas = Image.fromarray(to_rgb_uint8(image))
+    draw = ImageDraw.Draw(canvas)
+    r = radius or max(2.0, min(canvas.size) / 150)
+    if truth is not None and pred is not None:
+        for (tx, ty), (px, py) in zip(truth, pred):
+            draw.line([(tx, ty), (px, py)], fill=ERROR_COLOR, width=max(1, int(r / 2)))
+    labelled = truth if truth is not None else pred
+    for points, color in ((truth, TRUE_COLOR), (pred, PRED_COLOR)):
+        if points is None:
+            continue
+        for k, (x, y) in enumerate(points):
+            draw.ellipse([x - r, y - r, x + r, y + r], outline=color, width=max(1, int(r / 2)))
+            if numbered and points is labelled:
+                draw.text((x + r + 1, y - r - 1), str(k), fill=color)
+    return np.asarray(canvas)

@@ -1,0 +1,17 @@
+"""The pretraining experiment config: one typed section per component."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from medsapiens.data.pipeline import DataConfig
+from medsapiens.engine import OptimConfig, TrainConfig
+from medsapiens.model import ModelConfig
+
+
+@dataclass
+class PretrainConfig:
+    run_dir: str = "runs/pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

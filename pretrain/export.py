@@ -1,0 +1,38 @@
+"""`medsapiens pretrain export`: a DeepSpeed checkpoint of a run -> the bundle of DESIGN.md."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from medsapiens import bundle as bundlelib
+from medsapiens import config as configlib
+from medsapiens.engine import consolidated_state_dict, latest_tag
+from medsapiens.registry import LandmarkSet
+from medsapiens.trainer import CHECKPOINTS, validation_at
+from pretrain.config import PretrainConfig
+from pretrain.train import RESOLVED_CONFIG, RUN_INFO
+
+
+def export(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path:
+    run_dir = Path(run_dir)
+    cfg = configlib.load(PretrainConfig, run_dir / RESOLVED_CONFIG)
+    info = json.loads((run_dir / RUN_INFO).read_text())
+    ckpt_dir = run_dir / CHECKPOINTS
+    tag = tag or latest_tag(ckpt_dir)
+    sets = {d: LandmarkSet.from_dict(info["landmark_sets"][d]) for d in info["dataset_ids"]}
+    model_cfg = replace(cfg.model, checkpoint=None, grad_checkpointing=False)
+    model = model_cfg.build({d: s.num_landmarks for d, s in sets.items()})
+    model.load_state_dict(consolidated_state_dict(ckpt_dir, tag), strict=True)
+    step = int(tag.rsplit("_", 1)[-1])
+    provenance = {
+        "stage": "pretrain",
+        "run_dir": str(run_dir.resolve()),
+        "checkpoint": tag,
+        "steps": step,
+        "manifest": info["manifest"],
+        "validation": validation_at(run_dir, step),
+        "config": configlib.to_dict(cfg),
+    }
+    codec = bundlelib.CodecSettings(sigma=cfg.data.sigma, margin=cfg.data.augment.margin)
+    return bundlelib.save(out, model, bundlelib.Bundle(model_cfg, sets, codec, provenance))
