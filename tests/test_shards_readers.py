@@ -276,3 +276,25 @@ def test_dicom_pixels_rescaled_inverted_and_kept_16_bit(dicom_dir):
     assert inverted[0, 0] == 39000 and inverted[0, 39] == 0
     rescaled = decode(str(dicom_dir / "d.dcm"))
     assert rescaled.dtype == np.uint16 and rescaled[0, 0] == 100 and rescaled[0, 39] == 2 * 39 + 100
+
+
+def test_dicom_build_keeps_16_bits_and_records_the_spacing_tag(dicom_dir, tmp_path):
+    import io
+    import tarfile
+
+    from launch.cli import main
+    from medsapiens.manifest import load
+
+    out = tmp_path / "out"
+    assert main(["shards", "build", "--source", f"xr:dicom={dicom_dir}", "--out", str(out), "--max-side", "20",
+                 "--workers", "1", "--no-progress"]) == 0
+    manifest = load(out)
+    assert manifest.datasets["xr"].source["spacing_from"] == {
+        "DICOM ImagerPixelSpacing (0018,1164)": 1, "DICOM PixelSpacing (0028,0030)": 1, "none": 2}
+    assert manifest.datasets["xr"].landmark_set.unit == "px" and manifest.rejected == 1
+    with tarfile.open(out / manifest.shards[0].url) as tar:
+        png = tar.extractfile("xr_train_a.png").read()
+        record = json.loads(tar.extractfile("xr_train_a.json").read())
+    stored = Image.open(io.BytesIO(png))
+    assert stored.mode == "I;16" and stored.size == (20, 15) and np.asarray(stored).max() > 30000
+    np.testing.assert_allclose(record["spacing_mm"], [0.2, 0.4])  # (0.1, 0.2) mm at half the size

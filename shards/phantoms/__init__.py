@@ -17,6 +17,7 @@ from shards.phantoms.anatomy import ANATOMIES, subject
 from shards.phantoms.render import render
 
 SETS = tuple(ANATOMIES)
+PNG_LEVEL = 1  # phantoms are written often (tests, demo): fast compression over small files
 HEAD_RANGES = (("TrainingData", 1, 150), ("Test1Data", 151, 300), ("Test2Data", 301, 400))
 HEAD_SENIOR_NOISE, HEAD_JUNIOR_NOISE = 0.7, 1.5  # px of annotator disagreement
 LEG_SPACING_MM = (0.55, 0.65)
@@ -75,7 +76,7 @@ def write_chest(root: Path, n: int, seed: int) -> None:
         image, landmarks, _ = phantom("chest", seed, index)
         name = f"CHNCXR_{index + 1:04d}_0"
         h, w = image.shape
-        Image.fromarray(image).save(root / "pngs" / f"{name}.png")
+        Image.fromarray(image).save(root / "pngs" / f"{name}.png", compress_level=PNG_LEVEL)
         ratios = "".join(f"{x / w:.6f} {y / h:.6f}\n" for x, y in landmarks)
         (root / "labels" / f"{name}.txt").write_text(f"{len(landmarks)}\n{ratios}")
 
@@ -88,7 +89,7 @@ def write_leg(root: Path, n: int, seed: int) -> None:
         image, landmarks, rng = phantom("leg", seed, index)
         h, w = image.shape
         spacing = round(float(rng.uniform(*LEG_SPACING_MM)), 4)
-        Image.fromarray(image).save(root / "pngs" / f"{image_id}.png")
+        Image.fromarray(image).save(root / "pngs" / f"{image_id}.png", compress_level=PNG_LEVEL)
         meta = {"gt": [[round(float(x), 3), round(float(y), 3)] for x, y in landmarks], "ID": image_id,
                 "spacing": [spacing, spacing], "original_shape": [h, w]}
         (root / "meta" / f"{image_id}_meta.json").write_text(json.dumps(meta))

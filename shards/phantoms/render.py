@@ -282,8 +282,8 @@ def render(parts, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray
     tissue = layers["tissue"] * (1 - 0.9 * layers["air"]) * (1 + 0.08 * style.texture * smooth_noise(rng, size, 40))
     bone = layers["bone"] * (1 - layers["hole"]) * (1 + 0.12 * style.texture * smooth_noise(rng, size, 6))
     density = np.clip(0.42 * tissue + 0.8 * bone, 0.0, None)
-    image = style.background + (1 - style.background) * (1 - np.exp(-style.mu * density))
-    image = image ** style.gamma
+    image = style.background + (1 - style.background) * (1 - np.exp(np.float32(-style.mu) * density))
+    image = image ** np.float32(style.gamma)
     grey = Image.fromarray(np.clip(image * 255, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(style.blur))
-    noisy = np.asarray(grey, dtype=np.float32) + rng.normal(0, 255 * style.noise, (size[1], size[0]))
-    return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+    noise = rng.standard_normal((size[1], size[0]), dtype=np.float32) * np.float32(255 * style.noise)
+    return np.clip(np.rint(np.asarray(grey, dtype=np.float32) + noise), 0, 255).astype(np.uint8)
