@@ -24,7 +24,6 @@ from shards.plan import PlanError, Scan, SourceSpec, canonical_digest, input_fin
 from shards.writer import PARTIAL_SUFFIX, ShardTask, init_worker, write_shard
 
 
-
 class BuildError(RuntimeError):
     """The build stopped: the message names the shard, file or option at fault."""
 
@@ -42,9 +41,9 @@ class BuildOptions:
 
     def check(self) -> None:
         if self.max_side < 16 or self.shard_size < 1 or self.workers < 1 or self.multipart_mb < 5:
-            raise BuildError("need --max-side >= 16, --shard-size >= 1, --workers >= 1 and --multipart-mb >= 5")
+            raise PlanError("need --max-side >= 16, --shard-size >= 1, --workers >= 1 and --multipart-mb >= 5")
         if self.outside not in OUTSIDE_CHOICES:
-            raise BuildError(f"--outside must be one of {', '.join(OUTSIDE_CHOICES)}, got {self.outside!r}")
+            raise PlanError(f"--outside must be one of {', '.join(OUTSIDE_CHOICES)}, got {self.outside!r}")
 
 
 @dataclass
@@ -65,8 +64,7 @@ def output_settings(sources, options: BuildOptions) -> dict:
     }
 
 
-def plan_tasks(sources, scan: Scan, options: BuildOptions, out: str, settings: dict) -> list[ShardTask]:
-    settings_digest = canonical_digest(settings)
+def plan_tasks(sources, scan: Scan, options: BuildOptions, out: str, settings: dict, digest: str) -> list[ShardTask]:
     tasks = []
     for source in sources:
         dataset = source.spec.dataset
@@ -79,10 +77,10 @@ def plan_tasks(sources, scan: Scan, options: BuildOptions, out: str, settings: d
                 chunk = tuple(samples[start:start + options.shard_size])
                 name = f"{dataset}-{split}-{index:06d}"
                 fingerprint = canonical_digest(
-                    {"options": settings_digest, "shard": name, "inputs": [input_fingerprint(s) for s in chunk]})
+                    {"options": digest, "shard": name, "inputs": [input_fingerprint(s) for s in chunk]})
                 tasks.append(ShardTask(
                     name, out, dataset, split, chunk, source.landmark_set, options.max_side, options.outside,
-                    fingerprint, settings_digest, settings, options.multipart_mb * 1024 * 1024,
+                    fingerprint, digest, settings, options.multipart_mb * 1024 * 1024,
                 ))
     return tasks
 
@@ -204,7 +202,7 @@ def build(specs: list[SourceSpec], options: BuildOptions) -> BuildResult:
         scan_source(source, scan)
     settings = output_settings(sources, options)
     digest = canonical_digest(settings)
-    tasks = plan_tasks(sources, scan, options, out, settings)
+    tasks = plan_tasks(sources, scan, options, out, settings, digest)
     prepare_output(out)
     refuse_other_options(out, settings, digest, options.overwrite)
     finished = {t.name: finished_stats(t, options.overwrite) for t in tasks}

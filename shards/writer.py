@@ -96,6 +96,8 @@ def write_tar(path: Path, task: ShardTask) -> tuple[list[str], list[dict]]:
                 png, record = stored_sample(raw, task.landmark_set, task.max_side, task.outside)
             except Rejection as exc:
                 rejected.append(rejection_entry(task.dataset, raw.image, raw.source_id, exc.reason, exc.detail))
+            except Exception as exc:  # a bug or an I/O failure, not bad data: stop, naming the sample
+                raise RuntimeError(f"sample {raw.source_id!r} ({raw.image}): {exc!r}") from exc
             else:
                 key = sample_key(task.dataset, raw.split, raw.source_id)
                 add_member(tar, f"{key}.png", png)
