@@ -93,7 +93,7 @@ def head(rng):
         tissue(Ellipse(vault.c + pt(10, 40), (215, 245))), tissue(Capsule(pt(130, 560), pt(240, 610), 95)),
         tissue(nose), tissue(lip_up), tissue(lip_low), tissue(soft_chin),
         tissue(Capsule(pt(300, 380), pt(400, 500), 70)),
-        bone(Ring(vault, 14)), bone(nasal), bone(cranial_base), bone(clivus), bone(Ring(sella_cup, 4), 1.1),
+        bone(Ring(vault, 14)), bone(nasal), bone(cranial_base), bone(clivus), bone(Cut(Ring(sella_cup, 4), sella_cup.c + pt(0, -3), pt(0, -1)), 1.1),  # a cup open at the top
         Part(sella_cup, "hole"), bone(orbit, 0.8), bone(Ring(ear, 4)), Part(ear, "hole"), Part(ear, "air"),
         bone(palate), bone(alveolus_up), bone(incisor_up, 1.3), bone(ramus), bone(body), bone(chin),
         bone(alveolus_low), bone(incisor_low, 1.3), *map(bone, vertebrae), *(bone(m, 1.2) for m in molars),
