@@ -1,0 +1,232 @@
+"""`medsapiens shards build`: plan (reader side), write shards in worker processes (writer side),
+distribute and resume (this module), then the manifest and the rejection report.
+
+Resume: a shard whose `<shard>.stats.json` exists with the planned fingerprint is skipped, so a
+rerun after any interruption redoes exactly the unfinished shards. A rerun with other options on
+the same output is refused unless `overwrite` is set.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import queue as queue_module
+from collections import Counter, defaultdict
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+from medsapiens import __version__, storage
+from medsapiens.manifest import MANIFEST_NAME, REJECTED_NAME, DatasetInfo, Manifest, ShardInfo, manifest_url
+from medsapiens.record import FIELDS, sample_key
+from shards import DEFAULT_MAX_SIDE, DEFAULT_MULTIPART_MB, DEFAULT_SHARD_SIZE, DEFAULT_WORKERS, OUTSIDE_CHOICES, images
+from shards.plan import PlanError, Scan, SourceSpec, canonical_digest, input_fingerprint, open_source, scan_source, \
+    spacing_sources
+from shards.writer import PARTIAL_SUFFIX, ShardTask, init_worker, write_shard
+
+
+class BuildError(RuntimeError):
+    """The build stopped: the message names the shard, file or option at fault."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    out: str
+    max_side: int = DEFAULT_MAX_SIDE
+    shard_size: int = DEFAULT_SHARD_SIZE
+    outside: str = "reject"
+    workers: int = DEFAULT_WORKERS
+    overwrite: bool = False
+    multipart_mb: int = DEFAULT_MULTIPART_MB
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.max_side < 16 or self.shard_size < 1 or self.workers < 1 or self.multipart_mb < 5:
+            raise PlanError("need --max-side >= 16, --shard-size >= 1, --workers >= 1 and --multipart-mb >= 5")
+        if self.outside not in OUTSIDE_CHOICES:
+            raise PlanError(f"--outside must be one of {', '.join(OUTSIDE_CHOICES)}, got {self.outside!r}")
+
+
+@dataclass
+class BuildResult:
+    manifest: Manifest
+    rejected: list[dict]
+    shards_written: int
+    shards_skipped: int
+
+
+def output_settings(sources, options: BuildOptions) -> dict:
+    """Everything that shapes the output; a rerun must match it to reuse finished shards."""
+    return {
+        "sources": [s.describe() for s in sources],
+        "max_side": options.max_side, "shard_size": options.shard_size, "outside": options.outside,
+        "png_compress_level": images.PNG_COMPRESS_LEVEL, "resample": images.RESAMPLE.name.lower(),
+        "record_fields": list(FIELDS),
+    }
+
+
+def plan_tasks(sources, scan: Scan, options: BuildOptions, out: str, settings: dict, digest: str) -> list[ShardTask]:
+    tasks = []
+    for source in sources:
+        dataset = source.spec.dataset
+        by_split = defaultdict(list)
+        for sample in scan.samples[dataset]:
+            by_split[sample.split].append(sample)
+        for split, samples in sorted(by_split.items()):
+            samples.sort(key=lambda s: sample_key(dataset, split, s.source_id))
+            for index, start in enumerate(range(0, len(samples), options.shard_size)):
+                chunk = tuple(samples[start:start + options.shard_size])
+                name = f"{dataset}-{split}-{index:06d}"
+                fingerprint = canonical_digest(
+                    {"options": digest, "shard": name, "inputs": [input_fingerprint(s) for s in chunk]})
+                tasks.append(ShardTask(
+                    name, out, dataset, split, chunk, source.landmark_set, options.max_side, options.outside,
+                    fingerprint, digest, settings, options.multipart_mb * 1024 * 1024,
+                ))
+    return tasks
+
+
+def describe_difference(old: dict, new: dict) -> str:
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return "; ".join(f"{k}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in changed) or "unknown"
+
+
+def refuse_other_options(out: str, settings: dict, digest: str, overwrite: bool) -> None:
+    """A finished manifest at `out` built with other options is not silently mixed with this build."""
+    url = manifest_url(out)
+    if overwrite or not storage.exists(url):
+        return
+    old = json.loads(storage.read_bytes(url)).get("build", {})
+    if old.get("options_digest") != digest:
+        old_settings = {k: old.get(k) for k in settings}
+        raise BuildError(f"{out} holds shards built with other options ({describe_difference(old_settings, settings)}); "
+                         "pass --overwrite to replace them, or choose another --out")
+
+
+def finished_stats(task: ShardTask, overwrite: bool) -> dict | None:
+    """The stats of an already finished shard, or None when it must be (re)written."""
+    if overwrite:
+        return None
+    try:
+        stats = json.loads(storage.read_bytes(task.stats_url))
+    except (FileNotFoundError, ValueError):
+        return None
+    if stats.get("options_digest") != task.options_digest:
+        raise BuildError(f"{task.stats_url} was written by a build with other options "
+                         f"({describe_difference(stats.get('options', {}), task.settings)}); "
+                         "pass --overwrite to replace it, or choose another --out")
+    if stats.get("fingerprint") != task.fingerprint or (stats["samples"] and not storage.exists(task.url)):
+        return None
+    return stats
+
+
+def drain(progress_queue, bar) -> None:
+    while True:
+        try:
+            bar.update(progress_queue.get_nowait())
+        except queue_module.Empty:
+            return
+
+
+def run_tasks(tasks: list[ShardTask], workers: int, bar) -> list[dict]:
+    """Write the shards in a pool of worker processes, each shard whole in one worker."""
+    if not tasks:
+        return []
+    context = multiprocessing.get_context("spawn")
+    progress_queue = context.Queue()
+    results = []
+    with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context, initializer=init_worker,
+                             initargs=(progress_queue,)) as pool:
+        pending = {pool.submit(write_shard, task): task for task in tasks}
+        while pending:
+            done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            drain(progress_queue, bar)
+            for future in done:
+                task = pending.pop(future)
+                try:
+                    results.append(future.result())
+                except Exception as exc:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise BuildError(f"writing shard {task.url} failed: {exc!r}; finished shards are kept, "
+                                     "rerun the same command to resume") from exc
+        drain(progress_queue, bar)
+    return results
+
+
+def assemble_manifest(sources, scan: Scan, stats: list[dict], settings: dict, digest: str) -> tuple[Manifest, list]:
+    stats = sorted(stats, key=lambda s: s["shard"])
+    datasets = {}
+    for source in sources:
+        dataset = source.spec.dataset
+        splits = Counter()
+        for s in stats:
+            if s["dataset"] == dataset and s["samples"]:
+                splits[s["split"]] += s["samples"]
+        info = {**source.describe(), "spacing_from": spacing_sources(scan.samples[dataset])}
+        datasets[dataset] = DatasetInfo(source.landmark_set, dict(splits), info)
+    shards = [ShardInfo(s["shard"], s["dataset"], s["split"], s["samples"], s["bytes"], s["sha256"])
+              for s in stats if s["samples"]]
+    rejected = scan.rejected + [entry for s in stats for entry in s["rejected"]]
+    build_info = {**settings, "options_digest": digest, "medsapiens_version": __version__}
+    manifest = Manifest(datasets, shards, scan.inputs, len(rejected), build_info)
+    manifest.validate()
+    return manifest, rejected
+
+
+def prepare_output(out: str) -> None:
+    """Create a local output directory and clear temp files an interrupted build left behind."""
+    if storage.is_s3(out):
+        return
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for leftover in Path(out).glob(f".*.tar.*{PARTIAL_SUFFIX}"):
+        leftover.unlink(missing_ok=True)
+
+
+def open_sources(specs: list[SourceSpec]):
+    ids = [s.dataset for s in specs]
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise PlanError(f"dataset id(s) {', '.join(repeated)} given by more than one --source")
+    if not specs:
+        raise PlanError("nothing to build: give at least one --source ID=PATH")
+    return [open_source(spec) for spec in specs]
+
+
+def build(specs: list[SourceSpec], options: BuildOptions) -> BuildResult:
+    from tqdm import tqdm
+
+    options.check()
+    out = options.out if storage.is_s3(options.out) else str(Path(options.out).resolve())
+    sources = open_sources(specs)
+    scan = Scan()
+    for source in sources:
+        scan_source(source, scan)
+    settings = output_settings(sources, options)
+    digest = canonical_digest(settings)
+    tasks = plan_tasks(sources, scan, options, out, settings, digest)
+    prepare_output(out)
+    refuse_other_options(out, settings, digest, options.overwrite)
+    finished = {t.name: finished_stats(t, options.overwrite) for t in tasks}
+    todo = [t for t in tasks if finished[t.name] is None]
+    total, skipped = sum(len(t.samples) for t in tasks), sum(len(t.samples) for t in tasks if finished[t.name])
+    with tqdm(total=total, initial=skipped, unit="img", desc="shards", disable=not options.progress) as bar:
+        written = run_tasks(todo, options.workers, bar)
+    stats = [s for s in finished.values() if s is not None] + written
+    manifest, rejected = assemble_manifest(sources, scan, stats, settings, digest)
+    storage.write_bytes(storage.join(out, REJECTED_NAME), "".join(json.dumps(r) + "\n" for r in rejected).encode())
+    storage.write_bytes(storage.join(out, MANIFEST_NAME), manifest.to_json())
+    manifest.location = out
+    return BuildResult(manifest, rejected, len(todo), len(tasks) - len(todo))
+
+
+def summary_lines(result: BuildResult) -> list[str]:
+    """What a build did, in the words `inputs = written + rejected`."""
+    m = result.manifest
+    lines = [f"inputs {m.inputs} = written {m.written} + rejected {m.rejected} "
+             f"({result.shards_written} shard(s) written, {result.shards_skipped} already complete)"]
+    for reason, count in sorted(Counter(r["reason"] for r in result.rejected).items()):
+        lines.append(f"  rejected {reason}: {count}")
+    for name, info in sorted(m.datasets.items()):
+        splits = ", ".join(f"{split} {count}" for split, count in sorted(info.splits.items())) or "no samples"
+        lines.append(f"  {name} (K={info.landmark_set.num_landmarks}): {splits}")
+    lines.append(f"manifest {storage.join(m.location, MANIFEST_NAME)}; rejections {storage.join(m.location, REJECTED_NAME)}")
+    return lines

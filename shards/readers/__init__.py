@@ -1,0 +1,116 @@
+"""Readers: one module per native dataset layout.
+
+A reader only enumerates: it reads annotations (and at most image headers), never decodes pixels.
+It yields a `RawSample` per usable input and a `Rejected` for every input it finds broken, so
+nothing is dropped silently. Image decoding, resizing and validation happen later, in the writer's
+worker processes.
+
+A reader module defines:
+  OPTIONS       {name: default} of the options it accepts (`--opt ID.KEY=VALUE`); values are strings
+  SPLIT_RULE    one line saying how splits are assigned (copied into the manifest)
+  LANDMARK_SET  the registry id whose landmarks it reads, or None when the data defines them
+  scan(root: Path, options: dict) -> Iterator[RawSample | Rejected]
+  landmark_names(root, options) -> (names, flip_pairs)   only where LANDMARK_SET is None
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+READERS = ("isbi2015", "hand", "chest", "leg", "coco", "aariz", "dicom")
+NATIVE_READER = {"head": "isbi2015", "hand": "hand", "chest": "chest", "leg": "leg", "aariz": "aariz"}
+
+
+@dataclass(frozen=True)
+class RawSample:
+    """One input as its dataset describes it, in original image pixels (pixel centres on integers).
+
+    spacing_mm is (x, y) mm per original pixel or None; spacing_from says where it came from.
+    expected_size (W, H) is the size the annotation claims, checked against the decoded image.
+    """
+
+    source_id: str
+    split: str
+    image: str
+    landmarks: tuple[tuple[float, float], ...]
+    visible: tuple[int, ...] | None = None
+    spacing_mm: tuple[float, float] | None = None
+    spacing_from: str = "none"
+    expected_size: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """An input the reader found unusable; `source` names the file that shows it."""
+
+    source_id: str
+    source: str
+    reason: str
+    detail: str
+
+
+class ReaderError(ValueError):
+    """A problem with the reader's configuration (not with one sample): the build cannot start."""
+
+
+def load(name: str) -> ModuleType:
+    if name not in READERS:
+        raise ReaderError(f"unknown reader {name!r}; readers: {', '.join(READERS)}")
+    return importlib.import_module(f"shards.readers.{name}")
+
+
+def resolve_options(reader: ModuleType, given: dict[str, str]) -> dict[str, str | None]:
+    """The reader's defaults updated with `given`; an unknown name is an error listing the valid ones."""
+    name = reader.__name__.rsplit(".", 1)[-1]
+    unknown = sorted(set(given) - set(reader.OPTIONS))
+    if unknown:
+        valid = ", ".join(reader.OPTIONS) or "none"
+        raise ReaderError(f"reader {name!r} has no option {', '.join(map(repr, unknown))}; valid options: {valid}")
+    return {**reader.OPTIONS, **given}
+
+
+def choice(options: dict, key: str, allowed: tuple[str, ...]) -> str:
+    value = options[key]
+    if value not in allowed:
+        raise ReaderError(f"option {key}={value!r} must be one of {', '.join(allowed)}")
+    return value
+
+
+def number(options: dict, key: str, kind=float):
+    try:
+        return kind(options[key])
+    except (TypeError, ValueError):
+        raise ReaderError(f"option {key}={options[key]!r} is not a valid {kind.__name__}") from None
+
+
+def optional_path(root: Path, options: dict, key: str, default_name: str | None = None) -> Path | None:
+    """An option naming a file (relative to root), else root/default_name when that exists."""
+    if options.get(key):
+        path = Path(options[key])
+        path = path if path.is_absolute() else root / path
+        if not path.is_file():
+            raise ReaderError(f"option {key}: no such file {path}")
+        return path
+    default = root / default_name if default_name else None
+    return default if default and default.is_file() else None
+
+
+def first_existing(candidates) -> Path:
+    """The first candidate path that exists, else the first one (the writer reports it missing)."""
+    candidates = list(candidates)
+    return next((c for c in candidates if c.is_file()), candidates[0])
+
+
+def read_text(path: Path) -> str:
+    return path.read_text(encoding="utf-8-sig", errors="strict")
+
+
+def order_split(n: int, fractions: tuple[float, ...], names: tuple[str, ...]) -> list[str]:
+    """Split names for n items in order: the first round(n*f0) get names[0], the next round(n*f1)
+    names[1], ..., the rest the last name."""
+    out: list[str] = []
+    for fraction, name in zip(fractions, names):
+        out += [name] * min(round(n * fraction), n - len(out))
+    return out + [names[-1]] * (n - len(out))

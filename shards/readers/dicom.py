@@ -1,0 +1,65 @@
+"""DICOM images with COCO keypoint annotations (`dicom`).
+
+Convention: a directory of `.dcm` files (subfolders allowed) and, in the directory itself, a
+COCO keypoints JSON (see `coco`) whose `file_name`s are the DICOM paths relative to it. Several
+JSONs split by name (`*_train_*.json`, ...) work as for `coco`.
+
+Pixel spacing comes from the DICOM header: `PixelSpacing` (0028,0030), else `ImagerPixelSpacing`
+(0018,1164) (detector plane, not corrected for magnification), else none; both are stored
+[row, col] and are reversed to (x, y). Which tag was used is recorded in the manifest. Only the
+header is read here; pixels are decoded by the writer (rescale slope/intercept applied,
+MONOCHROME1 inverted, 16-bit depth kept).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from shards.readers import ReaderError, Rejected, RawSample, coco
+
+OPTIONS = {"split": "train"}
+SPLIT_RULE = coco.SPLIT_RULE
+LANDMARK_SET = None
+SPACING_TAGS = (("PixelSpacing", "DICOM PixelSpacing (0028,0030)"),
+                ("ImagerPixelSpacing", "DICOM ImagerPixelSpacing (0018,1164)"))
+
+
+def landmark_names(root: Path, options: dict):
+    return coco.landmark_names(root, options)
+
+
+def header_spacing(path: Path):
+    """((sx, sy) or None, the tag it came from) from a DICOM header."""
+    import pydicom
+
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    for tag, label in SPACING_TAGS:
+        value = header.get(tag)
+        if value is not None and len(value) == 2:
+            return (float(value[1]), float(value[0])), label
+    return None, "none"
+
+
+def with_header_spacing(sample: RawSample):
+    if not Path(sample.image).is_file():
+        return sample
+    try:
+        spacing, label = header_spacing(Path(sample.image))
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a bad file
+        return Rejected(sample.source_id, sample.image, "unreadable_image", f"{sample.image}: not a DICOM file ({exc})")
+    return replace(sample, spacing_mm=spacing, spacing_from=label)
+
+
+def scan(root: Path, options: dict):
+    if not root.is_dir():
+        raise ReaderError(f"the dicom reader takes a directory of .dcm files and a COCO JSON, got {root}")
+    named = set()
+    for path in coco.annotation_files(root):
+        for item in coco.scan_file(path, options["split"]):
+            if isinstance(item, RawSample):
+                named.add(Path(item.image).resolve())
+                item = with_header_spacing(item)
+            yield item
+    for dcm in sorted(root.rglob("*.dcm")):
+        if dcm.resolve() not in named:
+            yield Rejected(dcm.stem, str(dcm), "missing_annotation", f"{dcm} is named by no COCO JSON in {root}")

@@ -1,0 +1,158 @@
+"""The writer side of a build: one worker process turns one planned shard into a tar file.
+
+A shard is written under a temporary name and renamed (or, for S3, staged locally and uploaded);
+only then is its `<shard>.stats.json` written. The stats file is the resume marker: a shard whose
+stats exist with a matching fingerprint is complete. Tar members have fixed metadata so a rebuild
+is byte-identical.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from medsapiens import storage
+from medsapiens.record import (
+    Rejection, check_landmarks, check_spacing, make_record, resized_size, sample_key, validate_record,
+)
+from medsapiens.registry import LandmarkSet
+from shards import images
+from shards.plan import rejection_entry
+from shards.readers import RawSample
+
+MEMBER_MTIME = 0
+PARTIAL_SUFFIX = ".partial"
+_progress = None  # a multiprocessing queue of finished-sample counts, set in each worker
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    name: str  # without .tar
+    out: str
+    dataset: str
+    split: str
+    samples: tuple[RawSample, ...]
+    landmark_set: LandmarkSet
+    max_side: int
+    outside: str
+    fingerprint: str
+    options_digest: str
+    settings: dict  # the build options behind options_digest, kept in the stats to explain a mismatch
+    multipart_threshold: int
+
+    @property
+    def url(self) -> str:
+        return storage.join(self.out, f"{self.name}.tar")
+
+    @property
+    def stats_url(self) -> str:
+        return storage.join(self.out, f"{self.name}.stats.json")
+
+
+def init_worker(progress_queue) -> None:
+    global _progress
+    _progress = progress_queue
+
+
+def stored_sample(raw: RawSample, landmark_set: LandmarkSet, max_side: int, outside: str) -> tuple[bytes, dict]:
+    """(PNG bytes, record) for one input, or a `Rejection` saying why it cannot be stored."""
+    check_spacing(raw.spacing_mm)
+    pixels = images.decode(raw.image)
+    size = images.size_of(pixels)
+    if raw.expected_size is not None and tuple(raw.expected_size) != size:
+        w, h = raw.expected_size
+        raise Rejection("bad_annotation", f"annotation says {w}x{h} but {raw.image} is {size[0]}x{size[1]}")
+    visible = check_landmarks(raw.landmarks, raw.visible, landmark_set.num_landmarks, size, outside)
+    stored_size = resized_size(size, max_side)
+    record = make_record(
+        dataset=landmark_set.id, split=raw.split, source_id=raw.source_id, landmarks_orig=raw.landmarks,
+        visible=visible, spacing_orig=raw.spacing_mm, normalization=landmark_set.normalization,
+        orig_size=size, stored_size=stored_size, names=landmark_set.names,
+    )
+    validate_record(record, stored_size, landmark_set.num_landmarks)
+    return images.encode_png(images.resize(pixels, stored_size)), record
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), MEMBER_MTIME, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_tar(path: Path, task: ShardTask) -> tuple[list[str], list[dict]]:
+    keys, rejected = [], []
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for raw in task.samples:
+            try:
+                png, record = stored_sample(raw, task.landmark_set, task.max_side, task.outside)
+            except Rejection as exc:
+                rejected.append(rejection_entry(task.dataset, raw.image, raw.source_id, exc.reason, exc.detail))
+            except Exception as exc:  # a bug or an I/O failure, not bad data: stop, naming the sample
+                raise RuntimeError(f"sample {raw.source_id!r} ({raw.image}): {exc!r}") from exc
+            else:
+                key = sample_key(task.dataset, raw.split, raw.source_id)
+                add_member(tar, f"{key}.png", png)
+                add_member(tar, f"{key}.json", json.dumps(record).encode())
+                keys.append(key)
+            if _progress is not None:
+                _progress.put(1)
+    return keys, rejected
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest(), path.stat().st_size
+
+
+@contextlib.contextmanager
+def staging_path(task: ShardTask):
+    """Where the tar is written first: beside its final name locally, a temp dir for S3."""
+    if storage.is_s3(task.out):
+        folder = Path(tempfile.mkdtemp(prefix="medsapiens-shard-"))
+        try:
+            yield folder / f"{task.name}.tar"
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
+    path = Path(task.out, f".{task.name}.tar.{os.getpid()}{PARTIAL_SUFFIX}")
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def publish(path: Path, task: ShardTask) -> None:
+    if storage.is_s3(task.out):
+        storage.upload_file(path, task.url, multipart_threshold=task.multipart_threshold)
+    else:
+        os.replace(path, task.url)
+
+
+def write_shard(task: ShardTask) -> dict:
+    """Write one shard and its stats file; returns the stats. A shard whose every input is rejected
+    leaves no tar, only stats with samples = 0."""
+    with staging_path(task) as path:
+        keys, rejected = write_tar(path, task)
+        sha256, size = file_digest(path)
+        if keys:
+            publish(path, task)
+    stats = {
+        "shard": f"{task.name}.tar", "dataset": task.dataset, "split": task.split,
+        "samples": len(keys), "keys": keys, "bytes": size if keys else 0, "sha256": sha256 if keys else None,
+        "rejected": rejected, "fingerprint": task.fingerprint, "options_digest": task.options_digest,
+        "options": task.settings,
+    }
+    storage.write_bytes(task.stats_url, (json.dumps(stats, indent=1) + "\n").encode())
+    return stats

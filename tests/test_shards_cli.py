@@ -1,0 +1,86 @@
+"""`medsapiens shards inspect` and `verify`, and the CLI's errors for bad arguments."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from launch.cli import main
+from shards.phantoms import write_phantoms
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    roots = write_phantoms(root / "raw", n=4, seed=3, sets=["hand", "leg"])
+    out = root / "shards"
+    args = [a for name, path in roots.items() for a in ("--source", f"{name}={path}")]
+    assert main(["shards", "build", *args, "--out", str(out), "--max-side", "128", "--workers", "1", "--no-progress"]) == 0
+    return out
+
+
+def test_inspect_reports_counts_sizes_spacing_and_draws_a_sheet(shard_dir, tmp_path, capsys):
+    sheet = tmp_path / "sheet.png"
+    assert main(["shards", "inspect", str(shard_dir), "--sheet", str(sheet), "--n", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "inputs 8 = written 8 + rejected 0" in printed
+    assert "hand: K=37" in printed and "leg: K=26" in printed
+    assert "no pixel spacing; normalization {\"rule\": \"wrist_width\"" in printed
+    assert "stored spacing mm/px x" in printed and "original width 260..260" in printed
+    image = np.asarray(Image.open(sheet).convert("RGB"))
+    assert image.shape == (2 * 256, 3 * 256, 3)  # 5 thumbnails: 3 columns, 2 rows
+    red = (image[..., 0] > 200) & (image[..., 1] < 80) & (image[..., 2] < 80)
+    assert red.sum() > 100  # landmarks are drawn
+
+
+def test_verify_passes_then_names_a_corrupted_and_a_missing_shard(shard_dir, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_dir, copy)
+    assert main(["shards", "verify", str(copy)]) == 0
+    assert "8 samples verified, no problems" in capsys.readouterr().out
+    manifest = json.loads((copy / "manifest.json").read_text())
+    damaged, gone = manifest["shards"][0]["url"], manifest["shards"][1]["url"]
+    data = bytearray((copy / damaged).read_bytes())
+    data[700] ^= 0xFF  # inside the first PNG
+    (copy / damaged).write_bytes(bytes(data))
+    (copy / gone).unlink()
+    assert main(["shards", "verify", str(copy)]) == 1
+    printed = capsys.readouterr().out
+    assert f"{damaged}: sha256" in printed and f"{gone}: missing" in printed
+
+
+def test_verify_names_a_record_that_disagrees_with_the_manifest(shard_dir, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["shards"][0]["samples"] += 1
+    manifest["datasets"][manifest["shards"][0]["dataset"]]["splits"][manifest["shards"][0]["split"]] += 1
+    manifest["totals"]["inputs"] += 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["shards", "verify", str(copy)]) == 1
+    assert "samples" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--source", "hand=."], "no landmark table"),
+    (["--source", "spine=."], "name its reader: spine:coco=PATH"),
+    (["--source", "hand=.", "--opt", "hand.colour=red"], "valid options: split, seed, val_fraction, test_fraction"),
+    (["--source", "hand=.", "--opt", "leg.x=1"], "names dataset 'leg', which no --source builds"),
+    (["--source", "hand:nope=."], "unknown reader 'nope'"),
+    (["--source", "my_set:coco=."], "may hold only letters, digits and '-'"),
+    (["--source", "hand:isbi2015=."], "reader 'isbi2015' reads 'head' landmarks"),
+])
+def test_bad_arguments_fail_with_a_clear_message(tmp_path, capsys, args, message):
+    assert main(["shards", "build", *args, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_phantoms_command_writes_the_native_layouts(tmp_path, capsys):
+    assert main(["shards", "phantoms", "--out", str(tmp_path), "--n", "2", "--sets", "head,chest"]) == 0
+    assert len(list((tmp_path / "head" / "RawImage").rglob("*.bmp"))) == 2
+    assert len(list((tmp_path / "chest" / "labels").glob("*.txt"))) == 2
+    assert "--source head=" in capsys.readouterr().out
+    assert main(["shards", "phantoms", "--out", str(tmp_path), "--sets", "foot"]) == 2
