@@ -191,7 +191,7 @@ class Engine:
             loss = loss_fn(outputs, batch["target_heatmaps"].to(self.dtype), batch["target_weights"])
             self.ds.backward(loss.total)
             self.ds.step()
-            total += float(loss.total) / len(micro_batches)
+            total += float(loss.total.detach()) / len(micro_batches)
             for name, count in loss.counts.items():
                 if count:
                     s, n = per_dataset.get(name, (0.0, 0))

@@ -30,7 +30,8 @@ class Rejection(Exception):
     )
 
     def __init__(self, reason: str, detail: str):
-        assert reason in self.REASONS, reason
+        if reason not in self.REASONS:
+            raise ValueError(f"unknown rejection reason {reason!r}; known: {', '.join(self.REASONS)}")
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail

@@ -18,7 +18,8 @@ from pathlib import Path
 from medsapiens import __version__, storage
 from medsapiens.manifest import MANIFEST_NAME, REJECTED_NAME, DatasetInfo, Manifest, ShardInfo, manifest_url
 from medsapiens.record import FIELDS, sample_key
-from shards import DEFAULT_MAX_SIDE, DEFAULT_MULTIPART_MB, DEFAULT_SHARD_SIZE, DEFAULT_WORKERS, OUTSIDE_CHOICES, images
+from medsapiens import imageio as images
+from shards import DEFAULT_MAX_SIDE, DEFAULT_MULTIPART_MB, DEFAULT_SHARD_SIZE, DEFAULT_WORKERS, OUTSIDE_CHOICES
 from shards.plan import PlanError, Scan, SourceSpec, canonical_digest, input_fingerprint, open_source, scan_source, \
     spacing_sources
 from shards.writer import PARTIAL_SUFFIX, ShardTask, init_worker, write_shard

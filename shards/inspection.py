@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from medsapiens import storage
 from medsapiens.manifest import Manifest
-from shards import images
+from medsapiens import imageio as images
 
 THUMB = 256
 

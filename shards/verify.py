@@ -13,7 +13,7 @@ import tarfile
 from medsapiens import storage
 from medsapiens.manifest import Manifest, ShardInfo
 from medsapiens.record import Rejection, sample_key, validate_record
-from shards import images
+from medsapiens import imageio as images
 
 
 class HashingReader:

@@ -8,26 +8,23 @@ is byte-identical.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import json
 import os
 import shutil
-import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from medsapiens import storage
+from medsapiens.shard_tar import add_member, file_digest, open_writer
 from medsapiens.record import (
     Rejection, check_landmarks, check_spacing, make_record, resized_size, sample_key, validate_record,
 )
 from medsapiens.registry import LandmarkSet
-from shards import images
+from medsapiens import imageio as images
 from shards.plan import rejection_entry
 from shards.readers import RawSample
 
-MEMBER_MTIME = 0
 PARTIAL_SUFFIX = ".partial"
 _progress = None  # a multiprocessing queue of finished-sample counts, set in each worker
 
@@ -80,17 +77,10 @@ def stored_sample(raw: RawSample, landmark_set: LandmarkSet, max_side: int, outs
     return images.encode_png(images.resize(pixels, stored_size)), record
 
 
-def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), MEMBER_MTIME, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
 
 def write_tar(path: Path, task: ShardTask) -> tuple[list[str], list[dict]]:
     keys, rejected = [], []
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+    with open_writer(path) as tar:
         for raw in task.samples:
             try:
                 png, record = stored_sample(raw, task.landmark_set, task.max_side, task.outside)
@@ -107,13 +97,6 @@ def write_tar(path: Path, task: ShardTask) -> tuple[list[str], list[dict]]:
                 _progress.put(1)
     return keys, rejected
 
-
-def file_digest(path: Path) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest(), path.stat().st_size
 
 
 @contextlib.contextmanager

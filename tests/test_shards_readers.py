@@ -268,7 +268,7 @@ def test_dicom_spacing_tags_and_unannotated_files(dicom_dir):
 
 
 def test_dicom_pixels_rescaled_inverted_and_kept_16_bit(dicom_dir):
-    from shards.images import decode
+    from medsapiens.imageio import decode
 
     plain = decode(str(dicom_dir / "a.dcm"))
     assert plain.dtype == np.uint16 and plain[0, 39] == 39000 and plain[0, 0] == 0

@@ -8,7 +8,6 @@ run reproduces exactly the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
-import io
 import json
 import sys
 from collections import Counter
@@ -16,11 +15,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from medsapiens import storage
 from medsapiens.codec import apply_affine, encode_udp, whole_image_affine
+from medsapiens.imageio import decode_png, to_float
 from medsapiens.data.augment import AugmentConfig, normalize, photometric, random_affine, warp
 from medsapiens.manifest import Manifest, ManifestError
 from medsapiens.record import Rejection, validate_record
@@ -82,16 +81,11 @@ def decode_sample(sample: dict, landmark_set: LandmarkSet | None = None):
     """Shard sample -> (image as float32 (H, W) or (H, W, 3) on a 0-255 scale, record dict)."""
     try:
         meta = json.loads(sample["json"])
-        with Image.open(io.BytesIO(sample["png"])) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I"):
-                image = np.asarray(im, dtype=np.float32) / 257.0
-            else:
-                image = np.asarray(im.convert("RGB" if im.mode in ("RGB", "RGBA", "P") else "L"), dtype=np.float32)
+        pixels = decode_png(sample["png"])
     except (KeyError, OSError, ValueError) as exc:
         raise Rejection("unreadable_image", f"{sample.get('__key__')}: {exc}") from None
-    validate_record(meta, (image.shape[1], image.shape[0]), landmark_set.num_landmarks if landmark_set else None)
-    return image, meta
+    validate_record(meta, (pixels.shape[1], pixels.shape[0]), landmark_set.num_landmarks if landmark_set else None)
+    return to_float(pixels), meta
 
 
 def read_shard(url: str):

@@ -15,36 +15,23 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from medsapiens.imageio import dicom_spacing
 from shards.readers import ReaderError, Rejected, RawSample, coco
 
 OPTIONS = {"split": "train"}
 SPLIT_RULE = coco.SPLIT_RULE
 LANDMARK_SET = None
-SPACING_TAGS = (("PixelSpacing", "DICOM PixelSpacing (0028,0030)"),
-                ("ImagerPixelSpacing", "DICOM ImagerPixelSpacing (0018,1164)"))
 
 
 def landmark_names(root: Path, options: dict):
     return coco.landmark_names(root, options)
 
 
-def header_spacing(path: Path):
-    """((sx, sy) or None, the tag it came from) from a DICOM header."""
-    import pydicom
-
-    header = pydicom.dcmread(path, stop_before_pixels=True)
-    for tag, label in SPACING_TAGS:
-        value = header.get(tag)
-        if value is not None and len(value) == 2:
-            return (float(value[1]), float(value[0])), label
-    return None, "none"
-
-
 def with_header_spacing(sample: RawSample):
     if not Path(sample.image).is_file():
         return sample
     try:
-        spacing, label = header_spacing(Path(sample.image))
+        spacing, label = dicom_spacing(Path(sample.image))
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a bad file
         return Rejected(sample.source_id, sample.image, "unreadable_image", f"{sample.image}: not a DICOM file ({exc})")
     return replace(sample, spacing_mm=spacing, spacing_from=label)

@@ -1,4 +1,6 @@
-"""Image decoding, resizing and PNG encoding for the writer.
+"""Image files in and out: decoding (PNG, JPG, BMP, DICOM), resizing, PNG encoding.
+
+Shared by the shard writer, the input pipeline and prediction on new images.
 
 Pixels travel as numpy arrays: (H, W) uint8 or uint16 grey, or (H, W, 3) uint8 RGB. Grey stays
 grey, 16-bit stays 16-bit (resized through float32 so no precision is lost to 8 bits). Every
@@ -84,6 +86,23 @@ def decode_dicom(path: str) -> np.ndarray:
     return to_depth(values, 8 if int(ds.BitsAllocated) <= 8 else 16)
 
 
+DICOM_SPACING_TAGS = (("PixelSpacing", "DICOM PixelSpacing (0028,0030)"),
+                      ("ImagerPixelSpacing", "DICOM ImagerPixelSpacing (0018,1164)"))
+
+
+def dicom_spacing(path) -> tuple[tuple[float, float] | None, str]:
+    """((sx, sy) mm/px or None, the tag it came from): PixelSpacing, else ImagerPixelSpacing (detector
+    plane, not corrected for magnification). Both are stored [row, col], hence reversed."""
+    import pydicom
+
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    for tag, label in DICOM_SPACING_TAGS:
+        value = header.get(tag)
+        if value is not None and len(value) == 2:
+            return (float(value[1]), float(value[0])), label
+    return None, "none"
+
+
 def to_depth(values: np.ndarray, bits: int) -> np.ndarray:
     dtype = np.uint8 if bits == 8 else np.uint16
     top = np.iinfo(dtype).max
@@ -116,6 +135,12 @@ def decode_png(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
         image.load()
         return pil_to_array(image, "PNG bytes")
+
+
+def to_float(pixels: np.ndarray) -> np.ndarray:
+    """float32 on a 0-255 scale whatever the depth (16-bit divided by 257), for the network input."""
+    scale = 257.0 if pixels.dtype == np.uint16 else 1.0
+    return pixels.astype(np.float32) / scale
 
 
 def png_size(data: bytes) -> tuple[int, int]:
