@@ -50,6 +50,11 @@ def _coerce(value, hint, where: str):
             return value
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if hint in (int, float):
+        if isinstance(value, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         if hint is int and float(value) != int(value):

@@ -41,6 +41,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
+    stop_after: int = 0  # end this invocation at that step, checkpointed (0: run to max_steps)
     grad_accum: int = 1
     seed: int = 0
     precision: str = "auto"
@@ -200,11 +201,12 @@ class Engine:
         return {"loss": total, "per_dataset": per_dataset, "grad_norm": float(norm) if norm is not None else math.nan}
 
     def group_lrs(self) -> dict[str, float]:
-        """Current lr of the backbone and of the decoder (the highest in each part: its top layer)."""
+        """Current lr per part, the lowest of its groups: for the backbone that is the embedding
+        layer, the most decayed (decoder lr x layer_decay^(depth+1)); the decoder has one lr."""
         lrs: dict[str, float] = {}
         for group in self.optimizer.param_groups:
             tag = group.get("part", "all")
-            lrs[tag] = max(lrs.get(tag, 0.0), group["lr"])
+            lrs[tag] = min(lrs.get(tag, math.inf), group["lr"])
         return lrs
 
     def save(self, ckpt_dir: Path, step: int, client_state: dict, keep: set[str] = frozenset()) -> None:

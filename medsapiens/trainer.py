@@ -101,15 +101,18 @@ class Trainer:
                 prev = sums.get(name, (0.0, 0))
                 sums[name] = (prev[0] + s, prev[1] + n)
             done = step + 1
+            stopping = done == train.stop_after
             final = done == train.max_steps
             if done % train.log_every == 0 or final:
                 progress.set_postfix(loss=f"{self._log_train(done, sums, result, timer):.4g}")
                 sums = {}
             if done % train.val_every == 0 or final:
                 self.validate(done)
-            if done % train.checkpoint_every == 0 or final:
+            if done % train.checkpoint_every == 0 or final or stopping:
                 self.checkpoint(done)
             progress.update(1)
+            if stopping:
+                break
             waiting_since = time.perf_counter()
         progress.close()
         self.telemetry.close()

@@ -18,7 +18,9 @@ class Experiment:
 def test_yaml_plus_dotted_overrides(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text("data:\n  micro_batch: 4\n  augment:\n    rotation_deg: 30\noptim:\n  lr: 1.0e-3\n")
-    cfg = configlib.load(Experiment, path, ["optim.betas=[0.8, 0.9]", "train.max_steps=7", "data.datasets=[head, hand]"])
+    cfg = configlib.load(Experiment, path, ["optim.betas=[0.8, 0.9]", "train.max_steps=7", "data.datasets=[head, hand]",
+                                            "optim.eps=1e-6"])
+    assert cfg.optim.eps == 1e-6  # YAML 1.1 reads 1e-6 as a string
     assert cfg.data.micro_batch == 4 and cfg.data.augment.rotation_deg == 30.0
     assert cfg.optim.lr == 1e-3 and cfg.optim.betas == (0.8, 0.9)
     assert cfg.train.max_steps == 7 and cfg.data.datasets == ["head", "hand"]

@@ -1,0 +1,49 @@
+"""Shared fixtures: phantom shards built once per session, and running real commands."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+DEMO_CONFIG = REPO / "launch" / "experiments" / "demo.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], timeout: float, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command to completion within `timeout` seconds; its output is kept for assertions."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        print(proc.stdout[-5000:], proc.stderr[-5000:], sep="\n")
+    return proc
+
+
+def deepspeed_module(module: str, ranks: int, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N --module M ...`: N CPU ranks on gloo through the real launcher."""
+    return run([DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", module, *args],
+               timeout)
+
+
+@pytest.fixture(scope="session")
+def phantom_shards(tmp_path_factory) -> Path:
+    """Phantom head, hand, chest and leg sets in their native layouts, built into shards (max side 128)."""
+    from shards.build import BuildOptions, build
+    from shards.phantoms import write_phantoms
+    from shards.plan import SourceSpec
+
+    root = tmp_path_factory.mktemp("phantoms")
+    write_phantoms(root / "raw", n=24, seed=0, sets=("head", "hand", "chest", "leg"))
+    sources = [SourceSpec(d, str(root / "raw" / d)) for d in ("head", "hand", "chest", "leg")]
+    build(sources, BuildOptions(out=str(root / "shards"), max_side=128, shard_size=8, workers=1, progress=False))
+    return root / "shards"

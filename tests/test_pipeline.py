@@ -1,0 +1,163 @@
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medsapiens import manifest as manifestlib
+from medsapiens.codec import decode_udp, heatmap_to_input
+from medsapiens.data.augment import AugmentConfig
+from medsapiens.data.pipeline import (
+    CorruptDataError, DataConfig, TrainStream, eval_examples, mixture_weights, train_batches, training_example,
+)
+from medsapiens.registry import BUILTIN
+from medsapiens.shard_tar import file_digest, write_samples
+
+INPUT = (96, 128)
+
+
+def small_config(**changes) -> DataConfig:
+    cfg = DataConfig(micro_batch=4, workers=0, shuffle_buffer=8)
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def first_batches(stream, n=2):
+    it = iter(stream)
+    return [next(it) for _ in range(n)]
+
+
+def same_batches(a, b) -> bool:
+    return all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+def test_stream_is_a_function_of_seed_segment_and_rank(phantom_shards):
+    manifest = manifestlib.load(phantom_shards)
+    make = lambda rank: TrainStream(manifest, small_config(), ["head", "hand"], INPUT, seed=3, rank=rank)
+    again = first_batches(make(0))
+    assert same_batches(first_batches(make(0)), again)
+    assert not same_batches(first_batches(make(1)), again)
+    later = make(0)
+    later.segment_start = 10
+    assert not same_batches(first_batches(later), again)
+    batch = again[0]
+    assert batch["images"].shape == (4, 3, 128, 96)
+    assert batch["target_heatmaps"].shape == (4, 37, 32, 24)  # padded to hand's K
+    head = batch["dataset_index"] == 0
+    assert (batch["target_weights"][head, 19:] == 0).all()
+
+
+@pytest.mark.timeout(120)
+def test_resumed_batches_equal_uninterrupted_ones_with_workers(phantom_shards):
+    manifest = manifestlib.load(phantom_shards)
+    stream = TrainStream(manifest, small_config(), ["head", "chest"], INPUT, seed=0, rank=0)
+    whole = list(train_batches(stream, 0, 6, segment_steps=3, grad_accum=2, workers=2))
+    resumed = list(train_batches(stream, 3, 6, segment_steps=3, grad_accum=2, workers=2))
+    assert [s for s, _ in whole] == list(range(6)) and [s for s, _ in resumed] == [3, 4, 5]
+    for (_, a), (_, b) in zip(whole[3:], resumed):
+        assert same_batches(a, b)
+    assert not same_batches(whole[0][1], whole[1][1])
+
+
+def test_mixture_weights(phantom_shards):
+    manifest = manifestlib.load(phantom_shards)
+    sizes = np.array([manifest.datasets[d].splits["train"] for d in ("head", "leg")], dtype=float)
+    assert np.allclose(mixture_weights(manifest, small_config(), ["head", "leg"]), sizes / sizes.sum())
+    assert np.allclose(mixture_weights(manifest, small_config(mixing="uniform"), ["head", "leg"]), [0.5, 0.5])
+    tempered = np.sqrt(sizes) / np.sqrt(sizes).sum()
+    assert np.allclose(mixture_weights(manifest, small_config(mixing="temperature", temperature=2.0), ["head", "leg"]), tempered)
+    explicit = mixture_weights(manifest, small_config(mixing="uniform", weights={"leg": 3.0}), ["head", "leg"])
+    assert np.allclose(explicit, [0.25, 0.75])
+    with pytest.raises(ValueError, match="not being trained"):
+        mixture_weights(manifest, small_config(weights={"hand": 1.0}), ["head", "leg"])
+
+
+def test_mixing_follows_weights(phantom_shards):
+    manifest = manifestlib.load(phantom_shards)
+    cfg = small_config(mixing="uniform", weights={"chest": 4.0}, micro_batch=50)
+    batch = next(iter(TrainStream(manifest, cfg, ["head", "chest"], (48, 64), seed=0, rank=0)))
+    chest_share = (batch["dataset_index"] == 1).float().mean().item()
+    assert 0.65 < chest_share < 0.95  # expected 0.8
+
+
+def dot_image(size=(200, 300), at=(60.0, 210.0)):
+    w, h = size
+    ys, xs = np.mgrid[0:h, 0:w]
+    return (255 * np.exp(-((xs - at[0]) ** 2 + (ys - at[1]) ** 2) / (2 * 2.0**2))).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_augmented_image_and_targets_stay_aligned(seed):
+    chest = BUILTIN["chest"]
+    landmarks = [[60.0, 210.0]] + [[100.0, 150.0]] * 5
+    meta = {"landmarks": landmarks, "visible": [1] * 6}
+    cfg = AugmentConfig(rotation_prob=1.0, shift_prob=1.0, photometric_prob=0, blur_prob=0, median_blur_prob=0,
+                        dropout_prob=0)
+    example = training_example(dot_image(), meta, chest, 0, INPUT, 2.0, cfg, np.random.default_rng(seed))
+    image = example["image"][0]
+    peak = torch.nonzero(image == image.max())[0].flip(0).double()  # (x, y) in input pixels
+    decoded, _ = decode_udp(example["heatmaps"][:1])
+    target = heatmap_to_input(decoded, INPUT, (24, 32))[0]
+    assert (peak - target).norm() < 1.6  # within the input pixel grid's rounding of a 4x coarser heatmap
+
+
+def test_flip_swaps_pairs_and_is_off_without_known_pairs():
+    leg, chest = BUILTIN["leg"], BUILTIN["chest"]
+    cfg = AugmentConfig(scale_range=(1.0, 1.0), rotation_prob=0, shift_prob=0, flip_prob=1.0, photometric_prob=0,
+                        blur_prob=0, median_blur_prob=0, dropout_prob=0)
+    points = np.stack([np.linspace(20, 180, 26), np.linspace(30, 270, 26)], axis=1)
+    meta = {"landmarks": points.tolist(), "visible": [1] * 26}
+    flipped = training_example(dot_image(), meta, leg, 0, INPUT, 2.0, cfg, np.random.default_rng(0))
+    plain_cfg = dataclasses.replace(cfg, flip_prob=0.0)
+    plain = training_example(dot_image(), meta, leg, 0, INPUT, 2.0, plain_cfg, np.random.default_rng(0))
+    at = lambda ex: heatmap_to_input(decode_udp(ex["heatmaps"])[0], INPUT, (24, 32))
+    mirrored = at(plain).clone()
+    mirrored[:, 0] = INPUT[0] - 1 - mirrored[:, 0]
+    assert torch.allclose(at(flipped), mirrored[leg.flip_permutation()], atol=0.3)
+    meta6 = {"landmarks": points[:6].tolist(), "visible": [1] * 6}
+    never = training_example(dot_image(), meta6, chest, 0, INPUT, 2.0, cfg, np.random.default_rng(0))
+    same = training_example(dot_image(), meta6, chest, 0, INPUT, 2.0, plain_cfg, np.random.default_rng(0))
+    assert torch.equal(never["heatmaps"], same["heatmaps"])
+
+
+def corrupt_copy(manifest_dir, tmp_path, bad: int):
+    """A copy of the head train split whose first `bad` samples have broken PNG bytes."""
+    from medsapiens.data.pipeline import read_shard
+
+    manifest = manifestlib.load(manifest_dir)
+    samples = [s for shard in manifest.shards_for("head", "train") for s in read_shard(manifest.url_of(shard))]
+    for sample in samples[:bad]:
+        sample["png"] = sample["png"][:40]
+    tmp_path.mkdir()
+    path = tmp_path / "head-train-000000.tar"
+    write_samples(path, samples)
+    sha, size = file_digest(path)
+    shard = manifestlib.ShardInfo(path.name, "head", "train", len(samples), size, sha)
+    info = manifest.datasets["head"]
+    subset = manifestlib.Manifest({"head": manifestlib.DatasetInfo(info.landmark_set, {"train": len(samples)})},
+                                 [shard], len(samples), 0)
+    (tmp_path / "manifest.json").write_bytes(subset.to_json())
+    return manifestlib.load(tmp_path), str(path)
+
+
+def test_corrupt_samples_are_skipped_then_abort_naming_the_shard(phantom_shards, tmp_path, capsys):
+    few, _ = corrupt_copy(phantom_shards, tmp_path / "few", bad=1)
+    batch = next(iter(TrainStream(few, small_config(max_corrupt_fraction=0.05), ["head"], INPUT, 0, 0)))
+    assert batch["images"].shape[0] == 4
+    assert "skipped corrupt sample #1" in capsys.readouterr().err
+    many, url = corrupt_copy(phantom_shards, tmp_path / "many", bad=8)
+    with pytest.raises(CorruptDataError, match=f"worst shard {url}"):
+        first_batches(TrainStream(many, small_config(max_corrupt_fraction=0.02), ["head"], INPUT, 0, 0), 20)
+
+
+def test_eval_examples_are_split_evenly_over_ranks(phantom_shards):
+    manifest = manifestlib.load(phantom_shards)
+    total = manifest.datasets["leg"].splits["test"]
+    per_rank = [list(eval_examples(manifest, "leg", "test", INPUT, rank=r, world_size=3)) for r in range(3)]
+    assert {len(p) for p in per_rank} == {-(-total // 3)}
+    ids = [e.meta["source_id"] for p in per_rank for e in p if e.valid]
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == total
+    record = json.loads(json.dumps(per_rank[0][0].meta))
+    assert record["dataset"] == "leg" and record["split"] == "test"

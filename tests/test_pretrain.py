@@ -1,0 +1,156 @@
+"""Pretraining through the real DeepSpeed launcher: 2 CPU ranks on gloo, ZeRO-2 and ZeRO-3,
+TensorBoard read back, checkpoints, exact resume, universal checkpoints, export."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import DEMO_CONFIG, REPO, deepspeed_module, run
+from medsapiens import bundle as bundlelib
+
+STEPS = 12
+
+
+def config_args(shards, run_dir, *extra) -> list[str]:
+    return ["--config", str(DEMO_CONFIG), f"data.shards={shards}", f"run_dir={run_dir}",
+            f"train.max_steps={STEPS}", "train.checkpoint_every=6", "train.val_every=6", "train.log_every=1",
+            "train.keep_last=1", "train.dist_timeout_s=120", "data.micro_batch=4", "data.workers=1",
+            "model.trunk_width=32", "optim.lr=2e-3", "optim.warmup_steps=2", "train.val_limit=8", *extra]
+
+
+def losses(run_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss/total"] for r in rows if "loss/total" in r}
+
+
+@pytest.fixture(scope="module")
+def zero2_run(phantom_shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("zero2") / "run"
+    proc = deepspeed_module("pretrain", 2, config_args(phantom_shards, run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_zero2_train_log_checkpoint_and_export(zero2_run, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    by_step = losses(zero2_run)
+    assert sorted(by_step) == list(range(1, STEPS + 1))
+    assert sum(by_step[s] for s in (10, 11, 12)) < sum(by_step[s] for s in (1, 2, 3))  # the loss falls
+    events = EventAccumulator(str(zero2_run / "tensorboard"), size_guidance={"images": 0}).Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("loss/total", "loss/head", "loss/hand", "loss/chest", "lr/backbone", "lr/decoder",
+                "train/grad_norm", "perf/samples_per_s", "perf/data_wait_fraction", "val/head/mre_mm",
+                "val/hand/sdr_10mm", "val/chest/mre_px"):
+        assert tag in tags, tag
+    assert [e.step for e in events.Scalars("val/head/mre_mm")] == [6, 12]
+    assert any(t.startswith("val/head/") for t in events.Tags()["images"])
+    decoder_lr, backbone_lr = events.Scalars("lr/decoder")[3].value, events.Scalars("lr/backbone")[3].value
+    assert backbone_lr == pytest.approx(decoder_lr * 0.85**5, rel=1e-5)  # embeddings: depth 4 + 1 layers below
+    checkpoints = zero2_run / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_00000012"
+    assert not (checkpoints / "step_00000006").exists()  # keep_last=1 pruned it
+    assert json.loads((zero2_run / "run.json").read_text())["world_size"] == 2
+
+    out = tmp_path / "bundle"
+    assert run([sys.executable, "-m", "launch.cli", "pretrain", "export", str(zero2_run), "--out", str(out)], 120).returncode == 0
+    model, bundle = bundlelib.load(out)
+    assert bundle.heads == {"head": 19, "hand": 37, "chest": 6}
+    assert bundle.provenance["steps"] == STEPS and bundle.provenance["validation"]["step"] == STEPS
+    heat = model.heatmaps(torch.zeros(2, 3, 128, 96), "hand")
+    assert heat.shape == (2, 37, 32, 24)
+
+
+@pytest.mark.timeout(300)
+def test_resume_continues_the_same_losses(zero2_run, phantom_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    first = deepspeed_module("pretrain", 2, config_args(phantom_shards, run_dir, "train.stop_after=6"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert max(losses(run_dir)) == 6
+    second = deepspeed_module("pretrain", 2, config_args(phantom_shards, run_dir))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from step 6" in second.stderr
+    resumed, whole = losses(run_dir), losses(zero2_run)
+    for step in range(7, STEPS + 1):
+        assert resumed[step] == pytest.approx(whole[step], rel=1e-5, abs=1e-7), step
+
+
+@pytest.mark.timeout(300)
+def test_universal_checkpoint_resumes_at_another_world_size(zero2_run, phantom_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(zero2_run, run_dir)
+    convert = run([sys.executable, "-m", "launch.cli", "pretrain", "universal", str(run_dir)], 180)
+    assert convert.returncode == 0, convert.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "latest_universal").read_text() == "step_00000012_universal"
+    one_rank = run([sys.executable, "-m", "pretrain", "--resume", "universal",
+                    *config_args(phantom_shards, run_dir, f"train.max_steps={STEPS + 2}")], 180)
+    assert one_rank.returncode == 0, one_rank.stderr[-3000:]
+    assert "resumed from step 12" in one_rank.stderr
+    by_step = losses(run_dir)
+    assert {13, 14} <= set(by_step)
+    assert by_step[13] < 2 * by_step[12]  # trained weights were loaded, not a fresh start
+    assert json.loads((run_dir / "run.json").read_text())["world_size"] == 1
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_zero3_trains_and_exports(phantom_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = deepspeed_module("pretrain", 2, config_args(
+        phantom_shards, run_dir, "train.deepspeed=launch/deepspeed/zero3.json", "train.max_steps=4",
+        "train.checkpoint_every=4", "train.val_every=4"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ZeRO-3" in proc.stderr
+    out = tmp_path / "bundle"
+    assert run([sys.executable, "-m", "launch.cli", "pretrain", "export", str(run_dir), "--out", str(out)], 120).returncode == 0
+    model, bundle = bundlelib.load(out)
+    assert bundle.provenance["steps"] == 4
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.timeout(300)
+def test_one_rank_with_2b_equals_two_ranks_with_b(phantom_shards, tmp_path):
+    script = str(REPO / "tests" / "ds_first_step.py")
+    zero2 = str(REPO / "launch" / "deepspeed" / "zero2.json")
+    single = run([sys.executable, script, str(phantom_shards), str(tmp_path / "one"), "8", zero2], 180)
+    assert single.returncode == 0, single.stderr[-3000:]
+    from conftest import DEEPSPEED, free_port
+    double = run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), script, str(phantom_shards),
+                  str(tmp_path / "two"), "8", zero2], 240)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    grads_one, grads_two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    assert grads_one.keys() == grads_two.keys()
+    for name in grads_one:
+        assert torch.allclose(grads_two[name], grads_one[name], rtol=1e-4, atol=1e-9), name
+    assert grads_one["decoder.heads.hand.weight"].abs().sum() > 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("override, message", [
+    ("data.datasets=[head, knee]", "dataset(s) ['knee']"),
+    ("data.shards=/nonexistent/shards", "no manifest at /nonexistent/shards/manifest.json"),
+])
+def test_preflight_stops_with_a_clear_message(phantom_shards, tmp_path, override, message):
+    proc = run([sys.executable, "-m", "pretrain", *config_args(phantom_shards, tmp_path / "run", override)], 100)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.timeout(120)
+def test_preflight_names_an_unreachable_shard(phantom_shards, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(phantom_shards, shards)
+    victim = sorted(shards.glob("hand-train-*.tar"))[0]
+    victim.unlink()
+    proc = run([sys.executable, "-m", "pretrain", *config_args(shards, tmp_path / "run")], 100)
+    assert proc.returncode != 0
+    assert f"shard {victim} listed in" in proc.stderr and "unreachable" in proc.stderr
