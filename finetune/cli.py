@@ -1,6 +1,127 @@
-"""`medsapiens finetune ...` subcommands."""
+"""`medsapiens finetune`, `medsapiens evaluate` and `medsapiens predict`."""
 from __future__ import annotations
+
+import argparse
+import sys
+
+FLAG_KEYS = {  # flag destination -> config key
+    "shards": "data.shards", "dataset": "dataset", "bundle": "bundle", "init": "init", "checkpoint": "model.checkpoint",
+    "arch": "model.arch", "shots": "shots", "seed": "shot_seed", "steps": "train.max_steps", "run_dir": "run_dir",
+    "eval_split": "eval_split",
+}
 
 
 def register(subparsers) -> None:
-    pass
+    ft = subparsers.add_parser(
+        "finetune", help="adapt a bundle (or a Sapiens checkpoint, or scratch) to one dataset",
+        description="Fine-tune on one dataset of a shard set: full or LoRA, on all or K training images. "
+        "The best checkpoint on the val split becomes RUN_DIR/bundle, evaluated on the test split into "
+        "RUN_DIR/eval. With --seeds, one run per seed under RUN_DIR/seed_N and the mean +- std in "
+        "RUN_DIR/summary.json. Multi-rank: `medsapiens launch finetune --config FILE`.",
+        epilog="Examples:\n  medsapiens finetune --bundle runs/pretrain/bundle --shards SHARDS --dataset leg\n"
+        "  medsapiens finetune --bundle B --shards S --dataset leg --lora --shots 5 --seeds 0,1,2\n"
+        "  medsapiens finetune --init sapiens --checkpoint sapiens_0.3b_epoch_1600_clean.pth --arch sapiens_0.3b "
+        "--lora --shards S --dataset head", formatter_class=argparse.RawDescriptionHelpFormatter)
+    ft.add_argument("--config", help="YAML with any FinetuneConfig keys (flags and KEY=VALUE override it)")
+    ft.add_argument("--shards", help="shard directory or s3:// prefix")
+    ft.add_argument("--dataset", help="dataset id to fine-tune on")
+    ft.add_argument("--bundle", help="pretrained bundle directory (init 'bundle', the default)")
+    ft.add_argument("--init", choices=["bundle", "sapiens", "scratch"], help="where the weights start")
+    ft.add_argument("--checkpoint", help="raw Sapiens checkpoint for --init sapiens")
+    ft.add_argument("--arch", help="architecture for --init sapiens/scratch, e.g. sapiens_0.3b")
+    ft.add_argument("--lora", action="store_true", help="train only LoRA adapters and the decoder")
+    ft.add_argument("--shots", type=int, help="train on K images of the train split (few-shot)")
+    ft.add_argument("--seed", type=int, help="which K images (and the training seed)")
+    ft.add_argument("--seeds", help="comma-separated seeds, run one after another, e.g. 0,1,2")
+    ft.add_argument("--steps", type=int, help="training steps")
+    ft.add_argument("--eval-split", help="split evaluated at the end (default test)")
+    ft.add_argument("--run-dir", help="output directory (default runs/finetune)")
+    ft.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any config key, e.g. optim.lr=1e-4")
+    ft.set_defaults(func=_finetune)
+
+    ev = subparsers.add_parser(
+        "evaluate", help="MRE/SDR of a bundle on a shard split, or of prediction files",
+        description="Score landmarks by the dataset's protocol (head 0.1 mm/px, hand wrist width 50 mm, "
+        "chest 512x512 frame px, leg per-image spacing) in original-image pixels. Writes report.json, "
+        "report.md and per_image.csv to --out.")
+    ev.add_argument("--bundle", help="bundle directory")
+    ev.add_argument("--shards", help="shard directory or s3:// prefix (with --bundle)")
+    ev.add_argument("--dataset", help="dataset id (default: the bundle's only head)")
+    ev.add_argument("--split", default="test", help="split to evaluate (default test)")
+    ev.add_argument("--flip-test", action="store_true", help="average with the mirrored image (datasets with known pairs)")
+    ev.add_argument("--predictions", help='JSON {"dataset": ID, "landmarks": {id: [[x, y], ...]}} in original pixels')
+    ev.add_argument("--ground-truth", help="JSON like --predictions, may add spacing_mm and image_size per id")
+    ev.add_argument("--out", required=True, help="report directory")
+    ev.add_argument("--overlays", type=int, default=0, metavar="N", help="write N overlay PNGs (with --bundle)")
+    ev.add_argument("--hand-landmarks", default=None, metavar="A,B",
+                    help="hand protocol: the two wrist landmarks (default 1,5 as Payer; GU2Net uses 0,4)")
+    ev.add_argument("--sdr-convention", choices=["<", "<="], default="<", help="SDR counts error < r (default) or <= r")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.set_defaults(func=_evaluate)
+
+    pr = subparsers.add_parser(
+        "predict", help="landmarks on new images (PNG, JPG, BMP, TIFF, DICOM)",
+        description="Predict landmarks in original-image pixels (and mm when the spacing is known) for "
+        "images or folders of images. Writes <id>.json per image, predictions.json and failures.json.")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    pr.add_argument("--bundle", required=True)
+    pr.add_argument("--dataset", help="which head (default: the bundle's only head)")
+    pr.add_argument("--out", default="predictions", help="output directory (default ./predictions)")
+    pr.add_argument("--flip-test", action="store_true")
+    pr.add_argument("--overlays", action="store_true", help="also write overlay PNGs")
+    pr.add_argument("--spacing", metavar="SX,SY", help="mm per pixel for non-DICOM images")
+    pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--device", default="cpu", help="cpu or cuda")
+    pr.set_defaults(func=_predict)
+
+
+def _pair(text: str | None, kind):
+    return None if text is None else tuple(kind(v) for v in text.split(","))
+
+
+def finetune_overrides(args) -> list[str]:
+    overrides = [f"{FLAG_KEYS[k]}={v}" for k, v in vars(args).items() if k in FLAG_KEYS and v is not None]
+    if args.lora:
+        overrides.append("lora.enabled=true")
+    if args.seeds:
+        overrides.append(f"seeds=[{args.seeds}]")
+    return overrides + args.overrides
+
+
+def _finetune(args) -> int:
+    from finetune.__main__ import load_config, run_config
+
+    return run_config(load_config(args.config, finetune_overrides(args)))
+
+
+def _evaluate(args) -> int:
+    from finetune.evaluate import evaluate_bundle, summary_line
+
+    options = {"wrist_landmarks": _pair(args.hand_landmarks, int), "convention": args.sdr_convention}
+    if args.predictions or args.ground_truth:
+        if not (args.predictions and args.ground_truth) or args.bundle:
+            sys.exit("error: give --predictions and --ground-truth together, without --bundle")
+        from finetune.report import score_files, write_report
+
+        report, errors, ids = score_files(args.predictions, args.ground_truth, **options)
+        write_report(report, errors, ids, list(report["per_landmark"]), args.out)
+    else:
+        if not (args.bundle and args.shards):
+            sys.exit("error: give --bundle and --shards, or --predictions and --ground-truth")
+        report = evaluate_bundle(args.bundle, args.shards, args.dataset, args.split, args.out,
+                                 flip_test=args.flip_test, batch_size=args.batch_size, overlays=args.overlays,
+                                 **options)
+    print(summary_line(report))
+    print(f"report: {args.out}/report.json, {args.out}/report.md, {args.out}/per_image.csv")
+    return 0
+
+
+def _predict(args) -> int:
+    from finetune.predict import predict
+
+    results, failures = predict(args.bundle, args.inputs, args.out, args.dataset, args.flip_test, args.overlays,
+                                args.batch_size, _pair(args.spacing, float), args.device)
+    print(f"{len(results)} image(s) predicted, {len(failures)} failed; written to {args.out}/")
+    for failure in failures:
+        print(f"  failed: {failure['image']}: {failure['reason']}: {failure['detail']}", file=sys.stderr)
+    return 1 if failures else 0

@@ -85,8 +85,8 @@ def predict_split(model, manifest: Manifest, dataset_id: str, dataset_index: int
             mine.spacing.append(original_spacing(meta))
             mine.orig_size.append(meta["orig_size"])
             if len(mine.panels) < panels:
-                mine.panels.append((e.image, points_in_input(e.matrix, points), points_in_input(
-                    e.matrix, meta["landmarks"])))
+                mine.panels.append((meta["source_id"], e.image, points_in_input(e.matrix, points),
+                                    points_in_input(e.matrix, meta["landmarks"])))
 
     for example in examples:
         batch.append(example)

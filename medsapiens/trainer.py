@@ -147,7 +147,7 @@ class Trainer:
             scalars = {f"val/{dataset}/mre_{landmark_set.unit}": summary["mre"]}
             scalars.update({f"val/{dataset}/sdr_{r}{landmark_set.unit}": v for r, v in summary["sdr"].items()})
             self.telemetry.scalars(step, scalars)
-            panels = [draw_landmarks(to_rgb_uint8(img), truth, pred) for img, pred, truth in preds.panels]
+            panels = [draw_landmarks(to_rgb_uint8(img), truth, pred) for _, img, pred, truth in preds.panels]
             self.telemetry.images(step, f"val/{dataset}", panels)
         if self.is_main and results:
             self.last_validation = results

@@ -1,0 +1,60 @@
+"""Entry point run by the DeepSpeed launcher on every rank: `deepspeed ... --module finetune --config FILE.yaml [KEY=VALUE ...]`.
+
+Without the launcher, `python -m finetune ...` (or `medsapiens finetune ...`) runs in one process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from medsapiens import config as configlib
+
+
+def load_config(path: str | None, overrides: list[str]):
+    from finetune.config import FinetuneConfig
+
+    try:
+        return configlib.load(FinetuneConfig, path, overrides)
+    except configlib.ConfigError as exc:
+        sys.exit(f"error: {exc}")
+
+
+def report_result(result: dict | None) -> int:
+    """Print the outcome on the rank that has it (rank 0)."""
+    if result is None:
+        return 0
+    from finetune.evaluate import summary_line
+
+    if "report" in result:
+        print(summary_line(result["report"]))
+        print(f"bundle: {result['bundle']}; report: {result['run_dir']}/eval/report.md")
+    else:
+        sdr = ", ".join(f"SDR@{r} {s['mean']:.2f} +- {s['std']:.2f}%" for r, s in result["sdr"].items())
+        print(f"{len(result['seeds'])} seeds: MRE {result['mre']['mean']:.3f} +- {result['mre']['std']:.3f} "
+              f"{result['unit']} (mean +- std over seeds), {sdr}")
+        print(json.dumps({"seeds": result["seeds"], "mre": result["mre"]["values"]}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune", description="Fine-tune on one dataset.",
+                                     epilog="Overrides are dotted config keys, e.g. dataset=leg shots=5 seeds=[0,1,2].")
+    parser.add_argument("--config", help="fine-tuning YAML")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    return run_config(load_config(args.config, args.overrides))
+
+
+def run_config(cfg) -> int:
+    from finetune.train import run
+
+    try:
+        return report_result(run(cfg))
+    except (ValueError, FileNotFoundError) as exc:  # bad input, named by the message
+        sys.exit(f"error: {exc}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

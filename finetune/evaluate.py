@@ -1,0 +1,71 @@
+"""`medsapiens evaluate`: a bundle on a shard split, or any tool's predictions against ground truth,
+scored by the dataset's protocol in original-image pixels."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from finetune.report import build_report, write_report
+from medsapiens import bundle as bundlelib
+from medsapiens.inference import predict_split
+from medsapiens.manifest import Manifest, ManifestError, load as load_manifest
+from medsapiens.metrics import Protocol
+from medsapiens.visualize import draw_landmarks
+
+
+def check_split(manifest: Manifest, dataset: str, split: str, bundle: bundlelib.Bundle) -> None:
+    splits = manifest.datasets[dataset].splits if dataset in manifest.datasets else {}
+    if not splits.get(split):
+        raise ManifestError(f"{manifest.location}: dataset {dataset!r} has no {split!r} samples "
+                            f"(splits: {', '.join(f'{s} {n}' for s, n in sorted(splits.items())) or 'none'})")
+    if dataset not in bundle.heads:
+        raise ManifestError(f"the bundle has no head for {dataset!r} (heads: {', '.join(bundle.heads)})")
+    k = manifest.landmark_set(dataset).num_landmarks
+    if bundle.heads[dataset] != k:
+        raise ManifestError(f"the bundle's {dataset!r} head predicts {bundle.heads[dataset]} landmarks, "
+                            f"the shards have {k}")
+
+
+def evaluate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset: str, split: str, out_dir,
+                   flip_test: bool = False, batch_size: int = 8, overlays: int = 0, wrist_landmarks=None,
+                   convention: str = "<", device="cpu") -> dict | None:
+    """Predict a split on every rank; rank 0 writes the report files and returns the report."""
+    check_split(manifest, dataset, split, bundle)
+    landmark_set = manifest.landmark_set(dataset)
+    preds = predict_split(model, manifest, dataset, model.dataset_ids.index(dataset), split, bundle.input_size,
+                          device, next(model.parameters()).dtype, batch_size, flip_test, panels=overlays,
+                          margin=bundle.codec.margin)
+    if preds is None:
+        return None
+    protocol = Protocol(landmark_set, wrist_landmarks, convention)
+    errors, mask = preds.errors(protocol)
+    flip = " with flip test" if flip_test and landmark_set.can_flip else ""
+    report = build_report(errors, mask, preds.ids, protocol, dataset, f"{split} split of {manifest.location}{flip}")
+    write_report(report, errors, preds.ids, landmark_set.names, out_dir)
+    write_overlays(preds.panels, Path(out_dir) / "overlays")
+    return report
+
+
+def write_overlays(panels, out_dir: Path) -> None:
+    """True (green) and predicted (red) landmarks with error lines, one PNG per image."""
+    if panels:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for image_id, image, pred, truth in panels:
+        Image.fromarray(draw_landmarks(image, truth, pred)).save(out_dir / f"{image_id}.png")
+
+
+def evaluate_bundle(bundle_dir, shards: str, dataset: str | None, split: str, out_dir, **options) -> dict:
+    model, bundle = bundlelib.load(bundle_dir, options.pop("device", "cpu"))
+    if dataset is None:
+        if len(bundle.heads) != 1:
+            raise ManifestError(f"the bundle has heads {', '.join(bundle.heads)}: choose one with --dataset")
+        dataset = next(iter(bundle.heads))
+    return evaluate_model(model, bundle, load_manifest(shards), dataset, split, out_dir, **options)
+
+
+def summary_line(report: dict) -> str:
+    sdr = ", ".join(f"SDR@{r}: {v:.2f}%" for r, v in report["sdr"].items())
+    return (f"{report['dataset']}: MRE {report['mre']:.3f} +- {report['mre_std_images']:.3f} {report['unit']} "
+            f"(+- over images; {report['images']} images), {sdr}")
+

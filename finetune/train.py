@@ -1,0 +1,167 @@
+"""Fine-tuning one dataset: start from a bundle, a raw Sapiens checkpoint or scratch; full or LoRA;
+on all or K training images; the best validation checkpoint becomes the output bundle, which is
+then evaluated on the held-out split. Several shot seeds run one after another."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from finetune.config import INIT_SOURCES, FinetuneConfig
+from finetune.evaluate import evaluate_model
+from finetune.subset import few_shot_manifest
+from medsapiens import bundle as bundlelib
+from medsapiens import config as configlib
+from medsapiens import distributed
+from medsapiens.engine import Engine, consolidated_state_dict, init_distributed, latest_tag, shutdown
+from medsapiens.manifest import Manifest, ManifestError, load as load_manifest
+from medsapiens.model import apply_lora, count_trainable, forward_flops, merge_lora, param_groups
+from medsapiens.registry import LandmarkSet
+from medsapiens.trainer import CHECKPOINTS, RunContext, Trainer
+
+SUMMARY = "summary.json"
+
+
+def check_config(cfg: FinetuneConfig) -> None:
+    if cfg.init not in INIT_SOURCES:
+        raise ValueError(f"init must be one of {INIT_SOURCES}, got {cfg.init!r}")
+    if not cfg.dataset:
+        raise ValueError("no dataset given (--dataset ID)")
+    if cfg.init == "bundle" and not cfg.bundle:
+        raise ValueError("init 'bundle' needs a bundle (--bundle DIR)")
+    if cfg.init == "sapiens" and not cfg.model.checkpoint:
+        raise ValueError("init 'sapiens' needs a Sapiens checkpoint (--checkpoint FILE)")
+    if cfg.train.val_every != cfg.train.checkpoint_every:
+        raise ValueError("fine-tuning keeps the best validated checkpoint: train.val_every must equal "
+                         f"train.checkpoint_every (got {cfg.train.val_every} and {cfg.train.checkpoint_every})")
+
+
+def initial_model(cfg: FinetuneConfig, landmark_set: LandmarkSet):
+    """(model with exactly one head, for cfg.dataset; its ModelConfig; where it came from)."""
+    dataset, k = cfg.dataset, landmark_set.num_landmarks
+    if cfg.init == "bundle":
+        model, bundle = bundlelib.load(cfg.bundle)
+        reused = dataset in bundle.heads
+        if reused and bundle.heads[dataset] != k:
+            raise ManifestError(f"bundle {cfg.bundle} has a {bundle.heads[dataset]}-landmark head for {dataset!r}, "
+                                f"the shards have {k} landmarks")
+        for other in [d for d in model.dataset_ids if d != dataset]:
+            model.drop_head(other)
+        if not reused:
+            model.add_head(dataset, k)
+        model_cfg = replace(bundle.model, grad_checkpointing=cfg.model.grad_checkpointing)
+        model.backbone.set_grad_checkpointing(model_cfg.grad_checkpointing)
+        origin = {"init": "bundle", "bundle": str(Path(cfg.bundle).resolve()), "reused_head": reused,
+                  "bundle_provenance": {k_: bundle.provenance.get(k_) for k_ in ("stage", "steps", "manifest")}}
+    else:
+        model_cfg = cfg.model if cfg.init == "sapiens" else replace(cfg.model, checkpoint=None)
+        model = model_cfg.build({dataset: k})
+        origin = {"init": cfg.init, "checkpoint": model_cfg.checkpoint}
+    if cfg.lora.enabled:
+        apply_lora(model, cfg.lora.qkv_rank, cfg.lora.qkv_alpha, cfg.lora.proj_rank, cfg.lora.proj_alpha,
+                   cfg.lora.dropout)
+    return model.train(), replace(model_cfg, checkpoint=None), origin
+
+
+def training_manifest(cfg: FinetuneConfig, run_dir: Path) -> Manifest:
+    """The shards to train on: the given ones, or (K-shot) a subset written by rank 0."""
+    manifest = load_manifest(cfg.data.shards)
+    manifest.landmark_set(cfg.dataset)  # names the dataset in the error if it is missing
+    if not cfg.shots:
+        return manifest
+    subset_dir = run_dir / "subset"
+    if distributed.rank() == 0:
+        few_shot_manifest(manifest, cfg.dataset, cfg.shots, cfg.shot_seed, subset_dir)
+    distributed.barrier()  # the subset exists for every rank after it
+    return load_manifest(subset_dir)
+
+
+def export_best(cfg: FinetuneConfig, run_dir: Path, tag: str, landmark_set, origin: dict, validation) -> Path:
+    model, model_cfg, _ = initial_model(cfg, landmark_set)
+    model.load_state_dict(consolidated_state_dict(run_dir / CHECKPOINTS, tag), strict=True)
+    if cfg.lora.enabled:
+        merge_lora(model)
+    provenance = {"stage": "finetune", "dataset": cfg.dataset, **origin, "lora": cfg.lora.enabled,
+                  "shots": cfg.shots, "shot_seed": cfg.shot_seed, "checkpoint": tag,
+                  "steps": int(tag.rsplit("_", 1)[-1]), "validation": validation,
+                  "manifest": {"location": cfg.data.shards}, "config": configlib.to_dict(cfg)}
+    codec = bundlelib.CodecSettings(sigma=cfg.data.sigma, margin=cfg.data.augment.margin)
+    return bundlelib.save(run_dir / "bundle", model, bundlelib.Bundle(model_cfg, {cfg.dataset: landmark_set}, codec,
+                                                                      provenance))
+
+
+def run_one(cfg: FinetuneConfig) -> dict | None:
+    """Train, export the best checkpoint, evaluate. Rank 0 returns the result, other ranks None."""
+    run_dir = Path(cfg.run_dir)
+    if distributed.rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = training_manifest(cfg, run_dir)
+    landmark_set = manifest.landmark_set(cfg.dataset)
+    torch.manual_seed(cfg.train.seed)
+    model, model_cfg, origin = initial_model(cfg, landmark_set)
+    trainable, total = count_trainable(model), sum(p.numel() for p in model.parameters())
+    engine = Engine(model, param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay), cfg.train,
+                    cfg.optim, cfg.data.micro_batch)
+    if distributed.rank() == 0:
+        configlib.save(cfg, run_dir / "config.yaml")
+        (run_dir / "run.json").write_text(json.dumps({
+            "stage": "finetune", "dataset_ids": [cfg.dataset], "landmark_sets": {cfg.dataset: landmark_set.to_dict()},
+            "manifest": {"location": manifest.location, "sha256": manifest.digest}, "origin": origin,
+            "trainable_parameters": trainable, "parameters": total, "world_size": distributed.world_size()}, indent=2))
+        print(f"fine-tuning {cfg.dataset} from {cfg.init}{' with LoRA' if cfg.lora.enabled else ''}"
+              f"{f', {cfg.shots}-shot (seed {cfg.shot_seed})' if cfg.shots else ''}: "
+              f"{trainable:,} of {total:,} parameters train", file=sys.stderr)
+    input_size = (model_cfg.img_size[1], model_cfg.img_size[0])
+    flops = forward_flops(model_cfg.arch, model_cfg.img_size, model_cfg.trunk_width, landmark_set.num_landmarks).total
+    ctx = RunContext(run_dir, manifest, [cfg.dataset], input_size, cfg.data, cfg.train, configlib.digest(cfg),
+                     flops, track_best=True)
+    trainer = Trainer(engine, model.loss, ctx)
+    trainer.fit(trainer.resume("auto"))
+    best = [trainer.best]
+    distributed.broadcast_from_rank0(best)
+    del engine, trainer, model
+    tag = best[0]["tag"] if best[0] else latest_tag(run_dir / CHECKPOINTS)
+    if distributed.rank() == 0:
+        export_best(cfg, run_dir, tag, landmark_set, origin, best[0] and best[0]["validation"])
+    distributed.barrier()
+    model, bundle = bundlelib.load(run_dir / "bundle")
+    report = evaluate_model(model, bundle, manifest, cfg.dataset, cfg.eval_split, run_dir / "eval",
+                            flip_test=cfg.flip_test, batch_size=cfg.data.micro_batch)
+    if report is None:
+        return None
+    return {"run_dir": str(run_dir), "bundle": str(run_dir / "bundle"), "seed": cfg.shot_seed, "best": best[0],
+            "trainable_parameters": trainable, "report": report}
+
+
+def seed_summary(results: list[dict]) -> dict:
+    """Mean and std over seeds of MRE, both stds and each SDR radius, with the per-seed values."""
+    def stats(values):
+        return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": [float(v) for v in values]}
+
+    reports = [r["report"] for r in results]
+    summary = {name: stats([r[name] for r in reports]) for name in ("mre", "mre_std_images", "mre_std_landmarks")}
+    summary["sdr"] = {radius: stats([r["sdr"][radius] for r in reports]) for radius in reports[0]["sdr"]}
+    return {"seeds": [r["seed"] for r in results], "unit": reports[0]["unit"], **summary,
+            "runs": [{"seed": r["seed"], "run_dir": r["run_dir"], "bundle": r["bundle"]} for r in results]}
+
+
+def run(cfg: FinetuneConfig) -> dict | None:
+    check_config(cfg)
+    init_distributed(cfg.train.dist_timeout_s)
+    try:
+        if not cfg.seeds:
+            return run_one(cfg)
+        results = [run_one(replace(cfg, shot_seed=seed, seeds=[], run_dir=str(Path(cfg.run_dir) / f"seed_{seed}"),
+                                   train=replace(cfg.train, seed=seed)))
+                   for seed in cfg.seeds]
+        if distributed.rank() != 0:
+            return None
+        summary = seed_summary(results)
+        (Path(cfg.run_dir) / SUMMARY).write_text(json.dumps(summary, indent=2))
+        return summary
+    finally:
+        shutdown()
