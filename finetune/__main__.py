@@ -27,8 +27,9 @@ def report_result(result: dict | None) -> int:
     from finetune.evaluate import summary_line
 
     if "report" in result:
-        print(summary_line(result["report"]))
-        print(f"bundle: {result['bundle']}; report: {result['run_dir']}/eval/report.md")
+        for split, report in result["reports"].items():
+            print(f"{split}: {summary_line(report)}")
+        print(f"bundle: {result['bundle']}; reports: {result['run_dir']}/eval/<split>/report.md")
     else:
         sdr = ", ".join(f"SDR@{r} {s['mean']:.2f} +- {s['std']:.2f}%" for r, s in result["sdr"].items())
         print(f"{len(result['seeds'])} seeds: MRE {result['mre']['mean']:.3f} +- {result['mre']['std']:.3f} "

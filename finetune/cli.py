@@ -15,8 +15,8 @@ def register(subparsers) -> None:
     ft = subparsers.add_parser(
         "finetune", help="adapt a bundle (or a Sapiens checkpoint, or scratch) to one dataset",
         description="Fine-tune on one dataset of a shard set: full or LoRA, on all or K training images. "
-        "The best checkpoint on the val split becomes RUN_DIR/bundle, evaluated on the test split into "
-        "RUN_DIR/eval. With --seeds, one run per seed under RUN_DIR/seed_N and the mean +- std in "
+        "The best checkpoint on the val split becomes RUN_DIR/bundle, evaluated on the test split(s) into "
+        "RUN_DIR/eval/<split>. With --seeds, one run per seed under RUN_DIR/seed_N and the mean +- std in "
         "RUN_DIR/summary.json. Multi-rank: `medsapiens launch finetune --config FILE`.",
         epilog="Examples:\n  medsapiens finetune --bundle runs/pretrain/bundle --shards SHARDS --dataset leg\n"
         "  medsapiens finetune --bundle B --shards S --dataset leg --lora --shots 5 --seeds 0,1,2\n"
@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     ft.add_argument("--seed", type=int, help="which K images (and the training seed)")
     ft.add_argument("--seeds", help="comma-separated seeds, run one after another, e.g. 0,1,2")
     ft.add_argument("--steps", type=int, help="training steps")
-    ft.add_argument("--eval-split", help="split evaluated at the end (default test)")
+    ft.add_argument("--eval-split", help="split evaluated at the end (default: test, else every test* split)")
     ft.add_argument("--run-dir", help="output directory (default runs/finetune)")
     ft.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any config key, e.g. optim.lr=1e-4")
     ft.set_defaults(func=_finetune)

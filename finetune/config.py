@@ -25,7 +25,9 @@ class FinetuneConfig:
     """init: `bundle` (a pretrained bundle; its architecture wins over `model`), `sapiens` (a raw
     Sapiens checkpoint in model.checkpoint: the paper's "Sapiens + LoRA" baseline) or `scratch`.
     shots: 0 trains on the whole train split, K > 0 on K images drawn by `shot_seed`; `seeds`
-    lists several shot seeds to run one after another (their mean and std are reported)."""
+    lists several shot seeds to run one after another (their mean and std are reported).
+    eval_split: the split evaluated at the end; `auto` takes `test`, else every `test*` split
+    (ISBI 2015's test1 and test2), each reported; the first one is the run's headline."""
 
     run_dir: str = "runs/finetune"
     dataset: str = ""
@@ -34,8 +36,9 @@ class FinetuneConfig:
     shots: int = 0
     shot_seed: int = 0
     seeds: list[int] = field(default_factory=list)
-    eval_split: str = "test"
+    eval_split: str = "auto"
     flip_test: bool = False
+    eval_overlays: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -67,10 +67,23 @@ def initial_model(cfg: FinetuneConfig, landmark_set: LandmarkSet):
     return model.train(), replace(model_cfg, checkpoint=None), origin
 
 
+def evaluation_splits(manifest: Manifest, dataset: str, requested: str) -> list[str]:
+    splits = manifest.datasets[dataset].splits
+    if requested != "auto":
+        chosen = [requested] if splits.get(requested) else []
+    else:
+        chosen = ["test"] if splits.get("test") else sorted(s for s in splits if s.startswith("test") and splits[s])
+    if not chosen:
+        raise ManifestError(f"{manifest.location}: dataset {dataset!r} has no {requested!r} split to evaluate "
+                            f"(splits: {', '.join(sorted(splits))}); choose one with --eval-split")
+    return chosen
+
+
 def training_manifest(cfg: FinetuneConfig, run_dir: Path) -> Manifest:
     """The shards to train on: the given ones, or (K-shot) a subset written by rank 0."""
     manifest = load_manifest(cfg.data.shards)
     manifest.landmark_set(cfg.dataset)  # names the dataset in the error if it is missing
+    evaluation_splits(manifest, cfg.dataset, cfg.eval_split)  # fail now, not after training
     if not cfg.shots:
         return manifest
     subset_dir = run_dir / "subset"
@@ -129,12 +142,14 @@ def run_one(cfg: FinetuneConfig) -> dict | None:
         export_best(cfg, run_dir, tag, landmark_set, origin, best[0] and best[0]["validation"])
     distributed.barrier()
     model, bundle = bundlelib.load(run_dir / "bundle")
-    report = evaluate_model(model, bundle, manifest, cfg.dataset, cfg.eval_split, run_dir / "eval",
-                            flip_test=cfg.flip_test, batch_size=cfg.data.micro_batch)
-    if report is None:
+    reports = {split: evaluate_model(model, bundle, manifest, cfg.dataset, split, run_dir / "eval" / split,
+                                     flip_test=cfg.flip_test, batch_size=cfg.data.micro_batch,
+                                     overlays=cfg.eval_overlays)
+               for split in evaluation_splits(manifest, cfg.dataset, cfg.eval_split)}
+    if distributed.rank() != 0:
         return None
     return {"run_dir": str(run_dir), "bundle": str(run_dir / "bundle"), "seed": cfg.shot_seed, "best": best[0],
-            "trainable_parameters": trainable, "report": report}
+            "trainable_parameters": trainable, "report": next(iter(reports.values())), "reports": reports}
 
 
 def seed_summary(results: list[dict]) -> dict:

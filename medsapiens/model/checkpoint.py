@@ -221,6 +221,17 @@ def convert_checkpoint(path: str | Path, arch: str | ArchSpec, out: str | Path) 
     return report
 
 
+def save_backbone(backbone: SapiensViT, out: str | Path, source: str) -> None:
+    """Write a backbone's own weights in the format `convert_checkpoint` produces (loadable as a
+    Sapiens checkpoint at any input size: the grid is in the metadata)."""
+    save_file(
+        {k: t.detach().contiguous() for k, t in backbone.state_dict().items()},
+        str(out),
+        metadata={"format": FORMAT, "arch": backbone.arch.name, GRID_METADATA_KEY: _grid_text(backbone.grid_size),
+                  "source": source},
+    )
+
+
 def _strip_backbone_prefix(key: str) -> str | None:
     for prefix in BACKBONE_PREFIXES:
         if key.startswith(prefix):

@@ -1,0 +1,249 @@
+"""Fine-tuning, evaluation and prediction on phantom shards with sapiens_tiny on CPU."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import DEMO_CONFIG, REPO, deepspeed_module, run
+from finetune.config import FinetuneConfig
+from finetune.evaluate import evaluate_model
+from finetune.subset import draw_keys
+from finetune.train import initial_model
+from medsapiens import bundle as bundlelib
+from medsapiens import config as configlib
+from medsapiens import manifest as manifestlib
+
+FINETUNE_CONFIG = REPO / "launch" / "experiments" / "demo_finetune.yaml"
+CLI = [sys.executable, "-m", "launch.cli"]
+
+
+def finetune_args(shards, run_dir, *extra) -> list[str]:
+    return ["--config", str(FINETUNE_CONFIG), "--shards", str(shards), "--run-dir", str(run_dir),
+            "model.trunk_width=32", "train.val_limit=8", "data.workers=0", *extra]
+
+
+@pytest.fixture(scope="module")
+def head_hand_bundle(phantom_shards, tmp_path_factory) -> Path:
+    """A bundle pretrained briefly (single process) on head and hand."""
+    root = tmp_path_factory.mktemp("pretrained")
+    proc = run([sys.executable, "-m", "pretrain", "--config", str(DEMO_CONFIG), f"data.shards={phantom_shards}",
+                f"run_dir={root / 'run'}", "data.datasets=[head, hand]", "model.trunk_width=32", "train.max_steps=60",
+                "train.checkpoint_every=60", "train.val_every=60", "data.workers=0", "train.val_limit=4"], 240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run([*CLI, "pretrain", "export", str(root / "run"), "--out", str(root / "bundle")], 120).returncode == 0
+    return root / "bundle"
+
+
+def untrained_leg_mre(bundle_dir, shards) -> float:
+    """MRE of the start of a leg fine-tuning (the bundle's trunk, a fresh leg head), before any step."""
+    cfg = configlib.load(FinetuneConfig, FINETUNE_CONFIG, ["dataset=leg", f"bundle={bundle_dir}"])
+    manifest = manifestlib.load(shards)
+    torch.manual_seed(0)
+    model, model_cfg, _ = initial_model(cfg, manifest.landmark_set("leg"))
+    bundle = bundlelib.Bundle(model_cfg, {"leg": manifest.landmark_set("leg")})
+    report = evaluate_model(model.eval(), bundle, manifest, "leg", "test", Path(cfg.run_dir) / "untrained")
+    return report["mre"]
+
+
+@pytest.mark.timeout(300)
+def test_finetuning_a_new_dataset_from_a_bundle_lowers_its_mre(head_hand_bundle, phantom_shards, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = untrained_leg_mre(head_hand_bundle, phantom_shards)
+    run_dir = tmp_path / "leg"
+    proc = run([*CLI, "finetune", *finetune_args(phantom_shards, run_dir, "--bundle", str(head_hand_bundle),
+                                                 "--dataset", "leg", "--steps", "120")], 240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((run_dir / "eval" / "test" / "report.json").read_text())
+    assert report["mre"] < 0.7 * before, (report["mre"], before)
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["origin"]["reused_head"] is False and info["origin"]["init"] == "bundle"
+    model, bundle = bundlelib.load(run_dir / "bundle")
+    assert bundle.heads == {"leg": 26} and bundle.provenance["stage"] == "finetune"
+    best = json.loads((run_dir / "best.json").read_text())
+    assert bundle.provenance["checkpoint"] == best["tag"]  # the best validated checkpoint became the bundle
+    assert "test: leg: MRE" in proc.stdout and str(run_dir / "bundle") in proc.stdout
+
+
+@pytest.mark.timeout(300)
+def test_few_shot_seeds_reuse_the_head_and_report_mean_and_std(head_hand_bundle, phantom_shards, tmp_path):
+    run_dir = tmp_path / "head"
+    proc = run([*CLI, "finetune", *finetune_args(phantom_shards, run_dir, "--bundle", str(head_hand_bundle),
+                                                 "--dataset", "head", "--shots", "3", "--seeds", "0,1", "--steps", "10",
+                                                 "train.val_every=5", "train.checkpoint_every=5")], 240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    per_seed = [json.loads((run_dir / f"seed_{s}" / "eval" / "test1" / "report.json").read_text()) for s in (0, 1)]
+    mres = [r["mre"] for r in per_seed]
+    assert summary["mre"]["values"] == pytest.approx(mres)
+    assert summary["mre"]["mean"] == pytest.approx(np.mean(mres)) and summary["mre"]["std"] == pytest.approx(np.std(mres))
+    assert summary["sdr"]["2"]["mean"] == pytest.approx(np.mean([r["sdr"]["2"] for r in per_seed]))
+    subsets = [json.loads((run_dir / f"seed_{s}" / "subset" / "subset.json").read_text())["keys"] for s in (0, 1)]
+    assert len(subsets[0]) == 3 and subsets[0] != subsets[1]
+    subset_manifest = manifestlib.load(run_dir / "seed_0" / "subset")
+    splits = subset_manifest.datasets["head"].splits
+    assert splits["train"] == 3 and splits["test1"] == manifestlib.load(phantom_shards).datasets["head"].splits["test1"]
+    assert json.loads((run_dir / "seed_0" / "run.json").read_text())["origin"]["reused_head"] is True
+
+
+def test_shot_draws_depend_on_seed_only():
+    keys = [f"head_train_{i:03d}" for i in range(40)]
+    assert draw_keys(keys, 5, 0) == draw_keys(list(reversed(keys)), 5, 0)
+    assert draw_keys(keys, 5, 0) != draw_keys(keys, 5, 1)
+    with pytest.raises(ValueError, match="more images than the train split has"):
+        draw_keys(keys, 41, 0)
+
+
+@pytest.mark.timeout(300)
+def test_lora_trains_only_adapters_and_decoder(head_hand_bundle, phantom_shards, tmp_path):
+    run_dir = tmp_path / "lora"
+    proc = run([*CLI, "finetune", *finetune_args(phantom_shards, run_dir, "--bundle", str(head_hand_bundle),
+                                                 "--dataset", "hand", "--lora", "--steps", "10",
+                                                 "train.val_every=10", "train.checkpoint_every=10")], 240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = load_file(str(head_hand_bundle / "model.safetensors"))
+    after = load_file(str(run_dir / "bundle" / "model.safetensors"))
+    depth, c = 4, 192  # sapiens_tiny
+    lora = depth * ((4 * c + 4 * 3 * c) + (8 * c + 8 * c))  # qkv: A (4 x C) + B (3C x 4); proj: A (8 x C) + B (C x 8)
+    decoder = sum(v.numel() for k, v in after.items() if k.startswith("decoder."))
+    assert json.loads((run_dir / "run.json").read_text())["trainable_parameters"] == lora + decoder
+    frozen = [k for k in before if k.startswith("backbone.") and "attn.qkv" not in k and "attn.proj" not in k]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["backbone.blocks.0.attn.qkv.weight"], after["backbone.blocks.0.attn.qkv.weight"])
+    assert not torch.equal(before["decoder.trunk.0.conv.weight"], after["decoder.trunk.0.conv.weight"])
+    assert set(after) == set(before) - {k for k in before if k.startswith("decoder.heads.head.")}
+
+
+@pytest.mark.timeout(300)
+def test_two_rank_finetune_from_a_raw_sapiens_checkpoint(phantom_shards, tmp_path):
+    from sapiens_checkpoints import released_state
+    from medsapiens.model import get_arch
+
+    checkpoint = tmp_path / "sapiens_tiny_epoch_1_clean.pth"
+    torch.save(released_state(get_arch("sapiens_tiny")), checkpoint)
+    run_dir = tmp_path / "chest"
+    proc = deepspeed_module("finetune", 2, ["--config", str(FINETUNE_CONFIG), f"data.shards={phantom_shards}",
+                                            f"run_dir={run_dir}", "dataset=chest", "init=sapiens",
+                                            f"model.checkpoint={checkpoint}", "model.trunk_width=32",
+                                            "train.max_steps=6", "train.val_every=3", "train.checkpoint_every=3",
+                                            "data.workers=0", "data.micro_batch=4"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["world_size"] == 2 and info["origin"] == {"init": "sapiens", "checkpoint": str(checkpoint)}
+    report = json.loads((run_dir / "eval" / "test" / "report.json").read_text())
+    assert report["unit"] == "px" and report["images"] == manifestlib.load(phantom_shards).datasets["chest"].splits["test"]
+
+
+@pytest.mark.timeout(120)
+def test_finetune_refuses_bad_starts_clearly(phantom_shards, tmp_path):
+    proc = run([*CLI, "finetune", *finetune_args(phantom_shards, tmp_path / "x", "--dataset", "leg", "--init", "sapiens")], 60)
+    assert proc.returncode != 0 and "needs a Sapiens checkpoint (--checkpoint FILE)" in proc.stderr
+    proc = run([*CLI, "finetune", *finetune_args(phantom_shards, tmp_path / "x", "--dataset", "knee", "--init", "scratch",
+                                                 "--steps", "2")], 120)
+    assert proc.returncode != 0 and "dataset 'knee' is not in the manifest" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def head_expert(phantom_shards, tmp_path_factory) -> Path:
+    """A head-only model trained long enough to be clearly better than guessing."""
+    run_dir = tmp_path_factory.mktemp("head_expert") / "run"
+    proc = run([*CLI, "finetune", *finetune_args(phantom_shards, run_dir, "--init", "scratch", "--dataset", "head",
+                                                 "--steps", "300", "train.val_every=100", "train.checkpoint_every=100",
+                                                 "optim.lr=2e-3", "data.augment.rotation_deg=10")], 400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def isbi_truth(raw_head: Path, image: Path) -> np.ndarray:
+    senior, junior = (np.loadtxt(raw_head / "AnnotationsByMD" / who / f"{image.stem}.txt", delimiter=",", max_rows=19)
+                      for who in ("400_senior", "400_junior"))
+    return (senior + junior) / 2
+
+
+@pytest.mark.timeout(500)
+def test_predict_on_phantom_images_lands_near_the_truth(head_expert, phantom_shards, tmp_path):
+    raw_head = phantom_shards.parent / "raw" / "head"
+    images = sorted((raw_head / "RawImage" / "Test1Data").glob("*.bmp"))
+    out = tmp_path / "pred"
+    proc = run([*CLI, "predict", "--bundle", str(head_expert / "bundle"), "--out", str(out), "--overlays",
+                str(raw_head / "RawImage" / "Test1Data")], 120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_truth = np.stack([isbi_truth(raw_head, p) for p in (raw_head / "RawImage" / "TrainingData").glob("*.bmp")])
+    mean_shape = train_truth.mean(axis=0)  # the best guess that ignores the image
+    errors, baseline = [], []
+    for image in images:
+        result = json.loads((out / f"{image.stem}.json").read_text())
+        truth = isbi_truth(raw_head, image)
+        errors.append(np.linalg.norm(np.array(result["landmarks"]) - truth, axis=1).mean())
+        baseline.append(np.linalg.norm(mean_shape - truth, axis=1).mean())
+        assert result["size"] == [480, 600] and (out / "overlays" / f"{image.stem}.png").exists()
+    assert np.mean(errors) < 0.6 * np.mean(baseline), (np.mean(errors), np.mean(baseline))
+    assert np.mean(errors) < 30  # px of a 480 x 600 image
+    scored = json.loads((out / "predictions.json").read_text())
+    assert scored["dataset"] == "head" and set(scored["landmarks"]) == {p.stem for p in images}
+
+
+@pytest.mark.timeout(120)
+def test_predict_reads_dicom_spacing_and_lists_failures(head_expert, tmp_path):
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 300, 240, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelSpacing = [0.2, 0.1]  # row, column
+    ds.PixelData = (np.random.default_rng(0).integers(0, 4000, (300, 240)).astype(np.uint16)).tobytes()
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    ds.save_as(inputs / "scan.dcm", enforce_file_format=True)
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "out"
+    proc = run([*CLI, "predict", "--bundle", str(head_expert / "bundle"), "--out", str(out), str(inputs)], 120)
+    assert proc.returncode == 1  # one input failed
+    result = json.loads((out / "scan.json").read_text())
+    assert result["spacing_mm"] == [0.1, 0.2] and "PixelSpacing" in result["spacing_source"]
+    assert np.allclose(result["landmarks_mm"], np.array(result["landmarks"]) * [0.1, 0.2], atol=1e-2)
+    failures = json.loads((out / "failures.json").read_text())
+    assert [f["image"] for f in failures] == [str(inputs / "broken.png")] and failures[0]["reason"] == "unreadable_image"
+    assert "broken.png" in proc.stderr
+
+
+@pytest.mark.timeout(200)
+def test_evaluate_writes_reports_and_agrees_with_prediction_files(head_expert, phantom_shards, tmp_path):
+    out = tmp_path / "eval"
+    proc = run([*CLI, "evaluate", "--bundle", str(head_expert / "bundle"), "--shards", str(phantom_shards),
+                "--split", "test1", "--out", str(out), "--overlays", "3"], 120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    for key in ("mre", "mre_std_landmarks", "mre_std_images", "sdr", "per_landmark", "worst", "unit",
+                "sdr_convention", "protocol"):
+        assert key in report
+    assert report["unit"] == "mm" and set(report["sdr"]) == {"2", "2.5", "3", "4"}
+    assert len(report["per_landmark"]) == 19 and len(list((out / "overlays").glob("*.png"))) == 3
+    assert "MRE" in proc.stdout and (out / "report.md").exists() and (out / "per_image.csv").exists()
+    # The same images scored from prediction files (predict on the raw BMPs, ground truth from the txt files)
+    raw_head = phantom_shards.parent / "raw" / "head"
+    pred_dir = tmp_path / "pred"
+    assert run([*CLI, "predict", "--bundle", str(head_expert / "bundle"), "--out", str(pred_dir),
+                str(raw_head / "RawImage" / "Test1Data")], 120).returncode == 0
+    ids = sorted(json.loads((pred_dir / "predictions.json").read_text())["landmarks"])
+    truth = {"dataset": "head", "landmarks": {i: isbi_truth(raw_head, Path(f"{i}.bmp")).tolist() for i in ids}}
+    (tmp_path / "gt.json").write_text(json.dumps(truth))
+    files = tmp_path / "files"
+    assert run([*CLI, "evaluate", "--predictions", str(pred_dir / "predictions.json"), "--ground-truth",
+                str(tmp_path / "gt.json"), "--out", str(files)], 60).returncode == 0
+    from_files = json.loads((files / "report.json").read_text())
+    assert from_files["images"] == report["images"]
+    assert from_files["mre"] == pytest.approx(report["mre"], rel=0.05)  # shards store images resized to 128 px
