@@ -9,11 +9,12 @@ import argparse
 import sys
 
 import finetune.cli
+import launch.launcher
 import medsapiens.cli
 import pretrain.cli
 import shards.cli
 
-STAGES = (shards.cli, medsapiens.cli, pretrain.cli, finetune.cli)
+STAGES = (shards.cli, medsapiens.cli, pretrain.cli, finetune.cli, launch.launcher)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -98,8 +98,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load(cls, path: str | Path | None = None, overrides: list[str] = ()):
-    """YAML file (optional) + overrides -> a validated instance of dataclass `cls`."""
+def load_data(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
+    """YAML file (optional) + overrides -> the nested dict, not yet checked against a config class."""
     data = {}
     if path is not None:
         try:
@@ -110,7 +110,12 @@ def load(cls, path: str | Path | None = None, overrides: list[str] = ()):
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
-    data = apply_overrides(data, list(overrides))
+    return apply_overrides(data, list(overrides))
+
+
+def load(cls, path: str | Path | None = None, overrides: list[str] = ()):
+    """YAML file (optional) + overrides -> a validated instance of dataclass `cls`."""
+    data = load_data(path, overrides)
     try:
         return from_dict(cls, data)
     except ConfigError as exc:

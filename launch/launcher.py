@@ -1,0 +1,355 @@
+"""`medsapiens launch pretrain|finetune`: turn this machine, a hostfile or a SLURM allocation into the
+`deepspeed` command that starts a training run's ranks, then run it (or print it with --dry-run).
+
+No torch at import: `--help` stays fast. The experiment config is checked before anything starts.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from launch import hosts, rank_env
+
+STAGES = ("pretrain", "finetune")
+HOSTFILE_NAME = "hostfile"
+ENV_FILE_NAME = "deepspeed_env"
+LAUNCH_DIR_PLACEHOLDER = Path("LAUNCH_DIR")  # what --dry-run shows for the private directory a launch makes
+DEFAULT_MASTER_PORT = 29500  # torch.distributed's and DeepSpeed's default
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000  # below Linux's ephemeral ports (32768+)
+SLURM_SLOT_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_NTASKS_PER_NODE")
+STOP_GRACE_S = 40.0  # DeepSpeed's per-node launcher gives its ranks 30 s to end before it kills them
+
+DESCRIPTION = """\
+Start the DeepSpeed ranks of a training run (`python -m pretrain` / `python -m finetune` on every rank).
+
+Where the ranks run:
+  (default)        this machine: --gpus ranks (one per GPU; on a CPU-only machine, CPU ranks with gloo)
+  --hostfile H     the hosts of H (lines 'HOST slots=N'); DeepSpeed starts them over ssh with pdsh,
+                   master = the first host. Variables the ranks need (AWS_*, NCCL_*, MEDSAPIENS_*) go in
+                   a private env file (mode 0600) that DeepSpeed exports on every host; your own
+                   ~/.deepspeed_env and ./.deepspeed_env lines are merged into it.
+  --slurm          every node of the SLURM job, without ssh: run ONE launcher per node, e.g.
+                     srun --ntasks-per-node=1 medsapiens launch pretrain --slurm --config FILE
+                   (see launch/slurm/pretrain.sbatch). Each expands the job's node list into a hostfile,
+                   takes the first node as master and a port derived from SLURM_JOB_ID (the same on all
+                   nodes), and runs `deepspeed --no_ssh --node_rank $SLURM_NODEID`, which starts that
+                   node's ranks. Ranks per node: --gpus, else SLURM_GPUS_ON_NODE, else
+                   SLURM_NTASKS_PER_NODE. The ranks inherit the job's environment.
+
+--dry-run prints the command (shell-quoted) and the files it would write instead of running;
+secret values (keys, tokens) are shown as <set>. Ctrl-C stops all ranks; the exit status is DeepSpeed's.
+Trailing KEY=VALUE arguments override the experiment config, e.g. train.max_steps=2000."""
+
+
+class LaunchError(ValueError):
+    pass
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "launch", help="start pretraining or fine-tuning ranks with DeepSpeed (this machine, hostfile, SLURM)",
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for stage in STAGES:
+        sub = stages.add_parser(stage, help=f"run `python -m {stage}` on every rank", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_options(sub, stage)
+        sub.set_defaults(func=run_launch)
+
+
+def _add_options(parser: argparse.ArgumentParser, stage: str) -> None:
+    parser.add_argument("--config", required=True, help="experiment YAML, e.g. launch/experiments/sapiens_0.3b.yaml")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--hostfile", help="hostfile with lines 'HOST slots=N' (ranks started over ssh/pdsh)")
+    where.add_argument("--slurm", action="store_true", help="use the SLURM allocation (one launcher per node via srun)")
+    parser.add_argument("--nodes", type=_positive_int, metavar="N",
+                        help="use the first N hosts of the hostfile (default: all); with --slurm, check the job has N")
+    parser.add_argument("--gpus", type=_positive_int, metavar="G", help="ranks per node (default: all GPUs / slots)")
+    parser.add_argument("--master-port", type=_port, metavar="PORT", help="rendezvous port (default: a free one locally, "
+                        f"derived from SLURM_JOB_ID under --slurm, {DEFAULT_MASTER_PORT} with a hostfile)")
+    parser.add_argument("--dry-run", action="store_true", help="print the command and files, run nothing")
+    if stage == "pretrain":
+        parser.add_argument("--resume", choices=["auto", "universal", "none"],
+                            help="passed to `python -m pretrain` (its default: auto)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}")
+    return int(text)
+
+
+@dataclass
+class Plan:
+    """One node's launch: the deepspeed command and the files it needs in `launch_dir`."""
+
+    summary: str
+    argv: list[str]
+    launch_dir: Path
+    hostfile: dict[str, int] | None = None  # written to launch_dir/hostfile
+    env_file: list[rank_env.Variable] | None = None  # written to launch_dir/deepspeed_env
+
+    @property
+    def env_file_path(self) -> Path:
+        return self.launch_dir / ENV_FILE_NAME
+
+    @property
+    def extra_env(self) -> dict[str, str]:
+        # DeepSpeed's runner reads ~/$DS_ENV_FILE and ./$DS_ENV_FILE: an absolute path (a temporary
+        # directory's is) names our file in both places and hides the user's, whose lines we merged in.
+        return {"DS_ENV_FILE": str(self.env_file_path)} if self.env_file is not None else {}
+
+
+def run_launch(args) -> int:
+    workspace = (contextlib.nullcontext(LAUNCH_DIR_PLACEHOLDER) if args.dry_run
+                 else tempfile.TemporaryDirectory(prefix="medsapiens-launch-"))
+    with workspace as launch_dir:
+        try:
+            check_config(args.stage, args.config, args.overrides)
+            plan = make_plan(args, os.environ, Path.cwd(), Path(launch_dir))
+        except ValueError as exc:  # ConfigError, HostError, LaunchError
+            print(f"medsapiens launch {args.stage}: error: {exc}", file=sys.stderr)
+            return 2
+        print(describe(plan, os.environ, args.stage), flush=True)
+        if args.dry_run:
+            return 0
+        write_launch_files(plan)
+        return run_command(plan.argv, {**os.environ, **plan.extra_env})
+
+
+def check_config(stage: str, config: str, overrides: list[str]) -> None:
+    """Fail in seconds on a config typo, not after the ranks have started."""
+    from medsapiens import config as configlib
+
+    if stage == "pretrain":
+        from medsapiens.engine import resolve_file
+        from pretrain.config import PretrainConfig
+
+        cfg = configlib.load(PretrainConfig, config, overrides)
+        try:
+            resolve_file(cfg.train.deepspeed)
+        except FileNotFoundError as exc:
+            raise LaunchError(f"{config}: train.deepspeed: {exc}") from None
+        return
+    # finetune's config class is not in place yet: check that the YAML and the overrides parse.
+    configlib.load_data(config, overrides)
+
+
+def make_plan(args, environ: Mapping[str, str], cwd: Path, launch_dir: Path) -> Plan:
+    stage_args = [args.stage, "--config", args.config]
+    if getattr(args, "resume", None):
+        stage_args += ["--resume", args.resume]
+    stage_args += args.overrides
+    if args.slurm:
+        plan = slurm_plan(args, environ, launch_dir)
+    elif args.hostfile:
+        plan = hostfile_plan(args, environ, cwd, launch_dir)
+    else:
+        plan = local_plan(args, launch_dir)
+    plan.argv += ["--module", *stage_args]
+    return plan
+
+
+def local_plan(args, launch_dir: Path) -> Plan:
+    if args.nodes not in (None, 1):
+        raise LaunchError(f"--nodes {args.nodes} needs --hostfile or --slurm")
+    port = args.master_port or free_local_port()
+    argv = [deepspeed_executable()]
+    if args.gpus:
+        argv += ["--num_gpus", str(args.gpus)]
+    argv += ["--master_port", str(port)]
+    ranks = f"{args.gpus} rank(s)" if args.gpus else "one rank per local accelerator"
+    return Plan(f"this machine, {ranks}, master 127.0.0.1:{port}", argv, launch_dir)
+
+
+def hostfile_plan(args, environ: Mapping[str, str], cwd: Path, launch_dir: Path) -> Plan:
+    pool = hosts.read_hostfile(args.hostfile)
+    used = first_hosts(pool, args.nodes, f"hostfile {args.hostfile}")
+    if args.gpus:
+        short = [f"{host} (slots={slots})" for host, slots in used.items() if slots < args.gpus]
+        if short:
+            raise LaunchError(f"--gpus {args.gpus} is more than {args.hostfile} gives {', '.join(short)}")
+        used = dict.fromkeys(used, args.gpus)
+    master, port = next(iter(used)), args.master_port or DEFAULT_MASTER_PORT
+    argv = [deepspeed_executable(), "--hostfile", args.hostfile]
+    if args.nodes:
+        argv += ["--num_nodes", str(args.nodes)]
+    if args.gpus:
+        argv += ["--num_gpus", str(args.gpus)]
+    argv += ["--master_addr", master, "--master_port", str(port)]
+    over_ssh = len(used) > 1  # with one host DeepSpeed starts the ranks here, in this environment
+    if over_ssh:
+        argv += ["--log_level", "warning"]  # at info it logs the pdsh command with every exported value
+    summary = f"{len(used)} host(s) from {args.hostfile}, {sum(used.values())} rank(s), master {master}:{port}"
+    env_file = rank_env.env_file_variables(environ, cwd) if over_ssh else None
+    return Plan(summary, argv, launch_dir, env_file=env_file)
+
+
+def slurm_plan(args, environ: Mapping[str, str], launch_dir: Path) -> Plan:
+    # Inside srun, SLURM_NODEID numbers the nodes of the step in the order of the step's node list.
+    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        raise LaunchError("--slurm: SLURM_JOB_NODELIST is not set; run inside a SLURM job "
+                          "(see launch/slurm/pretrain.sbatch)")
+    nodes = hosts.expand_nodelist(nodelist)
+    if args.nodes and args.nodes != len(nodes):
+        raise LaunchError(f"--nodes {args.nodes}, but the SLURM job has {len(nodes)} node(s) ({nodelist})")
+    check_one_launcher_per_node(environ, len(nodes))
+    node_rank = slurm_node_rank(environ, nodes)
+    slots = args.gpus or slurm_slots(environ)
+    port = args.master_port or slurm_port(_required(environ, "SLURM_JOB_ID"))
+    argv = [deepspeed_executable(), "--hostfile", str(launch_dir / HOSTFILE_NAME), "--no_ssh",
+            "--node_rank", str(node_rank), "--master_addr", nodes[0], "--master_port", str(port)]
+    summary = (f"{len(nodes)} SLURM node(s) x {slots} = {len(nodes) * slots} rank(s), master {nodes[0]}:{port}, "
+               f"this is node {node_rank} ({nodes[node_rank]})")
+    return Plan(summary, argv, launch_dir, hostfile=dict.fromkeys(nodes, slots))
+
+
+def first_hosts(pool: dict[str, int], count: int | None, where: str) -> dict[str, int]:
+    if count and count > len(pool):
+        raise LaunchError(f"--nodes {count}, but {where} lists only {len(pool)} host(s)")
+    return dict(list(pool.items())[:count])
+
+
+def check_one_launcher_per_node(environ: Mapping[str, str], node_count: int) -> None:
+    """Each launcher starts all ranks of its node: exactly one per node, or ranks are missing or doubled."""
+    tasks = environ.get("SLURM_STEP_NUM_TASKS")  # set by srun, not in the batch script itself
+    if tasks is None and node_count > 1:
+        raise LaunchError(f"--slurm: the job has {node_count} nodes but this is not an srun step; start one "
+                          "launcher per node: srun --ntasks-per-node=1 medsapiens launch ... --slurm")
+    if tasks is not None and tasks != str(node_count):
+        raise LaunchError(f"--slurm: srun started {tasks} tasks on {node_count} node(s); it needs exactly one "
+                          "per node (srun --ntasks-per-node=1)")
+
+
+def slurm_node_rank(environ: Mapping[str, str], nodes: list[str]) -> int:
+    node_id = _required(environ, "SLURM_NODEID")
+    if not node_id.isdigit() or int(node_id) >= len(nodes):
+        raise LaunchError(f"--slurm: SLURM_NODEID={node_id} is not a node of {nodes}")
+    # Rank 0 must run on nodes[0], the master address: check the numbering against this host's name.
+    here = environ.get("SLURMD_NODENAME")
+    if here and here != nodes[int(node_id)]:
+        raise LaunchError(f"--slurm: SLURM_NODEID={node_id} names {nodes[int(node_id)]}, but this is {here}")
+    return int(node_id)
+
+
+def slurm_slots(environ: Mapping[str, str]) -> int:
+    for name in SLURM_SLOT_VARIABLES:
+        value = environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    raise LaunchError(f"--slurm: none of {', '.join(SLURM_SLOT_VARIABLES)} is set; pass --gpus N (ranks per node)")
+
+
+def slurm_port(job_id: str) -> int:
+    """The same on every node of a job; different for most jobs that share a node."""
+    return SLURM_PORT_BASE + zlib.crc32(job_id.encode()) % SLURM_PORT_SPAN
+
+
+def _required(environ: Mapping[str, str], name: str) -> str:
+    if not environ.get(name):
+        raise LaunchError(f"--slurm: {name} is not set; run inside a SLURM job")
+    return environ[name]
+
+
+def free_local_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_executable() -> str:
+    """The `deepspeed` script of this interpreter's environment (a venv need not be activated), else PATH's."""
+    beside = Path(sys.executable).parent / "deepspeed"
+    found = str(beside) if beside.is_file() else shutil.which("deepspeed")
+    if not found:
+        raise LaunchError(f"the DeepSpeed launcher `deepspeed` is neither next to {sys.executable} nor on PATH")
+    return found
+
+
+def describe(plan: Plan, environ: Mapping[str, str], stage: str) -> str:
+    """What runs and what is written, with secret values masked: printed for --dry-run and before a launch."""
+    lines = [f"medsapiens launch {stage}: {plan.summary}"]
+    if plan.launch_dir == LAUNCH_DIR_PLACEHOLDER and (plan.hostfile is not None or plan.env_file is not None):
+        lines.append(f"{LAUNCH_DIR_PLACEHOLDER}: a private directory (mode 0700) made at launch, removed after the run")
+    if plan.hostfile is not None:
+        lines.append(f"hostfile {plan.launch_dir / HOSTFILE_NAME}:")
+        lines += [f"  {line}" for line in hosts.hostfile_text(plan.hostfile).splitlines()]
+    if plan.env_file is not None:
+        lines.append(f"env file {plan.env_file_path} (mode 0600; DeepSpeed exports it on every host):")
+        lines += [f"  {variable.shown()}" for variable in plan.env_file]
+    else:
+        inherited = [variable.shown() for variable in rank_env.rank_variables(environ)]
+        lines.append("the ranks inherit this environment" + (f", including {', '.join(inherited)}" if inherited else ""))
+    command = [f"{name}={shlex.quote(value)}" for name, value in plan.extra_env.items()] + [shlex.join(plan.argv)]
+    lines += ["command:", "  " + " ".join(command)]
+    return "\n".join(lines)
+
+
+def write_launch_files(plan: Plan) -> None:
+    if plan.hostfile is not None:
+        (plan.launch_dir / HOSTFILE_NAME).write_text(hosts.hostfile_text(plan.hostfile))
+    if plan.env_file is not None:
+        rank_env.write_env_file(plan.env_file_path, plan.env_file)
+
+
+def run_command(argv: list[str], env: Mapping[str, str], stop_grace_s: float = STOP_GRACE_S) -> int:
+    """Run the launcher in its own process group and pass Ctrl-C / SIGTERM on to the whole group, so every
+    rank hears it; once the launcher is gone, nothing it started may outlive the grace period.
+    Returns its exit status, or 128 + the signal that stopped us."""
+    child = subprocess.Popen(argv, env=dict(env), start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = child.wait()
+        _stop_group(child.pid, stop_grace_s)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        return 128 + received[0]
+    return status if status >= 0 else 128 - status
+
+
+def _stop_group(pgid: int, grace_s: float) -> None:
+    deadline = time.monotonic() + grace_s
+    while _group_alive(pgid):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            return
+        time.sleep(0.2)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -1,0 +1,356 @@
+"""`medsapiens launch`: the deepspeed command for this machine, a hostfile and a SLURM allocation
+(--dry-run), the env file for ranks on other hosts (content, mode, no secret in any output), config
+checks before launching, Ctrl-C, and one real 2-rank CPU pretraining run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch import launcher
+from launch.cli import main
+from medsapiens import config as configlib
+from medsapiens.engine import resolve_file
+from pretrain.config import PretrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "launch/experiments/demo.yaml")
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+SECRET, TOKEN, KEY_ID = "wJalrXUtnFEMI-not-a-real-secret", "FQoGZXIvYXdzEJr-session", "AKIAEXAMPLEKEYID"
+RANK_ENV_PREFIXES = ("AWS_", "NCCL_", "MEDSAPIENS_", "SLURM", "DS_ENV_FILE")
+REAL_HOME = os.path.expanduser("~")  # holds the compiled DeepSpeed op (~/.cache/torch_extensions)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    """No variables of the caller's shell or SLURM job leak in; home and cwd hold no .deepspeed_env."""
+    for name in list(os.environ):
+        if name.startswith(RANK_ENV_PREFIXES):
+            monkeypatch.delenv(name)
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def s3_env(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", TOKEN)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    monkeypatch.setenv("NCCL_DEBUG", "WARN")
+    monkeypatch.setenv("HF_TOKEN", "hf-not-for-the-ranks")
+
+
+@pytest.fixture
+def hostfile(tmp_path):
+    path = tmp_path / "hosts"
+    path.write_text("# three nodes\nnode-a slots=4\nnode-b slots=4\nnode-c slots=2\n")
+    return path
+
+
+def launch(capsys, *args) -> tuple[int, str, str]:
+    status = main(["launch", *args])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def printed_command(out: str) -> str:
+    lines = out.splitlines()
+    return lines[lines.index("command:") + 1].strip()
+
+
+def section(out: str, title: str) -> list[str]:
+    """The indented lines under the line starting with `title`."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(title)) + 1
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("  "):
+            break
+        block.append(line.strip())
+    return block
+
+
+@pytest.mark.timeout(60)
+def test_local_dry_run_prints_the_exact_command(capsys):
+    status, out, _ = launch(capsys, "pretrain", "--config", DEMO, "--gpus", "2", "--master-port", "29123",
+                            "--dry-run", "train.max_steps=4", "data.datasets=[head, hand]")
+    assert status == 0
+    assert out.splitlines()[0] == "medsapiens launch pretrain: this machine, 2 rank(s), master 127.0.0.1:29123"
+    assert printed_command(out) == (f"{DEEPSPEED} --num_gpus 2 --master_port 29123 --module pretrain --config {DEMO} "
+                                    "train.max_steps=4 'data.datasets=[head, hand]'")
+    status, out, _ = launch(capsys, "pretrain", "--config", DEMO, "--dry-run", "--resume", "universal")
+    port = int(out.splitlines()[0].rsplit(":", 1)[1])  # a free port, picked here
+    assert 1024 < port < 65536
+    assert printed_command(out) == f"{DEEPSPEED} --master_port {port} --module pretrain --config {DEMO} --resume universal"
+
+
+@pytest.mark.timeout(60)
+def test_hostfile_dry_run_prints_command_env_file_names_and_no_secret(capfd, s3_env, hostfile):
+    status, out, err = launch(capfd, "pretrain", "--config", DEMO, "--hostfile", str(hostfile), "--nodes", "2",
+                              "--dry-run", "train.max_steps=10")
+    assert status == 0, err
+    assert out.splitlines()[0] == \
+        f"medsapiens launch pretrain: 2 host(s) from {hostfile}, 8 rank(s), master node-a:29500"
+    assert printed_command(out) == (
+        f"DS_ENV_FILE=LAUNCH_DIR/deepspeed_env {DEEPSPEED} --hostfile {hostfile} --num_nodes 2 "
+        f"--master_addr node-a --master_port 29500 --log_level warning --module pretrain --config {DEMO} "
+        "train.max_steps=10")
+    assert section(out, "env file LAUNCH_DIR/deepspeed_env") == [
+        "AWS_ACCESS_KEY_ID=<set>", "AWS_ENDPOINT_URL=http://127.0.0.1:9000", "AWS_REGION=eu-west-1",
+        "AWS_SECRET_ACCESS_KEY=<set>", "AWS_SESSION_TOKEN=<set>", "NCCL_DEBUG=WARN"]
+    for secret in (SECRET, TOKEN, KEY_ID):
+        assert secret not in out + err
+    assert not Path("LAUNCH_DIR").exists()  # a dry run writes nothing
+
+
+@pytest.mark.timeout(60)
+def test_hostfile_gpus_above_a_hosts_slots_is_refused(capsys, hostfile):
+    status, _, err = launch(capsys, "pretrain", "--config", DEMO, "--hostfile", str(hostfile), "--gpus", "3",
+                            "--dry-run")
+    assert status == 2 and "--gpus 3 is more than" in err and "node-c (slots=2)" in err
+
+
+def slurm_node(monkeypatch, node_id: int, job_id: str = "73581") -> None:
+    nodes = ["gpu-01", "gpu-02", "gpu-07"]
+    monkeypatch.setenv("SLURM_JOB_ID", job_id)
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu-[01-02,07]")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu-[01-02,07]")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "3")
+    monkeypatch.setenv("SLURM_NODEID", str(node_id))
+    monkeypatch.setenv("SLURMD_NODENAME", nodes[node_id])
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "4")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "1")  # srun --ntasks-per-node=1: one launcher, not one rank
+
+
+@pytest.mark.timeout(60)
+def test_slurm_dry_run_agrees_across_nodes_but_for_the_node_rank(capsys, monkeypatch):
+    outputs = []
+    for node_id in range(3):
+        slurm_node(monkeypatch, node_id)
+        status, out, err = launch(capsys, "pretrain", "--config", DEMO, "--slurm", "--dry-run")
+        assert status == 0, err
+        outputs.append(out)
+    port = launcher.slurm_port("73581")
+    assert launcher.SLURM_PORT_BASE <= port < launcher.SLURM_PORT_BASE + launcher.SLURM_PORT_SPAN
+    for node_id, out in enumerate(outputs):
+        host = ["gpu-01", "gpu-02", "gpu-07"][node_id]
+        assert out.splitlines()[0] == (f"medsapiens launch pretrain: 3 SLURM node(s) x 4 = 12 rank(s), "
+                                       f"master gpu-01:{port}, this is node {node_id} ({host})")
+        assert section(out, "hostfile LAUNCH_DIR/hostfile") == ["gpu-01 slots=4", "gpu-02 slots=4", "gpu-07 slots=4"]
+        assert printed_command(out) == (
+            f"{DEEPSPEED} --hostfile LAUNCH_DIR/hostfile --no_ssh --node_rank {node_id} --master_addr gpu-01 "
+            f"--master_port {port} --module pretrain --config {DEMO}")
+    slurm_node(monkeypatch, 0, job_id="73582")
+    _, out, _ = launch(capsys, "finetune", "--config", DEMO, "--slurm", "--dry-run", "--gpus", "2")
+    assert f"master gpu-01:{launcher.slurm_port('73582')}," in out and launcher.slurm_port("73582") != port
+    assert "3 SLURM node(s) x 2 = 6 rank(s)" in out and "--module finetune" in printed_command(out)
+
+
+@pytest.mark.timeout(60)
+def test_slurm_ranks_per_node_fall_back_to_tasks_per_node(capsys, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "9")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "cpu1")
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "3")
+    _, out, _ = launch(capsys, "pretrain", "--config", DEMO, "--slurm", "--dry-run")
+    assert "1 SLURM node(s) x 3 = 3 rank(s)" in out
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("change, message", [
+    ({"SLURM_STEP_NUM_TASKS": None, "SLURM_STEP_NODELIST": None}, "not an srun step"),
+    ({"SLURM_STEP_NUM_TASKS": "12"}, "srun started 12 tasks on 3 node(s)"),
+    ({"SLURMD_NODENAME": "gpu-07"}, "SLURM_NODEID=1 names gpu-02, but this is gpu-07"),
+    ({"SLURM_GPUS_ON_NODE": None, "SLURM_NTASKS_PER_NODE": None}, "pass --gpus N"),
+    ({"SLURM_STEP_NODELIST": "gpu-[01-02"}, "a '[' is never closed"),
+    ({"SLURM_JOB_ID": None}, "SLURM_JOB_ID is not set"),
+])
+def test_slurm_misconfigurations_fail_before_launching(capsys, monkeypatch, change, message):
+    slurm_node(monkeypatch, 1)
+    for name, value in change.items():
+        if value is None:
+            monkeypatch.delenv(name)
+        else:
+            monkeypatch.setenv(name, value)
+    status, out, err = launch(capsys, "pretrain", "--config", DEMO, "--slurm", "--dry-run")
+    assert status == 2 and message in err and "command:" not in out
+
+
+def fake_deepspeed(tmp_path: Path) -> Path:
+    """Records what a real `deepspeed` would be given (argv, the env file and its modes), exits 3."""
+    script = tmp_path / "fake-deepspeed"
+    script.write_text(f"""#!{sys.executable}
+import json, os, stat, sys
+from pathlib import Path
+env_file = Path(os.environ["DS_ENV_FILE"])
+record = dict(argv=sys.argv[1:], env_file=str(env_file), lines=env_file.read_text().splitlines(),
+              mode=stat.S_IMODE(env_file.stat().st_mode), dir_mode=stat.S_IMODE(env_file.parent.stat().st_mode))
+Path({str(tmp_path / "record.json")!r}).write_text(json.dumps(record))
+sys.exit(3)
+""")
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.timeout(60)
+def test_env_file_is_private_merges_the_users_and_no_output_shows_a_secret(capfd, monkeypatch, tmp_path,
+                                                                            s3_env, hostfile):
+    monkeypatch.setattr(launcher, "deepspeed_executable", lambda: str(fake_deepspeed(tmp_path)))
+    user_file = Path(".deepspeed_env")
+    user_file.write_text("# mine\nNCCL_DEBUG=INFO\nMY_FLAG=1\n")
+    status, out, err = launch(capfd, "pretrain", "--config", DEMO, "--hostfile", str(hostfile))
+    assert status == 3  # the launcher's exit status is forwarded
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record["mode"] == 0o600 and record["dir_mode"] == 0o700
+    assert record["lines"] == [f"AWS_ACCESS_KEY_ID={KEY_ID}", "AWS_ENDPOINT_URL=http://127.0.0.1:9000",
+                               "AWS_REGION=eu-west-1", f"AWS_SECRET_ACCESS_KEY={SECRET}",
+                               f"AWS_SESSION_TOKEN={TOKEN}", "NCCL_DEBUG=INFO", "MY_FLAG=1"]
+    assert record["argv"][:2] == ["--hostfile", str(hostfile)]
+    assert not Path(record["env_file"]).parent.exists()  # removed after the run
+    assert user_file.read_text() == "# mine\nNCCL_DEBUG=INFO\nMY_FLAG=1\n"  # untouched
+    assert f"NCCL_DEBUG=INFO  (from {Path.cwd() / '.deepspeed_env'})" in out
+    for secret in (SECRET, TOKEN, KEY_ID):
+        assert secret not in out + err
+
+
+@pytest.mark.timeout(60)
+def test_a_value_the_remote_shell_would_expand_is_refused_without_showing_it(capsys, monkeypatch, hostfile):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "abc$HOME")
+    status, out, err = launch(capsys, "pretrain", "--config", DEMO, "--hostfile", str(hostfile), "--dry-run")
+    assert status == 2 and "AWS_SECRET_ACCESS_KEY: its value holds a character" in err
+    assert "abc$HOME" not in out + err
+
+
+@pytest.mark.timeout(60)
+def test_config_errors_stop_the_launch_before_any_rank(capsys, tmp_path):
+    status, out, err = launch(capsys, "pretrain", "--config", DEMO, "train.max_stepz=3")
+    assert status == 2 and "unknown config key(s) train.max_stepz" in err and out == ""
+    status, _, err = launch(capsys, "pretrain", "--config", DEMO, "train.deepspeed=launch/deepspeed/zero5.json")
+    assert status == 2 and "train.deepspeed: file not found: launch/deepspeed/zero5.json" in err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    status, _, err = launch(capsys, "finetune", "--config", str(broken), "--dry-run")
+    assert status == 2 and f"{broken}: not valid YAML" in err
+    status, _, err = launch(capsys, "finetune", "--config", DEMO, "--dry-run", "not-an-override")
+    assert status == 2 and "'not-an-override' is not of the form key=value" in err
+    status, _, err = launch(capsys, "pretrain", "--config", DEMO, "--nodes", "2", "--dry-run")
+    assert status == 2 and "--nodes 2 needs --hostfile or --slurm" in err
+
+
+EXPERIMENTS = sorted((REPO / "launch/experiments").glob("*.yaml"))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.name for p in EXPERIMENTS])
+def test_every_experiment_loads_as_a_pretrain_config(path):
+    cfg = configlib.load(PretrainConfig, path)
+    assert resolve_file(cfg.train.deepspeed).is_file()
+
+
+@pytest.mark.timeout(60)
+def test_the_sapiens_recipes_differ_only_in_size_dependent_keys():
+    configs = {size: configlib.to_dict(configlib.load(PretrainConfig, REPO / f"launch/experiments/sapiens_{size}.yaml"))
+               for size in ("0.3b", "0.6b", "1b", "2b")}
+    assert {size: (c["model"]["arch"], c["model"]["grad_checkpointing"], Path(c["train"]["deepspeed"]).name)
+            for size, c in configs.items()} == {
+        "0.3b": ("sapiens_0.3b", False, "zero2.json"), "0.6b": ("sapiens_0.6b", False, "zero2.json"),
+        "1b": ("sapiens_1b", True, "zero3.json"), "2b": ("sapiens_2b", True, "zero3.json")}
+    recipe = configs["0.3b"]
+    assert recipe["model"]["img_size"] == [1024, 768] and recipe["data"]["datasets"] == ["head", "hand", "chest", "leg"]
+    assert recipe["train"]["precision"] == "bf16" and recipe["data"]["sigma"] == 3.0
+    assert recipe["optim"]["milestones"] == pytest.approx([170 / 210, 200 / 210])
+    for size, c in configs.items():
+        for section_name in ("data", "optim"):
+            assert c[section_name] == recipe[section_name], (size, section_name)
+        assert c["train"] | {"deepspeed": None} == recipe["train"] | {"deepspeed": None}
+        assert c["run_dir"] == f"runs/sapiens_{size}/pretrain" and size in c["model"]["checkpoint"]
+
+
+CTRL_C_CHILD = """
+import signal, subprocess, sys, time
+from pathlib import Path
+# A 'rank' that ignores SIGINT, as a stuck one would: only the launcher's clean-up can stop it.
+rank = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)"])
+Path(sys.argv[1]).write_text(str(rank.pid))
+time.sleep(60)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_stops_every_process_the_launcher_started(tmp_path):
+    pid_file = tmp_path / "rank.pid"
+    harness = (f"import os, sys\nfrom launch.launcher import run_command\n"
+               f"sys.exit(run_command([sys.executable, '-c', {CTRL_C_CHILD!r}, {str(pid_file)!r}], os.environ, "
+               f"stop_grace_s=1.0))")
+    proc = subprocess.Popen([sys.executable, "-c", harness], env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 20
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    rank = int(pid_file.read_text())
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=20) == 128 + signal.SIGINT
+    time.sleep(0.5)
+    assert not _alive(rank)
+
+
+@pytest.fixture(scope="module")
+def phantom_shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("phantoms")
+    assert main(["shards", "phantoms", "--out", str(root / "raw"), "--n", "12"]) == 0
+    assert main(["shards", "build", "--source", f"head={root / 'raw/head'}", "--source", f"hand={root / 'raw/hand'}",
+                 "--out", str(root / "shards"), "--max-side", "128", "--no-progress"]) == 0
+    return root / "shards"
+
+
+def tiny_run(shards: Path, run: Path) -> list[str]:
+    return [f"data.shards={shards}", f"run_dir={run}", "data.datasets=[head,hand]", "train.max_steps=4",
+            "train.val_every=4", "train.checkpoint_every=4", "data.workers=0", "train.dist_timeout_s=120"]
+
+
+def assert_complete_checkpoint(run: Path) -> None:
+    latest = (run / "checkpoints/latest").read_text().strip()
+    assert latest == "step_00000004" and (run / "checkpoints" / latest).is_dir()
+
+
+@pytest.mark.timeout(180)
+def test_real_two_rank_cpu_launch_leaves_a_complete_checkpoint(monkeypatch, tmp_path, phantom_shards):
+    monkeypatch.chdir(REPO)  # the ranks run `python -m pretrain` from here
+    monkeypatch.setenv("HOME", REAL_HOME)
+    status = main(["launch", "pretrain", "--config", "launch/experiments/demo.yaml", "--gpus", "2",
+                   *tiny_run(phantom_shards, tmp_path / "run")])
+    assert status == 0
+    assert_complete_checkpoint(tmp_path / "run")
+
+
+@pytest.mark.timeout(180)
+def test_real_launch_on_two_simulated_slurm_nodes_without_ssh(tmp_path, phantom_shards):
+    """Two launchers on this machine play the two nodes of an srun step (`localhost` and `127.0.0.1`),
+    one rank each: node ranks, master address and port must agree for the ranks to meet."""
+    job = {"SLURM_JOB_ID": "4711", "SLURM_JOB_NODELIST": "localhost,127.0.0.1",
+           "SLURM_STEP_NODELIST": "localhost,127.0.0.1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_GPUS_ON_NODE": "1",
+           "HOME": REAL_HOME, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "launch.cli", "launch", "pretrain", "--slurm", "--config",
+               "launch/experiments/demo.yaml", *tiny_run(phantom_shards, tmp_path / "run")]
+    nodes = [subprocess.Popen(command, cwd=REPO, env={**os.environ, **job, "SLURM_NODEID": str(node)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    outputs = [node.communicate(timeout=150)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[1][-3000:]
+    assert "this is node 1 (127.0.0.1)" in outputs[1] and "dist_world_size=2" in outputs[1]
+    assert_complete_checkpoint(tmp_path / "run")
