@@ -9,12 +9,13 @@ import argparse
 import sys
 
 import finetune.cli
+import launch.demo
 import launch.launcher
 import medsapiens.cli
 import pretrain.cli
 import shards.cli
 
-STAGES = (shards.cli, medsapiens.cli, pretrain.cli, finetune.cli, launch.launcher)
+STAGES = (shards.cli, medsapiens.cli, pretrain.cli, finetune.cli, launch.launcher, launch.demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

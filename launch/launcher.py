@@ -140,19 +140,17 @@ def run_launch(args) -> int:
 def check_config(stage: str, config: str, overrides: list[str]) -> None:
     """Fail in seconds on a config typo, not after the ranks have started."""
     from medsapiens import config as configlib
+    from medsapiens.engine import resolve_file
 
     if stage == "pretrain":
-        from medsapiens.engine import resolve_file
-        from pretrain.config import PretrainConfig
-
-        cfg = configlib.load(PretrainConfig, config, overrides)
-        try:
-            resolve_file(cfg.train.deepspeed)
-        except FileNotFoundError as exc:
-            raise LaunchError(f"{config}: train.deepspeed: {exc}") from None
-        return
-    # finetune's config class is not in place yet: check that the YAML and the overrides parse.
-    configlib.load_data(config, overrides)
+        from pretrain.config import PretrainConfig as config_class
+    else:
+        from finetune.config import FinetuneConfig as config_class
+    cfg = configlib.load(config_class, config, overrides)
+    try:
+        resolve_file(cfg.train.deepspeed)
+    except FileNotFoundError as exc:
+        raise LaunchError(f"{config}: train.deepspeed: {exc}") from None
 
 
 def make_plan(args, environ: Mapping[str, str], cwd: Path, launch_dir: Path) -> Plan:
