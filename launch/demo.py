@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 EXPERIMENTS = Path(__file__).resolve().parent / "experiments"
+BACKBONE_SEED = 1000
 STARTS = (
     ("bundle", "MedSapiens: multi-dataset pretrained bundle"),
     ("sapiens", "Same backbone, no multi-dataset pretraining"),
@@ -80,14 +81,15 @@ def make_initial_backbone(plan: DemoPlan) -> Path:
     """The backbone both the pretraining and the 'no multi-dataset pretraining' start begin from.
 
     No small Sapiens is released, so the demo's stands in: a seeded random sapiens_tiny saved
-    as a Sapiens checkpoint (and loaded through the same path a real one takes)."""
+    as a Sapiens checkpoint (and loaded through the same path a real one takes). Its seed is not
+    one of the fine-tuning seeds, so it is not the very init a scratch run draws."""
     import torch
 
     from medsapiens.model import build_backbone, save_backbone
 
     path = plan.out / "sapiens_tiny_init.safetensors"
     if not path.exists():
-        torch.manual_seed(plan.seed)
+        torch.manual_seed(BACKBONE_SEED + plan.seed)
         save_backbone(build_backbone("sapiens_tiny", (128, 96)), path, "medsapiens demo: seeded random init")
     return path
 

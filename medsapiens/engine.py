@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,8 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU); returns (rank, world)."""
     import deepspeed
 
+    # DeepSpeed's ZeRO calls a torch collective that torch now flags as deprecated, once per step.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     if "RANK" not in os.environ:  # a plain single process, not started by a launcher
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))

@@ -217,6 +217,9 @@ def test_aariz_means_the_annotators_and_maps_valid_to_val(tmp_path):
     samples, rejected = scan(aariz, tmp_path)
     assert [(r.source_id, r.reason) for r in rejected] == [("t1", "missing_annotation")]
     assert samples[0].spacing_mm is None
+    (tmp_path / "cephalogram_machine_mappings.csv").write_text("cephalogram_id,machine,pixel_size\nv1,C,0.14\n")
+    samples, _ = scan(aariz, tmp_path)  # the table shipped with the dataset is used without an option
+    assert samples[0].spacing_mm == (0.14, 0.14)
 
 
 # ---------------------------------------------------------------- DICOM

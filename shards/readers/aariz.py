@@ -6,9 +6,10 @@
             {"landmarks": [{"title": ..., "value": {"x": ..., "y": ...}}, ...]}
 
 Ground truth is the mean of the two annotators. Split folder `valid` becomes `val`. Spacing is
-per device: option `spacing_csv` names a CSV with a header holding an id column (image_id,
-ceph_id, id or file) and a mm-per-pixel column (pixel_size, spacing or pixel_spacing); without
-it the samples carry no spacing.
+per device, from the `cephalogram_machine_mappings.csv` the dataset ships (cephalogram_id,
+machine, pixel_size), or from option `spacing_csv`: a CSV with an id column (cephalogram_id,
+image_id, ceph_id, id or file) and a mm-per-pixel column (pixel_size, spacing or pixel_spacing);
+without either the samples carry no spacing.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ LANDMARK_SET = "aariz"
 SPLITS = {"train": "train", "valid": "val", "test": "test"}
 ANNOTATORS = ("Senior Orthodontists", "Junior Orthodontists")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
-ID_COLUMNS = ("image_id", "ceph_id", "id", "file")
+ID_COLUMNS = ("cephalogram_id", "image_id", "ceph_id", "id", "file")
+SHIPPED_SPACING_TABLE = "cephalogram_machine_mappings.csv"  # per image: cephalogram_id, machine, pixel_size
 SPACING_COLUMNS = ("pixel_size", "spacing", "pixel_spacing")
 
 
@@ -89,7 +91,10 @@ def scan_split(folder: Path, split: str, spacing: dict | None):
 
 
 def scan(root: Path, options: dict):
-    spacing = read_spacing_table(optional_path(root, options, "spacing_csv"))
+    table = optional_path(root, options, "spacing_csv")
+    if table is None and (root / SHIPPED_SPACING_TABLE).is_file():
+        table = root / SHIPPED_SPACING_TABLE
+    spacing = read_spacing_table(table)
     folders = [child(root, name) for name in SPLITS]
     if not any(f.is_dir() for f in folders):
         raise ReaderError(f"{root}: no train/valid/test folder of the Aariz layout")
