@@ -13,7 +13,7 @@ from medsapiens import distributed
 from medsapiens.codec import apply_affine, decode_udp, flip_heatmaps, heatmap_to_input
 from medsapiens.data.pipeline import eval_examples, heatmap_size
 from medsapiens.manifest import Manifest
-from medsapiens.metrics import Protocol
+from medsapiens.metrics import Protocol, radial_errors
 from medsapiens.record import original_spacing, to_original
 
 
@@ -53,8 +53,6 @@ class SplitPredictions:
             getattr(self, name).extend(getattr(other, name))
 
     def errors(self, protocol: Protocol):
-        from medsapiens.metrics import radial_errors
-
         factors = np.stack([protocol.unit_per_pixel(g, s, o) for g, s, o in zip(self.gt, self.spacing, self.orig_size)])
         return radial_errors(np.stack(self.pred), np.stack(self.gt), factors), np.stack(self.visible) > 0
 

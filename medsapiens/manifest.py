@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from medsapiens import storage
 from medsapiens.registry import LandmarkSet
@@ -152,5 +153,6 @@ def load(location: str) -> Manifest:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{url}: not valid JSON ({exc})") from None
-    base = url.rsplit("/", 1)[0] if "/" in url else "."
+    # Absolute, so shard URLs stay valid when written elsewhere (e.g. into a few-shot subset).
+    base = url.rsplit("/", 1)[0] if storage.is_s3(url) else str(Path(url).resolve().parent)
     return Manifest.from_dict(data, location=base, digest=hashlib.sha256(raw).hexdigest())

@@ -24,14 +24,22 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 class Telemetry:
-    def __init__(self, run_dir: Path, enabled: bool):
+    """Starting at `start_step` (a resume), whatever was logged after that step by the run that
+    stopped is dropped, so steps redone after the last checkpoint are not logged twice."""
+
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
-            self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"),
+                                        purge_step=start_step + 1 if start_step else None)
+            path = Path(run_dir) / "metrics.jsonl"
+            if start_step and path.is_file():
+                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+                path.write_text("".join(f"{line}\n" for line in kept))
+            self.jsonl = open(path, "a")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:

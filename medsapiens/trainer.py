@@ -22,7 +22,7 @@ from medsapiens.inference import predict_split
 from medsapiens.manifest import Manifest
 from medsapiens.metrics import Protocol, summarize
 from medsapiens.telemetry import StepTimer, Telemetry
-from medsapiens.visualize import draw_landmarks, to_rgb_uint8
+from medsapiens.visualize import draw_landmarks
 
 CHECKPOINTS = "checkpoints"
 
@@ -50,7 +50,7 @@ class Trainer:
     def __init__(self, engine: Engine, loss_fn, ctx: RunContext):
         self.engine, self.loss_fn, self.ctx = engine, loss_fn, ctx
         self.is_main = distributed.rank() == 0
-        self.telemetry = Telemetry(ctx.run_dir, self.is_main)
+        self.telemetry: Telemetry | None = None
         if self.is_main:
             (ctx.run_dir / "deepspeed.json").write_text(json.dumps(engine.config, indent=2))
             print(f"DeepSpeed ZeRO-{engine.zero_stage}, {engine.precision}: micro-batch {ctx.data.micro_batch} x "
@@ -86,6 +86,7 @@ class Trainer:
 
     def fit(self, start_step: int) -> dict:
         ctx, train = self.ctx, self.ctx.train
+        self.telemetry = Telemetry(ctx.run_dir, self.is_main, start_step)
         stream = TrainStream(ctx.manifest, ctx.data, ctx.dataset_ids, ctx.input_size, train.seed, distributed.rank())
         batches = train_batches(stream, start_step, train.max_steps, train.checkpoint_every, train.grad_accum,
                                 ctx.data.workers)
@@ -147,7 +148,7 @@ class Trainer:
             scalars = {f"val/{dataset}/mre_{landmark_set.unit}": summary["mre"]}
             scalars.update({f"val/{dataset}/sdr_{r}{landmark_set.unit}": v for r, v in summary["sdr"].items()})
             self.telemetry.scalars(step, scalars)
-            panels = [draw_landmarks(to_rgb_uint8(img), truth, pred) for _, img, pred, truth in preds.panels]
+            panels = [draw_landmarks(img, truth, pred) for _, img, pred, truth in preds.panels]
             self.telemetry.images(step, f"val/{dataset}", panels)
         if self.is_main and results:
             self.last_validation = results

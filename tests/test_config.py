@@ -1,18 +1,7 @@
-from dataclasses import dataclass, field
-
 import pytest
 
 from medsapiens import config as configlib
-from medsapiens.data.pipeline import DataConfig
-from medsapiens.engine import OptimConfig, TrainConfig
-
-
-@dataclass
-class Experiment:
-    run_dir: str = "runs/x"
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+from pretrain.config import PretrainConfig as Experiment
 
 
 def test_yaml_plus_dotted_overrides(tmp_path):

@@ -91,6 +91,17 @@ def test_few_shot_seeds_reuse_the_head_and_report_mean_and_std(head_hand_bundle,
     assert json.loads((run_dir / "seed_0" / "run.json").read_text())["origin"]["reused_head"] is True
 
 
+def test_a_subset_of_relatively_named_shards_keeps_its_val_and_test_shards(phantom_shards, tmp_path, monkeypatch):
+    from finetune.subset import few_shot_manifest
+    from medsapiens.data.pipeline import read_shard
+
+    monkeypatch.chdir(phantom_shards.parent)
+    subset = few_shot_manifest(manifestlib.load("shards"), "leg", 2, 0, tmp_path / "subset")
+    assert subset.datasets["leg"].splits["train"] == 2
+    for shard in subset.shards:
+        assert len(list(read_shard(subset.url_of(shard)))) == shard.samples
+
+
 def test_shot_draws_depend_on_seed_only():
     keys = [f"head_train_{i:03d}" for i in range(40)]
     assert draw_keys(keys, 5, 0) == draw_keys(list(reversed(keys)), 5, 0)

@@ -73,10 +73,14 @@ def test_resume_continues_the_same_losses(zero2_run, phantom_shards, tmp_path):
     first = deepspeed_module("pretrain", 2, config_args(phantom_shards, run_dir, "train.stop_after=6"))
     assert first.returncode == 0, first.stderr[-3000:]
     assert max(losses(run_dir)) == 6
+    with open(run_dir / "metrics.jsonl", "a") as f:  # as if the job had died at step 8, past its checkpoint
+        f.write('{"step": 7, "loss/total": 99.0}\n{"step": 8, "loss/total": 99.0}\n')
     second = deepspeed_module("pretrain", 2, config_args(phantom_shards, run_dir))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from step 6" in second.stderr
     resumed, whole = losses(run_dir), losses(zero2_run)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in rows if "loss/total" in r) == list(range(1, STEPS + 1))  # redone steps once
     for step in range(7, STEPS + 1):
         assert resumed[step] == pytest.approx(whole[step], rel=1e-5, abs=1e-7), step
 

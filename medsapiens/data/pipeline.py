@@ -8,7 +8,9 @@ run reproduces exactly the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import itertools
 import json
+import random
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -180,8 +182,6 @@ class TrainStream(IterableDataset):
                 yield url, exc
 
     def _dataset_stream(self, dataset: str, seed_seq: np.random.SeedSequence):
-        import random
-
         from webdataset.filters import shuffle
 
         rng = np.random.default_rng(seed_seq)
@@ -256,16 +256,12 @@ def eval_examples(manifest: Manifest, dataset: str, split: str, input_size, marg
         total = min(total, limit)
     per_rank = -(-total // world_size)
     landmark_set = manifest.landmark_set(dataset)
-    index, last = 0, None
-    for shard in manifest.shards_for(dataset, split):
-        for sample in read_shard(manifest.url_of(shard)):
-            if index >= total:
-                break
-            if index % world_size == rank:
-                image, meta = decode_sample(sample, landmark_set)
-                last = eval_example(image, meta, input_size, margin)
-                yield last
-            index += 1
+    samples = itertools.chain.from_iterable(read_shard(manifest.url_of(s)) for s in manifest.shards_for(dataset, split))
+    last = None
+    for sample in itertools.islice(samples, rank, total, world_size):
+        image, meta = decode_sample(sample, landmark_set)
+        last = eval_example(image, meta, input_size, margin)
+        yield last
     if last is None:
         last = EvalExample(torch.zeros(3, input_size[1], input_size[0]), torch.eye(3, dtype=torch.float64), {})
     for _ in range(per_rank - len(range(rank, total, world_size))):
