@@ -57,6 +57,7 @@ def register(subparsers) -> None:
                     help="hand protocol: the two wrist landmarks (default 1,5 as Payer; GU2Net uses 0,4)")
     ev.add_argument("--sdr-convention", choices=["<", "<="], default="<", help="SDR counts error < r (default) or <= r")
     ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--device", default="cpu", help="cpu or cuda")
     ev.set_defaults(func=_evaluate)
 
     pr = subparsers.add_parser(
@@ -110,7 +111,7 @@ def _evaluate(args) -> int:
             sys.exit("error: give --bundle and --shards, or --predictions and --ground-truth")
         report = evaluate_bundle(args.bundle, args.shards, args.dataset, args.split, args.out,
                                  flip_test=args.flip_test, batch_size=args.batch_size, overlays=args.overlays,
-                                 **options)
+                                 device=args.device, **options)
     print(summary_line(report))
     print(f"report: {args.out}/report.json, {args.out}/report.md, {args.out}/per_image.csv")
     return 0

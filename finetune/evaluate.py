@@ -8,9 +8,11 @@ from PIL import Image
 
 from finetune.report import build_report, write_report
 from medsapiens import bundle as bundlelib
+from medsapiens import distributed
 from medsapiens.inference import predict_split
 from medsapiens.manifest import Manifest, ManifestError, load as load_manifest
 from medsapiens.metrics import Protocol
+from medsapiens.record import safe_name
 from medsapiens.visualize import draw_landmarks
 
 
@@ -35,16 +37,19 @@ def evaluate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset:
     landmark_set = manifest.landmark_set(dataset)
     preds = predict_split(model, manifest, dataset, model.dataset_ids.index(dataset), split, bundle.input_size,
                           device, next(model.parameters()).dtype, batch_size, flip_test, panels=overlays,
-                          margin=bundle.codec.margin)
-    if preds is None:
-        return None
-    protocol = Protocol(landmark_set, wrist_landmarks, convention)
-    errors, mask = preds.errors(protocol)
-    flip = " with flip test" if flip_test and landmark_set.can_flip else ""
-    report = build_report(errors, mask, preds.ids, protocol, dataset, f"{split} split of {manifest.location}{flip}")
-    write_report(report, errors, preds.ids, landmark_set.names, out_dir)
-    write_overlays(preds.panels, Path(out_dir) / "overlays")
-    return report
+                          margin=bundle.codec.margin, blur_kernel=bundle.codec.blur_kernel)
+    report = [None]
+
+    def score() -> None:
+        protocol = Protocol(landmark_set, wrist_landmarks, convention)
+        errors, mask = preds.errors(protocol)
+        flip = " with flip test" if flip_test and landmark_set.can_flip else ""
+        report[0] = build_report(errors, mask, preds.ids, protocol, dataset, f"{split} split of {manifest.location}{flip}")
+        write_report(report[0], errors, preds.ids, landmark_set.names, out_dir)
+        write_overlays(preds.panels, Path(out_dir) / "overlays")
+
+    distributed.decide_on_rank0(score)  # a bad image stops every rank, not rank 0 alone
+    return report[0]
 
 
 def write_overlays(panels, out_dir: Path) -> None:
@@ -52,11 +57,11 @@ def write_overlays(panels, out_dir: Path) -> None:
     if panels:
         out_dir.mkdir(parents=True, exist_ok=True)
     for image_id, image, pred, truth in panels:
-        Image.fromarray(draw_landmarks(image, truth, pred)).save(out_dir / f"{image_id}.png")
+        Image.fromarray(draw_landmarks(image, truth, pred)).save(out_dir / f"{safe_name(image_id)}.png")
 
 
 def evaluate_bundle(bundle_dir, shards: str, dataset: str | None, split: str, out_dir, **options) -> dict:
-    model, bundle = bundlelib.load(bundle_dir, options.pop("device", "cpu"))
+    model, bundle = bundlelib.load(bundle_dir, options.get("device", "cpu"))
     if dataset is None:
         if len(bundle.heads) != 1:
             raise ManifestError(f"the bundle has heads {', '.join(bundle.heads)}: choose one with --dataset")

@@ -81,7 +81,8 @@ def predict(bundle_dir, inputs: list[str], out_dir, dataset: str | None = None, 
     def flush():
         images = torch.stack([e.image for _, _, e, _, _ in batch]).to(device)
         heat = predict_heatmaps(model, images, dataset, model.dataset_ids.index(dataset), perm)
-        points, scores = heatmaps_to_image(heat, torch.stack([e.matrix for _, _, e, _, _ in batch]), bundle.input_size)
+        points, scores = heatmaps_to_image(heat, torch.stack([e.matrix for _, _, e, _, _ in batch]), bundle.input_size,
+                                           bundle.codec.blur_kernel)
         for (path, image, example, sp, source), pts, sc in zip(batch, points, scores):
             result = result_for(path, pts, sc, image, sp, source, dataset, landmark_set.names)
             (out / f"{path.stem}.json").write_text(json.dumps(result, indent=1))

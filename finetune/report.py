@@ -107,7 +107,7 @@ def score_files(predictions: str | Path, ground_truth: str | Path, wrist_landmar
         size = gt.get("image_size", {}).get(image_id)
         if protocol.rule == "frame" and size is None:
             raise SystemExit(f"error: the {dataset} protocol needs image_size for image {image_id!r} in the ground truth")
-        factors.append(protocol.unit_per_pixel(np.asarray(gt["landmarks"][image_id]), spacing, size))
+        factors.append(protocol.unit_per_pixel(np.asarray(gt["landmarks"][image_id]), spacing, size, image_id))
     errors = radial_errors(np.array([pred["landmarks"][i] for i in ids]), np.array([gt["landmarks"][i] for i in ids]),
                            np.stack(factors))
     report = build_report(errors, np.ones_like(errors, dtype=bool), ids, protocol, dataset, f"predictions {predictions}")

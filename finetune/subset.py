@@ -24,15 +24,20 @@ def draw_keys(keys: list[str], shots: int, seed: int) -> list[str]:
     return [ordered[i] for i in sorted(picked)]
 
 
+def train_samples(manifest: manifestlib.Manifest, dataset: str):
+    for shard in manifest.shards_for(dataset, "train"):
+        yield from read_shard(manifest.url_of(shard))
+
+
 def few_shot_manifest(manifest: manifestlib.Manifest, dataset: str, shots: int, seed: int,
                       out_dir: Path) -> manifestlib.Manifest:
     """Write `out_dir/manifest.json` (+ one train shard) for a K-shot subset and load it."""
-    samples = {s["__key__"]: s for shard in manifest.shards_for(dataset, "train")
-               for s in read_shard(manifest.url_of(shard))}
-    keys = draw_keys(list(samples), shots, seed)
+    keys = draw_keys([s["__key__"] for s in train_samples(manifest, dataset)], shots, seed)
+    chosen = set(keys)
+    picked = {s["__key__"]: s for s in train_samples(manifest, dataset) if s["__key__"] in chosen}
     out_dir.mkdir(parents=True, exist_ok=True)
     shard_path = out_dir / f"{dataset}-train-000000.tar"
-    write_samples(shard_path, (samples[k] for k in keys))
+    write_samples(shard_path, (picked[k] for k in keys))
     sha256, size = file_digest(shard_path)
     info = manifest.datasets[dataset]
     splits = {split: n for split, n in info.splits.items() if split != "train"} | {"train": shots}

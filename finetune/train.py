@@ -17,11 +17,11 @@ from finetune.subset import few_shot_manifest
 from medsapiens import bundle as bundlelib
 from medsapiens import config as configlib
 from medsapiens import distributed
-from medsapiens.engine import Engine, consolidated_state_dict, init_distributed, latest_tag, shutdown
+from medsapiens.engine import Engine, consolidated_state_dict, init_distributed, latest_tag, shutdown, tag_step
 from medsapiens.manifest import Manifest, ManifestError, load as load_manifest
 from medsapiens.model import apply_lora, count_trainable, forward_flops, merge_lora, param_groups
 from medsapiens.registry import LandmarkSet
-from medsapiens.trainer import CHECKPOINTS, RunContext, Trainer
+from medsapiens.trainer import CHECKPOINTS, RunContext, Trainer, write_run_files
 
 SUMMARY = "summary.json"
 
@@ -35,6 +35,7 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise ValueError("init 'bundle' needs a bundle (--bundle DIR)")
     if cfg.init == "sapiens" and not cfg.model.checkpoint:
         raise ValueError("init 'sapiens' needs a Sapiens checkpoint (--checkpoint FILE)")
+    cfg.train.check()
     if cfg.train.val_every != cfg.train.checkpoint_every:
         raise ValueError("fine-tuning keeps the best validated checkpoint: train.val_every must equal "
                          f"train.checkpoint_every (got {cfg.train.val_every} and {cfg.train.checkpoint_every})")
@@ -61,10 +62,14 @@ def initial_model(cfg: FinetuneConfig, landmark_set: LandmarkSet):
         model_cfg = cfg.model if cfg.init == "sapiens" else replace(cfg.model, checkpoint=None)
         model = model_cfg.build({dataset: k})
         origin = {"init": cfg.init, "checkpoint": model_cfg.checkpoint}
+    return with_lora(model, cfg).train(), replace(model_cfg, checkpoint=None), origin
+
+
+def with_lora(model, cfg: FinetuneConfig):
     if cfg.lora.enabled:
         apply_lora(model, cfg.lora.qkv_rank, cfg.lora.qkv_alpha, cfg.lora.proj_rank, cfg.lora.proj_alpha,
                    cfg.lora.dropout)
-    return model.train(), replace(model_cfg, checkpoint=None), origin
+    return model
 
 
 def evaluation_splits(manifest: Manifest, dataset: str, requested: str) -> list[str]:
@@ -87,24 +92,22 @@ def training_manifest(cfg: FinetuneConfig, run_dir: Path) -> Manifest:
     if not cfg.shots:
         return manifest
     subset_dir = run_dir / "subset"
-    if distributed.rank() == 0:
-        few_shot_manifest(manifest, cfg.dataset, cfg.shots, cfg.shot_seed, subset_dir)
-    distributed.barrier()  # the subset exists for every rank after it
+    distributed.decide_on_rank0(lambda: few_shot_manifest(manifest, cfg.dataset, cfg.shots, cfg.shot_seed, subset_dir))
     return load_manifest(subset_dir)
 
 
-def export_best(cfg: FinetuneConfig, run_dir: Path, tag: str, landmark_set, origin: dict, validation) -> Path:
-    model, model_cfg, _ = initial_model(cfg, landmark_set)
+def export_best(cfg: FinetuneConfig, run_dir: Path, tag: str, model_cfg, landmark_set, origin: dict,
+                validation) -> Path:
+    model = with_lora(model_cfg.build({cfg.dataset: landmark_set.num_landmarks}), cfg)
     model.load_state_dict(consolidated_state_dict(run_dir / CHECKPOINTS, tag), strict=True)
     if cfg.lora.enabled:
         merge_lora(model)
     provenance = {"stage": "finetune", "dataset": cfg.dataset, **origin, "lora": cfg.lora.enabled,
                   "shots": cfg.shots, "shot_seed": cfg.shot_seed, "checkpoint": tag,
-                  "steps": int(tag.rsplit("_", 1)[-1]), "validation": validation,
+                  "steps": tag_step(tag), "validation": validation,
                   "manifest": {"location": cfg.data.shards}, "config": configlib.to_dict(cfg)}
-    codec = bundlelib.CodecSettings(sigma=cfg.data.sigma, margin=cfg.data.augment.margin)
-    return bundlelib.save(run_dir / "bundle", model, bundlelib.Bundle(model_cfg, {cfg.dataset: landmark_set}, codec,
-                                                                      provenance))
+    bundle = bundlelib.Bundle(model_cfg, {cfg.dataset: landmark_set}, bundlelib.CodecSettings.of(cfg.data), provenance)
+    return bundlelib.save(run_dir / "bundle", model, bundle)
 
 
 def run_one(cfg: FinetuneConfig) -> dict | None:
@@ -120,31 +123,28 @@ def run_one(cfg: FinetuneConfig) -> dict | None:
     engine = Engine(model, param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay), cfg.train,
                     cfg.optim, cfg.data.micro_batch)
     if distributed.rank() == 0:
-        configlib.save(cfg, run_dir / "config.yaml")
-        (run_dir / "run.json").write_text(json.dumps({
-            "stage": "finetune", "dataset_ids": [cfg.dataset], "landmark_sets": {cfg.dataset: landmark_set.to_dict()},
-            "manifest": {"location": manifest.location, "sha256": manifest.digest}, "origin": origin,
-            "trainable_parameters": trainable, "parameters": total, "world_size": distributed.world_size()}, indent=2))
+        write_run_files(run_dir, cfg, "finetune", manifest, [cfg.dataset], origin=origin,
+                        trainable_parameters=trainable, parameters=total)
         print(f"fine-tuning {cfg.dataset} from {cfg.init}{' with LoRA' if cfg.lora.enabled else ''}"
               f"{f', {cfg.shots}-shot (seed {cfg.shot_seed})' if cfg.shots else ''}: "
               f"{trainable:,} of {total:,} parameters train", file=sys.stderr)
-    input_size = (model_cfg.img_size[1], model_cfg.img_size[0])
     flops = forward_flops(model_cfg.arch, model_cfg.img_size, model_cfg.trunk_width, landmark_set.num_landmarks).total
-    ctx = RunContext(run_dir, manifest, [cfg.dataset], input_size, cfg.data, cfg.train, configlib.digest(cfg),
+    ctx = RunContext(run_dir, manifest, [cfg.dataset], model_cfg.input_size, cfg.data, cfg.train, configlib.digest(cfg),
                      flops, track_best=True)
     trainer = Trainer(engine, model.loss, ctx)
     trainer.fit(trainer.resume("auto"))
     best = [trainer.best]
     distributed.broadcast_from_rank0(best)
+    device = engine.device
     del engine, trainer, model
     tag = best[0]["tag"] if best[0] else latest_tag(run_dir / CHECKPOINTS)
     if distributed.rank() == 0:
-        export_best(cfg, run_dir, tag, landmark_set, origin, best[0] and best[0]["validation"])
+        export_best(cfg, run_dir, tag, model_cfg, landmark_set, origin, best[0] and best[0]["validation"])
     distributed.barrier()
-    model, bundle = bundlelib.load(run_dir / "bundle")
+    model, bundle = bundlelib.load(run_dir / "bundle", device)
     reports = {split: evaluate_model(model, bundle, manifest, cfg.dataset, split, run_dir / "eval" / split,
                                      flip_test=cfg.flip_test, batch_size=cfg.data.micro_batch,
-                                     overlays=cfg.eval_overlays)
+                                     overlays=cfg.eval_overlays, device=device)
                for split in evaluation_splits(manifest, cfg.dataset, cfg.eval_split)}
     if distributed.rank() != 0:
         return None

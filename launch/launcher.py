@@ -11,7 +11,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -171,7 +170,9 @@ def make_plan(args, environ: Mapping[str, str], cwd: Path, launch_dir: Path) -> 
 def local_plan(args, launch_dir: Path) -> Plan:
     if args.nodes not in (None, 1):
         raise LaunchError(f"--nodes {args.nodes} needs --hostfile or --slurm")
-    port = args.master_port or free_local_port()
+    from medsapiens.distributed import free_port
+
+    port = args.master_port or free_port()
     argv = [deepspeed_executable()]
     if args.gpus:
         argv += ["--num_gpus", str(args.gpus)]
@@ -269,11 +270,6 @@ def _required(environ: Mapping[str, str], name: str) -> str:
         raise LaunchError(f"--slurm: {name} is not set; run inside a SLURM job")
     return environ[name]
 
-
-def free_local_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deepspeed_executable() -> str:

@@ -29,6 +29,11 @@ class CodecSettings:
     margin: float = 1.25
     blur_kernel: int = 11
 
+    @classmethod
+    def of(cls, data) -> "CodecSettings":
+        """The settings a model trained with this DataConfig was trained (and should be read) with."""
+        return cls(sigma=data.sigma, margin=data.augment.margin)
+
 
 @dataclass
 class Bundle:
@@ -43,8 +48,7 @@ class Bundle:
 
     @property
     def input_size(self) -> tuple[int, int]:
-        """(W, H), the codec's order."""
-        return self.model.img_size[1], self.model.img_size[0]
+        return self.model.input_size
 
     def to_dict(self) -> dict:
         model = asdict(replace(self.model, checkpoint=None))

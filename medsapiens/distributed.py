@@ -1,8 +1,17 @@
 """Collective helpers: rank 0 decides and broadcasts; sums and gathers for logging and evaluation."""
 from __future__ import annotations
 
+import socket
+
 import torch
 import torch.distributed as dist
+
+
+def free_port() -> int:
+    """A TCP port free on this machine right now, for a rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def rank() -> int:
@@ -44,17 +53,10 @@ def broadcast_from_rank0(objects: list) -> None:
 
 def sum_across_ranks(values: dict[str, tuple[float, int]], names: list[str]) -> dict[str, tuple[float, int]]:
     """Sum (value_sum, count) pairs per name over ranks; names missing on a rank count as (0, 0)."""
-    t = torch.tensor([[*values.get(n, (0.0, 0))] for n in names], dtype=torch.float64)
+    t = torch.tensor([[float(s), c] for s, c in (values.get(n, (0.0, 0)) for n in names)], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(t)
     return {n: (float(s), int(c)) for n, (s, c) in zip(names, t.tolist()) if c > 0}
-
-
-def mean_across_ranks(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return float(t) / world_size()
 
 
 def gather_to_rank0(obj):

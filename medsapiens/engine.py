@@ -11,12 +11,13 @@ import json
 import math
 import os
 import shutil
-import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from medsapiens.distributed import free_port
 
 CLIENT_STATE_KEY = "medsapiens"
 TAG_PREFIX = "step_"
@@ -56,6 +57,30 @@ class TrainConfig:
     val_panels: int = 4
     dist_timeout_s: int = 1800
 
+    def check(self) -> None:
+        """Settings that would break the run's guarantees, refused before it starts."""
+        if self.keep_last < 1:
+            raise ValueError(f"train.keep_last must be at least 1, got {self.keep_last}")
+        if self.stop_after % self.checkpoint_every:
+            # The data stream restarts on multiples of checkpoint_every; resuming elsewhere would
+            # not continue the sample sequence of an uninterrupted run.
+            raise ValueError(f"train.stop_after ({self.stop_after}) must be a multiple of train.checkpoint_every "
+                             f"({self.checkpoint_every})")
+
+
+def checkpoint_tag(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def tag_step(tag: str) -> int:
+    return int(tag.removeprefix(TAG_PREFIX).removesuffix("_universal"))
+
+
+def add_loss_sum(sums: dict, name: str, loss_sum, count: int) -> None:
+    """Accumulate a dataset's (summed loss, sample count) in `sums`."""
+    total, n = sums.get(name, (0.0, 0))
+    sums[name] = (total + loss_sum, n + count)
+
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """Multiplier of the base lr after `step` optimizer steps: linear warm-up, then step or cosine decay."""
@@ -79,12 +104,6 @@ def resolve_file(path: str) -> Path:
     raise FileNotFoundError(f"file not found: {path} (also looked under {PACKAGE_ROOT})")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(timeout_s: int) -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU); returns (rank, world)."""
     import deepspeed
@@ -93,7 +112,7 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     if "RANK" not in os.environ:  # a plain single process, not started by a launcher
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     if torch.cuda.is_available():
@@ -184,24 +203,21 @@ class Engine:
     def train_step(self, micro_batches: list[dict], loss_fn) -> dict:
         """Forward/backward over the accumulation micro-batches and one optimizer step.
 
-        Returns the mean loss, summed per-dataset loss and sample counts (for exact averaging
-        across ranks), and the gradient norm.
+        Returns per dataset the summed loss (a tensor: no host sync per step) and the sample count,
+        for exact averaging across ranks at logging time, and the gradient norm.
         """
         self.ds.train()
-        total, per_dataset = 0.0, {}
+        per_dataset: dict = {}
         for batch in micro_batches:
             batch = self.to_device(batch)
             outputs = self.ds(batch["images"], batch["dataset_index"])
-            loss = loss_fn(outputs, batch["target_heatmaps"].to(self.dtype), batch["target_weights"])
+            loss = loss_fn(outputs, batch["target_heatmaps"], batch["target_weights"])
             self.ds.backward(loss.total)
             self.ds.step()
-            total += float(loss.total.detach()) / len(micro_batches)
             for name, count in loss.counts.items():
                 if count:
-                    s, n = per_dataset.get(name, (0.0, 0))
-                    per_dataset[name] = (s + float(loss.per_dataset[name]) * count, n + count)
-        norm = self.ds.get_global_grad_norm()
-        return {"loss": total, "per_dataset": per_dataset, "grad_norm": float(norm) if norm is not None else math.nan}
+                    add_loss_sum(per_dataset, name, loss.per_dataset[name] * count, count)
+        return {"per_dataset": per_dataset, "grad_norm": self.ds.get_global_grad_norm()}
 
     def group_lrs(self) -> dict[str, float]:
         """Current lr per part, the lowest of its groups: for the backbone that is the embedding
@@ -215,8 +231,7 @@ class Engine:
     def save(self, ckpt_dir: Path, step: int, client_state: dict, keep: set[str] = frozenset()) -> None:
         """Every rank calls this; rank 0 then prunes to the last `keep_last` complete checkpoints
         (tags in `keep`, such as the best one, are never pruned)."""
-        tag = f"{TAG_PREFIX}{step:08d}"
-        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state={CLIENT_STATE_KEY: client_state})
+        self.ds.save_checkpoint(str(ckpt_dir), tag=checkpoint_tag(step), client_state={CLIENT_STATE_KEY: client_state})
         torch.distributed.barrier()
         if torch.distributed.get_rank() == 0:
             for old in set(checkpoint_tags(ckpt_dir)[:-self.train_cfg.keep_last]) - set(keep):

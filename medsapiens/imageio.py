@@ -142,8 +142,3 @@ def to_float(pixels: np.ndarray) -> np.ndarray:
     scale = 257.0 if pixels.dtype == np.uint16 else 1.0
     return pixels.astype(np.float32) / scale
 
-
-def png_size(data: bytes) -> tuple[int, int]:
-    """(W, H) from a PNG's header, without decoding its pixels."""
-    with Image.open(io.BytesIO(data)) as image:
-        return image.size

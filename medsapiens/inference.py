@@ -29,9 +29,9 @@ def predict_heatmaps(model, images: torch.Tensor, dataset_id: str, dataset_index
     return heat
 
 
-def heatmaps_to_image(heatmaps: torch.Tensor, matrices: torch.Tensor, input_size):
+def heatmaps_to_image(heatmaps: torch.Tensor, matrices: torch.Tensor, input_size, blur_kernel: int = 11):
     """Decode and map back through each sample's affine: (B, K, 2) image pixels and (B, K) scores."""
-    keypoints, scores = decode_udp(heatmaps.cpu())
+    keypoints, scores = decode_udp(heatmaps.cpu(), blur_kernel)
     in_pixels = heatmap_to_input(keypoints, input_size, heatmap_size(input_size))
     return apply_affine(torch.linalg.inv(matrices.double()), in_pixels).numpy(), scores.numpy()
 
@@ -53,13 +53,14 @@ class SplitPredictions:
             getattr(self, name).extend(getattr(other, name))
 
     def errors(self, protocol: Protocol):
-        factors = np.stack([protocol.unit_per_pixel(g, s, o) for g, s, o in zip(self.gt, self.spacing, self.orig_size)])
+        factors = np.stack([protocol.unit_per_pixel(g, s, o, i)
+                            for g, s, o, i in zip(self.gt, self.spacing, self.orig_size, self.ids)])
         return radial_errors(np.stack(self.pred), np.stack(self.gt), factors), np.stack(self.visible) > 0
 
 
 def predict_split(model, manifest: Manifest, dataset_id: str, dataset_index: int, split: str, input_size,
                   device, dtype, batch_size: int = 8, flip_test: bool = False, limit: int = 0,
-                  panels: int = 0, margin: float = 1.25) -> SplitPredictions | None:
+                  panels: int = 0, margin: float = 1.25, blur_kernel: int = 11) -> SplitPredictions | None:
     """Run a split through the model on every rank; rank 0 returns the gathered predictions."""
     landmark_set = manifest.landmark_set(dataset_id)
     perm = landmark_set.flip_permutation() if flip_test and landmark_set.can_flip else None
@@ -71,7 +72,7 @@ def predict_split(model, manifest: Manifest, dataset_id: str, dataset_index: int
     def run(batch):
         images = torch.stack([e.image for e in batch]).to(device, dtype)
         heat = predict_heatmaps(model, images, dataset_id, dataset_index, perm)
-        stored, _ = heatmaps_to_image(heat, torch.stack([e.matrix for e in batch]), input_size)
+        stored, _ = heatmaps_to_image(heat, torch.stack([e.matrix for e in batch]), input_size, blur_kernel)
         for e, points in zip(batch, stored):
             if not e.valid:
                 continue

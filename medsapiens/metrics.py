@@ -42,22 +42,23 @@ class Protocol:
             return f"errors in pixels of the image resized to {w}x{h}"
         return "errors in original pixels times the pixel spacing (mm); pixels where no spacing is known"
 
-    def unit_per_pixel(self, gt_orig: np.ndarray, spacing_orig, orig_size) -> np.ndarray:
+    def unit_per_pixel(self, gt_orig: np.ndarray, spacing_orig, orig_size, image_id: str = "?") -> np.ndarray:
         """(sx, sy): protocol units per original pixel for one image."""
         norm = self.landmark_set.normalization or {}
         if self.rule == "wrist_width":
             a, b = self.wrist_landmarks or norm["landmarks"]
             width = float(np.linalg.norm(np.asarray(gt_orig[a]) - np.asarray(gt_orig[b])))
             if width <= 0:
-                raise ValueError(f"wrist landmarks {a} and {b} coincide: cannot normalise hand errors")
+                raise ValueError(f"image {image_id}: wrist landmarks {a} and {b} coincide, cannot normalise its errors")
             return np.full(2, norm["mm"] / width)
         if self.rule == "frame":
             fw, fh = norm["size"]
             return np.array([fw / orig_size[0], fh / orig_size[1]], dtype=np.float64)
-        if spacing_orig is None:
-            if self.unit == "mm":
-                raise ValueError(f"dataset {self.landmark_set.id!r} is measured in mm but an image has no spacing")
+        if self.unit == "px":  # a pixel-measured set stays in pixels even where some images have a spacing
             return np.ones(2)
+        if spacing_orig is None:
+            raise ValueError(f"image {image_id}: dataset {self.landmark_set.id!r} is measured in mm but the "
+                             "image has no pixel spacing")
         return np.asarray(spacing_orig, dtype=np.float64)
 
 

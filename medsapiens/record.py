@@ -37,13 +37,18 @@ class Rejection(Exception):
         self.detail = detail
 
 
+def safe_name(source_id) -> str:
+    """An id with every character outside [A-Za-z0-9-] made '-': usable in keys and file names."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", str(source_id))
+
+
 def sample_key(dataset: str, split: str, source_id: str) -> str:
-    """`<dataset>_<split>_<id>` with every character outside [A-Za-z0-9-] of the id made '-'.
+    """`<dataset>_<split>_<safe id>`.
 
     WebDataset takes everything after the first dot of a member name as its extension, so a key
     must have no dots; distinct ids that collide here are caught as duplicates by the writer.
     """
-    return f"{dataset}_{split}_{re.sub(r'[^A-Za-z0-9-]', '-', str(source_id))}"
+    return f"{dataset}_{split}_{safe_name(source_id)}"
 
 
 def resized_size(orig_size: tuple[int, int], max_side: int) -> tuple[int, int]:
@@ -129,11 +134,13 @@ def make_record(*, dataset, split, source_id, landmarks_orig, visible, spacing_o
     }
 
 
-def validate_record(meta: dict, stored_size, num_landmarks: int | None = None) -> None:
-    """Check a record read back from a shard (a reader's defence against foreign or damaged shards)."""
+def validate_record(meta: dict, stored_size, num_landmarks: int | None = None) -> list[int]:
+    """Check a record read back from a shard (a reader's defence against foreign or damaged shards);
+    returns its visibility with landmarks outside the image marked invisible."""
     missing = [f for f in FIELDS if f not in meta]
     if missing:
         raise Rejection("bad_annotation", f"record lacks field(s) {missing}")
     k = num_landmarks if num_landmarks is not None else len(meta["names"])
-    check_landmarks(meta["landmarks"], meta["visible"], k, stored_size, outside="invisible")
+    visible = check_landmarks(meta["landmarks"], meta["visible"], k, stored_size, outside="invisible")
     check_spacing(meta["spacing_mm"])
+    return [int(v) for v in visible]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -68,7 +69,10 @@ def with_retries(what: str, fn, *args, **kwargs):
         except Exception as exc:  # noqa: BLE001 - filtered by _transient
             if attempt == RETRIES - 1 or not _transient(exc):
                 raise
-            time.sleep(min(30.0, 0.2 * 2**attempt) * (0.5 + random.random()))
+            delay = min(30.0, 0.2 * 2**attempt) * (0.5 + random.random())
+            print(f"warning: {what} failed ({type(exc).__name__}), retry {attempt + 1} in {delay:.1f} s",
+                  file=sys.stderr)
+            time.sleep(delay)
     raise AssertionError("unreachable")
 
 

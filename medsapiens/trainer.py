@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from medsapiens import config as configlib
 from medsapiens import distributed
 from medsapiens.data.pipeline import DataConfig, TrainStream, resolve_val_split, train_batches
-from medsapiens.engine import TAG_PREFIX, Engine, TrainConfig
+from medsapiens.engine import Engine, TrainConfig, add_loss_sum, checkpoint_tag
 from medsapiens.inference import predict_split
 from medsapiens.manifest import Manifest
 from medsapiens.metrics import Protocol, summarize
@@ -25,10 +26,22 @@ from medsapiens.telemetry import StepTimer, Telemetry
 from medsapiens.visualize import draw_landmarks
 
 CHECKPOINTS = "checkpoints"
+RUN_INFO = "run.json"
+RESOLVED_CONFIG = "config.yaml"
 
 
-def checkpoint_tag(step: int) -> str:
-    return f"{TAG_PREFIX}{step:08d}"
+def write_run_files(run_dir: Path, cfg, stage: str, manifest: Manifest, dataset_ids: list[str], **extra) -> None:
+    """The resolved config and run.json (what the run trains on) beside the run's checkpoints."""
+    configlib.save(cfg, run_dir / RESOLVED_CONFIG)
+    info = {
+        "stage": stage,
+        "dataset_ids": dataset_ids,
+        "landmark_sets": {d: manifest.landmark_set(d).to_dict() for d in dataset_ids},
+        "manifest": {"location": manifest.location, "sha256": manifest.digest},
+        "world_size": distributed.world_size(),
+        **extra,
+    }
+    (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
 
 
 @dataclass
@@ -94,35 +107,37 @@ class Trainer:
         progress = tqdm(total=train.max_steps, initial=start_step, disable=not self.is_main, desc="train",
                         unit="step", dynamic_ncols=True)
         waiting_since = time.perf_counter()
-        for step, micro_batches in batches:
-            timer.waited(time.perf_counter() - waiting_since)
-            result = self.engine.train_step(micro_batches, self.loss_fn)
-            timer.stepped(ctx.data.micro_batch * train.grad_accum)
-            for name, (s, n) in result["per_dataset"].items():
-                prev = sums.get(name, (0.0, 0))
-                sums[name] = (prev[0] + s, prev[1] + n)
-            done = step + 1
-            stopping = done == train.stop_after
-            final = done == train.max_steps
-            if done % train.log_every == 0 or final:
-                progress.set_postfix(loss=f"{self._log_train(done, sums, result, timer):.4g}")
-                sums = {}
-            if done % train.val_every == 0 or final:
-                self.validate(done)
-            if done % train.checkpoint_every == 0 or final or stopping:
-                self.checkpoint(done)
-            progress.update(1)
-            if stopping:
-                break
-            waiting_since = time.perf_counter()
-        progress.close()
-        self.telemetry.close()
+        try:
+            for step, micro_batches in batches:
+                timer.waited(time.perf_counter() - waiting_since)
+                result = self.engine.train_step(micro_batches, self.loss_fn)
+                timer.stepped(ctx.data.micro_batch * train.grad_accum)
+                for name, (loss_sum, count) in result["per_dataset"].items():
+                    add_loss_sum(sums, name, loss_sum, count)
+                done = step + 1
+                stopping = done == train.stop_after
+                final = done == train.max_steps
+                if done % train.log_every == 0 or final:
+                    progress.set_postfix(loss=f"{self._log_train(done, sums, result, timer):.4g}")
+                    sums = {}
+                if done % train.val_every == 0 or final:
+                    self.validate(done)
+                if done % train.checkpoint_every == 0 or final or stopping:
+                    self.checkpoint(done)
+                progress.update(1)
+                if stopping:
+                    break
+                waiting_since = time.perf_counter()
+        finally:
+            progress.close()
+            self.telemetry.close()
         return self.last_validation
 
     def _log_train(self, step: int, sums: dict, result: dict, timer: StepTimer) -> float:
         totals = distributed.sum_across_ranks(sums, self.ctx.dataset_ids)
         loss = sum(s for s, _ in totals.values()) / max(1, sum(n for _, n in totals.values()))
-        scalars = {"loss/total": loss, "train/grad_norm": result["grad_norm"]}
+        norm = result["grad_norm"]
+        scalars = {"loss/total": loss, "train/grad_norm": float(norm) if norm is not None else None}
         scalars.update({f"loss/{name}": s / n for name, (s, n) in totals.items()})
         scalars.update({f"lr/{tag}": lr for tag, lr in self.engine.group_lrs().items()})
         scalars.update(timer.report(self.engine.device, self.ctx.flops_per_sample))
@@ -130,7 +145,8 @@ class Trainer:
         return loss
 
     def validate(self, step: int) -> dict:
-        ctx, results, panels = self.ctx, {}, []
+        ctx, results = self.ctx, {}
+        self.engine.ds.eval()  # no dropout (LoRA's) while measuring; train_step switches back
         for index, dataset in enumerate(ctx.dataset_ids):
             split = resolve_val_split(ctx.manifest, dataset, ctx.data.val_split)
             if split is None:
@@ -139,21 +155,24 @@ class Trainer:
                                   self.engine.device, self.engine.dtype, ctx.data.micro_batch,
                                   limit=ctx.train.val_limit, panels=ctx.train.val_panels,
                                   margin=ctx.data.augment.margin)
-            if preds is None:
-                continue
-            landmark_set = ctx.manifest.landmark_set(dataset)
-            errors, mask = preds.errors(Protocol(landmark_set))
-            summary = summarize(errors, landmark_set.sdr_radii, mask=mask, names=landmark_set.names, image_ids=preds.ids)
-            results[dataset] = {"split": split, "unit": landmark_set.unit, "mre": summary["mre"], "sdr": summary["sdr"]}
-            scalars = {f"val/{dataset}/mre_{landmark_set.unit}": summary["mre"]}
-            scalars.update({f"val/{dataset}/sdr_{r}{landmark_set.unit}": v for r, v in summary["sdr"].items()})
-            self.telemetry.scalars(step, scalars)
-            panels = [draw_landmarks(img, truth, pred) for _, img, pred, truth in preds.panels]
-            self.telemetry.images(step, f"val/{dataset}", panels)
+            # rank 0 scores; an error there (e.g. an image without spacing) stops every rank
+            distributed.decide_on_rank0(lambda: results.update({dataset: self._score(step, dataset, split, preds)}))
         if self.is_main and results:
             self.last_validation = results
             self._update_best(step, results)
         return results
+
+    def _score(self, step: int, dataset: str, split: str, preds) -> dict:
+        landmark_set = self.ctx.manifest.landmark_set(dataset)
+        errors, mask = preds.errors(Protocol(landmark_set))
+        summary = summarize(errors, landmark_set.sdr_radii, mask=mask, names=landmark_set.names, image_ids=preds.ids)
+        unit = landmark_set.unit
+        scalars = {f"val/{dataset}/mre_{unit}": summary["mre"]}
+        scalars.update({f"val/{dataset}/sdr_{r}{unit}": v for r, v in summary["sdr"].items()})
+        self.telemetry.scalars(step, scalars)
+        self.telemetry.images(step, f"val/{dataset}", [draw_landmarks(img, truth, pred)
+                                                         for _, img, pred, truth in preds.panels])
+        return {"split": split, "unit": unit, "mre": summary["mre"], "sdr": summary["sdr"]}
 
     def _update_best(self, step: int, results: dict) -> None:
         if not self.ctx.track_best:

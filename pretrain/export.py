@@ -7,11 +7,10 @@ from pathlib import Path
 
 from medsapiens import bundle as bundlelib
 from medsapiens import config as configlib
-from medsapiens.engine import consolidated_state_dict, latest_tag
+from medsapiens.engine import consolidated_state_dict, latest_tag, tag_step
 from medsapiens.registry import LandmarkSet
-from medsapiens.trainer import CHECKPOINTS, validation_at
+from medsapiens.trainer import CHECKPOINTS, RESOLVED_CONFIG, RUN_INFO, validation_at
 from pretrain.config import PretrainConfig
-from pretrain.train import RESOLVED_CONFIG, RUN_INFO
 
 
 def export(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path:
@@ -24,7 +23,7 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path
     model_cfg = replace(cfg.model, checkpoint=None, grad_checkpointing=False)
     model = model_cfg.build({d: s.num_landmarks for d, s in sets.items()})
     model.load_state_dict(consolidated_state_dict(ckpt_dir, tag), strict=True)
-    step = int(tag.rsplit("_", 1)[-1])
+    step = tag_step(tag)
     provenance = {
         "stage": "pretrain",
         "run_dir": str(run_dir.resolve()),
@@ -34,5 +33,4 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path
         "validation": validation_at(run_dir, step),
         "config": configlib.to_dict(cfg),
     }
-    codec = bundlelib.CodecSettings(sigma=cfg.data.sigma, margin=cfg.data.augment.margin)
-    return bundlelib.save(out, model, bundlelib.Bundle(model_cfg, sets, codec, provenance))
+    return bundlelib.save(out, model, bundlelib.Bundle(model_cfg, sets, bundlelib.CodecSettings.of(cfg.data), provenance))

@@ -1,7 +1,6 @@
 """Pretraining: checks before the first step, model and engine set-up, then the shared training loop."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -11,11 +10,8 @@ from medsapiens import distributed, storage
 from medsapiens.engine import Engine, init_distributed, shutdown
 from medsapiens.manifest import Manifest, ManifestError, load as load_manifest
 from medsapiens.model import forward_flops, param_groups
-from medsapiens.trainer import RunContext, Trainer
+from medsapiens.trainer import RunContext, Trainer, write_run_files
 from pretrain.config import PretrainConfig
-
-RUN_INFO = "run.json"
-RESOLVED_CONFIG = "config.yaml"
 
 
 def selected_datasets(manifest: Manifest, requested: list[str]) -> list[str]:
@@ -29,7 +25,8 @@ def selected_datasets(manifest: Manifest, requested: list[str]) -> list[str]:
 
 
 def preflight(cfg: PretrainConfig) -> None:
-    """Everything that can be known wrong before the first step: manifest, datasets, shard URLs."""
+    """Everything that can be known wrong before the first step: settings, manifest, datasets, shard URLs."""
+    cfg.train.check()
     if not cfg.data.shards:
         raise ManifestError("data.shards is not set: give the shard directory or s3:// prefix")
     manifest = load_manifest(cfg.data.shards)
@@ -39,17 +36,6 @@ def preflight(cfg: PretrainConfig) -> None:
         if not storage.exists(url):
             raise ManifestError(f"shard {url} listed in {manifest.location} is unreachable")
 
-
-def write_run_info(run_dir: Path, cfg, manifest: Manifest, dataset_ids: list[str], stage: str) -> None:
-    configlib.save(cfg, run_dir / RESOLVED_CONFIG)
-    info = {
-        "stage": stage,
-        "dataset_ids": dataset_ids,
-        "landmark_sets": {d: manifest.landmark_set(d).to_dict() for d in dataset_ids},
-        "manifest": {"location": manifest.location, "sha256": manifest.digest},
-        "world_size": distributed.world_size(),
-    }
-    (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
 
 
 def run(cfg: PretrainConfig, resume: str = "auto") -> dict:
@@ -66,9 +52,8 @@ def run(cfg: PretrainConfig, resume: str = "auto") -> dict:
         run_dir = Path(cfg.run_dir)
         if distributed.rank() == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_run_info(run_dir, cfg, manifest, dataset_ids, "pretrain")
-        input_size = (cfg.model.img_size[1], cfg.model.img_size[0])
-        ctx = RunContext(run_dir, manifest, dataset_ids, input_size, cfg.data, cfg.train, configlib.digest(cfg),
+            write_run_files(run_dir, cfg, "pretrain", manifest, dataset_ids)
+        ctx = RunContext(run_dir, manifest, dataset_ids, cfg.model.input_size, cfg.data, cfg.train, configlib.digest(cfg),
                          forward_flops(cfg.model.arch, cfg.model.img_size, cfg.model.trunk_width,
                                        sum(heads.values())).total)
         trainer = Trainer(engine, model.loss, ctx)

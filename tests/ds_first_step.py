@@ -12,7 +12,7 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 from safetensors.torch import save_file
 
-from medsapiens import distributed, manifest as manifestlib
+from medsapiens import manifest as manifestlib
 from medsapiens.data.augment import AugmentConfig
 from medsapiens.data.pipeline import collate, decode_sample, read_shard, training_example
 from medsapiens.engine import Engine, OptimConfig, TrainConfig, init_distributed, shutdown
@@ -50,7 +50,9 @@ def main(shards: str, out: str, global_batch: int, zero_json: str) -> None:
     loss = model.loss(outputs, batch["target_heatmaps"], batch["target_weights"])
     engine.ds.backward(loss.total)
     grads = {name: safe_get_full_grad(p).clone() for name, p in engine.ds.module.named_parameters()}
-    mean_loss = distributed.mean_across_ranks(float(loss.total))
+    total = torch.tensor([float(loss.total)], dtype=torch.float64)
+    torch.distributed.all_reduce(total)
+    mean_loss = float(total) / world
     if rank == 0:
         save_file(grads, f"{out}.safetensors")
         with open(f"{out}.json", "w") as f:

@@ -56,9 +56,14 @@ def test_std_over_images_differs_from_std_over_landmarks():
     assert s["per_landmark"]["1"]["mre"] == pytest.approx(5.0)
 
 
-def test_mm_protocol_without_spacing_is_an_error():
-    with pytest.raises(ValueError, match="no spacing"):
-        Protocol(registry.get("leg")).unit_per_pixel(np.zeros((26, 2)), None, (100, 100))
+def test_mm_protocol_without_spacing_is_an_error_naming_the_image():
+    with pytest.raises(ValueError, match="image L7: .* has no pixel spacing"):
+        Protocol(registry.get("leg")).unit_per_pixel(np.zeros((26, 2)), None, (100, 100), "L7")
+
+
+def test_a_pixel_protocol_ignores_spacing_some_images_have():
+    spine = registry.custom("spine", ["a", "b"], unit="px")
+    assert list(Protocol(spine).unit_per_pixel(np.zeros((2, 2)), (0.2, 0.2), (100, 100))) == [1.0, 1.0]
 
 
 def _write(tmp_path, name, data):

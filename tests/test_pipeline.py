@@ -103,6 +103,26 @@ def test_augmented_image_and_targets_stay_aligned(seed):
     assert (peak - target).norm() < 1.6  # within the input pixel grid's rounding of a 4x coarser heatmap
 
 
+@pytest.mark.parametrize("image_size, blob_sigma, output", [((200, 300), 2.0, (192, 256)),
+                                                          ((1500, 2000), 12.0, (96, 128))])  # pooled first
+def test_warp_puts_each_pixel_where_the_affine_maps_it(image_size, blob_sigma, output):
+    from medsapiens.codec import apply_affine
+    from medsapiens.data.augment import random_affine, warp
+
+    at = (image_size[0] * 0.37, image_size[1] * 0.61)
+    w, h = image_size
+    ys, xs = np.mgrid[0:h, 0:w]
+    image = (255 * np.exp(-((xs - at[0]) ** 2 + (ys - at[1]) ** 2) / (2 * blob_sigma**2))).astype(np.float32)
+    for seed in range(4):
+        matrix, _ = random_affine(np.random.default_rng(seed), image_size, output,
+                                  AugmentConfig(rotation_prob=1.0, shift_prob=1.0), can_flip=True)
+        warped = warp(image, matrix, output)[0].double()
+        gy, gx = torch.meshgrid(torch.arange(output[1]), torch.arange(output[0]), indexing="ij")
+        centroid = torch.stack([(warped * gx).sum(), (warped * gy).sum()]) / warped.sum()
+        expected = apply_affine(matrix, torch.tensor([at], dtype=torch.float64))[0]
+        assert (centroid - expected).norm() < 0.15, (seed, centroid, expected)
+
+
 def test_flip_swaps_pairs_and_is_off_without_known_pairs():
     leg, chest = BUILTIN["leg"], BUILTIN["chest"]
     cfg = AugmentConfig(scale_range=(1.0, 1.0), rotation_prob=0, shift_prob=0, flip_prob=1.0, photometric_prob=0,
@@ -154,10 +174,16 @@ def test_corrupt_samples_are_skipped_then_abort_naming_the_shard(phantom_shards,
 
 def test_eval_examples_are_split_evenly_over_ranks(phantom_shards):
     manifest = manifestlib.load(phantom_shards)
-    total = manifest.datasets["leg"].splits["test"]
-    per_rank = [list(eval_examples(manifest, "leg", "test", INPUT, rank=r, world_size=3)) for r in range(3)]
-    assert {len(p) for p in per_rank} == {-(-total // 3)}
+    total = manifest.datasets["head"].splits["test1"]
+    assert len(manifest.shards_for("head", "test1")) >= 2
+    per_rank = [list(eval_examples(manifest, "head", "test1", INPUT, rank=r, world_size=2)) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1])  # equal forward passes on every rank
     ids = [e.meta["source_id"] for p in per_rank for e in p if e.valid]
     assert sorted(ids) == sorted(set(ids)) and len(ids) == total
+    assert all(ids) and {e.meta["source_id"] for e in per_rank[0] if e.valid}.isdisjoint(
+        e.meta["source_id"] for e in per_rank[1] if e.valid)
+    capped = [[e for e in eval_examples(manifest, "head", "test1", INPUT, rank=r, world_size=2, limit=5) if e.valid]
+              for r in range(2)]
+    assert max(len(c) for c in capped) == 3
     record = json.loads(json.dumps(per_rank[0][0].meta))
-    assert record["dataset"] == "leg" and record["split"] == "test"
+    assert record["dataset"] == "head" and record["split"] == "test1"

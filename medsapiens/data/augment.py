@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medsapiens.codec import apply_affine, whole_image_affine
+from medsapiens.codec import whole_image_affine
 
 IMAGENET_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
@@ -76,13 +76,17 @@ def warp(image: np.ndarray, matrix: torch.Tensor, input_size) -> torch.Tensor:
         m = m @ pool
     c, h, w = img.shape
     ow, oh = input_size
-    ys, xs = torch.meshgrid(torch.arange(oh, dtype=torch.float64), torch.arange(ow, dtype=torch.float64),
-                            indexing="ij")
-    src = apply_affine(torch.linalg.inv(m), torch.stack([xs, ys], dim=-1).reshape(-1, 2))
-    grid = torch.stack([2 * src[:, 0] / max(w - 1, 1) - 1, 2 * src[:, 1] / max(h - 1, 1) - 1], dim=-1)
-    out = F.grid_sample(img[None], grid.view(1, oh, ow, 2).float(), mode="bilinear", padding_mode="zeros",
-                        align_corners=True)
-    return out[0]
+    # affine_grid works in [-1, 1] coordinates (align_corners=True: -1 and 1 are the first and last
+    # pixel centres): theta = to_unit(source) . inverse(m) . from_unit(output).
+    theta = _to_unit(w, h) @ torch.linalg.inv(m) @ torch.linalg.inv(_to_unit(ow, oh))
+    grid = F.affine_grid(theta[None, :2].float(), [1, c, oh, ow], align_corners=True)
+    return F.grid_sample(img[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+
+
+def _to_unit(w: int, h: int) -> torch.Tensor:
+    """Pixel coordinates (centres on integers) -> [-1, 1] across the image."""
+    sx, sy = 2 / max(w - 1, 1), 2 / max(h - 1, 1)
+    return torch.tensor([[sx, 0, -1], [0, sy, -1], [0, 0, 1]], dtype=torch.float64)
 
 
 def _box_blur(img: torch.Tensor, k: int) -> torch.Tensor:

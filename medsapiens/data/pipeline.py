@@ -81,12 +81,17 @@ def resolve_val_split(manifest: Manifest, dataset: str, requested: str) -> str |
 
 def decode_sample(sample: dict, landmark_set: LandmarkSet | None = None):
     """Shard sample -> (image as float32 (H, W) or (H, W, 3) on a 0-255 scale, record dict)."""
+    where = f"sample {sample.get('__key__')} of {sample.get('__url__')}"
     try:
         meta = json.loads(sample["json"])
         pixels = decode_png(sample["png"])
     except (KeyError, OSError, ValueError) as exc:
-        raise Rejection("unreadable_image", f"{sample.get('__key__')}: {exc}") from None
-    validate_record(meta, (pixels.shape[1], pixels.shape[0]), landmark_set.num_landmarks if landmark_set else None)
+        raise Rejection("unreadable_image", f"{where}: {exc}") from None
+    try:
+        meta["visible"] = validate_record(meta, (pixels.shape[1], pixels.shape[0]),
+                                          landmark_set.num_landmarks if landmark_set else None)
+    except Rejection as exc:
+        raise Rejection(exc.reason, f"{where}: {exc.detail}") from None
     return to_float(pixels), meta
 
 
@@ -222,7 +227,7 @@ def train_batches(stream: TrainStream, start_step: int, max_steps: int, segment_
     step = start_step
     while step < max_steps:
         stream.segment_start = step
-        loader = iter(DataLoader(stream, batch_size=None, num_workers=workers,
+        loader = iter(DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                                  prefetch_factor=4 if workers else None))
         segment_end = min(max_steps, (step // segment_steps + 1) * segment_steps)
         while step < segment_end:
@@ -246,23 +251,26 @@ def eval_example(image, meta, input_size, margin: float) -> EvalExample:
 
 def eval_examples(manifest: Manifest, dataset: str, split: str, input_size, margin: float = 1.25,
                   rank: int = 0, world_size: int = 1, limit: int = 0):
-    """This rank's share of a split, in a fixed order, padded so every rank yields as many examples.
+    """This rank's share of a split: whole shards, dealt round-robin (each shard is read by one rank
+    only), in a fixed order; with `limit`, at most limit / world_size images per rank.
 
-    Ranks must run the same number of forward passes under ZeRO-3, hence the padding (marked
-    `valid=False`). A bad sample here is an error, not a skip: evaluation must see every image.
+    Ranks must run the same number of forward passes under ZeRO-3, so every rank yields as many
+    examples as the busiest one, padding with copies marked `valid=False`. A bad sample here is an
+    error, not a skip: evaluation must see every image.
     """
-    total = manifest.datasets[dataset].splits.get(split, 0)
-    if limit:
-        total = min(total, limit)
-    per_rank = -(-total // world_size)
+    shards = manifest.shards_for(dataset, split)
+    cap = -(-limit // world_size) if limit else None
+    shares = [sum(s.samples for s in shards[r::world_size]) for r in range(world_size)]
+    per_rank = max(min(share, cap) if cap else share for share in shares)
     landmark_set = manifest.landmark_set(dataset)
-    samples = itertools.chain.from_iterable(read_shard(manifest.url_of(s)) for s in manifest.shards_for(dataset, split))
-    last = None
-    for sample in itertools.islice(samples, rank, total, world_size):
+    samples = itertools.chain.from_iterable(read_shard(manifest.url_of(s)) for s in shards[rank::world_size])
+    last, count = None, 0
+    for sample in itertools.islice(samples, cap):
         image, meta = decode_sample(sample, landmark_set)
         last = eval_example(image, meta, input_size, margin)
+        count += 1
         yield last
     if last is None:
         last = EvalExample(torch.zeros(3, input_size[1], input_size[0]), torch.eye(3, dtype=torch.float64), {})
-    for _ in range(per_rank - len(range(rank, total, world_size))):
+    for _ in range(per_rank - count):
         yield EvalExample(last.image, last.matrix, last.meta, valid=False)

@@ -7,7 +7,6 @@ model's grid. Files are read with `torch.load(weights_only=True)` or safetensors
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import pickle
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from medsapiens.shard_tar import file_digest
 from medsapiens.model.archs import DEFAULT_IMG_SIZE, PATCH_SIZE, ArchSpec, get_arch
 from medsapiens.model.backbone import SapiensViT, build_backbone
 
@@ -215,7 +215,7 @@ def convert_checkpoint(path: str | Path, arch: str | ArchSpec, out: str | Path) 
             "arch": arch.name,
             GRID_METADATA_KEY: _grid_text(state.grid),
             "source": Path(path).name,
-            "source_sha256": _sha256(path),
+            "source_sha256": file_digest(path)[0],
         },
     )
     return report
@@ -288,10 +288,3 @@ def _abbreviate(keys: list[str], most: int = 8) -> str:
     shown = ", ".join(keys[:most])
     return shown + (f", ... (+{len(keys) - most} more)" if len(keys) > most else "")
 
-
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -73,5 +73,10 @@ class ModelConfig:
     checkpoint: str | None = None
     grad_checkpointing: bool = False
 
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(W, H): the order the codec and the pipeline use."""
+        return self.img_size[1], self.img_size[0]
+
     def build(self, heads: dict[str, int]) -> LandmarkModel:
         return build_model(self.arch, self.img_size, heads, self.trunk_width, self.checkpoint, self.grad_checkpointing)

@@ -91,10 +91,7 @@ def scan_split(folder: Path, split: str, spacing: dict | None):
 
 
 def scan(root: Path, options: dict):
-    table = optional_path(root, options, "spacing_csv")
-    if table is None and (root / SHIPPED_SPACING_TABLE).is_file():
-        table = root / SHIPPED_SPACING_TABLE
-    spacing = read_spacing_table(table)
+    spacing = read_spacing_table(optional_path(root, options, "spacing_csv", SHIPPED_SPACING_TABLE))
     folders = [child(root, name) for name in SPLITS]
     if not any(f.is_dir() for f in folders):
         raise ReaderError(f"{root}: no train/valid/test folder of the Aariz layout")

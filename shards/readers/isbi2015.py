@@ -16,7 +16,7 @@ from shards.readers import RawSample, Rejected, choice, first_existing, read_tex
 OPTIONS = {"gt": "mean"}
 SPLIT_RULE = "official id ranges: 001-150 train, 151-300 test1, 301 and above test2"
 LANDMARK_SET = "head"
-SPACING_MM = 0.1
+SPACING_MM = registry.get(LANDMARK_SET).native_spacing_mm
 ANNOTATORS = {"senior": ("senior",), "junior": ("junior",), "mean": ("senior", "junior")}
 IMAGE_FOLDERS = ("TrainingData", "Test1Data", "Test2Data")
 
