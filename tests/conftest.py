@@ -12,6 +12,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 DEMO_CONFIG = REPO / "launch" / "experiments" / "demo.yaml"
+SECRET = "fake-secret-that-must-never-be-printed-8c1f"
+KEY_ID = "AKIAFAKEKEYID0000042"
 
 
 def free_port() -> int:
@@ -33,6 +35,24 @@ def deepspeed_module(module: str, ranks: int, args: list[str], timeout: float = 
     """`deepspeed --num_gpus N --module M ...`: N CPU ranks on gloo through the real launcher."""
     return run([DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", module, *args],
                timeout)
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    """A real S3 endpoint on loopback (moto's server mode) with a bucket `medsapiens-test`."""
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": KEY_ID,
+           "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=KEY_ID,
+                          aws_secret_access_key=SECRET, region_name="us-east-1")
+    client.create_bucket(Bucket="medsapiens-test")
+    yield env, client
+    server.stop()
 
 
 @pytest.fixture(scope="session")

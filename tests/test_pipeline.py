@@ -61,6 +61,27 @@ def test_resumed_batches_equal_uninterrupted_ones_with_workers(phantom_shards):
     assert not same_batches(whole[0][1], whole[1][1])
 
 
+@pytest.mark.timeout(120)
+def test_training_and_evaluation_stream_from_s3(phantom_shards, s3_env, monkeypatch):
+    from medsapiens import storage
+
+    env, client = s3_env
+    for path in phantom_shards.iterdir():
+        client.upload_file(str(path), "medsapiens-test", f"pipeline/{path.name}")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    storage._client_for_pid.cache_clear()
+    manifest = manifestlib.load("s3://medsapiens-test/pipeline")
+    assert manifest.url_of(manifest.shards[0]).startswith("s3://medsapiens-test/pipeline/")
+    stream = TrainStream(manifest, small_config(), ["head", "hand"], INPUT, seed=0, rank=0)
+    batches = list(train_batches(stream, 0, 2, segment_steps=2, grad_accum=1, workers=2))  # worker processes
+    assert [b[0]["images"].shape[0] for _, b in batches] == [4, 4]
+    local = TrainStream(manifestlib.load(phantom_shards), small_config(), ["head", "hand"], INPUT, seed=0, rank=0)
+    assert same_batches(batches[0][1], next(iter(train_batches(local, 0, 1, 2, 1, workers=2)))[1])
+    examples = list(eval_examples(manifest, "leg", "test", INPUT))
+    assert len(examples) == manifest.datasets["leg"].splits["test"]
+
+
 def test_mixture_weights(phantom_shards):
     manifest = manifestlib.load(phantom_shards)
     sizes = np.array([manifest.datasets[d].splits["train"] for d in ("head", "leg")], dtype=float)

@@ -15,26 +15,7 @@ from PIL import Image
 
 from shards.phantoms import write_phantoms
 
-REPO = Path(__file__).resolve().parents[1]
-SECRET = "fake-secret-that-must-never-be-printed-8c1f"
-KEY_ID = "AKIAFAKEKEYID0000042"
-
-
-@pytest.fixture(scope="module")
-def s3_env():
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": KEY_ID,
-           "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=KEY_ID,
-                          aws_secret_access_key=SECRET, region_name="us-east-1")
-    client.create_bucket(Bucket="medsapiens-test")
-    yield env, client
-    server.stop()
+from conftest import KEY_ID, REPO, SECRET
 
 
 def noise_dataset(root: Path) -> Path:
