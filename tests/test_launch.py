@@ -280,6 +280,9 @@ def test_the_sapiens_recipes_differ_only_in_size_dependent_keys():
 CTRL_C_CHILD = """
 import signal, subprocess, sys, time
 from pathlib import Path
+# The stand-in for DeepSpeed's runner handles SIGINT itself, as the runner does, whatever the test
+# inherited (a background job, e.g. on CI, starts with SIGINT ignored).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 # A 'rank' that ignores SIGINT, as a stuck one would: only the launcher's clean-up can stop it.
 rank = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)"])
 Path(sys.argv[1]).write_text(str(rank.pid))
