@@ -138,9 +138,8 @@ def run_one(cfg: FinetuneConfig) -> dict | None:
     device = engine.device
     del engine, trainer, model
     tag = best[0]["tag"] if best[0] else latest_tag(run_dir / CHECKPOINTS)
-    if distributed.rank() == 0:
-        export_best(cfg, run_dir, tag, model_cfg, landmark_set, origin, best[0] and best[0]["validation"])
-    distributed.barrier()
+    validation = best[0] and best[0]["validation"]
+    distributed.decide_on_rank0(lambda: export_best(cfg, run_dir, tag, model_cfg, landmark_set, origin, validation))
     model, bundle = bundlelib.load(run_dir / "bundle", device)
     reports = {split: evaluate_model(model, bundle, manifest, cfg.dataset, split, run_dir / "eval" / split,
                                      flip_test=cfg.flip_test, batch_size=cfg.data.micro_batch,

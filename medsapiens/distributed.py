@@ -22,11 +22,6 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def decide_on_rank0(check) -> None:
     """Run `check()` on rank 0 only; if it raises, every rank raises the same error.
 
