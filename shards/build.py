@@ -162,7 +162,10 @@ def assemble_manifest(sources, scan: Scan, stats: list[dict], settings: dict, di
         for s in stats:
             if s["dataset"] == dataset and s["samples"]:
                 splits[s["split"]] += s["samples"]
-        info = {**source.describe(), "spacing_from": spacing_sources(scan.samples[dataset])}
+        info = {**source.describe(), "spacing_from": spacing_sources(scan.samples[dataset]),
+                "validation": scan.validation[dataset]}
+        if scan.unlabelled.get(dataset):
+            info["unlabelled_images"] = scan.unlabelled[dataset]
         datasets[dataset] = DatasetInfo(source.landmark_set, dict(splits), info)
     shards = [ShardInfo(s["shard"], s["dataset"], s["split"], s["samples"], s["bytes"], s["sha256"])
               for s in stats if s["samples"]]
@@ -219,15 +222,41 @@ def build(specs: list[SourceSpec], options: BuildOptions) -> BuildResult:
     return BuildResult(manifest, rejected, len(todo), len(tasks) - len(todo))
 
 
+def validation_text(validation: dict) -> str:
+    if validation.get("rule") == "carved from train":
+        return (f"val carved from train: {len(validation['ids'])} id(s), fraction {validation['fraction']:g}, "
+                f"seed {validation['seed']}")
+    return f"val: {validation.get('rule', 'unknown')}"
+
+
+def missing_splits(splits: dict[str, int]) -> list[str]:
+    """Which of train, val and test (any test* split) a dataset has no sample in."""
+    present = {split for split, count in splits.items() if count}
+    return [s for s in ("train", "val") if s not in present] + \
+        ([] if any(s.startswith("test") for s in present) else ["test"])
+
+
+def dataset_summary(name: str, info: DatasetInfo) -> list[str]:
+    splits = ", ".join(f"{split} {count}" for split, count in sorted(info.splits.items())) or "no samples"
+    validation = validation_text(info.source.get("validation", {}))
+    line = f"  {name} (K={info.landmark_set.num_landmarks}): {splits}; {validation}"
+    if info.source.get("unlabelled_images"):
+        line += f"; {info.source['unlabelled_images']} unlabelled image(s) are not inputs"
+    missing = missing_splits(info.splits)
+    if not missing:
+        return [line]
+    return [line, f"  warning: {name} has no {', '.join(missing)} split: its split rule leaves it empty for these "
+                  "inputs (options and rules: docs/splits.md)"]
+
+
 def summary_lines(result: BuildResult) -> list[str]:
-    """What a build did, in the words `inputs = written + rejected`."""
+    """What a build did, in the words `inputs = written + rejected`, and how each dataset was split."""
     m = result.manifest
     lines = [f"inputs {m.inputs} = written {m.written} + rejected {m.rejected} "
              f"({result.shards_written} shard(s) written, {result.shards_skipped} already complete)"]
     for reason, count in sorted(Counter(r["reason"] for r in result.rejected).items()):
         lines.append(f"  rejected {reason}: {count}")
     for name, info in sorted(m.datasets.items()):
-        splits = ", ".join(f"{split} {count}" for split, count in sorted(info.splits.items())) or "no samples"
-        lines.append(f"  {name} (K={info.landmark_set.num_landmarks}): {splits}")
+        lines += dataset_summary(name, info)
     lines.append(f"manifest {storage.join(m.location, MANIFEST_NAME)}; rejections {storage.join(m.location, REJECTED_NAME)}")
     return lines

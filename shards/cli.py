@@ -26,7 +26,9 @@ def register(subparsers) -> None:
         "build", help="read datasets in their native layouts and write shards + manifest.json",
         description="Sources: ID=PATH reads a registry dataset (head, hand, chest, leg, aariz) with its native "
         "reader; ID:READER=PATH picks a reader (isbi2015, hand, chest, leg, coco, aariz, dicom), e.g. "
-        "spine:coco=ann.json. Reader options: --opt ID.KEY=VALUE, e.g. --opt head.gt=senior.",
+        "spine:coco=ann.json. Reader options: --opt ID.KEY=VALUE, e.g. --opt head.gt=senior. Every source also "
+        "takes val_fraction (default 0.1) and val_seed (0): where it has no val split, a seeded one is carved "
+        "from train, never from a test split (docs/splits.md).",
     )
     build.add_argument("--source", action="append", default=[], metavar="ID[:READER]=PATH", help="repeatable")
     build.add_argument("--out", required=True, help="directory or s3://bucket/prefix")

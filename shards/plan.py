@@ -1,6 +1,8 @@
 """Planning a build: sources -> enumerated, de-duplicated inputs -> shard tasks with fingerprints.
 
 Everything here is cheap (annotations, file stats); pixels are left to the writer's workers.
+Shared by every reader: a registry set's native spacing where the source gives none, and a val
+split carved from train where the source has none (docs/splits.md).
 """
 from __future__ import annotations
 
@@ -13,11 +15,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from medsapiens import registry
 from medsapiens.record import sample_key
 from medsapiens.registry import LandmarkSet
 from shards import readers
-from shards.readers import RawSample, ReaderError, Rejected
+from shards.readers import RawSample, ReaderError, Rejected, Unlabelled
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9-]+$")
 
@@ -93,6 +97,7 @@ def open_source(spec: SourceSpec) -> Source:
     try:
         reader = readers.load(name)
         options = readers.resolve_options(reader, spec.options)
+        validation_settings(options)
     except ReaderError as exc:
         raise PlanError(f"--source {spec.dataset}: {exc}") from None
     return Source(spec, name, root, options, native_landmark_set(spec.dataset, reader))
@@ -127,30 +132,29 @@ def rejection_entry(dataset: str, source: str, source_id: str, reason: str, deta
 
 @dataclass
 class Scan:
-    """What enumerating the sources found: usable inputs per dataset and the rejected ones."""
+    """What enumerating the sources found: usable inputs per dataset and the rejected ones; per
+    dataset how its val split was obtained and how many files were not inputs (Unlabelled)."""
 
     samples: dict[str, list[RawSample]] = field(default_factory=dict)
     rejected: list[dict] = field(default_factory=list)
+    validation: dict[str, dict] = field(default_factory=dict)
+    unlabelled: dict[str, int] = field(default_factory=dict)
 
     @property
     def inputs(self) -> int:
         return sum(map(len, self.samples.values())) + len(self.rejected)
 
 
-def scan_source(source: Source, scan: Scan) -> None:
-    """Enumerate one source into `scan`: missing images and duplicate ids become rejections."""
-    dataset, kept = source.spec.dataset, []
+def checked_inputs(dataset: str, items: list, rejected: list[dict]) -> list[RawSample]:
+    """The reader's samples less its rejections, missing images and duplicate ids (the first is
+    kept); every one left out is appended to `rejected`."""
+    kept = []
     seen_ids: dict[str, RawSample] = {}
     seen_keys: dict[str, RawSample] = {}
-    reader = readers.load(source.reader_name)
 
     def reject(where: str, source_id: str, reason: str, detail: str) -> None:
-        scan.rejected.append(rejection_entry(dataset, where, source_id, reason, detail))
+        rejected.append(rejection_entry(dataset, where, source_id, reason, detail))
 
-    try:
-        items = list(reader.scan(source.root, source.options))
-    except ReaderError as exc:
-        raise PlanError(f"--source {dataset}: {exc}") from None
     for item in items:
         if isinstance(item, Rejected):
             reject(item.source, item.source_id, item.reason, item.detail)
@@ -170,11 +174,71 @@ def scan_source(source: Source, scan: Scan) -> None:
             reject(item.image, item.source_id, "missing_image", f"no image file {item.image}")
             continue
         kept.append(item)
-    if not items:
-        raise PlanError(f"--source {dataset}: reader {source.reader_name!r} found no inputs in {source.root}")
-    scan.samples[dataset] = kept
+    return kept
+
+
+def with_native_spacing(dataset: str, samples: list[RawSample]) -> list[RawSample]:
+    """A registry set with a fixed spacing (head: 0.1 mm/px) lends it to samples whose source gives none."""
+    spacing = registry.BUILTIN[dataset].native_spacing_mm if dataset in registry.BUILTIN else None
+    if spacing is None:
+        return samples
+    label = f"registry {dataset!r} native {spacing:g} mm/px"
+    return [s if s.spacing_mm else dataclasses.replace(s, spacing_mm=(spacing, spacing), spacing_from=label)
+            for s in samples]
+
+
+def validation_settings(options: dict) -> tuple[float, int]:
+    """(val_fraction, val_seed) of the carve, checked."""
+    fraction, seed = readers.number(options, "val_fraction"), readers.number(options, "val_seed", int)
+    if not 0 < fraction < 1:
+        raise ReaderError(f"option val_fraction={options['val_fraction']!r} must lie between 0 and 1")
+    return fraction, seed
+
+
+def carve_count(n: int, fraction: float) -> int:
+    """How many of n train samples become val: round(n * fraction), at least 1 and at most n - 1 (n >= 2)."""
+    return min(max(round(n * fraction), 1), n - 1) if n >= 2 else 0
+
+
+def carve_validation(samples: list[RawSample], options: dict) -> tuple[list[RawSample], dict]:
+    """A val split from train: the train ids in natural order, shuffled by numpy default_rng(val_seed);
+    the first carve_count of them become val. Returns the samples and the manifest's record."""
+    fraction, seed = validation_settings(options)
+    train = sorted((s.source_id for s in samples if s.split == "train"), key=readers.natural_key)
+    order = np.random.default_rng(seed).permutation(len(train))
+    val = {train[i] for i in order[:carve_count(len(train), fraction)]}
+    carved = [dataclasses.replace(s, split="val") if s.split == "train" and s.source_id in val else s
+              for s in samples]
+    return carved, {"rule": "carved from train", "fraction": fraction, "seed": seed,
+                    "ids": sorted(val, key=readers.natural_key)}
+
+
+def with_validation(source: Source, samples: list[RawSample]) -> tuple[list[RawSample], dict]:
+    """The source's own val split where it has one (its rule recorded), else one carved from train."""
+    if any(s.split == "val" for s in samples):
+        return samples, {"rule": readers.validation_rule(readers.load(source.reader_name), source.options)}
+    return carve_validation(samples, source.options)
+
+
+def scan_source(source: Source, scan: Scan) -> None:
+    """Enumerate one source into `scan` (see checked_inputs), then give it the registry's native
+    spacing where needed and a val split where it has none."""
+    dataset = source.spec.dataset
+    reader = readers.load(source.reader_name)
+    try:
+        items = list(reader.scan(source.root, source.options))
+    except ReaderError as exc:
+        raise PlanError(f"--source {dataset}: {exc}") from None
+    inputs = [i for i in items if not isinstance(i, Unlabelled)]
+    if not inputs:
+        unlabelled = f" ({len(items)} unlabelled file(s))" if items else ""
+        raise PlanError(f"--source {dataset}: reader {source.reader_name!r} found no inputs in {source.root}"
+                        f"{unlabelled}")
+    kept = with_native_spacing(dataset, checked_inputs(dataset, inputs, scan.rejected))
     if reader.LANDMARK_SET is None:
         source.landmark_set = data_landmark_set(source, kept)
+    scan.samples[dataset], scan.validation[dataset] = with_validation(source, kept)
+    scan.unlabelled[dataset] = len(items) - len(inputs)
 
 
 def canonical_digest(value) -> str:

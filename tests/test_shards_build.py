@@ -125,8 +125,9 @@ def test_rebuild_is_byte_identical_and_tar_lists_key_pairs(phantoms, tmp_path):
     assert listed == [f"{k}.{ext}" for k in keys for ext in ("png", "json")]
     assert all(k.startswith("hand_train_") for k in keys)
     manifest = load(one)
-    assert {d: info.splits for d, info in manifest.datasets.items()}["head"] == {"train": 2, "test1": 2, "test2": 1}
-    assert manifest.build["max_side"] == 96 and manifest.datasets["hand"].source["options"]["split"] == "seeded"
+    assert {d: info.splits for d, info in manifest.datasets.items()}["head"] == {"train": 1, "val": 1, "test1": 2,
+                                                                                 "test2": 1}  # val carved
+    assert manifest.build["max_side"] == 96 and manifest.datasets["hand"].source["options"]["split"] == "gu2net"
     assert manifest.datasets["leg"].source["spacing_from"] == {"meta.json spacing [sy, sx]": 5}
 
 

@@ -88,13 +88,15 @@ def test_hand_phantoms_read_from_all_csv(phantoms):
 
 def test_hand_split_options():
     ids = [str(3000 + i) for i in range(700)]
-    seeded = hand.assign_splits(ids, readers.resolve_options(hand, {}))
+    default = hand.assign_splits(ids, readers.resolve_options(hand, {}))
+    assert [default[i] for i in ids] == ["train"] * 550 + ["val"] * 59 + ["test"] * 91  # GU2Net's, the default
+    assert default == hand.assign_splits(list(reversed(ids)), readers.resolve_options(hand, {}))
+    seeded_options = readers.resolve_options(hand, {"split": "seeded"})
+    seeded = hand.assign_splits(ids, seeded_options)
     counts = {name: list(seeded.values()).count(name) for name in ("train", "val", "test")}
     assert counts == {"test": round(700 * 0.32), "val": round(700 * 0.066), "train": 700 - 224 - 46}
-    assert seeded == hand.assign_splits(list(reversed(ids)), readers.resolve_options(hand, {}))  # order-free
-    assert seeded != hand.assign_splits(ids, readers.resolve_options(hand, {"seed": "1"}))
-    gu2net = hand.assign_splits(ids, readers.resolve_options(hand, {"split": "gu2net"}))
-    assert [gu2net[i] for i in ids] == ["train"] * 550 + ["val"] * 59 + ["test"] * 91
+    assert seeded == hand.assign_splits(list(reversed(ids)), seeded_options)  # order-free
+    assert seeded != hand.assign_splits(ids, {**seeded_options, "seed": "1"})
 
 
 def test_hand_reports_rows_and_images_without_a_partner(tmp_path):

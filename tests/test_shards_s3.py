@@ -18,7 +18,8 @@ from conftest import KEY_ID, REPO, SECRET
 
 
 def noise_dataset(root: Path) -> Path:
-    """Four 16-bit noise images (PNG barely compresses noise): one shard of ~8 MB, uploaded in parts."""
+    """Four 16-bit noise images (PNG barely compresses noise): a train shard of three (one is carved
+    into val) of ~6 MB, uploaded in parts."""
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)
     images, annotations = [], []
@@ -55,9 +56,9 @@ def test_build_inspect_verify_and_stream_a_shard_on_s3(s3_env, tmp_path, monkeyp
     assert json.loads(stats["Body"].read())["samples"] == manifest["datasets"]["hand"]["splits"]["train"]
 
     rerun = cli(env, "build", *sources, "--out", url, "--workers", 2, "--multipart-mb", 5)
-    assert "(0 shard(s) written, 5 already complete)" in rerun.stdout, rerun.stderr
+    assert "(0 shard(s) written, 7 already complete)" in rerun.stdout, rerun.stderr
     inspected = cli(env, "inspect", url, "--sheet", tmp_path / "sheet.png")
-    assert inspected.returncode == 0 and "noise: K=2, train 4" in inspected.stdout, inspected.stderr
+    assert inspected.returncode == 0 and "noise: K=2, train 3, val 1" in inspected.stdout, inspected.stderr
     assert (tmp_path / "sheet.png").stat().st_size > 1000
     verified = cli(env, "verify", url)
     assert verified.returncode == 0 and "12 samples verified, no problems" in verified.stdout, verified.stderr
@@ -72,7 +73,8 @@ def test_build_inspect_verify_and_stream_a_shard_on_s3(s3_env, tmp_path, monkeyp
     storage._client_for_pid.cache_clear()  # clients made before the endpoint was set must not be reused
     storage.register_webdataset_opener()
     samples = list(wds.WebDataset(f"{url}/{noise['url']}", shardshuffle=False))
-    assert [s["__key__"] for s in samples] == [f"noise_train_n{i}" for i in range(4)]
+    carved = manifest["datasets"]["noise"]["source"]["validation"]["ids"]
+    assert [s["__key__"] for s in samples] == [f"noise_train_n{i}" for i in range(4) if f"n{i}" not in carved]
     record = json.loads(samples[0]["json"])
     stored = Image.open(io.BytesIO(samples[0]["png"]))
     assert stored.mode == "I;16" and stored.size == (1000, 1000) and record["landmarks"][1] == [500.0, 600.0]

@@ -9,18 +9,27 @@ A reader module defines:
   OPTIONS       {name: default} of the options it accepts (`--opt ID.KEY=VALUE`); values are strings
   SPLIT_RULE    one line saying how splits are assigned (copied into the manifest)
   LANDMARK_SET  the registry id whose landmarks it reads, or None when the data defines them
-  scan(root: Path, options: dict) -> Iterator[RawSample | Rejected]
+  scan(root: Path, options: dict) -> Iterator[RawSample | Rejected | Unlabelled]
   landmark_names(root, options) -> (names, flip_pairs)   only where LANDMARK_SET is None
+  validation_rule(options) -> str   optional: how the reader's own `val` split is made
+                                    (default "source split")
+
+Every source also accepts the VALIDATION_OPTIONS: where the reader yields no `val` split, the
+plan carves one from `train` (shards/plan.py, docs/splits.md). A reader that has an option of
+the same name (hand's `val_fraction`) sets its default.
 """
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 READERS = ("isbi2015", "hand", "chest", "leg", "coco", "aariz", "dicom")
 NATIVE_READER = {"head": "isbi2015", "hand": "hand", "chest": "chest", "leg": "leg", "aariz": "aariz"}
+VALIDATION_OPTIONS = {"val_fraction": "0.1", "val_seed": "0"}
+DATA = Path(__file__).parent / "data"
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,15 @@ class Rejected:
     detail: str
 
 
+@dataclass(frozen=True)
+class Unlabelled:
+    """A file in the layout that is not an input of the landmark dataset (e.g. an image the
+    landmark labels leave out): counted in the manifest, neither built nor rejected."""
+
+    source_id: str
+    source: str
+
+
 class ReaderError(ValueError):
     """A problem with the reader's configuration (not with one sample): the build cannot start."""
 
@@ -61,14 +79,26 @@ def load(name: str) -> ModuleType:
     return importlib.import_module(f"shards.readers.{name}")
 
 
+def accepted_options(reader: ModuleType) -> dict[str, str | None]:
+    """The reader's OPTIONS, then the VALIDATION_OPTIONS it does not define itself: {name: default}."""
+    return {**reader.OPTIONS, **{k: v for k, v in VALIDATION_OPTIONS.items() if k not in reader.OPTIONS}}
+
+
 def resolve_options(reader: ModuleType, given: dict[str, str]) -> dict[str, str | None]:
-    """The reader's defaults updated with `given`; an unknown name is an error listing the valid ones."""
+    """The defaults updated with `given`; an unknown name is an error listing the valid ones."""
     name = reader.__name__.rsplit(".", 1)[-1]
-    unknown = sorted(set(given) - set(reader.OPTIONS))
+    accepted = accepted_options(reader)
+    unknown = sorted(set(given) - set(accepted))
     if unknown:
-        valid = ", ".join(reader.OPTIONS) or "none"
-        raise ReaderError(f"reader {name!r} has no option {', '.join(map(repr, unknown))}; valid options: {valid}")
-    return {**reader.OPTIONS, **given}
+        raise ReaderError(f"reader {name!r} has no option {', '.join(map(repr, unknown))}; "
+                          f"valid options: {', '.join(accepted)}")
+    return {**accepted, **given}
+
+
+def validation_rule(reader: ModuleType, options: dict) -> str:
+    """How the reader's own val split is made, for the manifest."""
+    rule = getattr(reader, "validation_rule", None)
+    return rule(options) if rule else "source split"
 
 
 def choice(options: dict, key: str, allowed: tuple[str, ...]) -> str:
@@ -105,6 +135,11 @@ def first_existing(candidates) -> Path:
 
 def read_text(path: Path) -> str:
     return path.read_text(encoding="utf-8-sig", errors="strict")
+
+
+def natural_key(text: str) -> list:
+    """Sort key comparing digit runs as numbers: 'L2' < 'L10', '9' < '10'."""
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", text))]  # odd: digit runs
 
 
 def order_split(n: int, fractions: tuple[float, ...], names: tuple[str, ...]) -> list[str]:

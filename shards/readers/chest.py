@@ -6,7 +6,10 @@
 
 A ratio becomes a pixel position as x = rx * W, y = ry * H (GU2Net's `round(ratio * size)`,
 kept unrounded), so the reader reads each PNG's header for its size (not its pixels).
-Split in name order as GU2Net: the first 195/279 train, the next 34/279 val, the rest test.
+The inputs are the labelled names (those with a labels/<name>.txt): the Shenzhen folder has 662
+PNGs, GU2Net labelled 279. PNGs without a label are reported as `Unlabelled` (counted, not
+rejected). Split over the labelled names in sorted order as GU2Net: the first 195/279 train, the
+next 34/279 val, the rest test (195/34/50 on the real set).
 """
 from __future__ import annotations
 
@@ -14,11 +17,17 @@ from pathlib import Path
 
 from PIL import Image
 
-from shards.readers import RawSample, Rejected, order_split, read_text
+from shards.readers import RawSample, Rejected, Unlabelled, order_split, read_text
 
 OPTIONS: dict[str, str] = {}
-SPLIT_RULE = "name order: first round(n*195/279) train, next round(n*34/279) val, rest test (GU2Net)"
+SPLIT_RULE = ("labelled names in order: first round(n*195/279) train, next round(n*34/279) val, rest test "
+              "(GU2Net); PNGs without a label are not inputs")
 LANDMARK_SET = "chest"
+GU2NET_FRACTIONS = (195 / 279, 34 / 279)
+
+
+def validation_rule(options: dict) -> str:
+    return "gu2net name order: the 34/279 after the first 195/279"
 
 
 def parse_ratios(path: Path) -> list[tuple[float, float]]:
@@ -35,13 +44,14 @@ def parse_ratios(path: Path) -> list[tuple[float, float]]:
 
 
 def scan(root: Path, options: dict):
-    names = sorted({p.stem for p in (root / "pngs").glob("*.png")} | {p.stem for p in (root / "labels").glob("*.txt")})
-    splits = order_split(len(names), (195 / 279, 34 / 279), ("train", "val", "test"))
+    names = sorted(p.stem for p in (root / "labels").glob("*.txt"))
+    labelled = set(names)
+    for image in sorted((root / "pngs").glob("*.png")):
+        if image.stem not in labelled:
+            yield Unlabelled(image.stem, str(image))
+    splits = order_split(len(names), GU2NET_FRACTIONS, ("train", "val", "test"))
     for name, split in zip(names, splits):
         image, label = root / "pngs" / f"{name}.png", root / "labels" / f"{name}.txt"
-        if not label.is_file():
-            yield Rejected(name, str(image), "missing_annotation", f"no label file {label}")
-            continue
         if not image.is_file():
             yield Rejected(name, str(label), "missing_image", f"no image {image}")
             continue

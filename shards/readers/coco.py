@@ -6,8 +6,14 @@
 
 The source path is one JSON or a directory of them. A file's split comes from `_train_`,
 `_val_`/`_valid_` or `_test_` in its name, else from the `split` option. Images are looked up
-relative to the JSON's directory, then in its `images/` subdirectory. v = 0 marks a landmark
-invisible (its position is ignored); v = 1 or 2 visible (its position is known).
+relative to the JSON's directory, then in its `images/` and `Images/` subdirectories (MedSapiens'
+`data/med_sapien/Images`). v = 0 marks a landmark invisible (its position is ignored); v = 1 or 2
+visible (its position is known).
+
+Spacing: an image's own `spacing` [sx, sy] wins; else, for a file named
+`<set>_coco_<split>_annotations.json`, the MedSapiens meta file beside it,
+`<set>_meta_json/<image id>_meta.json` (or `<file stem>_meta.json`), whose `spacing` is
+[sy, sx] (reversed here); else none (the plan may still give a registry set its native spacing).
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ OPTIONS = {"split": "train"}
 SPLIT_RULE = "from _train_/_val_/_valid_/_test_ in the JSON file name, else the split option"
 LANDMARK_SET = None
 SPLIT_IN_NAME = re.compile(r"(?:^|[_.-])(train|val|valid|test)(?=[_.-])")
+MEDSAPIENS_NAME = re.compile(r"^(?P<set>.+)_coco_(?:train|val|valid|test)_annotations\.json$")
+IMAGE_DIRS = (".", "images", "Images")
 
 
 def annotation_files(root: Path) -> list[Path]:
@@ -74,15 +82,40 @@ def parse_keypoints(values) -> tuple[tuple, tuple]:
     return tuple((float(x), float(y)) for x, y, _ in triples), tuple(int(v > 0) for _, _, v in triples)
 
 
-def parse_spacing(entry: dict):
-    if entry.get("spacing") is None:
+def meta_folder(path: Path) -> Path | None:
+    """MedSapiens' `<set>_meta_json/` beside a `<set>_coco_<split>_annotations.json`, where present."""
+    found = MEDSAPIENS_NAME.match(path.name)
+    folder = path.parent / f"{found['set']}_meta_json" if found else None
+    return folder if folder and folder.is_dir() else None
+
+
+def meta_file(meta: Path | None, entry: dict) -> Path | None:
+    """An image's MedSapiens meta file: `<image id>_meta.json` (what MedSapiens' evaluation opens),
+    else `<file stem>_meta.json`."""
+    if meta is None:
         return None
-    return tuple(float(v) for v in entry["spacing"])
+    stems = (str(entry.get("id")), PurePosixPath(str(entry.get("file_name", ""))).stem)
+    return next((meta / f"{s}_meta.json" for s in stems if (meta / f"{s}_meta.json").is_file()), None)
+
+
+def parse_spacing(entry: dict, meta: Path | None) -> tuple[tuple | None, str]:
+    """(spacing (x, y) or None, where it came from): the image's own, else its meta file's [sy, sx]."""
+    if entry.get("spacing") is not None:
+        return tuple(float(v) for v in entry["spacing"]), "COCO image spacing [sx, sy]"
+    path = meta_file(meta, entry)
+    if path is None:
+        return None, "none"
+    try:
+        sy, sx = (float(v) for v in json.loads(read_text(path))["spacing"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path} has no spacing [sy, sx] ({exc!r})") from None
+    return (sx, sy), f"{meta.name}/<id>_meta.json spacing [sy, sx]"
 
 
 def scan_file(path: Path, default_split: str):
     data = load_json(path)
     split = split_from_name(path, default_split)
+    meta = meta_folder(path)
     by_image = defaultdict(list)
     images = {entry["id"]: entry for entry in data["images"]}
     for number, ann in enumerate(data["annotations"]):
@@ -102,14 +135,14 @@ def scan_file(path: Path, default_split: str):
             continue
         try:
             points, visible = parse_keypoints(anns[0].get("keypoints", []))
-            spacing = parse_spacing(entry)
+            spacing, spacing_from = parse_spacing(entry, meta)
         except (TypeError, ValueError) as exc:
             yield Rejected(source_id, str(path), "bad_annotation", f"{where}: {exc}")
             continue
         size = (int(entry["width"]), int(entry["height"])) if entry.get("width") and entry.get("height") else None
         yield RawSample(
-            source_id, split, str(first_existing([path.parent / name, path.parent / "images" / name])),
-            points, visible, spacing, "COCO image spacing [sx, sy]" if spacing else "none", size,
+            source_id, split, str(first_existing(path.parent / folder / name for folder in IMAGE_DIRS)),
+            points, visible, spacing, spacing_from, size,
         )
 
 

@@ -3,9 +3,12 @@
     jpg/<image_id>.jpg
     all.csv    rows `image_id,x0,y0,...,x36,y36` (float pixels), no header
 
-No official split: `split=seeded` (default) shuffles the sorted ids with `seed` and takes
-`test_fraction`, then `val_fraction`, the rest train; `split=gu2net` takes ids in order:
-550 train, 59 val, the rest test. No pixel spacing: errors are normalised by the wrist width.
+No official split: `split=gu2net` (default, GU2Net's, Zhu et al. MICCAI 2021) takes the ids in
+natural order: 550 train, 59 val, the rest test (with fewer than 610 images the test split is
+empty: the build summary warns); `split=seeded` shuffles the sorted ids with `seed` and takes
+`test_fraction`, then `val_fraction`, the rest train (`val_fraction` is also the fraction the
+plan carves from train when gu2net leaves val empty). No pixel spacing: errors are normalised by
+the wrist width.
 """
 from __future__ import annotations
 
@@ -14,22 +17,25 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.readers import RawSample, ReaderError, Rejected, choice, number, order_split, read_text
+from shards.readers import RawSample, ReaderError, Rejected, choice, natural_key, number, order_split, read_text
 
-OPTIONS = {"split": "seeded", "seed": "0", "val_fraction": "0.066", "test_fraction": "0.32"}
-SPLIT_RULE = ("split=seeded: sorted ids shuffled by numpy default_rng(seed), first test_fraction test, "
-              "next val_fraction val, rest train; split=gu2net: id order, 550 train, 59 val, rest test")
+OPTIONS = {"split": "gu2net", "seed": "0", "val_fraction": "0.066", "test_fraction": "0.32"}
+SPLIT_RULE = ("split=gu2net: id order, 550 train, 59 val, rest test; split=seeded: sorted ids shuffled by "
+              "numpy default_rng(seed), first test_fraction test, next val_fraction val, rest train")
 LANDMARK_SET = "hand"
+SPLIT_CHOICES = ("gu2net", "seeded")
 GU2NET_COUNTS = (550, 59)
 
 
-def natural_key(image_id: str):
-    return (0, int(image_id), "") if image_id.isdigit() else (1, 0, image_id)
+def validation_rule(options: dict) -> str:
+    if options["split"] == "gu2net":
+        return "gu2net id order: the 59 after the first 550"
+    return f"seeded: {options['val_fraction']} of the ids shuffled with seed {options['seed']}"
 
 
 def assign_splits(ids: list[str], options: dict) -> dict[str, str]:
     ordered = sorted(ids, key=natural_key)
-    if choice(options, "split", ("seeded", "gu2net")) == "gu2net":
+    if choice(options, "split", SPLIT_CHOICES) == "gu2net":
         n = len(ordered)
         names = order_split(n, (GU2NET_COUNTS[0] / n, GU2NET_COUNTS[1] / n) if n else (0, 0), ("train", "val", "test"))
         return dict(zip(ordered, names))

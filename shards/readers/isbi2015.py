@@ -4,7 +4,9 @@
     AnnotationsByMD/400_senior/NNN.txt, AnnotationsByMD/400_junior/NNN.txt
         one `x,y` line per landmark in image pixels; the first 19 lines are the landmarks
 
-The split follows the official id ranges (the image may sit in any RawImage folder).
+The split follows the official id ranges (the image may sit in any RawImage folder). There is no
+official val: `val=seeded` (default) leaves it to the plan's seeded carve from train
+(docs/splits.md); `val=gu2net` takes GU2Net's ids 131-150 (Zhu et al., MICCAI 2021: 130 train, 20 val).
 """
 from __future__ import annotations
 
@@ -13,16 +15,25 @@ from pathlib import Path
 from medsapiens import registry
 from shards.readers import RawSample, Rejected, choice, first_existing, read_text
 
-OPTIONS = {"gt": "mean"}
-SPLIT_RULE = "official id ranges: 001-150 train, 151-300 test1, 301 and above test2"
+OPTIONS = {"gt": "mean", "val": "seeded"}
+SPLIT_RULE = ("official id ranges: 001-150 train, 151-300 test1, 301 and above test2; "
+              "val=seeded: val carved from train; val=gu2net: 131-150 val")
 LANDMARK_SET = "head"
 SPACING_MM = registry.get(LANDMARK_SET).native_spacing_mm
 ANNOTATORS = {"senior": ("senior",), "junior": ("junior",), "mean": ("senior", "junior")}
 IMAGE_FOLDERS = ("TrainingData", "Test1Data", "Test2Data")
+VAL_CHOICES = ("seeded", "gu2net")
+GU2NET_VAL = range(131, 151)
 
 
-def split_of(number: int) -> str:
+def split_of(number: int, val: str = "seeded") -> str:
+    if val == "gu2net" and number in GU2NET_VAL:
+        return "val"
     return "train" if number <= 150 else "test1" if number <= 300 else "test2"
+
+
+def validation_rule(options: dict) -> str:
+    return "gu2net ids 131-150" if options["val"] == "gu2net" else "source split"
 
 
 def parse_points(path: Path, k: int) -> list[tuple[float, float]]:
@@ -49,6 +60,7 @@ def annotation_path(root: Path, who: str, image_id: str) -> Path:
 
 def scan(root: Path, options: dict):
     who = ANNOTATORS[choice(options, "gt", tuple(ANNOTATORS))]
+    val = choice(options, "val", VAL_CHOICES)
     k = registry.get(LANDMARK_SET).num_landmarks
     folders = sorted(p for p in (root / "RawImage").glob("*") if p.is_dir()) or [root / "RawImage" / IMAGE_FOLDERS[0]]
     ids = image_ids(root) | {p.stem for w in who for p in (root / "AnnotationsByMD" / f"400_{w}").glob("*.txt")}
@@ -70,7 +82,7 @@ def scan(root: Path, options: dict):
         points = [tuple(sum(p[i][axis] for p in per_doctor) / len(per_doctor) for axis in (0, 1)) for i in range(n)]
         yield RawSample(
             source_id=image_id,
-            split=split_of(int(image_id)),
+            split=split_of(int(image_id), val),
             image=str(first_existing(folder / f"{image_id}.bmp" for folder in folders)),
             landmarks=tuple(points),
             spacing_mm=(SPACING_MM, SPACING_MM),

@@ -4,29 +4,38 @@
     meta/<id>_meta.json   {"gt": [[x, y] x 26], "ID": "...", "spacing": [sy, sx], "original_shape": [H, W]}
 
 `spacing` and `original_shape` are in (row, col) order; the reader turns them into (x, y).
-Split from list files of ids, one per line: options `test_list` and `val_list`, by default
-`<root>/test.txt` and `<root>/val.txt` where present; every other id is train.
+Split from list files of ids, one per line (`#` lines are comments): test from option `test_list`,
+else `<root>/test.txt`, else the published MedSapiens test set shipped with this package
+(`data/leg_medsapiens_test.txt`, 50 ids); val from option `val_list`, else `<root>/val.txt`;
+every other id is train (the plan carves val from train when no val list is given).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from shards.readers import RawSample, ReaderError, Rejected, optional_path, read_text
+from shards.readers import DATA, RawSample, ReaderError, Rejected, optional_path, read_text
 
 OPTIONS = {"test_list": None, "val_list": None}
-SPLIT_RULE = "ids listed in test_list -> test, in val_list -> val, all others train"
+SPLIT_RULE = ("ids listed in test_list (else <root>/test.txt, else MedSapiens' published 50 test ids) -> test, "
+              "in val_list (else <root>/val.txt) -> val, all others train")
 LANDMARK_SET = "leg"
+MEDSAPIENS_TEST = DATA / "leg_medsapiens_test.txt"
+
+
+def validation_rule(options: dict) -> str:
+    return "val list"
 
 
 def read_list(path: Path | None) -> list[str]:
     if path is None:
         return []
-    return [Path(line.strip()).stem for line in read_text(path).splitlines() if line.strip()]
+    lines = (line.strip() for line in read_text(path).splitlines())
+    return [Path(line).stem for line in lines if line and not line.startswith("#")]
 
 
 def split_lists(root: Path, options: dict) -> dict[str, str]:
-    test = read_list(optional_path(root, options, "test_list", "test.txt"))
+    test = read_list(optional_path(root, options, "test_list", "test.txt") or MEDSAPIENS_TEST)
     val = read_list(optional_path(root, options, "val_list", "val.txt"))
     both = sorted(set(test) & set(val))
     if both:
