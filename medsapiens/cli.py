@@ -19,10 +19,25 @@ def register(subparsers) -> None:
                       help="final-head channels in all (default: the sum of K over the built-in landmark sets)")
     info.set_defaults(func=_reporting_errors(run_info))
 
-    convert = actions.add_parser("convert", help="write a Sapiens checkpoint's backbone as safetensors")
-    convert.add_argument("checkpoint", help="*.pth (flat, backbone. or backbone.module. keys) or *.safetensors")
-    _add_arch(convert)
-    convert.add_argument("--out", required=True, help="the .safetensors file to write")
+    convert = actions.add_parser(
+        "convert", help="write a Sapiens checkpoint's backbone as safetensors, or a released MedSapiens "
+        "checkpoint as a bundle")
+    convert.add_argument("checkpoint", help="--from sapiens: *.pth (flat, backbone. or backbone.module. keys) or "
+                         "*.safetensors; --from medsapiens: a released MedSapiens *.pth (mmengine, LoRA + head)")
+    convert.add_argument("--from", dest="source", choices=("sapiens", "medsapiens"), default="sapiens",
+                         help="sapiens (default): a Sapiens backbone -> .safetensors; medsapiens: a released "
+                         "MedSapiens checkpoint -> a bundle (LoRA merged into --base, one head per dataset)")
+    convert.add_argument("--arch", help="backbone size, e.g. sapiens_0.3b (an unknown name lists all); required "
+                         "with --from sapiens, default sapiens_0.3b with --from medsapiens")
+    convert.add_argument("--out", required=True,
+                         help="--from sapiens: the .safetensors file to write; --from medsapiens: the bundle directory")
+    release = convert.add_argument_group("--from medsapiens")
+    release.add_argument("--base", help="the Sapiens checkpoint the MedSapiens LoRA was trained on, e.g. "
+                         "sapiens_0.3b_epoch_1600_clean.pth")
+    release.add_argument("--dataset", metavar="ID", help="a per-dataset (stage-2) checkpoint: its dataset "
+                         "(head, chest, hand, leg); with the 88-channel multi-dataset model: keep only this head")
+    release.add_argument("--img-size", nargs=2, type=int, metavar=("H", "W"),
+                         help="the bundle's input size, multiples of 16 (default: MedSapiens' 1024 768)")
     convert.set_defaults(func=_reporting_errors(run_convert))
 
 
@@ -74,9 +89,30 @@ def run_info(args) -> int:
 
 
 def run_convert(args) -> int:
+    if args.source == "medsapiens":
+        return run_convert_release(args)
+    given = [f"--{name.replace('_', '-')}" for name in ("base", "dataset", "img_size") if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only with --from medsapiens")
+    if args.arch is None:
+        raise ValueError("--arch is required with --from sapiens (e.g. --arch sapiens_0.3b)")
     from medsapiens.model import convert_checkpoint
 
     report = convert_checkpoint(args.checkpoint, args.arch, args.out)
     print(report.summary())
     print(f"wrote {args.out}")
+    return 0
+
+
+def run_convert_release(args) -> int:
+    if args.base is None:
+        raise ValueError("--from medsapiens needs --base: the Sapiens checkpoint its LoRA was trained on "
+                         "(sapiens_0.3b_epoch_1600_clean.pth for the released models)")
+    from medsapiens.model import DEFAULT_IMG_SIZE
+    from medsapiens.release import convert_release
+
+    report = convert_release(args.checkpoint, args.base, args.out, arch=args.arch or "sapiens_0.3b",
+                             img_size=tuple(args.img_size or DEFAULT_IMG_SIZE), dataset=args.dataset)
+    print(report.summary())
+    print(f"wrote bundle {args.out}")
     return 0

@@ -1,0 +1,218 @@
+"""`medsapiens model convert --from medsapiens`: released MedSapiens checkpoints -> a bundle."""
+import builtins
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from launch.cli import main
+from medsapiens import bundle as bundlelib
+from medsapiens.model import ARCHS, load_backbone
+from sapiens_checkpoints import released_state
+
+ARCH = ARCHS["sapiens_tiny"]
+IMG = (64, 48)
+WIDTH = 16
+SPANS = {"head": (0, 19), "chest": (19, 25), "hand": (25, 62), "leg": (62, 88)}
+
+
+def medsapiens_state(channels=88, seed=1, arch=ARCH, width=WIDTH):
+    """Random tensors in exactly the released MedSapiens key format (LoRA r4 on qkv, r8 on proj)."""
+    gen = torch.Generator().manual_seed(seed)
+    c = arch.embed_dim
+
+    def rand(*shape):
+        return torch.randn(shape, generator=gen) * 0.05
+
+    state = {}
+    for i in range(arch.depth):
+        p = f"backbone.module.layers.{i}.attn."
+        state.update({p + "qkv.lora_down.weight": rand(4, c), p + "qkv.lora_up.weight": rand(3 * c, 4),
+                      p + "proj.lora_down.weight": rand(8, c), p + "proj.lora_up.weight": rand(c, 8)})
+    state.update({
+        "head.deconv_layers.0.weight": rand(c, width, 4, 4), "head.deconv_layers.3.weight": rand(width, width, 4, 4),
+        "head.conv_layers.0.weight": rand(width, width, 1, 1), "head.conv_layers.0.bias": rand(width),
+        "head.conv_layers.3.weight": rand(width, width, 1, 1), "head.conv_layers.3.bias": rand(width),
+        "head.final_layer.weight": rand(channels, width, 1, 1), "head.final_layer.bias": rand(channels),
+    })
+    return state
+
+
+def save_mmengine(path, state, **extra):
+    torch.save({"meta": {"epoch": 199, "iter": 4000, "mmengine_version": "0.10.3"}, "state_dict": state, **extra}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base") / "sapiens_tiny_epoch_1600_clean.pth"
+    torch.save(released_state(ARCH), path)
+    return path
+
+
+def convert(checkpoint, base, out, *extra):
+    return main(["model", "convert", "--from", "medsapiens", str(checkpoint), "--base", str(base), "--out", str(out),
+                 "--arch", ARCH.name, "--img-size", *map(str, IMG), *extra])
+
+
+def test_multi_dataset_checkpoint_becomes_a_four_head_bundle(tmp_path, base, capsys):
+    state = medsapiens_state()
+    checkpoint = save_mmengine(tmp_path / "best_EPE_epoch_199.pth", state)
+    assert convert(checkpoint, base, tmp_path / "bundle") == 0
+    assert "merged 8 LoRA deltas" in capsys.readouterr().out
+    model, bundle = bundlelib.load(tmp_path / "bundle")
+    weights = model.state_dict()
+
+    assert list(bundle.heads) == list(SPANS) and bundle.heads == {"head": 19, "chest": 6, "hand": 37, "leg": 26}
+    final_w, final_b = state["head.final_layer.weight"], state["head.final_layer.bias"]
+    for dataset, (a, b) in SPANS.items():
+        assert torch.equal(weights[f"decoder.heads.{dataset}.weight"], final_w[a:b])
+        assert torch.equal(weights[f"decoder.heads.{dataset}.bias"], final_b[a:b])
+    for ours, theirs in {"trunk.0.conv.weight": "deconv_layers.0.weight", "trunk.1.conv.weight": "deconv_layers.3.weight",
+                         "trunk.2.conv.weight": "conv_layers.0.weight", "trunk.2.conv.bias": "conv_layers.0.bias",
+                         "trunk.3.conv.weight": "conv_layers.3.weight", "trunk.3.conv.bias": "conv_layers.3.bias"}.items():
+        assert torch.equal(weights[f"decoder.{ours}"], state[f"head.{theirs}"])
+
+    reference = load_backbone(ARCH, str(base), IMG).state_dict()
+    merged = set()
+    for i in range(ARCH.depth):
+        for target in ("qkv", "proj"):
+            lora = f"backbone.module.layers.{i}.attn.{target}."
+            key = f"blocks.{i}.attn.{target}.weight"
+            delta = state[lora + "lora_up.weight"] @ state[lora + "lora_down.weight"] * 1.0
+            torch.testing.assert_close(weights["backbone." + key], reference[key] + delta, rtol=0, atol=1e-6)
+            assert not torch.allclose(weights["backbone." + key], reference[key], atol=1e-4)  # the delta is there
+            merged.add(key)
+    for key, tensor in reference.items():
+        if key not in merged:
+            assert torch.equal(weights["backbone." + key], tensor), key
+    assert weights["backbone.pos_embed"].shape == (1, 12, ARCH.embed_dim)  # 64x64 grid resized to 4x3
+
+    assert bundle.model.arch == ARCH.name and bundle.model.img_size == IMG and bundle.model.trunk_width == WIDTH
+    assert (bundle.codec.sigma, bundle.codec.margin, bundle.codec.blur_kernel) == (3.0, 1.25, 11)
+    p = bundle.provenance
+    assert p["stage"] == "medsapiens-release" and p["lora_merged"] == 16 and p["final_layer_channels"] == 88
+    assert p["source"]["path"].endswith("best_EPE_epoch_199.pth") and len(p["source"]["sha256"]) == 64
+    assert p["base"]["path"].endswith("_clean.pth") and len(p["base"]["sha256"]) == 64
+    assert p["heads"]["hand"] == {"channels": [25, 62]} and p["checkpoint_meta"]["epoch"] == 199
+    with torch.no_grad():
+        assert model.heatmaps(torch.randn(2, 3, *IMG), "leg").shape == (2, 26, 16, 12)
+
+
+def test_single_dataset_checkpoints_need_their_dataset(tmp_path, base, capsys):
+    state = medsapiens_state(channels=26)
+    checkpoint = save_mmengine(tmp_path / "legs_best_EPE_epoch_208.pth", state)
+    assert convert(checkpoint, base, tmp_path / "no_dataset") == 2
+    assert "26 channels" in capsys.readouterr().err and not (tmp_path / "no_dataset").exists()
+    assert convert(checkpoint, base, tmp_path / "wrong", "--dataset", "head") == 2
+    assert "'head' has 19 landmarks" in capsys.readouterr().err
+    assert convert(checkpoint, base, tmp_path / "leg", "--dataset", "leg") == 0
+    model, bundle = bundlelib.load(tmp_path / "leg")
+    assert bundle.heads == {"leg": 26}
+    assert torch.equal(model.state_dict()["decoder.heads.leg.weight"], state["head.final_layer.weight"])
+
+    multi = save_mmengine(tmp_path / "multi.pth", medsapiens_state())  # one head taken from the 88
+    assert convert(multi, base, tmp_path / "hand", "--dataset", "hand") == 0
+    model, bundle = bundlelib.load(tmp_path / "hand")
+    assert bundle.heads == {"hand": 37}
+    assert torch.equal(model.state_dict()["decoder.heads.hand.bias"], medsapiens_state()["head.final_layer.bias"][25:62])
+
+
+def test_wrong_shapes_and_keys_are_refused_by_name(tmp_path, base, capsys):
+    def refused(state, name):
+        checkpoint = save_mmengine(tmp_path / f"{name}.pth", state)
+        assert convert(checkpoint, base, tmp_path / name) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and not (tmp_path / name).exists()
+        return err
+
+    state = medsapiens_state()
+    state["backbone.module.layers.2.attn.proj.lora_up.weight"] = torch.zeros(ARCH.embed_dim, 4)
+    assert "'backbone.module.layers.2.attn.proj.lora_up.weight' has shape (192, 4), expected (192, 8)" in refused(
+        state, "shape")
+    state = medsapiens_state()
+    state["head.deconv_layers.3.weight"] = torch.zeros(WIDTH, WIDTH, 3, 3)
+    assert "'head.deconv_layers.3.weight' has shape" in refused(state, "deconv")
+    state = medsapiens_state()
+    del state["backbone.module.layers.3.attn.qkv.lora_down.weight"]
+    assert "missing 'backbone.module.layers.3.attn.qkv.lora_down.weight'" in refused(state, "missing")
+    state = medsapiens_state()
+    state["backbone.module.layers.4.attn.qkv.lora_down.weight"] = torch.zeros(4, ARCH.embed_dim)
+    assert "unexpected 'backbone.module.layers.4.attn.qkv.lora_down.weight'" in refused(state, "unexpected")
+    assert "not a MedSapiens checkpoint" in refused(released_state(ARCH), "plain_sapiens")
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path, base, capsys):
+    checkpoint = save_mmengine(tmp_path / "ok.pth", medsapiens_state())
+    assert convert(tmp_path / "absent.pth", base, tmp_path / "b") == 2
+    assert "absent.pth: no such file" in capsys.readouterr().err
+    assert convert(checkpoint, tmp_path / "absent_base.pth", tmp_path / "b") == 2
+    assert "absent_base.pth: no such file" in capsys.readouterr().err
+    small = tmp_path / "sapiens_small_clean.pth"
+    torch.save(released_state(ARCHS["sapiens_small"]), small)
+    assert convert(checkpoint, small, tmp_path / "b") == 2  # a base of another size
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "base checkpoint" in err and "in the checkpoint but" in err
+    assert main(["model", "convert", "--from", "medsapiens", str(checkpoint), "--out", str(tmp_path / "b")]) == 2
+    assert "needs --base" in capsys.readouterr().err
+    assert main(["model", "convert", str(checkpoint), "--base", str(base), "--arch", "sapiens_tiny",
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "--base: only with --from medsapiens" in capsys.readouterr().err
+    assert main(["model", "convert", str(base), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "--arch is required" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+class HistoryBuffer:
+    """Pickled under mmengine's name (a stand-in module exists only while saving)."""
+
+    def __init__(self):
+        self._log_history = np.array([0.5, 0.25])
+        self._count = np.int64(2)
+
+
+class RunsCommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class OpensFile:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return builtins.open, (str(self.marker), "w")
+
+
+def test_unsafe_pickles_convert_without_running_anything(tmp_path, base, monkeypatch):
+    markers = [tmp_path / "ran_os_system", tmp_path / "ran_open"]
+    fake = types.ModuleType("mmengine.logging.history_buffer")
+    HistoryBuffer.__module__ = fake.__name__
+    fake.HistoryBuffer = HistoryBuffer
+    with monkeypatch.context() as m:
+        for parent in ("mmengine", "mmengine.logging"):
+            m.setitem(sys.modules, parent, types.ModuleType(parent))
+        m.setitem(sys.modules, fake.__name__, fake)
+        checkpoint = save_mmengine(
+            tmp_path / "mmengine.pth", medsapiens_state(),
+            meta={"epoch": 199, "seed": np.int64(0), "dataset_meta": {"sigmas": np.ones(3)}},
+            message_hub={"log_scalars": {"train/loss": HistoryBuffer()},
+                         "runtime_info": {"a": RunsCommand(markers[0]), "b": OpensFile(markers[1])}},
+        )
+    assert fake.__name__ not in sys.modules
+    with pytest.raises(Exception):  # weights_only refuses it: the fallback is what reads it
+        torch.load(checkpoint, weights_only=True)
+    assert convert(checkpoint, base, tmp_path / "bundle") == 0
+    assert not any(m.exists() for m in markers)
+    assert fake.__name__ not in sys.modules and "mmengine" not in sys.modules
+    model, bundle = bundlelib.load(tmp_path / "bundle")
+    loader = bundle.provenance["loader"]
+    assert "restricted loader" in loader and "posix.system" in loader and "io.open" in loader
+    assert "mmengine.logging.history_buffer.HistoryBuffer" in loader and "Unsupported global" in loader
+    assert torch.equal(model.state_dict()["decoder.heads.chest.bias"], medsapiens_state()["head.final_layer.bias"][19:25])
