@@ -7,7 +7,7 @@ import sys
 FLAG_KEYS = {  # flag destination -> config key
     "shards": "data.shards", "dataset": "dataset", "bundle": "bundle", "init": "init", "checkpoint": "model.checkpoint",
     "arch": "model.arch", "shots": "shots", "seed": "shot_seed", "steps": "train.max_steps", "run_dir": "run_dir",
-    "eval_split": "eval_split",
+    "eval_split": "eval_split", "epochs": "train.epochs",
 }
 
 
@@ -15,8 +15,11 @@ def register(subparsers) -> None:
     ft = subparsers.add_parser(
         "finetune", help="adapt a bundle (or a Sapiens checkpoint, or scratch) to one dataset",
         description="Fine-tune on one dataset of a shard set: full or LoRA, on all or K training images. "
-        "The best checkpoint on the val split becomes RUN_DIR/bundle, evaluated on the test split(s) into "
-        "RUN_DIR/eval/<split>. With --seeds, one run per seed under RUN_DIR/seed_N and the mean +- std in "
+        "The best checkpoint on the val split (never a test split) becomes RUN_DIR/bundle, evaluated with flip "
+        "test on the test split(s) into RUN_DIR/eval/<split>. The default schedule is MedSapiens' published one: "
+        "210 epochs, lr x0.1 at epochs 170 and 200, 500 warm-up steps, the steps derived from the training "
+        "images and the global batch (printed at start); launch/experiments/finetune_<dataset>.yaml hold the "
+        "full published settings. With --seeds, one run per seed under RUN_DIR/seed_N and the mean +- std in "
         "RUN_DIR/summary.json. Multi-rank: `medsapiens launch finetune --config FILE`.",
         epilog="Examples:\n  medsapiens finetune --bundle runs/pretrain/bundle --shards SHARDS --dataset leg\n"
         "  medsapiens finetune --bundle B --shards S --dataset leg --lora --shots 5 --seeds 0,1,2\n"
@@ -30,10 +33,14 @@ def register(subparsers) -> None:
     ft.add_argument("--checkpoint", help="raw Sapiens checkpoint for --init sapiens")
     ft.add_argument("--arch", help="architecture for --init sapiens/scratch, e.g. sapiens_0.3b")
     ft.add_argument("--lora", action="store_true", help="train only LoRA adapters and the decoder")
+    ft.add_argument("--reinit-head", action="store_true",
+                    help="start this dataset's head afresh even if the bundle has one (as MedSapiens' fine-tuning does)")
     ft.add_argument("--shots", type=int, help="train on K images of the train split (few-shot)")
     ft.add_argument("--seed", type=int, help="which K images (and the training seed)")
     ft.add_argument("--seeds", help="comma-separated seeds, run one after another, e.g. 0,1,2")
-    ft.add_argument("--steps", type=int, help="training steps")
+    ft.add_argument("--epochs", type=float, help="training epochs (default 210, the published schedule)")
+    ft.add_argument("--steps", type=int, help="training steps instead of epochs")
+    ft.add_argument("--no-flip-test", action="store_true", help="evaluate without averaging the mirrored image")
     ft.add_argument("--eval-split", help="split evaluated at the end (default: test, else every test* split)")
     ft.add_argument("--run-dir", help="output directory (default runs/finetune)")
     ft.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any config key, e.g. optim.lr=1e-4")
@@ -48,7 +55,8 @@ def register(subparsers) -> None:
     ev.add_argument("--shards", help="shard directory or s3:// prefix (with --bundle)")
     ev.add_argument("--dataset", help="dataset id (default: the bundle's only head)")
     ev.add_argument("--split", default="test", help="split to evaluate (default test)")
-    ev.add_argument("--flip-test", action="store_true", help="average with the mirrored image (datasets with known pairs)")
+    ev.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=True,
+                    help="average with the mirrored image, as MedSapiens evaluates (default on; --no-flip-test)")
     ev.add_argument("--predictions", help='JSON {"dataset": ID, "landmarks": {id: [[x, y], ...]}} in original pixels')
     ev.add_argument("--ground-truth", help="JSON like --predictions, may add spacing_mm and image_size per id")
     ev.add_argument("--out", required=True, help="report directory")
@@ -68,7 +76,8 @@ def register(subparsers) -> None:
     pr.add_argument("--bundle", required=True)
     pr.add_argument("--dataset", help="which head (default: the bundle's only head)")
     pr.add_argument("--out", default="predictions", help="output directory (default ./predictions)")
-    pr.add_argument("--flip-test", action="store_true")
+    pr.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=True,
+                    help="average with the mirrored image (default on; --no-flip-test)")
     pr.add_argument("--overlays", action="store_true", help="also write overlay PNGs")
     pr.add_argument("--spacing", metavar="SX,SY", help="mm per pixel for non-DICOM images")
     pr.add_argument("--batch-size", type=int, default=8)
@@ -84,6 +93,12 @@ def finetune_overrides(args) -> list[str]:
     overrides = [f"{FLAG_KEYS[k]}={v}" for k, v in vars(args).items() if k in FLAG_KEYS and v is not None]
     if args.lora:
         overrides.append("lora.enabled=true")
+    if args.reinit_head:
+        overrides.append("reinit_head=true")
+    if args.no_flip_test:
+        overrides.append("flip_test=false")
+    if args.steps is not None and args.epochs is None:
+        overrides.append("train.epochs=0")  # --steps replaces the epoch schedule
     if args.seeds:
         overrides.append(f"seeds=[{args.seeds}]")
     return overrides + args.overrides

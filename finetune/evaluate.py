@@ -45,11 +45,19 @@ def evaluate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset:
         errors, mask = preds.errors(protocol)
         flip = " with flip test" if flip_test and landmark_set.can_flip else ""
         report[0] = build_report(errors, mask, preds.ids, protocol, dataset, f"{split} split of {manifest.location}{flip}")
+        report[0].update(evaluated_on=split, flip_test=bool(flip), selected_on=selection_of(bundle))
         write_report(report[0], errors, preds.ids, landmark_set.names, out_dir)
         write_overlays(preds.panels, Path(out_dir) / "overlays")
 
     distributed.decide_on_rank0(score)  # a bad image stops every rank, not rank 0 alone
     return report[0]
+
+
+def selection_of(bundle: bundlelib.Bundle) -> dict:
+    """How the bundle's checkpoint was chosen, from its provenance (the split and the rule)."""
+    chosen = bundle.provenance.get("selection") or {}
+    return {"split": chosen.get("split"), "rule": chosen.get("rule", "not recorded"),
+            "stage": bundle.provenance.get("stage")}
 
 
 def write_overlays(panels, out_dir: Path) -> None:

@@ -49,6 +49,7 @@ def markdown(report: dict) -> str:
         "",
         f"{report['images']} images, {report['landmarks']} landmarks. Protocol: {report['protocol']}. "
         f"SDR counts {report['sdr_convention']}.",
+        *selection_lines(report),
         "",
         f"| MRE ({unit}) | std over landmarks | std of image means | " + " | ".join(f"SDR {r} {unit}" for r in radii) + " |",
         "|---:|---:|---:|" + "---:|" * len(radii),
@@ -65,6 +66,16 @@ def markdown(report: dict) -> str:
     lines += ["", "## Worst images", "", f"| image | MRE ({unit}) |", "|---|---:|"]
     lines += [f"| {w['id']} | {w['mre']:.3f} |" for w in report["worst"]]
     return "\n".join(lines) + "\n"
+
+
+def selection_lines(report: dict) -> list[str]:
+    """Which split chose the checkpoint and which one is scored: a reader must see both."""
+    if "evaluated_on" not in report:
+        return []
+    chosen = report["selected_on"]
+    split = f"the {chosen['split']!r} split" if chosen["split"] else "no split"
+    return ["", f"Evaluated on the {report['evaluated_on']!r} split{' with flip test' if report['flip_test'] else ''}; "
+                f"checkpoint selected on {split} ({chosen['stage']}: {chosen['rule']})."]
 
 
 def _read_json(path: str | Path, what: str) -> dict:

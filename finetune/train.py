@@ -1,6 +1,6 @@
 """Fine-tuning one dataset: start from a bundle, a raw Sapiens checkpoint or scratch; full or LoRA;
-on all or K training images; the best validation checkpoint becomes the output bundle, which is
-then evaluated on the held-out split. Several shot seeds run one after another."""
+on all or K training images; the best checkpoint on the val split becomes the output bundle, which
+is then evaluated on the held-out test split(s). Several shot seeds run one after another."""
 from __future__ import annotations
 
 import json
@@ -17,11 +17,12 @@ from finetune.subset import few_shot_manifest
 from medsapiens import bundle as bundlelib
 from medsapiens import config as configlib
 from medsapiens import distributed
-from medsapiens.engine import Engine, consolidated_state_dict, init_distributed, latest_tag, shutdown, tag_step
+from medsapiens.checkpoints import checkpoint_dir, latest_tag, tag_step
+from medsapiens.data.pipeline import check_val_split, is_test_split
+from medsapiens.engine import init_distributed, shutdown
 from medsapiens.manifest import Manifest, ManifestError, load as load_manifest
-from medsapiens.model import apply_lora, count_trainable, forward_flops, merge_lora, param_groups
 from medsapiens.registry import LandmarkSet
-from medsapiens.trainer import CHECKPOINTS, RunContext, Trainer, write_run_files
+from medsapiens.run import RunPlan, load_trained, train
 
 SUMMARY = "summary.json"
 
@@ -35,6 +36,7 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise ValueError("init 'bundle' needs a bundle (--bundle DIR)")
     if cfg.init == "sapiens" and not cfg.model.checkpoint:
         raise ValueError("init 'sapiens' needs a Sapiens checkpoint (--checkpoint FILE)")
+    check_val_split(cfg.data.val_split)
     cfg.train.check()
     if cfg.train.val_every != cfg.train.checkpoint_every:
         raise ValueError("fine-tuning keeps the best validated checkpoint: train.val_every must equal "
@@ -50,26 +52,19 @@ def initial_model(cfg: FinetuneConfig, landmark_set: LandmarkSet):
         if reused and bundle.heads[dataset] != k:
             raise ManifestError(f"bundle {cfg.bundle} has a {bundle.heads[dataset]}-landmark head for {dataset!r}, "
                                 f"the shards have {k} landmarks")
-        for other in [d for d in model.dataset_ids if d != dataset]:
+        for other in [d for d in model.dataset_ids if d != dataset or cfg.reinit_head]:
             model.drop_head(other)
-        if not reused:
+        if dataset not in model.dataset_ids:  # a new dataset, or its head re-initialised (reinit_head)
             model.add_head(dataset, k)
         model_cfg = replace(bundle.model, grad_checkpointing=cfg.model.grad_checkpointing)
         model.backbone.set_grad_checkpointing(model_cfg.grad_checkpointing)
-        origin = {"init": "bundle", "bundle": str(Path(cfg.bundle).resolve()), "reused_head": reused,
+        origin = {"init": "bundle", "bundle": str(Path(cfg.bundle).resolve()), "reused_head": reused and not cfg.reinit_head,
                   "bundle_provenance": {k_: bundle.provenance.get(k_) for k_ in ("stage", "steps", "manifest")}}
     else:
         model_cfg = cfg.model if cfg.init == "sapiens" else replace(cfg.model, checkpoint=None)
         model = model_cfg.build({dataset: k})
         origin = {"init": cfg.init, "checkpoint": model_cfg.checkpoint}
-    return with_lora(model, cfg).train(), replace(model_cfg, checkpoint=None), origin
-
-
-def with_lora(model, cfg: FinetuneConfig):
-    if cfg.lora.enabled:
-        apply_lora(model, cfg.lora.qkv_rank, cfg.lora.qkv_alpha, cfg.lora.proj_rank, cfg.lora.proj_alpha,
-                   cfg.lora.dropout)
-    return model
+    return model, replace(model_cfg, checkpoint=None), origin
 
 
 def evaluation_splits(manifest: Manifest, dataset: str, requested: str) -> list[str]:
@@ -77,7 +72,7 @@ def evaluation_splits(manifest: Manifest, dataset: str, requested: str) -> list[
     if requested != "auto":
         chosen = [requested] if splits.get(requested) else []
     else:
-        chosen = ["test"] if splits.get("test") else sorted(s for s in splits if s.startswith("test") and splits[s])
+        chosen = ["test"] if splits.get("test") else sorted(s for s in splits if is_test_split(s) and splits[s])
     if not chosen:
         raise ManifestError(f"{manifest.location}: dataset {dataset!r} has no {requested!r} split to evaluate "
                             f"(splits: {', '.join(sorted(splits))}); choose one with --eval-split")
@@ -97,14 +92,12 @@ def training_manifest(cfg: FinetuneConfig, run_dir: Path) -> Manifest:
 
 
 def export_best(cfg: FinetuneConfig, run_dir: Path, tag: str, model_cfg, landmark_set, origin: dict,
-                validation) -> Path:
-    model = with_lora(model_cfg.build({cfg.dataset: landmark_set.num_landmarks}), cfg)
-    model.load_state_dict(consolidated_state_dict(run_dir / CHECKPOINTS, tag), strict=True)
-    if cfg.lora.enabled:
-        merge_lora(model)
+                validation, selection: dict) -> Path:
+    model = load_trained(model_cfg.build({cfg.dataset: landmark_set.num_landmarks}), checkpoint_dir(run_dir), tag,
+                         cfg.lora)
     provenance = {"stage": "finetune", "dataset": cfg.dataset, **origin, "lora": cfg.lora.enabled,
                   "shots": cfg.shots, "shot_seed": cfg.shot_seed, "checkpoint": tag,
-                  "steps": tag_step(tag), "validation": validation,
+                  "steps": tag_step(tag), "selection": selection, "validation": validation,
                   "manifest": {"location": cfg.data.shards}, "config": configlib.to_dict(cfg)}
     bundle = bundlelib.Bundle(model_cfg, {cfg.dataset: landmark_set}, bundlelib.CodecSettings.of(cfg.data), provenance)
     return bundlelib.save(run_dir / "bundle", model, bundle)
@@ -119,36 +112,27 @@ def run_one(cfg: FinetuneConfig) -> dict | None:
     landmark_set = manifest.landmark_set(cfg.dataset)
     torch.manual_seed(cfg.train.seed)
     model, model_cfg, origin = initial_model(cfg, landmark_set)
-    trainable, total = count_trainable(model), sum(p.numel() for p in model.parameters())
-    engine = Engine(model, param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay), cfg.train,
-                    cfg.optim, cfg.data.micro_batch)
     if distributed.rank() == 0:
-        write_run_files(run_dir, cfg, "finetune", manifest, [cfg.dataset], origin=origin,
-                        trainable_parameters=trainable, parameters=total)
         print(f"fine-tuning {cfg.dataset} from {cfg.init}{' with LoRA' if cfg.lora.enabled else ''}"
-              f"{f', {cfg.shots}-shot (seed {cfg.shot_seed})' if cfg.shots else ''}: "
-              f"{trainable:,} of {total:,} parameters train", file=sys.stderr)
-    flops = forward_flops(model_cfg.arch, model_cfg.img_size, model_cfg.trunk_width, landmark_set.num_landmarks).total
-    ctx = RunContext(run_dir, manifest, [cfg.dataset], model_cfg.input_size, cfg.data, cfg.train, configlib.digest(cfg),
-                     flops, track_best=True)
-    trainer = Trainer(engine, model.loss, ctx)
-    trainer.fit(trainer.resume("auto"))
-    best = [trainer.best]
-    distributed.broadcast_from_rank0(best)
-    device = engine.device
-    del engine, trainer, model
-    tag = best[0]["tag"] if best[0] else latest_tag(run_dir / CHECKPOINTS)
-    validation = best[0] and best[0]["validation"]
-    distributed.decide_on_rank0(lambda: export_best(cfg, run_dir, tag, model_cfg, landmark_set, origin, validation))
-    model, bundle = bundlelib.load(run_dir / "bundle", device)
+              f"{f', {cfg.shots}-shot (seed {cfg.shot_seed})' if cfg.shots else ''}", file=sys.stderr)
+    plan = RunPlan("finetune", cfg, manifest, [cfg.dataset], model, model_cfg, track_best=True, info={"origin": origin})
+    result = train(plan)
+    del model, plan
+    best = result.best
+    tag = best["tag"] if best else latest_tag(checkpoint_dir(run_dir))
+    validation = best and best["validation"]
+    distributed.decide_on_rank0(lambda: export_best(cfg, run_dir, tag, model_cfg, landmark_set, origin, validation,
+                                                    result.selection))
+    model, bundle = bundlelib.load(run_dir / "bundle", result.device)
     reports = {split: evaluate_model(model, bundle, manifest, cfg.dataset, split, run_dir / "eval" / split,
                                      flip_test=cfg.flip_test, batch_size=cfg.data.micro_batch,
-                                     overlays=cfg.eval_overlays, device=device)
+                                     overlays=cfg.eval_overlays, device=result.device)
                for split in evaluation_splits(manifest, cfg.dataset, cfg.eval_split)}
     if distributed.rank() != 0:
         return None
-    return {"run_dir": str(run_dir), "bundle": str(run_dir / "bundle"), "seed": cfg.shot_seed, "best": best[0],
-            "trainable_parameters": trainable, "report": next(iter(reports.values())), "reports": reports}
+    return {"run_dir": str(run_dir), "bundle": str(run_dir / "bundle"), "seed": cfg.shot_seed, "best": best,
+            "trainable_parameters": result.trainable_parameters, "report": next(iter(reports.values())),
+            "reports": reports}
 
 
 def seed_summary(results: list[dict]) -> dict:

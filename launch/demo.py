@@ -72,8 +72,9 @@ def make_phantoms(plan: DemoPlan) -> Path:
 def make_shards(plan: DemoPlan, raw: Path) -> Path:
     shards = plan.out / "shards"
     sources = [a for d in plan.sets for a in ("--source", f"{d}={raw / d}")]
+    # 120 hand phantoms are too few for GU2Net's 550/59/rest split: a seeded one keeps a test split
     run(medsapiens("shards", "build", *sources, "--out", str(shards), "--max-side", "256", "--shard-size", "64",
-                   "--workers", "2"))
+                   "--workers", "2", "--opt", "hand.split=seeded"))
     return shards
 
 

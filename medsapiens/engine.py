@@ -1,5 +1,7 @@
 """The DeepSpeed engine wrapper shared by pretraining and fine-tuning: distributed init, the
-DeepSpeed config, optimiser and lr schedule, one training step, checkpoints and resume.
+DeepSpeed config, optimiser and lr schedule, and one training step (forward, backward, step).
+It knows nothing of landmarks: the loss comes from the model's objective (medsapiens.model.loss),
+checkpoints from medsapiens.checkpoints.
 
 The same code runs as one process without the launcher (CPU or one GPU) and under
 `deepspeed` on many ranks: only the environment differs.
@@ -10,17 +12,17 @@ import datetime
 import json
 import math
 import os
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from medsapiens import checkpoints
 from medsapiens.distributed import free_port
 
-CLIENT_STATE_KEY = "medsapiens"
-TAG_PREFIX = "step_"
+LOSS_AVERAGES = ("per_sample", "union")
+
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,7 +44,11 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """epochs > 0 sets max_steps to ceil(epochs x training images / global batch) at start (the
+    published recipes count epochs); loss: how a mixed batch is averaged (see model/loss.py)."""
+
     max_steps: int = 1000
+    epochs: float = 0.0
     stop_after: int = 0  # end this invocation at that step, checkpointed (0: run to max_steps)
     grad_accum: int = 1
     seed: int = 0
@@ -56,9 +62,15 @@ class TrainConfig:
     val_limit: int = 0
     val_panels: int = 4
     dist_timeout_s: int = 1800
+    loss: str = "per_sample"
 
     def check(self) -> None:
         """Settings that would break the run's guarantees, refused before it starts."""
+        if self.loss not in LOSS_AVERAGES:
+            raise ValueError(f"train.loss must be one of {', '.join(LOSS_AVERAGES)}, got {self.loss!r}")
+        if self.epochs < 0 or (not self.epochs and self.max_steps < 1):
+            raise ValueError(f"give train.epochs > 0 or train.max_steps >= 1 (got epochs {self.epochs}, "
+                             f"max_steps {self.max_steps})")
         if self.keep_last < 1:
             raise ValueError(f"train.keep_last must be at least 1, got {self.keep_last}")
         if self.stop_after % self.checkpoint_every:
@@ -68,26 +80,15 @@ class TrainConfig:
                              f"({self.checkpoint_every})")
 
 
-def checkpoint_tag(step: int) -> str:
-    return f"{TAG_PREFIX}{step:08d}"
-
-
-def tag_step(tag: str) -> int:
-    return int(tag.removeprefix(TAG_PREFIX).removesuffix("_universal"))
-
-
-def add_loss_sum(sums: dict, name: str, loss_sum, count: int) -> None:
-    """Accumulate a dataset's (summed loss, sample count) in `sums`."""
-    total, n = sums.get(name, (0.0, 0))
-    sums[name] = (total + loss_sum, n + count)
-
-
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Multiplier of the base lr after `step` optimizer steps: linear warm-up, then step or cosine decay."""
-    if step < cfg.warmup_steps:
-        return cfg.warmup_factor + (1 - cfg.warmup_factor) * step / cfg.warmup_steps
+    """Multiplier of the base lr after `step` optimizer steps: a linear warm-up times step decay
+    (the two multiply, as mmengine's LinearLR and MultiStepLR do: a run shorter than its warm-up
+    still drops at the milestones), or warm-up then cosine, or constant."""
+    warmup = cfg.warmup_factor + (1 - cfg.warmup_factor) * step / cfg.warmup_steps if step < cfg.warmup_steps else 1.0
     if cfg.schedule == "step":
-        return cfg.gamma ** sum(step >= m * max_steps for m in cfg.milestones)
+        return warmup * cfg.gamma ** sum(step >= m * max_steps for m in cfg.milestones)
+    if step < cfg.warmup_steps:
+        return warmup
     if cfg.schedule == "cosine":
         progress = (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps)
         return cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
@@ -158,17 +159,8 @@ def deepspeed_config(train: TrainConfig, optim: OptimConfig, micro_batch: int, u
     return cfg
 
 
-def checkpoint_tags(ckpt_dir: Path) -> list[str]:
-    """Complete checkpoints, oldest first (DeepSpeed writes `latest` only after a save completes)."""
-    if not (ckpt_dir / "latest").is_file():
-        return []
-    tags = sorted(p.name for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if p.is_dir() and not p.name.endswith("_universal"))
-    latest = (ckpt_dir / "latest").read_text().strip()
-    return [t for t in tags if t <= latest]
-
-
 class Engine:
-    """A DeepSpeed engine around the landmark model, with our schedule and checkpoint conventions."""
+    """A DeepSpeed engine around a model, with our lr schedule and checkpoint conventions."""
 
     def __init__(self, model, param_groups: list[dict], train: TrainConfig, optim: OptimConfig,
                  micro_batch: int, universal: bool = False):
@@ -187,6 +179,12 @@ class Engine:
             model=model, model_parameters=param_groups, config=self.config, lr_scheduler=scheduler)
         self.zero_stage = self.ds.zero_optimization_stage()
 
+    def save(self, ckpt_dir: Path, step: int, client_state: dict, keep: set[str] = frozenset()) -> None:
+        checkpoints.save(self.ds, ckpt_dir, step, client_state, self.train_cfg.keep_last, keep)
+
+    def load(self, ckpt_dir: Path) -> dict | None:
+        return checkpoints.load(self.ds, ckpt_dir)
+
     @property
     def device(self) -> torch.device:
         return self.ds.device
@@ -196,54 +194,32 @@ class Engine:
         return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
     def to_device(self, batch: dict) -> dict:
-        moved = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        moved["images"] = moved["images"].to(self.dtype)
-        return moved
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def train_step(self, micro_batches: list[dict], loss_fn) -> dict:
+    def train_step(self, micro_batches: list[dict], objective) -> tuple[list[dict], torch.Tensor | None]:
         """Forward/backward over the accumulation micro-batches and one optimizer step.
 
-        Returns per dataset the summed loss (a tensor: no host sync per step) and the sample count,
-        for exact averaging across ranks at logging time, and the gradient norm.
+        `objective(forward, batch, dtype) -> (loss, stats)` computes the loss of one micro-batch;
+        returns each micro-batch's stats and the gradient norm.
         """
         self.ds.train()
-        per_dataset: dict = {}
+        stats = []
         for batch in micro_batches:
-            batch = self.to_device(batch)
-            outputs = self.ds(batch["images"], batch["dataset_index"])
-            loss = loss_fn(outputs, batch["target_heatmaps"], batch["target_weights"])
-            self.ds.backward(loss.total)
+            loss, batch_stats = objective(self.ds, self.to_device(batch), self.dtype)
+            self.ds.backward(loss)
             self.ds.step()
-            for name, count in loss.counts.items():
-                if count:
-                    add_loss_sum(per_dataset, name, loss.per_dataset[name] * count, count)
-        return {"per_dataset": per_dataset, "grad_norm": self.ds.get_global_grad_norm()}
+            stats.append(batch_stats)
+        return stats, self.ds.get_global_grad_norm()
 
     def group_lrs(self) -> dict[str, float]:
         """Current lr per part, the lowest of its groups: for the backbone that is the embedding
-        layer, the most decayed (decoder lr x layer_decay^(depth+1)); the decoder has one lr."""
+        layer, the most decayed (decoder lr x layer_decay^(depth+1)); the decoder and LoRA
+        adapters have one lr each."""
         lrs: dict[str, float] = {}
         for group in self.optimizer.param_groups:
             tag = group.get("part", "all")
             lrs[tag] = min(lrs.get(tag, math.inf), group["lr"])
         return lrs
-
-    def save(self, ckpt_dir: Path, step: int, client_state: dict, keep: set[str] = frozenset()) -> None:
-        """Every rank calls this; rank 0 then prunes to the last `keep_last` complete checkpoints
-        (tags in `keep`, such as the best one, are never pruned)."""
-        self.ds.save_checkpoint(str(ckpt_dir), tag=checkpoint_tag(step), client_state={CLIENT_STATE_KEY: client_state})
-        torch.distributed.barrier()
-        if torch.distributed.get_rank() == 0:
-            for old in set(checkpoint_tags(ckpt_dir)[:-self.train_cfg.keep_last]) - set(keep):
-                shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-        torch.distributed.barrier()
-
-    def load(self, ckpt_dir: Path) -> dict | None:
-        """Load the last complete checkpoint (or the universal one when so configured)."""
-        path, client = self.ds.load_checkpoint(str(ckpt_dir))
-        if path is None:
-            return None
-        return (client or {}).get(CLIENT_STATE_KEY, {})
 
 
 def shutdown() -> None:
@@ -251,38 +227,3 @@ def shutdown() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-
-
-def latest_tag(ckpt_dir: Path) -> str:
-    latest = Path(ckpt_dir) / "latest"
-    if not latest.is_file():
-        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir} (no 'latest' file)")
-    return latest.read_text().strip()
-
-
-def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 weights of the whole model, gathered from the ZeRO partitions of every rank."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    if not (Path(ckpt_dir) / tag).is_dir():
-        raise FileNotFoundError(f"no checkpoint {tag!r} in {ckpt_dir}")
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-
-
-def make_universal(ckpt_dir: Path, tag: str | None = None) -> str:
-    """Convert a ZeRO checkpoint into DeepSpeed's universal format, loadable at another world size.
-
-    Writes `<tag>_universal/` and points `latest_universal` at it; resume with `--resume universal`.
-    """
-    import subprocess
-    import sys
-
-    ckpt_dir = Path(ckpt_dir)
-    tag = tag or latest_tag(ckpt_dir)
-    out_tag = f"{tag}_universal"
-    subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                    "--input_folder", str(ckpt_dir / tag), "--output_folder", str(ckpt_dir / out_tag),
-                    "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                   check=True)
-    (ckpt_dir / "latest_universal").write_text(out_tag)
-    return out_tag

@@ -1,8 +1,9 @@
 """The training loop shared by pretraining and fine-tuning: steps, logging, validation, checkpoints.
 
 A run directory holds `config.yaml` (the resolved config), `run.json` (datasets, heads, landmark
-sets, manifest digest), `tensorboard/`, `metrics.jsonl`, `checkpoints/` (DeepSpeed tags
-`step_NNNNNNNN`, `latest`) and `best.json` when the best validation checkpoint is tracked.
+sets, manifest digest, the split checkpoints are selected on), `tensorboard/`, `metrics.jsonl`,
+`checkpoints/` (see medsapiens.checkpoints) and `best.json` when the best validation checkpoint
+is tracked. Validation reads only each dataset's val split (never a test split).
 """
 from __future__ import annotations
 
@@ -15,19 +16,25 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from medsapiens import checkpoints
 from medsapiens import config as configlib
 from medsapiens import distributed
-from medsapiens.data.pipeline import DataConfig, TrainStream, resolve_val_split, train_batches
-from medsapiens.engine import Engine, TrainConfig, add_loss_sum, checkpoint_tag
+from medsapiens.data.pipeline import DataConfig, TrainStream, train_batches, validation_split
+from medsapiens.engine import Engine, TrainConfig
 from medsapiens.inference import predict_split
 from medsapiens.manifest import Manifest
 from medsapiens.metrics import Protocol, summarize
 from medsapiens.telemetry import StepTimer, Telemetry
 from medsapiens.visualize import draw_landmarks
 
-CHECKPOINTS = "checkpoints"
 RUN_INFO = "run.json"
 RESOLVED_CONFIG = "config.yaml"
+
+
+def add_loss_sum(sums: dict, name: str, loss_sum, count: int) -> None:
+    """Accumulate a dataset's (summed loss, sample count) in `sums`."""
+    total, n = sums.get(name, (0.0, 0))
+    sums[name] = (total + loss_sum, n + count)
 
 
 def write_run_files(run_dir: Path, cfg, stage: str, manifest: Manifest, dataset_ids: list[str], **extra) -> None:
@@ -60,8 +67,9 @@ class RunContext:
 
 
 class Trainer:
-    def __init__(self, engine: Engine, loss_fn, ctx: RunContext):
-        self.engine, self.loss_fn, self.ctx = engine, loss_fn, ctx
+    def __init__(self, engine: Engine, objective, ctx: RunContext):
+        """objective(forward, batch, dtype) -> (loss, {dataset: (loss sum, samples)}): the model's."""
+        self.engine, self.objective, self.ctx = engine, objective, ctx
         self.is_main = distributed.rank() == 0
         self.telemetry: Telemetry | None = None
         if self.is_main:
@@ -74,13 +82,13 @@ class Trainer:
 
     @property
     def ckpt_dir(self) -> Path:
-        return self.ctx.run_dir / CHECKPOINTS
+        return checkpoints.checkpoint_dir(self.ctx.run_dir)
 
     def resume(self, mode: str) -> int:
         """Load a checkpoint ('auto': the last complete one, if any; 'universal'; 'none'); return the step."""
         if mode == "none":
             return 0
-        if mode == "auto" and not (self.ckpt_dir / "latest").is_file():
+        if mode == "auto" and not checkpoints.has_checkpoint(self.ckpt_dir):
             return 0
         state = self.engine.load(self.ckpt_dir)
         if state is None:
@@ -110,15 +118,16 @@ class Trainer:
         try:
             for step, micro_batches in batches:
                 timer.waited(time.perf_counter() - waiting_since)
-                result = self.engine.train_step(micro_batches, self.loss_fn)
+                stats, grad_norm = self.engine.train_step(micro_batches, self.objective)
                 timer.stepped(ctx.data.micro_batch * train.grad_accum)
-                for name, (loss_sum, count) in result["per_dataset"].items():
-                    add_loss_sum(sums, name, loss_sum, count)
+                for batch_stats in stats:
+                    for name, (loss_sum, count) in batch_stats.items():
+                        add_loss_sum(sums, name, loss_sum, count)
                 done = step + 1
                 stopping = done == train.stop_after
                 final = done == train.max_steps
                 if done % train.log_every == 0 or final:
-                    progress.set_postfix(loss=f"{self._log_train(done, sums, result, timer):.4g}")
+                    progress.set_postfix(loss=f"{self._log_train(done, sums, grad_norm, timer):.4g}")
                     sums = {}
                 if done % train.val_every == 0 or final:
                     self.validate(done)
@@ -133,11 +142,10 @@ class Trainer:
             self.telemetry.close()
         return self.last_validation
 
-    def _log_train(self, step: int, sums: dict, result: dict, timer: StepTimer) -> float:
+    def _log_train(self, step: int, sums: dict, grad_norm, timer: StepTimer) -> float:
         totals = distributed.sum_across_ranks(sums, self.ctx.dataset_ids)
         loss = sum(s for s, _ in totals.values()) / max(1, sum(n for _, n in totals.values()))
-        norm = result["grad_norm"]
-        scalars = {"loss/total": loss, "train/grad_norm": float(norm) if norm is not None else None}
+        scalars = {"loss/total": loss, "train/grad_norm": float(grad_norm) if grad_norm is not None else None}
         scalars.update({f"loss/{name}": s / n for name, (s, n) in totals.items()})
         scalars.update({f"lr/{tag}": lr for tag, lr in self.engine.group_lrs().items()})
         scalars.update(timer.report(self.engine.device, self.ctx.flops_per_sample))
@@ -148,7 +156,7 @@ class Trainer:
         ctx, results = self.ctx, {}
         self.engine.ds.eval()  # no dropout (LoRA's) while measuring; train_step switches back
         for index, dataset in enumerate(ctx.dataset_ids):
-            split = resolve_val_split(ctx.manifest, dataset, ctx.data.val_split)
+            split = validation_split(ctx.manifest, dataset, ctx.data.val_split)
             if split is None:
                 continue
             preds = predict_split(self.engine.ds, ctx.manifest, dataset, index, split, ctx.input_size,
@@ -179,7 +187,7 @@ class Trainer:
             return
         score = float(np.mean([r["mre"] for r in results.values()]))
         if self.best is None or score < self.best["mre"]:
-            self.best = {"step": step, "tag": checkpoint_tag(step), "mre": score, "validation": results}
+            self.best = checkpoints.best_entry(step, score, results)
 
     def checkpoint(self, step: int) -> None:
         best = [self.best] if self.ctx.track_best else [None]
@@ -195,7 +203,7 @@ class Trainer:
             "best": self.best,
         }, keep=keep)
         if self.is_main and self.best:
-            (self.ctx.run_dir / "best.json").write_text(json.dumps(self.best, indent=2))
+            checkpoints.write_best(self.ctx.run_dir, self.best)
 
 
 def validation_at(run_dir: Path, step: int) -> dict[str, float]:

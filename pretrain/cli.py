@@ -46,11 +46,8 @@ def _export(args) -> int:
 
 
 def _universal(args) -> int:
-    from pathlib import Path
+    from medsapiens.checkpoints import checkpoint_dir, make_universal
 
-    from medsapiens.engine import make_universal
-    from medsapiens.trainer import CHECKPOINTS
-
-    tag = make_universal(Path(args.run_dir) / CHECKPOINTS, args.tag)
+    tag = make_universal(checkpoint_dir(args.run_dir), args.tag)
     print(f"universal checkpoint {tag} written; resume with --resume universal")
     return 0

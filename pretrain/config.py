@@ -5,13 +5,17 @@ from dataclasses import dataclass, field
 
 from medsapiens.data.pipeline import DataConfig
 from medsapiens.engine import OptimConfig, TrainConfig
-from medsapiens.model import ModelConfig
+from medsapiens.model import LoraConfig, ModelConfig
 
 
 @dataclass
 class PretrainConfig:
+    """lora.enabled trains LoRA adapters and the decoder on a frozen backbone (MedSapiens'
+    multi-dataset stage); the exported bundle holds the merged weights."""
+
     run_dir: str = "runs/pretrain"
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from medsapiens import bundle as bundlelib
 from medsapiens import config as configlib
-from medsapiens.engine import consolidated_state_dict, latest_tag, tag_step
+from medsapiens.checkpoints import checkpoint_dir, latest_tag, tag_step
 from medsapiens.registry import LandmarkSet
-from medsapiens.trainer import CHECKPOINTS, RESOLVED_CONFIG, RUN_INFO, validation_at
+from medsapiens.run import load_trained
+from medsapiens.trainer import RESOLVED_CONFIG, RUN_INFO, validation_at
 from pretrain.config import PretrainConfig
 
 
@@ -17,18 +18,19 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path
     run_dir = Path(run_dir)
     cfg = configlib.load(PretrainConfig, run_dir / RESOLVED_CONFIG)
     info = json.loads((run_dir / RUN_INFO).read_text())
-    ckpt_dir = run_dir / CHECKPOINTS
+    ckpt_dir = checkpoint_dir(run_dir)
     tag = tag or latest_tag(ckpt_dir)
     sets = {d: LandmarkSet.from_dict(info["landmark_sets"][d]) for d in info["dataset_ids"]}
     model_cfg = replace(cfg.model, checkpoint=None, grad_checkpointing=False)
-    model = model_cfg.build({d: s.num_landmarks for d, s in sets.items()})
-    model.load_state_dict(consolidated_state_dict(ckpt_dir, tag), strict=True)
+    model = load_trained(model_cfg.build({d: s.num_landmarks for d, s in sets.items()}), ckpt_dir, tag, cfg.lora)
     step = tag_step(tag)
     provenance = {
         "stage": "pretrain",
         "run_dir": str(run_dir.resolve()),
         "checkpoint": tag,
         "steps": step,
+        "lora": cfg.lora.enabled,
+        "selection": info.get("selection"),
         "manifest": info["manifest"],
         "validation": validation_at(run_dir, step),
         "config": configlib.to_dict(cfg),

@@ -1,16 +1,13 @@
-"""Pretraining: checks before the first step, model and engine set-up, then the shared training loop."""
+"""Pretraining: checks before the first step, the multi-head model, then the shared run assembly."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 
-from medsapiens import config as configlib
 from medsapiens import distributed, storage
-from medsapiens.engine import Engine, init_distributed, shutdown
+from medsapiens.data.pipeline import check_val_split
+from medsapiens.engine import init_distributed, shutdown
 from medsapiens.manifest import Manifest, ManifestError, load as load_manifest
-from medsapiens.model import forward_flops, param_groups
-from medsapiens.trainer import RunContext, Trainer, write_run_files
+from medsapiens.run import RunPlan, train
 from pretrain.config import PretrainConfig
 
 
@@ -24,9 +21,11 @@ def selected_datasets(manifest: Manifest, requested: list[str]) -> list[str]:
     return list(requested) or sorted(manifest.datasets)
 
 
-def preflight(cfg: PretrainConfig) -> None:
-    """Everything that can be known wrong before the first step: settings, manifest, datasets, shard URLs."""
+def preflight(cfg: PretrainConfig) -> tuple[Manifest, list[str]]:
+    """Everything that can be known wrong before the first step: settings, manifest, datasets,
+    shard URLs. Returns the manifest and the datasets to train."""
     cfg.train.check()
+    check_val_split(cfg.data.val_split)
     if not cfg.data.shards:
         raise ManifestError("data.shards is not set: give the shard directory or s3:// prefix")
     manifest = load_manifest(cfg.data.shards)
@@ -35,28 +34,18 @@ def preflight(cfg: PretrainConfig) -> None:
         url = manifest.url_of(shard)
         if not storage.exists(url):
             raise ManifestError(f"shard {url} listed in {manifest.location} is unreachable")
-
+    return manifest, datasets
 
 
 def run(cfg: PretrainConfig, resume: str = "auto") -> dict:
     init_distributed(cfg.train.dist_timeout_s)
     try:
-        distributed.decide_on_rank0(lambda: preflight(cfg))
-        manifest = load_manifest(cfg.data.shards)
-        dataset_ids = selected_datasets(manifest, cfg.data.datasets)
-        heads = {d: manifest.landmark_set(d).num_landmarks for d in dataset_ids}
+        found: list = [None]
+        distributed.decide_on_rank0(lambda: found.__setitem__(0, preflight(cfg)))
+        distributed.broadcast_from_rank0(found)  # loaded once, on rank 0
+        manifest, dataset_ids = found[0]
         torch.manual_seed(cfg.train.seed)
-        model = cfg.model.build(heads)
-        engine = Engine(model, param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay),
-                        cfg.train, cfg.optim, cfg.data.micro_batch, universal=resume == "universal")
-        run_dir = Path(cfg.run_dir)
-        if distributed.rank() == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_run_files(run_dir, cfg, "pretrain", manifest, dataset_ids)
-        ctx = RunContext(run_dir, manifest, dataset_ids, cfg.model.input_size, cfg.data, cfg.train, configlib.digest(cfg),
-                         forward_flops(cfg.model.arch, cfg.model.img_size, cfg.model.trunk_width,
-                                       sum(heads.values())).total)
-        trainer = Trainer(engine, model.loss, ctx)
-        return trainer.fit(trainer.resume(resume))
+        model = cfg.model.build({d: manifest.landmark_set(d).num_landmarks for d in dataset_ids})
+        return train(RunPlan("pretrain", cfg, manifest, dataset_ids, model, cfg.model), resume).last_validation
     finally:
         shutdown()

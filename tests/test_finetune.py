@@ -67,6 +67,9 @@ def test_finetuning_a_new_dataset_from_a_bundle_lowers_its_mre(head_hand_bundle,
     assert bundle.heads == {"leg": 26} and bundle.provenance["stage"] == "finetune"
     best = json.loads((run_dir / "best.json").read_text())
     assert bundle.provenance["checkpoint"] == best["tag"]  # the best validated checkpoint became the bundle
+    assert info["selection"]["split"] == "val" == bundle.provenance["selection"]["split"]
+    assert best["validation"]["leg"]["split"] == "val"
+    assert report["evaluated_on"] == "test" and report["selected_on"]["split"] == "val" and report["flip_test"]
     assert "test: leg: MRE" in proc.stdout and str(run_dir / "bundle") in proc.stdout
 
 
@@ -108,6 +111,19 @@ def test_shot_draws_depend_on_seed_only():
     assert draw_keys(keys, 5, 0) != draw_keys(keys, 5, 1)
     with pytest.raises(ValueError, match="more images than the train split has"):
         draw_keys(keys, 41, 0)
+
+
+def test_a_bundle_start_keeps_its_head_unless_asked_to_start_it_afresh(head_hand_bundle, phantom_shards):
+    bundled = load_file(str(head_hand_bundle / "model.safetensors"))
+    head_set = manifestlib.load(phantom_shards).landmark_set("head")
+    for reinit in (False, True):
+        cfg = configlib.load(FinetuneConfig, FINETUNE_CONFIG, ["dataset=head", f"bundle={head_hand_bundle}",
+                                                              f"reinit_head={str(reinit).lower()}"])
+        model, _, origin = initial_model(cfg, head_set)
+        state = model.state_dict()
+        assert origin["reused_head"] is not reinit and model.dataset_ids == ["head"]
+        assert torch.equal(state["decoder.trunk.0.conv.weight"], bundled["decoder.trunk.0.conv.weight"])
+        assert torch.equal(state["decoder.heads.head.weight"], bundled["decoder.heads.head.weight"]) is not reinit
 
 
 @pytest.mark.timeout(300)
@@ -161,10 +177,11 @@ def test_finetune_refuses_bad_starts_clearly(phantom_shards, tmp_path):
 
 @pytest.fixture(scope="module")
 def head_expert(phantom_shards, tmp_path_factory) -> Path:
-    """A head-only model trained long enough to be clearly better than guessing."""
+    """A head-only model trained long enough to be clearly better than guessing (its checkpoint chosen on
+    one carved val image: 300 steps were enough only while selection read the test split predicted below)."""
     run_dir = tmp_path_factory.mktemp("head_expert") / "run"
     proc = run([*CLI, "finetune", *finetune_args(phantom_shards, run_dir, "--init", "scratch", "--dataset", "head",
-                                                 "--steps", "300", "train.val_every=100", "train.checkpoint_every=100",
+                                                 "--steps", "450", "train.val_every=150", "train.checkpoint_every=150",
                                                  "optim.lr=2e-3", "data.augment.rotation_deg=10")], 400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir

@@ -76,6 +76,32 @@ def test_loss_is_the_mean_of_masked_per_sample_mse(model):
         assert model.loss(outputs, padded, weights).per_dataset["chest"] > 1e3
 
 
+def test_union_loss_equals_mmpose_mse_over_the_union_of_landmarks(model):
+    """MedSapiens' loss: one output over every head's landmarks (19 + 37 + 6 channels here), the other
+    datasets' channels weighted 0, KeypointMSELoss = mean over B x union x h x w."""
+    images, index, targets, weights = batch([0, 1, 2, 2, 1])
+    weights[1, 7] = 0.0
+    offsets = {"head": 0, "hand": 19, "chest": 56}
+    with torch.no_grad():
+        outputs = model(images, index)
+        union = sum(HEADS.values())
+        pred = torch.zeros(len(index), union, IMG[0] // 4, IMG[1] // 4)
+        target, weight = torch.zeros_like(pred), torch.zeros(len(index), union)
+        for dataset_id, (indices, heatmaps) in outputs.items():
+            k, start = HEADS[dataset_id], offsets[dataset_id]
+            for row, i in enumerate(indices.tolist()):
+                pred[i, start:start + k] = heatmaps[row]
+                target[i, start:start + k] = targets[i, :k]
+                weight[i, start:start + k] = weights[i, :k]
+        w = weight[:, :, None, None]
+        expected = F.mse_loss(pred * w, target * w)  # mmpose KeypointMSELoss(use_target_weight=True)
+        union_loss = model.loss(outputs, targets, weights, average="union")
+        torch.testing.assert_close(union_loss.total, expected)
+        per_sample = model.loss(outputs, targets, weights)
+        assert not torch.isclose(union_loss.total, per_sample.total)  # the two averages really differ
+        assert union_loss.per_dataset == per_sample.per_dataset  # logged per-dataset losses do not
+
+
 def test_heads_can_be_added_and_dropped(model):
     model.add_head("leg", 26)
     assert model.dataset_ids == ["head", "hand", "chest", "leg"]

@@ -68,9 +68,13 @@ def test_lora_trains_only_adapters_and_decoder(model):
     groups = param_groups(model, weight_decay=0.1)
     grouped = [p for g in groups for p in g["params"]]
     assert sum(p.numel() for p in grouped) == count_trainable(model)
+    # every adapter, in every block, at the base lr (MedSapiens), counted by hand
+    at_base_lr = sum(p.numel() for g in groups if g["part"] == "lora" and g["lr_scale"] == 1.0 for p in g["params"])
+    assert at_base_lr == lora_params_by_hand(DEPTH, C)
+    assert {g["part"] for g in groups} == {"lora", "decoder"}
     named = dict(model.named_parameters())
-    qkv_a = named["backbone.base_model.model.blocks.2.attn.qkv.lora_A.default.weight"]
-    assert group_of(groups)[id(qkv_a)]["lr_scale"] == pytest.approx(0.85 ** (DEPTH + 1 - 3))
+    qkv_a = named["backbone.base_model.model.blocks.0.attn.qkv.lora_A.default.weight"]
+    assert group_of(groups)[id(qkv_a)]["lr_scale"] == 1.0
 
 
 def test_merged_lora_model_reproduces_the_lora_model(model):

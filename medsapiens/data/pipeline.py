@@ -28,7 +28,7 @@ from medsapiens.record import Rejection, validate_record
 from medsapiens.registry import LandmarkSet
 
 MIXING_RULES = ("proportional", "uniform", "temperature")
-VAL_SPLIT_PREFERENCE = ("val", "test1", "test")
+TEST_SPLIT_PREFIX = "test"  # test, test1, test2, ...: held out, never used for selection
 
 
 @dataclass
@@ -39,7 +39,7 @@ class DataConfig:
     temperature: float = 2.0
     weights: dict[str, float] = field(default_factory=dict)
     train_split: str = "train"
-    val_split: str = "auto"
+    val_split: str = "val"  # validation and best-checkpoint selection; never a test split
     micro_batch: int = 2
     workers: int = 2
     shuffle_buffer: int = 64
@@ -72,11 +72,23 @@ def mixture_weights(manifest: Manifest, cfg: DataConfig, datasets: list[str]) ->
     return weights / weights.sum()
 
 
-def resolve_val_split(manifest: Manifest, dataset: str, requested: str) -> str | None:
-    splits = manifest.datasets[dataset].splits
-    if requested != "auto":
-        return requested if splits.get(requested) else None
-    return next((s for s in VAL_SPLIT_PREFERENCE if splits.get(s)), None)
+def is_test_split(split: str) -> bool:
+    return split.startswith(TEST_SPLIT_PREFIX)
+
+
+def check_val_split(split: str) -> None:
+    """Selecting a checkpoint on a test split biases every number reported on it: refused."""
+    if is_test_split(split):
+        raise ValueError(
+            f"data.val_split={split!r} is a test split: validation chooses the best checkpoint, so the "
+            "test numbers would be biased. Validate on 'val' (shards build carves one from train when "
+            "the source has none: --opt ID.val_fraction=F) and evaluate on the test split(s) afterwards")
+
+
+def validation_split(manifest: Manifest, dataset: str, requested: str) -> str | None:
+    """The split this dataset is validated on, or None when the manifest has no such samples."""
+    check_val_split(requested)
+    return requested if manifest.datasets[dataset].splits.get(requested) else None
 
 
 def decode_sample(sample: dict, landmark_set: LandmarkSet | None = None):

@@ -8,6 +8,6 @@ from medsapiens.model.checkpoint import (
 from medsapiens.model.cost import MemoryEstimate, Split, count_params, forward_flops, memory_estimate
 from medsapiens.model.decoder import HeadOutput, MultiHeadDecoder
 from medsapiens.model.landmark_model import LandmarkModel, ModelConfig, build_model
-from medsapiens.model.lora import apply_lora, base_backbone, count_trainable, merge_lora
-from medsapiens.model.loss import HeatmapLoss, heatmap_loss
+from medsapiens.model.lora import LoraConfig, apply_lora, base_backbone, count_trainable, merge_lora
+from medsapiens.model.loss import HeatmapLoss, LandmarkObjective, heatmap_loss
 from medsapiens.model.param_groups import param_groups

@@ -14,7 +14,7 @@ from medsapiens.model.archs import DEFAULT_IMG_SIZE, DEFAULT_TRUNK_WIDTH, ArchSp
 from medsapiens.model.backbone import SapiensViT
 from medsapiens.model.checkpoint import load_backbone
 from medsapiens.model.decoder import HeadOutput, MultiHeadDecoder
-from medsapiens.model.loss import HeatmapLoss, heatmap_loss
+from medsapiens.model.loss import HeatmapLoss, LandmarkObjective, heatmap_loss
 
 
 class LandmarkModel(nn.Module):
@@ -36,8 +36,13 @@ class LandmarkModel(nn.Module):
 
     @staticmethod
     def loss(outputs: dict[str, HeadOutput], target_heatmaps: torch.Tensor,
-             target_weights: torch.Tensor) -> HeatmapLoss:
-        return heatmap_loss(outputs, target_heatmaps, target_weights)
+             target_weights: torch.Tensor, average: str = "per_sample") -> HeatmapLoss:
+        return heatmap_loss(outputs, target_heatmaps, target_weights, average)
+
+    @staticmethod
+    def objective(average: str = "per_sample") -> LandmarkObjective:
+        """The training loss of a micro-batch (see medsapiens.model.loss for `average`)."""
+        return LandmarkObjective(average)
 
     @property
     def dataset_ids(self) -> list[str]:

@@ -4,6 +4,8 @@
 `backbone.base_model.model.`; `merge_lora` folds the adapters back into a plain backbone."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
 from medsapiens.model.backbone import SapiensViT
@@ -11,22 +13,39 @@ from medsapiens.model.backbone import SapiensViT
 # peft matches a list entry as a name suffix after a dot: "blocks.3.attn.proj" matches, the patch
 # embedding's "patch_embed.proj" does not.
 QKV, PROJ = "attn.qkv", "attn.proj"
+LORA_PARAM = ".lora_"  # in every adapter parameter's name (peft's lora_A / lora_B)
 
 
-def apply_lora(model: nn.Module, qkv_rank: int = 4, qkv_alpha: float = 4, proj_rank: int = 8,
-               proj_alpha: float = 8, dropout: float = 0.1) -> nn.Module:
+@dataclass
+class LoraConfig:
+    """The `lora` config section; the defaults are MedSapiens' adapters."""
+
+    enabled: bool = False
+    qkv_rank: int = 4
+    qkv_alpha: float = 4.0
+    proj_rank: int = 8
+    proj_alpha: float = 8.0
+    dropout: float = 0.1
+
+
+def is_lora_parameter(name: str) -> bool:
+    return LORA_PARAM in name
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig | None = None) -> nn.Module:
     """Wrap `model.backbone` in place: LoRA on every block's attn.qkv and attn.proj, up-projection
     zero-initialised (the model's output is unchanged at first), every other backbone weight
     frozen. Returns `model`."""
-    from peft import LoraConfig, get_peft_model  # ~1 s to import: only LoRA runs pay it
+    cfg = cfg or LoraConfig()
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model  # ~1 s to import: only LoRA runs pay it
 
-    config = LoraConfig(
-        r=qkv_rank,
-        lora_alpha=qkv_alpha,
-        lora_dropout=dropout,
+    config = PeftLoraConfig(
+        r=cfg.qkv_rank,
+        lora_alpha=cfg.qkv_alpha,
+        lora_dropout=cfg.dropout,
         target_modules=[QKV, PROJ],
-        rank_pattern={PROJ.replace(".", r"\."): proj_rank},
-        alpha_pattern={PROJ.replace(".", r"\."): proj_alpha},
+        rank_pattern={PROJ.replace(".", r"\."): cfg.proj_rank},
+        alpha_pattern={PROJ.replace(".", r"\."): cfg.proj_alpha},
         init_lora_weights=True,
     )
     training = model.backbone.training

@@ -1,4 +1,14 @@
-"""Target-weighted heatmap MSE per head (mmpose KeypointMSELoss with use_target_weight)."""
+"""Target-weighted heatmap MSE per head (mmpose KeypointMSELoss with use_target_weight), and the
+training objective of a mixed multi-dataset batch.
+
+Two ways to average a mixed batch (`train.loss`):
+- `per_sample` (ours): a sample's loss is the mean over its own K x h x w elements; the batch
+  loss is the mean over samples, so every image weighs the same whatever its K.
+- `union` (MedSapiens): one output over the union of all heads' landmarks (88 channels for head,
+  chest, hand, leg), other datasets' channels masked with weight 0, averaged over B x 88 x h x w:
+  a sample weighs by its K (a 37-landmark hand image 6x a 6-landmark chest image).
+With one head (fine-tuning) the two are equal.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,14 +26,20 @@ class HeatmapLoss:
 
 
 def heatmap_loss(
-    outputs: dict[str, HeadOutput], target_heatmaps: torch.Tensor, target_weights: torch.Tensor
+    outputs: dict[str, HeadOutput], target_heatmaps: torch.Tensor, target_weights: torch.Tensor,
+    average: str = "per_sample",
 ) -> HeatmapLoss:
     """outputs from `MultiHeadDecoder.forward`; targets padded to the batch's largest K:
     target_heatmaps (B, Kmax, h, w), target_weights (B, Kmax), weight 0 beyond a dataset's K.
 
-    A sample's loss is the mean over its K x h x w elements of (w * (pred - target))^2. Every head
-    adds its (possibly empty) sum to the total, so empty heads stay in the graph with zero grads."""
+    A sample's loss is the mean over its K x h x w elements of (w * (pred - target))^2; `average`
+    (see the module docstring) weighs it by 1 or by K / (sum of every head's K). Every head adds
+    its (possibly empty) sum to the total, so empty heads stay in the graph with zero grads.
+    per_dataset is the unweighted mean sample loss of each dataset either way."""
+    if average not in ("per_sample", "union"):
+        raise ValueError(f"loss average must be 'per_sample' or 'union', got {average!r}")
     batch = target_heatmaps.shape[0]
+    union = sum(head.heatmaps.shape[1] for head in outputs.values())
     total = target_heatmaps.new_zeros((), dtype=torch.float32)
     per_dataset, counts = {}, {}
     for dataset_id, (indices, heatmaps) in outputs.items():
@@ -32,9 +48,24 @@ def heatmap_loss(
             group_sum = _sample_losses(dataset_id, heatmaps, target_heatmaps, target_weights, indices).sum()
         else:  # the targets may be narrower than this head's K; the empty sum is 0, in the graph
             group_sum = heatmaps.sum()
-        total = total + group_sum
+        weight = heatmaps.shape[1] / union if average == "union" else 1.0
+        total = total + group_sum * weight
         per_dataset[dataset_id] = group_sum.detach() / max(counts[dataset_id], 1)
     return HeatmapLoss(total / batch, per_dataset, counts)
+
+
+@dataclass(frozen=True)
+class LandmarkObjective:
+    """The loss of one landmark micro-batch, as the engine's train_step asks for it."""
+
+    average: str = "per_sample"
+
+    def __call__(self, forward, batch: dict, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
+        """-> (loss with grad, {dataset: (summed loss tensor, samples)} for exact averaging at
+        logging time; tensors, so there is no host sync per step)."""
+        outputs = forward(batch["images"].to(dtype), batch["dataset_index"])
+        loss = heatmap_loss(outputs, batch["target_heatmaps"], batch["target_weights"], self.average)
+        return loss.total, {name: (loss.per_dataset[name] * n, n) for name, n in loss.counts.items() if n}
 
 
 def _sample_losses(dataset_id, heatmaps, target_heatmaps, target_weights, indices) -> torch.Tensor:

@@ -3,6 +3,8 @@
 Layer ids: patch/pos embedding 0, block i -> i + 1, final norm and the whole decoder depth + 1;
 a group's lr is base_lr * lr_scale with lr_scale = layer_decay ** (depth + 1 - layer_id): the
 trainer's scheduler applies it. No weight decay on 1-D parameters (norms, biases) and pos_embed.
+LoRA adapters train at the base lr whatever their block, as in MedSapiens (its layer-decay rule
+matches backbone parameter names that adapter names never match).
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import re
 
 from torch import nn
 
-from medsapiens.model.lora import base_backbone
+from medsapiens.model.lora import base_backbone, is_lora_parameter
 
 BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 EMBEDDING = re.compile(r"(?:^|\.)(?:patch_embed|pos_embed)(?:\.|$)")
@@ -19,14 +21,14 @@ EMBEDDING = re.compile(r"(?:^|\.)(?:patch_embed|pos_embed)(?:\.|$)")
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 0.85) -> list[dict]:
     """Groups for torch optimisers and `deepspeed.initialize` over the trainable parameters of a
     LandmarkModel (plain or LoRA-wrapped backbone). Each group has `params`, `weight_decay`,
-    `lr_scale`, `name` (e.g. "backbone.layer3.decay") and `part` ("backbone" or "decoder", to log
-    their lrs). Frozen parameters are left out and no group is empty."""
+    `lr_scale`, `name` (e.g. "backbone.layer3.decay") and `part` ("backbone", "lora" or "decoder",
+    to log their lrs). Frozen parameters are left out and no group is empty."""
     depth = base_backbone(model).depth
     groups: dict[tuple, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        part = "backbone" if name.startswith("backbone.") else "decoder"
+        part = "lora" if is_lora_parameter(name) else "backbone" if name.startswith("backbone.") else "decoder"
         layer = layer_id(name, depth) if part == "backbone" else depth + 1
         decay = param.ndim > 1 and not name.endswith("pos_embed")
         group = groups.setdefault((part, layer, decay), {

@@ -1,0 +1,126 @@
+"""Assembling a training run, the one path both stages take: schedule, LoRA, optimiser groups,
+the DeepSpeed engine, the run files, then the shared loop.
+
+Pretraining and fine-tuning differ only in what they hand over (the model with its heads, the
+manifest, the datasets, whether the best validation checkpoint is kept).
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from medsapiens import config as configlib
+from medsapiens import distributed
+from medsapiens.checkpoints import consolidated_state_dict
+from medsapiens.data.pipeline import check_val_split, validation_split
+from medsapiens.engine import Engine, OptimConfig, TrainConfig
+from medsapiens.manifest import Manifest
+from medsapiens.model import (
+    LoraConfig, ModelConfig, apply_lora, count_trainable, forward_flops, merge_lora, param_groups,
+)
+from medsapiens.trainer import RunContext, Trainer, write_run_files
+
+
+@dataclass
+class RunPlan:
+    """What a stage trains. `cfg` is the stage's config: it has run_dir, data, optim, train, lora."""
+
+    stage: str
+    cfg: object
+    manifest: Manifest
+    dataset_ids: list[str]
+    model: object
+    model_cfg: ModelConfig
+    track_best: bool = False
+    info: dict = field(default_factory=dict)  # extra run.json entries
+
+
+@dataclass
+class RunResult:
+    """What a finished run hands back, the same on every rank."""
+
+    best: dict | None  # the best validation checkpoint (when tracked and there was a val split)
+    last_validation: dict
+    selection: dict
+    trainable_parameters: int
+    device: object
+
+
+def global_batch(cfg) -> int:
+    return cfg.data.micro_batch * cfg.train.grad_accum * distributed.world_size()
+
+
+def scheduled(train: TrainConfig, train_images: int, batch: int) -> tuple[TrainConfig, str]:
+    """train.epochs -> max_steps (ceil(epochs x images / global batch)); and the schedule in words."""
+    if train.epochs:
+        steps_per_epoch = math.ceil(train_images / batch)
+        train = replace(train, max_steps=math.ceil(train.epochs * steps_per_epoch))
+        head = (f"{train.epochs:g} epochs x {steps_per_epoch} steps ({train_images} training images / global "
+                f"batch {batch}) = {train.max_steps} steps")
+    else:
+        head = f"{train.max_steps} steps (global batch {batch})"
+    return train, head
+
+
+def schedule_text(optim: OptimConfig, head: str, max_steps: int) -> str:
+    text = f"schedule: {head}; warm-up {optim.warmup_steps} steps from x{optim.warmup_factor:g}"
+    if optim.schedule == "step":
+        drops = ", ".join(str(math.ceil(m * max_steps)) for m in optim.milestones)
+        return f"{text}, then lr x{optim.gamma:g} at steps {drops}"
+    return f"{text}, then {optim.schedule}"
+
+
+def selection(plan: RunPlan) -> dict:
+    """Which split chooses the exported checkpoint (recorded in run.json and the bundle)."""
+    split = plan.cfg.data.val_split
+    found = {d: validation_split(plan.manifest, d, split) for d in plan.dataset_ids}
+    if not plan.track_best:
+        rule, chosen = "none: the last checkpoint is exported; validation on the val split is only logged", None
+    elif all(found.values()):
+        rule, chosen = "the checkpoint with the lowest val MRE", split
+    else:
+        rule, chosen = f"none: no {split!r} split to select on, the last checkpoint is exported", None
+    return {"split": chosen, "validated_on": found, "rule": rule}
+
+
+def train(plan: RunPlan, resume: str = "auto") -> RunResult:
+    """Build the engine for plan.model, write the run files, train."""
+    cfg = plan.cfg
+    check_val_split(cfg.data.val_split)
+    train_images = sum(plan.manifest.datasets[d].splits.get(cfg.data.train_split, 0) for d in plan.dataset_ids)
+    train_cfg, head = scheduled(cfg.train, train_images, global_batch(cfg))
+    cfg = replace(cfg, train=train_cfg)
+    lora: LoraConfig = cfg.lora
+    model = apply_lora(plan.model, lora).train() if lora.enabled else plan.model.train()
+    trainable, total = count_trainable(model), sum(p.numel() for p in model.parameters())
+    engine = Engine(model, param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay), train_cfg,
+                    cfg.optim, cfg.data.micro_batch, universal=resume == "universal")
+    run_dir = Path(cfg.run_dir)
+    chosen = selection(plan)
+    if distributed.rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_files(run_dir, cfg, plan.stage, plan.manifest, plan.dataset_ids, selection=chosen,
+                        lora=lora.enabled, trainable_parameters=trainable, parameters=total, **plan.info)
+        print(f"{plan.stage}: {trainable:,} of {total:,} parameters train{' (LoRA + decoder)' if lora.enabled else ''}; "
+              f"{schedule_text(cfg.optim, head, train_cfg.max_steps)}; checkpoint selection: {chosen['rule']}",
+              file=sys.stderr)
+    heads_k = sum(plan.manifest.landmark_set(d).num_landmarks for d in plan.dataset_ids)
+    flops = forward_flops(plan.model_cfg.arch, plan.model_cfg.img_size, plan.model_cfg.trunk_width, heads_k).total
+    ctx = RunContext(run_dir, plan.manifest, plan.dataset_ids, plan.model_cfg.input_size, cfg.data, train_cfg,
+                     configlib.digest(cfg), flops, track_best=plan.track_best)
+    trainer = Trainer(engine, model.objective(train_cfg.loss), ctx)
+    trainer.fit(trainer.resume(resume))
+    outcome = [trainer.best, trainer.last_validation]
+    distributed.broadcast_from_rank0(outcome)  # rank 0 scores validation
+    return RunResult(*outcome, chosen, trainable, engine.device)
+
+
+def load_trained(model, ckpt_dir: Path, tag: str, lora: LoraConfig):
+    """`model` (as built for training, before LoRA) with the weights of checkpoint `tag`; LoRA
+    adapters, when the run had them, merged into the backbone: a plain model for a bundle."""
+    if lora.enabled:
+        apply_lora(model, lora)
+    model.load_state_dict(consolidated_state_dict(ckpt_dir, tag), strict=True)
+    return merge_lora(model) if lora.enabled else model

@@ -1,0 +1,58 @@
+"""Protocols a paper's numbers depend on: no selection on a test split, the published schedule."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import DEMO_CONFIG, REPO, run
+from medsapiens import config as configlib
+from medsapiens.engine import OptimConfig, TrainConfig, lr_factor
+from medsapiens.run import schedule_text, scheduled
+
+CLI = [sys.executable, "-m", "launch.cli"]
+EXPERIMENTS = REPO / "launch" / "experiments"
+
+
+@pytest.mark.parametrize("images, batch, steps_per_epoch", [(130, 8, 17), (195, 8, 25), (5, 8, 1), (550, 8, 69)])
+def test_published_schedule_in_steps(images, batch, steps_per_epoch):
+    """210 epochs, x0.1 at epochs 170 and 200, 500 warm-up steps, whatever the split size."""
+    train, text = scheduled(TrainConfig(epochs=210.0), images, batch)
+    assert train.max_steps == 210 * steps_per_epoch
+    optim = OptimConfig()
+    factors = [lr_factor(step, optim, train.max_steps) for step in range(train.max_steps)]
+    warmup = [optim.warmup_factor + (1 - optim.warmup_factor) * min(1.0, s / optim.warmup_steps)
+              for s in range(train.max_steps)]
+    decay = [f / w for f, w in zip(factors, warmup)]  # the step decay, even inside the warm-up
+    assert decay.index(pytest.approx(0.1)) == 170 * steps_per_epoch
+    assert decay.index(pytest.approx(0.01)) == 200 * steps_per_epoch and decay[-1] == pytest.approx(0.01)
+    assert factors[0] == pytest.approx(0.001)
+    described = schedule_text(optim, text, train.max_steps)
+    assert f"{images} training images / global batch {batch}" in described
+    assert f"lr x0.1 at steps {170 * steps_per_epoch}, {200 * steps_per_epoch}" in described
+
+
+def test_max_steps_stay_when_no_epochs_are_given():
+    train, text = scheduled(TrainConfig(max_steps=77), 130, 8)
+    assert train.max_steps == 77 and text == "77 steps (global batch 8)"
+
+
+def test_shipped_finetune_config_is_the_published_schedule():
+    from finetune.config import FinetuneConfig
+
+    for cfg in (FinetuneConfig(), configlib.load(FinetuneConfig, EXPERIMENTS / "medsapiens_0.3b_finetune.yaml")):
+        assert cfg.train.epochs == 210 and cfg.optim.schedule == "step" and cfg.optim.warmup_steps == 500
+        assert [round(m * 210) for m in cfg.optim.milestones] == [170, 200] and cfg.flip_test
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("split", ["test", "test1"])
+def test_a_config_asking_to_validate_on_a_test_split_is_refused(phantom_shards, tmp_path, split):
+    pretrain = run([sys.executable, "-m", "pretrain", "--config", str(DEMO_CONFIG), f"data.shards={phantom_shards}",
+                    f"run_dir={tmp_path / 'p'}", f"data.val_split={split}"], 90)
+    finetune = run([*CLI, "finetune", "--config", str(EXPERIMENTS / "demo_finetune.yaml"), "--shards", str(phantom_shards),
+                    "--dataset", "head", "--init", "scratch", "--run-dir", str(tmp_path / "f"), f"data.val_split={split}"], 90)
+    for proc in (pretrain, finetune):
+        assert proc.returncode != 0
+        assert f"data.val_split={split!r} is a test split" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "p" / "checkpoints").exists() and not (tmp_path / "f").exists()
