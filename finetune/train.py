@@ -115,7 +115,9 @@ def run_one(cfg: FinetuneConfig) -> dict | None:
     if distributed.rank() == 0:
         print(f"fine-tuning {cfg.dataset} from {cfg.init}{' with LoRA' if cfg.lora.enabled else ''}"
               f"{f', {cfg.shots}-shot (seed {cfg.shot_seed})' if cfg.shots else ''}", file=sys.stderr)
-    plan = RunPlan("finetune", cfg, manifest, [cfg.dataset], model, model_cfg, track_best=True, info={"origin": origin})
+    evaluated = evaluation_splits(manifest, cfg.dataset, cfg.eval_split)
+    plan = RunPlan("finetune", cfg, manifest, [cfg.dataset], model, model_cfg, track_best=True,
+                   info={"origin": origin, "evaluation_splits": evaluated})
     result = train(plan)
     del model, plan
     best = result.best
@@ -127,7 +129,7 @@ def run_one(cfg: FinetuneConfig) -> dict | None:
     reports = {split: evaluate_model(model, bundle, manifest, cfg.dataset, split, run_dir / "eval" / split,
                                      flip_test=cfg.flip_test, batch_size=cfg.data.micro_batch,
                                      overlays=cfg.eval_overlays, device=result.device)
-               for split in evaluation_splits(manifest, cfg.dataset, cfg.eval_split)}
+               for split in evaluated}
     if distributed.rank() != 0:
         return None
     return {"run_dir": str(run_dir), "bundle": str(run_dir / "bundle"), "seed": cfg.shot_seed, "best": best,

@@ -93,7 +93,9 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     train_cfg, head = scheduled(cfg.train, train_images, global_batch(cfg))
     cfg = replace(cfg, train=train_cfg)
     lora: LoraConfig = cfg.lora
-    model = apply_lora(plan.model, lora).train() if lora.enabled else plan.model.train()
+    if lora.enabled:
+        apply_lora(plan.model, lora)
+    model = plan.model.train()
     trainable, total = count_trainable(model), sum(p.numel() for p in model.parameters())
     engine = Engine(model, param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay), train_cfg,
                     cfg.optim, cfg.data.micro_batch, universal=resume == "universal")

@@ -68,6 +68,7 @@ def test_finetuning_a_new_dataset_from_a_bundle_lowers_its_mre(head_hand_bundle,
     best = json.loads((run_dir / "best.json").read_text())
     assert bundle.provenance["checkpoint"] == best["tag"]  # the best validated checkpoint became the bundle
     assert info["selection"]["split"] == "val" == bundle.provenance["selection"]["split"]
+    assert info["evaluation_splits"] == ["test"]
     assert best["validation"]["leg"]["split"] == "val"
     assert report["evaluated_on"] == "test" and report["selected_on"]["split"] == "val" and report["flip_test"]
     assert "test: leg: MRE" in proc.stdout and str(run_dir / "bundle") in proc.stdout
