@@ -58,7 +58,8 @@ def initial_model(cfg: FinetuneConfig, landmark_set: LandmarkSet):
             model.add_head(dataset, k)
         model_cfg = replace(bundle.model, grad_checkpointing=cfg.model.grad_checkpointing)
         model.backbone.set_grad_checkpointing(model_cfg.grad_checkpointing)
-        origin = {"init": "bundle", "bundle": str(Path(cfg.bundle).resolve()), "reused_head": reused and not cfg.reinit_head,
+        origin = {"init": "bundle", "bundle": str(Path(cfg.bundle).resolve()),
+                  "reused_head": reused and not cfg.reinit_head,
                   "bundle_provenance": {k_: bundle.provenance.get(k_) for k_ in ("stage", "steps", "manifest")}}
     else:
         model_cfg = cfg.model if cfg.init == "sapiens" else replace(cfg.model, checkpoint=None)

@@ -105,7 +105,8 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_files(run_dir, cfg, plan.stage, plan.manifest, plan.dataset_ids, selection=chosen,
                         lora=lora.enabled, trainable_parameters=trainable, parameters=total, **plan.info)
-        print(f"{plan.stage}: {trainable:,} of {total:,} parameters train{' (LoRA + decoder)' if lora.enabled else ''}; "
+        what = " (LoRA + decoder)" if lora.enabled else ""
+        print(f"{plan.stage}: {trainable:,} of {total:,} parameters train{what}; "
               f"{schedule_text(cfg.optim, head, train_cfg.max_steps)}; checkpoint selection: {chosen['rule']}",
               file=sys.stderr)
     heads_k = sum(plan.manifest.landmark_set(d).num_landmarks for d in plan.dataset_ids)
