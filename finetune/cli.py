@@ -79,7 +79,10 @@ def register(subparsers) -> None:
     pr.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=True,
                     help="average with the mirrored image (default on; --no-flip-test)")
     pr.add_argument("--overlays", action="store_true", help="also write overlay PNGs")
-    pr.add_argument("--spacing", metavar="SX,SY", help="mm per pixel for non-DICOM images")
+    pr.add_argument("--spacing", metavar="SX,SY",
+                    help="mm per pixel (x, y), two positive numbers; wins over the DICOM tags")
+    pr.add_argument("--frame", type=int, metavar="N", help="which frame of multi-frame DICOMs (0-based); "
+                    "without it they are listed as failures")
     pr.add_argument("--batch-size", type=int, default=8)
     pr.add_argument("--device", default="cpu", help="cpu or cuda")
     pr.set_defaults(func=_predict)
@@ -134,10 +137,23 @@ def _evaluate(args) -> int:
 
 def _predict(args) -> int:
     from finetune.predict import predict
+    from medsapiens.imageio import positive_pair
 
-    results, failures = predict(args.bundle, args.inputs, args.out, args.dataset, args.flip_test, args.overlays,
-                                args.batch_size, _pair(args.spacing, float), args.device)
-    print(f"{len(results)} image(s) predicted, {len(failures)} failed; written to {args.out}/")
+    spacing = None if args.spacing is None else positive_pair(args.spacing.split(","))
+    if args.spacing is not None and spacing is None:
+        return fail(f"--spacing must be two positive numbers SX,SY (mm per pixel), got {args.spacing!r}")
+    try:
+        results, failures = predict(args.bundle, args.inputs, args.out, args.dataset, args.flip_test, args.overlays,
+                                    args.batch_size, spacing, args.device, args.frame)
+    except (FileNotFoundError, ValueError) as exc:
+        return fail(str(exc))
+    print(f"{len(results)} image(s) predicted, {len(failures)} failed (listed in {args.out}/failures.json); "
+          f"written to {args.out}/")
     for failure in failures:
         print(f"  failed: {failure['image']}: {failure['reason']}: {failure['detail']}", file=sys.stderr)
-    return 1 if failures else 0
+    return 0
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
