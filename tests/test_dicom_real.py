@@ -289,3 +289,29 @@ def stored(out: Path, manifest, safe_id: str):
             if name:
                 return json.loads(tar.extractfile(name).read()), decode_png(tar.extractfile(name[:-5] + ".png").read())
     raise AssertionError(f"{safe_id} is in no shard")
+
+
+def test_shared_outputs_are_readable_by_others_under_umask_022(every_file_folder, tiny_bundle, tmp_path):
+    """manifest.json, rejected.jsonl, the stats files and a bundle's weights were written 0600."""
+    import os
+
+    from launch.cli import main
+
+    old = os.umask(0o022)
+    try:
+        folder = tmp_path / "dicom"
+        folder.mkdir()
+        for name in ("RG3_UNCR.dcm", "emri_small.dcm"):
+            (folder / name).symlink_to(every_file_folder / name)
+        coco_over(folder, ["RG3_UNCR.dcm", "emri_small.dcm"], {})
+        out = tmp_path / "shards"
+        assert main(["shards", "build", "--source", f"xr:dicom={folder}", "--out", str(out), "--max-side", "64",
+                     "--workers", "1", "--no-progress"]) == 0
+        model, bundle = bundlelib.load(tiny_bundle)
+        saved = bundlelib.save(tmp_path / "bundle", model, bundle)
+    finally:
+        os.umask(old)
+    written = [*out.iterdir(), *saved.iterdir()]
+    assert {"manifest.json", "rejected.jsonl", "model.safetensors", "config.json"} <= {p.name for p in written}
+    assert any(p.name.endswith(".stats.json") for p in written) and any(p.suffix == ".tar" for p in written)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: "0o644" for p in written}
