@@ -7,7 +7,7 @@ import sys
 FLAG_KEYS = {  # flag destination -> config key
     "shards": "data.shards", "dataset": "dataset", "bundle": "bundle", "init": "init", "checkpoint": "model.checkpoint",
     "arch": "model.arch", "shots": "shots", "seed": "shot_seed", "steps": "train.max_steps", "run_dir": "run_dir",
-    "eval_split": "eval_split", "epochs": "train.epochs",
+    "eval_split": "eval_split", "epochs": "train.epochs", "batch_size": "data.micro_batch",
 }
 
 
@@ -40,6 +40,7 @@ def register(subparsers) -> None:
     ft.add_argument("--seeds", help="comma-separated seeds, run one after another, e.g. 0,1,2")
     ft.add_argument("--epochs", type=float, help="training epochs (default 210, the published schedule)")
     ft.add_argument("--steps", type=int, help="training steps instead of epochs")
+    ft.add_argument("--batch-size", type=int, help="micro-batch per rank (data.micro_batch)")
     ft.add_argument("--no-flip-test", action="store_true", help="evaluate without averaging the mirrored image")
     ft.add_argument("--eval-split", help="split evaluated at the end (default: test, else every test* split)")
     ft.add_argument("--run-dir", help="output directory (default runs/finetune)")
@@ -119,14 +120,14 @@ def _evaluate(args) -> int:
     options = {"wrist_landmarks": _pair(args.hand_landmarks, int), "convention": args.sdr_convention}
     if args.predictions or args.ground_truth:
         if not (args.predictions and args.ground_truth) or args.bundle:
-            sys.exit("error: give --predictions and --ground-truth together, without --bundle")
+            raise ValueError("give --predictions and --ground-truth together, without --bundle")
         from finetune.report import score_files, write_report
 
         report, errors, ids = score_files(args.predictions, args.ground_truth, **options)
         write_report(report, errors, ids, list(report["per_landmark"]), args.out)
     else:
         if not (args.bundle and args.shards):
-            sys.exit("error: give --bundle and --shards, or --predictions and --ground-truth")
+            raise ValueError("give --bundle and --shards, or --predictions and --ground-truth")
         report = evaluate_bundle(args.bundle, args.shards, args.dataset, args.split, args.out,
                                  flip_test=args.flip_test, batch_size=args.batch_size, overlays=args.overlays,
                                  device=args.device, **options)
@@ -141,19 +142,11 @@ def _predict(args) -> int:
 
     spacing = None if args.spacing is None else positive_pair(args.spacing.split(","))
     if args.spacing is not None and spacing is None:
-        return fail(f"--spacing must be two positive numbers SX,SY (mm per pixel), got {args.spacing!r}")
-    try:
-        results, failures = predict(args.bundle, args.inputs, args.out, args.dataset, args.flip_test, args.overlays,
-                                    args.batch_size, spacing, args.device, args.frame)
-    except (FileNotFoundError, ValueError) as exc:
-        return fail(str(exc))
+        raise ValueError(f"--spacing must be two positive numbers SX,SY (mm per pixel), got {args.spacing!r}")
+    results, failures = predict(args.bundle, args.inputs, args.out, args.dataset, args.flip_test, args.overlays,
+                                args.batch_size, spacing, args.device, args.frame)
     print(f"{len(results)} image(s) predicted, {len(failures)} failed (listed in {args.out}/failures.json); "
           f"written to {args.out}/")
     for failure in failures:
         print(f"  failed: {failure['image']}: {failure['reason']}: {failure['detail']}", file=sys.stderr)
     return 0
-
-
-def fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2

@@ -82,9 +82,9 @@ def _read_json(path: str | Path, what: str) -> dict:
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise SystemExit(f"error: {what} file not found: {path}") from None
+        raise FileNotFoundError(f"{what} file not found: {path}") from None
     except json.JSONDecodeError as exc:
-        raise SystemExit(f"error: {what} file {path} is not valid JSON: {exc}") from None
+        raise ValueError(f"{what} file {path} is not valid JSON: {exc}") from None
 
 
 def score_files(predictions: str | Path, ground_truth: str | Path, wrist_landmarks=None, convention: str = "<"):
@@ -96,12 +96,12 @@ def score_files(predictions: str | Path, ground_truth: str | Path, wrist_landmar
     pred, gt = _read_json(predictions, "predictions"), _read_json(ground_truth, "ground-truth")
     dataset = gt.get("dataset")
     if pred.get("dataset") != dataset:
-        raise SystemExit(f"error: predictions are for dataset {pred.get('dataset')!r}, ground truth for {dataset!r}")
+        raise ValueError(f"predictions are for dataset {pred.get('dataset')!r}, ground truth for {dataset!r}")
     landmark_set = LandmarkSet.from_dict(gt["landmark_set"]) if "landmark_set" in gt else registry.get(dataset)
     missing = sorted(set(gt["landmarks"]) - set(pred["landmarks"]))
     extra = sorted(set(pred["landmarks"]) - set(gt["landmarks"]))
     if missing or extra:
-        raise SystemExit(f"error: {len(missing)} ground-truth image(s) without prediction {missing[:10]}, "
+        raise ValueError(f"{len(missing)} ground-truth image(s) without prediction {missing[:10]}, "
                          f"{len(extra)} prediction(s) without ground truth {extra[:10]}")
     ids = sorted(gt["landmarks"])
     protocol = Protocol(landmark_set, wrist_landmarks, convention)
@@ -109,7 +109,7 @@ def score_files(predictions: str | Path, ground_truth: str | Path, wrist_landmar
     for name, table in (("predictions", pred), ("ground truth", gt)):
         bad = [i for i in ids if np.shape(table["landmarks"][i]) != (k, 2)]
         if bad:
-            raise SystemExit(f"error: {name} for image(s) {bad[:10]} do not have {k} [x, y] landmarks")
+            raise ValueError(f"{name} for image(s) {bad[:10]} do not have {k} [x, y] landmarks")
     factors = []
     for image_id in ids:
         spacing = gt.get("spacing_mm", {}).get(image_id)
@@ -117,7 +117,7 @@ def score_files(predictions: str | Path, ground_truth: str | Path, wrist_landmar
             spacing = [landmark_set.native_spacing_mm] * 2
         size = gt.get("image_size", {}).get(image_id)
         if protocol.rule == "frame" and size is None:
-            raise SystemExit(f"error: the {dataset} protocol needs image_size for image {image_id!r} in the ground truth")
+            raise ValueError(f"the {dataset} protocol needs image_size for image {image_id!r} in the ground truth")
         factors.append(protocol.unit_per_pixel(np.asarray(gt["landmarks"][image_id]), spacing, size, image_id))
     errors = radial_errors(np.array([pred["landmarks"][i] for i in ids]), np.array([gt["landmarks"][i] for i in ids]),
                            np.stack(factors))
