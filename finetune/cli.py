@@ -58,8 +58,10 @@ def register(subparsers) -> None:
     ev.add_argument("--split", default="test", help="split to evaluate (default test)")
     ev.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=True,
                     help="average with the mirrored image, as MedSapiens evaluates (default on; --no-flip-test)")
-    ev.add_argument("--predictions", help='JSON {"dataset": ID, "landmarks": {id: [[x, y], ...]}} in original pixels')
-    ev.add_argument("--ground-truth", help="JSON like --predictions, may add spacing_mm and image_size per id")
+    ev.add_argument("--predictions", help='predict\'s predictions.json ({"dataset": ID, "landmarks": {id: [[x, y], '
+                    '...]}}, original pixels) or a COCO results file ([{image_id, keypoints}])')
+    ev.add_argument("--ground-truth", help="JSON like predictions.json (null = invisible; may add spacing_mm and "
+                    "image_size per id) or COCO keypoints (v = 0 invisible; ids are file_name stems)")
     ev.add_argument("--out", required=True, help="report directory")
     ev.add_argument("--overlays", type=int, default=0, metavar="N", help="write N overlay PNGs (with --bundle)")
     ev.add_argument("--hand-landmarks", default=None, metavar="A,B",
