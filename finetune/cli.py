@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 FLAG_KEYS = {  # flag destination -> config key
@@ -96,7 +97,8 @@ def _pair(text: str | None, kind):
 
 
 def finetune_overrides(args) -> list[str]:
-    overrides = [f"{FLAG_KEYS[k]}={v}" for k, v in vars(args).items() if k in FLAG_KEYS and v is not None]
+    # JSON is YAML: a flag's value comes back with its type (`--dataset no` stays the string "no")
+    overrides = [f"{FLAG_KEYS[k]}={json.dumps(v)}" for k, v in vars(args).items() if k in FLAG_KEYS and v is not None]
     if args.lora:
         overrides.append("lora.enabled=true")
     if args.reinit_head:
