@@ -158,16 +158,19 @@ def dicom_display(stored: np.ndarray, ds, path) -> np.ndarray:
         return rgb_to_8bit(stored, int(ds.BitsStored))
     if stored.ndim != 2:
         raise Rejection("unreadable_image", f"{path}: pixel data of shape {stored.shape} is not one grey image")
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
     bits = 8 if int(ds.BitsStored) <= 8 else 16
+    unit = grey_unit(np.asarray(apply_modality_lut(stored, ds), dtype=np.float64), ds, bits)
+    return from_unit(1.0 - unit if photometric == "MONOCHROME1" else unit, bits)
+
+
+def grey_unit(values: np.ndarray, ds, bits: int) -> np.ndarray:
+    """Modality values on 0..1: through the VOI LUT or window, else over their own range."""
     windowed = voi(values, ds)
     if windowed is not None:
-        unit = to_unit(*windowed)
-    elif bits == 8:
-        unit = to_unit(values, 0.0, 255.0)  # 8-bit without a window: as stored, like an 8-bit PNG
-    else:
-        unit = to_unit(values, values.min(), values.max())
-    return from_unit(1.0 - unit if photometric == "MONOCHROME1" else unit, bits)
+        return to_unit(*windowed)
+    if bits == 8 and values.min() >= 0 and values.max() <= 255:
+        return to_unit(values, 0.0, 255.0)  # 8-bit without a window: as stored, like an 8-bit PNG
+    return to_unit(values, values.min(), values.max())
 
 
 def voi(values: np.ndarray, ds) -> tuple[np.ndarray, float, float] | None:

@@ -35,7 +35,7 @@ def test_predict_and_evaluate_name_what_is_missing(tmp_path):
     refused(["evaluate", "--predictions", str(tmp_path / "p.json"), "--out", str(tmp_path / "e")],
             "--predictions and --ground-truth together")
     refused(["evaluate", "--predictions", str(tmp_path / "p.json"), "--ground-truth", str(tmp_path / "g.json"),
-             "--out", str(tmp_path / "e")], "predictions file not found", "p.json")
+             "--out", str(tmp_path / "e")], "ground-truth file not found", "g.json")
 
 
 def test_pretrain_run_as_documented_and_export_of_a_folder_that_is_no_run(tmp_path):
