@@ -17,7 +17,7 @@ def load_config(path: str | None, overrides: list[str]):
     try:
         return configlib.load(FinetuneConfig, path, overrides)
     except configlib.ConfigError as exc:
-        sys.exit(f"error: {exc}")
+        refuse(exc)
 
 
 def report_result(result: dict | None) -> int:
@@ -54,7 +54,13 @@ def run_config(cfg) -> int:
     try:
         return report_result(run(cfg))
     except (ValueError, FileNotFoundError) as exc:  # bad input, named by the message
-        sys.exit(f"error: {exc}")
+        refuse(exc)
+
+
+def refuse(exc: Exception):
+    """One line and exit 2, as every command does for input it cannot use."""
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

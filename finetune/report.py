@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -21,6 +22,7 @@ def build_report(errors: np.ndarray, mask: np.ndarray, ids: list[str], protocol:
         "dataset": dataset,
         "source": source,
         "unit": protocol.unit,
+        "excluded_landmarks": int((~np.asarray(mask, dtype=bool)).sum()),  # invisible in the ground truth
         "protocol": protocol.description(),
         "sdr_convention": f"error {protocol.sdr_convention} r",
         "std_meaning": {"mre_std_landmarks": "std over all (image, landmark) errors",
@@ -47,7 +49,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Evaluation: {report['dataset']} ({report['source']})",
         "",
-        f"{report['images']} images, {report['landmarks']} landmarks. Protocol: {report['protocol']}. "
+        f"{report['images']} images, {report['landmarks']} landmarks ({report.get('excluded_landmarks', 0)} invisible "
+        f"in the ground truth, left out). Protocol: {report['protocol']}. "
         f"SDR counts {report['sdr_convention']}.",
         *selection_lines(report),
         "",
@@ -82,44 +85,125 @@ def _read_json(path: str | Path, what: str) -> dict:
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise SystemExit(f"error: {what} file not found: {path}") from None
+        raise FileNotFoundError(f"{what} file not found: {path}") from None
     except json.JSONDecodeError as exc:
-        raise SystemExit(f"error: {what} file {path} is not valid JSON: {exc}") from None
+        raise ValueError(f"{what} file {path} is not valid JSON: {exc}") from None
+
+
+# Files `evaluate --predictions/--ground-truth` reads, each to a Table of (K, 2) arrays per image
+# id, NaN where a landmark is invisible (null, or COCO v = 0):
+# - ours: {"dataset", "landmarks": {id: [[x, y] | null, ...]}, "spacing_mm"?: {id: [sx, sy]},
+#   "image_size"?: {id: [W, H]}, "names"?: [...]} (predict's predictions.json);
+# - COCO keypoint ground truth: images[{id, file_name, width, height, spacing?}],
+#   annotations[{image_id, keypoints: [x, y, v] * K}], categories[{keypoints: [names]}]; ids are
+#   the file_name stems (as predict names its outputs);
+# - COCO results: [{image_id, keypoints: [x, y, score] * K, ...}], image_id as in the COCO ground truth.
+
+
+@dataclass
+class Table:
+    dataset: str | None
+    landmarks: dict[str, np.ndarray]
+    spacing_mm: dict = field(default_factory=dict)
+    image_size: dict = field(default_factory=dict)
+    names: list | None = None
+    landmark_set: dict | None = None
+    coco_ids: dict = field(default_factory=dict)  # COCO image id -> our id
+
+
+def read_table(path: str | Path, what: str, coco_ids: dict | None = None) -> Table:
+    data = _read_json(path, what)
+    try:
+        if isinstance(data, list):
+            return coco_results(data, coco_ids or {})
+        if "annotations" in data and "images" in data:
+            return coco_ground_truth(data)
+        return Table(data.get("dataset"), {str(i): points(v) for i, v in data["landmarks"].items()},
+                     data.get("spacing_mm", {}), data.get("image_size", {}), data.get("names"), data.get("landmark_set"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{what} file {path}: not a landmark file of a known format ({type(exc).__name__}: {exc}); "
+                         "see `medsapiens evaluate --help`") from None
+
+
+def points(landmarks) -> np.ndarray:
+    """[[x, y] | null, ...] -> (K, 2) float, NaN for null."""
+    return np.array([[np.nan, np.nan] if p is None else [float(p[0]), float(p[1])] for p in landmarks], dtype=np.float64)
+
+
+def coco_points(keypoints) -> np.ndarray:
+    triples = np.asarray(keypoints, dtype=np.float64).reshape(-1, 3)
+    return np.where(triples[:, 2:3] > 0, triples[:, :2], np.nan)
+
+
+def coco_ground_truth(data: dict) -> Table:
+    images = {entry["id"]: entry for entry in data["images"]}
+    ids = {image_id: PurePosixPath(str(entry.get("file_name") or image_id)).stem for image_id, entry in images.items()}
+    table = Table(None, {}, coco_ids=ids, names=(data.get("categories") or [{}])[0].get("keypoints"))
+    for ann in data["annotations"]:
+        image_id, entry = ids[ann["image_id"]], images[ann["image_id"]]
+        table.landmarks[image_id] = coco_points(ann["keypoints"])
+        if entry.get("spacing") is not None:
+            table.spacing_mm[image_id] = [float(v) for v in entry["spacing"]]
+        if entry.get("width") and entry.get("height"):
+            table.image_size[image_id] = [int(entry["width"]), int(entry["height"])]
+    return table
+
+
+def coco_results(results: list, coco_ids: dict) -> Table:
+    return Table(None, {coco_ids.get(r["image_id"], str(r["image_id"])): coco_points(r["keypoints"]) for r in results})
+
+
+def landmark_set_for(dataset: str | None, gt: Table, k: int, ids: list[str]) -> LandmarkSet:
+    """The registry's set; else the ground truth's `landmark_set`; else one defined by the data (names from
+    the file or numbered; mm when every image has a spacing, else px)."""
+    if dataset in registry.BUILTIN:
+        return registry.get(dataset)
+    if gt.landmark_set:
+        return LandmarkSet.from_dict(gt.landmark_set)
+    unit = "mm" if ids and all(i in gt.spacing_mm for i in ids) else "px"
+    return registry.custom(dataset or "custom", gt.names or [str(n) for n in range(k)], unit=unit)
 
 
 def score_files(predictions: str | Path, ground_truth: str | Path, wrist_landmarks=None, convention: str = "<"):
-    """Score `{"dataset", "landmarks": {id: [[x, y], ...]}}` files in original pixels.
-
-    The ground truth may add `spacing_mm` {id: [sx, sy]}, `image_size` {id: [W, H]} and, for a
-    dataset outside the registry, `landmark_set` (a registry entry). Returns (report, errors, ids).
-    """
-    pred, gt = _read_json(predictions, "predictions"), _read_json(ground_truth, "ground-truth")
-    dataset = gt.get("dataset")
-    if pred.get("dataset") != dataset:
-        raise SystemExit(f"error: predictions are for dataset {pred.get('dataset')!r}, ground truth for {dataset!r}")
-    landmark_set = LandmarkSet.from_dict(gt["landmark_set"]) if "landmark_set" in gt else registry.get(dataset)
-    missing = sorted(set(gt["landmarks"]) - set(pred["landmarks"]))
-    extra = sorted(set(pred["landmarks"]) - set(gt["landmarks"]))
+    """Score prediction and ground-truth files (formats above) in original pixels. Landmarks invisible in
+    the ground truth are left out and counted (`excluded_landmarks`). Returns (report, errors, ids)."""
+    gt = read_table(ground_truth, "ground-truth")
+    pred = read_table(predictions, "predictions", gt.coco_ids)
+    if pred.dataset and gt.dataset and pred.dataset != gt.dataset:
+        raise ValueError(f"predictions are for dataset {pred.dataset!r}, ground truth for {gt.dataset!r}")
+    dataset = gt.dataset or pred.dataset
+    missing = sorted(set(gt.landmarks) - set(pred.landmarks))
+    extra = sorted(set(pred.landmarks) - set(gt.landmarks))
     if missing or extra:
-        raise SystemExit(f"error: {len(missing)} ground-truth image(s) without prediction {missing[:10]}, "
+        raise ValueError(f"{len(missing)} ground-truth image(s) without prediction {missing[:10]}, "
                          f"{len(extra)} prediction(s) without ground truth {extra[:10]}")
-    ids = sorted(gt["landmarks"])
+    ids = sorted(gt.landmarks)
+    k = len(gt.landmarks[ids[0]]) if ids else 0
+    landmark_set = landmark_set_for(dataset, gt, k, ids)
     protocol = Protocol(landmark_set, wrist_landmarks, convention)
     k = landmark_set.num_landmarks
     for name, table in (("predictions", pred), ("ground truth", gt)):
-        bad = [i for i in ids if np.shape(table["landmarks"][i]) != (k, 2)]
+        bad = [i for i in ids if table.landmarks[i].shape != (k, 2)]
         if bad:
-            raise SystemExit(f"error: {name} for image(s) {bad[:10]} do not have {k} [x, y] landmarks")
-    factors = []
-    for image_id in ids:
-        spacing = gt.get("spacing_mm", {}).get(image_id)
-        if spacing is None and landmark_set.native_spacing_mm:
-            spacing = [landmark_set.native_spacing_mm] * 2
-        size = gt.get("image_size", {}).get(image_id)
-        if protocol.rule == "frame" and size is None:
-            raise SystemExit(f"error: the {dataset} protocol needs image_size for image {image_id!r} in the ground truth")
-        factors.append(protocol.unit_per_pixel(np.asarray(gt["landmarks"][image_id]), spacing, size, image_id))
-    errors = radial_errors(np.array([pred["landmarks"][i] for i in ids]), np.array([gt["landmarks"][i] for i in ids]),
-                           np.stack(factors))
-    report = build_report(errors, np.ones_like(errors, dtype=bool), ids, protocol, dataset, f"predictions {predictions}")
-    return report, errors, ids
+            raise ValueError(f"{name} for image(s) {bad[:10]} do not have {k} [x, y] landmarks")
+    truth = np.stack([gt.landmarks[i] for i in ids])
+    guess = np.stack([pred.landmarks[i] for i in ids])
+    visible = ~np.isnan(truth).any(axis=-1)
+    unpredicted = [ids[n] for n in np.flatnonzero((np.isnan(guess).any(axis=-1) & visible).any(axis=1))]
+    if unpredicted:
+        raise ValueError(f"predictions for image(s) {unpredicted[:10]} leave out landmarks the ground truth has")
+    factors = [unit_per_pixel(protocol, gt, i, np.nan_to_num(truth[n])) for n, i in enumerate(ids)]
+    errors = radial_errors(guess, np.where(visible[..., None], truth, guess), np.stack(factors))
+    report = build_report(errors, visible, ids, protocol, landmark_set.id, f"predictions {predictions}")
+    return report, np.where(visible, errors, np.nan), ids
+
+
+def unit_per_pixel(protocol: Protocol, gt: Table, image_id: str, truth: np.ndarray) -> np.ndarray:
+    spacing = gt.spacing_mm.get(image_id)
+    if spacing is None and protocol.landmark_set.native_spacing_mm:
+        spacing = [protocol.landmark_set.native_spacing_mm] * 2
+    size = gt.image_size.get(image_id)
+    if protocol.rule == "frame" and size is None:
+        raise ValueError(f"the {protocol.landmark_set.id} protocol needs image_size for image {image_id!r} in the "
+                         "ground truth")
+    return protocol.unit_per_pixel(truth, spacing, size, image_id)

@@ -41,6 +41,22 @@ def check_config(cfg: FinetuneConfig) -> None:
     if cfg.train.val_every != cfg.train.checkpoint_every:
         raise ValueError("fine-tuning keeps the best validated checkpoint: train.val_every must equal "
                          f"train.checkpoint_every (got {cfg.train.val_every} and {cfg.train.checkpoint_every})")
+    if cfg.shots < 0 or any(seed < 0 for seed in cfg.seeds):
+        raise ValueError(f"--shots and --seeds must not be negative (got shots {cfg.shots}, seeds {cfg.seeds})")
+    if cfg.data.micro_batch < 1:
+        raise ValueError(f"--batch-size (data.micro_batch) must be at least 1, got {cfg.data.micro_batch}")
+
+
+def check_inputs(cfg: FinetuneConfig) -> None:
+    """The shards, the dataset in them and the bundle, read before DeepSpeed starts (minutes on many ranks)."""
+    training_manifest_check(load_manifest(cfg.data.shards), cfg)
+    if cfg.init == "bundle":
+        bundlelib.read_config(cfg.bundle)
+
+
+def training_manifest_check(manifest: Manifest, cfg: FinetuneConfig) -> None:
+    manifest.landmark_set(cfg.dataset)  # names the dataset in the error if it is missing
+    evaluation_splits(manifest, cfg.dataset, cfg.eval_split)  # fail now, not after training
 
 
 def initial_model(cfg: FinetuneConfig, landmark_set: LandmarkSet):
@@ -83,8 +99,7 @@ def evaluation_splits(manifest: Manifest, dataset: str, requested: str) -> list[
 def training_manifest(cfg: FinetuneConfig, run_dir: Path) -> Manifest:
     """The shards to train on: the given ones, or (K-shot) a subset written by rank 0."""
     manifest = load_manifest(cfg.data.shards)
-    manifest.landmark_set(cfg.dataset)  # names the dataset in the error if it is missing
-    evaluation_splits(manifest, cfg.dataset, cfg.eval_split)  # fail now, not after training
+    training_manifest_check(manifest, cfg)
     if not cfg.shots:
         return manifest
     subset_dir = run_dir / "subset"
@@ -152,6 +167,7 @@ def seed_summary(results: list[dict]) -> dict:
 
 def run(cfg: FinetuneConfig) -> dict | None:
     check_config(cfg)
+    check_inputs(cfg)
     init_distributed(cfg.train.dist_timeout_s)
     try:
         if not cfg.seeds:

@@ -38,7 +38,27 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as exc:  # noqa: BLE001 - a user's mistake gets one line; anything else its traceback
+        message = user_error(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+# Raised by the library for input it cannot use (a missing file, a bad config value, a manifest or
+# bundle that does not check out): the message names the file or key.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, PermissionError, ValueError)
+CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError"}  # botocore's, matched by name: no import
+
+
+def user_error(exc: Exception) -> str | None:
+    if type(exc).__name__ in CREDENTIAL_ERRORS:
+        return (f"{exc}: s3:// needs AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+                "or ~/.aws/credentials)")
+    return str(exc) if isinstance(exc, USER_ERRORS) else None
 
 
 if __name__ == "__main__":

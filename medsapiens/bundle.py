@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from medsapiens import storage
 from medsapiens.model import ModelConfig, feature_grid
 from medsapiens.registry import LandmarkSet
 
@@ -72,6 +73,7 @@ def save(out_dir: str | Path, model: torch.nn.Module, bundle: Bundle) -> Path:
         raise ValueError(f"bundle config lists head(s) {sorted(missing)} that the model does not have")
     grid = feature_grid(bundle.model.img_size)
     save_file(state, str(out / f".{WEIGHTS}.tmp"), metadata={"format": FORMAT, "pos_embed_grid": f"{grid[0]}x{grid[1]}"})
+    storage.as_umask_allows(out / f".{WEIGHTS}.tmp")
     (out / f".{CONFIG}.tmp").write_text(json.dumps(bundle.to_dict(), indent=2))
     os.replace(out / f".{WEIGHTS}.tmp", out / WEIGHTS)
     os.replace(out / f".{CONFIG}.tmp", out / CONFIG)

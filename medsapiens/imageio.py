@@ -1,14 +1,33 @@
-"""Image files in and out: decoding (PNG, JPG, BMP, DICOM), resizing, PNG encoding.
+"""Image files in and out: decoding (PNG, JPG, BMP, TIFF, DICOM), resizing, PNG encoding.
 
-Shared by the shard writer, the input pipeline and prediction on new images.
+Shared by the shard writer, the input pipeline and prediction on new images: `decode` is the one
+pixel path from a source file to what the model sees, so shards, training, evaluation and predict
+see the same values.
 
 Pixels travel as numpy arrays: (H, W) uint8 or uint16 grey, or (H, W, 3) uint8 RGB. Grey stays
 grey, 16-bit stays 16-bit (resized through float32 so no precision is lost to 8 bits). Every
 failure is a `Rejection` naming the file.
+
+Display rule (what `decode` returns):
+- 8-bit files (PNG, JPG, BMP, 8-bit TIFF) are already display images: kept as stored.
+- DICOM follows the standard through pydicom: Modality LUT (rescale slope/intercept or LUT), then
+  the VOI LUT, else the first window (Window Center/Width, its VOILUTFunction), mapped from that
+  transform's output range onto the full 8- or 16-bit range; MONOCHROME1 is inverted so that
+  bone is bright; PALETTE COLOR goes through its palette to RGB.
+- Images without a window. A DICOM without a VOI LUT or window is shown over its own
+  minimum..maximum (after the Modality LUT), as viewers do: its data rarely fill BitsStored (an
+  NM file holds 0..278 in 16 signed bits). A 16-bit PNG/TIFF carries no such values, only its
+  bits: it is scaled by its significant bits, the smallest b >= 8 that holds its maximum, as
+  v / (2^b - 1). So a full-range 16-bit image is unchanged, 10- or 12-bit content in 16 bits is
+  not left black, and a 16-bit image and its faithful 8-bit export (v / 257, or v * 255 / 1023
+  for 10-bit content) give the model the same input to within one 8-bit rounding. 8-bit DICOM
+  without a window is kept as stored, like 8-bit files.
+- A multi-frame DICOM needs a frame index (`frame`); without one it is rejected with that reason.
 """
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +39,12 @@ PNG_COMPRESS_LEVEL = 3  # lossless either way; 3 is several times faster than 9 
 RESAMPLE = Image.Resampling.LANCZOS  # PIL widens the kernel when downscaling: antialiased
 
 
-def decode(path: str) -> np.ndarray:
+def decode(path: str, frame: int | None = None) -> np.ndarray:
+    """The display image of a file (see the module's display rule); `frame` picks one of a multi-frame DICOM."""
     if not Path(path).is_file():
         raise Rejection("missing_image", f"no image file {path}")
-    if path.lower().endswith(".dcm"):
-        return decode_dicom(path)
+    if is_dicom(path):
+        return decode_dicom(path, frame)
     try:
         image = Image.open(path)
     except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a file it cannot identify
@@ -38,7 +58,35 @@ def decode(path: str) -> np.ndarray:
         except Exception as exc:  # noqa: BLE001
             reason = "truncated_image" if "truncated" in str(exc) or isinstance(exc, EOFError) else "unreadable_image"
             raise Rejection(reason, f"{path}: {exc}") from None
-        return pil_to_array(image, path)
+        pixels = pil_to_array(image, path)
+    return by_significant_bits(pixels) if pixels.dtype == np.uint16 else pixels
+
+
+def is_dicom(path) -> bool:
+    """A `.dcm` name, or the DICOM preamble (128 bytes, then `DICM`) as PACS exports without extension have."""
+    if str(path).lower().endswith(".dcm"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def by_significant_bits(pixels: np.ndarray) -> np.ndarray:
+    """A 16-bit PNG/TIFF onto 0..65535 by the bits its values use: the smallest b >= 8 that holds the
+    maximum, v / (2^b - 1). Full-range images are unchanged; 10- or 12-bit content is not left dark."""
+    bits = max(8, int(pixels.max()).bit_length())
+    return from_unit(pixels / (2.0**bits - 1), 16)
+
+
+def to_unit(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return np.clip((values - lo) / ((hi - lo) or 1.0), 0.0, 1.0)
+
+
+def from_unit(unit: np.ndarray, bits: int) -> np.ndarray:
+    dtype = np.uint8 if bits == 8 else np.uint16
+    return np.rint(unit * np.iinfo(dtype).max).astype(dtype)
 
 
 def pil_to_array(image: Image.Image, where: str) -> np.ndarray:
@@ -61,29 +109,94 @@ def is_grey(rgb: np.ndarray) -> bool:
     return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
 
 
-def decode_dicom(path: str) -> np.ndarray:
-    """Stored values -> modality values (RescaleSlope/Intercept); MONOCHROME1 inverted so bone is
-    bright; kept at the file's depth (8 or 16 bit), mapped onto its range only when they do not fit."""
-    import pydicom
-    from pydicom.pixels import apply_modality_lut
+def decode_dicom(path: str, frame: int | None = None) -> np.ndarray:
+    from pydicom.pixels import pixel_array
 
     try:
-        ds = pydicom.dcmread(path)
+        ds = read_dicom(path)
+        if "PixelData" not in ds:
+            raise Rejection("unreadable_image", f"{path}: DICOM without pixel data (modality "
+                            f"{ds.get('Modality', 'unknown')}), not an image")
         check_image_size(int(ds.Columns), int(ds.Rows))
-        stored = ds.pixel_array
+        return dicom_display(pixel_array(ds, index=frame_index(ds, path, frame)), ds, path)
     except Rejection:
         raise
     except Exception as exc:  # noqa: BLE001 - pydicom and its pixel handlers raise many kinds
         reason = "truncated_image" if "length" in str(exc).lower() or "truncat" in str(exc).lower() else "unreadable_image"
-        raise Rejection(reason, f"{path}: {exc}") from None
+        raise Rejection(reason, f"{path}: {type(exc).__name__}: {exc}") from None
+
+
+def read_dicom(path, **options):
+    """pydicom's dataset; a file named .dcm is read even without the preamble (older exports lack it)."""
+    import pydicom
+
+    return pydicom.dcmread(path, force=str(path).lower().endswith(".dcm"), **options)
+
+
+def frame_index(ds, path, frame: int | None) -> int | None:
+    """The frame to read of a multi-frame file (a single-frame file ignores `frame`)."""
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames == 1:
+        return None
+    if frame is None:
+        raise Rejection("unreadable_image", f"{path}: multi-frame DICOM ({frames} frames); choose one with --frame N")
+    if not 0 <= frame < frames:
+        raise Rejection("unreadable_image", f"{path}: has {frames} frames, there is no frame {frame}")
+    return frame
+
+
+def dicom_display(stored: np.ndarray, ds, path) -> np.ndarray:
+    """Stored values -> display values: Modality LUT, VOI LUT or window, MONOCHROME1 inverted."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
+
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(stored, ds)
+        # PS3.3 C.7.6.3.1.5: some writers put 8-bit entries in a 16-bit palette
+        return rgb_to_8bit(rgb, 8 if rgb.max() <= 255 else 16)
     if int(ds.get("SamplesPerPixel", 1)) == 3:
-        return np.asarray(stored, dtype=np.uint8)
+        return rgb_to_8bit(stored, int(ds.BitsStored))
     if stored.ndim != 2:
-        raise Rejection("unreadable_image", f"{path}: multi-frame DICOM ({stored.shape}) is not supported")
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
-    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-        values = values.max() + values.min() - values
-    return to_depth(values, 8 if int(ds.BitsAllocated) <= 8 else 16)
+        raise Rejection("unreadable_image", f"{path}: pixel data of shape {stored.shape} is not one grey image")
+    bits = 8 if int(ds.BitsStored) <= 8 else 16
+    unit = grey_unit(np.asarray(apply_modality_lut(stored, ds), dtype=np.float64), ds, bits)
+    return from_unit(1.0 - unit if photometric == "MONOCHROME1" else unit, bits)
+
+
+def grey_unit(values: np.ndarray, ds, bits: int) -> np.ndarray:
+    """Modality values on 0..1: through the VOI LUT or window, else over their own range."""
+    windowed = voi(values, ds)
+    if windowed is not None:
+        return to_unit(*windowed)
+    if bits == 8 and values.min() >= 0 and values.max() <= 255:
+        return to_unit(values, 0.0, 255.0)  # 8-bit without a window: as stored, like an 8-bit PNG
+    return to_unit(values, values.min(), values.max())
+
+
+def voi(values: np.ndarray, ds) -> tuple[np.ndarray, float, float] | None:
+    """(values through the VOI LUT, else the first window, and that transform's output range), or None
+    without either. pydicom applies the transform; its range is the transform applied to its extremes."""
+    from pydicom.pixels.processing import apply_voi, apply_windowing
+
+    lut = ds.get("VOILUTSequence")
+    if lut and lut[0].get("LUTDescriptor") and lut[0].get("LUTData") is not None:
+        entries, first = int(lut[0].LUTDescriptor[0]) or 2**16, int(lut[0].LUTDescriptor[1])
+        table = apply_voi(np.arange(first, first + entries), ds).astype(np.float64)
+        indices = np.clip(np.rint(values), first, first + entries - 1).astype(np.int64)
+        return apply_voi(indices, ds).astype(np.float64), float(table.min()), float(table.max())
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        with np.errstate(over="ignore"):  # the sigmoid window at +-1e12
+            lo, hi = apply_windowing(np.array([-1e12, 1e12]), ds)
+        return apply_windowing(values, ds), float(lo), float(hi)
+    return None
+
+
+def rgb_to_8bit(rgb: np.ndarray, bits: int) -> np.ndarray:
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise Rejection("unreadable_image", f"colour pixel data of shape {rgb.shape} is not one RGB image")
+    if rgb.dtype != np.uint8:
+        rgb = from_unit(to_unit(rgb.astype(np.float64), 0.0, 2.0**bits - 1), 8)
+    return rgb[..., 0].copy() if is_grey(rgb) else rgb
 
 
 DICOM_SPACING_TAGS = (("PixelSpacing", "DICOM PixelSpacing (0028,0030)"),
@@ -92,24 +205,22 @@ DICOM_SPACING_TAGS = (("PixelSpacing", "DICOM PixelSpacing (0028,0030)"),
 
 def dicom_spacing(path) -> tuple[tuple[float, float] | None, str]:
     """((sx, sy) mm/px or None, the tag it came from): PixelSpacing, else ImagerPixelSpacing (detector
-    plane, not corrected for magnification). Both are stored [row, col], hence reversed."""
-    import pydicom
-
-    header = pydicom.dcmread(path, stop_before_pixels=True)
+    plane, not corrected for magnification). Both are stored [row, col], hence reversed. A zero,
+    negative or unparsable value means unknown (CRs often carry 0\\0), so the next tag is tried."""
+    header = read_dicom(path, stop_before_pixels=True)
     for tag, label in DICOM_SPACING_TAGS:
-        value = header.get(tag)
-        if value is not None and len(value) == 2:
-            return (float(value[1]), float(value[0])), label
+        spacing = positive_pair(header.get(tag))
+        if spacing is not None:
+            return (spacing[1], spacing[0]), label
     return None, "none"
 
 
-def to_depth(values: np.ndarray, bits: int) -> np.ndarray:
-    dtype = np.uint8 if bits == 8 else np.uint16
-    top = np.iinfo(dtype).max
-    lo, hi = float(values.min()), float(values.max())
-    if lo >= 0 and hi <= top and np.array_equal(values, np.rint(values)):
-        return values.astype(dtype)
-    return np.rint((values - lo) / ((hi - lo) or 1.0) * top).astype(dtype)
+def positive_pair(value) -> tuple[float, float] | None:
+    try:
+        pair = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return pair if len(pair) == 2 and all(math.isfinite(v) and v > 0 for v in pair) else None
 
 
 def size_of(pixels: np.ndarray) -> tuple[int, int]:

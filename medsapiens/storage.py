@@ -107,7 +107,16 @@ def write_bytes(url: str, data: bytes) -> None:
         tmp.write(data)
         tmp.flush()
         os.fsync(tmp.fileno())
+    as_umask_allows(tmp.name)
     os.replace(tmp.name, path)
+
+
+def as_umask_allows(path) -> None:
+    """The mode a plain open() would give (0644 under umask 022): temporary files (and safetensors)
+    are created 0600, which collaborators on a shared store could not read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def exists(url: str) -> bool:

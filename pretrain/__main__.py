@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from medsapiens import config as configlib
+from pretrain.cli import add_run_arguments
 from pretrain.config import PretrainConfig
 
 
@@ -17,23 +18,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Multi-dataset pretraining of the Sapiens ViT with the shared multi-head landmark decoder.",
         epilog="Overrides are dotted config keys, e.g. train.max_steps=2000 data.micro_batch=4 optim.lr=1e-4.",
     )
-    parser.add_argument("--config", help="experiment YAML, e.g. launch/experiments/sapiens_0.3b.yaml")
-    parser.add_argument("--resume", choices=["auto", "universal", "none"], default="auto",
-                        help="auto: continue from the run's last complete checkpoint if there is one (default); "
-                        "universal: load the universal checkpoint made by `medsapiens pretrain universal` "
-                        "(another world size); none: start over")
-    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    add_run_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return start(build_parser().parse_args(argv))
+
+
+def start(args) -> int:
     try:
         cfg = configlib.load(PretrainConfig, args.config, args.overrides)
     except configlib.ConfigError as exc:
-        parser.error(str(exc))
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     from pretrain.train import run
 
     run(cfg, args.resume)

@@ -14,7 +14,7 @@ def register(subparsers) -> None:
 
     run = sub.add_parser("run", help="train in this process (CPU or one GPU)",
                          description="Same options as `python -m pretrain`.")
-    run.add_argument("args", nargs=argparse.REMAINDER, help="--config FILE [--resume MODE] [KEY=VALUE ...]")
+    add_run_arguments(run)
     run.set_defaults(func=_run)
 
     export = sub.add_parser("export", help="write a bundle (model.safetensors + config.json) from a run")
@@ -32,10 +32,21 @@ def register(subparsers) -> None:
     universal.set_defaults(func=_universal)
 
 
-def _run(args) -> int:
-    from pretrain.__main__ import main
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `medsapiens pretrain run` and of `python -m pretrain` (the launcher's entry point)."""
+    parser.add_argument("--config", help="experiment YAML, e.g. launch/experiments/sapiens_0.3b.yaml")
+    parser.add_argument("--resume", choices=["auto", "universal", "none"], default="auto",
+                        help="auto: continue from the run's last complete checkpoint if there is one (default); "
+                        "universal: load the universal checkpoint made by `medsapiens pretrain universal` "
+                        "(another world size); none: start over")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
-    return main(args.args)
+
+def _run(args) -> int:
+    from pretrain.__main__ import start
+
+    return start(args)
 
 
 def _export(args) -> int:

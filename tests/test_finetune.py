@@ -240,7 +240,7 @@ def test_predict_reads_dicom_spacing_and_lists_failures(head_expert, tmp_path):
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "out"
     proc = run([*CLI, "predict", "--bundle", str(head_expert / "bundle"), "--out", str(out), str(inputs)], 120)
-    assert proc.returncode == 1  # one input failed
+    assert proc.returncode == 0  # one input failed: listed, the run completes
     result = json.loads((out / "scan.json").read_text())
     assert result["spacing_mm"] == [0.1, 0.2] and "PixelSpacing" in result["spacing_source"]
     assert np.allclose(result["landmarks_mm"], np.array(result["landmarks"]) * [0.1, 0.2], atol=1e-2)

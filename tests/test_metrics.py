@@ -97,8 +97,8 @@ def test_score_files_refuses_missing_predictions_and_chest_without_size(tmp_path
     pts = np.zeros((6, 2)).tolist()
     gt = _write(tmp_path, "gt.json", {"dataset": "chest", "landmarks": {"x": pts, "y": pts}})
     pred = _write(tmp_path, "pred.json", {"dataset": "chest", "landmarks": {"x": pts}})
-    with pytest.raises(SystemExit, match="without prediction.*'y'"):
+    with pytest.raises(ValueError, match="without prediction.*'y'"):
         score_files(pred, gt)
     pred = _write(tmp_path, "pred.json", {"dataset": "chest", "landmarks": {"x": pts, "y": pts}})
-    with pytest.raises(SystemExit, match="image_size"):
+    with pytest.raises(ValueError, match="image_size"):
         score_files(pred, gt)

@@ -272,15 +272,16 @@ def test_dicom_spacing_tags_and_unannotated_files(dicom_dir):
     assert [(r.source_id, r.reason) for r in rejected] == [("orphan", "missing_annotation")]
 
 
-def test_dicom_pixels_rescaled_inverted_and_kept_16_bit(dicom_dir):
+def test_dicom_without_a_window_is_stretched_inverted_and_kept_16_bit(dicom_dir):
     from medsapiens.imageio import decode
 
-    plain = decode(str(dicom_dir / "a.dcm"))
-    assert plain.dtype == np.uint16 and plain[0, 39] == 39000 and plain[0, 0] == 0
+    plain = decode(str(dicom_dir / "a.dcm"))  # no window: its own min..max onto 0..65535
+    assert plain.dtype == np.uint16 and plain[0, 39] == 65535 and plain[0, 0] == 0
+    np.testing.assert_array_equal(plain[0], np.rint(np.arange(40) * 65535 / 39).astype(np.uint16))
     inverted = decode(str(dicom_dir / "c.dcm"))
-    assert inverted[0, 0] == 39000 and inverted[0, 39] == 0
-    rescaled = decode(str(dicom_dir / "d.dcm"))
-    assert rescaled.dtype == np.uint16 and rescaled[0, 0] == 100 and rescaled[0, 39] == 2 * 39 + 100
+    np.testing.assert_array_equal(inverted, 65535 - plain)
+    rescaled = decode(str(dicom_dir / "d.dcm"))  # 100..178 after slope 2, intercept 100: the same ramp
+    np.testing.assert_array_equal(rescaled, plain)
 
 
 def test_dicom_build_keeps_16_bits_and_records_the_spacing_tag(dicom_dir, tmp_path):

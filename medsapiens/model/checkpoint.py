@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from medsapiens.shard_tar import file_digest
+from medsapiens.storage import as_umask_allows
 from medsapiens.model.archs import DEFAULT_IMG_SIZE, PATCH_SIZE, ArchSpec, get_arch
 from medsapiens.model.backbone import SapiensViT, build_backbone
 
@@ -218,6 +219,7 @@ def convert_checkpoint(path: str | Path, arch: str | ArchSpec, out: str | Path) 
             "source_sha256": file_digest(path)[0],
         },
     )
+    as_umask_allows(out)
     return report
 
 
@@ -230,6 +232,7 @@ def save_backbone(backbone: SapiensViT, out: str | Path, source: str) -> None:
         metadata={"format": FORMAT, "arch": backbone.arch.name, GRID_METADATA_KEY: _grid_text(backbone.grid_size),
                   "source": source},
     )
+    as_umask_allows(out)
 
 
 def _strip_backbone_prefix(key: str) -> str | None:

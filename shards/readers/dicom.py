@@ -1,21 +1,23 @@
 """DICOM images with COCO keypoint annotations (`dicom`).
 
-Convention: a directory of `.dcm` files (subfolders allowed) and, in the directory itself, a
-COCO keypoints JSON (see `coco`) whose `file_name`s are the DICOM paths relative to it. Several
-JSONs split by name (`*_train_*.json`, ...) work as for `coco`.
+Convention: a directory of DICOM files (`.dcm`, or without extension as PACS exports them,
+recognised by the DICOM preamble; subfolders allowed) and, in the directory itself, a COCO
+keypoints JSON (see `coco`) whose `file_name`s are the DICOM paths relative to it. Several JSONs
+split by name (`*_train_*.json`, ...) work as for `coco`.
 
-Pixel spacing comes from the DICOM header: `PixelSpacing` (0028,0030), else `ImagerPixelSpacing`
-(0018,1164) (detector plane, not corrected for magnification), else none; both are stored
-[row, col] and are reversed to (x, y). Which tag was used is recorded in the manifest. Only the
-header is read here; pixels are decoded by the writer (rescale slope/intercept applied,
-MONOCHROME1 inverted, 16-bit depth kept).
+Pixel spacing: an image's own `spacing` [sx, sy] in the COCO JSON wins; else the DICOM header's
+`PixelSpacing` (0028,0030), else `ImagerPixelSpacing` (0018,1164) (detector plane, not corrected
+for magnification), else none; both tags are stored [row, col] and are reversed to (x, y); a zero
+or negative tag counts as absent. Where the spacing came from is recorded in the manifest. Only
+the header is read here; pixels are decoded by the writer (`medsapiens.imageio`: Modality LUT,
+VOI LUT or window, MONOCHROME1 inverted, 16-bit depth kept; a multi-frame file is rejected).
 """
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
 
-from medsapiens.imageio import dicom_spacing
+from medsapiens.imageio import dicom_spacing, is_dicom
 from shards.readers import ReaderError, Rejected, RawSample, coco
 
 OPTIONS = {"split": "train"}
@@ -28,7 +30,7 @@ def landmark_names(root: Path, options: dict):
 
 
 def with_header_spacing(sample: RawSample):
-    if not Path(sample.image).is_file():
+    if sample.spacing_mm is not None or not Path(sample.image).is_file():
         return sample
     try:
         spacing, label = dicom_spacing(Path(sample.image))
@@ -39,7 +41,7 @@ def with_header_spacing(sample: RawSample):
 
 def scan(root: Path, options: dict):
     if not root.is_dir():
-        raise ReaderError(f"the dicom reader takes a directory of .dcm files and a COCO JSON, got {root}")
+        raise ReaderError(f"the dicom reader takes a directory of DICOM files and a COCO JSON, got {root}")
     named = set()
     for path in coco.annotation_files(root):
         for item in coco.scan_file(path, options["split"]):
@@ -47,6 +49,6 @@ def scan(root: Path, options: dict):
                 named.add(Path(item.image).resolve())
                 item = with_header_spacing(item)
             yield item
-    for dcm in sorted(root.rglob("*.dcm")):
+    for dcm in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix != ".json" and is_dicom(p)):
         if dcm.resolve() not in named:
             yield Rejected(dcm.stem, str(dcm), "missing_annotation", f"{dcm} is named by no COCO JSON in {root}")

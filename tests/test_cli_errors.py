@@ -1,0 +1,64 @@
+"""A user's mistake gets one line naming the file or key and exit 2, never a traceback, and is
+caught before anything slow starts."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import DEMO_CONFIG, run
+
+CLI = [sys.executable, "-m", "launch.cli"]
+
+
+def refused(args: list[str], *expected: str, env: dict | None = None, timeout: float = 120) -> None:
+    started = time.monotonic()
+    proc = run([*CLI, *args], timeout, env=env)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and all(e in last for e in expected), last
+    assert time.monotonic() - started < 60  # refused up front, not after DeepSpeed started
+
+
+def test_predict_and_evaluate_name_what_is_missing(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    refused(["predict", "--bundle", str(tmp_path / "nobundle"), "--out", str(tmp_path / "o"), str(tmp_path)],
+            "nobundle is not a bundle")
+    refused(["predict", "--bundle", str(tmp_path), "--out", str(tmp_path / "o"), str(tmp_path / "none.png")],
+            "no such file or folder", "none.png")
+    refused(["evaluate", "--bundle", str(tmp_path / "nobundle"), "--shards", str(tmp_path), "--out", str(tmp_path / "e")],
+            "nobundle")
+    refused(["evaluate", "--predictions", str(tmp_path / "p.json"), "--out", str(tmp_path / "e")],
+            "--predictions and --ground-truth together")
+    refused(["evaluate", "--predictions", str(tmp_path / "p.json"), "--ground-truth", str(tmp_path / "g.json"),
+             "--out", str(tmp_path / "e")], "ground-truth file not found", "g.json")
+
+
+def test_pretrain_run_as_documented_and_export_of_a_folder_that_is_no_run(tmp_path):
+    refused(["pretrain", "run", "--config", str(tmp_path / "missing.yaml")], "config file not found", "missing.yaml")
+    refused(["pretrain", "run", "--config", str(DEMO_CONFIG), "train.no_such_key=1"], "no_such_key")
+    refused(["pretrain", "export", str(tmp_path), "--out", str(tmp_path / "b")], str(tmp_path))
+
+
+def test_s3_without_credentials(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_ENDPOINT_URL="http://127.0.0.1:9")
+    proc = subprocess.run([*CLI, "shards", "verify", "s3://medsapiens-test/shards"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().startswith("error: ") and "s3:// needs AWS credentials" in proc.stderr
+
+
+@pytest.mark.timeout(300)
+def test_finetune_checks_dataset_bundle_and_numbers_before_starting(phantom_shards, tmp_path):
+    base = ["finetune", "--shards", str(phantom_shards), "--run-dir", str(tmp_path / "run")]
+    refused([*base, "--dataset", "knee", "--init", "scratch"], "dataset 'knee' is not in the manifest")
+    refused([*base, "--dataset", "leg", "--bundle", str(tmp_path / "nobundle")], "nobundle is not a bundle")
+    refused([*base, "--dataset", "leg", "--init", "scratch", "--steps", "-1"], "max_steps")
+    refused([*base, "--dataset", "leg", "--init", "scratch", "--shots", "-2"], "--shots")
+    refused([*base, "--dataset", "leg", "--init", "scratch", "--batch-size", "0"], "--batch-size")

@@ -1,0 +1,86 @@
+"""`evaluate --predictions/--ground-truth` on the files other tools write: our JSON, COCO keypoint
+ground truth, COCO results; custom datasets; invisible landmarks left out and counted."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import run
+from finetune.report import score_files
+
+CLI = [sys.executable, "-m", "launch.cli"]
+TRUTH = {"a": [[10.0, 10.0], [20.0, 30.0], [40.0, 40.0]], "b": [[5.0, 5.0], [15.0, 25.0], [35.0, 30.0]]}
+GUESS = {"a": [[13.0, 14.0], [20.0, 30.0], [40.0, 46.0]], "b": [[5.0, 5.0], [15.0, 27.0], [0.0, 0.0]]}
+ERRORS = {"a": [5.0, 0.0, 6.0], "b": [0.0, 2.0, None]}  # b's third landmark is invisible in the truth
+
+
+def write(path, data) -> str:
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def coco_truth(spacing=None) -> dict:
+    images, annotations = [], []
+    for n, (image_id, points) in enumerate(TRUTH.items()):
+        images.append({"id": 100 + n, "file_name": f"scans/{image_id}.dcm", "width": 64, "height": 64,
+                       **({"spacing": spacing} if spacing else {})})
+        v = [0 if ERRORS[image_id][k] is None else 2 for k in range(3)]
+        annotations.append({"image_id": 100 + n, "keypoints": [c for p, vis in zip(points, v) for c in (*p, vis)]})
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": 1, "name": "knee", "keypoints": ["medial", "lateral", "apex"]}]}
+
+
+def expected_mre(scale: float = 1.0) -> float:
+    return scale * float(np.mean([e for row in ERRORS.values() for e in row if e is not None]))
+
+
+def test_custom_dataset_in_our_format_needs_no_landmark_set_key(tmp_path):
+    truth = {"dataset": "knee", "landmarks": {**TRUTH, "b": [*TRUTH["b"][:2], None]}}
+    pred = write(tmp_path / "p.json", {"dataset": "knee", "landmarks": GUESS})
+    report, errors, ids = score_files(pred, write(tmp_path / "g.json", truth))
+    assert report["unit"] == "px" and report["mre"] == pytest.approx(expected_mre())
+    assert report["excluded_landmarks"] == 1 and report["landmarks"] == 5 and np.isnan(errors[1, 2])
+    with_spacing = {**truth, "spacing_mm": {"a": [0.5, 0.5], "b": [0.5, 0.5]}}
+    report, _, _ = score_files(pred, write(tmp_path / "g2.json", with_spacing))
+    assert report["unit"] == "mm" and report["mre"] == pytest.approx(expected_mre(0.5))
+
+
+def test_coco_ground_truth_with_predict_output(tmp_path):
+    """predict names images by file stem: the COCO file_name 'scans/a.dcm' is id 'a'."""
+    pred = write(tmp_path / "p.json", {"dataset": "knee", "landmarks": GUESS})
+    report, _, ids = score_files(pred, write(tmp_path / "g.json", coco_truth(spacing=[0.2, 0.2])))
+    assert ids == ["a", "b"] and report["unit"] == "mm" and report["mre"] == pytest.approx(expected_mre(0.2))
+    assert list(report["per_landmark"]) == ["medial", "lateral", "apex"] and report["excluded_landmarks"] == 1
+
+
+def test_coco_results_against_coco_ground_truth(tmp_path):
+    results = [{"image_id": 100 + n, "category_id": 1, "score": 0.9,
+                "keypoints": [c for p in GUESS[i] for c in (*p, 0.8)]} for n, i in enumerate(TRUTH)]
+    report, _, _ = score_files(write(tmp_path / "r.json", results), write(tmp_path / "g.json", coco_truth()))
+    assert report["unit"] == "px" and report["mre"] == pytest.approx(expected_mre())
+
+
+def test_a_registry_dataset_keeps_its_protocol_and_a_missing_prediction_is_refused(tmp_path):
+    truth = {"dataset": "head", "landmarks": {"001": [[float(k), float(k)] for k in range(19)]}}
+    guess = {"dataset": "head", "landmarks": {"001": [[k + 3.0, k + 4.0] for k in range(19)]}}
+    report, _, _ = score_files(write(tmp_path / "p.json", guess), write(tmp_path / "g.json", truth))
+    assert report["unit"] == "mm" and report["mre"] == pytest.approx(0.5)  # 5 px at ISBI's 0.1 mm/px
+    guess["landmarks"]["001"][3] = None
+    with pytest.raises(ValueError, match="leave out landmarks the ground truth has"):
+        score_files(write(tmp_path / "p2.json", guess), write(tmp_path / "g.json", truth))
+
+
+def test_evaluate_cli_on_coco_files_writes_the_report(tmp_path):
+    pred = write(tmp_path / "p.json", {"dataset": "knee", "landmarks": GUESS})
+    out = tmp_path / "eval"
+    proc = run([*CLI, "evaluate", "--predictions", pred, "--ground-truth", write(tmp_path / "g.json", coco_truth()),
+                "--out", str(out)], 60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "1 invisible in the ground truth, left out" in (out / "report.md").read_text()
+    assert json.loads((out / "report.json").read_text())["excluded_landmarks"] == 1
+    proc = run([*CLI, "evaluate", "--predictions", write(tmp_path / "bad.json", {"x": 1}), "--ground-truth",
+                str(tmp_path / "g.json"), "--out", str(out)], 60)
+    assert proc.returncode == 2 and "bad.json: not a landmark file of a known format" in proc.stderr
