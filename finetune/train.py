@@ -18,11 +18,11 @@ from medsapiens import bundle as bundlelib
 from medsapiens import config as configlib
 from medsapiens import distributed
 from medsapiens.checkpoints import checkpoint_dir, latest_tag, tag_step
-from medsapiens.data.pipeline import check_val_split, is_test_split
+from medsapiens.data.pipeline import is_test_split
 from medsapiens.engine import init_distributed, shutdown
 from medsapiens.manifest import Manifest, ManifestError, load as load_manifest
 from medsapiens.registry import LandmarkSet
-from medsapiens.run import RunPlan, load_trained, train
+from medsapiens.run import RunPlan, check_settings, load_trained, train
 
 SUMMARY = "summary.json"
 
@@ -36,8 +36,7 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise ValueError("init 'bundle' needs a bundle (--bundle DIR)")
     if cfg.init == "sapiens" and not cfg.model.checkpoint:
         raise ValueError("init 'sapiens' needs a Sapiens checkpoint (--checkpoint FILE)")
-    check_val_split(cfg.data.val_split)
-    cfg.train.check()
+    check_settings(cfg)
     if cfg.train.val_every != cfg.train.checkpoint_every:
         raise ValueError("fine-tuning keeps the best validated checkpoint: train.val_every must equal "
                          f"train.checkpoint_every (got {cfg.train.val_every} and {cfg.train.checkpoint_every})")

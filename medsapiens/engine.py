@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 
 from medsapiens import checkpoints
+from medsapiens.config import at_least, positive
 from medsapiens.distributed import free_port
 
 LOSS_AVERAGES = ("per_sample", "union")
+SCHEDULES = ("step", "cosine", "constant")
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,6 +42,20 @@ class OptimConfig:
     milestones: tuple[float, float] = (170 / 210, 200 / 210)
     gamma: float = 0.1
     min_lr_factor: float = 0.0
+
+    def check(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        positive("optim.lr", self.lr)
+        positive("optim.eps", self.eps)
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be in [0, 1), got {list(self.betas)}")
+        for key in ("weight_decay", "grad_clip", "warmup_steps", "min_lr_factor"):
+            if not getattr(self, key) >= 0:  # also refuses NaN
+                raise ValueError(f"optim.{key} must be at least 0, got {getattr(self, key)}")
+        for key in ("layer_decay", "warmup_factor", "gamma"):
+            if not 0 < getattr(self, key) <= 1:
+                raise ValueError(f"optim.{key} must be in (0, 1], got {getattr(self, key)}")
 
 
 @dataclass
@@ -68,11 +84,14 @@ class TrainConfig:
         """Settings that would break the run's guarantees, refused before it starts."""
         if self.loss not in LOSS_AVERAGES:
             raise ValueError(f"train.loss must be one of {', '.join(LOSS_AVERAGES)}, got {self.loss!r}")
-        if self.epochs < 0 or (not self.epochs and self.max_steps < 1):
+        for key in ("grad_accum", "checkpoint_every", "log_every", "val_every", "keep_last"):
+            at_least(f"train.{key}", getattr(self, key), 1)
+        at_least("train.max_steps", self.max_steps, 0)
+        at_least("train.stop_after", self.stop_after, 0)
+        at_least("train.dist_timeout_s", self.dist_timeout_s, 1)
+        if not self.epochs >= 0 or (not self.epochs and self.max_steps < 1):
             raise ValueError(f"give train.epochs > 0 or train.max_steps >= 1 (got epochs {self.epochs}, "
                              f"max_steps {self.max_steps})")
-        if self.keep_last < 1:
-            raise ValueError(f"train.keep_last must be at least 1, got {self.keep_last}")
         if self.stop_after % self.checkpoint_every:
             # The data stream restarts on multiples of checkpoint_every; resuming elsewhere would
             # not continue the sample sequence of an uninterrupted run.

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from medsapiens import storage
+from medsapiens.config import at_least, positive
 from medsapiens.codec import apply_affine, encode_udp, whole_image_affine
 from medsapiens.imageio import decode_png, to_float
 from medsapiens.data.augment import AugmentConfig, normalize, photometric, random_affine, warp
@@ -46,6 +47,15 @@ class DataConfig:
     sigma: float = 3.0
     max_corrupt_fraction: float = 0.01
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def check(self) -> None:
+        at_least("data.micro_batch", self.micro_batch, 1)
+        at_least("data.workers", self.workers, 0)
+        at_least("data.shuffle_buffer", self.shuffle_buffer, 1)
+        positive("data.sigma", self.sigma)
+        if not 0 <= self.max_corrupt_fraction <= 1:
+            raise ValueError(f"data.max_corrupt_fraction must be in 0..1, got {self.max_corrupt_fraction}")
+        check_val_split(self.val_split)
 
 
 class CorruptDataError(RuntimeError):
