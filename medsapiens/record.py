@@ -137,6 +137,8 @@ def make_record(*, dataset, split, source_id, landmarks_orig, visible, spacing_o
 def validate_record(meta: dict, stored_size, num_landmarks: int | None = None) -> list[int]:
     """Check a record read back from a shard (a reader's defence against foreign or damaged shards);
     returns its visibility with landmarks outside the image marked invisible."""
+    if not isinstance(meta, dict):
+        raise Rejection("bad_annotation", f"the record is not a JSON object: {meta!r:.80}")
     missing = [f for f in FIELDS if f not in meta]
     if missing:
         raise Rejection("bad_annotation", f"record lacks field(s) {missing}")
