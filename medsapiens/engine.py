@@ -197,6 +197,7 @@ class Engine:
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups, config=self.config, lr_scheduler=scheduler)
         self.zero_stage = self.ds.zero_optimization_stage()
+        checkpoints.prepare(self.ds)
 
     def save(self, ckpt_dir: Path, step: int, client_state: dict, keep: set[str] = frozenset()) -> None:
         checkpoints.save(self.ds, ckpt_dir, step, client_state, self.train_cfg.keep_last, keep)
