@@ -19,7 +19,7 @@ from medsapiens import config as configlib
 from medsapiens import distributed
 from medsapiens.checkpoints import checkpoint_dir, latest_tag, tag_step
 from medsapiens.data.pipeline import is_test_split
-from medsapiens.engine import init_distributed, shutdown
+from medsapiens.engine import distributed_job
 from medsapiens.manifest import Manifest, ManifestError, load as load_manifest
 from medsapiens.registry import LandmarkSet
 from medsapiens.run import RunPlan, check_settings, load_trained, train
@@ -150,8 +150,7 @@ def seed_summary(results: list[dict]) -> dict:
 
 def run(cfg: FinetuneConfig) -> dict | None:
     check_config(cfg)
-    init_distributed(cfg.train.dist_timeout_s)
-    try:
+    with distributed_job(cfg.train.dist_timeout_s):
         if not cfg.seeds:
             return run_one(cfg)
         results = [run_one(replace(cfg, shot_seed=seed, seeds=[], run_dir=str(Path(cfg.run_dir) / f"seed_{seed}"),
@@ -162,5 +161,3 @@ def run(cfg: FinetuneConfig) -> dict | None:
         summary = seed_summary(results)
         (Path(cfg.run_dir) / SUMMARY).write_text(json.dumps(summary, indent=2))
         return summary
-    finally:
-        shutdown()

@@ -8,6 +8,7 @@ The same code runs as one process without the launcher (CPU or one GPU) and unde
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -240,6 +241,16 @@ class Engine:
             tag = group.get("part", "all")
             lrs[tag] = min(lrs.get(tag, math.inf), group["lr"])
         return lrs
+
+
+@contextlib.contextmanager
+def distributed_job(timeout_s: int):
+    """Initialise torch.distributed, run the body, end with `shutdown()`. On an error this rank
+    leaves at once, without the final barrier: another rank may sit in a collective this one will
+    never join, and the launcher stops the others as soon as one exits with an error."""
+    init_distributed(timeout_s)
+    yield
+    shutdown()
 
 
 def shutdown() -> None:
