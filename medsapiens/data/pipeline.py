@@ -206,14 +206,21 @@ class TrainStream(IterableDataset):
         shards = self.manifest.shards_for(dataset, self.cfg.train_split)
         p = np.array([s.samples for s in shards], dtype=np.float64)
         p /= p.sum()
+        s3_failures = 0
         while True:
             shard = shards[rng.choice(len(shards), p=p)]
             url = self.manifest.url_of(shard)
             try:
                 for sample in read_shard(self.manifest, shard):
                     yield url, sample
+                s3_failures = 0
             except ShardError:  # not the shard the manifest lists: stop, do not train on it
                 raise
+            except storage.S3Error as exc:  # the network, not the data: say so and draw another shard
+                s3_failures += 1
+                if s3_failures >= storage.RETRIES:
+                    raise
+                print(f"warning: {exc}; drawing another shard", file=sys.stderr)
             except Exception as exc:  # a damaged shard: count it and draw another
                 yield url, exc
 
