@@ -3,12 +3,17 @@ its files and their sizes (`complete.json`); a resume, an export and a fine-tuni
 newest complete tag and pass over a damaged newer one."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import time
 
 import pytest
 
-from conftest import SMALL_RUN, deepspeed_module, losses, pretrain_args
+from conftest import DEEPSPEED, REPO, SMALL_RUN, deepspeed_module, free_port, losses, pretrain_args
 from medsapiens import checkpoints
 
 
@@ -66,3 +71,50 @@ def test_resume_falls_back_past_a_truncated_shard_and_redoes_the_same_steps(two_
         assert redone[step] == pytest.approx(original[step], rel=1e-5, abs=1e-7), step
     assert checkpoints.latest_tag(run_dir / "checkpoints") == "step_00000004"
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
+
+
+def rank_process(launcher_pid: int, rank: int, within_s: float):
+    import psutil
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        for child in psutil.Process(launcher_pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if f"--local_rank={rank}" in child.cmdline():
+                    return child
+        time.sleep(0.2)
+    raise AssertionError(f"no rank {rank} process within {within_s} s")
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_frozen_mid_save_never_makes_latest_name_that_checkpoint(phantom_shards, tmp_path):
+    """SIGSTOP rank 1 the moment its optimizer shard of step 4 appears (mid-write, as a rank
+    stalled on a slow disk); rank 0 must not name step 4 complete. Kill the job; the rerun resumes
+    from the newest complete checkpoint and finishes."""
+    run_dir = tmp_path / "run"
+    args = pretrain_args(phantom_shards, run_dir, *SMALL_RUN)
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pretrain", *args]
+    log = open(tmp_path / "job.log", "w")
+    job = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        rank1 = rank_process(job.pid, 1, 60)
+        shard = run_dir / "checkpoints" / "step_00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        deadline = time.monotonic() + 120
+        while not shard.exists() and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.001)
+        rank1.send_signal(signal.SIGSTOP)
+        assert shard.exists(), "the job never reached the step-4 save"
+        time.sleep(5)  # rank 0 has long finished its own files by now
+        ckpt_dir = run_dir / "checkpoints"
+        assert (ckpt_dir / "latest").read_text() == "step_00000002"
+        assert checkpoints.complete_tags(ckpt_dir) == ["step_00000002"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+        job.wait(30)
+        log.close()
+    proc = deepspeed_module("pretrain", 2, pretrain_args(phantom_shards, run_dir, *SMALL_RUN), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "passing over the incomplete checkpoint(s) step_00000004" in proc.stderr
+    assert "resumed from step 2" in proc.stderr
+    assert checkpoints.latest_tag(run_dir / "checkpoints") == "step_00000004"
