@@ -86,3 +86,17 @@ def test_the_types_deepspeed_stores_still_load(two_rank_run):
     with weights_only_loading("test"):
         for path in files:
             assert isinstance(torch.load(path, weights_only=False), dict)  # forced to weights_only
+
+
+@pytest.mark.timeout(60)
+def test_a_payload_given_as_model_checkpoint_never_runs(tmp_path):
+    """What already held (issue 12): user-supplied weights are read with weights_only=True, which
+    `model.checkpoint`, `model convert` and `finetune --init sapiens` all go through."""
+    from medsapiens.model.checkpoint import read_tensors
+
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "sapiens.pth"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "extra": Payload(marker)}, path)
+    with pytest.raises(ValueError, match="cannot be read with weights_only=True"):
+        read_tensors(path)
+    assert not marker.exists()
