@@ -44,7 +44,8 @@ def register(subparsers) -> None:
     ft.add_argument("--batch-size", type=int, help="micro-batch per rank (data.micro_batch)")
     ft.add_argument("--no-flip-test", action="store_true", help="evaluate without averaging the mirrored image")
     ft.add_argument("--eval-split", help="split evaluated at the end (default: test, else every test* split)")
-    ft.add_argument("--run-dir", help="output directory (default runs/finetune)")
+    ft.add_argument("--run-dir", help="output directory (default runs/finetune); a run there is resumed from its "
+                    "newest complete checkpoint, read as weights only (a file naming anything else is refused)")
     ft.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any config key, e.g. optim.lr=1e-4")
     ft.set_defaults(func=_finetune)
 

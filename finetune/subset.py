@@ -26,7 +26,7 @@ def draw_keys(keys: list[str], shots: int, seed: int) -> list[str]:
 
 def train_samples(manifest: manifestlib.Manifest, dataset: str):
     for shard in manifest.shards_for(dataset, "train"):
-        yield from read_shard(manifest.url_of(shard))
+        yield from read_shard(manifest, shard)
 
 
 def few_shot_manifest(manifest: manifestlib.Manifest, dataset: str, shots: int, seed: int,
@@ -47,7 +47,7 @@ def few_shot_manifest(manifest: manifestlib.Manifest, dataset: str, shots: int, 
         datasets={dataset: manifestlib.DatasetInfo(info.landmark_set, splits, info.source)},
         shards=[manifestlib.ShardInfo(shard_path.name, dataset, "train", shots, size, sha256), *kept],
         inputs=sum(splits.values()), rejected=0,
-        build={"few_shot": {"from": manifest.location, "from_sha256": manifest.digest, "shots": shots,
+        build={"max_side": manifest.max_side, "few_shot": {"from": manifest.location, "from_sha256": manifest.digest, "shots": shots,
                             "seed": seed, "keys": keys}},
     )
     (out_dir / manifestlib.MANIFEST_NAME).write_bytes(subset.to_json())

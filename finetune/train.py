@@ -18,11 +18,11 @@ from medsapiens import bundle as bundlelib
 from medsapiens import config as configlib
 from medsapiens import distributed
 from medsapiens.checkpoints import checkpoint_dir, latest_tag, tag_step
-from medsapiens.data.pipeline import check_val_split, is_test_split
-from medsapiens.engine import init_distributed, shutdown
+from medsapiens.data.pipeline import is_test_split
+from medsapiens.engine import distributed_job
 from medsapiens.manifest import Manifest, ManifestError, load as load_manifest
 from medsapiens.registry import LandmarkSet
-from medsapiens.run import RunPlan, load_trained, train
+from medsapiens.run import RunPlan, check_settings, load_trained, train
 
 SUMMARY = "summary.json"
 
@@ -36,8 +36,7 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise ValueError("init 'bundle' needs a bundle (--bundle DIR)")
     if cfg.init == "sapiens" and not cfg.model.checkpoint:
         raise ValueError("init 'sapiens' needs a Sapiens checkpoint (--checkpoint FILE)")
-    check_val_split(cfg.data.val_split)
-    cfg.train.check()
+    check_settings(cfg)
     if cfg.train.val_every != cfg.train.checkpoint_every:
         raise ValueError("fine-tuning keeps the best validated checkpoint: train.val_every must equal "
                          f"train.checkpoint_every (got {cfg.train.val_every} and {cfg.train.checkpoint_every})")
@@ -168,8 +167,7 @@ def seed_summary(results: list[dict]) -> dict:
 def run(cfg: FinetuneConfig) -> dict | None:
     check_config(cfg)
     check_inputs(cfg)
-    init_distributed(cfg.train.dist_timeout_s)
-    try:
+    with distributed_job(cfg.train.dist_timeout_s):
         if not cfg.seeds:
             return run_one(cfg)
         results = [run_one(replace(cfg, shot_seed=seed, seeds=[], run_dir=str(Path(cfg.run_dir) / f"seed_{seed}"),
@@ -180,5 +178,3 @@ def run(cfg: FinetuneConfig) -> dict | None:
         summary = seed_summary(results)
         (Path(cfg.run_dir) / SUMMARY).write_text(json.dumps(summary, indent=2))
         return summary
-    finally:
-        shutdown()

@@ -145,11 +145,17 @@ def check_config(stage: str, config: str, overrides: list[str]) -> None:
         from pretrain.config import PretrainConfig as config_class
     else:
         from finetune.config import FinetuneConfig as config_class
+    from medsapiens.run import check_settings
+
     cfg = configlib.load(config_class, config, overrides)
     try:
         resolve_file(cfg.train.deepspeed)
     except FileNotFoundError as exc:
         raise LaunchError(f"{config}: train.deepspeed: {exc}") from None
+    try:
+        check_settings(cfg)
+    except ValueError as exc:
+        raise LaunchError(f"{config}: {exc}") from None
 
 
 def make_plan(args, environ: Mapping[str, str], cwd: Path, launch_dir: Path) -> Plan:

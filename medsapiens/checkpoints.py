@@ -2,12 +2,21 @@
 fp32 weights and universal (world-size independent) copies.
 
 A run keeps its DeepSpeed checkpoints in `RUN_DIR/checkpoints/`: one folder per tag
-`step_NNNNNNNN`, DeepSpeed's `latest` naming the last complete one, and `best.json` when the
-best validation checkpoint is tracked (that tag is never pruned).
+`step_NNNNNNNN`, each complete one with `complete.json` (every file of every rank and its size,
+written by rank 0 once all ranks have confirmed their files), `latest` naming the newest complete
+one, and `best.json` when the best validation checkpoint is tracked (that tag is never pruned).
+
+DeepSpeed reads its files with `torch.load(weights_only=False)`, which runs whatever code a
+pickle names; every read of a checkpoint goes through `weights_only_loading`, so a run directory
+from elsewhere can hold tensors and DeepSpeed's own state types, never code.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -15,10 +24,48 @@ from pathlib import Path
 
 import torch
 
+from medsapiens import distributed
+
 CHECKPOINTS = "checkpoints"
 BEST = "best.json"
+COMPLETE = "complete.json"
 CLIENT_STATE_KEY = "medsapiens"
 TAG_PREFIX = "step_"
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load obeys it over an explicit weights_only=False
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: incomplete, missing, or holding more than weights."""
+
+
+def deepspeed_state_types() -> list:
+    """The non-tensor types DeepSpeed's ZeRO checkpoint files hold (beyond what weights_only allows)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [fragment_address, LossScaler, DynamicLossScaler, ZeroStageEnum]
+
+
+@contextlib.contextmanager
+def weights_only_loading(where):
+    """Every torch.load inside (DeepSpeed's included) unpickles only tensors, containers and
+    `deepspeed_state_types()`; anything else is refused with one line naming `where`."""
+    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_state_types()):
+            yield
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"names {found.group(1)}" if found else "is not plain weights"
+        raise CheckpointError(f"{where}: refused to load: a checkpoint file {what}, which could run code "
+                              "(a run directory is not a safe thing to share; share a bundle)") from None
+    finally:
+        if previous is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = previous
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -33,40 +80,96 @@ def tag_step(tag: str) -> int:
     return int(tag.removeprefix(TAG_PREFIX).removesuffix("_universal"))
 
 
+def written_files(tag_dir: Path) -> dict[str, int]:
+    """Every file in a tag folder and its size."""
+    return {p.name: p.stat().st_size for p in sorted(Path(tag_dir).iterdir()) if p.is_file() and p.name != COMPLETE}
+
+
+def is_complete(tag_dir: Path) -> bool:
+    """Whether the tag's `complete.json` exists and every file it lists is there with its size."""
+    try:
+        listed = json.loads((Path(tag_dir) / COMPLETE).read_text())
+        return bool(listed) and all((Path(tag_dir) / name).stat().st_size == size for name, size in listed.items())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def tags(ckpt_dir: Path) -> list[str]:
+    """Every ZeRO checkpoint folder, complete or not, oldest first."""
+    return sorted(p.name for p in Path(ckpt_dir).glob(f"{TAG_PREFIX}*") if p.is_dir() and not p.name.endswith("_universal"))
+
+
 def complete_tags(ckpt_dir: Path) -> list[str]:
-    """Complete checkpoints, oldest first (DeepSpeed writes `latest` only after a save completes)."""
-    if not (ckpt_dir / "latest").is_file():
-        return []
-    tags = sorted(p.name for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if p.is_dir() and not p.name.endswith("_universal"))
-    latest = (ckpt_dir / "latest").read_text().strip()
-    return [t for t in tags if t <= latest]
+    """Complete checkpoints, oldest first."""
+    return [t for t in tags(ckpt_dir) if is_complete(Path(ckpt_dir) / t)]
 
 
 def latest_tag(ckpt_dir: Path) -> str:
-    latest = Path(ckpt_dir) / "latest"
-    if not latest.is_file():
-        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir} (no 'latest' file)")
-    return latest.read_text().strip()
+    """The newest complete checkpoint (an incomplete newer one, as a rank frozen mid-save leaves, is passed over)."""
+    complete = complete_tags(ckpt_dir)
+    if not complete:
+        raise CheckpointError(f"no complete checkpoint in {ckpt_dir}")
+    return complete[-1]
 
 
 def has_checkpoint(ckpt_dir: Path) -> bool:
-    return (Path(ckpt_dir) / "latest").is_file()
+    return bool(complete_tags(ckpt_dir))
+
+
+def prepare(ds_engine) -> None:
+    """Make the engine's checkpoint writer note each file it saves and its size (DeepSpeed does
+    not tell which files a rank wrote)."""
+    engine = ds_engine.checkpoint_engine
+    save_file = engine.save
+    engine.medsapiens_written = {}
+
+    def save(state_dict, path):
+        save_file(state_dict, path)
+        engine.medsapiens_written[Path(path).name] = os.path.getsize(path)
+
+    engine.save = save
 
 
 def save(ds_engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, keep: set[str] = frozenset()) -> None:
-    """Every rank calls this; rank 0 then prunes to the last `keep_last` complete checkpoints
-    (tags in `keep`, such as the best one, are never pruned)."""
-    ds_engine.save_checkpoint(str(ckpt_dir), tag=checkpoint_tag(step), client_state={CLIENT_STATE_KEY: client_state})
-    torch.distributed.barrier()
-    if torch.distributed.get_rank() == 0:
+    """Every rank calls this. Once every rank has confirmed its files, rank 0 checks their sizes
+    on disk, writes `complete.json` and `latest`, then prunes to the last `keep_last` complete
+    checkpoints (tags in `keep`, such as the best one, are never pruned). A rank that never
+    confirms leaves the previous checkpoint the latest."""
+    tag = checkpoint_tag(step)
+    tag_dir = Path(ckpt_dir) / tag
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        (tag_dir / COMPLETE).unlink(missing_ok=True)  # a save over an older, damaged copy of this tag
+    ds_engine.checkpoint_engine.medsapiens_written.clear()
+    ds_engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={CLIENT_STATE_KEY: client_state}, save_latest=False)
+    confirmed = distributed.gather_to_rank0(ds_engine.checkpoint_engine.medsapiens_written)
+    if rank == 0:
+        files = {name: size for files in confirmed for name, size in files.items()}
+        on_disk = written_files(tag_dir)
+        wrong = sorted(name for name, size in files.items() if on_disk.get(name) != size)
+        if wrong:
+            raise CheckpointError(f"checkpoint {tag_dir}: file(s) {wrong} differ from what the ranks wrote")
+        write_atomically(tag_dir / COMPLETE, json.dumps(files, indent=1))
+        write_atomically(Path(ckpt_dir) / "latest", tag)
         for old in set(complete_tags(ckpt_dir)[:-keep_last]) - set(keep):
-            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+            shutil.rmtree(Path(ckpt_dir) / old, ignore_errors=True)
     torch.distributed.barrier()
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def load(ds_engine, ckpt_dir: Path) -> dict | None:
-    """Load the last complete checkpoint (or the universal one when so configured); our client state."""
-    path, client = ds_engine.load_checkpoint(str(ckpt_dir))
+    """Load the newest complete checkpoint (or the universal one when so configured); our client state."""
+    ckpt_dir = Path(ckpt_dir)
+    universal = ds_engine.load_universal_checkpoint()
+    tag = None if universal else latest_tag(ckpt_dir)
+    where = ckpt_dir / ((ckpt_dir / "latest_universal").read_text().strip() if universal else tag)
+    with weights_only_loading(where):
+        path, client = ds_engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         return None
     return (client or {}).get(CLIENT_STATE_KEY, {})
@@ -84,9 +187,10 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
     """fp32 weights of the whole model, gathered from the ZeRO partitions of every rank."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    if not (Path(ckpt_dir) / tag).is_dir():
-        raise FileNotFoundError(f"no checkpoint {tag!r} in {ckpt_dir}")
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    if not is_complete(Path(ckpt_dir) / tag):
+        raise CheckpointError(f"no complete checkpoint {tag!r} in {ckpt_dir}")
+    with weights_only_loading(Path(ckpt_dir) / tag):
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
 
 
 def make_universal(ckpt_dir: Path, tag: str | None = None) -> str:
@@ -97,9 +201,21 @@ def make_universal(ckpt_dir: Path, tag: str | None = None) -> str:
     ckpt_dir = Path(ckpt_dir)
     tag = tag or latest_tag(ckpt_dir)
     out_tag = f"{tag}_universal"
-    subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                    "--input_folder", str(ckpt_dir / tag), "--output_folder", str(ckpt_dir / out_tag),
-                    "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                   check=True)
+    proc = subprocess.run([sys.executable, "-m", "medsapiens.checkpoints",
+                           "--input_folder", str(ckpt_dir / tag), "--output_folder", str(ckpt_dir / out_tag),
+                           "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"])
+    if proc.returncode:
+        raise CheckpointError(f"converting {ckpt_dir / tag} to a universal checkpoint failed (its error is above)")
     (ckpt_dir / "latest_universal").write_text(out_tag)
     return out_tag
+
+
+if __name__ == "__main__":  # make_universal runs DeepSpeed's converter here, under weights-only loading
+    from deepspeed.checkpoint import ds_to_universal
+
+    arguments = ds_to_universal.parse_arguments()
+    try:
+        with weights_only_loading(arguments.input_folder):
+            ds_to_universal.main(arguments)
+    except CheckpointError as exc:
+        sys.exit(f"error: {exc}")

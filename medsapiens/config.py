@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -65,6 +66,16 @@ def _coerce(value, hint, where: str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     raise ConfigError(f"{where}: unsupported config type {hint!r}")
+
+
+def at_least(key: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise ValueError(f"{key} must be at least {minimum}, got {value}")
+
+
+def positive(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{key} must be a positive number, got {value}")
 
 
 def from_dict(cls, data: dict, where: str = ""):

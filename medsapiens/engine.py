@@ -8,6 +8,7 @@ The same code runs as one process without the launcher (CPU or one GPU) and unde
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -19,9 +20,11 @@ from pathlib import Path
 import torch
 
 from medsapiens import checkpoints
+from medsapiens.config import at_least, positive
 from medsapiens.distributed import free_port
 
 LOSS_AVERAGES = ("per_sample", "union")
+SCHEDULES = ("step", "cosine", "constant")
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,6 +43,20 @@ class OptimConfig:
     milestones: tuple[float, float] = (170 / 210, 200 / 210)
     gamma: float = 0.1
     min_lr_factor: float = 0.0
+
+    def check(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        positive("optim.lr", self.lr)
+        positive("optim.eps", self.eps)
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be in [0, 1), got {list(self.betas)}")
+        for key in ("weight_decay", "grad_clip", "warmup_steps", "min_lr_factor"):
+            if not getattr(self, key) >= 0:  # also refuses NaN
+                raise ValueError(f"optim.{key} must be at least 0, got {getattr(self, key)}")
+        for key in ("layer_decay", "warmup_factor", "gamma"):
+            if not 0 < getattr(self, key) <= 1:
+                raise ValueError(f"optim.{key} must be in (0, 1], got {getattr(self, key)}")
 
 
 @dataclass
@@ -68,11 +85,14 @@ class TrainConfig:
         """Settings that would break the run's guarantees, refused before it starts."""
         if self.loss not in LOSS_AVERAGES:
             raise ValueError(f"train.loss must be one of {', '.join(LOSS_AVERAGES)}, got {self.loss!r}")
-        if self.epochs < 0 or (not self.epochs and self.max_steps < 1):
+        for key in ("grad_accum", "checkpoint_every", "log_every", "val_every", "keep_last"):
+            at_least(f"train.{key}", getattr(self, key), 1)
+        at_least("train.max_steps", self.max_steps, 0)
+        at_least("train.stop_after", self.stop_after, 0)
+        at_least("train.dist_timeout_s", self.dist_timeout_s, 1)
+        if not self.epochs >= 0 or (not self.epochs and self.max_steps < 1):
             raise ValueError(f"give train.epochs > 0 or train.max_steps >= 1 (got epochs {self.epochs}, "
                              f"max_steps {self.max_steps})")
-        if self.keep_last < 1:
-            raise ValueError(f"train.keep_last must be at least 1, got {self.keep_last}")
         if self.stop_after % self.checkpoint_every:
             # The data stream restarts on multiples of checkpoint_every; resuming elsewhere would
             # not continue the sample sequence of an uninterrupted run.
@@ -178,6 +198,7 @@ class Engine:
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups, config=self.config, lr_scheduler=scheduler)
         self.zero_stage = self.ds.zero_optimization_stage()
+        checkpoints.prepare(self.ds)
 
     def save(self, ckpt_dir: Path, step: int, client_state: dict, keep: set[str] = frozenset()) -> None:
         checkpoints.save(self.ds, ckpt_dir, step, client_state, self.train_cfg.keep_last, keep)
@@ -220,6 +241,16 @@ class Engine:
             tag = group.get("part", "all")
             lrs[tag] = min(lrs.get(tag, math.inf), group["lr"])
         return lrs
+
+
+@contextlib.contextmanager
+def distributed_job(timeout_s: int):
+    """Initialise torch.distributed, run the body, end with `shutdown()`. On an error this rank
+    leaves at once, without the final barrier: another rank may sit in a collective this one will
+    never join, and the launcher stops the others as soon as one exits with an error."""
+    init_distributed(timeout_s)
+    yield
+    shutdown()
 
 
 def shutdown() -> None:

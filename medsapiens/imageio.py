@@ -242,10 +242,16 @@ def encode_png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        return pil_to_array(image, "PNG bytes")
+def decode_png(data: bytes, max_side: int | None = None) -> np.ndarray:
+    """A shard's PNG; one with a side over `max_side` is refused from its header, before decoding."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if max_side is not None and max(image.size) > max_side:
+                raise ValueError(f"a {image.size[0]}x{image.size[1]} px image, over the shards' max side {max_side}")
+            image.load()
+            return pil_to_array(image, "PNG bytes")
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"image refused: {exc}") from None
 
 
 def to_float(pixels: np.ndarray) -> np.ndarray:

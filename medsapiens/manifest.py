@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medsapiens import storage
+from medsapiens.record import MAX_IMAGE_SIDE
 from medsapiens.registry import LandmarkSet
 
 FORMAT = "medsapiens-shards"
@@ -68,6 +69,12 @@ class Manifest:
                 f"dataset {dataset!r} is not in the manifest at {self.location or '?'}; "
                 f"it has: {', '.join(sorted(self.datasets)) or 'none'}"
             ) from None
+
+    @property
+    def max_side(self) -> int:
+        """The longest image side the build wrote (readers refuse larger images before decoding)."""
+        side = self.build.get("max_side")
+        return side if isinstance(side, int) and 0 < side <= MAX_IMAGE_SIDE else MAX_IMAGE_SIDE
 
     @property
     def written(self) -> int:

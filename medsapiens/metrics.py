@@ -79,6 +79,12 @@ def summarize(errors: np.ndarray, radii, convention: str = "<", mask: np.ndarray
     mask = np.ones_like(errors, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
     below = SDR_CONVENTIONS[convention]
     flat = errors[mask]
+    if not len(flat):
+        raise ValueError("no visible landmark to measure")
+    if not np.isfinite(flat).all():
+        bad = [image_ids[i] if image_ids is not None else str(i) for i in np.nonzero(~np.isfinite(errors) & mask)[0]]
+        raise ValueError(f"non-finite errors on image(s) {sorted(set(map(str, bad)))[:5]}: the predictions "
+                         "are not finite numbers (a diverged model?)")
     per_image = np.array([row[m].mean() if m.any() else np.nan for row, m in zip(errors, mask)])
 
     def sdr(values) -> dict:

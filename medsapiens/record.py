@@ -137,10 +137,40 @@ def make_record(*, dataset, split, source_id, landmarks_orig, visible, spacing_o
 def validate_record(meta: dict, stored_size, num_landmarks: int | None = None) -> list[int]:
     """Check a record read back from a shard (a reader's defence against foreign or damaged shards);
     returns its visibility with landmarks outside the image marked invisible."""
+    if not isinstance(meta, dict):
+        raise Rejection("bad_annotation", f"the record is not a JSON object: {meta!r:.80}")
     missing = [f for f in FIELDS if f not in meta]
     if missing:
         raise Rejection("bad_annotation", f"record lacks field(s) {missing}")
+    for name in ("dataset", "split", "source_id"):
+        if not isinstance(meta[name], str):
+            raise Rejection("bad_annotation", f"{name} must be a string, got {meta[name]!r}")
+    check_size_and_scale(meta["orig_size"], meta["scale"], stored_size)
     k = num_landmarks if num_landmarks is not None else len(meta["names"])
+    if not isinstance(meta["names"], list) or len(meta["names"]) != k:
+        raise Rejection("bad_annotation", f"names must list the {k} landmarks, got {meta['names']!r:.80}")
+    if not isinstance(meta["visible"], list) or any(v not in (0, 1) for v in meta["visible"]):
+        raise Rejection("bad_annotation", f"visible must be a list of 0 and 1, got {meta['visible']!r:.80}")
     visible = check_landmarks(meta["landmarks"], meta["visible"], k, stored_size, outside="invisible")
     check_spacing(meta["spacing_mm"])
     return [int(v) for v in visible]
+
+
+def pair_of_numbers(value, name: str) -> tuple[float, float]:
+    ok = isinstance(value, list) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if not ok or not all(math.isfinite(v) and v > 0 for v in value):
+        raise Rejection("bad_annotation", f"{name} must be two positive numbers, got {value!r:.80}")
+    return float(value[0]), float(value[1])
+
+
+def check_size_and_scale(orig_size, scale, stored_size) -> None:
+    """orig_size a plausible image size, scale positive, and stored size = orig_size x scale (to a pixel)."""
+    w, h = pair_of_numbers(orig_size, "orig_size")
+    if w != int(w) or h != int(h):
+        raise Rejection("bad_annotation", f"orig_size must be whole pixels, got {orig_size}")
+    check_image_size(int(w), int(h))
+    sx, sy = pair_of_numbers(scale, "scale")
+    if abs(w * sx - stored_size[0]) > 1 or abs(h * sy - stored_size[1]) > 1:
+        raise Rejection("bad_annotation", f"orig_size {orig_size} x scale {scale} does not give the stored "
+                        f"image's {stored_size[0]}x{stored_size[1]} px")

@@ -48,6 +48,15 @@ class RunResult:
     device: object
 
 
+def check_settings(cfg) -> None:
+    """Every number and choice of a stage config that can be known wrong before a rank starts;
+    each error names its key."""
+    cfg.model.check()
+    cfg.data.check()
+    cfg.optim.check()
+    cfg.train.check()
+
+
 def global_batch(cfg) -> int:
     return cfg.data.micro_batch * cfg.train.grad_accum * distributed.world_size()
 

@@ -1,8 +1,11 @@
 """Local paths and s3://bucket/key URLs behind one small interface.
 
 S3 goes through boto3 with the standard credential and endpoint chain (environment, profile,
-instance role; `AWS_ENDPOINT_URL` honoured). Transient failures are retried with exponential
-backoff. Nothing here prints or logs credentials: messages name URLs only.
+instance role; `AWS_ENDPOINT_URL` honoured). One retry policy, ours: botocore's retries are off,
+every request has connect and read timeouts, transient failures are retried with exponential
+backoff (each retry printed) within a bounded number of attempts and time, and a request that
+gives up, or a stream that breaks, is an S3Error naming the object. Nothing here prints or logs
+credentials: messages name URLs only.
 """
 from __future__ import annotations
 
@@ -16,7 +19,14 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
-RETRIES = 6
+RETRIES = 6  # attempts per request, ours only: botocore's own retries are off
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 60.0  # per socket read: a silent endpoint fails an attempt after this
+GIVE_UP_AFTER_S = 300.0  # no retry starts after this much time on one request
+
+
+class S3Error(RuntimeError):
+    """An S3 request that failed for good (after the retries), naming the object."""
 
 
 def is_s3(url: str) -> bool:
@@ -41,7 +51,8 @@ def _client_for_pid(pid: int):
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", config=Config(retries={"max_attempts": RETRIES, "mode": "standard"}))
+    return boto3.client("s3", config=Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
+                                            retries={"total_max_attempts": 1}))
 
 
 def s3_client():
@@ -62,16 +73,22 @@ def _transient(exc: Exception) -> bool:
 
 
 def with_retries(what: str, fn, *args, **kwargs):
-    """Call fn, retrying transient S3 errors with exponential backoff and jitter."""
-    for attempt in range(RETRIES):
+    """Call fn, retrying transient S3 errors with exponential backoff and jitter, each retry
+    printed; at most RETRIES attempts and none started after GIVE_UP_AFTER_S (then S3Error)."""
+    started = time.monotonic()
+    for attempt in range(1, RETRIES + 1):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - filtered by _transient
-            if attempt == RETRIES - 1 or not _transient(exc):
+            if not _transient(exc):
                 raise
             delay = min(30.0, 0.2 * 2**attempt) * (0.5 + random.random())
-            print(f"warning: {what} failed ({type(exc).__name__}), retry {attempt + 1} in {delay:.1f} s",
-                  file=sys.stderr)
+            elapsed = time.monotonic() - started
+            if attempt == RETRIES or elapsed + delay > GIVE_UP_AFTER_S:
+                raise S3Error(f"{what}: gave up after {attempt} attempt(s) in {elapsed:.0f} s: "
+                              f"{type(exc).__name__}: {exc}") from None
+            print(f"warning: {what} failed ({type(exc).__name__}), retry {attempt} of {RETRIES - 1} in "
+                  f"{delay:.1f} s", file=sys.stderr)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -142,13 +159,33 @@ def upload_file(local_path: str | Path, url: str, multipart_threshold: int = MUL
     with_retries(f"upload {url}", s3_client().upload_file, str(local_path), bucket, key, Config=config)
 
 
+class S3Stream:
+    """An S3 object's body; a read that fails (a dropped or silent connection) is an S3Error naming
+    the object, not a damaged file."""
+
+    def __init__(self, body, url: str):
+        self.body, self.url, self.bytes = body, url, 0
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            data = self.body.read(None if size < 0 else size)
+        except Exception as exc:  # noqa: BLE001 - botocore and urllib3 raise many kinds
+            raise S3Error(f"reading {self.url}: the connection failed after {self.bytes} bytes "
+                          f"({type(exc).__name__}: {exc})") from None
+        self.bytes += len(data)
+        return data
+
+    def close(self) -> None:
+        self.body.close()
+
+
 def open_stream(url: str):
     """A readable binary stream of the whole object (S3 objects are streamed, not buffered)."""
     if not is_s3(url):
         return open(url, "rb")
     bucket, key = split_s3(url)
     try:
-        return with_retries(f"get {url}", s3_client().get_object, Bucket=bucket, Key=key)["Body"]
+        return S3Stream(with_retries(f"get {url}", s3_client().get_object, Bucket=bucket, Key=key)["Body"], url)
     except Exception as exc:
         if _not_found(exc):
             raise FileNotFoundError(f"no such object: {url}") from None

@@ -89,8 +89,14 @@ class Trainer:
         if mode == "none":
             return 0
         if mode == "auto" and not checkpoints.has_checkpoint(self.ckpt_dir):
+            if checkpoints.tags(self.ckpt_dir) and self.is_main:
+                print(f"warning: no complete checkpoint in {self.ckpt_dir} (ignoring the incomplete "
+                      f"{', '.join(checkpoints.tags(self.ckpt_dir))}); starting at step 0", file=sys.stderr)
             return 0
-        state = self.engine.load(self.ckpt_dir)
+        try:
+            state = self.engine.load(self.ckpt_dir)
+        except checkpoints.CheckpointError as exc:
+            raise SystemExit(f"error: {exc}") from None
         if state is None:
             raise SystemExit(f"error: no checkpoint to resume from in {self.ckpt_dir}")
         if state.get("manifest_digest") != self.ctx.manifest.digest:
@@ -102,6 +108,9 @@ class Trainer:
             print("warning: resuming with a config that differs from the checkpoint's", file=sys.stderr)
         self.best = state.get("best")
         if self.is_main:
+            passed_over = [t for t in checkpoints.tags(self.ckpt_dir) if checkpoints.tag_step(t) > state["step"]]
+            if passed_over:
+                print(f"warning: passing over the incomplete checkpoint(s) {', '.join(passed_over)}", file=sys.stderr)
             print(f"resumed from step {state['step']} ({self.ckpt_dir})", file=sys.stderr)
         return int(state["step"])
 

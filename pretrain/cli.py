@@ -17,7 +17,10 @@ def register(subparsers) -> None:
     add_run_arguments(run)
     run.set_defaults(func=_run)
 
-    export = sub.add_parser("export", help="write a bundle (model.safetensors + config.json) from a run")
+    export = sub.add_parser(
+        "export", help="write a bundle (model.safetensors + config.json) from a run",
+        description="Reads the run's newest complete checkpoint as weights only: a checkpoint file that "
+        "names anything else is refused. Share the bundle, not the run directory.")
     export.add_argument("run_dir", help="the run directory (train.run_dir)")
     export.add_argument("--out", required=True, help="bundle directory to write")
     export.add_argument("--tag", help="checkpoint tag, e.g. step_00001000 (default: the latest complete one)")
@@ -50,15 +53,22 @@ def _run(args) -> int:
 
 
 def _export(args) -> int:
+    from medsapiens.checkpoints import CheckpointError
     from pretrain.export import export
 
-    print(f"bundle written to {export(args.run_dir, args.out, args.tag)}")
+    try:
+        print(f"bundle written to {export(args.run_dir, args.out, args.tag)}")
+    except CheckpointError as exc:
+        raise SystemExit(f"medsapiens pretrain export: error: {exc}") from None
     return 0
 
 
 def _universal(args) -> int:
-    from medsapiens.checkpoints import checkpoint_dir, make_universal
+    from medsapiens.checkpoints import CheckpointError, checkpoint_dir, make_universal
 
-    tag = make_universal(checkpoint_dir(args.run_dir), args.tag)
+    try:
+        tag = make_universal(checkpoint_dir(args.run_dir), args.tag)
+    except CheckpointError as exc:
+        raise SystemExit(f"medsapiens pretrain universal: error: {exc}") from None
     print(f"universal checkpoint {tag} written; resume with --resume universal")
     return 0

@@ -4,10 +4,9 @@ from __future__ import annotations
 import torch
 
 from medsapiens import distributed, storage
-from medsapiens.data.pipeline import check_val_split
-from medsapiens.engine import init_distributed, shutdown
+from medsapiens.engine import distributed_job
 from medsapiens.manifest import Manifest, ManifestError, load as load_manifest
-from medsapiens.run import RunPlan, train
+from medsapiens.run import RunPlan, check_settings, train
 from pretrain.config import PretrainConfig
 
 
@@ -24,8 +23,7 @@ def selected_datasets(manifest: Manifest, requested: list[str]) -> list[str]:
 def preflight(cfg: PretrainConfig) -> tuple[Manifest, list[str]]:
     """Everything that can be known wrong before the first step: settings, manifest, datasets,
     shard URLs. Returns the manifest and the datasets to train."""
-    cfg.train.check()
-    check_val_split(cfg.data.val_split)
+    check_settings(cfg)
     if not cfg.data.shards:
         raise ManifestError("data.shards is not set: give the shard directory or s3:// prefix")
     manifest = load_manifest(cfg.data.shards)
@@ -38,8 +36,7 @@ def preflight(cfg: PretrainConfig) -> tuple[Manifest, list[str]]:
 
 
 def run(cfg: PretrainConfig, resume: str = "auto") -> dict:
-    init_distributed(cfg.train.dist_timeout_s)
-    try:
+    with distributed_job(cfg.train.dist_timeout_s):
         found: list = [None]
         distributed.decide_on_rank0(lambda: found.__setitem__(0, preflight(cfg)))
         distributed.broadcast_from_rank0(found)  # loaded once, on rank 0
@@ -47,5 +44,3 @@ def run(cfg: PretrainConfig, resume: str = "auto") -> dict:
         torch.manual_seed(cfg.train.seed)
         model = cfg.model.build({d: manifest.landmark_set(d).num_landmarks for d in dataset_ids})
         return train(RunPlan("pretrain", cfg, manifest, dataset_ids, model, cfg.model), resume).last_validation
-    finally:
-        shutdown()

@@ -22,7 +22,7 @@ from medsapiens import imageio as images
 from shards import DEFAULT_MAX_SIDE, DEFAULT_MULTIPART_MB, DEFAULT_SHARD_SIZE, DEFAULT_WORKERS, OUTSIDE_CHOICES
 from shards.plan import PlanError, Scan, SourceSpec, canonical_digest, input_fingerprint, open_source, scan_source, \
     spacing_sources
-from shards.writer import PARTIAL_SUFFIX, ShardTask, init_worker, write_shard
+from shards.writer import PARTIAL_SUFFIX, ShardTask, init_worker, remove_stale_staging, write_shard
 
 
 class BuildError(RuntimeError):
@@ -199,6 +199,7 @@ def build(specs: list[SourceSpec], options: BuildOptions) -> BuildResult:
     from tqdm import tqdm
 
     options.check()
+    remove_stale_staging()
     out = options.out if storage.is_s3(options.out) else str(Path(options.out).resolve())
     sources = open_sources(specs)
     scan = Scan()

@@ -104,12 +104,13 @@ def load_manifest(location: str):
 
 
 def run_inspect(args) -> int:
-    from medsapiens.manifest import ManifestError
     from shards.inspection import inspect
+
+    from medsapiens.record import Rejection
 
     try:
         lines = inspect(load_manifest(args.location), args.sheet, args.n)
-    except ManifestError as exc:
+    except (ValueError, Rejection) as exc:  # ManifestError, ShardError: named shard or sample
         return fail(str(exc), code=1)
     print("\n".join(lines))
     return 0

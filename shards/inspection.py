@@ -1,7 +1,6 @@
 """`medsapiens shards inspect`: what a shard set holds, and a contact sheet to look at.
 
-Records are read back through WebDataset (with the project's s3:// opener), the way the
-trainers read them.
+Records are read back the way the trainers read them (medsapiens.data.pipeline.read_shard).
 """
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ from collections import defaultdict
 import numpy as np
 from PIL import Image, ImageDraw
 
-from medsapiens import storage
+from medsapiens.data.pipeline import decode_sample, read_shard
 from medsapiens.manifest import Manifest
 from medsapiens import imageio as images
 
@@ -20,15 +19,13 @@ THUMB = 256
 
 
 def read_samples(manifest: Manifest, dataset: str):
-    """Every (key, record, png bytes) of one dataset, read with WebDataset."""
-    import webdataset as wds
-
-    storage.register_webdataset_opener()
-    urls = [manifest.url_of(s) for s in manifest.shards if s.dataset == dataset]
-    if not urls:
-        return
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        yield sample["__key__"], json.loads(sample["json"]), sample["png"]
+    """Every (key, record, png bytes) of one dataset, read and validated as the trainers read them
+    (a ShardError or Rejection naming the shard and sample otherwise)."""
+    landmark_set = manifest.landmark_set(dataset)
+    for shard in (s for s in manifest.shards if s.dataset == dataset):
+        for sample in read_shard(manifest, shard):
+            _, record = decode_sample(sample, landmark_set, manifest.max_side)
+            yield sample["__key__"], record, sample["png"]
 
 
 def spread(values) -> str:

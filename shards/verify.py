@@ -1,53 +1,20 @@
 """`medsapiens shards verify`: re-read every shard and check it against the manifest.
 
-Each shard is streamed once (local file or S3 object): its byte count and sha256 must match the
-manifest, its members must pair up as `<key>.png` + `<key>.json`, and every record must validate
-against its image, its shard's dataset and split, and the manifest's landmark names.
+Each shard is streamed once (local file or S3 object), as the trainers read it
+(medsapiens.shard_tar: uncompressed, bounded by its manifest entry): its byte count and sha256
+must match the manifest, no image may exceed the build's max side, its members must pair up as
+`<key>.png` + `<key>.json`, and every record must validate against its image, its shard's
+dataset and split, and the manifest's landmark names.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import tarfile
 
 from medsapiens import storage
 from medsapiens.manifest import Manifest, ShardInfo
 from medsapiens.record import Rejection, sample_key, validate_record
+from medsapiens.shard_tar import CheckedStream, ShardError, tar_samples
 from medsapiens import imageio as images
-
-
-class HashingReader:
-    """A read-only stream wrapper that counts and hashes every byte read through it."""
-
-    def __init__(self, stream):
-        self.stream, self.sha256, self.bytes = stream, hashlib.sha256(), 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
-        self.sha256.update(data)
-        self.bytes += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-
-def tar_samples(fileobj):
-    """(key, {extension: bytes}) for consecutive members sharing a key, as WebDataset groups them."""
-    key, sample = None, {}
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            member_key, _, extension = member.name.partition(".")
-            if member_key != key and sample:
-                yield key, sample
-                sample = {}
-            key = member_key
-            sample[extension] = tar.extractfile(member).read()
-    if sample:
-        yield key, sample
 
 
 def sample_problems(manifest: Manifest, shard: ShardInfo, key: str, sample: dict) -> list[str]:
@@ -56,7 +23,7 @@ def sample_problems(manifest: Manifest, shard: ShardInfo, key: str, sample: dict
         return [f"{where}: members {sorted(sample)}, expected png and json"]
     try:
         meta = json.loads(sample["json"])
-        size = images.size_of(images.decode_png(sample["png"]))
+        size = images.size_of(images.decode_png(sample["png"], manifest.max_side))
         validate_record(meta, size, manifest.landmark_set(shard.dataset).num_landmarks)
     except (ValueError, OSError, Rejection) as exc:
         return [f"{where}: {exc}"]
@@ -73,7 +40,7 @@ def sample_problems(manifest: Manifest, shard: ShardInfo, key: str, sample: dict
 def shard_problems(manifest: Manifest, shard: ShardInfo, seen: set[str]) -> list[str]:
     url = manifest.url_of(shard)
     try:
-        reader = HashingReader(storage.open_stream(url))
+        reader = CheckedStream(storage.open_stream(url), url, shard.bytes)
     except FileNotFoundError:
         return [f"{url}: missing"]
     problems, count = [], 0
@@ -85,13 +52,13 @@ def shard_problems(manifest: Manifest, shard: ShardInfo, seen: set[str]) -> list
             seen.add(key)
             problems += sample_problems(manifest, shard, key, sample)
         reader.drain()
-    except tarfile.TarError as exc:
-        return problems + [f"{url}: not a readable tar ({exc})"]
-    expected = (shard.samples, shard.bytes, shard.sha256)
-    found = (count, reader.bytes, reader.sha256.hexdigest())
-    for what, want, got in zip(("samples", "bytes", "sha256"), expected, found):
-        if want != got:
-            problems.append(f"{url}: {what} {got}, the manifest says {want}")
+        reader.check(shard.sha256)
+    except ShardError as exc:
+        problems.append(str(exc))
+    finally:
+        reader.close()
+    if count != shard.samples:
+        problems.append(f"{url}: samples {count}, the manifest says {shard.samples}")
     return problems
 
 

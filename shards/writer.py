@@ -99,11 +99,32 @@ def write_tar(path: Path, task: ShardTask) -> tuple[list[str], list[dict]]:
 
 
 
+STAGING_PREFIX = "medsapiens-shard-"
+
+
+def remove_stale_staging() -> None:
+    """Temp dirs of S3 builds whose process is gone (killed: no `finally` ran), named by its pid."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*-*"):
+        pid = folder.name.removeprefix(STAGING_PREFIX).split("-")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def staging_path(task: ShardTask):
     """Where the tar is written first: beside its final name locally, a temp dir for S3."""
     if storage.is_s3(task.out):
-        folder = Path(tempfile.mkdtemp(prefix="medsapiens-shard-"))
+        folder = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
         try:
             yield folder / f"{task.name}.tar"
         finally:

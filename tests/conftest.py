@@ -1,6 +1,7 @@
 """Shared fixtures: phantom shards built once per session, and running real commands."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -13,6 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 DEMO_CONFIG = REPO / "launch" / "experiments" / "demo.yaml"
 SECRET = "fake-secret-that-must-never-be-printed-8c1f"
+# DeepSpeed's compiled ops, per virtual environment: checkouts sharing ~/.cache/torch_extensions
+# rebuild them for each other (their include paths differ), minutes on a small machine.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 KEY_ID = "AKIAFAKEKEYID0000042"
 
 
@@ -35,6 +39,31 @@ def deepspeed_module(module: str, ranks: int, args: list[str], timeout: float = 
     """`deepspeed --num_gpus N --module M ...`: N CPU ranks on gloo through the real launcher."""
     return run([DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", module, *args],
                timeout)
+
+
+def pretrain_args(shards, run_dir, *extra) -> list[str]:
+    """The demo pretraining, made small: a narrow trunk, micro-batch 4, every step logged."""
+    return ["--config", str(DEMO_CONFIG), f"data.shards={shards}", f"run_dir={run_dir}", "train.log_every=1",
+            "train.dist_timeout_s=120", "data.micro_batch=4", "data.workers=1", "model.trunk_width=32",
+            "optim.lr=2e-3", "optim.warmup_steps=2", "train.val_limit=8", *extra]
+
+
+def losses(run_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss/total"] for r in rows if "loss/total" in r}
+
+
+SMALL_RUN = ("train.max_steps=4", "train.checkpoint_every=2", "train.val_every=4", "train.keep_last=2")
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(phantom_shards, tmp_path_factory) -> Path:
+    """4 steps on 2 CPU ranks through the launcher (ZeRO-2), checkpoints at steps 2 and 4, both kept.
+    Tests copy it before changing anything."""
+    run_dir = tmp_path_factory.mktemp("two_rank") / "run"
+    proc = deepspeed_module("pretrain", 2, pretrain_args(phantom_shards, run_dir, *SMALL_RUN))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ INPUT = (96, 128)
 def fixed_examples(shards: str, count: int) -> list[dict]:
     """Global sample i: alternately head and hand, augmented with a generator seeded by i."""
     manifest = manifestlib.load(shards)
-    pools = {d: [s for shard in manifest.shards_for(d, "train") for s in read_shard(manifest.url_of(shard))]
+    pools = {d: [s for shard in manifest.shards_for(d, "train") for s in read_shard(manifest, shard)]
              for d in DATASETS}
     examples = []
     for i in range(count):

@@ -103,7 +103,7 @@ def test_a_subset_of_relatively_named_shards_keeps_its_val_and_test_shards(phant
     subset = few_shot_manifest(manifestlib.load("shards"), "leg", 2, 0, tmp_path / "subset")
     assert subset.datasets["leg"].splits["train"] == 2
     for shard in subset.shards:
-        assert len(list(read_shard(subset.url_of(shard)))) == shard.samples
+        assert len(list(read_shard(subset, shard))) == shard.samples
 
 
 def test_shot_draws_depend_on_seed_only():

@@ -168,7 +168,7 @@ def corrupt_copy(manifest_dir, tmp_path, bad: int):
     from medsapiens.data.pipeline import read_shard
 
     manifest = manifestlib.load(manifest_dir)
-    samples = [s for shard in manifest.shards_for("head", "train") for s in read_shard(manifest.url_of(shard))]
+    samples = [s for shard in manifest.shards_for("head", "train") for s in read_shard(manifest, shard)]
     for sample in samples[:bad]:
         sample["png"] = sample["png"][:40]
     tmp_path.mkdir()

@@ -10,22 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DEMO_CONFIG, REPO, deepspeed_module, run
+from conftest import REPO, deepspeed_module, losses, pretrain_args, run
 from medsapiens import bundle as bundlelib
 
 STEPS = 12
 
 
 def config_args(shards, run_dir, *extra) -> list[str]:
-    return ["--config", str(DEMO_CONFIG), f"data.shards={shards}", f"run_dir={run_dir}",
-            f"train.max_steps={STEPS}", "train.checkpoint_every=6", "train.val_every=6", "train.log_every=1",
-            "train.keep_last=1", "train.dist_timeout_s=120", "data.micro_batch=4", "data.workers=1",
-            "model.trunk_width=32", "optim.lr=2e-3", "optim.warmup_steps=2", "train.val_limit=8", *extra]
-
-
-def losses(run_dir) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss/total"] for r in rows if "loss/total" in r}
+    return pretrain_args(shards, run_dir, f"train.max_steps={STEPS}", "train.checkpoint_every=6", "train.val_every=6",
+                         "train.keep_last=1", *extra)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ run reproduces exactly the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import random
@@ -20,11 +21,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from medsapiens import storage
+from medsapiens.config import at_least, positive
 from medsapiens.codec import apply_affine, encode_udp, whole_image_affine
 from medsapiens.imageio import decode_png, to_float
 from medsapiens.data.augment import AugmentConfig, normalize, photometric, random_affine, warp
-from medsapiens.manifest import Manifest, ManifestError
-from medsapiens.record import Rejection, validate_record
+from medsapiens.manifest import Manifest, ManifestError, ShardInfo
+from medsapiens.record import MAX_IMAGE_SIDE, Rejection, validate_record
+from medsapiens.shard_tar import CheckedStream, ShardError, tar_samples
 from medsapiens.registry import LandmarkSet
 
 MIXING_RULES = ("proportional", "uniform", "temperature")
@@ -46,6 +49,15 @@ class DataConfig:
     sigma: float = 3.0
     max_corrupt_fraction: float = 0.01
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def check(self) -> None:
+        at_least("data.micro_batch", self.micro_batch, 1)
+        at_least("data.workers", self.workers, 0)
+        at_least("data.shuffle_buffer", self.shuffle_buffer, 1)
+        positive("data.sigma", self.sigma)
+        if not 0 <= self.max_corrupt_fraction <= 1:
+            raise ValueError(f"data.max_corrupt_fraction must be in 0..1, got {self.max_corrupt_fraction}")
+        check_val_split(self.val_split)
 
 
 class CorruptDataError(RuntimeError):
@@ -91,12 +103,13 @@ def validation_split(manifest: Manifest, dataset: str, requested: str) -> str | 
     return requested if manifest.datasets[dataset].splits.get(requested) else None
 
 
-def decode_sample(sample: dict, landmark_set: LandmarkSet | None = None):
-    """Shard sample -> (image as float32 (H, W) or (H, W, 3) on a 0-255 scale, record dict)."""
+def decode_sample(sample: dict, landmark_set: LandmarkSet | None = None, max_side: int = MAX_IMAGE_SIDE):
+    """Shard sample -> (image as float32 (H, W) or (H, W, 3) on a 0-255 scale, record dict); an
+    image with a side over `max_side` (the build's) is refused before it is decoded."""
     where = f"sample {sample.get('__key__')} of {sample.get('__url__')}"
     try:
         meta = json.loads(sample["json"])
-        pixels = decode_png(sample["png"])
+        pixels = decode_png(sample["png"], max_side)
     except (KeyError, OSError, ValueError) as exc:
         raise Rejection("unreadable_image", f"{where}: {exc}") from None
     try:
@@ -107,12 +120,15 @@ def decode_sample(sample: dict, landmark_set: LandmarkSet | None = None):
     return to_float(pixels), meta
 
 
-def read_shard(url: str):
-    """Samples of one shard, in order (webdataset's tar iteration over a local or s3:// stream)."""
-    from webdataset.tariterators import tarfile_samples
-
-    storage.register_webdataset_opener()
-    yield from tarfile_samples([{"url": url}])
+def read_shard(manifest: Manifest, shard: ShardInfo):
+    """Samples of one shard, in order, as WebDataset gives them, read only as the manifest promised
+    (medsapiens.shard_tar): its sha256 is checked at its end, a ShardError when it differs."""
+    url = manifest.url_of(shard)
+    with contextlib.closing(CheckedStream(storage.open_stream(url), url, shard.bytes)) as stream:
+        for key, members in tar_samples(stream):
+            yield {"__key__": key, "__url__": url, **members}
+        stream.drain()
+        stream.check(shard.sha256)
 
 
 def training_example(image, meta, landmark_set: LandmarkSet, dataset_index: int, input_size, sigma,
@@ -190,11 +206,21 @@ class TrainStream(IterableDataset):
         shards = self.manifest.shards_for(dataset, self.cfg.train_split)
         p = np.array([s.samples for s in shards], dtype=np.float64)
         p /= p.sum()
+        s3_failures = 0
         while True:
-            url = self.manifest.url_of(shards[rng.choice(len(shards), p=p)])
+            shard = shards[rng.choice(len(shards), p=p)]
+            url = self.manifest.url_of(shard)
             try:
-                for sample in read_shard(url):
+                for sample in read_shard(self.manifest, shard):
                     yield url, sample
+                s3_failures = 0
+            except ShardError:  # not the shard the manifest lists: stop, do not train on it
+                raise
+            except storage.S3Error as exc:  # the network, not the data: say so and draw another shard
+                s3_failures += 1
+                if s3_failures >= storage.RETRIES:
+                    raise
+                print(f"warning: {exc}; drawing another shard", file=sys.stderr)
             except Exception as exc:  # a damaged shard: count it and draw another
                 yield url, exc
 
@@ -221,7 +247,7 @@ class TrainStream(IterableDataset):
             try:
                 if isinstance(sample, Exception):
                     raise sample
-                image, meta = decode_sample(sample, self.landmark_sets[d])
+                image, meta = decode_sample(sample, self.landmark_sets[d], self.manifest.max_side)
             except Exception as exc:
                 counter.record(url, exc)
                 continue
@@ -275,10 +301,10 @@ def eval_examples(manifest: Manifest, dataset: str, split: str, input_size, marg
     shares = [sum(s.samples for s in shards[r::world_size]) for r in range(world_size)]
     per_rank = max(min(share, cap) if cap else share for share in shares)
     landmark_set = manifest.landmark_set(dataset)
-    samples = itertools.chain.from_iterable(read_shard(manifest.url_of(s)) for s in shards[rank::world_size])
+    samples = itertools.chain.from_iterable(read_shard(manifest, s) for s in shards[rank::world_size])
     last, count = None, 0
     for sample in itertools.islice(samples, cap):
-        image, meta = decode_sample(sample, landmark_set)
+        image, meta = decode_sample(sample, landmark_set, manifest.max_side)
         last = eval_example(image, meta, input_size, margin)
         count += 1
         yield last

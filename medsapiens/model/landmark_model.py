@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from medsapiens.model.archs import DEFAULT_IMG_SIZE, DEFAULT_TRUNK_WIDTH, ArchSpec
+from medsapiens.model.archs import DEFAULT_IMG_SIZE, DEFAULT_TRUNK_WIDTH, ArchSpec, feature_grid, get_arch
 from medsapiens.model.backbone import SapiensViT
 from medsapiens.model.checkpoint import load_backbone
 from medsapiens.model.decoder import HeadOutput, MultiHeadDecoder
@@ -82,6 +82,15 @@ class ModelConfig:
     def input_size(self) -> tuple[int, int]:
         """(W, H): the order the codec and the pipeline use."""
         return self.img_size[1], self.img_size[0]
+
+    def check(self) -> None:
+        try:
+            get_arch(self.arch)
+            feature_grid(self.img_size)
+        except ValueError as exc:
+            raise ValueError(f"model: {exc} (model.arch, model.img_size)") from None
+        if self.trunk_width < 1:
+            raise ValueError(f"model.trunk_width must be at least 1, got {self.trunk_width}")
 
     def build(self, heads: dict[str, int]) -> LandmarkModel:
         return build_model(self.arch, self.img_size, heads, self.trunk_width, self.checkpoint, self.grad_checkpointing)

@@ -1,0 +1,44 @@
+"""Bad numbers in a config are refused before any rank starts, in one line naming the key:
+by `medsapiens launch --dry-run` (the same check runs again in each stage's preflight)."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import DEMO_CONFIG, REPO
+from launch.cli import main
+
+FINETUNE = REPO / "launch/experiments/demo_finetune.yaml"
+
+BAD = [
+    ("optim.lr=-0.001", "optim.lr must be a positive number, got -0.001"),
+    ("optim.lr=0", "optim.lr must be a positive number, got 0"),
+    ("optim.lr=.nan", "optim.lr must be a positive number, got nan"),
+    ("train.max_steps=-5", "train.max_steps must be at least 0, got -5"),
+    ("train.max_steps=0", "give train.epochs > 0 or train.max_steps >= 1"),
+    ("data.micro_batch=0", "data.micro_batch must be at least 1, got 0"),
+    ("train.grad_accum=0", "train.grad_accum must be at least 1, got 0"),
+    ("train.checkpoint_every=0", "train.checkpoint_every must be at least 1, got 0"),
+    ("train.log_every=0", "train.log_every must be at least 1, got 0"),
+    ("model.img_size=[130, 96]", "image size 130x96 must be positive multiples of 16"),
+    ("model.img_size=[0, 96]", "image size 0x96 must be positive multiples of 16"),
+    ("optim.schedule=linear", "optim.schedule must be one of step, cosine, constant"),
+    ("data.sigma=-1", "data.sigma must be a positive number"),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("stage, config", [("pretrain", DEMO_CONFIG), ("finetune", FINETUNE)])
+@pytest.mark.parametrize("override, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_number_refused_by_dry_run(capsys, stage, config, override, message):
+    status = main(["launch", stage, "--config", str(config), "--dry-run", override])
+    out, err = capsys.readouterr()
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith(f"medsapiens launch {stage}: error: {config}: ")
+    assert message in err
+
+
+@pytest.mark.timeout(60)
+def test_max_steps_zero_is_fine_with_epochs(capsys):
+    status = main(["launch", "pretrain", "--config", str(DEMO_CONFIG), "--dry-run", "train.max_steps=0",
+                   "train.epochs=2"])
+    assert status == 0, capsys.readouterr().err

@@ -1,0 +1,95 @@
+"""Record fields are validated on read (medsapiens.record, used by verify, training and
+evaluation): a zero scale, a negative orig_size, a size that does not match the stored image,
+visibility flags other than 0/1 are refused, naming the sample; and a non-finite metric is an
+error, never a number in a report or a best checkpoint."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+
+from launch.cli import main
+from medsapiens.data.pipeline import decode_sample, eval_examples
+from medsapiens.manifest import load as load_manifest
+from medsapiens.metrics import summarize
+from medsapiens.record import Rejection
+
+BAD_FIELDS = [
+    ({"scale": [0, 0]}, "scale must be two positive numbers"),
+    ({"scale": [float("nan"), 1.0]}, "scale must be two positive numbers"),
+    ({"orig_size": [-96, 128]}, "orig_size must be two positive numbers"),
+    ({"orig_size": [96.5, 128]}, "orig_size must be whole pixels"),
+    ({"orig_size": [10**9, 128]}, "expected each side in"),
+    ({"orig_size": [960, 1280]}, "does not give the stored image's"),
+    ({"visible": [2] * 19}, "visible must be a list of 0 and 1"),
+    ({"landmarks": [[float("inf"), 1.0]] * 19}, "NaN or inf at landmark(s)"),
+    ({"names": ["a"]}, "names must list the 19 landmarks"),
+]
+
+
+def tamper(shards, change: dict):
+    """Rewrite the first head val sample's record with `change`; the manifest gets the new
+    size and sha256, so the record is the only thing wrong. Returns (shard path, key)."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    entry = next(s for s in manifest["shards"] if s["dataset"] == "head" and s["split"] == "val")
+    path = shards / entry["url"]
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    key = members[0][0].name.partition(".")[0]
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for member, data in members:
+            if member.name == f"{key}.json":
+                data = json.dumps({**json.loads(data), **change}).encode()
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    path.write_bytes(out.getvalue())
+    entry.update(bytes=len(out.getvalue()), sha256=hashlib.sha256(out.getvalue()).hexdigest())
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    return path, key
+
+
+@pytest.fixture
+def shards(phantom_shards, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(phantom_shards, copy)
+    return copy
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("change, message", BAD_FIELDS, ids=[next(iter(c)) + str(i) for i, (c, _) in enumerate(BAD_FIELDS)])
+def test_a_bad_field_is_refused_when_read_for_training_or_evaluation(shards, change, message):
+    path, key = tamper(shards, change)
+    with tarfile.open(path) as tar:
+        sample = {m.name.partition(".")[2]: tar.extractfile(m).read() for m in tar.getmembers()
+                  if m.name.startswith(key + ".")}
+    manifest = load_manifest(shards)
+    with pytest.raises(Rejection, match=f"sample {key}") as caught:
+        decode_sample({**sample, "__key__": key, "__url__": str(path)}, manifest.landmark_set("head"))
+    assert message in str(caught.value)
+    with pytest.raises(Rejection) as caught:
+        list(eval_examples(manifest, "head", "val", (96, 128)))
+    assert message in str(caught.value) and key in str(caught.value)
+
+
+@pytest.mark.timeout(60)
+def test_verify_names_a_zero_scale(shards, capsys):
+    _, key = tamper(shards, {"scale": [0, 0]})
+    assert main(["shards", "verify", str(shards)]) == 1
+    out = capsys.readouterr().out
+    assert f"sample {key}: bad_annotation: scale must be two positive numbers" in out
+
+
+@pytest.mark.timeout(30)
+def test_a_non_finite_error_is_an_error_not_a_metric():
+    errors = np.array([[1.0, 2.0], [np.nan, 1.0]])
+    with pytest.raises(ValueError, match=r"non-finite errors on image\(s\) \['b'\]"):
+        summarize(errors, [2.0], image_ids=["a", "b"])
+    with pytest.raises(ValueError, match="no visible landmark"):
+        summarize(errors, [2.0], mask=np.zeros_like(errors, dtype=bool))
+    assert summarize(errors, [2.0], mask=np.isfinite(errors))["mre"] == pytest.approx(4 / 3)  # invisible: not counted

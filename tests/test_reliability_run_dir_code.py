@@ -1,0 +1,102 @@
+"""A run directory is not code: a pickle payload in a DeepSpeed checkpoint file never runs on
+`pretrain export`, on a resume, or on fine-tuning with that run directory; each stops with one
+line naming the checkpoint and what the file asked to import."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, SMALL_RUN, pretrain_args, run
+
+CLI = [sys.executable, "-m", "launch.cli"]
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture(scope="module")
+def poisoned(two_rank_run, tmp_path_factory):
+    """A copy of a real run whose model-state files carry a payload; complete.json lists the new
+    sizes, as a careful attacker would write it."""
+    root = tmp_path_factory.mktemp("poisoned")
+    run_dir, marker = root / "run", root / "payload-ran"
+    shutil.copytree(two_rank_run, run_dir)
+    for tag_dir in (run_dir / "checkpoints").glob("step_*"):
+        path = tag_dir / "mp_rank_00_model_states.pt"
+        state = torch.load(path, weights_only=False)  # this session's own file
+        state["extra"] = Payload(marker)
+        torch.save(state, path)
+        listed = json.loads((tag_dir / "complete.json").read_text())
+        listed[path.name] = path.stat().st_size
+        (tag_dir / "complete.json").write_text(json.dumps(listed))
+    return run_dir, marker
+
+
+def assert_refused(proc, marker):
+    assert proc.returncode != 0
+    assert not marker.exists(), "the payload ran"
+    assert "refused to load" in proc.stderr and "posix.system" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "step_00000004" in proc.stderr  # names the checkpoint
+
+
+@pytest.mark.timeout(120)
+def test_export_refuses_the_payload(poisoned, tmp_path):
+    run_dir, marker = poisoned
+    proc = run([*CLI, "pretrain", "export", str(run_dir), "--out", str(tmp_path / "bundle")], 100)
+    assert_refused(proc, marker)
+    assert not (tmp_path / "bundle").exists()
+
+
+@pytest.mark.timeout(120)
+def test_resume_refuses_the_payload(poisoned, phantom_shards):
+    run_dir, marker = poisoned
+    proc = run([sys.executable, "-m", "pretrain", *pretrain_args(phantom_shards, run_dir, *SMALL_RUN,
+                                                                 "train.max_steps=6")], 100)
+    assert_refused(proc, marker)
+
+
+@pytest.mark.timeout(120)
+def test_finetune_with_that_run_dir_refuses_the_payload(poisoned, phantom_shards):
+    run_dir, marker = poisoned
+    proc = run([*CLI, "finetune", "--config", str(REPO / "launch/experiments/demo_finetune.yaml"),
+                "--shards", str(phantom_shards), "--run-dir", str(run_dir), "--dataset", "head", "--init", "scratch",
+                "model.trunk_width=32", "data.workers=0", "train.max_steps=6", "train.checkpoint_every=2",
+                "train.val_every=2"], 100)
+    assert_refused(proc, marker)
+
+
+@pytest.mark.timeout(60)
+def test_the_types_deepspeed_stores_still_load(two_rank_run):
+    """The allow-list is enough for every file DeepSpeed wrote (model states and each rank's optimizer)."""
+    from medsapiens.checkpoints import weights_only_loading
+
+    files = sorted((two_rank_run / "checkpoints" / "step_00000004").glob("*.pt"))
+    assert len(files) == 3
+    with weights_only_loading("test"):
+        for path in files:
+            assert isinstance(torch.load(path, weights_only=False), dict)  # forced to weights_only
+
+
+@pytest.mark.timeout(60)
+def test_a_payload_given_as_model_checkpoint_never_runs(tmp_path):
+    """What already held (issue 12): user-supplied weights are read with weights_only=True, which
+    `model.checkpoint`, `model convert` and `finetune --init sapiens` all go through."""
+    from medsapiens.model.checkpoint import read_tensors
+
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "sapiens.pth"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "extra": Payload(marker)}, path)
+    with pytest.raises(ValueError, match="cannot be read with weights_only=True"):
+        read_tensors(path)
+    assert not marker.exists()

@@ -1,0 +1,103 @@
+"""Shards are read only as their manifest promised (medsapiens.shard_tar, used by training,
+evaluation, verify and inspect): a compressed tar, a member claiming more bytes than the whole
+shard, a shard longer than listed, an image over the build's max side and a shard whose sha256
+changed are refused, naming the shard, before anything large is read or decoded."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from launch.cli import main
+from medsapiens.data.pipeline import DataConfig, TrainStream, decode_sample, read_shard
+from medsapiens.manifest import load as load_manifest
+from medsapiens.record import Rejection
+from medsapiens.shard_tar import ShardError
+
+
+@pytest.fixture
+def shards(phantom_shards, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(phantom_shards, copy)
+    return copy
+
+
+def replace_shard(shards, dataset: str, split: str, data: bytes, listed_bytes: int | None = None, rehash=True):
+    """Put `data` in place of the first (dataset, split) shard; the manifest lists its size and sha256."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    entry = next(s for s in manifest["shards"] if s["dataset"] == dataset and s["split"] == split)
+    (shards / entry["url"]).write_bytes(data)
+    entry["bytes"] = len(data) if listed_bytes is None else listed_bytes
+    if rehash:
+        entry["sha256"] = hashlib.sha256(data).hexdigest()
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    manifest = load_manifest(shards)
+    return manifest, next(s for s in manifest.shards if s.url == entry["url"])
+
+
+def first_shard_bytes(shards, dataset="head", split="val") -> bytes:
+    manifest = json.loads((shards / "manifest.json").read_text())
+    entry = next(s for s in manifest["shards"] if s["dataset"] == dataset and s["split"] == split)
+    return (shards / entry["url"]).read_bytes()
+
+
+@pytest.mark.timeout(60)
+def test_a_gzip_shard_is_refused_by_training_verify_and_inspect(shards, capsys):
+    manifest, shard = replace_shard(shards, "head", "val", gzip.compress(first_shard_bytes(shards)))
+    with pytest.raises(ShardError, match="a gzip-compressed tar; shards are uncompressed tars"):
+        list(read_shard(manifest, shard))
+    assert main(["shards", "verify", str(shards)]) == 1
+    assert "gzip-compressed" in capsys.readouterr().out
+    assert main(["shards", "inspect", str(shards)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gzip-compressed" in err and "Traceback" not in err
+
+
+@pytest.mark.timeout(60)
+def test_a_member_claiming_2_gib_is_refused_before_reading(shards):
+    info = tarfile.TarInfo("head_val_x.png")
+    info.size = 2 * 1024**3
+    data = info.tobuf(format=tarfile.USTAR_FORMAT) + b"\0" * 4096
+    manifest, shard = replace_shard(shards, "head", "val", data)
+    with pytest.raises(ShardError, match=r"member head_val_x.png claims 2147483648 bytes, more than the whole shard"):
+        list(read_shard(manifest, shard))
+
+
+@pytest.mark.timeout(60)
+def test_a_shard_longer_than_listed_is_refused(shards):
+    data = first_shard_bytes(shards)
+    manifest, shard = replace_shard(shards, "head", "val", data + b"\0" * 10240, listed_bytes=len(data))
+    with pytest.raises(ShardError, match=f"longer than the {len(data)} bytes its manifest lists"):
+        list(read_shard(manifest, shard))
+
+
+@pytest.mark.timeout(60)
+def test_an_image_over_max_side_is_refused_before_decoding(shards):
+    manifest = load_manifest(shards)
+    assert manifest.max_side == 128
+    sample = next(read_shard(manifest, manifest.shards_for("head", "val")[0]))
+    big = io.BytesIO()
+    Image.fromarray(np.zeros((4000, 3000), np.uint8)).save(big, "PNG")
+    with pytest.raises(Rejection, match="a 3000x4000 px image, over the shards' max side 128"):
+        decode_sample({**sample, "png": big.getvalue()}, manifest.landmark_set("head"), manifest.max_side)
+
+
+@pytest.mark.timeout(120)
+def test_training_stops_on_a_shard_whose_sha256_changed(shards):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for entry in (s for s in manifest["shards"] if s["dataset"] == "head" and s["split"] == "train"):
+        path = shards / entry["url"]
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0x01  # in the tar's end padding: every sample still reads, only the hash differs
+        path.write_bytes(bytes(data))
+    stream = TrainStream(load_manifest(shards), DataConfig(micro_batch=2, shuffle_buffer=4), ["head"], (96, 128), 0, 0)
+    with pytest.raises(ShardError, match="the shard changed since it was built"):
+        for _, _ in zip(range(100), stream):
+            pass
