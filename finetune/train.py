@@ -36,14 +36,14 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise ValueError("init 'bundle' needs a bundle (--bundle DIR)")
     if cfg.init == "sapiens" and not cfg.model.checkpoint:
         raise ValueError("init 'sapiens' needs a Sapiens checkpoint (--checkpoint FILE)")
+    if cfg.shots < 0 or any(seed < 0 for seed in cfg.seeds):
+        raise ValueError(f"--shots and --seeds must not be negative (got shots {cfg.shots}, seeds {cfg.seeds})")
+    if cfg.data.micro_batch < 1:  # before check_settings, to name the flag fine-tuning users give
+        raise ValueError(f"--batch-size (data.micro_batch) must be at least 1, got {cfg.data.micro_batch}")
     check_settings(cfg)
     if cfg.train.val_every != cfg.train.checkpoint_every:
         raise ValueError("fine-tuning keeps the best validated checkpoint: train.val_every must equal "
                          f"train.checkpoint_every (got {cfg.train.val_every} and {cfg.train.checkpoint_every})")
-    if cfg.shots < 0 or any(seed < 0 for seed in cfg.seeds):
-        raise ValueError(f"--shots and --seeds must not be negative (got shots {cfg.shots}, seeds {cfg.seeds})")
-    if cfg.data.micro_batch < 1:
-        raise ValueError(f"--batch-size (data.micro_batch) must be at least 1, got {cfg.data.micro_batch}")
 
 
 def check_inputs(cfg: FinetuneConfig) -> None:
