@@ -99,3 +99,23 @@ def phantom_shards(tmp_path_factory) -> Path:
                for d in ("head", "hand", "chest", "leg")]
     build(sources, BuildOptions(out=str(root / "shards"), max_side=128, shard_size=8, workers=1, progress=False))
     return root / "shards"
+
+
+def with_first_record_changed(shard, change: dict) -> tuple[bytes, str]:
+    """The bytes of tar `shard` with its first sample's JSON record updated by `change`, and that
+    sample's key: a well-formed shard whose one record is wrong."""
+    import io
+    import json
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    key = members[0][0].name.partition(".")[0]
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for member, data in members:
+            if member.name == f"{key}.json":
+                data = json.dumps({**json.loads(data), **change}).encode()
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return out.getvalue(), key

@@ -3,34 +3,23 @@ by rank 1 alone stops both ranks in seconds, not after the distributed timeout (
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import shutil
-import tarfile
 import time
 
 import pytest
 
-from conftest import deepspeed_module, pretrain_args
+from conftest import deepspeed_module, pretrain_args, with_first_record_changed
 
 
 def add_bad_val_shard(shards):
     """A second head val shard (dealt to rank 1 by round-robin) whose first record has scale [0, 0]."""
     manifest = json.loads((shards / "manifest.json").read_text())
     index, entry = next((i, s) for i, s in enumerate(manifest["shards"]) if s["dataset"] == "head" and s["split"] == "val")
-    with tarfile.open(shards / entry["url"]) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    bad_key = members[0][0].name.partition(".")[0]
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for member, data in members:
-            if member.name == f"{bad_key}.json":
-                data = json.dumps({**json.loads(data), "scale": [0, 0]}).encode()
-                member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
-    (shards / "head-val-bad.tar").write_bytes(out.getvalue())
-    manifest["shards"].insert(index + 1, {**entry, "url": "head-val-bad.tar", "bytes": len(out.getvalue()),
-                                           "sha256": hashlib.sha256(out.getvalue()).hexdigest()})
+    data, bad_key = with_first_record_changed(shards / entry["url"], {"scale": [0, 0]})
+    (shards / "head-val-bad.tar").write_bytes(data)
+    manifest["shards"].insert(index + 1, {**entry, "url": "head-val-bad.tar", "bytes": len(data),
+                                           "sha256": hashlib.sha256(data).hexdigest()})
     manifest["datasets"]["head"]["splits"]["val"] += entry["samples"]
     manifest["totals"]["inputs"] += entry["samples"]
     (shards / "manifest.json").write_text(json.dumps(manifest))

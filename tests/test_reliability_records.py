@@ -5,7 +5,6 @@ error, never a number in a report or a best checkpoint."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import shutil
 import tarfile
@@ -13,6 +12,7 @@ import tarfile
 import numpy as np
 import pytest
 
+from conftest import with_first_record_changed
 from launch.cli import main
 from medsapiens.data.pipeline import decode_sample, eval_examples
 from medsapiens.manifest import load as load_manifest
@@ -38,18 +38,9 @@ def tamper(shards, change: dict):
     manifest = json.loads((shards / "manifest.json").read_text())
     entry = next(s for s in manifest["shards"] if s["dataset"] == "head" and s["split"] == "val")
     path = shards / entry["url"]
-    with tarfile.open(path) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    key = members[0][0].name.partition(".")[0]
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for member, data in members:
-            if member.name == f"{key}.json":
-                data = json.dumps({**json.loads(data), **change}).encode()
-                member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
-    path.write_bytes(out.getvalue())
-    entry.update(bytes=len(out.getvalue()), sha256=hashlib.sha256(out.getvalue()).hexdigest())
+    data, key = with_first_record_changed(path, change)
+    path.write_bytes(data)
+    entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     (shards / "manifest.json").write_text(json.dumps(manifest))
     return path, key
 
