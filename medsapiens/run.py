@@ -14,7 +14,7 @@ from pathlib import Path
 from medsapiens import config as configlib
 from medsapiens import distributed
 from medsapiens.checkpoints import consolidated_state_dict
-from medsapiens.data.pipeline import check_val_split, validation_split
+from medsapiens.data.pipeline import validation_split
 from medsapiens.engine import Engine, OptimConfig, TrainConfig
 from medsapiens.manifest import Manifest
 from medsapiens.model import (
@@ -97,7 +97,6 @@ def selection(plan: RunPlan) -> dict:
 def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     """Build the engine for plan.model, write the run files, train."""
     cfg = plan.cfg
-    check_val_split(cfg.data.val_split)
     train_images = sum(plan.manifest.datasets[d].splits.get(cfg.data.train_split, 0) for d in plan.dataset_ids)
     train_cfg, head = scheduled(cfg.train, train_images, global_batch(cfg))
     cfg = replace(cfg, train=train_cfg)
