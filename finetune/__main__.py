@@ -9,6 +9,7 @@ import json
 import sys
 
 from medsapiens import config as configlib
+from medsapiens.errors import EXIT_USER_ERROR, user_message
 
 
 def load_config(path: str | None, overrides: list[str]):
@@ -53,14 +54,16 @@ def run_config(cfg) -> int:
 
     try:
         return report_result(run(cfg))
-    except (ValueError, FileNotFoundError) as exc:  # bad input, named by the message
+    except Exception as exc:  # noqa: BLE001 - bad input gets one line, a bug its traceback
+        if user_message(exc) is None:
+            raise
         refuse(exc)
 
 
 def refuse(exc: Exception):
     """One line and exit 2, as every command does for input it cannot use."""
-    print(f"error: {exc}", file=sys.stderr)
-    sys.exit(2)
+    print(f"error: {user_message(exc)}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":

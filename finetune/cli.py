@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from medsapiens.errors import InputError
+
 FLAG_KEYS = {  # flag destination -> config key
     "shards": "data.shards", "dataset": "dataset", "bundle": "bundle", "init": "init", "checkpoint": "model.checkpoint",
     "arch": "model.arch", "shots": "shots", "seed": "shot_seed", "steps": "train.max_steps", "run_dir": "run_dir",
@@ -125,14 +127,14 @@ def _evaluate(args) -> int:
     options = {"wrist_landmarks": _pair(args.hand_landmarks, int), "convention": args.sdr_convention}
     if args.predictions or args.ground_truth:
         if not (args.predictions and args.ground_truth) or args.bundle:
-            raise ValueError("give --predictions and --ground-truth together, without --bundle")
+            raise InputError("give --predictions and --ground-truth together, without --bundle")
         from finetune.report import score_files, write_report
 
         report, errors, ids = score_files(args.predictions, args.ground_truth, **options)
         write_report(report, errors, ids, list(report["per_landmark"]), args.out)
     else:
         if not (args.bundle and args.shards):
-            raise ValueError("give --bundle and --shards, or --predictions and --ground-truth")
+            raise InputError("give --bundle and --shards, or --predictions and --ground-truth")
         report = evaluate_bundle(args.bundle, args.shards, args.dataset, args.split, args.out,
                                  flip_test=args.flip_test, batch_size=args.batch_size, overlays=args.overlays,
                                  device=args.device, **options)
@@ -147,7 +149,7 @@ def _predict(args) -> int:
 
     spacing = None if args.spacing is None else positive_pair(args.spacing.split(","))
     if args.spacing is not None and spacing is None:
-        raise ValueError(f"--spacing must be two positive numbers SX,SY (mm per pixel), got {args.spacing!r}")
+        raise InputError(f"--spacing must be two positive numbers SX,SY (mm per pixel), got {args.spacing!r}")
     results, failures = predict(args.bundle, args.inputs, args.out, args.dataset, args.flip_test, args.overlays,
                                 args.batch_size, spacing, args.device, args.frame)
     print(f"{len(results)} image(s) predicted, {len(failures)} failed (listed in {args.out}/failures.json); "

@@ -17,6 +17,7 @@ from PIL import Image
 
 from medsapiens import bundle as bundlelib
 from medsapiens.data.pipeline import eval_example
+from medsapiens.errors import InputError
 from medsapiens.imageio import decode, dicom_spacing, is_dicom, to_float
 from medsapiens.inference import heatmaps_to_image, predict_heatmaps
 from medsapiens.record import Rejection
@@ -80,7 +81,7 @@ def predict(bundle_dir, inputs: list[str], out_dir, dataset: str | None = None, 
     model, bundle = bundlelib.load(bundle_dir, device)
     dataset = dataset or (next(iter(bundle.heads)) if len(bundle.heads) == 1 else None)
     if dataset not in bundle.heads:
-        raise ValueError(f"choose --dataset among the bundle's heads: {', '.join(bundle.heads)}")
+        raise InputError(f"choose --dataset among the bundle's heads: {', '.join(bundle.heads)}")
     landmark_set = bundle.landmark_sets[dataset]
     perm = landmark_set.flip_permutation() if flip_test and landmark_set.can_flip else None
     out = Path(out_dir)

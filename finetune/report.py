@@ -10,6 +10,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from medsapiens import registry
+from medsapiens.errors import InputError
 from medsapiens.metrics import Protocol, radial_errors, summarize
 from medsapiens.registry import LandmarkSet
 
@@ -87,7 +88,7 @@ def _read_json(path: str | Path, what: str) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} file not found: {path}") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{what} file {path} is not valid JSON: {exc}") from None
+        raise InputError(f"{what} file {path} is not valid JSON: {exc}") from None
 
 
 # Files `evaluate --predictions/--ground-truth` reads, each to a Table of (K, 2) arrays per image
@@ -121,7 +122,7 @@ def read_table(path: str | Path, what: str, coco_ids: dict | None = None) -> Tab
         return Table(data.get("dataset"), {str(i): points(v) for i, v in data["landmarks"].items()},
                      data.get("spacing_mm", {}), data.get("image_size", {}), data.get("names"), data.get("landmark_set"))
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{what} file {path}: not a landmark file of a known format ({type(exc).__name__}: {exc}); "
+        raise InputError(f"{what} file {path}: not a landmark file of a known format ({type(exc).__name__}: {exc}); "
                          "see `medsapiens evaluate --help`") from None
 
 
@@ -170,12 +171,12 @@ def score_files(predictions: str | Path, ground_truth: str | Path, wrist_landmar
     gt = read_table(ground_truth, "ground-truth")
     pred = read_table(predictions, "predictions", gt.coco_ids)
     if pred.dataset and gt.dataset and pred.dataset != gt.dataset:
-        raise ValueError(f"predictions are for dataset {pred.dataset!r}, ground truth for {gt.dataset!r}")
+        raise InputError(f"predictions are for dataset {pred.dataset!r}, ground truth for {gt.dataset!r}")
     dataset = gt.dataset or pred.dataset
     missing = sorted(set(gt.landmarks) - set(pred.landmarks))
     extra = sorted(set(pred.landmarks) - set(gt.landmarks))
     if missing or extra:
-        raise ValueError(f"{len(missing)} ground-truth image(s) without prediction {missing[:10]}, "
+        raise InputError(f"{len(missing)} ground-truth image(s) without prediction {missing[:10]}, "
                          f"{len(extra)} prediction(s) without ground truth {extra[:10]}")
     ids = sorted(gt.landmarks)
     k = len(gt.landmarks[ids[0]]) if ids else 0
@@ -185,13 +186,13 @@ def score_files(predictions: str | Path, ground_truth: str | Path, wrist_landmar
     for name, table in (("predictions", pred), ("ground truth", gt)):
         bad = [i for i in ids if table.landmarks[i].shape != (k, 2)]
         if bad:
-            raise ValueError(f"{name} for image(s) {bad[:10]} do not have {k} [x, y] landmarks")
+            raise InputError(f"{name} for image(s) {bad[:10]} do not have {k} [x, y] landmarks")
     truth = np.stack([gt.landmarks[i] for i in ids])
     guess = np.stack([pred.landmarks[i] for i in ids])
     visible = ~np.isnan(truth).any(axis=-1)
     unpredicted = [ids[n] for n in np.flatnonzero((np.isnan(guess).any(axis=-1) & visible).any(axis=1))]
     if unpredicted:
-        raise ValueError(f"predictions for image(s) {unpredicted[:10]} leave out landmarks the ground truth has")
+        raise InputError(f"predictions for image(s) {unpredicted[:10]} leave out landmarks the ground truth has")
     factors = [unit_per_pixel(protocol, gt, i, np.nan_to_num(truth[n])) for n, i in enumerate(ids)]
     errors = radial_errors(guess, np.where(visible[..., None], truth, guess), np.stack(factors))
     report = build_report(errors, visible, ids, protocol, landmark_set.id, f"predictions {predictions}")
@@ -204,6 +205,6 @@ def unit_per_pixel(protocol: Protocol, gt: Table, image_id: str, truth: np.ndarr
         spacing = [protocol.landmark_set.native_spacing_mm] * 2
     size = gt.image_size.get(image_id)
     if protocol.rule == "frame" and size is None:
-        raise ValueError(f"the {protocol.landmark_set.id} protocol needs image_size for image {image_id!r} in the "
+        raise InputError(f"the {protocol.landmark_set.id} protocol needs image_size for image {image_id!r} in the "
                          "ground truth")
     return protocol.unit_per_pixel(truth, spacing, size, image_id)

@@ -13,13 +13,14 @@ import numpy as np
 
 from medsapiens import manifest as manifestlib
 from medsapiens.data.pipeline import read_shard
+from medsapiens.errors import InputError
 from medsapiens.shard_tar import file_digest, write_samples
 
 
 def draw_keys(keys: list[str], shots: int, seed: int) -> list[str]:
     ordered = sorted(keys)
     if shots > len(ordered):
-        raise ValueError(f"{shots}-shot asks for more images than the train split has ({len(ordered)})")
+        raise InputError(f"{shots}-shot asks for more images than the train split has ({len(ordered)})")
     picked = np.random.default_rng(seed).choice(len(ordered), size=shots, replace=False)
     return [ordered[i] for i in sorted(picked)]
 

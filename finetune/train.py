@@ -20,6 +20,7 @@ from medsapiens import distributed
 from medsapiens.checkpoints import checkpoint_dir, latest_tag, tag_step
 from medsapiens.data.pipeline import is_test_split
 from medsapiens.engine import distributed_job
+from medsapiens.errors import InputError
 from medsapiens.manifest import Manifest, ManifestError, load as load_manifest
 from medsapiens.registry import LandmarkSet
 from medsapiens.run import RunPlan, check_settings, load_trained, train
@@ -29,20 +30,20 @@ SUMMARY = "summary.json"
 
 def check_config(cfg: FinetuneConfig) -> None:
     if cfg.init not in INIT_SOURCES:
-        raise ValueError(f"init must be one of {INIT_SOURCES}, got {cfg.init!r}")
+        raise InputError(f"init must be one of {INIT_SOURCES}, got {cfg.init!r}")
     if not cfg.dataset:
-        raise ValueError("no dataset given (--dataset ID)")
+        raise InputError("no dataset given (--dataset ID)")
     if cfg.init == "bundle" and not cfg.bundle:
-        raise ValueError("init 'bundle' needs a bundle (--bundle DIR)")
+        raise InputError("init 'bundle' needs a bundle (--bundle DIR)")
     if cfg.init == "sapiens" and not cfg.model.checkpoint:
-        raise ValueError("init 'sapiens' needs a Sapiens checkpoint (--checkpoint FILE)")
+        raise InputError("init 'sapiens' needs a Sapiens checkpoint (--checkpoint FILE)")
     if cfg.shots < 0 or any(seed < 0 for seed in cfg.seeds):
-        raise ValueError(f"--shots and --seeds must not be negative (got shots {cfg.shots}, seeds {cfg.seeds})")
+        raise InputError(f"--shots and --seeds must not be negative (got shots {cfg.shots}, seeds {cfg.seeds})")
     if cfg.data.micro_batch < 1:  # before check_settings, to name the flag fine-tuning users give
-        raise ValueError(f"--batch-size (data.micro_batch) must be at least 1, got {cfg.data.micro_batch}")
+        raise InputError(f"--batch-size (data.micro_batch) must be at least 1, got {cfg.data.micro_batch}")
     check_settings(cfg)
     if cfg.train.val_every != cfg.train.checkpoint_every:
-        raise ValueError("fine-tuning keeps the best validated checkpoint: train.val_every must equal "
+        raise InputError("fine-tuning keeps the best validated checkpoint: train.val_every must equal "
                          f"train.checkpoint_every (got {cfg.train.val_every} and {cfg.train.checkpoint_every})")
 
 

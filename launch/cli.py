@@ -14,6 +14,7 @@ import launch.launcher
 import medsapiens.cli
 import pretrain.cli
 import shards.cli
+from medsapiens.errors import EXIT_USER_ERROR, user_message
 
 STAGES = (shards.cli, medsapiens.cli, pretrain.cli, finetune.cli, launch.launcher, launch.demo)
 
@@ -41,24 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except Exception as exc:  # noqa: BLE001 - a user's mistake gets one line; anything else its traceback
-        message = user_error(exc)
+        message = user_message(exc)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
-        return 2
-
-
-# Raised by the library for input it cannot use (a missing file, a bad config value, a manifest or
-# bundle that does not check out): the message names the file or key.
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, PermissionError, ValueError)
-CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError"}  # botocore's, matched by name: no import
-
-
-def user_error(exc: Exception) -> str | None:
-    if type(exc).__name__ in CREDENTIAL_ERRORS:
-        return (f"{exc}: s3:// needs AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
-                "or ~/.aws/credentials)")
-    return str(exc) if isinstance(exc, USER_ERRORS) else None
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ import itertools
 import re
 from pathlib import Path
 
+from medsapiens.errors import UserError
+
 HOSTFILE_LINE = re.compile(r"(?P<host>\S+)\s+slots=(?P<slots>\d+)")
 BRACKETS = re.compile(r"\[([^\[\]]*)\]")
 
 
-class HostError(ValueError):
+class HostError(UserError, ValueError):
     pass
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch import hosts, rank_env
+from medsapiens.errors import UserError
 
 STAGES = ("pretrain", "finetune")
 HOSTFILE_NAME = "hostfile"
@@ -53,7 +54,7 @@ secret values (keys, tokens) are shown as <set>. Ctrl-C stops all ranks; the exi
 Trailing KEY=VALUE arguments override the experiment config, e.g. train.max_steps=2000."""
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError, ValueError):
     pass
 
 

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from medsapiens.errors import InputError
+
 RANK_PREFIXES = ("AWS_", "NCCL_", "MEDSAPIENS_")
 SECRET_WORDS = ("SECRET", "TOKEN", "PASSWORD", "KEY", "CREDENTIAL")  # AWS_ACCESS_KEY_ID included
 FROM_ENVIRONMENT = "environment"
@@ -58,7 +60,7 @@ def read_env_file(path: Path) -> list[Variable]:
             continue
         name, sep, value = line.partition("=")
         if not sep or not name.strip():
-            raise ValueError(f"{path}:{number}: expected NAME=value")
+            raise InputError(f"{path}:{number}: expected NAME=value")
         variables.append(Variable(name.strip(), value.strip(), str(path)))
     return variables
 
@@ -69,7 +71,7 @@ def env_file_variables(environ: Mapping[str, str], cwd: Path) -> list[Variable]:
     ours = rank_variables(environ)
     for variable in ours:
         if NOT_EXPORTABLE.search(variable.value):
-            raise ValueError(f"{variable.name}: its value holds a character (\" $ ` \\ or a newline) that "
+            raise InputError(f"{variable.name}: its value holds a character (\" $ ` \\ or a newline) that "
                              "DeepSpeed's ssh launch cannot pass on; set it on the hosts instead")
     merged = {v.name: v for v in ours}
     for path in user_env_files(environ, cwd):

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medsapiens import storage
+from medsapiens.errors import InputError
 from medsapiens.model import ModelConfig, feature_grid
 from medsapiens.registry import LandmarkSet
 
@@ -70,7 +71,7 @@ def save(out_dir: str | Path, model: torch.nn.Module, bundle: Bundle) -> Path:
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     missing = set(bundle.heads) - {k.split(".")[2] for k in state if k.startswith("decoder.heads.")}
     if missing:
-        raise ValueError(f"bundle config lists head(s) {sorted(missing)} that the model does not have")
+        raise InputError(f"bundle config lists head(s) {sorted(missing)} that the model does not have")
     grid = feature_grid(bundle.model.img_size)
     save_file(state, str(out / f".{WEIGHTS}.tmp"), metadata={"format": FORMAT, "pos_embed_grid": f"{grid[0]}x{grid[1]}"})
     storage.as_umask_allows(out / f".{WEIGHTS}.tmp")
@@ -87,12 +88,12 @@ def read_config(path: str | Path) -> Bundle:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is not a bundle: no {CONFIG} (export one with `medsapiens pretrain export`)") from None
     if d.get("format") != FORMAT or d.get("version") != VERSION:
-        raise ValueError(f"{path / CONFIG}: not a {FORMAT} v{VERSION} config")
+        raise InputError(f"{path / CONFIG}: not a {FORMAT} v{VERSION} config")
     model = dict(d["model"])
     heads = model.pop("heads")
     sets = {k: LandmarkSet.from_dict(v) for k, v in d["landmark_sets"].items()}
     if {k: s.num_landmarks for k, s in sets.items()} != heads:
-        raise ValueError(f"{path / CONFIG}: heads {heads} disagree with the landmark sets")
+        raise InputError(f"{path / CONFIG}: heads {heads} disagree with the landmark sets")
     model["img_size"] = tuple(model["img_size"])
     return Bundle(ModelConfig(**model), sets, CodecSettings(**d["codec"]), d.get("provenance", {}))
 
@@ -104,6 +105,6 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
     state = load_file(str(Path(path) / WEIGHTS), device="cpu")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{path}/{WEIGHTS} does not match its config: missing {result.missing_keys[:5]}, "
+        raise InputError(f"{path}/{WEIGHTS} does not match its config: missing {result.missing_keys[:5]}, "
                          f"unexpected {result.unexpected_keys[:5]}")
     return model.to(device).eval(), bundle

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from medsapiens import distributed
+from medsapiens.errors import UserError
 
 CHECKPOINTS = "checkpoints"
 BEST = "best.json"
@@ -34,7 +35,7 @@ TAG_PREFIX = "step_"
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load obeys it over an explicit weights_only=False
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used: incomplete, missing, or holding more than weights."""
 
 

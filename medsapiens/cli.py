@@ -1,7 +1,7 @@
 """`medsapiens model ...`: the core's own subcommands. No torch import until a command runs."""
 from __future__ import annotations
 
-import sys
+from medsapiens.errors import InputError
 
 GIB = 1024**3
 
@@ -17,7 +17,7 @@ def register(subparsers) -> None:
     info.add_argument("--trunk-width", type=int, help="decoder trunk channels (default: Sapiens' 768)")
     info.add_argument("--heads", type=int, metavar="N",
                       help="final-head channels in all (default: the sum of K over the built-in landmark sets)")
-    info.set_defaults(func=_reporting_errors(run_info))
+    info.set_defaults(func=run_info)
 
     convert = actions.add_parser(
         "convert", help="write a Sapiens checkpoint's backbone as safetensors, or a released MedSapiens "
@@ -38,24 +38,11 @@ def register(subparsers) -> None:
                          "(head, chest, hand, leg); with the 88-channel multi-dataset model: keep only this head")
     release.add_argument("--img-size", nargs=2, type=int, metavar=("H", "W"),
                          help="the bundle's input size, multiples of 16 (default: MedSapiens' 1024 768)")
-    convert.set_defaults(func=_reporting_errors(run_convert))
+    convert.set_defaults(func=run_convert)
 
 
 def _add_arch(parser) -> None:
     parser.add_argument("--arch", required=True, help="backbone size, e.g. sapiens_0.3b (an unknown name lists all)")
-
-
-def _reporting_errors(command):
-    """A bad argument or checkpoint is the user's to fix: one line on stderr, exit status 2."""
-
-    def run(args) -> int:
-        try:
-            return command(args)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"medsapiens model {args.model_command}: error: {e}", file=sys.stderr)
-            return 2
-
-    return run
 
 
 def run_info(args) -> int:
@@ -93,9 +80,9 @@ def run_convert(args) -> int:
         return run_convert_release(args)
     given = [f"--{name.replace('_', '-')}" for name in ("base", "dataset", "img_size") if getattr(args, name) is not None]
     if given:
-        raise ValueError(f"{', '.join(given)}: only with --from medsapiens")
+        raise InputError(f"{', '.join(given)}: only with --from medsapiens")
     if args.arch is None:
-        raise ValueError("--arch is required with --from sapiens (e.g. --arch sapiens_0.3b)")
+        raise InputError("--arch is required with --from sapiens (e.g. --arch sapiens_0.3b)")
     from medsapiens.model import convert_checkpoint
 
     report = convert_checkpoint(args.checkpoint, args.arch, args.out)
@@ -106,7 +93,7 @@ def run_convert(args) -> int:
 
 def run_convert_release(args) -> int:
     if args.base is None:
-        raise ValueError("--from medsapiens needs --base: the Sapiens checkpoint its LoRA was trained on "
+        raise InputError("--from medsapiens needs --base: the Sapiens checkpoint its LoRA was trained on "
                          "(sapiens_0.3b_epoch_1600_clean.pth for the released models)")
     from medsapiens.model import DEFAULT_IMG_SIZE
     from medsapiens.release import convert_release

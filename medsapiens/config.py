@@ -15,8 +15,10 @@ from pathlib import Path
 
 import yaml
 
+from medsapiens.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     pass
 
 
@@ -70,12 +72,12 @@ def _coerce(value, hint, where: str):
 
 def at_least(key: str, value: int, minimum: int) -> None:
     if value < minimum:
-        raise ValueError(f"{key} must be at least {minimum}, got {value}")
+        raise ConfigError(f"{key} must be at least {minimum}, got {value}")
 
 
 def positive(key: str, value: float) -> None:
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{key} must be a positive number, got {value}")
+        raise ConfigError(f"{key} must be a positive number, got {value}")
 
 
 def from_dict(cls, data: dict, where: str = ""):

@@ -6,6 +6,8 @@ import socket
 import torch
 import torch.distributed as dist
 
+from medsapiens.errors import UserError, user_message
+
 
 def free_port() -> int:
     """A TCP port free on this machine right now, for a rendezvous."""
@@ -23,21 +25,27 @@ def world_size() -> int:
 
 
 def decide_on_rank0(check) -> None:
-    """Run `check()` on rank 0 only; if it raises, every rank raises the same error.
+    """Run `check()` on rank 0 only; if it raises, every rank raises too, with rank 0's message.
 
     Keeps expensive or external checks (e.g. S3 HEAD requests per shard) to one rank while making
-    all ranks stop together with rank 0's message instead of hanging in a collective.
+    all ranks stop together instead of hanging in a collective. Rank 0 re-raises its own error;
+    the others raise a `UserError` with its message when it was one, else a RuntimeError.
     """
-    message = [None]
+    failure, outcome = None, [None]
     if rank() == 0:
         try:
             check()
         except Exception as exc:  # noqa: BLE001 - forwarded to every rank below
-            message[0] = f"{type(exc).__name__}: {exc}"
+            failure = exc
+            message = user_message(exc)
+            outcome[0] = ("user", message) if message is not None else ("bug", f"{type(exc).__name__}: {exc}")
     if dist.is_initialized():
-        dist.broadcast_object_list(message, src=0)
-    if message[0] is not None:
-        raise SystemExit(f"error: {message[0]}")
+        dist.broadcast_object_list(outcome, src=0)
+    if failure is not None:
+        raise failure
+    if outcome[0] is not None:
+        kind, message = outcome[0]
+        raise UserError(message) if kind == "user" else RuntimeError(f"rank 0 failed: {message}")
 
 
 def broadcast_from_rank0(objects: list) -> None:

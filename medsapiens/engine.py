@@ -22,11 +22,13 @@ import torch
 from medsapiens import checkpoints
 from medsapiens.config import at_least, positive
 from medsapiens.distributed import free_port
+from medsapiens.errors import InputError
 
 LOSS_AVERAGES = ("per_sample", "union")
 SCHEDULES = ("step", "cosine", "constant")
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+SHARED_MEMORY = Path("/dev/shm")  # where POSIX shm_open names live on Linux
 
 
 @dataclass
@@ -46,17 +48,17 @@ class OptimConfig:
 
     def check(self) -> None:
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+            raise InputError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         positive("optim.lr", self.lr)
         positive("optim.eps", self.eps)
         if not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optim.betas must be in [0, 1), got {list(self.betas)}")
+            raise InputError(f"optim.betas must be in [0, 1), got {list(self.betas)}")
         for key in ("weight_decay", "grad_clip", "warmup_steps", "min_lr_factor"):
             if not getattr(self, key) >= 0:  # also refuses NaN
-                raise ValueError(f"optim.{key} must be at least 0, got {getattr(self, key)}")
+                raise InputError(f"optim.{key} must be at least 0, got {getattr(self, key)}")
         for key in ("layer_decay", "warmup_factor", "gamma"):
             if not 0 < getattr(self, key) <= 1:
-                raise ValueError(f"optim.{key} must be in (0, 1], got {getattr(self, key)}")
+                raise InputError(f"optim.{key} must be in (0, 1], got {getattr(self, key)}")
 
 
 @dataclass
@@ -84,19 +86,19 @@ class TrainConfig:
     def check(self) -> None:
         """Settings that would break the run's guarantees, refused before it starts."""
         if self.loss not in LOSS_AVERAGES:
-            raise ValueError(f"train.loss must be one of {', '.join(LOSS_AVERAGES)}, got {self.loss!r}")
+            raise InputError(f"train.loss must be one of {', '.join(LOSS_AVERAGES)}, got {self.loss!r}")
         for key in ("grad_accum", "checkpoint_every", "log_every", "val_every", "keep_last"):
             at_least(f"train.{key}", getattr(self, key), 1)
         at_least("train.max_steps", self.max_steps, 0)
         at_least("train.stop_after", self.stop_after, 0)
         at_least("train.dist_timeout_s", self.dist_timeout_s, 1)
         if not self.epochs >= 0 or (not self.epochs and self.max_steps < 1):
-            raise ValueError(f"give train.epochs > 0 or train.max_steps >= 1 (got epochs {self.epochs}, "
+            raise InputError(f"give train.epochs > 0 or train.max_steps >= 1 (got epochs {self.epochs}, "
                              f"max_steps {self.max_steps})")
         if self.stop_after % self.checkpoint_every:
             # The data stream restarts on multiples of checkpoint_every; resuming elsewhere would
             # not continue the sample sequence of an uninterrupted run.
-            raise ValueError(f"train.stop_after ({self.stop_after}) must be a multiple of train.checkpoint_every "
+            raise InputError(f"train.stop_after ({self.stop_after}) must be a multiple of train.checkpoint_every "
                              f"({self.checkpoint_every})")
 
 
@@ -114,7 +116,7 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
         return cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     if cfg.schedule == "constant":
         return 1.0
-    raise ValueError(f"optim.schedule must be 'step', 'cosine' or 'constant', got {cfg.schedule!r}")
+    raise InputError(f"optim.schedule must be 'step', 'cosine' or 'constant', got {cfg.schedule!r}")
 
 
 def resolve_file(path: str) -> Path:
@@ -138,14 +140,29 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        release_shared_memory_name()
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def release_shared_memory_name() -> None:
+    """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU all-reduce.
+
+    DeepSpeed maps one buffer per rank (66 MB) and never unlinks it: each CPU job, finished or killed,
+    left them in RAM. Once every rank has mapped every buffer (done inside init_distributed; the
+    barrier waits for the slowest rank), the names can go: the mappings stay valid until exit.
+    """
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}")
+    torch.distributed.barrier()
+    (SHARED_MEMORY / name).unlink(missing_ok=True)
 
 
 def resolve_precision(precision: str) -> str:
     if precision == "auto":
         return "bf16" if torch.cuda.is_available() else "fp32"
     if precision not in ("fp32", "bf16"):
-        raise ValueError(f"train.precision must be auto, fp32 or bf16, got {precision!r}")
+        raise InputError(f"train.precision must be auto, fp32 or bf16, got {precision!r}")
     return precision
 
 
@@ -156,7 +173,7 @@ def deepspeed_config(train: TrainConfig, optim: OptimConfig, micro_batch: int, u
     cfg = json.loads(source.read_text())
     owned = {"optimizer", "scheduler", "train_batch_size", "bf16", "fp16"} & set(cfg)
     if owned:
-        raise ValueError(f"{source}: {sorted(owned)} come from the experiment config, remove them from the JSON")
+        raise InputError(f"{source}: {sorted(owned)} come from the experiment config, remove them from the JSON")
     cfg.update(
         train_micro_batch_size_per_gpu=micro_batch,
         gradient_accumulation_steps=train.grad_accum,

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from medsapiens.errors import InputError
 from medsapiens.record import Rejection, check_image_size
 
 PNG_COMPRESS_LEVEL = 3  # lossless either way; 3 is several times faster than 9 for a few % more bytes
@@ -247,11 +248,11 @@ def decode_png(data: bytes, max_side: int | None = None) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
             if max_side is not None and max(image.size) > max_side:
-                raise ValueError(f"a {image.size[0]}x{image.size[1]} px image, over the shards' max side {max_side}")
+                raise InputError(f"a {image.size[0]}x{image.size[1]} px image, over the shards' max side {max_side}")
             image.load()
             return pil_to_array(image, "PNG bytes")
     except Image.DecompressionBombError as exc:
-        raise ValueError(f"image refused: {exc}") from None
+        raise InputError(f"image refused: {exc}") from None
 
 
 def to_float(pixels: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medsapiens import storage
+from medsapiens.errors import UserError
 from medsapiens.record import MAX_IMAGE_SIDE
 from medsapiens.registry import LandmarkSet
 
@@ -21,7 +22,7 @@ MANIFEST_NAME = "manifest.json"
 REJECTED_NAME = "rejected.jsonl"
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     pass
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medsapiens.errors import InputError
 from medsapiens.registry import LandmarkSet
 
 SDR_CONVENTIONS = {"<": np.less, "<=": np.less_equal}
@@ -49,7 +50,7 @@ class Protocol:
             a, b = self.wrist_landmarks or norm["landmarks"]
             width = float(np.linalg.norm(np.asarray(gt_orig[a]) - np.asarray(gt_orig[b])))
             if width <= 0:
-                raise ValueError(f"image {image_id}: wrist landmarks {a} and {b} coincide, cannot normalise its errors")
+                raise InputError(f"image {image_id}: wrist landmarks {a} and {b} coincide, cannot normalise its errors")
             return np.full(2, norm["mm"] / width)
         if self.rule == "frame":
             fw, fh = norm["size"]
@@ -57,7 +58,7 @@ class Protocol:
         if self.unit == "px":  # a pixel-measured set stays in pixels even where some images have a spacing
             return np.ones(2)
         if spacing_orig is None:
-            raise ValueError(f"image {image_id}: dataset {self.landmark_set.id!r} is measured in mm but the "
+            raise InputError(f"image {image_id}: dataset {self.landmark_set.id!r} is measured in mm but the "
                              "image has no pixel spacing")
         return np.asarray(spacing_orig, dtype=np.float64)
 
@@ -80,10 +81,10 @@ def summarize(errors: np.ndarray, radii, convention: str = "<", mask: np.ndarray
     below = SDR_CONVENTIONS[convention]
     flat = errors[mask]
     if not len(flat):
-        raise ValueError("no visible landmark to measure")
+        raise InputError("no visible landmark to measure")
     if not np.isfinite(flat).all():
         bad = [image_ids[i] if image_ids is not None else str(i) for i in np.nonzero(~np.isfinite(errors) & mask)[0]]
-        raise ValueError(f"non-finite errors on image(s) {sorted(set(map(str, bad)))[:5]}: the predictions "
+        raise InputError(f"non-finite errors on image(s) {sorted(set(map(str, bad)))[:5]}: the predictions "
                          "are not finite numbers (a diverged model?)")
     per_image = np.array([row[m].mean() if m.any() else np.nan for row, m in zip(errors, mask)])
 

@@ -32,6 +32,7 @@ import torch
 
 from medsapiens import bundle as bundlelib
 from medsapiens import registry
+from medsapiens.errors import InputError
 from medsapiens.model import DEFAULT_IMG_SIZE, LandmarkModel, ModelConfig, MultiHeadDecoder, build_backbone, get_arch
 from medsapiens.model.checkpoint import load_checkpoint
 from medsapiens.shard_tar import file_digest
@@ -92,9 +93,9 @@ def convert_release(
     try:
         report = load_checkpoint(backbone, base)
     except ValueError as e:
-        raise ValueError(f"base checkpoint: {e}") from None
+        raise InputError(f"base checkpoint: {e}") from None
     if not report.complete:
-        raise ValueError(f"base {base} is not a Sapiens {arch.name} backbone: "
+        raise InputError(f"base {base} is not a Sapiens {arch.name} backbone: "
                          + "; ".join(line.strip() for line in report.summary().splitlines()))
     merged = merge_lora_deltas(backbone, state)
 
@@ -131,16 +132,16 @@ def read_checkpoint(path: str | Path):
         found = re.search(r"WeightsUnpickler error: (.+?)(?: was not an allowed|\. |\n|$)", str(e))
         refused = found.group(1).strip() if found else "it refused the file"
     except Exception as e:  # not a torch file at all
-        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: weights_only=True refused it ({refused}) and it is not a zip-format "
+        raise InputError(f"{path}: weights_only=True refused it ({refused}) and it is not a zip-format "
                          "checkpoint, the only kind the restricted loader reads")
     placeholders: list[str] = []
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False,
                          pickle_module=_restricted_pickle(placeholders))
     except Exception as e:
-        raise ValueError(f"{path}: cannot be read safely ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: cannot be read safely ({type(e).__name__}: {e})") from None
     names = sorted(set(placeholders))
     return obj, (f"the restricted loader (weights_only=True refused: {refused}); "
                  f"{len(names)} global(s) left as inert placeholders: {', '.join(names)}")
@@ -149,10 +150,10 @@ def read_checkpoint(path: str | Path):
 def state_dict_of(obj, path) -> dict[str, torch.Tensor]:
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a MedSapiens checkpoint: no state_dict (found {type(state).__name__})")
+        raise InputError(f"{path}: not a MedSapiens checkpoint: no state_dict (found {type(state).__name__})")
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{path}: state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
+            raise InputError(f"{path}: state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
     return state
 
 
@@ -166,16 +167,16 @@ def check_state(state: dict[str, torch.Tensor], arch, path) -> tuple[int, int]:
     """Refuse a state dict that is not exactly the LoRA + heatmap head of `arch`; (trunk width, K)."""
     expected = expected_keys(arch.depth)
     if not any(k.startswith((LORA_PREFIX, "head.")) for k in state):
-        raise ValueError(f"{path}: not a MedSapiens checkpoint (no {LORA_PREFIX}*.lora_* or head.* keys); "
+        raise InputError(f"{path}: not a MedSapiens checkpoint (no {LORA_PREFIX}*.lora_* or head.* keys); "
                          "a Sapiens backbone converts with --from sapiens")
     missing = [k for k in expected if k not in state]
     if missing:
-        raise ValueError(f"{path}: missing {_first(missing)}; a LoRA MedSapiens checkpoint of {arch.name} "
+        raise InputError(f"{path}: missing {_first(missing)}; a LoRA MedSapiens checkpoint of {arch.name} "
                          f"has {len(expected)} tensors")
     known = set(expected)
     unexpected = [k for k in state if k not in known]
     if unexpected:
-        raise ValueError(f"{path}: unexpected {_first(unexpected)} for a LoRA MedSapiens checkpoint of "
+        raise InputError(f"{path}: unexpected {_first(unexpected)} for a LoRA MedSapiens checkpoint of "
                          f"{arch.name} (is --arch right?)")
     c = arch.embed_dim
     width = _dim(state["head.conv_layers.0.weight"], 0)
@@ -195,10 +196,10 @@ def check_state(state: dict[str, torch.Tensor], arch, path) -> tuple[int, int]:
     for key, shape in shapes.items():
         tensor = state[key]
         if tuple(tensor.shape) != shape or min(shape) < 1:
-            raise ValueError(f"{path}: {key!r} has shape {tuple(tensor.shape)}, expected {shape} "
+            raise InputError(f"{path}: {key!r} has shape {tuple(tensor.shape)}, expected {shape} "
                              f"({arch.name}: embed {c}; trunk width {width}, {channels} landmark channels)")
         if not tensor.is_floating_point():
-            raise ValueError(f"{path}: {key!r} is {tensor.dtype}, not floating point")
+            raise InputError(f"{path}: {key!r} is {tensor.dtype}, not floating point")
     return width, channels
 
 
@@ -206,7 +207,7 @@ def head_channels(channels: int, dataset: str | None, path) -> dict[str, tuple[i
     """dataset -> [start, stop) in the final layer. 88 channels: the four MedSapiens sets (or just
     `dataset`'s slice of them); otherwise one per-dataset head, which `dataset` must name."""
     if dataset is not None and dataset not in registry.BUILTIN:
-        raise ValueError(f"unknown dataset {dataset!r}; built-in ones: {', '.join(registry.BUILTIN)}")
+        raise InputError(f"unknown dataset {dataset!r}; built-in ones: {', '.join(registry.BUILTIN)}")
     spans, start = {}, 0
     for d in MULTI_DATASET_ORDER:
         k = registry.get(d).num_landmarks
@@ -216,15 +217,15 @@ def head_channels(channels: int, dataset: str | None, path) -> dict[str, tuple[i
             return spans
         if dataset in spans:
             return {dataset: spans[dataset]}
-        raise ValueError(f"{path}: the {start}-channel multi-dataset model has heads "
+        raise InputError(f"{path}: the {start}-channel multi-dataset model has heads "
                          f"{', '.join(MULTI_DATASET_ORDER)}, not {dataset!r}")
     sizes = ", ".join(f"{d} {registry.get(d).num_landmarks}" for d in MULTI_DATASET_ORDER)
     if dataset is None:
-        raise ValueError(f"{path}: final layer has {channels} channels, not the {start} of the multi-dataset "
+        raise InputError(f"{path}: final layer has {channels} channels, not the {start} of the multi-dataset "
                          f"model: name its dataset with --dataset ID ({sizes})")
     k = registry.get(dataset).num_landmarks
     if channels != k:
-        raise ValueError(f"{path}: final layer has {channels} channels but {dataset!r} has {k} landmarks ({sizes})")
+        raise InputError(f"{path}: final layer has {channels} channels but {dataset!r} has {k} landmarks ({sizes})")
     return {dataset: (0, k)}
 
 

@@ -13,6 +13,8 @@ import io
 import tarfile
 from pathlib import Path
 
+from medsapiens.errors import UserError
+
 MEMBER_MTIME = 0
 
 
@@ -49,7 +51,7 @@ def file_digest(path: Path) -> tuple[str, int]:
 COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard that is not what its manifest says (compressed, too long, another sha256)."""
 
 

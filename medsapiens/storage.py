@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from medsapiens.errors import InputError, UserError
+
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 RETRIES = 6  # attempts per request, ours only: botocore's own retries are off
 CONNECT_TIMEOUT_S = 10.0
@@ -25,7 +27,7 @@ READ_TIMEOUT_S = 60.0  # per socket read: a silent endpoint fails an attempt aft
 GIVE_UP_AFTER_S = 300.0  # no retry starts after this much time on one request
 
 
-class S3Error(RuntimeError):
+class S3Error(UserError, RuntimeError):
     """An S3 request that failed for good (after the retries), naming the object."""
 
 
@@ -42,7 +44,7 @@ def join(base: str, *names: str) -> str:
 def split_s3(url: str) -> tuple[str, str]:
     parsed = urlparse(url)
     if parsed.scheme != "s3" or not parsed.netloc:
-        raise ValueError(f"not an s3://bucket/key URL: {url!r}")
+        raise InputError(f"not an s3://bucket/key URL: {url!r}")
     return parsed.netloc, parsed.path.lstrip("/")
 
 
@@ -194,7 +196,7 @@ def open_stream(url: str):
 
 def _webdataset_s3_opener(url, mode="rb", bufsize=8192, **kw):
     if mode[0] != "r":
-        raise ValueError(f"s3 URLs are read-only in the data pipeline: {url}")
+        raise InputError(f"s3 URLs are read-only in the data pipeline: {url}")
     return open_stream(url)
 
 

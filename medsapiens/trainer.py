@@ -93,15 +93,12 @@ class Trainer:
                 print(f"warning: no complete checkpoint in {self.ckpt_dir} (ignoring the incomplete "
                       f"{', '.join(checkpoints.tags(self.ckpt_dir))}); starting at step 0", file=sys.stderr)
             return 0
-        try:
-            state = self.engine.load(self.ckpt_dir)
-        except checkpoints.CheckpointError as exc:
-            raise SystemExit(f"error: {exc}") from None
+        state = self.engine.load(self.ckpt_dir)
         if state is None:
-            raise SystemExit(f"error: no checkpoint to resume from in {self.ckpt_dir}")
+            raise checkpoints.CheckpointError(f"no checkpoint to resume from in {self.ckpt_dir}")
         if state.get("manifest_digest") != self.ctx.manifest.digest:
-            raise SystemExit(
-                f"error: the checkpoint in {self.ckpt_dir} was trained on another shard manifest "
+            raise checkpoints.CheckpointError(
+                f"the checkpoint in {self.ckpt_dir} was trained on another shard manifest "
                 f"(sha256 {state.get('manifest_digest', '?')[:12]}, now {self.ctx.manifest.digest[:12]})"
             )
         if state.get("config_digest") != self.ctx.config_digest and self.is_main:

@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from medsapiens import config as configlib
+from medsapiens.errors import EXIT_USER_ERROR, UserError, user_message
 from pretrain.cli import add_run_arguments
 from pretrain.config import PretrainConfig
 
@@ -29,12 +30,12 @@ def main(argv: list[str] | None = None) -> int:
 def start(args) -> int:
     try:
         cfg = configlib.load(PretrainConfig, args.config, args.overrides)
-    except configlib.ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from pretrain.train import run
+        from pretrain.train import run
 
-    run(cfg, args.resume)
+        run(cfg, args.resume)
+    except UserError as exc:  # one line on every rank, as the `medsapiens` command prints it
+        print(f"error: {user_message(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
     return 0
 
 

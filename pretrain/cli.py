@@ -53,22 +53,15 @@ def _run(args) -> int:
 
 
 def _export(args) -> int:
-    from medsapiens.checkpoints import CheckpointError
     from pretrain.export import export
 
-    try:
-        print(f"bundle written to {export(args.run_dir, args.out, args.tag)}")
-    except CheckpointError as exc:
-        raise SystemExit(f"medsapiens pretrain export: error: {exc}") from None
+    print(f"bundle written to {export(args.run_dir, args.out, args.tag)}")
     return 0
 
 
 def _universal(args) -> int:
-    from medsapiens.checkpoints import CheckpointError, checkpoint_dir, make_universal
+    from medsapiens.checkpoints import checkpoint_dir, make_universal
 
-    try:
-        tag = make_universal(checkpoint_dir(args.run_dir), args.tag)
-    except CheckpointError as exc:
-        raise SystemExit(f"medsapiens pretrain universal: error: {exc}") from None
+    tag = make_universal(checkpoint_dir(args.run_dir), args.tag)
     print(f"universal checkpoint {tag} written; resume with --resume universal")
     return 0

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medsapiens import __version__, storage
+from medsapiens.errors import UserError
 from medsapiens.manifest import MANIFEST_NAME, REJECTED_NAME, DatasetInfo, Manifest, ShardInfo, manifest_url
 from medsapiens.record import FIELDS, sample_key
 from medsapiens import imageio as images
@@ -25,7 +26,7 @@ from shards.plan import PlanError, Scan, SourceSpec, canonical_digest, input_fin
 from shards.writer import PARTIAL_SUFFIX, ShardTask, init_worker, remove_stale_staging, write_shard
 
 
-class BuildError(RuntimeError):
+class BuildError(UserError, RuntimeError):
     """The build stopped: the message names the shard, file or option at fault."""
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from medsapiens import registry
+from medsapiens.errors import UserError
 from medsapiens.record import sample_key
 from medsapiens.registry import LandmarkSet
 from shards import readers
@@ -26,7 +27,7 @@ from shards.readers import RawSample, ReaderError, Rejected, Unlabelled
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9-]+$")
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """The build cannot start: bad source, option or layout. The message says what to fix."""
 
 

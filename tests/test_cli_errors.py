@@ -62,3 +62,28 @@ def test_finetune_checks_dataset_bundle_and_numbers_before_starting(phantom_shar
     refused([*base, "--dataset", "leg", "--init", "scratch", "--steps", "-1"], "max_steps")
     refused([*base, "--dataset", "leg", "--init", "scratch", "--shots", "-2"], "--shots")
     refused([*base, "--dataset", "leg", "--init", "scratch", "--batch-size", "0"], "--batch-size")
+
+
+def test_only_user_errors_become_one_line_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    import launch.cli
+    import medsapiens.cli
+    from medsapiens.checkpoints import CheckpointError
+    from medsapiens.errors import InputError, UserError, user_message
+
+    assert issubclass(CheckpointError, UserError) and isinstance(InputError("x"), ValueError)
+    assert user_message(InputError("data.sigma must be a positive number")) == "data.sigma must be a positive number"
+    assert user_message(ValueError("operands could not be broadcast")) is None
+
+    def failing(error):
+        def command(args):
+            raise error
+        return command
+
+    for error, code in ((CheckpointError("run/checkpoints: no complete tag"), 2), (ValueError("a bug"), None)):
+        monkeypatch.setattr(medsapiens.cli, "run_info", failing(error))
+        if code is None:
+            with pytest.raises(ValueError, match="a bug"):
+                launch.cli.main(["model", "info", "--arch", "sapiens_tiny"])
+        else:
+            assert launch.cli.main(["model", "info", "--arch", "sapiens_tiny"]) == code
+            assert capsys.readouterr().err == "error: run/checkpoints: no complete tag\n"

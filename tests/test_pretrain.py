@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,8 +64,10 @@ def test_two_ranks_zero2_train_log_checkpoint_and_export(zero2_run, tmp_path):
 @pytest.mark.timeout(300)
 def test_resume_continues_the_same_losses(zero2_run, phantom_shards, tmp_path):
     run_dir = tmp_path / "run"
+    shared_memory = set(Path("/dev/shm").glob("deepspeed_*"))
     first = deepspeed_module("pretrain", 2, config_args(phantom_shards, run_dir, "train.stop_after=6"))
     assert first.returncode == 0, first.stderr[-3000:]
+    assert set(Path("/dev/shm").glob("deepspeed_*")) <= shared_memory  # DeepSpeed's all-reduce buffers freed
     assert max(losses(run_dir)) == 6
     with open(run_dir / "metrics.jsonl", "a") as f:  # as if the job had died at step 8, past its checkpoint
         f.write('{"step": 7, "loss/total": 99.0}\n{"step": 8, "loss/total": 99.0}\n')

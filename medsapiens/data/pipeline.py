@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from medsapiens import storage
 from medsapiens.config import at_least, positive
 from medsapiens.codec import apply_affine, encode_udp, whole_image_affine
+from medsapiens.errors import InputError, UserError
 from medsapiens.imageio import decode_png, to_float
 from medsapiens.data.augment import AugmentConfig, normalize, photometric, random_affine, warp
 from medsapiens.manifest import Manifest, ManifestError, ShardInfo
@@ -56,11 +57,11 @@ class DataConfig:
         at_least("data.shuffle_buffer", self.shuffle_buffer, 1)
         positive("data.sigma", self.sigma)
         if not 0 <= self.max_corrupt_fraction <= 1:
-            raise ValueError(f"data.max_corrupt_fraction must be in 0..1, got {self.max_corrupt_fraction}")
+            raise InputError(f"data.max_corrupt_fraction must be in 0..1, got {self.max_corrupt_fraction}")
         check_val_split(self.val_split)
 
 
-class CorruptDataError(RuntimeError):
+class CorruptDataError(UserError, RuntimeError):
     pass
 
 
@@ -71,10 +72,10 @@ def heatmap_size(input_size) -> tuple[int, int]:
 def mixture_weights(manifest: Manifest, cfg: DataConfig, datasets: list[str]) -> np.ndarray:
     """Sampling probability of each dataset: by size, uniform, size^(1/T), or given explicitly."""
     if cfg.mixing not in MIXING_RULES:
-        raise ValueError(f"data.mixing must be one of {MIXING_RULES}, got {cfg.mixing!r}")
+        raise InputError(f"data.mixing must be one of {MIXING_RULES}, got {cfg.mixing!r}")
     unknown = sorted(set(cfg.weights) - set(datasets))
     if unknown:
-        raise ValueError(f"data.weights names dataset(s) not being trained: {unknown}")
+        raise InputError(f"data.weights names dataset(s) not being trained: {unknown}")
     sizes = np.array([manifest.datasets[d].splits.get(cfg.train_split, 0) for d in datasets], dtype=np.float64)
     empty = [d for d, n in zip(datasets, sizes) if n == 0]
     if empty:
@@ -91,7 +92,7 @@ def is_test_split(split: str) -> bool:
 def check_val_split(split: str) -> None:
     """Selecting a checkpoint on a test split biases every number reported on it: refused."""
     if is_test_split(split):
-        raise ValueError(
+        raise InputError(
             f"data.val_split={split!r} is a test split: validation chooses the best checkpoint, so the "
             "test numbers would be biased. Validate on 'val' (shards build carves one from train when "
             "the source has none: --opt ID.val_fraction=F) and evaluate on the test split(s) afterwards")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from medsapiens.errors import InputError
+
 PATCH_SIZE = 16
 DEFAULT_IMG_SIZE = (1024, 768)  # (H, W), the Sapiens pose input
 DEFAULT_TRUNK_WIDTH = 768  # channels of the Sapiens heatmap-head trunk
@@ -36,12 +38,12 @@ def get_arch(arch: str | ArchSpec) -> ArchSpec:
     try:
         return ARCHS[arch]
     except KeyError:
-        raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}") from None
+        raise InputError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}") from None
 
 
 def feature_grid(img_size: tuple[int, int]) -> tuple[int, int]:
     """(H/16, W/16): the backbone's token grid for an (H, W) input."""
     h, w = img_size
     if h % PATCH_SIZE or w % PATCH_SIZE or h <= 0 or w <= 0:
-        raise ValueError(f"image size {h}x{w} must be positive multiples of {PATCH_SIZE}")
+        raise InputError(f"image size {h}x{w} must be positive multiples of {PATCH_SIZE}")
     return h // PATCH_SIZE, w // PATCH_SIZE

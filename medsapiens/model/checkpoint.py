@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from medsapiens.errors import InputError
 from medsapiens.shard_tar import file_digest
 from medsapiens.storage import as_umask_allows
 from medsapiens.model.archs import DEFAULT_IMG_SIZE, PATCH_SIZE, ArchSpec, get_arch
@@ -86,7 +87,7 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(
+        raise InputError(
             f"{path}: cannot be read with weights_only=True ({e}); "
             "save its state dict alone (a dict of tensors) and retry"
         ) from e
@@ -95,10 +96,10 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             obj = obj[key]
             break
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
+        raise InputError(f"{path}: expected a state dict, found {type(obj).__name__}")
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+            raise InputError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
     return obj, {}
 
 
@@ -169,7 +170,7 @@ def load_backbone(
     if checkpoint is not None:
         report = load_checkpoint(backbone, checkpoint)
         if not report.complete:
-            raise ValueError(report.summary())
+            raise InputError(report.summary())
         log.info(report.summary())
     backbone.set_grad_checkpointing(grad_checkpointing)
     return backbone
@@ -179,7 +180,7 @@ def compare_with_model(state: BackboneState, model_state: dict[str, torch.Tensor
     """Key sets and shapes of a normalised checkpoint against a model's; a shape clash raises."""
     for key, tensor in state.tensors.items():
         if key in model_state and tensor.shape != model_state[key].shape:
-            raise ValueError(
+            raise InputError(
                 f"{source}: {state.file_keys[key]!r} (model key {key!r}) has shape {tuple(tensor.shape)} "
                 f"in the checkpoint but {tuple(model_state[key].shape)} in the model"
             )
@@ -202,12 +203,12 @@ def convert_checkpoint(path: str | Path, arch: str | ArchSpec, out: str | Path) 
     tensors, metadata = read_tensors(path)
     state = normalize_state(tensors, metadata, str(path))
     if state.grid is None:
-        raise ValueError(f"{path}: no pos_embed; not a Sapiens backbone checkpoint")
+        raise InputError(f"{path}: no pos_embed; not a Sapiens backbone checkpoint")
     with torch.device("meta"):
         probe = build_backbone(arch, tuple(g * PATCH_SIZE for g in state.grid))
     report = compare_with_model(state, probe.state_dict(), str(path))
     if not report.complete:
-        raise ValueError(f"{path} does not fit {arch.name}:\n{report.summary()}")
+        raise InputError(f"{path} does not fit {arch.name}:\n{report.summary()}")
     save_file(
         {k: t.contiguous() for k, t in state.tensors.items()},
         str(out),
@@ -255,7 +256,7 @@ def _split_pos_embed(pos_embed, recorded_grid, model_grid, source):
     tokens = pos_embed.shape[1]
     grid = recorded_grid or _infer_grid(tokens, model_grid)
     if grid is None or tokens - grid[0] * grid[1] not in (0, 1):
-        raise ValueError(
+        raise InputError(
             f"{source}: pos_embed has shape {tuple(pos_embed.shape)}: its {tokens} tokens are neither "
             f"the model's grid nor a square grid, with or without a cls slot; record the grid in the "
             f"safetensors metadata as {GRID_METADATA_KEY}='HxW'"

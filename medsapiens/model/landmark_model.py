@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from medsapiens.errors import InputError
 from medsapiens.model.archs import DEFAULT_IMG_SIZE, DEFAULT_TRUNK_WIDTH, ArchSpec, feature_grid, get_arch
 from medsapiens.model.backbone import SapiensViT
 from medsapiens.model.checkpoint import load_backbone
@@ -88,9 +89,9 @@ class ModelConfig:
             get_arch(self.arch)
             feature_grid(self.img_size)
         except ValueError as exc:
-            raise ValueError(f"model: {exc} (model.arch, model.img_size)") from None
+            raise InputError(f"model: {exc} (model.arch, model.img_size)") from None
         if self.trunk_width < 1:
-            raise ValueError(f"model.trunk_width must be at least 1, got {self.trunk_width}")
+            raise InputError(f"model.trunk_width must be at least 1, got {self.trunk_width}")
 
     def build(self, heads: dict[str, int]) -> LandmarkModel:
         return build_model(self.arch, self.img_size, heads, self.trunk_width, self.checkpoint, self.grad_checkpointing)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from medsapiens.errors import InputError
 from shards.phantoms.anatomy import ANATOMIES, subject
 from shards.phantoms.render import render
 
@@ -104,9 +105,9 @@ def write_phantoms(out, n: int = 60, seed: int = 0, sets=SETS) -> dict[str, Path
     """Write n phantom images per set under out/<set>; returns {set: its root}."""
     unknown = sorted(set(sets) - set(SETS))
     if unknown:
-        raise ValueError(f"unknown phantom set(s) {', '.join(unknown)}; sets: {', '.join(SETS)}")
+        raise InputError(f"unknown phantom set(s) {', '.join(unknown)}; sets: {', '.join(SETS)}")
     if n < 1:
-        raise ValueError(f"--n must be at least 1, got {n}")
+        raise InputError(f"--n must be at least 1, got {n}")
     roots = {}
     for name in sets:
         roots[name] = Path(out) / name

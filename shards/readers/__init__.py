@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from medsapiens.errors import UserError
+
 READERS = ("isbi2015", "hand", "chest", "leg", "coco", "aariz", "dicom")
 NATIVE_READER = {"head": "isbi2015", "hand": "hand", "chest": "chest", "leg": "leg", "aariz": "aariz"}
 VALIDATION_OPTIONS = {"val_fraction": "0.1", "val_seed": "0"}
@@ -69,7 +71,7 @@ class Unlabelled:
     source: str
 
 
-class ReaderError(ValueError):
+class ReaderError(UserError, ValueError):
     """A problem with the reader's configuration (not with one sample): the build cannot start."""
 
 
