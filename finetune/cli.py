@@ -78,7 +78,9 @@ def register(subparsers) -> None:
     pr = subparsers.add_parser(
         "predict", help="landmarks on new images (PNG, JPG, BMP, TIFF, DICOM)",
         description="Predict landmarks in original-image pixels (and mm when the spacing is known) for "
-        "images or folders of images. Writes <id>.json per image, predictions.json and failures.json.")
+        "images or folders of images. Writes <id>.json per image, predictions.json and failures.json. "
+        "An input that cannot be read is listed in failures.json with its reason and the others go on: "
+        "the exit status is 0 when at least one image was predicted, 1 when none was, 2 for a usage error.")
     pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     pr.add_argument("--bundle", required=True)
     pr.add_argument("--dataset", help="which head (default: the bundle's only head)")
@@ -156,4 +158,7 @@ def _predict(args) -> int:
           f"written to {args.out}/")
     for failure in failures:
         print(f"  failed: {failure['image']}: {failure['reason']}: {failure['detail']}", file=sys.stderr)
+    if failures and not results:
+        print(f"error: none of the {len(failures)} input(s) could be predicted", file=sys.stderr)
+        return 1
     return 0

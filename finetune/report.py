@@ -53,6 +53,7 @@ def markdown(report: dict) -> str:
         f"{report['images']} images, {report['landmarks']} landmarks ({report.get('excluded_landmarks', 0)} invisible "
         f"in the ground truth, left out). Protocol: {report['protocol']}. "
         f"SDR counts {report['sdr_convention']}.",
+        *(f"Left out: {image_id}: {reason}." for image_id, reason in report.get("excluded_images", {}).items()),
         *selection_lines(report),
         "",
         f"| MRE ({unit}) | std over landmarks | std of image means | " + " | ".join(f"SDR {r} {unit}" for r in radii) + " |",
@@ -193,10 +194,24 @@ def score_files(predictions: str | Path, ground_truth: str | Path, wrist_landmar
     unpredicted = [ids[n] for n in np.flatnonzero((np.isnan(guess).any(axis=-1) & visible).any(axis=1))]
     if unpredicted:
         raise InputError(f"predictions for image(s) {unpredicted[:10]} leave out landmarks the ground truth has")
-    factors = [unit_per_pixel(protocol, gt, i, np.nan_to_num(truth[n])) for n, i in enumerate(ids)]
+    unscaled = unscalable_images(protocol, visible, ids)
+    visible[[ids.index(i) for i in unscaled]] = False
+    factors = [np.ones(2) if i in unscaled else unit_per_pixel(protocol, gt, i, truth[n]) for n, i in enumerate(ids)]
     errors = radial_errors(guess, np.where(visible[..., None], truth, guess), np.stack(factors))
     report = build_report(errors, visible, ids, protocol, landmark_set.id, f"predictions {predictions}")
+    if unscaled:
+        report["excluded_images"] = unscaled
     return report, np.where(visible, errors, np.nan), ids
+
+
+def unscalable_images(protocol: Protocol, visible: np.ndarray, ids: list[str]) -> dict[str, str]:
+    """Images whose errors the protocol cannot scale (hand: a wrist landmark invisible), with the reason:
+    their landmarks are left out of the scores and counted, never measured in a wrong unit."""
+    if protocol.rule != "wrist_width":
+        return {}
+    a, b = protocol.wrist_pair
+    return {ids[n]: f"wrist landmark {a if not visible[n, a] else b} invisible: the {protocol.landmark_set.id} "
+            "protocol cannot scale its errors" for n in np.flatnonzero(~(visible[:, a] & visible[:, b]))}
 
 
 def unit_per_pixel(protocol: Protocol, gt: Table, image_id: str, truth: np.ndarray) -> np.ndarray:

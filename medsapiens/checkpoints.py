@@ -133,9 +133,8 @@ def prepare(ds_engine) -> None:
 
 def save(ds_engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, keep: set[str] = frozenset()) -> None:
     """Every rank calls this. Once every rank has confirmed its files, rank 0 checks their sizes
-    on disk, writes `complete.json` and `latest`, then prunes to the last `keep_last` complete
-    checkpoints (tags in `keep`, such as the best one, are never pruned). A rank that never
-    confirms leaves the previous checkpoint the latest."""
+    on disk, writes `complete.json` and `latest`, then prunes (see `prune`; tags in `keep`, such as
+    the best one, are never pruned). A rank that never confirms leaves the previous checkpoint the latest."""
     tag = checkpoint_tag(step)
     tag_dir = Path(ckpt_dir) / tag
     rank = torch.distributed.get_rank()
@@ -152,9 +151,17 @@ def save(ds_engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: in
             raise CheckpointError(f"checkpoint {tag_dir}: file(s) {wrong} differ from what the ranks wrote")
         write_atomically(tag_dir / COMPLETE, json.dumps(files, indent=1))
         write_atomically(Path(ckpt_dir) / "latest", tag)
-        for old in set(complete_tags(ckpt_dir)[:-keep_last]) - set(keep):
-            shutil.rmtree(Path(ckpt_dir) / old, ignore_errors=True)
+        prune(ckpt_dir, step, keep_last, keep)
     torch.distributed.barrier()
+
+
+def prune(ckpt_dir: Path, step: int, keep_last: int, keep: set[str] = frozenset()) -> None:
+    """After step's checkpoint completed: keep the last `keep_last` complete tags (and those in `keep`);
+    drop incomplete tags older than `step`, which no rank will ever finish (a torn save of a killed job)."""
+    complete = complete_tags(ckpt_dir)
+    torn = {t for t in tags(ckpt_dir) if t not in complete and tag_step(t) < step}
+    for old in (set(complete[:-keep_last]) - set(keep)) | torn:
+        shutil.rmtree(Path(ckpt_dir) / old, ignore_errors=True)
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -140,9 +140,10 @@ def frame_index(ds, path, frame: int | None) -> int | None:
     if frames == 1:
         return None
     if frame is None:
-        raise Rejection("unreadable_image", f"{path}: multi-frame DICOM ({frames} frames); choose one with --frame N")
+        raise Rejection("multi_frame", f"{path}: multi-frame DICOM ({frames} frames); choose one with --frame N "
+                                       "(predict), or give shards one file per frame")
     if not 0 <= frame < frames:
-        raise Rejection("unreadable_image", f"{path}: has {frames} frames, there is no frame {frame}")
+        raise Rejection("multi_frame", f"{path}: has {frames} frames, there is no frame {frame}")
     return frame
 
 

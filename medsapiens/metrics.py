@@ -30,13 +30,19 @@ class Protocol:
         return norm["rule"] if norm else "spacing"
 
     @property
+    def wrist_pair(self) -> tuple[int, int]:
+        """The two landmarks whose distance scales the hand protocol's errors."""
+        a, b = self.wrist_landmarks or self.landmark_set.normalization["landmarks"]
+        return a, b
+
+    @property
     def unit(self) -> str:
         return self.landmark_set.unit
 
     def description(self) -> str:
         norm = self.landmark_set.normalization or {}
         if self.rule == "wrist_width":
-            a, b = self.wrist_landmarks or norm["landmarks"]
+            a, b = self.wrist_pair
             return f"errors scaled by {norm['mm']} mm / ||gt[{a}] - gt[{b}]|| (wrist width), in mm"
         if self.rule == "frame":
             w, h = norm["size"]
@@ -47,8 +53,10 @@ class Protocol:
         """(sx, sy): protocol units per original pixel for one image."""
         norm = self.landmark_set.normalization or {}
         if self.rule == "wrist_width":
-            a, b = self.wrist_landmarks or norm["landmarks"]
-            width = float(np.linalg.norm(np.asarray(gt_orig[a]) - np.asarray(gt_orig[b])))
+            a, b = self.wrist_pair
+            width = float(np.linalg.norm(np.asarray(gt_orig[a], np.float64) - np.asarray(gt_orig[b], np.float64)))
+            if not np.isfinite(width):
+                raise InputError(f"image {image_id}: wrist landmark {a} or {b} is invisible, cannot normalise its errors")
             if width <= 0:
                 raise InputError(f"image {image_id}: wrist landmarks {a} and {b} coincide, cannot normalise its errors")
             return np.full(2, norm["mm"] / width)

@@ -26,7 +26,7 @@ class Rejection(Exception):
     REASONS = (
         "unreadable_image", "truncated_image", "missing_image", "missing_annotation",
         "bad_annotation", "wrong_landmark_count", "non_finite_landmarks", "landmark_outside_image",
-        "duplicate_id", "bad_spacing", "absurd_image_size",
+        "duplicate_id", "bad_spacing", "absurd_image_size", "multi_frame",
     )
 
     def __init__(self, reason: str, detail: str):

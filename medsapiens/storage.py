@@ -15,16 +15,38 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import urlparse
 
 from medsapiens.errors import InputError, UserError
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
-RETRIES = 6  # attempts per request, ours only: botocore's own retries are off
-CONNECT_TIMEOUT_S = 10.0
-READ_TIMEOUT_S = 60.0  # per socket read: a silent endpoint fails an attempt after this
-GIVE_UP_AFTER_S = 300.0  # no retry starts after this much time on one request
+
+
+@dataclass(frozen=True)
+class S3Limits:
+    """Bounds on every S3 request; each is overridable by an environment variable MEDSAPIENS_S3_<NAME>
+    (e.g. MEDSAPIENS_S3_READ_TIMEOUT_S=20), read by every process, the build's workers included."""
+
+    attempts: int = 6  # per request, ours only: botocore's own retries are off
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0  # per socket read: a silent endpoint fails an attempt after this
+    give_up_after_s: float = 300.0  # no retry starts after this much time on one request
+
+
+def limits() -> S3Limits:
+    values = {}
+    for f in fields(S3Limits):
+        name = f"MEDSAPIENS_S3_{f.name.upper()}"
+        if name in os.environ:
+            try:
+                values[f.name] = (int if f.name == "attempts" else float)(os.environ[name])
+                if values[f.name] <= 0:
+                    raise ValueError
+            except ValueError:
+                raise InputError(f"{name}={os.environ[name]!r}: must be a positive number") from None
+    return S3Limits(**values)
 
 
 class S3Error(UserError, RuntimeError):
@@ -53,7 +75,8 @@ def _client_for_pid(pid: int):
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", config=Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
+    bounds = limits()
+    return boto3.client("s3", config=Config(connect_timeout=bounds.connect_timeout_s, read_timeout=bounds.read_timeout_s,
                                             retries={"total_max_attempts": 1}))
 
 
@@ -76,9 +99,9 @@ def _transient(exc: Exception) -> bool:
 
 def with_retries(what: str, fn, *args, **kwargs):
     """Call fn, retrying transient S3 errors with exponential backoff and jitter, each retry
-    printed; at most RETRIES attempts and none started after GIVE_UP_AFTER_S (then S3Error)."""
-    started = time.monotonic()
-    for attempt in range(1, RETRIES + 1):
+    printed; at most `attempts` and none started after `give_up_after_s` (then S3Error)."""
+    bounds, started = limits(), time.monotonic()
+    for attempt in range(1, bounds.attempts + 1):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - filtered by _transient
@@ -86,10 +109,10 @@ def with_retries(what: str, fn, *args, **kwargs):
                 raise
             delay = min(30.0, 0.2 * 2**attempt) * (0.5 + random.random())
             elapsed = time.monotonic() - started
-            if attempt == RETRIES or elapsed + delay > GIVE_UP_AFTER_S:
+            if attempt == bounds.attempts or elapsed + delay > bounds.give_up_after_s:
                 raise S3Error(f"{what}: gave up after {attempt} attempt(s) in {elapsed:.0f} s: "
                               f"{type(exc).__name__}: {exc}") from None
-            print(f"warning: {what} failed ({type(exc).__name__}), retry {attempt} of {RETRIES - 1} in "
+            print(f"warning: {what} failed ({type(exc).__name__}), retry {attempt} of {bounds.attempts - 1} in "
                   f"{delay:.1f} s", file=sys.stderr)
             time.sleep(delay)
     raise AssertionError("unreachable")

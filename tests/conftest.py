@@ -35,10 +35,11 @@ def run(cmd: list[str], timeout: float, cwd: Path = REPO, env: dict | None = Non
     return proc
 
 
-def deepspeed_module(module: str, ranks: int, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+def deepspeed_module(module: str, ranks: int, args: list[str], timeout: float = 240,
+                     env: dict | None = None) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N --module M ...`: N CPU ranks on gloo through the real launcher."""
     return run([DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", module, *args],
-               timeout)
+               timeout, env=env)
 
 
 def pretrain_args(shards, run_dir, *extra) -> list[str]:

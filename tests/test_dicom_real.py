@@ -130,8 +130,9 @@ def test_zero_spacing_is_unknown_and_the_next_tag_is_tried():
 
 
 def test_multi_frame_files_are_rejected_with_that_reason_or_read_by_frame():
-    with pytest.raises(Rejection, match=r"multi-frame DICOM \(10 frames\); choose one with --frame N"):
+    with pytest.raises(Rejection, match=r"multi-frame DICOM \(10 frames\); choose one with --frame N") as refused:
         decode(real("emri_small.dcm"))
+    assert refused.value.reason == "multi_frame"
     frames = pydicom.dcmread(real("emri_small.dcm")).pixel_array
     third = decode(real("emri_small.dcm"), frame=2)
     assert third.shape == (64, 64) and np.corrcoef(third.ravel(), frames[2].ravel())[0, 1] > 0.999
@@ -203,6 +204,7 @@ def test_predict_over_every_file_accounts_for_each_and_exits_0(every_file_folder
     assert {Path(n).stem for n in names - set(failures)} == set(predicted) and not set(predicted) & {
         Path(n).stem for n in failures}
     assert all(f["reason"] and f["detail"] for f in failures.values())
+    assert failures["emri_small.dcm"]["reason"] == "multi_frame"
     assert "multi-frame DICOM (10 frames)" in failures["emri_small.dcm"]["detail"]
     assert "without pixel data" in failures["rtplan.dcm"]["detail"]
     assert len(predicted) > 100 and {"RG1_UNCR", "RG3_J2KR", "693_J2KR", "JPEG-LL", "US1_J2KI"} <= set(predicted)
@@ -267,7 +269,7 @@ def test_shards_build_over_every_file_rejects_per_file_and_records_spacing(every
     written = sum(manifest.datasets["xr"].splits.values())
     assert written + len(rejected) == len(names) and written > 100
     by_id = {r["id"]: r for r in rejected}
-    assert "multi-frame DICOM (10 frames)" in by_id["emri_small"]["detail"]
+    assert by_id["emri_small"]["reason"] == "multi_frame" and "10 frames" in by_id["emri_small"]["detail"]
     spacing_from = manifest.datasets["xr"].source["spacing_from"]
     assert spacing_from["COCO image spacing [sx, sy]"] == 1  # the JSON wins over the CT's PixelSpacing tag
     assert spacing_from["none"] >= 1 and "RG1_UNCR" not in by_id  # zero spacing: written, spacing unknown

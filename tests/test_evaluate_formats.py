@@ -84,3 +84,22 @@ def test_evaluate_cli_on_coco_files_writes_the_report(tmp_path):
     proc = run([*CLI, "evaluate", "--predictions", write(tmp_path / "bad.json", {"x": 1}), "--ground-truth",
                 str(tmp_path / "g.json"), "--out", str(out)], 60)
     assert proc.returncode == 2 and "bad.json: not a landmark file of a known format" in proc.stderr
+
+
+def test_hand_image_with_an_invisible_wrist_landmark_is_left_out_and_named(tmp_path):
+    """The hand protocol scales errors by the wrist width: without both wrist landmarks an image has
+    no scale, so it is left out and named, never scored in a wrong unit."""
+    rng = np.random.default_rng(0)
+    truth = {i: rng.uniform(50, 400, (37, 2)).round(1).tolist() for i in ("h1", "h2")}
+    guess = {i: (np.array(p) + 3.0).tolist() for i, p in truth.items()}
+    truth["h2"][5] = None  # wrist landmark 5 (Payer's pair is 1, 5) not visible
+    report, errors, ids = score_files(write(tmp_path / "p.json", {"dataset": "hand", "landmarks": guess}),
+                                      write(tmp_path / "g.json", {"dataset": "hand", "landmarks": truth}))
+    assert report["excluded_images"] == {"h2": "wrist landmark 5 invisible: the hand protocol cannot scale its errors"}
+    assert report["excluded_landmarks"] == 37 and np.isnan(errors[1]).all()
+    width = np.linalg.norm(np.subtract(truth["h1"][1], truth["h1"][5]))
+    assert report["mre"] == pytest.approx(np.hypot(3, 3) * 50 / width)
+    out = tmp_path / "report"
+    from finetune.report import write_report
+    write_report(report, errors, ids, [str(k) for k in range(37)], out)
+    assert "h2: wrist landmark 5 invisible" in (out / "report.md").read_text()

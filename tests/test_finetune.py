@@ -247,6 +247,10 @@ def test_predict_reads_dicom_spacing_and_lists_failures(head_expert, tmp_path):
     failures = json.loads((out / "failures.json").read_text())
     assert [f["image"] for f in failures] == [str(inputs / "broken.png")] and failures[0]["reason"] == "unreadable_image"
     assert "broken.png" in proc.stderr
+    nothing = run([*CLI, "predict", "--bundle", str(head_expert / "bundle"), "--out", str(tmp_path / "none"),
+                   str(inputs / "broken.png")], 120)
+    assert nothing.returncode == 1 and "error: none of the 1 input(s) could be predicted" in nothing.stderr
+    assert json.loads((tmp_path / "none" / "failures.json").read_text())[0]["reason"] == "unreadable_image"
 
 
 @pytest.mark.timeout(200)

@@ -1,96 +1,115 @@
 """S3 requests are bounded: connect and read timeouts, one retry policy (ours, each retry
 printed), a bounded number of attempts and time, and an S3Error naming the object when giving
-up; a connection that breaks mid-stream is an S3 error, not a damaged shard. Endpoints are small
-fault-injecting HTTP servers on 127.0.0.1: silent, 503 on every request, a body cut short."""
+up; a connection that breaks mid-stream is an S3 error, not a damaged shard. The endpoint is moto's
+server on 127.0.0.1 behind a fault-injecting proxy (tests/s3_faults.py): silent, slow, 503 and
+dropped connections, or frozen altogether as a SIGSTOPped endpoint."""
 from __future__ import annotations
 
-import http.server
 import os
-import socket
-import threading
+import sys
 import time
+from urllib.parse import urlparse
 
 import pytest
 
 from medsapiens import storage
+from s3_faults import FaultProxy
+
+BUCKET = "s3://medsapiens-test"
+LIMITS = {"MEDSAPIENS_S3_CONNECT_TIMEOUT_S": "1", "MEDSAPIENS_S3_READ_TIMEOUT_S": "1",
+          "MEDSAPIENS_S3_ATTEMPTS": "4", "MEDSAPIENS_S3_GIVE_UP_AFTER_S": "20"}
 
 
 @pytest.fixture
-def endpoint(monkeypatch):
-    """Point boto3 at a loopback server with short limits; yields a function that starts one."""
-    monkeypatch.setattr(storage, "CONNECT_TIMEOUT_S", 1.0)
-    monkeypatch.setattr(storage, "READ_TIMEOUT_S", 1.0)
-    monkeypatch.setattr(storage, "RETRIES", 3)
-    monkeypatch.setattr(storage, "GIVE_UP_AFTER_S", 20.0)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFAKE")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+def proxy(s3_env, monkeypatch):
+    """boto3 (here and in the build's worker processes) reaches moto only through the proxy, with short limits."""
+    env, _ = s3_env
+    endpoint = urlparse(env["AWS_ENDPOINT_URL"])
+    faulty = FaultProxy((endpoint.hostname, endpoint.port))
+    for name, value in {**env, **LIMITS, "AWS_ENDPOINT_URL": faulty.url}.items():
+        monkeypatch.setenv(name, value)
     storage._client_for_pid.cache_clear()
-    servers = []
-
-    def start(server) -> None:
-        servers.append(server)
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    yield faulty
+    faulty.close()
     storage._client_for_pid.cache_clear()
 
 
-class Silent(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        time.sleep(5)  # longer than the read timeout: never answers in time
+@pytest.fixture(scope="module")
+def head_phantoms(tmp_path_factory):
+    from shards.phantoms import write_phantoms
 
-    do_HEAD = do_PUT = do_GET
-
-    def log_message(self, *args):
-        pass
+    return write_phantoms(tmp_path_factory.mktemp("raw"), n=6, seed=0, sets=["head"])["head"]
 
 
-class Unavailable(Silent):
-    def do_GET(self):
-        self.send_response(503)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+def build_to(out: str, raw) -> None:
+    from shards.build import BuildOptions, build
+    from shards.plan import SourceSpec
 
-    do_HEAD = do_PUT = do_GET
+    build([SourceSpec("head", str(raw))], BuildOptions(out=out, max_side=64, shard_size=3, workers=1, progress=False))
 
 
-class CutShort(Silent):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", "100000")
-        self.end_headers()
-        self.wfile.write(b"x" * 1000)
-        self.wfile.flush()
-        self.connection.shutdown(socket.SHUT_RDWR)
+def shard_digests(location: str) -> dict[str, str]:
+    from medsapiens.manifest import load
 
-
-def server(handler):
-    return http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    return {shard.url: shard.sha256 for shard in load(location).shards}
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("handler", [Silent, Unavailable], ids=["silent", "503"])
-def test_a_failing_endpoint_gives_up_in_bounded_time_naming_the_object(endpoint, handler, capsys):
-    endpoint(server(handler))
+@pytest.mark.parametrize("fault", ["silent", "503"])
+def test_a_failing_endpoint_gives_up_in_bounded_time_naming_the_object(proxy, fault, capsys):
+    proxy.inject(*[fault] * 10)
     started = time.monotonic()
-    with pytest.raises(storage.S3Error, match=r"get s3://bucket/shards/a\.tar: gave up after 3 attempt\(s\)"):
-        storage.read_bytes("s3://bucket/shards/a.tar")
-    assert time.monotonic() - started < 15  # 3 attempts x 1 s read timeout + backoff, not 3 x 60 s x botocore's retries
-    assert capsys.readouterr().err.count("warning: get s3://bucket/shards/a.tar failed") == 2  # each retry printed
+    with pytest.raises(storage.S3Error, match=rf"get {BUCKET}/shards/a\.tar: gave up after 4 attempt\(s\)"):
+        storage.read_bytes(f"{BUCKET}/shards/a.tar")
+    assert time.monotonic() - started < 20  # 4 attempts x 1 s read timeout + backoff, not 4 x 60 s x botocore's retries
+    assert capsys.readouterr().err.count(f"warning: get {BUCKET}/shards/a.tar failed") == 3  # each retry printed
 
 
-@pytest.mark.timeout(60)
-def test_a_connection_cut_mid_stream_is_an_s3_error(endpoint):
-    endpoint(server(CutShort))
-    stream = storage.open_stream("s3://bucket/shards/a.tar")
-    with pytest.raises(storage.S3Error, match=r"reading s3://bucket/shards/a\.tar: the connection failed after"):
-        while stream.read(4096):
-            pass
+@pytest.mark.timeout(120)
+def test_a_build_through_503s_drops_silence_and_slowness_ends_identical(proxy, head_phantoms, capsys):
+    build_to(f"{BUCKET}/direct", head_phantoms)  # the proxy passes everything through
+    proxy.inject("503", "drop", "silent", "slow", "503", "drop")
+    build_to(f"{BUCKET}/faulty", head_phantoms)
+    assert not proxy.faults  # every fault was met
+    assert "retry 1 of 3" in capsys.readouterr().err
+    direct, faulty = shard_digests(f"{BUCKET}/direct"), shard_digests(f"{BUCKET}/faulty")
+    assert len(direct) == 4 and direct == faulty  # URLs relative to the manifest
+
+
+@pytest.mark.timeout(120)
+def test_a_build_against_a_frozen_endpoint_stops_in_bounded_time_naming_the_object(proxy, head_phantoms):
+    from conftest import REPO, run
+
+    proxy.freeze()
+    started = time.monotonic()
+    proc = run([sys.executable, "-m", "launch.cli", "shards", "build", "--source", f"head={head_phantoms}",
+                "--out", f"{BUCKET}/frozen", "--max-side", "64", "--workers", "1", "--no-progress"], 110,
+               env={"PYTHONPATH": str(REPO)})
+    assert proc.returncode != 0 and time.monotonic() - started < 90
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and f"{BUCKET}/frozen/" in last and "gave up after" in last, last
+
+
+@pytest.mark.timeout(120)
+def test_a_training_stream_from_an_endpoint_that_freezes_ends_with_an_s3_error(proxy, head_phantoms, monkeypatch,
+                                                                              capsys):
+    from medsapiens.data.pipeline import DataConfig, TrainStream
+    from medsapiens.manifest import load
+
+    build_to(f"{BUCKET}/stream", head_phantoms)
+    cfg = DataConfig(shards=f"{BUCKET}/stream", datasets=["head"], micro_batch=2, workers=0, shuffle_buffer=2)
+    batches = iter(TrainStream(load(cfg.shards), cfg, ["head"], (64, 48), seed=0, rank=0))
+    assert next(batches)["images"].shape[0] == 2
+    monkeypatch.setenv("MEDSAPIENS_S3_ATTEMPTS", "2")  # per request, and shards drawn in a row that fail
+    proxy.freeze()
+    started = time.monotonic()
+    with pytest.raises(storage.S3Error, match=rf"{BUCKET}/stream/head-train-"):
+        for _ in range(1000):
+            next(batches)
+    assert time.monotonic() - started < 60
+    err = capsys.readouterr().err
+    assert "drawing another shard" in err and "corrupt" not in err
 
 
 @pytest.mark.timeout(30)

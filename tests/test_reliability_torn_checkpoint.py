@@ -44,6 +44,16 @@ def test_only_tags_whose_files_match_their_record_are_complete(tmp_path):
 
 
 @pytest.mark.timeout(30)
+def test_pruning_drops_torn_tags_no_rank_will_finish_and_keeps_the_best(tmp_path):
+    files = {"mp_rank_00_model_states.pt": b"x" * 10}
+    for step, complete in ((2, True), (4, False), (6, True), (8, True), (10, False)):
+        fake_tag(tmp_path, step, files, complete)
+    checkpoints.prune(tmp_path, 8, keep_last=1, keep={"step_00000002"})
+    # step 4: torn by a killed job, older than the save that just completed; step 10: newer, may still be written
+    assert checkpoints.tags(tmp_path) == ["step_00000002", "step_00000008", "step_00000010"]
+
+
+@pytest.mark.timeout(30)
 def test_a_garbled_record_is_not_complete(tmp_path):
     tag_dir = fake_tag(tmp_path, 2, {"a.pt": b"1"})
     for text in ("", "[1, 2]", "{not json", "{}"):
@@ -73,39 +83,42 @@ def test_resume_falls_back_past_a_truncated_shard_and_redoes_the_same_steps(two_
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
 
 
-def rank_process(launcher_pid: int, rank: int, within_s: float):
+def with_fault(kind: str, step: int, rank: int = 1) -> dict:
+    """Environment for a job whose `rank` meets `kind` (tests/fault_site) when saving its step's optimizer shard."""
+    return {"PYTHONPATH": str(REPO / "tests" / "fault_site"), "MEDSAPIENS_FAULT": kind, "MEDSAPIENS_FAULT_RANK": str(rank),
+            "MEDSAPIENS_FAULT_FILE": f"{checkpoints.checkpoint_tag(step)}/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"}
+
+
+def stopped_rank(launcher_pid: int, rank: int, within_s: float):
+    """The rank's process once it is stopped (by its fault), failing after `within_s`."""
     import psutil
 
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         for child in psutil.Process(launcher_pid).children(recursive=True):
             with contextlib.suppress(psutil.Error):
-                if f"--local_rank={rank}" in child.cmdline():
+                if f"--local_rank={rank}" in child.cmdline() and child.status() == psutil.STATUS_STOPPED:
                     return child
         time.sleep(0.2)
-    raise AssertionError(f"no rank {rank} process within {within_s} s")
+    raise AssertionError(f"rank {rank} was not stopped within {within_s} s")
 
 
 @pytest.mark.timeout(300)
 def test_a_rank_frozen_mid_save_never_makes_latest_name_that_checkpoint(phantom_shards, tmp_path):
-    """SIGSTOP rank 1 the moment its optimizer shard of step 4 appears (mid-write, as a rank
-    stalled on a slow disk); rank 0 must not name step 4 complete. Kill the job; the rerun resumes
+    """Rank 1 stops (SIGSTOP) with two thirds of its step-4 optimizer shard written, as a rank
+    stalled on a slow disk; rank 0 must not name step 4 complete. Kill the job; the rerun resumes
     from the newest complete checkpoint and finishes."""
     run_dir = tmp_path / "run"
     args = pretrain_args(phantom_shards, run_dir, *SMALL_RUN)
     cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pretrain", *args]
     log = open(tmp_path / "job.log", "w")
-    job = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    job = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                           env={**os.environ, **with_fault("freeze", 4)})
     try:
-        rank1 = rank_process(job.pid, 1, 60)
-        shard = run_dir / "checkpoints" / "step_00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-        deadline = time.monotonic() + 120
-        while not shard.exists() and time.monotonic() < deadline and job.poll() is None:
-            time.sleep(0.001)
-        rank1.send_signal(signal.SIGSTOP)
-        assert shard.exists(), "the job never reached the step-4 save"
+        stopped_rank(job.pid, 1, 180)
         time.sleep(5)  # rank 0 has long finished its own files by now
         ckpt_dir = run_dir / "checkpoints"
+        assert (ckpt_dir / "step_00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()
         assert (ckpt_dir / "latest").read_text() == "step_00000002"
         assert checkpoints.complete_tags(ckpt_dir) == ["step_00000002"]
     finally:
@@ -118,3 +131,23 @@ def test_a_rank_frozen_mid_save_never_makes_latest_name_that_checkpoint(phantom_
     assert "passing over the incomplete checkpoint(s) step_00000004" in proc.stderr
     assert "resumed from step 2" in proc.stderr
     assert checkpoints.latest_tag(run_dir / "checkpoints") == "step_00000004"
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_killed_ends_the_job_in_seconds_and_the_rerun_resumes_with_the_same_losses(two_rank_run, phantom_shards,
+                                                                                          tmp_path):
+    """SIGKILL rank 1 as it starts its step-4 save: the job ends within a minute, not after the
+    distributed timeout (600 s here), and the rerun redoes steps 3-4 with the uninterrupted run's losses."""
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    killed = deepspeed_module("pretrain", 2, pretrain_args(phantom_shards, run_dir, *SMALL_RUN, "train.dist_timeout_s=600"),
+                              timeout=240, env=with_fault("kill", 4))
+    elapsed = time.monotonic() - started
+    assert killed.returncode != 0 and elapsed < 120, (killed.returncode, elapsed)
+    assert checkpoints.complete_tags(run_dir / "checkpoints") == ["step_00000002"]
+    rerun = deepspeed_module("pretrain", 2, pretrain_args(phantom_shards, run_dir, *SMALL_RUN), timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from step 2" in rerun.stderr
+    redone, original = losses(run_dir), losses(two_rank_run)
+    for step in (1, 2, 3, 4):
+        assert redone[step] == pytest.approx(original[step], rel=1e-5, abs=1e-7), step

@@ -219,7 +219,7 @@ class TrainStream(IterableDataset):
                 raise
             except storage.S3Error as exc:  # the network, not the data: say so and draw another shard
                 s3_failures += 1
-                if s3_failures >= storage.RETRIES:
+                if s3_failures >= storage.limits().attempts:
                     raise
                 print(f"warning: {exc}; drawing another shard", file=sys.stderr)
             except Exception as exc:  # a damaged shard: count it and draw another

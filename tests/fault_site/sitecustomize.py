@@ -1,0 +1,24 @@
+"""Put on PYTHONPATH for one test job, this runs in each of its Python processes. On the rank whose
+LOCAL_RANK is MEDSAPIENS_FAULT_RANK, the moment DeepSpeed saves a file whose name ends with
+MEDSAPIENS_FAULT_FILE: `freeze` writes two thirds of it and stops the process (SIGSTOP, as a rank
+stalled on a slow disk), `kill` kills the process (SIGKILL) before it writes anything. Exactly at
+that point, on every run: no polling, no race."""
+import os
+
+if os.environ.get("MEDSAPIENS_FAULT_FILE") and os.environ.get("LOCAL_RANK") == os.environ.get("MEDSAPIENS_FAULT_RANK"):
+    import signal
+
+    import torch
+
+    _save = torch.save
+
+    def _faulty_save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and str(f).endswith(os.environ["MEDSAPIENS_FAULT_FILE"]):
+            if os.environ["MEDSAPIENS_FAULT"] == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            _save(obj, f, *args, **kwargs)
+            os.truncate(f, os.path.getsize(f) * 2 // 3)
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return _save(obj, f, *args, **kwargs)
+
+    torch.save = _faulty_save
