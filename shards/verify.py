@@ -4,14 +4,17 @@ Each shard is streamed once (local file or S3 object), as the trainers read it
 (medsapiens.shard_tar: uncompressed, bounded by its manifest entry): its byte count and sha256
 must match the manifest, no image may exceed the build's max side, its members must pair up as
 `<key>.png` + `<key>.json`, and every record must validate against its image, its shard's
-dataset and split, and the manifest's landmark names.
+dataset and split, and the manifest's landmark names, with no visible landmark outside the image.
+Then what the manifest promises of the whole set: the val ids it says were carved from train,
+and `rejected.jsonl` listing every rejected input with its reason. (Split counts against the
+shard entries are checked when the manifest loads.)
 """
 from __future__ import annotations
 
 import json
 
 from medsapiens import storage
-from medsapiens.manifest import Manifest, ShardInfo
+from medsapiens.manifest import REJECTED_NAME, Manifest, ShardInfo
 from medsapiens.record import Rejection, sample_key, validate_record
 from medsapiens.shard_tar import CheckedStream, ShardError, tar_samples
 from medsapiens import imageio as images
@@ -24,10 +27,13 @@ def sample_problems(manifest: Manifest, shard: ShardInfo, key: str, sample: dict
     try:
         meta = json.loads(sample["json"])
         size = images.size_of(images.decode_png(sample["png"], manifest.max_side))
-        validate_record(meta, size, manifest.landmark_set(shard.dataset).num_landmarks)
+        inside = validate_record(meta, size, manifest.landmark_set(shard.dataset).num_landmarks)
     except (ValueError, OSError, Rejection) as exc:
         return [f"{where}: {exc}"]
     problems = []
+    outside = [k for k, (said, found) in enumerate(zip(meta["visible"], inside)) if said != found]
+    if outside:
+        problems.append(f"{where}: visible landmark(s) {outside} lie outside the {size[0]}x{size[1]} image")
     if (meta["dataset"], meta["split"]) != (shard.dataset, shard.split):
         problems.append(f"{where}: record says {meta['dataset']}/{meta['split']}, shard is {shard.dataset}/{shard.split}")
     if sample_key(meta["dataset"], meta["split"], meta["source_id"]) != key:
@@ -63,8 +69,41 @@ def shard_problems(manifest: Manifest, shard: ShardInfo, seen: set[str]) -> list
 
 
 def verify(manifest: Manifest) -> tuple[list[str], int]:
-    """(problems, samples checked) for every shard of the manifest."""
+    """(problems, samples checked) for every shard of the manifest, then the set as a whole."""
     problems, seen = [], set()
     for shard in manifest.shards:
         problems += shard_problems(manifest, shard, seen)
-    return problems, len(seen)
+    return problems + carved_val_problems(manifest, seen) + rejected_problems(manifest), len(seen)
+
+
+def carved_val_problems(manifest: Manifest, keys: set[str]) -> list[str]:
+    """The val samples of a dataset whose val split was carved from train are the ids the manifest lists."""
+    problems = []
+    for dataset, info in manifest.datasets.items():
+        carved = (info.source.get("validation") or {}).get("ids")
+        if carved is None:
+            continue
+        listed = {sample_key(dataset, "val", i) for i in carved}
+        val = {k for k in keys if k.startswith(f"{dataset}_val_")}
+        if listed != val:
+            problems.append(f"{dataset}/val: samples {sorted(val ^ listed)[:5]} differ from the ids the manifest "
+                            "says were carved from train")
+    return problems
+
+
+def rejected_problems(manifest: Manifest) -> list[str]:
+    """`rejected.jsonl` must list as many inputs as the manifest says were rejected, each with its reason."""
+    url = storage.join(manifest.location, REJECTED_NAME)
+    try:
+        lines = storage.read_bytes(url).decode().splitlines()
+    except FileNotFoundError:
+        return [f"{url}: missing"] if manifest.rejected else []
+    try:
+        entries = [json.loads(line) for line in lines if line.strip()]
+    except ValueError as exc:
+        return [f"{url}: not JSON lines ({exc})"]
+    problems = [f"{url}: line {n + 1} has no reason" for n, e in enumerate(entries)
+                if not isinstance(e, dict) or e.get("reason") not in Rejection.REASONS]
+    if len(entries) != manifest.rejected:
+        problems.append(f"{url}: lists {len(entries)} rejected input(s), the manifest says {manifest.rejected}")
+    return problems

@@ -218,6 +218,28 @@ def test_predict_on_phantom_images_lands_near_the_truth(head_expert, phantom_sha
 
 
 @pytest.mark.timeout(120)
+def test_a_16_bit_image_and_its_8_bit_export_give_the_same_landmarks(head_expert, phantom_shards, tmp_path):
+    """A trained model, the same radiograph as 8-bit, 16-bit and 10-bit-in-16 PNG: landmarks within
+    1 px at the model's input scale (96 x 128 for these 480 x 600 images)."""
+    from PIL import Image
+
+    image = sorted((phantom_shards.parent / "raw" / "head" / "RawImage" / "Test1Data").glob("*.bmp"))[0]
+    eight = np.asarray(Image.open(image).convert("L"), dtype=np.float64)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(eight.astype(np.uint8)).save(inputs / "eight.png")
+    Image.fromarray((eight * 257).astype(np.uint16)).save(inputs / "sixteen.png")
+    Image.fromarray(np.rint(eight * 1023 / 255).astype(np.uint16)).save(inputs / "ten.png")
+    out = tmp_path / "out"
+    proc = run([*CLI, "predict", "--bundle", str(head_expert / "bundle"), "--out", str(out), str(inputs)], 120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    landmarks = json.loads((out / "predictions.json").read_text())["landmarks"]
+    for other in ("sixteen", "ten"):
+        moved = np.linalg.norm(np.subtract(landmarks[other], landmarks["eight"]), axis=1) * 96 / 480
+        assert moved.max() < 1, (other, moved.max())
+
+
+@pytest.mark.timeout(120)
 def test_predict_reads_dicom_spacing_and_lists_failures(head_expert, tmp_path):
     import pydicom
     from pydicom.dataset import FileMetaDataset

@@ -84,3 +84,25 @@ def test_a_non_finite_error_is_an_error_not_a_metric():
     with pytest.raises(ValueError, match="no visible landmark"):
         summarize(errors, [2.0], mask=np.zeros_like(errors, dtype=bool))
     assert summarize(errors, [2.0], mask=np.isfinite(errors))["mre"] == pytest.approx(4 / 3)  # invisible: not counted
+
+
+@pytest.mark.timeout(60)
+def test_verify_checks_what_the_build_promised_beyond_each_record(shards, capsys):
+    assert main(["shards", "verify", str(shards)]) == 0
+    capsys.readouterr()
+    manifest = json.loads((shards / "manifest.json").read_text())
+    entry = next(s for s in manifest["shards"] if s["dataset"] == "head" and s["split"] == "val")
+    with tarfile.open(shards / entry["url"]) as tar:
+        record = json.loads(tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith(".json"))).read())
+    _, key = tamper(shards, {"landmarks": [[-40.0, -40.0], *record["landmarks"][1:]], "visible": [1] * 19})
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["datasets"]["head"]["source"]["validation"]["ids"] == ["067"]
+    manifest["datasets"]["head"]["source"]["validation"]["ids"] = ["068"]  # not the carved sample
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with open(shards / "rejected.jsonl", "a") as f:
+        f.write(json.dumps({"source": "x", "dataset": "head", "id": "999", "reason": "unreadable_image", "detail": "?"}) + "\n")
+    assert main(["shards", "verify", str(shards)]) == 1
+    out = capsys.readouterr().out
+    assert f"sample {key}: visible landmark(s) [0] lie outside the" in out
+    assert "head/val: samples ['head_val_067', 'head_val_068'] differ from the ids the manifest says were carved" in out
+    assert "rejected.jsonl: lists 1 rejected input(s), the manifest says 0" in out
