@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from finetune.report import build_report, write_report
 from medsapiens import bundle as bundlelib
 from medsapiens import conformal, distributed
-from medsapiens.data.pipeline import check_val_split
+from medsapiens.data.pipeline import is_test_split
 from medsapiens.inference import predict_split
 from medsapiens.manifest import Manifest, ManifestError, load as load_manifest
 from medsapiens.metrics import Protocol
@@ -50,18 +51,24 @@ def evaluate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset:
         if dataset in bundle.calibration:
             report[0]["coverage"] = conformal.coverage_report(errors, mask, bundle.calibration[dataset],
                                                               landmark_set.names)
-        write_report(report[0], errors, preds.ids, landmark_set.names, out_dir)
+        write_report(report[0], np.where(mask, errors, np.nan), preds.ids, landmark_set.names, out_dir)
         write_overlays(preds.panels, Path(out_dir) / "overlays")
 
     distributed.decide_on_rank0(score)  # a bad image stops every rank, not rank 0 alone
     return report[0]
 
 
+def refuse_test_split(split: str) -> None:
+    if is_test_split(split):
+        raise ValueError(f"calibration split {split!r} is a test split: the coverage reported there would no longer "
+                         "be held out. Calibrate on 'val' (shards build carves one: --opt ID.val_fraction=F)")
+
+
 def calibrate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset: str, split: str = "val",
                     coverage: float = 0.9, flip_test: bool = True, batch_size: int = 8, device="cpu") -> dict | None:
     """Split conformal radii per landmark on `split` (never a test split), with flip test as evaluation
     and predict use it by default; every rank predicts, rank 0 returns the calibration record."""
-    check_val_split(split)
+    refuse_test_split(split)
     conformal.check_coverage(coverage)
     check_split(manifest, dataset, split, bundle)
     landmark_set = manifest.landmark_set(dataset)
@@ -78,7 +85,7 @@ def calibrate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset
 def calibrate_bundle(bundle_dir, shards: str, dataset: str | None = None, split: str = "val",
                      coverage: float = 0.9, **options) -> dict:
     """`medsapiens calibrate`: store the radii in the bundle's config.json (other heads' calibrations kept)."""
-    check_val_split(split)
+    refuse_test_split(split)
     model, bundle = bundlelib.load(bundle_dir, options.get("device", "cpu"))
     dataset = dataset or only_head(bundle)
     calibration = calibrate_model(model, bundle, load_manifest(shards), dataset, split, coverage, **options)
