@@ -137,6 +137,6 @@ def head_expert(phantom_shards, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("head_expert") / "run"
     proc = run([*CLI, "finetune", *finetune_args(phantom_shards, run_dir, "--init", "scratch", "--dataset", "head",
                                                  "--steps", "450", "train.val_every=150", "train.checkpoint_every=150",
-                                                 "optim.lr=2e-3", "data.augment.rotation_deg=10")], 400)
+                                                 "optim.lr=2e-3", "data.augment.rotation_deg=10")], 900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
