@@ -207,3 +207,22 @@ def test_calibration_refuses_a_test_split_and_too_few_images(head_expert, phanto
     # a bundle without calibration (as every older bundle) loads, with no radii
     assert bundlelib.read_config(bundle).calibration == {}
     assert "calibration" not in json.loads((bundle / "config.json").read_text())
+
+
+def test_finetune_calibrates_the_bundle_it_selected_on_its_val_split(head_expert, held_out_shards, phantom_shards,
+                                                                     tmp_path, capsys):
+    from finetune.config import FinetuneConfig
+    from finetune.train import calibrate_run
+
+    for shards, val_images in ((held_out_shards, 11), (phantom_shards, 1)):
+        run_dir = tmp_path / f"val{val_images}"
+        shutil.copytree(head_expert / "bundle", run_dir / "bundle")
+        model, bundle = bundlelib.load(run_dir / "bundle")
+        calibrate_run(FinetuneConfig(run_dir=str(run_dir), dataset="head"), model, bundle, load_manifest(shards), "cpu")
+        stored = bundlelib.read_config(run_dir / "bundle").calibration
+        if val_images >= conformal.minimum_images(COVERAGE):
+            assert stored["head"]["split"] == "val" and stored["head"]["images"] == val_images
+            assert stored["head"]["coverage"] == COVERAGE and len(stored["head"]["radii"]) == 19
+        else:
+            assert stored == {} and "calibration skipped: 1 'val' image(s), 90% coverage needs at least 9" in \
+                capsys.readouterr().err
