@@ -73,7 +73,8 @@ def report_figures(report: dict, errors: np.ndarray, out_dir) -> list[Path]:
     """The two figures of one report, written beside it."""
     out = Path(out_dir)
     title = f"{report['dataset']}: cumulative error distribution"
-    return [ced_figure({report["dataset"]: errors}, report["unit"], [float(r) for r in report["sdr"]], out / CED, title),
+    radii = [float(r) for r in report["sdr"]]
+    return [ced_figure({report["dataset"]: errors}, report["unit"], radii, out / CED, title),
             per_landmark_figure(report, out / PER_LANDMARK)]
 
 

@@ -106,8 +106,8 @@ def test_onnx_graph_decodes_as_the_pytorch_bundle_at_any_batch(calibrated, expor
 @pytest.mark.timeout(300)
 def test_predict_onnx_needs_no_torch_and_writes_what_predict_writes(calibrated, exported, phantom_shards, tmp_path):
     folder = phantom_shards.parent / "raw" / "head" / "RawImage" / "Test1Data"
-    proc = run([sys.executable, "-c", WITHOUT_TORCH, "predict", "--onnx", str(exported), "--out", str(tmp_path / "onnx"),
-                "--overlays", str(folder)], 120)
+    proc = run([sys.executable, "-c", WITHOUT_TORCH, "predict", "--onnx", str(exported),
+                "--out", str(tmp_path / "onnx"), "--overlays", str(folder)], 120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert run([*CLI, "predict", "--bundle", str(calibrated), "--out", str(tmp_path / "torch"), str(folder)],
                120).returncode == 0
