@@ -27,7 +27,9 @@ class FinetuneConfig:
     lists several shot seeds to run one after another (their mean and std are reported).
     eval_split: the split evaluated at the end; `auto` takes `test`, else every `test*` split
     (ISBI 2015's test1 and test2), each reported; the first one is the run's headline.
-    flip_test: average with the mirrored image at evaluation (as MedSapiens always does)."""
+    flip_test: average with the mirrored image at evaluation (as MedSapiens always does).
+    calibration_coverage: the selected bundle's split conformal radii per landmark are calibrated on
+    data.val_split at this coverage (0: none; skipped, and said, when the val split is too small)."""
 
     run_dir: str = "runs/finetune"
     dataset: str = ""
@@ -40,6 +42,7 @@ class FinetuneConfig:
     eval_split: str = "auto"
     flip_test: bool = True
     eval_overlays: int = 0
+    calibration_coverage: float = 0.9
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)

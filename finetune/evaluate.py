@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from finetune.report import build_report, write_report
 from medsapiens import bundle as bundlelib
-from medsapiens import distributed
+from medsapiens import conformal, distributed
+from medsapiens.data.pipeline import is_test_split
+from medsapiens.errors import InputError
 from medsapiens.inference import predict_split
 from medsapiens.manifest import Manifest, ManifestError, load as load_manifest
 from medsapiens.metrics import Protocol
@@ -46,11 +49,56 @@ def evaluate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset:
         flip = " with flip test" if flip_test and landmark_set.can_flip else ""
         report[0] = build_report(errors, mask, preds.ids, protocol, dataset, f"{split} split of {manifest.location}{flip}")
         report[0].update(evaluated_on=split, flip_test=bool(flip), selected_on=selection_of(bundle))
-        write_report(report[0], errors, preds.ids, landmark_set.names, out_dir)
+        if dataset in bundle.calibration:
+            report[0]["coverage"] = conformal.coverage_report(errors, mask, bundle.calibration[dataset],
+                                                              landmark_set.names)
+        write_report(report[0], np.where(mask, errors, np.nan), preds.ids, landmark_set.names, out_dir)
         write_overlays(preds.panels, Path(out_dir) / "overlays")
 
     distributed.decide_on_rank0(score)  # a bad image stops every rank, not rank 0 alone
     return report[0]
+
+
+def refuse_test_split(split: str) -> None:
+    if is_test_split(split):
+        raise InputError(f"calibration split {split!r} is a test split: the coverage reported there would no longer "
+                         "be held out. Calibrate on 'val' (shards build carves one: --opt ID.val_fraction=F)")
+
+
+def calibrate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset: str, split: str = "val",
+                    coverage: float = 0.9, flip_test: bool = True, batch_size: int = 8, device="cpu") -> dict | None:
+    """Split conformal radii per landmark on `split` (never a test split), with flip test as evaluation
+    and predict use it by default; every rank predicts, rank 0 returns the calibration record."""
+    refuse_test_split(split)
+    conformal.check_coverage(coverage)
+    check_split(manifest, dataset, split, bundle)
+    landmark_set = manifest.landmark_set(dataset)
+    preds = predict_split(model, manifest, dataset, model.dataset_ids.index(dataset), split, bundle.input_size,
+                          device, next(model.parameters()).dtype, batch_size, flip_test,
+                          margin=bundle.codec.margin, blur_kernel=bundle.codec.blur_kernel)
+    if preds is None:
+        return None
+    errors, mask = preds.errors(Protocol(landmark_set))
+    return conformal.calibrate(errors, mask, coverage, landmark_set.names, landmark_set.unit, split,
+                               bool(flip_test and landmark_set.can_flip))
+
+
+def calibrate_bundle(bundle_dir, shards: str, dataset: str | None = None, split: str = "val",
+                     coverage: float = 0.9, **options) -> dict:
+    """`medsapiens calibrate`: store the radii in the bundle's config.json (other heads' calibrations kept)."""
+    refuse_test_split(split)
+    model, bundle = bundlelib.load(bundle_dir, options.get("device", "cpu"))
+    dataset = dataset or only_head(bundle)
+    calibration = calibrate_model(model, bundle, load_manifest(shards), dataset, split, coverage, **options)
+    bundle.calibration = {**bundle.calibration, dataset: calibration}
+    bundlelib.write_config(bundle_dir, bundle)
+    return calibration
+
+
+def only_head(bundle: bundlelib.Bundle) -> str:
+    if len(bundle.heads) != 1:
+        raise ManifestError(f"the bundle has heads {', '.join(bundle.heads)}: choose one with --dataset")
+    return next(iter(bundle.heads))
 
 
 def selection_of(bundle: bundlelib.Bundle) -> dict:
@@ -70,11 +118,7 @@ def write_overlays(panels, out_dir: Path) -> None:
 
 def evaluate_bundle(bundle_dir, shards: str, dataset: str | None, split: str, out_dir, **options) -> dict:
     model, bundle = bundlelib.load(bundle_dir, options.get("device", "cpu"))
-    if dataset is None:
-        if len(bundle.heads) != 1:
-            raise ManifestError(f"the bundle has heads {', '.join(bundle.heads)}: choose one with --dataset")
-        dataset = next(iter(bundle.heads))
-    return evaluate_model(model, bundle, load_manifest(shards), dataset, split, out_dir, **options)
+    return evaluate_model(model, bundle, load_manifest(shards), dataset or only_head(bundle), split, out_dir, **options)
 
 
 def summary_line(report: dict) -> str:

@@ -1,10 +1,13 @@
-"""`medsapiens predict`: landmarks on new images (PNG, JPG, BMP, TIFF, DICOM) from a bundle.
+"""`medsapiens predict`: landmarks on new images (PNG, JPG, BMP, TIFF, DICOM) from a bundle or an ONNX model.
 
 Writes one JSON per image (pixels of the original image; millimetres too when the spacing is
-known: `--spacing` wins, else the DICOM tags), `predictions.json` in the format `medsapiens evaluate
---predictions` reads, optional overlays, and `failures.json` listing every input that could not
-be read, with the reason. Each input is isolated: one bad file is listed, the others complete, and
-both JSON files are always written.
+known: `--spacing` wins, else the DICOM tags; the conformal radius of each landmark when the model is
+calibrated), `predictions.json` in the format `medsapiens evaluate --predictions` reads, optional
+overlays, and `failures.json` listing every input that could not be read, with the reason. Each
+input is isolated: one bad file is listed, the others complete, and both JSON files are always written.
+
+This module imports no torch: with `--onnx` the model runs on onnxruntime (medsapiens.onnx_model),
+else on torch (medsapiens.inference.BundleLandmarker, imported only then).
 """
 from __future__ import annotations
 
@@ -12,14 +15,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from medsapiens import bundle as bundlelib
-from medsapiens.data.pipeline import eval_example
+from medsapiens.conformal import radii_in_pixels
 from medsapiens.errors import InputError
 from medsapiens.imageio import decode, dicom_spacing, is_dicom, to_float
-from medsapiens.inference import heatmaps_to_image, predict_heatmaps
+from medsapiens.metrics import Protocol
 from medsapiens.record import Rejection
 from medsapiens.visualize import draw_landmarks
 
@@ -63,7 +64,8 @@ def failure(path: Path, reason: str, detail: str) -> dict:
     return {"image": str(path), "reason": reason, "detail": detail}
 
 
-def result_for(path: Path, points: np.ndarray, scores: np.ndarray, image, spacing, source, dataset, names) -> dict:
+def result_for(path: Path, points: np.ndarray, scores: np.ndarray, image, spacing, source, dataset, names,
+               bounds: dict | None) -> dict:
     result = {
         "image": str(path), "id": path.stem, "dataset": dataset, "size": [image.shape[1], image.shape[0]],
         "names": list(names), "landmarks": np.round(points, 3).tolist(), "scores": np.round(scores, 4).tolist(),
@@ -71,33 +73,75 @@ def result_for(path: Path, points: np.ndarray, scores: np.ndarray, image, spacin
     }
     if spacing:
         result["landmarks_mm"] = np.round(points * np.asarray(spacing), 3).tolist()
+    if bounds:
+        result.update(bounds)
     return result
 
 
-def predict(bundle_dir, inputs: list[str], out_dir, dataset: str | None = None, flip_test: bool = False,
-            overlays: bool = False, batch_size: int = 8, spacing=None, device: str = "cpu", frame: int | None = None):
-    """Returns (results, failures). Ids are file stems; a second input with the same id is a failure."""
+def open_landmarker(bundle_dir, onnx, device: str, flip_test: bool | None):
+    """The model: an ONNX file on onnxruntime (flip test as exported), else a bundle on torch."""
+    if onnx:
+        from medsapiens.onnx_model import OnnxLandmarker
+
+        return OnnxLandmarker(onnx)
+    from medsapiens.inference import BundleLandmarker
+
+    return BundleLandmarker(bundle_dir, device, True if flip_test is None else flip_test)
+
+
+def check_flip_test(landmarker, dataset: str, flip_test: bool | None, onnx) -> None:
+    exported = landmarker.flip_test[dataset]
+    if onnx and flip_test is not None and flip_test != exported and landmarker.landmark_sets[dataset].can_flip:
+        raise InputError(f"{onnx} was exported {'with' if exported else 'without'} flip test for {dataset!r}: "
+                         f"drop --{'no-' if exported else ''}flip-test, or export it again")
+
+
+class Bounds:
+    """Each landmark's conformal radius, in the protocol's unit and (where convertible) in original pixels."""
+
+    def __init__(self, landmark_set, calibration: dict | None):
+        self.calibration = calibration
+        self.protocol = Protocol(landmark_set)
+
+    def of(self, points: np.ndarray, spacing, size) -> tuple[dict | None, np.ndarray | None]:
+        if not self.calibration:
+            return None, None
+        native = self.protocol.landmark_set.native_spacing_mm
+        pixels = radii_in_pixels(self.protocol, self.calibration["radii"], points,
+                                 spacing or ((native, native) if native else None), size)
+        fields = {"radius": np.round(self.calibration["radii"], 4).tolist(), "radius_unit": self.calibration["unit"],
+                  "radius_coverage": self.calibration["coverage"],
+                  "radius_px": None if pixels is None else np.round(pixels, 3).tolist()}
+        return fields, pixels
+
+
+def predict(bundle_dir, inputs: list[str], out_dir, dataset: str | None = None, flip_test: bool | None = None,
+            overlays: bool = False, batch_size: int = 8, spacing=None, device: str = "cpu", frame: int | None = None,
+            onnx=None):
+    """Returns (results, failures). Ids are file stems; a second input with the same id is a failure.
+    flip_test None: on for a bundle, as exported for an ONNX model."""
     paths = collect_inputs(inputs)
-    model, bundle = bundlelib.load(bundle_dir, device)
-    dataset = dataset or (next(iter(bundle.heads)) if len(bundle.heads) == 1 else None)
-    if dataset not in bundle.heads:
-        raise InputError(f"choose --dataset among the bundle's heads: {', '.join(bundle.heads)}")
-    landmark_set = bundle.landmark_sets[dataset]
-    perm = landmark_set.flip_permutation() if flip_test and landmark_set.can_flip else None
+    landmarker = open_landmarker(bundle_dir, onnx, device, flip_test)
+    heads = landmarker.heads
+    dataset = dataset or (next(iter(heads)) if len(heads) == 1 else None)
+    if dataset not in heads:
+        raise InputError(f"choose --dataset among the model's heads: {', '.join(heads)}")
+    check_flip_test(landmarker, dataset, flip_test, onnx)
+    landmark_set = landmarker.landmark_sets[dataset]
+    bounds = Bounds(landmark_set, landmarker.calibration.get(dataset))
     out = Path(out_dir)
     (out / "overlays" if overlays else out).mkdir(parents=True, exist_ok=True)
     results, failures, batch, seen = [], [], [], {}
 
     def flush():
-        images = torch.stack([e.image for _, _, e, _, _ in batch]).to(device)
-        heat = predict_heatmaps(model, images, dataset, model.dataset_ids.index(dataset), perm)
-        points, scores = heatmaps_to_image(heat, torch.stack([e.matrix for _, _, e, _, _ in batch]), bundle.input_size,
-                                           bundle.codec.blur_kernel)
-        for (path, image, example, sp, source), pts, sc in zip(batch, points, scores):
-            result = result_for(path, pts, sc, image, sp, source, dataset, landmark_set.names)
+        points, scores = landmarker.predict([image for _, image, _, _ in batch], dataset)
+        for (path, image, sp, source), pts, sc in zip(batch, points, scores):
+            fields, radii_px = bounds.of(pts, sp, (image.shape[1], image.shape[0]))
+            result = result_for(path, pts, sc, image, sp, source, dataset, landmark_set.names, fields)
             (out / f"{path.stem}.json").write_text(json.dumps(result, indent=1))
             if overlays:
-                Image.fromarray(draw_landmarks(image, pred=pts)).save(out / "overlays" / f"{path.stem}.png")
+                Image.fromarray(draw_landmarks(image, pred=pts, bounds=radii_px)).save(
+                    out / "overlays" / f"{path.stem}.png")
             results.append(result)
         batch.clear()
 
@@ -115,7 +159,7 @@ def predict(bundle_dir, inputs: list[str], out_dir, dataset: str | None = None, 
             except Exception as exc:  # noqa: BLE001 - one unreadable input must not lose the others
                 failures.append(failure(path, "unreadable_image", f"{path}: {type(exc).__name__}: {exc}"))
                 continue
-            batch.append((path, image, eval_example(image, {}, bundle.input_size, bundle.codec.margin), sp, source))
+            batch.append((path, image, sp, source))
             if len(batch) == batch_size:
                 flush()
         if batch:

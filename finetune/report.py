@@ -9,6 +9,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from finetune.figures import CED, PER_LANDMARK, report_figures
 from medsapiens import registry
 from medsapiens.errors import InputError
 from medsapiens.metrics import Protocol, radial_errors, summarize
@@ -33,8 +34,11 @@ def build_report(errors: np.ndarray, mask: np.ndarray, ids: list[str], protocol:
 
 
 def write_report(report: dict, errors: np.ndarray, ids: list[str], names, out_dir: str | Path) -> Path:
+    """report.json, report.md with its figures (CED curve, per-landmark MRE) and per_image.csv; `errors`
+    (N, K) are NaN where the ground truth has no landmark."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    report_figures(report, errors, out)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
     with open(out / "per_image.csv", "w", newline="") as f:
@@ -68,9 +72,26 @@ def markdown(report: dict) -> str:
     ]
     for name, row in report["per_landmark"].items():
         lines.append(f"| {name} | {row['mre']:.3f} | " + " | ".join(f"{row['sdr'][r]:.1f}%" for r in radii) + " |")
+    lines += ["", "## Figures", "", f"Cumulative error distribution (the SDR radii dashed): ![CED]({CED})", "",
+              f"MRE per landmark: ![per-landmark MRE]({PER_LANDMARK})"]
+    lines += coverage_lines(report)
     lines += ["", "## Worst images", "", f"| image | MRE ({unit}) |", "|---|---:|"]
     lines += [f"| {w['id']} | {w['mre']:.3f} |" for w in report["worst"]]
     return "\n".join(lines) + "\n"
+
+
+def coverage_lines(report: dict) -> list[str]:
+    """The conformal radii's empirical coverage on this split, when the bundle is calibrated."""
+    if "coverage" not in report:
+        return []
+    c = report["coverage"]
+    lines = ["", "## Conformal error bounds", "",
+             f"Per-landmark radii calibrated on the {c['calibrated_on']!r} split ({c['calibration_images']} images) at "
+             f"{c['nominal']:.0%} nominal coverage; bound: {c['bound']}. Empirical coverage here: "
+             f"**{c['overall']:.1%}** overall.", "",
+             f"| landmark | radius ({c['unit']}) | coverage |", "|---|---:|---:|"]
+    lines += [f"| {name} | {row['radius']:.3f} | {row['coverage']:.1%} |" for name, row in c["per_landmark"].items()]
+    return lines
 
 
 def selection_lines(report: dict) -> list[str]:

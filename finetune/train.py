@@ -12,9 +12,10 @@ import numpy as np
 import torch
 
 from finetune.config import INIT_SOURCES, FinetuneConfig
-from finetune.evaluate import evaluate_model
+from finetune.evaluate import calibrate_model, evaluate_model
 from finetune.subset import few_shot_manifest
 from medsapiens import bundle as bundlelib
+from medsapiens import conformal
 from medsapiens import config as configlib
 from medsapiens import distributed
 from medsapiens.checkpoints import checkpoint_dir, latest_tag, tag_step
@@ -41,6 +42,8 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise InputError(f"--shots and --seeds must not be negative (got shots {cfg.shots}, seeds {cfg.seeds})")
     if cfg.data.micro_batch < 1:  # before check_settings, to name the flag fine-tuning users give
         raise InputError(f"--batch-size (data.micro_batch) must be at least 1, got {cfg.data.micro_batch}")
+    if cfg.calibration_coverage:
+        conformal.check_coverage(cfg.calibration_coverage)
     check_settings(cfg)
     if cfg.train.val_every != cfg.train.checkpoint_every:
         raise InputError("fine-tuning keeps the best validated checkpoint: train.val_every must equal "
@@ -142,6 +145,7 @@ def run_one(cfg: FinetuneConfig) -> dict | None:
     distributed.decide_on_rank0(lambda: export_best(cfg, run_dir, tag, model_cfg, landmark_set, origin, validation,
                                                     result.selection))
     model, bundle = bundlelib.load(run_dir / "bundle", result.device)
+    calibrate_run(cfg, model, bundle, manifest, result.device)
     reports = {split: evaluate_model(model, bundle, manifest, cfg.dataset, split, run_dir / "eval" / split,
                                      flip_test=cfg.flip_test, batch_size=cfg.data.micro_batch,
                                      overlays=cfg.eval_overlays, device=result.device)
@@ -151,6 +155,23 @@ def run_one(cfg: FinetuneConfig) -> dict | None:
     return {"run_dir": str(run_dir), "bundle": str(run_dir / "bundle"), "seed": cfg.shot_seed, "best": best,
             "trainable_parameters": result.trainable_parameters, "report": next(iter(reports.values())),
             "reports": reports}
+
+
+def calibrate_run(cfg: FinetuneConfig, model, bundle: bundlelib.Bundle, manifest: Manifest, device) -> None:
+    """Conformal radii of the selected checkpoint on the val split, stored in RUN_DIR/bundle."""
+    if not cfg.calibration_coverage:
+        return
+    images = manifest.datasets[cfg.dataset].splits.get(cfg.data.val_split, 0)
+    needed = conformal.minimum_images(cfg.calibration_coverage)
+    if images < needed:
+        if distributed.rank() == 0:
+            print(f"calibration skipped: {images} {cfg.data.val_split!r} image(s), {cfg.calibration_coverage:.0%} "
+                  f"coverage needs at least {needed}", file=sys.stderr)
+        return
+    calibration = calibrate_model(model, bundle, manifest, cfg.dataset, cfg.data.val_split, cfg.calibration_coverage,
+                                  cfg.flip_test, cfg.data.micro_batch, device)
+    bundle.calibration = {cfg.dataset: calibration}
+    distributed.decide_on_rank0(lambda: bundlelib.write_config(Path(cfg.run_dir) / "bundle", bundle))
 
 
 def seed_summary(results: list[dict]) -> dict:

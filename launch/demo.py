@@ -131,6 +131,17 @@ def table(plan: DemoPlan, results: dict) -> str:
     return "\n".join(lines)
 
 
+def starts_figure(plan: DemoPlan, results: dict) -> Path:
+    """The cumulative error curves of the three starts in one figure: the transfer gain at a glance."""
+    from finetune.figures import runs_ced_figure
+
+    first = next(iter(results.values()))
+    starts = {name: [csv for run in r["runs"] for csv in sorted(Path(run["run_dir"]).glob("eval/*/per_image.csv"))[:1]]
+              for name, r in results.items()}
+    return runs_ced_figure(starts, first["unit"], [float(k) for k in first["sdr"]], plan.out / "ced_starts.png",
+                           f"{plan.shots}-shot {plan.held_out}, {len(plan.seeds)} seeds pooled: error CDF per start")
+
+
 def run_demo(plan: DemoPlan) -> dict:
     started = time.time()
     total = 5 + len(STARTS)
@@ -153,11 +164,13 @@ def run_demo(plan: DemoPlan) -> dict:
               "starts": results, "table": text, "minutes": round((time.time() - started) / 60, 2),
               "paths": {"shards": str(shards), "pretrain_run": str(plan.out / "pretrain"), "bundle": str(bundle),
                         "finetune_runs": str(plan.out / "finetune")}}
+    report["paths"]["ced_figure"] = str(starts_figure(plan, results))
     (plan.out / "results.json").write_text(json.dumps(report, indent=2))
     print(text)
     print(f"\nresults.json: {plan.out / 'results.json'}\n"
           f"TensorBoard:  tensorboard --logdir {plan.out}\n"
           f"reports:      {plan.out}/finetune/<start>/seed_<n>/eval/<split>/report.md (overlays/ beside them)\n"
+          f"CED curves:   {report['paths']['ced_figure']} (one curve per start, all seeds pooled)\n"
           f"contact sheet of the phantoms: medsapiens shards inspect {shards} --sheet sheet.png")
     return report
 

@@ -43,6 +43,7 @@ class Bundle:
     landmark_sets: dict[str, LandmarkSet]
     codec: CodecSettings = field(default_factory=CodecSettings)
     provenance: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)  # {dataset: conformal radii}; empty: none (medsapiens.conformal)
 
     @property
     def heads(self) -> dict[str, int]:
@@ -61,6 +62,7 @@ class Bundle:
             "codec": asdict(self.codec),
             "landmark_sets": {d: s.to_dict() for d, s in self.landmark_sets.items()},
             "provenance": self.provenance,
+            **({"calibration": self.calibration} if self.calibration else {}),
         }
 
 
@@ -81,6 +83,13 @@ def save(out_dir: str | Path, model: torch.nn.Module, bundle: Bundle) -> Path:
     return out
 
 
+def write_config(path: str | Path, bundle: Bundle) -> None:
+    """Rewrite a bundle's config.json (e.g. with a calibration added), atomically; weights untouched."""
+    path = Path(path)
+    (path / f".{CONFIG}.tmp").write_text(json.dumps(bundle.to_dict(), indent=2))
+    os.replace(path / f".{CONFIG}.tmp", path / CONFIG)
+
+
 def read_config(path: str | Path) -> Bundle:
     path = Path(path)
     try:
@@ -95,7 +104,8 @@ def read_config(path: str | Path) -> Bundle:
     if {k: s.num_landmarks for k, s in sets.items()} != heads:
         raise InputError(f"{path / CONFIG}: heads {heads} disagree with the landmark sets")
     model["img_size"] = tuple(model["img_size"])
-    return Bundle(ModelConfig(**model), sets, CodecSettings(**d["codec"]), d.get("provenance", {}))
+    return Bundle(ModelConfig(**model), sets, CodecSettings(**d["codec"]), d.get("provenance", {}),
+                  d.get("calibration", {}))
 
 
 def load(path: str | Path, device: str | torch.device = "cpu"):

@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from medsapiens import preprocess
+
 
 def _as_tensor(x, dtype) -> torch.Tensor:
     return x.to(dtype) if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=dtype)
@@ -100,14 +102,15 @@ def decode_udp(heatmaps: torch.Tensor, blur_kernel: int = 11):
     """
     lead, (h, w) = heatmaps.shape[:-2], heatmaps.shape[-2:]
     maps = heatmaps.detach().reshape(-1, h, w).float()
-    scores, flat_idx = maps.reshape(len(maps), -1).max(dim=1)
+    scores, flat_idx = maps.flatten(1).max(dim=1)
     ix, iy = flat_idx % w, flat_idx // w
     log_maps = torch.log(_blur_keep_max(maps, blur_kernel).clamp(1e-3, 50.0))
-    padded = F.pad(log_maps[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
-    rows = torch.arange(len(maps), device=maps.device)
+    padded = F.pad(log_maps[:, None], (1, 1, 1, 1), mode="replicate").flatten(1)
 
     def at(dx: int, dy: int) -> torch.Tensor:
-        return padded[rows, iy + 1 + dy, ix + 1 + dx].double()
+        # a gather on the flattened padded map, not advanced indexing: it exports to ONNX
+        index = (iy + 1 + dy) * (w + 2) + (ix + 1 + dx)
+        return padded.gather(1, index[:, None])[:, 0].double()
 
     centre = at(0, 0)
     dx = 0.5 * (at(1, 0) - at(-1, 0))
@@ -140,27 +143,9 @@ def flip_heatmaps(heatmaps: torch.Tensor, permutation) -> torch.Tensor:
 
 def whole_image_affine(image_size, input_size, margin: float = 1.25, scale: float = 1.0,
                        rotation_deg: float = 0.0, shift=(0.0, 0.0), flip: bool = False) -> torch.Tensor:
-    """3x3 matrix mapping original-image pixels to input pixels.
-
-    The whole image, padded to the input's aspect ratio and enlarged by `margin`, fills the input.
-    `scale` > 1 zooms in, `rotation_deg` turns counter-clockwise on screen, `shift` moves the
-    crop by that fraction of the box size, and `flip` mirrors horizontally about the input centre.
-    """
-    (iw, ih), (ow, oh) = image_size, input_size
-    box_w = max(iw, ih * ow / oh) * margin
-    box_h = box_w * oh / ow
-    s = ow / box_w * scale
-    cx = (iw - 1) / 2 + shift[0] * box_w
-    cy = (ih - 1) / 2 + shift[1] * box_h
-    t = math.radians(rotation_deg)
-    cos, sin = math.cos(t), math.sin(t)
-    mirror = -1.0 if flip else 1.0
-    rot_scale = torch.tensor([[mirror * s * cos, mirror * s * sin], [-s * sin, s * cos]], dtype=torch.float64)
-    matrix = torch.eye(3, dtype=torch.float64)
-    matrix[:2, :2] = rot_scale
-    matrix[:2, 2] = torch.tensor([(ow - 1) / 2, (oh - 1) / 2], dtype=torch.float64) - rot_scale @ torch.tensor(
-        [cx, cy], dtype=torch.float64)
-    return matrix
+    """3x3 float64 tensor mapping original-image pixels to input pixels (medsapiens.preprocess has the rule)."""
+    return torch.from_numpy(preprocess.whole_image_affine(image_size, input_size, margin, scale, rotation_deg, shift,
+                                                          flip))
 
 
 def apply_affine(matrix: torch.Tensor, points) -> torch.Tensor:

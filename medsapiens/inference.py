@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from medsapiens import bundle as bundlelib
 from medsapiens import distributed
 from medsapiens.codec import apply_affine, decode_udp, flip_heatmaps, heatmap_to_input
-from medsapiens.data.pipeline import eval_examples, heatmap_size
+from medsapiens.data.pipeline import eval_example, eval_examples, heatmap_size
 from medsapiens.manifest import Manifest
 from medsapiens.metrics import Protocol, radial_errors
 from medsapiens.record import original_spacing, to_original
@@ -106,3 +107,25 @@ def predict_split(model, manifest: Manifest, dataset_id: str, dataset_index: int
 
 def points_in_input(matrix: torch.Tensor, stored_points) -> np.ndarray:
     return apply_affine(matrix, torch.as_tensor(np.asarray(stored_points), dtype=torch.float64)).numpy()
+
+
+class BundleLandmarker:
+    """A bundle on torch, for `medsapiens predict`: images from medsapiens.imageio -> original pixels.
+    medsapiens.onnx_model.OnnxLandmarker is its onnxruntime twin."""
+
+    def __init__(self, bundle_dir, device="cpu", flip_test: bool = True):
+        self.model, self.bundle = bundlelib.load(bundle_dir, device)
+        self.device = device
+        self.heads = self.bundle.heads
+        self.landmark_sets = self.bundle.landmark_sets
+        self.calibration = self.bundle.calibration
+        self.flip_test = {d: flip_test and s.can_flip for d, s in self.landmark_sets.items()}
+
+    def predict(self, images: list, dataset: str) -> tuple[np.ndarray, np.ndarray]:
+        """(landmarks (B, K, 2) in original pixels, scores (B, K))."""
+        size, codec = self.bundle.input_size, self.bundle.codec
+        examples = [eval_example(image, {}, size, codec.margin) for image in images]
+        perm = self.landmark_sets[dataset].flip_permutation() if self.flip_test[dataset] else None
+        heat = predict_heatmaps(self.model, torch.stack([e.image for e in examples]).to(self.device), dataset,
+                                self.model.dataset_ids.index(dataset), perm)
+        return heatmaps_to_image(heat, torch.stack([e.matrix for e in examples]), size, codec.blur_kernel)

@@ -54,6 +54,15 @@ def losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss/total"] for r in rows if "loss/total" in r}
 
 
+CLI = [sys.executable, "-m", "launch.cli"]
+FINETUNE_CONFIG = REPO / "launch" / "experiments" / "demo_finetune.yaml"
+
+
+def finetune_args(shards, run_dir, *extra) -> list[str]:
+    return ["--config", str(FINETUNE_CONFIG), "--shards", str(shards), "--run-dir", str(run_dir),
+            "model.trunk_width=32", "train.val_limit=8", "data.workers=0", *extra]
+
+
 SMALL_RUN = ("train.max_steps=4", "train.checkpoint_every=2", "train.val_every=4", "train.keep_last=2")
 
 
@@ -120,3 +129,15 @@ def with_first_record_changed(shard, change: dict) -> tuple[bytes, str]:
                 member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
     return out.getvalue(), key
+
+
+@pytest.fixture(scope="session")
+def head_expert(phantom_shards, tmp_path_factory) -> Path:
+    """A head-only model trained long enough to be clearly better than guessing (its checkpoint chosen on
+    one carved val image: 300 steps were enough only while selection read the test split predicted below)."""
+    run_dir = tmp_path_factory.mktemp("head_expert") / "run"
+    proc = run([*CLI, "finetune", *finetune_args(phantom_shards, run_dir, "--init", "scratch", "--dataset", "head",
+                                                 "--steps", "450", "train.val_every=150", "train.checkpoint_every=150",
+                                                 "optim.lr=2e-3", "data.augment.rotation_deg=10")], 900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DEMO_CONFIG, REPO, deepspeed_module, run
+from conftest import CLI, DEMO_CONFIG, FINETUNE_CONFIG, deepspeed_module, finetune_args, run
 from finetune.config import FinetuneConfig
 from finetune.evaluate import evaluate_model
 from finetune.subset import draw_keys
@@ -19,13 +19,6 @@ from medsapiens import bundle as bundlelib
 from medsapiens import config as configlib
 from medsapiens import manifest as manifestlib
 
-FINETUNE_CONFIG = REPO / "launch" / "experiments" / "demo_finetune.yaml"
-CLI = [sys.executable, "-m", "launch.cli"]
-
-
-def finetune_args(shards, run_dir, *extra) -> list[str]:
-    return ["--config", str(FINETUNE_CONFIG), "--shards", str(shards), "--run-dir", str(run_dir),
-            "model.trunk_width=32", "train.val_limit=8", "data.workers=0", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -174,18 +167,6 @@ def test_finetune_refuses_bad_starts_clearly(phantom_shards, tmp_path):
     proc = run([*CLI, "finetune", *finetune_args(phantom_shards, tmp_path / "x", "--dataset", "knee", "--init", "scratch",
                                                  "--steps", "2")], 120)
     assert proc.returncode != 0 and "dataset 'knee' is not in the manifest" in proc.stderr
-
-
-@pytest.fixture(scope="module")
-def head_expert(phantom_shards, tmp_path_factory) -> Path:
-    """A head-only model trained long enough to be clearly better than guessing (its checkpoint chosen on
-    one carved val image: 300 steps were enough only while selection read the test split predicted below)."""
-    run_dir = tmp_path_factory.mktemp("head_expert") / "run"
-    proc = run([*CLI, "finetune", *finetune_args(phantom_shards, run_dir, "--init", "scratch", "--dataset", "head",
-                                                 "--steps", "450", "train.val_every=150", "train.checkpoint_every=150",
-                                                 "optim.lr=2e-3", "data.augment.rotation_deg=10")], 400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
 
 
 def isbi_truth(raw_head: Path, image: Path) -> np.ndarray:

@@ -11,10 +11,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medsapiens import preprocess
 from medsapiens.codec import whole_image_affine
 
-IMAGENET_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
-IMAGENET_STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+IMAGENET_MEAN = torch.tensor(preprocess.IMAGENET_MEAN).view(3, 1, 1)
+IMAGENET_STD = torch.tensor(preprocess.IMAGENET_STD).view(3, 1, 1)
 
 
 @dataclass

@@ -1,0 +1,118 @@
+"""`medsapiens evaluate --compare A/report.json B/report.json ...`: reports side by side, with a paired test.
+
+The test is a two-sided paired sign-flip permutation test on the per-image MRE of the images both
+reports scored (numpy only): under "no difference" each image's difference is as likely negative as
+positive, so the observed mean difference is ranked among the means with random signs (every sign
+pattern when n <= 16, else 20000 draws from a fixed seed); p = (1 + #{|mean| >= observed}) / (1 + draws).
+"""
+from __future__ import annotations
+
+import json
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+
+from medsapiens.errors import InputError
+
+EXACT_UP_TO = 16
+DRAWS = 20000
+SEED = 0
+
+
+def load_report(path) -> dict:
+    try:
+        report = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"report not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"report {path} is not valid JSON: {exc}") from None
+    missing = [k for k in ("mre", "mre_std_landmarks", "mre_std_images", "sdr", "per_landmark", "per_image", "unit")
+               if k not in report]
+    if missing:
+        raise InputError(f"{path}: not an evaluation report.json (no {', '.join(missing)})")
+    return report
+
+
+def sign_flip_test(differences) -> float:
+    """Two-sided p-value of a mean paired difference of zero."""
+    d = np.asarray(differences, dtype=np.float64)
+    observed = abs(d.mean())
+    if len(d) <= EXACT_UP_TO:
+        signs = np.array(list(product((1.0, -1.0), repeat=len(d))))
+    else:
+        signs = np.random.default_rng(SEED).choice((1.0, -1.0), size=(DRAWS, len(d)))
+    as_extreme = int((np.abs(signs @ d / len(d)) >= observed - 1e-12).sum())
+    return as_extreme / len(signs) if len(d) <= EXACT_UP_TO else (1 + as_extreme) / (1 + len(signs))
+
+
+def paired(base: dict, other: dict) -> dict:
+    shared = sorted(set(base["per_image"]) & set(other["per_image"]))
+    if not shared:
+        return {"images": 0, "mean_difference": None, "p": None}
+    d = np.array([other["per_image"][i] - base["per_image"][i] for i in shared])
+    return {"images": len(shared), "mean_difference": float(d.mean()), "p": sign_flip_test(d),
+            "better": int((d < 0).sum()), "worse": int((d > 0).sum())}
+
+
+def comparison(paths) -> dict:
+    """Every number the table prints, from the reports, and the paired tests against the first."""
+    if len(paths) < 2:
+        raise InputError("--compare needs at least two report.json files")
+    reports = [load_report(p) for p in paths]
+    units = {r["unit"] for r in reports}
+    if len(units) > 1:
+        raise InputError(f"the reports are in different units ({', '.join(sorted(units))}): not comparable")
+    radii = list(dict.fromkeys(r for report in reports for r in report["sdr"]))
+    landmarks = list(reports[0]["per_landmark"])
+    return {
+        "unit": units.pop(), "radii": radii, "landmarks": landmarks,
+        "rows": [{"report": str(p), "dataset": r.get("dataset"), "images": r.get("images"), "mre": r["mre"],
+                  "mre_std_landmarks": r["mre_std_landmarks"], "mre_std_images": r["mre_std_images"],
+                  "sdr": {k: r["sdr"].get(k) for k in radii}} for p, r in zip(paths, reports)],
+        "per_landmark": {name: [r["per_landmark"].get(name, {}).get("mre") for r in reports] for name in landmarks},
+        "paired": [paired(reports[0], r) for r in reports[1:]],
+    }
+
+
+def number(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(c: dict) -> str:
+    unit, radii, rows = c["unit"], c["radii"], c["rows"]
+    lines = ["| # | report | images | MRE (" + unit + ") | std over landmarks | std of image means | "
+             + " | ".join(f"SDR {r} {unit} (%)" for r in radii) + " |",
+             "|---:|---|---:|---:|---:|---:|" + "---:|" * len(radii)]
+    for n, row in enumerate(rows):
+        lines.append(f"| {n} | {row['report']} | {row['images']} | {number(row['mre'])} | "
+                     f"{number(row['mre_std_landmarks'])} | {number(row['mre_std_images'])} | "
+                     + " | ".join(number(row["sdr"][r], 2) for r in radii) + " |")
+    lines += ["", f"Paired sign-flip permutation test on per-image MRE against #0 (two-sided; exact up to "
+              f"{EXACT_UP_TO} images, else {DRAWS} draws, seed {SEED}):", "",
+              "| # | shared images | mean difference (" + unit + ") | better / worse images | p |",
+              "|---:|---:|---:|---|---:|"]
+    for n, test in enumerate(c["paired"], start=1):
+        counts = f"{test['better']} / {test['worse']}" if test["images"] else "n/a"
+        lines.append(f"| {n} | {test['images']} | {number(test['mean_difference'])} | {counts} | "
+                     f"{number(test['p'], 4)} |")
+    lines += ["", "Per landmark MRE (" + unit + "), delta to #0:", "",
+              "| landmark | #0 | " + " | ".join(f"#{n} | delta #{n}" for n in range(1, len(rows))) + " |",
+              "|---|---:|" + "---:|---:|" * (len(rows) - 1)]
+    for name, values in c["per_landmark"].items():
+        cells = [number(values[0])]
+        for v in values[1:]:
+            cells += [number(v), number(None if v is None or values[0] is None else v - values[0])]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_reports(paths, out_dir=None) -> str:
+    c = comparison(paths)
+    text = markdown(c)
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.md").write_text(text)
+        (out / "compare.json").write_text(json.dumps(c, indent=2) + "\n")
+    return text

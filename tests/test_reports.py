@@ -1,0 +1,98 @@
+"""Report figures (CED curve, per-landmark MRE), the demo's one-figure CED of the starts, and
+`evaluate --compare`."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import CLI, run
+from finetune.figures import ced_curve
+from finetune.report import build_report, write_report
+from launch.demo import DemoPlan, starts_figure
+from medsapiens import registry
+from medsapiens.metrics import Protocol
+
+IDS = [f"img{i:02d}" for i in range(12)]
+
+
+def write_scored(out, errors: np.ndarray, dataset: str = "head"):
+    """report.json, report.md, per_image.csv and figures of given (N, K) errors."""
+    protocol = Protocol(registry.get(dataset))
+    mask = np.ones_like(errors, dtype=bool)
+    report = build_report(errors, mask, IDS, protocol, dataset, "synthetic errors")
+    write_report(report, errors, IDS, protocol.landmark_set.names, out)
+    return report
+
+
+def errors_of(seed: int, scale: float, dataset: str = "head") -> np.ndarray:
+    return np.random.default_rng(seed).gamma(2.0, scale, (len(IDS), registry.get(dataset).num_landmarks))
+
+
+def looks_like_a_figure(path) -> None:
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("L"), dtype=np.float64)
+    assert min(pixels.shape) > 200 and pixels.std() > 10, path  # drawn on, not a blank canvas
+
+
+def test_report_has_its_cumulative_error_curve_and_per_landmark_bars(tmp_path):
+    errors = errors_of(0, 1.0)
+    write_scored(tmp_path, errors)
+    for name in ("ced.png", "per_landmark_mre.png"):
+        looks_like_a_figure(tmp_path / name)
+        assert f"]({name})" in (tmp_path / "report.md").read_text()
+    x, y = ced_curve(errors)
+    assert np.all(np.diff(x) >= 0) and y[-1] == 1.0
+    assert y[np.searchsorted(x, 2.0, side="right") - 1] == pytest.approx((errors <= 2.0).mean())
+
+
+def test_demo_draws_one_curve_per_start_in_one_figure(tmp_path):
+    results = {}
+    for n, (name, scale) in enumerate((("pretrained", 0.6), ("same backbone", 1.0), ("scratch", 1.2))):
+        runs = []
+        for seed in range(2):
+            run_dir = tmp_path / f"start{n}" / f"seed_{seed}"
+            write_scored(run_dir / "eval" / "test", errors_of(10 * n + seed, scale * 3, "leg"), "leg")
+            runs.append({"seed": seed, "run_dir": str(run_dir)})
+        results[name] = {"unit": "mm", "sdr": {"2": {}, "4": {}, "10": {}}, "runs": runs}
+    path = starts_figure(DemoPlan(out=tmp_path, seeds=(0, 1)), results)
+    assert path == tmp_path / "ced_starts.png"
+    looks_like_a_figure(path)
+
+
+def table_rows(text: str, first_cell: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if re.match(rf"\|\s*{first_cell}\s*\|", line)]
+
+
+def test_compare_prints_the_reports_values_and_a_paired_test(tmp_path):
+    a = write_scored(tmp_path / "a", errors_of(0, 1.0))
+    b = write_scored(tmp_path / "b", errors_of(0, 1.0) * 1.3)  # worse on every image
+    proc = run([*CLI, "evaluate", "--compare", str(tmp_path / "a" / "report.json"), str(tmp_path / "b" / "report.json"),
+                str(tmp_path / "a" / "report.json"), "--out", str(tmp_path / "cmp")], 60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    assert text == (tmp_path / "cmp" / "compare.md").read_text() + "\n"
+    for n, report in ((0, a), (1, b), (2, a)):
+        row = table_rows(text, str(n))[0]
+        assert row[2] == str(report["images"])
+        assert [float(v) for v in row[3:6]] == [round(report[k], 3) for k in ("mre", "mre_std_landmarks",
+                                                                                  "mre_std_images")]
+        assert [float(v) for v in row[6:]] == [round(report["sdr"][r], 2) for r in ("2", "2.5", "3", "4")]
+    tests = json.loads((tmp_path / "cmp" / "compare.json").read_text())["paired"]
+    # all 12 image differences positive: the exact sign-flip p is 2 / 2^12; no difference: p = 1
+    assert tests[0]["p"] == pytest.approx(2 / 2**12) and tests[0]["worse"] == 12
+    assert tests[1]["p"] == 1.0 and tests[1]["mean_difference"] == 0.0
+    first = next(iter(a["per_landmark"]))
+    landmark = table_rows(text, first)[0]
+    delta = b["per_landmark"][first]["mre"] - a["per_landmark"][first]["mre"]
+    assert float(landmark[3]) == round(delta, 3) and float(landmark[1]) == round(a["per_landmark"][first]["mre"], 3)
+
+
+def test_compare_refuses_what_is_not_a_report(tmp_path):
+    (tmp_path / "x.json").write_text("{}")
+    proc = run([*CLI, "evaluate", "--compare", str(tmp_path / "x.json"), str(tmp_path / "x.json")], 60)
+    assert proc.returncode == 2 and "not an evaluation report.json" in proc.stderr
