@@ -43,7 +43,7 @@ def test_stream_is_a_function_of_seed_segment_and_rank(phantom_shards):
     later.segment_start = 10
     assert not same_batches(first_batches(later), again)
     batch = again[0]
-    assert batch["images"].shape == (4, 3, 128, 96)
+    assert batch["images"].shape == (4, 1, 128, 96)  # grey, 0-255: normalised on the device
     assert batch["target_heatmaps"].shape == (4, 37, 32, 24)  # padded to hand's K
     head = batch["dataset_index"] == 0
     assert (batch["target_weights"][head, 19:] == 0).all()

@@ -142,11 +142,14 @@ def training_example(image, meta, landmark_set: LandmarkSet, dataset_index: int,
         landmarks, visible = landmarks[perm], visible[perm]
     heatmaps, weights = encode_udp(landmarks, visible, input_size, heatmap_size(input_size), sigma)
     img = photometric(warp(image, matrix, input_size), rng, cfg)
-    return {"image": normalize(img), "heatmaps": heatmaps, "weights": weights, "dataset_index": dataset_index}
+    return {"image": img, "heatmaps": heatmaps, "weights": weights, "dataset_index": dataset_index}
 
 
 def collate(examples: list[dict]) -> dict:
-    """Stack a mixed batch; targets are zero-padded to the largest K (weight 0 there)."""
+    """Stack a mixed batch; targets are zero-padded to the largest K (weight 0 there). Images stay
+    on 0-255, one channel unless the batch holds an RGB one (augment.normalize runs on the device),
+    a third of the bytes to copy and to send from the DataLoader workers."""
+    channels = max(e["image"].shape[0] for e in examples)
     k_max = max(e["weights"].shape[0] for e in examples)
     heat = torch.zeros(len(examples), k_max, *examples[0]["heatmaps"].shape[1:])
     weights = torch.zeros(len(examples), k_max)
@@ -154,7 +157,7 @@ def collate(examples: list[dict]) -> dict:
         k = e["weights"].shape[0]
         heat[i, :k], weights[i, :k] = e["heatmaps"], e["weights"]
     return {
-        "images": torch.stack([e["image"] for e in examples]),
+        "images": torch.stack([e["image"].expand(channels, -1, -1) for e in examples]),
         "dataset_index": torch.tensor([e["dataset_index"] for e in examples], dtype=torch.long),
         "target_heatmaps": heat,
         "target_weights": weights,
