@@ -10,7 +10,7 @@ with cv2.imread and does what mmpose's top-down pipeline does per sample: flip, 
 brightness/contrast, cv2 blur / median blur, one coarse-dropout hole, the per-keypoint UDP loop,
 uint8 CHW tensors stacked into a batch. The two run interleaved, one micro-batch each in turn,
 both on one thread, and each is charged the process CPU time of its own turns, so other load on
-the machine matters little. `--profile` also prints where our time goes (cProfile).
+the machine matters little. `--profile` also prints where each side's time goes (cProfile).
 
 Needs the bench extra (`pip install -e '.[bench]'`: opencv-python-headless, for the baseline).
 """
@@ -184,7 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=24, help="ISBI-size head images to generate")
     parser.add_argument("--samples", type=int, default=96, help="samples measured on each side")
-    parser.add_argument("--profile", action="store_true", help="also print a cProfile of ours")
+    parser.add_argument("--profile", action="store_true", help="also print a cProfile of each side")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -201,7 +201,8 @@ def main() -> None:
         print(f"{'samples/s':>10} {rates['ours']:>10.1f} {rates['baseline']:>10.1f} "
               f"{rates['ours'] / rates['baseline']:>8.2f}   (per CPU-second)")
         if args.profile:
-            print(profile(our_batches(Path(tmp, "shards")), batches))
+            print("ours:", profile(our_batches(Path(tmp, "shards")), batches))
+            print("baseline:", profile(baseline_batches(items), batches))
 
 
 if __name__ == "__main__":
