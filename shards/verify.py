@@ -20,7 +20,7 @@ def sample_problems(manifest: Manifest, shard: ShardInfo, key: str, sample: dict
     where = f"{shard.url}: sample {key}"
     members = shard_tar.members_of(sample)
     if members != shard_tar.MEMBERS:
-        return [f"{where}: members {sorted(members)}, expected {' and '.join(sorted(shard_tar.MEMBERS))}"]
+        return [f"{where}: members {sorted(members)}, expected {shard_tar.IMAGE} and {shard_tar.RECORD}"]
     try:
         meta = json.loads(sample[shard_tar.RECORD])
         size = images.size_of(shard_tar.decode_pixels(sample, manifest.max_side))

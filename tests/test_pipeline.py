@@ -7,7 +7,7 @@ import torch
 
 from medsapiens import manifest as manifestlib
 from medsapiens.codec import decode_udp, heatmap_to_input
-from medsapiens.data.augment import AugmentConfig, _median_blur, _sampling_grid, normalize
+from medsapiens.data.augment import AugmentConfig, _median_blur, _sampling_grid, normalize, photometric
 from medsapiens.data.pipeline import (
     CorruptDataError, DataConfig, TrainStream, collate, eval_examples, mixture_weights, train_batches,
     training_example,
@@ -244,3 +244,13 @@ def test_batches_stay_grey_and_are_normalised_like_single_images():
     assert mixed.shape == (2, 3, 8, 6) and torch.equal(mixed[0], grey["image"].expand(3, -1, -1))
     batch = normalize(collate([grey, rgb])["images"])
     assert torch.equal(batch[0], normalize(grey["image"])) and torch.equal(batch[1], normalize(rgb["image"]))
+
+
+def test_photometric_leaves_its_input_alone_and_follows_its_generator():
+    cfg = AugmentConfig(photometric_prob=1.0, blur_prob=1.0, median_blur_prob=1.0)
+    image = torch.rand(1, 40, 30) * 255
+    before = image.clone()
+    first = photometric(image, np.random.default_rng(5), cfg)
+    assert torch.equal(image, before)
+    assert torch.equal(first, photometric(image, np.random.default_rng(5), cfg))
+    assert not torch.equal(first, image) and 0 <= first.min() and first.max() <= 255
