@@ -18,7 +18,7 @@ images/s by the recipe's, measured in the same run.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import gc
 import json
 import resource
 import time
@@ -111,8 +111,9 @@ def run_steps(engine: Engine, batch: dict, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def largest_fitting(engine: Engine, img_size, max_batch: int) -> int:
-    """The largest power-of-two micro-batch up to max_batch whose step runs (0: not even 1)."""
+def largest_fitting(engine: Engine, img_size, max_batch: int) -> tuple[int, bool]:
+    """(the largest power-of-two micro-batch up to max_batch whose step runs (0: not even 1),
+    whether a larger one ran out of memory)."""
     fits, size = 0, 1
     while size <= max_batch:
         try:
@@ -120,13 +121,17 @@ def largest_fitting(engine: Engine, img_size, max_batch: int) -> int:
         except RuntimeError as exc:
             if not is_oom(exc):
                 raise
-            engine.ds.zero_grad()
-            break
+            return fits, True
         finally:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_cached_memory()
         fits, size = size, size * 2
-    return fits
+    return fits, False
+
+
+def release_cached_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def peak_memory_gb() -> float:
@@ -165,7 +170,11 @@ def measure(setting: Setting, img_size, steps: int, warmup: int, max_batch: int,
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     engine = build_engine(setting, img_size, max_batch)
-    fits = largest_fitting(engine, img_size, max_batch)
+    fits, ran_out = largest_fitting(engine, img_size, max_batch)
+    if ran_out:  # a step that ran out of memory half-way may leave ZeRO's buffers half-filled
+        del engine
+        release_cached_memory()
+        engine = build_engine(setting, img_size, max_batch)
     row = {**asdict(setting), "micro_batch": fits, "images_per_s": 0.0, "mfu": 0.0, "peak_memory_gb": 0.0}
     if fits:
         batch = synthetic_batch(fits, img_size, engine.device)
@@ -176,8 +185,7 @@ def measure(setting: Setting, img_size, steps: int, warmup: int, max_batch: int,
         flops = 3 * forward_flops(setting.arch, img_size, setting.trunk_width, head_channels=K).total
         row.update(images_per_s=rate, mfu=flops * rate / (peak_tflops * 1e12), peak_memory_gb=peak_memory_gb())
     del engine
-    with contextlib.suppress(RuntimeError):
-        torch.cuda.empty_cache()
+    release_cached_memory()
     return row
 
 
