@@ -45,7 +45,8 @@ def write_report(report: dict, errors: np.ndarray, ids: list[str], names, out_di
         writer = csv.writer(f)
         writer.writerow(["id", f"mre_{report['unit']}", *names])
         for image_id, row in zip(ids, errors):
-            writer.writerow([image_id, f"{np.nanmean(row):.4f}", *(f"{e:.4f}" for e in row)])
+            mean = np.nanmean(row) if np.isfinite(row).any() else np.nan  # nan: the image was left out
+            writer.writerow([image_id, f"{mean:.4f}", *(f"{e:.4f}" for e in row)])
     return out
 
 

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from medsapiens import manifest as manifestlib
-from medsapiens.data.pipeline import read_shard
 from medsapiens.errors import InputError
-from medsapiens.shard_tar import file_digest, write_samples
+from medsapiens.shard_tar import file_digest, read_shard, write_samples
 
 
 def draw_keys(keys: list[str], shots: int, seed: int) -> list[str]:

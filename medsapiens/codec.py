@@ -60,18 +60,25 @@ def encode_udp(keypoints, visible, input_size, heatmap_size, sigma: float = 3.0)
     weights = torch.where((vis < 0.5) | outside, torch.zeros_like(vis), vis)
     # Offset of the keypoint inside its Gaussian patch, exactly as the reference computes it.
     offset = centre + kp - mu
+    # Only each landmark's window (gauss_len pixels a side, from `low`) can be non-zero: exp is
+    # computed there, with the same float64 expressions the whole-map formula used, and scattered.
+    steps = torch.arange(gauss_len, dtype=torch.float64)
 
-    def axis_profile(axis: int, length: int) -> torch.Tensor:
-        grid = torch.arange(length, dtype=torch.float64)
+    def axis_window(axis: int, length: int):
         lo, hi = low[..., axis, None], high[..., axis, None]
-        inside = (grid >= lo) & (grid < hi) & (grid - lo < gauss_len)
-        return (grid - lo - offset[..., axis, None]) ** 2, inside
+        pixels = lo + steps
+        inside = (pixels >= 0) & (pixels < length) & (pixels < hi)
+        return pixels, (pixels - lo - offset[..., axis, None]) ** 2, inside
 
-    dx2, in_x = axis_profile(0, w)
-    dy2, in_y = axis_profile(1, h)
-    heat = torch.exp(-(dx2[..., None, :] + dy2[..., :, None]) / (2 * sigma**2))
+    xs, dx2, in_x = axis_window(0, w)
+    ys, dy2, in_y = axis_window(1, h)
+    window = torch.exp(-(dx2[..., None, :] + dy2[..., :, None]) / (2 * sigma**2))
     mask = in_x[..., None, :] & in_y[..., :, None] & (weights > 0)[..., None, None]
-    return torch.where(mask, heat, torch.zeros_like(heat)).to(torch.float32), weights
+    flat_index = (ys[..., :, None] * w + xs[..., None, :]).long()
+    maps = torch.arange(weights.numel()).view(weights.shape)[..., None, None].expand_as(mask)
+    heat = torch.zeros(weights.numel(), h * w, dtype=torch.float32)
+    heat[maps[mask], flat_index[mask]] = window[mask].to(torch.float32)
+    return heat.view(*weights.shape, h, w), weights
 
 
 def _gaussian_kernel1d(kernel: int, dtype) -> torch.Tensor:

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import io
 import math
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -238,14 +240,88 @@ def resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(pixels).resize(size, RESAMPLE))
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_UP = 2  # the filter type that predicts each byte from the one above it
+
+
 def encode_png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buffer.getvalue()
+    """A standard PNG (8/16-bit grey or 8-bit RGB) with every row "Up"-filtered: a few % larger than
+    adaptive filtering, and `decode_png` reads it back as one inflate and one cumulative sum."""
+    if pixels.dtype not in (np.uint8, np.uint16) or pixels.ndim not in (2, 3) or \
+            (pixels.ndim == 3 and (pixels.shape[2] != 3 or pixels.dtype != np.uint8)):
+        raise ValueError(f"cannot store {pixels.dtype} pixels of shape {pixels.shape} as PNG")
+    h, w = pixels.shape[:2]
+    depth = 16 if pixels.dtype == np.uint16 else 8
+    rows = np.ascontiguousarray(pixels, dtype=">u2" if depth == 16 else np.uint8).reshape(h, -1).view(np.uint8)
+    filtered = np.empty((h, rows.shape[1] + 1), dtype=np.uint8)
+    filtered[:, 0] = PNG_UP
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as PNG defines it
+    header = struct.pack(">IIBBBBB", w, h, depth, 2 if pixels.ndim == 3 else 0, 0, 0, 0)
+    return b"".join([PNG_SIGNATURE, _png_chunk(b"IHDR", header),
+                     _png_chunk(b"IDAT", zlib.compress(filtered.tobytes(), PNG_COMPRESS_LEVEL)),
+                     _png_chunk(b"IEND", b"")])
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def decode_png(data: bytes, max_side: int | None = None) -> np.ndarray:
-    """A shard's PNG; one with a side over `max_side` is refused from its header, before decoding."""
+    """A shard's PNG; one with a side over `max_side` is refused from its header, before decoding.
+    PNGs as `encode_png` writes them take a fast path; any other image goes through PIL."""
+    fast = _decode_up_filtered(data, max_side)
+    return fast if fast is not None else _decode_with_pil(data, max_side)
+
+
+def _decode_up_filtered(data: bytes, max_side: int | None) -> np.ndarray | None:
+    """The pixels of a PNG whose rows are all Up-filtered (8/16-bit grey, 8-bit RGB, not interlaced),
+    or None for any other image; a ValueError for a damaged one."""
+    if data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 33:
+        return None
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    if max_side is not None and max(width, height) > max_side:
+        raise ValueError(f"a {width}x{height} px image, over the shards' max side {max_side}")
+    if (depth, colour) not in ((8, 0), (16, 0), (8, 2)) or interlace or width * height > 2 * Image.MAX_IMAGE_PIXELS:
+        return None
+    row_bytes = width * (3 if colour == 2 else 1) * depth // 8
+    try:
+        raw = zlib.decompress(_png_image_data(data))
+    except zlib.error as exc:
+        raise ValueError(f"a damaged PNG ({exc})") from None
+    if len(raw) != height * (row_bytes + 1):
+        raise ValueError(f"a damaged PNG ({len(raw)} bytes of pixel data for {width}x{height})")
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, row_bytes + 1)
+    if not (rows[:, 0] == PNG_UP).all():
+        return None
+    pixels = rows[:, 1:].copy()
+    for y in range(1, height):  # undoes Up, modulo 256; a row at a time beats np.cumsum(axis=0) 2.5x
+        np.add(pixels[y], pixels[y - 1], out=pixels[y])
+    if depth == 16:
+        return pixels.view(">u2").reshape(height, width).astype(np.uint16)
+    if colour == 2:
+        rgb = pixels.reshape(height, width, 3)
+        return rgb[..., 0].copy() if is_grey(rgb) else rgb
+    return pixels.reshape(height, width)
+
+
+def _png_image_data(data: bytes) -> bytes:
+    """The IDAT chunks' contents, every chunk's CRC checked, up to IEND."""
+    pos, idat = 8, []
+    while pos + 12 <= len(data):
+        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body, crc = data[pos + 8:pos + 8 + length], data[pos + 8 + length:pos + 12 + length]
+        if len(crc) < 4 or zlib.crc32(kind + body) != struct.unpack(">I", crc)[0]:
+            raise ValueError(f"a damaged PNG (chunk {kind!r} at byte {pos} fails its CRC)")
+        if kind == b"IEND":
+            return b"".join(idat)
+        if kind == b"IDAT":
+            idat.append(body)
+        pos += 12 + length
+    raise ValueError("a truncated PNG (no IEND chunk)")
+
+
+def _decode_with_pil(data: bytes, max_side: int | None) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
             if max_side is not None and max(image.size) > max_side:

@@ -12,6 +12,8 @@ import re
 
 import numpy as np
 
+from medsapiens.errors import UserError
+
 FIELDS = (
     "dataset", "split", "source_id", "landmarks", "visible", "spacing_mm", "normalization",
     "orig_size", "scale", "names",
@@ -20,7 +22,7 @@ MAX_IMAGE_SIDE = 20000
 MIN_IMAGE_SIDE = 16
 
 
-class Rejection(Exception):
+class Rejection(UserError):
     """A sample that cannot be written, with a short machine-readable reason and a human detail."""
 
     REASONS = (

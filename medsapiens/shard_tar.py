@@ -1,21 +1,29 @@
-"""WebDataset tar shards: written byte-reproducibly (fixed member metadata, sha256 of the
-result), and read back only as the manifest promised them.
+"""The shard format, the one module that knows it: WebDataset tar shards of `<key>.png` (the
+stored image, lossless, 8/16-bit grey or 8-bit RGB) + `<key>.json` (the record, medsapiens.record).
 
-The shard writer and the fine-tuning subsets both write through here, so every shard the
-project makes has the same layout (`<key>.png`, `<key>.json`, ...) and `tar -tf` lists it.
-Reading (training, evaluation, verify, inspect) accepts an uncompressed tar of at most the
-manifest's byte count, no member larger than that, and checks its size and sha256 at the end.
+Writing (`shards build`, the fine-tuning subsets) is byte-reproducible: fixed member metadata, a
+sha256 of the result; `tar -tf` and the webdataset library read the shards as they are. Reading
+(training, evaluation, `shards verify`, `shards inspect`) goes through `read_shard`: an
+uncompressed tar of at most the manifest's byte count, no member larger than that, its size and
+sha256 checked at the end; `decode_pixels` / `decode_sample` turn a sample into pixels and a
+validated record. A change of format is made here, and only here.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import json
 import tarfile
 from pathlib import Path
 
+from medsapiens import imageio, storage
 from medsapiens.errors import UserError
+from medsapiens.record import MAX_IMAGE_SIDE, Rejection, validate_record
 
 MEMBER_MTIME = 0
+IMAGE, RECORD = "png", "json"  # member extensions
+MEMBERS = frozenset({IMAGE, RECORD})
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -24,6 +32,12 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(data))
+
+
+def add_sample(tar: tarfile.TarFile, key: str, pixels, record: dict) -> None:
+    """One sample: its image encoded (PNG), then its record."""
+    add_member(tar, f"{key}.{IMAGE}", imageio.encode_png(pixels))
+    add_member(tar, f"{key}.{RECORD}", json.dumps(record).encode())
 
 
 def open_writer(path: Path) -> tarfile.TarFile:
@@ -113,3 +127,42 @@ def tar_samples(stream: CheckedStream):
         raise ShardError(f"{stream.url}: not a readable tar ({exc})") from None
     if sample:
         yield key, sample
+
+
+def read_shard(manifest, shard):
+    """Samples of one shard ({"__key__", "__url__", extension: bytes}), in order, as WebDataset
+    gives them, read only as the manifest promised: its sha256 is checked at its end, a ShardError
+    when it differs."""
+    url = manifest.url_of(shard)
+    with contextlib.closing(CheckedStream(storage.open_stream(url), url, shard.bytes)) as stream:
+        for key, members in tar_samples(stream):
+            yield {"__key__": key, "__url__": url, **members}
+        stream.drain()
+        stream.check(shard.sha256)
+
+
+def members_of(sample: dict) -> set[str]:
+    return {name for name in sample if not name.startswith("__")}
+
+
+def decode_pixels(sample: dict, max_side: int | None = None):
+    """The stored image as numpy (H, W) uint8/uint16 or (H, W, 3) uint8; one with a side over
+    `max_side` is refused from its header, before it is decoded."""
+    return imageio.decode_png(sample[IMAGE], max_side)
+
+
+def decode_sample(sample: dict, landmark_set=None, max_side: int = MAX_IMAGE_SIDE):
+    """Shard sample -> (image as float32 (H, W) or (H, W, 3) on a 0-255 scale, validated record);
+    a Rejection naming the sample and shard when either half is unreadable or inconsistent."""
+    where = f"sample {sample.get('__key__')} of {sample.get('__url__')}"
+    try:
+        meta = json.loads(sample[RECORD])
+        pixels = decode_pixels(sample, max_side)
+    except (KeyError, OSError, ValueError) as exc:
+        raise Rejection("unreadable_image", f"{where}: {exc}") from None
+    try:
+        meta["visible"] = validate_record(meta, imageio.size_of(pixels),
+                                          landmark_set.num_landmarks if landmark_set else None)
+    except Rejection as exc:
+        raise Rejection(exc.reason, f"{where}: {exc.detail}") from None
+    return imageio.to_float(pixels), meta

@@ -1,6 +1,6 @@
 """`medsapiens shards inspect`: what a shard set holds, and a contact sheet to look at.
 
-Records are read back the way the trainers read them (medsapiens.data.pipeline.read_shard).
+Records are read back the way the trainers read them (medsapiens.shard_tar).
 """
 from __future__ import annotations
 
@@ -11,21 +11,20 @@ from collections import defaultdict
 import numpy as np
 from PIL import Image, ImageDraw
 
-from medsapiens.data.pipeline import decode_sample, read_shard
 from medsapiens.manifest import Manifest
-from medsapiens import imageio as images
+from medsapiens.shard_tar import decode_pixels, decode_sample, read_shard
 
 THUMB = 256
 
 
 def read_samples(manifest: Manifest, dataset: str):
-    """Every (key, record, png bytes) of one dataset, read and validated as the trainers read them
+    """Every (key, record, sample) of one dataset, read and validated as the trainers read them
     (a ShardError or Rejection naming the shard and sample otherwise)."""
     landmark_set = manifest.landmark_set(dataset)
     for shard in (s for s in manifest.shards if s.dataset == dataset):
         for sample in read_shard(manifest, shard):
             _, record = decode_sample(sample, landmark_set, manifest.max_side)
-            yield sample["__key__"], record, sample["png"]
+            yield sample["__key__"], record, sample
 
 
 def spread(values) -> str:
@@ -55,8 +54,8 @@ def dataset_lines(manifest: Manifest, dataset: str, records: list[dict]) -> list
     return lines
 
 
-def to_thumbnail(png: bytes, record: dict, key: str) -> Image.Image:
-    pixels = images.decode_png(png).astype(np.float64)
+def to_thumbnail(sample: dict, record: dict, key: str) -> Image.Image:
+    pixels = decode_pixels(sample).astype(np.float64)
     if pixels.max() > 255:
         pixels = (pixels - pixels.min()) / max(1.0, pixels.max() - pixels.min()) * 255
     image = Image.fromarray(pixels.astype(np.uint8)).convert("RGB")
@@ -90,10 +89,10 @@ def inspect(manifest: Manifest, sheet_path: str | None = None, n: int = 16) -> l
     picked = defaultdict(list)
     for dataset in sorted(manifest.datasets):
         records = []
-        for key, record, png in read_samples(manifest, dataset):
+        for key, record, sample in read_samples(manifest, dataset):
             records.append(record)
             if sheet_path and len(picked[dataset]) < per_dataset:
-                picked[dataset].append(to_thumbnail(png, record, key))
+                picked[dataset].append(to_thumbnail(sample, record, key))
         lines += dataset_lines(manifest, dataset, records)
     if sheet_path:
         thumbnails = [t for d in sorted(picked) for t in picked[d]][:n]

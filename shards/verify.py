@@ -1,7 +1,7 @@
 """`medsapiens shards verify`: re-read every shard and check it against the manifest.
 
 Each shard is streamed once (local file or S3 object), as the trainers read it
-(medsapiens.shard_tar: uncompressed, bounded by its manifest entry): its byte count and sha256
+(medsapiens.shard_tar.read_shard: uncompressed, bounded by its manifest entry): its byte count and sha256
 must match the manifest, no image may exceed the build's max side, its members must pair up as
 `<key>.png` + `<key>.json`, and every record must validate against its image, its shard's
 dataset and split, and the manifest's landmark names, with no visible landmark outside the image.
@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import json
 
-from medsapiens import storage
+from medsapiens import imageio as images
+from medsapiens import shard_tar, storage
 from medsapiens.manifest import REJECTED_NAME, Manifest, ShardInfo
 from medsapiens.record import Rejection, sample_key, validate_record
-from medsapiens.shard_tar import CheckedStream, ShardError, tar_samples
-from medsapiens import imageio as images
 
 
 def sample_problems(manifest: Manifest, shard: ShardInfo, key: str, sample: dict) -> list[str]:
     where = f"{shard.url}: sample {key}"
-    if set(sample) != {"png", "json"}:
-        return [f"{where}: members {sorted(sample)}, expected png and json"]
+    members = shard_tar.members_of(sample)
+    if members != shard_tar.MEMBERS:
+        return [f"{where}: members {sorted(members)}, expected {shard_tar.IMAGE} and {shard_tar.RECORD}"]
     try:
-        meta = json.loads(sample["json"])
-        size = images.size_of(images.decode_png(sample["png"], manifest.max_side))
+        meta = json.loads(sample[shard_tar.RECORD])
+        size = images.size_of(shard_tar.decode_pixels(sample, manifest.max_side))
         inside = validate_record(meta, size, manifest.landmark_set(shard.dataset).num_landmarks)
     except (ValueError, OSError, Rejection) as exc:
         return [f"{where}: {exc}"]
@@ -45,24 +45,19 @@ def sample_problems(manifest: Manifest, shard: ShardInfo, key: str, sample: dict
 
 def shard_problems(manifest: Manifest, shard: ShardInfo, seen: set[str]) -> list[str]:
     url = manifest.url_of(shard)
-    try:
-        reader = CheckedStream(storage.open_stream(url), url, shard.bytes)
-    except FileNotFoundError:
-        return [f"{url}: missing"]
     problems, count = [], 0
     try:
-        for key, sample in tar_samples(reader):
+        for sample in shard_tar.read_shard(manifest, shard):
+            key = sample["__key__"]
             count += 1
             if key in seen:
                 problems.append(f"{url}: sample {key} appears twice in the shard set")
             seen.add(key)
             problems += sample_problems(manifest, shard, key, sample)
-        reader.drain()
-        reader.check(shard.sha256)
-    except ShardError as exc:
+    except FileNotFoundError:
+        return [f"{url}: missing"]
+    except shard_tar.ShardError as exc:
         problems.append(str(exc))
-    finally:
-        reader.close()
     if count != shard.samples:
         problems.append(f"{url}: samples {count}, the manifest says {shard.samples}")
     return problems

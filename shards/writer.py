@@ -15,8 +15,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from medsapiens import storage
-from medsapiens.shard_tar import add_member, file_digest, open_writer
+from medsapiens.shard_tar import add_sample, file_digest, open_writer
 from medsapiens.record import (
     Rejection, check_landmarks, check_spacing, make_record, resized_size, sample_key, validate_record,
 )
@@ -58,8 +60,8 @@ def init_worker(progress_queue) -> None:
     _progress = progress_queue
 
 
-def stored_sample(raw: RawSample, landmark_set: LandmarkSet, max_side: int, outside: str) -> tuple[bytes, dict]:
-    """(PNG bytes, record) for one input, or a `Rejection` saying why it cannot be stored."""
+def stored_sample(raw: RawSample, landmark_set: LandmarkSet, max_side: int, outside: str) -> tuple[np.ndarray, dict]:
+    """(stored pixels, record) for one input, or a `Rejection` saying why it cannot be stored."""
     check_spacing(raw.spacing_mm)
     pixels = images.decode(raw.image)
     size = images.size_of(pixels)
@@ -74,7 +76,7 @@ def stored_sample(raw: RawSample, landmark_set: LandmarkSet, max_side: int, outs
         orig_size=size, stored_size=stored_size, names=landmark_set.names,
     )
     validate_record(record, stored_size, landmark_set.num_landmarks)
-    return images.encode_png(images.resize(pixels, stored_size)), record
+    return images.resize(pixels, stored_size), record
 
 
 
@@ -82,16 +84,15 @@ def write_tar(path: Path, task: ShardTask) -> tuple[list[str], list[dict]]:
     keys, rejected = [], []
     with open_writer(path) as tar:
         for raw in task.samples:
+            key = sample_key(task.dataset, raw.split, raw.source_id)
             try:
-                png, record = stored_sample(raw, task.landmark_set, task.max_side, task.outside)
+                pixels, record = stored_sample(raw, task.landmark_set, task.max_side, task.outside)
+                add_sample(tar, key, pixels, record)
             except Rejection as exc:
                 rejected.append(rejection_entry(task.dataset, raw.image, raw.source_id, exc.reason, exc.detail))
             except Exception as exc:  # a bug or an I/O failure, not bad data: stop, naming the sample
                 raise RuntimeError(f"sample {raw.source_id!r} ({raw.image}): {exc!r}") from exc
             else:
-                key = sample_key(task.dataset, raw.split, raw.source_id)
-                add_member(tar, f"{key}.png", png)
-                add_member(tar, f"{key}.json", json.dumps(record).encode())
                 keys.append(key)
             if _progress is not None:
                 _progress.put(1)

@@ -13,7 +13,7 @@ from deepspeed.utils import safe_get_full_grad
 from safetensors.torch import save_file
 
 from medsapiens import manifest as manifestlib
-from medsapiens.data.augment import AugmentConfig
+from medsapiens.data.augment import AugmentConfig, normalize
 from medsapiens.data.pipeline import collate, decode_sample, read_shard, training_example
 from medsapiens.engine import Engine, OptimConfig, TrainConfig, init_distributed, shutdown
 from medsapiens.model import ModelConfig, param_groups
@@ -46,7 +46,7 @@ def main(shards: str, out: str, global_batch: int, zero_json: str) -> None:
     train = TrainConfig(deepspeed=zero_json, precision="fp32")
     engine = Engine(model, param_groups(model, 0.05), train, OptimConfig(), micro_batch=per_rank)
     batch = engine.to_device(collate(examples))
-    outputs = engine.ds(batch["images"], batch["dataset_index"])
+    outputs = engine.ds(normalize(batch["images"]), batch["dataset_index"])
     loss = model.loss(outputs, batch["target_heatmaps"], batch["target_weights"])
     engine.ds.backward(loss.total)
     grads = {name: safe_get_full_grad(p).clone() for name, p in engine.ds.module.named_parameters()}

@@ -7,9 +7,10 @@ import torch
 
 from medsapiens import manifest as manifestlib
 from medsapiens.codec import decode_udp, heatmap_to_input
-from medsapiens.data.augment import AugmentConfig
+from medsapiens.data.augment import AugmentConfig, _median_blur, _sampling_grid, normalize, photometric
 from medsapiens.data.pipeline import (
-    CorruptDataError, DataConfig, TrainStream, eval_examples, mixture_weights, train_batches, training_example,
+    CorruptDataError, DataConfig, TrainStream, collate, eval_examples, mixture_weights, train_batches,
+    training_example,
 )
 from medsapiens.registry import BUILTIN
 from medsapiens.shard_tar import file_digest, write_samples
@@ -43,7 +44,7 @@ def test_stream_is_a_function_of_seed_segment_and_rank(phantom_shards):
     later.segment_start = 10
     assert not same_batches(first_batches(later), again)
     batch = again[0]
-    assert batch["images"].shape == (4, 3, 128, 96)
+    assert batch["images"].shape == (4, 1, 128, 96)  # grey, 0-255: normalised on the device
     assert batch["target_heatmaps"].shape == (4, 37, 32, 24)  # padded to hand's K
     head = batch["dataset_index"] == 0
     assert (batch["target_weights"][head, 19:] == 0).all()
@@ -208,3 +209,48 @@ def test_eval_examples_are_split_evenly_over_ranks(phantom_shards):
     assert max(len(c) for c in capped) == 3
     record = json.loads(json.dumps(per_rank[0][0].meta))
     assert record["dataset"] == "head" and record["split"] == "test1"
+
+
+def sorted_patch_median(img: torch.Tensor, k: int) -> torch.Tensor:
+    """The definition: the middle of each replicate-padded k x k patch, sorted."""
+    patches = torch.nn.functional.unfold(torch.nn.functional.pad(img[None], (k // 2,) * 4, mode="replicate"), k)
+    return patches.view(img.shape[0], k * k, -1).sort(dim=1).values[:, k * k // 2].view_as(img)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("shape", [(1, 64, 48), (3, 7, 5), (1, 3, 2)])
+def test_median_blur_is_the_exact_median(k, shape):
+    g = torch.Generator().manual_seed(k)
+    ties = torch.randint(0, 6, shape, generator=g).float() * 17.5  # many equal values
+    spread = torch.rand(shape, generator=g) * 300 - 20
+    for img in (ties, spread):
+        assert torch.equal(_median_blur(img, k), sorted_patch_median(img, k))
+
+
+def test_sampling_grid_is_affine_grids():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        theta = torch.randn(2, 3, generator=g)
+        expected = torch.nn.functional.affine_grid(theta[None], [1, 1, 40, 30], align_corners=True)
+        assert torch.allclose(_sampling_grid(theta, 30, 40), expected, atol=1e-6)
+
+
+def test_batches_stay_grey_and_are_normalised_like_single_images():
+    grey = {"image": torch.rand(1, 8, 6) * 255, "heatmaps": torch.zeros(2, 2, 2), "weights": torch.ones(2),
+            "dataset_index": 0}
+    rgb = {**grey, "image": torch.rand(3, 8, 6) * 255}
+    assert collate([grey, grey])["images"].shape == (2, 1, 8, 6)
+    mixed = collate([grey, rgb])["images"]
+    assert mixed.shape == (2, 3, 8, 6) and torch.equal(mixed[0], grey["image"].expand(3, -1, -1))
+    batch = normalize(collate([grey, rgb])["images"])
+    assert torch.equal(batch[0], normalize(grey["image"])) and torch.equal(batch[1], normalize(rgb["image"]))
+
+
+def test_photometric_leaves_its_input_alone_and_follows_its_generator():
+    cfg = AugmentConfig(photometric_prob=1.0, blur_prob=1.0, median_blur_prob=1.0)
+    image = torch.rand(1, 40, 30) * 255
+    before = image.clone()
+    first = photometric(image, np.random.default_rng(5), cfg)
+    assert torch.equal(image, before)
+    assert torch.equal(first, photometric(image, np.random.default_rng(5), cfg))
+    assert not torch.equal(first, image) and 0 <= first.min() and first.max() <= 255

@@ -8,9 +8,7 @@ run reproduces exactly the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
-import json
 import random
 import sys
 from collections import Counter
@@ -24,11 +22,9 @@ from medsapiens import storage
 from medsapiens.config import at_least, positive
 from medsapiens.codec import apply_affine, encode_udp, whole_image_affine
 from medsapiens.errors import InputError, UserError
-from medsapiens.imageio import decode_png, to_float
 from medsapiens.data.augment import AugmentConfig, normalize, photometric, random_affine, warp
-from medsapiens.manifest import Manifest, ManifestError, ShardInfo
-from medsapiens.record import MAX_IMAGE_SIDE, Rejection, validate_record
-from medsapiens.shard_tar import CheckedStream, ShardError, tar_samples
+from medsapiens.manifest import Manifest, ManifestError
+from medsapiens.shard_tar import ShardError, decode_sample, read_shard
 from medsapiens.registry import LandmarkSet
 
 MIXING_RULES = ("proportional", "uniform", "temperature")
@@ -104,34 +100,6 @@ def validation_split(manifest: Manifest, dataset: str, requested: str) -> str | 
     return requested if manifest.datasets[dataset].splits.get(requested) else None
 
 
-def decode_sample(sample: dict, landmark_set: LandmarkSet | None = None, max_side: int = MAX_IMAGE_SIDE):
-    """Shard sample -> (image as float32 (H, W) or (H, W, 3) on a 0-255 scale, record dict); an
-    image with a side over `max_side` (the build's) is refused before it is decoded."""
-    where = f"sample {sample.get('__key__')} of {sample.get('__url__')}"
-    try:
-        meta = json.loads(sample["json"])
-        pixels = decode_png(sample["png"], max_side)
-    except (KeyError, OSError, ValueError) as exc:
-        raise Rejection("unreadable_image", f"{where}: {exc}") from None
-    try:
-        meta["visible"] = validate_record(meta, (pixels.shape[1], pixels.shape[0]),
-                                          landmark_set.num_landmarks if landmark_set else None)
-    except Rejection as exc:
-        raise Rejection(exc.reason, f"{where}: {exc.detail}") from None
-    return to_float(pixels), meta
-
-
-def read_shard(manifest: Manifest, shard: ShardInfo):
-    """Samples of one shard, in order, as WebDataset gives them, read only as the manifest promised
-    (medsapiens.shard_tar): its sha256 is checked at its end, a ShardError when it differs."""
-    url = manifest.url_of(shard)
-    with contextlib.closing(CheckedStream(storage.open_stream(url), url, shard.bytes)) as stream:
-        for key, members in tar_samples(stream):
-            yield {"__key__": key, "__url__": url, **members}
-        stream.drain()
-        stream.check(shard.sha256)
-
-
 def training_example(image, meta, landmark_set: LandmarkSet, dataset_index: int, input_size, sigma,
                      cfg: AugmentConfig, rng: np.random.Generator) -> dict:
     size = (image.shape[1], image.shape[0])
@@ -143,11 +111,14 @@ def training_example(image, meta, landmark_set: LandmarkSet, dataset_index: int,
         landmarks, visible = landmarks[perm], visible[perm]
     heatmaps, weights = encode_udp(landmarks, visible, input_size, heatmap_size(input_size), sigma)
     img = photometric(warp(image, matrix, input_size), rng, cfg)
-    return {"image": normalize(img), "heatmaps": heatmaps, "weights": weights, "dataset_index": dataset_index}
+    return {"image": img, "heatmaps": heatmaps, "weights": weights, "dataset_index": dataset_index}
 
 
 def collate(examples: list[dict]) -> dict:
-    """Stack a mixed batch; targets are zero-padded to the largest K (weight 0 there)."""
+    """Stack a mixed batch; targets are zero-padded to the largest K (weight 0 there). Images stay
+    on 0-255, one channel unless the batch holds an RGB one (augment.normalize runs on the device),
+    a third of the bytes to copy and to send from the DataLoader workers."""
+    channels = max(e["image"].shape[0] for e in examples)
     k_max = max(e["weights"].shape[0] for e in examples)
     heat = torch.zeros(len(examples), k_max, *examples[0]["heatmaps"].shape[1:])
     weights = torch.zeros(len(examples), k_max)
@@ -155,7 +126,7 @@ def collate(examples: list[dict]) -> dict:
         k = e["weights"].shape[0]
         heat[i, :k], weights[i, :k] = e["heatmaps"], e["weights"]
     return {
-        "images": torch.stack([e["image"] for e in examples]),
+        "images": torch.stack([e["image"].expand(channels, -1, -1) for e in examples]),
         "dataset_index": torch.tensor([e["dataset_index"] for e in examples], dtype=torch.long),
         "target_heatmaps": heat,
         "target_weights": weights,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from medsapiens.data.augment import normalize
 from medsapiens.model.decoder import HeadOutput
 
 
@@ -63,7 +64,7 @@ class LandmarkObjective:
     def __call__(self, forward, batch: dict, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
         """-> (loss with grad, {dataset: (summed loss tensor, samples)} for exact averaging at
         logging time; tensors, so there is no host sync per step)."""
-        outputs = forward(batch["images"].to(dtype), batch["dataset_index"])
+        outputs = forward(normalize(batch["images"]).to(dtype), batch["dataset_index"])
         loss = heatmap_loss(outputs, batch["target_heatmaps"], batch["target_weights"], self.average)
         return loss.total, {name: (loss.per_dataset[name] * n, n) for name, n in loss.counts.items() if n}
 

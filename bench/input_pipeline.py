@@ -1,0 +1,209 @@
+"""Training samples per CPU-second of our input pipeline against an mmpose-style per-sample one.
+
+    PYTHONPATH=. python bench/input_pipeline.py [--images 24] [--samples 96] [--profile]
+
+Both sides see the same ISBI-size head images (phantoms upscaled to 1935x2400 with film-grain
+noise, written as the ISBI layout in a temp dir) at the real training resolution (768x1024 input,
+192x256 heatmaps, default augmentation). Ours reads the head shards built from them at the
+default max side 1024 (one process, DataLoader workers=0); the baseline reads the original BMPs
+with cv2.imread and does what mmpose's top-down pipeline does per sample: flip, cv2.warpAffine,
+brightness/contrast, cv2 blur / median blur, one coarse-dropout hole, the per-keypoint UDP loop,
+uint8 CHW tensors stacked into a batch. The two run interleaved, one micro-batch each in turn,
+both on one thread, and each is charged the process CPU time of its own turns, so other load on
+the machine matters little. `--profile` also prints where each side's time goes (cProfile).
+
+Needs the bench extra (`pip install -e '.[bench]'`: opencv-python-headless, for the baseline).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import math
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from medsapiens import manifest as manifestlib
+from medsapiens.data.pipeline import DataConfig, TrainStream
+from shards.build import BuildOptions, build
+from shards.phantoms import write_head
+from shards.plan import SourceSpec
+from shards.readers.isbi2015 import annotation_path, parse_points
+
+ISBI_SIZE = (1935, 2400)  # (W, H) of the ISBI 2015 cephalograms
+INPUT_SIZE = (768, 1024)
+HEATMAP_SIZE = (192, 256)
+SIGMA = 3.0
+MICRO_BATCH = 4
+
+
+def isbi_size_images(root: Path, n: int) -> list[tuple[Path, np.ndarray]]:
+    """Head phantoms upscaled to ISBI size (annotations moved with them); [(bmp, landmarks)]."""
+    write_head(root, n, seed=0)
+    rng = np.random.default_rng(0)
+    items = []
+    for bmp in sorted(root.glob("RawImage/*/*.bmp")):
+        small = Image.open(bmp)
+        factor = np.array(ISBI_SIZE) / small.size
+        big = np.asarray(small.resize(ISBI_SIZE, Image.Resampling.BICUBIC), dtype=np.float32)
+        grain = rng.normal(0, 3.0, big.shape).astype(np.float32)  # real films are not smooth: PNG sizes stay honest
+        Image.fromarray(np.clip(big + grain, 0, 255).astype(np.uint8)).save(bmp)
+        for who in ("senior", "junior"):
+            note = annotation_path(root, who, bmp.stem)
+            points = (np.array(parse_points(note, 19)) + 0.5) * factor - 0.5
+            note.write_text("".join(f"{round(x)},{round(y)}\n" for x, y in points))
+        items.append((bmp, (np.array(parse_points(annotation_path(root, "senior", bmp.stem), 19)) +
+                            np.array(parse_points(annotation_path(root, "junior", bmp.stem), 19))) / 2))
+    return items
+
+
+# ------------------------------------------------------------------ the mmpose-style baseline
+
+def udp_warp_matrix(center, box_size, rotation_deg, output_size) -> np.ndarray:
+    """mmpose's UDP affine (2x3): the box around `center` onto the output, pixel centres aligned."""
+    theta = math.radians(rotation_deg)
+    scale_x = (output_size[0] - 1) / box_size[0]
+    scale_y = (output_size[1] - 1) / box_size[1]
+    cos, sin = math.cos(theta), math.sin(theta)
+    return np.array([
+        [cos * scale_x, -sin * scale_x,
+         scale_x * (-center[0] * cos + center[1] * sin + 0.5 * box_size[0])],
+        [sin * scale_y, cos * scale_y,
+         scale_y * (-center[0] * sin - center[1] * cos + 0.5 * box_size[1])],
+    ], dtype=np.float32)
+
+
+def udp_heatmaps_loop(keypoints: np.ndarray, sigma: float) -> np.ndarray:
+    """One Gaussian patch per keypoint, as mmpose's generate_udp_gaussian_heatmaps does it."""
+    w, h = HEATMAP_SIZE
+    heatmaps = np.zeros((len(keypoints), h, w), dtype=np.float32)
+    radius = sigma * 3
+    size = 2 * radius + 1
+    grid = np.arange(0, size, 1, dtype=np.float32)
+    for k, (x, y) in enumerate(keypoints):
+        mu = (np.array([x, y]) + 0.5).astype(np.int64)
+        left, top = (mu - radius).astype(np.int64)
+        right, bottom = (mu + radius + 1).astype(np.int64)
+        if left >= w or top >= h or right < 0 or bottom < 0:
+            continue
+        x0 = size // 2 + x - mu[0]
+        y0 = size // 2 + y - mu[1]
+        gaussian = np.exp(-((grid[None, :] - x0) ** 2 + (grid[:, None] - y0) ** 2) / (2 * sigma**2))
+        gx0, gy0 = max(0, -left), max(0, -top)
+        gx1, gy1 = min(right, w) - left, min(bottom, h) - top
+        hx0, hy0, hx1, hy1 = max(0, left), max(0, top), min(right, w), min(bottom, h)
+        heatmaps[k, hy0:hy1, hx0:hx1] = gaussian[gy0:gy1, gx0:gx1]
+    return heatmaps
+
+
+def truncated_normal(rng) -> float:
+    return float(np.clip(rng.standard_normal(), -1.0, 1.0))
+
+
+def baseline_sample(path: Path, landmarks: np.ndarray, rng: np.random.Generator) -> dict:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)  # mmpose loads 3-channel BGR
+    h, w = image.shape[:2]
+    points = landmarks.copy()
+    if rng.random() < 0.5:
+        image = cv2.flip(image, 1)
+        points[:, 0] = w - 1 - points[:, 0]
+    aspect = INPUT_SIZE[0] / INPUT_SIZE[1]
+    box = np.array([max(w, h * aspect), max(w, h * aspect) / aspect]) * 1.25
+    box *= 1.0 + truncated_normal(rng) * 0.5
+    center = np.array([w / 2, h / 2]) + (box * 0.16 * truncated_normal(rng) if rng.random() < 0.3 else 0)
+    rotation = truncated_normal(rng) * 80 if rng.random() < 0.6 else 0.0
+    matrix = udp_warp_matrix(center, box, rotation, INPUT_SIZE)
+    image = cv2.warpAffine(image, matrix, INPUT_SIZE, flags=cv2.INTER_LINEAR)
+    points = points @ matrix[:, :2].T + matrix[:, 2]
+    if rng.random() < 0.5:  # photometric distortion: brightness, contrast in float, back to uint8
+        image = np.clip(image.astype(np.float32) * rng.uniform(0.5, 1.5) + rng.uniform(-32, 32), 0, 255)
+        image = image.astype(np.uint8)
+    if rng.random() < 0.1:
+        k = int(rng.choice([3, 5, 7]))
+        image = cv2.blur(image, (k, k))
+    if rng.random() < 0.1:
+        image = cv2.medianBlur(image, int(rng.choice([3, 5])))
+    hh, ww = (int(s * rng.uniform(0.2, 0.4)) for s in image.shape[:2])
+    y, x = int(rng.integers(0, image.shape[0] - hh + 1)), int(rng.integers(0, image.shape[1] - ww + 1))
+    image[y:y + hh, x:x + ww] = 0
+    scale = (np.array(HEATMAP_SIZE) - 1) / (np.array(INPUT_SIZE) - 1)
+    heatmaps = udp_heatmaps_loop(points * scale, SIGMA)
+    return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "heatmaps": torch.from_numpy(heatmaps)}
+
+
+def baseline_batches(items, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    while True:
+        picked = [items[i] for i in rng.integers(0, len(items), MICRO_BATCH)]
+        samples = [baseline_sample(path, landmarks, rng) for path, landmarks in picked]
+        yield {"images": torch.stack([s["image"] for s in samples]),
+               "heatmaps": torch.stack([s["heatmaps"] for s in samples])}
+
+
+# ------------------------------------------------------------------ ours, and the measurement
+
+def our_batches(shards: Path):
+    manifest = manifestlib.load(shards)
+    cfg = DataConfig(shards=str(shards), micro_batch=MICRO_BATCH, workers=0, sigma=SIGMA)
+    return iter(TrainStream(manifest, cfg, ["head"], INPUT_SIZE, seed=0, rank=0))
+
+
+def interleaved(sides: dict, batches: int) -> dict[str, float]:
+    """Samples per CPU-second of each side, taking one micro-batch from each in turn."""
+    cpu = dict.fromkeys(sides, 0.0)
+    for name, stream in sides.items():  # warm-up: first-call costs, the shuffle buffer's fill
+        next(stream)
+    for _ in range(batches):
+        for name, stream in sides.items():
+            start = time.process_time()
+            next(stream)
+            cpu[name] += time.process_time() - start
+    return {name: batches * MICRO_BATCH / seconds for name, seconds in cpu.items()}
+
+
+def profile(stream, batches: int, top: int = 14) -> str:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(batches):
+        next(stream)
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=24, help="ISBI-size head images to generate")
+    parser.add_argument("--samples", type=int, default=96, help="samples measured on each side")
+    parser.add_argument("--profile", action="store_true", help="also print a cProfile of each side")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    with tempfile.TemporaryDirectory(prefix="input-bench-") as tmp:
+        items = isbi_size_images(Path(tmp, "head"), args.images)
+        build([SourceSpec("head", str(Path(tmp, "head")))],
+              BuildOptions(out=str(Path(tmp, "shards")), max_side=1024, shard_size=8, workers=1, progress=False))
+        batches = max(1, args.samples // MICRO_BATCH)
+        rates = interleaved({"ours": our_batches(Path(tmp, "shards")), "baseline": baseline_batches(items)}, batches)
+        print(f"{len(items)} images {ISBI_SIZE[0]}x{ISBI_SIZE[1]}, shards at max side 1024; input "
+              f"{INPUT_SIZE[0]}x{INPUT_SIZE[1]}, heatmaps {HEATMAP_SIZE[0]}x{HEATMAP_SIZE[1]}; "
+              f"{batches * MICRO_BATCH} samples a side, micro-batch {MICRO_BATCH}, one thread")
+        print(f"{'':>10} {'ours':>10} {'baseline':>10} {'ratio':>8}")
+        print(f"{'samples/s':>10} {rates['ours']:>10.1f} {rates['baseline']:>10.1f} "
+              f"{rates['ours'] / rates['baseline']:>8.2f}   (per CPU-second)")
+        if args.profile:
+            print("ours:", profile(our_batches(Path(tmp, "shards")), batches))
+            print("baseline:", profile(baseline_batches(items), batches))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Training-step throughput, MFU and memory of the Sapiens backbones, against the published recipe.
+
+    PYTHONPATH=. python bench/train_step.py [--steps 8] [--max-batch 64] [--json out.json]
+    PYTHONPATH=. python bench/train_step.py --tiny     # CPU: sapiens_tiny at 128x96 (auto without CUDA)
+
+One device, synthetic in-memory batches (one grey channel on 0-255, as the pipeline sends them),
+the real objective and DeepSpeed engine. Settings on CUDA: sapiens_0.3b at 1024x768 with ZeRO-2,
+the published recipe's fp32 eager step against bf16 with and without torch.compile and activation
+checkpointing; sapiens_1b and sapiens_2b with bf16, checkpointing and ZeRO-3. Attention is timm's
+fused path, PyTorch's scaled_dot_product_attention.
+
+For each setting: the largest micro-batch that fits (doubling up to --max-batch), images/s at that
+micro-batch, MFU = 3 x analytic forward FLOPs (medsapiens.model.cost) x images/s / peak, and the
+peak memory. The peak is the device's dense bf16 rate from a small table (H100/H200/A100), else
+--peak-tflops, else a bf16 (fp32 on CPU) matmul timed here; the ratio row divides each setting's
+images/s by the recipe's, measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from medsapiens.engine import Engine, OptimConfig, TrainConfig, init_distributed, shutdown
+from medsapiens.model import ModelConfig, param_groups
+from medsapiens.model.archs import DEFAULT_TRUNK_WIDTH
+from medsapiens.model.cost import forward_flops
+from medsapiens.model.loss import LandmarkObjective
+
+K = 19  # the ISBI head's landmarks
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+TINY_TRUNK = 32  # the tests' decoder width: the default 768 would make the CPU run take minutes
+ZERO = {2: "launch/deepspeed/zero2.json", 3: "launch/deepspeed/zero3.json"}
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    arch: str
+    precision: str
+    zero: int
+    compile: bool = False
+    checkpointing: bool = False
+    trunk_width: int = DEFAULT_TRUNK_WIDTH
+
+
+def cuda_settings() -> list[Setting]:
+    return [
+        Setting("recipe", "sapiens_0.3b", "fp32", 2),
+        Setting("bf16", "sapiens_0.3b", "bf16", 2),
+        Setting("bf16+ckpt", "sapiens_0.3b", "bf16", 2, checkpointing=True),
+        Setting("bf16+compile", "sapiens_0.3b", "bf16", 2, compile=True),
+        Setting("bf16+compile+ckpt", "sapiens_0.3b", "bf16", 2, compile=True, checkpointing=True),
+        Setting("1b zero3+ckpt", "sapiens_1b", "bf16", 3, checkpointing=True),
+        Setting("2b zero3+ckpt", "sapiens_2b", "bf16", 3, checkpointing=True),
+    ]
+
+
+def cpu_settings() -> list[Setting]:
+    return [
+        Setting("recipe", "sapiens_tiny", "fp32", 2, trunk_width=TINY_TRUNK),
+        Setting("ckpt", "sapiens_tiny", "fp32", 2, checkpointing=True, trunk_width=TINY_TRUNK),
+        Setting("zero3+ckpt", "sapiens_tiny", "fp32", 3, checkpointing=True, trunk_width=TINY_TRUNK),
+    ]
+
+
+def synthetic_batch(micro_batch: int, img_size, device) -> dict:
+    h, w = img_size
+    g = torch.Generator().manual_seed(micro_batch)
+    batch = {
+        "images": torch.rand(micro_batch, 1, h, w, generator=g) * 255,
+        "dataset_index": torch.zeros(micro_batch, dtype=torch.long),
+        "target_heatmaps": torch.rand(micro_batch, K, h // 4, w // 4, generator=g),
+        "target_weights": torch.ones(micro_batch, K),
+    }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def build_engine(setting: Setting, img_size, max_batch: int) -> Engine:
+    model = ModelConfig(arch=setting.arch, img_size=img_size, trunk_width=setting.trunk_width,
+                        grad_checkpointing=setting.checkpointing).build({"head": K})
+    train = TrainConfig(precision=setting.precision, deepspeed=ZERO[setting.zero], max_steps=10**6)
+    engine = Engine(model, param_groups(model, 0.05), train, OptimConfig(warmup_steps=1), micro_batch=max_batch)
+    if setting.compile:
+        engine.ds.compile()
+    return engine
+
+
+def run_steps(engine: Engine, batch: dict, steps: int) -> float:
+    """Seconds for `steps` optimizer steps on one micro-batch each."""
+    objective = LandmarkObjective()
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.train_step([batch], objective)
+    synchronize()
+    return time.perf_counter() - start
+
+
+def largest_fitting(engine: Engine, img_size, max_batch: int) -> tuple[int, bool]:
+    """(the largest power-of-two micro-batch up to max_batch whose step runs (0: not even 1),
+    whether a larger one ran out of memory)."""
+    fits, size = 0, 1
+    while size <= max_batch:
+        try:
+            run_steps(engine, synthetic_batch(size, img_size, engine.device), 1)
+        except RuntimeError as exc:
+            if not is_oom(exc):
+                raise
+            return fits, True
+        finally:
+            release_cached_memory()
+        fits, size = size, size * 2
+    return fits, False
+
+
+def release_cached_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def peak_memory_gb() -> float:
+    """Device memory high-water since the last reset; on CPU the process's resident high-water."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def measured_peak_tflops() -> float:
+    """A large matmul's rate here: bf16 on CUDA, fp32 on CPU."""
+    cuda = torch.cuda.is_available()
+    n, reps = (8192, 10) if cuda else (2048, 3)  # smaller CPU matmuls run far below the peak
+    a = torch.randn(n, n, device="cuda" if cuda else "cpu", dtype=torch.bfloat16 if cuda else torch.float32)
+    a @ a
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def device_peak_tflops(requested: float | None) -> tuple[float, str]:
+    if requested:
+        return requested, "--peak-tflops"
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, tflops in PEAK_BF16_TFLOPS.items():
+            if key in name:
+                return tflops, f"{name} dense bf16 spec"
+    return measured_peak_tflops(), "measured matmul"
+
+
+def measure(setting: Setting, img_size, steps: int, warmup: int, max_batch: int, peak_tflops: float) -> dict:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    engine = build_engine(setting, img_size, max_batch)
+    fits, ran_out = largest_fitting(engine, img_size, max_batch)
+    if ran_out:  # a step that ran out of memory half-way may leave ZeRO's buffers half-filled
+        del engine
+        release_cached_memory()
+        engine = build_engine(setting, img_size, max_batch)
+    row = {**asdict(setting), "micro_batch": fits, "images_per_s": 0.0, "mfu": 0.0, "peak_memory_gb": 0.0}
+    if fits:
+        batch = synthetic_batch(fits, img_size, engine.device)
+        run_steps(engine, batch, warmup)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        rate = fits * steps / run_steps(engine, batch, steps)
+        flops = 3 * forward_flops(setting.arch, img_size, setting.trunk_width, head_channels=K).total
+        row.update(images_per_s=rate, mfu=flops * rate / (peak_tflops * 1e12), peak_memory_gb=peak_memory_gb())
+    del engine
+    release_cached_memory()
+    return row
+
+
+def report(rows: list[dict]) -> list[str]:
+    recipe = next(r for r in rows if r["name"] == "recipe")
+    lines = [f"{'setting':<20} {'arch':<13} {'prec':<5} {'zero':>4} {'batch':>5} {'img/s':>9} {'MFU':>6} "
+             f"{'peak GB':>8} {'x recipe':>8}"]
+    for r in rows:
+        r["vs_recipe"] = r["images_per_s"] / recipe["images_per_s"] if recipe["images_per_s"] else 0.0
+        lines.append(f"{r['name']:<20} {r['arch']:<13} {r['precision']:<5} {r['zero']:>4} {r['micro_batch']:>5} "
+                     f"{r['images_per_s']:>9.2f} {r['mfu']:>6.1%} {r['peak_memory_gb']:>8.2f} {r['vs_recipe']:>8.2f}")
+    return lines
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="the CPU config (the default without CUDA)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per setting")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
+    parser.add_argument("--max-batch", type=int, default=64, help="largest micro-batch tried")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these settings (plus the recipe)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    tiny = args.tiny or not torch.cuda.is_available()
+    img_size = (128, 96) if tiny else (1024, 768)
+    settings = cpu_settings() if tiny else cuda_settings()
+    if args.only:
+        settings = [s for s in settings if s.name == "recipe" or s.name in args.only]
+    init_distributed(600)
+    peak, source = device_peak_tflops(args.peak_tflops)
+    rows = [measure(s, img_size, args.steps, args.warmup, args.max_batch, peak) for s in settings]
+    lines = report(rows)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"{device}, input {img_size[1]}x{img_size[0]}, peak {peak:.3g} TFLOP/s ({source}), {args.steps} timed steps")
+    print("\n".join(lines))
+    result = {"device": device, "img_size": list(img_size), "peak_tflops": peak, "peak_source": source,
+              "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
+    shutdown()
