@@ -57,9 +57,29 @@ def png_bytes(size, seed=0) -> bytes:
     return buffer.getvalue()
 
 
+def multi_frame_dicom(path: Path) -> None:
+    """Two 32 x 32 frames in one DICOM file."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = pydicom.Dataset()
+    ds.file_meta, ds.SOPInstanceUID = meta, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.NumberOfFrames, ds.SamplesPerPixel = 32, 32, 2, 1
+    ds.PhotometricInterpretation, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (
+        "MONOCHROME2", 8, 8, 7, 0)
+    ds.PixelData = np.zeros((2, 32, 32), dtype=np.uint8).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
 def bad_corpus(root: Path) -> Path:
     """A COCO set (K=2) with one input per rejection reason and two good ones."""
     root.mkdir(parents=True)
+    multi_frame_dicom(root / "frames.dcm")
     good = png_bytes((40, 30))
     files = {"ok1.png": good, "a.b.png": good, "a-b.png": good, "garbage.png": b"not an image at all",
              "cut.png": png_bytes((200, 200))[:3000], "tiny.png": png_bytes((10, 10)), "far.png": good,
@@ -70,7 +90,7 @@ def bad_corpus(root: Path) -> Path:
     entries = [("ok1.png", two), ("garbage.png", two), ("cut.png", two), ("missing.png", two), ("lonely.png", None),
                ("odd.png", [5, 5, 2, 1, 1]), ("three.png", two + [1, 1, 2]), ("nan.png", [float("nan"), 5, 2, 1, 1, 2]),
                ("far.png", [500, 5, 2, 1, 1, 2]), ("ok1.png", two), ("a.b.png", two), ("a-b.png", two),
-               ("spacing.png", two), ("tiny.png", [1, 1, 2, 2, 2, 2])]
+               ("spacing.png", two), ("tiny.png", [1, 1, 2, 2, 2, 2]), ("frames.dcm", two)]
     images = [{"id": i, "file_name": name, **({"spacing": [0, 1]} if name == "spacing.png" else {})}
               for i, (name, _) in enumerate(entries)]
     annotations = [{"image_id": i, "keypoints": kp} for i, (_, kp) in enumerate(entries) if kp is not None]
@@ -86,11 +106,11 @@ def test_every_rejection_reason_is_reported_and_counted(tmp_path, capsys):
     printed = capsys.readouterr().out
     report = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
     assert sorted({r["reason"] for r in report}) == sorted(Rejection.REASONS)
-    assert len(report) == 12 and all(r["dataset"] == "bad" and r["detail"] and r["source"] for r in report)
+    assert len(report) == 13 and all(r["dataset"] == "bad" and r["detail"] and r["source"] for r in report)
     assert {r["id"] for r in report if r["reason"] == "duplicate_id"} == {"ok1", "a-b"}
     manifest = load(out)
-    assert (manifest.inputs, manifest.written, manifest.rejected) == (14, 2, 12)
-    assert "inputs 14 = written 2 + rejected 12" in printed
+    assert (manifest.inputs, manifest.written, manifest.rejected) == (15, 2, 13)
+    assert "inputs 15 = written 2 + rejected 13" in printed
     assert all(f"rejected {reason}: " in printed for reason in Rejection.REASONS)
     assert set(read_shards(out)) == {"bad_train_ok1", "bad_train_a-b"}
 
