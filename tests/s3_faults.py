@@ -1,8 +1,8 @@
 """A fault-injecting TCP proxy on 127.0.0.1 in front of a real S3 endpoint (moto's server).
 
 Each new connection takes the next fault from a queue (then passes through once it is empty):
-`silent` (reads the request, never answers), `slow` (answers, a little at a time), `503`
-(answers 503 Service Unavailable and closes) and `drop` (forwards the request, then cuts the
+`silent` (reads the request, never answers), `slow` (answers, a little at a time), `500` and
+`503` (answer 500 Internal Server Error or 503 Service Unavailable and close) and `drop` (forwards the request, then cuts the
 connection half-way through the answer). `freeze()` stops every byte on every connection, open or
 new, as a SIGSTOPped endpoint would; `thaw()` lets them flow again.
 """
@@ -13,7 +13,8 @@ import socket
 import threading
 import time
 
-FAULTS = ("silent", "slow", "503", "drop")
+FAULTS = ("silent", "slow", "500", "503", "drop")
+STATUS = {"500": b"500 Internal Server Error", "503": b"503 Service Unavailable"}
 SLOW_CHUNK, SLOW_DELAY_S = 16 * 1024, 0.05
 
 
@@ -58,10 +59,10 @@ class FaultProxy:
 
     def _serve(self, client: socket.socket, fault: str) -> None:
         with client:
-            if fault in ("silent", "503"):
+            if fault == "silent" or fault in STATUS:
                 request = _read_request(client)
-                if fault == "503" and request:
-                    client.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                if fault in STATUS and request:
+                    client.sendall(b"HTTP/1.1 " + STATUS[fault] + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                 else:
                     self.closed.wait()
                 return

@@ -55,7 +55,7 @@ def shard_digests(location: str) -> dict[str, str]:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("fault", ["silent", "503"])
+@pytest.mark.parametrize("fault", ["silent", "500", "503"])
 def test_a_failing_endpoint_gives_up_in_bounded_time_naming_the_object(proxy, fault, capsys):
     proxy.inject(*[fault] * 10)
     started = time.monotonic()
@@ -66,9 +66,9 @@ def test_a_failing_endpoint_gives_up_in_bounded_time_naming_the_object(proxy, fa
 
 
 @pytest.mark.timeout(120)
-def test_a_build_through_503s_drops_silence_and_slowness_ends_identical(proxy, head_phantoms, capsys):
+def test_a_build_through_5xx_drops_silence_and_slowness_ends_identical(proxy, head_phantoms, capsys):
     build_to(f"{BUCKET}/direct", head_phantoms)  # the proxy passes everything through
-    proxy.inject("503", "drop", "silent", "slow", "503", "drop")
+    proxy.inject("503", "drop", "silent", "slow", "500", "drop")
     build_to(f"{BUCKET}/faulty", head_phantoms)
     assert not proxy.faults  # every fault was met
     assert "retry 1 of 3" in capsys.readouterr().err
