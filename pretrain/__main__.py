@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from medsapiens import config as configlib
-from medsapiens.errors import EXIT_USER_ERROR, UserError, user_message
+from medsapiens.errors import EXIT_USER_ERROR, user_message
 from pretrain.cli import add_run_arguments
 from pretrain.config import PretrainConfig
 
@@ -33,8 +33,11 @@ def start(args) -> int:
         from pretrain.train import run
 
         run(cfg, args.resume)
-    except UserError as exc:  # one line on every rank, as the `medsapiens` command prints it
-        print(f"error: {user_message(exc)}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - one line on every rank for bad input, a bug keeps its traceback
+        message = user_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0
 
