@@ -118,8 +118,8 @@ def test_every_rejection_reason_is_reported_and_counted(tmp_path, capsys):
 def test_strict_fails_after_writing_the_report(tmp_path, capsys):
     out = tmp_path / "out"
     assert build("--source", f"bad:coco={bad_corpus(tmp_path / 'bad')}", "--out", out, "--strict", "--workers", 1) == 1
-    assert "--strict: 12 input(s) rejected" in capsys.readouterr().err
-    assert len((out / "rejected.jsonl").read_text().splitlines()) == 12
+    assert "--strict: 13 input(s) rejected" in capsys.readouterr().err
+    assert len((out / "rejected.jsonl").read_text().splitlines()) == 13
 
 
 def test_outside_invisible_keeps_the_sample_with_the_landmark_hidden(tmp_path):
@@ -127,7 +127,7 @@ def test_outside_invisible_keeps_the_sample_with_the_landmark_hidden(tmp_path):
     assert build("--source", f"bad:coco={bad_corpus(tmp_path / 'bad')}", "--out", out, "--outside", "invisible",
                  "--workers", 1) == 0
     assert read_shards(out)["bad_train_far"]["json"]["visible"] == [0, 1]
-    assert load(out).rejected == 11
+    assert load(out).rejected == 12
 
 
 # ---------------------------------------------------------------- phantoms: determinism, tar listing
