@@ -274,14 +274,19 @@ def decode_png(data: bytes, max_side: int | None = None) -> np.ndarray:
     return fast if fast is not None else _decode_with_pil(data, max_side)
 
 
+def check_max_side(width: int, height: int, max_side: int | None) -> None:
+    """Refuse, from its header, an image with a side over the shards' `max_side` (None: no bound)."""
+    if max_side is not None and max(width, height) > max_side:
+        raise InputError(f"a {width}x{height} px image, over the shards' max side {max_side}")
+
+
 def _decode_up_filtered(data: bytes, max_side: int | None) -> np.ndarray | None:
     """The pixels of a PNG whose rows are all Up-filtered (8/16-bit grey, 8-bit RGB, not interlaced),
     or None for any other image; a ValueError for a damaged one."""
     if data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 33:
         return None
     width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
-    if max_side is not None and max(width, height) > max_side:
-        raise ValueError(f"a {width}x{height} px image, over the shards' max side {max_side}")
+    check_max_side(width, height, max_side)
     if (depth, colour) not in ((8, 0), (16, 0), (8, 2)) or interlace or width * height > 2 * Image.MAX_IMAGE_PIXELS:
         return None
     row_bytes = width * (3 if colour == 2 else 1) * depth // 8
@@ -324,8 +329,7 @@ def _png_image_data(data: bytes) -> bytes:
 def _decode_with_pil(data: bytes, max_side: int | None) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if max_side is not None and max(image.size) > max_side:
-                raise InputError(f"a {image.size[0]}x{image.size[1]} px image, over the shards' max side {max_side}")
+            check_max_side(*image.size, max_side)
             image.load()
             return pil_to_array(image, "PNG bytes")
     except Image.DecompressionBombError as exc:
