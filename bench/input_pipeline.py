@@ -1,18 +1,24 @@
-"""Training samples per CPU-second of our input pipeline against an mmpose-style per-sample one.
+"""Training samples per CPU-second of our input pipeline against the Sapiens recipe's mmpose one.
 
     PYTHONPATH=. python bench/input_pipeline.py [--images 24] [--samples 96] [--profile]
 
-Both sides see the same ISBI-size head images (phantoms upscaled to 1935x2400 with film-grain
+All sides see the same ISBI-size head images (phantoms upscaled to 1935x2400 with film-grain
 noise, written as the ISBI layout in a temp dir) at the real training resolution (768x1024 input,
 192x256 heatmaps, default augmentation). Ours reads the head shards built from them at the
-default max side 1024 (one process, DataLoader workers=0); the baseline reads the original BMPs
-with cv2.imread and does what mmpose's top-down pipeline does per sample: flip, cv2.warpAffine,
-brightness/contrast, cv2 blur / median blur, one coarse-dropout hole, the per-keypoint UDP loop,
-uint8 CHW tensors stacked into a batch. The two run interleaved, one micro-batch each in turn,
-both on one thread, and each is charged the process CPU time of its own turns, so other load on
-the machine matters little. `--profile` also prints where each side's time goes (cProfile).
+default max side 1024 (one process, DataLoader workers=0). The baselines read the original BMPs:
+- "recipe" runs the Sapiens config's train_pipeline transform by transform: LoadImage (bytes,
+  cv2.imdecode, 3-channel BGR), RandomFlip, RandomBBoxTransform, TopdownAffine (UDP,
+  cv2.warpAffine), mmpose's PhotometricDistortion (HSV round trip included), albumentations'
+  Blur / MedianBlur / CoarseDropout, the per-keypoint UDP heatmap loop and PackPoseInputs'
+  image_to_tensor, stacked into a batch. mmengine's per-sample data structures are left out.
+- "lean" is the least a cv2 pipeline does for the same augmentation (one brightness/contrast
+  conversion, no HSV round trip, the blurs and the hole by hand): a floor, not what anyone runs.
+The sides run interleaved, one micro-batch each in turn, all on one thread, and each is charged
+the process CPU time of its own turns, so other load on the machine matters little. `--profile`
+also prints where each side's time goes (cProfile).
 
-Needs the bench extra (`pip install -e '.[bench]'`: opencv-python-headless, for the baseline).
+Needs the bench extra (`pip install -e '.[bench]'`: opencv-python-headless and albumentations,
+for the baselines).
 """
 from __future__ import annotations
 
@@ -25,10 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import albumentations as A
 import cv2
 import numpy as np
 import torch
 from PIL import Image
+from scipy.stats import truncnorm
 
 from medsapiens import manifest as manifestlib
 from medsapiens.data.pipeline import DataConfig, TrainStream
@@ -64,7 +72,7 @@ def isbi_size_images(root: Path, n: int) -> list[tuple[Path, np.ndarray]]:
     return items
 
 
-# ------------------------------------------------------------------ the mmpose-style baseline
+# ------------------------------------------------------------------ the baselines
 
 def udp_warp_matrix(center, box_size, rotation_deg, output_size) -> np.ndarray:
     """mmpose's UDP affine (2x3): the box around `center` onto the output, pixel centres aligned."""
@@ -103,12 +111,15 @@ def udp_heatmaps_loop(keypoints: np.ndarray, sigma: float) -> np.ndarray:
     return heatmaps
 
 
-def truncated_normal(rng) -> float:
-    return float(np.clip(rng.standard_normal(), -1.0, 1.0))
+def truncated_normal(rng, size=()) -> np.ndarray:
+    """RandomBBoxTransform's draw: scipy's truncnorm on [-1, 1]."""
+    return truncnorm.rvs(-1.0, 1.0, size=size, random_state=rng).astype(np.float32)
 
 
-def baseline_sample(path: Path, landmarks: np.ndarray, rng: np.random.Generator) -> dict:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)  # mmpose loads 3-channel BGR
+def load_and_warp(path: Path, landmarks: np.ndarray, rng: np.random.Generator):
+    """mmpose's LoadImage (file bytes, cv2.imdecode as 3-channel BGR), RandomFlip,
+    RandomBBoxTransform and TopdownAffine (UDP, cv2.warpAffine): the image and its keypoints."""
+    image = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_COLOR)
     h, w = image.shape[:2]
     points = landmarks.copy()
     if rng.random() < 0.5:
@@ -116,34 +127,90 @@ def baseline_sample(path: Path, landmarks: np.ndarray, rng: np.random.Generator)
         points[:, 0] = w - 1 - points[:, 0]
     aspect = INPUT_SIZE[0] / INPUT_SIZE[1]
     box = np.array([max(w, h * aspect), max(w, h * aspect) / aspect]) * 1.25
-    box *= 1.0 + truncated_normal(rng) * 0.5
-    center = np.array([w / 2, h / 2]) + (box * 0.16 * truncated_normal(rng) if rng.random() < 0.3 else 0)
-    rotation = truncated_normal(rng) * 80 if rng.random() < 0.6 else 0.0
+    offset = truncated_normal(rng, 2) * 0.16 if rng.random() < 0.3 else 0.0
+    center = np.array([w / 2, h / 2]) + offset * box
+    box *= truncated_normal(rng) * 0.5 + 1.0
+    rotation = float(truncated_normal(rng)) * 80 if rng.random() < 0.6 else 0.0
     matrix = udp_warp_matrix(center, box, rotation, INPUT_SIZE)
     image = cv2.warpAffine(image, matrix, INPUT_SIZE, flags=cv2.INTER_LINEAR)
-    points = points @ matrix[:, :2].T + matrix[:, 2]
-    if rng.random() < 0.5:  # photometric distortion: brightness, contrast in float, back to uint8
-        image = np.clip(image.astype(np.float32) * rng.uniform(0.5, 1.5) + rng.uniform(-32, 32), 0, 255)
-        image = image.astype(np.uint8)
+    return image, points @ matrix[:, :2].T + matrix[:, 2]
+
+
+def convert(image: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    return np.clip(image.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """mmpose's PhotometricDistortion with its defaults, as the Sapiens config runs it: brightness,
+    a BGR->HSV->BGR round trip for saturation / hue (3 times in 4), a channel shuffle, and contrast
+    both before and after the round trip when its mode is 1 (both of mmpose's tests read
+    `contrast_mode == 1`: contrast is applied twice or not at all), each step back to uint8."""
+    contrast_mode, brightness, contrast = rng.integers(2), rng.integers(2), rng.integers(2)
+    hsv_mode, swap = rng.integers(4), rng.integers(2)
+    beta, alpha, saturation = rng.uniform(-32, 32), rng.uniform(0.5, 1.5), rng.uniform(0.5, 1.5)
+    hue, order = int(rng.integers(-18, 18)), rng.permutation(3)
+    if brightness:
+        image = convert(image, beta=beta)
+    if contrast and contrast_mode == 1:
+        image = convert(image, alpha=alpha)
+    if hsv_mode:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
+        if hsv_mode in (1, 3):
+            image[:, :, 1] = convert(image[:, :, 1], alpha=saturation)
+        if hsv_mode in (2, 3):
+            image[:, :, 0] = image[:, :, 0].astype(int) + hue
+        image = cv2.cvtColor(image, cv2.COLOR_HSV2BGR)
+    if contrast and contrast_mode == 1:
+        image = convert(image, alpha=alpha)
+    return image[..., order] if swap else image
+
+
+def recipe_albumentations(seed: int) -> A.Compose:
+    """The Sapiens config's Albumentation step (Blur p 0.1, MedianBlur p 0.1, one CoarseDropout
+    hole of 20-40% of each side), in albumentations 2's argument names."""
+    return A.Compose([A.Blur(p=0.1), A.MedianBlur(p=0.1),
+                      A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(0.2, 0.4),
+                                      hole_width_range=(0.2, 0.4), fill=0, p=1.0)], seed=seed)
+
+
+def pack(image: np.ndarray, points: np.ndarray) -> dict:
+    """GenerateTarget (UDP heatmaps) and PackPoseInputs' image_to_tensor."""
+    scale = (np.array(HEATMAP_SIZE) - 1) / (np.array(INPUT_SIZE) - 1)
+    return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "heatmaps": torch.from_numpy(udp_heatmaps_loop(points * scale, SIGMA))}
+
+
+def recipe_sample(path: Path, landmarks: np.ndarray, rng: np.random.Generator, albumentations: A.Compose) -> dict:
+    """The Sapiens config's train_pipeline, transform by transform (mmengine's data structures left out)."""
+    image, points = load_and_warp(path, landmarks, rng)
+    image = albumentations(image=photometric_distortion(image, rng))["image"]
+    return pack(image, points)
+
+
+def lean_sample(path: Path, landmarks: np.ndarray, rng: np.random.Generator) -> dict:
+    """The least a cv2 pipeline can do for the same augmentation: one brightness/contrast
+    conversion (p 0.5), no HSV round trip, the blurs and the hole by hand."""
+    image, points = load_and_warp(path, landmarks, rng)
+    if rng.random() < 0.5:
+        image = convert(image, alpha=rng.uniform(0.5, 1.5), beta=rng.uniform(-32, 32))
     if rng.random() < 0.1:
         k = int(rng.choice([3, 5, 7]))
         image = cv2.blur(image, (k, k))
     if rng.random() < 0.1:
-        image = cv2.medianBlur(image, int(rng.choice([3, 5])))
+        image = cv2.medianBlur(image, int(rng.choice([3, 5, 7])))
     hh, ww = (int(s * rng.uniform(0.2, 0.4)) for s in image.shape[:2])
     y, x = int(rng.integers(0, image.shape[0] - hh + 1)), int(rng.integers(0, image.shape[1] - ww + 1))
     image[y:y + hh, x:x + ww] = 0
-    scale = (np.array(HEATMAP_SIZE) - 1) / (np.array(INPUT_SIZE) - 1)
-    heatmaps = udp_heatmaps_loop(points * scale, SIGMA)
-    return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-            "heatmaps": torch.from_numpy(heatmaps)}
+    return pack(image, points)
 
 
-def baseline_batches(items, seed: int = 0):
+def baseline_batches(items, recipe: bool, seed: int = 0):
     rng = np.random.default_rng(seed)
+    albumentations = recipe_albumentations(seed)
     while True:
         picked = [items[i] for i in rng.integers(0, len(items), MICRO_BATCH)]
-        samples = [baseline_sample(path, landmarks, rng) for path, landmarks in picked]
+        samples = [recipe_sample(path, marks, rng, albumentations) if recipe else lean_sample(path, marks, rng)
+                   for path, marks in picked]
         yield {"images": torch.stack([s["image"] for s in samples]),
                "heatmaps": torch.stack([s["heatmaps"] for s in samples])}
 
@@ -193,17 +260,19 @@ def main() -> None:
         build([SourceSpec("head", str(Path(tmp, "head")))],
               BuildOptions(out=str(Path(tmp, "shards")), max_side=1024, shard_size=8, workers=1, progress=False))
         batches = max(1, args.samples // MICRO_BATCH)
-        rates = interleaved({"ours": our_batches(Path(tmp, "shards")), "baseline": baseline_batches(items)}, batches)
+        sides = {"ours": lambda: our_batches(Path(tmp, "shards")),
+                 "recipe": lambda: baseline_batches(items, recipe=True),
+                 "lean": lambda: baseline_batches(items, recipe=False)}
+        rates = interleaved({name: make() for name, make in sides.items()}, batches)
         print(f"{len(items)} images {ISBI_SIZE[0]}x{ISBI_SIZE[1]}, shards at max side 1024; input "
               f"{INPUT_SIZE[0]}x{INPUT_SIZE[1]}, heatmaps {HEATMAP_SIZE[0]}x{HEATMAP_SIZE[1]}; "
               f"{batches * MICRO_BATCH} samples a side, micro-batch {MICRO_BATCH}, one thread")
-        print(f"{'':>10} {'ours':>10} {'baseline':>10} {'ratio':>8}")
-        print(f"{'samples/s':>10} {rates['ours']:>10.1f} {rates['baseline']:>10.1f} "
-              f"{rates['ours'] / rates['baseline']:>8.2f}   (per CPU-second)")
+        print(f"{'':>10} {'ours':>10} {'recipe':>10} {'lean':>10} {'ours/recipe':>12} {'ours/lean':>10}")
+        print(f"{'samples/s':>10} {rates['ours']:>10.1f} {rates['recipe']:>10.1f} {rates['lean']:>10.1f} "
+              f"{rates['ours'] / rates['recipe']:>12.2f} {rates['ours'] / rates['lean']:>10.2f}   (per CPU-second)")
         if args.profile:
-            print("ours:", profile(our_batches(Path(tmp, "shards")), batches))
-            print("baseline:", profile(baseline_batches(items), batches))
-
+            for name, make in sides.items():
+                print(f"{name}:", profile(make(), batches))
 
 if __name__ == "__main__":
     main()

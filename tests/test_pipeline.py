@@ -7,7 +7,7 @@ import torch
 
 from medsapiens import manifest as manifestlib
 from medsapiens.codec import decode_udp, heatmap_to_input
-from medsapiens.data.augment import AugmentConfig, _median_blur, _sampling_grid, normalize, photometric
+from medsapiens.data.augment import AugmentConfig, _box_blur, _median_blur, _sampling_grid, normalize, photometric
 from medsapiens.data.pipeline import (
     CorruptDataError, DataConfig, TrainStream, collate, eval_examples, mixture_weights, train_batches,
     training_example,
@@ -225,6 +225,15 @@ def test_median_blur_is_the_exact_median(k, shape):
     spread = torch.rand(shape, generator=g) * 300 - 20
     for img in (ties, spread):
         assert torch.equal(_median_blur(img, k), sorted_patch_median(img, k))
+
+
+@pytest.mark.parametrize("k", [3, 5, 7])
+@pytest.mark.parametrize("shape", [(1, 64, 48), (3, 7, 5), (1, 3, 2)])
+def test_box_blur_is_the_patch_mean(k, shape):
+    img = torch.rand(shape, generator=torch.Generator().manual_seed(k)) * 255
+    patches = torch.nn.functional.unfold(torch.nn.functional.pad(img[None], (k // 2,) * 4, mode="replicate"), k)
+    expected = patches.view(shape[0], k * k, -1).mean(dim=1).view_as(img)
+    assert torch.allclose(_box_blur(img, k), expected, atol=1e-4)
 
 
 def test_sampling_grid_is_affine_grids():

@@ -1,11 +1,14 @@
 """Shard PNGs: written with Up-filtered rows, read back by a fast path that must agree with PIL."""
 import io
+import struct
+import tracemalloc
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from medsapiens.imageio import decode_png, encode_png, pil_to_array
+from medsapiens.imageio import PNG_SIGNATURE, PNG_UP, _png_chunk, decode_png, encode_png, pil_to_array
 
 RNG = np.random.default_rng(0)
 IMAGES = {
@@ -48,3 +51,23 @@ def test_damaged_and_oversized_pngs_are_refused_naming_why():
         decode_png(bytes(flipped))
     with pytest.raises(ValueError, match="over the shards' max side 30"):
         decode_png(data, max_side=30)
+
+
+def test_a_stream_that_inflates_past_its_image_is_refused_without_inflating_it_all():
+    width, height = 30, 20
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    rows = bytes([PNG_UP]) + bytes(width)
+    bomb = zlib.compress(rows * height + bytes(256 * 2**20), 9)  # 256 MiB of zeros past the image
+    data = PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", bomb) + _png_chunk(b"IEND", b"")
+    tracemalloc.start()
+    with pytest.raises(ValueError, match="damaged PNG"):
+        decode_png(data)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 * 2**20
+    exact = PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(rows * height)) + \
+        _png_chunk(b"IEND", b"")
+    assert np.array_equal(decode_png(exact), np.zeros((height, width), np.uint8))
+    short = zlib.compress(rows * height)[:-4]  # the stream's checksum cut off
+    with pytest.raises(ValueError, match="damaged PNG"):
+        decode_png(PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", short) + _png_chunk(b"IEND", b""))
