@@ -93,11 +93,9 @@ def is_oom(exc: BaseException) -> bool:
 def build_engine(setting: Setting, img_size, max_batch: int) -> Engine:
     model = ModelConfig(arch=setting.arch, img_size=img_size, trunk_width=setting.trunk_width,
                         grad_checkpointing=setting.checkpointing).build({"head": K})
-    train = TrainConfig(precision=setting.precision, deepspeed=ZERO[setting.zero], max_steps=10**6)
-    engine = Engine(model, param_groups(model, 0.05), train, OptimConfig(warmup_steps=1), micro_batch=max_batch)
-    if setting.compile:
-        engine.ds.compile()
-    return engine
+    train = TrainConfig(precision=setting.precision, deepspeed=ZERO[setting.zero], max_steps=10**6,
+                        compile=setting.compile)
+    return Engine(model, param_groups(model, 0.05), train, OptimConfig(warmup_steps=1), micro_batch=max_batch)
 
 
 def run_steps(engine: Engine, batch: dict, steps: int) -> float:

@@ -74,6 +74,7 @@ class TrainConfig:
     precision: str = "auto"
     deepspeed: str = "launch/deepspeed/zero2.json"
     offload: bool = False
+    compile: bool = False  # torch.compile the model (DeepSpeed's engine.compile, the accelerator's backend)
     log_every: int = 10
     val_every: int = 500
     checkpoint_every: int = 500
@@ -215,6 +216,8 @@ class Engine:
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups, config=self.config, lr_scheduler=scheduler)
         self.zero_stage = self.ds.zero_optimization_stage()
+        if train.compile:  # in place: the module's parameter names, so its checkpoints, stay the same
+            self.ds.compile()
         checkpoints.prepare(self.ds)
 
     def save(self, ckpt_dir: Path, step: int, client_state: dict, keep: set[str] = frozenset()) -> None:

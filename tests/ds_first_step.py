@@ -1,8 +1,9 @@
 """One training step on a fixed global batch, run by tests with and without the DeepSpeed launcher.
 
-Usage: ds_first_step.py SHARDS OUT GLOBAL_BATCH ZERO_JSON. Rank r takes global samples
+Usage: ds_first_step.py SHARDS OUT GLOBAL_BATCH ZERO_JSON [compile]. Rank r takes global samples
 [r*B, (r+1)*B) with B = GLOBAL_BATCH / world size; rank 0 writes the global mean loss and the full
-gradients (gathered from the ZeRO partitions) to OUT.safetensors / OUT.json.
+gradients (gathered from the ZeRO partitions) to OUT.safetensors / OUT.json. `compile` sets
+train.compile (torch.compile through DeepSpeed).
 """
 import json
 import sys
@@ -37,13 +38,13 @@ def fixed_examples(shards: str, count: int) -> list[dict]:
     return examples
 
 
-def main(shards: str, out: str, global_batch: int, zero_json: str) -> None:
+def main(shards: str, out: str, global_batch: int, zero_json: str, compile_model: bool = False) -> None:
     rank, world = init_distributed(120)
     per_rank = global_batch // world
     examples = fixed_examples(shards, global_batch)[rank * per_rank:(rank + 1) * per_rank]
     torch.manual_seed(0)
     model = ModelConfig(arch="sapiens_tiny", img_size=(128, 96), trunk_width=32).build({"head": 19, "hand": 37})
-    train = TrainConfig(deepspeed=zero_json, precision="fp32")
+    train = TrainConfig(deepspeed=zero_json, precision="fp32", compile=compile_model)
     engine = Engine(model, param_groups(model, 0.05), train, OptimConfig(), micro_batch=per_rank)
     batch = engine.to_device(collate(examples))
     outputs = engine.ds(normalize(batch["images"]), batch["dataset_index"])
@@ -56,10 +57,10 @@ def main(shards: str, out: str, global_batch: int, zero_json: str) -> None:
     if rank == 0:
         save_file(grads, f"{out}.safetensors")
         with open(f"{out}.json", "w") as f:
-            json.dump({"loss": mean_loss, "world_size": world}, f)
+            json.dump({"loss": mean_loss, "world_size": world, "compiled": engine.ds.is_compiled}, f)
     shutdown()
 
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    main(args[0], args[1], int(args[2]), args[3])
+    main(args[0], args[1], int(args[2]), args[3], args[4:] == ["compile"])

@@ -133,6 +133,22 @@ def test_one_rank_with_2b_equals_two_ranks_with_b(phantom_shards, tmp_path):
     assert grads_one["decoder.heads.hand.weight"].abs().sum() > 0
 
 
+@pytest.mark.timeout(300)
+def test_compiled_model_gives_the_eager_loss_gradients_and_names(phantom_shards, tmp_path):
+    script = str(REPO / "tests" / "ds_first_step.py")
+    zero2 = str(REPO / "launch" / "deepspeed" / "zero2.json")
+    for name, extra in (("eager", []), ("compiled", ["compile"])):
+        proc = run([sys.executable, script, str(phantom_shards), str(tmp_path / name), "4", zero2, *extra], 240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    eager, compiled = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("eager", "compiled"))
+    assert (eager["compiled"], compiled["compiled"]) == (False, True)
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-5)
+    grads_eager, grads_compiled = (load_file(str(tmp_path / f"{n}.safetensors")) for n in ("eager", "compiled"))
+    assert grads_compiled.keys() == grads_eager.keys()  # compiled in place: no _orig_mod. prefix in checkpoints
+    for name in grads_eager:
+        assert torch.allclose(grads_compiled[name], grads_eager[name], rtol=1e-3, atol=1e-7), name
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("override, message", [
     ("data.datasets=[head, knee]", "dataset(s) ['knee']"),
