@@ -297,8 +297,10 @@ def _decode_up_filtered(data: bytes, max_side: int | None) -> np.ndarray | None:
         raw = inflater.decompress(_png_image_data(data), expected + 1)
     except isal_zlib.error as exc:
         raise ValueError(f"a damaged PNG ({exc})") from None
-    if len(raw) != expected or not inflater.eof:
-        raise ValueError(f"a damaged PNG ({len(raw)} bytes of pixel data for {width}x{height})")
+    if len(raw) > expected:
+        raise ValueError(f"a damaged PNG (its pixel data inflates past the {expected} bytes of {width}x{height})")
+    if len(raw) < expected or not inflater.eof:
+        raise ValueError(f"a damaged PNG ({len(raw)} bytes of pixel data for {width}x{height}, or no stream end)")
     rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, row_bytes + 1)
     if not (rows[:, 0] == PNG_UP).all():
         return None

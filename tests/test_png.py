@@ -60,7 +60,7 @@ def test_a_stream_that_inflates_past_its_image_is_refused_without_inflating_it_a
     bomb = zlib.compress(rows * height + bytes(256 * 2**20), 9)  # 256 MiB of zeros past the image
     data = PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", bomb) + _png_chunk(b"IEND", b"")
     tracemalloc.start()
-    with pytest.raises(ValueError, match="damaged PNG"):
+    with pytest.raises(ValueError, match="inflates past the 620 bytes of 30x20"):
         decode_png(data)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
@@ -69,5 +69,5 @@ def test_a_stream_that_inflates_past_its_image_is_refused_without_inflating_it_a
         _png_chunk(b"IEND", b"")
     assert np.array_equal(decode_png(exact), np.zeros((height, width), np.uint8))
     short = zlib.compress(rows * height)[:-4]  # the stream's checksum cut off
-    with pytest.raises(ValueError, match="damaged PNG"):
+    with pytest.raises(ValueError, match="no stream end"):
         decode_png(PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", short) + _png_chunk(b"IEND", b""))
