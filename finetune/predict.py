@@ -106,9 +106,8 @@ class Bounds:
     def of(self, points: np.ndarray, spacing, size) -> tuple[dict | None, np.ndarray | None]:
         if not self.calibration:
             return None, None
-        native = self.protocol.landmark_set.native_spacing_mm
         pixels = radii_in_pixels(self.protocol, self.calibration["radii"], points,
-                                 spacing or ((native, native) if native else None), size)
+                                 self.protocol.landmark_set.spacing_or_native(spacing), size)
         fields = {"radius": np.round(self.calibration["radii"], 4).tolist(), "radius_unit": self.calibration["unit"],
                   "radius_coverage": self.calibration["coverage"],
                   "radius_px": None if pixels is None else np.round(pixels, 3).tolist()}

@@ -237,9 +237,7 @@ def unscalable_images(protocol: Protocol, visible: np.ndarray, ids: list[str]) -
 
 
 def unit_per_pixel(protocol: Protocol, gt: Table, image_id: str, truth: np.ndarray) -> np.ndarray:
-    spacing = gt.spacing_mm.get(image_id)
-    if spacing is None and protocol.landmark_set.native_spacing_mm:
-        spacing = [protocol.landmark_set.native_spacing_mm] * 2
+    spacing = protocol.landmark_set.spacing_or_native(gt.spacing_mm.get(image_id))
     size = gt.image_size.get(image_id)
     if protocol.rule == "frame" and size is None:
         raise InputError(f"the {protocol.landmark_set.id} protocol needs image_size for image {image_id!r} in the "

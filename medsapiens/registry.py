@@ -53,6 +53,12 @@ class LandmarkSet:
     def can_flip(self) -> bool:
         return self.flip_pairs is not None
 
+    def spacing_or_native(self, spacing):
+        """`spacing` (x, y) mm/px when known, else the set's fixed native spacing, else None."""
+        if spacing is not None:
+            return spacing
+        return (self.native_spacing_mm,) * 2 if self.native_spacing_mm else None
+
     def flip_permutation(self) -> list[int]:
         """Channel order of the mirrored image: index i of the result is the landmark that lands on i."""
         if self.flip_pairs is None:

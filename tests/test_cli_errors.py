@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import DEMO_CONFIG, run
-
-CLI = [sys.executable, "-m", "launch.cli"]
+from conftest import CLI, DEMO_CONFIG, run
 
 
 def refused(args: list[str], *expected: str, env: dict | None = None, timeout: float = 120) -> None:

@@ -4,7 +4,6 @@ here wrote, read without network."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from PIL import Image
 from pydicom import uid
 from pydicom.data import get_testdata_file, get_testdata_files
 
-from conftest import run
+from conftest import CLI, run
 from medsapiens import bundle as bundlelib
 from medsapiens import registry
 from medsapiens.data.pipeline import eval_example
@@ -23,7 +22,6 @@ from medsapiens.imageio import decode, dicom_spacing, is_dicom, to_float
 from medsapiens.model.landmark_model import ModelConfig
 from medsapiens.record import Rejection
 
-CLI = [sys.executable, "-m", "launch.cli"]
 pytestmark = pytest.mark.filterwarnings("ignore")  # pydicom warns about the odd values its test files carry on purpose
 
 LOSSLESS_TWINS = [  # (compressed, uncompressed) pairs shipped as such

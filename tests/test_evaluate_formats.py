@@ -3,15 +3,13 @@ ground truth, COCO results; custom datasets; invisible landmarks left out and co
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import run
+from conftest import CLI, run
 from finetune.report import score_files
 
-CLI = [sys.executable, "-m", "launch.cli"]
 TRUTH = {"a": [[10.0, 10.0], [20.0, 30.0], [40.0, 40.0]], "b": [[5.0, 5.0], [15.0, 25.0], [35.0, 30.0]]}
 GUESS = {"a": [[13.0, 14.0], [20.0, 30.0], [40.0, 46.0]], "b": [[5.0, 5.0], [15.0, 27.0], [0.0, 0.0]]}
 ERRORS = {"a": [5.0, 0.0, 6.0], "b": [0.0, 2.0, None]}  # b's third landmark is invisible in the truth

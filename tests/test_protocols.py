@@ -5,12 +5,11 @@ import sys
 
 import pytest
 
-from conftest import DEMO_CONFIG, REPO, run
+from conftest import CLI, DEMO_CONFIG, REPO, run
 from medsapiens import config as configlib
 from medsapiens.engine import OptimConfig, TrainConfig, lr_factor
 from medsapiens.run import schedule_text, scheduled
 
-CLI = [sys.executable, "-m", "launch.cli"]
 EXPERIMENTS = REPO / "launch" / "experiments"
 
 

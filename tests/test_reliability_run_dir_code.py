@@ -11,9 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SMALL_RUN, pretrain_args, run
-
-CLI = [sys.executable, "-m", "launch.cli"]
+from conftest import CLI, REPO, SMALL_RUN, pretrain_args, run
 
 
 class Payload:

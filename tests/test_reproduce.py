@@ -3,16 +3,14 @@ configs, on phantom shards with a tiny model (sapiens_tiny at 128x96, a few step
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, free_port, run
+from conftest import CLI, REPO, free_port, run
 from medsapiens.model import get_arch, load_backbone
 
-CLI = [sys.executable, "-m", "launch.cli"]
 EXPERIMENTS = REPO / "launch" / "experiments"
 DEPTH, C = 4, 192  # sapiens_tiny
 LORA_PARAMS = DEPTH * ((4 * C + 3 * C * 4) + (8 * C + C * 8))  # qkv A (4, C) + B (3C, 4); proj A (8, C) + B (C, 8)
