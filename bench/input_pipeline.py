@@ -26,12 +26,14 @@ import argparse
 import cProfile
 import io
 import math
+import os
 import pstats
 import tempfile
 import time
 from pathlib import Path
 
-import albumentations as A
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # its import would ask PyPI for a newer version
+import albumentations as A  # noqa: E402
 import cv2
 import numpy as np
 import torch
