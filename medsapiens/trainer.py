@@ -75,9 +75,9 @@ class Trainer:
         if self.is_main:
             (ctx.run_dir / "deepspeed.json").write_text(json.dumps(engine.config, indent=2))
             compiled = ", torch.compile (the first steps compile)" if ctx.train.compile else ""
-            print(f"DeepSpeed ZeRO-{engine.zero_stage}, {engine.precision}{compiled}: micro-batch "
-                  f"{ctx.data.micro_batch} x accumulation {ctx.train.grad_accum} x {distributed.world_size()} rank(s) = global batch "
-                  f"{ctx.data.micro_batch * ctx.train.grad_accum * distributed.world_size()}", file=sys.stderr)
+            batch, accum, world = ctx.data.micro_batch, ctx.train.grad_accum, distributed.world_size()
+            print(f"DeepSpeed ZeRO-{engine.zero_stage}, {engine.precision}{compiled}: micro-batch {batch} x "
+                  f"accumulation {accum} x {world} rank(s) = global batch {batch * accum * world}", file=sys.stderr)
         self.best: dict | None = None
         self.last_validation: dict = {}
 
