@@ -101,12 +101,17 @@ def _to_unit(w: int, h: int) -> torch.Tensor:
     return torch.tensor([[sx, 0, -1], [0, sy, -1], [0, 0, 1]], dtype=torch.float64)
 
 
+def _edge_padded(img: torch.Tensor, k: int) -> np.ndarray:
+    """(C, H, W) -> numpy (C, H + k - 1, W + k - 1), edges replicated: the input of a k x k filter."""
+    r = k // 2
+    return np.pad(img.numpy(), ((0, 0), (r, r), (r, r)), mode="edge")
+
+
 def _box_blur(img: torch.Tensor, k: int) -> torch.Tensor:
     """k x k mean with replicated edges, as two passes of k shifted sums: 5-10x faster than
     avg_pool2d's k*k window on one thread."""
-    r = k // 2
     _, h, w = img.shape
-    padded = np.pad(img.numpy(), ((0, 0), (r, r), (r, r)), mode="edge")
+    padded = _edge_padded(img, k)
     rows = padded[:, :, :w].copy()
     for dx in range(1, k):
         rows += padded[:, :, dx:dx + w]
@@ -123,9 +128,8 @@ MEDIAN_BLOCK_ROWS = 32  # a band of rows at a time: each min/max then works in t
 def _median_blur(img: torch.Tensor, k: int) -> torch.Tensor:
     """k x k median with replicated edges: a selection network of elementwise min/max over the
     k*k shifted views (exact: the median is one of the inputs), 15-20x faster than sorting patches."""
-    r = k // 2
     _, h, w = img.shape
-    padded = np.pad(img.numpy(), ((0, 0), (r, r), (r, r)), mode="edge")
+    padded = _edge_padded(img, k)
     out = np.empty((img.shape[0], h, w), dtype=padded.dtype)
     for y in range(0, h, MEDIAN_BLOCK_ROWS):
         rows = min(MEDIAN_BLOCK_ROWS, h - y)
