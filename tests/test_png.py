@@ -11,11 +11,11 @@ from PIL import Image
 from medsapiens.imageio import PNG_SIGNATURE, PNG_UP, _png_chunk, decode_png, encode_png, pil_to_array
 
 RNG = np.random.default_rng(0)
-IMAGES = {
-    "grey8": RNG.integers(0, 256, (37, 29), dtype=np.uint8),
-    "grey16": RNG.integers(0, 65536, (21, 33), dtype=np.uint16),
+IMAGES = {  # heights around the fast decoder's 32-row bands: 3 and a part, 2 and a part, exactly 2, under 1
+    "grey8": RNG.integers(0, 256, (101, 29), dtype=np.uint8),
+    "grey16": RNG.integers(0, 65536, (70, 33), dtype=np.uint16),
+    "rgb": RNG.integers(0, 256, (64, 23, 3), dtype=np.uint8),
     "grey12in16": RNG.integers(0, 4096, (16, 17), dtype=np.uint16),
-    "rgb": RNG.integers(0, 256, (19, 23, 3), dtype=np.uint8),
     "one_pixel": np.full((1, 1), 7, dtype=np.uint8),
 }
 

@@ -17,6 +17,7 @@ from medsapiens.codec import whole_image_affine
 
 IMAGENET_MEAN = torch.tensor(preprocess.IMAGENET_MEAN).view(3, 1, 1)
 IMAGENET_STD = torch.tensor(preprocess.IMAGENET_STD).view(3, 1, 1)
+BLUR_KERNELS = (3, 5, 7)  # the sizes the recipe's albumentations Blur and MedianBlur draw from
 
 
 @dataclass
@@ -78,20 +79,45 @@ def warp(image: np.ndarray, matrix: torch.Tensor, input_size) -> torch.Tensor:
         m = m @ pool
     c, h, w = img.shape
     ow, oh = input_size
+    inverse = torch.linalg.inv(m)
+    if m[0, 1] == 0 and m[1, 0] == 0:
+        return _warp_axis_aligned(img, inverse, ow, oh)
     # affine_grid works in [-1, 1] coordinates (align_corners=True: -1 and 1 are the first and last
     # pixel centres): theta = to_unit(source) . inverse(m) . from_unit(output).
-    theta = _to_unit(w, h) @ torch.linalg.inv(m) @ torch.linalg.inv(_to_unit(ow, oh))
+    theta = _to_unit(w, h) @ inverse @ torch.linalg.inv(_to_unit(ow, oh))
     return F.grid_sample(img[None], _sampling_grid(theta[:2].float(), ow, oh), mode="bilinear",
                          padding_mode="zeros", align_corners=True)[0]
 
 
+def _warp_axis_aligned(img: torch.Tensor, inverse: torch.Tensor, ow: int, oh: int) -> torch.Tensor:
+    """The bilinear warp of an affine without rotation (every evaluation, 40% of training samples)
+    as two 1-D interpolations, rows then columns: grid_sample's values in 80% of its time."""
+    _, h, w = img.shape
+    padded = F.pad(img, (1, 1, 1, 1))  # one zero pixel around: a tap outside the image reads 0
+    top, bottom, fy = _taps(inverse[1, 1], inverse[1, 2], oh, h)
+    left, right, fx = _taps(inverse[0, 0], inverse[0, 2], ow, w)
+    rows = torch.lerp(padded.index_select(1, top), padded.index_select(1, bottom), fy[:, None])
+    rows = rows.view(-1, w + 2)  # 2-D: index_select along its last dim is 4x faster than along a 3-D one's
+    return torch.lerp(rows.index_select(1, left), rows.index_select(1, right), fx).view(-1, oh, ow)
+
+
+def _taps(scale: torch.Tensor, offset: torch.Tensor, n_out: int, n_in: int):
+    """Along one axis, for output pixels 0..n_out-1 at source scale * i + offset: the indices of the
+    two padded-source pixels either side and the second one's weight."""
+    source = (torch.arange(n_out, dtype=torch.float64) * scale + offset).clamp_(-1, n_in)
+    first = source.floor()
+    index = first.long() + 1  # the padded image starts one pixel early
+    return index, (index + 1).clamp_(max=n_in + 1), (source - first).float()
+
+
 def _sampling_grid(theta: torch.Tensor, ow: int, oh: int) -> torch.Tensor:
-    """F.affine_grid(theta, align_corners=True)'s (1, oh, ow, 2) grid, as two broadcast sums: the
-    same float32 values at a fifth of its cost (it multiplies a (oh*ow, 3) matrix)."""
+    """F.affine_grid(theta, align_corners=True)'s (1, oh, ow, 2) grid, as one broadcast sum per
+    coordinate written in place: 0.6 ms against its 8 ms at 768x1024 (it multiplies a (oh*ow, 3)
+    matrix)."""
     xs, ys = torch.linspace(-1, 1, ow), torch.linspace(-1, 1, oh)[:, None]
     grid = torch.empty(1, oh, ow, 2)
-    grid[0, ..., 0] = xs * theta[0, 0] + ys * theta[0, 1] + theta[0, 2]
-    grid[0, ..., 1] = xs * theta[1, 0] + ys * theta[1, 1] + theta[1, 2]
+    for axis in (0, 1):
+        torch.add(xs * theta[axis, 0], ys * theta[axis, 1] + theta[axis, 2], out=grid[0, ..., axis])
     return grid
 
 
@@ -101,17 +127,17 @@ def _to_unit(w: int, h: int) -> torch.Tensor:
     return torch.tensor([[sx, 0, -1], [0, sy, -1], [0, 0, 1]], dtype=torch.float64)
 
 
-def _edge_padded(img: torch.Tensor, k: int) -> np.ndarray:
-    """(C, H, W) -> numpy (C, H + k - 1, W + k - 1), edges replicated: the input of a k x k filter."""
+def _edge_padded(img: np.ndarray, k: int) -> np.ndarray:
+    """(C, H, W) -> (C, H + k - 1, W + k - 1), edges replicated: the input of a k x k filter."""
     r = k // 2
-    return np.pad(img.numpy(), ((0, 0), (r, r), (r, r)), mode="edge")
+    return np.pad(img, ((0, 0), (r, r), (r, r)), mode="edge")
 
 
 def _box_blur(img: torch.Tensor, k: int) -> torch.Tensor:
     """k x k mean with replicated edges, as two passes of k shifted sums: 5-10x faster than
     avg_pool2d's k*k window on one thread."""
     _, h, w = img.shape
-    padded = _edge_padded(img, k)
+    padded = _edge_padded(img.numpy(), k)
     rows = padded[:, :, :w].copy()
     for dx in range(1, k):
         rows += padded[:, :, dx:dx + w]
@@ -122,20 +148,22 @@ def _box_blur(img: torch.Tensor, k: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-MEDIAN_BLOCK_ROWS = 32  # a band of rows at a time: each min/max then works in the CPU's cache
+MEDIAN_BLOCK_ROWS = 64  # a band of rows at a time: each min/max then works in the CPU's cache
 
 
 def _median_blur(img: torch.Tensor, k: int) -> torch.Tensor:
-    """k x k median with replicated edges: a selection network of elementwise min/max over the
-    k*k shifted views (exact: the median is one of the inputs), 15-20x faster than sorting patches."""
+    """k x k median with replicated edges of the image rounded to 0..255, as the recipe's uint8
+    median: a selection network of elementwise min/max over the k*k shifted views (exact: the
+    median is one of the inputs). Rounding and clamping commute with the median, so this is the
+    float median rounded, at a third of the float32 network's cost."""
     _, h, w = img.shape
-    padded = _edge_padded(img, k)
-    out = np.empty((img.shape[0], h, w), dtype=padded.dtype)
+    padded = _edge_padded(img.numpy().clip(0, 255).round().astype(np.uint8), k)
+    out = np.empty((img.shape[0], h, w), dtype=np.uint8)
     for y in range(0, h, MEDIAN_BLOCK_ROWS):
         rows = min(MEDIAN_BLOCK_ROWS, h - y)
         out[:, y:y + rows] = _select_median([padded[:, y + dy:y + dy + rows, dx:dx + w]
                                              for dy in range(k) for dx in range(k)])
-    return torch.from_numpy(out)
+    return torch.from_numpy(out.astype(np.float32))
 
 
 @functools.lru_cache(maxsize=None)
@@ -185,9 +213,9 @@ def photometric(img: torch.Tensor, rng: np.random.Generator, cfg: AugmentConfig)
         mean = img.mean()
         img.sub_(mean).mul_(rng.uniform(*cfg.contrast)).add_(mean)
     if rng.random() < cfg.blur_prob:
-        img = _box_blur(img, int(rng.choice([3, 5, 7])))
+        img = _box_blur(img, int(rng.choice(BLUR_KERNELS)))
     if rng.random() < cfg.median_blur_prob:
-        img = _median_blur(img, int(rng.choice([3, 5])))
+        img = _median_blur(img, int(rng.choice(BLUR_KERNELS)))
     if rng.random() < cfg.dropout_prob:
         _, h, w = img.shape
         hh = int(h * rng.uniform(*cfg.dropout_size))
