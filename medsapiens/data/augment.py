@@ -77,7 +77,7 @@ def warp(image: np.ndarray, matrix: torch.Tensor, input_size) -> torch.Tensor:
         pool = torch.tensor([[factor, 0, (factor - 1) / 2], [0, factor, (factor - 1) / 2], [0, 0, 1]],
                             dtype=torch.float64)
         m = m @ pool
-    c, h, w = img.shape
+    _, h, w = img.shape
     ow, oh = input_size
     inverse = torch.linalg.inv(m)
     if m[0, 1] == 0 and m[1, 0] == 0:
