@@ -211,10 +211,15 @@ def test_eval_examples_are_split_evenly_over_ranks(phantom_shards):
     assert record["dataset"] == "head" and record["split"] == "test1"
 
 
+def replicate_padded_patches(img: torch.Tensor, k: int) -> torch.Tensor:
+    """(C, H, W) -> (C, k * k, H * W): every pixel's k x k neighbourhood, edges replicated."""
+    patches = torch.nn.functional.unfold(torch.nn.functional.pad(img[None], (k // 2,) * 4, mode="replicate"), k)
+    return patches.view(img.shape[0], k * k, -1)
+
+
 def sorted_patch_median(img: torch.Tensor, k: int) -> torch.Tensor:
     """The definition: the middle of each replicate-padded k x k patch, sorted."""
-    patches = torch.nn.functional.unfold(torch.nn.functional.pad(img[None], (k // 2,) * 4, mode="replicate"), k)
-    return patches.view(img.shape[0], k * k, -1).sort(dim=1).values[:, k * k // 2].view_as(img)
+    return replicate_padded_patches(img, k).sort(dim=1).values[:, k * k // 2].view_as(img)
 
 
 @pytest.mark.parametrize("k", [3, 5, 7])
@@ -231,8 +236,7 @@ def test_median_blur_is_the_exact_median_rounded(k, shape):
 @pytest.mark.parametrize("shape", [(1, 64, 48), (3, 7, 5), (1, 3, 2)])
 def test_box_blur_is_the_patch_mean(k, shape):
     img = torch.rand(shape, generator=torch.Generator().manual_seed(k)) * 255
-    patches = torch.nn.functional.unfold(torch.nn.functional.pad(img[None], (k // 2,) * 4, mode="replicate"), k)
-    expected = patches.view(shape[0], k * k, -1).mean(dim=1).view_as(img)
+    expected = replicate_padded_patches(img, k).mean(dim=1).view_as(img)
     assert torch.allclose(_box_blur(img, k), expected, atol=1e-4)
 
 
