@@ -5,13 +5,16 @@
 All sides see the same ISBI-size head images (phantoms upscaled to 1935x2400 with film-grain
 noise, written as the ISBI layout in a temp dir) at the real training resolution (768x1024 input,
 192x256 heatmaps, default augmentation). Ours reads the head shards built from them at the
-default max side 1024 (one process, DataLoader workers=0). The baselines read the original BMPs:
+default max side 1024 (one process, DataLoader workers=0). The baselines read the full-size files:
 - "recipe" runs the Sapiens config's train_pipeline transform by transform: LoadImage (bytes,
   cv2.imdecode, 3-channel BGR), RandomFlip, RandomBBoxTransform, TopdownAffine (UDP,
   cv2.warpAffine), mmpose's PhotometricDistortion (HSV round trip included), albumentations'
   Blur / MedianBlur / CoarseDropout, the per-keypoint UDP heatmap loop and PackPoseInputs'
   image_to_tensor, stacked into a batch. mmengine's per-sample data structures are left out.
-- "lean" is our augmentation done with cv2 calls on uint8 (the same loading and geometry, one
+  It runs twice on the same draws: "recipe png" reads the images as MedSapiens' data package
+  stores them (every image a PNG in data/med_sapien/Images/; here grey PNGs at OpenCV's default
+  compression, the quickest of the PNGs tried to decode), "recipe bmp" reads ISBI's original BMPs.
+- "lean" is our augmentation done with cv2 calls on uint8 (the BMPs, the same geometry, one
   brightness/contrast conversion, no HSV round trip, median kernels 3/5/7 as ours, the hole by
   hand): a floor, not what anyone runs.
 The sides run interleaved, one micro-batch each in turn, all on one thread, and each is charged
@@ -73,6 +76,17 @@ def isbi_size_images(root: Path, n: int) -> list[tuple[Path, np.ndarray]]:
         items.append((bmp, (np.array(parse_points(annotation_path(root, "senior", bmp.stem), 19)) +
                             np.array(parse_points(annotation_path(root, "junior", bmp.stem), 19))) / 2))
     return items
+
+
+def as_png_package(items, images: Path) -> list[tuple[Path, np.ndarray]]:
+    """The same images as PNGs in one Images/ folder, as MedSapiens' data package stores them."""
+    images.mkdir(parents=True)
+    pngs = []
+    for bmp, landmarks in items:
+        png = images / f"Head_{bmp.stem}.png"
+        cv2.imwrite(str(png), cv2.imread(str(bmp), cv2.IMREAD_GRAYSCALE))
+        pngs.append((png, landmarks))
+    return pngs
 
 
 # ------------------------------------------------------------------ the baselines
@@ -262,17 +276,19 @@ def main() -> None:
         items = isbi_size_images(Path(tmp, "head"), args.images)
         build([SourceSpec("head", str(Path(tmp, "head")))],
               BuildOptions(out=str(Path(tmp, "shards")), max_side=1024, shard_size=8, workers=1, progress=False))
+        pngs = as_png_package(items, Path(tmp, "med_sapien", "Images"))
         batches = max(1, args.samples // MICRO_BATCH)
         sides = {"ours": lambda: our_batches(Path(tmp, "shards")),
-                 "recipe": lambda: baseline_batches(items, recipe=True),
+                 "recipe png": lambda: baseline_batches(pngs, recipe=True),
+                 "recipe bmp": lambda: baseline_batches(items, recipe=True),
                  "lean": lambda: baseline_batches(items, recipe=False)}
         rates = interleaved({name: make() for name, make in sides.items()}, batches)
         print(f"{len(items)} images {ISBI_SIZE[0]}x{ISBI_SIZE[1]}, shards at max side 1024; input "
               f"{INPUT_SIZE[0]}x{INPUT_SIZE[1]}, heatmaps {HEATMAP_SIZE[0]}x{HEATMAP_SIZE[1]}; "
               f"{batches * MICRO_BATCH} samples a side, micro-batch {MICRO_BATCH}, one thread")
-        print(f"{'':>10} {'ours':>10} {'recipe':>10} {'lean':>10} {'ours/recipe':>12} {'ours/lean':>10}")
-        print(f"{'samples/s':>10} {rates['ours']:>10.1f} {rates['recipe']:>10.1f} {rates['lean']:>10.1f} "
-              f"{rates['ours'] / rates['recipe']:>12.2f} {rates['ours'] / rates['lean']:>10.2f}   (per CPU-second)")
+        print("samples per CPU-second: " + ", ".join(f"{name} {rate:.1f}" for name, rate in rates.items()))
+        print("ours / side: " + ", ".join(f"{name} {rates['ours'] / rate:.2f}"
+                                           for name, rate in rates.items() if name != "ours"))
         if args.profile:
             for name, make in sides.items():
                 print(f"{name}:", profile(make(), batches))
