@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from medsapiens.engine import Engine, OptimConfig, TrainConfig, init_distributed, shutdown
+from medsapiens.distributed import init_distributed, shutdown
+from medsapiens.engine import Engine, OptimConfig, TrainConfig
 from medsapiens.model import ModelConfig, param_groups
 from medsapiens.model.archs import DEFAULT_TRUNK_WIDTH
 from medsapiens.model.cost import forward_flops

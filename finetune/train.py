@@ -20,7 +20,7 @@ from medsapiens import config as configlib
 from medsapiens import distributed
 from medsapiens.checkpoints import checkpoint_dir, latest_tag, tag_step
 from medsapiens.data.pipeline import is_test_split
-from medsapiens.engine import distributed_job
+from medsapiens.distributed import distributed_job
 from medsapiens.errors import InputError
 from medsapiens.manifest import Manifest, ManifestError, load as load_manifest
 from medsapiens.registry import LandmarkSet

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from medsapiens import storage
+from medsapiens import distributed, storage
 from medsapiens.errors import InputError
 from medsapiens.model import ModelConfig, feature_grid
 from medsapiens.registry import LandmarkSet
@@ -109,7 +109,8 @@ def read_config(path: str | Path) -> Bundle:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, Bundle) from a bundle directory."""
+    """(model in eval mode, Bundle) from a bundle directory; a CUDA `device` becomes the current one."""
+    device = distributed.use_device(device)
     bundle = read_config(path)
     model = bundle.model.build(bundle.heads)
     state = load_file(str(Path(path) / WEIGHTS), device="cpu")

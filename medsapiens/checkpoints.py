@@ -137,7 +137,7 @@ def save(ds_engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: in
     the best one, are never pruned). A rank that never confirms leaves the previous checkpoint the latest."""
     tag = checkpoint_tag(step)
     tag_dir = Path(ckpt_dir) / tag
-    rank = torch.distributed.get_rank()
+    rank = distributed.rank()
     if rank == 0:
         (tag_dir / COMPLETE).unlink(missing_ok=True)  # a save over an older, damaged copy of this tag
     ds_engine.checkpoint_engine.medsapiens_written.clear()
@@ -152,7 +152,7 @@ def save(ds_engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: in
         write_atomically(tag_dir / COMPLETE, json.dumps(files, indent=1))
         write_atomically(Path(ckpt_dir) / "latest", tag)
         prune(ckpt_dir, step, keep_last, keep)
-    torch.distributed.barrier()
+    distributed.barrier()
 
 
 def prune(ckpt_dir: Path, step: int, keep_last: int, keep: set[str] = frozenset()) -> None:

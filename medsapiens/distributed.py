@@ -1,12 +1,27 @@
-"""Collective helpers: rank 0 decides and broadcasts; sums and gathers for logging and evaluation."""
+"""Every torch.distributed call of the project: start-up and shutdown, and the collectives (rank 0
+decides and broadcasts; sums and gathers for logging and evaluation).
+
+A collective's tensors must sit on the device its backend serves: the rank's GPU under NCCL, the
+CPU under gloo. Tensors here are made on `collective_device()`, and the rank's GPU is made current
+before the process group starts, so the object collectives (which stage their bytes on the current
+GPU under NCCL) and barriers use the right one. No other module calls a torch.distributed
+collective (tests/test_collectives.py holds the code to that).
+"""
 from __future__ import annotations
 
+import contextlib
+import datetime
+import os
 import socket
+import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from medsapiens.errors import UserError, user_message
+
+SHARED_MEMORY = Path("/dev/shm")  # where POSIX shm_open names live on Linux
 
 
 def free_port() -> int:
@@ -24,6 +39,79 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def use_device(device) -> torch.device:
+    """Make a CUDA device the current one (kernels, caches and NCCL follow the current device);
+    returns the device."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device.index if device.index is not None else torch.cuda.current_device())
+    return device
+
+
+def init_distributed(timeout_s: int) -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed (NCCL on GPU, gloo on CPU); returns (rank, world).
+    The rank's GPU is made current first: NCCL binds each communicator to the current device."""
+    import deepspeed
+
+    # DeepSpeed's ZeRO calls a torch collective that torch now flags as deprecated, once per step.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    if "RANK" not in os.environ:  # a plain single process, not started by a launcher
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        use_device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
+                               timeout=datetime.timedelta(seconds=timeout_s))
+    if not cuda:
+        release_shared_memory_name()
+    return dist.get_rank(), dist.get_world_size()
+
+
+def release_shared_memory_name() -> None:
+    """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU all-reduce.
+
+    DeepSpeed maps one buffer per rank (66 MB) and never unlinks it: each CPU job, finished or killed,
+    left them in RAM. Once every rank has mapped every buffer (done inside init_distributed; the
+    barrier waits for the slowest rank), the names can go: the mappings stay valid until exit.
+    """
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    barrier()
+    (SHARED_MEMORY / name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def distributed_job(timeout_s: int):
+    """Initialise torch.distributed, run the body, end with `shutdown()`. On an error this rank
+    leaves at once, without the final barrier: another rank may sit in a collective this one will
+    never join, and the launcher stops the others as soon as one exits with an error."""
+    init_distributed(timeout_s)
+    yield
+    shutdown()
+
+
+def shutdown() -> None:
+    """End cleanly: ZeRO-3 on CPU aborts at exit without a final barrier and group teardown."""
+    if dist.is_available() and dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
+def collective_device() -> torch.device:
+    """The device a collective's tensors must be on: the rank's current GPU under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if not dist.is_initialized():
+        return
+    device = collective_device()
+    dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def decide_on_rank0(check) -> None:
     """Run `check()` on rank 0 only; if it raises, every rank raises too, with rank 0's message.
 
@@ -39,8 +127,7 @@ def decide_on_rank0(check) -> None:
             failure = exc
             message = user_message(exc)
             outcome[0] = ("user", message) if message is not None else ("bug", f"{type(exc).__name__}: {exc}")
-    if dist.is_initialized():
-        dist.broadcast_object_list(outcome, src=0)
+    broadcast_from_rank0(outcome)
     if failure is not None:
         raise failure
     if outcome[0] is not None:
@@ -51,12 +138,13 @@ def decide_on_rank0(check) -> None:
 def broadcast_from_rank0(objects: list) -> None:
     """Replace the list's items in place by rank 0's."""
     if dist.is_initialized():
-        dist.broadcast_object_list(objects, src=0)
+        dist.broadcast_object_list(objects, src=0, device=collective_device())
 
 
 def sum_across_ranks(values: dict[str, tuple[float, int]], names: list[str]) -> dict[str, tuple[float, int]]:
     """Sum (value_sum, count) pairs per name over ranks; names missing on a rank count as (0, 0)."""
-    t = torch.tensor([[float(s), c] for s, c in (values.get(n, (0.0, 0)) for n in names)], dtype=torch.float64)
+    rows = [[float(s), c] for s, c in (values.get(n, (0.0, 0)) for n in names)]
+    t = torch.tensor(rows, dtype=torch.float64, device=collective_device())
     if dist.is_initialized():
         dist.all_reduce(t)
     return {n: (float(s), int(c)) for n, (s, c) in zip(names, t.tolist()) if c > 0}

@@ -1,5 +1,4 @@
-"""The DeepSpeed engine wrapper shared by pretraining and fine-tuning: distributed init, the
-DeepSpeed config, optimiser and lr schedule, and one training step (forward, backward, step).
+"""The DeepSpeed engine wrapper shared by pretraining and fine-tuning: the DeepSpeed config, optimiser and lr schedule, and one training step (forward, backward, step).
 It knows nothing of landmarks: the loss comes from the model's objective (medsapiens.model.loss),
 checkpoints from medsapiens.checkpoints.
 
@@ -8,12 +7,8 @@ The same code runs as one process without the launcher (CPU or one GPU) and unde
 """
 from __future__ import annotations
 
-import contextlib
-import datetime
 import json
 import math
-import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,14 +16,12 @@ import torch
 
 from medsapiens import checkpoints
 from medsapiens.config import at_least, positive
-from medsapiens.distributed import free_port
 from medsapiens.errors import InputError
 
 LOSS_AVERAGES = ("per_sample", "union")
 SCHEDULES = ("step", "cosine", "constant")
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
-SHARED_MEMORY = Path("/dev/shm")  # where POSIX shm_open names live on Linux
 
 
 @dataclass
@@ -128,37 +121,6 @@ def resolve_file(path: str) -> Path:
     raise FileNotFoundError(f"file not found: {path} (also looked under {PACKAGE_ROOT})")
 
 
-def init_distributed(timeout_s: int) -> tuple[int, int]:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU); returns (rank, world)."""
-    import deepspeed
-
-    # DeepSpeed's ZeRO calls a torch collective that torch now flags as deprecated, once per step.
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
-    if "RANK" not in os.environ:  # a plain single process, not started by a launcher
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    else:
-        release_shared_memory_name()
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
-def release_shared_memory_name() -> None:
-    """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU all-reduce.
-
-    DeepSpeed maps one buffer per rank (66 MB) and never unlinks it: each CPU job, finished or killed,
-    left them in RAM. Once every rank has mapped every buffer (done inside init_distributed; the
-    barrier waits for the slowest rank), the names can go: the mappings stay valid until exit.
-    """
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}")
-    torch.distributed.barrier()
-    (SHARED_MEMORY / name).unlink(missing_ok=True)
-
-
 def resolve_precision(precision: str) -> str:
     if precision == "auto":
         return "bf16" if torch.cuda.is_available() else "fp32"
@@ -179,8 +141,7 @@ def deepspeed_config(train: TrainConfig, optim: OptimConfig, micro_batch: int, u
         train_micro_batch_size_per_gpu=micro_batch,
         gradient_accumulation_steps=train.grad_accum,
         gradient_clipping=optim.grad_clip,
-        optimizer={"type": "AdamW", "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
-                                               "weight_decay": optim.weight_decay}},
+        optimizer=optimizer_config(optim),
         bf16={"enabled": resolve_precision(train.precision) == "bf16"},
         steps_per_print=10**9,
     )
@@ -195,6 +156,15 @@ def deepspeed_config(train: TrainConfig, optim: OptimConfig, micro_batch: int, u
     if universal:
         cfg.setdefault("checkpoint", {})["load_universal"] = True
     return cfg
+
+
+def optimizer_config(optim: OptimConfig) -> dict:
+    """PyTorch's fused AdamW (`torch_adam`), never DeepSpeed's FusedAdam or CPUAdam: those are C++/CUDA
+    ops that DeepSpeed compiles at a run's first step, which needs a compiler and the CUDA toolkit on
+    every node (and fails on some toolkits). PyTorch's fused kernel serves GPU states and CPU ones
+    (ZeRO-Offload, CPU runs) alike."""
+    return {"type": "AdamW", "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
+                                        "weight_decay": optim.weight_decay, "torch_adam": True, "fused": True}}
 
 
 class Engine:
@@ -261,20 +231,3 @@ class Engine:
             tag = group.get("part", "all")
             lrs[tag] = min(lrs.get(tag, math.inf), group["lr"])
         return lrs
-
-
-@contextlib.contextmanager
-def distributed_job(timeout_s: int):
-    """Initialise torch.distributed, run the body, end with `shutdown()`. On an error this rank
-    leaves at once, without the final barrier: another rank may sit in a collective this one will
-    never join, and the launcher stops the others as soon as one exits with an error."""
-    init_distributed(timeout_s)
-    yield
-    shutdown()
-
-
-def shutdown() -> None:
-    """End cleanly: ZeRO-3 on CPU aborts at exit without a final barrier and group teardown."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()

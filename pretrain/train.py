@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from medsapiens import distributed, storage
-from medsapiens.engine import distributed_job
+from medsapiens.distributed import distributed_job
 from medsapiens.manifest import Manifest, ManifestError, load as load_manifest
 from medsapiens.run import RunPlan, check_settings, train
 from pretrain.config import PretrainConfig

@@ -16,7 +16,9 @@ from safetensors.torch import save_file
 from medsapiens import manifest as manifestlib
 from medsapiens.data.augment import AugmentConfig, normalize
 from medsapiens.data.pipeline import collate, decode_sample, read_shard, training_example
-from medsapiens.engine import Engine, OptimConfig, TrainConfig, init_distributed, shutdown
+from medsapiens import distributed
+from medsapiens.distributed import init_distributed, shutdown
+from medsapiens.engine import Engine, OptimConfig, TrainConfig
 from medsapiens.model import ModelConfig, param_groups
 
 DATASETS = ("head", "hand")
@@ -51,9 +53,8 @@ def main(shards: str, out: str, global_batch: int, zero_json: str, compile_model
     loss = model.loss(outputs, batch["target_heatmaps"], batch["target_weights"])
     engine.ds.backward(loss.total)
     grads = {name: safe_get_full_grad(p).clone() for name, p in engine.ds.module.named_parameters()}
-    total = torch.tensor([float(loss.total)], dtype=torch.float64)
-    torch.distributed.all_reduce(total)
-    mean_loss = float(total) / world
+    loss_sum, _ = distributed.sum_across_ranks({"loss": (float(loss.total), 1)}, ["loss"])["loss"]
+    mean_loss = loss_sum / world
     if rank == 0:
         save_file(grads, f"{out}.safetensors")
         with open(f"{out}.json", "w") as f:

@@ -1,0 +1,50 @@
+"""What the engine asks DeepSpeed to build, on CPU: DeepSpeed's op builders refuse after start-up,
+then an engine is built and takes one step for each ZeRO config given.
+
+Usage: ds_engine_ops.py OUT.json ZERO_JSON [ZERO_JSON ...]. Writes, per config, the optimizer class
+DeepSpeed made, whether it is PyTorch's fused kernel, the step's loss, and the ops it tried to build.
+The CPU all-reduce op that gloo start-up builds is left out: a CUDA run starts on NCCL instead.
+"""
+import json
+import sys
+
+import torch
+from deepspeed.ops.op_builder.builder import OpBuilder
+
+from medsapiens.distributed import init_distributed, shutdown
+from medsapiens.engine import Engine, OptimConfig, TrainConfig
+from medsapiens.model import ModelConfig, param_groups
+from medsapiens.model.loss import LandmarkObjective
+
+built: list[str] = []
+
+
+def refuse_to_build(builder, *args, **kwargs):
+    built.append(builder.name)
+    raise RuntimeError(f"the engine asked DeepSpeed to build its {builder.name} op")
+
+
+def one_step(zero_json: str) -> dict:
+    torch.manual_seed(0)
+    model = ModelConfig(arch="sapiens_tiny", img_size=(128, 96), trunk_width=32).build({"head": 19})
+    engine = Engine(model, param_groups(model, 0.05), TrainConfig(deepspeed=zero_json, precision="fp32"),
+                    OptimConfig(warmup_steps=1), micro_batch=2)
+    batch = {"images": torch.rand(2, 1, 128, 96) * 255, "dataset_index": torch.zeros(2, dtype=torch.long),
+             "target_heatmaps": torch.rand(2, 19, 32, 24), "target_weights": torch.ones(2, 19)}
+    stats, _ = engine.train_step([batch], LandmarkObjective())
+    optimizer = engine.ds.basic_optimizer
+    return {"zero": zero_json, "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
+            "fused": optimizer.defaults.get("fused"), "loss": float(stats[0]["head"][0]) / 2}
+
+
+def main(out: str, zero_jsons: list[str]) -> None:
+    init_distributed(60)
+    OpBuilder.load = refuse_to_build
+    rows = [one_step(z) for z in zero_jsons]
+    with open(out, "w") as f:
+        json.dump({"rows": rows, "built": built}, f)
+    shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])

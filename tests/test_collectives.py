@@ -1,0 +1,146 @@
+"""The GPU path's device rules, checked on CPU: every collective's tensors on the device its backend
+serves (NCCL: the rank's GPU), the rank's GPU current before the process group starts, every
+collective in one module, and no DeepSpeed op compiled for the optimizer."""
+from __future__ import annotations
+
+import ast
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import REPO, run
+from medsapiens import distributed
+from medsapiens.engine import OptimConfig, TrainConfig, deepspeed_config
+
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "all_to_all", "barrier",
+               "broadcast", "broadcast_object_list", "gather", "gather_object", "reduce", "reduce_scatter",
+               "reduce_scatter_tensor", "scatter", "scatter_object_list", "send", "recv", "monitored_barrier"}
+SOURCES = ("medsapiens", "pretrain", "finetune", "launch", "shards", "bench")
+ACCELERATOR = torch.device("meta")  # stands for the rank's GPU: a device that is not the CPU
+
+
+class Reached(Exception):
+    """The fake collective was handed its tensors on the right device."""
+
+
+def nccl_like(tensor: torch.Tensor) -> None:
+    """NCCL's own check: a tensor off the rank's GPU has no backend."""
+    if tensor.device != ACCELERATOR:
+        raise RuntimeError(f"No backend type associated with device type {tensor.device.type}")
+    raise Reached
+
+
+@pytest.fixture
+def under_nccl(monkeypatch):
+    """torch.distributed as NCCL shows it to rank 0 of 2, with `ACCELERATOR` as the rank's GPU."""
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(distributed, "collective_device", lambda: ACCELERATOR)
+
+
+def test_sum_across_ranks_hands_nccl_a_tensor_on_the_gpu(under_nccl, monkeypatch):
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *args, **kwargs: nccl_like(tensor))
+    with pytest.raises(Reached):
+        distributed.sum_across_ranks({"head": (1.5, 3)}, ["head", "hand"])
+
+
+def test_object_broadcasts_stage_their_bytes_on_the_gpu(under_nccl, monkeypatch):
+    def broadcast_object_list(objects, src=None, group=None, device=None, **kwargs):
+        nccl_like(torch.empty(0, device=device))
+
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast_object_list)
+    with pytest.raises(Reached):
+        distributed.broadcast_from_rank0([None])
+    with pytest.raises(Reached):
+        distributed.decide_on_rank0(lambda: None)
+
+
+def test_collective_device_and_barrier_follow_the_backend(monkeypatch):
+    assert distributed.collective_device() == torch.device("cpu")  # no process group
+    barriers = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda device_ids=None, **kwargs: barriers.append(device_ids))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert distributed.collective_device() == torch.device("cpu")
+    distributed.barrier()
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    assert distributed.collective_device() == torch.device("cuda", 1)
+    distributed.barrier()
+    assert barriers == [None, [1]]
+
+
+def test_the_rank_gpu_is_current_before_the_process_group_starts(monkeypatch):
+    import deepspeed
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setattr(deepspeed, "init_distributed",
+                        lambda dist_backend, timeout: calls.append(("init_process_group", dist_backend)))
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    for name, value in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="29500").items():
+        monkeypatch.setenv(name, value)
+    assert distributed.init_distributed(60) == (1, 2)
+    assert calls == [("set_device", 1), ("init_process_group", "nccl")]
+
+
+def test_use_device_makes_a_gpu_current(monkeypatch):
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert distributed.use_device("cuda:3") == torch.device("cuda", 3)
+    assert distributed.use_device("cpu") == torch.device("cpu")
+    assert current == [3]
+
+
+def collective_calls(path: Path) -> list[str]:
+    """`dist.X(...)` / `torch.distributed.X(...)` calls of a collective X in one file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in COLLECTIVES:
+            owner = ast.unparse(node.func.value)
+            if owner in ("dist", "torch.distributed"):
+                found.append(f"{path.relative_to(REPO)}:{node.lineno} {owner}.{node.func.attr}")
+    return found
+
+
+def test_only_the_distributed_module_calls_collectives():
+    files = [p for d in SOURCES for p in (REPO / d).rglob("*.py")] + list((REPO / "tests").glob("ds_*.py"))
+    calls = [c for p in files if p != REPO / "medsapiens" / "distributed.py" for c in collective_calls(p)]
+    assert calls == []
+    assert len(collective_calls(REPO / "medsapiens" / "distributed.py")) >= 4  # the scan does see calls
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+@pytest.mark.parametrize("zero_json", sorted((REPO / "launch" / "deepspeed").glob("*.json")), ids=lambda p: p.stem)
+def test_every_shipped_zero_config_asks_for_pytorchs_fused_adamw(zero_json, cuda, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    for offload in (False, True):
+        cfg = deepspeed_config(TrainConfig(deepspeed=str(zero_json), offload=offload, precision="bf16"),
+                               OptimConfig(lr=1e-3), micro_batch=4)
+        assert cfg["optimizer"]["type"] == "AdamW"
+        assert cfg["optimizer"]["params"] == {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.1,
+                                              "torch_adam": True, "fused": True}
+
+
+@pytest.mark.timeout(300)
+def test_the_engine_builds_no_deepspeed_op_for_any_zero_stage(tmp_path):
+    out = tmp_path / "ops.json"
+    configs = sorted(str(p) for p in (REPO / "launch" / "deepspeed").glob("*.json"))
+    proc = run([sys.executable, str(REPO / "tests" / "ds_engine_ops.py"), str(out), *configs], 280,
+               env={"PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["built"] == []
+    assert [row["zero"] for row in result["rows"]] == configs
+    for row in result["rows"]:
+        assert (row["optimizer"], row["fused"]) == ("torch.optim.adamw.AdamW", True), row
+        assert row["loss"] > 0
