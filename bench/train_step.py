@@ -9,8 +9,8 @@ the published recipe's fp32 eager step against bf16 with and without torch.compi
 checkpointing; sapiens_1b and sapiens_2b with bf16, checkpointing and ZeRO-3. Attention is timm's
 fused path, PyTorch's scaled_dot_product_attention.
 
-For each setting: the largest micro-batch that fits (doubling up to --max-batch), images/s at that
-micro-batch, MFU = 3 x analytic forward FLOPs (medsapiens.model.cost) x images/s / peak, and the
+For each setting: the largest micro-batch that fits (doubling up to --max-batch; or --micro-batch as
+given), images/s at that micro-batch, MFU = 3 x analytic forward FLOPs (medsapiens.model.cost) x images/s / peak, and the
 peak memory. The peak is the device's dense bf16 rate from a small table (H100/H200/A100), else
 --peak-tflops, else a bf16 (fp32 on CPU) matmul timed here; the ratio row divides each setting's
 images/s by the recipe's, measured in the same run.
@@ -57,8 +57,8 @@ def cuda_settings() -> list[Setting]:
         Setting("bf16+ckpt", "sapiens_0.3b", "bf16", 2, checkpointing=True),
         Setting("bf16+compile", "sapiens_0.3b", "bf16", 2, compile=True),
         Setting("bf16+compile+ckpt", "sapiens_0.3b", "bf16", 2, compile=True, checkpointing=True),
-        Setting("1b zero3+ckpt", "sapiens_1b", "bf16", 3, checkpointing=True),
-        Setting("2b zero3+ckpt", "sapiens_2b", "bf16", 3, checkpointing=True),
+        Setting("1b-zero3+ckpt", "sapiens_1b", "bf16", 3, checkpointing=True),
+        Setting("2b-zero3+ckpt", "sapiens_2b", "bf16", 3, checkpointing=True),
     ]
 
 
@@ -165,11 +165,24 @@ def device_peak_tflops(requested: float | None) -> tuple[float, str]:
     return measured_peak_tflops(), "measured matmul"
 
 
-def measure(setting: Setting, img_size, steps: int, warmup: int, max_batch: int, peak_tflops: float) -> dict:
+def profile_table(engine: Engine, batch: dict, steps: int = 3, top: int = 25) -> str:
+    """Where a step's time goes: the operators with the most self time on the device (CPU without CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        run_steps(engine, batch, steps)
+    return prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                     row_limit=top)
+
+
+def measure(setting: Setting, img_size, steps: int, warmup: int, max_batch: int, peak_tflops: float,
+            profile: bool = False, micro_batch: int = 0) -> dict:
+    """One setting's row; at `micro_batch` when given, else at the largest that fits up to `max_batch`."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    engine = build_engine(setting, img_size, max_batch)
-    fits, ran_out = largest_fitting(engine, img_size, max_batch)
+    engine = build_engine(setting, img_size, micro_batch or max_batch)
+    fits, ran_out = (micro_batch, False) if micro_batch else largest_fitting(engine, img_size, max_batch)
     if ran_out:  # a step that ran out of memory half-way may leave ZeRO's buffers half-filled
         del engine
         release_cached_memory()
@@ -183,20 +196,38 @@ def measure(setting: Setting, img_size, steps: int, warmup: int, max_batch: int,
         rate = fits * steps / run_steps(engine, batch, steps)
         flops = 3 * forward_flops(setting.arch, img_size, setting.trunk_width, head_channels=K).total
         row.update(images_per_s=rate, mfu=flops * rate / (peak_tflops * 1e12), peak_memory_gb=peak_memory_gb())
+        if profile:
+            print(f"profile of {setting.name}, micro-batch {fits}, 3 steps:\n{profile_table(engine, batch)}", flush=True)
     del engine
     release_cached_memory()
     return row
 
 
-def report(rows: list[dict]) -> list[str]:
-    recipe = next(r for r in rows if r["name"] == "recipe")
-    lines = [f"{'setting':<20} {'arch':<13} {'prec':<5} {'zero':>4} {'batch':>5} {'img/s':>9} {'MFU':>6} "
-             f"{'peak GB':>8} {'x recipe':>8}"]
+HEADER = (f"{'setting':<20} {'arch':<13} {'prec':<5} {'zero':>4} {'batch':>5} {'img/s':>9} {'MFU':>6} "
+          f"{'peak GB':>8} {'x recipe':>8}")
+
+
+def set_ratios(rows: list[dict]) -> None:
+    """Each row's images/s over the recipe's, where the recipe row is among them."""
+    recipe = next((r["images_per_s"] for r in rows if r["name"] == "recipe"), None)
     for r in rows:
-        r["vs_recipe"] = r["images_per_s"] / recipe["images_per_s"] if recipe["images_per_s"] else 0.0
-        lines.append(f"{r['name']:<20} {r['arch']:<13} {r['precision']:<5} {r['zero']:>4} {r['micro_batch']:>5} "
-                     f"{r['images_per_s']:>9.2f} {r['mfu']:>6.1%} {r['peak_memory_gb']:>8.2f} {r['vs_recipe']:>8.2f}")
-    return lines
+        r["vs_recipe"] = r["images_per_s"] / recipe if recipe else None
+
+
+def row_line(r: dict) -> str:
+    ratio = f"{r['vs_recipe']:>8.2f}" if r.get("vs_recipe") is not None else f"{'-':>8}"
+    return (f"{r['name']:<20} {r['arch']:<13} {r['precision']:<5} {r['zero']:>4} {r['micro_batch']:>5} "
+            f"{r['images_per_s']:>9.2f} {r['mfu']:>6.1%} {r['peak_memory_gb']:>8.2f} {ratio}")
+
+
+def report(rows: list[dict]) -> list[str]:
+    set_ratios(rows)
+    return [HEADER] + [row_line(r) for r in rows]
+
+
+def read_rows(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def main(argv=None) -> dict:
@@ -205,22 +236,45 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per setting")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--max-batch", type=int, default=64, help="largest micro-batch tried")
-    parser.add_argument("--only", nargs="*", default=None, help="run only these settings (plus the recipe)")
+    parser.add_argument("--micro-batch", type=int, default=0,
+                        help="measure at this micro-batch instead of searching for the largest that fits")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these settings, in the table's order")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU")
+    parser.add_argument("--profile", action="store_true",
+                        help="after each setting's timing, print torch.profiler's top operators of 3 more steps")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--jsonl", default=None, help="append each row to this file as soon as it is measured")
+    parser.add_argument("--summary", default=None, metavar="JSONL",
+                        help="measure nothing: print the table of the rows in this file (from --jsonl)")
     args = parser.parse_args(argv)
+    if args.summary:
+        print("\n".join(report(read_rows(args.summary))))
+        return {"rows": read_rows(args.summary)}
     tiny = args.tiny or not torch.cuda.is_available()
     img_size = (128, 96) if tiny else (1024, 768)
     settings = cpu_settings() if tiny else cuda_settings()
     if args.only:
-        settings = [s for s in settings if s.name == "recipe" or s.name in args.only]
+        unknown = sorted(set(args.only) - {s.name for s in settings})
+        if unknown:
+            parser.error(f"unknown setting(s) {unknown}; choose from {[s.name for s in settings]}")
+        settings = [s for s in settings if s.name in args.only]
     init_distributed(600)
     peak, source = device_peak_tflops(args.peak_tflops)
-    rows = [measure(s, img_size, args.steps, args.warmup, args.max_batch, peak) for s in settings]
-    lines = report(rows)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"{device}, input {img_size[1]}x{img_size[0]}, peak {peak:.3g} TFLOP/s ({source}), {args.steps} timed steps")
-    print("\n".join(lines))
+    print(HEADER, flush=True)
+    rows = []
+    for setting in settings:
+        row = {**measure(setting, img_size, args.steps, args.warmup, args.max_batch, peak, args.profile,
+                         args.micro_batch),
+               "device": device,
+               "peak_tflops": peak}
+        rows.append(row)
+        set_ratios(rows)
+        print(row_line(row), flush=True)
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps(row) + "\n")
     result = {"device": device, "img_size": list(img_size), "peak_tflops": peak, "peak_source": source,
               "rows": rows}
     if args.json:

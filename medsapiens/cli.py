@@ -71,7 +71,14 @@ def run_info(args) -> int:
         values = [getattr(memory[p], field) / GIB for p in ("fp32", "bf16")]
         print(f"  {label:<48}{values[0]:>10.2f} {values[1]:>12.2f}")
     print("ZeRO-1 shards the optimizer states over the data-parallel ranks, ZeRO-2 also the gradients, "
-          "ZeRO-3 also the weights; allow 10-20% for the framework.")
+          "ZeRO-3 also the weights.")
+    print(f"largest micro-batch per GPU, bf16 mixed ({cost.FRAMEWORK_ALLOWANCE:.0%} kept for the framework)"
+          f"{''.join(f'{card:>9}' for card in cost.GPU_MEMORY_GIB)}")
+    for label, checkpointing, zero, ranks in (("one GPU", False, 2, 1), ("one GPU, checkpointed", True, 2, 1),
+                                              ("8 GPUs, ZeRO-3, checkpointed", True, 3, 8)):
+        sizes = [cost.largest_micro_batch(memory["bf16"], gib, checkpointing, zero, ranks)
+                 for gib in cost.GPU_MEMORY_GIB.values()]
+        print(f"  {label:<70}{''.join(f'{n:>9}' for n in sizes)}")
     return 0
 
 

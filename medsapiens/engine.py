@@ -67,7 +67,7 @@ class TrainConfig:
     precision: str = "auto"
     deepspeed: str = "launch/deepspeed/zero2.json"
     offload: bool = False
-    compile: bool = False  # torch.compile the model (DeepSpeed's engine.compile, the accelerator's backend)
+    compile: bool = False  # torch.compile each transformer block and the decoder trunk (the model's regions)
     log_every: int = 10
     val_every: int = 500
     checkpoint_every: int = 500
@@ -186,8 +186,7 @@ class Engine:
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups, config=self.config, lr_scheduler=scheduler)
         self.zero_stage = self.ds.zero_optimization_stage()
-        if train.compile:  # in place: the module's parameter names, so its checkpoints, stay the same
-            self.ds.compile()
+        self.compiled_regions = model.compile_regions() if train.compile else 0
         checkpoints.prepare(self.ds)
 
     def save(self, ckpt_dir: Path, step: int, client_state: dict, keep: set[str] = frozenset()) -> None:

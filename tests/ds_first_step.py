@@ -53,12 +53,12 @@ def main(shards: str, out: str, global_batch: int, zero_json: str, compile_model
     loss = model.loss(outputs, batch["target_heatmaps"], batch["target_weights"])
     engine.ds.backward(loss.total)
     grads = {name: safe_get_full_grad(p).clone() for name, p in engine.ds.module.named_parameters()}
-    loss_sum, _ = distributed.sum_across_ranks({"loss": (float(loss.total), 1)}, ["loss"])["loss"]
+    loss_sum, _ = distributed.sum_across_ranks({"loss": (loss.total.item(), 1)}, ["loss"])["loss"]
     mean_loss = loss_sum / world
     if rank == 0:
         save_file(grads, f"{out}.safetensors")
         with open(f"{out}.json", "w") as f:
-            json.dump({"loss": mean_loss, "world_size": world, "compiled": engine.ds.is_compiled}, f)
+            json.dump({"loss": mean_loss, "world_size": world, "compiled": engine.compiled_regions > 0}, f)
     shutdown()
 
 

@@ -10,12 +10,17 @@ from conftest import REPO, run
 
 @pytest.mark.timeout(600)  # the first DeepSpeed test of a fresh venv also builds its CPU comm op
 def test_train_step_bench_measures_each_setting_against_the_recipe(tmp_path):
-    out = tmp_path / "train_step.json"
+    out, kept = tmp_path / "train_step.json", tmp_path / "rows.jsonl"
     proc = run([sys.executable, "bench/train_step.py", "--tiny", "--steps", "1", "--warmup", "0", "--max-batch", "2",
-                "--only", "zero3+ckpt", "--json", str(out)], timeout=580, env={"PYTHONPATH": str(REPO)})
+                "--only", "recipe", "zero3+ckpt", "--json", str(out), "--jsonl", str(kept)], timeout=580,
+               env={"PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = {row["name"]: row for row in result["rows"]}
+    assert [json.loads(line)["name"] for line in kept.read_text().splitlines()] == ["recipe", "zero3+ckpt"]
+    summary = run([sys.executable, "bench/train_step.py", "--summary", str(kept)], timeout=120,
+                  env={"PYTHONPATH": str(REPO)})
+    assert [line.split()[0] for line in summary.stdout.splitlines()] == ["setting", "recipe", "zero3+ckpt"]
     assert list(rows) == ["recipe", "zero3+ckpt"]
     assert (rows["zero3+ckpt"]["zero"], rows["zero3+ckpt"]["checkpointing"]) == (3, True)
     for row in rows.values():

@@ -5,7 +5,8 @@ import sys
 import torch
 
 from launch.cli import main
-from medsapiens.model import ARCHS, build_backbone, count_params, forward_flops
+from medsapiens.model import ARCHS, build_backbone, count_params, forward_flops, memory_estimate
+from medsapiens.model.cost import GPU_MEMORY_GIB, largest_micro_batch
 from medsapiens.model.checkpoint import read_tensors
 from sapiens_checkpoints import released_state
 
@@ -18,6 +19,18 @@ def test_info_prints_the_computed_numbers(capsys):
     assert f"backbone {counted.backbone:,}" in out and f"decoder {counted.decoder:,}" in out
     assert f"total {forward_flops('sapiens_tiny', (256, 192), 64, 19).total / 1e9:.2f}" in out
     assert "activations per image, checkpointed" in out
+
+
+def test_info_prints_the_largest_micro_batch_per_gpu(capsys):
+    assert main(["model", "info", "--arch", "sapiens_2b", "--img-size", "1024", "768", "--heads", "19"]) == 0
+    out = capsys.readouterr().out
+    memory = memory_estimate("sapiens_2b", (1024, 768), 768, 19, precision="bf16")
+    rows = {line.rsplit(maxsplit=3)[0].strip(): [int(n) for n in line.split()[-3:]]
+            for line in out.splitlines() if line.startswith("  one GPU") or line.startswith("  8 GPUs")}
+    assert rows["one GPU, checkpointed"] == [largest_micro_batch(memory, gib, checkpointing=True)
+                                             for gib in GPU_MEMORY_GIB.values()]
+    assert rows["one GPU, checkpointed"][0] == 0 < rows["8 GPUs, ZeRO-3, checkpointed"][0]  # 2b on 40 GB: ZeRO-3
+    assert 32 <= rows["one GPU, checkpointed"][2]  # measured: micro-batch 32 fits one H200 (88.1 GiB)
 
 
 def test_bad_arguments_are_one_line_errors(capsys):

@@ -15,6 +15,7 @@ from medsapiens.model.archs import DEFAULT_IMG_SIZE, DEFAULT_TRUNK_WIDTH, ArchSp
 from medsapiens.model.backbone import SapiensViT
 from medsapiens.model.checkpoint import load_backbone
 from medsapiens.model.decoder import HeadOutput, MultiHeadDecoder
+from medsapiens.model.lora import base_backbone
 from medsapiens.model.loss import HeatmapLoss, LandmarkObjective, heatmap_loss
 
 
@@ -48,6 +49,16 @@ class LandmarkModel(nn.Module):
     @property
     def dataset_ids(self) -> list[str]:
         return self.decoder.dataset_ids
+
+    def compile_regions(self) -> int:
+        """torch.compile, in place, each transformer block and the decoder trunk (regional compilation,
+        as torchtitan does): identical blocks share one compiled graph, so start-up compiles one block,
+        and the per-dataset routing, whose shapes depend on the batch, stays eager. Parameter names,
+        so checkpoints, are unchanged. Returns how many regions were compiled."""
+        regions = [*base_backbone(self).blocks, self.decoder.trunk]
+        for region in regions:
+            region.compile()
+        return len(regions)
 
     def add_head(self, dataset_id: str, num_landmarks: int) -> None:
         self.decoder.add_head(dataset_id, num_landmarks)

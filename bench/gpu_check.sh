@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The GPU acceptance run: one command on an offline CUDA machine, at most ~9 minutes on one GPU.
+#   1. the pipeline end to end through the real launcher, on phantoms at 1024x768 with sapiens_0.3b:
+#      pretrain (validation, a checkpoint), export, fine-tune, evaluate, predict, ONNX export; the
+#      perf/* and val/* tags read back from TensorBoard; the DeepSpeed ops the run built listed
+#      (there should be none);
+#   2. bench/train_step.py's settings, each in its own process (no memory left over from the one
+#      before), each row printed and kept as soon as it is measured, so a timeout loses only the
+#      row in progress; the summary table last.
+#
+#     bash bench/gpu_wheels.sh 3.12        # here, once: .whl/ with what the GPU machine lacks
+#     bash bench/gpu_check.sh OUT_DIR      # there, with .whl/ beside the checkout
+#
+# OUT_DIR gets gpu.txt (machine, versions), e2e.log and e2e.json (each step's status and seconds,
+# the TensorBoard tags, the ops built), train_step.log (rows, profiles), train_step.jsonl (one row
+# a line) and summary.txt. Exit status: 0 when every step and row ran, 1 otherwise.
+# SETTINGS overrides the rows, NAME:MICRO_BATCH each (names from bench/train_step.py; the micro-batches
+# are the largest powers of two that fitted one H200); PROFILE=1 adds torch.profiler's top operators
+# after each row. For a smoke run of the script itself on a CPU: DEVICE=cpu and OVERRIDES with a tiny
+# model (e.g. "model.arch=sapiens_tiny model.img_size=[128,96] model.trunk_width=32"), added to the
+# pretraining and fine-tuning settings.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="$(mkdir -p "${1:?give an output folder}" && cd "$1" && pwd)"
+settings="${SETTINGS:-recipe:16 bf16:32 bf16+compile:32 bf16+ckpt:64 1b-zero3+ckpt:32 2b-zero3+ckpt:32}"
+work="$(mktemp -d)"
+status=0
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:${PYTHONPATH:-}" PATH="/tmp/site/bin:$PATH"
+fi
+export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+export TORCH_EXTENSIONS_DIR="$work/torch_extensions"  # empty: whatever DeepSpeed compiles shows up here
+{
+    date -u +"%Y-%m-%d %H:%M UTC"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
+    python3 -c 'import sys, torch, deepspeed, timm; print("python", sys.version.split()[0], "torch", torch.__version__,
+"cuda", torch.version.cuda, "deepspeed", deepspeed.__version__, "timm", timm.__version__)'
+    echo "nvcc: $(command -v nvcc || echo none on PATH)"
+    git log -1 --format="commit %h %s" 2>/dev/null || true
+} | tee "$out/gpu.txt"
+
+steps_json="$work/steps.jsonl"
+step() {  # step NAME TIMEOUT_S COMMAND...: run, log, record status and seconds
+    local name="$1" limit="$2" start rc
+    shift 2
+    echo "== $name: $*" | tee -a "$out/e2e.log"
+    start=$(date +%s)
+    timeout "$limit" "$@" >>"$out/e2e.log" 2>&1
+    rc=$?
+    echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $(( $(date +%s) - start ))}" | tee -a "$steps_json"
+    [ "$rc" -eq 0 ] || status=1
+    return "$rc"
+}
+
+ms="python3 -m launch.cli"
+w="$work/e2e"
+step phantoms 120 $ms shards phantoms --out "$w/raw" --n 64 --seed 0 &&
+step shards 120 $ms shards build --source head="$w/raw/head" --source hand="$w/raw/hand" \
+    --source chest="$w/raw/chest" --source leg="$w/raw/leg" --out "$w/shards" --max-side 1024 --workers 8 \
+    --opt hand.split=seeded --no-progress &&
+step pretrain 200 $ms launch pretrain --config launch/experiments/sapiens_0.3b.yaml --gpus 1 model.checkpoint=null \
+    data.shards="$w/shards" "data.datasets=[head,hand,chest]" data.micro_batch=16 data.workers=8 train.epochs=0 \
+    train.max_steps=30 train.val_every=30 train.checkpoint_every=30 train.log_every=10 train.val_limit=32 \
+    run_dir="$w/pretrain" ${OVERRIDES:-} &&
+step export 120 $ms pretrain export "$w/pretrain" --out "$w/bundle" &&
+step finetune 200 $ms finetune --bundle "$w/bundle" --shards "$w/shards" --dataset leg --steps 20 --run-dir "$w/ft" \
+    data.micro_batch=16 data.workers=8 train.val_every=20 train.checkpoint_every=20 ${OVERRIDES:-} &&
+step evaluate 90 $ms evaluate --bundle "$w/ft/bundle" --shards "$w/shards" --split test --out "$w/eval" --device "${DEVICE:-cuda}" &&
+step predict 90 $ms predict --bundle "$w/ft/bundle" --out "$w/pred" --device "${DEVICE:-cuda}" $(ls "$w"/raw/leg/pngs/*.png | head -4) &&
+step onnx 180 $ms export onnx "$w/ft/bundle" --out "$w/leg.onnx"
+python3 - "$w" "$steps_json" "$TORCH_EXTENSIONS_DIR" >"$out/e2e.json" <<'EOF'
+import json, os, sys
+from pathlib import Path
+work, steps, extensions = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+result = {"steps": [json.loads(line) for line in open(steps)],
+          "ops_built": sorted(p.name for p in extensions.iterdir()) if extensions.is_dir() else []}
+for run in ("pretrain", "ft"):
+    if (work / run / "tensorboard").is_dir():
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        events = EventAccumulator(str(work / run / "tensorboard")).Reload()
+        result[run] = {tag: [round(e.value, 6) for e in events.Scalars(tag)][-3:]
+                       for tag in events.Tags()["scalars"] if tag.split("/")[0] in ("perf", "val", "loss")}
+report = work / "eval" / "report.json"
+if report.is_file():
+    r = json.loads(report.read_text())
+    result["evaluate"] = {k: r.get(k) for k in ("dataset", "evaluated_on", "images", "mre", "unit", "flip_test")}
+if (work / "leg.onnx").is_file():
+    result["onnx_mb"] = round(os.path.getsize(work / "leg.onnx") / 2**20, 1)
+print(json.dumps(result, indent=1))
+EOF
+cat "$out/e2e.json"
+if [ "${DEVICE:-cuda}" = cuda ] && [ -n "$(ls -A "$TORCH_EXTENSIONS_DIR" 2>/dev/null)" ]; then
+    echo "DeepSpeed compiled ops on the GPU path: $(ls "$TORCH_EXTENSIONS_DIR")"
+    status=1
+fi
+
+profile=()
+[ "${PROFILE:-0}" = 1 ] && profile=(--profile)
+for setting in $settings; do
+    timeout 240 python3 bench/train_step.py --only "${setting%:*}" --micro-batch "${setting#*:}" --steps 5 \
+        --warmup 2 --jsonl "$out/train_step.jsonl" "${profile[@]}" 2>&1 | tee -a "$out/train_step.log" || status=1
+done
+python3 bench/train_step.py --summary "$out/train_step.jsonl" | tee "$out/summary.txt"
+rm -rf "$work"
+exit "$status"
