@@ -14,10 +14,15 @@ from medsapiens.errors import EXIT_USER_ERROR, user_message
 
 def load_config(path: str | None, overrides: list[str]):
     from finetune.config import FinetuneConfig
+    from finetune.train import check_bundle_model
 
     try:
-        return configlib.load(FinetuneConfig, path, overrides)
-    except configlib.ConfigError as exc:
+        cfg = configlib.load(FinetuneConfig, path, overrides)
+        check_bundle_model(cfg, set(configlib.flatten(configlib.load_data(path, overrides))))
+        return cfg
+    except Exception as exc:  # noqa: BLE001 - a user error is one line, a bug keeps its traceback
+        if user_message(exc) is None:
+            raise
         refuse(exc)
 
 
@@ -30,12 +35,15 @@ def report_result(result: dict | None) -> int:
     if "report" in result:
         for split, report in result["reports"].items():
             print(f"{split}: {summary_line(report)}")
-        print(f"bundle: {result['bundle']}; reports: {result['run_dir']}/eval/<split>/report.md")
+        print(f"bundle: {result['bundle']}")
+        for split in result["reports"]:
+            print(f"report ({split}): {result['run_dir']}/eval/{split}/report.md")
     else:
         sdr = ", ".join(f"SDR@{r} {s['mean']:.2f} +- {s['std']:.2f}%" for r, s in result["sdr"].items())
         print(f"{len(result['seeds'])} seeds: MRE {result['mre']['mean']:.3f} +- {result['mre']['std']:.3f} "
               f"{result['unit']} (mean +- std over seeds), {sdr}")
         print(json.dumps({"seeds": result["seeds"], "mre": result["mre"]["values"]}))
+        print(f"summary: {result['summary']}; each seed's bundle and reports under {result['run_dir']}/seed_<n>")
     return 0
 
 

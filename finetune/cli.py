@@ -10,7 +10,7 @@ from medsapiens.errors import InputError
 FLAG_KEYS = {  # flag destination -> config key
     "shards": "data.shards", "dataset": "dataset", "bundle": "bundle", "init": "init", "checkpoint": "model.checkpoint",
     "arch": "model.arch", "shots": "shots", "seed": "shot_seed", "steps": "train.max_steps", "run_dir": "run_dir",
-    "eval_split": "eval_split", "epochs": "train.epochs", "batch_size": "data.micro_batch",
+    "eval_split": "eval_split", "epochs": "train.epochs", "batch_size": "data.micro_batch", "resume": "resume",
 }
 
 
@@ -46,8 +46,12 @@ def register(subparsers) -> None:
     ft.add_argument("--batch-size", type=int, help="micro-batch per rank (data.micro_batch)")
     ft.add_argument("--no-flip-test", action="store_true", help="evaluate without averaging the mirrored image")
     ft.add_argument("--eval-split", help="split evaluated at the end (default: test, else every test* split)")
-    ft.add_argument("--run-dir", help="output directory (default runs/finetune); a run there is resumed from its "
-                    "newest complete checkpoint, read as weights only (a file naming anything else is refused)")
+    ft.add_argument("--run-dir", help="output directory (default: a new runs/finetune/<dataset>-<init>-<time>); a run "
+                    "there with the same settings is resumed from its newest complete checkpoint, read as weights "
+                    "only (a file naming anything else is refused); one with other settings is refused, naming them")
+    ft.add_argument("--resume", choices=["auto", "none"],
+                    help="auto (default): continue the run in --run-dir if there is one; none: move it aside "
+                    "(RUN_DIR.replaced-<time>) and start afresh")
     ft.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any config key, e.g. optim.lr=1e-4")
     ft.set_defaults(func=_finetune)
 

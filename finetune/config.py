@@ -8,6 +8,8 @@ from medsapiens.engine import OptimConfig, TrainConfig
 from medsapiens.model import LoraConfig, ModelConfig
 
 INIT_SOURCES = ("bundle", "sapiens", "scratch")
+RESUME_MODES = ("auto", "none")
+RUNS_ROOT = "runs/finetune"
 
 
 def published_schedule() -> TrainConfig:
@@ -29,9 +31,13 @@ class FinetuneConfig:
     (ISBI 2015's test1 and test2), each reported; the first one is the run's headline.
     flip_test: average with the mirrored image at evaluation (as MedSapiens always does).
     calibration_coverage: the selected bundle's split conformal radii per landmark are calibrated on
-    data.val_split at this coverage (0: none; skipped, and said, when the val split is too small)."""
+    data.val_split at this coverage (0: none; skipped, and said, when the val split is too small).
+    run_dir: empty for a new directory runs/finetune/<dataset>-<init>[-lora][-<K>shot]-<time>.
+    resume: `auto` continues the run in run_dir when its settings are the same (refused otherwise);
+    `none` moves an earlier run there aside (to <run_dir>.replaced-<time>) and starts afresh."""
 
-    run_dir: str = "runs/finetune"
+    run_dir: str = ""
+    resume: str = "auto"
     dataset: str = ""
     init: str = "bundle"
     bundle: str = ""

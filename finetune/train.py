@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from finetune.config import INIT_SOURCES, FinetuneConfig
+from finetune.config import INIT_SOURCES, RESUME_MODES, RUNS_ROOT, FinetuneConfig
 from finetune.evaluate import calibrate_model, evaluate_model
 from finetune.subset import few_shot_manifest
 from medsapiens import bundle as bundlelib
@@ -32,6 +33,8 @@ SUMMARY = "summary.json"
 def check_config(cfg: FinetuneConfig) -> None:
     if cfg.init not in INIT_SOURCES:
         raise InputError(f"init must be one of {INIT_SOURCES}, got {cfg.init!r}")
+    if cfg.resume not in RESUME_MODES:
+        raise InputError(f"resume must be one of {RESUME_MODES}, got {cfg.resume!r}")
     if not cfg.dataset:
         raise InputError("no dataset given (--dataset ID)")
     if cfg.init == "bundle" and not cfg.bundle:
@@ -48,6 +51,20 @@ def check_config(cfg: FinetuneConfig) -> None:
     if cfg.train.val_every != cfg.train.checkpoint_every:
         raise InputError("fine-tuning keeps the best validated checkpoint: train.val_every must equal "
                          f"train.checkpoint_every (got {cfg.train.val_every} and {cfg.train.checkpoint_every})")
+
+
+def check_bundle_model(cfg: FinetuneConfig, given: set[str]) -> None:
+    """With init `bundle`, the bundle's model trains: a model key the user gave (dotted, in `given`)
+    with another value than the bundle's is refused by name. model.grad_checkpointing is the user's."""
+    if cfg.init != "bundle" or not cfg.bundle:
+        return
+    bundle_model = configlib.to_dict(bundlelib.read_config(cfg.bundle).model)
+    mine = configlib.to_dict(cfg.model)
+    contradicting = [f"model.{k}={mine[k]!r} (the bundle's: {bundle_model.get(k)!r})" for k in sorted(mine)
+                     if f"model.{k}" in given and k != "grad_checkpointing" and mine[k] != bundle_model.get(k)]
+    if contradicting:
+        raise InputError(f"{', '.join(contradicting)}: fine-tuning a bundle trains the bundle's model; leave these "
+                         "keys out, or start from --init sapiens or scratch to choose the model")
 
 
 def check_inputs(cfg: FinetuneConfig) -> None:
@@ -134,6 +151,8 @@ def run_one(cfg: FinetuneConfig) -> dict | None:
     if distributed.rank() == 0:
         print(f"fine-tuning {cfg.dataset} from {cfg.init}{' with LoRA' if cfg.lora.enabled else ''}"
               f"{f', {cfg.shots}-shot (seed {cfg.shot_seed})' if cfg.shots else ''}", file=sys.stderr)
+    if cfg.init == "bundle":  # the bundle's model trains: config.yaml records it
+        cfg = replace(cfg, model=model_cfg)
     evaluated = evaluation_splits(manifest, cfg.dataset, cfg.eval_split)
     plan = RunPlan("finetune", cfg, manifest, [cfg.dataset], model, model_cfg, track_best=True,
                    info={"origin": origin, "evaluation_splits": evaluated})
@@ -186,10 +205,43 @@ def seed_summary(results: list[dict]) -> dict:
             "runs": [{"seed": r["seed"], "run_dir": r["run_dir"], "bundle": r["bundle"]} for r in results]}
 
 
+def fresh_run_dir(cfg: FinetuneConfig) -> str:
+    """runs/finetune/<dataset>-<init>[-lora][-<K>shot]-<time>, not yet taken."""
+    parts = [cfg.dataset, cfg.init, *(["lora"] if cfg.lora.enabled else []), *([f"{cfg.shots}shot"] if cfg.shots else [])]
+    base = Path(RUNS_ROOT) / f"{'-'.join(parts)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = Path(f"{base}-{n}")
+    return str(candidate)
+
+
+def move_aside(run_dir: Path) -> None:
+    """--resume none: an earlier run in run_dir goes to <run_dir>.replaced-<time>, nothing is deleted."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        print(f"moved the earlier run in {run_dir} to {aside}", file=sys.stderr)
+
+
+def settled_run_dir(cfg: FinetuneConfig) -> FinetuneConfig:
+    """The config with its run directory chosen by rank 0 (a fresh one when none is given), an
+    earlier run there moved aside for --resume none."""
+    chosen = [cfg.run_dir or fresh_run_dir(cfg) if distributed.rank() == 0 else None]
+    distributed.broadcast_from_rank0(chosen)
+    cfg = replace(cfg, run_dir=chosen[0])
+    if cfg.resume == "none":
+        distributed.decide_on_rank0(lambda: move_aside(Path(cfg.run_dir)))
+    if distributed.rank() == 0:
+        print(f"run directory: {cfg.run_dir}", file=sys.stderr)
+    return cfg
+
+
 def run(cfg: FinetuneConfig) -> dict | None:
     check_config(cfg)
     check_inputs(cfg)
     with distributed_job(cfg.train.dist_timeout_s):
+        cfg = settled_run_dir(cfg)
         if not cfg.seeds:
             return run_one(cfg)
         results = [run_one(replace(cfg, shot_seed=seed, seeds=[], run_dir=str(Path(cfg.run_dir) / f"seed_{seed}"),
@@ -199,4 +251,4 @@ def run(cfg: FinetuneConfig) -> dict | None:
             return None
         summary = seed_summary(results)
         (Path(cfg.run_dir) / SUMMARY).write_text(json.dumps(summary, indent=2))
-        return summary
+        return {**summary, "run_dir": cfg.run_dir, "summary": str(Path(cfg.run_dir) / SUMMARY)}

@@ -148,6 +148,24 @@ def to_dict(cfg) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+def flatten(data: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: nested sections as dotted keys (lists stay values)."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def differences(saved: dict, cfg) -> dict[str, tuple]:
+    """{dotted key: (saved value, cfg's value)} where the resolved config `cfg` differs from `saved`
+    (a to_dict of a config of the same class, e.g. read back from the YAML `save` wrote)."""
+    before, now = flatten(saved), flatten(to_dict(cfg))
+    return {k: (before.get(k), now.get(k)) for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)}
+
+
 def save(cfg, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,13 +26,16 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class OptimConfig:
+    """warmup_steps: None takes the published 500 steps, shortened to a fifth of a shorter run
+    (`resolve_warmup`); a number is used as given."""
+
     lr: float = 5e-4
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.1
     layer_decay: float = 0.85
     grad_clip: float = 1.0
-    warmup_steps: int = 500
+    warmup_steps: int | None = None
     warmup_factor: float = 0.001
     schedule: str = "step"
     milestones: tuple[float, float] = (170 / 210, 200 / 210)
@@ -47,7 +50,7 @@ class OptimConfig:
         if not all(0 <= b < 1 for b in self.betas):
             raise InputError(f"optim.betas must be in [0, 1), got {list(self.betas)}")
         for key in ("weight_decay", "grad_clip", "warmup_steps", "min_lr_factor"):
-            if not getattr(self, key) >= 0:  # also refuses NaN
+            if getattr(self, key) is not None and not getattr(self, key) >= 0:  # also refuses NaN
                 raise InputError(f"optim.{key} must be at least 0, got {getattr(self, key)}")
         for key in ("layer_decay", "warmup_factor", "gamma"):
             if not 0 < getattr(self, key) <= 1:
@@ -94,6 +97,30 @@ class TrainConfig:
             # not continue the sample sequence of an uninterrupted run.
             raise InputError(f"train.stop_after ({self.stop_after}) must be a multiple of train.checkpoint_every "
                              f"({self.checkpoint_every})")
+
+
+PUBLISHED_WARMUP_STEPS = 500
+WARMUP_SHARE = 0.2  # the published schedules warm up for 3-14% of their steps
+
+
+def first_drop(optim: OptimConfig, max_steps: int) -> int | None:
+    """The step of the first lr drop of a step schedule (None for the others)."""
+    return math.ceil(min(optim.milestones) * max_steps) if optim.schedule == "step" and optim.milestones else None
+
+
+def resolve_warmup(optim: OptimConfig, max_steps: int) -> tuple[OptimConfig, str]:
+    """The optimizer config with its warm-up in steps for a run of `max_steps`, and a note on it for
+    the printed schedule ("" when there is nothing to say). Unset, the warm-up is the published 500
+    steps, at most a fifth of the run: a short run would otherwise never reach its lr."""
+    if optim.warmup_steps is not None:
+        drop = first_drop(optim, max_steps)
+        late = drop is not None and optim.warmup_steps >= drop
+        return optim, f" (warning: optim.warmup_steps reaches the first lr drop at step {drop})" if late else ""
+    steps = min(PUBLISHED_WARMUP_STEPS, math.ceil(WARMUP_SHARE * max_steps))
+    scaled = steps < PUBLISHED_WARMUP_STEPS
+    note = (f" (the published {PUBLISHED_WARMUP_STEPS} shortened to a fifth of this {max_steps}-step run; "
+            "optim.warmup_steps sets it)") if scaled else ""
+    return replace(optim, warmup_steps=steps), note
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -174,6 +201,7 @@ class Engine:
                  micro_batch: int, universal: bool = False):
         import deepspeed
 
+        optim, _ = resolve_warmup(optim, train.max_steps)
         self.train_cfg, self.optim_cfg = train, optim
         self.precision = resolve_precision(train.precision)
         for group in param_groups:

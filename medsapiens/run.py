@@ -11,16 +11,20 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import yaml
+
+from medsapiens import checkpoints
 from medsapiens import config as configlib
 from medsapiens import distributed
 from medsapiens.checkpoints import consolidated_state_dict
 from medsapiens.data.pipeline import validation_split
-from medsapiens.engine import Engine, OptimConfig, TrainConfig
+from medsapiens.engine import Engine, OptimConfig, TrainConfig, resolve_warmup
+from medsapiens.errors import InputError
 from medsapiens.manifest import Manifest
 from medsapiens.model import (
     LoraConfig, ModelConfig, apply_lora, count_trainable, forward_flops, merge_lora, param_groups,
 )
-from medsapiens.trainer import RunContext, Trainer, write_run_files
+from medsapiens.trainer import RESOLVED_CONFIG, RunContext, Trainer, write_run_files
 
 
 @dataclass
@@ -73,8 +77,8 @@ def scheduled(train: TrainConfig, train_images: int, batch: int) -> tuple[TrainC
     return train, head
 
 
-def schedule_text(optim: OptimConfig, head: str, max_steps: int) -> str:
-    text = f"schedule: {head}; warm-up {optim.warmup_steps} steps from x{optim.warmup_factor:g}"
+def schedule_text(optim: OptimConfig, head: str, max_steps: int, warmup_note: str = "") -> str:
+    text = f"schedule: {head}; warm-up {optim.warmup_steps} steps from x{optim.warmup_factor:g}{warmup_note}"
     if optim.schedule == "step":
         drops = ", ".join(str(math.ceil(m * max_steps)) for m in optim.milestones)
         return f"{text}, then lr x{optim.gamma:g} at steps {drops}"
@@ -94,12 +98,33 @@ def selection(plan: RunPlan) -> dict:
     return {"split": chosen, "validated_on": found, "rule": rule}
 
 
+# Keys a rerun may change and still continue the same run: none changes what trains.
+RESUMABLE_CHANGES = {"train.stop_after", "train.log_every", "train.keep_last", "train.val_panels",
+                     "train.dist_timeout_s", "resume"}
+
+
+def check_same_run(run_dir: Path, cfg, resume: str) -> None:
+    """A rerun that resumes (`auto`) continues the run in run_dir, so its resolved config must be
+    the one saved there (the keys of RESUMABLE_CHANGES aside). Raises naming each differing key."""
+    saved = run_dir / RESOLVED_CONFIG
+    if resume != "auto" or not checkpoints.tags(checkpoints.checkpoint_dir(run_dir)) or not saved.is_file():
+        return
+    differing = {k: v for k, v in configlib.differences(yaml.safe_load(saved.read_text()) or {}, cfg).items()
+                 if k not in RESUMABLE_CHANGES}
+    if differing:
+        shown = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in list(differing.items())[:8])
+        raise InputError(f"{run_dir} holds a run with other settings ({shown}{'; ...' if len(differing) > 8 else ''}): "
+                         "rerun with its settings to resume it, or start afresh in another run directory "
+                         "(or with --resume none)")
+
+
 def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     """Build the engine for plan.model, write the run files, train."""
     cfg = plan.cfg
     train_images = sum(plan.manifest.datasets[d].splits.get(cfg.data.train_split, 0) for d in plan.dataset_ids)
     train_cfg, head = scheduled(cfg.train, train_images, global_batch(cfg))
-    cfg = replace(cfg, train=train_cfg)
+    optim, warmup_note = resolve_warmup(cfg.optim, train_cfg.max_steps)
+    cfg = replace(cfg, train=train_cfg, optim=optim)
     lora: LoraConfig = cfg.lora
     if lora.enabled:
         apply_lora(plan.model, lora)
@@ -108,6 +133,7 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     engine = Engine(model, param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay), train_cfg,
                     cfg.optim, cfg.data.micro_batch, universal=resume == "universal")
     run_dir = Path(cfg.run_dir)
+    distributed.decide_on_rank0(lambda: check_same_run(run_dir, cfg, resume))
     chosen = selection(plan)
     if distributed.rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +141,7 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
                         lora=lora.enabled, trainable_parameters=trainable, parameters=total, **plan.info)
         what = " (LoRA + decoder)" if lora.enabled else ""
         print(f"{plan.stage}: {trainable:,} of {total:,} parameters train{what}; "
-              f"{schedule_text(cfg.optim, head, train_cfg.max_steps)}; checkpoint selection: {chosen['rule']}",
+              f"{schedule_text(optim, head, train_cfg.max_steps, warmup_note)}; checkpoint selection: {chosen['rule']}",
               file=sys.stderr)
     heads_k = sum(plan.manifest.landmark_set(d).num_landmarks for d in plan.dataset_ids)
     flops = forward_flops(plan.model_cfg.arch, plan.model_cfg.img_size, plan.model_cfg.trunk_width, heads_k).total

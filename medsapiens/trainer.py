@@ -102,8 +102,6 @@ class Trainer:
                 f"the checkpoint in {self.ckpt_dir} was trained on another shard manifest "
                 f"(sha256 {state.get('manifest_digest', '?')[:12]}, now {self.ctx.manifest.digest[:12]})"
             )
-        if state.get("config_digest") != self.ctx.config_digest and self.is_main:
-            print("warning: resuming with a config that differs from the checkpoint's", file=sys.stderr)
         self.best = state.get("best")
         if self.is_main:
             passed_over = [t for t in checkpoints.tags(self.ckpt_dir) if checkpoints.tag_step(t) > state["step"]]
@@ -122,6 +120,7 @@ class Trainer:
         progress = tqdm(total=train.max_steps, initial=start_step, disable=not self.is_main, desc="train",
                         unit="step", dynamic_ncols=True)
         waiting_since = time.perf_counter()
+        done = start_step
         try:
             for step, micro_batches in batches:
                 timer.waited(time.perf_counter() - waiting_since)
@@ -144,10 +143,24 @@ class Trainer:
                 if stopping:
                     break
                 waiting_since = time.perf_counter()
+        except BaseException:
+            progress.close()
+            self._say_where_a_rerun_resumes(f"stopped at step {done}")
+            raise
         finally:
             progress.close()
             self.telemetry.close()
+        if done < train.max_steps:
+            self._say_where_a_rerun_resumes(f"stopped at step {done} (train.stop_after)")
+        elif self.is_main:
+            print(f"finished at step {done}; {validation_text(self.last_validation)}", file=sys.stderr)
         return self.last_validation
+
+    def _say_where_a_rerun_resumes(self, what: str) -> None:
+        if self.is_main:
+            tag = checkpoints.latest_tag(self.ckpt_dir) if checkpoints.has_checkpoint(self.ckpt_dir) else None
+            where = f"a rerun into {self.ctx.run_dir} resumes from checkpoint {tag}" if tag else "no checkpoint yet"
+            print(f"{what}; {where}", file=sys.stderr)
 
     def _log_train(self, step: int, sums: dict, grad_norm, timer: StepTimer) -> float:
         totals = distributed.sum_across_ranks(sums, self.ctx.dataset_ids)
@@ -211,6 +224,14 @@ class Trainer:
         }, keep=keep)
         if self.is_main and self.best:
             checkpoints.write_best(self.ctx.run_dir, self.best)
+
+
+def validation_text(results: dict) -> str:
+    """The last validation in words: each dataset's MRE on its val split."""
+    if not results:
+        return "no validation split"
+    return "last validation: " + ", ".join(f"{d} MRE {r['mre']:.3f} {r['unit']} ({r['split']})"
+                                           for d, r in results.items())
 
 
 def validation_at(run_dir: Path, step: int) -> dict[str, float]:

@@ -1,6 +1,8 @@
 """Pretraining: checks before the first step, the multi-head model, then the shared run assembly."""
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from medsapiens import distributed, storage
@@ -43,4 +45,7 @@ def run(cfg: PretrainConfig, resume: str = "auto") -> dict:
         manifest, dataset_ids = found[0]
         torch.manual_seed(cfg.train.seed)
         model = cfg.model.build({d: manifest.landmark_set(d).num_landmarks for d in dataset_ids})
-        return train(RunPlan("pretrain", cfg, manifest, dataset_ids, model, cfg.model), resume).last_validation
+        result = train(RunPlan("pretrain", cfg, manifest, dataset_ids, model, cfg.model), resume)
+        if distributed.rank() == 0 and not cfg.train.stop_after:
+            print(f"next: medsapiens pretrain export {cfg.run_dir} --out BUNDLE_DIR", file=sys.stderr)
+        return result.last_validation

@@ -76,6 +76,18 @@ def two_rank_run(phantom_shards, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="session")
+def head_hand_bundle(phantom_shards, tmp_path_factory) -> Path:
+    """A bundle pretrained briefly (single process) on head and hand."""
+    root = tmp_path_factory.mktemp("pretrained")
+    proc = run([sys.executable, "-m", "pretrain", "--config", str(DEMO_CONFIG), f"data.shards={phantom_shards}",
+                f"run_dir={root / 'run'}", "data.datasets=[head, hand]", "model.trunk_width=32", "train.max_steps=60",
+                "train.checkpoint_every=60", "train.val_every=60", "data.workers=0", "train.val_limit=4"], 240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run([*CLI, "pretrain", "export", str(root / "run"), "--out", str(root / "bundle")], 120).returncode == 0
+    return root / "bundle"
+
+
 @pytest.fixture(scope="module")
 def s3_env():
     """A real S3 endpoint on loopback (moto's server mode) with a bucket `medsapiens-test`."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CLI, DEMO_CONFIG, FINETUNE_CONFIG, deepspeed_module, finetune_args, run
+from conftest import CLI, FINETUNE_CONFIG, deepspeed_module, finetune_args, run
 from finetune.config import FinetuneConfig
 from finetune.evaluate import evaluate_model
 from finetune.subset import draw_keys
@@ -19,18 +19,6 @@ from medsapiens import bundle as bundlelib
 from medsapiens import config as configlib
 from medsapiens import manifest as manifestlib
 
-
-
-@pytest.fixture(scope="module")
-def head_hand_bundle(phantom_shards, tmp_path_factory) -> Path:
-    """A bundle pretrained briefly (single process) on head and hand."""
-    root = tmp_path_factory.mktemp("pretrained")
-    proc = run([sys.executable, "-m", "pretrain", "--config", str(DEMO_CONFIG), f"data.shards={phantom_shards}",
-                f"run_dir={root / 'run'}", "data.datasets=[head, hand]", "model.trunk_width=32", "train.max_steps=60",
-                "train.checkpoint_every=60", "train.val_every=60", "data.workers=0", "train.val_limit=4"], 240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert run([*CLI, "pretrain", "export", str(root / "run"), "--out", str(root / "bundle")], 120).returncode == 0
-    return root / "bundle"
 
 
 def untrained_leg_mre(bundle_dir, shards) -> float:

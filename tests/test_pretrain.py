@@ -69,11 +69,15 @@ def test_resume_continues_the_same_losses(zero2_run, phantom_shards, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert set(Path("/dev/shm").glob("deepspeed_*")) <= shared_memory  # DeepSpeed's all-reduce buffers freed
     assert max(losses(run_dir)) == 6
+    assert f"stopped at step 6 (train.stop_after); a rerun into {run_dir} resumes from checkpoint step_00000006" \
+        in first.stderr
     with open(run_dir / "metrics.jsonl", "a") as f:  # as if the job had died at step 8, past its checkpoint
         f.write('{"step": 7, "loss/total": 99.0}\n{"step": 8, "loss/total": 99.0}\n')
     second = deepspeed_module("pretrain", 2, config_args(phantom_shards, run_dir))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from step 6" in second.stderr
+    assert "finished at step 12; last validation: head MRE " in second.stderr and " mm (val), hand MRE " in second.stderr
+    assert f"next: medsapiens pretrain export {run_dir} --out BUNDLE_DIR" in second.stderr
     resumed, whole = losses(run_dir), losses(zero2_run)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert sorted(r["step"] for r in rows if "loss/total" in r) == list(range(1, STEPS + 1))  # redone steps once

@@ -7,18 +7,20 @@ import pytest
 
 from conftest import CLI, DEMO_CONFIG, REPO, run
 from medsapiens import config as configlib
-from medsapiens.engine import OptimConfig, TrainConfig, lr_factor
+from medsapiens.engine import OptimConfig, TrainConfig, lr_factor, resolve_warmup
 from medsapiens.run import schedule_text, scheduled
 
 EXPERIMENTS = REPO / "launch" / "experiments"
 
 
-@pytest.mark.parametrize("images, batch, steps_per_epoch", [(130, 8, 17), (195, 8, 25), (5, 8, 1), (550, 8, 69)])
-def test_published_schedule_in_steps(images, batch, steps_per_epoch):
-    """210 epochs, x0.1 at epochs 170 and 200, 500 warm-up steps, whatever the split size."""
+@pytest.mark.parametrize("images, batch, steps_per_epoch, warmup_steps",
+                         [(130, 8, 17, 500), (195, 8, 25, 500), (5, 8, 1, 42), (550, 8, 69, 500)])
+def test_published_schedule_in_steps(images, batch, steps_per_epoch, warmup_steps):
+    """210 epochs, x0.1 at epochs 170 and 200, 500 warm-up steps (a fifth of a run shorter than 2500)."""
     train, text = scheduled(TrainConfig(epochs=210.0), images, batch)
     assert train.max_steps == 210 * steps_per_epoch
-    optim = OptimConfig()
+    optim, _ = resolve_warmup(OptimConfig(), train.max_steps)
+    assert optim.warmup_steps == warmup_steps
     factors = [lr_factor(step, optim, train.max_steps) for step in range(train.max_steps)]
     warmup = [optim.warmup_factor + (1 - optim.warmup_factor) * min(1.0, s / optim.warmup_steps)
               for s in range(train.max_steps)]
@@ -31,6 +33,20 @@ def test_published_schedule_in_steps(images, batch, steps_per_epoch):
     assert f"lr x0.1 at steps {170 * steps_per_epoch}, {200 * steps_per_epoch}" in described
 
 
+def test_a_short_run_shortens_an_unset_warmup_and_says_so():
+    optim, note = resolve_warmup(OptimConfig(), 20)
+    assert optim.warmup_steps == 4 and "the published 500 shortened to a fifth of this 20-step run" in note
+    text = schedule_text(optim, "20 steps (global batch 8)", 20, note)
+    assert "warm-up 4 steps from x0.001 (the published 500 shortened" in text and "at steps 17, 20" in text
+    assert lr_factor(4, optim, 20) == 1.0  # the lr is reached before the first drop
+
+
+def test_an_explicit_warmup_wins_with_a_warning_past_the_first_drop():
+    assert resolve_warmup(OptimConfig(warmup_steps=3), 20) == (OptimConfig(warmup_steps=3), "")
+    optim, note = resolve_warmup(OptimConfig(warmup_steps=500), 20)
+    assert optim.warmup_steps == 500 and "warning: optim.warmup_steps reaches the first lr drop at step 17" in note
+
+
 def test_max_steps_stay_when_no_epochs_are_given():
     train, text = scheduled(TrainConfig(max_steps=77), 130, 8)
     assert train.max_steps == 77 and text == "77 steps (global batch 8)"
@@ -40,7 +56,8 @@ def test_shipped_finetune_config_is_the_published_schedule():
     from finetune.config import FinetuneConfig
 
     for cfg in (FinetuneConfig(), configlib.load(FinetuneConfig, EXPERIMENTS / "medsapiens_0.3b_finetune.yaml")):
-        assert cfg.train.epochs == 210 and cfg.optim.schedule == "step" and cfg.optim.warmup_steps == 500
+        assert cfg.train.epochs == 210 and cfg.optim.schedule == "step"
+        assert resolve_warmup(cfg.optim, 210 * 17)[0].warmup_steps == 500  # ISBI's head: 17 steps an epoch
         assert [round(m * 210) for m in cfg.optim.milestones] == [170, 200] and cfg.flip_test
 
 

@@ -1,0 +1,77 @@
+"""Fine-tuning runs do what they say: a fresh run directory per run by default, a rerun resumes only
+with the same settings, a short run's warm-up is shortened, and the saved config is the model that
+trained."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import CLI, run
+from medsapiens import bundle as bundlelib
+
+SHORT = ("--steps", "6", "train.val_every=3", "train.checkpoint_every=3", "data.workers=0", "train.val_limit=4")
+
+
+def finetune(shards, bundle, *extra, cwd: Path | None = None):
+    args = [*CLI, "finetune", "--bundle", str(bundle), "--shards", str(shards), "--dataset", "leg", *SHORT, *extra]
+    return run(args, 240, **({"cwd": cwd} if cwd else {}))
+
+
+@pytest.mark.timeout(600)
+def test_the_readme_examples_run_one_after_another_in_one_directory(head_hand_bundle, phantom_shards, tmp_path):
+    full = finetune(phantom_shards, head_hand_bundle, cwd=tmp_path)
+    lora = finetune(phantom_shards, head_hand_bundle, "--lora", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert lora.returncode == 0, lora.stderr[-3000:]
+    runs = sorted((tmp_path / "runs" / "finetune").iterdir())
+    assert [r.name.rsplit("-", 2)[0] for r in runs] == ["leg-bundle", "leg-bundle-lora"]
+    # 6 steps: the published 500-step warm-up, shortened to a fifth of the run
+    assert "warm-up 2 steps from x0.001 (the published 500 shortened to a fifth of this 6-step run" in full.stderr
+    for run_dir, proc in zip(runs, (full, lora)):
+        assert f"run directory: runs/finetune/{run_dir.name}" in proc.stderr
+        assert f"report (test): runs/finetune/{run_dir.name}/eval/test/report.md" in proc.stdout
+        assert (run_dir / "eval" / "test" / "report.md").is_file()
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        trained = json.loads((run_dir / "run.json").read_text())
+        assert saved["model"]["arch"] == "sapiens_tiny" == bundlelib.read_config(run_dir / "bundle").model.arch
+        assert saved["model"]["img_size"] == [128, 96] and saved["optim"]["warmup_steps"] == 2
+        assert trained["origin"]["init"] == "bundle"
+
+
+@pytest.mark.timeout(600)
+def test_a_rerun_resumes_only_with_the_same_settings(head_hand_bundle, phantom_shards, tmp_path):
+    run_dir = tmp_path / "ft"
+    first = finetune(phantom_shards, head_hand_bundle, "--run-dir", str(run_dir))
+    assert first.returncode == 0, first.stderr[-3000:]
+    config = (run_dir / "config.yaml").read_text()
+
+    other = finetune(phantom_shards, head_hand_bundle, "--run-dir", str(run_dir), "optim.lr=1e-2")
+    assert other.returncode == 2
+    assert f"{run_dir} holds a run with other settings (optim.lr: 0.0005 there, 0.01 now)" in other.stderr
+    assert "Traceback" not in other.stderr and (run_dir / "config.yaml").read_text() == config
+
+    same = finetune(phantom_shards, head_hand_bundle, "--run-dir", str(run_dir), "train.log_every=2")
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert "resumed from step 6" in same.stderr  # log_every does not change what trains
+    config = (run_dir / "config.yaml").read_text()
+
+    afresh = finetune(phantom_shards, head_hand_bundle, "--run-dir", str(run_dir), "--resume", "none", "optim.lr=1e-2")
+    assert afresh.returncode == 0, afresh.stderr[-3000:]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("ft.replaced-")]
+    assert len(aside) == 1 and (aside[0] / "config.yaml").read_text() == config  # the earlier run, kept whole
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == 0.01
+    assert "resumed" not in afresh.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_model_key_contradicting_the_bundle_is_refused(head_hand_bundle, phantom_shards, tmp_path):
+    proc = finetune(phantom_shards, head_hand_bundle, "--run-dir", str(tmp_path / "ft"), "model.arch=sapiens_0.3b",
+                    "model.img_size=[256,192]", "model.grad_checkpointing=true")
+    assert proc.returncode == 2
+    assert "model.arch='sapiens_0.3b' (the bundle's: 'sapiens_tiny')" in proc.stderr
+    assert "model.img_size=[256, 192] (the bundle's: [128, 96])" in proc.stderr
+    assert "grad_checkpointing" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "ft").exists()
