@@ -167,6 +167,8 @@ def assemble_manifest(sources, scan: Scan, stats: list[dict], settings: dict, di
                 "validation": scan.validation[dataset]}
         if scan.unlabelled.get(dataset):
             info["unlabelled_images"] = scan.unlabelled[dataset]
+        if dataset in scan.test:
+            info["test"] = scan.test[dataset]
         datasets[dataset] = DatasetInfo(source.landmark_set, dict(splits), info)
     shards = [ShardInfo(s["shard"], s["dataset"], s["split"], s["samples"], s["bytes"], s["sha256"])
               for s in stats if s["samples"]]
@@ -190,7 +192,10 @@ def open_sources(specs: list[SourceSpec]):
     ids = [s.dataset for s in specs]
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:
-        raise PlanError(f"dataset id(s) {', '.join(repeated)} given by more than one --source")
+        raise PlanError(f"dataset id(s) {', '.join(repeated)} given by more than one --source: give one --source "
+                        "per dataset; for COCO or DICOM sets split over several JSONs, point it at their folder, "
+                        "each JSON's split taken from _train_/_val_/_test_ in its name, or carve a test split "
+                        "from one JSON with --opt ID.test_fraction=F (docs/splits.md)")
     if not specs:
         raise PlanError("nothing to build: give at least one --source ID=PATH")
     return [open_source(spec) for spec in specs]
@@ -224,11 +229,11 @@ def build(specs: list[SourceSpec], options: BuildOptions) -> BuildResult:
     return BuildResult(manifest, rejected, len(todo), len(tasks) - len(todo))
 
 
-def validation_text(validation: dict) -> str:
-    if validation.get("rule") == "carved from train":
-        return (f"val carved from train: {len(validation['ids'])} id(s), fraction {validation['fraction']:g}, "
-                f"seed {validation['seed']}")
-    return f"val: {validation.get('rule', 'unknown')}"
+def validation_text(record: dict, split: str = "val") -> str:
+    if record.get("rule") == "carved from train":
+        return (f"{split} carved from train: {len(record['ids'])} id(s), fraction {record['fraction']:g}, "
+                f"seed {record['seed']}")
+    return f"{split}: {record.get('rule', 'unknown')}"
 
 
 def missing_splits(splits: dict[str, int]) -> list[str]:
@@ -241,6 +246,8 @@ def missing_splits(splits: dict[str, int]) -> list[str]:
 def dataset_summary(name: str, info: DatasetInfo) -> list[str]:
     splits = ", ".join(f"{split} {count}" for split, count in sorted(info.splits.items())) or "no samples"
     validation = validation_text(info.source.get("validation", {}))
+    if info.source.get("test"):
+        validation += "; " + validation_text(info.source["test"], "test")
     line = f"  {name} (K={info.landmark_set.num_landmarks}): {splits}; {validation}"
     if info.source.get("unlabelled_images"):
         line += f"; {info.source['unlabelled_images']} unlabelled image(s) are not inputs"

@@ -139,6 +139,7 @@ class Scan:
     samples: dict[str, list[RawSample]] = field(default_factory=dict)
     rejected: list[dict] = field(default_factory=list)
     validation: dict[str, dict] = field(default_factory=dict)
+    test: dict[str, dict] = field(default_factory=dict)  # test splits carved from train (test_fraction)
     unlabelled: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -201,17 +202,20 @@ def carve_count(n: int, fraction: float) -> int:
     return min(max(round(n * fraction), 1), n - 1) if n >= 2 else 0
 
 
-def carve_validation(samples: list[RawSample], options: dict) -> tuple[list[RawSample], dict]:
-    """A val split from train: the train ids in natural order, shuffled by numpy default_rng(val_seed);
-    the first carve_count of them become val. Returns the samples and the manifest's record."""
-    fraction, seed = validation_settings(options)
+def carve(samples: list[RawSample], split: str, fraction: float, seed: int) -> tuple[list[RawSample], dict]:
+    """A split from train: the train ids in natural order, shuffled by numpy default_rng(seed); the
+    first carve_count of them move to `split`. Returns the samples and the manifest's record."""
     train = sorted((s.source_id for s in samples if s.split == "train"), key=readers.natural_key)
     order = np.random.default_rng(seed).permutation(len(train))
-    val = {train[i] for i in order[:carve_count(len(train), fraction)]}
-    carved = [dataclasses.replace(s, split="val") if s.split == "train" and s.source_id in val else s
+    chosen = {train[i] for i in order[:carve_count(len(train), fraction)]}
+    carved = [dataclasses.replace(s, split=split) if s.split == "train" and s.source_id in chosen else s
               for s in samples]
     return carved, {"rule": "carved from train", "fraction": fraction, "seed": seed,
-                    "ids": sorted(val, key=readers.natural_key)}
+                    "ids": sorted(chosen, key=readers.natural_key)}
+
+
+def carve_validation(samples: list[RawSample], options: dict) -> tuple[list[RawSample], dict]:
+    return carve(samples, "val", *validation_settings(options))
 
 
 def with_validation(source: Source, samples: list[RawSample]) -> tuple[list[RawSample], dict]:
@@ -219,6 +223,37 @@ def with_validation(source: Source, samples: list[RawSample]) -> tuple[list[RawS
     if any(s.split == "val" for s in samples):
         return samples, {"rule": readers.validation_rule(readers.load(source.reader_name), source.options)}
     return carve_validation(samples, source.options)
+
+
+def with_test(source: Source, samples: list[RawSample]) -> tuple[list[RawSample], dict | None]:
+    """With the `test_fraction` option (COCO and DICOM sources): a seeded test split carved from train,
+    for a source that has none; its record for the manifest (None without the option)."""
+    options, dataset = source.options, source.spec.dataset
+    if not getattr(readers.load(source.reader_name), "CARVES_TEST", False):
+        return samples, None
+    try:
+        fraction, seed = readers.number(options, "test_fraction"), readers.number(options, "test_seed", int)
+    except ReaderError as exc:
+        raise PlanError(f"--source {dataset}: {exc}") from None
+    if fraction == 0:
+        return samples, None
+    if not 0 < fraction < 1:
+        raise PlanError(f"--source {dataset}: option test_fraction={options['test_fraction']!r} must lie between 0 and 1")
+    present = sorted({s.split for s in samples if s.split.startswith("test")})
+    if present:
+        raise PlanError(f"--source {dataset}: test_fraction carves a test split from train, but the source has "
+                        f"{', '.join(present)} already; drop one of them")
+    return carve(samples, "test", fraction, seed)
+
+
+def nothing_usable(source: Source, inputs: int, rejected: list[dict]) -> str:
+    """The error for a source none of whose inputs can be used: the reasons, and the layout its reader reads."""
+    reasons = Counter(r["reason"] for r in rejected)
+    counts = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+    example = f" (e.g. {rejected[0]['detail']})" if rejected else ""
+    return (f"--source {source.spec.dataset}: none of the {inputs} input(s) found in {source.root} can be used: "
+            f"{counts}{example}. Reader {source.reader_name!r} reads the layout: "
+            f"{readers.layout(readers.load(source.reader_name))}")
 
 
 def scan_source(source: Source, scan: Scan) -> None:
@@ -238,6 +273,11 @@ def scan_source(source: Source, scan: Scan) -> None:
     kept = with_native_spacing(dataset, checked_inputs(dataset, inputs, scan.rejected))
     if reader.LANDMARK_SET is None:
         source.landmark_set = data_landmark_set(source, kept)
+    if not kept:
+        raise PlanError(nothing_usable(source, len(inputs), [r for r in scan.rejected if r["dataset"] == dataset]))
+    kept, test = with_test(source, kept)
+    if test:
+        scan.test[dataset] = test
     scan.samples[dataset], scan.validation[dataset] = with_validation(source, kept)
     scan.unlabelled[dataset] = len(items) - len(inputs)
 

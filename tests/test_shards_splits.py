@@ -237,3 +237,46 @@ def test_leg_coco_reads_medsapiens_meta_json_beside_the_annotations(tmp_path):
     assert by_id["Leg_1067"].spacing_mm == (0.14, 0.14)  # the image's own spacing wins
     assert by_id["Leg_9"].spacing_mm is None and by_id["Leg_9"].spacing_from == "none"
     assert set(splits.values()) == {"test"} and not scan.rejected
+
+
+# ---------------------------------------------------------------- your own data: a test split, empty sources
+def widget(root: Path, n: int) -> Path:
+    """A COCO set `widget` in one JSON: n images 0..n-1, 3 landmarks each."""
+    for i in range(n):
+        image(root / f"{i}.png")
+    return coco_json(root / "widget.json", [{"id": i, "file_name": f"{i}.png"} for i in range(n)], 3)
+
+
+def test_a_coco_test_fraction_carves_a_seeded_test_split_recorded_in_the_manifest(tmp_path, capsys):
+    path = widget(tmp_path / "widget", 20)
+    scan, splits = plan("widget", path, "coco", test_fraction="0.25", test_seed="3")
+    test = sorted((i for i, s in splits.items() if s == "test"), key=int)
+    assert test == expected_carve([str(i) for i in range(20)], 0.25, 3) and len(test) == 5
+    assert sum(s == "val" for s in splits.values()) == 2 and set(test).isdisjoint(scan.validation["widget"]["ids"])
+    assert scan.test["widget"] == {"rule": "carved from train", "fraction": 0.25, "seed": 3, "ids": test}
+    assert build(tmp_path / "out", "--source", f"widget:coco={path}", "--opt", "widget.test_fraction=0.25",
+                 "--opt", "widget.test_seed=3") == 0
+    info = load(str(tmp_path / "out")).datasets["widget"]
+    assert info.splits == {"train": 13, "val": 2, "test": 5} and info.source["test"]["ids"] == test
+    assert "test carved from train: 5 id(s), fraction 0.25, seed 3" in capsys.readouterr().out
+    with pytest.raises(PlanError, match="test_fraction carves a test split from train, but the source has test"):
+        plan("widget", coco_json(tmp_path / "widget" / "widget_coco_test_annotations.json",
+                                 [{"id": 0, "file_name": "0.png"}], 3), "coco", test_fraction="0.5")
+
+
+def test_two_sources_for_one_id_are_refused_with_the_ways_to_split_your_own_data(tmp_path, capsys):
+    path = widget(tmp_path / "widget", 4)
+    assert build(tmp_path / "out", "--source", f"widget:coco={path}", "--source", f"widget:coco={path}") == 2
+    err = capsys.readouterr().err
+    assert "given by more than one --source" in err and "_train_/_val_/_test_" in err
+    assert "--opt ID.test_fraction=F" in err
+
+
+def test_a_source_that_yields_no_sample_is_an_error_naming_its_layout(tmp_path, capsys):
+    jpgs = tmp_path / "jpgs"
+    image(jpgs / "a.jpg")
+    assert build(tmp_path / "out", "--source", f"leg={jpgs}") == 2
+    err = capsys.readouterr().err
+    assert f"--source leg: none of the 50 input(s) found in {jpgs} can be used: 50 missing_image" in err
+    assert "Reader 'leg' reads the layout: pngs/<id>.png; meta/<id>_meta.json" in err
+    assert not (tmp_path / "out" / "manifest.json").exists()

@@ -97,6 +97,13 @@ def resolve_options(reader: ModuleType, given: dict[str, str]) -> dict[str, str 
     return {**accepted, **given}
 
 
+def layout(reader: ModuleType) -> str:
+    """The native layout a reader reads, from the indented lines of its docstring (else its title)."""
+    lines = (reader.__doc__ or "").splitlines()
+    indented = [" ".join(line.split()) for line in lines if line.startswith("    ") and line.strip()]
+    return "; ".join(indented) if indented else lines[0].strip() if lines else "see docs/shards.md"
+
+
 def validation_rule(reader: ModuleType, options: dict) -> str:
     """How the reader's own val split is made, for the manifest."""
     rule = getattr(reader, "validation_rule", None)

@@ -24,7 +24,8 @@ from pathlib import Path, PurePosixPath
 
 from shards.readers import RawSample, ReaderError, Rejected, first_existing, read_text
 
-OPTIONS = {"split": "train"}
+OPTIONS = {"split": "train", "test_fraction": "0", "test_seed": "0"}
+CARVES_TEST = True  # test_fraction > 0: a seeded test split carved from train (shards.plan.with_test)
 SPLIT_RULE = "from _train_/_val_/_valid_/_test_ in the JSON file name, else the split option"
 LANDMARK_SET = None
 SPLIT_IN_NAME = re.compile(r"(?:^|[_.-])(train|val|valid|test)(?=[_.-])")

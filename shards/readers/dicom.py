@@ -20,7 +20,8 @@ from pathlib import Path
 from medsapiens.imageio import dicom_spacing, is_dicom
 from shards.readers import ReaderError, Rejected, RawSample, coco
 
-OPTIONS = {"split": "train"}
+OPTIONS = coco.OPTIONS
+CARVES_TEST = coco.CARVES_TEST
 SPLIT_RULE = coco.SPLIT_RULE
 LANDMARK_SET = None
 
