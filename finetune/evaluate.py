@@ -72,6 +72,9 @@ def calibrate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset
     refuse_test_split(split)
     conformal.check_coverage(coverage)
     check_split(manifest, dataset, split, bundle)
+    shortfall = calibration_shortfall(manifest, dataset, split, coverage)
+    if shortfall:
+        raise InputError(shortfall)
     landmark_set = manifest.landmark_set(dataset)
     preds = predict_split(model, manifest, dataset, model.dataset_ids.index(dataset), split, bundle.input_size,
                           device, next(model.parameters()).dtype, batch_size, flip_test,
@@ -81,6 +84,15 @@ def calibrate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset
     errors, mask = preds.errors(Protocol(landmark_set))
     return conformal.calibrate(errors, mask, coverage, landmark_set.names, landmark_set.unit, split,
                                bool(flip_test and landmark_set.can_flip))
+
+
+def calibration_shortfall(manifest: Manifest, dataset: str, split: str, coverage: float) -> str | None:
+    """Why `split` is too small to calibrate at `coverage`, with the way to a larger one; None if it is not."""
+    images, needed = manifest.datasets[dataset].splits.get(split, 0), conformal.minimum_images(coverage)
+    if images >= needed:
+        return None
+    return (f"{images} {split!r} image(s) of {dataset} are too few to calibrate at {coverage:.0%} coverage: at least "
+            f"{needed} are needed; rebuild the shards with a larger val split (--opt {dataset}.val_fraction=F)")
 
 
 def calibrate_bundle(bundle_dir, shards: str, dataset: str | None = None, split: str = "val",

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from finetune.config import INIT_SOURCES, RESUME_MODES, RUNS_ROOT, FinetuneConfig
-from finetune.evaluate import calibrate_model, evaluate_model
+from finetune.evaluate import calibrate_model, calibration_shortfall, evaluate_model
 from finetune.subset import few_shot_manifest
 from medsapiens import bundle as bundlelib
 from medsapiens import conformal
@@ -180,12 +180,10 @@ def calibrate_run(cfg: FinetuneConfig, model, bundle: bundlelib.Bundle, manifest
     """Conformal radii of the selected checkpoint on the val split, stored in RUN_DIR/bundle."""
     if not cfg.calibration_coverage:
         return
-    images = manifest.datasets[cfg.dataset].splits.get(cfg.data.val_split, 0)
-    needed = conformal.minimum_images(cfg.calibration_coverage)
-    if images < needed:
+    shortfall = calibration_shortfall(manifest, cfg.dataset, cfg.data.val_split, cfg.calibration_coverage)
+    if shortfall:
         if distributed.rank() == 0:
-            print(f"calibration skipped: {images} {cfg.data.val_split!r} image(s), {cfg.calibration_coverage:.0%} "
-                  f"coverage needs at least {needed}", file=sys.stderr)
+            print(f"calibration skipped: {shortfall}", file=sys.stderr)
         return
     calibration = calibrate_model(model, bundle, manifest, cfg.dataset, cfg.data.val_split, cfg.calibration_coverage,
                                   cfg.flip_test, cfg.data.micro_batch, device)

@@ -85,7 +85,11 @@ def metadata(bundle: bundlelib.Bundle, datasets: list[str], flip_test: bool, sou
 
 def export_onnx(bundle_dir, out_path, dataset: str | None = None, flip_test: bool = True) -> Path:
     """Write the ONNX model of a bundle (one head, or every head when `dataset` is None)."""
-    import onnx
+    try:
+        import onnx
+        import onnxscript  # noqa: F401 - torch's dynamo exporter needs it
+    except ImportError as exc:
+        raise InputError(f"export onnx needs {exc.name}: pip install 'medsapiens[onnx]'") from None
 
     model, bundle = bundlelib.load(bundle_dir)
     if dataset is not None and dataset not in bundle.heads:

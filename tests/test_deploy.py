@@ -198,6 +198,15 @@ def test_calibration_is_stored_read_back_and_reported_by_evaluate(calibrated, he
     assert "Conformal error bounds" in (out / "report.md").read_text() and "conformal coverage" in proc.stdout
 
 
+def test_export_onnx_without_the_onnx_extra_is_one_line_with_the_install_hint(head_expert, tmp_path):
+    proc = run([sys.executable, "-c", "import sys; sys.modules['onnxscript'] = None; from launch.cli import main; "
+                "sys.exit(main(sys.argv[1:]))", "export", "onnx", str(head_expert / "bundle"),
+                "--out", str(tmp_path / "m.onnx")], 120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: export onnx needs onnxscript: pip install 'medsapiens[onnx]'"
+    assert "Traceback" not in proc.stderr and not (tmp_path / "m.onnx").exists()
+
+
 def test_calibration_refuses_a_test_split_and_too_few_images(head_expert, phantom_shards, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(head_expert / "bundle", bundle)
@@ -205,6 +214,7 @@ def test_calibration_refuses_a_test_split_and_too_few_images(head_expert, phanto
     assert refused.returncode == 2 and "is a test split" in refused.stderr and "Traceback" not in refused.stderr
     too_few = run([*CLI, "calibrate", str(bundle), "--shards", str(phantom_shards)], 120)  # 1 val image
     assert too_few.returncode == 2 and "at least 9 are needed" in too_few.stderr
+    assert "--opt head.val_fraction=F" in too_few.stderr
     # a bundle without calibration (as every older bundle) loads, with no radii
     assert bundlelib.read_config(bundle).calibration == {}
     assert "calibration" not in json.loads((bundle / "config.json").read_text())
@@ -225,5 +235,7 @@ def test_finetune_calibrates_the_bundle_it_selected_on_its_val_split(head_expert
             assert stored["head"]["split"] == "val" and stored["head"]["images"] == val_images
             assert stored["head"]["coverage"] == COVERAGE and len(stored["head"]["radii"]) == 19
         else:
-            assert stored == {} and "calibration skipped: 1 'val' image(s), 90% coverage needs at least 9" in \
-                capsys.readouterr().err
+            err = capsys.readouterr().err
+            assert stored == {} and "calibration skipped: 1 'val' image(s) of head are too few to calibrate at 90% " \
+                "coverage: at least 9 are needed; rebuild the shards with a larger val split " \
+                "(--opt head.val_fraction=F)" in err
