@@ -17,7 +17,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from launch import hosts, rank_env
@@ -30,6 +30,7 @@ LAUNCH_DIR_PLACEHOLDER = Path("LAUNCH_DIR")  # what --dry-run shows for the priv
 DEFAULT_MASTER_PORT = 29500  # torch.distributed's and DeepSpeed's default
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000  # below Linux's ephemeral ports (32768+)
 SLURM_SLOT_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_NTASKS_PER_NODE")
+PLACEHOLDER_MARKS = ("YOUR-BUCKET", "/path/to/")  # what the shipped experiment configs leave to fill in
 STOP_GRACE_S = 40.0  # DeepSpeed's per-node launcher gives its ranks 30 s to end before it kills them
 
 DESCRIPTION = """\
@@ -108,6 +109,8 @@ class Plan:
     launch_dir: Path
     hostfile: dict[str, int] | None = None  # written to launch_dir/hostfile
     env_file: list[rank_env.Variable] | None = None  # written to launch_dir/deepspeed_env
+    ranks: int | None = None  # None: one per local accelerator, counted by DeepSpeed
+    notes: list[str] = field(default_factory=list)  # printed with the plan
 
     @property
     def env_file_path(self) -> Path:
@@ -125,8 +128,13 @@ def run_launch(args) -> int:
                  else tempfile.TemporaryDirectory(prefix="medsapiens-launch-"))
     with workspace as launch_dir:
         try:
-            check_config(args.stage, args.config, args.overrides)
+            cfg = check_config(args.stage, args.config, args.overrides)
             plan = make_plan(args, os.environ, Path.cwd(), Path(launch_dir))
+            plan.notes += config_notes(cfg, plan.ranks)
+            left = placeholders(cfg)
+            if left and not args.dry_run:
+                raise LaunchError(f"{args.config}: replace the placeholder(s) {', '.join(left)} (KEY=VALUE overrides "
+                                  "them) before launching")
         except ValueError as exc:  # ConfigError, HostError, LaunchError
             print(f"medsapiens launch {args.stage}: error: {exc}", file=sys.stderr)
             return 2
@@ -137,8 +145,34 @@ def run_launch(args) -> int:
         return run_command(plan.argv, {**os.environ, **plan.extra_env})
 
 
-def check_config(stage: str, config: str, overrides: list[str]) -> None:
-    """Fail in seconds on a config typo, not after the ranks have started."""
+def placeholders(cfg) -> list[str]:
+    """KEY=VALUE of the settings that still hold a shipped config's placeholder."""
+    from medsapiens import config as configlib
+
+    return [f"{key}={value}" for key, value in configlib.flatten(configlib.to_dict(cfg)).items()
+            if isinstance(value, str) and any(mark in value for mark in PLACEHOLDER_MARKS)]
+
+
+def config_notes(cfg, ranks: int | None) -> list[str]:
+    """Lines about the config for the printed plan: placeholders left, the global batch against the published one."""
+    from medsapiens.run import PUBLISHED_GLOBAL_BATCH
+
+    notes = []
+    left = placeholders(cfg)
+    if left:
+        notes.append(f"warning: placeholder(s) left in the config: {', '.join(left)}")
+    if ranks:
+        batch, accum = cfg.data.micro_batch, cfg.train.grad_accum
+        total = ranks * batch * accum
+        published = "the published recipe's" if total == PUBLISHED_GLOBAL_BATCH else (
+            f"the published recipe's is {PUBLISHED_GLOBAL_BATCH}; optim.lr {cfg.optim.lr:g} is as configured, "
+            "scale it (or data.micro_batch) if you mean to keep the recipe")
+        notes.append(f"global batch: {ranks} rank(s) x micro-batch {batch} x accumulation {accum} = {total} ({published})")
+    return notes
+
+
+def check_config(stage: str, config: str, overrides: list[str]):
+    """Fail in seconds on a config typo, not after the ranks have started; returns the config."""
     from medsapiens import config as configlib
     from medsapiens.engine import resolve_file
 
@@ -157,6 +191,7 @@ def check_config(stage: str, config: str, overrides: list[str]) -> None:
         check_settings(cfg)
     except ValueError as exc:
         raise LaunchError(f"{config}: {exc}") from None
+    return cfg
 
 
 def make_plan(args, environ: Mapping[str, str], cwd: Path, launch_dir: Path) -> Plan:
@@ -185,7 +220,7 @@ def local_plan(args, launch_dir: Path) -> Plan:
         argv += ["--num_gpus", str(args.gpus)]
     argv += ["--master_port", str(port)]
     ranks = f"{args.gpus} rank(s)" if args.gpus else "one rank per local accelerator"
-    return Plan(f"this machine, {ranks}, master 127.0.0.1:{port}", argv, launch_dir)
+    return Plan(f"this machine, {ranks}, master 127.0.0.1:{port}", argv, launch_dir, ranks=args.gpus)
 
 
 def hostfile_plan(args, environ: Mapping[str, str], cwd: Path, launch_dir: Path) -> Plan:
@@ -208,7 +243,7 @@ def hostfile_plan(args, environ: Mapping[str, str], cwd: Path, launch_dir: Path)
         argv += ["--log_level", "warning"]  # at info it logs the pdsh command with every exported value
     summary = f"{len(used)} host(s) from {args.hostfile}, {sum(used.values())} rank(s), master {master}:{port}"
     env_file = rank_env.env_file_variables(environ, cwd) if over_ssh else None
-    return Plan(summary, argv, launch_dir, env_file=env_file)
+    return Plan(summary, argv, launch_dir, env_file=env_file, ranks=sum(used.values()))
 
 
 def slurm_plan(args, environ: Mapping[str, str], launch_dir: Path) -> Plan:
@@ -222,13 +257,13 @@ def slurm_plan(args, environ: Mapping[str, str], launch_dir: Path) -> Plan:
         raise LaunchError(f"--nodes {args.nodes}, but the SLURM job has {len(nodes)} node(s) ({nodelist})")
     check_one_launcher_per_node(environ, len(nodes))
     node_rank = slurm_node_rank(environ, nodes)
-    slots = args.gpus or slurm_slots(environ)
+    slots, notes = (args.gpus, []) if args.gpus else slurm_slots(environ)
     port = args.master_port or slurm_port(_required(environ, "SLURM_JOB_ID"))
     argv = [deepspeed_executable(), "--hostfile", str(launch_dir / HOSTFILE_NAME), "--no_ssh",
             "--node_rank", str(node_rank), "--master_addr", nodes[0], "--master_port", str(port)]
     summary = (f"{len(nodes)} SLURM node(s) x {slots} = {len(nodes) * slots} rank(s), master {nodes[0]}:{port}, "
                f"this is node {node_rank} ({nodes[node_rank]})")
-    return Plan(summary, argv, launch_dir, hostfile=dict.fromkeys(nodes, slots))
+    return Plan(summary, argv, launch_dir, hostfile=dict.fromkeys(nodes, slots), ranks=len(nodes) * slots, notes=notes)
 
 
 def first_hosts(pool: dict[str, int], count: int | None, where: str) -> dict[str, int]:
@@ -259,11 +294,15 @@ def slurm_node_rank(environ: Mapping[str, str], nodes: list[str]) -> int:
     return int(node_id)
 
 
-def slurm_slots(environ: Mapping[str, str]) -> int:
+def slurm_slots(environ: Mapping[str, str]) -> tuple[int, list[str]]:
+    """Ranks per node from the job, and a warning when they are not the node's GPUs."""
     for name in SLURM_SLOT_VARIABLES:
         value = environ.get(name, "")
         if value.isdigit() and int(value) > 0:
-            return int(value)
+            fallback = name != SLURM_SLOT_VARIABLES[0]
+            return int(value), [f"warning: {SLURM_SLOT_VARIABLES[0]} is not set, so the ranks per node are {name}={value} "
+                                "(one launcher task per node in the shipped sbatch): on GPU nodes ask SLURM for the "
+                                "GPUs (--gpus-per-node) or pass --gpus N"] if fallback else []
     raise LaunchError(f"--slurm: none of {', '.join(SLURM_SLOT_VARIABLES)} is set; pass --gpus N (ranks per node)")
 
 
@@ -290,7 +329,7 @@ def deepspeed_executable() -> str:
 
 def describe(plan: Plan, environ: Mapping[str, str], stage: str) -> str:
     """What runs and what is written, with secret values masked: printed for --dry-run and before a launch."""
-    lines = [f"medsapiens launch {stage}: {plan.summary}"]
+    lines = [f"medsapiens launch {stage}: {plan.summary}", *plan.notes]
     if plan.launch_dir == LAUNCH_DIR_PLACEHOLDER and (plan.hostfile is not None or plan.env_file is not None):
         lines.append(f"{LAUNCH_DIR_PLACEHOLDER}: a private directory (mode 0700) made at launch, removed after the run")
     if plan.hostfile is not None:

@@ -98,6 +98,8 @@ def selection(plan: RunPlan) -> dict:
     return {"split": chosen, "validated_on": found, "rule": rule}
 
 
+PUBLISHED_GLOBAL_BATCH = 8  # MedSapiens and Sapiens pose: 2 images per GPU on 4 GPUs
+
 # Keys a rerun may change and still continue the same run: none changes what trains.
 RESUMABLE_CHANGES = {"train.stop_after", "train.log_every", "train.keep_last", "train.val_panels",
                      "train.dist_timeout_s", "resume"}

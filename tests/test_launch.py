@@ -163,6 +163,31 @@ def test_slurm_ranks_per_node_fall_back_to_tasks_per_node(capsys, monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "3")
     _, out, _ = launch(capsys, "pretrain", "--config", DEMO, "--slurm", "--dry-run")
     assert "1 SLURM node(s) x 3 = 3 rank(s)" in out
+    assert ("warning: SLURM_GPUS_ON_NODE is not set, so the ranks per node are SLURM_NTASKS_PER_NODE=3 (one launcher "
+            "task per node in the shipped sbatch): on GPU nodes ask SLURM for the GPUs (--gpus-per-node) or pass "
+            "--gpus N") in out
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")
+    _, out, _ = launch(capsys, "pretrain", "--config", DEMO, "--slurm", "--dry-run")
+    assert "1 SLURM node(s) x 8 = 8 rank(s)" in out and "warning" not in out
+
+
+@pytest.mark.timeout(60)
+def test_a_dry_run_flags_placeholders_and_the_global_batch_and_a_launch_refuses_them(capsys, monkeypatch):
+    recipe = str(REPO / "launch" / "experiments" / "sapiens_0.3b.yaml")
+    slurm_node(monkeypatch, 0)
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")
+    status, out, _ = launch(capsys, "pretrain", "--config", recipe, "--slurm", "--dry-run")
+    assert status == 0
+    assert ("warning: placeholder(s) left in the config: model.checkpoint=/path/to/sapiens_0.3b_epoch_1600_clean.pth, "
+            "data.shards=s3://YOUR-BUCKET/medsapiens/shards") in out
+    assert ("global batch: 24 rank(s) x micro-batch 2 x accumulation 1 = 48 (the published recipe's is 8; optim.lr "
+            "0.0005 is as configured, scale it (or data.micro_batch) if you mean to keep the recipe)") in out
+    status, out, _ = launch(capsys, "pretrain", "--config", recipe, "--gpus", "4", "--dry-run",
+                            "data.shards=/data/shards", "model.checkpoint=null")
+    assert "placeholder" not in out and "global batch: 4 rank(s) x micro-batch 2 x accumulation 1 = 8 (the " \
+        "published recipe's)" in out
+    status, out, err = launch(capsys, "pretrain", "--config", recipe, "--gpus", "1")
+    assert status == 2 and "replace the placeholder(s) model.checkpoint=/path/to/" in err and "command:" not in out
 
 
 @pytest.mark.timeout(60)
