@@ -151,6 +151,10 @@ def run_one(cfg: FinetuneConfig) -> dict | None:
     if distributed.rank() == 0:
         print(f"fine-tuning {cfg.dataset} from {cfg.init}{' with LoRA' if cfg.lora.enabled else ''}"
               f"{f', {cfg.shots}-shot (seed {cfg.shot_seed})' if cfg.shots else ''}", file=sys.stderr)
+        batch = cfg.data.micro_batch * distributed.world_size()
+        if cfg.shots and cfg.shots < batch:
+            print(f"note: {cfg.shots} training image(s) in a batch of {batch} (micro-batch {cfg.data.micro_batch} x "
+                  f"{distributed.world_size()} rank(s)): each batch repeats them, differently augmented", file=sys.stderr)
     if cfg.init == "bundle":  # the bundle's model trains: config.yaml records it
         cfg = replace(cfg, model=model_cfg)
     evaluated = evaluation_splits(manifest, cfg.dataset, cfg.eval_split)

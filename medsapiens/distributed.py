@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 import socket
 import warnings
@@ -22,6 +23,22 @@ import torch.distributed as dist
 from medsapiens.errors import UserError, user_message
 
 SHARED_MEMORY = Path("/dev/shm")  # where POSIX shm_open names live on Linux
+# Start-up notices of DeepSpeed and torch that tell a CPU user nothing (DeepSpeed is imported later,
+# lazily, by this module and its users; the filters are in place before its loggers print).
+CPU_NOTICES = {"DeepSpeed": "Setting accelerator to CPU", "torch.utils.cpp_extension": "No CUDA runtime is found"}
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+for _logger, _text in CPU_NOTICES.items():
+    logging.getLogger(_logger).addFilter(_DropNotice(_text))
 
 
 def free_port() -> int:

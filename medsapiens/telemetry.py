@@ -50,11 +50,11 @@ class Telemetry:
         self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         self.jsonl.flush()
 
-    def images(self, step: int, tag: str, images: list[np.ndarray]) -> None:
-        """HWC uint8 panels."""
+    def images(self, step: int, tag: str, images: dict[str, np.ndarray]) -> None:
+        """HWC uint8 panels by name (a sample's id): TensorBoard tags `<tag>/<name>`."""
         if self.enabled and images:
-            for i, image in enumerate(images):
-                self.writer.add_image(f"{tag}/{i}", image, step, dataformats="HWC")
+            for name, image in images.items():
+                self.writer.add_image(f"{tag}/{name}", image, step, dataformats="HWC")
 
     def close(self) -> None:
         if self.enabled:

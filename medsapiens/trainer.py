@@ -198,8 +198,8 @@ class Trainer:
         scalars = {f"val/{dataset}/mre_{unit}": summary["mre"]}
         scalars.update({f"val/{dataset}/sdr_{r}{unit}": v for r, v in summary["sdr"].items()})
         self.telemetry.scalars(step, scalars)
-        self.telemetry.images(step, f"val/{dataset}", [draw_landmarks(img, truth, pred)
-                                                         for _, img, pred, truth in preds.panels])
+        self.telemetry.images(step, f"val/{dataset}", {sample: draw_landmarks(img, truth, pred)
+                                                         for sample, img, pred, truth in preds.panels})
         return {"split": split, "unit": unit, "mre": summary["mre"], "sdr": summary["sdr"]}
 
     def _update_best(self, step: int, results: dict) -> None:

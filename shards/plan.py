@@ -7,6 +7,7 @@ split carved from train where the source has none (docs/splits.md).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import os
@@ -90,8 +91,11 @@ def open_source(spec: SourceSpec) -> Source:
         raise PlanError(f"dataset id {spec.dataset!r} may hold only letters, digits and '-'")
     name = spec.reader or readers.NATIVE_READER.get(spec.dataset)
     if name is None:
-        raise PlanError(f"dataset {spec.dataset!r} is not built in ({', '.join(registry.BUILTIN)}); "
-                        f"name its reader: {spec.dataset}:coco=PATH (readers: {', '.join(readers.READERS)})")
+        close = difflib.get_close_matches(spec.dataset, list(registry.BUILTIN), n=1)
+        guess = f"did you mean {close[0]!r}? " if close else ""
+        raise PlanError(f"dataset {spec.dataset!r} is not built in ({', '.join(registry.BUILTIN)}); {guess}"
+                        f"for your own data name its reader: {spec.dataset}:coco=PATH "
+                        f"(readers: {', '.join(readers.READERS)})")
     root = Path(spec.path).expanduser().resolve()
     if not root.exists():
         raise PlanError(f"--source {spec.dataset}: no such file or directory {root}")

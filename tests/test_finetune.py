@@ -74,6 +74,8 @@ def test_few_shot_seeds_reuse_the_head_and_report_mean_and_std(head_hand_bundle,
     splits = subset_manifest.datasets["head"].splits
     assert splits["train"] == 3 and splits["test1"] == manifestlib.load(phantom_shards).datasets["head"].splits["test1"]
     assert json.loads((run_dir / "seed_0" / "run.json").read_text())["origin"]["reused_head"] is True
+    assert "note: 3 training image(s) in a batch of 8 (micro-batch 8 x 1 rank(s)): each batch repeats them" in proc.stderr
+    assert f"summary: {run_dir}/summary.json" in proc.stdout
 
 
 def test_a_subset_of_relatively_named_shards_keeps_its_val_and_test_shards(phantom_shards, tmp_path, monkeypatch):

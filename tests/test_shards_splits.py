@@ -280,3 +280,8 @@ def test_a_source_that_yields_no_sample_is_an_error_naming_its_layout(tmp_path, 
     assert f"--source leg: none of the 50 input(s) found in {jpgs} can be used: 50 missing_image" in err
     assert "Reader 'leg' reads the layout: pngs/<id>.png; meta/<id>_meta.json" in err
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_mistyped_builtin_id_gets_a_suggestion(tmp_path, capsys):
+    assert build(tmp_path / "out", "--source", f"haed={tmp_path}") == 2
+    assert "dataset 'haed' is not built in (head, hand, chest, leg, aariz); did you mean 'head'?" in capsys.readouterr().err
