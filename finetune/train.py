@@ -229,7 +229,7 @@ def move_aside(run_dir: Path) -> None:
 def settled_run_dir(cfg: FinetuneConfig) -> FinetuneConfig:
     """The config with its run directory chosen by rank 0 (a fresh one when none is given), an
     earlier run there moved aside for --resume none."""
-    chosen = [cfg.run_dir or fresh_run_dir(cfg) if distributed.rank() == 0 else None]
+    chosen = [(cfg.run_dir or fresh_run_dir(cfg)) if distributed.rank() == 0 else None]
     distributed.broadcast_from_rank0(chosen)
     cfg = replace(cfg, run_dir=chosen[0])
     if cfg.resume == "none":

@@ -296,13 +296,15 @@ def slurm_node_rank(environ: Mapping[str, str], nodes: list[str]) -> int:
 
 def slurm_slots(environ: Mapping[str, str]) -> tuple[int, list[str]]:
     """Ranks per node from the job, and a warning when they are not the node's GPUs."""
+    gpus, tasks = SLURM_SLOT_VARIABLES
     for name in SLURM_SLOT_VARIABLES:
         value = environ.get(name, "")
         if value.isdigit() and int(value) > 0:
-            fallback = name != SLURM_SLOT_VARIABLES[0]
-            return int(value), [f"warning: {SLURM_SLOT_VARIABLES[0]} is not set, so the ranks per node are {name}={value} "
-                                "(one launcher task per node in the shipped sbatch): on GPU nodes ask SLURM for the "
-                                "GPUs (--gpus-per-node) or pass --gpus N"] if fallback else []
+            if name == gpus:
+                return int(value), []
+            return int(value), [f"warning: {gpus} is not set, so the ranks per node are {tasks}={value} (one "
+                                "launcher task per node in the shipped sbatch): on GPU nodes ask SLURM for the GPUs "
+                                "(--gpus-per-node) or pass --gpus N"]
     raise LaunchError(f"--slurm: none of {', '.join(SLURM_SLOT_VARIABLES)} is set; pass --gpus N (ranks per node)")
 
 

@@ -1,5 +1,5 @@
-"""The DeepSpeed engine wrapper shared by pretraining and fine-tuning: the DeepSpeed config, optimiser and lr schedule, and one training step (forward, backward, step).
-It knows nothing of landmarks: the loss comes from the model's objective (medsapiens.model.loss),
+"""The DeepSpeed engine wrapper shared by pretraining and fine-tuning: the DeepSpeed config,
+optimiser and lr schedule, and one training step (forward, backward, step). It knows nothing of landmarks: the loss comes from the model's objective (medsapiens.model.loss),
 checkpoints from medsapiens.checkpoints.
 
 The same code runs as one process without the launcher (CPU or one GPU) and under

@@ -127,6 +127,8 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     train_cfg, head = scheduled(cfg.train, train_images, global_batch(cfg))
     optim, warmup_note = resolve_warmup(cfg.optim, train_cfg.max_steps)
     cfg = replace(cfg, train=train_cfg, optim=optim)
+    run_dir = Path(cfg.run_dir)
+    distributed.decide_on_rank0(lambda: check_same_run(run_dir, cfg, resume))  # before the engine's minutes
     lora: LoraConfig = cfg.lora
     if lora.enabled:
         apply_lora(plan.model, lora)
@@ -134,8 +136,6 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     trainable, total = count_trainable(model), sum(p.numel() for p in model.parameters())
     engine = Engine(model, param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay), train_cfg,
                     cfg.optim, cfg.data.micro_batch, universal=resume == "universal")
-    run_dir = Path(cfg.run_dir)
-    distributed.decide_on_rank0(lambda: check_same_run(run_dir, cfg, resume))
     chosen = selection(plan)
     if distributed.rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
