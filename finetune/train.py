@@ -53,15 +53,20 @@ def check_config(cfg: FinetuneConfig) -> None:
                          f"train.checkpoint_every (got {cfg.train.val_every} and {cfg.train.checkpoint_every})")
 
 
+# With init `bundle`: grad_checkpointing is the user's choice; checkpoint (the raw Sapiens weights of
+# init `sapiens`, which shared experiment configs name) is not read, and the start line says so.
+BUNDLE_FREE_MODEL_KEYS = ("grad_checkpointing", "checkpoint")
+
+
 def check_bundle_model(cfg: FinetuneConfig, given: set[str]) -> None:
     """With init `bundle`, the bundle's model trains: a model key the user gave (dotted, in `given`)
-    with another value than the bundle's is refused by name. model.grad_checkpointing is the user's."""
+    with another value than the bundle's is refused by name (BUNDLE_FREE_MODEL_KEYS aside)."""
     if cfg.init != "bundle" or not cfg.bundle:
         return
     bundle_model = configlib.to_dict(bundlelib.read_config(cfg.bundle).model)
     mine = configlib.to_dict(cfg.model)
     contradicting = [f"model.{k}={mine[k]!r} (the bundle's: {bundle_model.get(k)!r})" for k in sorted(mine)
-                     if f"model.{k}" in given and k != "grad_checkpointing" and mine[k] != bundle_model.get(k)]
+                     if f"model.{k}" in given and k not in BUNDLE_FREE_MODEL_KEYS and mine[k] != bundle_model.get(k)]
     if contradicting:
         raise InputError(f"{', '.join(contradicting)}: fine-tuning a bundle trains the bundle's model; leave these "
                          "keys out, or start from --init sapiens or scratch to choose the model")
@@ -151,6 +156,9 @@ def run_one(cfg: FinetuneConfig) -> dict | None:
     if distributed.rank() == 0:
         print(f"fine-tuning {cfg.dataset} from {cfg.init}{' with LoRA' if cfg.lora.enabled else ''}"
               f"{f', {cfg.shots}-shot (seed {cfg.shot_seed})' if cfg.shots else ''}", file=sys.stderr)
+        if cfg.init == "bundle" and cfg.model.checkpoint:
+            print(f"note: model.checkpoint ({cfg.model.checkpoint}) is not read: the bundle's weights start the run",
+                  file=sys.stderr)
         batch = cfg.data.micro_batch * distributed.world_size()
         if cfg.shots and cfg.shots < batch:
             print(f"note: {cfg.shots} training image(s) in a batch of {batch} (micro-batch {cfg.data.micro_batch} x "

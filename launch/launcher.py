@@ -131,10 +131,6 @@ def run_launch(args) -> int:
             cfg = check_config(args.stage, args.config, args.overrides)
             plan = make_plan(args, os.environ, Path.cwd(), Path(launch_dir))
             plan.notes += config_notes(cfg, plan.ranks)
-            left = placeholders(cfg)
-            if left and not args.dry_run:
-                raise LaunchError(f"{args.config}: replace the placeholder(s) {', '.join(left)} (KEY=VALUE overrides "
-                                  "them) before launching")
         except ValueError as exc:  # ConfigError, HostError, LaunchError
             print(f"medsapiens launch {args.stage}: error: {exc}", file=sys.stderr)
             return 2
@@ -146,11 +142,13 @@ def run_launch(args) -> int:
 
 
 def placeholders(cfg) -> list[str]:
-    """KEY=VALUE of the settings that still hold a shipped config's placeholder."""
+    """KEY=VALUE of the settings that still hold a shipped config's placeholder (model.checkpoint not
+    when a fine-tuning starts from a bundle, which does not read it)."""
     from medsapiens import config as configlib
 
+    unused = {"model.checkpoint"} if getattr(cfg, "init", None) == "bundle" else set()
     return [f"{key}={value}" for key, value in configlib.flatten(configlib.to_dict(cfg)).items()
-            if isinstance(value, str) and any(mark in value for mark in PLACEHOLDER_MARKS)]
+            if key not in unused and isinstance(value, str) and any(mark in value for mark in PLACEHOLDER_MARKS)]
 
 
 def config_notes(cfg, ranks: int | None) -> list[str]:

@@ -100,8 +100,9 @@ def selection(plan: RunPlan) -> dict:
 
 PUBLISHED_GLOBAL_BATCH = 8  # MedSapiens and Sapiens pose: 2 images per GPU on 4 GPUs
 
-# Keys a rerun may change and still continue the same run: none changes what trains.
-RESUMABLE_CHANGES = {"train.stop_after", "train.log_every", "train.keep_last", "train.val_panels",
+# Keys a rerun may change and still continue the same run: none changes what trains (run_dir: a
+# run directory moved or copied elsewhere holds the same run).
+RESUMABLE_CHANGES = {"run_dir", "train.stop_after", "train.log_every", "train.keep_last", "train.val_panels",
                      "train.dist_timeout_s", "resume"}
 
 

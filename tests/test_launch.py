@@ -172,7 +172,7 @@ def test_slurm_ranks_per_node_fall_back_to_tasks_per_node(capsys, monkeypatch):
 
 
 @pytest.mark.timeout(60)
-def test_a_dry_run_flags_placeholders_and_the_global_batch_and_a_launch_refuses_them(capsys, monkeypatch):
+def test_the_plan_flags_placeholders_and_gives_the_global_batch(capsys, monkeypatch):
     recipe = str(REPO / "launch" / "experiments" / "sapiens_0.3b.yaml")
     slurm_node(monkeypatch, 0)
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")
@@ -186,8 +186,10 @@ def test_a_dry_run_flags_placeholders_and_the_global_batch_and_a_launch_refuses_
                             "data.shards=/data/shards", "model.checkpoint=null")
     assert "placeholder" not in out and "global batch: 4 rank(s) x micro-batch 2 x accumulation 1 = 8 (the " \
         "published recipe's)" in out
-    status, out, err = launch(capsys, "pretrain", "--config", recipe, "--gpus", "1")
-    assert status == 2 and "replace the placeholder(s) model.checkpoint=/path/to/" in err and "command:" not in out
+    finetune = str(REPO / "launch" / "experiments" / "medsapiens_0.3b_finetune.yaml")
+    status, out, _ = launch(capsys, "finetune", "--config", finetune, "--gpus", "4", "--dry-run",
+                            "data.shards=/data/shards", "bundle=/runs/bundle", "dataset=leg")
+    assert status == 0 and "placeholder" not in out  # a bundle start does not read model.checkpoint
 
 
 @pytest.mark.timeout(60)

@@ -180,3 +180,25 @@ def test_preflight_names_an_unreachable_shard(phantom_shards, tmp_path):
     proc = run([sys.executable, "-m", "pretrain", *config_args(shards, tmp_path / "run")], 100)
     assert proc.returncode != 0
     assert f"shard {victim} listed in" in proc.stderr and "unreachable" in proc.stderr
+
+
+@pytest.mark.timeout(180)
+def test_an_interrupted_run_says_where_a_rerun_resumes(phantom_shards, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    run_dir = tmp_path / "run"
+    args = pretrain_args(phantom_shards, run_dir, "train.max_steps=10000", "train.checkpoint_every=2",
+                         "train.val_every=10000", "data.workers=0")
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain", *args], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 150
+    while not (run_dir / "checkpoints" / "latest").is_file() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    line = next(line for line in err.splitlines() if line.startswith("stopped at step "))
+    assert f"; a rerun into {run_dir} resumes from checkpoint step_0000000" in line

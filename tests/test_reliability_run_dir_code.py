@@ -1,6 +1,7 @@
 """A run directory is not code: a pickle payload in a DeepSpeed checkpoint file never runs on
-`pretrain export`, on a resume, or on fine-tuning with that run directory; each stops with one
-line naming the checkpoint and what the file asked to import."""
+`pretrain export`, on a resume, or on fine-tuning with that run directory; export and resume stop
+with one line naming the checkpoint and what the file asked to import, a fine-tuning there is
+refused by its settings before reading anything."""
 from __future__ import annotations
 
 import json
@@ -59,8 +60,7 @@ def test_export_refuses_the_payload(poisoned, tmp_path):
 @pytest.mark.timeout(120)
 def test_resume_refuses_the_payload(poisoned, phantom_shards):
     run_dir, marker = poisoned
-    proc = run([sys.executable, "-m", "pretrain", *pretrain_args(phantom_shards, run_dir, *SMALL_RUN,
-                                                                 "train.max_steps=6")], 100)
+    proc = run([sys.executable, "-m", "pretrain", *pretrain_args(phantom_shards, run_dir, *SMALL_RUN)], 100)
     assert_refused(proc, marker)
 
 
@@ -71,7 +71,9 @@ def test_finetune_with_that_run_dir_refuses_the_payload(poisoned, phantom_shards
                 "--shards", str(phantom_shards), "--run-dir", str(run_dir), "--dataset", "head", "--init", "scratch",
                 "model.trunk_width=32", "data.workers=0", "train.max_steps=6", "train.checkpoint_every=2",
                 "train.val_every=2"], 100)
-    assert_refused(proc, marker)
+    assert proc.returncode != 0 and not marker.exists(), "the payload ran"
+    # another stage's run: refused by its settings, before any of its files is read
+    assert f"{run_dir} holds a run with other settings" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.timeout(60)
