@@ -2,9 +2,11 @@
 
 Writes one JSON per image (pixels of the original image; millimetres too when the spacing is
 known: `--spacing` wins, else the DICOM tags; the conformal radius of each landmark when the model is
-calibrated), `predictions.json` in the format `medsapiens evaluate --predictions` reads, optional
-overlays, and `failures.json` listing every input that could not be read, with the reason. Each
-input is isolated: one bad file is listed, the others complete, and both JSON files are always written.
+calibrated; `outside_image` names the landmarks placed outside the image), `predictions.json` in the
+format `medsapiens evaluate --predictions` reads, optional overlays, and `failures.json` listing every
+input that could not be read or predicted (NaN or infinite output: `non_finite_prediction`), with the
+reason. Each input is isolated: one bad file is listed, the others complete, and both JSON files are
+always written.
 
 This module imports no torch: with `--onnx` the model runs on onnxruntime (medsapiens.onnx_model),
 else on torch (medsapiens.inference.BundleLandmarker, imported only then).
@@ -64,12 +66,20 @@ def failure(path: Path, reason: str, detail: str) -> dict:
     return {"image": str(path), "reason": reason, "detail": detail}
 
 
+def inside_image(points: np.ndarray, shape) -> np.ndarray:
+    """Per landmark: within the image's pixel area (centres on integers, so [-0.5, size - 0.5))."""
+    height, width = shape[:2]
+    x, y = points[:, 0], points[:, 1]
+    return (x >= -0.5) & (x < width - 0.5) & (y >= -0.5) & (y < height - 0.5)
+
+
 def result_for(path: Path, points: np.ndarray, scores: np.ndarray, image, spacing, source, dataset, names,
                bounds: dict | None) -> dict:
     result = {
         "image": str(path), "id": path.stem, "dataset": dataset, "size": [image.shape[1], image.shape[0]],
         "names": list(names), "landmarks": np.round(points, 3).tolist(), "scores": np.round(scores, 4).tolist(),
         "spacing_mm": list(spacing) if spacing else None, "spacing_source": source,
+        "outside_image": [name for name, inside in zip(names, inside_image(points, image.shape)) if not inside],
     }
     if spacing:
         result["landmarks_mm"] = np.round(points * np.asarray(spacing), 3).tolist()
@@ -135,6 +145,10 @@ def predict(bundle_dir, inputs: list[str], out_dir, dataset: str | None = None, 
     def flush():
         points, scores = landmarker.predict([image for _, image, _, _ in batch], dataset)
         for (path, image, sp, source), pts, sc in zip(batch, points, scores):
+            if not (np.isfinite(pts).all() and np.isfinite(sc).all()):
+                failures.append(failure(path, "non_finite_prediction", f"{path}: the model's heatmaps gave NaN or "
+                                        "infinite landmarks or scores for this image"))
+                continue
             fields, radii_px = bounds.of(pts, sp, (image.shape[1], image.shape[0]))
             result = result_for(path, pts, sc, image, sp, source, dataset, landmark_set.names, fields)
             (out / f"{path.stem}.json").write_text(json.dumps(result, indent=1))

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medsapiens import distributed, storage
+from medsapiens.checkpoints import refuse_non_finite
 from medsapiens.errors import InputError
 from medsapiens.model import ModelConfig, feature_grid
 from medsapiens.registry import LandmarkSet
@@ -114,6 +115,7 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
     bundle = read_config(path)
     model = bundle.model.build(bundle.heads)
     state = load_file(str(Path(path) / WEIGHTS), device="cpu")
+    refuse_non_finite(state, Path(path) / WEIGHTS)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise InputError(f"{path}/{WEIGHTS} does not match its config: missing {result.missing_keys[:5]}, "

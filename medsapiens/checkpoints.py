@@ -198,7 +198,18 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
     if not is_complete(Path(ckpt_dir) / tag):
         raise CheckpointError(f"no complete checkpoint {tag!r} in {ckpt_dir}")
     with weights_only_loading(Path(ckpt_dir) / tag):
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    refuse_non_finite(state, Path(ckpt_dir) / tag)
+    return state
+
+
+def refuse_non_finite(state: dict[str, torch.Tensor], source) -> None:
+    """A model whose weights hold NaN or infinity (a diverged run's) predicts nothing: refused, naming a tensor."""
+    bad = next((name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()),
+               None)
+    if bad is not None:
+        raise CheckpointError(f"{source}: weight {bad!r} is not finite (NaN or infinity): the run that wrote it "
+                              "diverged; use an earlier checkpoint or train again with a lower lr")
 
 
 def make_universal(ckpt_dir: Path, tag: str | None = None) -> str:

@@ -23,6 +23,10 @@ class InputError(UserError, ValueError):
     """A value or file given by the user that cannot be used (the generic kind)."""
 
 
+class DivergedError(UserError):
+    """Training reached a non-finite loss or gradient: the settings (lr, data) need changing."""
+
+
 def user_message(exc: BaseException) -> str | None:
     """The one line to print for `exc`, or None when it is a bug (keep the traceback)."""
     if type(exc).__name__ in CREDENTIAL_ERRORS:

@@ -8,6 +8,7 @@ is tracked. Validation reads only each dataset's val split (never a test split).
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from medsapiens import config as configlib
 from medsapiens import distributed
 from medsapiens.data.pipeline import DataConfig, TrainStream, train_batches, validation_split
 from medsapiens.engine import Engine, TrainConfig
+from medsapiens.errors import DivergedError
 from medsapiens.inference import predict_split
 from medsapiens.manifest import Manifest
 from medsapiens.metrics import Protocol, summarize
@@ -125,6 +127,7 @@ class Trainer:
             for step, micro_batches in batches:
                 timer.waited(time.perf_counter() - waiting_since)
                 stats, grad_norm = self.engine.train_step(micro_batches, self.objective)
+                self._check_finite(step + 1, stats, grad_norm)
                 timer.stepped(ctx.data.micro_batch * train.grad_accum)
                 for batch_stats in stats:
                     for name, (loss_sum, count) in batch_stats.items():
@@ -155,6 +158,19 @@ class Trainer:
         elif self.is_main:
             print(f"finished at step {done}; {validation_text(self.last_validation)}", file=sys.stderr)
         return self.last_validation
+
+    def _check_finite(self, step: int, stats: list[dict], grad_norm) -> None:
+        """Stop at the first step whose gradient norm (the same on every rank), or without one this
+        rank's loss, is not finite, before anything after it is saved: no checkpoint holds weights
+        such a step touched. A host sync per step, on one number."""
+        value = float(grad_norm) if grad_norm is not None else sum(float(s) for b in stats for s, _ in b.values())
+        if math.isfinite(value):
+            return
+        datasets = sorted({name for batch in stats for name, (_, count) in batch.items() if count})
+        what = "gradient norm" if grad_norm is not None else "loss"
+        raise DivergedError(f"training diverged at step {step}: the {what} is {value} (this rank's batch: "
+                            f"{', '.join(datasets)}); no checkpoint after it is written: lower optim.lr (now "
+                            f"{self.engine.optim_cfg.lr:g}) or check the data, then rerun")
 
     def _say_where_a_rerun_resumes(self, what: str) -> None:
         if self.is_main:
