@@ -27,7 +27,7 @@ def _coerce(value, hint, where: str):
     args = typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {_short(value)}")
         return from_dict(hint, value, where)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -36,22 +36,22 @@ def _coerce(value, hint, where: str):
         return _coerce(value, inner[0], where)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_short(value)}")
         item_hints = args if origin is tuple and args and args[-1] is not Ellipsis else (args[:1] or (typing.Any,)) * len(value)
         if origin is tuple and len(item_hints) != len(value):
-            raise ConfigError(f"{where}: expected {len(item_hints)} values, got {list(value)!r}")
+            raise ConfigError(f"{where}: expected {len(item_hints)} values, got {_short(list(value))}")
         items = [_coerce(v, h, f"{where}[{i}]") for i, (v, h) in enumerate(zip(value, item_hints))]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {_short(value)}")
         return {k: _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()} if args else dict(value)
     if hint is typing.Any:
         return value
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {_short(value)}")
     if hint in (int, float):
         if isinstance(value, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
             try:
@@ -59,15 +59,47 @@ def _coerce(value, hint, where: str):
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {_short(value)}")
         if hint is int and float(value) != int(value):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_short(value)}")
         return hint(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {_short(value)}")
         return value
     raise ConfigError(f"{where}: unsupported config type {hint!r}")
+
+
+MAX_NESTING = 32  # sections and lists inside each other; real configs use 3
+MAX_YAML_BYTES = 1 << 20
+
+
+def read_yaml(text: str, where: str):
+    """YAML without anchors or aliases (a few bytes of nested aliases expand to gigabytes) and with at
+    most MAX_NESTING levels, checked on the parser's event stream before anything is built."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{where}: {len(text)} bytes, more than a config's {MAX_YAML_BYTES}")
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise ConfigError(f"{where}: YAML anchors and aliases (&, *) are not accepted in configs; "
+                                  "write the values out")
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_NESTING:
+                    raise ConfigError(f"{where}: nested more than {MAX_NESTING} levels deep")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML ({exc})") from None
+
+
+def _short(value) -> str:
+    """A value's repr for an error line, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= 200 else f"{text[:200]}... ({len(text)} characters)"
 
 
 def at_least(key: str, value: int, minimum: int) -> None:
@@ -107,7 +139,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+        node[parts[-1]] = read_yaml(raw, f"override {key}") if raw else ""
     return data
 
 
@@ -116,11 +148,9 @@ def load_data(path: str | Path | None = None, overrides: list[str] = ()) -> dict
     data = {}
     if path is not None:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = read_yaml(Path(path).read_text(), str(path)) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     return apply_overrides(data, list(overrides))

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from medsapiens import config as configlib
@@ -40,3 +42,38 @@ def test_resolved_config_round_trips(tmp_path):
     again = configlib.load(Experiment, tmp_path / "resolved.yaml")
     assert again == cfg and configlib.digest(again) == configlib.digest(cfg)
     assert configlib.digest(configlib.load(Experiment, None, ["optim.lr=0.003"])) != configlib.digest(cfg)
+
+
+def test_a_yaml_bomb_and_deep_nesting_are_refused_in_one_line_without_building_them(tmp_path):
+    import time
+    import tracemalloc
+
+    from medsapiens.config import ConfigError, load
+    from pretrain.config import PretrainConfig
+
+    bomb = tmp_path / "bomb.yaml"
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    bomb.write_text("\n".join(lines + ["run_dir: *i"]) + "\n")  # 9^9 strings once expanded, from 600 bytes
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("model: " + "[" * 200_000 + "]" * 200_000 + "\n")
+    for path, message in ((bomb, "YAML anchors and aliases (&, *) are not accepted"),
+                          (deep, "nested more than 32 levels deep")):
+        tracemalloc.start()
+        start = time.perf_counter()
+        with pytest.raises(ConfigError, match=re.escape(message)) as refused:
+            load(PretrainConfig, path)
+        seconds, (_, peak) = time.perf_counter() - start, tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert seconds < 5 and peak < 64 * 2**20 and len(str(refused.value)) < 300
+    with pytest.raises(ConfigError, match=re.escape("override run_dir: YAML anchors")):
+        load(PretrainConfig, None, ["run_dir=&x [1]"])
+
+
+def test_a_long_wrong_value_is_cut_in_the_error_line():
+    from medsapiens.config import ConfigError, load
+    from pretrain.config import PretrainConfig
+
+    with pytest.raises(ConfigError, match=r"expected a string, got \[0, 0, .*\.\.\. \(") as refused:
+        load(PretrainConfig, None, [f"run_dir=[{', '.join(['0'] * 100_000)}]"])
+    assert len(str(refused.value)) < 400
