@@ -167,7 +167,7 @@ def coco_ground_truth(data: dict) -> Table:
         image_id, entry = ids[ann["image_id"]], images[ann["image_id"]]
         table.landmarks[image_id] = coco_points(ann["keypoints"])
         if entry.get("spacing") is not None:
-            table.spacing_mm[image_id] = [float(v) for v in entry["spacing"]]
+            table.spacing_mm[image_id] = entry["spacing"]  # checked where it converts errors to mm
         if entry.get("width") and entry.get("height"):
             table.image_size[image_id] = [int(entry["width"]), int(entry["height"])]
     return table

@@ -110,12 +110,17 @@ def check_landmarks(landmarks, visible, num_landmarks: int, size, outside: str =
     return vis
 
 
+def is_spacing(value) -> bool:
+    """Two positive finite numbers (mm per pixel, x then y): a list or tuple of exactly two numbers,
+    never a string, a bool or a nested list."""
+    return (isinstance(value, (list, tuple, np.ndarray)) and len(value) == 2
+            and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                    for v in value))
+
+
 def check_spacing(spacing) -> None:
-    if spacing is None:
-        return
-    s = [float(v) for v in spacing]
-    if len(s) != 2 or not all(math.isfinite(v) and v > 0 for v in s):
-        raise Rejection("bad_spacing", f"pixel spacing must be two positive numbers, got {list(spacing)}")
+    if spacing is not None and not is_spacing(spacing):
+        raise Rejection("bad_spacing", f"pixel spacing must be two positive numbers, got {spacing!r:.100}")
 
 
 def make_record(*, dataset, split, source_id, landmarks_orig, visible, spacing_orig, normalization,

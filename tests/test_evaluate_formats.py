@@ -101,3 +101,16 @@ def test_hand_image_with_an_invisible_wrist_landmark_is_left_out_and_named(tmp_p
     from finetune.report import write_report
     write_report(report, errors, ids, [str(k) for k in range(37)], out)
     assert "h2: wrist landmark 5 invisible" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("spacing", [[0, 0], [-0.2, 0.2], [float("nan"), 0.2], "12", [True, 1], [0.2], [[0.2], 0.2]])
+def test_a_spacing_that_is_not_two_positive_numbers_is_refused_naming_the_image(tmp_path, spacing):
+    from medsapiens.errors import InputError
+
+    truth = {"dataset": "knee", "landmarks": TRUTH, "spacing_mm": {"a": [0.2, 0.2], "b": spacing}}
+    gt, pred = write(tmp_path / "g.json", truth), write(tmp_path / "p.json", {"dataset": "knee", "landmarks": GUESS})
+    with pytest.raises(InputError, match=r"image b: pixel spacing .* must be two positive finite numbers"):
+        score_files(pred, gt)
+    coco = coco_truth([0.0, 0.0])
+    with pytest.raises(InputError, match="must be two positive finite numbers"):
+        score_files(write(tmp_path / "p2.json", {"dataset": "knee", "landmarks": GUESS}), write(tmp_path / "g2.json", coco))
