@@ -3,6 +3,7 @@ on all or K training images; the best checkpoint on the val split becomes the ou
 is then evaluated on the held-out test split(s). Several shot seeds run one after another."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -23,6 +24,7 @@ from medsapiens.checkpoints import checkpoint_dir, latest_tag, tag_step
 from medsapiens.data.pipeline import is_test_split
 from medsapiens.distributed import distributed_job
 from medsapiens.errors import InputError
+from medsapiens.locks import writer_lock
 from medsapiens.manifest import Manifest, ManifestError, load as load_manifest
 from medsapiens.registry import LandmarkSet
 from medsapiens.run import RunPlan, check_settings, load_trained, train
@@ -227,10 +229,12 @@ def fresh_run_dir(cfg: FinetuneConfig) -> str:
 
 
 def move_aside(run_dir: Path) -> None:
-    """--resume none: an earlier run in run_dir goes to <run_dir>.replaced-<time>, nothing is deleted."""
+    """--resume none: an earlier run in run_dir goes to <run_dir>.replaced-<time>, nothing is deleted
+    (refused while another process writes there)."""
     if run_dir.exists() and any(run_dir.iterdir()):
         aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_dir.rename(aside)
+        with writer_lock(run_dir, "fine-tuning"):
+            run_dir.rename(aside)
         print(f"moved the earlier run in {run_dir} to {aside}", file=sys.stderr)
 
 
@@ -250,8 +254,9 @@ def settled_run_dir(cfg: FinetuneConfig) -> FinetuneConfig:
 def run(cfg: FinetuneConfig) -> dict | None:
     check_config(cfg)
     check_inputs(cfg)
-    with distributed_job(cfg.train.dist_timeout_s):
+    with distributed_job(cfg.train.dist_timeout_s), contextlib.ExitStack() as held:
         cfg = settled_run_dir(cfg)
+        held.enter_context(distributed.held_by_rank0(writer_lock(Path(cfg.run_dir), "fine-tuning")))
         if not cfg.seeds:
             return run_one(cfg)
         results = [run_one(replace(cfg, shot_seed=seed, seeds=[], run_dir=str(Path(cfg.run_dir) / f"seed_{seed}"),

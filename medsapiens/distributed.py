@@ -152,6 +152,15 @@ def decide_on_rank0(check) -> None:
         raise UserError(message) if kind == "user" else RuntimeError(f"rank 0 failed: {message}")
 
 
+@contextlib.contextmanager
+def held_by_rank0(context):
+    """Enter the context manager `context` on rank 0 only, for the body; if entering fails there,
+    every rank raises (as decide_on_rank0)."""
+    with contextlib.ExitStack() as stack:
+        decide_on_rank0(lambda: stack.enter_context(context))
+        yield
+
+
 def broadcast_from_rank0(objects: list) -> None:
     """Replace the list's items in place by rank 0's."""
     if dist.is_initialized():

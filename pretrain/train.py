@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
 from medsapiens import distributed, storage
 from medsapiens.distributed import distributed_job
+from medsapiens.locks import writer_lock
 from medsapiens.manifest import Manifest, ManifestError, load as load_manifest
 from medsapiens.run import RunPlan, check_settings, train
 from pretrain.config import PretrainConfig
@@ -38,7 +40,8 @@ def preflight(cfg: PretrainConfig) -> tuple[Manifest, list[str]]:
 
 
 def run(cfg: PretrainConfig, resume: str = "auto") -> dict:
-    with distributed_job(cfg.train.dist_timeout_s):
+    with distributed_job(cfg.train.dist_timeout_s), \
+            distributed.held_by_rank0(writer_lock(Path(cfg.run_dir), "training run")):
         found: list = [None]
         distributed.decide_on_rank0(lambda: found.__setitem__(0, preflight(cfg)))
         distributed.broadcast_from_rank0(found)  # loaded once, on rank 0

@@ -7,6 +7,7 @@ the same output is refused unless `overwrite` is set.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import queue as queue_module
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from medsapiens import __version__, storage
 from medsapiens.errors import UserError
+from medsapiens.locks import writer_lock
 from medsapiens.manifest import MANIFEST_NAME, REJECTED_NAME, DatasetInfo, Manifest, ShardInfo, manifest_url
 from medsapiens.record import FIELDS, sample_key
 from medsapiens import imageio as images
@@ -214,17 +216,18 @@ def build(specs: list[SourceSpec], options: BuildOptions) -> BuildResult:
     settings = output_settings(sources, options)
     digest = canonical_digest(settings)
     tasks = plan_tasks(sources, scan, options, out, settings, digest)
-    prepare_output(out)
-    refuse_other_options(out, settings, digest, options.overwrite)
-    finished = {t.name: finished_stats(t, options.overwrite) for t in tasks}
-    todo = [t for t in tasks if finished[t.name] is None]
-    total, skipped = sum(len(t.samples) for t in tasks), sum(len(t.samples) for t in tasks if finished[t.name])
-    with tqdm(total=total, initial=skipped, unit="img", desc="shards", disable=not options.progress) as bar:
-        written = run_tasks(todo, options.workers, bar)
-    stats = [s for s in finished.values() if s is not None] + written
-    manifest, rejected = assemble_manifest(sources, scan, stats, settings, digest)
-    storage.write_bytes(storage.join(out, REJECTED_NAME), "".join(json.dumps(r) + "\n" for r in rejected).encode())
-    storage.write_bytes(storage.join(out, MANIFEST_NAME), manifest.to_json())
+    with contextlib.nullcontext() if storage.is_s3(out) else writer_lock(Path(out), "shards build"):
+        prepare_output(out)
+        refuse_other_options(out, settings, digest, options.overwrite)
+        finished = {t.name: finished_stats(t, options.overwrite) for t in tasks}
+        todo = [t for t in tasks if finished[t.name] is None]
+        total, skipped = sum(len(t.samples) for t in tasks), sum(len(t.samples) for t in tasks if finished[t.name])
+        with tqdm(total=total, initial=skipped, unit="img", desc="shards", disable=not options.progress) as bar:
+            written = run_tasks(todo, options.workers, bar)
+        stats = [s for s in finished.values() if s is not None] + written
+        manifest, rejected = assemble_manifest(sources, scan, stats, settings, digest)
+        storage.write_bytes(storage.join(out, REJECTED_NAME), "".join(json.dumps(r) + "\n" for r in rejected).encode())
+        storage.write_bytes(storage.join(out, MANIFEST_NAME), manifest.to_json())
     manifest.location = out
     return BuildResult(manifest, rejected, len(todo), len(tasks) - len(todo))
 
