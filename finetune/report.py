@@ -142,16 +142,24 @@ def read_table(path: str | Path, what: str, coco_ids: dict | None = None) -> Tab
             return coco_results(data, coco_ids or {})
         if "annotations" in data and "images" in data:
             return coco_ground_truth(data)
-        return Table(data.get("dataset"), {str(i): points(v) for i, v in data["landmarks"].items()},
+        if not isinstance(data.get("landmarks"), dict):
+            raise TypeError('"landmarks" must map each image id to its list of points')
+        return Table(data.get("dataset"), {str(i): points(v, f"image {i}") for i, v in data["landmarks"].items()},
                      data.get("spacing_mm", {}), data.get("image_size", {}), data.get("names"), data.get("landmark_set"))
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise InputError(f"{what} file {path}: not a landmark file of a known format ({type(exc).__name__}: {exc}); "
                          "see `medsapiens evaluate --help`") from None
 
 
-def points(landmarks) -> np.ndarray:
-    """[[x, y] | null, ...] -> (K, 2) float, NaN for null."""
-    return np.array([[np.nan, np.nan] if p is None else [float(p[0]), float(p[1])] for p in landmarks], dtype=np.float64)
+def points(landmarks, where: str) -> np.ndarray:
+    """[[x, y] | null, ...] -> (K, 2) float, NaN for null; x and y numbers (not strings or bools), exactly two."""
+    if not isinstance(landmarks, list):
+        raise TypeError(f"{where}: landmarks must be a list of [x, y] or null, got {landmarks!r:.80}")
+    for k, p in enumerate(landmarks):
+        if p is not None and not (isinstance(p, list) and len(p) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)):
+            raise TypeError(f"{where}, landmark {k}: expected [x, y] (two numbers) or null, got {p!r:.80}")
+    return np.array([[np.nan, np.nan] if p is None else p for p in landmarks], dtype=np.float64)
 
 
 def coco_points(keypoints) -> np.ndarray:

@@ -3,6 +3,7 @@ ground truth, COCO results; custom datasets; invisible landmarks left out and co
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -114,3 +115,19 @@ def test_a_spacing_that_is_not_two_positive_numbers_is_refused_naming_the_image(
     coco = coco_truth([0.0, 0.0])
     with pytest.raises(InputError, match="must be two positive finite numbers"):
         score_files(write(tmp_path / "p2.json", {"dataset": "knee", "landmarks": GUESS}), write(tmp_path / "g2.json", coco))
+
+
+@pytest.mark.parametrize("landmarks, message", [
+    ({"a": [["13", "14"], [20, 30], [40, 46]], "b": GUESS["b"]}, "image a, landmark 0: expected [x, y] (two numbers)"),
+    ({"a": [[13, 14, 1], [20, 30], [40, 46]], "b": GUESS["b"]}, "image a, landmark 0: expected [x, y]"),
+    ({"a": [[True, False], [20, 30], [40, 46]], "b": GUESS["b"]}, "image a, landmark 0: expected [x, y]"),
+    ([1, 2], '"landmarks" must map each image id to its list of points'),
+    ({"a": "13,14", "b": GUESS["b"]}, "image a: landmarks must be a list"),
+])
+def test_predictions_with_malformed_points_are_refused_in_one_line(tmp_path, landmarks, message):
+    from medsapiens.errors import InputError
+
+    gt = write(tmp_path / "g.json", {"dataset": "knee", "landmarks": TRUTH})
+    pred = write(tmp_path / "p.json", {"dataset": "knee", "landmarks": landmarks})
+    with pytest.raises(InputError, match=re.escape(message)):
+        score_files(pred, gt)
