@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -39,6 +40,8 @@ from PIL import Image
 from medsapiens.errors import InputError
 from medsapiens.record import Rejection, check_image_size
 
+MAX_PIXELS_ENV = "MEDSAPIENS_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 64_000_000  # a stitched full-spine radiograph at 0.1 mm is ~56 MP; decoded at most 4 bytes each
 PNG_COMPRESS_LEVEL = 3  # lossless either way; 3 is several times faster than 9 for a few % more bytes
 RESAMPLE = Image.Resampling.LANCZOS  # PIL widens the kernel when downscaling: antialiased
 
@@ -54,7 +57,7 @@ def decode(path: str, frame: int | None = None) -> np.ndarray:
     except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a file it cannot identify
         raise Rejection("unreadable_image", f"{path}: {exc}") from None
     with image:
-        check_image_size(*image.size)
+        check_decodable(*image.size, path)
         try:
             image.load()
         except Image.DecompressionBombError as exc:
@@ -93,6 +96,25 @@ def from_unit(unit: np.ndarray, bits: int) -> np.ndarray:
     return np.rint(unit * np.iinfo(dtype).max).astype(dtype)
 
 
+def max_pixels() -> int:
+    """The largest image (width x height) decoded: MEDSAPIENS_MAX_PIXELS, else DEFAULT_MAX_PIXELS."""
+    value = os.environ.get(MAX_PIXELS_ENV, "")
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    if not value.isdigit() or int(value) < 1:
+        raise InputError(f"{MAX_PIXELS_ENV}={value!r}: must be a whole number of pixels")
+    return int(value)
+
+
+def check_decodable(width: int, height: int, where: str) -> None:
+    """From the header, before any pixel is decoded: each side plausible and at most max_pixels() pixels,
+    so no file's declared size can claim more memory than that bound allows."""
+    check_image_size(width, height)
+    if width * height > max_pixels():
+        raise Rejection("absurd_image_size", f"{where}: {width}x{height} px is {width * height / 1e6:.0f} megapixels, "
+                        f"over the {max_pixels() / 1e6:.0f} decoded at most (set {MAX_PIXELS_ENV} to allow more)")
+
+
 def pil_to_array(image: Image.Image, where: str) -> np.ndarray:
     if image.mode.startswith("I;16"):
         return np.asarray(image).astype(np.uint16)
@@ -117,11 +139,14 @@ def decode_dicom(path: str, frame: int | None = None) -> np.ndarray:
     from pydicom.pixels import pixel_array
 
     try:
+        header = read_dicom(path, stop_before_pixels=True)  # the size is checked before pixel data is read
+        if "Rows" in header and "Columns" in header:
+            check_decodable(int(header.Columns), int(header.Rows), path)
         ds = read_dicom(path)
         if "PixelData" not in ds:
             raise Rejection("unreadable_image", f"{path}: DICOM without pixel data (modality "
                             f"{ds.get('Modality', 'unknown')}), not an image")
-        check_image_size(int(ds.Columns), int(ds.Rows))
+        check_decodable(int(ds.Columns), int(ds.Rows), path)
         return dicom_display(pixel_array(ds, index=frame_index(ds, path, frame)), ds, path)
     except Rejection:
         raise

@@ -1,0 +1,72 @@
+"""No image file exhausts memory: its declared size is checked against a pixel bound
+(MEDSAPIENS_MAX_PIXELS, 64 megapixels by default) from the header, before any pixel is read or
+decoded, for PNG/JPEG/TIFF through PIL and for DICOM, compressed or not."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, run
+
+# decode() in a child: its exit status, its error line and its peak resident memory in MiB
+DECODE = ("import json, resource, sys\nfrom medsapiens.imageio import decode\nfrom medsapiens.record import Rejection\n"
+          "try:\n    shape, error = list(decode(sys.argv[1]).shape), None\n"
+          "except Rejection as exc:\n    shape, error = None, f'{exc.reason}: {exc.detail}'\n"
+          "print(json.dumps({'shape': shape, 'error': error, "
+          "'peak_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
+
+
+def decode_in_child(path, **env) -> dict:
+    proc = run([sys.executable, "-c", DECODE, str(path)], 120, env={"PYTHONPATH": str(REPO), **env})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def huge_dicom(path):
+    """A DICOM declaring 19999 x 19999 16-bit pixels (800 MB decoded) around a few bytes of pixel data."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 19999, 19999, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = b"\0" * 64
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.timeout(180)
+def test_an_image_over_the_pixel_bound_is_refused_before_decoding(tmp_path):
+    png = tmp_path / "big.png"
+    Image.new("L", (12000, 12000)).save(png)  # 144 megapixels in ~140 KB
+    assert png.stat().st_size < 1_000_000
+    dicom = huge_dicom(tmp_path / "big.dcm")
+    for path, size in ((png, "12000x12000 px is 144 megapixels"), (dicom, "19999x19999 px is 400 megapixels")):
+        refused = decode_in_child(path)
+        assert refused["shape"] is None and refused["peak_mib"] < 1024
+        assert refused["error"].startswith(f"absurd_image_size: {path}: {size}, over the 64 decoded at most "
+                                           "(set MEDSAPIENS_MAX_PIXELS to allow more)")
+    allowed = decode_in_child(png, MEDSAPIENS_MAX_PIXELS="150000000")
+    assert allowed["shape"] == [12000, 12000] and allowed["error"] is None
+
+
+def test_a_bad_pixel_bound_setting_is_named(tmp_path, monkeypatch):
+    from medsapiens.errors import InputError
+    from medsapiens.imageio import decode
+
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(path)
+    monkeypatch.setenv("MEDSAPIENS_MAX_PIXELS", "lots")
+    with pytest.raises(InputError, match="MEDSAPIENS_MAX_PIXELS='lots': must be a whole number of pixels"):
+        decode(str(path))
