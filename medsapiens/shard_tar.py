@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -63,6 +64,9 @@ def file_digest(path: Path) -> tuple[str, int]:
 
 
 COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+KEY = re.compile(r"[A-Za-z0-9_-]+")  # what record.sample_key makes
 
 
 class ShardError(UserError, ValueError):
@@ -115,10 +119,15 @@ def tar_samples(stream: CheckedStream):
                     raise ShardError(f"{stream.url}: member {member.name} claims {member.size} bytes, more than "
                                      f"the whole shard ({stream.limit})")
                 member_key, _, extension = member.name.partition(".")
+                if not KEY.fullmatch(member_key) or not extension:
+                    raise ShardError(f"{stream.url}: member {member.name[:100]!r} is not named <key>.<extension> "
+                                     "(a key of letters, digits, '_' and '-')")
                 if member_key != key and sample:
                     yield key, sample
                     sample = {}
                 key = member_key
+                if extension in sample:
+                    raise ShardError(f"{stream.url}: sample {key} has two {extension!r} members")
                 sample[extension] = tar.extractfile(member).read()
     except tarfile.TarError as exc:
         kind = next((name for magic, name in COMPRESSED.items() if stream.head.startswith(magic)), None)
@@ -134,11 +143,17 @@ def read_shard(manifest, shard):
     gives them, read only as the manifest promised: its sha256 is checked at its end, a ShardError
     when it differs."""
     url = manifest.url_of(shard)
+    seen: set[str] = set()
     with contextlib.closing(CheckedStream(storage.open_stream(url), url, shard.bytes)) as stream:
         for key, members in tar_samples(stream):
+            if key in seen:
+                raise ShardError(f"{url}: sample {key} appears twice; a shard holds each key once")
+            seen.add(key)
             yield {"__key__": key, "__url__": url, **members}
         stream.drain()
         stream.check(shard.sha256)
+    if len(seen) != shard.samples:
+        raise ShardError(f"{url}: {len(seen)} samples, the manifest says {shard.samples}")
 
 
 def members_of(sample: dict) -> set[str]:

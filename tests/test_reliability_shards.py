@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import io
 import json
+import re
 import shutil
 import tarfile
 
@@ -101,3 +102,32 @@ def test_training_stops_on_a_shard_whose_sha256_changed(shards):
     with pytest.raises(ShardError, match="the shard changed since it was built"):
         for _, _ in zip(range(100), stream):
             pass
+
+
+def retarred(data: bytes, order) -> bytes:
+    """The shard's members re-packed as `order` says: a list of (index of an existing member, new name or None)."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for index, name in order:
+            member, payload = members[index]
+            info = tarfile.TarInfo(name or member.name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return out.getvalue()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("order, message", [
+    ([(0, None), (1, None), (2, None), (3, None), (0, None), (1, None)], "appears twice; a shard holds each key once"),
+    ([(0, None), (1, None), (0, None)], "has two"),
+    ([(0, "../evil.png"), (1, "../evil.json")], "is not named <key>.<extension>"),
+    ([(0, None), (1, None)], "1 samples, the manifest says"),
+])
+def test_a_shard_whose_keys_break_the_contract_is_refused_even_with_a_matching_sha256(shards, capsys, order, message):
+    manifest, shard = replace_shard(shards, "head", "train", retarred(first_shard_bytes(shards, "head", "train"), order))
+    with pytest.raises(ShardError, match=re.escape(message)):
+        list(read_shard(manifest, shard))
+    assert main(["shards", "verify", str(shards)]) == 1
+    assert message in capsys.readouterr().out
