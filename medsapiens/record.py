@@ -19,6 +19,7 @@ FIELDS = (
     "orig_size", "scale", "names",
 )
 MAX_IMAGE_SIDE = 20000
+MAX_COORDINATE = 10 * MAX_IMAGE_SIDE  # a landmark this far off any image is a broken record, not "outside"
 MIN_IMAGE_SIDE = 16
 
 
@@ -88,7 +89,10 @@ def check_landmarks(landmarks, visible, num_landmarks: int, size, outside: str =
     outside="reject" rejects a landmark outside the image, "invisible" keeps the sample and marks it
     invisible (its position is kept, clipped to nothing).
     """
-    pts = np.asarray(landmarks, dtype=np.float64)
+    try:
+        pts = np.asarray(landmarks, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise Rejection("bad_annotation", f"landmarks must be a list of [x, y], got {landmarks!r:.80}") from None
     if pts.ndim != 2 or pts.shape[1] != 2:
         raise Rejection("bad_annotation", f"landmarks must be a list of [x, y], got shape {pts.shape}")
     if len(pts) != num_landmarks:
@@ -96,6 +100,10 @@ def check_landmarks(landmarks, visible, num_landmarks: int, size, outside: str =
     if not np.isfinite(pts).all():
         bad = sorted({int(i) for i in np.nonzero(~np.isfinite(pts))[0]})
         raise Rejection("non_finite_landmarks", f"NaN or inf at landmark(s) {bad}")
+    far = np.abs(pts).max(axis=1) > MAX_COORDINATE
+    if far.any():
+        raise Rejection("bad_annotation", f"landmark(s) {np.nonzero(far)[0][:5].tolist()} at coordinates beyond "
+                        f"{MAX_COORDINATE} px, no image's")
     vis = np.ones(num_landmarks, dtype=np.int64) if visible is None else np.asarray(visible, dtype=np.int64)
     if vis.shape != (num_landmarks,):
         raise Rejection("bad_annotation", f"{vis.shape[0] if vis.ndim else 0} visibility flags for {num_landmarks} landmarks")
@@ -158,9 +166,22 @@ def validate_record(meta: dict, stored_size, num_landmarks: int | None = None) -
         raise Rejection("bad_annotation", f"names must list the {k} landmarks, got {meta['names']!r:.80}")
     if not isinstance(meta["visible"], list) or any(v not in (0, 1) for v in meta["visible"]):
         raise Rejection("bad_annotation", f"visible must be a list of 0 and 1, got {meta['visible']!r:.80}")
+    if not is_point_list(meta["landmarks"]):
+        raise Rejection("bad_annotation", f"landmarks must be a list of [x, y] number pairs, got "
+                        f"{meta['landmarks']!r:.80}")
     visible = check_landmarks(meta["landmarks"], meta["visible"], k, stored_size, outside="invisible")
     check_spacing(meta["spacing_mm"])
     return [int(v) for v in visible]
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_point_list(value) -> bool:
+    """A JSON list of [x, y] lists of numbers (no strings, bools or ragged entries)."""
+    return isinstance(value, list) and all(isinstance(p, list) and len(p) == 2 and all(map(is_number, p))
+                                           for p in value)
 
 
 def pair_of_numbers(value, name: str) -> tuple[float, float]:

@@ -173,8 +173,12 @@ def decode_sample(sample: dict, landmark_set=None, max_side: int = MAX_IMAGE_SID
     try:
         meta = json.loads(sample[RECORD])
         pixels = decode_pixels(sample, max_side)
+    except RecursionError:
+        raise Rejection("bad_annotation", f"{where}: its record is JSON nested too deep to read") from None
     except (KeyError, OSError, ValueError) as exc:
         raise Rejection("unreadable_image", f"{where}: {exc}") from None
+    if not isinstance(meta, dict):
+        raise Rejection("bad_annotation", f"{where}: its record is not a JSON object")
     try:
         meta["visible"] = validate_record(meta, imageio.size_of(pixels),
                                           landmark_set.num_landmarks if landmark_set else None)

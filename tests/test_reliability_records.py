@@ -29,6 +29,10 @@ BAD_FIELDS = [
     ({"visible": [2] * 19}, "visible must be a list of 0 and 1"),
     ({"landmarks": [[float("inf"), 1.0]] * 19}, "NaN or inf at landmark(s)"),
     ({"names": ["a"]}, "names must list the 19 landmarks"),
+    ({"landmarks": [["1.5", "2"]] * 19}, "landmarks must be a list of [x, y] number pairs"),
+    ({"landmarks": [[1.0, 2.0], [3.0]] + [[1.0, 2.0]] * 17}, "landmarks must be a list of [x, y] number pairs"),
+    ({"landmarks": [[1e308, 1e308]] * 19}, "at coordinates beyond 200000 px"),
+    ({"spacing_mm": "12"}, "pixel spacing must be two positive numbers"),
 ]
 
 
@@ -106,3 +110,14 @@ def test_verify_checks_what_the_build_promised_beyond_each_record(shards, capsys
     assert f"sample {key}: visible landmark(s) [0] lie outside the" in out
     assert "head/val: samples ['head_val_067', 'head_val_068'] differ from the ids the manifest says were carved" in out
     assert "rejected.jsonl: lists 1 rejected input(s), the manifest says 0" in out
+
+
+def test_a_record_nested_too_deep_is_a_named_rejection_not_a_traceback(shards):
+    manifest = load_manifest(shards)
+    shard = manifest.shards_for("head", "val")[0]
+    with tarfile.open(shards / shard.url) as tar:
+        png = next(tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".png"))
+    deep = b'{"landmarks": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    for record, message in ((deep, "its record is JSON nested too deep to read"), (b"[1, 2]", "its record is not a JSON object")):
+        with pytest.raises(Rejection, match=f"sample x of y: {message}"):
+            decode_sample({"png": png, "json": record, "__key__": "x", "__url__": "y"}, manifest.landmark_set("head"))
