@@ -30,6 +30,7 @@ LAUNCH_DIR_PLACEHOLDER = Path("LAUNCH_DIR")  # what --dry-run shows for the priv
 DEFAULT_MASTER_PORT = 29500  # torch.distributed's and DeepSpeed's default
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000  # below Linux's ephemeral ports (32768+)
 SLURM_SLOT_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_NTASKS_PER_NODE")
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 PLACEHOLDER_MARKS = ("YOUR-BUCKET", "/path/to/")  # what the shipped experiment configs leave to fill in
 STOP_GRACE_S = 40.0  # DeepSpeed's per-node launcher gives its ranks 30 s to end before it kills them
 
@@ -354,8 +355,8 @@ def write_launch_files(plan: Plan) -> None:
 
 
 def run_command(argv: list[str], env: Mapping[str, str], stop_grace_s: float = STOP_GRACE_S) -> int:
-    """Run the launcher in its own process group and pass Ctrl-C / SIGTERM on to the whole group, so every
-    rank hears it; once the launcher is gone, nothing it started may outlive the grace period.
+    """Run the launcher in its own process group and pass Ctrl-C, SIGTERM and SIGUSR1 (SLURM's warning
+    signal) on to the whole group, so every rank hears it; once the launcher is gone, nothing it started may outlive the grace period.
     Returns its exit status, or 128 + the signal that stopped us."""
     child = subprocess.Popen(argv, env=dict(env), start_new_session=True)
     received: list[int] = []
@@ -365,7 +366,7 @@ def run_command(argv: list[str], env: Mapping[str, str], stop_grace_s: float = S
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signum)
 
-    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
     try:
         status = child.wait()
         _stop_group(child.pid, stop_grace_s)

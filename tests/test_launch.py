@@ -310,8 +310,9 @@ from pathlib import Path
 # The stand-in for DeepSpeed's runner handles SIGINT itself, as the runner does, whatever the test
 # inherited (a background job, e.g. on CI, starts with SIGINT ignored).
 signal.signal(signal.SIGINT, signal.default_int_handler)
-# A 'rank' that ignores SIGINT, as a stuck one would: only the launcher's clean-up can stop it.
-rank = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)"])
+# A 'rank' that ignores the signals, as a stuck one would: only the launcher's clean-up can stop it.
+rank = subprocess.Popen([sys.executable, "-c", "import signal, time; [signal.signal(s, signal.SIG_IGN) for s in "
+                         "(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)]; time.sleep(60)"])
 Path(sys.argv[1]).write_text(str(rank.pid))
 time.sleep(60)
 """
@@ -325,7 +326,8 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.timeout(60)
-def test_ctrl_c_stops_every_process_the_launcher_started(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1], ids=["INT", "TERM", "USR1"])
+def test_a_signal_to_the_launcher_stops_every_process_it_started(tmp_path, signum):
     pid_file = tmp_path / "rank.pid"
     harness = (f"import os, sys\nfrom launch.launcher import run_command\n"
                f"sys.exit(run_command([sys.executable, '-c', {CTRL_C_CHILD!r}, {str(pid_file)!r}], os.environ, "
@@ -336,8 +338,8 @@ def test_ctrl_c_stops_every_process_the_launcher_started(tmp_path):
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.1)
     rank = int(pid_file.read_text())
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=40) == 128 + signal.SIGINT
+    proc.send_signal(signum)
+    assert proc.wait(timeout=40) == 128 + signum
     time.sleep(0.5)
     assert not _alive(rank)
 
