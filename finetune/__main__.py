@@ -9,7 +9,7 @@ import json
 import sys
 
 from medsapiens import config as configlib
-from medsapiens.errors import EXIT_USER_ERROR, user_message
+from medsapiens.errors import exit_code, user_line, user_message
 
 
 def load_config(path: str | None, overrides: list[str]):
@@ -69,9 +69,9 @@ def run_config(cfg) -> int:
 
 
 def refuse(exc: Exception):
-    """One line and exit 2, as every command does for input it cannot use."""
-    print(f"error: {user_message(exc)}", file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
+    """One line and its exit status (2 for input it cannot use), as every command does."""
+    print(user_line(exc), file=sys.stderr)
+    sys.exit(exit_code(exc))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import launch.launcher
 import medsapiens.cli
 import pretrain.cli
 import shards.cli
-from medsapiens.errors import EXIT_USER_ERROR, user_message
+from medsapiens.errors import exit_code, user_line, user_message
 
 STAGES = (shards.cli, medsapiens.cli, pretrain.cli, finetune.cli, launch.launcher, launch.demo)
 
@@ -42,11 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except Exception as exc:  # noqa: BLE001 - a user's mistake gets one line; anything else its traceback
-        message = user_message(exc)
-        if message is None:
+        if user_message(exc) is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        print(user_line(exc), file=sys.stderr)
+        return exit_code(exc)
 
 
 if __name__ == "__main__":

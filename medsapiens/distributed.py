@@ -176,6 +176,14 @@ def sum_across_ranks(values: dict[str, tuple[float, int]], names: list[str]) -> 
     return {n: (float(s), int(c)) for n, (s, c) in zip(names, t.tolist()) if c > 0}
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on at least one rank (the same answer on every rank)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=collective_device())
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
 def gather_to_rank0(obj):
     """A list of every rank's object on rank 0 (None elsewhere)."""
     if not dist.is_initialized():

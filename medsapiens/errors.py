@@ -9,6 +9,7 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 EXIT_USER_ERROR = 2
+EXIT_STOPPED = 75  # a stop signal ended the run after a complete checkpoint (sysexits' "try again")
 
 # Files the user named that are not there or not readable: the OS message names the path.
 FILE_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -23,8 +24,25 @@ class InputError(UserError, ValueError):
     """A value or file given by the user that cannot be used (the generic kind)."""
 
 
+class Stopped(UserError):
+    """A stop signal (SIGTERM, SIGUSR1) ended the run after a complete checkpoint: rerun to resume."""
+
+    exit_code = EXIT_STOPPED
+    prefix = ""
+
+
 class DivergedError(UserError):
     """Training reached a non-finite loss or gradient: the settings (lr, data) need changing."""
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit status of a command that ended on the user-level exception `exc`."""
+    return getattr(exc, "exit_code", EXIT_USER_ERROR)
+
+
+def user_line(exc: BaseException) -> str:
+    """What a command prints for the user-level exception `exc`: `error: ...`, or a stop's own line."""
+    return f"{getattr(exc, 'prefix', 'error: ')}{user_message(exc)}"
 
 
 def user_message(exc: BaseException) -> str | None:

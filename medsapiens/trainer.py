@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from medsapiens import config as configlib
 from medsapiens import distributed
 from medsapiens.data.pipeline import DataConfig, TrainStream, train_batches, validation_split
 from medsapiens.engine import Engine, TrainConfig
-from medsapiens.errors import DivergedError
+from medsapiens.errors import DivergedError, Stopped
 from medsapiens.inference import predict_split
 from medsapiens.manifest import Manifest
 from medsapiens.metrics import Protocol, summarize
@@ -66,6 +67,28 @@ class RunContext:
     config_digest: str
     flops_per_sample: float | None = None
     track_best: bool = False
+
+
+class StopSignals:
+    """Records SIGTERM / SIGUSR1 (a scheduler's preemption or time-limit warning) instead of dying on
+    them, for the loop to stop at a step every rank agrees on, after a checkpoint."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous = {signum: signal.signal(signum, self._note) for signum in self.SIGNALS}
+
+    def _note(self, signum, frame) -> None:
+        self.received = self.received or signum
+
+    def agreed(self) -> bool:
+        """True on every rank once any rank has received a stop signal (one all-reduce per call)."""
+        return distributed.any_rank(self.received is not None)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 class Trainer:
@@ -122,7 +145,8 @@ class Trainer:
         progress = tqdm(total=train.max_steps, initial=start_step, disable=not self.is_main, desc="train",
                         unit="step", dynamic_ncols=True)
         waiting_since = time.perf_counter()
-        done = start_step
+        done = saved = start_step
+        stop = StopSignals()
         try:
             for step, micro_batches in batches:
                 timer.waited(time.perf_counter() - waiting_since)
@@ -142,15 +166,25 @@ class Trainer:
                     self.validate(done)
                 if done % train.checkpoint_every == 0 or final or stopping:
                     self.checkpoint(done)
+                    saved = done
                 progress.update(1)
                 if stopping:
                     break
+                if not final and stop.agreed():
+                    if saved != done:
+                        self.checkpoint(done)
+                    raise Stopped(f"stopped at step {done} by a stop signal; checkpoint "
+                                  f"{checkpoints.checkpoint_tag(done)} in {self.ckpt_dir} is complete; rerun the "
+                                  "same command to resume")
                 waiting_since = time.perf_counter()
+        except Stopped:
+            raise
         except BaseException:
             progress.close()
             self._say_where_a_rerun_resumes(f"stopped at step {done}")
             raise
         finally:
+            stop.restore()
             progress.close()
             self.telemetry.close()
         if done < train.max_steps:

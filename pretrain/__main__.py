@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from medsapiens import config as configlib
-from medsapiens.errors import EXIT_USER_ERROR, user_message
+from medsapiens.errors import exit_code, user_line, user_message
 from pretrain.cli import add_run_arguments
 from pretrain.config import PretrainConfig
 
@@ -34,11 +34,10 @@ def start(args) -> int:
 
         run(cfg, args.resume)
     except Exception as exc:  # noqa: BLE001 - one line on every rank for bad input, a bug keeps its traceback
-        message = user_message(exc)
-        if message is None:
+        if user_message(exc) is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        print(user_line(exc), file=sys.stderr)
+        return exit_code(exc)
     return 0
 
 

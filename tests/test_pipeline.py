@@ -60,6 +60,10 @@ def test_resumed_batches_equal_uninterrupted_ones_with_workers(phantom_shards):
     for (_, a), (_, b) in zip(whole[3:], resumed):
         assert same_batches(a, b)
     assert not same_batches(whole[0][1], whole[1][1])
+    inside = list(train_batches(stream, 4, 6, segment_steps=3, grad_accum=2, workers=2))  # a stop signal's checkpoint
+    assert [s for s, _ in inside] == [4, 5]
+    for (_, a), (_, b) in zip(whole[4:], inside):
+        assert same_batches(a, b)
 
 
 @pytest.mark.timeout(120)

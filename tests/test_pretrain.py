@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,47 @@ def test_an_interrupted_run_says_where_a_rerun_resumes(phantom_shards, tmp_path)
     assert proc.returncode != 0
     line = next(line for line in err.splitlines() if line.startswith("stopped at step "))
     assert f"; a rerun into {run_dir} resumes from checkpoint step_0000000" in line
+
+
+@pytest.mark.timeout(420)
+def test_sigterm_to_one_rank_stops_both_at_one_step_after_a_checkpoint_and_the_rerun_is_the_same_run(phantom_shards,
+                                                                                                    tmp_path):
+    import signal
+    import subprocess
+
+    import psutil
+
+    from conftest import DEEPSPEED, free_port
+    from medsapiens import checkpoints
+    from medsapiens.errors import EXIT_STOPPED
+
+    def args(run_dir):
+        return pretrain_args(phantom_shards, run_dir, "train.max_steps=40", "train.checkpoint_every=20",
+                             "train.val_every=20", "train.keep_last=3")
+
+    whole = deepspeed_module("pretrain", 2, args(tmp_path / "whole"), timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    run_dir = tmp_path / "stopped"
+    job = subprocess.Popen([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pretrain",
+                            *args(run_dir)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (run_dir / "metrics.jsonl").is_file() or max(losses(run_dir), default=0) < 3:
+        assert time.monotonic() < deadline and job.poll() is None
+        time.sleep(0.2)
+    ranks = sorted((p for p in psutil.Process(job.pid).children(recursive=True)
+                    if "--local_rank=1" in " ".join(p.cmdline())), key=lambda p: p.pid)
+    ranks[0].send_signal(signal.SIGTERM)  # rank 1 alone, as a scheduler's kill of one process would
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == EXIT_STOPPED, err[-3000:]
+    line = next(line for line in err.splitlines() if "by a stop signal" in line)
+    step = int(line.split("stopped at step ")[1].split(" ")[0])
+    assert 3 <= step < 20  # inside the first segment: the rerun must replay it to the step
+    tag = checkpoints.checkpoint_tag(step)
+    assert checkpoints.latest_tag(run_dir / "checkpoints") == tag and f"checkpoint {tag}" in line
+    rerun = deepspeed_module("pretrain", 2, args(run_dir), timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from step {step}" in rerun.stderr
+    resumed, reference = losses(run_dir), losses(tmp_path / "whole")
+    assert sorted(resumed) == list(range(1, 41))
+    for later in range(step + 1, 41):
+        assert resumed[later] == pytest.approx(reference[later], rel=1e-5, abs=1e-7), later

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import signal
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -231,14 +232,27 @@ class TrainStream(IterableDataset):
                 batch = []
 
 
+def leave_stop_signals_to_the_rank(_worker_id: int) -> None:
+    """In a data worker: ignore the stop signals (SIGTERM, SIGUSR1) that the launcher and DeepSpeed send
+    to every process of a job, so that the rank, which saves a checkpoint on them, keeps its workers
+    until it exits (they end with it)."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def train_batches(stream: TrainStream, start_step: int, max_steps: int, segment_steps: int,
                   grad_accum: int, workers: int):
-    """Yield (step, [micro-batches]) from start_step to max_steps, restarting the stream per segment."""
+    """Yield (step, [micro-batches]) from start_step to max_steps. The stream restarts at every multiple
+    of segment_steps; a start inside a segment (a resume from a checkpoint a stop signal wrote) replays
+    the segment from its start and drops the steps before start_step, so the batches are the ones an
+    uninterrupted run sees."""
     step = start_step
     while step < max_steps:
-        stream.segment_start = step
+        stream.segment_start = step - step % segment_steps
         loader = iter(DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                                 prefetch_factor=4 if workers else None))
+                                 prefetch_factor=4 if workers else None, worker_init_fn=leave_stop_signals_to_the_rank))
+        for _ in range((step - stream.segment_start) * grad_accum):
+            next(loader)
         segment_end = min(max_steps, (step // segment_steps + 1) * segment_steps)
         while step < segment_end:
             yield step, [next(loader) for _ in range(grad_accum)]
