@@ -139,6 +139,7 @@ def decode_dicom(path: str, frame: int | None = None) -> np.ndarray:
     from pydicom.pixels import pixel_array
 
     try:
+        check_inflated_size(path)
         header = read_dicom(path, stop_before_pixels=True)  # the size is checked before pixel data is read
         if "Rows" in header and "Columns" in header:
             check_decodable(int(header.Columns), int(header.Rows), path)
@@ -153,6 +154,30 @@ def decode_dicom(path: str, frame: int | None = None) -> np.ndarray:
     except Exception as exc:  # noqa: BLE001 - pydicom and its pixel handlers raise many kinds
         reason = "truncated_image" if "length" in str(exc).lower() or "truncat" in str(exc).lower() else "unreadable_image"
         raise Rejection(reason, f"{path}: {type(exc).__name__}: {exc}") from None
+
+
+def check_inflated_size(path) -> None:
+    """A Deflated Explicit VR DICOM is inflated whole by pydicom before its header can be read: count
+    its inflated bytes first, in chunks, and refuse one larger than the largest image allowed (4 bytes
+    a pixel) plus 16 MiB of other elements, before anything is kept in memory."""
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    meta = pydicom.filereader.read_file_meta_info(path)
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return
+    limit = 4 * max_pixels() + (16 << 20)
+    inflater, inflated = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    with open(path, "rb") as f:
+        f.seek(132 + 12 + int(meta.FileMetaInformationGroupLength))  # preamble, DICM, the group length
+        for chunk in iter(lambda: f.read(1 << 16), b""):
+            while chunk:
+                inflated += len(inflater.decompress(chunk, 1 << 20))
+                chunk = inflater.unconsumed_tail
+                if inflated > limit:
+                    raise Rejection("absurd_image_size", f"{path}: its deflated data inflate past {limit >> 20} MiB, "
+                                    f"more than an image of {max_pixels() / 1e6:.0f} megapixels (set "
+                                    f"{MAX_PIXELS_ENV} to allow more)")
 
 
 def read_dicom(path, **options):

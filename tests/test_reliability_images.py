@@ -70,3 +70,35 @@ def test_a_bad_pixel_bound_setting_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDSAPIENS_MAX_PIXELS", "lots")
     with pytest.raises(InputError, match="MEDSAPIENS_MAX_PIXELS='lots': must be a whole number of pixels"):
         decode(str(path))
+
+
+def deflated_dicom(path, rows: int, columns: int, pixel_bytes: int):
+    """A Deflated Explicit VR Little Endian DICOM declaring rows x columns 16-bit pixels around
+    `pixel_bytes` of zeros (which deflate to a thousandth of that)."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, columns, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = bytes(pixel_bytes)
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.timeout(120)
+def test_a_deflated_dicom_bomb_is_refused_while_inflating(tmp_path):
+    bomb = deflated_dicom(tmp_path / "bomb.dcm", 64, 64, 96 << 20)  # 96 MiB of pixel data for a 64x64 image
+    assert bomb.stat().st_size < 1 << 20
+    refused = decode_in_child(bomb, MEDSAPIENS_MAX_PIXELS="1000000")  # at most 4 + 16 MiB inflated
+    assert refused["shape"] is None and refused["peak_mib"] < 400
+    assert refused["error"].startswith(f"absurd_image_size: {bomb}: its deflated data inflate past 19 MiB")
+    fine = deflated_dicom(tmp_path / "fine.dcm", 64, 48, 64 * 48 * 2)
+    assert decode_in_child(fine, MEDSAPIENS_MAX_PIXELS="1000000")["shape"] == [64, 48]
