@@ -76,11 +76,13 @@ def save(out_dir: str | Path, model: torch.nn.Module, bundle: Bundle) -> Path:
     if missing:
         raise InputError(f"bundle config lists head(s) {sorted(missing)} that the model does not have")
     grid = feature_grid(bundle.model.img_size)
-    save_file(state, str(out / f".{WEIGHTS}.tmp"), metadata={"format": FORMAT, "pos_embed_grid": f"{grid[0]}x{grid[1]}"})
-    storage.as_umask_allows(out / f".{WEIGHTS}.tmp")
-    (out / f".{CONFIG}.tmp").write_text(json.dumps(bundle.to_dict(), indent=2))
-    os.replace(out / f".{WEIGHTS}.tmp", out / WEIGHTS)
-    os.replace(out / f".{CONFIG}.tmp", out / CONFIG)
+    weights, config = out / f".{WEIGHTS}.tmp", out / f".{CONFIG}.tmp"
+    with storage.local_write(out, weights, config):
+        save_file(state, str(weights), metadata={"format": FORMAT, "pos_embed_grid": f"{grid[0]}x{grid[1]}"})
+        storage.as_umask_allows(weights)
+        config.write_text(json.dumps(bundle.to_dict(), indent=2))
+    os.replace(weights, out / WEIGHTS)
+    os.replace(config, out / CONFIG)
     return out
 
 

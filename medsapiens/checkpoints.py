@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from medsapiens import distributed
+from medsapiens import distributed, storage
 from medsapiens.errors import UserError
 
 CHECKPOINTS = "checkpoints"
@@ -141,7 +141,9 @@ def save(ds_engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: in
     if rank == 0:
         (tag_dir / COMPLETE).unlink(missing_ok=True)  # a save over an older, damaged copy of this tag
     ds_engine.checkpoint_engine.medsapiens_written.clear()
-    ds_engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={CLIENT_STATE_KEY: client_state}, save_latest=False)
+    with storage.local_write(tag_dir):  # a full disk: one line; the torn tag goes at the next start
+        ds_engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={CLIENT_STATE_KEY: client_state},
+                                  save_latest=False)
     confirmed = distributed.gather_to_rank0(ds_engine.checkpoint_engine.medsapiens_written)
     if rank == 0:
         files = {name: size for files in confirmed for name, size in files.items()}
@@ -153,6 +155,15 @@ def save(ds_engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: in
         write_atomically(Path(ckpt_dir) / "latest", tag)
         prune(ckpt_dir, step, keep_last, keep)
     distributed.barrier()
+
+
+def remove_incomplete(ckpt_dir: Path) -> list[str]:
+    """Delete the tags no rank will finish (a save that died with its job or on a full disk), giving their
+    space back; the run directory's lock keeps any live writer out. Returns them."""
+    torn = [t for t in tags(ckpt_dir) if not is_complete(Path(ckpt_dir) / t)]
+    for tag in torn:
+        shutil.rmtree(Path(ckpt_dir) / tag, ignore_errors=True)
+    return torn
 
 
 def prune(ckpt_dir: Path, step: int, keep_last: int, keep: set[str] = frozenset()) -> None:

@@ -9,9 +9,12 @@ credentials: messages name URLs only.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -146,11 +149,41 @@ def write_bytes(url: str, data: bytes) -> None:
     path = Path(url)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(data)
-        tmp.flush()
-        os.fsync(tmp.fileno())
+        with local_write(path, Path(tmp.name)):
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
     as_umask_allows(tmp.name)
     os.replace(tmp.name, path)
+
+
+FULL_DISK_BYTES = 16 << 20  # a failed write with less free space than this is taken for a full disk
+
+
+def is_disk_full(exc: BaseException, where: Path) -> bool:
+    """Whether a failed write was the disk running full: ENOSPC or its message (safetensors' error), or an
+    error that lost both (torch's writer raises `enforce fail at inline_container.cc`) on a file system
+    with next to no space left."""
+    if not isinstance(exc, Exception):
+        return False
+    if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left" in str(exc):
+        return True
+    existing = next((p for p in (Path(where), *Path(where).parents) if p.exists()), Path("/"))
+    return shutil.disk_usage(existing).free < FULL_DISK_BYTES
+
+
+@contextlib.contextmanager
+def local_write(target: Path, *temporaries: Path):
+    """Around a local write of `target` through `temporaries`: on any failure the temporaries are
+    removed, and a full disk becomes one line naming the target."""
+    try:
+        yield
+    except BaseException as exc:
+        for temporary in temporaries:
+            temporary.unlink(missing_ok=True)
+        if is_disk_full(exc, target):
+            raise InputError(f"writing {target}: no space left on its device; free space, then rerun") from None
+        raise
 
 
 def as_umask_allows(path) -> None:

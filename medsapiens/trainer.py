@@ -111,13 +111,14 @@ class Trainer:
         return checkpoints.checkpoint_dir(self.ctx.run_dir)
 
     def resume(self, mode: str) -> int:
-        """Load a checkpoint ('auto': the last complete one, if any; 'universal'; 'none'); return the step."""
-        if mode == "none":
-            return 0
-        if mode == "auto" and not checkpoints.has_checkpoint(self.ckpt_dir):
-            if checkpoints.tags(self.ckpt_dir) and self.is_main:
-                print(f"warning: no complete checkpoint in {self.ckpt_dir} (ignoring the incomplete "
-                      f"{', '.join(checkpoints.tags(self.ckpt_dir))}); starting at step 0", file=sys.stderr)
+        """Load a checkpoint ('auto': the last complete one, if any; 'universal'; 'none'); return the step.
+        Incomplete checkpoints (saves that died) are removed first."""
+        if self.is_main:
+            torn = checkpoints.remove_incomplete(self.ckpt_dir)
+            if torn:
+                print(f"removed the incomplete checkpoint(s) {', '.join(torn)}: saves that did not finish",
+                      file=sys.stderr)
+        if mode == "none" or (mode == "auto" and not checkpoints.has_checkpoint(self.ckpt_dir)):
             return 0
         state = self.engine.load(self.ckpt_dir)
         if state is None:
@@ -129,9 +130,6 @@ class Trainer:
             )
         self.best = state.get("best")
         if self.is_main:
-            passed_over = [t for t in checkpoints.tags(self.ckpt_dir) if checkpoints.tag_step(t) > state["step"]]
-            if passed_over:
-                print(f"warning: passing over the incomplete checkpoint(s) {', '.join(passed_over)}", file=sys.stderr)
             print(f"resumed from step {state['step']} ({self.ckpt_dir})", file=sys.stderr)
         return int(state["step"])
 

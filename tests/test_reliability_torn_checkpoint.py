@@ -74,7 +74,7 @@ def test_resume_falls_back_past_a_truncated_shard_and_redoes_the_same_steps(two_
         f.truncate(shard.stat().st_size * 2 // 3)  # as a rank frozen mid-save leaves it
     proc = deepspeed_module("pretrain", 2, pretrain_args(phantom_shards, run_dir, *SMALL_RUN), timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "passing over the incomplete checkpoint(s) step_00000004" in proc.stderr
+    assert "removed the incomplete checkpoint(s) step_00000004" in proc.stderr
     assert "resumed from step 2" in proc.stderr
     redone, original = losses(run_dir), losses(two_rank_run)
     for step in (3, 4):
@@ -128,7 +128,7 @@ def test_a_rank_frozen_mid_save_never_makes_latest_name_that_checkpoint(phantom_
         log.close()
     proc = deepspeed_module("pretrain", 2, pretrain_args(phantom_shards, run_dir, *SMALL_RUN), timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "passing over the incomplete checkpoint(s) step_00000004" in proc.stderr
+    assert "removed the incomplete checkpoint(s) step_00000004" in proc.stderr
     assert "resumed from step 2" in proc.stderr
     assert checkpoints.latest_tag(run_dir / "checkpoints") == "step_00000004"
 
