@@ -123,6 +123,30 @@ def phantom_shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
+def write_dicom(path, rows: int, columns: int, pixel_data: bytes, transfer_syntax: str = "1.2.840.10008.1.2.1",
+                bits_stored: int = 16, **elements):
+    """A single-frame 16-bit MONOCHROME2 DICOM file (Explicit VR Little Endian unless told), with any
+    further `elements` (e.g. PixelSpacing); returns its path."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, columns, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
+    for name, value in elements.items():
+        setattr(ds, name, value)
+    ds.PixelData = pixel_data
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def with_first_record_changed(shard, change: dict) -> tuple[bytes, str]:
     """The bytes of tar `shard` with its first sample's JSON record updated by `change`, and that
     sample's key: a well-formed shard whose one record is wrong."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CLI, FINETUNE_CONFIG, deepspeed_module, finetune_args, run
+from conftest import CLI, FINETUNE_CONFIG, deepspeed_module, finetune_args, run, write_dicom
 from finetune.config import FinetuneConfig
 from finetune.evaluate import evaluate_model
 from finetune.subset import draw_keys
@@ -212,24 +212,10 @@ def test_a_16_bit_image_and_its_8_bit_export_give_the_same_landmarks(head_expert
 
 @pytest.mark.timeout(120)
 def test_predict_reads_dicom_spacing_and_lists_failures(head_expert, tmp_path):
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 300, 240, 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelSpacing = [0.2, 0.1]  # row, column
-    ds.PixelData = (np.random.default_rng(0).integers(0, 4000, (300, 240)).astype(np.uint16)).tobytes()
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     inputs = tmp_path / "in"
     inputs.mkdir()
-    ds.save_as(inputs / "scan.dcm", enforce_file_format=True)
+    pixels = np.random.default_rng(0).integers(0, 4000, (300, 240)).astype(np.uint16).tobytes()
+    write_dicom(inputs / "scan.dcm", 300, 240, pixels, bits_stored=12, PixelSpacing=[0.2, 0.1])  # row, column
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "out"
     proc = run([*CLI, "predict", "--bundle", str(head_expert / "bundle"), "--out", str(out), str(inputs)], 120)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, run
+from conftest import REPO, run, write_dicom
 
 # decode() in a child: its exit status, its error line and its peak resident memory in MiB
 DECODE = ("import json, resource, sys\nfrom medsapiens.imageio import decode\nfrom medsapiens.record import Rejection\n"
@@ -28,22 +28,7 @@ def decode_in_child(path, **env) -> dict:
 
 def huge_dicom(path):
     """A DICOM declaring 19999 x 19999 16-bit pixels (800 MB decoded) around a few bytes of pixel data."""
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 19999, 19999, 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = b"\0" * 64
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return write_dicom(path, 19999, 19999, bytes(64))
 
 
 @pytest.mark.timeout(180)
@@ -75,22 +60,9 @@ def test_a_bad_pixel_bound_setting_is_named(tmp_path, monkeypatch):
 def deflated_dicom(path, rows: int, columns: int, pixel_bytes: int):
     """A Deflated Explicit VR Little Endian DICOM declaring rows x columns 16-bit pixels around
     `pixel_bytes` of zeros (which deflate to a thousandth of that)."""
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, columns, 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = bytes(pixel_bytes)
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return write_dicom(path, rows, columns, bytes(pixel_bytes), DeflatedExplicitVRLittleEndian)
 
 
 @pytest.mark.timeout(120)
