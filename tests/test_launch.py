@@ -388,3 +388,33 @@ def test_real_launch_on_two_simulated_slurm_nodes_without_ssh(tmp_path, phantom_
     assert [node.returncode for node in nodes] == [0, 0], outputs[1][-3000:]
     assert "this is node 1 (127.0.0.1)" in outputs[1] and "dist_world_size=2" in outputs[1]
     assert_complete_checkpoint(tmp_path / "run")
+
+
+@pytest.mark.timeout(240)
+def test_sigusr1_to_a_real_launch_stops_every_rank_after_a_checkpoint(tmp_path, phantom_shards):
+    """As SLURM's --signal=USR1 does before the time limit: the launcher passes it on, the ranks agree
+    on a step, checkpoint there and exit; nothing of the job is left running."""
+    import psutil
+
+    from medsapiens import checkpoints
+
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "launch.cli", "launch", "pretrain", "--config", "launch/experiments/demo.yaml",
+               "--gpus", "2", f"data.shards={phantom_shards}", f"run_dir={run_dir}", "data.datasets=[head,hand]",
+               "train.max_steps=400", "train.checkpoint_every=200", "train.val_every=400", "train.log_every=1",
+               "data.workers=1", "data.micro_batch=4", "model.trunk_width=32", "train.dist_timeout_s=120"]
+    job = subprocess.Popen(command, cwd=REPO, env={**os.environ, "HOME": REAL_HOME, "PYTHONPATH": str(REPO)},
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 150
+    while not (run_dir / "metrics.jsonl").is_file() or len((run_dir / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert time.monotonic() < deadline and job.poll() is None
+        time.sleep(0.2)
+    started = psutil.Process(job.pid).children(recursive=True)  # runner, ranks, data workers
+    job.send_signal(signal.SIGUSR1)
+    out = job.communicate(timeout=120)[0]
+    assert job.returncode == 128 + signal.SIGUSR1, out[-3000:]
+    line = next(line for line in out.splitlines() if "by a stop signal" in line)
+    step = int(line.split("stopped at step ")[1].split(" ")[0])
+    assert checkpoints.latest_tag(run_dir / "checkpoints") == checkpoints.checkpoint_tag(step)
+    time.sleep(0.5)
+    assert started and not [p.pid for p in started if _alive(p.pid)]
