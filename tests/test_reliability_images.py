@@ -12,12 +12,13 @@ from PIL import Image
 
 from conftest import REPO, run, write_dicom
 
-# decode() in a child: its exit status, its error line and its peak resident memory in MiB
-DECODE = ("import json, resource, sys\nfrom medsapiens.imageio import decode\nfrom medsapiens.record import Rejection\n"
+# decode() in a child: its exit status, its error line and its peak resident memory in MiB (VmHWM:
+# unlike ru_maxrss, which Linux carries over from the forked parent, it starts afresh at exec)
+DECODE = ("import json, sys\nfrom medsapiens.imageio import decode\nfrom medsapiens.record import Rejection\n"
           "try:\n    shape, error = list(decode(sys.argv[1]).shape), None\n"
           "except Rejection as exc:\n    shape, error = None, f'{exc.reason}: {exc.detail}'\n"
-          "print(json.dumps({'shape': shape, 'error': error, "
-          "'peak_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
+          "peak = next(line for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
+          "print(json.dumps({'shape': shape, 'error': error, 'peak_mib': int(peak.split()[1]) / 1024}))")
 
 
 def decode_in_child(path, **env) -> dict:
