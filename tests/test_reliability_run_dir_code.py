@@ -90,7 +90,7 @@ def test_the_types_deepspeed_stores_still_load(two_rank_run):
 
 @pytest.mark.timeout(60)
 def test_a_payload_given_as_model_checkpoint_never_runs(tmp_path):
-    """What already held (issue 12): user-supplied weights are read with weights_only=True, which
+    """What already held: user-supplied weights are read with weights_only=True, which
     `model.checkpoint`, `model convert` and `finetune --init sapiens` all go through."""
     from medsapiens.model.checkpoint import read_tensors
 
