@@ -177,7 +177,7 @@ def run_demo(plan: DemoPlan) -> dict:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "demo", help="run the whole pipeline on built-in phantoms (CPU, about 10 min on 2 cores)",
+        "demo", help="run the whole pipeline on built-in phantoms (CPU, 6-10 min on 2 cores)",
         description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1].replace("\n", " "))
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--fresh", action="store_true", help="delete the output folder first")
