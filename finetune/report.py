@@ -13,6 +13,7 @@ from finetune.figures import CED, PER_LANDMARK, report_figures
 from medsapiens import registry
 from medsapiens.errors import InputError
 from medsapiens.metrics import Protocol, radial_errors, summarize
+from medsapiens.record import is_number
 from medsapiens.registry import LandmarkSet
 
 
@@ -156,8 +157,7 @@ def points(landmarks, where: str) -> np.ndarray:
     if not isinstance(landmarks, list):
         raise TypeError(f"{where}: landmarks must be a list of [x, y] or null, got {landmarks!r:.80}")
     for k, p in enumerate(landmarks):
-        if p is not None and not (isinstance(p, list) and len(p) == 2 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)):
+        if p is not None and not (isinstance(p, list) and len(p) == 2 and all(map(is_number, p))):
             raise TypeError(f"{where}, landmark {k}: expected [x, y] (two numbers) or null, got {p!r:.80}")
     return np.array([[np.nan, np.nan] if p is None else p for p in landmarks], dtype=np.float64)
 

@@ -356,7 +356,8 @@ def write_launch_files(plan: Plan) -> None:
 
 def run_command(argv: list[str], env: Mapping[str, str], stop_grace_s: float = STOP_GRACE_S) -> int:
     """Run the launcher in its own process group and pass Ctrl-C, SIGTERM and SIGUSR1 (SLURM's warning
-    signal) on to the whole group, so every rank hears it; once the launcher is gone, nothing it started may outlive the grace period.
+    signal) on to the whole group, so every rank hears it; once the launcher is gone, nothing it started
+    may outlive the grace period.
     Returns its exit status, or 128 + the signal that stopped us."""
     child = subprocess.Popen(argv, env=dict(env), start_new_session=True)
     received: list[int] = []

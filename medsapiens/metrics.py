@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medsapiens.errors import InputError
-from medsapiens.record import is_spacing
+from medsapiens.record import is_positive_pair
 from medsapiens.registry import LandmarkSet
 
 SDR_CONVENTIONS = {"<": np.less, "<=": np.less_equal}
@@ -69,7 +69,7 @@ class Protocol:
         if spacing_orig is None:
             raise InputError(f"image {image_id}: dataset {self.landmark_set.id!r} is measured in mm but the "
                              "image has no pixel spacing")
-        if not is_spacing(spacing_orig):
+        if not is_positive_pair(spacing_orig):
             raise InputError(f"image {image_id}: pixel spacing {spacing_orig!r:.100} must be two positive finite "
                              "numbers (mm per pixel, x then y)")
         return np.asarray(spacing_orig, dtype=np.float64)

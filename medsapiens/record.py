@@ -118,16 +118,15 @@ def check_landmarks(landmarks, visible, num_landmarks: int, size, outside: str =
     return vis
 
 
-def is_spacing(value) -> bool:
-    """Two positive finite numbers (mm per pixel, x then y): a list or tuple of exactly two numbers,
-    never a string, a bool or a nested list."""
+def is_positive_pair(value) -> bool:
+    """Two positive finite numbers (a spacing in mm per pixel, a size, a scale): a list, tuple or array
+    of exactly two numbers, never a string, a bool or a nested list."""
     return (isinstance(value, (list, tuple, np.ndarray)) and len(value) == 2
-            and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-                    for v in value))
+            and all(is_number(v) and math.isfinite(v) and v > 0 for v in value))
 
 
 def check_spacing(spacing) -> None:
-    if spacing is not None and not is_spacing(spacing):
+    if spacing is not None and not is_positive_pair(spacing):
         raise Rejection("bad_spacing", f"pixel spacing must be two positive numbers, got {spacing!r:.100}")
 
 
@@ -175,7 +174,7 @@ def validate_record(meta: dict, stored_size, num_landmarks: int | None = None) -
 
 
 def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
 
 
 def is_point_list(value) -> bool:
@@ -185,9 +184,7 @@ def is_point_list(value) -> bool:
 
 
 def pair_of_numbers(value, name: str) -> tuple[float, float]:
-    ok = isinstance(value, list) and len(value) == 2 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-    if not ok or not all(math.isfinite(v) and v > 0 for v in value):
+    if not (isinstance(value, list) and is_positive_pair(value)):
         raise Rejection("bad_annotation", f"{name} must be two positive numbers, got {value!r:.80}")
     return float(value[0]), float(value[1])
 

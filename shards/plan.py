@@ -102,7 +102,7 @@ def open_source(spec: SourceSpec) -> Source:
     try:
         reader = readers.load(name)
         options = readers.resolve_options(reader, spec.options)
-        validation_settings(options)
+        carve_settings(options)
     except ReaderError as exc:
         raise PlanError(f"--source {spec.dataset}: {exc}") from None
     return Source(spec, name, root, options, native_landmark_set(spec.dataset, reader))
@@ -193,11 +193,11 @@ def with_native_spacing(dataset: str, samples: list[RawSample]) -> list[RawSampl
             for s in samples]
 
 
-def validation_settings(options: dict) -> tuple[float, int]:
-    """(val_fraction, val_seed) of the carve, checked."""
-    fraction, seed = readers.number(options, "val_fraction"), readers.number(options, "val_seed", int)
+def carve_settings(options: dict, split: str = "val") -> tuple[float, int]:
+    """(<split>_fraction, <split>_seed) of a carve from train, checked."""
+    fraction, seed = readers.number(options, f"{split}_fraction"), readers.number(options, f"{split}_seed", int)
     if not 0 < fraction < 1:
-        raise ReaderError(f"option val_fraction={options['val_fraction']!r} must lie between 0 and 1")
+        raise ReaderError(f"option {split}_fraction={options[f'{split}_fraction']!r} must lie between 0 and 1")
     return fraction, seed
 
 
@@ -219,7 +219,7 @@ def carve(samples: list[RawSample], split: str, fraction: float, seed: int) -> t
 
 
 def carve_validation(samples: list[RawSample], options: dict) -> tuple[list[RawSample], dict]:
-    return carve(samples, "val", *validation_settings(options))
+    return carve(samples, "val", *carve_settings(options))
 
 
 def with_validation(source: Source, samples: list[RawSample]) -> tuple[list[RawSample], dict]:
@@ -236,13 +236,11 @@ def with_test(source: Source, samples: list[RawSample]) -> tuple[list[RawSample]
     if not getattr(readers.load(source.reader_name), "CARVES_TEST", False):
         return samples, None
     try:
-        fraction, seed = readers.number(options, "test_fraction"), readers.number(options, "test_seed", int)
+        if readers.number(options, "test_fraction") == 0:
+            return samples, None
+        fraction, seed = carve_settings(options, "test")
     except ReaderError as exc:
         raise PlanError(f"--source {dataset}: {exc}") from None
-    if fraction == 0:
-        return samples, None
-    if not 0 < fraction < 1:
-        raise PlanError(f"--source {dataset}: option test_fraction={options['test_fraction']!r} must lie between 0 and 1")
     present = sorted({s.split for s in samples if s.split.startswith("test")})
     if present:
         raise PlanError(f"--source {dataset}: test_fraction carves a test split from train, but the source has "
