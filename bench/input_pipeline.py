@@ -44,12 +44,12 @@ import torch
 from PIL import Image
 from scipy.stats import truncnorm
 
-from medsapiens import manifest as manifestlib
+from medsapiens.io import manifest as manifestlib
 from medsapiens.data.pipeline import DataConfig, TrainStream
-from shards.build import BuildOptions, build
-from shards.phantoms import write_head
-from shards.plan import SourceSpec
-from shards.readers.isbi2015 import annotation_path, parse_points
+from medsapiens.shards.build import BuildOptions, build
+from medsapiens.shards.phantoms import write_head
+from medsapiens.shards.plan import SourceSpec
+from medsapiens.shards.readers.isbi2015 import annotation_path, parse_points
 
 ISBI_SIZE = (1935, 2400)  # (W, H) of the ISBI 2015 cephalograms
 INPUT_SIZE = (768, 1024)

@@ -3,7 +3,7 @@
     PYTHONPATH=. python bench/predict_onnx.py [--bundle B] [--n 32] [--batch-size 8]
 
 Both runs predict the same phantom head images (written once, 480 x 600 BMPs) through the same
-`finetune.predict.predict` (decoding, flip test, writing the JSON files), in this one process, after
+`medsapiens.evaluate.predict.predict` (decoding, flip test, writing the JSON files), in this one process, after
 one warm-up run each; only the model backend differs. Without --bundle a seeded random model of the
 demo's size (sapiens_tiny, 128 x 96) is exported: speed does not depend on the weights.
 """
@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from finetune.predict import predict
-from medsapiens import bundle as bundlelib
-from medsapiens import registry
-from medsapiens.deploy import export_onnx
+from medsapiens.evaluate.predict import predict
+from medsapiens.model import bundle as bundlelib
+from medsapiens.io import registry
+from medsapiens.deploy.export import export_onnx
 from medsapiens.model import ModelConfig
-from shards.phantoms import write_phantoms
+from medsapiens.shards.phantoms import write_phantoms
 
 
 def random_bundle(out: Path) -> Path:

@@ -12,9 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from shards.build import BuildOptions, build
-from shards.phantoms import SETS, write_phantoms
-from shards.plan import SourceSpec
+from medsapiens.shards.build import BuildOptions, build
+from medsapiens.shards.phantoms import SETS, write_phantoms
+from medsapiens.shards.plan import SourceSpec
 
 
 def timed_build(roots: dict, out: Path, workers: int, args) -> tuple[float, int]:

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from medsapiens.distributed import init_distributed, shutdown
-from medsapiens.engine import Engine, OptimConfig, TrainConfig
+from medsapiens.training.engine import Engine, OptimConfig, TrainConfig
 from medsapiens.model import ModelConfig, param_groups
 from medsapiens.model.archs import DEFAULT_TRUNK_WIDTH
 from medsapiens.model.cost import forward_flops
@@ -36,7 +36,7 @@ from medsapiens.model.loss import LandmarkObjective
 K = 19  # the ISBI head's landmarks
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 TINY_TRUNK = 32  # the tests' decoder width: the default 768 would make the CPU run take minutes
-ZERO = {2: "launch/deepspeed/zero2.json", 3: "launch/deepspeed/zero3.json"}
+ZERO = {2: "zero2", 3: "zero3"}
 
 
 @dataclass(frozen=True)

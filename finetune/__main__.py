@@ -1,6 +1,6 @@
-"""Entry point run by the DeepSpeed launcher on every rank: `deepspeed ... --module finetune --config FILE.yaml [KEY=VALUE ...]`.
+"""Entry point run by the DeepSpeed launcher on every rank: `deepspeed ... --module medsapiens.finetune --config FILE.yaml [KEY=VALUE ...]`.
 
-Without the launcher, `python -m finetune ...` (or `medsapiens finetune ...`) runs in one process.
+Without the launcher, `python -m medsapiens.finetune ...` (or `medsapiens finetune ...`) runs in one process.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from medsapiens.errors import exit_code, user_line, user_message
 
 
 def load_config(path: str | None, overrides: list[str]):
-    from finetune.config import FinetuneConfig
-    from finetune.train import check_bundle_model
+    from medsapiens.finetune.config import FinetuneConfig
+    from medsapiens.finetune.train import check_bundle_model
 
     try:
         cfg = configlib.load(FinetuneConfig, path, overrides)
@@ -30,7 +30,7 @@ def report_result(result: dict | None) -> int:
     """Print the outcome on the rank that has it (rank 0)."""
     if result is None:
         return 0
-    from finetune.evaluate import summary_line
+    from medsapiens.evaluate.evaluate import summary_line
 
     if "report" in result:
         for split, report in result["reports"].items():
@@ -48,7 +48,7 @@ def report_result(result: dict | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune", description="Fine-tune on one dataset.",
+    parser = argparse.ArgumentParser(prog="python -m medsapiens.finetune", description="Fine-tune on one dataset.",
                                      epilog="Overrides are dotted config keys, e.g. dataset=leg shots=5 seeds=[0,1,2].")
     parser.add_argument("--config", help="fine-tuning YAML")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_config(cfg) -> int:
-    from finetune.train import run
+    from medsapiens.finetune.train import run
 
     try:
         return report_result(run(cfg))

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medsapiens import manifest as manifestlib
+from medsapiens.io import manifest as manifestlib
 from medsapiens.errors import InputError
-from medsapiens.shard_tar import file_digest, read_shard, write_samples
+from medsapiens.io.shard_tar import file_digest, read_shard, write_samples
 
 
 def draw_keys(keys: list[str], shots: int, seed: int) -> list[str]:

@@ -13,21 +13,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune.config import INIT_SOURCES, RESUME_MODES, RUNS_ROOT, FinetuneConfig
-from finetune.evaluate import calibrate_model, calibration_shortfall, evaluate_model
-from finetune.subset import few_shot_manifest
-from medsapiens import bundle as bundlelib
-from medsapiens import conformal
+from medsapiens.finetune.config import INIT_SOURCES, RESUME_MODES, RUNS_ROOT, FinetuneConfig
+from medsapiens.evaluate.evaluate import calibrate_model, calibration_shortfall, evaluate_model
+from medsapiens.finetune.subset import few_shot_manifest
+from medsapiens.model import bundle as bundlelib
+from medsapiens.evaluation import conformal
 from medsapiens import config as configlib
 from medsapiens import distributed
-from medsapiens.checkpoints import checkpoint_dir, latest_tag, tag_step
+from medsapiens.training.checkpoints import checkpoint_dir, latest_tag, tag_step
 from medsapiens.data.pipeline import is_test_split
 from medsapiens.distributed import distributed_job
 from medsapiens.errors import InputError
-from medsapiens.locks import writer_lock
-from medsapiens.manifest import Manifest, ManifestError, load as load_manifest
-from medsapiens.registry import LandmarkSet
-from medsapiens.run import RunPlan, check_settings, load_trained, train
+from medsapiens.io.locks import writer_lock
+from medsapiens.io.manifest import Manifest, ManifestError, load as load_manifest
+from medsapiens.io.registry import LandmarkSet
+from medsapiens.training.run import RunPlan, check_settings, load_trained, train
 
 SUMMARY = "summary.json"
 

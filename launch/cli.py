@@ -8,15 +8,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-import finetune.cli
-import launch.demo
-import launch.launcher
-import medsapiens.cli
-import pretrain.cli
-import shards.cli
+from medsapiens import cli as model_cli
 from medsapiens.errors import exit_code, user_line, user_message
+from medsapiens.evaluate import cli as evaluate_cli
+from medsapiens.finetune import cli as finetune_cli
+from medsapiens.launch import demo, launcher
+from medsapiens.pretrain import cli as pretrain_cli
+from medsapiens.shards import cli as shards_cli
 
-STAGES = (shards.cli, medsapiens.cli, pretrain.cli, finetune.cli, launch.launcher, launch.demo)
+STAGES = (shards_cli, model_cli, pretrain_cli, finetune_cli, evaluate_cli, launcher, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,7 +45,7 @@ class DemoPlan:
 
 
 def medsapiens(*args: str) -> list[str]:
-    return [sys.executable, "-m", "launch.cli", *args]
+    return [sys.executable, "-m", "medsapiens.launch.cli", *args]
 
 
 def step(number: int, total: int, text: str) -> None:
@@ -133,7 +133,7 @@ def table(plan: DemoPlan, results: dict) -> str:
 
 def starts_figure(plan: DemoPlan, results: dict) -> Path:
     """The cumulative error curves of the three starts in one figure: the transfer gain at a glance."""
-    from finetune.figures import runs_ced_figure
+    from medsapiens.evaluate.figures import runs_ced_figure
 
     first = next(iter(results.values()))
     starts = {name: [csv for run in r["runs"] for csv in sorted(Path(run["run_dir"]).glob("eval/*/per_image.csv"))[:1]]

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch import hosts, rank_env
+from medsapiens.launch import hosts, rank_env
 from medsapiens.errors import UserError
 
 STAGES = ("pretrain", "finetune")
@@ -35,7 +35,7 @@ PLACEHOLDER_MARKS = ("YOUR-BUCKET", "/path/to/")  # what the shipped experiment 
 STOP_GRACE_S = 40.0  # DeepSpeed's per-node launcher gives its ranks 30 s to end before it kills them
 
 DESCRIPTION = """\
-Start the DeepSpeed ranks of a training run (`python -m pretrain` / `python -m finetune` on every rank).
+Start the DeepSpeed ranks of a training run (`python -m medsapiens.pretrain` / `python -m medsapiens.finetune` on every rank).
 
 Where the ranks run:
   (default)        this machine: --gpus ranks (one per GPU; on a CPU-only machine, CPU ranks with gloo)
@@ -85,7 +85,7 @@ def _add_options(parser: argparse.ArgumentParser, stage: str) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the command and files, run nothing")
     if stage == "pretrain":
         parser.add_argument("--resume", choices=["auto", "universal", "none"],
-                            help="passed to `python -m pretrain` (its default: auto)")
+                            help="passed to `python -m medsapiens.pretrain` (its default: auto)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
 
@@ -154,7 +154,7 @@ def placeholders(cfg) -> list[str]:
 
 def config_notes(cfg, ranks: int | None) -> list[str]:
     """Lines about the config for the printed plan: placeholders left, the global batch against the published one."""
-    from medsapiens.run import PUBLISHED_GLOBAL_BATCH
+    from medsapiens.training.run import PUBLISHED_GLOBAL_BATCH
 
     notes = []
     left = placeholders(cfg)
@@ -173,17 +173,17 @@ def config_notes(cfg, ranks: int | None) -> list[str]:
 def check_config(stage: str, config: str, overrides: list[str]):
     """Fail in seconds on a config typo, not after the ranks have started; returns the config."""
     from medsapiens import config as configlib
-    from medsapiens.engine import resolve_file
+    from medsapiens.training.engine import deepspeed_file
 
     if stage == "pretrain":
-        from pretrain.config import PretrainConfig as config_class
+        from medsapiens.pretrain.config import PretrainConfig as config_class
     else:
-        from finetune.config import FinetuneConfig as config_class
-    from medsapiens.run import check_settings
+        from medsapiens.finetune.config import FinetuneConfig as config_class
+    from medsapiens.training.run import check_settings
 
     cfg = configlib.load(config_class, config, overrides)
     try:
-        resolve_file(cfg.train.deepspeed)
+        deepspeed_file(cfg.train.deepspeed)
     except FileNotFoundError as exc:
         raise LaunchError(f"{config}: train.deepspeed: {exc}") from None
     try:
@@ -194,7 +194,7 @@ def check_config(stage: str, config: str, overrides: list[str]):
 
 
 def make_plan(args, environ: Mapping[str, str], cwd: Path, launch_dir: Path) -> Plan:
-    stage_args = [args.stage, "--config", args.config]
+    stage_args = [f"medsapiens.{args.stage}", "--config", args.config]
     if getattr(args, "resume", None):
         stage_args += ["--resume", args.resume]
     stage_args += args.overrides

@@ -1,5 +1,8 @@
-"""`medsapiens model ...`: the core's own subcommands. No torch import until a command runs."""
+"""The core's own commands: `medsapiens model {info,convert}` and `medsapiens export onnx`.
+No torch import until a command runs."""
 from __future__ import annotations
+
+import argparse
 
 from medsapiens.errors import InputError
 
@@ -40,13 +43,29 @@ def register(subparsers) -> None:
                          help="the bundle's input size, multiples of 16 (default: MedSapiens' 1024 768)")
     convert.set_defaults(func=run_convert)
 
+    ex = subparsers.add_parser("export", help="export a bundle for deployment (ONNX)")
+    formats = ex.add_subparsers(dest="export_format", required=True, metavar="FORMAT")
+    on = formats.add_parser(
+        "onnx", help="the network and its DARK-UDP decoding as one ONNX graph",
+        description="Export a bundle as ONNX (opset 18, dynamic batch): input `images` float32 (B, 3, H, W), "
+        "preprocessed as medsapiens.data.preprocess does (described in the model's metadata), outputs "
+        "<dataset>_landmarks (B, K, 2) in input pixels and <dataset>_scores (B, K), decoding and flip test "
+        "inside. The metadata (key `medsapiens`) holds the landmark names, heads, input size, codec settings, "
+        "flip test and calibration. Run it with `medsapiens predict --onnx MODEL.onnx`.")
+    on.add_argument("bundle", help="bundle directory")
+    on.add_argument("--out", required=True, metavar="MODEL.onnx")
+    on.add_argument("--dataset", help="export only this head (default: every head)")
+    on.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=True,
+                    help="average with the mirrored image inside the graph (default on; --no-flip-test)")
+    on.set_defaults(func=_export_onnx)
+
 
 def _add_arch(parser) -> None:
     parser.add_argument("--arch", required=True, help="backbone size, e.g. sapiens_0.3b (an unknown name lists all)")
 
 
 def run_info(args) -> int:
-    from medsapiens import registry
+    from medsapiens.io import registry
     from medsapiens.model import DEFAULT_IMG_SIZE, DEFAULT_TRUNK_WIDTH, cost, feature_grid, get_arch
 
     arch = get_arch(args.arch)
@@ -103,10 +122,18 @@ def run_convert_release(args) -> int:
         raise InputError("--from medsapiens needs --base: the Sapiens checkpoint its LoRA was trained on "
                          "(sapiens_0.3b_epoch_1600_clean.pth for the released models)")
     from medsapiens.model import DEFAULT_IMG_SIZE
-    from medsapiens.release import convert_release
+    from medsapiens.model.release import convert_release
 
     report = convert_release(args.checkpoint, args.base, args.out, arch=args.arch or "sapiens_0.3b",
                              img_size=tuple(args.img_size or DEFAULT_IMG_SIZE), dataset=args.dataset)
     print(report.summary())
     print(f"wrote bundle {args.out}")
+    return 0
+
+
+def _export_onnx(args) -> int:
+    from medsapiens.deploy.export import export_onnx
+
+    path = export_onnx(args.bundle, args.out, args.dataset, args.flip_test)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); run it with `medsapiens predict --onnx {path} IMAGES`")
     return 0

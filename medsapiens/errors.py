@@ -24,6 +24,10 @@ class InputError(UserError, ValueError):
     """A value or file given by the user that cannot be used (the generic kind)."""
 
 
+class CheckpointError(UserError, ValueError):
+    """A checkpoint or weights file that cannot be used: incomplete, missing, non-finite, or holding more than weights."""
+
+
 class Stopped(UserError):
     """A stop signal (SIGTERM, SIGUSR1) ended the run after a complete checkpoint: rerun to resume."""
 

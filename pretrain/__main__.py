@@ -1,6 +1,6 @@
-"""Entry point run by the DeepSpeed launcher on every rank: `deepspeed ... -m pretrain --config FILE.yaml [key=value ...]`.
+"""Entry point run by the DeepSpeed launcher on every rank: `deepspeed ... -m medsapiens.pretrain --config FILE.yaml [key=value ...]`.
 
-Without the launcher, `python -m pretrain ...` trains in one process (CPU or one GPU).
+Without the launcher, `python -m medsapiens.pretrain ...` trains in one process (CPU or one GPU).
 """
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import sys
 
 from medsapiens import config as configlib
 from medsapiens.errors import exit_code, user_line, user_message
-from pretrain.cli import add_run_arguments
-from pretrain.config import PretrainConfig
+from medsapiens.pretrain.cli import add_run_arguments
+from medsapiens.pretrain.config import PretrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pretrain",
+        prog="python -m medsapiens.pretrain",
         description="Multi-dataset pretraining of the Sapiens ViT with the shared multi-head landmark decoder.",
         epilog="Overrides are dotted config keys, e.g. train.max_steps=2000 data.micro_batch=4 optim.lr=1e-4.",
     )
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 def start(args) -> int:
     try:
         cfg = configlib.load(PretrainConfig, args.config, args.overrides)
-        from pretrain.train import run
+        from medsapiens.pretrain.train import run
 
         run(cfg, args.resume)
     except Exception as exc:  # noqa: BLE001 - one line on every rank for bad input, a bug keeps its traceback

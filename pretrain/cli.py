@@ -8,12 +8,12 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "pretrain", help="multi-dataset pretraining, bundle export, universal checkpoints",
         description="Pretrain on shards. Multi-rank runs start with the DeepSpeed launcher "
-        "(`deepspeed --num_gpus N -m pretrain --config FILE` or `medsapiens launch pretrain`); "
+        "(`deepspeed --num_gpus N -m medsapiens.pretrain --config FILE` or `medsapiens launch pretrain`); "
         "`medsapiens pretrain run` trains in this one process.")
     sub = parser.add_subparsers(dest="pretrain_command", required=True, metavar="ACTION")
 
     run = sub.add_parser("run", help="train in this process (CPU or one GPU)",
-                         description="Same options as `python -m pretrain`.")
+                         description="Same options as `python -m medsapiens.pretrain`.")
     add_run_arguments(run)
     run.set_defaults(func=_run)
 
@@ -36,7 +36,7 @@ def register(subparsers) -> None:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `medsapiens pretrain run` and of `python -m pretrain` (the launcher's entry point)."""
+    """The options of `medsapiens pretrain run` and of `python -m medsapiens.pretrain` (the launcher's entry point)."""
     parser.add_argument("--config", help="experiment YAML, e.g. launch/experiments/sapiens_0.3b.yaml")
     parser.add_argument("--resume", choices=["auto", "universal", "none"], default="auto",
                         help="auto: continue from the run's last complete checkpoint if there is one (default); "
@@ -47,20 +47,20 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args) -> int:
-    from pretrain.__main__ import start
+    from medsapiens.pretrain.__main__ import start
 
     return start(args)
 
 
 def _export(args) -> int:
-    from pretrain.export import export
+    from medsapiens.pretrain.export import export
 
     print(f"bundle written to {export(args.run_dir, args.out, args.tag)}")
     return 0
 
 
 def _universal(args) -> int:
-    from medsapiens.checkpoints import checkpoint_dir, make_universal
+    from medsapiens.training.checkpoints import checkpoint_dir, make_universal
 
     tag = make_universal(checkpoint_dir(args.run_dir), args.tag)
     print(f"universal checkpoint {tag} written; resume with --resume universal")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from medsapiens.data.pipeline import DataConfig
-from medsapiens.engine import OptimConfig, TrainConfig
+from medsapiens.training.engine import OptimConfig, TrainConfig
 from medsapiens.model import LoraConfig, ModelConfig
 
 

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import torch
 
-from medsapiens import distributed, storage
+from medsapiens import distributed
+from medsapiens.io import storage
 from medsapiens.distributed import distributed_job
-from medsapiens.locks import writer_lock
-from medsapiens.manifest import Manifest, ManifestError, load as load_manifest
-from medsapiens.run import RunPlan, check_settings, train
-from pretrain.config import PretrainConfig
+from medsapiens.io.locks import writer_lock
+from medsapiens.io.manifest import Manifest, ManifestError, load as load_manifest
+from medsapiens.training.run import RunPlan, check_settings, train
+from medsapiens.pretrain.config import PretrainConfig
 
 
 def selected_datasets(manifest: Manifest, requested: list[str]) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from shards import DEFAULT_MAX_SIDE, DEFAULT_MULTIPART_MB, DEFAULT_SHARD_SIZE, DEFAULT_WORKERS, OUTSIDE_CHOICES
+from medsapiens.shards import DEFAULT_MAX_SIDE, DEFAULT_MULTIPART_MB, DEFAULT_SHARD_SIZE, DEFAULT_WORKERS, OUTSIDE_CHOICES
 
 
 def register(subparsers) -> None:
@@ -62,7 +62,7 @@ def fail(message: str, code: int = 2) -> int:
 
 
 def run_phantoms(args) -> int:
-    from shards.phantoms import write_phantoms
+    from medsapiens.shards.phantoms import write_phantoms
 
     try:
         roots = write_phantoms(args.out, n=args.n, seed=args.seed, sets=[s for s in args.sets.split(",") if s])
@@ -76,8 +76,8 @@ def run_phantoms(args) -> int:
 
 
 def run_build(args) -> int:
-    from shards.build import BuildError, BuildOptions, build, summary_lines
-    from shards.plan import PlanError, SourceSpec, attach_options
+    from medsapiens.shards.build import BuildError, BuildOptions, build, summary_lines
+    from medsapiens.shards.plan import PlanError, SourceSpec, attach_options
 
     try:
         specs = attach_options([SourceSpec.parse(text) for text in args.source], args.opt)
@@ -98,15 +98,15 @@ def run_build(args) -> int:
 
 
 def load_manifest(location: str):
-    from medsapiens.manifest import load
+    from medsapiens.io.manifest import load
 
     return load(location)
 
 
 def run_inspect(args) -> int:
-    from shards.inspection import inspect
+    from medsapiens.shards.inspection import inspect
 
-    from medsapiens.record import Rejection
+    from medsapiens.io.record import Rejection
 
     try:
         lines = inspect(load_manifest(args.location), args.sheet, args.n)
@@ -117,8 +117,8 @@ def run_inspect(args) -> int:
 
 
 def run_verify(args) -> int:
-    from medsapiens.manifest import ManifestError
-    from shards.verify import verify
+    from medsapiens.io.manifest import ManifestError
+    from medsapiens.shards.verify import verify
 
     try:
         manifest = load_manifest(args.location)

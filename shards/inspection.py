@@ -1,6 +1,6 @@
 """`medsapiens shards inspect`: what a shard set holds, and a contact sheet to look at.
 
-Records are read back the way the trainers read them (medsapiens.shard_tar).
+Records are read back the way the trainers read them (medsapiens.io.shard_tar).
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from collections import defaultdict
 import numpy as np
 from PIL import Image, ImageDraw
 
-from medsapiens.manifest import Manifest
-from medsapiens.shard_tar import decode_pixels, decode_sample, read_shard
+from medsapiens.io.manifest import Manifest
+from medsapiens.io.shard_tar import decode_pixels, decode_sample, read_shard
 
 THUMB = 256
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from medsapiens import registry
+from medsapiens.io import registry
 from medsapiens.errors import UserError
-from medsapiens.record import sample_key
-from medsapiens.registry import LandmarkSet
-from shards import readers
-from shards.readers import RawSample, ReaderError, Rejected, Unlabelled
+from medsapiens.io.record import sample_key
+from medsapiens.io.registry import LandmarkSet
+from medsapiens.shards import readers
+from medsapiens.shards.readers import RawSample, ReaderError, Rejected, Unlabelled
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9-]+$")
 

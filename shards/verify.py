@@ -1,7 +1,7 @@
 """`medsapiens shards verify`: re-read every shard and check it against the manifest.
 
 Each shard is streamed once (local file or S3 object), as the trainers read it
-(medsapiens.shard_tar.read_shard: uncompressed, bounded by its manifest entry): its byte count and sha256
+(medsapiens.io.shard_tar.read_shard: uncompressed, bounded by its manifest entry): its byte count and sha256
 must match the manifest, no image may exceed the build's max side, its members must pair up as
 `<key>.png` + `<key>.json`, and every record must validate against its image, its shard's
 dataset and split, and the manifest's landmark names, with no visible landmark outside the image.
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 
-from medsapiens import imageio as images
-from medsapiens import shard_tar, storage
-from medsapiens.manifest import REJECTED_NAME, Manifest, ShardInfo
-from medsapiens.record import Rejection, sample_key, validate_record
+from medsapiens.io import imageio as images
+from medsapiens.io import shard_tar, storage
+from medsapiens.io.manifest import REJECTED_NAME, Manifest, ShardInfo
+from medsapiens.io.record import Rejection, sample_key, validate_record
 
 
 def sample_problems(manifest: Manifest, shard: ShardInfo, key: str, sample: dict) -> list[str]:

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from medsapiens import storage
-from medsapiens.shard_tar import add_sample, file_digest, open_writer
-from medsapiens.record import (
+from medsapiens.io import storage
+from medsapiens.io.shard_tar import add_sample, file_digest, open_writer
+from medsapiens.io.record import (
     Rejection, check_landmarks, check_spacing, make_record, resized_size, sample_key, validate_record,
 )
-from medsapiens.registry import LandmarkSet
-from medsapiens import imageio as images
-from shards.plan import rejection_entry
-from shards.readers import RawSample
+from medsapiens.io.registry import LandmarkSet
+from medsapiens.io import imageio as images
+from medsapiens.shards.plan import rejection_entry
+from medsapiens.shards.readers import RawSample
 
 PARTIAL_SUFFIX = ".partial"
 _progress = None  # a multiprocessing queue of finished-sample counts, set in each worker

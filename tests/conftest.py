@@ -54,7 +54,7 @@ def losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss/total"] for r in rows if "loss/total" in r}
 
 
-CLI = [sys.executable, "-m", "launch.cli"]
+CLI = [sys.executable, "-m", "medsapiens.launch.cli"]
 FINETUNE_CONFIG = REPO / "launch" / "experiments" / "demo_finetune.yaml"
 
 
@@ -71,7 +71,7 @@ def two_rank_run(phantom_shards, tmp_path_factory) -> Path:
     """4 steps on 2 CPU ranks through the launcher (ZeRO-2), checkpoints at steps 2 and 4, both kept.
     Tests copy it before changing anything."""
     run_dir = tmp_path_factory.mktemp("two_rank") / "run"
-    proc = deepspeed_module("pretrain", 2, pretrain_args(phantom_shards, run_dir, *SMALL_RUN))
+    proc = deepspeed_module("medsapiens.pretrain", 2, pretrain_args(phantom_shards, run_dir, *SMALL_RUN))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -80,7 +80,7 @@ def two_rank_run(phantom_shards, tmp_path_factory) -> Path:
 def head_hand_bundle(phantom_shards, tmp_path_factory) -> Path:
     """A bundle pretrained briefly (single process) on head and hand."""
     root = tmp_path_factory.mktemp("pretrained")
-    proc = run([sys.executable, "-m", "pretrain", "--config", str(DEMO_CONFIG), f"data.shards={phantom_shards}",
+    proc = run([sys.executable, "-m", "medsapiens.pretrain", "--config", str(DEMO_CONFIG), f"data.shards={phantom_shards}",
                 f"run_dir={root / 'run'}", "data.datasets=[head, hand]", "model.trunk_width=32", "train.max_steps=60",
                 "train.checkpoint_every=60", "train.val_every=60", "data.workers=0", "train.val_limit=4"], 240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -110,9 +110,9 @@ def s3_env():
 def phantom_shards(tmp_path_factory) -> Path:
     """Phantom head, hand, chest and leg sets in their native layouts, built into shards (max side 128).
     Hand takes its seeded split: GU2Net's default leaves fewer than 610 images without a test split."""
-    from shards.build import BuildOptions, build
-    from shards.phantoms import write_phantoms
-    from shards.plan import SourceSpec
+    from medsapiens.shards.build import BuildOptions, build
+    from medsapiens.shards.phantoms import write_phantoms
+    from medsapiens.shards.plan import SourceSpec
 
     root = tmp_path_factory.mktemp("phantoms")
     write_phantoms(root / "raw", n=24, seed=0, sets=("head", "hand", "chest", "leg"))

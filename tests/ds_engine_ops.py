@@ -12,7 +12,7 @@ import torch
 from deepspeed.ops.op_builder.builder import OpBuilder
 
 from medsapiens.distributed import init_distributed, shutdown
-from medsapiens.engine import Engine, OptimConfig, TrainConfig
+from medsapiens.training.engine import Engine, OptimConfig, TrainConfig
 from medsapiens.model import ModelConfig, param_groups
 from medsapiens.model.loss import LandmarkObjective
 

@@ -13,12 +13,12 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 from safetensors.torch import save_file
 
-from medsapiens import manifest as manifestlib
+from medsapiens.io import manifest as manifestlib
 from medsapiens.data.augment import AugmentConfig, normalize
 from medsapiens.data.pipeline import collate, decode_sample, read_shard, training_example
 from medsapiens import distributed
 from medsapiens.distributed import init_distributed, shutdown
-from medsapiens.engine import Engine, OptimConfig, TrainConfig
+from medsapiens.training.engine import Engine, OptimConfig, TrainConfig
 from medsapiens.model import ModelConfig, param_groups
 
 DATASETS = ("head", "hand")

@@ -62,9 +62,9 @@ def test_finetune_checks_dataset_bundle_and_numbers_before_starting(phantom_shar
 
 
 def test_only_user_errors_become_one_line_a_bug_keeps_its_traceback(monkeypatch, capsys):
-    import launch.cli
+    import medsapiens.launch.cli
     import medsapiens.cli
-    from medsapiens.checkpoints import CheckpointError
+    from medsapiens.training.checkpoints import CheckpointError
     from medsapiens.errors import InputError, UserError, user_message
 
     assert issubclass(CheckpointError, UserError) and isinstance(InputError("x"), ValueError)
@@ -80,7 +80,7 @@ def test_only_user_errors_become_one_line_a_bug_keeps_its_traceback(monkeypatch,
         monkeypatch.setattr(medsapiens.cli, "run_info", failing(error))
         if code is None:
             with pytest.raises(ValueError, match="a bug"):
-                launch.cli.main(["model", "info", "--arch", "sapiens_tiny"])
+                medsapiens.launch.cli.main(["model", "info", "--arch", "sapiens_tiny"])
         else:
-            assert launch.cli.main(["model", "info", "--arch", "sapiens_tiny"]) == code
+            assert medsapiens.launch.cli.main(["model", "info", "--arch", "sapiens_tiny"]) == code
             assert capsys.readouterr().err == "error: run/checkpoints: no complete tag\n"

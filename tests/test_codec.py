@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from medsapiens.codec import (
+from medsapiens.data.codec import (
     apply_affine, decode_udp, encode_udp, flip_heatmaps, heatmap_to_input, input_to_heatmap,
     whole_image_affine,
 )

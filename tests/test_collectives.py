@@ -14,12 +14,12 @@ import torch.distributed as dist
 
 from conftest import REPO, run
 from medsapiens import distributed
-from medsapiens.engine import OptimConfig, TrainConfig, deepspeed_config
+from medsapiens.training.engine import OptimConfig, TrainConfig, deepspeed_config
 
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "all_to_all", "barrier",
                "broadcast", "broadcast_object_list", "gather", "gather_object", "reduce", "reduce_scatter",
                "reduce_scatter_tensor", "scatter", "scatter_object_list", "send", "recv", "monitored_barrier"}
-SOURCES = ("medsapiens", "pretrain", "finetune", "launch", "shards", "bench")
+SOURCES = ("medsapiens", "pretrain", "finetune", "evaluate", "launch", "shards", "bench")
 ACCELERATOR = torch.device("meta")  # stands for the rank's GPU: a device that is not the CPU
 
 
@@ -120,7 +120,7 @@ def test_only_the_distributed_module_calls_collectives():
 
 
 @pytest.mark.parametrize("cuda", [False, True])
-@pytest.mark.parametrize("zero_json", sorted((REPO / "launch" / "deepspeed").glob("*.json")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("zero_json", sorted((REPO / "medsapiens" / "training" / "deepspeed").glob("*.json")), ids=lambda p: p.stem)
 def test_every_shipped_zero_config_asks_for_pytorchs_fused_adamw(zero_json, cuda, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     for offload in (False, True):
@@ -134,7 +134,7 @@ def test_every_shipped_zero_config_asks_for_pytorchs_fused_adamw(zero_json, cuda
 @pytest.mark.timeout(300)
 def test_the_engine_builds_no_deepspeed_op_for_any_zero_stage(tmp_path):
     out = tmp_path / "ops.json"
-    configs = sorted(str(p) for p in (REPO / "launch" / "deepspeed").glob("*.json"))
+    configs = sorted(str(p) for p in (REPO / "medsapiens" / "training" / "deepspeed").glob("*.json"))
     proc = run([sys.executable, str(REPO / "tests" / "ds_engine_ops.py"), str(out), *configs], 280,
                env={"PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -3,7 +3,7 @@ import re
 import pytest
 
 from medsapiens import config as configlib
-from pretrain.config import PretrainConfig as Experiment
+from medsapiens.pretrain.config import PretrainConfig as Experiment
 
 
 def test_yaml_plus_dotted_overrides(tmp_path):
@@ -49,7 +49,7 @@ def test_a_yaml_bomb_and_deep_nesting_are_refused_in_one_line_without_building_t
     import tracemalloc
 
     from medsapiens.config import ConfigError, load
-    from pretrain.config import PretrainConfig
+    from medsapiens.pretrain.config import PretrainConfig
 
     bomb = tmp_path / "bomb.yaml"
     lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
@@ -72,7 +72,7 @@ def test_a_yaml_bomb_and_deep_nesting_are_refused_in_one_line_without_building_t
 
 def test_a_long_wrong_value_is_cut_in_the_error_line():
     from medsapiens.config import ConfigError, load
-    from pretrain.config import PretrainConfig
+    from medsapiens.pretrain.config import PretrainConfig
 
     with pytest.raises(ConfigError, match=r"expected a string, got \[0, 0, .*\.\.\. \(") as refused:
         load(PretrainConfig, None, [f"run_dir=[{', '.join(['0'] * 100_000)}]"])

@@ -12,19 +12,20 @@ import pytest
 import torch
 
 from conftest import CLI, run
-from medsapiens import bundle as bundlelib
-from medsapiens import conformal, preprocess
-from medsapiens.codec import decode_udp, heatmap_to_input, whole_image_affine
+from medsapiens.model import bundle as bundlelib
+from medsapiens.evaluation import conformal
+from medsapiens.data import preprocess
+from medsapiens.data.codec import decode_udp, heatmap_to_input, whole_image_affine
 from medsapiens.data.augment import normalize, warp
 from medsapiens.data.pipeline import heatmap_size
-from medsapiens.imageio import decode, to_float
-from medsapiens.inference import predict_heatmaps, predict_split
-from medsapiens.manifest import load as load_manifest
-from medsapiens.metrics import Protocol
+from medsapiens.io.imageio import decode, to_float
+from medsapiens.evaluation.inference import predict_heatmaps, predict_split
+from medsapiens.io.manifest import load as load_manifest
+from medsapiens.evaluation.metrics import Protocol
 
 COVERAGE = 0.9
 # `import torch` fails in this interpreter; at exit no torch module may have been loaded
-WITHOUT_TORCH = ("import sys; sys.modules['torch'] = None; from launch.cli import main; code = main(sys.argv[1:]); "
+WITHOUT_TORCH = ("import sys; sys.modules['torch'] = None; from medsapiens.launch.cli import main; code = main(sys.argv[1:]); "
                  "loaded = [m for m, v in sys.modules.items() if m.split('.')[0] == 'torch' and v is not None]; "
                  "assert not loaded, loaded; sys.exit(code)")
 
@@ -45,9 +46,9 @@ def test_numpy_preprocessing_gives_the_pipelines_input():
 def held_out_shards(tmp_path_factory) -> Path:
     """Head phantoms from another generator seed than the training ones, half the train split carved
     into val: 11 val, 22 test1, 16 test2 images the model never saw."""
-    from shards.build import BuildOptions, build
-    from shards.phantoms import write_phantoms
-    from shards.plan import SourceSpec
+    from medsapiens.shards.build import BuildOptions, build
+    from medsapiens.shards.phantoms import write_phantoms
+    from medsapiens.shards.plan import SourceSpec
 
     root = tmp_path_factory.mktemp("held_out")
     write_phantoms(root / "raw", n=60, seed=7, sets=("head",))
@@ -80,7 +81,7 @@ def raw_head_images(phantom_shards) -> list[Path]:
 
 @pytest.mark.timeout(400)
 def test_onnx_graph_decodes_as_the_pytorch_bundle_at_any_batch(calibrated, exported, phantom_shards):
-    from medsapiens.onnx_model import OnnxLandmarker
+    from medsapiens.deploy.export.runtime import OnnxLandmarker
 
     model, bundle = bundlelib.load(calibrated)
     size, margin = bundle.input_size, bundle.codec.margin
@@ -199,7 +200,7 @@ def test_calibration_is_stored_read_back_and_reported_by_evaluate(calibrated, he
 
 
 def test_export_onnx_without_the_onnx_extra_is_one_line_with_the_install_hint(head_expert, tmp_path):
-    proc = run([sys.executable, "-c", "import sys; sys.modules['onnxscript'] = None; from launch.cli import main; "
+    proc = run([sys.executable, "-c", "import sys; sys.modules['onnxscript'] = None; from medsapiens.launch.cli import main; "
                 "sys.exit(main(sys.argv[1:]))", "export", "onnx", str(head_expert / "bundle"),
                 "--out", str(tmp_path / "m.onnx")], 120)
     assert proc.returncode == 2
@@ -222,8 +223,8 @@ def test_calibration_refuses_a_test_split_and_too_few_images(head_expert, phanto
 
 def test_finetune_calibrates_the_bundle_it_selected_on_its_val_split(head_expert, held_out_shards, phantom_shards,
                                                                      tmp_path, capsys):
-    from finetune.config import FinetuneConfig
-    from finetune.train import calibrate_run
+    from medsapiens.finetune.config import FinetuneConfig
+    from medsapiens.finetune.train import calibrate_run
 
     for shards, val_images in ((held_out_shards, 11), (phantom_shards, 1)):
         run_dir = tmp_path / f"val{val_images}"

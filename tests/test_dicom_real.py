@@ -15,12 +15,12 @@ from pydicom import uid
 from pydicom.data import get_testdata_file, get_testdata_files
 
 from conftest import CLI, run
-from medsapiens import bundle as bundlelib
-from medsapiens import registry
+from medsapiens.model import bundle as bundlelib
+from medsapiens.io import registry
 from medsapiens.data.pipeline import eval_example
-from medsapiens.imageio import decode, dicom_spacing, is_dicom, to_float
+from medsapiens.io.imageio import decode, dicom_spacing, is_dicom, to_float
 from medsapiens.model.landmark_model import ModelConfig
-from medsapiens.record import Rejection
+from medsapiens.io.record import Rejection
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # pydicom warns about the odd values its test files carry on purpose
 
@@ -250,8 +250,8 @@ def coco_over(folder: Path, names: list[str], spacing: dict[str, list[float]]) -
 
 @pytest.mark.timeout(300)
 def test_shards_build_over_every_file_rejects_per_file_and_records_spacing(every_file_folder, tmp_path):
-    from launch.cli import main
-    from medsapiens.manifest import load
+    from medsapiens.launch.cli import main
+    from medsapiens.io.manifest import load
 
     folder = tmp_path / "dicom"
     folder.mkdir()
@@ -280,7 +280,7 @@ def stored(out: Path, manifest, safe_id: str):
     """(record, pixels) of the sample with this id, whichever split it fell in."""
     import tarfile
 
-    from medsapiens.imageio import decode_png
+    from medsapiens.io.imageio import decode_png
 
     for shard in manifest.shards:
         with tarfile.open(out / shard.url) as tar:
@@ -294,7 +294,7 @@ def test_shared_outputs_are_readable_by_others_under_umask_022(every_file_folder
     """manifest.json, rejected.jsonl, the stats files and a bundle's weights were written 0600."""
     import os
 
-    from launch.cli import main
+    from medsapiens.launch.cli import main
 
     old = os.umask(0o022)
     try:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import CLI, run
-from finetune.report import score_files
+from medsapiens.evaluate.report import score_files
 
 TRUTH = {"a": [[10.0, 10.0], [20.0, 30.0], [40.0, 40.0]], "b": [[5.0, 5.0], [15.0, 25.0], [35.0, 30.0]]}
 GUESS = {"a": [[13.0, 14.0], [20.0, 30.0], [40.0, 46.0]], "b": [[5.0, 5.0], [15.0, 27.0], [0.0, 0.0]]}
@@ -99,7 +99,7 @@ def test_hand_image_with_an_invisible_wrist_landmark_is_left_out_and_named(tmp_p
     width = np.linalg.norm(np.subtract(truth["h1"][1], truth["h1"][5]))
     assert report["mre"] == pytest.approx(np.hypot(3, 3) * 50 / width)
     out = tmp_path / "report"
-    from finetune.report import write_report
+    from medsapiens.evaluate.report import write_report
     write_report(report, errors, ids, [str(k) for k in range(37)], out)
     assert "h2: wrist landmark 5 invisible" in (out / "report.md").read_text()
 

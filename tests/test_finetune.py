@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import CLI, FINETUNE_CONFIG, deepspeed_module, finetune_args, run, write_dicom
-from finetune.config import FinetuneConfig
-from finetune.evaluate import evaluate_model
-from finetune.subset import draw_keys
-from finetune.train import initial_model
-from medsapiens import bundle as bundlelib
+from medsapiens.finetune.config import FinetuneConfig
+from medsapiens.evaluate.evaluate import evaluate_model
+from medsapiens.finetune.subset import draw_keys
+from medsapiens.finetune.train import initial_model
+from medsapiens.model import bundle as bundlelib
 from medsapiens import config as configlib
-from medsapiens import manifest as manifestlib
+from medsapiens.io import manifest as manifestlib
 
 
 
@@ -79,7 +79,7 @@ def test_few_shot_seeds_reuse_the_head_and_report_mean_and_std(head_hand_bundle,
 
 
 def test_a_subset_of_relatively_named_shards_keeps_its_val_and_test_shards(phantom_shards, tmp_path, monkeypatch):
-    from finetune.subset import few_shot_manifest
+    from medsapiens.finetune.subset import few_shot_manifest
     from medsapiens.data.pipeline import read_shard
 
     monkeypatch.chdir(phantom_shards.parent)
@@ -138,7 +138,7 @@ def test_two_rank_finetune_from_a_raw_sapiens_checkpoint(phantom_shards, tmp_pat
     checkpoint = tmp_path / "sapiens_tiny_epoch_1_clean.pth"
     torch.save(released_state(get_arch("sapiens_tiny")), checkpoint)
     run_dir = tmp_path / "chest"
-    proc = deepspeed_module("finetune", 2, ["--config", str(FINETUNE_CONFIG), f"data.shards={phantom_shards}",
+    proc = deepspeed_module("medsapiens.finetune", 2, ["--config", str(FINETUNE_CONFIG), f"data.shards={phantom_shards}",
                                             f"run_dir={run_dir}", "dataset=chest", "init=sapiens",
                                             f"model.checkpoint={checkpoint}", "model.trunk_width=32",
                                             "train.max_steps=6", "train.val_every=3", "train.checkpoint_every=3",

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import CLI, run
-from medsapiens import bundle as bundlelib
+from medsapiens.model import bundle as bundlelib
 
 SHORT = ("--steps", "6", "train.val_every=3", "train.checkpoint_every=3", "data.workers=0", "train.val_limit=4")
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from launch import launcher
-from launch.cli import main
+from medsapiens.launch import launcher
+from medsapiens.launch.cli import main
 from medsapiens import config as configlib
-from medsapiens.engine import resolve_file
-from pretrain.config import PretrainConfig
+from medsapiens.training.engine import deepspeed_file
+from medsapiens.pretrain.config import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "launch/experiments/demo.yaml")
@@ -85,12 +85,12 @@ def test_local_dry_run_prints_the_exact_command(capsys):
                             "--dry-run", "train.max_steps=4", "data.datasets=[head, hand]")
     assert status == 0
     assert out.splitlines()[0] == "medsapiens launch pretrain: this machine, 2 rank(s), master 127.0.0.1:29123"
-    assert printed_command(out) == (f"{DEEPSPEED} --num_gpus 2 --master_port 29123 --module pretrain --config {DEMO} "
+    assert printed_command(out) == (f"{DEEPSPEED} --num_gpus 2 --master_port 29123 --module medsapiens.pretrain --config {DEMO} "
                                     "train.max_steps=4 'data.datasets=[head, hand]'")
     status, out, _ = launch(capsys, "pretrain", "--config", DEMO, "--dry-run", "--resume", "universal")
     port = int(out.splitlines()[0].rsplit(":", 1)[1])  # a free port, picked here
     assert 1024 < port < 65536
-    assert printed_command(out) == f"{DEEPSPEED} --master_port {port} --module pretrain --config {DEMO} --resume universal"
+    assert printed_command(out) == f"{DEEPSPEED} --master_port {port} --module medsapiens.pretrain --config {DEMO} --resume universal"
 
 
 @pytest.mark.timeout(60)
@@ -102,7 +102,7 @@ def test_hostfile_dry_run_prints_command_env_file_names_and_no_secret(capfd, s3_
         f"medsapiens launch pretrain: 2 host(s) from {hostfile}, 8 rank(s), master node-a:29500"
     assert printed_command(out) == (
         f"DS_ENV_FILE=LAUNCH_DIR/deepspeed_env {DEEPSPEED} --hostfile {hostfile} --num_nodes 2 "
-        f"--master_addr node-a --master_port 29500 --log_level warning --module pretrain --config {DEMO} "
+        f"--master_addr node-a --master_port 29500 --log_level warning --module medsapiens.pretrain --config {DEMO} "
         "train.max_steps=10")
     assert section(out, "env file LAUNCH_DIR/deepspeed_env") == [
         "AWS_ACCESS_KEY_ID=<set>", "AWS_ENDPOINT_URL=http://127.0.0.1:9000", "AWS_REGION=eu-west-1",
@@ -148,11 +148,11 @@ def test_slurm_dry_run_agrees_across_nodes_but_for_the_node_rank(capsys, monkeyp
         assert section(out, "hostfile LAUNCH_DIR/hostfile") == ["gpu-01 slots=4", "gpu-02 slots=4", "gpu-07 slots=4"]
         assert printed_command(out) == (
             f"{DEEPSPEED} --hostfile LAUNCH_DIR/hostfile --no_ssh --node_rank {node_id} --master_addr gpu-01 "
-            f"--master_port {port} --module pretrain --config {DEMO}")
+            f"--master_port {port} --module medsapiens.pretrain --config {DEMO}")
     slurm_node(monkeypatch, 0, job_id="73582")
     _, out, _ = launch(capsys, "finetune", "--config", DEMO, "--slurm", "--dry-run", "--gpus", "2")
     assert f"master gpu-01:{launcher.slurm_port('73582')}," in out and launcher.slurm_port("73582") != port
-    assert "3 SLURM node(s) x 2 = 6 rank(s)" in out and "--module finetune" in printed_command(out)
+    assert "3 SLURM node(s) x 2 = 6 rank(s)" in out and "--module medsapiens.finetune" in printed_command(out)
 
 
 @pytest.mark.timeout(60)
@@ -261,8 +261,8 @@ def test_a_value_the_remote_shell_would_expand_is_refused_without_showing_it(cap
 def test_config_errors_stop_the_launch_before_any_rank(capsys, tmp_path):
     status, out, err = launch(capsys, "pretrain", "--config", DEMO, "train.max_stepz=3")
     assert status == 2 and "unknown config key(s) train.max_stepz" in err and out == ""
-    status, _, err = launch(capsys, "pretrain", "--config", DEMO, "train.deepspeed=launch/deepspeed/zero5.json")
-    assert status == 2 and "train.deepspeed: file not found: launch/deepspeed/zero5.json" in err
+    status, _, err = launch(capsys, "pretrain", "--config", DEMO, "train.deepspeed=zero5")
+    assert status == 2 and "train.deepspeed: file not found: zero5 (presets: zero1, zero2, zero3, zero3_offload)" in err
     broken = tmp_path / "broken.yaml"
     broken.write_text("model: [unclosed\n")
     status, _, err = launch(capsys, "finetune", "--config", str(broken), "--dry-run")
@@ -279,10 +279,10 @@ EXPERIMENTS = sorted((REPO / "launch/experiments").glob("*.yaml"))
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.name for p in EXPERIMENTS])
 def test_every_experiment_loads_as_its_stage_config(path):
-    from finetune.config import FinetuneConfig
+    from medsapiens.finetune.config import FinetuneConfig
 
     cfg = configlib.load(FinetuneConfig if "finetune" in path.name else PretrainConfig, path)
-    assert resolve_file(cfg.train.deepspeed).is_file()
+    assert deepspeed_file(cfg.train.deepspeed).is_file()
 
 
 @pytest.mark.timeout(60)
@@ -329,7 +329,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1], ids=["INT", "TERM", "USR1"])
 def test_a_signal_to_the_launcher_stops_every_process_it_started(tmp_path, signum):
     pid_file = tmp_path / "rank.pid"
-    harness = (f"import os, sys\nfrom launch.launcher import run_command\n"
+    harness = (f"import os, sys\nfrom medsapiens.launch.launcher import run_command\n"
                f"sys.exit(run_command([sys.executable, '-c', {CTRL_C_CHILD!r}, {str(pid_file)!r}], os.environ, "
                f"stop_grace_s=1.0))")
     proc = subprocess.Popen([sys.executable, "-c", harness], env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -365,7 +365,7 @@ def assert_complete_checkpoint(run: Path) -> None:
 
 @pytest.mark.timeout(180)
 def test_real_two_rank_cpu_launch_leaves_a_complete_checkpoint(monkeypatch, tmp_path, phantom_shards):
-    monkeypatch.chdir(REPO)  # the ranks run `python -m pretrain` from here
+    monkeypatch.chdir(REPO)  # the ranks run `python -m medsapiens.pretrain` from here
     monkeypatch.setenv("HOME", REAL_HOME)
     status = main(["launch", "pretrain", "--config", "launch/experiments/demo.yaml", "--gpus", "2",
                    *tiny_run(phantom_shards, tmp_path / "run")])
@@ -380,7 +380,7 @@ def test_real_launch_on_two_simulated_slurm_nodes_without_ssh(tmp_path, phantom_
     job = {"SLURM_JOB_ID": "4711", "SLURM_JOB_NODELIST": "localhost,127.0.0.1",
            "SLURM_STEP_NODELIST": "localhost,127.0.0.1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_GPUS_ON_NODE": "1",
            "HOME": REAL_HOME, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "launch.cli", "launch", "pretrain", "--slurm", "--config",
+    command = [sys.executable, "-m", "medsapiens.launch.cli", "launch", "pretrain", "--slurm", "--config",
                "launch/experiments/demo.yaml", *tiny_run(phantom_shards, tmp_path / "run")]
     nodes = [subprocess.Popen(command, cwd=REPO, env={**os.environ, **job, "SLURM_NODEID": str(node)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
@@ -396,10 +396,10 @@ def test_sigusr1_to_a_real_launch_stops_every_rank_after_a_checkpoint(tmp_path, 
     on a step, checkpoint there and exit; nothing of the job is left running."""
     import psutil
 
-    from medsapiens import checkpoints
+    from medsapiens.training import checkpoints
 
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "launch.cli", "launch", "pretrain", "--config", "launch/experiments/demo.yaml",
+    command = [sys.executable, "-m", "medsapiens.launch.cli", "launch", "pretrain", "--config", "launch/experiments/demo.yaml",
                "--gpus", "2", f"data.shards={phantom_shards}", f"run_dir={run_dir}", "data.datasets=[head,hand]",
                "train.max_steps=400", "train.checkpoint_every=200", "train.val_every=400", "train.log_every=1",
                "data.workers=1", "data.micro_batch=4", "model.trunk_width=32", "train.dist_timeout_s=120"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from launch.hosts import HostError, expand_nodelist, hostfile_text, read_hostfile
+from medsapiens.launch.hosts import HostError, expand_nodelist, hostfile_text, read_hostfile
 
 pytestmark = pytest.mark.timeout(30)
 

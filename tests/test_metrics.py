@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from finetune.report import score_files, write_report
-from medsapiens import registry
-from medsapiens.metrics import Protocol, radial_errors, summarize
+from medsapiens.evaluate.report import score_files, write_report
+from medsapiens.io import registry
+from medsapiens.evaluation.metrics import Protocol, radial_errors, summarize
 
 
 def test_head_spacing_and_sdr_conventions():

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from medsapiens.model import ARCHS, build_backbone, convert_checkpoint, load_backbone, load_checkpoint, load_state
-from medsapiens.model.checkpoint import read_tensors
+from medsapiens.model.weights import read_tensors
 from sapiens_checkpoints import released_state
 
 TINY = ARCHS["sapiens_tiny"]

@@ -4,10 +4,10 @@ import sys
 
 import torch
 
-from launch.cli import main
+from medsapiens.launch.cli import main
 from medsapiens.model import ARCHS, build_backbone, count_params, forward_flops, memory_estimate
 from medsapiens.model.cost import GPU_MEMORY_GIB, largest_micro_batch
-from medsapiens.model.checkpoint import read_tensors
+from medsapiens.model.weights import read_tensors
 from sapiens_checkpoints import released_state
 
 
@@ -55,5 +55,5 @@ def test_convert_writes_a_backbone_with_its_provenance(tmp_path, capsys):
 
 
 def test_cli_registration_imports_no_torch():
-    code = "import sys, launch.cli; launch.cli.build_parser(); sys.exit('torch' in sys.modules)"
+    code = "import sys, medsapiens.launch.cli; medsapiens.launch.cli.build_parser(); sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

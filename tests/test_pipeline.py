@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from medsapiens import manifest as manifestlib
-from medsapiens.codec import decode_udp, heatmap_to_input
+from medsapiens.io import manifest as manifestlib
+from medsapiens.data.codec import decode_udp, heatmap_to_input
 from medsapiens.data.augment import AugmentConfig, _box_blur, _median_blur, _sampling_grid, normalize, photometric
 from medsapiens.data.pipeline import (
     CorruptDataError, DataConfig, TrainStream, collate, eval_examples, mixture_weights, train_batches,
     training_example,
 )
-from medsapiens.registry import BUILTIN
-from medsapiens.shard_tar import file_digest, write_samples
+from medsapiens.io.registry import BUILTIN
+from medsapiens.io.shard_tar import file_digest, write_samples
 
 INPUT = (96, 128)
 
@@ -68,7 +68,7 @@ def test_resumed_batches_equal_uninterrupted_ones_with_workers(phantom_shards):
 
 @pytest.mark.timeout(120)
 def test_training_and_evaluation_stream_from_s3(phantom_shards, s3_env, monkeypatch):
-    from medsapiens import storage
+    from medsapiens.io import storage
 
     env, client = s3_env
     for path in phantom_shards.iterdir():
@@ -132,7 +132,7 @@ def test_augmented_image_and_targets_stay_aligned(seed):
 @pytest.mark.parametrize("image_size, blob_sigma, output", [((200, 300), 2.0, (192, 256)),
                                                           ((1500, 2000), 12.0, (96, 128))])  # pooled first
 def test_warp_puts_each_pixel_where_the_affine_maps_it(image_size, blob_sigma, output):
-    from medsapiens.codec import apply_affine
+    from medsapiens.data.codec import apply_affine
     from medsapiens.data.augment import random_affine, warp
 
     at = (image_size[0] * 0.37, image_size[1] * 0.61)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medsapiens.imageio import PNG_SIGNATURE, PNG_UP, _png_chunk, decode_png, encode_png, pil_to_array
+from medsapiens.io.imageio import PNG_SIGNATURE, PNG_UP, _png_chunk, decode_png, encode_png, pil_to_array
 
 RNG = np.random.default_rng(0)
 IMAGES = {  # heights around the fast decoder's 32-row bands: 3 and a part, 2 and a part, exactly 2, under 1

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, deepspeed_module, losses, pretrain_args, run
-from medsapiens import bundle as bundlelib
-from medsapiens import manifest as manifestlib
+from medsapiens.model import bundle as bundlelib
+from medsapiens.io import manifest as manifestlib
 
 STEPS = 12
 
@@ -27,7 +27,7 @@ def config_args(shards, run_dir, *extra) -> list[str]:
 @pytest.fixture(scope="module")
 def zero2_run(phantom_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("zero2") / "run"
-    proc = deepspeed_module("pretrain", 2, config_args(phantom_shards, run_dir))
+    proc = deepspeed_module("medsapiens.pretrain", 2, config_args(phantom_shards, run_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -57,7 +57,7 @@ def test_two_ranks_zero2_train_log_checkpoint_and_export(zero2_run, phantom_shar
     assert json.loads((zero2_run / "run.json").read_text())["world_size"] == 2
 
     out = tmp_path / "bundle"
-    export = run([sys.executable, "-m", "launch.cli", "pretrain", "export", str(zero2_run), "--out", str(out)], 120)
+    export = run([sys.executable, "-m", "medsapiens.launch.cli", "pretrain", "export", str(zero2_run), "--out", str(out)], 120)
     assert export.returncode == 0
     for notice in ("Setting accelerator to CPU", "No CUDA runtime is found"):  # no news on a CPU machine
         assert notice not in export.stderr
@@ -72,7 +72,7 @@ def test_two_ranks_zero2_train_log_checkpoint_and_export(zero2_run, phantom_shar
 def test_resume_continues_the_same_losses(zero2_run, phantom_shards, tmp_path):
     run_dir = tmp_path / "run"
     shared_memory = set(Path("/dev/shm").glob("deepspeed_*"))
-    first = deepspeed_module("pretrain", 2, config_args(phantom_shards, run_dir, "train.stop_after=6"))
+    first = deepspeed_module("medsapiens.pretrain", 2, config_args(phantom_shards, run_dir, "train.stop_after=6"))
     assert first.returncode == 0, first.stderr[-3000:]
     assert set(Path("/dev/shm").glob("deepspeed_*")) <= shared_memory  # DeepSpeed's all-reduce buffers freed
     assert max(losses(run_dir)) == 6
@@ -80,7 +80,7 @@ def test_resume_continues_the_same_losses(zero2_run, phantom_shards, tmp_path):
         in first.stderr
     with open(run_dir / "metrics.jsonl", "a") as f:  # as if the job had died at step 8, past its checkpoint
         f.write('{"step": 7, "loss/total": 99.0}\n{"step": 8, "loss/total": 99.0}\n')
-    second = deepspeed_module("pretrain", 2, config_args(phantom_shards, run_dir))
+    second = deepspeed_module("medsapiens.pretrain", 2, config_args(phantom_shards, run_dir))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from step 6" in second.stderr
     assert "finished at step 12; last validation: head MRE " in second.stderr and " mm (val), hand MRE " in second.stderr
@@ -96,10 +96,10 @@ def test_resume_continues_the_same_losses(zero2_run, phantom_shards, tmp_path):
 def test_universal_checkpoint_resumes_at_another_world_size(zero2_run, phantom_shards, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(zero2_run, run_dir)
-    convert = run([sys.executable, "-m", "launch.cli", "pretrain", "universal", str(run_dir)], 180)
+    convert = run([sys.executable, "-m", "medsapiens.launch.cli", "pretrain", "universal", str(run_dir)], 180)
     assert convert.returncode == 0, convert.stderr[-3000:]
     assert (run_dir / "checkpoints" / "latest_universal").read_text() == "step_00000012_universal"
-    one_rank = run([sys.executable, "-m", "pretrain", "--resume", "universal",
+    one_rank = run([sys.executable, "-m", "medsapiens.pretrain", "--resume", "universal",
                     *config_args(phantom_shards, run_dir, f"train.max_steps={STEPS + 2}")], 180)
     assert one_rank.returncode == 0, one_rank.stderr[-3000:]
     assert "resumed from step 12" in one_rank.stderr
@@ -112,13 +112,13 @@ def test_universal_checkpoint_resumes_at_another_world_size(zero2_run, phantom_s
 @pytest.mark.timeout(300)
 def test_two_ranks_zero3_trains_and_exports(phantom_shards, tmp_path):
     run_dir = tmp_path / "run"
-    proc = deepspeed_module("pretrain", 2, config_args(
+    proc = deepspeed_module("medsapiens.pretrain", 2, config_args(
         phantom_shards, run_dir, "train.deepspeed=launch/deepspeed/zero3.json", "train.max_steps=4",
         "train.checkpoint_every=4", "train.val_every=4"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ZeRO-3" in proc.stderr
     out = tmp_path / "bundle"
-    assert run([sys.executable, "-m", "launch.cli", "pretrain", "export", str(run_dir), "--out", str(out)], 120).returncode == 0
+    assert run([sys.executable, "-m", "medsapiens.launch.cli", "pretrain", "export", str(run_dir), "--out", str(out)], 120).returncode == 0
     model, bundle = bundlelib.load(out)
     assert bundle.provenance["steps"] == 4
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -166,7 +166,7 @@ def test_compiled_model_gives_the_eager_loss_gradients_and_names(phantom_shards,
     ("data.shards=/nonexistent/shards", "no manifest at /nonexistent/shards/manifest.json"),
 ])
 def test_preflight_stops_with_a_clear_message(phantom_shards, tmp_path, override, message):
-    proc = run([sys.executable, "-m", "pretrain", *config_args(phantom_shards, tmp_path / "run", override)], 100)
+    proc = run([sys.executable, "-m", "medsapiens.pretrain", *config_args(phantom_shards, tmp_path / "run", override)], 100)
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -178,7 +178,7 @@ def test_preflight_names_an_unreachable_shard(phantom_shards, tmp_path):
     shutil.copytree(phantom_shards, shards)
     victim = sorted(shards.glob("hand-train-*.tar"))[0]
     victim.unlink()
-    proc = run([sys.executable, "-m", "pretrain", *config_args(shards, tmp_path / "run")], 100)
+    proc = run([sys.executable, "-m", "medsapiens.pretrain", *config_args(shards, tmp_path / "run")], 100)
     assert proc.returncode != 0
     assert f"shard {victim} listed in" in proc.stderr and "unreachable" in proc.stderr
 
@@ -193,7 +193,7 @@ def test_an_interrupted_run_says_where_a_rerun_resumes(phantom_shards, tmp_path)
     run_dir = tmp_path / "run"
     args = pretrain_args(phantom_shards, run_dir, "train.max_steps=10000", "train.checkpoint_every=2",
                          "train.val_every=10000", "data.workers=0")
-    proc = subprocess.Popen([sys.executable, "-m", "pretrain", *args], cwd=REPO, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "medsapiens.pretrain", *args], cwd=REPO, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 150
     while not (run_dir / "checkpoints" / "latest").is_file() and time.monotonic() < deadline:
@@ -214,17 +214,17 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_after_a_checkpoint_and_the_r
     import psutil
 
     from conftest import DEEPSPEED, free_port
-    from medsapiens import checkpoints
+    from medsapiens.training import checkpoints
     from medsapiens.errors import EXIT_STOPPED
 
     def args(run_dir):
         return pretrain_args(phantom_shards, run_dir, "train.max_steps=40", "train.checkpoint_every=20",
                              "train.val_every=20", "train.keep_last=3")
 
-    whole = deepspeed_module("pretrain", 2, args(tmp_path / "whole"), timeout=300)
+    whole = deepspeed_module("medsapiens.pretrain", 2, args(tmp_path / "whole"), timeout=300)
     assert whole.returncode == 0, whole.stderr[-3000:]
     run_dir = tmp_path / "stopped"
-    job = subprocess.Popen([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pretrain",
+    job = subprocess.Popen([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "medsapiens.pretrain",
                             *args(run_dir)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not (run_dir / "metrics.jsonl").is_file() or max(losses(run_dir), default=0) < 3:
@@ -240,7 +240,7 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_after_a_checkpoint_and_the_r
     assert 3 <= step < 20  # inside the first segment: the rerun must replay it to the step
     tag = checkpoints.checkpoint_tag(step)
     assert checkpoints.latest_tag(run_dir / "checkpoints") == tag and f"checkpoint {tag}" in line
-    rerun = deepspeed_module("pretrain", 2, args(run_dir), timeout=300)
+    rerun = deepspeed_module("medsapiens.pretrain", 2, args(run_dir), timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resumed from step {step}" in rerun.stderr
     resumed, reference = losses(run_dir), losses(tmp_path / "whole")

@@ -7,8 +7,8 @@ import pytest
 
 from conftest import CLI, DEMO_CONFIG, REPO, run
 from medsapiens import config as configlib
-from medsapiens.engine import OptimConfig, TrainConfig, lr_factor, resolve_warmup
-from medsapiens.run import schedule_text, scheduled
+from medsapiens.training.engine import OptimConfig, TrainConfig, lr_factor, resolve_warmup
+from medsapiens.training.run import schedule_text, scheduled
 
 EXPERIMENTS = REPO / "launch" / "experiments"
 
@@ -53,7 +53,7 @@ def test_max_steps_stay_when_no_epochs_are_given():
 
 
 def test_shipped_finetune_config_is_the_published_schedule():
-    from finetune.config import FinetuneConfig
+    from medsapiens.finetune.config import FinetuneConfig
 
     for cfg in (FinetuneConfig(), configlib.load(FinetuneConfig, EXPERIMENTS / "medsapiens_0.3b_finetune.yaml")):
         assert cfg.train.epochs == 210 and cfg.optim.schedule == "step"
@@ -64,7 +64,7 @@ def test_shipped_finetune_config_is_the_published_schedule():
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("split", ["test", "test1"])
 def test_a_config_asking_to_validate_on_a_test_split_is_refused(phantom_shards, tmp_path, split):
-    pretrain = run([sys.executable, "-m", "pretrain", "--config", str(DEMO_CONFIG), f"data.shards={phantom_shards}",
+    pretrain = run([sys.executable, "-m", "medsapiens.pretrain", "--config", str(DEMO_CONFIG), f"data.shards={phantom_shards}",
                     f"run_dir={tmp_path / 'p'}", f"data.val_split={split}"], 90)
     finetune = run([*CLI, "finetune", "--config", str(EXPERIMENTS / "demo_finetune.yaml"), "--shards", str(phantom_shards),
                     "--dataset", "head", "--init", "scratch", "--run-dir", str(tmp_path / "f"), f"data.val_split={split}"], 90)

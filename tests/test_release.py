@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from launch.cli import main
-from medsapiens import bundle as bundlelib
+from medsapiens.launch.cli import main
+from medsapiens.model import bundle as bundlelib
 from medsapiens.model import ARCHS, load_backbone
 from sapiens_checkpoints import released_state
 

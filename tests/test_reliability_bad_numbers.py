@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import DEMO_CONFIG, REPO
-from launch.cli import main
+from medsapiens.launch.cli import main
 
 FINETUNE = REPO / "launch/experiments/demo_finetune.yaml"
 

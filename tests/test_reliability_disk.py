@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import DEMO_CONFIG, run
-from medsapiens import checkpoints
+from medsapiens.training import checkpoints
 
 
 @pytest.fixture
@@ -35,8 +35,8 @@ def fill(disk, leave_bytes: int) -> None:
 
 
 def test_a_file_write_on_a_full_disk_is_one_line_and_leaves_no_temporary(small_disk, head_hand_bundle):
-    from medsapiens import bundle as bundlelib
-    from medsapiens import storage
+    from medsapiens.model import bundle as bundlelib
+    from medsapiens.io import storage
     from medsapiens.errors import InputError
 
     disk, _ = small_disk
@@ -52,7 +52,7 @@ def test_a_file_write_on_a_full_disk_is_one_line_and_leaves_no_temporary(small_d
 @pytest.mark.timeout(300)
 def test_a_checkpoint_save_on_a_full_disk_is_one_line_and_the_rerun_recovers(small_disk, phantom_shards):
     disk, remount = small_disk
-    args = [sys.executable, "-m", "pretrain", "--config", str(DEMO_CONFIG), f"data.shards={phantom_shards}",
+    args = [sys.executable, "-m", "medsapiens.pretrain", "--config", str(DEMO_CONFIG), f"data.shards={phantom_shards}",
             f"run_dir={disk / 'run'}", "data.micro_batch=4", "data.workers=0", "model.trunk_width=32",
             "train.max_steps=6", "train.checkpoint_every=2", "train.val_every=100", "train.keep_last=1"]
     full = run(args, 200)

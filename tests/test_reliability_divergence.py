@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import CLI, DEMO_CONFIG, run
-from medsapiens import checkpoints
+from medsapiens.training import checkpoints
 
 
 @pytest.mark.timeout(180)
 def test_a_diverging_run_stops_at_that_step_and_keeps_only_finite_checkpoints(phantom_shards, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run([sys.executable, "-m", "pretrain", "--config", str(DEMO_CONFIG), f"data.shards={phantom_shards}",
+    proc = run([sys.executable, "-m", "medsapiens.pretrain", "--config", str(DEMO_CONFIG), f"data.shards={phantom_shards}",
                 f"run_dir={run_dir}", "data.micro_batch=4", "data.workers=0", "model.trunk_width=32",
                 "train.max_steps=30", "train.checkpoint_every=1", "train.val_every=100", "optim.lr=1e6",
                 "optim.warmup_steps=0"], 150)
@@ -56,8 +56,8 @@ def test_predict_lists_a_non_finite_prediction_as_a_failure_and_flags_landmarks_
                                                                                        tmp_path, monkeypatch):
     import json
 
-    from finetune.predict import predict
-    from medsapiens.inference import BundleLandmarker
+    from medsapiens.evaluate.predict import predict
+    from medsapiens.evaluation.inference import BundleLandmarker
 
     real = BundleLandmarker.predict
 

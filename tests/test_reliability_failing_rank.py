@@ -32,7 +32,7 @@ def test_a_bad_validation_sample_on_one_rank_ends_the_job_in_seconds(phantom_sha
     shutil.copytree(phantom_shards, shards)
     bad_key = add_bad_val_shard(shards)
     started = time.monotonic()
-    proc = deepspeed_module("pretrain", 2, pretrain_args(
+    proc = deepspeed_module("medsapiens.pretrain", 2, pretrain_args(
         shards, tmp_path / "run", "data.datasets=[head]", "train.max_steps=2", "train.val_every=2",
         "train.checkpoint_every=2", "train.dist_timeout_s=600"), timeout=200)
     elapsed = time.monotonic() - started

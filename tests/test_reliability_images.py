@@ -14,7 +14,7 @@ from conftest import REPO, run, write_dicom
 
 # decode() in a child: its exit status, its error line and its peak resident memory in MiB (VmHWM:
 # unlike ru_maxrss, which Linux carries over from the forked parent, it starts afresh at exec)
-DECODE = ("import json, sys\nfrom medsapiens.imageio import decode\nfrom medsapiens.record import Rejection\n"
+DECODE = ("import json, sys\nfrom medsapiens.io.imageio import decode\nfrom medsapiens.io.record import Rejection\n"
           "try:\n    shape, error = list(decode(sys.argv[1]).shape), None\n"
           "except Rejection as exc:\n    shape, error = None, f'{exc.reason}: {exc.detail}'\n"
           "peak = next(line for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
@@ -49,7 +49,7 @@ def test_an_image_over_the_pixel_bound_is_refused_before_decoding(tmp_path):
 
 def test_a_bad_pixel_bound_setting_is_named(tmp_path, monkeypatch):
     from medsapiens.errors import InputError
-    from medsapiens.imageio import decode
+    from medsapiens.io.imageio import decode
 
     path = tmp_path / "a.png"
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(path)

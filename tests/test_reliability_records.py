@@ -1,4 +1,4 @@
-"""Record fields are validated on read (medsapiens.record, used by verify, training and
+"""Record fields are validated on read (medsapiens.io.record, used by verify, training and
 evaluation): a zero scale, a negative orig_size, a size that does not match the stored image,
 visibility flags other than 0/1 are refused, naming the sample; and a non-finite metric is an
 error, never a number in a report or a best checkpoint."""
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import with_first_record_changed
-from launch.cli import main
+from medsapiens.launch.cli import main
 from medsapiens.data.pipeline import decode_sample, eval_examples
-from medsapiens.manifest import load as load_manifest
-from medsapiens.metrics import summarize
-from medsapiens.record import Rejection
+from medsapiens.io.manifest import load as load_manifest
+from medsapiens.evaluation.metrics import summarize
+from medsapiens.io.record import Rejection
 
 BAD_FIELDS = [
     ({"scale": [0, 0]}, "scale must be two positive numbers"),

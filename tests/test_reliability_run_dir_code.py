@@ -60,7 +60,7 @@ def test_export_refuses_the_payload(poisoned, tmp_path):
 @pytest.mark.timeout(120)
 def test_resume_refuses_the_payload(poisoned, phantom_shards):
     run_dir, marker = poisoned
-    proc = run([sys.executable, "-m", "pretrain", *pretrain_args(phantom_shards, run_dir, *SMALL_RUN)], 100)
+    proc = run([sys.executable, "-m", "medsapiens.pretrain", *pretrain_args(phantom_shards, run_dir, *SMALL_RUN)], 100)
     assert_refused(proc, marker)
 
 
@@ -79,7 +79,7 @@ def test_finetune_with_that_run_dir_refuses_the_payload(poisoned, phantom_shards
 @pytest.mark.timeout(60)
 def test_the_types_deepspeed_stores_still_load(two_rank_run):
     """The allow-list is enough for every file DeepSpeed wrote (model states and each rank's optimizer)."""
-    from medsapiens.checkpoints import weights_only_loading
+    from medsapiens.training.checkpoints import weights_only_loading
 
     files = sorted((two_rank_run / "checkpoints" / "step_00000004").glob("*.pt"))
     assert len(files) == 3
@@ -92,7 +92,7 @@ def test_the_types_deepspeed_stores_still_load(two_rank_run):
 def test_a_payload_given_as_model_checkpoint_never_runs(tmp_path):
     """What already held: user-supplied weights are read with weights_only=True, which
     `model.checkpoint`, `model convert` and `finetune --init sapiens` all go through."""
-    from medsapiens.model.checkpoint import read_tensors
+    from medsapiens.model.weights import read_tensors
 
     marker = tmp_path / "payload-ran"
     path = tmp_path / "sapiens.pth"

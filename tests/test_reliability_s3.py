@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from medsapiens import storage
+from medsapiens.io import storage
 from s3_faults import FaultProxy
 
 BUCKET = "s3://medsapiens-test"
@@ -36,20 +36,20 @@ def proxy(s3_env, monkeypatch):
 
 @pytest.fixture(scope="module")
 def head_phantoms(tmp_path_factory):
-    from shards.phantoms import write_phantoms
+    from medsapiens.shards.phantoms import write_phantoms
 
     return write_phantoms(tmp_path_factory.mktemp("raw"), n=6, seed=0, sets=["head"])["head"]
 
 
 def build_to(out: str, raw) -> None:
-    from shards.build import BuildOptions, build
-    from shards.plan import SourceSpec
+    from medsapiens.shards.build import BuildOptions, build
+    from medsapiens.shards.plan import SourceSpec
 
     build([SourceSpec("head", str(raw))], BuildOptions(out=out, max_side=64, shard_size=3, workers=1, progress=False))
 
 
 def shard_digests(location: str) -> dict[str, str]:
-    from medsapiens.manifest import load
+    from medsapiens.io.manifest import load
 
     return {shard.url: shard.sha256 for shard in load(location).shards}
 
@@ -82,7 +82,7 @@ def test_a_build_against_a_frozen_endpoint_stops_in_bounded_time_naming_the_obje
 
     proxy.freeze()
     started = time.monotonic()
-    proc = run([sys.executable, "-m", "launch.cli", "shards", "build", "--source", f"head={head_phantoms}",
+    proc = run([sys.executable, "-m", "medsapiens.launch.cli", "shards", "build", "--source", f"head={head_phantoms}",
                 "--out", f"{BUCKET}/frozen", "--max-side", "64", "--workers", "1", "--no-progress"], 110,
                env={"PYTHONPATH": str(REPO)})
     assert proc.returncode != 0 and time.monotonic() - started < 90
@@ -95,7 +95,7 @@ def test_a_build_against_a_frozen_endpoint_stops_in_bounded_time_naming_the_obje
 def test_a_training_stream_from_an_endpoint_that_freezes_ends_with_an_s3_error(proxy, head_phantoms, monkeypatch,
                                                                               capsys):
     from medsapiens.data.pipeline import DataConfig, TrainStream
-    from medsapiens.manifest import load
+    from medsapiens.io.manifest import load
 
     build_to(f"{BUCKET}/stream", head_phantoms)
     cfg = DataConfig(shards=f"{BUCKET}/stream", datasets=["head"], micro_batch=2, workers=0, shuffle_buffer=2)
@@ -118,7 +118,7 @@ def test_a_killed_s3_builds_staging_dirs_are_removed_by_the_next_build(tmp_path,
     import sys
     import tempfile
 
-    from shards.writer import STAGING_PREFIX, remove_stale_staging
+    from medsapiens.shards.writer import STAGING_PREFIX, remove_stale_staging
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     gone = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -1,4 +1,4 @@
-"""Shards are read only as their manifest promised (medsapiens.shard_tar, used by training,
+"""Shards are read only as their manifest promised (medsapiens.io.shard_tar, used by training,
 evaluation, verify and inspect): a compressed tar, a member claiming more bytes than the whole
 shard, a shard longer than listed, an image over the build's max side and a shard whose sha256
 changed are refused, naming the shard, before anything large is read or decoded."""
@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from launch.cli import main
+from medsapiens.launch.cli import main
 from medsapiens.data.pipeline import DataConfig, TrainStream, decode_sample, read_shard
-from medsapiens.manifest import load as load_manifest
-from medsapiens.record import Rejection
-from medsapiens.shard_tar import ShardError
+from medsapiens.io.manifest import load as load_manifest
+from medsapiens.io.record import Rejection
+from medsapiens.io.shard_tar import ShardError
 
 
 @pytest.fixture

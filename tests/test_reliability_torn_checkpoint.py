@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import DEEPSPEED, REPO, SMALL_RUN, deepspeed_module, free_port, losses, pretrain_args
-from medsapiens import checkpoints
+from medsapiens.training import checkpoints
 
 
 def fake_tag(ckpt_dir, step, files: dict[str, bytes], complete=True):
@@ -72,7 +72,7 @@ def test_resume_falls_back_past_a_truncated_shard_and_redoes_the_same_steps(two_
     shard = run_dir / "checkpoints" / "step_00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size * 2 // 3)  # as a rank frozen mid-save leaves it
-    proc = deepspeed_module("pretrain", 2, pretrain_args(phantom_shards, run_dir, *SMALL_RUN), timeout=240)
+    proc = deepspeed_module("medsapiens.pretrain", 2, pretrain_args(phantom_shards, run_dir, *SMALL_RUN), timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "removed the incomplete checkpoint(s) step_00000004" in proc.stderr
     assert "resumed from step 2" in proc.stderr
@@ -110,7 +110,7 @@ def test_a_rank_frozen_mid_save_never_makes_latest_name_that_checkpoint(phantom_
     from the newest complete checkpoint and finishes."""
     run_dir = tmp_path / "run"
     args = pretrain_args(phantom_shards, run_dir, *SMALL_RUN)
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pretrain", *args]
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "medsapiens.pretrain", *args]
     log = open(tmp_path / "job.log", "w")
     job = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                            env={**os.environ, **with_fault("freeze", 4)})
@@ -126,7 +126,7 @@ def test_a_rank_frozen_mid_save_never_makes_latest_name_that_checkpoint(phantom_
             os.killpg(job.pid, signal.SIGKILL)
         job.wait(30)
         log.close()
-    proc = deepspeed_module("pretrain", 2, pretrain_args(phantom_shards, run_dir, *SMALL_RUN), timeout=240)
+    proc = deepspeed_module("medsapiens.pretrain", 2, pretrain_args(phantom_shards, run_dir, *SMALL_RUN), timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "removed the incomplete checkpoint(s) step_00000004" in proc.stderr
     assert "resumed from step 2" in proc.stderr
@@ -140,12 +140,12 @@ def test_a_rank_killed_ends_the_job_in_seconds_and_the_rerun_resumes_with_the_sa
     distributed timeout (600 s here), and the rerun redoes steps 3-4 with the uninterrupted run's losses."""
     run_dir = tmp_path / "run"
     started = time.monotonic()
-    killed = deepspeed_module("pretrain", 2, pretrain_args(phantom_shards, run_dir, *SMALL_RUN, "train.dist_timeout_s=600"),
+    killed = deepspeed_module("medsapiens.pretrain", 2, pretrain_args(phantom_shards, run_dir, *SMALL_RUN, "train.dist_timeout_s=600"),
                               timeout=240, env=with_fault("kill", 4))
     elapsed = time.monotonic() - started
     assert killed.returncode != 0 and elapsed < 120, (killed.returncode, elapsed)
     assert checkpoints.complete_tags(run_dir / "checkpoints") == ["step_00000002"]
-    rerun = deepspeed_module("pretrain", 2, pretrain_args(phantom_shards, run_dir, *SMALL_RUN), timeout=240)
+    rerun = deepspeed_module("medsapiens.pretrain", 2, pretrain_args(phantom_shards, run_dir, *SMALL_RUN), timeout=240)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resumed from step 2" in rerun.stderr
     redone, original = losses(run_dir), losses(two_rank_run)

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import CLI, DEMO_CONFIG, REPO, run
-from medsapiens.locks import LOCK_NAME, writer_lock
+from medsapiens.io.locks import LOCK_NAME, writer_lock
 
 
 def build(raw, out) -> subprocess.CompletedProcess:
@@ -35,7 +35,7 @@ def test_a_second_writer_is_refused_naming_the_live_holder(phantom_shards, tmp_p
         finetune = run([*CLI, "finetune", "--config", str(REPO / "launch/experiments/demo_finetune.yaml"),
                         "--shards", str(phantom_shards), "--dataset", "head", "--init", "scratch", "--steps", "2",
                         "--run-dir", str(run_dir), "model.trunk_width=32", "data.workers=0"], 120)
-        pretrain = run([sys.executable, "-m", "pretrain", "--config", str(DEMO_CONFIG),
+        pretrain = run([sys.executable, "-m", "medsapiens.pretrain", "--config", str(DEMO_CONFIG),
                         f"data.shards={phantom_shards}", f"run_dir={run_dir}"], 120)
     for proc in (finetune, pretrain):
         assert proc.returncode == 2 and f"{run_dir} is in use by {holder}" in proc.stderr
@@ -46,7 +46,7 @@ def test_a_second_writer_is_refused_naming_the_live_holder(phantom_shards, tmp_p
 def test_a_killed_holder_keeps_nothing(phantom_shards, tmp_path):
     out = tmp_path / "shards"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from medsapiens.locks import writer_lock\n"
+                               "from medsapiens.io.locks import writer_lock\n"
                                "with writer_lock(Path(sys.argv[1]), 'shards build'):\n"
                                "    print('held', flush=True); time.sleep(600)", str(out)],
                               cwd=REPO, stdout=subprocess.PIPE, text=True)

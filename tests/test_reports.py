@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from conftest import CLI, run
-from finetune.figures import ced_curve
-from finetune.report import build_report, write_report
-from launch.demo import DemoPlan, starts_figure
-from medsapiens import registry
-from medsapiens.metrics import Protocol
+from medsapiens.evaluate.figures import ced_curve
+from medsapiens.evaluate.report import build_report, write_report
+from medsapiens.launch.demo import DemoPlan, starts_figure
+from medsapiens.io import registry
+from medsapiens.evaluation.metrics import Protocol
 
 IDS = [f"img{i:02d}" for i in range(12)]
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from launch.cli import main
-from medsapiens.manifest import load
-from medsapiens.record import Rejection, sample_key, to_original
-from shards.phantoms import write_phantoms
+from medsapiens.launch.cli import main
+from medsapiens.io.manifest import load
+from medsapiens.io.record import Rejection, sample_key, to_original
+from medsapiens.shards.phantoms import write_phantoms
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -183,7 +183,7 @@ def test_an_edited_image_redoes_only_its_shard(phantoms, tmp_path, capsys):
 def test_build_killed_with_sigkill_resumes_without_losing_or_repeating_samples(tmp_path):
     roots = write_phantoms(tmp_path / "raw", n=10, seed=4)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "launch.cli", "shards", "build", *sources(roots), "--out", str(out),
+    command = [sys.executable, "-m", "medsapiens.launch.cli", "shards", "build", *sources(roots), "--out", str(out),
                "--shard-size", "1", "--workers", "1", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(command, env=env, cwd=REPO, start_new_session=True,

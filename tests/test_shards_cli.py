@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from launch.cli import main
-from shards.phantoms import write_phantoms
+from medsapiens.launch.cli import main
+from medsapiens.shards.phantoms import write_phantoms
 
 
 @pytest.fixture(scope="module")

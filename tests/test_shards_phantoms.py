@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shards.phantoms import SETS, phantom, spread_ids, write_phantoms
+from medsapiens.shards.phantoms import SETS, phantom, spread_ids, write_phantoms
 
 
 def files_of(root):

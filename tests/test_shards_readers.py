@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shards import readers
-from shards.phantoms import write_phantoms
-from shards.plan import PlanError, SourceSpec, Scan, open_source, scan_source
-from shards.readers import RawSample, ReaderError, Rejected, aariz, chest, coco, dicom, hand, isbi2015, leg
+from medsapiens.shards import readers
+from medsapiens.shards.phantoms import write_phantoms
+from medsapiens.shards.plan import PlanError, SourceSpec, Scan, open_source, scan_source
+from medsapiens.shards.readers import RawSample, ReaderError, Rejected, aariz, chest, coco, dicom, hand, isbi2015, leg
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +273,7 @@ def test_dicom_spacing_tags_and_unannotated_files(dicom_dir):
 
 
 def test_dicom_without_a_window_is_stretched_inverted_and_kept_16_bit(dicom_dir):
-    from medsapiens.imageio import decode
+    from medsapiens.io.imageio import decode
 
     plain = decode(str(dicom_dir / "a.dcm"))  # no window: its own min..max onto 0..65535
     assert plain.dtype == np.uint16 and plain[0, 39] == 65535 and plain[0, 0] == 0
@@ -288,8 +288,8 @@ def test_dicom_build_keeps_16_bits_and_records_the_spacing_tag(dicom_dir, tmp_pa
     import io
     import tarfile
 
-    from launch.cli import main
-    from medsapiens.manifest import load
+    from medsapiens.launch.cli import main
+    from medsapiens.io.manifest import load
 
     out = tmp_path / "out"
     assert main(["shards", "build", "--source", f"xr:dicom={dicom_dir}", "--out", str(out), "--max-side", "20",

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from shards.phantoms import write_phantoms
+from medsapiens.shards.phantoms import write_phantoms
 
 from conftest import KEY_ID, REPO, SECRET
 
@@ -33,7 +33,7 @@ def noise_dataset(root: Path) -> Path:
 
 
 def cli(env, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", "shards", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "medsapiens.launch.cli", "shards", *map(str, args)], cwd=REPO,
                           env={**os.environ, **env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
 
 
@@ -68,7 +68,7 @@ def test_build_inspect_verify_and_stream_a_shard_on_s3(s3_env, tmp_path, monkeyp
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     import webdataset as wds
-    from medsapiens import storage
+    from medsapiens.io import storage
 
     storage._client_for_pid.cache_clear()  # clients made before the endpoint was set must not be reused
     storage.register_webdataset_opener()

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from launch.cli import main
-from medsapiens.manifest import load
-from shards import readers
-from shards.plan import PlanError, Scan, SourceSpec, carve_count, open_source, scan_source
-from shards.readers import hand, leg
+from medsapiens.launch.cli import main
+from medsapiens.io.manifest import load
+from medsapiens.shards import readers
+from medsapiens.shards.plan import PlanError, Scan, SourceSpec, carve_count, open_source, scan_source
+from medsapiens.shards.readers import hand, leg
 
 LEG_TEST = leg.read_list(leg.MEDSAPIENS_TEST)
 

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medsapiens import preprocess
-from medsapiens.codec import whole_image_affine
+from medsapiens.data import preprocess
+from medsapiens.data.codec import whole_image_affine
 
 IMAGENET_MEAN = torch.tensor(preprocess.IMAGENET_MEAN).view(3, 1, 1)
 IMAGENET_STD = torch.tensor(preprocess.IMAGENET_STD).view(3, 1, 1)

@@ -19,14 +19,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from medsapiens import storage
+from medsapiens.io import storage
 from medsapiens.config import at_least, positive
-from medsapiens.codec import apply_affine, encode_udp, whole_image_affine
+from medsapiens.data.codec import apply_affine, encode_udp, whole_image_affine
 from medsapiens.errors import InputError, UserError
 from medsapiens.data.augment import AugmentConfig, normalize, photometric, random_affine, warp
-from medsapiens.manifest import Manifest, ManifestError
-from medsapiens.shard_tar import ShardError, decode_sample, read_shard
-from medsapiens.registry import LandmarkSet
+from medsapiens.io.manifest import Manifest, ManifestError
+from medsapiens.io.shard_tar import ShardError, decode_sample, read_shard
+from medsapiens.io.registry import LandmarkSet
 
 MIXING_RULES = ("proportional", "uniform", "temperature")
 TEST_SPLIT_PREFIX = "test"  # test, test1, test2, ...: held out, never used for selection

@@ -2,7 +2,7 @@
 multi-head landmark decoder and its loss, optimiser parameter groups, LoRA, and cost estimates."""
 from medsapiens.model.archs import ARCHS, DEFAULT_IMG_SIZE, DEFAULT_TRUNK_WIDTH, ArchSpec, feature_grid, get_arch
 from medsapiens.model.backbone import SapiensViT, build_backbone
-from medsapiens.model.checkpoint import (
+from medsapiens.model.weights import (
     LoadReport, convert_checkpoint, load_backbone, load_checkpoint, load_state, save_backbone,
 )
 from medsapiens.model.cost import MemoryEstimate, Split, count_params, forward_flops, memory_estimate

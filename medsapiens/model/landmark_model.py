@@ -13,7 +13,7 @@ from torch import nn
 from medsapiens.errors import InputError
 from medsapiens.model.archs import DEFAULT_IMG_SIZE, DEFAULT_TRUNK_WIDTH, ArchSpec, feature_grid, get_arch
 from medsapiens.model.backbone import SapiensViT
-from medsapiens.model.checkpoint import load_backbone
+from medsapiens.model.weights import load_backbone
 from medsapiens.model.decoder import HeadOutput, MultiHeadDecoder
 from medsapiens.model.lora import base_backbone
 from medsapiens.model.loss import HeatmapLoss, LandmarkObjective, heatmap_loss

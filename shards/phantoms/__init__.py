@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image
 
 from medsapiens.errors import InputError
-from shards.phantoms.anatomy import ANATOMIES, subject
-from shards.phantoms.render import render
+from medsapiens.shards.phantoms.anatomy import ANATOMIES, subject
+from medsapiens.shards.phantoms.render import render
 
 SETS = tuple(ANATOMIES)
 PNG_LEVEL = 1  # phantoms are written often (tests, demo): fast compression over small files

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shards.phantoms.render import Capsule, Cut, Ellipse, Part, Pose, Ring, first_inside, line_ellipse_crossings, pt, unit
+from medsapiens.shards.phantoms.render import Capsule, Cut, Ellipse, Part, Pose, Ring, first_inside, line_ellipse_crossings, pt, unit
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,7 @@ class ReaderError(UserError, ValueError):
 def load(name: str) -> ModuleType:
     if name not in READERS:
         raise ReaderError(f"unknown reader {name!r}; readers: {', '.join(READERS)}")
-    return importlib.import_module(f"shards.readers.{name}")
+    return importlib.import_module(f"medsapiens.shards.readers.{name}")
 
 
 def accepted_options(reader: ModuleType) -> dict[str, str | None]:

@@ -17,7 +17,7 @@ import csv
 import json
 from pathlib import Path
 
-from shards.readers import RawSample, ReaderError, Rejected, first_existing, optional_path, read_text
+from medsapiens.shards.readers import RawSample, ReaderError, Rejected, first_existing, optional_path, read_text
 
 OPTIONS = {"spacing_csv": None}
 SPLIT_RULE = "the dataset's folders: train -> train, valid -> val, test -> test"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from shards.readers import RawSample, Rejected, Unlabelled, order_split, read_text
+from medsapiens.shards.readers import RawSample, Rejected, Unlabelled, order_split, read_text
 
 OPTIONS: dict[str, str] = {}
 SPLIT_RULE = ("labelled names in order: first round(n*195/279) train, next round(n*34/279) val, rest test "

@@ -22,7 +22,7 @@ import re
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
 
-from shards.readers import RawSample, ReaderError, Rejected, first_existing, read_text
+from medsapiens.shards.readers import RawSample, ReaderError, Rejected, first_existing, read_text
 
 OPTIONS = {"split": "train", "test_fraction": "0", "test_seed": "0"}
 CARVES_TEST = True  # test_fraction > 0: a seeded test split carved from train (shards.plan.with_test)

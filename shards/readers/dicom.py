@@ -9,7 +9,7 @@ Pixel spacing: an image's own `spacing` [sx, sy] in the COCO JSON wins; else the
 `PixelSpacing` (0028,0030), else `ImagerPixelSpacing` (0018,1164) (detector plane, not corrected
 for magnification), else none; both tags are stored [row, col] and are reversed to (x, y); a zero
 or negative tag counts as absent. Where the spacing came from is recorded in the manifest. Only
-the header is read here; pixels are decoded by the writer (`medsapiens.imageio`: Modality LUT,
+the header is read here; pixels are decoded by the writer (`medsapiens.io.imageio`: Modality LUT,
 VOI LUT or window, MONOCHROME1 inverted, 16-bit depth kept; a multi-frame file is rejected).
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from medsapiens.imageio import dicom_spacing, is_dicom
-from shards.readers import ReaderError, Rejected, RawSample, coco
+from medsapiens.io.imageio import dicom_spacing, is_dicom
+from medsapiens.shards.readers import ReaderError, Rejected, RawSample, coco
 
 OPTIONS = coco.OPTIONS
 CARVES_TEST = coco.CARVES_TEST

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.readers import RawSample, ReaderError, Rejected, choice, natural_key, number, order_split, read_text
+from medsapiens.shards.readers import RawSample, ReaderError, Rejected, choice, natural_key, number, order_split, read_text
 
 OPTIONS = {"split": "gu2net", "seed": "0", "val_fraction": "0.066", "test_fraction": "0.32"}
 SPLIT_RULE = ("split=gu2net: id order, 550 train, 59 val, rest test; split=seeded: sorted ids shuffled by "

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medsapiens import registry
-from shards.readers import RawSample, Rejected, choice, first_existing, read_text
+from medsapiens.io import registry
+from medsapiens.shards.readers import RawSample, Rejected, choice, first_existing, read_text
 
 OPTIONS = {"gt": "mean", "val": "seeded"}
 SPLIT_RULE = ("official id ranges: 001-150 train, 151-300 test1, 301 and above test2; "

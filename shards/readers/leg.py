@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shards.readers import DATA, RawSample, ReaderError, Rejected, optional_path, read_text
+from medsapiens.shards.readers import DATA, RawSample, ReaderError, Rejected, optional_path, read_text
 
 OPTIONS = {"test_list": None, "val_list": None}
 SPLIT_RULE = ("ids listed in test_list (else <root>/test.txt, else MedSapiens' published 50 test ids) -> test, "

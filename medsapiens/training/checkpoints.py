@@ -24,8 +24,10 @@ from pathlib import Path
 
 import torch
 
-from medsapiens import distributed, storage
-from medsapiens.errors import UserError
+from medsapiens import distributed
+from medsapiens.io import storage
+from medsapiens.errors import CheckpointError
+from medsapiens.model.weights import refuse_non_finite
 
 CHECKPOINTS = "checkpoints"
 BEST = "best.json"
@@ -33,10 +35,6 @@ COMPLETE = "complete.json"
 CLIENT_STATE_KEY = "medsapiens"
 TAG_PREFIX = "step_"
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load obeys it over an explicit weights_only=False
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be used: incomplete, missing, or holding more than weights."""
 
 
 def deepspeed_state_types() -> list:
@@ -214,15 +212,6 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
     return state
 
 
-def refuse_non_finite(state: dict[str, torch.Tensor], source) -> None:
-    """A model whose weights hold NaN or infinity (a diverged run's) predicts nothing: refused, naming a tensor."""
-    bad = next((name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()),
-               None)
-    if bad is not None:
-        raise CheckpointError(f"{source}: weight {bad!r} is not finite (NaN or infinity): the run that wrote it "
-                              "diverged; use an earlier checkpoint or train again with a lower lr")
-
-
 def make_universal(ckpt_dir: Path, tag: str | None = None) -> str:
     """Convert a ZeRO checkpoint into DeepSpeed's universal format, loadable at another world size.
 
@@ -231,7 +220,7 @@ def make_universal(ckpt_dir: Path, tag: str | None = None) -> str:
     ckpt_dir = Path(ckpt_dir)
     tag = tag or latest_tag(ckpt_dir)
     out_tag = f"{tag}_universal"
-    proc = subprocess.run([sys.executable, "-m", "medsapiens.checkpoints",
+    proc = subprocess.run([sys.executable, "-m", "medsapiens.training.checkpoints",
                            "--input_folder", str(ckpt_dir / tag), "--output_folder", str(ckpt_dir / out_tag),
                            "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"])
     if proc.returncode:

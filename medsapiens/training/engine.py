@@ -1,6 +1,6 @@
 """The DeepSpeed engine wrapper shared by pretraining and fine-tuning: the DeepSpeed config,
 optimiser and lr schedule, and one training step (forward, backward, step). It knows nothing of landmarks: the loss comes from the model's objective (medsapiens.model.loss),
-checkpoints from medsapiens.checkpoints.
+checkpoints from medsapiens.training.checkpoints.
 
 The same code runs as one process without the launcher (CPU or one GPU) and under
 `deepspeed` on many ranks: only the environment differs.
@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import json
 import math
+from importlib import resources
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from medsapiens import checkpoints
+from medsapiens.training import checkpoints
 from medsapiens.config import at_least, positive
 from medsapiens.errors import InputError
 
 LOSS_AVERAGES = ("per_sample", "union")
 SCHEDULES = ("step", "cosine", "constant")
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+PRESETS = resources.files("medsapiens.training") / "deepspeed"  # zero1, zero2, zero3, zero3_offload
+LEGACY_PRESET_DIR = Path("launch/deepspeed")  # where the presets were; older run configs name them there
 
 
 @dataclass
@@ -68,7 +70,7 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     precision: str = "auto"
-    deepspeed: str = "launch/deepspeed/zero2.json"
+    deepspeed: str = "zero2"  # a preset (zero1, zero2, zero3, zero3_offload) or a DeepSpeed JSON file
     offload: bool = False
     compile: bool = False  # torch.compile each transformer block and the decoder trunk (the model's regions)
     log_every: int = 10
@@ -140,12 +142,16 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     raise InputError(f"optim.schedule must be 'step', 'cosine' or 'constant', got {cfg.schedule!r}")
 
 
-def resolve_file(path: str) -> Path:
-    """A path as given, else relative to the installed package root (where `launch/` lives)."""
-    for candidate in (Path(path), PACKAGE_ROOT / path):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"file not found: {path} (also looked under {PACKAGE_ROOT})")
+def deepspeed_file(value: str):
+    """train.deepspeed: a preset shipped with the package (`zero2`), or a JSON file of the user's."""
+    name = Path(value).stem if Path(value).parent == LEGACY_PRESET_DIR else value
+    preset = PRESETS / f"{name}.json"
+    if preset.is_file():
+        return preset
+    if Path(value).is_file():
+        return Path(value)
+    presets = ", ".join(sorted(f.name.removesuffix(".json") for f in PRESETS.iterdir() if f.name.endswith(".json")))
+    raise FileNotFoundError(f"file not found: {value} (presets: {presets})")
 
 
 def resolve_precision(precision: str) -> str:
@@ -159,7 +165,7 @@ def resolve_precision(precision: str) -> str:
 def deepspeed_config(train: TrainConfig, optim: OptimConfig, micro_batch: int, universal: bool = False) -> dict:
     """The DeepSpeed config: ZeRO settings from the JSON file, the batch, clipping, precision and
     optimizer from the experiment config (which wins over the JSON's defaults for those keys)."""
-    source = resolve_file(train.deepspeed)
+    source = deepspeed_file(train.deepspeed)
     cfg = json.loads(source.read_text())
     owned = {"optimizer", "scheduler", "train_batch_size", "bf16", "fp16"} & set(cfg)
     if owned:

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from medsapiens import preprocess
+from medsapiens.data import preprocess
 
 
 def _as_tensor(x, dtype) -> torch.Tensor:
@@ -150,7 +150,7 @@ def flip_heatmaps(heatmaps: torch.Tensor, permutation) -> torch.Tensor:
 
 def whole_image_affine(image_size, input_size, margin: float = 1.25, scale: float = 1.0,
                        rotation_deg: float = 0.0, shift=(0.0, 0.0), flip: bool = False) -> torch.Tensor:
-    """3x3 float64 tensor mapping original-image pixels to input pixels (medsapiens.preprocess has the rule)."""
+    """3x3 float64 tensor mapping original-image pixels to input pixels (medsapiens.data.preprocess has the rule)."""
     return torch.from_numpy(preprocess.whole_image_affine(image_size, input_size, margin, scale, rotation_deg, shift,
                                                           flip))
 

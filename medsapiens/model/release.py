@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from medsapiens import bundle as bundlelib
-from medsapiens import registry
+from medsapiens.model import bundle as bundlelib
+from medsapiens.io import registry
 from medsapiens.errors import InputError
 from medsapiens.model import DEFAULT_IMG_SIZE, LandmarkModel, ModelConfig, MultiHeadDecoder, build_backbone, get_arch
-from medsapiens.model.checkpoint import load_checkpoint
-from medsapiens.shard_tar import file_digest
+from medsapiens.model.weights import load_checkpoint
+from medsapiens.io.shard_tar import file_digest
 
 STAGE = "medsapiens-release"
 MULTI_DATASET_ORDER = ("head", "chest", "hand", "leg")  # MedSapiens' 88-channel final layer

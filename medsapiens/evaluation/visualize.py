@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from medsapiens.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from medsapiens.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 TRUE_COLOR = (40, 220, 60)
 PRED_COLOR = (255, 60, 60)

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from medsapiens.errors import InputError
-from medsapiens.shard_tar import file_digest
-from medsapiens.storage import as_umask_allows
+from medsapiens.errors import CheckpointError, InputError
+from medsapiens.io.shard_tar import file_digest
+from medsapiens.io.storage import as_umask_allows
 from medsapiens.model.archs import DEFAULT_IMG_SIZE, PATCH_SIZE, ArchSpec, get_arch
 from medsapiens.model.backbone import SapiensViT, build_backbone
 
@@ -292,3 +292,11 @@ def _abbreviate(keys: list[str], most: int = 8) -> str:
     shown = ", ".join(keys[:most])
     return shown + (f", ... (+{len(keys) - most} more)" if len(keys) > most else "")
 
+
+def refuse_non_finite(state: dict[str, torch.Tensor], source) -> None:
+    """A model whose weights hold NaN or infinity (a diverged run's) predicts nothing: refused, naming a tensor."""
+    bad = next((name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()),
+               None)
+    if bad is not None:
+        raise CheckpointError(f"{source}: weight {bad!r} is not finite (NaN or infinity): the run that wrote it "
+                              "diverged; use an earlier checkpoint or train again with a lower lr")

@@ -11,10 +11,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medsapiens import storage
+from medsapiens.io import storage
 from medsapiens.errors import UserError
-from medsapiens.record import MAX_IMAGE_SIDE
-from medsapiens.registry import LandmarkSet
+from medsapiens.io.record import MAX_IMAGE_SIDE
+from medsapiens.io.registry import LandmarkSet
 
 FORMAT = "medsapiens-shards"
 VERSION = 1

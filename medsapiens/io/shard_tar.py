@@ -1,5 +1,5 @@
 """The shard format, the one module that knows it: WebDataset tar shards of `<key>.png` (the
-stored image, lossless, 8/16-bit grey or 8-bit RGB) + `<key>.json` (the record, medsapiens.record).
+stored image, lossless, 8/16-bit grey or 8-bit RGB) + `<key>.json` (the record, medsapiens.io.record).
 
 Writing (`shards build`, the fine-tuning subsets) is byte-reproducible: fixed member metadata, a
 sha256 of the result; `tar -tf` and the webdataset library read the shards as they are. Reading
@@ -18,9 +18,9 @@ import re
 import tarfile
 from pathlib import Path
 
-from medsapiens import imageio, storage
+from medsapiens.io import imageio, storage
 from medsapiens.errors import UserError
-from medsapiens.record import MAX_IMAGE_SIDE, Rejection, validate_record
+from medsapiens.io.record import MAX_IMAGE_SIDE, Rejection, validate_record
 
 MEMBER_MTIME = 0
 IMAGE, RECORD = "png", "json"  # member extensions

@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from medsapiens import bundle as bundlelib
+from medsapiens.model import bundle as bundlelib
 from medsapiens import distributed
-from medsapiens.codec import apply_affine, decode_udp, flip_heatmaps, heatmap_to_input
+from medsapiens.data.codec import apply_affine, decode_udp, flip_heatmaps, heatmap_to_input
 from medsapiens.data.pipeline import eval_example, eval_examples, heatmap_size
-from medsapiens.manifest import Manifest
-from medsapiens.metrics import Protocol, radial_errors
-from medsapiens.record import original_spacing, to_original
+from medsapiens.io.manifest import Manifest
+from medsapiens.evaluation.metrics import Protocol, radial_errors
+from medsapiens.io.record import original_spacing, to_original
 
 
 @torch.no_grad()
@@ -110,8 +110,8 @@ def points_in_input(matrix: torch.Tensor, stored_points) -> np.ndarray:
 
 
 class BundleLandmarker:
-    """A bundle on torch, for `medsapiens predict`: images from medsapiens.imageio -> original pixels.
-    medsapiens.onnx_model.OnnxLandmarker is its onnxruntime twin."""
+    """A bundle on torch, for `medsapiens predict`: images from medsapiens.io.imageio -> original pixels.
+    medsapiens.deploy.export.runtime.OnnxLandmarker is its onnxruntime twin."""
 
     def __init__(self, bundle_dir, device="cpu", flip_test: bool = True):
         self.model, self.bundle = bundlelib.load(bundle_dir, device)

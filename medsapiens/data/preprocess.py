@@ -4,7 +4,7 @@ torch-free on purpose: `medsapiens predict --onnx` runs on onnxruntime without t
 this is the preprocessing an exported model documents in its metadata. The training and evaluation
 pipeline warps with torch (medsapiens.data.augment.warp); tests hold the two to the same values.
 
-Conventions as in medsapiens.codec: positions (x, y) with pixel centres on integers, sizes (W, H).
+Conventions as in medsapiens.data.codec: positions (x, y) with pixel centres on integers, sizes (W, H).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 
 DESCRIPTION = (
     "input: float32 (B, 3, H, W), RGB (grey repeated), (value - mean) / std per channel on a 0-255 scale, "
-    "values from medsapiens.imageio.decode (16-bit divided by 257). The image is placed by the whole-image "
+    "values from medsapiens.io.imageio.decode (16-bit divided by 257). The image is placed by the whole-image "
     "affine: the image, padded to the input's aspect ratio and enlarged by `margin`, centred and scaled to fill "
     "the input (s = W_in / (max(W, H * W_in / H_in) * margin); x_in = s * (x - (W - 1) / 2) + (W_in - 1) / 2, "
     "likewise y), pixel centres on integers; sampled bilinearly with zeros outside, after an integer "

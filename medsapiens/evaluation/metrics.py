@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from medsapiens.errors import InputError
-from medsapiens.record import is_positive_pair
-from medsapiens.registry import LandmarkSet
+from medsapiens.io.record import is_positive_pair
+from medsapiens.io.registry import LandmarkSet
 
 SDR_CONVENTIONS = {"<": np.less, "<=": np.less_equal}
 

@@ -2,7 +2,7 @@
 
 A run directory holds `config.yaml` (the resolved config), `run.json` (datasets, heads, landmark
 sets, manifest digest, the split checkpoints are selected on), `tensorboard/`, `metrics.jsonl`,
-`checkpoints/` (see medsapiens.checkpoints) and `best.json` when the best validation checkpoint
+`checkpoints/` (see medsapiens.training.checkpoints) and `best.json` when the best validation checkpoint
 is tracked. Validation reads only each dataset's val split (never a test split).
 """
 from __future__ import annotations
@@ -18,17 +18,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from medsapiens import checkpoints
+from medsapiens.training import checkpoints
 from medsapiens import config as configlib
 from medsapiens import distributed
 from medsapiens.data.pipeline import DataConfig, TrainStream, train_batches, validation_split
-from medsapiens.engine import Engine, TrainConfig
+from medsapiens.training.engine import Engine, TrainConfig
 from medsapiens.errors import DivergedError, Stopped
-from medsapiens.inference import predict_split
-from medsapiens.manifest import Manifest
-from medsapiens.metrics import Protocol, summarize
-from medsapiens.telemetry import StepTimer, Telemetry
-from medsapiens.visualize import draw_landmarks
+from medsapiens.evaluation.inference import predict_split
+from medsapiens.io.manifest import Manifest
+from medsapiens.evaluation.metrics import Protocol, summarize
+from medsapiens.training.telemetry import StepTimer, Telemetry
+from medsapiens.evaluation.visualize import draw_landmarks
 
 RUN_INFO = "run.json"
 RESOLVED_CONFIG = "config.yaml"

@@ -9,12 +9,12 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from finetune.figures import CED, PER_LANDMARK, report_figures
-from medsapiens import registry
+from medsapiens.evaluate.figures import CED, PER_LANDMARK, report_figures
+from medsapiens.io import registry
 from medsapiens.errors import InputError
-from medsapiens.metrics import Protocol, radial_errors, summarize
-from medsapiens.record import is_number
-from medsapiens.registry import LandmarkSet
+from medsapiens.evaluation.metrics import Protocol, radial_errors, summarize
+from medsapiens.io.record import is_number
+from medsapiens.io.registry import LandmarkSet
 
 
 def build_report(errors: np.ndarray, mask: np.ndarray, ids: list[str], protocol: Protocol, dataset: str,

@@ -38,7 +38,7 @@ from isal import isal_zlib
 from PIL import Image
 
 from medsapiens.errors import InputError
-from medsapiens.record import Rejection, check_image_size
+from medsapiens.io.record import Rejection, check_image_size
 
 MAX_PIXELS_ENV = "MEDSAPIENS_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 64_000_000  # a stitched full-spine radiograph at 0.1 mm is ~56 MP; decoded at most 4 bytes each

@@ -8,8 +8,8 @@ input that could not be read or predicted (NaN or infinite output: `non_finite_p
 reason. Each input is isolated: one bad file is listed, the others complete, and both JSON files are
 always written.
 
-This module imports no torch: with `--onnx` the model runs on onnxruntime (medsapiens.onnx_model),
-else on torch (medsapiens.inference.BundleLandmarker, imported only then).
+This module imports no torch: with `--onnx` the model runs on onnxruntime (medsapiens.deploy.export.runtime),
+else on torch (medsapiens.evaluation.inference.BundleLandmarker, imported only then).
 """
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medsapiens.conformal import radii_in_pixels
+from medsapiens.evaluation.conformal import radii_in_pixels
 from medsapiens.errors import InputError
-from medsapiens.imageio import decode, dicom_spacing, is_dicom, to_float
-from medsapiens.metrics import Protocol
-from medsapiens.record import Rejection
-from medsapiens.visualize import draw_landmarks
+from medsapiens.io.imageio import decode, dicom_spacing, is_dicom, to_float
+from medsapiens.evaluation.metrics import Protocol
+from medsapiens.io.record import Rejection
+from medsapiens.evaluation.visualize import draw_landmarks
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm"}
 
@@ -91,10 +91,10 @@ def result_for(path: Path, points: np.ndarray, scores: np.ndarray, image, spacin
 def open_landmarker(bundle_dir, onnx, device: str, flip_test: bool | None):
     """The model: an ONNX file on onnxruntime (flip test as exported), else a bundle on torch."""
     if onnx:
-        from medsapiens.onnx_model import OnnxLandmarker
+        from medsapiens.deploy.export.runtime import OnnxLandmarker
 
         return OnnxLandmarker(onnx)
-    from medsapiens.inference import BundleLandmarker
+    from medsapiens.evaluation.inference import BundleLandmarker
 
     return BundleLandmarker(bundle_dir, device, True if flip_test is None else flip_test)
 

@@ -7,16 +7,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from finetune.report import build_report, write_report
-from medsapiens import bundle as bundlelib
-from medsapiens import conformal, distributed
+from medsapiens.evaluate.report import build_report, write_report
+from medsapiens.model import bundle as bundlelib
+from medsapiens.evaluation import conformal
+from medsapiens import distributed
 from medsapiens.data.pipeline import is_test_split
 from medsapiens.errors import InputError
-from medsapiens.inference import predict_split
-from medsapiens.manifest import Manifest, ManifestError, load as load_manifest
-from medsapiens.metrics import Protocol
-from medsapiens.record import safe_name
-from medsapiens.visualize import draw_landmarks
+from medsapiens.evaluation.inference import predict_split
+from medsapiens.io.manifest import Manifest, ManifestError, load as load_manifest
+from medsapiens.evaluation.metrics import Protocol
+from medsapiens.io.record import safe_name
+from medsapiens.evaluation.visualize import draw_landmarks
 
 
 def check_split(manifest: Manifest, dataset: str, split: str, bundle: bundlelib.Bundle) -> None:

@@ -1,11 +1,11 @@
 """ONNX export of a bundle: the network and its DARK-UDP decoding in one graph.
 
-The graph takes the preprocessed input (medsapiens.preprocess: float32 (B, 3, H, W), dynamic B) and
+The graph takes the preprocessed input (medsapiens.data.preprocess: float32 (B, 3, H, W), dynamic B) and
 gives, per exported head, `<dataset>_landmarks` (B, K, 2) in input pixels and `<dataset>_scores`
 (B, K): exported pose models that stop at the heatmaps leave decoding to each user and get it wrong.
 The model's metadata (`medsapiens` key, JSON) documents the preprocessing, the landmark sets, the
 heads, the input size, the codec settings, flip test and the bundle's calibration; `medsapiens
-predict --onnx` reads nothing else (medsapiens.onnx_model).
+predict --onnx` reads nothing else (medsapiens.deploy.export.runtime).
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from medsapiens import bundle as bundlelib
-from medsapiens import preprocess
-from medsapiens.codec import decode_udp, flip_heatmaps, heatmap_to_input
+from medsapiens.model import bundle as bundlelib
+from medsapiens.data import preprocess
+from medsapiens.data.codec import decode_udp, flip_heatmaps, heatmap_to_input
 from medsapiens.data.pipeline import heatmap_size
 from medsapiens.errors import InputError
 

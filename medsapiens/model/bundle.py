@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from medsapiens import distributed, storage
-from medsapiens.checkpoints import refuse_non_finite
+from medsapiens import distributed
+from medsapiens.io import storage
 from medsapiens.errors import InputError
 from medsapiens.model import ModelConfig, feature_grid
-from medsapiens.registry import LandmarkSet
+from medsapiens.model.weights import refuse_non_finite
+from medsapiens.io.registry import LandmarkSet
 
 FORMAT = "medsapiens-bundle"
 VERSION = 1
@@ -44,7 +45,7 @@ class Bundle:
     landmark_sets: dict[str, LandmarkSet]
     codec: CodecSettings = field(default_factory=CodecSettings)
     provenance: dict = field(default_factory=dict)
-    calibration: dict = field(default_factory=dict)  # {dataset: conformal radii}; empty: none (medsapiens.conformal)
+    calibration: dict = field(default_factory=dict)  # {dataset: conformal radii}; empty: none (medsapiens.evaluation.conformal)
 
     @property
     def heads(self) -> dict[str, int]:

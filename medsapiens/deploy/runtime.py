@@ -1,7 +1,7 @@
-"""An exported model (medsapiens.deploy) run by onnxruntime: no torch import anywhere on this path.
+"""An exported model (medsapiens.deploy.export) run by onnxruntime: no torch import anywhere on this path.
 
 Reads the model's `medsapiens` metadata (landmark sets, input size, margin, flip test, calibration),
-preprocesses with medsapiens.preprocess and maps the graph's input-pixel landmarks back to
+preprocesses with medsapiens.data.preprocess and maps the graph's input-pixel landmarks back to
 original pixels through the inverse of each image's affine.
 """
 from __future__ import annotations
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from medsapiens import preprocess
+from medsapiens.data import preprocess
 from medsapiens.errors import InputError
-from medsapiens.registry import LandmarkSet
+from medsapiens.io.registry import LandmarkSet
 
-METADATA_KEY = "medsapiens"  # as medsapiens.deploy writes it (that module imports torch)
+METADATA_KEY = "medsapiens"  # as medsapiens.deploy.export writes it (that module imports torch)
 FORMAT = "medsapiens-onnx"
 
 
@@ -46,7 +46,7 @@ class OnnxLandmarker:
         self.calibration = self.meta.get("calibration") or {}
 
     def inputs(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """(stacked model inputs, each image's affine) for images from medsapiens.imageio."""
+        """(stacked model inputs, each image's affine) for images from medsapiens.io.imageio."""
         pairs = [preprocess.model_input(image, self.input_size, self.margin) for image in images]
         return np.stack([x for x, _ in pairs]), [m for _, m in pairs]
 
