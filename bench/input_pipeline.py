@@ -44,8 +44,8 @@ import torch
 from PIL import Image
 from scipy.stats import truncnorm
 
-from medsapiens.io import manifest as manifestlib
 from medsapiens.data.pipeline import DataConfig, TrainStream
+from medsapiens.io import manifest as manifestlib
 from medsapiens.shards.build import BuildOptions, build
 from medsapiens.shards.phantoms import write_head
 from medsapiens.shards.plan import SourceSpec
@@ -243,7 +243,7 @@ def our_batches(shards: Path):
 def interleaved(sides: dict, batches: int) -> dict[str, float]:
     """Samples per CPU-second of each side, taking one micro-batch from each in turn."""
     cpu = dict.fromkeys(sides, 0.0)
-    for name, stream in sides.items():  # warm-up: first-call costs, the shuffle buffer's fill
+    for stream in sides.values():  # warm-up: first-call costs, the shuffle buffer's fill
         next(stream)
     for _ in range(batches):
         for name, stream in sides.items():

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from medsapiens.evaluate.predict import predict
-from medsapiens.model import bundle as bundlelib
-from medsapiens.io import registry
 from medsapiens.deploy.export import export_onnx
+from medsapiens.evaluate.predict import PredictOptions, predict
+from medsapiens.io import registry
 from medsapiens.model import ModelConfig
+from medsapiens.model import bundle as bundlelib
 from medsapiens.shards.phantoms import write_phantoms
 
 
@@ -31,10 +31,10 @@ def random_bundle(out: Path) -> Path:
     return bundlelib.save(out, cfg.build({"head": 19}), bundlelib.Bundle(cfg, sets))
 
 
-def images_per_s(images: Path, out: Path, n: int, **backend) -> float:
-    predict(inputs=[str(images)], out_dir=out / "warm-up", **backend)
+def images_per_s(images: Path, out: Path, n: int, options: PredictOptions, **backend) -> float:
+    predict([str(images)], out / "warm-up", options, **backend)
     start = time.perf_counter()
-    results, _ = predict(inputs=[str(images)], out_dir=out / "timed", **backend)
+    results, _ = predict([str(images)], out / "timed", options, **backend)
     assert len(results) == n
     return n / (time.perf_counter() - start)
 
@@ -55,9 +55,9 @@ def main() -> None:
         for i, path in enumerate(sorted((tmp / "raw" / "head" / "RawImage").rglob("*.bmp"))[:args.n]):
             (images / f"{i:03d}.bmp").write_bytes(path.read_bytes())
         n = len(list(images.iterdir()))
-        common = {"batch_size": args.batch_size, "dataset": "head"}
-        on_torch = images_per_s(images, tmp / "torch", n, bundle_dir=bundle, **common)
-        on_onnx = images_per_s(images, tmp / "onnx", n, bundle_dir=None, onnx=model, **common)
+        options = PredictOptions(dataset="head", batch_size=args.batch_size)
+        on_torch = images_per_s(images, tmp / "torch", n, options, bundle_dir=bundle)
+        on_onnx = images_per_s(images, tmp / "onnx", n, options, onnx=model)
         print(f"predict, {n} images, batch {args.batch_size}, flip test, torch threads {torch.get_num_threads()}: "
               f"PyTorch bundle {on_torch:.1f} images/s, onnxruntime {on_onnx:.1f} images/s, "
               f"ratio onnxruntime / PyTorch {on_onnx / on_torch:.2f}")

@@ -27,11 +27,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from medsapiens.distributed import init_distributed, shutdown
-from medsapiens.training.engine import Engine, OptimConfig, TrainConfig
 from medsapiens.model import ModelConfig, param_groups
 from medsapiens.model.archs import DEFAULT_TRUNK_WIDTH
 from medsapiens.model.cost import forward_flops
 from medsapiens.model.loss import LandmarkObjective
+from medsapiens.training.engine import Engine, OptimConfig, TrainConfig
 
 K = 19  # the ISBI head's landmarks
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}

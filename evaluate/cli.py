@@ -92,22 +92,22 @@ def _evaluate(args) -> int:
         return 0
     if not args.out:
         raise InputError("give --out DIR for the report")
-    from medsapiens.evaluate.evaluate import evaluate_bundle, summary_line
+    from medsapiens.evaluate.evaluate import EvalOptions, evaluate_bundle, summary_line
 
-    options = {"wrist_landmarks": _pair(args.hand_landmarks, int), "convention": args.sdr_convention}
+    wrist_landmarks = _pair(args.hand_landmarks, int)
     if args.predictions or args.ground_truth:
         if not (args.predictions and args.ground_truth) or args.bundle:
             raise InputError("give --predictions and --ground-truth together, without --bundle")
         from medsapiens.evaluate.report import score_files, write_report
 
-        report, errors, ids = score_files(args.predictions, args.ground_truth, **options)
+        report, errors, ids = score_files(args.predictions, args.ground_truth, wrist_landmarks, args.sdr_convention)
         write_report(report, errors, ids, list(report["per_landmark"]), args.out)
     else:
         if not (args.bundle and args.shards):
             raise InputError("give --bundle and --shards, or --predictions and --ground-truth")
-        report = evaluate_bundle(args.bundle, args.shards, args.dataset, args.split, args.out,
-                                 flip_test=args.flip_test, batch_size=args.batch_size, overlays=args.overlays,
-                                 device=args.device, **options)
+        options = EvalOptions(args.flip_test, args.batch_size, args.device, args.overlays, wrist_landmarks,
+                              args.sdr_convention)
+        report = evaluate_bundle(args.bundle, args.shards, args.dataset, args.split, args.out, options)
     print(summary_line(report))
     if "coverage" in report:
         c = report["coverage"]
@@ -118,7 +118,7 @@ def _evaluate(args) -> int:
 
 
 def _predict(args) -> int:
-    from medsapiens.evaluate.predict import predict
+    from medsapiens.evaluate.predict import PredictOptions, predict
     from medsapiens.io.imageio import positive_pair
 
     spacing = None if args.spacing is None else positive_pair(args.spacing.split(","))
@@ -126,8 +126,9 @@ def _predict(args) -> int:
         raise InputError(f"--spacing must be two positive numbers SX,SY (mm per pixel), got {args.spacing!r}")
     if bool(args.bundle) == bool(args.onnx):
         raise InputError("give --bundle DIR or --onnx MODEL.onnx (one of them)")
-    results, failures = predict(args.bundle, args.inputs, args.out, args.dataset, args.flip_test, args.overlays,
-                                args.batch_size, spacing, args.device, args.frame, args.onnx)
+    options = PredictOptions(args.dataset, args.flip_test, args.overlays, args.batch_size, spacing, args.device,
+                             args.frame)
+    results, failures = predict(args.inputs, args.out, options, bundle_dir=args.bundle, onnx=args.onnx)
     print(f"{len(results)} image(s) predicted, {len(failures)} failed (listed in {args.out}/failures.json); "
           f"written to {args.out}/")
     for failure in failures:
@@ -139,10 +140,10 @@ def _predict(args) -> int:
 
 
 def _calibrate(args) -> int:
-    from medsapiens.evaluate.evaluate import calibrate_bundle
+    from medsapiens.evaluate.evaluate import EvalOptions, calibrate_bundle
 
     calibration = calibrate_bundle(args.bundle, args.shards, args.dataset, args.split, args.coverage,
-                                   flip_test=args.flip_test, batch_size=args.batch_size, device=args.device)
+                                   EvalOptions(args.flip_test, args.batch_size, args.device))
     radii = calibration["radii"]
     print(f"calibrated on {calibration['images']} {args.split!r} images at {args.coverage:.0%} coverage: radii "
           f"{min(radii):.3f}..{max(radii):.3f} {calibration['unit']} (median {sorted(radii)[len(radii) // 2]:.3f}); "

@@ -69,7 +69,7 @@ def comparison(paths) -> dict:
         "unit": units.pop(), "radii": radii, "landmarks": landmarks,
         "rows": [{"report": str(p), "dataset": r.get("dataset"), "images": r.get("images"), "mre": r["mre"],
                   "mre_std_landmarks": r["mre_std_landmarks"], "mre_std_images": r["mre_std_images"],
-                  "sdr": {k: r["sdr"].get(k) for k in radii}} for p, r in zip(paths, reports)],
+                  "sdr": {k: r["sdr"].get(k) for k in radii}} for p, r in zip(paths, reports, strict=True)],
         "per_landmark": {name: [r["per_landmark"].get(name, {}).get("mre") for r in reports] for name in landmarks},
         "paired": [paired(reports[0], r) for r in reports[1:]],
     }

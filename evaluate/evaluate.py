@@ -2,22 +2,24 @@
 scored by the dataset's protocol in original-image pixels."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from medsapiens.evaluate.report import build_report, write_report
-from medsapiens.model import bundle as bundlelib
-from medsapiens.evaluation import conformal
 from medsapiens import distributed
 from medsapiens.data.pipeline import is_test_split
 from medsapiens.errors import InputError
-from medsapiens.evaluation.inference import predict_split
-from medsapiens.io.manifest import Manifest, ManifestError, load as load_manifest
+from medsapiens.evaluate.report import build_report, write_report
+from medsapiens.evaluation import conformal
+from medsapiens.evaluation.inference import PredictSettings, predict_split
 from medsapiens.evaluation.metrics import Protocol
-from medsapiens.io.record import safe_name
 from medsapiens.evaluation.visualize import draw_landmarks
+from medsapiens.io.manifest import Manifest, ManifestError
+from medsapiens.io.manifest import load as load_manifest
+from medsapiens.io.record import safe_name
+from medsapiens.model import bundle as bundlelib
 
 
 def check_split(manifest: Manifest, dataset: str, split: str, bundle: bundlelib.Bundle) -> None:
@@ -33,21 +35,35 @@ def check_split(manifest: Manifest, dataset: str, split: str, bundle: bundlelib.
                             f"the shards have {k}")
 
 
+@dataclass(frozen=True)
+class EvalOptions:
+    """How a bundle is run for evaluation and calibration (flip test, batch, device) and, for
+    evaluation, the protocol's choices and how many overlays to draw."""
+
+    flip_test: bool = True
+    batch_size: int = 8
+    device: str = "cpu"
+    overlays: int = 0
+    wrist_landmarks: tuple[int, int] | None = None  # hand protocol: the two wrist landmarks
+    convention: str = "<"  # SDR counts error < r, or <= r
+
+    def settings(self, model, bundle: bundlelib.Bundle) -> PredictSettings:
+        return PredictSettings.of_bundle(model, bundle, self.device, self.batch_size, self.flip_test)
+
+
 def evaluate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset: str, split: str, out_dir,
-                   flip_test: bool = False, batch_size: int = 8, overlays: int = 0, wrist_landmarks=None,
-                   convention: str = "<", device="cpu") -> dict | None:
+                   options: EvalOptions = EvalOptions()) -> dict | None:
     """Predict a split on every rank; rank 0 writes the report files and returns the report."""
     check_split(manifest, dataset, split, bundle)
     landmark_set = manifest.landmark_set(dataset)
-    preds = predict_split(model, manifest, dataset, model.dataset_ids.index(dataset), split, bundle.input_size,
-                          device, next(model.parameters()).dtype, batch_size, flip_test, panels=overlays,
-                          margin=bundle.codec.margin, blur_kernel=bundle.codec.blur_kernel)
+    preds = predict_split(model, manifest, dataset, model.dataset_ids.index(dataset), split,
+                          options.settings(model, bundle), panels=options.overlays)
     report = [None]
 
     def score() -> None:
-        protocol = Protocol(landmark_set, wrist_landmarks, convention)
+        protocol = Protocol(landmark_set, options.wrist_landmarks, options.convention)
         errors, mask = preds.errors(protocol)
-        flip = " with flip test" if flip_test and landmark_set.can_flip else ""
+        flip = " with flip test" if options.flip_test and landmark_set.can_flip else ""
         report[0] = build_report(errors, mask, preds.ids, protocol, dataset, f"{split} split of {manifest.location}{flip}")
         report[0].update(evaluated_on=split, flip_test=bool(flip), selected_on=selection_of(bundle))
         if dataset in bundle.calibration:
@@ -67,7 +83,7 @@ def refuse_test_split(split: str) -> None:
 
 
 def calibrate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset: str, split: str = "val",
-                    coverage: float = 0.9, flip_test: bool = True, batch_size: int = 8, device="cpu") -> dict | None:
+                    coverage: float = 0.9, options: EvalOptions = EvalOptions()) -> dict | None:
     """Split conformal radii per landmark on `split` (never a test split), with flip test as evaluation
     and predict use it by default; every rank predicts, rank 0 returns the calibration record."""
     refuse_test_split(split)
@@ -77,14 +93,13 @@ def calibrate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset
     if shortfall:
         raise InputError(shortfall)
     landmark_set = manifest.landmark_set(dataset)
-    preds = predict_split(model, manifest, dataset, model.dataset_ids.index(dataset), split, bundle.input_size,
-                          device, next(model.parameters()).dtype, batch_size, flip_test,
-                          margin=bundle.codec.margin, blur_kernel=bundle.codec.blur_kernel)
+    preds = predict_split(model, manifest, dataset, model.dataset_ids.index(dataset), split,
+                          options.settings(model, bundle))
     if preds is None:
         return None
     errors, mask = preds.errors(Protocol(landmark_set))
     return conformal.calibrate(errors, mask, coverage, landmark_set.names, landmark_set.unit, split,
-                               bool(flip_test and landmark_set.can_flip))
+                               bool(options.flip_test and landmark_set.can_flip))
 
 
 def calibration_shortfall(manifest: Manifest, dataset: str, split: str, coverage: float) -> str | None:
@@ -97,12 +112,12 @@ def calibration_shortfall(manifest: Manifest, dataset: str, split: str, coverage
 
 
 def calibrate_bundle(bundle_dir, shards: str, dataset: str | None = None, split: str = "val",
-                     coverage: float = 0.9, **options) -> dict:
+                     coverage: float = 0.9, options: EvalOptions = EvalOptions()) -> dict:
     """`medsapiens calibrate`: store the radii in the bundle's config.json (other heads' calibrations kept)."""
     refuse_test_split(split)
-    model, bundle = bundlelib.load(bundle_dir, options.get("device", "cpu"))
+    model, bundle = bundlelib.load(bundle_dir, options.device)
     dataset = dataset or only_head(bundle)
-    calibration = calibrate_model(model, bundle, load_manifest(shards), dataset, split, coverage, **options)
+    calibration = calibrate_model(model, bundle, load_manifest(shards), dataset, split, coverage, options)
     bundle.calibration = {**bundle.calibration, dataset: calibration}
     bundlelib.write_config(bundle_dir, bundle)
     return calibration
@@ -129,9 +144,10 @@ def write_overlays(panels, out_dir: Path) -> None:
         Image.fromarray(draw_landmarks(image, truth, pred)).save(out_dir / f"{safe_name(image_id)}.png")
 
 
-def evaluate_bundle(bundle_dir, shards: str, dataset: str | None, split: str, out_dir, **options) -> dict:
-    model, bundle = bundlelib.load(bundle_dir, options.get("device", "cpu"))
-    return evaluate_model(model, bundle, load_manifest(shards), dataset or only_head(bundle), split, out_dir, **options)
+def evaluate_bundle(bundle_dir, shards: str, dataset: str | None, split: str, out_dir,
+                    options: EvalOptions = EvalOptions()) -> dict:
+    model, bundle = bundlelib.load(bundle_dir, options.device)
+    return evaluate_model(model, bundle, load_manifest(shards), dataset or only_head(bundle), split, out_dir, options)
 
 
 def summary_line(report: dict) -> str:

@@ -8,23 +8,24 @@ input that could not be read or predicted (NaN or infinite output: `non_finite_p
 reason. Each input is isolated: one bad file is listed, the others complete, and both JSON files are
 always written.
 
-This module imports no torch: with `--onnx` the model runs on onnxruntime (medsapiens.deploy.export.runtime),
+This module imports no torch: with `--onnx` the model runs on onnxruntime (medsapiens.deploy.runtime),
 else on torch (medsapiens.evaluation.inference.BundleLandmarker, imported only then).
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from medsapiens.evaluation.conformal import radii_in_pixels
 from medsapiens.errors import InputError
-from medsapiens.io.imageio import decode, dicom_spacing, is_dicom, to_float
+from medsapiens.evaluation.conformal import radii_in_pixels
 from medsapiens.evaluation.metrics import Protocol
-from medsapiens.io.record import Rejection
 from medsapiens.evaluation.visualize import draw_landmarks
+from medsapiens.io.imageio import decode, dicom_spacing, is_dicom, to_float
+from medsapiens.io.record import Rejection
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm"}
 
@@ -79,7 +80,7 @@ def result_for(path: Path, points: np.ndarray, scores: np.ndarray, image, spacin
         "image": str(path), "id": path.stem, "dataset": dataset, "size": [image.shape[1], image.shape[0]],
         "names": list(names), "landmarks": np.round(points, 3).tolist(), "scores": np.round(scores, 4).tolist(),
         "spacing_mm": list(spacing) if spacing else None, "spacing_source": source,
-        "outside_image": [name for name, inside in zip(names, inside_image(points, image.shape)) if not inside],
+        "outside_image": [name for name, inside in zip(names, inside_image(points, image.shape), strict=True) if not inside],
     }
     if spacing:
         result["landmarks_mm"] = np.round(points * np.asarray(spacing), 3).tolist()
@@ -91,7 +92,7 @@ def result_for(path: Path, points: np.ndarray, scores: np.ndarray, image, spacin
 def open_landmarker(bundle_dir, onnx, device: str, flip_test: bool | None):
     """The model: an ONNX file on onnxruntime (flip test as exported), else a bundle on torch."""
     if onnx:
-        from medsapiens.deploy.export.runtime import OnnxLandmarker
+        from medsapiens.deploy.runtime import OnnxLandmarker
 
         return OnnxLandmarker(onnx)
     from medsapiens.evaluation.inference import BundleLandmarker
@@ -124,27 +125,39 @@ class Bounds:
         return fields, pixels
 
 
-def predict(bundle_dir, inputs: list[str], out_dir, dataset: str | None = None, flip_test: bool | None = None,
-            overlays: bool = False, batch_size: int = 8, spacing=None, device: str = "cpu", frame: int | None = None,
-            onnx=None):
-    """Returns (results, failures). Ids are file stems; a second input with the same id is a failure.
-    flip_test None: on for a bundle, as exported for an ONNX model."""
+@dataclass(frozen=True)
+class PredictOptions:
+    """How `medsapiens predict` runs: which head, flip test (None: on for a bundle, as exported for an
+    ONNX model), overlays, batch, the spacing that wins over DICOM tags, device, multi-frame DICOM frame."""
+
+    dataset: str | None = None
+    flip_test: bool | None = None
+    overlays: bool = False
+    batch_size: int = 8
+    spacing: tuple[float, float] | None = None
+    device: str = "cpu"
+    frame: int | None = None
+
+
+def predict(inputs: list[str], out_dir, options: PredictOptions = PredictOptions(), *, bundle_dir=None, onnx=None):
+    """Landmarks of every image under `inputs`, from a bundle (torch) or an ONNX model; returns
+    (results, failures). Ids are file stems; a second input with the same id is a failure."""
     paths = collect_inputs(inputs)
-    landmarker = open_landmarker(bundle_dir, onnx, device, flip_test)
+    landmarker = open_landmarker(bundle_dir, onnx, options.device, options.flip_test)
     heads = landmarker.heads
-    dataset = dataset or (next(iter(heads)) if len(heads) == 1 else None)
+    dataset = options.dataset or (next(iter(heads)) if len(heads) == 1 else None)
     if dataset not in heads:
         raise InputError(f"choose --dataset among the model's heads: {', '.join(heads)}")
-    check_flip_test(landmarker, dataset, flip_test, onnx)
+    check_flip_test(landmarker, dataset, options.flip_test, onnx)
     landmark_set = landmarker.landmark_sets[dataset]
     bounds = Bounds(landmark_set, landmarker.calibration.get(dataset))
     out = Path(out_dir)
-    (out / "overlays" if overlays else out).mkdir(parents=True, exist_ok=True)
+    (out / "overlays" if options.overlays else out).mkdir(parents=True, exist_ok=True)
     results, failures, batch, seen = [], [], [], {}
 
     def flush():
         points, scores = landmarker.predict([image for _, image, _, _ in batch], dataset)
-        for (path, image, sp, source), pts, sc in zip(batch, points, scores):
+        for (path, image, sp, source), pts, sc in zip(batch, points, scores, strict=True):
             if not (np.isfinite(pts).all() and np.isfinite(sc).all()):
                 failures.append(failure(path, "non_finite_prediction", f"{path}: the model's heatmaps gave NaN or "
                                         "infinite landmarks or scores for this image"))
@@ -152,7 +165,7 @@ def predict(bundle_dir, inputs: list[str], out_dir, dataset: str | None = None, 
             fields, radii_px = bounds.of(pts, sp, (image.shape[1], image.shape[0]))
             result = result_for(path, pts, sc, image, sp, source, dataset, landmark_set.names, fields)
             (out / f"{path.stem}.json").write_text(json.dumps(result, indent=1))
-            if overlays:
+            if options.overlays:
                 Image.fromarray(draw_landmarks(image, pred=pts, bounds=radii_px)).save(
                     out / "overlays" / f"{path.stem}.png")
             results.append(result)
@@ -165,7 +178,7 @@ def predict(bundle_dir, inputs: list[str], out_dir, dataset: str | None = None, 
                 continue
             seen[path.stem] = path
             try:
-                image, sp, source = read_input(path, spacing, frame)
+                image, sp, source = read_input(path, options.spacing, options.frame)
             except Rejection as exc:
                 failures.append(failure(path, exc.reason, exc.detail))
                 continue
@@ -173,7 +186,7 @@ def predict(bundle_dir, inputs: list[str], out_dir, dataset: str | None = None, 
                 failures.append(failure(path, "unreadable_image", f"{path}: {type(exc).__name__}: {exc}"))
                 continue
             batch.append((path, image, sp, source))
-            if len(batch) == batch_size:
+            if len(batch) == options.batch_size:
                 flush()
         if batch:
             flush()

@@ -9,10 +9,10 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from medsapiens.evaluate.figures import CED, PER_LANDMARK, report_figures
-from medsapiens.io import registry
 from medsapiens.errors import InputError
+from medsapiens.evaluate.figures import CED, PER_LANDMARK, report_figures
 from medsapiens.evaluation.metrics import Protocol, radial_errors, summarize
+from medsapiens.io import registry
 from medsapiens.io.record import is_number
 from medsapiens.io.registry import LandmarkSet
 
@@ -45,7 +45,7 @@ def write_report(report: dict, errors: np.ndarray, ids: list[str], names, out_di
     with open(out / "per_image.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["id", f"mre_{report['unit']}", *names])
-        for image_id, row in zip(ids, errors):
+        for image_id, row in zip(ids, errors, strict=True):
             mean = np.nanmean(row) if np.isfinite(row).any() else np.nan  # nan: the image was left out
             writer.writerow([image_id, f"{mean:.4f}", *(f"{e:.4f}" for e in row)])
     return out

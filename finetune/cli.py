@@ -70,6 +70,21 @@ def finetune_overrides(args) -> list[str]:
 
 
 def _finetune(args) -> int:
-    from medsapiens.finetune.__main__ import load_config, run_config
+    return run_finetune(args.config, finetune_overrides(args))
 
-    return run_config(load_config(args.config, finetune_overrides(args)))
+
+def run_finetune(config_path: str | None, overrides: list[str]) -> int:
+    from medsapiens import config as configlib
+    from medsapiens.finetune.config import FinetuneConfig
+    from medsapiens.finetune.train import check_bundle_model, run
+
+    cfg = configlib.load(FinetuneConfig, config_path, overrides)
+    check_bundle_model(cfg, set(configlib.flatten(configlib.load_data(config_path, overrides))))
+    return report_result(run(cfg))
+
+
+def report_result(result) -> int:
+    """Print the outcome on the rank that has it (rank 0)."""
+    for line in result.lines() if result is not None else []:
+        print(line)
+    return 0

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medsapiens.io import manifest as manifestlib
 from medsapiens.errors import InputError
+from medsapiens.io import manifest as manifestlib
 from medsapiens.io.shard_tar import file_digest, read_shard, write_samples
 
 

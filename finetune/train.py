@@ -7,26 +7,33 @@ import contextlib
 import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from medsapiens.finetune.config import INIT_SOURCES, RESUME_MODES, RUNS_ROOT, FinetuneConfig
-from medsapiens.evaluate.evaluate import calibrate_model, calibration_shortfall, evaluate_model
-from medsapiens.finetune.subset import few_shot_manifest
-from medsapiens.model import bundle as bundlelib
-from medsapiens.evaluation import conformal
 from medsapiens import config as configlib
 from medsapiens import distributed
-from medsapiens.training.checkpoints import checkpoint_dir, latest_tag, tag_step
 from medsapiens.data.pipeline import is_test_split
 from medsapiens.distributed import distributed_job
 from medsapiens.errors import InputError
+from medsapiens.evaluate.evaluate import (
+    EvalOptions,
+    calibrate_model,
+    calibration_shortfall,
+    evaluate_model,
+    summary_line,
+)
+from medsapiens.evaluation import conformal
+from medsapiens.finetune.config import INIT_SOURCES, RESUME_MODES, RUNS_ROOT, FinetuneConfig
+from medsapiens.finetune.subset import few_shot_manifest
 from medsapiens.io.locks import writer_lock
-from medsapiens.io.manifest import Manifest, ManifestError, load as load_manifest
+from medsapiens.io.manifest import Manifest, ManifestError
+from medsapiens.io.manifest import load as load_manifest
 from medsapiens.io.registry import LandmarkSet
+from medsapiens.model import bundle as bundlelib
+from medsapiens.training.checkpoints import checkpoint_dir, latest_tag, tag_step
 from medsapiens.training.run import RunPlan, check_settings, load_trained, train
 
 SUMMARY = "summary.json"
@@ -146,7 +153,46 @@ def export_best(cfg: FinetuneConfig, run_dir: Path, tag: str, model_cfg, landmar
     return bundlelib.save(run_dir / "bundle", model, bundle)
 
 
-def run_one(cfg: FinetuneConfig) -> dict | None:
+@dataclass
+class FinetuneResult:
+    """One fine-tuning run: its directory, its bundle (the checkpoint selected on val), the report of
+    each evaluated split."""
+
+    run_dir: str
+    bundle: str
+    seed: int
+    best: dict | None
+    trainable_parameters: int
+    reports: dict[str, dict]
+
+    @property
+    def report(self) -> dict:
+        return next(iter(self.reports.values()))
+
+    def lines(self) -> list[str]:
+        return ([f"{split}: {summary_line(report)}" for split, report in self.reports.items()]
+                + [f"bundle: {self.bundle}"]
+                + [f"report ({split}): {self.run_dir}/eval/{split}/report.md" for split in self.reports])
+
+
+@dataclass
+class SeedsResult:
+    """One run per seed: the summary written to summary.json (mean, std and values over the seeds)."""
+
+    run_dir: str
+    summary_file: str
+    summary: dict
+
+    def lines(self) -> list[str]:
+        s = self.summary
+        sdr = ", ".join(f"SDR@{r} {v['mean']:.2f} +- {v['std']:.2f}%" for r, v in s["sdr"].items())
+        return [f"{len(s['seeds'])} seeds: MRE {s['mre']['mean']:.3f} +- {s['mre']['std']:.3f} {s['unit']} "
+                f"(mean +- std over seeds), {sdr}",
+                json.dumps({"seeds": s["seeds"], "mre": s["mre"]["values"]}),
+                f"summary: {self.summary_file}; each seed's bundle and reports under {self.run_dir}/seed_<n>"]
+
+
+def run_one(cfg: FinetuneConfig) -> FinetuneResult | None:
     """Train, export the best checkpoint, evaluate. Rank 0 returns the result, other ranks None."""
     run_dir = Path(cfg.run_dir)
     if distributed.rank() == 0:
@@ -179,15 +225,13 @@ def run_one(cfg: FinetuneConfig) -> dict | None:
                                                     result.selection))
     model, bundle = bundlelib.load(run_dir / "bundle", result.device)
     calibrate_run(cfg, model, bundle, manifest, result.device)
-    reports = {split: evaluate_model(model, bundle, manifest, cfg.dataset, split, run_dir / "eval" / split,
-                                     flip_test=cfg.flip_test, batch_size=cfg.data.micro_batch,
-                                     overlays=cfg.eval_overlays, device=result.device)
+    options = EvalOptions(cfg.flip_test, cfg.data.micro_batch, result.device, cfg.eval_overlays)
+    reports = {split: evaluate_model(model, bundle, manifest, cfg.dataset, split, run_dir / "eval" / split, options)
                for split in evaluated}
     if distributed.rank() != 0:
         return None
-    return {"run_dir": str(run_dir), "bundle": str(run_dir / "bundle"), "seed": cfg.shot_seed, "best": best,
-            "trainable_parameters": result.trainable_parameters, "report": next(iter(reports.values())),
-            "reports": reports}
+    return FinetuneResult(str(run_dir), str(run_dir / "bundle"), cfg.shot_seed, best, result.trainable_parameters,
+                          reports)
 
 
 def calibrate_run(cfg: FinetuneConfig, model, bundle: bundlelib.Bundle, manifest: Manifest, device) -> None:
@@ -200,21 +244,21 @@ def calibrate_run(cfg: FinetuneConfig, model, bundle: bundlelib.Bundle, manifest
             print(f"calibration skipped: {shortfall}", file=sys.stderr)
         return
     calibration = calibrate_model(model, bundle, manifest, cfg.dataset, cfg.data.val_split, cfg.calibration_coverage,
-                                  cfg.flip_test, cfg.data.micro_batch, device)
+                                  EvalOptions(cfg.flip_test, cfg.data.micro_batch, device))
     bundle.calibration = {cfg.dataset: calibration}
     distributed.decide_on_rank0(lambda: bundlelib.write_config(Path(cfg.run_dir) / "bundle", bundle))
 
 
-def seed_summary(results: list[dict]) -> dict:
+def seed_summary(results: list[FinetuneResult]) -> dict:
     """Mean and std over seeds of MRE, both stds and each SDR radius, with the per-seed values."""
     def stats(values):
         return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": [float(v) for v in values]}
 
-    reports = [r["report"] for r in results]
+    reports = [r.report for r in results]
     summary = {name: stats([r[name] for r in reports]) for name in ("mre", "mre_std_images", "mre_std_landmarks")}
     summary["sdr"] = {radius: stats([r["sdr"][radius] for r in reports]) for radius in reports[0]["sdr"]}
-    return {"seeds": [r["seed"] for r in results], "unit": reports[0]["unit"], **summary,
-            "runs": [{"seed": r["seed"], "run_dir": r["run_dir"], "bundle": r["bundle"]} for r in results]}
+    return {"seeds": [r.seed for r in results], "unit": reports[0]["unit"], **summary,
+            "runs": [{"seed": r.seed, "run_dir": r.run_dir, "bundle": r.bundle} for r in results]}
 
 
 def fresh_run_dir(cfg: FinetuneConfig) -> str:
@@ -251,7 +295,8 @@ def settled_run_dir(cfg: FinetuneConfig) -> FinetuneConfig:
     return cfg
 
 
-def run(cfg: FinetuneConfig) -> dict | None:
+def run(cfg: FinetuneConfig) -> FinetuneResult | SeedsResult | None:
+    """Fine-tune (once, or once per seed); rank 0 returns the result, other ranks None."""
     check_config(cfg)
     check_inputs(cfg)
     with distributed_job(cfg.train.dist_timeout_s), contextlib.ExitStack() as held:
@@ -266,4 +311,4 @@ def run(cfg: FinetuneConfig) -> dict | None:
             return None
         summary = seed_summary(results)
         (Path(cfg.run_dir) / SUMMARY).write_text(json.dumps(summary, indent=2))
-        return {**summary, "run_dir": cfg.run_dir, "summary": str(Path(cfg.run_dir) / SUMMARY)}
+        return SeedsResult(cfg.run_dir, str(Path(cfg.run_dir) / SUMMARY), summary)

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from medsapiens import cli as model_cli
-from medsapiens.errors import exit_code, user_line, user_message
+from medsapiens.errors import run_command
 from medsapiens.evaluate import cli as evaluate_cli
 from medsapiens.finetune import cli as finetune_cli
 from medsapiens.launch import demo, launcher
@@ -39,13 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        return int(args.func(args) or 0)
-    except Exception as exc:  # noqa: BLE001 - a user's mistake gets one line; anything else its traceback
-        if user_message(exc) is None:
-            raise
-        print(user_line(exc), file=sys.stderr)
-        return exit_code(exc)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

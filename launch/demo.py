@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medsapiens.errors import EXIT_USER_ERROR, UserError
+
 EXPERIMENTS = Path(__file__).resolve().parent / "experiments"
 BACKBONE_SEED = 1000
 STARTS = (
@@ -52,11 +54,19 @@ def step(number: int, total: int, text: str) -> None:
     print(f"\n[{number}/{total}] {text}", flush=True)
 
 
+class StageFailed(UserError):
+    """A stage of the demo failed (its own error is printed above); the demo exits with its status."""
+
+    def __init__(self, cmd: list[str], status: int):
+        super().__init__(f"demo stopped: `{' '.join(cmd)}` exited with {status}")
+        self.exit_code = status if status > 0 else EXIT_USER_ERROR
+
+
 def run(cmd: list[str]) -> None:
     """Run a stage as the user would from the shell, its progress shown; stop the demo if it fails."""
     result = subprocess.run(cmd)
     if result.returncode != 0:
-        raise SystemExit(f"demo stopped: `{' '.join(cmd)}` exited with {result.returncode}")
+        raise StageFailed(cmd, result.returncode)
 
 
 def make_phantoms(plan: DemoPlan) -> Path:

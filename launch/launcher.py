@@ -20,8 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medsapiens.launch import hosts, rank_env
 from medsapiens.errors import UserError
+from medsapiens.launch import hosts, rank_env
 
 STAGES = ("pretrain", "finetune")
 HOSTFILE_NAME = "hostfile"
@@ -128,13 +128,9 @@ def run_launch(args) -> int:
     workspace = (contextlib.nullcontext(LAUNCH_DIR_PLACEHOLDER) if args.dry_run
                  else tempfile.TemporaryDirectory(prefix="medsapiens-launch-"))
     with workspace as launch_dir:
-        try:
-            cfg = check_config(args.stage, args.config, args.overrides)
-            plan = make_plan(args, os.environ, Path.cwd(), Path(launch_dir))
-            plan.notes += config_notes(cfg, plan.ranks)
-        except ValueError as exc:  # ConfigError, HostError, LaunchError
-            print(f"medsapiens launch {args.stage}: error: {exc}", file=sys.stderr)
-            return 2
+        cfg = check_config(args.stage, args.config, args.overrides)
+        plan = make_plan(args, os.environ, Path.cwd(), Path(launch_dir))
+        plan.notes += config_notes(cfg, plan.ranks)
         print(describe(plan, os.environ, args.stage), flush=True)
         if args.dry_run:
             return 0
@@ -188,7 +184,7 @@ def check_config(stage: str, config: str, overrides: list[str]):
         raise LaunchError(f"{config}: train.deepspeed: {exc}") from None
     try:
         check_settings(cfg)
-    except ValueError as exc:
+    except UserError as exc:
         raise LaunchError(f"{config}: {exc}") from None
     return cfg
 

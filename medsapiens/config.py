@@ -40,7 +40,7 @@ def _coerce(value, hint, where: str):
         item_hints = args if origin is tuple and args and args[-1] is not Ellipsis else (args[:1] or (typing.Any,)) * len(value)
         if origin is tuple and len(item_hints) != len(value):
             raise ConfigError(f"{where}: expected {len(item_hints)} values, got {_short(list(value))}")
-        items = [_coerce(v, h, f"{where}[{i}]") for i, (v, h) in enumerate(zip(value, item_hints))]
+        items = [_coerce(v, h, f"{where}[{i}]") for i, (v, h) in enumerate(zip(value, item_hints, strict=True))]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):

@@ -173,7 +173,7 @@ def sum_across_ranks(values: dict[str, tuple[float, int]], names: list[str]) -> 
     t = torch.tensor(rows, dtype=torch.float64, device=collective_device())
     if dist.is_initialized():
         dist.all_reduce(t)
-    return {n: (float(s), int(c)) for n, (s, c) in zip(names, t.tolist()) if c > 0}
+    return {n: (float(s), int(c)) for n, (s, c) in zip(names, t.tolist(), strict=True) if c > 0}
 
 
 def any_rank(flag: bool) -> bool:

@@ -1,15 +1,26 @@
-"""The errors a user can fix, and the one rule that turns any error into what a command prints.
+"""The errors a user can fix, and the one rule that turns any error into an exit status.
 
 Library code raises `UserError` (or a subclass) for input it cannot use: a missing or malformed
 file, a bad config value, a manifest, bundle or checkpoint that does not check out. Its message
 names the file, key or sample and what to do. Every entry point (the `medsapiens` command and the
-rank entry points the DeepSpeed launcher starts) prints `user_message(exc)` as one line and exits 2;
-anything else is a bug and keeps its traceback.
+rank entry points `python -m medsapiens.pretrain` / `medsapiens.finetune`) runs its work through
+`run_command`: a user-level error prints one line and sets the exit status; anything else is a bug
+and keeps its traceback. A plain `ValueError` is a bug too: code never catches it to mean "bad input".
+
+Exit statuses, the same for every command:
+    0   done
+    1   the data failed a check (`shards verify`/`inspect` found problems, `shards build` rejected
+        inputs under --strict or could not write, `predict` predicted no image)
+    2   the command could not run as given (`UserError`: bad flag, config, file; a diverged run)
+    75  a stop signal (SIGTERM, SIGUSR1) ended the run after a complete checkpoint: rerun to resume
 """
 from __future__ import annotations
 
+import sys
+
+EXIT_CHECK_FAILED = 1
 EXIT_USER_ERROR = 2
-EXIT_STOPPED = 75  # a stop signal ended the run after a complete checkpoint (sysexits' "try again")
+EXIT_STOPPED = 75  # sysexits' "try again"
 
 # Files the user named that are not there or not readable: the OS message names the path.
 FILE_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -35,6 +46,12 @@ class Stopped(UserError):
     prefix = ""
 
 
+class CheckFailed(UserError):
+    """The data the command was asked to check or build did not pass: it ran, the data is the problem."""
+
+    exit_code = EXIT_CHECK_FAILED
+
+
 class DivergedError(UserError):
     """Training reached a non-finite loss or gradient: the settings (lr, data) need changing."""
 
@@ -55,3 +72,15 @@ def user_message(exc: BaseException) -> str | None:
         return (f"{exc}: s3:// needs AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
                 "or ~/.aws/credentials)")
     return str(exc) if isinstance(exc, (UserError, *FILE_ERRORS)) else None
+
+
+def run_command(work, *args) -> int:
+    """The one exit rule of every entry point: `work(*args)` returns an exit status (None is 0); a
+    user-level error prints its one line on stderr and returns its status; a bug propagates."""
+    try:
+        return int(work(*args) or 0)
+    except Exception as exc:  # noqa: BLE001 - sorted by user_message: one line for the user's mistake, else raise
+        if user_message(exc) is None:
+            raise
+        print(user_line(exc), file=sys.stderr)
+        return exit_code(exc)

@@ -1,4 +1,4 @@
-"""Entry point run by the DeepSpeed launcher on every rank: `deepspeed ... -m medsapiens.pretrain --config FILE.yaml [key=value ...]`.
+"""Entry point run by the DeepSpeed launcher on every rank: `deepspeed ... --module medsapiens.pretrain --config FILE.yaml [key=value ...]`.
 
 Without the launcher, `python -m medsapiens.pretrain ...` trains in one process (CPU or one GPU).
 """
@@ -7,10 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medsapiens import config as configlib
-from medsapiens.errors import exit_code, user_line, user_message
-from medsapiens.pretrain.cli import add_run_arguments
-from medsapiens.pretrain.config import PretrainConfig
+from medsapiens.errors import run_command
+from medsapiens.pretrain.cli import add_run_arguments, run_training
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,21 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return start(build_parser().parse_args(argv))
-
-
-def start(args) -> int:
-    try:
-        cfg = configlib.load(PretrainConfig, args.config, args.overrides)
-        from medsapiens.pretrain.train import run
-
-        run(cfg, args.resume)
-    except Exception as exc:  # noqa: BLE001 - one line on every rank for bad input, a bug keeps its traceback
-        if user_message(exc) is None:
-            raise
-        print(user_line(exc), file=sys.stderr)
-        return exit_code(exc)
-    return 0
+    return run_command(run_training, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

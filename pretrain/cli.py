@@ -15,7 +15,7 @@ def register(subparsers) -> None:
     run = sub.add_parser("run", help="train in this process (CPU or one GPU)",
                          description="Same options as `python -m medsapiens.pretrain`.")
     add_run_arguments(run)
-    run.set_defaults(func=_run)
+    run.set_defaults(func=run_training)
 
     export = sub.add_parser(
         "export", help="write a bundle (model.safetensors + config.json) from a run",
@@ -46,10 +46,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
 
-def _run(args) -> int:
-    from medsapiens.pretrain.__main__ import start
+def run_training(args) -> None:
+    from medsapiens import config as configlib
+    from medsapiens.pretrain.config import PretrainConfig
+    from medsapiens.pretrain.train import run
 
-    return start(args)
+    run(configlib.load(PretrainConfig, args.config, args.overrides), args.resume)
 
 
 def _export(args) -> int:

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from medsapiens.data.pipeline import DataConfig
-from medsapiens.training.engine import OptimConfig, TrainConfig
 from medsapiens.model import LoraConfig, ModelConfig
+from medsapiens.training.engine import OptimConfig, TrainConfig
 
 
 @dataclass

@@ -5,13 +5,13 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from medsapiens.model import bundle as bundlelib
 from medsapiens import config as configlib
-from medsapiens.training.checkpoints import checkpoint_dir, latest_tag, tag_step
 from medsapiens.io.registry import LandmarkSet
+from medsapiens.model import bundle as bundlelib
+from medsapiens.pretrain.config import PretrainConfig
+from medsapiens.training.checkpoints import checkpoint_dir, latest_tag, tag_step
 from medsapiens.training.run import load_trained
 from medsapiens.training.trainer import RESOLVED_CONFIG, RUN_INFO, validation_at
-from medsapiens.pretrain.config import PretrainConfig
 
 
 def export(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path:

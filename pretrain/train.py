@@ -7,12 +7,13 @@ from pathlib import Path
 import torch
 
 from medsapiens import distributed
-from medsapiens.io import storage
 from medsapiens.distributed import distributed_job
+from medsapiens.io import storage
 from medsapiens.io.locks import writer_lock
-from medsapiens.io.manifest import Manifest, ManifestError, load as load_manifest
-from medsapiens.training.run import RunPlan, check_settings, train
+from medsapiens.io.manifest import Manifest, ManifestError
+from medsapiens.io.manifest import load as load_manifest
 from medsapiens.pretrain.config import PretrainConfig
+from medsapiens.training.run import RunPlan, check_settings, train
 
 
 def selected_datasets(manifest: Manifest, requested: list[str]) -> list[str]:

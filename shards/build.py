@@ -17,20 +17,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medsapiens import __version__
+from medsapiens.errors import CheckFailed
+from medsapiens.io import imageio as images
 from medsapiens.io import storage
-from medsapiens.errors import UserError
 from medsapiens.io.locks import writer_lock
 from medsapiens.io.manifest import MANIFEST_NAME, REJECTED_NAME, DatasetInfo, Manifest, ShardInfo, manifest_url
 from medsapiens.io.record import FIELDS, sample_key
-from medsapiens.io import imageio as images
-from medsapiens.shards import DEFAULT_MAX_SIDE, DEFAULT_MULTIPART_MB, DEFAULT_SHARD_SIZE, DEFAULT_WORKERS, OUTSIDE_CHOICES
-from medsapiens.shards.plan import PlanError, Scan, SourceSpec, canonical_digest, input_fingerprint, open_source, scan_source, \
-    spacing_sources
+from medsapiens.shards import (
+    DEFAULT_MAX_SIDE,
+    DEFAULT_MULTIPART_MB,
+    DEFAULT_SHARD_SIZE,
+    DEFAULT_WORKERS,
+    OUTSIDE_CHOICES,
+)
+from medsapiens.shards.plan import (
+    PlanError,
+    Scan,
+    SourceSpec,
+    canonical_digest,
+    input_fingerprint,
+    open_source,
+    scan_source,
+    spacing_sources,
+)
 from medsapiens.shards.writer import PARTIAL_SUFFIX, ShardTask, init_worker, remove_stale_staging, write_shard
 
 
-class BuildError(UserError, RuntimeError):
-    """The build stopped: the message names the shard, file or option at fault."""
+class BuildError(CheckFailed, RuntimeError):
+    """The build stopped: the message names the shard, file or option at fault (exit status 1)."""
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,19 @@
 """`medsapiens shards {phantoms,build,inspect,verify}`.
 
 Registration imports nothing heavy (no numpy, PIL or torch): `--help` stays fast. Each handler
-imports what it needs and returns the exit code: 0 fine, 1 the data failed a check, 2 the
-command could not run as given.
+imports what it needs; the exit status follows medsapiens.errors (1: the data failed a check,
+`CheckFailed`; 2: the command could not run as given).
 """
 from __future__ import annotations
 
-import sys
-
-from medsapiens.shards import DEFAULT_MAX_SIDE, DEFAULT_MULTIPART_MB, DEFAULT_SHARD_SIZE, DEFAULT_WORKERS, OUTSIDE_CHOICES
+from medsapiens.errors import CheckFailed
+from medsapiens.shards import (
+    DEFAULT_MAX_SIDE,
+    DEFAULT_MULTIPART_MB,
+    DEFAULT_SHARD_SIZE,
+    DEFAULT_WORKERS,
+    OUTSIDE_CHOICES,
+)
 
 
 def register(subparsers) -> None:
@@ -56,18 +61,10 @@ def register(subparsers) -> None:
     verify.set_defaults(func=run_verify)
 
 
-def fail(message: str, code: int = 2) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
-
-
 def run_phantoms(args) -> int:
     from medsapiens.shards.phantoms import write_phantoms
 
-    try:
-        roots = write_phantoms(args.out, n=args.n, seed=args.seed, sets=[s for s in args.sets.split(",") if s])
-    except ValueError as exc:
-        return fail(str(exc))
+    roots = write_phantoms(args.out, n=args.n, seed=args.seed, sets=[s for s in args.sets.split(",") if s])
     for name, root in roots.items():
         print(f"{name}: {args.n} phantom images in {root}")
     print("build shards with: medsapiens shards build " + " ".join(f"--source {n}={r}" for n, r in roots.items())
@@ -76,24 +73,19 @@ def run_phantoms(args) -> int:
 
 
 def run_build(args) -> int:
-    from medsapiens.shards.build import BuildError, BuildOptions, build, summary_lines
-    from medsapiens.shards.plan import PlanError, SourceSpec, attach_options
+    from medsapiens.shards.build import BuildOptions, build, summary_lines
+    from medsapiens.shards.plan import SourceSpec, attach_options
 
-    try:
-        specs = attach_options([SourceSpec.parse(text) for text in args.source], args.opt)
-        options = BuildOptions(
-            out=args.out, max_side=args.max_side, shard_size=args.shard_size, outside=args.outside,
-            workers=args.workers, overwrite=args.overwrite, multipart_mb=args.multipart_mb,
-            progress=not args.no_progress,
-        )
-        result = build(specs, options)
-    except PlanError as exc:
-        return fail(str(exc))
-    except BuildError as exc:
-        return fail(str(exc), code=1)
+    specs = attach_options([SourceSpec.parse(text) for text in args.source], args.opt)
+    options = BuildOptions(
+        out=args.out, max_side=args.max_side, shard_size=args.shard_size, outside=args.outside,
+        workers=args.workers, overwrite=args.overwrite, multipart_mb=args.multipart_mb,
+        progress=not args.no_progress,
+    )
+    result = build(specs, options)
     print("\n".join(summary_lines(result)))
     if args.strict and result.rejected:
-        return fail(f"--strict: {len(result.rejected)} input(s) rejected; see the report above", code=1)
+        raise CheckFailed(f"--strict: {len(result.rejected)} input(s) rejected; see the report above")
     return 0
 
 
@@ -104,14 +96,15 @@ def load_manifest(location: str):
 
 
 def run_inspect(args) -> int:
-    from medsapiens.shards.inspection import inspect
-
+    from medsapiens.io.manifest import ManifestError
     from medsapiens.io.record import Rejection
+    from medsapiens.io.shard_tar import ShardError
+    from medsapiens.shards.inspection import inspect
 
     try:
         lines = inspect(load_manifest(args.location), args.sheet, args.n)
-    except (ValueError, Rejection) as exc:  # ManifestError, ShardError: named shard or sample
-        return fail(str(exc), code=1)
+    except (ManifestError, ShardError, Rejection) as exc:  # the shards under inspection fail a check
+        raise CheckFailed(str(exc)) from exc
     print("\n".join(lines))
     return 0
 
@@ -123,11 +116,11 @@ def run_verify(args) -> int:
     try:
         manifest = load_manifest(args.location)
     except ManifestError as exc:
-        return fail(str(exc), code=1)
+        raise CheckFailed(str(exc)) from exc
     problems, checked = verify(manifest)
     for problem in problems:
         print(problem)
     if problems:
-        return fail(f"{len(problems)} problem(s) in {manifest.location}", code=1)
+        raise CheckFailed(f"{len(problems)} problem(s) in {manifest.location}")
     print(f"{manifest.location}: {len(manifest.shards)} shard(s), {checked} samples verified, no problems")
     return 0

@@ -62,7 +62,7 @@ def to_thumbnail(sample: dict, record: dict, key: str) -> Image.Image:
     factor = THUMB / max(image.size)
     image = image.resize((max(1, round(image.width * factor)), max(1, round(image.height * factor))))
     draw = ImageDraw.Draw(image)
-    for i, ((x, y), visible) in enumerate(zip(record["landmarks"], record["visible"])):
+    for i, ((x, y), visible) in enumerate(zip(record["landmarks"], record["visible"], strict=True)):
         x, y = (x + 0.5) * factor - 0.5, (y + 0.5) * factor - 0.5
         colour = (255, 40, 40) if visible else (120, 120, 255)
         draw.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], outline=colour, width=2)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medsapiens.io import registry
 from medsapiens.errors import UserError
+from medsapiens.io import registry
 from medsapiens.io.record import sample_key
 from medsapiens.io.registry import LandmarkSet
 from medsapiens.shards import readers

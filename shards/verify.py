@@ -31,7 +31,7 @@ def sample_problems(manifest: Manifest, shard: ShardInfo, key: str, sample: dict
     except (ValueError, OSError, Rejection) as exc:
         return [f"{where}: {exc}"]
     problems = []
-    outside = [k for k, (said, found) in enumerate(zip(meta["visible"], inside)) if said != found]
+    outside = [k for k, (said, found) in enumerate(zip(meta["visible"], inside, strict=True)) if said != found]
     if outside:
         problems.append(f"{where}: visible landmark(s) {outside} lie outside the {size[0]}x{size[1]} image")
     if (meta["dataset"], meta["split"]) != (shard.dataset, shard.split):

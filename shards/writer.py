@@ -17,13 +17,19 @@ from pathlib import Path
 
 import numpy as np
 
+from medsapiens.io import imageio as images
 from medsapiens.io import storage
-from medsapiens.io.shard_tar import add_sample, file_digest, open_writer
 from medsapiens.io.record import (
-    Rejection, check_landmarks, check_spacing, make_record, resized_size, sample_key, validate_record,
+    Rejection,
+    check_landmarks,
+    check_spacing,
+    make_record,
+    resized_size,
+    sample_key,
+    validate_record,
 )
 from medsapiens.io.registry import LandmarkSet
-from medsapiens.io import imageio as images
+from medsapiens.io.shard_tar import add_sample, file_digest, open_writer
 from medsapiens.shards.plan import rejection_entry
 from medsapiens.shards.readers import RawSample
 

@@ -12,9 +12,9 @@ import torch
 from deepspeed.ops.op_builder.builder import OpBuilder
 
 from medsapiens.distributed import init_distributed, shutdown
-from medsapiens.training.engine import Engine, OptimConfig, TrainConfig
 from medsapiens.model import ModelConfig, param_groups
 from medsapiens.model.loss import LandmarkObjective
+from medsapiens.training.engine import Engine, OptimConfig, TrainConfig
 
 built: list[str] = []
 

@@ -13,13 +13,13 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 from safetensors.torch import save_file
 
-from medsapiens.io import manifest as manifestlib
+from medsapiens import distributed
 from medsapiens.data.augment import AugmentConfig, normalize
 from medsapiens.data.pipeline import collate, decode_sample, read_shard, training_example
-from medsapiens import distributed
 from medsapiens.distributed import init_distributed, shutdown
-from medsapiens.training.engine import Engine, OptimConfig, TrainConfig
+from medsapiens.io import manifest as manifestlib
 from medsapiens.model import ModelConfig, param_groups
+from medsapiens.training.engine import Engine, OptimConfig, TrainConfig
 
 DATASETS = ("head", "hand")
 INPUT = (96, 128)

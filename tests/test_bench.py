@@ -4,7 +4,6 @@ import math
 import sys
 
 import pytest
-
 from conftest import REPO, run
 
 

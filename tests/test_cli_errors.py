@@ -7,7 +7,6 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import CLI, DEMO_CONFIG, run
 
 
@@ -62,10 +61,10 @@ def test_finetune_checks_dataset_bundle_and_numbers_before_starting(phantom_shar
 
 
 def test_only_user_errors_become_one_line_a_bug_keeps_its_traceback(monkeypatch, capsys):
-    import medsapiens.launch.cli
     import medsapiens.cli
-    from medsapiens.training.checkpoints import CheckpointError
+    import medsapiens.launch.cli
     from medsapiens.errors import InputError, UserError, user_message
+    from medsapiens.training.checkpoints import CheckpointError
 
     assert issubclass(CheckpointError, UserError) and isinstance(InputError("x"), ValueError)
     assert user_message(InputError("data.sigma must be a positive number")) == "data.sigma must be a positive number"

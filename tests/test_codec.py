@@ -5,7 +5,12 @@ import pytest
 import torch
 
 from medsapiens.data.codec import (
-    apply_affine, decode_udp, encode_udp, flip_heatmaps, heatmap_to_input, input_to_heatmap,
+    apply_affine,
+    decode_udp,
+    encode_udp,
+    flip_heatmaps,
+    heatmap_to_input,
+    input_to_heatmap,
     whole_image_affine,
 )
 

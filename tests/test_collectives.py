@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-
 from conftest import REPO, run
+
 from medsapiens import distributed
 from medsapiens.training.engine import OptimConfig, TrainConfig, deepspeed_config
 

@@ -53,7 +53,7 @@ def test_a_yaml_bomb_and_deep_nesting_are_refused_in_one_line_without_building_t
 
     bomb = tmp_path / "bomb.yaml"
     lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
-    lines += [f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    lines += [f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi", strict=True)]
     bomb.write_text("\n".join(lines + ["run_dir: *i"]) + "\n")  # 9^9 strings once expanded, from 600 bytes
     deep = tmp_path / "deep.yaml"
     deep.write_text("model: " + "[" * 200_000 + "]" * 200_000 + "\n")

@@ -10,18 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import CLI, run
-from medsapiens.model import bundle as bundlelib
-from medsapiens.evaluation import conformal
+
 from medsapiens.data import preprocess
-from medsapiens.data.codec import decode_udp, heatmap_to_input, whole_image_affine
 from medsapiens.data.augment import normalize, warp
+from medsapiens.data.codec import decode_udp, heatmap_to_input, whole_image_affine
 from medsapiens.data.pipeline import heatmap_size
-from medsapiens.io.imageio import decode, to_float
-from medsapiens.evaluation.inference import predict_heatmaps, predict_split
-from medsapiens.io.manifest import load as load_manifest
+from medsapiens.evaluation import conformal
+from medsapiens.evaluation.inference import PredictSettings, predict_heatmaps, predict_split
 from medsapiens.evaluation.metrics import Protocol
+from medsapiens.io.imageio import decode, to_float
+from medsapiens.io.manifest import load as load_manifest
+from medsapiens.model import bundle as bundlelib
 
 COVERAGE = 0.9
 # `import torch` fails in this interpreter; at exit no torch module may have been loaded
@@ -81,7 +81,7 @@ def raw_head_images(phantom_shards) -> list[Path]:
 
 @pytest.mark.timeout(400)
 def test_onnx_graph_decodes_as_the_pytorch_bundle_at_any_batch(calibrated, exported, phantom_shards):
-    from medsapiens.deploy.export.runtime import OnnxLandmarker
+    from medsapiens.deploy.runtime import OnnxLandmarker
 
     model, bundle = bundlelib.load(calibrated)
     size, margin = bundle.input_size, bundle.codec.margin
@@ -153,8 +153,7 @@ def test_split_conformal_coverage_meets_its_finite_sample_bounds_on_exchangeable
 def split_errors(bundle_dir, shards, split) -> np.ndarray:
     model, bundle = bundlelib.load(bundle_dir)
     manifest = load_manifest(shards)
-    preds = predict_split(model, manifest, "head", 0, split, bundle.input_size, "cpu", torch.float32, flip_test=True,
-                          margin=bundle.codec.margin, blur_kernel=bundle.codec.blur_kernel)
+    preds = predict_split(model, manifest, "head", 0, split, PredictSettings.of_bundle(model, bundle, "cpu", 8, True))
     errors, mask = preds.errors(Protocol(manifest.landmark_set("head")))
     assert mask.all()
     return errors

@@ -10,17 +10,17 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from conftest import CLI, run
 from PIL import Image
 from pydicom import uid
 from pydicom.data import get_testdata_file, get_testdata_files
 
-from conftest import CLI, run
-from medsapiens.model import bundle as bundlelib
-from medsapiens.io import registry
 from medsapiens.data.pipeline import eval_example
+from medsapiens.io import registry
 from medsapiens.io.imageio import decode, dicom_spacing, is_dicom, to_float
-from medsapiens.model.landmark_model import ModelConfig
 from medsapiens.io.record import Rejection
+from medsapiens.model import bundle as bundlelib
+from medsapiens.model.landmark_model import ModelConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # pydicom warns about the odd values its test files carry on purpose
 
@@ -250,8 +250,8 @@ def coco_over(folder: Path, names: list[str], spacing: dict[str, list[float]]) -
 
 @pytest.mark.timeout(300)
 def test_shards_build_over_every_file_rejects_per_file_and_records_spacing(every_file_folder, tmp_path):
-    from medsapiens.launch.cli import main
     from medsapiens.io.manifest import load
+    from medsapiens.launch.cli import main
 
     folder = tmp_path / "dicom"
     folder.mkdir()

@@ -7,8 +7,8 @@ import re
 
 import numpy as np
 import pytest
-
 from conftest import CLI, run
+
 from medsapiens.evaluate.report import score_files
 
 TRUTH = {"a": [[10.0, 10.0], [20.0, 30.0], [40.0, 40.0]], "b": [[5.0, 5.0], [15.0, 25.0], [35.0, 30.0]]}
@@ -27,7 +27,7 @@ def coco_truth(spacing=None) -> dict:
         images.append({"id": 100 + n, "file_name": f"scans/{image_id}.dcm", "width": 64, "height": 64,
                        **({"spacing": spacing} if spacing else {})})
         v = [0 if ERRORS[image_id][k] is None else 2 for k in range(3)]
-        annotations.append({"image_id": 100 + n, "keypoints": [c for p, vis in zip(points, v) for c in (*p, vis)]})
+        annotations.append({"image_id": 100 + n, "keypoints": [c for p, vis in zip(points, v, strict=True) for c in (*p, vis)]})
     return {"images": images, "annotations": annotations,
             "categories": [{"id": 1, "name": "knee", "keypoints": ["medial", "lateral", "apex"]}]}
 

@@ -2,23 +2,21 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import CLI, FINETUNE_CONFIG, deepspeed_module, finetune_args, run, write_dicom
 from safetensors.torch import load_file
 
-from conftest import CLI, FINETUNE_CONFIG, deepspeed_module, finetune_args, run, write_dicom
+from medsapiens import config as configlib
+from medsapiens.evaluate.evaluate import EvalOptions, evaluate_model
 from medsapiens.finetune.config import FinetuneConfig
-from medsapiens.evaluate.evaluate import evaluate_model
 from medsapiens.finetune.subset import draw_keys
 from medsapiens.finetune.train import initial_model
-from medsapiens.model import bundle as bundlelib
-from medsapiens import config as configlib
 from medsapiens.io import manifest as manifestlib
-
+from medsapiens.model import bundle as bundlelib
 
 
 def untrained_leg_mre(bundle_dir, shards) -> float:
@@ -28,7 +26,8 @@ def untrained_leg_mre(bundle_dir, shards) -> float:
     torch.manual_seed(0)
     model, model_cfg, _ = initial_model(cfg, manifest.landmark_set("leg"))
     bundle = bundlelib.Bundle(model_cfg, {"leg": manifest.landmark_set("leg")})
-    report = evaluate_model(model.eval(), bundle, manifest, "leg", "test", Path(cfg.run_dir) / "untrained")
+    report = evaluate_model(model.eval(), bundle, manifest, "leg", "test", Path(cfg.run_dir) / "untrained",
+                            EvalOptions(flip_test=False))
     return report["mre"]
 
 
@@ -79,8 +78,8 @@ def test_few_shot_seeds_reuse_the_head_and_report_mean_and_std(head_hand_bundle,
 
 
 def test_a_subset_of_relatively_named_shards_keeps_its_val_and_test_shards(phantom_shards, tmp_path, monkeypatch):
-    from medsapiens.finetune.subset import few_shot_manifest
     from medsapiens.data.pipeline import read_shard
+    from medsapiens.finetune.subset import few_shot_manifest
 
     monkeypatch.chdir(phantom_shards.parent)
     subset = few_shot_manifest(manifestlib.load("shards"), "leg", 2, 0, tmp_path / "subset")
@@ -133,6 +132,7 @@ def test_lora_trains_only_adapters_and_decoder(head_hand_bundle, phantom_shards,
 @pytest.mark.timeout(300)
 def test_two_rank_finetune_from_a_raw_sapiens_checkpoint(phantom_shards, tmp_path):
     from sapiens_checkpoints import released_state
+
     from medsapiens.model import get_arch
 
     checkpoint = tmp_path / "sapiens_tiny_epoch_1_clean.pth"

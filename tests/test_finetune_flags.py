@@ -1,10 +1,10 @@
 """finetune's typed flags reach the config with their type, not re-read as YAML."""
 from __future__ import annotations
 
+from medsapiens import config as configlib
 from medsapiens.finetune.cli import finetune_overrides
 from medsapiens.finetune.config import FinetuneConfig
 from medsapiens.launch.cli import build_parser
-from medsapiens import config as configlib
 
 
 def config_of(*argv: str) -> FinetuneConfig:

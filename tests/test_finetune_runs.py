@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import CLI, run
+
 from medsapiens.model import bundle as bundlelib
 
 SHORT = ("--steps", "6", "train.val_every=3", "train.checkpoint_every=3", "data.workers=0", "train.val_limit=4")
@@ -30,7 +30,7 @@ def test_the_readme_examples_run_one_after_another_in_one_directory(head_hand_bu
     assert [r.name.rsplit("-", 2)[0] for r in runs] == ["leg-bundle", "leg-bundle-lora"]
     # 6 steps: the published 500-step warm-up, shortened to a fifth of the run
     assert "warm-up 2 steps from x0.001 (the published 500 shortened to a fifth of this 6-step run" in full.stderr
-    for run_dir, proc in zip(runs, (full, lora)):
+    for run_dir, proc in zip(runs, (full, lora), strict=True):
         assert f"run directory: runs/finetune/{run_dir.name}" in proc.stderr
         assert f"report (test): runs/finetune/{run_dir.name}/eval/test/report.md" in proc.stdout
         assert (run_dir / "eval" / "test" / "report.md").is_file()

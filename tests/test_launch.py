@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from medsapiens import config as configlib
 from medsapiens.launch import launcher
 from medsapiens.launch.cli import main
-from medsapiens import config as configlib
-from medsapiens.training.engine import deepspeed_file
 from medsapiens.pretrain.config import PretrainConfig
+from medsapiens.training.engine import deepspeed_file
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "launch/experiments/demo.yaml")

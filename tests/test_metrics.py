@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from medsapiens.evaluate.report import score_files, write_report
-from medsapiens.io import registry
 from medsapiens.evaluation.metrics import Protocol, radial_errors, summarize
+from medsapiens.io import registry
 
 
 def test_head_spacing_and_sdr_conventions():

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from sapiens_checkpoints import released_state
 
 from medsapiens.model import ARCHS, build_backbone, convert_checkpoint, load_backbone, load_checkpoint, load_state
 from medsapiens.model.weights import read_tensors
-from sapiens_checkpoints import released_state
 
 TINY = ARCHS["sapiens_tiny"]
 IMG = (256, 192)
@@ -148,7 +148,7 @@ def test_grad_checkpointing_gives_the_same_gradients(images):
     checkpointed.set_grad_checkpointing(True)
     for model in (plain, checkpointed):
         model(images).square().mean().backward()
-    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 

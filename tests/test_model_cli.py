@@ -3,12 +3,12 @@ import subprocess
 import sys
 
 import torch
+from sapiens_checkpoints import released_state
 
 from medsapiens.launch.cli import main
 from medsapiens.model import ARCHS, build_backbone, count_params, forward_flops, memory_estimate
 from medsapiens.model.cost import GPU_MEMORY_GIB, largest_micro_batch
 from medsapiens.model.weights import read_tensors
-from sapiens_checkpoints import released_state
 
 
 def test_info_prints_the_computed_numbers(capsys):

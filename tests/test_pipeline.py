@@ -5,13 +5,19 @@ import numpy as np
 import pytest
 import torch
 
-from medsapiens.io import manifest as manifestlib
-from medsapiens.data.codec import decode_udp, heatmap_to_input
 from medsapiens.data.augment import AugmentConfig, _box_blur, _median_blur, _sampling_grid, normalize, photometric
+from medsapiens.data.codec import decode_udp, heatmap_to_input
 from medsapiens.data.pipeline import (
-    CorruptDataError, DataConfig, TrainStream, collate, eval_examples, mixture_weights, train_batches,
+    CorruptDataError,
+    DataConfig,
+    TrainStream,
+    collate,
+    eval_examples,
+    mixture_weights,
+    train_batches,
     training_example,
 )
+from medsapiens.io import manifest as manifestlib
 from medsapiens.io.registry import BUILTIN
 from medsapiens.io.shard_tar import file_digest, write_samples
 
@@ -31,7 +37,7 @@ def first_batches(stream, n=2):
 
 
 def same_batches(a, b) -> bool:
-    return all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+    return all(torch.equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x)
 
 
 def test_stream_is_a_function_of_seed_segment_and_rank(phantom_shards):
@@ -57,12 +63,12 @@ def test_resumed_batches_equal_uninterrupted_ones_with_workers(phantom_shards):
     whole = list(train_batches(stream, 0, 6, segment_steps=3, grad_accum=2, workers=2))
     resumed = list(train_batches(stream, 3, 6, segment_steps=3, grad_accum=2, workers=2))
     assert [s for s, _ in whole] == list(range(6)) and [s for s, _ in resumed] == [3, 4, 5]
-    for (_, a), (_, b) in zip(whole[3:], resumed):
+    for (_, a), (_, b) in zip(whole[3:], resumed, strict=True):
         assert same_batches(a, b)
     assert not same_batches(whole[0][1], whole[1][1])
     inside = list(train_batches(stream, 4, 6, segment_steps=3, grad_accum=2, workers=2))  # a stop signal's checkpoint
     assert [s for s, _ in inside] == [4, 5]
-    for (_, a), (_, b) in zip(whole[4:], inside):
+    for (_, a), (_, b) in zip(whole[4:], inside, strict=True):
         assert same_batches(a, b)
 
 
@@ -132,8 +138,8 @@ def test_augmented_image_and_targets_stay_aligned(seed):
 @pytest.mark.parametrize("image_size, blob_sigma, output", [((200, 300), 2.0, (192, 256)),
                                                           ((1500, 2000), 12.0, (96, 128))])  # pooled first
 def test_warp_puts_each_pixel_where_the_affine_maps_it(image_size, blob_sigma, output):
-    from medsapiens.data.codec import apply_affine
     from medsapiens.data.augment import random_affine, warp
+    from medsapiens.data.codec import apply_affine
 
     at = (image_size[0] * 0.37, image_size[1] * 0.61)
     w, h = image_size

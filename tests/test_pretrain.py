@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, deepspeed_module, losses, pretrain_args, run
 from safetensors.torch import load_file
 
-from conftest import REPO, deepspeed_module, losses, pretrain_args, run
-from medsapiens.model import bundle as bundlelib
 from medsapiens.io import manifest as manifestlib
+from medsapiens.model import bundle as bundlelib
 
 STEPS = 12
 
@@ -212,10 +212,10 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_after_a_checkpoint_and_the_r
     import subprocess
 
     import psutil
-
     from conftest import DEEPSPEED, free_port
-    from medsapiens.training import checkpoints
+
     from medsapiens.errors import EXIT_STOPPED
+    from medsapiens.training import checkpoints
 
     def args(run_dir):
         return pretrain_args(phantom_shards, run_dir, "train.max_steps=40", "train.checkpoint_every=20",

@@ -4,8 +4,8 @@ from __future__ import annotations
 import sys
 
 import pytest
-
 from conftest import CLI, DEMO_CONFIG, REPO, run
+
 from medsapiens import config as configlib
 from medsapiens.training.engine import OptimConfig, TrainConfig, lr_factor, resolve_warmup
 from medsapiens.training.run import schedule_text, scheduled
@@ -24,7 +24,7 @@ def test_published_schedule_in_steps(images, batch, steps_per_epoch, warmup_step
     factors = [lr_factor(step, optim, train.max_steps) for step in range(train.max_steps)]
     warmup = [optim.warmup_factor + (1 - optim.warmup_factor) * min(1.0, s / optim.warmup_steps)
               for s in range(train.max_steps)]
-    decay = [f / w for f, w in zip(factors, warmup)]  # the step decay, even inside the warm-up
+    decay = [f / w for f, w in zip(factors, warmup, strict=True)]  # the step decay, even inside the warm-up
     assert decay.index(pytest.approx(0.1)) == 170 * steps_per_epoch
     assert decay.index(pytest.approx(0.01)) == 200 * steps_per_epoch and decay[-1] == pytest.approx(0.01)
     assert factors[0] == pytest.approx(0.001)

@@ -3,8 +3,8 @@ by `medsapiens launch --dry-run` (the same check runs again in each stage's pref
 from __future__ import annotations
 
 import pytest
-
 from conftest import DEMO_CONFIG, REPO
+
 from medsapiens.launch.cli import main
 
 FINETUNE = REPO / "launch/experiments/demo_finetune.yaml"
@@ -33,7 +33,7 @@ def test_bad_number_refused_by_dry_run(capsys, stage, config, override, message)
     status = main(["launch", stage, "--config", str(config), "--dry-run", override])
     out, err = capsys.readouterr()
     assert status == 2 and out == ""
-    assert err.count("\n") == 1 and err.startswith(f"medsapiens launch {stage}: error: {config}: ")
+    assert err.count("\n") == 1 and err.startswith(f"error: {config}: ")
     assert message in err
 
 

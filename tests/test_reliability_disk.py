@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import DEMO_CONFIG, run
+
 from medsapiens.training import checkpoints
 
 
@@ -35,9 +35,9 @@ def fill(disk, leave_bytes: int) -> None:
 
 
 def test_a_file_write_on_a_full_disk_is_one_line_and_leaves_no_temporary(small_disk, head_hand_bundle):
-    from medsapiens.model import bundle as bundlelib
-    from medsapiens.io import storage
     from medsapiens.errors import InputError
+    from medsapiens.io import storage
+    from medsapiens.model import bundle as bundlelib
 
     disk, _ = small_disk
     fill(disk, 64 << 10)

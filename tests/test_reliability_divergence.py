@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import CLI, DEMO_CONFIG, run
 from safetensors.torch import load_file, save_file
 
-from conftest import CLI, DEMO_CONFIG, run
 from medsapiens.training import checkpoints
 
 
@@ -56,7 +56,7 @@ def test_predict_lists_a_non_finite_prediction_as_a_failure_and_flags_landmarks_
                                                                                        tmp_path, monkeypatch):
     import json
 
-    from medsapiens.evaluate.predict import predict
+    from medsapiens.evaluate.predict import PredictOptions, predict
     from medsapiens.evaluation.inference import BundleLandmarker
 
     real = BundleLandmarker.predict
@@ -69,7 +69,8 @@ def test_predict_lists_a_non_finite_prediction_as_a_failure_and_flags_landmarks_
 
     monkeypatch.setattr(BundleLandmarker, "predict", faulty)
     images = sorted((phantom_shards.parent / "raw" / "head" / "RawImage" / "Test1Data").glob("*.bmp"))[:2]
-    results, failures = predict(str(head_hand_bundle), [str(p) for p in images], tmp_path / "pred", "head")
+    results, failures = predict([str(p) for p in images], tmp_path / "pred", PredictOptions("head"),
+                                bundle_dir=str(head_hand_bundle))
     assert [f["reason"] for f in failures] == ["non_finite_prediction"] and failures[0]["image"] == str(images[0])
     assert [r["id"] for r in results] == [images[1].stem] and results[0]["outside_image"] == [results[0]["names"][0]]
 

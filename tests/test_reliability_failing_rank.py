@@ -8,7 +8,6 @@ import shutil
 import time
 
 import pytest
-
 from conftest import deepspeed_module, pretrain_args, with_first_record_changed
 
 

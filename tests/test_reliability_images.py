@@ -8,9 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import REPO, run, write_dicom
+from PIL import Image
 
 # decode() in a child: its exit status, its error line and its peak resident memory in MiB (VmHWM:
 # unlike ru_maxrss, which Linux carries over from the forked parent, it starts afresh at exec)

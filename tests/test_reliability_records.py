@@ -11,13 +11,13 @@ import tarfile
 
 import numpy as np
 import pytest
-
 from conftest import with_first_record_changed
-from medsapiens.launch.cli import main
+
 from medsapiens.data.pipeline import decode_sample, eval_examples
-from medsapiens.io.manifest import load as load_manifest
 from medsapiens.evaluation.metrics import summarize
+from medsapiens.io.manifest import load as load_manifest
 from medsapiens.io.record import Rejection
+from medsapiens.launch.cli import main
 
 BAD_FIELDS = [
     ({"scale": [0, 0]}, "scale must be two positive numbers"),

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import CLI, REPO, SMALL_RUN, pretrain_args, run
 
 

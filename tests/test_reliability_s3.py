@@ -11,9 +11,9 @@ import time
 from urllib.parse import urlparse
 
 import pytest
+from s3_faults import FaultProxy
 
 from medsapiens.io import storage
-from s3_faults import FaultProxy
 
 BUCKET = "s3://medsapiens-test"
 LIMITS = {"MEDSAPIENS_S3_CONNECT_TIMEOUT_S": "1", "MEDSAPIENS_S3_READ_TIMEOUT_S": "1",

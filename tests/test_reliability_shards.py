@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medsapiens.launch.cli import main
 from medsapiens.data.pipeline import DataConfig, TrainStream, decode_sample, read_shard
 from medsapiens.io.manifest import load as load_manifest
 from medsapiens.io.record import Rejection
 from medsapiens.io.shard_tar import ShardError
+from medsapiens.launch.cli import main
 
 
 @pytest.fixture
@@ -100,7 +100,7 @@ def test_training_stops_on_a_shard_whose_sha256_changed(shards):
         path.write_bytes(bytes(data))
     stream = TrainStream(load_manifest(shards), DataConfig(micro_batch=2, shuffle_buffer=4), ["head"], (96, 128), 0, 0)
     with pytest.raises(ShardError, match="the shard changed since it was built"):
-        for _, _ in zip(range(100), stream):
+        for _, _ in zip(range(100), stream, strict=False):
             pass
 
 

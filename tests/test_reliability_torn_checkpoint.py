@@ -12,8 +12,8 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import DEEPSPEED, REPO, SMALL_RUN, deepspeed_module, free_port, losses, pretrain_args
+
 from medsapiens.training import checkpoints
 
 

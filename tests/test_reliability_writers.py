@@ -10,8 +10,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import CLI, DEMO_CONFIG, REPO, run
+
 from medsapiens.io.locks import LOCK_NAME, writer_lock
 
 

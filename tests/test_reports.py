@@ -7,14 +7,14 @@ import re
 
 import numpy as np
 import pytest
+from conftest import CLI, run
 from PIL import Image
 
-from conftest import CLI, run
 from medsapiens.evaluate.figures import ced_curve
 from medsapiens.evaluate.report import build_report, write_report
-from medsapiens.launch.demo import DemoPlan, starts_figure
-from medsapiens.io import registry
 from medsapiens.evaluation.metrics import Protocol
+from medsapiens.io import registry
+from medsapiens.launch.demo import DemoPlan, starts_figure
 
 IDS = [f"img{i:02d}" for i in range(12)]
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import CLI, REPO, free_port, run
 from safetensors.torch import load_file
 
-from conftest import CLI, REPO, free_port, run
 from medsapiens.model import get_arch, load_backbone
 
 EXPERIMENTS = REPO / "launch" / "experiments"

@@ -10,7 +10,7 @@ from PIL import Image
 
 from medsapiens.shards import readers
 from medsapiens.shards.phantoms import write_phantoms
-from medsapiens.shards.plan import PlanError, SourceSpec, Scan, open_source, scan_source
+from medsapiens.shards.plan import PlanError, Scan, SourceSpec, open_source, scan_source
 from medsapiens.shards.readers import RawSample, ReaderError, Rejected, aariz, chest, coco, dicom, hand, isbi2015, leg
 
 
@@ -288,8 +288,8 @@ def test_dicom_build_keeps_16_bits_and_records_the_spacing_tag(dicom_dir, tmp_pa
     import io
     import tarfile
 
-    from medsapiens.launch.cli import main
     from medsapiens.io.manifest import load
+    from medsapiens.launch.cli import main
 
     out = tmp_path / "out"
     assert main(["shards", "build", "--source", f"xr:dicom={dicom_dir}", "--out", str(out), "--max-side", "20",

@@ -10,11 +10,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from conftest import KEY_ID, REPO, SECRET
 from PIL import Image
 
 from medsapiens.shards.phantoms import write_phantoms
-
-from conftest import KEY_ID, REPO, SECRET
 
 
 def noise_dataset(root: Path) -> Path:
@@ -68,6 +67,7 @@ def test_build_inspect_verify_and_stream_a_shard_on_s3(s3_env, tmp_path, monkeyp
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     import webdataset as wds
+
     from medsapiens.io import storage
 
     storage._client_for_pid.cache_clear()  # clients made before the endpoint was set must not be reused

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medsapiens.launch.cli import main
 from medsapiens.io.manifest import load
+from medsapiens.launch.cli import main
 from medsapiens.shards import readers
 from medsapiens.shards.plan import PlanError, Scan, SourceSpec, carve_count, open_source, scan_source
 from medsapiens.shards.readers import hand, leg

@@ -19,14 +19,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from medsapiens.io import storage
 from medsapiens.config import at_least, positive
+from medsapiens.data.augment import AugmentConfig, normalize, photometric, random_affine, warp
 from medsapiens.data.codec import apply_affine, encode_udp, whole_image_affine
 from medsapiens.errors import InputError, UserError
-from medsapiens.data.augment import AugmentConfig, normalize, photometric, random_affine, warp
+from medsapiens.io import storage
 from medsapiens.io.manifest import Manifest, ManifestError
-from medsapiens.io.shard_tar import ShardError, decode_sample, read_shard
 from medsapiens.io.registry import LandmarkSet
+from medsapiens.io.shard_tar import ShardError, decode_sample, read_shard
 
 MIXING_RULES = ("proportional", "uniform", "temperature")
 TEST_SPLIT_PREFIX = "test"  # test, test1, test2, ...: held out, never used for selection
@@ -74,11 +74,11 @@ def mixture_weights(manifest: Manifest, cfg: DataConfig, datasets: list[str]) ->
     if unknown:
         raise InputError(f"data.weights names dataset(s) not being trained: {unknown}")
     sizes = np.array([manifest.datasets[d].splits.get(cfg.train_split, 0) for d in datasets], dtype=np.float64)
-    empty = [d for d, n in zip(datasets, sizes) if n == 0]
+    empty = [d for d, n in zip(datasets, sizes, strict=True) if n == 0]
     if empty:
         raise ManifestError(f"no {cfg.train_split!r} samples for dataset(s) {empty} in {manifest.location}")
     base = {"proportional": sizes, "uniform": np.ones_like(sizes), "temperature": sizes ** (1.0 / cfg.temperature)}
-    weights = np.array([cfg.weights.get(d, w) for d, w in zip(datasets, base[cfg.mixing])])
+    weights = np.array([cfg.weights.get(d, w) for d, w in zip(datasets, base[cfg.mixing], strict=True)])
     return weights / weights.sum()
 
 
@@ -211,7 +211,7 @@ class TrainStream(IterableDataset):
         root = np.random.SeedSequence([self.seed, self.segment_start, self.rank, worker_id])
         mix_seq, aug_seq, *dataset_seqs = root.spawn(2 + len(self.dataset_ids))
         mix_rng, aug_rng = np.random.default_rng(mix_seq), np.random.default_rng(aug_seq)
-        streams = [self._dataset_stream(d, s) for d, s in zip(self.dataset_ids, dataset_seqs)]
+        streams = [self._dataset_stream(d, s) for d, s in zip(self.dataset_ids, dataset_seqs, strict=True)]
         counter = CorruptCounter(self.cfg.max_corrupt_fraction, f"rank {self.rank} worker {worker_id}")
         batch = []
         while True:

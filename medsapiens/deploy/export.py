@@ -5,7 +5,7 @@ gives, per exported head, `<dataset>_landmarks` (B, K, 2) in input pixels and `<
 (B, K): exported pose models that stop at the heatmaps leave decoding to each user and get it wrong.
 The model's metadata (`medsapiens` key, JSON) documents the preprocessing, the landmark sets, the
 heads, the input size, the codec settings, flip test and the bundle's calibration; `medsapiens
-predict --onnx` reads nothing else (medsapiens.deploy.export.runtime).
+predict --onnx` reads nothing else (medsapiens.deploy.runtime).
 """
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from medsapiens.model import bundle as bundlelib
 from medsapiens.data import preprocess
 from medsapiens.data.codec import decode_udp, flip_heatmaps, heatmap_to_input
 from medsapiens.data.pipeline import heatmap_size
 from medsapiens.errors import InputError
+from medsapiens.model import bundle as bundlelib
 
 METADATA_KEY = "medsapiens"
 FORMAT = "medsapiens-onnx"

@@ -60,5 +60,5 @@ class OnnxLandmarker:
         """(landmarks (B, K, 2) in original pixels, scores (B, K))."""
         batch, matrices = self.inputs(images)
         landmarks, scores = self.run_inputs(batch, dataset)
-        original = np.stack([preprocess.apply_affine(np.linalg.inv(m), p) for m, p in zip(matrices, landmarks)])
+        original = np.stack([preprocess.apply_affine(np.linalg.inv(m), p) for m, p in zip(matrices, landmarks, strict=True)])
         return original, scores

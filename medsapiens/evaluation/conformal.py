@@ -76,7 +76,7 @@ def coverage_report(errors: np.ndarray, mask: np.ndarray, calibration: dict, nam
             "bound": f">= {calibration['coverage']:g} (finite-sample, exchangeable images); "
                      f"<= {calibration['coverage']:g} + 1/(n+1) without ties; radius = {QUANTILE}",
             "per_landmark": {name: {"radius": r, "coverage": float(c)}
-                             for name, r, c in zip(names, calibration["radii"], per_landmark)}}
+                             for name, r, c in zip(names, calibration["radii"], per_landmark, strict=True)}}
 
 
 def radii_in_pixels(protocol, radii, points: np.ndarray, spacing, size) -> np.ndarray | None:

@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from medsapiens.model import bundle as bundlelib
 from medsapiens import distributed
 from medsapiens.data.codec import apply_affine, decode_udp, flip_heatmaps, heatmap_to_input
 from medsapiens.data.pipeline import eval_example, eval_examples, heatmap_size
-from medsapiens.io.manifest import Manifest
 from medsapiens.evaluation.metrics import Protocol, radial_errors
+from medsapiens.io.manifest import Manifest
 from medsapiens.io.record import original_spacing, to_original
+from medsapiens.model import bundle as bundlelib
 
 
 @torch.no_grad()
@@ -55,26 +55,46 @@ class SplitPredictions:
 
     def errors(self, protocol: Protocol):
         factors = np.stack([protocol.unit_per_pixel(g, s, o, i)
-                            for g, s, o, i in zip(self.gt, self.spacing, self.orig_size, self.ids)])
+                            for g, s, o, i in zip(self.gt, self.spacing, self.orig_size, self.ids, strict=True)])
         return radial_errors(np.stack(self.pred), np.stack(self.gt), factors), np.stack(self.visible) > 0
 
 
-def predict_split(model, manifest: Manifest, dataset_id: str, dataset_index: int, split: str, input_size,
-                  device, dtype, batch_size: int = 8, flip_test: bool = False, limit: int = 0,
-                  panels: int = 0, margin: float = 1.25, blur_kernel: int = 11) -> SplitPredictions | None:
-    """Run a split through the model on every rank; rank 0 returns the gathered predictions."""
+@dataclass(frozen=True)
+class PredictSettings:
+    """How a split goes through a model: its input size and codec, the batch, precision, device, flip test."""
+
+    input_size: tuple[int, int]
+    device: torch.device | str = "cpu"
+    dtype: torch.dtype = torch.float32
+    batch_size: int = 8
+    flip_test: bool = False
+    margin: float = 1.25
+    blur_kernel: int = 11
+
+    @classmethod
+    def of_bundle(cls, model, bundle: bundlelib.Bundle, device, batch_size: int, flip_test: bool) -> PredictSettings:
+        """A bundle's own input size and codec, the model's precision."""
+        return cls(bundle.input_size, device, next(model.parameters()).dtype, batch_size, flip_test,
+                   bundle.codec.margin, bundle.codec.blur_kernel)
+
+
+def predict_split(model, manifest: Manifest, dataset_id: str, dataset_index: int, split: str,
+                  settings: PredictSettings, limit: int = 0, panels: int = 0) -> SplitPredictions | None:
+    """Run a split (its first `limit` images when > 0) through the model on every rank; rank 0 returns
+    the gathered predictions with up to `panels` images kept for drawing."""
     landmark_set = manifest.landmark_set(dataset_id)
-    perm = landmark_set.flip_permutation() if flip_test and landmark_set.can_flip else None
+    perm = landmark_set.flip_permutation() if settings.flip_test and landmark_set.can_flip else None
     mine = SplitPredictions()
-    examples = eval_examples(manifest, dataset_id, split, input_size, margin,
+    examples = eval_examples(manifest, dataset_id, split, settings.input_size, settings.margin,
                              distributed.rank(), distributed.world_size(), limit)
     batch = []
 
     def run(batch):
-        images = torch.stack([e.image for e in batch]).to(device, dtype)
+        images = torch.stack([e.image for e in batch]).to(settings.device, settings.dtype)
         heat = predict_heatmaps(model, images, dataset_id, dataset_index, perm)
-        stored, _ = heatmaps_to_image(heat, torch.stack([e.matrix for e in batch]), input_size, blur_kernel)
-        for e, points in zip(batch, stored):
+        stored, _ = heatmaps_to_image(heat, torch.stack([e.matrix for e in batch]), settings.input_size,
+                                      settings.blur_kernel)
+        for e, points in zip(batch, stored, strict=True):
             if not e.valid:
                 continue
             meta = e.meta
@@ -90,7 +110,7 @@ def predict_split(model, manifest: Manifest, dataset_id: str, dataset_index: int
 
     for example in examples:
         batch.append(example)
-        if len(batch) == batch_size:
+        if len(batch) == settings.batch_size:
             run(batch)
             batch = []
     if batch:
@@ -111,7 +131,7 @@ def points_in_input(matrix: torch.Tensor, stored_points) -> np.ndarray:
 
 class BundleLandmarker:
     """A bundle on torch, for `medsapiens predict`: images from medsapiens.io.imageio -> original pixels.
-    medsapiens.deploy.export.runtime.OnnxLandmarker is its onnxruntime twin."""
+    medsapiens.deploy.runtime.OnnxLandmarker is its onnxruntime twin."""
 
     def __init__(self, bundle_dir, device="cpu", flip_test: bool = True):
         self.model, self.bundle = bundlelib.load(bundle_dir, device)

@@ -98,7 +98,7 @@ def summarize(errors: np.ndarray, radii, convention: str = "<", mask: np.ndarray
         bad = [image_ids[i] if image_ids is not None else str(i) for i in np.nonzero(~np.isfinite(errors) & mask)[0]]
         raise InputError(f"non-finite errors on image(s) {sorted(set(map(str, bad)))[:5]}: the predictions "
                          "are not finite numbers (a diverged model?)")
-    per_image = np.array([row[m].mean() if m.any() else np.nan for row, m in zip(errors, mask)])
+    per_image = np.array([row[m].mean() if m.any() else np.nan for row, m in zip(errors, mask, strict=True)])
 
     def sdr(values) -> dict:
         return {f"{r:g}": float(100.0 * below(values, r).mean()) if len(values) else float("nan") for r in radii}

@@ -35,10 +35,10 @@ def draw_landmarks(image: np.ndarray, truth=None, pred=None, numbered: bool = Tr
     draw = ImageDraw.Draw(canvas)
     r = radius or max(2.0, min(canvas.size) / 150)
     if bounds is not None and pred is not None:
-        for (px, py), (rx, ry) in zip(pred, bounds):
+        for (px, py), (rx, ry) in zip(pred, bounds, strict=True):
             draw.ellipse([px - rx, py - ry, px + rx, py + ry], outline=BOUND_COLOR, width=1)
     if truth is not None and pred is not None:
-        for (tx, ty), (px, py) in zip(truth, pred):
+        for (tx, ty), (px, py) in zip(truth, pred, strict=True):
             draw.line([(tx, ty), (px, py)], fill=ERROR_COLOR, width=max(1, int(r / 2)))
     labelled = truth if truth is not None else pred
     for points, color in ((truth, TRUE_COLOR), (pred, PRED_COLOR)):

@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medsapiens.io import storage
 from medsapiens.errors import UserError
+from medsapiens.io import storage
 from medsapiens.io.record import MAX_IMAGE_SIDE
 from medsapiens.io.registry import LandmarkSet
 

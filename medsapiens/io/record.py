@@ -72,7 +72,7 @@ def original_spacing(meta: dict):
     """mm per original pixel as (sx, sy), or None."""
     if meta.get("spacing_mm") is None:
         return None
-    return tuple(s * c for s, c in zip(meta["spacing_mm"], meta["scale"]))
+    return tuple(s * c for s, c in zip(meta["spacing_mm"], meta["scale"], strict=True))
 
 
 def check_image_size(width: int, height: int) -> None:

@@ -18,8 +18,8 @@ import re
 import tarfile
 from pathlib import Path
 
-from medsapiens.io import imageio, storage
 from medsapiens.errors import UserError
+from medsapiens.io import imageio, storage
 from medsapiens.io.record import MAX_IMAGE_SIDE, Rejection, validate_record
 
 MEMBER_MTIME = 0

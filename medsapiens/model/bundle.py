@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medsapiens import distributed
-from medsapiens.io import storage
 from medsapiens.errors import InputError
+from medsapiens.io import storage
+from medsapiens.io.registry import LandmarkSet
 from medsapiens.model import ModelConfig, feature_grid
 from medsapiens.model.weights import refuse_non_finite
-from medsapiens.io.registry import LandmarkSet
 
 FORMAT = "medsapiens-bundle"
 VERSION = 1
@@ -119,7 +119,7 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
     model = bundle.model.build(bundle.heads)
     state = load_file(str(Path(path) / WEIGHTS), device="cpu")
     refuse_non_finite(state, Path(path) / WEIGHTS)
-    result = model.load_state_dict(state, strict=False)
+    result = model.load_state_dict(state, strict=True)
     if result.missing_keys or result.unexpected_keys:
         raise InputError(f"{path}/{WEIGHTS} does not match its config: missing {result.missing_keys[:5]}, "
                          f"unexpected {result.unexpected_keys[:5]}")

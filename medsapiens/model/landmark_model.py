@@ -13,10 +13,10 @@ from torch import nn
 from medsapiens.errors import InputError
 from medsapiens.model.archs import DEFAULT_IMG_SIZE, DEFAULT_TRUNK_WIDTH, ArchSpec, feature_grid, get_arch
 from medsapiens.model.backbone import SapiensViT
-from medsapiens.model.weights import load_backbone
 from medsapiens.model.decoder import HeadOutput, MultiHeadDecoder
 from medsapiens.model.lora import base_backbone
 from medsapiens.model.loss import HeatmapLoss, LandmarkObjective, heatmap_loss
+from medsapiens.model.weights import load_backbone
 
 
 class LandmarkModel(nn.Module):

@@ -37,7 +37,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig | None = None) -> nn.Module:
     zero-initialised (the model's output is unchanged at first), every other backbone weight
     frozen. Returns `model`."""
     cfg = cfg or LoraConfig()
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model  # ~1 s to import: only LoRA runs pay it
+    from peft import LoraConfig as PeftLoraConfig  # ~1 s to import: only LoRA runs pay it
+    from peft import get_peft_model
 
     config = PeftLoraConfig(
         r=cfg.qkv_rank,

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from medsapiens.model import bundle as bundlelib
-from medsapiens.io import registry
 from medsapiens.errors import InputError
-from medsapiens.model import DEFAULT_IMG_SIZE, LandmarkModel, ModelConfig, MultiHeadDecoder, build_backbone, get_arch
-from medsapiens.model.weights import load_checkpoint
+from medsapiens.io import registry
 from medsapiens.io.shard_tar import file_digest
+from medsapiens.model import DEFAULT_IMG_SIZE, LandmarkModel, ModelConfig, MultiHeadDecoder, build_backbone, get_arch
+from medsapiens.model import bundle as bundlelib
+from medsapiens.model.weights import load_checkpoint
 
 STAGE = "medsapiens-release"
 MULTI_DATASET_ORDER = ("head", "chest", "hand", "leg")  # MedSapiens' 88-channel final layer
@@ -188,7 +188,7 @@ def check_state(state: dict[str, torch.Tensor], arch, path) -> tuple[int, int]:
         FINAL + "weight": (channels, width, 1, 1), FINAL + "bias": (channels,),
     }
     for i in range(arch.depth):
-        for target, out in zip(LORA_TARGETS, (3 * c, c)):
+        for target, out in zip(LORA_TARGETS, (3 * c, c), strict=True):
             down = f"{LORA_PREFIX}{i}.attn.{target}.lora_down.weight"
             rank = _dim(state[down], 0)
             shapes[down] = (rank, c)

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from medsapiens import distributed
+from medsapiens.errors import CheckpointError, run_command
 from medsapiens.io import storage
-from medsapiens.errors import CheckpointError
 from medsapiens.model.weights import refuse_non_finite
 
 CHECKPOINTS = "checkpoints"
@@ -232,9 +232,8 @@ def make_universal(ckpt_dir: Path, tag: str | None = None) -> str:
 if __name__ == "__main__":  # make_universal runs DeepSpeed's converter here, under weights-only loading
     from deepspeed.checkpoint import ds_to_universal
 
-    arguments = ds_to_universal.parse_arguments()
-    try:
+    def convert(arguments) -> None:
         with weights_only_loading(arguments.input_folder):
             ds_to_universal.main(arguments)
-    except CheckpointError as exc:
-        sys.exit(f"error: {exc}")
+
+    sys.exit(run_command(convert, ds_to_universal.parse_arguments()))

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-from importlib import resources
 from dataclasses import dataclass, replace
+from importlib import resources
 from pathlib import Path
 
 import torch
 
-from medsapiens.training import checkpoints
 from medsapiens.config import at_least, positive
 from medsapiens.errors import InputError
+from medsapiens.training import checkpoints
 
 LOSS_AVERAGES = ("per_sample", "union")
 SCHEDULES = ("step", "cosine", "constant")

@@ -13,17 +13,23 @@ from pathlib import Path
 
 import yaml
 
-from medsapiens.training import checkpoints
 from medsapiens import config as configlib
 from medsapiens import distributed
-from medsapiens.training.checkpoints import consolidated_state_dict
 from medsapiens.data.pipeline import validation_split
-from medsapiens.training.engine import Engine, OptimConfig, TrainConfig, resolve_warmup
 from medsapiens.errors import InputError
 from medsapiens.io.manifest import Manifest
 from medsapiens.model import (
-    LoraConfig, ModelConfig, apply_lora, count_trainable, forward_flops, merge_lora, param_groups,
+    LoraConfig,
+    ModelConfig,
+    apply_lora,
+    count_trainable,
+    forward_flops,
+    merge_lora,
+    param_groups,
 )
+from medsapiens.training import checkpoints
+from medsapiens.training.checkpoints import consolidated_state_dict
+from medsapiens.training.engine import Engine, OptimConfig, TrainConfig, resolve_warmup
 from medsapiens.training.trainer import RESOLVED_CONFIG, RunContext, Trainer, write_run_files
 
 

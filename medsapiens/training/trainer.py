@@ -13,22 +13,23 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from medsapiens.training import checkpoints
 from medsapiens import config as configlib
 from medsapiens import distributed
 from medsapiens.data.pipeline import DataConfig, TrainStream, train_batches, validation_split
-from medsapiens.training.engine import Engine, TrainConfig
 from medsapiens.errors import DivergedError, Stopped
-from medsapiens.evaluation.inference import predict_split
-from medsapiens.io.manifest import Manifest
+from medsapiens.evaluation.inference import PredictSettings, predict_split
 from medsapiens.evaluation.metrics import Protocol, summarize
-from medsapiens.training.telemetry import StepTimer, Telemetry
 from medsapiens.evaluation.visualize import draw_landmarks
+from medsapiens.io.manifest import Manifest
+from medsapiens.training import checkpoints
+from medsapiens.training.engine import Engine, TrainConfig
+from medsapiens.training.telemetry import StepTimer, Telemetry
 
 RUN_INFO = "run.json"
 RESOLVED_CONFIG = "config.yaml"
@@ -105,6 +106,8 @@ class Trainer:
                   f"accumulation {accum} x {world} rank(s) = global batch {batch * accum * world}", file=sys.stderr)
         self.best: dict | None = None
         self.last_validation: dict = {}
+        self.validation_settings = PredictSettings(ctx.input_size, engine.device, engine.dtype, ctx.data.micro_batch,
+                                                   margin=ctx.data.augment.margin)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -227,18 +230,16 @@ class Trainer:
             split = validation_split(ctx.manifest, dataset, ctx.data.val_split)
             if split is None:
                 continue
-            preds = predict_split(self.engine.ds, ctx.manifest, dataset, index, split, ctx.input_size,
-                                  self.engine.device, self.engine.dtype, ctx.data.micro_batch,
-                                  limit=ctx.train.val_limit, panels=ctx.train.val_panels,
-                                  margin=ctx.data.augment.margin)
+            preds = predict_split(self.engine.ds, ctx.manifest, dataset, index, split, self.validation_settings,
+                                  limit=ctx.train.val_limit, panels=ctx.train.val_panels)
             # rank 0 scores; an error there (e.g. an image without spacing) stops every rank
-            distributed.decide_on_rank0(lambda: results.update({dataset: self._score(step, dataset, split, preds)}))
+            distributed.decide_on_rank0(partial(self._score, results, step, dataset, split, preds))
         if self.is_main and results:
             self.last_validation = results
             self._update_best(step, results)
         return results
 
-    def _score(self, step: int, dataset: str, split: str, preds) -> dict:
+    def _score(self, results: dict, step: int, dataset: str, split: str, preds) -> None:
         landmark_set = self.ctx.manifest.landmark_set(dataset)
         errors, mask = preds.errors(Protocol(landmark_set))
         summary = summarize(errors, landmark_set.sdr_radii, mask=mask, names=landmark_set.names, image_ids=preds.ids)
@@ -248,7 +249,7 @@ class Trainer:
         self.telemetry.scalars(step, scalars)
         self.telemetry.images(step, f"val/{dataset}", {sample: draw_landmarks(img, truth, pred)
                                                          for sample, img, pred, truth in preds.panels})
-        return {"split": split, "unit": unit, "mre": summary["mre"], "sdr": summary["sdr"]}
+        results[dataset] = {"split": split, "unit": unit, "mre": summary["mre"], "sdr": summary["sdr"]}
 
     def _update_best(self, step: int, results: dict) -> None:
         if not self.ctx.track_best:

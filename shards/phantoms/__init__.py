@@ -40,7 +40,7 @@ def spread_ids(n: int) -> list[tuple[str, int]]:
             counts[counts.index(max(counts))] -= 1
             counts[counts.index(0)] += 1
     return [(folder, lo + (hi - lo + 1) * i // k)
-            for (folder, lo, hi), k in zip(HEAD_RANGES, counts) for i in range(k)]
+            for (folder, lo, hi), k in zip(HEAD_RANGES, counts, strict=True) for i in range(k)]
 
 
 def write_head(root: Path, n: int, seed: int) -> None:

@@ -12,7 +12,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medsapiens.shards.phantoms.render import Capsule, Cut, Ellipse, Part, Pose, Ring, first_inside, line_ellipse_crossings, pt, unit
+from medsapiens.shards.phantoms.render import (
+    Capsule,
+    Cut,
+    Ellipse,
+    Part,
+    Pose,
+    Ring,
+    first_inside,
+    line_ellipse_crossings,
+    pt,
+    unit,
+)
 
 
 @dataclass(frozen=True)
@@ -49,7 +60,7 @@ def tissue(shape, level: float = 1.0) -> Part:
 def chain(start, direction, lengths, radii, gap):
     """Bones laid end to end along `direction`, `gap` pixels of joint space between rounded ends."""
     bones, cursor = [], np.asarray(start, dtype=np.float64)
-    for length, r in zip(lengths, radii):
+    for length, r in zip(lengths, radii, strict=True):
         a = cursor + r * direction
         b = a + length * direction
         bones.append(Capsule(a, b, r))
@@ -187,7 +198,7 @@ def chest(rng):
             y = 118 + 33 * i + rng.normal(0, 2)
             span = 140 + 6 * min(i, 4)
             arc = [pt(256 + side * (22 + span * t), y - 30 * t + 58 * t * t + 4 * i * t) for t in (0.0, 0.35, 0.7, 1.0)]
-            ribs += [Capsule(p, q, 4) for p, q in zip(arc, arc[1:])]
+            ribs += [Capsule(p, q, 4) for p, q in zip(arc, arc[1:], strict=False)]
     clavicles = [Capsule(j.p(256 + s * 22, 104, 3), j.p(256 + s * 150, 86, 4), 8) for s in (-1, 1)]
     spine = [Ellipse(pt(256 + rng.normal(0, 1.5), 70 + 27 * i), (17, 10), j.angle(2)) for i in range(17)]
     parts = [

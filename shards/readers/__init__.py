@@ -155,6 +155,6 @@ def order_split(n: int, fractions: tuple[float, ...], names: tuple[str, ...]) ->
     """Split names for n items in order: the first round(n*f0) get names[0], the next round(n*f1)
     names[1], ..., the rest the last name."""
     out: list[str] = []
-    for fraction, name in zip(fractions, names):
+    for fraction, name in zip(fractions, names[:-1], strict=True):  # the last name takes the rest
         out += [name] * min(round(n * fraction), n - len(out))
     return out + [names[-1]] * (n - len(out))

@@ -75,7 +75,7 @@ def scan_split(folder: Path, split: str, spacing: dict | None):
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             yield Rejected(image_id, str(paths[0]), "bad_annotation", f"{paths[0]}: {exc!r}")
             continue
-        points = tuple(((a[0] + b[0]) / 2, (a[1] + b[1]) / 2) for a, b in zip(senior, junior))
+        points = tuple(((a[0] + b[0]) / 2, (a[1] + b[1]) / 2) for a, b in zip(senior, junior, strict=True))
         mm = None if spacing is None else spacing.get(image_id)
         if spacing is not None and mm is None:
             yield Rejected(image_id, str(paths[0]), "bad_spacing", f"no row for {image_id} in the spacing CSV")
@@ -95,5 +95,5 @@ def scan(root: Path, options: dict):
     folders = [child(root, name) for name in SPLITS]
     if not any(f.is_dir() for f in folders):
         raise ReaderError(f"{root}: no train/valid/test folder of the Aariz layout")
-    for name, folder in zip(SPLITS, folders):
+    for name, folder in zip(SPLITS, folders, strict=True):
         yield from scan_split(folder, SPLITS[name], spacing)

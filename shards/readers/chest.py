@@ -50,7 +50,7 @@ def scan(root: Path, options: dict):
         if image.stem not in labelled:
             yield Unlabelled(image.stem, str(image))
     splits = order_split(len(names), GU2NET_FRACTIONS, ("train", "val", "test"))
-    for name, split in zip(names, splits):
+    for name, split in zip(names, splits, strict=True):
         image, label = root / "pngs" / f"{name}.png", root / "labels" / f"{name}.txt"
         if not image.is_file():
             yield Rejected(name, str(label), "missing_image", f"no image {image}")

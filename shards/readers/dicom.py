@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from medsapiens.io.imageio import dicom_spacing, is_dicom
-from medsapiens.shards.readers import ReaderError, Rejected, RawSample, coco
+from medsapiens.shards.readers import RawSample, ReaderError, Rejected, coco
 
 OPTIONS = coco.OPTIONS
 CARVES_TEST = coco.CARVES_TEST

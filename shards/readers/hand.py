@@ -17,7 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from medsapiens.shards.readers import RawSample, ReaderError, Rejected, choice, natural_key, number, order_split, read_text
+from medsapiens.shards.readers import (
+    RawSample,
+    ReaderError,
+    Rejected,
+    choice,
+    natural_key,
+    number,
+    order_split,
+    read_text,
+)
 
 OPTIONS = {"split": "gu2net", "seed": "0", "val_fraction": "0.066", "test_fraction": "0.32"}
 SPLIT_RULE = ("split=gu2net: id order, 550 train, 59 val, rest test; split=seeded: sorted ids shuffled by "
@@ -38,18 +47,18 @@ def assign_splits(ids: list[str], options: dict) -> dict[str, str]:
     if choice(options, "split", SPLIT_CHOICES) == "gu2net":
         n = len(ordered)
         names = order_split(n, (GU2NET_COUNTS[0] / n, GU2NET_COUNTS[1] / n) if n else (0, 0), ("train", "val", "test"))
-        return dict(zip(ordered, names))
+        return dict(zip(ordered, names, strict=True))
     rng = np.random.default_rng(number(options, "seed", int))
     shuffled = [ordered[i] for i in rng.permutation(len(ordered))]
     fractions = (number(options, "test_fraction"), number(options, "val_fraction"))
-    return dict(zip(shuffled, order_split(len(shuffled), fractions, ("test", "val", "train"))))
+    return dict(zip(shuffled, order_split(len(shuffled), fractions, ("test", "val", "train")), strict=True))
 
 
 def parse_row(row: list[str]) -> tuple[tuple[float, float], ...]:
     values = [float(v) for v in row[1:] if v.strip()]
     if len(values) % 2:
         raise ValueError(f"{len(values)} coordinates, expected x,y pairs")
-    return tuple(zip(values[0::2], values[1::2]))
+    return tuple(zip(values[0::2], values[1::2], strict=True))
 
 
 def scan(root: Path, options: dict):
