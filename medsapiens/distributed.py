@@ -5,7 +5,7 @@ A collective's tensors must sit on the device its backend serves: the rank's GPU
 CPU under gloo. Tensors here are made on `collective_device()`, and the rank's GPU is made current
 before the process group starts, so the object collectives (which stage their bytes on the current
 GPU under NCCL) and barriers use the right one. No other module calls a torch.distributed
-collective (tests/test_collectives.py holds the code to that).
+collective (tests/integration/test_collectives.py holds the code to that).
 """
 from __future__ import annotations
 

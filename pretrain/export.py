@@ -1,4 +1,4 @@
-"""`medsapiens pretrain export`: a DeepSpeed checkpoint of a run -> the bundle of DESIGN.md."""
+"""`medsapiens pretrain export`: a DeepSpeed checkpoint of a run -> a bundle (docs/ARCHITECTURE.md, contract 3)."""
 from __future__ import annotations
 
 import json

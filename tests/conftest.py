@@ -1,4 +1,7 @@
-"""Shared fixtures: phantom shards built once per session, and running real commands."""
+"""Shared fixtures: phantom shards built once per session, and running real commands.
+
+tests/unit runs in-process; everything under tests/integration (the launcher, subprocesses,
+training) is marked `slow`."""
 from __future__ import annotations
 
 import json
@@ -18,6 +21,15 @@ SECRET = "fake-secret-that-must-never-be-printed-8c1f"
 # rebuild them for each other (their include paths differ), minutes on a small machine.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 KEY_ID = "AKIAFAKEKEYID0000042"
+
+
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if INTEGRATION in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.slow)
 
 
 def free_port() -> int:

@@ -119,7 +119,7 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
     model = bundle.model.build(bundle.heads)
     state = load_file(str(Path(path) / WEIGHTS), device="cpu")
     refuse_non_finite(state, Path(path) / WEIGHTS)
-    result = model.load_state_dict(state, strict=True)
+    result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise InputError(f"{path}/{WEIGHTS} does not match its config: missing {result.missing_keys[:5]}, "
                          f"unexpected {result.unexpected_keys[:5]}")

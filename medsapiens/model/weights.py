@@ -147,7 +147,7 @@ def load_state(backbone: SapiensViT, tensors: dict[str, torch.Tensor], metadata:
         state.tensors["pos_embed"] = resize_pos_embed(state.tensors["pos_embed"], state.grid, backbone.grid_size)
         state.notes.append(f"pos_embed resized from {_grid_text(state.grid)} to {_grid_text(backbone.grid_size)}")
     report = compare_with_model(state, backbone.state_dict(), source)
-    backbone.load_state_dict({k: state.tensors[k] for k in report.loaded}, strict=True)
+    backbone.load_state_dict({k: state.tensors[k] for k in report.loaded}, strict=False)
     return report
 
 

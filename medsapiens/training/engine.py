@@ -142,10 +142,14 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     raise InputError(f"optim.schedule must be 'step', 'cosine' or 'constant', got {cfg.schedule!r}")
 
 
+def current_spelling(deepspeed: str) -> str:
+    """train.deepspeed as written now: `launch/deepspeed/zero2.json` (older runs' spelling) is `zero2`."""
+    return Path(deepspeed).stem if Path(deepspeed).parent == LEGACY_PRESET_DIR else deepspeed
+
+
 def deepspeed_file(value: str):
     """train.deepspeed: a preset shipped with the package (`zero2`), or a JSON file of the user's."""
-    name = Path(value).stem if Path(value).parent == LEGACY_PRESET_DIR else value
-    preset = PRESETS / f"{name}.json"
+    preset = PRESETS / f"{current_spelling(value)}.json"
     if preset.is_file():
         return preset
     if Path(value).is_file():

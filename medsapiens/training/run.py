@@ -10,15 +10,17 @@ import math
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import yaml
 
 from medsapiens import config as configlib
 from medsapiens import distributed
-from medsapiens.data.pipeline import validation_split
+from medsapiens.data.pipeline import DataConfig, validation_split
 from medsapiens.errors import InputError
 from medsapiens.io.manifest import Manifest
 from medsapiens.model import (
+    LandmarkModel,
     LoraConfig,
     ModelConfig,
     apply_lora,
@@ -29,19 +31,30 @@ from medsapiens.model import (
 )
 from medsapiens.training import checkpoints
 from medsapiens.training.checkpoints import consolidated_state_dict
-from medsapiens.training.engine import Engine, OptimConfig, TrainConfig, resolve_warmup
+from medsapiens.training.engine import Engine, OptimConfig, TrainConfig, current_spelling, resolve_warmup
 from medsapiens.training.trainer import RESOLVED_CONFIG, RunContext, Trainer, write_run_files
+
+
+class StageConfig(Protocol):
+    """What the run reads of a stage's config (PretrainConfig, FinetuneConfig)."""
+
+    run_dir: str
+    data: DataConfig
+    model: ModelConfig
+    optim: OptimConfig
+    train: TrainConfig
+    lora: LoraConfig
 
 
 @dataclass
 class RunPlan:
-    """What a stage trains. `cfg` is the stage's config: it has run_dir, data, optim, train, lora."""
+    """What a stage trains."""
 
     stage: str
-    cfg: object
+    cfg: StageConfig
     manifest: Manifest
     dataset_ids: list[str]
-    model: object
+    model: LandmarkModel
     model_cfg: ModelConfig
     track_best: bool = False
     info: dict = field(default_factory=dict)  # extra run.json entries
@@ -118,8 +131,11 @@ def check_same_run(run_dir: Path, cfg, resume: str) -> None:
     saved = run_dir / RESOLVED_CONFIG
     if resume != "auto" or not checkpoints.tags(checkpoints.checkpoint_dir(run_dir)) or not saved.is_file():
         return
-    differing = {k: v for k, v in configlib.differences(yaml.safe_load(saved.read_text()) or {}, cfg).items()
-                 if k not in RESUMABLE_CHANGES}
+    before = yaml.safe_load(saved.read_text()) or {}
+    if isinstance(before.get("train"), dict) and "deepspeed" in before["train"]:
+        before["train"]["deepspeed"] = current_spelling(before["train"]["deepspeed"])
+    cfg = replace(cfg, train=replace(cfg.train, deepspeed=current_spelling(cfg.train.deepspeed)))
+    differing = {k: v for k, v in configlib.differences(before, cfg).items() if k not in RESUMABLE_CHANGES}
     if differing:
         shown = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in list(differing.items())[:8])
         raise InputError(f"{run_dir} holds a run with other settings ({shown}{'; ...' if len(differing) > 8 else ''}): "

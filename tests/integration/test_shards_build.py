@@ -14,14 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 from PIL import Image
 
 from medsapiens.io.manifest import load
 from medsapiens.io.record import Rejection, sample_key, to_original
 from medsapiens.launch.cli import main
 from medsapiens.shards.phantoms import write_phantoms
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

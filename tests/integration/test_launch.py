@@ -12,16 +12,17 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
+from conftest import DEEPSPEED, REPO
 
 from medsapiens import config as configlib
+from medsapiens.errors import InputError
 from medsapiens.launch import launcher
 from medsapiens.launch.cli import main
 from medsapiens.pretrain.config import PretrainConfig
 from medsapiens.training.engine import deepspeed_file
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "launch/experiments/demo.yaml")
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 SECRET, TOKEN, KEY_ID = "wJalrXUtnFEMI-not-a-real-secret", "FQoGZXIvYXdzEJr-session", "AKIAEXAMPLEKEYID"
 RANK_ENV_PREFIXES = ("AWS_", "NCCL_", "MEDSAPIENS_", "SLURM", "DS_ENV_FILE")
 REAL_HOME = os.path.expanduser("~")  # holds the compiled DeepSpeed op (~/.cache/torch_extensions)
@@ -286,13 +287,32 @@ def test_every_experiment_loads_as_its_stage_config(path):
 
 
 @pytest.mark.timeout(60)
+def test_a_run_saved_with_the_former_preset_path_resumes_under_the_preset_name(tmp_path):
+    """Runs written when the presets lived in launch/deepspeed/ name them by that path in config.yaml."""
+    from medsapiens.training.run import RESOLVED_CONFIG, check_same_run
+
+    cfg = configlib.load(PretrainConfig, REPO / "launch/experiments/demo.yaml", [f"run_dir={tmp_path}"])
+    assert cfg.train.deepspeed == "zero2"
+    assert deepspeed_file("launch/deepspeed/zero3.json") == deepspeed_file("zero3")
+    (tmp_path / "checkpoints" / "step_00000002").mkdir(parents=True)
+    saved = configlib.to_dict(cfg)
+    saved["train"]["deepspeed"] = "launch/deepspeed/zero2.json"
+    (tmp_path / RESOLVED_CONFIG).write_text(yaml.safe_dump(saved))
+    check_same_run(tmp_path, cfg, "auto")
+    saved["train"]["deepspeed"] = "launch/deepspeed/zero3.json"
+    (tmp_path / RESOLVED_CONFIG).write_text(yaml.safe_dump(saved))
+    with pytest.raises(InputError, match="train.deepspeed: 'zero3' there, 'zero2' now"):
+        check_same_run(tmp_path, cfg, "auto")
+
+
+@pytest.mark.timeout(60)
 def test_the_sapiens_recipes_differ_only_in_size_dependent_keys():
     configs = {size: configlib.to_dict(configlib.load(PretrainConfig, REPO / f"launch/experiments/sapiens_{size}.yaml"))
                for size in ("0.3b", "0.6b", "1b", "2b")}
-    assert {size: (c["model"]["arch"], c["model"]["grad_checkpointing"], Path(c["train"]["deepspeed"]).name)
+    assert {size: (c["model"]["arch"], c["model"]["grad_checkpointing"], c["train"]["deepspeed"])
             for size, c in configs.items()} == {
-        "0.3b": ("sapiens_0.3b", False, "zero2.json"), "0.6b": ("sapiens_0.6b", False, "zero2.json"),
-        "1b": ("sapiens_1b", True, "zero3.json"), "2b": ("sapiens_2b", True, "zero3.json")}
+        "0.3b": ("sapiens_0.3b", False, "zero2"), "0.6b": ("sapiens_0.6b", False, "zero2"),
+        "1b": ("sapiens_1b", True, "zero3"), "2b": ("sapiens_2b", True, "zero3")}
     recipe = configs["0.3b"]
     assert recipe["model"]["img_size"] == [1024, 768] and recipe["data"]["datasets"] == ["head", "hand", "chest", "leg"]
     assert recipe["train"]["precision"] == "bf16" and recipe["data"]["sigma"] == 3.0
