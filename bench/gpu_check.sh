@@ -30,7 +30,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:${PYTHONPATH:-}" PATH="/tmp/site/bin:$PATH"
 fi
-export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+# The package as it installs (the stage folders inside medsapiens/), from this checkout, with no build step.
+mkdir -p "$work/src/medsapiens"
+ln -s "$PWD"/medsapiens/* "$work/src/medsapiens/"
+for stage in shards pretrain finetune evaluate launch; do ln -s "$PWD/$stage" "$work/src/medsapiens/$stage"; done
+export PYTHONPATH="$work/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 export TORCH_EXTENSIONS_DIR="$work/torch_extensions"  # empty: whatever DeepSpeed compiles shows up here
 {
     date -u +"%Y-%m-%d %H:%M UTC"
@@ -54,7 +58,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log, record status and seconds
     return "$rc"
 }
 
-ms="python3 -m launch.cli"
+ms="python3 -m medsapiens.launch.cli"
 w="$work/e2e"
 step phantoms 120 $ms shards phantoms --out "$w/raw" --n 64 --seed 0 &&
 step shards 120 $ms shards build --source head="$w/raw/head" --source hand="$w/raw/hand" \

@@ -1,6 +1,6 @@
 """Training samples per CPU-second of our input pipeline against the Sapiens recipe's mmpose one.
 
-    PYTHONPATH=. python bench/input_pipeline.py [--images 24] [--samples 96] [--profile]
+    python bench/input_pipeline.py [--images 24] [--samples 96] [--profile]
 
 All sides see the same ISBI-size head images (phantoms upscaled to 1935x2400 with film-grain
 noise, written as the ISBI layout in a temp dir) at the real training resolution (768x1024 input,

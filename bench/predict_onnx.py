@@ -1,6 +1,6 @@
 """Images per second of `medsapiens predict`: the PyTorch bundle against its ONNX export on onnxruntime.
 
-    PYTHONPATH=. python bench/predict_onnx.py [--bundle B] [--n 32] [--batch-size 8]
+    python bench/predict_onnx.py [--bundle B] [--n 32] [--batch-size 8]
 
 Both runs predict the same phantom head images (written once, 480 x 600 BMPs) through the same
 `medsapiens.evaluate.predict.predict` (decoding, flip test, writing the JSON files), in this one process, after

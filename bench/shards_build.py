@@ -1,6 +1,6 @@
 """Images per second of `medsapiens shards build` on the phantom sets, with 1 and 2 workers.
 
-    PYTHONPATH=. python bench/shards_build.py [--n 40] [--max-side 1024] [--shard-size 8]
+    python bench/shards_build.py [--n 40] [--max-side 1024] [--shard-size 8]
 
 Phantom generation is timed apart and not counted in the build figures. Each build writes to a
 fresh directory, so nothing is skipped as already complete.

@@ -1,7 +1,7 @@
 """Training-step throughput, MFU and memory of the Sapiens backbones, against the published recipe.
 
-    PYTHONPATH=. python bench/train_step.py [--steps 8] [--max-batch 64] [--json out.json]
-    PYTHONPATH=. python bench/train_step.py --tiny     # CPU: sapiens_tiny at 128x96 (auto without CUDA)
+    python bench/train_step.py [--steps 8] [--max-batch 64] [--json out.json]
+    python bench/train_step.py --tiny     # CPU: sapiens_tiny at 128x96 (auto without CUDA)
 
 One device, synthetic in-memory batches (one grey channel on 0-255, as the pipeline sends them),
 the real objective and DeepSpeed engine. Settings on CUDA: sapiens_0.3b at 1024x768 with ZeRO-2,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medsapiens.errors import InputError
+from medsapiens.errors import CheckFailed, InputError
 
 
 def register(subparsers) -> None:
@@ -134,8 +134,7 @@ def _predict(args) -> int:
     for failure in failures:
         print(f"  failed: {failure['image']}: {failure['reason']}: {failure['detail']}", file=sys.stderr)
     if failures and not results:
-        print(f"error: none of the {len(failures)} input(s) could be predicted", file=sys.stderr)
-        return 1
+        raise CheckFailed(f"none of the {len(failures)} input(s) could be predicted")
     return 0
 
 

@@ -5,14 +5,11 @@ It yields a `RawSample` per usable input and a `Rejected` for every input it fin
 nothing is dropped silently. Image decoding, resizing and validation happen later, in the writer's
 worker processes.
 
-A reader module defines:
-  OPTIONS       {name: default} of the options it accepts (`--opt ID.KEY=VALUE`); values are strings
-  SPLIT_RULE    one line saying how splits are assigned (copied into the manifest)
-  LANDMARK_SET  the registry id whose landmarks it reads, or None when the data defines them
-  scan(root: Path, options: dict) -> Iterator[RawSample | Rejected | Unlabelled]
-  landmark_names(root, options) -> (names, flip_pairs)   only where LANDMARK_SET is None
-  validation_rule(options) -> str   optional: how the reader's own `val` split is made
-                                    (default "source split")
+A reader module defines what `Reader` lists (tests/unit/test_shards_readers.py holds every reader
+to it), and where they apply:
+  landmark_names(root, options) -> (names, flip_pairs)   required when LANDMARK_SET is None
+  validation_rule(options) -> str   how the reader's own `val` split is made (default "source split")
+  CARVES_TEST   True when its test_fraction option carves a seeded test split from train
 
 Every source also accepts the VALIDATION_OPTIONS: where the reader yields no `val` split, the
 plan carves one from `train` (shards/plan.py, docs/splits.md). A reader that has an option of
@@ -22,9 +19,11 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Protocol
 
 from medsapiens.errors import UserError
 
@@ -71,11 +70,21 @@ class Unlabelled:
     source: str
 
 
+class Reader(Protocol):
+    """A reader module, seen as an object."""
+
+    OPTIONS: dict[str, str | None]  # {name: default} of its options (`--opt ID.KEY=VALUE`); values are strings
+    SPLIT_RULE: str  # how splits are assigned, one line (copied into the manifest)
+    LANDMARK_SET: str | None  # the registry id whose landmarks it reads, or None when the data defines them
+
+    def scan(self, root: Path, options: dict) -> Iterator[RawSample | Rejected | Unlabelled]: ...
+
+
 class ReaderError(UserError, ValueError):
     """A problem with the reader's configuration (not with one sample): the build cannot start."""
 
 
-def load(name: str) -> ModuleType:
+def load(name: str) -> Reader:
     if name not in READERS:
         raise ReaderError(f"unknown reader {name!r}; readers: {', '.join(READERS)}")
     return importlib.import_module(f"medsapiens.shards.readers.{name}")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medsapiens.io import registry
 from medsapiens.shards import readers
 from medsapiens.shards.phantoms import write_phantoms
 from medsapiens.shards.plan import PlanError, Scan, SourceSpec, open_source, scan_source
@@ -304,3 +305,14 @@ def test_dicom_build_keeps_16_bits_and_records_the_spacing_tag(dicom_dir, tmp_pa
     stored = Image.open(io.BytesIO(png))
     assert stored.mode == "I;16" and stored.size == (20, 15) and np.asarray(stored).max() > 30000
     np.testing.assert_allclose(record["spacing_mm"], [0.2, 0.4])  # (0.1, 0.2) mm at half the size
+
+
+@pytest.mark.parametrize("name", readers.READERS)
+def test_every_reader_module_defines_the_reader_contract(name):
+    reader = readers.load(name)
+    assert isinstance(reader.OPTIONS, dict) and all(isinstance(k, str) for k in reader.OPTIONS)
+    assert all(v is None or isinstance(v, str) for v in reader.OPTIONS.values())
+    assert isinstance(reader.SPLIT_RULE, str) and reader.SPLIT_RULE
+    assert reader.LANDMARK_SET is None or reader.LANDMARK_SET in registry.BUILTIN
+    assert callable(reader.scan)
+    assert callable(getattr(reader, "landmark_names", None)) == (reader.LANDMARK_SET is None)
