@@ -58,22 +58,23 @@ def evaluate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset:
     landmark_set = manifest.landmark_set(dataset)
     preds = predict_split(model, manifest, dataset, model.dataset_ids.index(dataset), split,
                           options.settings(model, bundle), panels=options.overlays)
-    report = [None]
+    reports: list[dict] = []
 
     def score() -> None:
+        assert preds is not None  # rank 0 holds every rank's predictions
         protocol = Protocol(landmark_set, options.wrist_landmarks, options.convention)
         errors, mask = preds.errors(protocol)
         flip = " with flip test" if options.flip_test and landmark_set.can_flip else ""
-        report[0] = build_report(errors, mask, preds.ids, protocol, dataset, f"{split} split of {manifest.location}{flip}")
-        report[0].update(evaluated_on=split, flip_test=bool(flip), selected_on=selection_of(bundle))
+        report = build_report(errors, mask, preds.ids, protocol, dataset, f"{split} split of {manifest.location}{flip}")
+        report.update(evaluated_on=split, flip_test=bool(flip), selected_on=selection_of(bundle))
         if dataset in bundle.calibration:
-            report[0]["coverage"] = conformal.coverage_report(errors, mask, bundle.calibration[dataset],
-                                                              landmark_set.names)
-        write_report(report[0], np.where(mask, errors, np.nan), preds.ids, landmark_set.names, out_dir)
+            report["coverage"] = conformal.coverage_report(errors, mask, bundle.calibration[dataset], landmark_set.names)
+        write_report(report, np.where(mask, errors, np.nan), preds.ids, landmark_set.names, out_dir)
         write_overlays(preds.panels, Path(out_dir) / "overlays")
+        reports.append(report)
 
     distributed.decide_on_rank0(score)  # a bad image stops every rank, not rank 0 alone
-    return report[0]
+    return reports[0] if reports else None
 
 
 def refuse_test_split(split: str) -> None:
@@ -118,6 +119,7 @@ def calibrate_bundle(bundle_dir, shards: str, dataset: str | None = None, split:
     model, bundle = bundlelib.load(bundle_dir, options.device)
     dataset = dataset or only_head(bundle)
     calibration = calibrate_model(model, bundle, load_manifest(shards), dataset, split, coverage, options)
+    assert calibration is not None  # one process: rank 0
     bundle.calibration = {**bundle.calibration, dataset: calibration}
     bundlelib.write_config(bundle_dir, bundle)
     return calibration
@@ -147,7 +149,9 @@ def write_overlays(panels, out_dir: Path) -> None:
 def evaluate_bundle(bundle_dir, shards: str, dataset: str | None, split: str, out_dir,
                     options: EvalOptions = EvalOptions()) -> dict:
     model, bundle = bundlelib.load(bundle_dir, options.device)
-    return evaluate_model(model, bundle, load_manifest(shards), dataset or only_head(bundle), split, out_dir, options)
+    report = evaluate_model(model, bundle, load_manifest(shards), dataset or only_head(bundle), split, out_dir, options)
+    assert report is not None  # one process: rank 0
+    return report
 
 
 def summary_line(report: dict) -> str:

@@ -146,14 +146,17 @@ def predict(inputs: list[str], out_dir, options: PredictOptions = PredictOptions
     landmarker = open_landmarker(bundle_dir, onnx, options.device, options.flip_test)
     heads = landmarker.heads
     dataset = options.dataset or (next(iter(heads)) if len(heads) == 1 else None)
-    if dataset not in heads:
+    if dataset is None or dataset not in heads:
         raise InputError(f"choose --dataset among the model's heads: {', '.join(heads)}")
     check_flip_test(landmarker, dataset, options.flip_test, onnx)
     landmark_set = landmarker.landmark_sets[dataset]
     bounds = Bounds(landmark_set, landmarker.calibration.get(dataset))
     out = Path(out_dir)
     (out / "overlays" if options.overlays else out).mkdir(parents=True, exist_ok=True)
-    results, failures, batch, seen = [], [], [], {}
+    results: list[dict] = []
+    failures: list[dict] = []
+    batch: list[tuple] = []  # (path, image, spacing, its source) of the images not yet predicted
+    seen: dict[str, Path] = {}  # id -> the first input with it
 
     def flush():
         points, scores = landmarker.predict([image for _, image, _, _ in batch], dataset)

@@ -309,6 +309,6 @@ def run(cfg: FinetuneConfig) -> FinetuneResult | SeedsResult | None:
                    for seed in cfg.seeds]
         if distributed.rank() != 0:
             return None
-        summary = seed_summary(results)
+        summary = seed_summary([r for r in results if r is not None])  # rank 0 has every result
         (Path(cfg.run_dir) / SUMMARY).write_text(json.dumps(summary, indent=2))
         return SeedsResult(cfg.run_dir, str(Path(cfg.run_dir) / SUMMARY), summary)

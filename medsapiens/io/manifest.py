@@ -145,13 +145,13 @@ class Manifest:
             )
 
 
-def manifest_url(location: str) -> str:
+def manifest_url(location: str | Path) -> str:
     """Accept a shard directory (local or s3://) or the manifest file itself."""
     location = str(location)
     return location if location.endswith(".json") else storage.join(location, MANIFEST_NAME)
 
 
-def load(location: str) -> Manifest:
+def load(location: str | Path) -> Manifest:
     url = manifest_url(location)
     try:
         raw = storage.read_bytes(url)

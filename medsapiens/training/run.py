@@ -10,8 +10,9 @@ import math
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, ClassVar, Protocol
 
+import torch
 import yaml
 
 from medsapiens import config as configlib
@@ -36,8 +37,9 @@ from medsapiens.training.trainer import RESOLVED_CONFIG, RunContext, Trainer, wr
 
 
 class StageConfig(Protocol):
-    """What the run reads of a stage's config (PretrainConfig, FinetuneConfig)."""
+    """What the run reads of a stage's config (PretrainConfig, FinetuneConfig: dataclasses)."""
 
+    __dataclass_fields__: ClassVar[dict[str, Any]]
     run_dir: str
     data: DataConfig
     model: ModelConfig
@@ -68,7 +70,7 @@ class RunResult:
     last_validation: dict
     selection: dict
     trainable_parameters: int
-    device: object
+    device: torch.device
 
 
 def check_settings(cfg) -> None:
@@ -174,9 +176,10 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
                      configlib.digest(cfg), flops, track_best=plan.track_best)
     trainer = Trainer(engine, model.objective(train_cfg.loss), ctx)
     trainer.fit(trainer.resume(resume))
-    outcome = [trainer.best, trainer.last_validation]
+    outcome: list[Any] = [trainer.best, trainer.last_validation]
     distributed.broadcast_from_rank0(outcome)  # rank 0 scores validation
-    return RunResult(*outcome, chosen, trainable, engine.device)
+    best, last_validation = outcome
+    return RunResult(best, last_validation, chosen, trainable, engine.device)
 
 
 def load_trained(model, ckpt_dir: Path, tag: str, lora: LoraConfig):
