@@ -15,14 +15,15 @@
 # the TensorBoard tags, the ops built), train_step.log (rows, profiles), train_step.jsonl (one row
 # a line) and summary.txt. Exit status: 0 when every step and row ran, 1 otherwise.
 # SETTINGS overrides the rows, NAME:MICRO_BATCH each (names from bench/train_step.py; the micro-batches
-# are the largest powers of two that fitted one H200); PROFILE=1 adds torch.profiler's top operators
-# after each row. For a smoke run of the script itself on a CPU: DEVICE=cpu and OVERRIDES with a tiny
-# model (e.g. "model.arch=sapiens_tiny model.img_size=[128,96] model.trunk_width=32"), added to the
-# pretraining and fine-tuning settings.
+# are the largest powers of two that fitted one H200; Sapiens2-0.4B's, not yet measured there, is
+# from `model info`); PROFILE=1 adds torch.profiler's top operators after each row. For a smoke run
+# of the script itself on a CPU: DEVICE=cpu and OVERRIDES with a tiny model (e.g.
+# "model.arch=sapiens_tiny model.img_size=[128,96] model.trunk_width=32"), added to the pretraining
+# and fine-tuning settings.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="$(mkdir -p "${1:?give an output folder}" && cd "$1" && pwd)"
-settings="${SETTINGS:-recipe:16 bf16:32 bf16+compile:32 bf16+ckpt:64 1b-zero3+ckpt:32 2b-zero3+ckpt:32}"
+settings="${SETTINGS:-recipe:16 bf16:32 bf16+compile:32 bf16+ckpt:64 1b-zero3+ckpt:32 2b-zero3+ckpt:32 s2-0.4b-bf16:16}"
 work="$(mktemp -d)"
 status=0
 

@@ -59,6 +59,7 @@ def cuda_settings() -> list[Setting]:
         Setting("bf16+compile+ckpt", "sapiens_0.3b", "bf16", 2, compile=True, checkpointing=True),
         Setting("1b-zero3+ckpt", "sapiens_1b", "bf16", 3, checkpointing=True),
         Setting("2b-zero3+ckpt", "sapiens_2b", "bf16", 3, checkpointing=True),
+        Setting("s2-0.4b-bf16", "sapiens2_0.4b", "bf16", 2),
     ]
 
 
@@ -67,6 +68,7 @@ def cpu_settings() -> list[Setting]:
         Setting("recipe", "sapiens_tiny", "fp32", 2, trunk_width=TINY_TRUNK),
         Setting("ckpt", "sapiens_tiny", "fp32", 2, checkpointing=True, trunk_width=TINY_TRUNK),
         Setting("zero3+ckpt", "sapiens_tiny", "fp32", 3, checkpointing=True, trunk_width=TINY_TRUNK),
+        Setting("s2-recipe", "sapiens2_tiny", "fp32", 2, trunk_width=TINY_TRUNK),
     ]
 
 

@@ -1,6 +1,7 @@
 """`medsapiens demo`: the whole pipeline on the built-in phantoms, and the measurement that matters.
 
-phantoms in native layouts -> shards -> 2-rank DeepSpeed pretraining of sapiens_tiny on three sets
+phantoms in native layouts -> shards -> 2-rank DeepSpeed pretraining of sapiens_tiny (or
+sapiens2_tiny) on three sets
 -> bundle -> few-shot fine-tuning on the fourth set from three starts (the pretrained bundle, the
 same backbone without the multi-dataset pretraining, scratch) over several seeds -> evaluation on
 the held-out test split -> the table in the layout of the paper's, also as results.json.
@@ -21,6 +22,7 @@ from medsapiens.errors import EXIT_USER_ERROR, UserError
 
 EXPERIMENTS = Path(__file__).resolve().parent / "experiments"
 BACKBONE_SEED = 1000
+DEMO_ARCHS = ("sapiens_tiny", "sapiens2_tiny")
 STARTS = (
     ("bundle", "MedSapiens: multi-dataset pretrained bundle"),
     ("sapiens", "Same backbone, no multi-dataset pretraining"),
@@ -31,6 +33,7 @@ STARTS = (
 @dataclass
 class DemoPlan:
     out: Path = Path("runs/demo")
+    arch: str = "sapiens_tiny"
     held_out: str = "leg"
     pretrain_sets: tuple[str, ...] = ("head", "hand", "chest")
     phantoms: int = 120
@@ -69,6 +72,23 @@ def run(cmd: list[str]) -> None:
         raise StageFailed(cmd, result.returncode)
 
 
+def claim_out(plan: DemoPlan) -> None:
+    """An output folder holds one arch's demo: its finished stages are skipped on a rerun, so a rerun
+    with another arch there would mix two runs into one table."""
+    marker = plan.out / "demo.json"
+    if marker.exists():
+        made_with = json.loads(marker.read_text())["arch"]
+    elif plan.out.exists() and any(plan.out.iterdir()):
+        made_with = "sapiens_tiny"  # a demo folder written before the marker existed
+    else:
+        made_with = plan.arch
+    if made_with != plan.arch:
+        raise UserError(f"{plan.out} holds a demo of {made_with}, not {plan.arch}: "
+                        "pass --fresh to start over there, or another --out")
+    plan.out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"arch": plan.arch}))
+
+
 def make_phantoms(plan: DemoPlan) -> Path:
     raw = plan.out / "raw"
     done = raw / ".complete"
@@ -91,17 +111,17 @@ def make_shards(plan: DemoPlan, raw: Path) -> Path:
 def make_initial_backbone(plan: DemoPlan) -> Path:
     """The backbone both the pretraining and the 'no multi-dataset pretraining' start begin from.
 
-    No small Sapiens is released, so the demo's stands in: a seeded random sapiens_tiny saved
+    No small Sapiens is released, so the demo's stands in: a seeded random tiny backbone saved
     as a Sapiens checkpoint (and loaded through the same path a real one takes). Its seed is not
     one of the fine-tuning seeds, so it is not the very init a scratch run draws."""
     import torch
 
     from medsapiens.model import build_backbone, save_backbone
 
-    path = plan.out / "sapiens_tiny_init.safetensors"
+    path = plan.out / f"{plan.arch}_init.safetensors"
     if not path.exists():
         torch.manual_seed(BACKBONE_SEED + plan.seed)
-        save_backbone(build_backbone("sapiens_tiny", (128, 96)), path, "medsapiens demo: seeded random init")
+        save_backbone(build_backbone(plan.arch, (128, 96)), path, "medsapiens demo: seeded random init")
     return path
 
 
@@ -110,7 +130,7 @@ def pretrain(plan: DemoPlan, shards: Path, backbone: Path) -> Path:
     datasets = "[" + ",".join(plan.pretrain_sets) + "]"
     run(medsapiens("launch", "pretrain", "--config", str(EXPERIMENTS / "demo.yaml"), "--gpus", str(plan.ranks),
                    f"data.shards={shards}", f"run_dir={run_dir}", f"data.datasets={datasets}",
-                   f"model.checkpoint={backbone}", *plan.pretrain_overrides))
+                   f"model.checkpoint={backbone}", f"model.arch={plan.arch}", *plan.pretrain_overrides))
     bundle = plan.out / "bundle"
     run(medsapiens("pretrain", "export", str(run_dir), "--out", str(bundle)))
     return bundle
@@ -124,7 +144,8 @@ def finetune(plan: DemoPlan, shards: Path, bundle: Path, backbone: Path, init: s
                  "scratch": ["--init", "scratch"]}[init]
         run(medsapiens("finetune", "--config", str(EXPERIMENTS / "demo_finetune.yaml"), *start,
                        "--shards", str(shards), "--dataset", plan.held_out, "--shots", str(plan.shots),
-                       "--seeds", ",".join(map(str, plan.seeds)), "--run-dir", str(run_dir), *plan.finetune_overrides))
+                       "--seeds", ",".join(map(str, plan.seeds)), "--run-dir", str(run_dir), f"model.arch={plan.arch}",
+                       *plan.finetune_overrides))
     return json.loads(summary.read_text())
 
 
@@ -154,12 +175,13 @@ def starts_figure(plan: DemoPlan, results: dict) -> Path:
 
 def run_demo(plan: DemoPlan) -> dict:
     started = time.time()
+    claim_out(plan)
     total = 5 + len(STARTS)
     step(1, total, f"phantom datasets in their native layouts ({plan.phantoms} images per set)")
     raw = make_phantoms(plan)
     step(2, total, "validated WebDataset shards")
     shards = make_shards(plan, raw)
-    step(3, total, "the initial sapiens_tiny backbone")
+    step(3, total, f"the initial {plan.arch} backbone")
     backbone = make_initial_backbone(plan)
     step(4, total, f"pretraining on {', '.join(plan.pretrain_sets)} with {plan.ranks} DeepSpeed ranks, then export")
     bundle = pretrain(plan, shards, backbone)
@@ -169,7 +191,7 @@ def run_demo(plan: DemoPlan) -> dict:
         results[name] = {"init": init, **finetune(plan, shards, bundle, backbone, init)}
     step(total, total, "results on the held-out test split (mean ± std over seeds)")
     text = table(plan, results)
-    report = {"dataset": plan.held_out, "shots": plan.shots, "seeds": list(plan.seeds),
+    report = {"arch": plan.arch, "dataset": plan.held_out, "shots": plan.shots, "seeds": list(plan.seeds),
               "pretrained_on": list(plan.pretrain_sets), "unit": next(iter(results.values()))["unit"],
               "starts": results, "table": text, "minutes": round((time.time() - started) / 60, 2),
               "paths": {"shards": str(shards), "pretrain_run": str(plan.out / "pretrain"), "bundle": str(bundle),
@@ -189,7 +211,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo", help="run the whole pipeline on built-in phantoms (CPU, 6-10 min on 2 cores)",
         description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1].replace("\n", " "))
-    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    parser.add_argument("--out", help="output folder (default runs/demo, runs/demo_sapiens2_tiny for that arch)")
+    parser.add_argument("--arch", default="sapiens_tiny", choices=DEMO_ARCHS,
+                        help="the backbone: sapiens_tiny (default) or the Sapiens2 architecture's sapiens2_tiny")
     parser.add_argument("--fresh", action="store_true", help="delete the output folder first")
     parser.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks for pretraining (default 2)")
     parser.add_argument("--held-out", default="leg", choices=("head", "hand", "chest", "leg"),
@@ -198,10 +222,10 @@ def register(subparsers) -> None:
 
 
 def _demo(args) -> int:
-    out = Path(args.out)
+    out = Path(args.out or ("runs/demo" if args.arch == "sapiens_tiny" else f"runs/demo_{args.arch}"))
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     pretrain_sets = tuple(d for d in ("head", "hand", "chest", "leg") if d != args.held_out)
-    run_demo(DemoPlan(out=out, ranks=args.ranks, held_out=args.held_out, pretrain_sets=pretrain_sets))
+    run_demo(DemoPlan(out=out, arch=args.arch, ranks=args.ranks, held_out=args.held_out, pretrain_sets=pretrain_sets))
     return 0

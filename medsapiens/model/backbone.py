@@ -1,4 +1,5 @@
-"""The Sapiens ViT as a configured timm `VisionTransformer`; its state-dict keys are timm's."""
+"""The Sapiens ViT as a configured timm `VisionTransformer` (state-dict keys timm's), and the builder
+of either family's backbone (Sapiens2: medsapiens.model.sapiens2)."""
 from __future__ import annotations
 
 from functools import partial
@@ -9,6 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from medsapiens.model.archs import DEFAULT_IMG_SIZE, PATCH_SIZE, ArchSpec, feature_grid, get_arch
+from medsapiens.model.sapiens2 import Sapiens2ViT
 
 SAPIENS_PATCH_PADDING = 2
 
@@ -59,8 +61,12 @@ class SapiensViT(VisionTransformer):
         return tokens.transpose(1, 2).reshape(tokens.shape[0], self.embed_dim, h, w)
 
 
-def build_backbone(arch: str | ArchSpec, img_size: tuple[int, int] = DEFAULT_IMG_SIZE) -> SapiensViT:
-    """A randomly initialised backbone (timm's ViT init). Build it under `torch.device("meta")`
+Backbone = SapiensViT | Sapiens2ViT
+
+
+def build_backbone(arch: str | ArchSpec, img_size: tuple[int, int] = DEFAULT_IMG_SIZE) -> Backbone:
+    """A randomly initialised backbone of the arch's family. Build it under `torch.device("meta")`
     to get shapes without memory."""
-    return SapiensViT(get_arch(arch), img_size)
+    spec = get_arch(arch)
+    return Sapiens2ViT(spec, img_size) if spec.family == "sapiens2" else SapiensViT(spec, img_size)
 

@@ -8,12 +8,26 @@ which MFU conventionally does not count.
 
 `head_channels` is the number of final-head channels an image goes through: its dataset's K (or
 the sum over heads, an upper bound; the heads cost well under 1% either way).
+
+Sapiens2 blocks differ in what they count: the key and value projections of grouped-query blocks
+are half as wide, the SwiGLU FFN has three C x M matmuls instead of two, the nine prefix tokens go
+through every block, and RoPE's rotation (x cos + rotate(x) sin: 3 FLOPs an element of the patch
+tokens' queries and keys) is counted, though well under 1%.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from medsapiens.model.archs import DEFAULT_IMG_SIZE, DEFAULT_TRUNK_WIDTH, PATCH_SIZE, ArchSpec, feature_grid, get_arch
+from medsapiens.model.archs import (
+    DEFAULT_IMG_SIZE,
+    DEFAULT_TRUNK_WIDTH,
+    PATCH_SIZE,
+    ArchSpec,
+    feature_grid,
+    get_arch,
+    kv_heads,
+    prefix_tokens,
+)
 
 DECONV_TAPS = 16  # 4x4 kernels
 UPSAMPLING = 4  # two stride-2 deconvs: heatmaps are (H/4, W/4), 16x the token grid's area
@@ -69,27 +83,50 @@ def largest_micro_batch(memory: MemoryEstimate, device_gib: float, checkpointing
 def count_params(arch: str | ArchSpec, img_size=DEFAULT_IMG_SIZE, trunk_width: int = DEFAULT_TRUNK_WIDTH,
                  head_channels: int = 0) -> Split:
     a, tokens = get_arch(arch), _tokens(img_size)
-    c, m, w = a.embed_dim, a.mlp_dim, trunk_width
+    c, w = a.embed_dim, trunk_width
     patch = c * 3 * PATCH_SIZE**2 + c
-    # norm1 2C, qkv 3C^2 + 3C, proj C^2 + C, norm2 2C, fc1 CM + M, fc2 MC + C
-    block = 4 * c * c + 2 * c * m + 9 * c + m
-    backbone = patch + tokens * c + a.depth * block + 2 * c
+    blocks = sum(_block_params(a, i) for i in range(a.depth))
+    if a.family == "sapiens2":  # cls and storage tokens, RMSNorm without bias
+        backbone = patch + prefix_tokens(a) * c + blocks + c
+    else:  # learned positions, LayerNorm with bias
+        backbone = patch + tokens * c + blocks + 2 * c
     decoder = DECONV_TAPS * (c * w + w * w) + 2 * (w * w + w) + head_channels * (w + 1)
     return Split(backbone, decoder)
+
+
+def _block_params(a: ArchSpec, block: int) -> int:
+    c, m, kv = a.embed_dim, a.mlp_dim, kv_heads(a, block) * a.embed_dim // a.num_heads
+    if a.family == "sapiens2":
+        # ln1, ln2 C each; wq C^2 + C; wk, wv kv C + kv each; q_norm, k_norm one head each; proj C^2 + C;
+        # LayerScale C; w12 2CM + 2M; w3 MC + C
+        return 2 * c * c + 2 * kv * c + 3 * c * m + 6 * c + 2 * kv + 2 * c // a.num_heads + 2 * m
+    # norm1 2C, qkv 3C^2 + 3C, proj C^2 + C, norm2 2C, fc1 CM + M, fc2 MC + C
+    return 4 * c * c + 2 * c * m + 9 * c + m
 
 
 def forward_flops(arch: str | ArchSpec, img_size=DEFAULT_IMG_SIZE, trunk_width: int = DEFAULT_TRUNK_WIDTH,
                   head_channels: int = 0) -> Split:
     """Forward FLOPs for one image (see the module docstring for what counts)."""
     a, tokens = get_arch(arch), _tokens(img_size)
-    c, m, w = a.embed_dim, a.mlp_dim, trunk_width
+    c, w = a.embed_dim, trunk_width
     patch = 2 * tokens * c * 3 * PATCH_SIZE**2
-    block = 2 * tokens * (4 * c * c + 2 * c * m) + 4 * tokens * tokens * c
+    blocks = sum(_block_flops(a, i, tokens) for i in range(a.depth))
     # a transposed conv multiplies every input pixel by the whole kernel
     deconvs = 2 * DECONV_TAPS * (tokens * c * w + UPSAMPLING * tokens * w * w)
     heatmap_pixels = UPSAMPLING**2 * tokens
     convs = 2 * heatmap_pixels * (2 * w * w + w * head_channels)
-    return Split(patch + a.depth * block, deconvs + convs)
+    return Split(patch + blocks, deconvs + convs)
+
+
+def _block_flops(a: ArchSpec, block: int, patches: int) -> int:
+    c, m = a.embed_dim, a.mlp_dim
+    n = patches + prefix_tokens(a)
+    attention = 4 * n * n * c  # QK^T and AV over all heads (grouped heads share K and V, not the work)
+    if a.family == "sapiens2":
+        kv = kv_heads(a, block) * c // a.num_heads
+        matmuls = 2 * n * (2 * c * c + 2 * c * kv + 3 * c * m)
+        return matmuls + attention + 3 * patches * (c + kv)
+    return 2 * n * (4 * c * c + 2 * c * m) + attention
 
 
 def memory_estimate(arch: str | ArchSpec, img_size=DEFAULT_IMG_SIZE, trunk_width: int = DEFAULT_TRUNK_WIDTH,
@@ -116,18 +153,33 @@ def memory_estimate(arch: str | ArchSpec, img_size=DEFAULT_IMG_SIZE, trunk_width
 def _activation_elements(a: ArchSpec, img_size, trunk_width: int, head_channels: int) -> tuple[int, int]:
     """Saved-for-backward elements per image: (without, with activation checkpointing)."""
     tokens, c, w = _tokens(img_size), a.embed_dim, trunk_width
-    # per token: norm1 input and output, q k v, the attention output (which is also proj's input),
-    # norm2 input and output (8C); fc1 output and GELU output (2M); two LayerNorms' mean and rstd
-    # (4); the attention's logsumexp (one per head)
-    block = tokens * (8 * c + 2 * a.mlp_dim + 4 + a.num_heads)
+    n = tokens + prefix_tokens(a)
+    blocks = [n * _block_elements_per_token(a, i) for i in range(a.depth)]
     image = 3 * img_size[0] * img_size[1]  # the patch conv keeps its input for the weight grad
-    final_norm = tokens * (c + 2)
+    final_norm = n * (c + 2)
     heatmap_pixels = UPSAMPLING**2 * tokens
     # the features in NCHW; per trunk layer its conv, norm and SiLU outputs; the loss's weighted error
     trunk_pixels = UPSAMPLING * tokens + 3 * heatmap_pixels
     decoder = tokens * c + 3 * w * trunk_pixels + head_channels * heatmap_pixels
-    common = image + final_norm + decoder
-    return common + a.depth * block, common + a.depth * tokens * c + block
+    rope_tables = 2 * tokens * c // a.num_heads if a.family == "sapiens2" else 0  # sin and cos, shared by the blocks
+    common = image + final_norm + decoder + rope_tables
+    return common + sum(blocks), common + a.depth * n * c + max(blocks)
+
+
+def _block_elements_per_token(a: ArchSpec, block: int) -> int:
+    c, m, heads = a.embed_dim, a.mlp_dim, a.num_heads
+    if a.family == "sapiens2":
+        kv_count = kv_heads(a, block)
+        kv = kv_count * c // heads
+        # RMSNorm keeps its input, x * rstd and its output: ln1 and ln2 3C each; q 2C and k 2kv around
+        # their norms, and the rotated q, k with v for attention (C + 2kv); the attention output, its
+        # merged copy, proj's output (LayerScale's input) 3C; w12's output, SiLU's and the product 4M;
+        # the rstds (ln1, ln2, each q and k head) and the logsumexp (one per head)
+        return 12 * c + 4 * kv + 4 * m + 2 + 2 * heads + kv_count
+    # norm1 input and output, q k v, the attention output (which is also proj's input), norm2 input
+    # and output (8C); fc1 output and GELU output (2M); two LayerNorms' mean and rstd (4); the
+    # attention's logsumexp (one per head)
+    return 8 * c + 2 * m + 4 + heads
 
 
 def _tokens(img_size) -> int:

@@ -12,7 +12,7 @@ from torch import nn
 
 from medsapiens.errors import InputError
 from medsapiens.model.archs import DEFAULT_IMG_SIZE, DEFAULT_TRUNK_WIDTH, ArchSpec, feature_grid, get_arch
-from medsapiens.model.backbone import SapiensViT
+from medsapiens.model.backbone import Backbone
 from medsapiens.model.decoder import HeadOutput, MultiHeadDecoder
 from medsapiens.model.lora import base_backbone
 from medsapiens.model.loss import HeatmapLoss, LandmarkObjective, heatmap_loss
@@ -20,7 +20,7 @@ from medsapiens.model.weights import load_backbone
 
 
 class LandmarkModel(nn.Module):
-    def __init__(self, backbone: SapiensViT, decoder: MultiHeadDecoder):
+    def __init__(self, backbone: Backbone, decoder: MultiHeadDecoder):
         super().__init__()
         self.backbone = backbone
         self.decoder = decoder

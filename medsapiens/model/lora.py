@@ -8,11 +8,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from medsapiens.model.backbone import SapiensViT
+from medsapiens.model.backbone import Backbone
 
 # peft matches a list entry as a name suffix after a dot: "blocks.3.attn.proj" matches, the patch
-# embedding's "patch_embed.proj" does not.
+# embedding's "patch_embed.proj" does not. The qkv rank goes to Sapiens' fused qkv, or to Sapiens2's
+# separate query, key and value projections.
 QKV, PROJ = "attn.qkv", "attn.proj"
+QKV_TARGETS = {"sapiens": (QKV,), "sapiens2": ("attn.wq", "attn.wk", "attn.wv")}
 LORA_PARAM = ".lora_"  # in every adapter parameter's name (peft's lora_A / lora_B)
 
 
@@ -33,7 +35,8 @@ def is_lora_parameter(name: str) -> bool:
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig | None = None) -> nn.Module:
-    """Wrap `model.backbone` in place: LoRA on every block's attn.qkv and attn.proj, up-projection
+    """Wrap `model.backbone` in place: LoRA on every block's attention input projections (attn.qkv;
+    Sapiens2: attn.wq, wk, wv) and attn.proj, up-projection
     zero-initialised (the model's output is unchanged at first), every other backbone weight
     frozen. Returns `model`."""
     cfg = cfg or LoraConfig()
@@ -44,7 +47,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig | None = None) -> nn.Module:
         r=cfg.qkv_rank,
         lora_alpha=cfg.qkv_alpha,
         lora_dropout=cfg.dropout,
-        target_modules=[QKV, PROJ],
+        target_modules=[*QKV_TARGETS[model.backbone.arch.family], PROJ],
         rank_pattern={PROJ.replace(".", r"\."): cfg.proj_rank},
         alpha_pattern={PROJ.replace(".", r"\."): cfg.proj_alpha},
         init_lora_weights=True,
@@ -57,14 +60,14 @@ def apply_lora(model: nn.Module, cfg: LoraConfig | None = None) -> nn.Module:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold the adapters into the weights: `model.backbone` becomes a plain, fully trainable
-    SapiensViT with the same keys as one that never had LoRA. Returns `model`."""
+    backbone with the same keys as one that never had LoRA. Returns `model`."""
     model.backbone = model.backbone.merge_and_unload()
     model.backbone.requires_grad_(True)
     return model
 
 
-def base_backbone(model: nn.Module) -> SapiensViT:
-    """`model.backbone` itself, or the SapiensViT inside its peft wrapper."""
+def base_backbone(model: nn.Module) -> Backbone:
+    """`model.backbone` itself, or the backbone inside its peft wrapper."""
     backbone = model.backbone
     return backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
 

@@ -1,8 +1,10 @@
 """Optimiser parameter groups with layer-wise lr decay (Sapiens / MedSapiens recipe).
 
-Layer ids: patch/pos embedding 0, block i -> i + 1, final norm and the whole decoder depth + 1;
+Layer ids: patch/pos embedding (Sapiens2: and its cls and storage tokens) 0, block i -> i + 1, final
+norm and the whole decoder depth + 1;
 a group's lr is base_lr * lr_scale with lr_scale = layer_decay ** (depth + 1 - layer_id): the
-trainer's scheduler applies it. No weight decay on 1-D parameters (norms, biases) and pos_embed.
+trainer's scheduler applies it. No weight decay on 1-D parameters (norms, biases), pos_embed and
+the prefix tokens.
 LoRA adapters train at the base lr whatever their block, as in MedSapiens (its layer-decay rule
 matches backbone parameter names that adapter names never match).
 """
@@ -15,7 +17,8 @@ from torch import nn
 from medsapiens.model.lora import base_backbone, is_lora_parameter
 
 BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-EMBEDDING = re.compile(r"(?:^|\.)(?:patch_embed|pos_embed)(?:\.|$)")
+EMBEDDING = re.compile(r"(?:^|\.)(?:patch_embed|pos_embed|cls_token|storage_tokens)(?:\.|$)")
+NO_DECAY_TOKENS = ("pos_embed", "cls_token", "storage_tokens")  # learned tokens and positions, as timm
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 0.85) -> list[dict]:
@@ -30,7 +33,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 0.8
             continue
         part = "lora" if is_lora_parameter(name) else "backbone" if name.startswith("backbone.") else "decoder"
         layer = layer_id(name, depth) if part == "backbone" else depth + 1
-        decay = param.ndim > 1 and not name.endswith("pos_embed")
+        decay = param.ndim > 1 and not name.endswith(NO_DECAY_TOKENS)
         group = groups.setdefault((part, layer, decay), {
             "name": f"{part}.layer{layer}.{'decay' if decay else 'no_decay'}",
             "part": part,

@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 from medsapiens.errors import CheckpointError, InputError
 from medsapiens.io.shard_tar import file_digest
 from medsapiens.io.storage import as_umask_allows
-from medsapiens.model.archs import DEFAULT_IMG_SIZE, PATCH_SIZE, ArchSpec, get_arch
-from medsapiens.model.backbone import SapiensViT, build_backbone
+from medsapiens.model.archs import DEFAULT_IMG_SIZE, PATCH_SIZE, ArchSpec, feature_grid, get_arch
+from medsapiens.model.backbone import Backbone, build_backbone
 
 log = logging.getLogger(__name__)
 
@@ -108,18 +108,21 @@ def normalize_state(
     metadata: dict[str, str],
     source: str,
     model_grid: tuple[int, int] | None = None,
+    family: str = "sapiens",
 ) -> BackboneState:
-    """Select the backbone's tensors, rename them to timm keys and split off the cls slot.
+    """Select the backbone's tensors; for Sapiens, rename them to timm keys and split off the cls slot
+    (Sapiens2 files already carry the model's own keys, cls token included, and no position table).
 
     model_grid helps to recognise a non-square pos_embed that was saved at the model's grid."""
     prefix_present = any(k.startswith(BACKBONE_PREFIXES) for k in tensors)
+    sapiens = family == "sapiens"
     state = BackboneState({}, {}, None, [], [])
     for file_key, tensor in tensors.items():
         key = _strip_backbone_prefix(file_key) if prefix_present else file_key
-        if key is None or key in DROPPED_KEYS:
+        if key is None or (sapiens and key in DROPPED_KEYS):
             state.ignored.append(file_key)
             continue
-        key = _rename(key)
+        key = _rename(key) if sapiens else key
         state.tensors[key] = tensor
         state.file_keys[key] = file_key
     if "pos_embed" in state.tensors:
@@ -139,10 +142,10 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], new_grid: t
     return image.permute(0, 2, 3, 1).reshape(1, nh * nw, channels).to(pos_embed.dtype)
 
 
-def load_state(backbone: SapiensViT, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+def load_state(backbone: Backbone, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
                source: str = "state dict") -> LoadReport:
     """Load checkpoint tensors (any supported naming) into `backbone`; see `LoadReport`."""
-    state = normalize_state(tensors, metadata or {}, source, backbone.grid_size)
+    state = normalize_state(tensors, metadata or {}, source, backbone.grid_size, backbone.arch.family)
     if state.grid is not None and state.grid != backbone.grid_size:
         state.tensors["pos_embed"] = resize_pos_embed(state.tensors["pos_embed"], state.grid, backbone.grid_size)
         state.notes.append(f"pos_embed resized from {_grid_text(state.grid)} to {_grid_text(backbone.grid_size)}")
@@ -151,7 +154,7 @@ def load_state(backbone: SapiensViT, tensors: dict[str, torch.Tensor], metadata:
     return report
 
 
-def load_checkpoint(backbone: SapiensViT, path: str | Path) -> LoadReport:
+def load_checkpoint(backbone: Backbone, path: str | Path) -> LoadReport:
     tensors, metadata = read_tensors(path)
     return load_state(backbone, tensors, metadata, source=str(path))
 
@@ -161,7 +164,7 @@ def load_backbone(
     checkpoint: str | None = None,
     img_size: tuple[int, int] = DEFAULT_IMG_SIZE,
     grad_checkpointing: bool = False,
-) -> SapiensViT:
+) -> Backbone:
     """The backbone, with weights from a Sapiens or MedSapiens checkpoint file when one is given.
 
     A missing or unexpected backbone key is an error; keys outside the backbone (a pose
@@ -195,17 +198,18 @@ def compare_with_model(state: BackboneState, model_state: dict[str, torch.Tensor
 
 
 def convert_checkpoint(path: str | Path, arch: str | ArchSpec, out: str | Path) -> LoadReport:
-    """Write the backbone of a Sapiens checkpoint as safetensors in timm naming.
+    """Write the backbone of a Sapiens checkpoint as safetensors in timm naming (a Sapiens2 one in its
+    own naming, the `backbone.` prefix of a task checkpoint dropped).
 
     The pos_embed stays at the checkpoint's grid (cls slot dropped); the grid, arch and source are
     recorded in the metadata. The file must fit `arch` exactly: nothing missing or unexpected."""
     arch = get_arch(arch)
     tensors, metadata = read_tensors(path)
-    state = normalize_state(tensors, metadata, str(path))
-    if state.grid is None:
+    state = normalize_state(tensors, metadata, str(path), family=arch.family)
+    if state.grid is None and arch.family == "sapiens":
         raise InputError(f"{path}: no pos_embed; not a Sapiens backbone checkpoint")
-    with torch.device("meta"):
-        probe = build_backbone(arch, tuple(g * PATCH_SIZE for g in state.grid))
+    with torch.device("meta"):  # Sapiens2 has no position table: any input size fits its weights
+        probe = build_backbone(arch, tuple(g * PATCH_SIZE for g in state.grid or feature_grid(DEFAULT_IMG_SIZE)))
     report = compare_with_model(state, probe.state_dict(), str(path))
     if not report.complete:
         raise InputError(f"{path} does not fit {arch.name}:\n{report.summary()}")
@@ -215,7 +219,7 @@ def convert_checkpoint(path: str | Path, arch: str | ArchSpec, out: str | Path) 
         metadata={
             "format": FORMAT,
             "arch": arch.name,
-            GRID_METADATA_KEY: _grid_text(state.grid),
+            **({GRID_METADATA_KEY: _grid_text(state.grid)} if state.grid else {}),
             "source": Path(path).name,
             "source_sha256": file_digest(path)[0],
         },
@@ -224,14 +228,14 @@ def convert_checkpoint(path: str | Path, arch: str | ArchSpec, out: str | Path) 
     return report
 
 
-def save_backbone(backbone: SapiensViT, out: str | Path, source: str) -> None:
+def save_backbone(backbone: Backbone, out: str | Path, source: str) -> None:
     """Write a backbone's own weights in the format `convert_checkpoint` produces (loadable as a
-    Sapiens checkpoint at any input size: the grid is in the metadata)."""
+    Sapiens checkpoint at any input size: a Sapiens one records its position table's grid)."""
+    grid = {GRID_METADATA_KEY: _grid_text(backbone.grid_size)} if backbone.arch.family == "sapiens" else {}
     save_file(
         {k: t.detach().contiguous() for k, t in backbone.state_dict().items()},
         str(out),
-        metadata={"format": FORMAT, "arch": backbone.arch.name, GRID_METADATA_KEY: _grid_text(backbone.grid_size),
-                  "source": source},
+        metadata={"format": FORMAT, "arch": backbone.arch.name, **grid, "source": source},
     )
     as_umask_allows(out)
 

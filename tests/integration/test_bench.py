@@ -11,16 +11,16 @@ from conftest import REPO, run
 def test_train_step_bench_measures_each_setting_against_the_recipe(tmp_path):
     out, kept = tmp_path / "train_step.json", tmp_path / "rows.jsonl"
     proc = run([sys.executable, "bench/train_step.py", "--tiny", "--steps", "1", "--warmup", "0", "--max-batch", "2",
-                "--only", "recipe", "zero3+ckpt", "--json", str(out), "--jsonl", str(kept)], timeout=580,
+                "--only", "recipe", "zero3+ckpt", "s2-recipe", "--json", str(out), "--jsonl", str(kept)], timeout=580,
                env={"PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = {row["name"]: row for row in result["rows"]}
-    assert [json.loads(line)["name"] for line in kept.read_text().splitlines()] == ["recipe", "zero3+ckpt"]
+    assert [json.loads(line)["name"] for line in kept.read_text().splitlines()] == ["recipe", "zero3+ckpt", "s2-recipe"]
     summary = run([sys.executable, "bench/train_step.py", "--summary", str(kept)], timeout=120,
                   env={"PYTHONPATH": str(REPO)})
-    assert [line.split()[0] for line in summary.stdout.splitlines()] == ["setting", "recipe", "zero3+ckpt"]
-    assert list(rows) == ["recipe", "zero3+ckpt"]
+    assert [line.split()[0] for line in summary.stdout.splitlines()] == ["setting", "recipe", "zero3+ckpt", "s2-recipe"]
+    assert list(rows) == ["recipe", "zero3+ckpt", "s2-recipe"] and rows["s2-recipe"]["arch"] == "sapiens2_tiny"
     assert (rows["zero3+ckpt"]["zero"], rows["zero3+ckpt"]["checkpointing"]) == (3, True)
     for row in rows.values():
         assert row["micro_batch"] == 2  # the largest power of two up to --max-batch: everything fits on CPU

@@ -11,20 +11,19 @@ IMG = (256, 192)
 K = 19
 
 
-def tiny_model(width, grad_checkpointing=False):
+def tiny_model(width, grad_checkpointing=False, arch="sapiens_tiny"):
     torch.manual_seed(0)
-    return build_model("sapiens_tiny", IMG, {"head": K, "leg": 26}, trunk_width=width,
-                       grad_checkpointing=grad_checkpointing)
+    return build_model(arch, IMG, {"head": K, "leg": 26}, trunk_width=width, grad_checkpointing=grad_checkpointing)
 
 
-@pytest.mark.parametrize("width", [64, 768])
-def test_forward_flops_match_the_flop_counter(width):
-    model = tiny_model(width)
+@pytest.mark.parametrize("arch, width", [("sapiens_tiny", 64), ("sapiens_tiny", 768), ("sapiens2_tiny", 64)])
+def test_forward_flops_match_the_flop_counter(arch, width):
+    model = tiny_model(width, arch=arch)
     # the math SDPA backend runs attention as matmuls the counter sees (the CPU flash kernel it misses)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(torch.randn(1, 3, *IMG), torch.tensor([0]))
     measured = counter.get_total_flops()
-    assert abs(forward_flops("sapiens_tiny", IMG, width, K).total / measured - 1) < 0.01
+    assert abs(forward_flops(arch, IMG, width, K).total / measured - 1) < 0.01
 
 
 def test_flops_of_sapiens_03b_agree_with_the_spec():
@@ -33,7 +32,8 @@ def test_flops_of_sapiens_03b_agree_with_the_spec():
 
 
 @pytest.mark.parametrize("arch, width", [("sapiens_tiny", 64), ("sapiens_small", 128), ("sapiens_0.3b", 768),
-                                         ("sapiens_0.6b", 768), ("sapiens_1b", 768), ("sapiens_2b", 768)])
+                                         ("sapiens_0.6b", 768), ("sapiens_1b", 768), ("sapiens_2b", 768),
+                                         ("sapiens2_tiny", 64), ("sapiens2_0.4b", 768), ("sapiens2_5b", 768)])
 def test_param_counts_match_the_built_model(arch, width):
     with torch.device("meta"):
         model = build_model(arch, IMG, {"head": K, "leg": 26}, trunk_width=width)
@@ -69,6 +69,12 @@ def test_activation_estimate_matches_saved_tensors(width):
     depth, block_input = 4, 4 * 192 * (IMG[0] // 16) * (IMG[1] // 16)
     one_block = (full - kept) / depth + block_input
     assert abs(estimate.activations_checkpointed / (kept + one_block) - 1) < 0.005
+
+
+def test_sapiens2_activation_estimate_matches_saved_tensors():
+    estimate = memory_estimate("sapiens2_tiny", IMG, 64, K, precision="fp32")
+    full = saved_activation_bytes(tiny_model(64, arch="sapiens2_tiny"))
+    assert abs(estimate.activations / full - 1) < 0.005
 
 
 def test_memory_estimate_states_per_precision():

@@ -1,4 +1,4 @@
-"""Report figures (CED curve, per-landmark MRE), the demo's one-figure CED of the starts, and
+"""Report figures (CED curve, per-landmark MRE), the demo's one-figure CED of the starts and its folder, and
 `evaluate --compare`."""
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import pytest
 from conftest import CLI, run
 from PIL import Image
 
+from medsapiens.errors import UserError
 from medsapiens.evaluate.figures import ced_curve
 from medsapiens.evaluate.report import build_report, write_report
 from medsapiens.evaluation.metrics import Protocol
 from medsapiens.io import registry
-from medsapiens.launch.demo import DemoPlan, starts_figure
+from medsapiens.launch.demo import DemoPlan, claim_out, starts_figure
 
 IDS = [f"img{i:02d}" for i in range(12)]
 
@@ -61,6 +62,20 @@ def test_demo_draws_one_curve_per_start_in_one_figure(tmp_path):
     path = starts_figure(DemoPlan(out=tmp_path, seeds=(0, 1)), results)
     assert path == tmp_path / "ced_starts.png"
     looks_like_a_figure(path)
+
+
+def test_demo_folder_holds_one_arch(tmp_path):
+    """A rerun skips finished stages, so a second arch in the same folder would mix two runs' tables."""
+    claim_out(DemoPlan(out=tmp_path, arch="sapiens2_tiny"))
+    claim_out(DemoPlan(out=tmp_path, arch="sapiens2_tiny"))
+    with pytest.raises(UserError, match="holds a demo of sapiens2_tiny, not sapiens_tiny: pass --fresh"):
+        claim_out(DemoPlan(out=tmp_path))
+    (tmp_path / "demo.json").unlink()  # a filled folder from before the marker is the default arch's
+    (tmp_path / "pretrain").mkdir()
+    with pytest.raises(UserError, match="holds a demo of sapiens_tiny, not sapiens2_tiny"):
+        claim_out(DemoPlan(out=tmp_path, arch="sapiens2_tiny"))
+    claim_out(DemoPlan(out=tmp_path))
+    assert json.loads((tmp_path / "demo.json").read_text()) == {"arch": "sapiens_tiny"}
 
 
 def table_rows(text: str, first_cell: str) -> list[list[str]]:
