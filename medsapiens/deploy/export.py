@@ -50,8 +50,13 @@ class LandmarkGraph(nn.Module):
 
     def forward(self, images: torch.Tensor):
         trunk = lambda x: self.model.decoder.trunk(self.model.backbone(x))  # noqa: E731
-        shared = trunk(images)
-        shared_flipped = trunk(images.flip(-1)) if any(p is not None for p in self.permutations.values()) else None
+        shared_flipped = None
+        if any(p is not None for p in self.permutations.values()):
+            # one pass over images and mirrors: the backbone appears once in the graph, not twice
+            both, batch = trunk(torch.cat([images, images.flip(-1)])), images.shape[0]
+            shared, shared_flipped = both[:batch], both[batch:]
+        else:
+            shared = trunk(images)
         outputs = []
         for dataset in self.datasets:
             keypoints, scores = decode_udp(self.heatmaps(shared, shared_flipped, dataset), self.blur_kernel)

@@ -193,8 +193,10 @@ def test_an_interrupted_run_says_where_a_rerun_resumes(phantom_shards, tmp_path)
     run_dir = tmp_path / "run"
     args = pretrain_args(phantom_shards, run_dir, "train.max_steps=10000", "train.checkpoint_every=2",
                          "train.val_every=10000", "data.workers=0")
+    # SIGINT as at a terminal, whatever the test inherited (a background job starts with it ignored)
     proc = subprocess.Popen([sys.executable, "-m", "medsapiens.pretrain", *args], cwd=REPO, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 150
     while not (run_dir / "checkpoints" / "latest").is_file() and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -11,6 +11,7 @@ from sapiens2_reference import random_released_state, reference, released_layout
 from medsapiens.launch.cli import main
 from medsapiens.model import ARCHS, build_backbone, count_params, load_backbone
 from medsapiens.model.archs import get_arch
+from medsapiens.model.weights import load_state
 
 IMG = (64, 48)  # (H, W): a 4x3 token grid
 RELEASED = ("sapiens2_0.1b", "sapiens2_0.4b", "sapiens2_0.8b", "sapiens2_1b", "sapiens2_5b")
@@ -63,7 +64,7 @@ def test_model_convert_writes_the_backbone_of_a_task_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("name", RELEASED)
-def test_each_released_size_has_the_released_key_layout_and_parameter_count(name, capsys):
+def test_each_released_size_has_the_released_layout_and_parameter_count_and_loads_completely(name, capsys):
     arch = get_arch(name)
     with torch.device("meta"):
         model = build_backbone(arch)
@@ -73,6 +74,11 @@ def test_each_released_size_has_the_released_key_layout_and_parameter_count(name
     assert sum(p.numel() for p in model.parameters()) == parameters == count_params(arch, head_channels=0).backbone
     assert main(["model", "info", "--arch", name]) == 0
     assert f"backbone {parameters:,} " in capsys.readouterr().out
+    # the loader's report on a pose checkpoint in the released layout (shapes only, on the meta device)
+    with torch.device("meta"):
+        pose = {f"backbone.{k}": torch.empty(s) for k, s in layout.items()} | {"decode_head.final.weight": torch.empty(3)}
+    report = load_state(model, pose, source="pose.safetensors")
+    assert report.complete and len(report.loaded) == len(layout) and report.ignored == ["decode_head.final.weight"]
 
 
 def test_the_sizes_are_the_published_ones():
