@@ -78,8 +78,8 @@ def claim_out(plan: DemoPlan) -> None:
     marker = plan.out / "demo.json"
     if marker.exists():
         made_with = json.loads(marker.read_text())["arch"]
-    elif plan.out.exists() and any(plan.out.iterdir()):
-        made_with = "sapiens_tiny"  # a demo folder written before the marker existed
+    elif (plan.out / "sapiens_tiny_init.safetensors").exists():
+        made_with = "sapiens_tiny"  # a demo written before the marker existed (its phantoms and shards fit any arch)
     else:
         made_with = plan.arch
     if made_with != plan.arch:

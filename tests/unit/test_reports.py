@@ -70,8 +70,8 @@ def test_demo_folder_holds_one_arch(tmp_path):
     claim_out(DemoPlan(out=tmp_path, arch="sapiens2_tiny"))
     with pytest.raises(UserError, match="holds a demo of sapiens2_tiny, not sapiens_tiny: pass --fresh"):
         claim_out(DemoPlan(out=tmp_path))
-    (tmp_path / "demo.json").unlink()  # a filled folder from before the marker is the default arch's
-    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "demo.json").unlink()  # a demo from before the marker is the default arch's
+    (tmp_path / "sapiens_tiny_init.safetensors").touch()
     with pytest.raises(UserError, match="holds a demo of sapiens_tiny, not sapiens2_tiny"):
         claim_out(DemoPlan(out=tmp_path, arch="sapiens2_tiny"))
     claim_out(DemoPlan(out=tmp_path))
