@@ -132,3 +132,10 @@ def test_the_rank_entry_point_runs_from_a_folder_that_shadows_the_stage_names(tm
     proc = subprocess.run([sys.executable, "-m", "medsapiens.pretrain", "--help"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and "python -m medsapiens.pretrain" in proc.stdout, proc.stderr
+
+
+def test_the_converter_answers_at_its_old_module_path_too():
+    for module in ("medsapiens.checkpoints", "medsapiens.training.checkpoints"):
+        proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and "--input_folder" in proc.stdout and "--inject_missing_state" in proc.stdout, \
+            proc.stderr
