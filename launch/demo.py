@@ -226,7 +226,6 @@ def _demo(args) -> int:
     out = Path(args.out or ("runs/demo" if args.arch == "sapiens_tiny" else f"runs/demo_{args.arch}"))
     if args.fresh and out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     pretrain_sets = tuple(d for d in ("head", "hand", "chest", "leg") if d != args.held_out)
     run_demo(DemoPlan(out=out, arch=args.arch, ranks=args.ranks, held_out=args.held_out, pretrain_sets=pretrain_sets))
     return 0

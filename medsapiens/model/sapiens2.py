@@ -125,8 +125,7 @@ class GroupedQueryAttention(nn.Module):
             # the fused GQA kernels are half-precision only; fp32 (and the ONNX export) repeats K and V
             k, v = (t.repeat_interleave(self.heads // self.kv, dim=1) for t in (k, v))
             grouped = False
-        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=grouped) if grouped \
-            else F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=grouped)
         return self.gamma(self.proj(out.transpose(1, 2).reshape(b, n, dim)))
 
 

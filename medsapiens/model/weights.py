@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from medsapiens.errors import CheckpointError, InputError
 from medsapiens.io.shard_tar import file_digest
 from medsapiens.io.storage import as_umask_allows
-from medsapiens.model.archs import DEFAULT_IMG_SIZE, PATCH_SIZE, ArchSpec, feature_grid, get_arch
+from medsapiens.model.archs import DEFAULT_IMG_SIZE, PATCH_SIZE, ArchSpec, get_arch
 from medsapiens.model.backbone import Backbone, build_backbone
 
 log = logging.getLogger(__name__)
@@ -208,8 +208,10 @@ def convert_checkpoint(path: str | Path, arch: str | ArchSpec, out: str | Path) 
     state = normalize_state(tensors, metadata, str(path), family=arch.family)
     if state.grid is None and arch.family == "sapiens":
         raise InputError(f"{path}: no pos_embed; not a Sapiens backbone checkpoint")
-    with torch.device("meta"):  # Sapiens2 has no position table: any input size fits its weights
-        probe = build_backbone(arch, tuple(g * PATCH_SIZE for g in state.grid or feature_grid(DEFAULT_IMG_SIZE)))
+    # the model at the checkpoint's grid; Sapiens2 has no position table: any input size fits its weights
+    size = tuple(g * PATCH_SIZE for g in state.grid) if state.grid else DEFAULT_IMG_SIZE
+    with torch.device("meta"):
+        probe = build_backbone(arch, size)
     report = compare_with_model(state, probe.state_dict(), str(path))
     if not report.complete:
         raise InputError(f"{path} does not fit {arch.name}:\n{report.summary()}")
