@@ -235,7 +235,8 @@ class TrainStream(IterableDataset):
 def leave_stop_signals_to_the_rank(_worker_id: int) -> None:
     """In a data worker: ignore the stop signals (SIGTERM, SIGUSR1) that the launcher and DeepSpeed send
     to every process of a job, so that the rank, which saves a checkpoint on them, keeps its workers
-    until it exits (they end with it)."""
+    until it leaves the training loop. Closing `train_batches` shuts them down; Python's exit cannot
+    (it sends them SIGTERM and waits)."""
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
 

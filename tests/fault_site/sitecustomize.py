@@ -1,11 +1,12 @@
 """Put on PYTHONPATH for one test job, this runs in each of its Python processes. On the rank whose
-LOCAL_RANK is MEDSAPIENS_FAULT_RANK, the moment DeepSpeed saves a file whose name ends with
-MEDSAPIENS_FAULT_FILE: `freeze` writes two thirds of it and stops the process (SIGSTOP, as a rank
-stalled on a slow disk), `kill` kills the process (SIGKILL) before it writes anything. Exactly at
-that point, on every run: no polling, no race."""
+LOCAL_RANK is MEDSAPIENS_FAULT_RANK (a process started without a launcher is rank 0), the moment
+DeepSpeed saves a file whose name ends with MEDSAPIENS_FAULT_FILE: `freeze` writes two thirds of it
+and stops the process (SIGSTOP, as a rank stalled on a slow disk), `kill` kills the process (SIGKILL)
+before it writes anything, `raise` raises a RuntimeError there (a crash: a bug or a library's error).
+Exactly at that point, on every run: no polling, no race."""
 import os
 
-if os.environ.get("MEDSAPIENS_FAULT_FILE") and os.environ.get("LOCAL_RANK") == os.environ.get("MEDSAPIENS_FAULT_RANK"):
+if os.environ.get("MEDSAPIENS_FAULT_FILE") and os.environ.get("LOCAL_RANK", "0") == os.environ.get("MEDSAPIENS_FAULT_RANK"):
     import signal
 
     import torch
@@ -16,6 +17,8 @@ if os.environ.get("MEDSAPIENS_FAULT_FILE") and os.environ.get("LOCAL_RANK") == o
         if isinstance(f, (str, os.PathLike)) and str(f).endswith(os.environ["MEDSAPIENS_FAULT_FILE"]):
             if os.environ["MEDSAPIENS_FAULT"] == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if os.environ["MEDSAPIENS_FAULT"] == "raise":
+                raise RuntimeError(f"simulated crash saving {f}")
             _save(obj, f, *args, **kwargs)
             os.truncate(f, os.path.getsize(f) * 2 // 3)
             os.kill(os.getpid(), signal.SIGSTOP)

@@ -9,10 +9,11 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
-from conftest import DEEPSPEED, REPO, SMALL_RUN, deepspeed_module, free_port, losses, pretrain_args
+from conftest import DEEPSPEED, REPO, SMALL_RUN, deepspeed_module, free_port, losses, pretrain_args, run
 
 from medsapiens.training import checkpoints
 
@@ -151,3 +152,16 @@ def test_a_rank_killed_ends_the_job_in_seconds_and_the_rerun_resumes_with_the_sa
     redone, original = losses(run_dir), losses(two_rank_run)
     for step in (1, 2, 3, 4):
         assert redone[step] == pytest.approx(original[step], rel=1e-5, abs=1e-7), step
+
+
+@pytest.mark.timeout(200)
+def test_a_crash_with_data_workers_ends_the_process_without_a_launcher_to_kill_it(phantom_shards, tmp_path):
+    """A crash (an error that is no user mistake) in one process started without a launcher, as on a
+    single GPU: it exits with its traceback. The data workers ignore SIGTERM so that the rank can
+    checkpoint on a stop signal; an exit that still waited on them would wait forever."""
+    args = pretrain_args(phantom_shards, tmp_path / "run", *SMALL_RUN)
+    assert "data.workers=1" in args
+    proc = run([sys.executable, "-m", "medsapiens.pretrain", *args], timeout=120, env=with_fault("raise", 4, rank=0))
+    assert proc.returncode == 1, proc.returncode
+    assert "RuntimeError: simulated crash saving" in proc.stderr
+    assert "stopped at step 4" in proc.stderr
