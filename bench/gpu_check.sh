@@ -16,7 +16,8 @@
 # a line) and summary.txt. Exit status: 0 when every step and row ran, 1 otherwise.
 # SETTINGS overrides the rows, NAME:MICRO_BATCH each (names from bench/train_step.py; the micro-batches
 # are the largest powers of two that fitted one H200; Sapiens2-0.4B's, not yet measured there, is
-# from `model info`); PROFILE=1 adds torch.profiler's top operators after each row. For a smoke run
+# from `model info`); PROFILE names the rows followed by torch.profiler's top operators (default
+# bf16+compile, the setting the MFU target is about; "all" or "" for every row or none). For a smoke run
 # of the script itself on a CPU: DEVICE=cpu and OVERRIDES with a tiny model (e.g.
 # "model.arch=sapiens_tiny model.img_size=[128,96] model.trunk_width=32"), added to the pretraining
 # and fine-tuning settings.
@@ -101,9 +102,10 @@ if [ "${DEVICE:-cuda}" = cuda ] && [ -n "$(ls -A "$TORCH_EXTENSIONS_DIR" 2>/dev/
     status=1
 fi
 
-profile=()
-[ "${PROFILE:-0}" = 1 ] && profile=(--profile)
+profiled="${PROFILE-bf16+compile}"
 for setting in $settings; do
+    profile=()
+    case " $profiled " in *" ${setting%:*} "* | *" all "*) profile=(--profile) ;; esac
     timeout 240 python3 bench/train_step.py --only "${setting%:*}" --micro-batch "${setting#*:}" --steps 5 \
         --warmup 2 --jsonl "$out/train_step.jsonl" "${profile[@]}" 2>&1 | tee -a "$out/train_step.log" || status=1
 done
