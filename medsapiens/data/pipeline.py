@@ -235,10 +235,18 @@ class TrainStream(IterableDataset):
 def leave_stop_signals_to_the_rank(_worker_id: int) -> None:
     """In a data worker: ignore the stop signals (SIGTERM, SIGUSR1) that the launcher and DeepSpeed send
     to every process of a job, so that the rank, which saves a checkpoint on them, keeps its workers
-    until it leaves the training loop. Closing `train_batches` shuts them down; Python's exit cannot
-    (it sends them SIGTERM and waits)."""
+    until it leaves the training loop; `train_batches` then stops them (`stop_workers`)."""
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+
+
+def stop_workers(loader) -> None:
+    """Shut a loader iterator's worker processes down now. Workers that ignore SIGTERM cannot be left to
+    Python's exit, which sends them SIGTERM and waits for them; and an error raised through the
+    loader keeps it alive in the error's traceback, so its own cleanup never runs before that exit."""
+    shutdown = getattr(loader, "_shutdown_workers", None)  # none without worker processes
+    if shutdown is not None:
+        shutdown()
 
 
 def train_batches(stream: TrainStream, start_step: int, max_steps: int, segment_steps: int,
@@ -246,19 +254,21 @@ def train_batches(stream: TrainStream, start_step: int, max_steps: int, segment_
     """Yield (step, [micro-batches]) from start_step to max_steps. The stream restarts at every multiple
     of segment_steps; a start inside a segment (a resume from a checkpoint a stop signal wrote) replays
     the segment from its start and drops the steps before start_step, so the batches are the ones an
-    uninterrupted run sees."""
+    uninterrupted run sees. Close it when stopping early: that stops the data workers."""
     step = start_step
     while step < max_steps:
         stream.segment_start = step - step % segment_steps
         loader = iter(DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                                  prefetch_factor=4 if workers else None, worker_init_fn=leave_stop_signals_to_the_rank))
-        for _ in range((step - stream.segment_start) * grad_accum):
-            next(loader)
-        segment_end = min(max_steps, (step // segment_steps + 1) * segment_steps)
-        while step < segment_end:
-            yield step, [next(loader) for _ in range(grad_accum)]
-            step += 1
-        del loader
+        try:
+            for _ in range((step - stream.segment_start) * grad_accum):
+                next(loader)
+            segment_end = min(max_steps, (step // segment_steps + 1) * segment_steps)
+            while step < segment_end:
+                yield step, [next(loader) for _ in range(grad_accum)]
+                step += 1
+        finally:  # a worker's error, the consumer's (closing this generator), or the segment's end
+            stop_workers(loader)
 
 
 @dataclass

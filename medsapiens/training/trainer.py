@@ -185,7 +185,7 @@ class Trainer:
             self._say_where_a_rerun_resumes(f"stopped at step {done}")
             raise
         finally:
-            batches.close()  # the data workers ignore SIGTERM: shut down here, not by Python's exit, which would hang
+            batches.close()  # stops the data workers, which ignore SIGTERM: Python's exit would wait on them forever
             stop.restore()
             progress.close()
             self.telemetry.close()

@@ -1,14 +1,16 @@
 """One failing rank ends the job in bounded time, naming the cause: a bad validation sample read
-by rank 1 alone stops both ranks in seconds, not after the distributed timeout (600 s here)."""
+by rank 1 alone stops both ranks in seconds, not after the distributed timeout (600 s here); an
+error in a data worker ends its process."""
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
+import sys
 import time
 
 import pytest
-from conftest import deepspeed_module, pretrain_args, with_first_record_changed
+from conftest import deepspeed_module, pretrain_args, run, with_first_record_changed
 
 
 def add_bad_val_shard(shards):
@@ -39,3 +41,22 @@ def test_a_bad_validation_sample_on_one_rank_ends_the_job_in_seconds(phantom_sha
     assert f"sample {bad_key} of {shards / 'head-val-bad.tar'}" in proc.stderr
     assert "scale must be two positive numbers" in proc.stderr
     assert elapsed < 150, f"took {elapsed:.0f} s"
+
+
+@pytest.mark.timeout(200)
+def test_an_error_in_a_data_worker_ends_the_process(phantom_shards, tmp_path):
+    """A training shard changed since its build, caught in the data worker: one line naming it, exit 2,
+    in seconds. The workers ignore SIGTERM (the rank checkpoints on it), so a rank that left them to
+    Python's exit waited for them forever."""
+    shards = tmp_path / "shards"
+    shutil.copytree(phantom_shards, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for entry in (s for s in manifest["shards"] if s["dataset"] == "head" and s["split"] == "train"):
+        data = bytearray((shards / entry["url"]).read_bytes())
+        data[-1] ^= 0x01  # in the tar's end padding: every sample reads, only the hash differs
+        (shards / entry["url"]).write_bytes(bytes(data))
+    args = pretrain_args(shards, tmp_path / "run", "data.datasets=[head]", "train.max_steps=20")
+    assert "data.workers=1" in args
+    proc = run([sys.executable, "-m", "medsapiens.pretrain", *args], timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "the shard changed since it was built" in proc.stderr
