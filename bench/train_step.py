@@ -186,6 +186,7 @@ def measure(setting: Setting, img_size, steps: int, warmup: int, max_batch: int,
     engine = build_engine(setting, img_size, micro_batch or max_batch)
     fits, ran_out = (micro_batch, False) if micro_batch else largest_fitting(engine, img_size, max_batch)
     if ran_out:  # a step that ran out of memory half-way may leave ZeRO's buffers half-filled
+        engine.close()
         del engine
         release_cached_memory()
         engine = build_engine(setting, img_size, max_batch)
@@ -200,6 +201,7 @@ def measure(setting: Setting, img_size, steps: int, warmup: int, max_batch: int,
         row.update(images_per_s=rate, mfu=flops * rate / (peak_tflops * 1e12), peak_memory_gb=peak_memory_gb())
         if profile:
             print(f"profile of {setting.name}, micro-batch {fits}, 3 steps:\n{profile_table(engine, batch)}", flush=True)
+    engine.close()
     del engine
     release_cached_memory()
     return row

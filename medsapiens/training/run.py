@@ -179,7 +179,9 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     outcome: list[Any] = [trainer.best, trainer.last_validation]
     distributed.broadcast_from_rank0(outcome)  # rank 0 scores validation
     best, last_validation = outcome
-    return RunResult(best, last_validation, chosen, trainable, engine.device)
+    result = RunResult(best, last_validation, chosen, trainable, engine.device)
+    engine.close()
+    return result
 
 
 def load_trained(model, ckpt_dir: Path, tag: str, lora: LoraConfig):

@@ -144,6 +144,34 @@ def test_one_rank_with_2b_equals_two_ranks_with_b(phantom_shards, tmp_path):
     assert grads_one["decoder.heads.hand.weight"].abs().sum() > 0
 
 
+ENGINES_LEFT = """
+import gc, sys, weakref
+from medsapiens.pretrain.__main__ import main
+from medsapiens.training import engine as enginelib
+
+made, build = [], enginelib.Engine.__init__
+def recording(self, *args, **kwargs):
+    build(self, *args, **kwargs)
+    made.extend((weakref.ref(self.ds), weakref.ref(self.optimizer)))
+enginelib.Engine.__init__ = recording
+assert main(sys.argv[1:]) == 0
+gc.collect()
+print("engine objects left:", sum(ref() is not None for ref in made), "of", len(made))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_run_gives_its_engine_back_as_it_returns(phantom_shards, tmp_path):
+    """Fine-tuning seeds train one run after another in one process (ZeRO-2, as every shipped
+    fine-tuning config): each run's DeepSpeed engine, optimizer states and buckets must be gone once
+    it returns, or a GPU holds one set per run."""
+    args = pretrain_args(phantom_shards, tmp_path / "run", "train.max_steps=2", "train.checkpoint_every=2",
+                         "train.val_every=2", "train.deepspeed=zero2")
+    proc = run([sys.executable, "-c", ENGINES_LEFT, *args], 240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "engine objects left: 0 of 2" in proc.stdout
+
+
 @pytest.mark.timeout(300)
 def test_compiled_model_gives_the_eager_loss_gradients_and_names(phantom_shards, tmp_path):
     script = str(REPO / "tests" / "ds_first_step.py")
