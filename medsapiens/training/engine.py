@@ -183,6 +183,9 @@ def deepspeed_config(train: TrainConfig, optim: OptimConfig, micro_batch: int, u
         steps_per_print=10**9,
     )
     zero = cfg.setdefault("zero_optimization", {"stage": 0})
+    if train.compile and zero.get("stage", 0) == 3:
+        raise InputError(f"train.compile with ZeRO-3 ({source.name}) would run mostly eager: ZeRO-3's hooks on every "
+                         "submodule break each compiled block's graph; use a ZeRO-1/2 preset or train.compile=false")
     if train.offload:
         zero.setdefault("offload_optimizer", {"device": "cpu"})
         if zero.get("stage", 0) == 3:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from conftest import REPO, run
 
 from medsapiens import distributed
+from medsapiens.errors import InputError
 from medsapiens.training.engine import OptimConfig, TrainConfig, deepspeed_config
 
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "all_to_all", "barrier",
@@ -129,6 +130,17 @@ def test_every_shipped_zero_config_asks_for_pytorchs_fused_adamw(zero_json, cuda
         assert cfg["optimizer"]["type"] == "AdamW"
         assert cfg["optimizer"]["params"] == {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.1,
                                               "torch_adam": True, "fused": True}
+
+
+@pytest.mark.parametrize("zero_json", sorted((REPO / "medsapiens" / "training" / "deepspeed").glob("*.json")), ids=lambda p: p.stem)
+def test_compile_is_refused_with_zero3_whose_hooks_break_every_graph(zero_json):
+    stage = json.loads(zero_json.read_text())["zero_optimization"]["stage"]
+    train = TrainConfig(deepspeed=str(zero_json), compile=True)
+    if stage == 3:
+        with pytest.raises(InputError, match="train.compile with ZeRO-3"):
+            deepspeed_config(train, OptimConfig(), micro_batch=4)
+    else:
+        assert deepspeed_config(train, OptimConfig(), micro_batch=4)["zero_optimization"]["stage"] == stage
 
 
 @pytest.mark.timeout(300)
