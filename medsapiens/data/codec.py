@@ -23,20 +23,22 @@ def _as_tensor(x, dtype) -> torch.Tensor:
 
 def input_to_heatmap(points, input_size, heatmap_size) -> torch.Tensor:
     """Input-pixel positions -> heatmap pixels (float32, as mmpose computes it)."""
+    points = _as_tensor(points, torch.float32)
     factor = torch.tensor(
         [(heatmap_size[0] - 1) / (input_size[0] - 1), (heatmap_size[1] - 1) / (input_size[1] - 1)],
-        dtype=torch.float32,
+        dtype=torch.float32, device=points.device,
     )
-    return _as_tensor(points, torch.float32) * factor
+    return points * factor
 
 
 def heatmap_to_input(points, input_size, heatmap_size) -> torch.Tensor:
     """The exact inverse of `input_to_heatmap`."""
+    points = _as_tensor(points, torch.float64)
     factor = torch.tensor(
         [(input_size[0] - 1) / (heatmap_size[0] - 1), (input_size[1] - 1) / (heatmap_size[1] - 1)],
-        dtype=torch.float64,
+        dtype=torch.float64, device=points.device,
     )
-    return _as_tensor(points, torch.float64) * factor
+    return points * factor
 
 
 def encode_udp(keypoints, visible, input_size, heatmap_size, sigma: float = 3.0):

@@ -146,3 +146,10 @@ def test_scaling_inverse():
     there = input_to_heatmap(pts, (192, 256), (48, 64))
     assert torch.allclose(there[1], torch.tensor([47.0, 63.0]))
     assert torch.allclose(heatmap_to_input(there, (192, 256), (48, 64)).float(), pts, atol=1e-4)
+
+
+def test_scaling_stays_on_the_points_device():
+    """A GPU's points scale on the GPU: the meta device stands for one (mixing it with a CPU tensor raises)."""
+    pts = torch.zeros(5, 2, device="meta")
+    assert input_to_heatmap(pts, (192, 256), (48, 64)).device == pts.device
+    assert heatmap_to_input(pts, (192, 256), (48, 64)).device == pts.device
