@@ -62,6 +62,29 @@ def test_a_garbled_record_is_not_complete(tmp_path):
         assert checkpoints.complete_tags(tmp_path) == []
 
 
+@pytest.mark.timeout(30)
+def test_a_record_that_cannot_be_read_deletes_nothing(tmp_path, monkeypatch):
+    """An I/O error reading `complete.json` (a flaky network file system) says nothing about the
+    checkpoint: it is an error naming the tag, not an incomplete tag to delete."""
+    import errno
+    from pathlib import Path
+
+    tag_dir = fake_tag(tmp_path, 2, {"a.pt": b"1"})
+    read_text = Path.read_text
+
+    def failing(path, *args, **kwargs):
+        if path.name == "complete.json":
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", failing)
+    with pytest.raises(checkpoints.CheckpointError, match="cannot tell whether it is complete"):
+        checkpoints.remove_incomplete(tmp_path)
+    with pytest.raises(checkpoints.CheckpointError, match="step_00000002"):
+        checkpoints.prune(tmp_path, 4, keep_last=1)
+    assert tag_dir.is_dir() and (tag_dir / "a.pt").is_file()
+
+
 @pytest.mark.timeout(300)
 def test_resume_falls_back_past_a_truncated_shard_and_redoes_the_same_steps(two_rank_run, phantom_shards, tmp_path):
     record = json.loads((two_rank_run / "checkpoints" / "step_00000004" / "complete.json").read_text())
