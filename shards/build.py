@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
+import os
 import queue as queue_module
 from collections import Counter, defaultdict
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -151,22 +152,26 @@ def run_tasks(tasks: list[ShardTask], workers: int, bar) -> list[dict]:
     if not tasks:
         return []
     context = multiprocessing.get_context("spawn")
-    progress_queue = context.Queue()
+    progress_queue, stopping = context.Queue(), context.Event()
     results = []
     with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context, initializer=init_worker,
-                             initargs=(progress_queue,)) as pool:
+                             initargs=(progress_queue, stopping, os.getpid())) as pool:
         pending = {pool.submit(write_shard, task): task for task in tasks}
-        while pending:
-            done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            drain(progress_queue, bar)
-            for future in done:
-                task = pending.pop(future)
-                try:
-                    results.append(future.result())
-                except Exception as exc:
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise BuildError(f"writing shard {task.url} failed: {exc!r}; finished shards are kept, "
-                                     "rerun the same command to resume") from exc
+        try:
+            while pending:
+                done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                drain(progress_queue, bar)
+                for future in done:
+                    task = pending.pop(future)
+                    try:
+                        results.append(future.result())
+                    except Exception as exc:
+                        raise BuildError(f"writing shard {task.url} failed: {exc!r}; finished shards are kept, "
+                                         "rerun the same command to resume") from exc
+        except BaseException:  # a failed shard, Ctrl-C, a closed terminal: no shard begins after it
+            stopping.set()  # the pool's own cancelling misses the tasks its workers have already taken
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
         drain(progress_queue, bar)
     return results
 

@@ -8,9 +8,12 @@ is byte-identical.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,8 @@ from medsapiens.shards.readers import RawSample
 
 PARTIAL_SUFFIX = ".partial"
 _progress = None  # a multiprocessing queue of finished-sample counts, set in each worker
+_stopping = None  # a multiprocessing event the build sets when it stops early, set in each worker
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 @dataclass(frozen=True)
@@ -61,9 +66,23 @@ class ShardTask:
         return storage.join(self.out, f"{self.name}.stats.json")
 
 
-def init_worker(progress_queue) -> None:
-    global _progress
-    _progress = progress_queue
+def init_worker(progress_queue, stopping, build_pid: int) -> None:
+    """A worker process: progress goes to `progress_queue`, whose unread counts must not keep the worker
+    from exiting once the build stops reading them (an interrupted build); no shard begins once
+    `stopping` is set; and the worker ends with the build's process `build_pid`, however that ends
+    (Linux), instead of waiting for tasks that never come."""
+    global _progress, _stopping
+    _progress, _stopping = progress_queue, stopping
+    progress_queue.cancel_join_thread()
+    end_with(build_pid)
+
+
+def end_with(parent_pid: int) -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # it ended while this worker started, before the request was in place
+        os._exit(1)
 
 
 def stored_sample(raw: RawSample, landmark_set: LandmarkSet, max_side: int, outside: str) -> tuple[np.ndarray, dict]:
@@ -154,6 +173,8 @@ def publish(path: Path, task: ShardTask) -> None:
 def write_shard(task: ShardTask) -> dict:
     """Write one shard and its stats file; returns the stats. A shard whose every input is rejected
     leaves no tar, only stats with samples = 0."""
+    if _stopping is not None and _stopping.is_set():
+        raise RuntimeError(f"the build stopped before shard {task.url} began")
     with staging_path(task) as path:
         keys, rejected = write_tar(path, task)
         sha256, size = file_digest(path)

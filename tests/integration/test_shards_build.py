@@ -2,6 +2,7 @@
 and landmark / spacing accuracy through resizing."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -204,6 +205,52 @@ def test_build_killed_with_sigkill_resumes_without_losing_or_repeating_samples(t
         (r["json"] for r in read_shards(out).values() if r["json"]["dataset"] == name))}
     assert set(keys) == expected and len(expected) == 40
     assert main(["shards", "verify", str(out)]) == 0
+
+
+def live_processes_of_group(pgid: int) -> list[int]:
+    import psutil
+
+    alive = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process.pid)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return alive
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_a_build_stopped_by_a_signal_starts_no_more_shards_and_leaves_no_process(tmp_path, signum):
+    """Ctrl-C (SIGINT to the terminal's process group) or a plain `kill` of the build (SIGTERM to its
+    process alone): the build ends in seconds with its workers, and no shard is begun after it."""
+    roots = write_phantoms(tmp_path / "raw", n=10, seed=4)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "medsapiens.launch.cli", "shards", "build", *sources(roots), "--out", str(out),
+               "--shard-size", "1", "--workers", "2", "--no-progress"]
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,  # as a terminal starts it:
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background job ignores SIGINT
+    deadline = time.time() + 60
+    while len(list(out.glob("*.stats.json"))) < 3 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    at_signal = len(list(out.glob("*.stats.json")))
+    if signum == signal.SIGINT:
+        os.killpg(process.pid, signum)
+    else:
+        os.kill(process.pid, signum)
+    process.wait(30)
+    deadline = time.time() + 15
+    while live_processes_of_group(process.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    left = live_processes_of_group(process.pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    assert left == []
+    written = len(list(out.glob("*.stats.json")))
+    assert at_signal >= 3 and written - at_signal <= 4, (at_signal, written)  # the shards in hand at most, of 40
+    assert not (out / "manifest.json").exists()
 
 
 # ---------------------------------------------------------------- accuracy through resizing
