@@ -78,6 +78,8 @@ def init_worker(progress_queue, stopping, build_pid: int) -> None:
 
 
 def end_with(parent_pid: int) -> None:
+    """SIGTERM this process when its parent's thread that started it ends: the pool starts its workers
+    from the build's main thread."""
     if not sys.platform.startswith("linux"):
         return
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

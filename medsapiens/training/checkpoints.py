@@ -86,7 +86,7 @@ def written_files(tag_dir: Path) -> dict[str, int]:
 
 def is_complete(tag_dir: Path) -> bool:
     """Whether the tag's `complete.json` exists and every file it lists is there with its size. A file
-    that cannot be read (an I/O error, no permission) decides nothing: incomplete tags get deleted."""
+    that cannot be read (an I/O error, no permission) is an error, not a "no": incomplete tags get deleted."""
     try:
         listed = json.loads((Path(tag_dir) / COMPLETE).read_text())
         return bool(listed) and all((Path(tag_dir) / name).stat().st_size == size for name, size in listed.items())
