@@ -189,6 +189,9 @@ class TrainStream(IterableDataset):
                 s3_failures = 0
             except ShardError:  # not the shard the manifest lists: stop, do not train on it
                 raise
+            except OSError as exc:  # gone or unreadable: drawing others would train on another mix than listed
+                raise ShardError(f"{url}: a shard the manifest lists cannot be read ({exc}); training stops rather "
+                                 "than go on without it") from exc
             except storage.S3Error as exc:  # the network, not the data: say so and draw another shard
                 s3_failures += 1
                 if s3_failures >= storage.limits().attempts:

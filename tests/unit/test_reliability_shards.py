@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,6 +101,19 @@ def test_training_stops_on_a_shard_whose_sha256_changed(shards):
         path.write_bytes(bytes(data))
     stream = TrainStream(load_manifest(shards), DataConfig(micro_batch=2, shuffle_buffer=4), ["head"], (96, 128), 0, 0)
     with pytest.raises(ShardError, match="the shard changed since it was built"):
+        for _, _ in zip(range(100), stream, strict=False):
+            pass
+
+
+@pytest.mark.timeout(120)
+def test_training_stops_on_a_listed_shard_that_is_gone(shards):
+    """A shard deleted (or unreadable) after the start: an error naming it, not a corrupt sample per draw,
+    which stayed far under the corrupt-sample limit while training went on without that shard."""
+    manifest = load_manifest(shards)
+    gone = manifest.url_of(manifest.shards_for("head", "train")[0])
+    Path(gone).unlink()
+    stream = TrainStream(manifest, DataConfig(micro_batch=2, shuffle_buffer=4), ["head"], (96, 128), 0, 0)
+    with pytest.raises(ShardError, match=f"{gone}: a shard the manifest lists cannot be read"):
         for _, _ in zip(range(100), stream, strict=False):
             pass
 
