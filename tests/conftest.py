@@ -159,6 +159,17 @@ def write_dicom(path, rows: int, columns: int, pixel_data: bytes, transfer_synta
     return path
 
 
+def change_shard_padding(shards: Path, dataset: str, split: str) -> None:
+    """Flip one bit in the tar end padding of the dataset's shards of `split`: every sample still reads,
+    only each shard's sha256 differs from the manifest's."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for entry in (s for s in manifest["shards"] if s["dataset"] == dataset and s["split"] == split):
+        path = shards / entry["url"]
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0x01
+        path.write_bytes(bytes(data))
+
+
 def with_first_record_changed(shard, change: dict) -> tuple[bytes, str]:
     """The bytes of tar `shard` with its first sample's JSON record updated by `change`, and that
     sample's key: a well-formed shard whose one record is wrong."""

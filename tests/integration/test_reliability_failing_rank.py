@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import deepspeed_module, pretrain_args, run, with_first_record_changed
+from conftest import change_shard_padding, deepspeed_module, pretrain_args, run, with_first_record_changed
 
 
 def add_bad_val_shard(shards):
@@ -50,11 +50,7 @@ def test_an_error_in_a_data_worker_ends_the_process(phantom_shards, tmp_path):
     Python's exit waited for them forever."""
     shards = tmp_path / "shards"
     shutil.copytree(phantom_shards, shards)
-    manifest = json.loads((shards / "manifest.json").read_text())
-    for entry in (s for s in manifest["shards"] if s["dataset"] == "head" and s["split"] == "train"):
-        data = bytearray((shards / entry["url"]).read_bytes())
-        data[-1] ^= 0x01  # in the tar's end padding: every sample reads, only the hash differs
-        (shards / entry["url"]).write_bytes(bytes(data))
+    change_shard_padding(shards, "head", "train")
     args = pretrain_args(shards, tmp_path / "run", "data.datasets=[head]", "train.max_steps=20")
     assert "data.workers=1" in args
     proc = run([sys.executable, "-m", "medsapiens.pretrain", *args], timeout=120)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import change_shard_padding
 from PIL import Image
 
 from medsapiens.data.pipeline import DataConfig, TrainStream, decode_sample, read_shard
@@ -93,12 +94,7 @@ def test_an_image_over_max_side_is_refused_before_decoding(shards):
 
 @pytest.mark.timeout(120)
 def test_training_stops_on_a_shard_whose_sha256_changed(shards):
-    manifest = json.loads((shards / "manifest.json").read_text())
-    for entry in (s for s in manifest["shards"] if s["dataset"] == "head" and s["split"] == "train"):
-        path = shards / entry["url"]
-        data = bytearray(path.read_bytes())
-        data[-1] ^= 0x01  # in the tar's end padding: every sample still reads, only the hash differs
-        path.write_bytes(bytes(data))
+    change_shard_padding(shards, "head", "train")
     stream = TrainStream(load_manifest(shards), DataConfig(micro_batch=2, shuffle_buffer=4), ["head"], (96, 128), 0, 0)
     with pytest.raises(ShardError, match="the shard changed since it was built"):
         for _, _ in zip(range(100), stream, strict=False):
