@@ -18,6 +18,8 @@ from medsapiens.model.lora import base_backbone
 from medsapiens.model.loss import HeatmapLoss, LandmarkObjective, heatmap_loss
 from medsapiens.model.weights import load_backbone
 
+RECOMPILES_PER_REGION_KIND = 8  # dynamo's default recompile_limit: train / eval x dynamic batch / batch 1
+
 
 class LandmarkModel(nn.Module):
     def __init__(self, backbone: Backbone, decoder: MultiHeadDecoder):
@@ -54,8 +56,16 @@ class LandmarkModel(nn.Module):
         """torch.compile, in place, each transformer block and the decoder trunk (regional compilation,
         as torchtitan does): identical blocks share one compiled graph, so start-up compiles one block,
         and the per-dataset routing, whose shapes depend on the batch, stays eager. Parameter names,
-        so checkpoints, are unchanged. Returns how many regions were compiled."""
+        so checkpoints, are unchanged. Returns how many regions were compiled.
+
+        Dynamo's recompile limit counts the variants of one code object: all blocks share
+        `Block.forward`, yet Sapiens2's two kinds of block (full and grouped-query attention) each need
+        their own graph per mode and batch shape. Past the limit a region silently runs eager, so the
+        limit grows to dynamo's default budget for each distinct kind of region."""
         regions = [*base_backbone(self).blocks, self.decoder.trunk]
+        kinds = len({repr(region) for region in regions})
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILES_PER_REGION_KIND * kinds)
         for region in regions:
             region.compile()
         return len(regions)

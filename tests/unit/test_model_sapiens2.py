@@ -86,3 +86,26 @@ def test_the_sizes_are_the_published_ones():
     assert dims == {"sapiens2_0.1b": (768, 12, 12, 3072), "sapiens2_0.4b": (1024, 24, 16, 4096),
                     "sapiens2_0.8b": (1280, 32, 16, 5120), "sapiens2_1b": (1536, 40, 24, 6144),
                     "sapiens2_5b": (2432, 56, 32, 9728)}
+
+
+def test_compiled_regions_keep_a_graph_for_every_variant_a_run_meets(monkeypatch):
+    """Both kinds of Sapiens2 block share one forward, so they share dynamo's recompile budget: training,
+    a last short batch, validation, and batch 1 in both modes must all stay compiled, not fall back to eager."""
+    import torch._dynamo
+
+    from medsapiens.model.landmark_model import build_model
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    torch._dynamo.reset()
+    model = build_model("sapiens2_tiny", img_size=(64, 48), heads={"head": 4}, trunk_width=16)
+    model.compile_regions()
+    try:
+        for batch, training in ((4, True), (3, True), (4, False), (3, False), (1, False), (1, True), (2, False)):
+            model.train(training)
+            with torch.set_grad_enabled(training):
+                heatmaps = model(torch.randn(batch, 3, 64, 48), torch.zeros(batch, dtype=torch.long))["head"].heatmaps
+                if training:
+                    heatmaps.sum().backward()
+    finally:
+        torch._dynamo.reset()
