@@ -10,18 +10,16 @@ import contextlib
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from medsapiens.errors import UserError
-from medsapiens.launch import hosts, rank_env
+from medsapiens.launch import hosts, keeper, rank_env
 
 STAGES = ("pretrain", "finetune")
 HOSTFILE_NAME = "hostfile"
@@ -30,7 +28,6 @@ LAUNCH_DIR_PLACEHOLDER = Path("LAUNCH_DIR")  # what --dry-run shows for the priv
 DEFAULT_MASTER_PORT = 29500  # torch.distributed's and DeepSpeed's default
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000  # below Linux's ephemeral ports (32768+)
 SLURM_SLOT_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_NTASKS_PER_NODE")
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 PLACEHOLDER_MARKS = ("YOUR-BUCKET", "/path/to/")  # what the shipped experiment configs leave to fill in
 STOP_GRACE_S = 40.0  # DeepSpeed's per-node launcher gives its ranks 30 s to end before it kills them
 
@@ -351,43 +348,14 @@ def write_launch_files(plan: Plan) -> None:
 
 
 def run_command(argv: list[str], env: Mapping[str, str], stop_grace_s: float = STOP_GRACE_S) -> int:
-    """Run the launcher in its own process group and pass Ctrl-C, SIGTERM and SIGUSR1 (SLURM's warning
-    signal) on to the whole group, so every rank hears it; once the launcher is gone, nothing it started
-    may outlive the grace period.
+    """Run the launcher under a keeper (launch/keeper.py), which passes Ctrl-C, SIGTERM and SIGUSR1
+    on to every process the launcher starts, and lets none of them outlive the grace period once the
+    launcher is gone, even when this process is killed outright.
     Returns its exit status, or 128 + the signal that stopped us."""
-    child = subprocess.Popen(argv, env=dict(env), start_new_session=True)
-    received: list[int] = []
-
-    def forward(signum, frame):
-        received.append(signum)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signum)
-
-    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
+    relay = keeper.Relay()  # before the keeper starts: no signal is missed
     try:
-        status = child.wait()
-        _stop_group(child.pid, stop_grace_s)
+        child = subprocess.Popen(keeper.command(os.getpid(), stop_grace_s, argv), env=dict(env), start_new_session=True)
+        status = relay.wait(child, child.send_signal)
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    if received:
-        return 128 + received[0]
-    return status if status >= 0 else 128 - status
-
-
-def _stop_group(pgid: int, grace_s: float) -> None:
-    deadline = time.monotonic() + grace_s
-    while _group_alive(pgid):
-        if time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
-            return
-        time.sleep(0.2)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+        relay.restore()
+    return relay.exit_status(status)

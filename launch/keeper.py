@@ -1,0 +1,105 @@
+"""The launcher's keeper: runs DeepSpeed's runner in a process group of its own, passes the
+launcher's signals on to that whole group, and once the runner is gone lets nothing it started outlive
+the grace period. It also stops the group when the launcher dies without a word (SIGKILL, the OOM
+killer), which no handler in the launcher itself could do.
+
+    python -m medsapiens.launch.keeper LAUNCHER_PID GRACE_S COMMAND...
+
+Standard library only, so it starts in a moment.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+PR_SET_PDEATHSIG = 1  # prctl(2)
+POLL_S = 0.1
+
+
+class Relay:
+    """Ctrl-C, SIGTERM and SIGUSR1 (SLURM's warning signal), caught from creation on and passed on
+    from the main flow only, so each is sent exactly once (a handler sending them could interrupt a
+    send of the same signal and repeat it)."""
+
+    def __init__(self):
+        self.received: list[int] = []
+        self.sent = 0
+        self.previous = {signum: signal.signal(signum, self._receive) for signum in FORWARDED_SIGNALS}
+
+    def _receive(self, signum, frame) -> None:
+        self.received.append(signum)
+
+    def pass_on(self, send: Callable[[int], None]) -> None:
+        while self.sent < len(self.received):
+            signum = self.received[self.sent]
+            self.sent += 1
+            send(signum)
+
+    def wait(self, child: subprocess.Popen, send: Callable[[int], None]) -> int:
+        while True:
+            self.pass_on(send)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                return child.wait(timeout=POLL_S)
+
+    def exit_status(self, status: int) -> int:
+        """128 + the first signal passed on, else the child's status (128 + N when signal N ended it)."""
+        if self.received:
+            return 128 + self.received[0]
+        return status if status >= 0 else 128 - status
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def command(launcher_pid: int, grace_s: float, argv: list[str]) -> list[str]:
+    """The keeper's own command line, for the launcher to start."""
+    return [sys.executable, "-m", "medsapiens.launch.keeper", str(launcher_pid), str(grace_s), *argv]
+
+
+def keep(launcher_pid: int, grace_s: float, argv: list[str]) -> int:
+    relay = Relay()
+    if not _end_with(launcher_pid):
+        return 128 + signal.SIGTERM
+    runner = subprocess.Popen(argv, start_new_session=True)
+
+    def send(signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(runner.pid, signum)
+
+    status = relay.wait(runner, send)
+    deadline = time.monotonic() + grace_s
+    while _group_alive(runner.pid):
+        relay.pass_on(send)
+        if time.monotonic() > deadline:
+            send(signal.SIGKILL)
+            break
+        time.sleep(POLL_S)
+    return relay.exit_status(status)
+
+
+def _end_with(launcher_pid: int) -> bool:
+    """SIGTERM to this process when the launcher dies, however it dies (Linux), passed on as any
+    SIGTERM is. False when the launcher is already gone."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    return os.getppid() == launcher_pid
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(keep(int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]))
