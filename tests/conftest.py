@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,9 +40,18 @@ def free_port() -> int:
 
 
 def run(cmd: list[str], timeout: float, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a command to completion within `timeout` seconds; its output is kept for assertions."""
+    """Run a command to completion within `timeout` seconds; its output is kept for assertions. On a
+    timeout its whole process group is killed (DeepSpeed's ranks too, not only the runner)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    with subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as job:
+        try:
+            stdout, stderr = job.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.communicate()
+            raise
+    proc = subprocess.CompletedProcess(cmd, job.returncode, stdout, stderr)
     if proc.returncode != 0:
         print(proc.stdout[-5000:], proc.stderr[-5000:], sep="\n")
     return proc
