@@ -1,9 +1,10 @@
 """The launcher's keeper: runs DeepSpeed's runner in a process group of its own, passes the
 launcher's signals on to that whole group, and once the runner is gone lets nothing it started outlive
 the grace period. It also stops the group when the launcher dies without a word (SIGKILL, the OOM
-killer), which no handler in the launcher itself could do.
+killer), which no handler in the launcher itself could do, and then removes the launcher's private
+directory (its hostfile and env file, which may hold credentials) in the launcher's stead.
 
-    python -m medsapiens.launch.keeper LAUNCHER_PID GRACE_S COMMAND...
+    python -m medsapiens.launch.keeper LAUNCHER_PID GRACE_S LAUNCH_DIR|- COMMAND...
 
 Standard library only, so it starts in a moment.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,12 +61,12 @@ class Relay:
             signal.signal(signum, handler)
 
 
-def command(launcher_pid: int, grace_s: float, argv: list[str]) -> list[str]:
+def command(launcher_pid: int, grace_s: float, launch_dir: str | None, argv: list[str]) -> list[str]:
     """The keeper's own command line, for the launcher to start."""
-    return [sys.executable, "-m", "medsapiens.launch.keeper", str(launcher_pid), str(grace_s), *argv]
+    return [sys.executable, "-m", "medsapiens.launch.keeper", str(launcher_pid), str(grace_s), launch_dir or "-", *argv]
 
 
-def keep(launcher_pid: int, grace_s: float, argv: list[str]) -> int:
+def keep(launcher_pid: int, grace_s: float, launch_dir: str | None, argv: list[str]) -> int:
     relay = Relay()
     if not _end_with(launcher_pid):
         return 128 + signal.SIGTERM
@@ -82,6 +84,8 @@ def keep(launcher_pid: int, grace_s: float, argv: list[str]) -> int:
             send(signal.SIGKILL)
             break
         time.sleep(POLL_S)
+    if launch_dir is not None and os.getppid() != launcher_pid:
+        shutil.rmtree(launch_dir, ignore_errors=True)
     return relay.exit_status(status)
 
 
@@ -102,4 +106,4 @@ def _group_alive(pgid: int) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(keep(int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]))
+    sys.exit(keep(int(sys.argv[1]), float(sys.argv[2]), None if sys.argv[3] == "-" else sys.argv[3], sys.argv[4:]))

@@ -132,7 +132,7 @@ def run_launch(args) -> int:
         if args.dry_run:
             return 0
         write_launch_files(plan)
-        return run_command(plan.argv, {**os.environ, **plan.extra_env})
+        return run_command(plan.argv, {**os.environ, **plan.extra_env}, launch_dir=str(launch_dir))
 
 
 def placeholders(cfg) -> list[str]:
@@ -347,14 +347,17 @@ def write_launch_files(plan: Plan) -> None:
         rank_env.write_env_file(plan.env_file_path, plan.env_file)
 
 
-def run_command(argv: list[str], env: Mapping[str, str], stop_grace_s: float = STOP_GRACE_S) -> int:
+def run_command(argv: list[str], env: Mapping[str, str], stop_grace_s: float = STOP_GRACE_S,
+                launch_dir: str | None = None) -> int:
     """Run the launcher under a keeper (launch/keeper.py), which passes Ctrl-C, SIGTERM and SIGUSR1
     on to every process the launcher starts, and lets none of them outlive the grace period once the
-    launcher is gone, even when this process is killed outright.
+    launcher is gone, even when this process is killed outright (then the keeper also removes
+    `launch_dir`, which this process would have).
     Returns its exit status, or 128 + the signal that stopped us."""
     relay = keeper.Relay()  # before the keeper starts: no signal is missed
     try:
-        child = subprocess.Popen(keeper.command(os.getpid(), stop_grace_s, argv), env=dict(env), start_new_session=True)
+        child = subprocess.Popen(keeper.command(os.getpid(), stop_grace_s, launch_dir, argv), env=dict(env),
+                                 start_new_session=True)
         status = relay.wait(child, child.send_signal)
     finally:
         relay.restore()

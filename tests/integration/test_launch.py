@@ -350,11 +350,14 @@ def _alive(pid: int) -> bool:
                          ids=["INT", "TERM", "USR1", "KILL"])
 def test_a_signal_to_the_launcher_stops_every_process_it_started(tmp_path, signum):
     """Even a launcher killed outright (SIGKILL, the OOM killer) leaves nothing running: its keeper
-    passes a SIGTERM on and kills what is left after the grace period."""
-    pid_file = tmp_path / "rank.pid"
+    passes a SIGTERM on, kills what is left after the grace period, and removes the launcher's
+    private directory, which the launcher can no longer do."""
+    pid_file, launch_dir = tmp_path / "rank.pid", tmp_path / "launch"
+    (launch_dir / "hostfile").parent.mkdir()
+    (launch_dir / "hostfile").write_text("localhost slots=1\n")
     harness = (f"import os, sys\nfrom medsapiens.launch.launcher import run_command\n"
                f"sys.exit(run_command([sys.executable, '-c', {CTRL_C_CHILD!r}, {str(pid_file)!r}], os.environ, "
-               f"stop_grace_s=1.0))")
+               f"stop_grace_s=1.0, launch_dir={str(launch_dir)!r}))")
     proc = subprocess.Popen([sys.executable, "-c", harness], env={**os.environ, "PYTHONPATH": str(REPO)})
     deadline = time.monotonic() + 20
     while not pid_file.exists() or not pid_file.read_text():
@@ -364,9 +367,10 @@ def test_a_signal_to_the_launcher_stops_every_process_it_started(tmp_path, signu
     proc.send_signal(signum)
     assert proc.wait(timeout=40) == (-signum if signum == signal.SIGKILL else 128 + signum)
     deadline = time.monotonic() + 10
-    while _alive(rank):
-        assert time.monotonic() < deadline, "the launcher's rank outlived it"
+    while _alive(rank) or (signum == signal.SIGKILL and launch_dir.exists()):
+        assert time.monotonic() < deadline, f"left behind: rank alive {_alive(rank)}, {launch_dir.exists()=}"
         time.sleep(0.1)
+    assert launch_dir.is_dir() == (signum != signal.SIGKILL)  # else the launcher's own clean-up removes it
 
 
 @pytest.fixture(scope="module")
