@@ -161,16 +161,21 @@ def write_bytes(url: str, data: bytes) -> None:
 FULL_DISK_BYTES = 16 << 20  # a failed write with less free space than this is taken for a full disk
 
 
-def is_disk_full(exc: BaseException, where: Path) -> bool:
-    """Whether a failed write was the disk running full: ENOSPC or its message (safetensors' error), or an
-    error that lost both (torch's writer raises `enforce fail at inline_container.cc`) on a file system
-    with next to no space left."""
+def full_disk_message(exc: BaseException, where: Path) -> str | None:
+    """What to say when a failed write was the disk running full, else None: ENOSPC or its message
+    (safetensors' error), or an error that lost both (torch's writer raises `enforce fail at
+    inline_container.cc`) on a file system with next to no space left; that guess shows the error."""
     if not isinstance(exc, Exception):
-        return False
+        return None
     if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left" in str(exc):
-        return True
+        return f"writing {where}: no space left on its device; free space, then rerun"
     existing = next((p for p in (Path(where), *Path(where).parents) if p.exists()), Path("/"))
-    return shutil.disk_usage(existing).free < FULL_DISK_BYTES
+    free = shutil.disk_usage(existing).free
+    if free >= FULL_DISK_BYTES:
+        return None
+    error = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return (f"writing {where}: no space left on its device ({free >> 10} KiB free; the writer said: {error}); "
+            "free space, then rerun")
 
 
 @contextlib.contextmanager
@@ -182,8 +187,9 @@ def local_write(target: Path, *temporaries: Path):
     except BaseException as exc:
         for temporary in temporaries:
             temporary.unlink(missing_ok=True)
-        if is_disk_full(exc, target):
-            raise InputError(f"writing {target}: no space left on its device; free space, then rerun") from None
+        message = full_disk_message(exc, target)
+        if message is not None:
+            raise InputError(message) from None
         raise
 
 
