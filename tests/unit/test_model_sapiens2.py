@@ -97,6 +97,8 @@ def test_compiled_regions_keep_a_graph_for_every_variant_a_run_meets(monkeypatch
 
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    compile_region = torch.nn.Module.compile  # dynamo's guards and limits alone; inductor's kernels take a minute on CPU
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda region: compile_region(region, backend="eager"))
     torch._dynamo.reset()
     model = build_model("sapiens2_tiny", img_size=(64, 48), heads={"head": 4}, trunk_width=16)
     model.compile_regions()
