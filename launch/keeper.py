@@ -27,8 +27,9 @@ POLL_S = 0.1
 
 class Relay:
     """Ctrl-C, SIGTERM and SIGUSR1 (SLURM's warning signal), caught from creation on and passed on
-    from the main flow only, so each is sent exactly once (a handler sending them could interrupt a
-    send of the same signal and repeat it)."""
+    from the main flow only, so each one received is passed on once (a handler sending them could
+    interrupt a send of the same signal and repeat it). Under SLURM the ranks also hear the step's
+    signals directly; the trainer takes a repeated stop signal as one."""
 
     def __init__(self):
         self.received: list[int] = []
@@ -69,6 +70,7 @@ def command(launcher_pid: int, grace_s: float, launch_dir: str | None, argv: lis
 def keep(launcher_pid: int, grace_s: float, launch_dir: str | None, argv: list[str]) -> int:
     relay = Relay()
     if not _end_with(launcher_pid):
+        _clean_up_after(launch_dir)
         return 128 + signal.SIGTERM
     runner = subprocess.Popen(argv, start_new_session=True)
 
@@ -84,17 +86,25 @@ def keep(launcher_pid: int, grace_s: float, launch_dir: str | None, argv: list[s
             send(signal.SIGKILL)
             break
         time.sleep(POLL_S)
-    if launch_dir is not None and os.getppid() != launcher_pid:
-        shutil.rmtree(launch_dir, ignore_errors=True)
+    if os.getppid() != launcher_pid:
+        _clean_up_after(launch_dir)
     return relay.exit_status(status)
 
 
 def _end_with(launcher_pid: int) -> bool:
     """SIGTERM to this process when the launcher dies, however it dies (Linux), passed on as any
     SIGTERM is. False when the launcher is already gone."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not sys.platform.startswith("linux") or libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        print("medsapiens launch: this system cannot tell the job when its launcher dies; killing the launcher "
+              "outright (SIGKILL) would leave the job running", file=sys.stderr, flush=True)
     return os.getppid() == launcher_pid
+
+
+def _clean_up_after(launch_dir: str | None) -> None:
+    """The launcher's private directory (hostfile, env file), which a launcher killed outright left."""
+    if launch_dir is not None:
+        shutil.rmtree(launch_dir, ignore_errors=True)
 
 
 def _group_alive(pgid: int) -> bool:

@@ -4,6 +4,7 @@ tests/unit runs in-process; everything under tests/integration (the launcher, su
 training) is marked `slow`."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -41,15 +42,19 @@ def free_port() -> int:
 
 def run(cmd: list[str], timeout: float, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a command to completion within `timeout` seconds; its output is kept for assertions. On a
-    timeout its whole process group is killed (DeepSpeed's ranks too, not only the runner)."""
+    timeout, pytest-timeout's alarm or Ctrl-C, its whole process group is killed: DeepSpeed's runner
+    with its ranks; `medsapiens launch`, whose job runs in sessions of its own, with its keeper, which
+    then stops the job as for any killed launcher."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as job:
         try:
             stdout, stderr = job.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.communicate()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                job.communicate(timeout=60)  # until the job's processes, which hold its pipes, are gone
             raise
     proc = subprocess.CompletedProcess(cmd, job.returncode, stdout, stderr)
     if proc.returncode != 0:

@@ -60,8 +60,8 @@ def test_a_checkpoint_save_on_a_full_disk_is_one_line_and_the_rerun_recovers(sma
     assert full.returncode == 2 and "Traceback" not in full.stderr
     line = full.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: writing {disk / 'run' / 'checkpoints'}/step_0000000")
-    # torch's writer loses the errno: the line says so and keeps its error, for the rare other cause
-    assert re.search(r"no space left on its device \(\d+ KiB free; the writer said: \[enforce fail", line), line
+    # ENOSPC as such, or torch's writer's errno-less error, kept on the line for the rare other cause
+    assert re.search(r"no space left on its device(; free| \(\d+ KiB free; the writer said: \[enforce fail)", line), line
     ckpt = disk / "run" / "checkpoints"
     torn = [t for t in checkpoints.tags(ckpt) if t not in checkpoints.complete_tags(ckpt)]
     assert torn  # what the full disk left
