@@ -1,8 +1,10 @@
 """The launcher's keeper: runs DeepSpeed's runner in a process group of its own, passes the
 launcher's signals on to that whole group, and once the runner is gone lets nothing it started outlive
-the grace period. It also stops the group when the launcher dies without a word (SIGKILL, the OOM
-killer), which no handler in the launcher itself could do, and then removes the launcher's private
-directory (its hostfile and env file, which may hold credentials) in the launcher's stead.
+the grace period. Ctrl-C is passed on as SIGTERM, so the ranks stop at the step in progress after a
+checkpoint, as on a scheduler's stop; a second Ctrl-C as SIGKILL, to stop at once. It also stops the
+group when the launcher dies without a word (SIGKILL, the OOM killer), which no handler in the
+launcher itself could do, and then removes the launcher's private directory (its hostfile and env
+file, which may hold credentials) in the launcher's stead.
 
     python -m medsapiens.launch.keeper LAUNCHER_PID GRACE_S LAUNCH_DIR|- COMMAND...
 
@@ -74,7 +76,12 @@ def keep(launcher_pid: int, grace_s: float, launch_dir: str | None, argv: list[s
         return 128 + signal.SIGTERM
     runner = subprocess.Popen(argv, start_new_session=True)
 
+    interrupted = []
+
     def send(signum: int) -> None:
+        if signum == signal.SIGINT:
+            signum = signal.SIGKILL if interrupted else signal.SIGTERM
+            interrupted.append(True)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(runner.pid, signum)
 

@@ -13,6 +13,7 @@ Exit statuses, the same for every command:
         inputs under --strict or could not write, `predict` predicted no image)
     2   the command could not run as given (`UserError`: bad flag, config, file; a diverged run)
     75  a stop signal (SIGTERM, SIGUSR1) ended the run after a complete checkpoint: rerun to resume
+    130 Ctrl-C (128 + SIGINT), with no traceback: whoever pressed it knows why
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import sys
 EXIT_CHECK_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 75  # sysexits' "try again"
+EXIT_INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 
 # Files the user named that are not there or not readable: the OS message names the path.
 FILE_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -79,6 +81,9 @@ def run_command(work, *args) -> int:
     user-level error prints its one line on stderr and returns its status; a bug propagates."""
     try:
         return int(work(*args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - sorted by user_message: one line for the user's mistake, else raise
         if user_message(exc) is None:
             raise

@@ -8,6 +8,7 @@ run reproduces exactly the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import signal
@@ -235,12 +236,30 @@ class TrainStream(IterableDataset):
                 batch = []
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 def leave_stop_signals_to_the_rank(_worker_id: int) -> None:
     """In a data worker: ignore the stop signals (SIGTERM, SIGUSR1) that the launcher and DeepSpeed send
     to every process of a job, so that the rank, which saves a checkpoint on them, keeps its workers
-    until it leaves the training loop; `train_batches` then stops them (`stop_workers`)."""
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
+    until it leaves the training loop; `train_batches` then stops them (`stop_workers`). The worker
+    was born with them blocked (`workers_born_deaf`); one that came meanwhile is dropped here."""
+    for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def workers_born_deaf():
+    """Around starting data workers: they inherit the stop signals blocked. Between a worker's birth
+    and `leave_stop_signals_to_the_rank`, torch's own SIGTERM handler in the worker would die of one,
+    and the rank with it ("DataLoader worker exited unexpectedly") instead of checkpointing. This
+    thread gets any that came meanwhile once the block ends; other threads were never blocked."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def stop_workers(loader) -> None:
@@ -261,8 +280,10 @@ def train_batches(stream: TrainStream, start_step: int, max_steps: int, segment_
     step = start_step
     while step < max_steps:
         stream.segment_start = step - step % segment_steps
-        loader = iter(DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                                 prefetch_factor=4 if workers else None, worker_init_fn=leave_stop_signals_to_the_rank))
+        with workers_born_deaf():
+            loader = iter(DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                     prefetch_factor=4 if workers else None,
+                                     worker_init_fn=leave_stop_signals_to_the_rank))
         try:
             for _ in range((step - stream.segment_start) * grad_accum):
                 next(loader)

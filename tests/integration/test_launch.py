@@ -373,6 +373,45 @@ def test_a_signal_to_the_launcher_stops_every_process_it_started(tmp_path, signu
     assert launch_dir.is_dir() == (signum != signal.SIGKILL)  # else the launcher's own clean-up removes it
 
 
+RECORDING_RUNNER = """
+import signal, sys, time
+from pathlib import Path
+log = Path(sys.argv[1])
+for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(signum, lambda n, frame: log.open("a").write(signal.Signals(n).name + "\\n"))
+log.write_text("started\\n")
+time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_reaches_the_job_as_sigterm_and_a_second_one_stops_it_at_once(tmp_path):
+    """The first Ctrl-C stops the ranks as a scheduler would (a checkpoint at the step in progress,
+    no KeyboardInterrupt inside DeepSpeed's hooks); the second does not wait for it."""
+    log = tmp_path / "signals"
+    harness = (f"import os, sys\nfrom medsapiens.launch.launcher import run_command\n"
+               f"sys.exit(run_command([sys.executable, '-c', {RECORDING_RUNNER!r}, {str(log)!r}], os.environ, "
+               f"stop_grace_s=30.0))")
+    proc = subprocess.Popen([sys.executable, "-c", harness], env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    def wait_for(lines: list[str]) -> None:
+        deadline = time.monotonic() + 20
+        while not log.exists() or log.read_text().split() != lines:
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text() if log.exists() else "no log"
+            time.sleep(0.1)
+
+    wait_for(["started"])
+    proc.send_signal(signal.SIGINT)
+    wait_for(["started", "SIGTERM"])
+    time.sleep(0.5)
+    assert proc.poll() is None  # the job is still stopping: the launcher waits for it
+    second = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=20) == 128 + signal.SIGINT
+    assert time.monotonic() - second < 15  # not the 30 s grace: killed at once
+    assert log.read_text().split() == ["started", "SIGTERM"]
+
+
 @pytest.fixture(scope="module")
 def phantom_shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("phantoms")

@@ -56,3 +56,35 @@ def test_an_error_in_a_data_worker_ends_the_process(phantom_shards, tmp_path):
     proc = run([sys.executable, "-m", "medsapiens.pretrain", *args], timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "the shard changed since it was built" in proc.stderr
+
+
+STOP_SIGNALS_WHILE_WORKERS_START = """
+import os, signal, sys, threading, time
+from medsapiens.data.pipeline import DataConfig, TrainStream, train_batches
+from medsapiens.io import manifest
+
+received = []
+signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))  # as the trainer's StopSignals
+stream = TrainStream(manifest.load(sys.argv[1]), DataConfig(micro_batch=2, workers=0, shuffle_buffer=2), ["head"],
+                     (96, 128), seed=0, rank=0)
+done = threading.Event()
+
+def scheduler():  # SIGTERM to the whole job, over and over, as the launcher and DeepSpeed send it
+    while not done.is_set():
+        os.killpg(0, signal.SIGTERM)
+        time.sleep(0.002)
+
+threading.Thread(target=scheduler, daemon=True).start()
+steps = sum(1 for _ in train_batches(stream, 0, 16, segment_steps=1, grad_accum=1, workers=2))
+done.set()
+print(steps, "steps", len(received) > 0)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_stop_signals_while_data_workers_start_reach_the_rank_and_kill_no_worker(phantom_shards):
+    """New workers start at every segment; a stop signal in a worker's first milliseconds, before it
+    ignores them, used to kill it (torch's handler) and the rank with it, instead of a checkpoint."""
+    proc = run([sys.executable, "-c", STOP_SIGNALS_WHILE_WORKERS_START, str(phantom_shards)], 100)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["16", "steps", "True"]
