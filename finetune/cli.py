@@ -18,8 +18,8 @@ def register(subparsers) -> None:
         "The best checkpoint on the val split (never a test split) becomes RUN_DIR/bundle, evaluated with flip "
         "test on the test split(s) into RUN_DIR/eval/<split>. The default schedule is MedSapiens' published one: "
         "210 epochs, lr x0.1 at epochs 170 and 200, 500 warm-up steps, the steps derived from the training "
-        "images and the global batch (printed at start); launch/experiments/finetune_<dataset>.yaml hold the "
-        "full published settings. With --seeds, one run per seed under RUN_DIR/seed_N and the mean +- std in "
+        "images and the global batch (printed at start); launch/experiments/medsapiens_0.3b_finetune.yaml "
+        "(and _lora.yaml) hold the full published settings. With --seeds, one run per seed under RUN_DIR/seed_N and the mean +- std in "
         "RUN_DIR/summary.json. Multi-rank: `medsapiens launch finetune --config FILE`.",
         epilog="Examples:\n  medsapiens finetune --bundle runs/pretrain/bundle --shards SHARDS --dataset leg\n"
         "  medsapiens finetune --bundle B --shards S --dataset leg --lora --shots 5 --seeds 0,1,2\n"

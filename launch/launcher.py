@@ -29,6 +29,8 @@ DEFAULT_MASTER_PORT = 29500  # torch.distributed's and DeepSpeed's default
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000  # below Linux's ephemeral ports (32768+)
 SLURM_SLOT_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_NTASKS_PER_NODE")
 PLACEHOLDER_MARKS = ("YOUR-BUCKET", "/path/to/")  # what the shipped experiment configs leave to fill in
+EXAMPLE_CONFIGS = {"pretrain": "launch/experiments/sapiens_0.3b.yaml",
+                   "finetune": "launch/experiments/medsapiens_0.3b_finetune.yaml"}
 STOP_GRACE_S = 40.0  # DeepSpeed's per-node launcher gives its ranks 30 s to end before it kills them
 
 DESCRIPTION = """\
@@ -49,7 +51,8 @@ Where the ranks run:
                    SLURM_NTASKS_PER_NODE. The ranks inherit the job's environment.
 
 --dry-run prints the command (shell-quoted) and the files it would write instead of running;
-secret values (keys, tokens) are shown as <set>. Ctrl-C stops all ranks; the exit status is DeepSpeed's.
+secret values (keys, tokens) are shown as <set>. Ctrl-C stops all ranks at the step in progress after a
+checkpoint (a second Ctrl-C at once); the exit status is DeepSpeed's.
 Trailing KEY=VALUE arguments override the experiment config, e.g. train.max_steps=2000."""
 
 
@@ -63,14 +66,14 @@ def register(subparsers) -> None:
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for stage in STAGES:
-        sub = stages.add_parser(stage, help=f"run `python -m {stage}` on every rank", description=DESCRIPTION,
+        sub = stages.add_parser(stage, help=f"run `python -m medsapiens.{stage}` on every rank", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_options(sub, stage)
         sub.set_defaults(func=run_launch)
 
 
 def _add_options(parser: argparse.ArgumentParser, stage: str) -> None:
-    parser.add_argument("--config", required=True, help="experiment YAML, e.g. launch/experiments/sapiens_0.3b.yaml")
+    parser.add_argument("--config", required=True, help=f"experiment YAML, e.g. {EXAMPLE_CONFIGS[stage]}")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--hostfile", help="hostfile with lines 'HOST slots=N' (ranks started over ssh/pdsh)")
     where.add_argument("--slurm", action="store_true", help="use the SLURM allocation (one launcher per node via srun)")
@@ -174,16 +177,16 @@ def check_config(stage: str, config: str, overrides: list[str]):
         from medsapiens.finetune.config import FinetuneConfig as config_class
     from medsapiens.training.run import check_settings
 
-    cfg = configlib.load(config_class, config, overrides)
-    try:
-        deepspeed_file(cfg.train.deepspeed)
-    except FileNotFoundError as exc:
-        raise LaunchError(f"{config}: train.deepspeed: {exc}") from None
-    try:
+    def validated(extra: list[str]):
+        cfg = configlib.from_dict(config_class, configlib.load_data(config, extra))
+        try:
+            deepspeed_file(cfg.train.deepspeed)
+        except FileNotFoundError as exc:
+            raise LaunchError(f"train.deepspeed: {exc}") from None
         check_settings(cfg)
-    except UserError as exc:
-        raise LaunchError(f"{config}: {exc}") from None
-    return cfg
+        return cfg
+
+    return configlib.blame(validated, config, overrides)
 
 
 def make_plan(args, environ: Mapping[str, str], cwd: Path, launch_dir: Path) -> Plan:

@@ -158,11 +158,28 @@ def load_data(path: str | Path | None = None, overrides: list[str] = ()) -> dict
 
 def load(cls, path: str | Path | None = None, overrides: list[str] = ()):
     """YAML file (optional) + overrides -> a validated instance of dataclass `cls`."""
-    data = load_data(path, overrides)
+    return blame(lambda extra: from_dict(cls, load_data(path, extra)), path, list(overrides))
+
+
+def blame(check, path: str | Path | None, overrides: list[str]):
+    """`check(overrides)`, whose UserError is re-raised naming where the bad key or value came from:
+    the command line's KEY=VALUE overrides when the file alone passes the check (or fails it
+    otherwise), else the file."""
     try:
-        return from_dict(cls, data)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+        return check(overrides)
+    except UserError as exc:
+        error = str(exc)
+        where = str(path) if path else ""
+        if overrides:
+            try:
+                check([])
+                alone = None
+            except UserError as without:
+                alone = str(without)
+            if alone != error:
+                keys = [o.partition("=")[0] for o in overrides]
+                where = f"override {', '.join([k for k in keys if k in error] or keys)}"
+        raise ConfigError(f"{where}: {error}" if where else error) from None
 
 
 def to_dict(cfg) -> dict:

@@ -27,6 +27,20 @@ def test_unknown_keys_are_named(tmp_path):
         configlib.load(Experiment, path)
 
 
+def test_an_error_names_the_override_it_comes_from_not_the_file(tmp_path):
+    from medsapiens.launch.launcher import check_config
+
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  max_steps: 4\n")
+    with pytest.raises(configlib.ConfigError, match=r"^override train\.max_step: unknown config key\(s\) train\.max_step;"):
+        configlib.load(Experiment, path, ["optim.lr=0.1", "train.max_step=4"])
+    with pytest.raises(configlib.ConfigError, match=r"^override model\.arch: model: unknown arch 'sapiens_tinyy'"):
+        check_config("pretrain", str(path), ["model.arch=sapiens_tinyy"])  # the launcher's checks, before any rank
+    path.write_text("train:\n  max_stepz: 4\n")
+    with pytest.raises(configlib.ConfigError, match=rf"^{re.escape(str(path))}: unknown config key\(s\) train\.max_stepz"):
+        configlib.load(Experiment, path, ["optim.lr=0.1"])
+
+
 def test_types_are_checked():
     with pytest.raises(configlib.ConfigError, match="train.max_steps: expected an integer"):
         configlib.load(Experiment, None, ["train.max_steps=1.5"])
