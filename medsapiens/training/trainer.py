@@ -192,7 +192,9 @@ class Trainer:
         if done < train.max_steps:
             self._say_where_a_rerun_resumes(f"stopped at step {done} (train.stop_after)")
         elif self.is_main:
-            print(f"finished at step {done}; {validation_text(self.last_validation)}", file=sys.stderr)
+            ran = (f"finished at step {done}" if done > start_step else
+                   f"finished at step {done} already: nothing to train (raise train.max_steps to train on)")
+            print(f"{ran}; {validation_text(self.last_validation)}", file=sys.stderr)
         return self.last_validation
 
     def _check_finite(self, step: int, stats: list[dict], grad_norm) -> None:
@@ -279,7 +281,7 @@ class Trainer:
 def validation_text(results: dict) -> str:
     """The last validation in words: each dataset's MRE on its val split."""
     if not results:
-        return "no validation split"
+        return "no validation in this run"
     return "last validation: " + ", ".join(f"{d} MRE {r['mre']:.3f} {r['unit']} ({r['split']})"
                                            for d, r in results.items())
 

@@ -56,6 +56,8 @@ def test_a_rerun_resumes_only_with_the_same_settings(head_hand_bundle, phantom_s
     same = finetune(phantom_shards, head_hand_bundle, "--run-dir", str(run_dir), "train.log_every=2")
     assert same.returncode == 0, same.stderr[-3000:]
     assert "resumed from step 6" in same.stderr  # log_every does not change what trains
+    assert "finished at step 6 already: nothing to train (raise train.max_steps to train on); no validation in " \
+        "this run" in same.stderr
     config = (run_dir / "config.yaml").read_text()
 
     afresh = finetune(phantom_shards, head_hand_bundle, "--run-dir", str(run_dir), "--resume", "none", "optim.lr=1e-2")
