@@ -31,7 +31,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm"}
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
-    """Files as given and image files found under folders (sorted)."""
+    """Files as given and image files found under folders (sorted); a file reached twice (named and
+    inside a folder named too, or two spellings of one path) counts once."""
     paths = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -42,7 +43,10 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
             raise FileNotFoundError(f"no such file or folder: {item}")
     if not paths:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(inputs)}")
-    return paths
+    first_spelling: dict[Path, Path] = {}
+    for path in paths:
+        first_spelling.setdefault(path.resolve(), path)
+    return list(first_spelling.values())
 
 
 def is_image_file(path: Path) -> bool:

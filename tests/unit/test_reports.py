@@ -111,3 +111,15 @@ def test_compare_refuses_what_is_not_a_report(tmp_path):
     (tmp_path / "x.json").write_text("{}")
     proc = run([*CLI, "evaluate", "--compare", str(tmp_path / "x.json"), str(tmp_path / "x.json")], 60)
     assert proc.returncode == 2 and "not an evaluation report.json" in proc.stderr
+
+
+def test_predict_takes_an_image_reached_twice_once_and_keeps_real_duplicates_apart(tmp_path):
+    from medsapiens.evaluate.predict import collect_inputs
+
+    folder, other = tmp_path / "pngs", tmp_path / "other"
+    folder.mkdir()
+    other.mkdir()
+    for path in (folder / "L1.png", folder / "L2.png", other / "L1.png"):
+        Image.new("L", (8, 8)).save(path)
+    given = [str(folder / "L1.png"), str(folder), str(tmp_path / "pngs" / ".." / "pngs" / "L2.png"), str(other)]
+    assert collect_inputs(given) == [folder / "L1.png", folder / "L2.png", other / "L1.png"]  # the last: another file
