@@ -105,11 +105,16 @@ def calibrate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset
 
 def calibration_shortfall(manifest: Manifest, dataset: str, split: str, coverage: float) -> str | None:
     """Why `split` is too small to calibrate at `coverage`, with the way to a larger one; None if it is not."""
-    images, needed = manifest.datasets[dataset].splits.get(split, 0), conformal.minimum_images(coverage)
+    info = manifest.datasets[dataset]
+    images, needed = info.splits.get(split, 0), conformal.minimum_images(coverage)
     if images >= needed:
         return None
+    rule = info.source.get("validation", {}).get("rule", "carved from train")
+    how = {"carved from train": f"--opt {dataset}.val_fraction=F",
+           "val list": f"a longer --opt {dataset}.val_list=FILE: this val split is the list's"}.get(
+        rule, f"this val split is the source's ({rule}); docs/splits.md lists the options that change it")
     return (f"{images} {split!r} image(s) of {dataset} are too few to calibrate at {coverage:.0%} coverage: at least "
-            f"{needed} are needed; rebuild the shards with a larger val split (--opt {dataset}.val_fraction=F)")
+            f"{needed} are needed; rebuild the shards with a larger val split ({how})")
 
 
 def calibrate_bundle(bundle_dir, shards: str, dataset: str | None = None, split: str = "val",

@@ -123,3 +123,17 @@ def test_predict_takes_an_image_reached_twice_once_and_keeps_real_duplicates_apa
         Image.new("L", (8, 8)).save(path)
     given = [str(folder / "L1.png"), str(folder), str(tmp_path / "pngs" / ".." / "pngs" / "L2.png"), str(other)]
     assert collect_inputs(given) == [folder / "L1.png", folder / "L2.png", other / "L1.png"]  # the last: another file
+
+
+@pytest.mark.parametrize(("validation", "way"), [
+    ({"rule": "carved from train", "fraction": 0.1}, "(--opt leg.val_fraction=F)"),
+    ({"rule": "val list"}, "(a longer --opt leg.val_list=FILE: this val split is the list's)"),
+    ({"rule": "source split"}, "(this val split is the source's (source split); docs/splits.md lists the options"),
+])
+def test_a_val_split_too_small_to_calibrate_names_the_option_that_grows_it(validation, way):
+    from medsapiens.evaluate.evaluate import calibration_shortfall
+    from medsapiens.io.manifest import DatasetInfo, Manifest
+
+    info = DatasetInfo(registry.BUILTIN["leg"], {"train": 40, "val": 1}, {"validation": validation})
+    manifest = Manifest(datasets={"leg": info}, shards=[], inputs=41, rejected=0)
+    assert way in calibration_shortfall(manifest, "leg", "val", 0.9)
