@@ -77,8 +77,9 @@ def check_bundle_model(cfg: FinetuneConfig, given: set[str]) -> None:
     contradicting = [f"model.{k}={mine[k]!r} (the bundle's: {bundle_model.get(k)!r})" for k in sorted(mine)
                      if f"model.{k}" in given and k not in BUNDLE_FREE_MODEL_KEYS and mine[k] != bundle_model.get(k)]
     if contradicting:
-        raise InputError(f"{', '.join(contradicting)}: fine-tuning a bundle trains the bundle's model; leave these "
-                         "keys out, or start from --init sapiens or scratch to choose the model")
+        raise InputError(f"{', '.join(contradicting)}: fine-tuning a bundle trains the bundle's model; set these "
+                         "keys to the bundle's values or leave them out (of the config file and the overrides), or "
+                         "start from --init sapiens or scratch to choose the model")
 
 
 def check_inputs(cfg: FinetuneConfig) -> None:
