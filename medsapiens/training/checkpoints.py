@@ -34,6 +34,8 @@ BEST = "best.json"
 COMPLETE = "complete.json"
 CLIENT_STATE_KEY = "medsapiens"
 TAG_PREFIX = "step_"
+# Each rank's ZeRO optimizer partition: `[bf16_]zero_pp_rank_<dp rank>_mp_rank_<mp rank>_optim_states.pt`.
+OPTIMIZER_SHARD = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_?optim_states\.pt")
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load obeys it over an explicit weights_only=False
 
 
@@ -117,6 +119,14 @@ def latest_tag(ckpt_dir: Path) -> str:
 
 def has_checkpoint(ckpt_dir: Path) -> bool:
     return bool(complete_tags(ckpt_dir))
+
+
+def saved_world_size(tag_dir: Path) -> int | None:
+    """How many ranks saved a complete checkpoint: one ZeRO optimizer partition each, as its `complete.json`
+    lists them. None when it holds none (ZeRO stage 0: no state split by rank)."""
+    listed = json.loads((Path(tag_dir) / COMPLETE).read_text())
+    ranks = {int(found.group(1)) for name in listed if (found := OPTIMIZER_SHARD.fullmatch(name))}
+    return len(ranks) or None
 
 
 def prepare(ds_engine) -> None:

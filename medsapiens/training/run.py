@@ -145,6 +145,24 @@ def check_same_run(run_dir: Path, cfg, resume: str) -> None:
                          "(or with --resume none)")
 
 
+def check_same_world_size(run_dir: Path, stage: str, resume: str) -> None:
+    """A rerun that resumes (`auto`) a ZeRO checkpoint must have as many ranks as saved it: DeepSpeed cannot
+    split the optimizer states anew (its load stops with a traceback). Raises naming both and the way out."""
+    ckpt_dir = checkpoints.checkpoint_dir(run_dir)
+    if resume != "auto" or not checkpoints.has_checkpoint(ckpt_dir):
+        return
+    tag = checkpoints.latest_tag(ckpt_dir)
+    saved, now = checkpoints.saved_world_size(ckpt_dir / tag), distributed.world_size()
+    if saved is None or saved == now:
+        return
+    way_out = (f"convert it with `medsapiens pretrain universal {run_dir}`, then rerun with --resume universal "
+               "(any number of ranks)" if stage == "pretrain" else
+               "start afresh with --resume none (resume=none; the run is moved aside)")
+    raise checkpoints.CheckpointError(
+        f"checkpoint {ckpt_dir / tag} was saved by {saved} rank(s), this run has {now}: ZeRO's optimizer states "
+        f"resume only on as many ranks as saved them; rerun on {saved} rank(s), or {way_out}")
+
+
 def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     """Build the engine for plan.model, write the run files, train."""
     cfg = plan.cfg
@@ -154,6 +172,7 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     cfg = replace(cfg, train=train_cfg, optim=optim)
     run_dir = Path(cfg.run_dir)
     distributed.decide_on_rank0(lambda: check_same_run(run_dir, cfg, resume))  # before the engine's minutes
+    distributed.decide_on_rank0(lambda: check_same_world_size(run_dir, plan.stage, resume))
     lora: LoraConfig = cfg.lora
     if lora.enabled:
         apply_lora(plan.model, lora)

@@ -96,6 +96,12 @@ def test_resume_continues_the_same_losses(zero2_run, phantom_shards, tmp_path):
 def test_universal_checkpoint_resumes_at_another_world_size(zero2_run, phantom_shards, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(zero2_run, run_dir)
+    as_is = run([sys.executable, "-m", "medsapiens.pretrain", *config_args(phantom_shards, run_dir)], 180)
+    assert as_is.returncode == 2 and "Traceback" not in as_is.stderr, as_is.stderr[-3000:]
+    assert (f"error: checkpoint {run_dir}/checkpoints/step_00000012 was saved by 2 rank(s), this run has 1: "
+            "ZeRO's optimizer states resume only on as many ranks as saved them; rerun on 2 rank(s), or convert it "
+            f"with `medsapiens pretrain universal {run_dir}`, then rerun with --resume universal") in as_is.stderr
+    assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2  # refused before anything was written
     convert = run([sys.executable, "-m", "medsapiens.launch.cli", "pretrain", "universal", str(run_dir)], 180)
     assert convert.returncode == 0, convert.stderr[-3000:]
     assert (run_dir / "checkpoints" / "latest_universal").read_text() == "step_00000012_universal"
