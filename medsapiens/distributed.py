@@ -14,6 +14,7 @@ import datetime
 import logging
 import os
 import socket
+import threading
 import warnings
 from pathlib import Path
 
@@ -101,10 +102,15 @@ def release_shared_memory_name() -> None:
 @contextlib.contextmanager
 def distributed_job(timeout_s: int):
     """Initialise torch.distributed, run the body, end with `shutdown()`. On an error this rank
-    leaves at once, without the final barrier: another rank may sit in a collective this one will
-    never join, and the launcher stops the others as soon as one exits with an error."""
+    leaves without the final barrier (another rank may sit in a collective this one will never join,
+    and the launcher stops the others as soon as one exits with an error), but not without ending
+    its process group: see `leave()`."""
     init_distributed(timeout_s)
-    yield
+    try:
+        yield
+    except BaseException:
+        leave()
+        raise
     shutdown()
 
 
@@ -113,6 +119,33 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         barrier()
         dist.destroy_process_group()
+
+
+LEAVE_WAIT_S = 10.0
+
+
+def leave(wait_s: float = LEAVE_WAIT_S) -> None:
+    """End the process group on an error, without a barrier, before Python's exit.
+
+    A process group left to the interpreter's exit outlives it: gloo's worker threads drop their
+    last collective's tensors (its Python objects) after the collective is done, and a thread that
+    asks for the GIL once Python is finalising is ended by it mid-destructor (C++ `terminate called
+    without an active exception`, SIGABRT: exit -6 instead of the error's status, in about one
+    failed start in six). Destroying the group joins those threads first. Destroying waits for this
+    rank's own collectives in flight, which no peer may ever join: after `wait_s` the rank leaves
+    anyway, as it used to.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    ended = threading.Event()
+
+    def end() -> None:
+        with contextlib.suppress(Exception):  # the error on its way out is the one to report
+            dist.destroy_process_group()
+        ended.set()
+
+    threading.Thread(target=end, name="medsapiens-leave", daemon=True).start()
+    ended.wait(wait_s)
 
 
 def collective_device() -> torch.device:

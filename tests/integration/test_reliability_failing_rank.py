@@ -1,6 +1,6 @@
 """One failing rank ends the job in bounded time, naming the cause: a bad validation sample read
 by rank 1 alone stops both ranks in seconds, not after the distributed timeout (600 s here); an
-error in a data worker ends its process."""
+error in a data worker ends its process; a rank that fails ends its process group before Python's exit."""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +10,15 @@ import sys
 import time
 
 import pytest
-from conftest import change_shard_padding, deepspeed_module, pretrain_args, run, with_first_record_changed
+from conftest import (
+    DEEPSPEED,
+    change_shard_padding,
+    deepspeed_module,
+    free_port,
+    pretrain_args,
+    run,
+    with_first_record_changed,
+)
 
 
 def add_bad_val_shard(shards):
@@ -88,3 +96,54 @@ def test_stop_signals_while_data_workers_start_reach_the_rank_and_kill_no_worker
     proc = run([sys.executable, "-c", STOP_SIGNALS_WHILE_WORKERS_START, str(phantom_shards)], 100)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["16", "steps", "True"]
+
+
+RANK_FAILING_WHILE_GLOO_OWES_A_DECREF = """
+import io, os, sys, time
+import torch, torch.distributed as dist
+from medsapiens import distributed
+from medsapiens.errors import UserError, run_command
+
+
+class HeldOutput(io.StringIO):
+    # stderr, written out only once Python finalises: a write in between would give up the GIL.
+    def __del__(self, write=os.write):
+        write(2, self.getvalue().encode())
+
+
+sys.stderr = HeldOutput()
+
+
+def work():
+    with distributed.distributed_job(60):
+        if distributed.rank() == 0:
+            time.sleep(0.3)  # rank 1's all-reduce ends once rank 0 joins it: after rank 1 dropped its handle
+        sys.setswitchinterval(30)  # no thread takes the GIL from this one unless it gives it up
+        total = torch.ones(4)
+        handle = dist.all_reduce(total, async_op=True)
+        del handle  # gloo's worker thread holds the last reference to the work and its tensor
+        deadline = time.monotonic() + 1  # the all-reduce ends meanwhile: the worker waits for the GIL
+        while time.monotonic() < deadline:
+            pass
+        raise UserError(f"rank {distributed.rank()} failed after an all-reduce")
+
+
+sys.exit(run_command(work))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_failing_rank_ends_its_process_group_before_python_exits(tmp_path):
+    """A rank that failed left its gloo process group to Python's exit. Gloo's worker thread drops
+    a collective's tensors after the collective is done; one with a Python object needs the GIL,
+    and a thread that gets it once Python is finalising is ended mid-destructor: `terminate called
+    without an active exception`, SIGABRT, and the launcher exited 250, not 2 (a failed start, both
+    ranks raising right after rank 0's broadcast, did so about once in six). Here rank 1 holds the
+    GIL from the moment its worker asks for it to its exit, so without the group's teardown rank 1
+    aborts every time; with it, the worker is done and joined first."""
+    script = tmp_path / "failing_rank.py"
+    script.write_text(RANK_FAILING_WHILE_GLOO_OWES_A_DECREF)
+    proc = run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), str(script)], timeout=100)
+    assert "terminate called" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: rank 1 failed after an all-reduce" in proc.stderr
