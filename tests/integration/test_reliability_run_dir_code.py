@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 
 import pytest
 import torch
-from conftest import CLI, REPO, SMALL_RUN, pretrain_args, run
+from conftest import CLI, REPO, SMALL_RUN, deepspeed_module, pretrain_args, run
 
 
 class Payload:
@@ -59,8 +58,8 @@ def test_export_refuses_the_payload(poisoned, tmp_path):
 @pytest.mark.timeout(120)
 def test_resume_refuses_the_payload(poisoned, phantom_shards):
     run_dir, marker = poisoned
-    proc = run([sys.executable, "-m", "medsapiens.pretrain", *pretrain_args(phantom_shards, run_dir, *SMALL_RUN)], 100)
-    assert_refused(proc, marker)
+    proc = deepspeed_module("medsapiens.pretrain", 2, pretrain_args(phantom_shards, run_dir, *SMALL_RUN), timeout=100)
+    assert_refused(proc, marker)  # on as many ranks as saved it, else refused for that before any file is read
 
 
 @pytest.mark.timeout(120)

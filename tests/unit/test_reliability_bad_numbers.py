@@ -33,7 +33,7 @@ def test_bad_number_refused_by_dry_run(capsys, stage, config, override, message)
     status = main(["launch", stage, "--config", str(config), "--dry-run", override])
     out, err = capsys.readouterr()
     assert status == 2 and out == ""
-    assert err.count("\n") == 1 and err.startswith(f"error: {config}: ")
+    assert err.count("\n") == 1 and err.startswith(f"error: override {override.partition('=')[0]}: ")  # not the file
     assert message in err
 
 
