@@ -179,7 +179,7 @@ def blame(check, path: str | Path | None, overrides: list[str]):
             if alone != error:
                 keys = [o.partition("=")[0] for o in overrides]
                 where = f"override {', '.join([k for k in keys if k in error] or keys)}"
-        raise ConfigError(f"{where}: {error}" if where else error) from None
+        raise ConfigError(f"{where}: {error}" if where and where not in error else error) from None
 
 
 def to_dict(cfg) -> dict:
