@@ -8,12 +8,11 @@ file, which may hold credentials) in the launcher's stead.
 
     python -m medsapiens.launch.keeper LAUNCHER_PID GRACE_S LAUNCH_DIR|- COMMAND...
 
-Standard library only, so it starts in a moment.
+Standard library only (and `medsapiens.io.processes`, which is too), so it starts in a moment.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -22,8 +21,9 @@ import sys
 import time
 from collections.abc import Callable
 
+from medsapiens.io import processes
+
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-PR_SET_PDEATHSIG = 1  # prctl(2)
 POLL_S = 0.1
 
 
@@ -101,8 +101,7 @@ def keep(launcher_pid: int, grace_s: float, launch_dir: str | None, argv: list[s
 def _end_with(launcher_pid: int) -> bool:
     """SIGTERM to this process when the launcher dies, however it dies (Linux), passed on as any
     SIGTERM is. False when the launcher is already gone."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if not sys.platform.startswith("linux") or libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+    if not processes.sigterm_when_parent_ends():
         print("medsapiens launch: this system cannot tell the job when its launcher dies; killing the launcher "
               "outright (SIGKILL) would leave the job running", file=sys.stderr, flush=True)
     return os.getppid() == launcher_pid

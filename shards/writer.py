@@ -8,12 +8,9 @@ is byte-identical.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import shutil
-import signal
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from medsapiens.io import imageio as images
-from medsapiens.io import storage
+from medsapiens.io import processes, storage
 from medsapiens.io.record import (
     Rejection,
     check_landmarks,
@@ -39,7 +36,6 @@ from medsapiens.shards.readers import RawSample
 PARTIAL_SUFFIX = ".partial"
 _progress = None  # a multiprocessing queue of finished-sample counts, set in each worker
 _stopping = None  # a multiprocessing event the build sets when it stops early, set in each worker
-PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 @dataclass(frozen=True)
@@ -80,11 +76,8 @@ def init_worker(progress_queue, stopping, build_pid: int) -> None:
 def end_with(parent_pid: int) -> None:
     """SIGTERM this process when its parent's thread that started it ends: the pool starts its workers
     from the build's main thread."""
-    if not sys.platform.startswith("linux"):
-        return
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent_pid:  # it ended while this worker started, before the request was in place
-        os._exit(1)
+    if processes.sigterm_when_parent_ends() and os.getppid() != parent_pid:
+        os._exit(1)  # it ended while this worker started, before the request was in place
 
 
 def stored_sample(raw: RawSample, landmark_set: LandmarkSet, max_side: int, outside: str) -> tuple[np.ndarray, dict]:
