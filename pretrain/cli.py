@@ -24,6 +24,9 @@ def register(subparsers) -> None:
     export.add_argument("run_dir", help="the run directory (train.run_dir)")
     export.add_argument("--out", required=True, help="bundle directory to write")
     export.add_argument("--tag", help="checkpoint tag, e.g. step_00001000 (default: the latest complete one)")
+    export.add_argument("--force", action="store_true",
+                        help="replace what --out already holds; without it, a rerun of the same export leaves the "
+                        "bundle as it is (calibration included) and an --out holding anything else is refused")
     export.set_defaults(func=_export)
 
     universal = sub.add_parser(
@@ -57,7 +60,10 @@ def run_training(args) -> None:
 def _export(args) -> int:
     from medsapiens.pretrain.export import export
 
-    print(f"bundle written to {export(args.run_dir, args.out, args.tag)}")
+    if export(args.run_dir, args.out, args.tag, args.force):
+        print(f"bundle written to {args.out}")
+    else:
+        print(f"{args.out} already holds this export: left as is")
     return 0
 
 

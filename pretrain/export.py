@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from medsapiens import config as configlib
+from medsapiens.errors import InputError
 from medsapiens.io.registry import LandmarkSet
 from medsapiens.model import bundle as bundlelib
 from medsapiens.pretrain.config import PretrainConfig
@@ -14,15 +15,23 @@ from medsapiens.training.run import load_trained
 from medsapiens.training.trainer import RESOLVED_CONFIG, RUN_INFO, validation_at
 
 
-def export(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path:
-    run_dir = Path(run_dir)
+def export(run_dir: str | Path, out: str | Path, tag: str | None = None, force: bool = False) -> bool:
+    """Write the bundle; False when `out` already held this very export (left as is, calibration included).
+    Anything else already in `out` is refused unless `force`: exporting over it would lose it without a word."""
+    run_dir, out = Path(run_dir), Path(out)
     cfg = configlib.load(PretrainConfig, run_dir / RESOLVED_CONFIG)
     info = json.loads((run_dir / RUN_INFO).read_text())
     ckpt_dir = checkpoint_dir(run_dir)
     tag = tag or latest_tag(ckpt_dir)
+    same_export = not force and previous_export(out, run_dir, tag)
     sets = {d: LandmarkSet.from_dict(info["landmark_sets"][d]) for d in info["dataset_ids"]}
     model_cfg = replace(cfg.model, checkpoint=None, grad_checkpointing=False)
     model = load_trained(model_cfg.build({d: s.num_landmarks for d, s in sets.items()}), ckpt_dir, tag, cfg.lora)
+    if same_export:
+        if bundlelib.holds_weights(out, model):
+            return False
+        raise InputError(f"{out} holds {tag} of this run with other weights (the run started over since?): left "
+                         "untouched; pass --force to replace it, or give another --out")
     step = tag_step(tag)
     provenance = {
         "stage": "pretrain",
@@ -35,4 +44,25 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path
         "validation": validation_at(run_dir, step),
         "config": configlib.to_dict(cfg),
     }
-    return bundlelib.save(out, model, bundlelib.Bundle(model_cfg, sets, bundlelib.CodecSettings.of(cfg.data), provenance))
+    bundlelib.save(out, model, bundlelib.Bundle(model_cfg, sets, bundlelib.CodecSettings.of(cfg.data), provenance))
+    return True
+
+
+def previous_export(out: Path, run_dir: Path, tag: str) -> bool:
+    """False when `out` holds no bundle files; True when it holds a bundle exported from this checkpoint of
+    this run (its weights still to be compared); anything else there is refused, naming what it holds."""
+    held_files = [name for name in (bundlelib.WEIGHTS, bundlelib.CONFIG) if (out / name).exists()]
+    if not held_files:
+        return False
+    try:
+        held = bundlelib.read_config(out)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{out} holds {' and '.join(held_files)}, not a readable bundle: left untouched; "
+                         "give another --out, or pass --force to overwrite them") from None
+    source = held.provenance
+    if (source.get("stage"), source.get("run_dir"), source.get("checkpoint")) == ("pretrain", str(run_dir.resolve()), tag):
+        return True
+    calibrated = f", calibrated for {', '.join(held.calibration)}" if held.calibration else ""
+    raise InputError(f"{out} already holds a bundle ({source.get('stage', 'unknown')} checkpoint "
+                     f"{source.get('checkpoint', '?')} of {source.get('run_dir', '?')}{calibrated}): left untouched; "
+                     f"pass --force to replace it with {tag} of {run_dir}, or give another --out")

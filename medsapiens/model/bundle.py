@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from medsapiens import distributed
@@ -85,6 +86,14 @@ def save(out_dir: str | Path, model: torch.nn.Module, bundle: Bundle) -> Path:
     os.replace(weights, out / WEIGHTS)
     os.replace(config, out / CONFIG)
     return out
+
+
+def holds_weights(path: str | Path, model: torch.nn.Module) -> bool:
+    """True when the bundle at `path` holds exactly `model`'s weights (compared one tensor at a time)."""
+    state = model.state_dict()
+    with safe_open(str(Path(path) / WEIGHTS), "pt", device="cpu") as saved:
+        return set(saved.keys()) == set(state) and all(
+            torch.equal(saved.get_tensor(k), state[k].detach().float().cpu()) for k in state)
 
 
 def write_config(path: str | Path, bundle: Bundle) -> None:

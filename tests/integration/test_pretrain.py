@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, deepspeed_module, losses, pretrain_args, run
-from safetensors.torch import load_file
+from conftest import CLI, REPO, deepspeed_module, losses, pretrain_args, run
+from safetensors.torch import load_file, save_file
 
 from medsapiens.io import manifest as manifestlib
 from medsapiens.model import bundle as bundlelib
@@ -113,6 +113,54 @@ def test_universal_checkpoint_resumes_at_another_world_size(zero2_run, phantom_s
     assert {13, 14} <= set(by_step)
     assert by_step[13] < 2 * by_step[12]  # trained weights were loaded, not a fresh start
     assert json.loads((run_dir / "run.json").read_text())["world_size"] == 1
+
+
+@pytest.mark.timeout(300)
+def test_export_replaces_nothing_without_force_and_a_rerun_changes_nothing(two_rank_run, tmp_path):
+    out, notes = tmp_path / "bundle", tmp_path / "notes"
+
+    def export(where, *extra):
+        return run([*CLI, "pretrain", "export", str(two_rank_run), "--out", str(where), *extra], 120)
+
+    def contents(where):
+        return {p.name: p.read_bytes() for p in where.iterdir()}
+
+    assert export(out).returncode == 0
+    calibrated = bundlelib.read_config(out)
+    calibrated.calibration = {"head": {"coverage": 0.9}}
+    bundlelib.write_config(out, calibrated)
+    before = contents(out)
+
+    rerun = export(out)
+    assert rerun.returncode == 0 and f"{out} already holds this export: left as is" in rerun.stdout
+    assert contents(out) == before
+
+    older = export(out, "--tag", "step_00000002")
+    assert older.returncode == 2 and "Traceback" not in older.stderr
+    assert (f"error: {out} already holds a bundle (pretrain checkpoint step_00000004 of {two_rank_run.resolve()}, "
+            f"calibrated for head): left untouched; pass --force to replace it with step_00000002 of {two_rank_run}"
+            ) in older.stderr
+    assert contents(out) == before
+
+    weights = load_file(out / bundlelib.WEIGHTS)
+    name = next(iter(weights))
+    save_file({**weights, name: weights[name] + 1}, out / bundlelib.WEIGHTS)
+    tampered = contents(out)
+    other_weights = export(out)
+    assert other_weights.returncode == 2
+    assert f"error: {out} holds step_00000004 of this run with other weights" in other_weights.stderr
+    assert contents(out) == tampered
+
+    assert export(out, "--tag", "step_00000002", "--force").returncode == 0
+    replaced = bundlelib.read_config(out)
+    assert replaced.provenance["checkpoint"] == "step_00000002" and not replaced.calibration
+
+    notes.mkdir()
+    (notes / bundlelib.CONFIG).write_text('{"my": "notes"}')
+    foreign = export(notes)
+    assert foreign.returncode == 2
+    assert f"error: {notes} holds config.json, not a readable bundle: left untouched" in foreign.stderr
+    assert contents(notes) == {bundlelib.CONFIG: b'{"my": "notes"}'}
 
 
 @pytest.mark.timeout(300)
