@@ -168,3 +168,31 @@ def test_full_sizes_take_the_released_keys(arch, billions):
     params = sum(p.numel() for p in backbone.parameters())
     assert abs(params / 1e9 - billions) / billions < 0.03
     assert backbone.grid_size == (64, 48)
+
+
+@pytest.mark.parametrize("arch", ["sapiens_tiny", "sapiens2_tiny"])
+@pytest.mark.parametrize("grad_checkpointing", [False, True], ids=["", "checkpointed"])
+def test_compiled_regions_have_no_graph_break_and_identical_blocks_share_one_graph(monkeypatch, arch,
+                                                                                   grad_checkpointing):
+    """A graph break inside a compiled block splits it into pieces run between Python (lost speed on
+    the GPU, silently); the blocks of one kind must share one graph, or start-up compiles each block."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from medsapiens.model.landmark_model import build_model
+
+    compile_region = torch.nn.Module.compile  # dynamo's graphs alone: inductor's kernels take a minute on CPU
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda region: compile_region(region, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    model = build_model(arch, img_size=(64, 48), heads={"head": 4, "hand": 3}, trunk_width=16,
+                        grad_checkpointing=grad_checkpointing).to(torch.bfloat16)  # as DeepSpeed's bf16 holds it
+    model.compile_regions()
+    try:
+        outputs = model(torch.randn(4, 3, 64, 48, dtype=torch.bfloat16), torch.tensor([0, 1, 0, 1]))
+        sum(out.heatmaps.float().sum() for out in outputs.values()).backward()
+        block_kinds = len({repr(block) for block in model.backbone.blocks})
+        assert dict(counters["graph_break"]) == {}
+        assert counters["stats"]["unique_graphs"] == block_kinds + 1  # + the decoder trunk
+    finally:
+        torch._dynamo.reset()
