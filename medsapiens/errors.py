@@ -25,7 +25,7 @@ EXIT_STOPPED = 75  # sysexits' "try again"
 EXIT_INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 
 # Files the user named that are not there or not readable: the OS message names the path.
-FILE_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+FILE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError"}  # botocore's, matched by name: no import
 
 

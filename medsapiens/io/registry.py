@@ -7,6 +7,7 @@ stages read them from data, never from this file.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 ISBI_NAMES = (
@@ -77,26 +78,75 @@ class LandmarkSet:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LandmarkSet":
+        """From a manifest's or a bundle's JSON: a field of the wrong type is a ValueError naming it."""
         pairs = d.get("flip_pairs")
+        if not (pairs is None or isinstance(pairs, list) and all(_is_pair(p) for p in pairs)):
+            raise ValueError(f"landmark set {d.get('id')!r}: flip_pairs must be null or a list of [i, j] index pairs")
+        for key in ("names", "sdr_radii"):
+            if not isinstance(d[key], list):
+                raise ValueError(f"landmark set {d.get('id')!r}: {key} must be a list, got {d[key]!r}")
         return cls(
             id=d["id"],
             names=tuple(d["names"]),
-            flip_pairs=None if pairs is None else tuple((int(i), int(j)) for i, j in pairs),
+            flip_pairs=None if pairs is None else tuple((i, j) for i, j in pairs),
             unit=d["unit"],
-            sdr_radii=tuple(float(r) for r in d["sdr_radii"]),
+            sdr_radii=tuple(d["sdr_radii"]),
             native_spacing_mm=d.get("native_spacing_mm"),
             normalization=d.get("normalization"),
             description=d.get("description", ""),
         )
 
     def __post_init__(self):
-        if not self.id or "." in self.id or "_" in self.id:
+        if not isinstance(self.id, str) or not self.id or "." in self.id or "_" in self.id:
             raise ValueError(f"landmark set id {self.id!r} must be non-empty, without '.' or '_'")
+        where = f"landmark set {self.id!r}"
+        if not self.names or not all(isinstance(n, str) and n for n in self.names):
+            raise ValueError(f"{where}: names must be one non-empty string per landmark")
         if self.unit not in ("mm", "px"):
-            raise ValueError(f"landmark set {self.id!r}: unit must be 'mm' or 'px', got {self.unit!r}")
+            raise ValueError(f"{where}: unit must be 'mm' or 'px', got {self.unit!r}")
+        if not self.sdr_radii or not all(_is_positive(r) for r in self.sdr_radii):
+            raise ValueError(f"{where}: sdr_radii must be positive numbers, got {list(self.sdr_radii)}")
+        if not (self.native_spacing_mm is None or _is_positive(self.native_spacing_mm)):
+            raise ValueError(f"{where}: native_spacing_mm must be null or a positive number, got {self.native_spacing_mm!r}")
+        if not (self.normalization is None or isinstance(self.normalization, dict)):
+            raise ValueError(f"{where}: normalization must be null or an object, got {self.normalization!r}")
+        if not isinstance(self.description, str):
+            raise ValueError(f"{where}: description must be a string")
         for pair in self.flip_pairs or ():
             if not all(0 <= i < len(self.names) for i in pair):
-                raise ValueError(f"landmark set {self.id!r}: flip pair {pair} outside 0..{len(self.names) - 1}")
+                raise ValueError(f"{where}: flip pair {pair} outside 0..{len(self.names) - 1}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_positive(value) -> bool:
+    return _is_number(value) and value > 0
+
+
+def _is_pair(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+
+
+def check_calibration(record, landmark_set: LandmarkSet) -> None:
+    """A stored calibration (medsapiens.evaluation.conformal) fit to serve `landmark_set`: one finite,
+    non-negative radius per landmark in the set's unit, a coverage in (0, 1). ValueError naming what is wrong."""
+    where = f"calibration of {landmark_set.id!r}"
+    if not isinstance(record, dict):
+        raise ValueError(f"{where} must be an object")
+    radii = record.get("radii")
+    if not (isinstance(radii, list) and len(radii) == landmark_set.num_landmarks
+            and all(_is_number(r) and r >= 0 for r in radii)):
+        raise ValueError(f"{where}: radii must be {landmark_set.num_landmarks} finite non-negative numbers")
+    if record.get("unit") != landmark_set.unit:
+        raise ValueError(f"{where}: unit {record.get('unit')!r}, but the landmark set's errors are in {landmark_set.unit!r}")
+    if not (_is_number(record.get("coverage")) and 0 < record["coverage"] < 1):
+        raise ValueError(f"{where}: coverage must lie strictly between 0 and 1, got {record.get('coverage')!r}")
+    if not isinstance(record.get("split"), str):
+        raise ValueError(f"{where}: split must name the split it was calibrated on")
+    if not (isinstance(record.get("images"), int) and record["images"] > 0):
+        raise ValueError(f"{where}: images must be a positive count, got {record.get('images')!r}")
 
 
 def _indexed(prefix: str, n: int) -> tuple[str, ...]:

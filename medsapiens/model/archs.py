@@ -65,9 +65,16 @@ def get_arch(arch: str | ArchSpec) -> ArchSpec:
         raise InputError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}") from None
 
 
+MAX_INPUT_SIDE = 8192  # Sapiens2 runs at up to 4K; past this a model's tokens outgrow any GPU
+
+
 def feature_grid(img_size: tuple[int, int]) -> tuple[int, int]:
     """(H/16, W/16): the backbone's token grid for an (H, W) input."""
     h, w = img_size
-    if h % PATCH_SIZE or w % PATCH_SIZE or h <= 0 or w <= 0:
+    if not all(isinstance(side, int) and not isinstance(side, bool) for side in (h, w)) or \
+            h % PATCH_SIZE or w % PATCH_SIZE or h <= 0 or w <= 0:
         raise InputError(f"image size {h}x{w} must be positive multiples of {PATCH_SIZE}")
+    if max(h, w) > MAX_INPUT_SIDE:
+        raise InputError(f"image size {h}x{w}: a side over {MAX_INPUT_SIDE} px is not a model input "
+                         f"({(h // PATCH_SIZE) * (w // PATCH_SIZE):,} tokens)")
     return h // PATCH_SIZE, w // PATCH_SIZE

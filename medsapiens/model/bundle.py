@@ -7,8 +7,9 @@ registry entries of its heads, provenance). Loading it needs no pickle.
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -17,8 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from medsapiens import distributed
 from medsapiens.errors import InputError
-from medsapiens.io import storage
-from medsapiens.io.registry import LandmarkSet
+from medsapiens.io import jsondoc, storage
+from medsapiens.io.registry import LandmarkSet, check_calibration
 from medsapiens.model import ModelConfig, feature_grid
 from medsapiens.model.weights import refuse_non_finite
 
@@ -26,6 +27,8 @@ FORMAT = "medsapiens-bundle"
 VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+MAX_BLUR_KERNEL = 255  # DARK's blur before the Taylor step: 11 in the recipe
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors' names; the bundle writes F32
 
 
 @dataclass
@@ -38,6 +41,15 @@ class CodecSettings:
     def of(cls, data) -> "CodecSettings":
         """The settings a model trained with this DataConfig was trained (and should be read) with."""
         return cls(sigma=data.sigma, margin=data.augment.margin)
+
+    def check(self) -> None:
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                      for v in (self.sigma, self.margin))
+        if not numbers or self.sigma <= 0 or self.margin <= 0:
+            raise ValueError(f"codec: sigma and margin must be positive numbers, got {self.sigma!r} and {self.margin!r}")
+        if not isinstance(self.blur_kernel, int) or isinstance(self.blur_kernel, bool) or \
+                not 1 <= self.blur_kernel <= MAX_BLUR_KERNEL or self.blur_kernel % 2 == 0:
+            raise ValueError(f"codec: blur_kernel must be an odd number from 1 to {MAX_BLUR_KERNEL}, got {self.blur_kernel!r}")
 
 
 @dataclass
@@ -103,33 +115,88 @@ def write_config(path: str | Path, bundle: Bundle) -> None:
     os.replace(path / f".{CONFIG}.tmp", path / CONFIG)
 
 
+BUNDLE_KEYS = {"format", "version", "model", "codec", "landmark_sets", "provenance", "calibration"}
+
+
 def read_config(path: str | Path) -> Bundle:
-    path = Path(path)
+    """A bundle's config.json, every field checked: a file from elsewhere is refused in one line naming
+    the file and the field, before any model is built from it."""
+    where = Path(path) / CONFIG
     try:
-        d = json.loads((path / CONFIG).read_text())
+        text = where.read_text()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is not a bundle: no {CONFIG} (export one with `medsapiens pretrain export`)") from None
-    if d.get("format") != FORMAT or d.get("version") != VERSION:
-        raise InputError(f"{path / CONFIG}: not a {FORMAT} v{VERSION} config")
+    d = jsondoc.parse(text, where)
+    if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("version") != VERSION:
+        raise InputError(f"{where}: not a {FORMAT} v{VERSION} config")
+    try:
+        return parse_config(d)
+    except (KeyError, TypeError, ValueError) as exc:  # InputError is a ValueError
+        reason = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise InputError(f"{where}: {reason}") from None
+
+
+def parse_config(d: dict) -> Bundle:
+    unknown = set(d) - BUNDLE_KEYS
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)}")
     model = dict(d["model"])
     heads = model.pop("heads")
-    sets = {k: LandmarkSet.from_dict(v) for k, v in d["landmark_sets"].items()}
+    for section, given, known in (("model", model, ModelConfig), ("codec", d["codec"], CodecSettings)):
+        unknown = set(given) - {f.name for f in fields(known)}
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(f'{section}.{k}' for k in sorted(unknown))}")
+    if not isinstance(model["img_size"], list):
+        raise ValueError(f"model.img_size must be [H, W], got {model['img_size']!r}")
+    # The bundle's weights are its model.safetensors: a checkpoint path here would only make it read another file.
+    model_cfg = ModelConfig(**{**model, "img_size": tuple(model["img_size"]), "checkpoint": None})
+    model_cfg.check()
+    sets = {k: LandmarkSet.from_dict(v) for k, v in dict(d["landmark_sets"]).items()}
     if {k: s.num_landmarks for k, s in sets.items()} != heads:
-        raise InputError(f"{path / CONFIG}: heads {heads} disagree with the landmark sets")
-    model["img_size"] = tuple(model["img_size"])
-    return Bundle(ModelConfig(**model), sets, CodecSettings(**d["codec"]), d.get("provenance", {}),
-                  d.get("calibration", {}))
+        raise ValueError(f"heads {heads} disagree with the landmark sets")
+    codec = CodecSettings(**d["codec"])
+    codec.check()
+    calibration = dict(d.get("calibration") or {})
+    for dataset, record in calibration.items():
+        if dataset not in sets:
+            raise ValueError(f"calibration of {dataset!r}, which is not one of its heads")
+        check_calibration(record, sets[dataset])
+    provenance = d.get("provenance", {})
+    if not isinstance(provenance, dict):
+        raise ValueError("provenance must be an object")
+    return Bundle(model_cfg, sets, codec, provenance, calibration)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, Bundle) from a bundle directory; a CUDA `device` becomes the current one."""
+    """(model in eval mode, Bundle) from a bundle directory; a CUDA `device` becomes the current one.
+    The weights file's tensors are held against the config's model (names, shapes, floating point)
+    from its header, before the model is built or a tensor is read."""
     device = distributed.use_device(device)
     bundle = read_config(path)
+    weights = Path(path) / WEIGHTS
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in bundle.model.build(bundle.heads).state_dict().items()}
+    check_weights_header(weights, expected)
     model = bundle.model.build(bundle.heads)
-    state = load_file(str(Path(path) / WEIGHTS), device="cpu")
-    refuse_non_finite(state, Path(path) / WEIGHTS)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise InputError(f"{path}/{WEIGHTS} does not match its config: missing {result.missing_keys[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]}")
+    state = load_file(str(weights), device="cpu")
+    refuse_non_finite(state, weights)
+    model.load_state_dict(state)
     return model.to(device).eval(), bundle
+
+
+def check_weights_header(weights: Path, expected: dict[str, tuple[int, ...]]) -> None:
+    try:
+        with safe_open(str(weights), "pt", device="cpu") as saved:
+            held = {k: (tuple(saved.get_slice(k).get_shape()), saved.get_slice(k).get_dtype()) for k in saved.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own kind for a damaged file
+        raise InputError(f"{weights}: not a readable safetensors file ({exc})") from None
+    missing, unexpected = sorted(set(expected) - set(held)), sorted(set(held) - set(expected))
+    if missing or unexpected:
+        raise InputError(f"{weights} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, (shape, dtype) in held.items():
+        if shape != expected[name]:
+            raise InputError(f"{weights}: tensor {name!r} has shape {list(shape)}, its config's model {list(expected[name])}")
+        if dtype not in FLOAT_DTYPES:
+            raise InputError(f"{weights}: tensor {name!r} is {dtype}, not floating point ({', '.join(FLOAT_DTYPES)})")

@@ -111,8 +111,10 @@ class ModelConfig:
             feature_grid(self.img_size)
         except ValueError as exc:
             raise InputError(f"model: {exc} (model.arch, model.img_size)") from None
-        if self.trunk_width < 1:
-            raise InputError(f"model.trunk_width must be at least 1, got {self.trunk_width}")
+        if not isinstance(self.trunk_width, int) or isinstance(self.trunk_width, bool) or self.trunk_width < 1:
+            raise InputError(f"model.trunk_width must be a whole number of at least 1, got {self.trunk_width!r}")
+        if not isinstance(self.grad_checkpointing, bool):
+            raise InputError(f"model.grad_checkpointing must be true or false, got {self.grad_checkpointing!r}")
 
     def build(self, heads: dict[str, int]) -> LandmarkModel:
         return build_model(self.arch, self.img_size, heads, self.trunk_width, self.checkpoint, self.grad_checkpointing)
