@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from medsapiens.errors import InputError
+
 FLAG_KEYS = {  # flag destination -> config key
     "shards": "data.shards", "dataset": "dataset", "bundle": "bundle", "init": "init", "checkpoint": "model.checkpoint",
     "arch": "model.arch", "shots": "shots", "seed": "shot_seed", "steps": "train.max_steps", "run_dir": "run_dir",
@@ -62,8 +64,14 @@ def finetune_overrides(args) -> list[str]:
         overrides.append("reinit_head=true")
     if args.no_flip_test:
         overrides.append("flip_test=false")
-    if args.steps is not None and args.epochs is None:
+    if args.steps is not None and args.epochs is not None:
+        raise InputError("give --steps or --epochs, not both")
+    if args.steps is not None:
         overrides.append("train.epochs=0")  # --steps replaces the epoch schedule
+    if args.epochs is not None:
+        overrides.append("train.max_steps=0")
+    if args.seed is not None:
+        overrides.append(f"train.seed={args.seed}")  # as each of --seeds does
     if args.seeds:
         overrides.append(f"seeds=[{args.seeds}]")
     return overrides + args.overrides

@@ -33,8 +33,8 @@ from medsapiens.io.manifest import Manifest, ManifestError
 from medsapiens.io.manifest import load as load_manifest
 from medsapiens.io.registry import LandmarkSet
 from medsapiens.model import bundle as bundlelib
-from medsapiens.training.checkpoints import checkpoint_dir, latest_tag, tag_step
-from medsapiens.training.run import RunPlan, check_settings, load_trained, train
+from medsapiens.training.checkpoints import checkpoint_dir, has_checkpoint, latest_tag, tag_step
+from medsapiens.training.run import RunPlan, check_settings, load_trained, move_aside, train
 
 SUMMARY = "summary.json"
 
@@ -52,6 +52,9 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise InputError("init 'sapiens' needs a Sapiens checkpoint (--checkpoint FILE)")
     if cfg.shots < 0 or any(seed < 0 for seed in cfg.seeds):
         raise InputError(f"--shots and --seeds must not be negative (got shots {cfg.shots}, seeds {cfg.seeds})")
+    repeated = sorted({seed for seed in cfg.seeds if cfg.seeds.count(seed) > 1})
+    if repeated:
+        raise InputError(f"--seeds lists seed(s) {repeated} more than once: each seed is one run")
     if cfg.data.micro_batch < 1:  # before check_settings, to name the flag fine-tuning users give
         raise InputError(f"--batch-size (data.micro_batch) must be at least 1, got {cfg.data.micro_batch}")
     if cfg.calibration_coverage:
@@ -138,8 +141,22 @@ def training_manifest(cfg: FinetuneConfig, run_dir: Path) -> Manifest:
     if not cfg.shots:
         return manifest
     subset_dir = run_dir / "subset"
+    if cfg.resume == "auto" and has_checkpoint(checkpoint_dir(run_dir)):
+        distributed.decide_on_rank0(lambda: check_same_subset(subset_dir, cfg, manifest))
     distributed.decide_on_rank0(lambda: few_shot_manifest(manifest, cfg.dataset, cfg.shots, cfg.shot_seed, subset_dir))
     return load_manifest(subset_dir)
+
+
+def check_same_subset(subset_dir: Path, cfg: FinetuneConfig, manifest: Manifest) -> None:
+    """A resumed few-shot run keeps the images it drew: another draw (or other shards) is refused before
+    the run's subset is rewritten, as `check_same_run` refuses other settings."""
+    drawn = load_manifest(subset_dir).build.get("few_shot", {}) if (subset_dir / "subset.json").is_file() else {}
+    before = (drawn.get("shots"), drawn.get("seed"), drawn.get("from_sha256"))
+    if drawn and before != (cfg.shots, cfg.shot_seed, manifest.digest):
+        raise InputError(f"{subset_dir.parent} holds a run on {before[0]} images drawn with seed {before[1]} from shards "
+                         f"sha256 {str(before[2])[:12]}; this run asks for {cfg.shots} with seed {cfg.shot_seed} from "
+                         f"{manifest.digest[:12]}: rerun with its settings to resume it, or start afresh in another run "
+                         "directory (or with --resume none)")
 
 
 def export_best(cfg: FinetuneConfig, run_dir: Path, tag: str, model_cfg, landmark_set, origin: dict,
@@ -273,16 +290,6 @@ def fresh_run_dir(cfg: FinetuneConfig) -> str:
     return str(candidate)
 
 
-def move_aside(run_dir: Path) -> None:
-    """--resume none: an earlier run in run_dir goes to <run_dir>.replaced-<time>, nothing is deleted
-    (refused while another process writes there)."""
-    if run_dir.exists() and any(run_dir.iterdir()):
-        aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        with writer_lock(run_dir, "fine-tuning"):
-            run_dir.rename(aside)
-        print(f"moved the earlier run in {run_dir} to {aside}", file=sys.stderr)
-
-
 def settled_run_dir(cfg: FinetuneConfig) -> FinetuneConfig:
     """The config with its run directory chosen by rank 0 (a fresh one when none is given), an
     earlier run there moved aside for --resume none."""
@@ -290,7 +297,7 @@ def settled_run_dir(cfg: FinetuneConfig) -> FinetuneConfig:
     distributed.broadcast_from_rank0(chosen)
     cfg = replace(cfg, run_dir=chosen[0])
     if cfg.resume == "none":
-        distributed.decide_on_rank0(lambda: move_aside(Path(cfg.run_dir)))
+        distributed.decide_on_rank0(lambda: move_aside(Path(cfg.run_dir), "fine-tuning"))
     if distributed.rank() == 0:
         print(f"run directory: {cfg.run_dir}", file=sys.stderr)
     return cfg

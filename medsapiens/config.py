@@ -112,19 +112,38 @@ def positive(key: str, value: float) -> None:
         raise ConfigError(f"{key} must be a positive number, got {value}")
 
 
-def from_dict(cls, data: dict, where: str = ""):
-    """Build dataclass `cls` from a nested dict; missing keys keep their defaults."""
+def from_dict(cls, data: dict, where: str = "", base=None):
+    """Build dataclass `cls` from a nested dict; missing keys keep their defaults: those of `base` when
+    given, and a section given in part starts from its field's default (a stage's own schedule, say),
+    not from its class's. `cls.ONE_OF` lists groups of numeric keys that are one choice (a schedule's
+    length in epochs or in steps): the data giving some of a group sets the others to 0."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
         raise ConfigError(
             f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-            f"valid keys{' under ' + where if where else ''}: {', '.join(names)}"
+            f"valid keys{' under ' + where if where else ''}: {', '.join(fields)}"
         )
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        default = getattr(base, key) if base is not None else field_default(fields[key])
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict) and dataclasses.is_dataclass(default):
+            kwargs[key] = from_dict(hints[key], value, path, default)
+        else:
+            kwargs[key] = _coerce(value, hints[key], path)
+    for group in getattr(cls, "ONE_OF", ()):  # keys naming one choice: giving one clears the defaults' others
+        if set(group) & set(data):
+            kwargs.update({key: 0 for key in group if key not in data})
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+
+
+def field_default(field: dataclasses.Field):
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -44,7 +44,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", choices=["auto", "universal", "none"], default="auto",
                         help="auto: continue from the run's last complete checkpoint if there is one (default); "
                         "universal: load the universal checkpoint made by `medsapiens pretrain universal` "
-                        "(another world size); none: start over")
+                        "(another world size; only data.micro_batch and train.grad_accum may differ from the run's "
+                        "settings); none: move the run in run_dir aside (RUN_DIR.replaced-<time>) and start afresh")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 

@@ -56,8 +56,8 @@ def previous_export(out: Path, run_dir: Path, tag: str) -> bool:
         return False
     try:
         held = bundlelib.read_config(out)
-    except (OSError, ValueError, KeyError, TypeError):
-        raise InputError(f"{out} holds {' and '.join(held_files)}, not a readable bundle: left untouched; "
+    except (OSError, ValueError) as exc:  # read_config's InputError is a ValueError
+        raise InputError(f"{out} holds {' and '.join(held_files)}, not a readable bundle ({exc}): left untouched; "
                          "give another --out, or pass --force to overwrite them") from None
     source = held.provenance
     if (source.get("stage"), source.get("run_dir"), source.get("checkpoint")) == ("pretrain", str(run_dir.resolve()), tag):

@@ -13,7 +13,7 @@ from medsapiens.io.locks import writer_lock
 from medsapiens.io.manifest import Manifest, ManifestError
 from medsapiens.io.manifest import load as load_manifest
 from medsapiens.pretrain.config import PretrainConfig
-from medsapiens.training.run import RunPlan, check_settings, train
+from medsapiens.training.run import RunPlan, check_settings, move_aside, train
 
 
 def selected_datasets(manifest: Manifest, requested: list[str]) -> list[str]:
@@ -42,8 +42,14 @@ def preflight(cfg: PretrainConfig) -> tuple[Manifest, list[str]]:
 
 
 def run(cfg: PretrainConfig, resume: str = "auto") -> dict:
-    with distributed_job(cfg.train.dist_timeout_s), \
-            distributed.held_by_rank0(writer_lock(Path(cfg.run_dir), "training run")):
+    with distributed_job(cfg.train.dist_timeout_s):
+        if resume == "none":
+            distributed.decide_on_rank0(lambda: move_aside(Path(cfg.run_dir), "training run"))
+        return train_in(cfg, resume)
+
+
+def train_in(cfg: PretrainConfig, resume: str) -> dict:
+    with distributed.held_by_rank0(writer_lock(Path(cfg.run_dir), "training run")):
         found: list = [None]
         distributed.decide_on_rank0(lambda: found.__setitem__(0, preflight(cfg)))
         distributed.broadcast_from_rank0(found)  # loaded once, on rank 0

@@ -6,8 +6,10 @@ manifest, the datasets, whether the best validation checkpoint is kept).
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -19,6 +21,7 @@ from medsapiens import config as configlib
 from medsapiens import distributed
 from medsapiens.data.pipeline import DataConfig, validation_split
 from medsapiens.errors import InputError
+from medsapiens.io.locks import writer_lock
 from medsapiens.io.manifest import Manifest
 from medsapiens.model import (
     LandmarkModel,
@@ -33,7 +36,7 @@ from medsapiens.model import (
 from medsapiens.training import checkpoints
 from medsapiens.training.checkpoints import consolidated_state_dict
 from medsapiens.training.engine import Engine, OptimConfig, TrainConfig, current_spelling, resolve_warmup
-from medsapiens.training.trainer import RESOLVED_CONFIG, RunContext, Trainer, write_run_files
+from medsapiens.training.trainer import RESOLVED_CONFIG, RUN_INFO, RunContext, Trainer, write_run_files
 
 
 class StageConfig(Protocol):
@@ -114,6 +117,9 @@ def selection(plan: RunPlan) -> dict:
         rule, chosen = "none: the last checkpoint is exported; validation on the val split is only logged", None
     elif all(found.values()):
         rule, chosen = "the checkpoint with the lowest val MRE", split
+    elif split != DataConfig.val_split and not any(found.values()):
+        has = "; ".join(f"{d}: {', '.join(plan.manifest.datasets[d].splits)}" for d in plan.dataset_ids)
+        raise InputError(f"data.val_split={split!r} is a split of none of the datasets trained ({has})")
     else:
         rule, chosen = f"none: no {split!r} split to select on, the last checkpoint is exported", None
     return {"split": chosen, "validated_on": found, "rule": rule}
@@ -125,24 +131,37 @@ PUBLISHED_GLOBAL_BATCH = 8  # MedSapiens and Sapiens pose: 2 images per GPU on 4
 # run directory moved or copied elsewhere holds the same run).
 RESUMABLE_CHANGES = {"run_dir", "train.stop_after", "train.log_every", "train.keep_last", "train.val_panels",
                      "train.dist_timeout_s", "resume"}
+WORLD_SIZE_CHANGES = {"data.micro_batch", "train.grad_accum"}  # to keep the global batch on another number of ranks
 
 
-def check_same_run(run_dir: Path, cfg, resume: str) -> None:
-    """A rerun that resumes (`auto`) continues the run in run_dir, so its resolved config must be
-    the one saved there (the keys of RESUMABLE_CHANGES aside). Raises naming each differing key."""
+def check_same_run(run_dir: Path, cfg, resume: str, manifest_digest: str) -> None:
+    """A rerun that resumes continues the run in run_dir, so its resolved config must be the one saved
+    there (the keys of RESUMABLE_CHANGES aside; with `universal`, which resumes on another number of
+    ranks, also those of WORLD_SIZE_CHANGES), on the same shard manifest. Raises naming each
+    difference, before anything in run_dir is rewritten."""
     saved = run_dir / RESOLVED_CONFIG
-    if resume != "auto" or not checkpoints.tags(checkpoints.checkpoint_dir(run_dir)) or not saved.is_file():
+    if resume == "none" or not checkpoints.tags(checkpoints.checkpoint_dir(run_dir)) or not saved.is_file():
         return
     before = yaml.safe_load(saved.read_text()) or {}
     if isinstance(before.get("train"), dict) and "deepspeed" in before["train"]:
         before["train"]["deepspeed"] = current_spelling(before["train"]["deepspeed"])
     cfg = replace(cfg, train=replace(cfg.train, deepspeed=current_spelling(cfg.train.deepspeed)))
-    differing = {k: v for k, v in configlib.differences(before, cfg).items() if k not in RESUMABLE_CHANGES}
+    may_change = RESUMABLE_CHANGES | (WORLD_SIZE_CHANGES if resume == "universal" else set())
+    differing = {k: v for k, v in configlib.differences(before, cfg).items() if k not in may_change}
     if differing:
         shown = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in list(differing.items())[:8])
+        scope = (f" (resuming on another number of ranks, only {', '.join(sorted(WORLD_SIZE_CHANGES))} may change; "
+                 "an epoch schedule keeps its length only at the same global batch)" if resume == "universal" else "")
         raise InputError(f"{run_dir} holds a run with other settings ({shown}{'; ...' if len(differing) > 8 else ''}): "
-                         "rerun with its settings to resume it, or start afresh in another run directory "
+                         f"rerun with its settings to resume it{scope}, or start afresh in another run directory "
                          "(or with --resume none)")
+    info = run_dir / RUN_INFO
+    trained_on = json.loads(info.read_text()).get("manifest", {}).get("sha256") if info.is_file() else None
+    if trained_on and trained_on != manifest_digest:
+        raise checkpoints.CheckpointError(
+            f"{run_dir} holds a run trained on another shard manifest (sha256 {trained_on[:12]}, now "
+            f"{manifest_digest[:12]}): resume it on its shards, or start afresh in another run directory "
+            "(or with --resume none)")
 
 
 def check_same_world_size(run_dir: Path, stage: str, resume: str) -> None:
@@ -171,8 +190,9 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     optim, warmup_note = resolve_warmup(cfg.optim, train_cfg.max_steps)
     cfg = replace(cfg, train=train_cfg, optim=optim)
     run_dir = Path(cfg.run_dir)
-    distributed.decide_on_rank0(lambda: check_same_run(run_dir, cfg, resume))  # before the engine's minutes
+    distributed.decide_on_rank0(lambda: check_same_run(run_dir, cfg, resume, plan.manifest.digest))  # before the engine's minutes
     distributed.decide_on_rank0(lambda: check_same_world_size(run_dir, plan.stage, resume))
+    chosen = selection(plan)
     lora: LoraConfig = cfg.lora
     if lora.enabled:
         apply_lora(plan.model, lora)
@@ -180,7 +200,6 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     trainable, total = count_trainable(model), sum(p.numel() for p in model.parameters())
     engine = Engine(model, param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay), train_cfg,
                     cfg.optim, cfg.data.micro_batch, universal=resume == "universal")
-    chosen = selection(plan)
     if distributed.rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_files(run_dir, cfg, plan.stage, plan.manifest, plan.dataset_ids, selection=chosen,
@@ -210,3 +229,13 @@ def load_trained(model, ckpt_dir: Path, tag: str, lora: LoraConfig):
         apply_lora(model, lora)
     model.load_state_dict(consolidated_state_dict(ckpt_dir, tag), strict=True)
     return merge_lora(model) if lora.enabled else model
+
+
+def move_aside(run_dir: Path, task: str) -> None:
+    """--resume none: an earlier run in run_dir goes to <run_dir>.replaced-<time>, nothing is deleted
+    (refused while another process writes there)."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        with writer_lock(run_dir, task):
+            run_dir.rename(aside)
+        print(f"moved the earlier run in {run_dir} to {aside}", file=sys.stderr)

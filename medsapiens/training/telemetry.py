@@ -24,8 +24,8 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 class Telemetry:
-    """Starting at `start_step` (a resume), whatever was logged after that step by the run that
-    stopped is dropped, so steps redone after the last checkpoint are not logged twice."""
+    """Starting at `start_step` (a resume, or 0 after an attempt that left no checkpoint), whatever was
+    logged after that step by the attempt that stopped is dropped, so no step is logged twice."""
 
     def __init__(self, run_dir: Path, enabled: bool, start_step: int = 0):
         self.enabled = enabled
@@ -33,10 +33,9 @@ class Telemetry:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"),
-                                        purge_step=start_step + 1 if start_step else None)
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
             path = Path(run_dir) / "metrics.jsonl"
-            if start_step and path.is_file():
+            if path.is_file():
                 kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
                 path.write_text("".join(f"{line}\n" for line in kept))
             self.jsonl = open(path, "a")

@@ -138,6 +138,10 @@ class Trainer:
 
     def fit(self, start_step: int) -> dict:
         ctx, train = self.ctx, self.ctx.train
+        if 0 < train.stop_after <= start_step < train.max_steps:  # the loop would never meet the stop
+            self._say_where_a_rerun_resumes(f"at step {start_step} already, not before train.stop_after "
+                                            f"({train.stop_after}): nothing trained (raise or drop train.stop_after to go on)")
+            return self.last_validation
         self.telemetry = Telemetry(ctx.run_dir, self.is_main, start_step)
         stream = TrainStream(ctx.manifest, ctx.data, ctx.dataset_ids, ctx.input_size, train.seed, distributed.rank())
         batches = train_batches(stream, start_step, train.max_steps, train.checkpoint_every, train.grad_accum,
@@ -193,7 +197,8 @@ class Trainer:
             self._say_where_a_rerun_resumes(f"stopped at step {done} (train.stop_after)")
         elif self.is_main:
             ran = (f"finished at step {done}" if done > start_step else
-                   f"finished at step {done} already: nothing to train (raise train.max_steps to train on)")
+                   f"finished at step {done} already: nothing to train (a longer schedule is another run: start it "
+                   "in another run directory, or with --resume none)")
             print(f"{ran}; {validation_text(self.last_validation)}", file=sys.stderr)
         return self.last_validation
 

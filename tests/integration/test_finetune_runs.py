@@ -56,8 +56,8 @@ def test_a_rerun_resumes_only_with_the_same_settings(head_hand_bundle, phantom_s
     same = finetune(phantom_shards, head_hand_bundle, "--run-dir", str(run_dir), "train.log_every=2")
     assert same.returncode == 0, same.stderr[-3000:]
     assert "resumed from step 6" in same.stderr  # log_every does not change what trains
-    assert "finished at step 6 already: nothing to train (raise train.max_steps to train on); no validation in " \
-        "this run" in same.stderr
+    assert ("finished at step 6 already: nothing to train (a longer schedule is another run: start it in another "
+            "run directory, or with --resume none); no validation in this run") in same.stderr
     config = (run_dir / "config.yaml").read_text()
 
     afresh = finetune(phantom_shards, head_hand_bundle, "--run-dir", str(run_dir), "--resume", "none", "optim.lr=1e-2")
@@ -66,6 +66,24 @@ def test_a_rerun_resumes_only_with_the_same_settings(head_hand_bundle, phantom_s
     assert len(aside) == 1 and (aside[0] / "config.yaml").read_text() == config  # the earlier run, kept whole
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == 0.01
     assert "resumed" not in afresh.stderr
+
+
+@pytest.mark.timeout(600)
+def test_a_resume_keeps_its_few_shot_draw_and_a_val_split_nobody_has_is_refused(head_hand_bundle, phantom_shards,
+                                                                                tmp_path):
+    run_dir = tmp_path / "ft"
+    first = finetune(phantom_shards, head_hand_bundle, "--run-dir", str(run_dir), "--shots", "3", "--seed", "1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    kept = {name: (run_dir / name).read_bytes() for name in ("subset/subset.json", "subset/manifest.json", "run.json")}
+    other = finetune(phantom_shards, head_hand_bundle, "--run-dir", str(run_dir), "--shots", "4", "--seed", "2")
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert f"{run_dir} holds a run on 3 images drawn with seed 1 from shards sha256 " in other.stderr
+    assert "this run asks for 4 with seed 2 from " in other.stderr
+    assert {name: (run_dir / name).read_bytes() for name in kept} == kept  # refused before anything was rewritten
+
+    typo = finetune(phantom_shards, head_hand_bundle, "--run-dir", str(tmp_path / "typo"), "data.val_split=vall")
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr
+    assert "error: data.val_split='vall' is a split of none of the datasets trained (leg: " in typo.stderr
 
 
 @pytest.mark.timeout(120)

@@ -298,11 +298,11 @@ def test_a_run_saved_with_the_former_preset_path_resumes_under_the_preset_name(t
     saved = configlib.to_dict(cfg)
     saved["train"]["deepspeed"] = "launch/deepspeed/zero2.json"
     (tmp_path / RESOLVED_CONFIG).write_text(yaml.safe_dump(saved))
-    check_same_run(tmp_path, cfg, "auto")
+    check_same_run(tmp_path, cfg, "auto", "")
     saved["train"]["deepspeed"] = "launch/deepspeed/zero3.json"
     (tmp_path / RESOLVED_CONFIG).write_text(yaml.safe_dump(saved))
     with pytest.raises(InputError, match="train.deepspeed: 'zero3' there, 'zero2' now"):
-        check_same_run(tmp_path, cfg, "auto")
+        check_same_run(tmp_path, cfg, "auto", "")
 
 
 @pytest.mark.timeout(60)

@@ -116,6 +116,29 @@ def test_universal_checkpoint_resumes_at_another_world_size(zero2_run, phantom_s
 
 
 @pytest.mark.timeout(300)
+def test_resume_none_starts_over_with_the_earlier_run_moved_aside_whole(two_rank_run, phantom_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_rank_run, run_dir)
+    earlier = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    args = pretrain_args(phantom_shards, run_dir, "train.max_steps=4", "train.checkpoint_every=2", "train.val_every=2",
+                         "train.keep_last=1", "optim.lr=5e-4", "train.stop_after=2")
+    afresh = run([sys.executable, "-m", "medsapiens.pretrain", "--resume", "none", *args], 180)
+    assert afresh.returncode == 0, afresh.stderr[-3000:]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
+    assert len(aside) == 1 and f"moved the earlier run in {run_dir} to {aside[0]}" in afresh.stderr
+    assert sorted(p.name for p in (aside[0] / "checkpoints").iterdir()) == earlier
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000002"]
+    assert sorted(losses(run_dir)) == [1, 2] and "resumed" not in afresh.stderr
+
+    # the same stop again: the run is there already, and does not train past it to the end
+    again = run([sys.executable, "-m", "medsapiens.pretrain", *args], 180)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "at step 2 already, not before train.stop_after (2): nothing trained" in again.stderr
+    assert sorted(losses(run_dir)) == [1, 2]
+
+
+@pytest.mark.timeout(300)
 def test_export_replaces_nothing_without_force_and_a_rerun_changes_nothing(two_rank_run, tmp_path):
     out, notes = tmp_path / "bundle", tmp_path / "notes"
 
@@ -127,7 +150,9 @@ def test_export_replaces_nothing_without_force_and_a_rerun_changes_nothing(two_r
 
     assert export(out).returncode == 0
     calibrated = bundlelib.read_config(out)
-    calibrated.calibration = {"head": {"coverage": 0.9}}
+    head = calibrated.landmark_sets["head"]
+    calibrated.calibration = {"head": {"coverage": 0.9, "split": "val", "images": 12, "unit": head.unit,
+                                       "radii": [2.0] * head.num_landmarks}}
     bundlelib.write_config(out, calibrated)
     before = contents(out)
 
@@ -159,7 +184,8 @@ def test_export_replaces_nothing_without_force_and_a_rerun_changes_nothing(two_r
     (notes / bundlelib.CONFIG).write_text('{"my": "notes"}')
     foreign = export(notes)
     assert foreign.returncode == 2
-    assert f"error: {notes} holds config.json, not a readable bundle: left untouched" in foreign.stderr
+    assert f"error: {notes} holds config.json, not a readable bundle (" in foreign.stderr
+    assert "): left untouched; give another --out, or pass --force" in foreign.stderr
     assert contents(notes) == {bundlelib.CONFIG: b'{"my": "notes"}'}
 
 

@@ -1,7 +1,10 @@
 """finetune's typed flags reach the config with their type, not re-read as YAML."""
 from __future__ import annotations
 
+import pytest
+
 from medsapiens import config as configlib
+from medsapiens.errors import InputError
 from medsapiens.finetune.cli import finetune_overrides
 from medsapiens.finetune.config import FinetuneConfig
 from medsapiens.launch.cli import build_parser
@@ -14,6 +17,28 @@ def config_of(*argv: str) -> FinetuneConfig:
 
 def test_string_flags_stay_strings_and_numbers_numbers():
     cfg = config_of("--dataset", "no", "--shards", "s3://bucket/a: b", "--bundle", "1e3", "--steps", "7",
-                    "--shots", "5", "--epochs", "2.5", "--batch-size", "3")
+                    "--shots", "5", "--batch-size", "3")
     assert cfg.dataset == "no" and cfg.data.shards == "s3://bucket/a: b" and cfg.bundle == "1e3"
-    assert cfg.train.max_steps == 7 and cfg.shots == 5 and cfg.train.epochs == 2.5 and cfg.data.micro_batch == 3
+    assert cfg.train.max_steps == 7 and cfg.train.epochs == 0 and cfg.shots == 5 and cfg.data.micro_batch == 3
+    assert config_of("--epochs", "2.5").train.epochs == 2.5
+
+
+def test_an_override_changes_its_own_key_and_keeps_the_published_schedule():
+    published = config_of().train
+    assert (published.epochs, published.max_steps, published.keep_last) == (210.0, 0, 1)
+    for argv in (["train.precision=fp32"], ["train.log_every=5"], ["--epochs", "20"]):
+        train = config_of(*argv).train
+        assert (train.max_steps, train.keep_last, train.val_every) == (0, 1, published.val_every), argv
+    assert config_of("--steps", "30").train.keep_last == 1
+
+
+def test_steps_and_epochs_are_one_or_the_other():
+    with pytest.raises(InputError, match="give --steps or --epochs, not both"):
+        config_of("--steps", "5", "--epochs", "2")
+    with pytest.raises(InputError, match=r"train.epochs \(2\) and train.max_steps \(800\) are both set"):
+        configlib.load(FinetuneConfig, None, ["train.epochs=2", "train.max_steps=800"]).train.check()
+
+
+def test_one_seed_is_the_run_one_of_several_seeds_would_be():
+    cfg = config_of("--seed", "3")
+    assert (cfg.shot_seed, cfg.train.seed) == (3, 3)

@@ -1,0 +1,58 @@
+"""A rerun continues a run only as that run: its settings, its shards; a fresh start over an attempt
+that left no checkpoint logs each step once."""
+import json
+from dataclasses import replace
+
+import pytest
+from conftest import DEMO_CONFIG
+
+from medsapiens import config as configlib
+from medsapiens.errors import InputError
+from medsapiens.pretrain.config import PretrainConfig
+from medsapiens.training.checkpoints import CheckpointError
+from medsapiens.training.run import check_same_run
+from medsapiens.training.telemetry import Telemetry
+from medsapiens.training.trainer import RESOLVED_CONFIG, RUN_INFO
+
+DIGEST = "a" * 64
+
+
+@pytest.fixture
+def saved_run(tmp_path):
+    cfg = configlib.load(PretrainConfig, DEMO_CONFIG, [f"run_dir={tmp_path}"])
+    (tmp_path / "checkpoints" / "step_00000002").mkdir(parents=True)
+    configlib.save(cfg, tmp_path / RESOLVED_CONFIG)
+    (tmp_path / RUN_INFO).write_text(json.dumps({"manifest": {"sha256": DIGEST}}))
+    return tmp_path, cfg
+
+
+def test_a_universal_resume_may_change_only_the_per_rank_batch(saved_run):
+    run_dir, cfg = saved_run
+    check_same_run(run_dir, replace(cfg, data=replace(cfg.data, micro_batch=2)), "universal", DIGEST)
+    with pytest.raises(InputError, match=r"optim.lr: 0.001 there, 0.05 now\): rerun with its settings to resume it "
+                                         r"\(resuming on another number of ranks, only data.micro_batch, train.grad_accum"):
+        check_same_run(run_dir, replace(cfg, optim=replace(cfg.optim, lr=0.05)), "universal", DIGEST)
+    with pytest.raises(InputError, match="data.micro_batch: 8 there, 2 now"):
+        check_same_run(run_dir, replace(cfg, data=replace(cfg.data, micro_batch=2)), "auto", DIGEST)
+
+
+@pytest.mark.parametrize("resume", ["auto", "universal"])
+def test_a_resume_on_another_shard_manifest_is_refused_before_anything_is_written(saved_run, resume):
+    run_dir, cfg = saved_run
+    with pytest.raises(CheckpointError, match=f"trained on another shard manifest \\(sha256 {DIGEST[:12]}, now bbbb"):
+        check_same_run(run_dir, cfg, resume, "b" * 64)
+    check_same_run(run_dir, cfg, "none", "b" * 64)  # a fresh start compares nothing
+
+
+def test_a_fresh_start_over_an_attempt_without_checkpoint_logs_each_step_once(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for lr in (1e30, 1e-3):
+        telemetry = Telemetry(tmp_path, True, start_step=0)
+        telemetry.scalars(1, {"lr": lr})
+        telemetry.scalars(2, {"lr": lr})
+        telemetry.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["lr"]) for r in rows] == [(1, 1e-3), (2, 1e-3)]
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("lr")] == [(1, pytest.approx(1e-3)), (2, pytest.approx(1e-3))]
