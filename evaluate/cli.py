@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from medsapiens.cli import positive_int
 from medsapiens.errors import CheckFailed, InputError
 
 
@@ -29,10 +31,10 @@ def register(subparsers) -> None:
                     "image_size per id) or COCO keypoints (v = 0 invisible; ids are file_name stems)")
     ev.add_argument("--out", help="report directory (required, except with --compare)")
     ev.add_argument("--overlays", type=int, default=0, metavar="N", help="write N overlay PNGs (with --bundle)")
-    ev.add_argument("--hand-landmarks", default=None, metavar="A,B",
+    ev.add_argument("--hand-landmarks", type=index_pair, default=None, metavar="A,B",
                     help="hand protocol: the two wrist landmarks (default 1,5 as Payer; GU2Net uses 0,4)")
     ev.add_argument("--sdr-convention", choices=["<", "<="], default="<", help="SDR counts error < r (default) or <= r")
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--batch-size", type=positive_int, default=8)
     ev.add_argument("--device", default="cpu", help="cpu or cuda")
     ev.set_defaults(func=_evaluate)
 
@@ -53,10 +55,10 @@ def register(subparsers) -> None:
     pr.add_argument("--overlays", action="store_true", help="also write overlay PNGs")
     pr.add_argument("--spacing", metavar="SX,SY",
                     help="mm per pixel (x, y), two positive numbers; wins over the DICOM tags")
-    pr.add_argument("--frame", type=int, metavar="N", help="which frame of multi-frame DICOMs (0-based); "
-                    "without it they are listed as failures")
-    pr.add_argument("--batch-size", type=int, default=8)
-    pr.add_argument("--device", default="cpu", help="cpu or cuda")
+    pr.add_argument("--frame", type=int, metavar="N", help="which frame of multi-frame DICOMs and page of "
+                    "multi-page TIFFs (0-based); without it they are listed as failures")
+    pr.add_argument("--batch-size", type=positive_int, default=8)
+    pr.add_argument("--device", default="cpu", help="cpu or cuda (with --onnx: cpu, onnxruntime runs on the CPU)")
     pr.set_defaults(func=_predict)
 
     ca = subparsers.add_parser(
@@ -74,16 +76,50 @@ def register(subparsers) -> None:
     ca.add_argument("--coverage", type=float, default=0.9, help="nominal coverage 1 - alpha (default 0.9)")
     ca.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=True,
                     help="predict as evaluate and predict do by default (on; --no-flip-test)")
-    ca.add_argument("--batch-size", type=int, default=8)
+    ca.add_argument("--batch-size", type=positive_int, default=8)
     ca.add_argument("--device", default="cpu", help="cpu or cuda")
     ca.set_defaults(func=_calibrate)
 
 
-def _pair(text: str | None, kind):
-    return None if text is None else tuple(kind(v) for v in text.split(","))
+def index_pair(text: str) -> tuple[int, int]:
+    """Two distinct 0-based landmark indices A,B (checked against the landmark set's K once it is known)."""
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) == int(parts[1]):
+        raise argparse.ArgumentTypeError(f"expected two different 0-based landmark indices A,B, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def check_out(out: str | None) -> None:
+    """--out must be a folder, or a path one can create: refused before any work, not after it."""
+    if out is None:
+        return
+    path = Path(out)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"--out {out}: {existing} is a file, not a folder")
+
+
+def check_device(device: str, onnx=None) -> None:
+    """cpu or an available cuda device, before any model is loaded; an ONNX model runs on the CPU."""
+    if onnx:
+        if device != "cpu":
+            raise InputError(f"--device {device} with --onnx: onnxruntime runs this model on the CPU; drop --device "
+                             "or use --bundle to run on a GPU")
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: {torch.cuda.device_count()} CUDA device(s) available here")
 
 
 def _evaluate(args) -> int:
+    check_out(args.out)
     if args.compare:
         from medsapiens.evaluate.compare import compare_reports
 
@@ -94,7 +130,7 @@ def _evaluate(args) -> int:
         raise InputError("give --out DIR for the report")
     from medsapiens.evaluate.evaluate import EvalOptions, evaluate_bundle, summary_line
 
-    wrist_landmarks = _pair(args.hand_landmarks, int)
+    wrist_landmarks = args.hand_landmarks
     if args.predictions or args.ground_truth:
         if not (args.predictions and args.ground_truth) or args.bundle:
             raise InputError("give --predictions and --ground-truth together, without --bundle")
@@ -105,6 +141,7 @@ def _evaluate(args) -> int:
     else:
         if not (args.bundle and args.shards):
             raise InputError("give --bundle and --shards, or --predictions and --ground-truth")
+        check_device(args.device)
         options = EvalOptions(args.flip_test, args.batch_size, args.device, args.overlays, wrist_landmarks,
                               args.sdr_convention)
         report = evaluate_bundle(args.bundle, args.shards, args.dataset, args.split, args.out, options)
@@ -126,6 +163,8 @@ def _predict(args) -> int:
         raise InputError(f"--spacing must be two positive numbers SX,SY (mm per pixel), got {args.spacing!r}")
     if bool(args.bundle) == bool(args.onnx):
         raise InputError("give --bundle DIR or --onnx MODEL.onnx (one of them)")
+    check_out(args.out)
+    check_device(args.device, args.onnx)
     options = PredictOptions(args.dataset, args.flip_test, args.overlays, args.batch_size, spacing, args.device,
                              args.frame)
     results, failures = predict(args.inputs, args.out, options, bundle_dir=args.bundle, onnx=args.onnx)
@@ -141,6 +180,7 @@ def _predict(args) -> int:
 def _calibrate(args) -> int:
     from medsapiens.evaluate.evaluate import EvalOptions, calibrate_bundle
 
+    check_device(args.device)
     calibration = calibrate_bundle(args.bundle, args.shards, args.dataset, args.split, args.coverage,
                                    EvalOptions(args.flip_test, args.batch_size, args.device))
     radii = calibration["radii"]

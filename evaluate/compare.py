@@ -8,30 +8,64 @@ pattern when n <= 16, else 20000 draws from a fixed seed); p = (1 + #{|mean| >= 
 from __future__ import annotations
 
 import json
+import math
 from itertools import product
 from pathlib import Path
 
 import numpy as np
 
 from medsapiens.errors import InputError
+from medsapiens.io import jsondoc
+from medsapiens.io.record import is_number
 
 EXACT_UP_TO = 16
 DRAWS = 20000
 SEED = 0
 
 
+REPORT_KEYS = ("mre", "mre_std_landmarks", "mre_std_images", "sdr", "per_landmark", "per_image", "unit")
+
+
 def load_report(path) -> dict:
     try:
-        report = json.loads(Path(path).read_text())
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"report not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"report {path} is not valid JSON: {exc}") from None
-    missing = [k for k in ("mre", "mre_std_landmarks", "mre_std_images", "sdr", "per_landmark", "per_image", "unit")
-               if k not in report]
+    report = jsondoc.parse(raw, f"report {path}")
+    missing = [k for k in REPORT_KEYS if k not in report] if isinstance(report, dict) else list(REPORT_KEYS)
     if missing:
         raise InputError(f"{path}: not an evaluation report.json (no {', '.join(missing)})")
+    problem = report_problem(report)
+    if problem:
+        raise InputError(f"{path}: {problem}")
     return report
+
+
+def report_problem(report: dict) -> str | None:
+    """What makes a report.json unfit to compare, or None. NaN is allowed where evaluate writes it: the
+    per-image MRE of an image left out, the MRE of a landmark never visible."""
+    if not (isinstance(report["unit"], str) and isinstance(report.get("dataset"), str)):
+        return f"unit and dataset must be strings, got {report['unit']!r:.40} and {report.get('dataset')!r:.40}"
+    bad = [k for k in REPORT_KEYS[:3] if not is_finite(report[k])]
+    if bad:
+        return f"{', '.join(bad)} must be finite numbers"
+    if not (isinstance(report["sdr"], dict) and all(map(is_finite, report["sdr"].values()))):
+        return "sdr must map each radius to a finite percentage"
+    landmarks = report["per_landmark"]
+    if not (isinstance(landmarks, dict) and all(isinstance(v, dict) and is_number_or_nan(v.get("mre"))
+                                                 for v in landmarks.values())):
+        return "per_landmark must map each landmark name to an object with its mre, a number (NaN: never visible)"
+    if not (isinstance(report["per_image"], dict) and all(map(is_number_or_nan, report["per_image"].values()))):
+        return "per_image must map each image id to its MRE, a number (NaN: left out)"
+    return None
+
+
+def is_finite(value) -> bool:
+    return is_number(value) and math.isfinite(value)
+
+
+def is_number_or_nan(value) -> bool:
+    return is_number(value) and not math.isinf(value)
 
 
 def sign_flip_test(differences) -> float:
@@ -47,12 +81,15 @@ def sign_flip_test(differences) -> float:
 
 
 def paired(base: dict, other: dict) -> dict:
+    """The test on the images both reports scored; an image one of them left out (NaN) is counted in `left_out`."""
     shared = sorted(set(base["per_image"]) & set(other["per_image"]))
-    if not shared:
-        return {"images": 0, "mean_difference": None, "p": None}
-    d = np.array([other["per_image"][i] - base["per_image"][i] for i in shared])
-    return {"images": len(shared), "mean_difference": float(d.mean()), "p": sign_flip_test(d),
-            "better": int((d < 0).sum()), "worse": int((d > 0).sum())}
+    scored = [i for i in shared if not (math.isnan(base["per_image"][i]) or math.isnan(other["per_image"][i]))]
+    left_out = len(shared) - len(scored)
+    if not scored:
+        return {"images": 0, "mean_difference": None, "p": None, "left_out": left_out}
+    d = np.array([other["per_image"][i] - base["per_image"][i] for i in scored])
+    return {"images": len(scored), "mean_difference": float(d.mean()), "p": sign_flip_test(d),
+            "better": int((d < 0).sum()), "worse": int((d > 0).sum()), "left_out": left_out}
 
 
 def comparison(paths) -> dict:
@@ -60,9 +97,11 @@ def comparison(paths) -> dict:
     if len(paths) < 2:
         raise InputError("--compare needs at least two report.json files")
     reports = [load_report(p) for p in paths]
+    for key, what in (("unit", "units"), ("dataset", "datasets")):
+        values = {r[key] for r in reports}
+        if len(values) > 1:
+            raise InputError(f"the reports are of different {what} ({', '.join(sorted(values))}): not comparable")
     units = {r["unit"] for r in reports}
-    if len(units) > 1:
-        raise InputError(f"the reports are in different units ({', '.join(sorted(units))}): not comparable")
     radii = list(dict.fromkeys(r for report in reports for r in report["sdr"]))
     landmarks = list(reports[0]["per_landmark"])
     return {
@@ -96,6 +135,9 @@ def markdown(c: dict) -> str:
         counts = f"{test['better']} / {test['worse']}" if test["images"] else "n/a"
         lines.append(f"| {n} | {test['images']} | {number(test['mean_difference'])} | {counts} | "
                      f"{number(test['p'], 4)} |")
+    notes = [f"#{n}: {test['left_out']} shared image(s) left out by one of the reports (NaN), not in the test."
+             for n, test in enumerate(c["paired"], start=1) if test["left_out"]]
+    lines += ["", *notes] if notes else []
     lines += ["", "Per landmark MRE (" + unit + "), delta to #0:", "",
               "| landmark | #0 | " + " | ".join(f"#{n} | delta #{n}" for n in range(1, len(rows))) + " |",
               "|---|---:|" + "---:|---:|" * (len(rows) - 1)]

@@ -11,7 +11,7 @@ from PIL import Image
 from medsapiens import distributed
 from medsapiens.data.pipeline import is_test_split
 from medsapiens.errors import InputError
-from medsapiens.evaluate.report import build_report, write_report
+from medsapiens.evaluate.report import build_report, check_wrist_landmarks, write_report
 from medsapiens.evaluation import conformal
 from medsapiens.evaluation.inference import PredictSettings, predict_split
 from medsapiens.evaluation.metrics import Protocol
@@ -19,6 +19,7 @@ from medsapiens.evaluation.visualize import draw_landmarks
 from medsapiens.io.manifest import Manifest, ManifestError
 from medsapiens.io.manifest import load as load_manifest
 from medsapiens.io.record import safe_name
+from medsapiens.io.registry import LandmarkSet
 from medsapiens.model import bundle as bundlelib
 
 
@@ -29,10 +30,21 @@ def check_split(manifest: Manifest, dataset: str, split: str, bundle: bundlelib.
                             f"(splits: {', '.join(f'{s} {n}' for s, n in sorted(splits.items())) or 'none'})")
     if dataset not in bundle.heads:
         raise ManifestError(f"the bundle has no head for {dataset!r} (heads: {', '.join(bundle.heads)})")
-    k = manifest.landmark_set(dataset).num_landmarks
-    if bundle.heads[dataset] != k:
-        raise ManifestError(f"the bundle's {dataset!r} head predicts {bundle.heads[dataset]} landmarks, "
-                            f"the shards have {k}")
+    ours, theirs = bundle.landmark_sets[dataset], manifest.landmark_set(dataset)
+    if ours.num_landmarks != theirs.num_landmarks:
+        raise ManifestError(f"the bundle's {dataset!r} head predicts {ours.num_landmarks} landmarks, "
+                            f"the shards have {theirs.num_landmarks}")
+    if (ours.names, ours.unit) != (theirs.names, theirs.unit):
+        raise ManifestError(f"the bundle's {dataset!r} head and the shards' {dataset!r} differ in "
+                            f"{describe_difference(ours, theirs)}: not the same landmarks")
+
+
+def describe_difference(ours: LandmarkSet, theirs: LandmarkSet) -> str:
+    """Where two landmark sets of the same size differ: the unit, else the first differing name."""
+    if ours.unit != theirs.unit:
+        return f"unit: bundle {ours.unit!r}, shards {theirs.unit!r}"
+    k = next(k for k, (a, b) in enumerate(zip(ours.names, theirs.names, strict=True)) if a != b)
+    return f"landmark {k}'s name: bundle {ours.names[k]!r}, shards {theirs.names[k]!r}"
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,7 @@ def evaluate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset:
     """Predict a split on every rank; rank 0 writes the report files and returns the report."""
     check_split(manifest, dataset, split, bundle)
     landmark_set = manifest.landmark_set(dataset)
+    check_wrist_landmarks(options.wrist_landmarks, landmark_set)
     preds = predict_split(model, manifest, dataset, model.dataset_ids.index(dataset), split,
                           options.settings(model, bundle), panels=options.overlays)
     reports: list[dict] = []

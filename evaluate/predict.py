@@ -4,9 +4,10 @@ Writes one JSON per image (pixels of the original image; millimetres too when th
 known: `--spacing` wins, else the DICOM tags; the conformal radius of each landmark when the model is
 calibrated; `outside_image` names the landmarks placed outside the image), `predictions.json` in the
 format `medsapiens evaluate --predictions` reads, optional overlays, and `failures.json` listing every
-input that could not be read or predicted (NaN or infinite output: `non_finite_prediction`), with the
-reason. Each input is isolated: one bad file is listed, the others complete, and both JSON files are
-always written.
+input that could not be read or predicted (NaN or infinite output: `non_finite_prediction`; an id
+`predictions` or `failures`: `reserved_id`) and every folder that could not be listed
+(`unreadable_folder`), with the reason. Each input is isolated: one bad file is listed, the others
+complete, and both JSON files are always written.
 
 This module imports no torch: with `--onnx` the model runs on onnxruntime (medsapiens.deploy.runtime),
 else on torch (medsapiens.evaluation.inference.BundleLandmarker, imported only then).
@@ -14,6 +15,7 @@ else on torch (medsapiens.evaluation.inference.BundleLandmarker, imported only t
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,25 +30,39 @@ from medsapiens.io.imageio import decode, dicom_spacing, is_dicom, to_float
 from medsapiens.io.record import Rejection
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm"}
+# The summary files' stems: an image with one of these ids would overwrite them, or they it.
+RESERVED_IDS = {"predictions", "failures"}
 
 
-def collect_inputs(inputs: list[str]) -> list[Path]:
+def collect_inputs(inputs: list[str], failures: list[dict] | None = None) -> list[Path]:
     """Files as given and image files found under folders (sorted); a file reached twice (named and
-    inside a folder named too, or two spellings of one path) counts once."""
+    inside a folder named too, or two spellings of one path) counts once. A folder that cannot be
+    listed is added to `failures` as `unreadable_folder` (raised when `failures` is None)."""
     paths = []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if is_image_file(p))
+            paths += sorted(p for p in walk_files(item, failures) if is_image_file(p))
         elif item.is_file():
             paths.append(item)
         else:
             raise FileNotFoundError(f"no such file or folder: {item}")
-    if not paths:
+    if not paths and not failures:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(inputs)}")
     first_spelling: dict[Path, Path] = {}
     for path in paths:
         first_spelling.setdefault(path.resolve(), path)
     return list(first_spelling.values())
+
+
+def walk_files(folder: Path, failures: list[dict] | None):
+    def unreadable(exc: OSError) -> None:
+        if failures is None:
+            raise exc
+        failures.append(failure(Path(exc.filename), "unreadable_folder",
+                                f"{exc.filename}: {exc.strerror}; the images in it were not predicted"))
+
+    for root, _, files in os.walk(folder, onerror=unreadable):
+        yield from (Path(root) / name for name in files)
 
 
 def is_image_file(path: Path) -> bool:
@@ -145,8 +161,10 @@ class PredictOptions:
 
 def predict(inputs: list[str], out_dir, options: PredictOptions = PredictOptions(), *, bundle_dir=None, onnx=None):
     """Landmarks of every image under `inputs`, from a bundle (torch) or an ONNX model; returns
-    (results, failures). Ids are file stems; a second input with the same id is a failure."""
-    paths = collect_inputs(inputs)
+    (results, failures). Ids are file stems; a second input with the same id, or an id of a summary
+    file (RESERVED_IDS), is a failure, as is a folder that cannot be listed."""
+    failures: list[dict] = []
+    paths = collect_inputs(inputs, failures)
     landmarker = open_landmarker(bundle_dir, onnx, options.device, options.flip_test)
     heads = landmarker.heads
     dataset = options.dataset or (next(iter(heads)) if len(heads) == 1 else None)
@@ -158,7 +176,6 @@ def predict(inputs: list[str], out_dir, options: PredictOptions = PredictOptions
     out = Path(out_dir)
     (out / "overlays" if options.overlays else out).mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
-    failures: list[dict] = []
     batch: list[tuple] = []  # (path, image, spacing, its source) of the images not yet predicted
     seen: dict[str, Path] = {}  # id -> the first input with it
 
@@ -184,6 +201,10 @@ def predict(inputs: list[str], out_dir, options: PredictOptions = PredictOptions
                 failures.append(failure(path, "duplicate_id", f"{path} has the id {path.stem!r} of {seen[path.stem]}"))
                 continue
             seen[path.stem] = path
+            if path.stem.lower() in RESERVED_IDS:  # .lower(): the summary files' names on a case-blind disk
+                failures.append(failure(path, "reserved_id", f"{path}: the id {path.stem!r} would share its output "
+                                        f"file with {path.stem.lower()}.json; rename the image"))
+                continue
             try:
                 image, sp, source = read_input(path, options.spacing, options.frame)
             except Rejection as exc:

@@ -12,7 +12,7 @@ import numpy as np
 from medsapiens.errors import InputError
 from medsapiens.evaluate.figures import CED, PER_LANDMARK, report_figures
 from medsapiens.evaluation.metrics import Protocol, radial_errors, summarize
-from medsapiens.io import registry
+from medsapiens.io import jsondoc, registry
 from medsapiens.io.record import is_number
 from medsapiens.io.registry import LandmarkSet
 
@@ -106,13 +106,12 @@ def selection_lines(report: dict) -> list[str]:
                 f"checkpoint selected on {split} ({chosen['stage']}: {chosen['rule']})."]
 
 
-def _read_json(path: str | Path, what: str) -> dict:
+def _read_json(path: str | Path, what: str):
     try:
-        return json.loads(Path(path).read_text())
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} file not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{what} file {path} is not valid JSON: {exc}") from None
+    return jsondoc.parse(raw, f"{what} file {path}")
 
 
 # Files `evaluate --predictions/--ground-truth` reads, each to a Table of (K, 2) arrays per image
@@ -212,6 +211,7 @@ def score_files(predictions: str | Path, ground_truth: str | Path, wrist_landmar
     ids = sorted(gt.landmarks)
     k = len(gt.landmarks[ids[0]]) if ids else 0
     landmark_set = landmark_set_for(dataset, gt, k, ids)
+    check_wrist_landmarks(wrist_landmarks, landmark_set)
     protocol = Protocol(landmark_set, wrist_landmarks, convention)
     k = landmark_set.num_landmarks
     for name, table in (("predictions", pred), ("ground truth", gt)):
@@ -232,6 +232,13 @@ def score_files(predictions: str | Path, ground_truth: str | Path, wrist_landmar
     if unscaled:
         report["excluded_images"] = unscaled
     return report, np.where(visible, errors, np.nan), ids
+
+
+def check_wrist_landmarks(pair: tuple[int, int] | None, landmark_set: LandmarkSet) -> None:
+    """--hand-landmarks A,B: two landmarks of the set (negative indices would count from the end)."""
+    if pair is not None and not all(0 <= i < landmark_set.num_landmarks for i in pair):
+        raise InputError(f"--hand-landmarks {pair[0]},{pair[1]}: {landmark_set.id} has landmarks "
+                         f"0..{landmark_set.num_landmarks - 1}")
 
 
 def unscalable_images(protocol: Protocol, visible: np.ndarray, ids: list[str]) -> dict[str, str]:

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medsapiens.cli import positive_int
 from medsapiens.errors import UserError
 from medsapiens.launch import hosts, keeper, rank_env
 
@@ -77,9 +78,9 @@ def _add_options(parser: argparse.ArgumentParser, stage: str) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--hostfile", help="hostfile with lines 'HOST slots=N' (ranks started over ssh/pdsh)")
     where.add_argument("--slurm", action="store_true", help="use the SLURM allocation (one launcher per node via srun)")
-    parser.add_argument("--nodes", type=_positive_int, metavar="N",
+    parser.add_argument("--nodes", type=positive_int, metavar="N",
                         help="use the first N hosts of the hostfile (default: all); with --slurm, check the job has N")
-    parser.add_argument("--gpus", type=_positive_int, metavar="G", help="ranks per node (default: all GPUs / slots)")
+    parser.add_argument("--gpus", type=positive_int, metavar="G", help="ranks per node (default: all GPUs / slots)")
     parser.add_argument("--master-port", type=_port, metavar="PORT", help="rendezvous port (default: a free one locally, "
                         f"derived from SLURM_JOB_ID under --slurm, {DEFAULT_MASTER_PORT} with a hostfile)")
     parser.add_argument("--dry-run", action="store_true", help="print the command and files, run nothing")
@@ -87,12 +88,6 @@ def _add_options(parser: argparse.ArgumentParser, stage: str) -> None:
         parser.add_argument("--resume", choices=["auto", "universal", "none"],
                             help="passed to `python -m medsapiens.pretrain` (its default: auto)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
 
 
 def _port(text: str) -> int:

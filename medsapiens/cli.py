@@ -17,8 +17,8 @@ def register(subparsers) -> None:
     _add_arch(info)
     info.add_argument("--img-size", nargs=2, type=int, metavar=("H", "W"),
                       help="input size, multiples of 16 (default: the Sapiens pose input, 1024 768)")
-    info.add_argument("--trunk-width", type=int, help="decoder trunk channels (default: Sapiens' 768)")
-    info.add_argument("--heads", type=int, metavar="N",
+    info.add_argument("--trunk-width", type=positive_int, help="decoder trunk channels (default: Sapiens' 768)")
+    info.add_argument("--heads", type=positive_int, metavar="N",
                       help="final-head channels in all (default: the sum of K over the built-in landmark sets)")
     info.set_defaults(func=run_info)
 
@@ -58,6 +58,13 @@ def register(subparsers) -> None:
     on.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=True,
                     help="average with the mirrored image inside the graph (default on; --no-flip-test)")
     on.set_defaults(func=_export_onnx)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (a count or a size)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def _add_arch(parser) -> None:

@@ -6,14 +6,17 @@ same way produces the same tensors.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medsapiens.config import positive
 from medsapiens.data import preprocess
 from medsapiens.data.codec import whole_image_affine
+from medsapiens.errors import InputError
 
 IMAGENET_MEAN = torch.tensor(preprocess.IMAGENET_MEAN).view(3, 1, 1)
 IMAGENET_STD = torch.tensor(preprocess.IMAGENET_STD).view(3, 1, 1)
@@ -36,6 +39,21 @@ class AugmentConfig:
     median_blur_prob: float = 0.1
     dropout_prob: float = 1.0
     dropout_size: tuple[float, float] = (0.2, 0.4)
+
+    def check(self) -> None:
+        for key in ("rotation_prob", "shift_prob", "flip_prob", "photometric_prob", "blur_prob", "median_blur_prob",
+                    "dropout_prob"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise InputError(f"data.augment.{key} is a probability, in [0, 1]; got {getattr(self, key)}")
+        for key in ("rotation_deg", "shift", "brightness"):
+            if not getattr(self, key) >= 0:
+                raise InputError(f"data.augment.{key} must be at least 0, got {getattr(self, key)}")
+        positive("data.augment.margin", self.margin)
+        for key, top in (("scale_range", math.inf), ("contrast", math.inf), ("dropout_size", 1.0)):
+            lo, hi = getattr(self, key)
+            if not 0 < lo <= hi <= top:
+                raise InputError(f"data.augment.{key} must be [low, high] with 0 < low <= high"
+                                 f"{' <= 1' if top == 1 else ''}, got {[lo, hi]}")
 
 
 def _truncated_normal(rng: np.random.Generator) -> float:

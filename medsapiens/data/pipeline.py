@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import random
 import signal
 import sys
@@ -54,6 +55,16 @@ class DataConfig:
         at_least("data.workers", self.workers, 0)
         at_least("data.shuffle_buffer", self.shuffle_buffer, 1)
         positive("data.sigma", self.sigma)
+        if self.mixing not in MIXING_RULES:
+            raise InputError(f"data.mixing must be one of {MIXING_RULES}, got {self.mixing!r}")
+        positive("data.temperature", self.temperature)
+        if not all(math.isfinite(w) and w >= 0 for w in self.weights.values()) or \
+                (self.weights and not any(self.weights.values())):
+            raise InputError(f"data.weights must be non-negative numbers, not all 0, got {self.weights}")
+        repeated = sorted({d for d in self.datasets if self.datasets.count(d) > 1})
+        if repeated:
+            raise InputError(f"data.datasets lists {repeated} more than once")
+        self.augment.check()
         if not 0 <= self.max_corrupt_fraction <= 1:
             raise InputError(f"data.max_corrupt_fraction must be in 0..1, got {self.max_corrupt_fraction}")
         check_val_split(self.val_split)
@@ -83,6 +94,8 @@ def mixture_weights(manifest: Manifest, cfg: DataConfig, datasets: list[str]) ->
         raise ManifestError(f"no {cfg.train_split!r} samples for dataset(s) {empty} in {manifest.location}")
     base = {"proportional": sizes, "uniform": np.ones_like(sizes), "temperature": sizes ** (1.0 / cfg.temperature)}
     weights = np.array([cfg.weights.get(d, w) for d, w in zip(datasets, base[cfg.mixing], strict=True)])
+    if not weights.sum() > 0:
+        raise InputError(f"data.weights give every dataset trained ({', '.join(datasets)}) a weight of 0")
     return weights / weights.sum()
 
 

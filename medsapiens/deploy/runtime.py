@@ -6,14 +6,16 @@ original pixels through the inverse of each image's affine.
 """
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
 import numpy as np
 
 from medsapiens.data import preprocess
 from medsapiens.errors import InputError
-from medsapiens.io.registry import LandmarkSet
+from medsapiens.io import jsondoc
+from medsapiens.io.record import is_number
+from medsapiens.io.registry import LandmarkSet, check_calibration
 
 METADATA_KEY = "medsapiens"  # as medsapiens.deploy.export writes it (that module imports torch)
 FORMAT = "medsapiens-onnx"
@@ -34,14 +36,10 @@ class OnnxLandmarker:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own kinds for a bad file
             raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
-        meta = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        self.meta = json.loads(meta) if meta else {}
-        if self.meta.get("format") != FORMAT:
-            raise InputError(f"{path}: not exported by `medsapiens export onnx` (no {METADATA_KEY!r} metadata)")
+        self.meta, self.landmark_sets = read_metadata(self.session, path)
         self.input_size = tuple(self.meta["input"]["size"])
         self.margin = float(self.meta["input"]["margin"])
         self.heads = dict(self.meta["heads"])
-        self.landmark_sets = {d: LandmarkSet.from_dict(v) for d, v in self.meta["landmark_sets"].items()}
         self.flip_test = dict(self.meta["flip_test"])
         self.calibration = self.meta.get("calibration") or {}
 
@@ -62,3 +60,69 @@ class OnnxLandmarker:
         landmarks, scores = self.run_inputs(batch, dataset)
         original = np.stack([preprocess.apply_affine(np.linalg.inv(m), p) for m, p in zip(matrices, landmarks, strict=True)])
         return original, scores
+
+
+def read_metadata(session, path) -> tuple[dict, dict[str, LandmarkSet]]:
+    """The model's metadata, every field the runtime uses checked against the graph: a file from
+    elsewhere is refused in one line naming it, before any image is preprocessed for it."""
+    raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    meta = jsondoc.parse(raw, f"{path}: metadata {METADATA_KEY!r}") if raw else None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise InputError(f"{path}: not exported by `medsapiens export onnx` (no {METADATA_KEY!r} metadata)")
+    try:
+        return meta, check_metadata(meta, session)
+    except (KeyError, TypeError, ValueError) as exc:  # InputError is a ValueError
+        reason = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise InputError(f"{path}: metadata {METADATA_KEY!r}: {reason}") from None
+
+
+def check_metadata(meta: dict, session) -> dict[str, LandmarkSet]:
+    """The landmark sets of a model's metadata; a ValueError, TypeError or KeyError names what is wrong."""
+    for key in ("input", "heads", "outputs", "flip_test", "landmark_sets"):
+        if not isinstance(meta[key], dict):
+            raise ValueError(f"{key} must be an object, got {meta[key]!r:.80}")
+    check_input(meta["input"], session.get_inputs())
+    graph_outputs = {o.name for o in session.get_outputs()}
+    if not all(isinstance(v, dict) for v in meta["landmark_sets"].values()):
+        raise ValueError("landmark_sets must map each head to an object")
+    sets = {d: LandmarkSet.from_dict(v) for d, v in meta["landmark_sets"].items()}
+    if {d: s.num_landmarks for d, s in sets.items()} != meta["heads"]:
+        raise ValueError(f"heads {meta['heads']} disagree with the landmark sets")
+    for dataset in sets:
+        outputs = meta["outputs"].get(dataset)
+        if not isinstance(outputs, dict):
+            raise ValueError(f"outputs has no object for head {dataset!r}")
+        names = [outputs.get(k) for k in ("landmarks", "scores")]
+        unknown = [n for n in names if not isinstance(n, str) or n not in graph_outputs]
+        if unknown:
+            raise ValueError(f"outputs of {dataset!r} name {unknown}, not among the graph's {sorted(graph_outputs)}")
+        if not isinstance(meta["flip_test"].get(dataset), bool):
+            raise ValueError(f"flip_test of {dataset!r} must be true or false")
+    calibration = meta.get("calibration") or {}
+    if not isinstance(calibration, dict):
+        raise ValueError("calibration must be an object")
+    for dataset, record in calibration.items():
+        if dataset not in sets:
+            raise ValueError(f"calibration of {dataset!r}, which is not one of its heads")
+        check_calibration(record, sets[dataset])
+    return sets
+
+
+def check_input(spec: dict, graph_inputs) -> None:
+    """input.size [W, H] must be the graph's own (B, 3, H, W) input: the metadata alone never decides
+    how large an array is allocated."""
+    size, margin = spec["size"], spec["margin"]
+    if not (is_number(margin) and math.isfinite(margin) and margin > 0):
+        raise ValueError(f"input.margin must be a positive finite number, got {margin!r:.80}")
+    if not (isinstance(size, list) and len(size) == 2 and all(is_int(v) and v > 0 for v in size)):
+        raise ValueError(f"input.size must be [W, H], two positive integers, got {size!r:.80}")
+    shape = graph_inputs[0].shape if len(graph_inputs) == 1 and graph_inputs[0].name == "images" else None
+    if not (shape and len(shape) == 4 and is_int(shape[2]) and is_int(shape[3])):
+        raise ValueError(f"the graph's input must be one 'images' (B, 3, H, W) of fixed H and W, got "
+                         f"{[(i.name, i.shape) for i in graph_inputs]}")
+    if size != [shape[3], shape[2]]:
+        raise ValueError(f"input.size {size} is not the graph's input width and height {[shape[3], shape[2]]}")
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -22,7 +22,9 @@ Display rule (what `decode` returns):
   not left black, and a 16-bit image and its faithful 8-bit export (v / 257, or v * 255 / 1023
   for 10-bit content) give the model the same input to within one 8-bit rounding. 8-bit DICOM
   without a window is kept as stored, like 8-bit files.
-- A multi-frame DICOM needs a frame index (`frame`); without one it is rejected with that reason.
+- A multi-frame DICOM or multi-page TIFF needs a frame index (`frame`); without one it is rejected
+  with that reason.
+- Float (mode F) pixels must be finite and within 0..65535: NaN or infinity is rejected, never read as 0.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ def decode(path: str, frame: int | None = None) -> np.ndarray:
     except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a file it cannot identify
         raise Rejection("unreadable_image", f"{path}: {exc}") from None
     with image:
+        pick_page(image, path, frame)
         check_decodable(*image.size, path)
         try:
             image.load()
@@ -67,6 +70,22 @@ def decode(path: str, frame: int | None = None) -> np.ndarray:
             raise Rejection(reason, f"{path}: {exc}") from None
         pixels = pil_to_array(image, path)
     return by_significant_bits(pixels) if pixels.dtype == np.uint16 else pixels
+
+
+def pick_page(image: Image.Image, path: str, frame: int | None) -> None:
+    """Seek a multi-page file (TIFF) to page `frame`, as frame_index does for DICOM frames."""
+    try:
+        pages = getattr(image, "n_frames", 1)
+    except Exception as exc:  # noqa: BLE001 - PIL walks the page chain here: a damaged one raises any kind
+        raise Rejection("unreadable_image", f"{path}: {exc}") from None
+    if pages == 1:
+        return
+    if frame is None:
+        raise Rejection("multi_frame", f"{path}: multi-page image ({pages} pages); choose one with --frame N "
+                                       "(predict), or give shards one file per page")
+    if not 0 <= frame < pages:
+        raise Rejection("multi_frame", f"{path}: has {pages} pages, there is no page {frame}")
+    image.seek(frame)
 
 
 def is_dicom(path) -> bool:
@@ -120,6 +139,8 @@ def pil_to_array(image: Image.Image, where: str) -> np.ndarray:
         return np.asarray(image).astype(np.uint16)
     if image.mode in ("I", "F"):
         values = np.asarray(image)
+        if not np.isfinite(values).all():
+            raise Rejection("unreadable_image", f"{where}: NaN or infinite pixels")
         if values.min() < 0 or values.max() > 65535:
             raise Rejection("unreadable_image", f"{where}: {image.mode} pixels outside 0..65535 are not supported")
         return np.rint(values).astype(np.uint16)

@@ -4,10 +4,12 @@
 `backbone.base_model.model.`; `merge_lora` folds the adapters back into a plain backbone."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import nn
 
+from medsapiens.errors import InputError
 from medsapiens.model.backbone import Backbone
 
 # peft matches a list entry as a name suffix after a dot: "blocks.3.attn.proj" matches, the patch
@@ -28,6 +30,16 @@ class LoraConfig:
     proj_rank: int = 8
     proj_alpha: float = 8.0
     dropout: float = 0.1
+
+    def check(self) -> None:
+        for key in ("qkv_rank", "proj_rank"):
+            if getattr(self, key) < 1:
+                raise InputError(f"lora.{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("qkv_alpha", "proj_alpha"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
+                raise InputError(f"lora.{key} must be a positive number, got {getattr(self, key)}")
+        if not 0 <= self.dropout < 1:
+            raise InputError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 
 
 def is_lora_parameter(name: str) -> bool:

@@ -58,6 +58,9 @@ class OptimConfig:
         for key in ("layer_decay", "warmup_factor", "gamma"):
             if not 0 < getattr(self, key) <= 1:
                 raise InputError(f"optim.{key} must be in (0, 1], got {getattr(self, key)}")
+        if not (all(0 < m <= 1 for m in self.milestones) and list(self.milestones) == sorted(self.milestones)):
+            raise InputError(f"optim.milestones are fractions of the run, ascending in (0, 1] (170/210 is epoch 170 "
+                             f"of 210), got {list(self.milestones)}")
 
 
 @dataclass
@@ -94,6 +97,7 @@ class TrainConfig:
             at_least(f"train.{key}", getattr(self, key), 1)
         at_least("train.max_steps", self.max_steps, 0)
         at_least("train.stop_after", self.stop_after, 0)
+        at_least("train.seed", self.seed, 0)
         at_least("train.dist_timeout_s", self.dist_timeout_s, 1)
         if not self.epochs >= 0 or (not self.epochs and self.max_steps < 1):
             raise InputError(f"give train.epochs > 0 or train.max_steps >= 1 (got epochs {self.epochs}, "

@@ -80,6 +80,7 @@ def check_settings(cfg) -> None:
     """Every number and choice of a stage config that can be known wrong before a rank starts;
     each error names its key."""
     cfg.model.check()
+    cfg.lora.check()
     cfg.data.check()
     cfg.optim.check()
     cfg.train.check()

@@ -23,6 +23,15 @@ BAD = [
     ("model.img_size=[0, 96]", "image size 0x96 must be positive multiples of 16"),
     ("optim.schedule=linear", "optim.schedule must be one of step, cosine, constant"),
     ("data.sigma=-1", "data.sigma must be a positive number"),
+    ("train.seed=-1", "train.seed must be at least 0, got -1"),
+    ("data.temperature=0", "data.temperature must be a positive number"),
+    ("data.weights={head: -1}", "data.weights must be non-negative numbers, not all 0"),
+    ("data.datasets=[head, head]", "data.datasets lists ['head'] more than once"),
+    ("lora.qkv_rank=0", "lora.qkv_rank must be at least 1, got 0"),
+    ("lora.dropout=1.5", "lora.dropout must be in [0, 1), got 1.5"),
+    ("data.augment.scale_range=[0, 0]", "data.augment.scale_range must be [low, high] with 0 < low <= high"),
+    ("data.augment.flip_prob=5", "data.augment.flip_prob is a probability, in [0, 1]"),
+    ("optim.milestones=[170, 200]", "optim.milestones are fractions of the run, ascending in (0, 1]"),
 ]
 
 

@@ -1,0 +1,333 @@
+"""What evaluate, predict, compare, calibrate and `model info` refuse, in one line naming the file, flag
+or sample, before any work; and what predict lists in failures.json instead of losing it.
+
+A tiny ONNX graph (constant landmarks, no training) with `medsapiens export onnx`'s metadata stands in
+for an exported model, so predict runs in-process in a fraction of a second."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medsapiens.errors import InputError
+from medsapiens.evaluate.compare import comparison
+from medsapiens.evaluate.predict import predict
+from medsapiens.evaluate.report import build_report, score_files
+from medsapiens.evaluation.metrics import Protocol
+from medsapiens.io import registry
+from medsapiens.io.imageio import decode
+from medsapiens.io.manifest import DatasetInfo, Manifest, ManifestError
+from medsapiens.io.record import Rejection
+from medsapiens.launch.cli import main
+
+HEAD = registry.get("head")
+SIZE = [24, 32]  # [W, H], as the metadata stores the input size
+
+
+def metadata(**changes) -> dict:
+    meta = {"format": "medsapiens-onnx", "version": 1,
+            "input": {"name": "images", "size": SIZE, "margin": 1.25},
+            "heads": {"head": 19}, "outputs": {"head": {"landmarks": "head_landmarks", "scores": "head_scores"}},
+            "flip_test": {"head": False}, "landmark_sets": {"head": HEAD.to_dict()},
+            "calibration": {"head": {"radii": [1.0] * 19, "unit": "mm", "coverage": 0.9, "split": "val",
+                                     "images": 10}}}
+    return {**meta, **changes}
+
+
+def tiny_onnx(path: Path, meta, graph_size=(SIZE[1], SIZE[0])) -> Path:
+    """(B, 3, H, W) -> landmarks (B, 19, 2) at the centre of a SIZE input, scores (B, 19) of 1, with `meta` (a dict,
+    or raw text) as its `medsapiens` metadata."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    k, (h, w) = 19, graph_size
+    nodes = [helper.make_node("ReduceMean", ["images"], ["mean"], axes=[1, 2, 3], keepdims=1),
+             helper.make_node("Reshape", ["mean", "shape3"], ["m3"]),
+             helper.make_node("Mul", ["m3", "zero"], ["z3"]),
+             helper.make_node("Add", ["z3", "centre"], ["head_landmarks"]),
+             helper.make_node("Reshape", ["mean", "shape2"], ["m2"]),
+             helper.make_node("Mul", ["m2", "zero"], ["z2"]),
+             helper.make_node("Add", ["z2", "ones"], ["head_scores"])]
+    constants = [helper.make_tensor("shape3", TensorProto.INT64, [3], [-1, 1, 1]),
+                 helper.make_tensor("shape2", TensorProto.INT64, [2], [-1, 1]),
+                 helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+                 helper.make_tensor("centre", TensorProto.FLOAT, [1, k, 2], [SIZE[0] / 2, SIZE[1] / 2] * k),
+                 helper.make_tensor("ones", TensorProto.FLOAT, [1, k], [1.0] * k)]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, h, w])],
+        [helper.make_tensor_value_info("head_landmarks", TensorProto.FLOAT, ["batch", k, 2]),
+         helper.make_tensor_value_info("head_scores", TensorProto.FLOAT, ["batch", k])], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    helper.set_model_props(model, {"medsapiens": meta if isinstance(meta, str) else json.dumps(meta)})
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture
+def model(tmp_path) -> Path:
+    return tiny_onnx(tmp_path / "tiny.onnx", metadata())
+
+
+def images(folder: Path, *names: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.new("L", (40, 30), 128).save(folder / name)
+    return folder
+
+
+def refused_in_one_line(capsys, argv: list[str], *expected: str) -> str:
+    """The command exits 2 with one `error:` line holding `expected` (argparse's own usage line aside)."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse: usage line, then `medsapiens ...: error: ...`
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("error:") == 1 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert "error: " in last and all(e in last for e in expected), last
+    return last
+
+
+# 1. ONNX metadata
+
+def test_a_tiny_model_with_valid_metadata_predicts(model, tmp_path):
+    results, failures = predict([str(images(tmp_path / "in", "a.png"))], tmp_path / "out", onnx=model)
+    assert failures == [] and len(results) == 1
+    assert results[0]["size"] == [40, 30] and np.isfinite(results[0]["landmarks"]).all()
+
+
+@pytest.mark.parametrize(("meta", "message"), [
+    ("{not json", "not valid JSON"),
+    ("[" * 100000 + "]" * 100000, "nested too deep"),
+    ([1, 2], "not exported by `medsapiens export onnx`"),
+    ({k: v for k, v in metadata().items() if k != "flip_test"}, "missing key 'flip_test'"),
+    (metadata(input={"name": "images", "size": SIZE}), "missing key 'margin'"),
+    (metadata(input={"size": SIZE, "margin": float("nan")}), "input.margin must be a positive finite number"),
+    (metadata(input={"size": SIZE, "margin": -1}), "input.margin must be a positive finite number"),
+    (metadata(input={"size": [24], "margin": 1.25}), "input.size must be [W, H], two positive integers"),
+    (metadata(input={"size": [24, "32"], "margin": 1.25}), "input.size must be [W, H], two positive integers"),
+    (metadata(input={"size": [100000, 100000], "margin": 1.25}), "not the graph's input width and height [24, 32]"),
+    (metadata(input={"size": [32, 24], "margin": 1.25}), "not the graph's input width and height [24, 32]"),
+    (metadata(outputs={"head": {"landmarks": "head_landmarks", "scores": "nope"}}), "['nope'], not among"),
+    (metadata(landmark_sets={"head": {**HEAD.to_dict(), "unit": "inch"}}), "unit must be 'mm' or 'px'"),
+    (metadata(landmark_sets={"head": [1]}), "landmark_sets must map each head to an object"),
+    (metadata(heads={"head": 5}), "heads {'head': 5} disagree with the landmark sets"),
+    (metadata(flip_test={"head": "yes"}), "flip_test of 'head' must be true or false"),
+    (metadata(flip_test={}), "flip_test of 'head' must be true or false"),
+    (metadata(outputs={}), "outputs has no object for head 'head'"),
+    (metadata(calibration={"head": {"radii": [1.0] * 3}}), "calibration of 'head': radii must be 19"),
+    (metadata(calibration={"hand": {}}), "calibration of 'hand', which is not one of its heads"),
+])
+def test_onnx_metadata_is_checked_in_one_line_naming_the_file(tmp_path, meta, message):
+    from medsapiens.deploy.runtime import OnnxLandmarker
+
+    path = tiny_onnx(tmp_path / "bad.onnx", meta)
+    with pytest.raises(InputError) as refused:
+        OnnxLandmarker(path)
+    text = str(refused.value)
+    assert text.startswith(str(path)) and message in text and "\n" not in text, text
+
+
+def test_an_onnx_graph_without_a_fixed_input_size_is_refused(tmp_path):
+    from medsapiens.deploy.runtime import OnnxLandmarker
+
+    path = tiny_onnx(tmp_path / "dynamic.onnx", metadata(), graph_size=("h", "w"))
+    with pytest.raises(InputError, match="fixed H and W"):
+        OnnxLandmarker(path)
+
+
+# 2, 3. predict: reserved ids, unreadable folders
+
+def test_images_named_like_the_summary_files_are_listed_not_overwritten(model, tmp_path):
+    folder = images(tmp_path / "in", "predictions.png", "Failures.png", "ok.png")
+    results, failures = predict([str(folder)], tmp_path / "out", onnx=model)
+    assert [r["id"] for r in results] == ["ok"]
+    assert sorted((Path(f["image"]).name, f["reason"]) for f in failures) == [
+        ("Failures.png", "reserved_id"), ("predictions.png", "reserved_id")]
+    summary = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert summary["landmarks"].keys() == {"ok"}  # the summary, not an image's result
+    assert len(json.loads((tmp_path / "out" / "failures.json").read_text())) == 2
+
+
+def test_a_folder_that_cannot_be_listed_is_a_listed_failure(model, tmp_path, monkeypatch):
+    folder = images(tmp_path / "in", "a.png")
+    locked = images(folder / "locked", "b.png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == locked:  # as chmod 000 does for a user other than root
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    results, failures = predict([str(folder)], tmp_path / "out", onnx=model)
+    assert [r["id"] for r in results] == ["a"]
+    assert failures == [{"image": str(locked), "reason": "unreadable_folder",
+                         "detail": f"{locked}: Permission denied; the images in it were not predicted"}]
+    assert json.loads((tmp_path / "out" / "failures.json").read_text()) == failures
+
+
+# 4, 5, 7. flags refused up front
+
+@pytest.mark.parametrize("command", [
+    ["evaluate", "--bundle", "b", "--shards", "s", "--out", "o"],
+    ["predict", "--onnx", "m.onnx", "x.png"],
+    ["calibrate", "b", "--shards", "s"],
+])
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_a_batch_size_below_one_is_refused(capsys, command, size):
+    refused_in_one_line(capsys, [*command, f"--batch-size={size}"], "--batch-size", "expected a positive integer")
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(model, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    image = images(tmp_path / "in", "a.png") / "a.png"
+    for out in (taken, taken / "sub"):
+        refused_in_one_line(capsys, ["predict", "--onnx", str(model), "--out", str(out), str(image)], "is a file")
+        refused_in_one_line(capsys, ["evaluate", "--bundle", str(tmp_path / "none"), "--shards", str(tmp_path),
+                                     "--out", str(out)], f"{taken} is a file")
+        refused_in_one_line(capsys, ["evaluate", "--compare", "a.json", "b.json", "--out", str(out)], "is a file")
+    assert taken.read_text() == "keep me"
+
+
+def test_a_device_is_checked_before_a_model_is_loaded(model, tmp_path, capsys):
+    import torch
+
+    image = str(images(tmp_path / "in", "a.png") / "a.png")
+    evaluate = ["evaluate", "--bundle", str(tmp_path / "none"), "--shards", str(tmp_path), "--out", str(tmp_path / "o")]
+    refused_in_one_line(capsys, [*evaluate, "--device", "gpu0"], "--device 'gpu0'", "cpu, cuda or cuda:N")
+    refused_in_one_line(capsys, ["calibrate", str(tmp_path), "--shards", "s", "--device", "meta"], "--device 'meta'")
+    refused_in_one_line(capsys, ["predict", "--onnx", str(model), "--device", "cuda", "--out", str(tmp_path / "p"),
+                                 image], "--device cuda with --onnx", "CPU")
+    count = torch.cuda.device_count()
+    refused_in_one_line(capsys, [*evaluate, "--device", f"cuda:{count}"], f"{count} CUDA device(s) available")
+
+
+# 6. --hand-landmarks
+
+@pytest.mark.parametrize("pair", ["-1,5", "a,b", "1", "1,2,3", "3,3"])
+def test_hand_landmarks_must_be_two_different_indices(capsys, tmp_path, pair):
+    refused_in_one_line(capsys, ["evaluate", "--predictions", "p", "--ground-truth", "g", "--out", str(tmp_path),
+                                 f"--hand-landmarks={pair}"], "--hand-landmarks", "two different 0-based")
+
+
+def test_hand_landmarks_beyond_the_landmark_set_are_refused(tmp_path):
+    points = [[float(10 + 3 * k), float(20 + k)] for k in range(37)]
+    for name in ("p", "g"):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"dataset": "hand", "landmarks": {"x": points}}))
+    with pytest.raises(InputError, match=r"--hand-landmarks 1,99: hand has landmarks 0\.\.36"):
+        score_files(tmp_path / "p.json", tmp_path / "g.json", (1, 99))
+    assert score_files(tmp_path / "p.json", tmp_path / "g.json", (1, 36))[0]["mre"] == 0.0
+
+
+# 8. images
+
+def test_a_multi_page_tiff_needs_a_page(tmp_path):
+    path = tmp_path / "pages.tif"
+    first, second = (Image.new("L", (32, 24), v) for v in (10, 200))
+    first.save(path, save_all=True, append_images=[second])
+    with pytest.raises(Rejection) as refused:
+        decode(str(path))
+    assert refused.value.reason == "multi_frame" and "2 pages" in refused.value.detail
+    assert decode(str(path), 1).max() == 200 and decode(str(path), 0).max() == 10
+    with pytest.raises(Rejection, match="there is no page 2"):
+        decode(str(path), 2)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_float_tiff_with_non_finite_pixels_is_unreadable(tmp_path, bad):
+    values = np.full((24, 32), 100.0, np.float32)
+    values[3, 4] = bad
+    Image.fromarray(values, "F").save(tmp_path / "f.tif")
+    with pytest.raises(Rejection) as refused:
+        decode(str(tmp_path / "f.tif"))
+    assert refused.value.reason == "unreadable_image" and "NaN or infinite pixels" in refused.value.detail
+
+
+# 9. deeply nested JSON
+
+def test_deeply_nested_prediction_files_are_one_line(tmp_path):
+    (tmp_path / "deep.json").write_text('{"landmarks": ' + "[" * 100000 + "]" * 100000 + "}")
+    (tmp_path / "g.json").write_text(json.dumps({"dataset": "head", "landmarks": {}}))
+    with pytest.raises(InputError, match="deep.json: JSON nested too deep"):
+        score_files(tmp_path / "deep.json", tmp_path / "g.json")
+    with pytest.raises(InputError, match="deep.json: JSON nested too deep"):
+        score_files(tmp_path / "g.json", tmp_path / "deep.json")
+
+
+# 10. compare
+
+IDS = [f"i{n}" for n in range(6)]
+
+
+def report_file(path: Path, scale: float = 1.0, dataset: str = "head", **changes) -> str:
+    errors = np.random.default_rng(0).gamma(2.0, scale, (len(IDS), 19))
+    report = build_report(errors, np.ones_like(errors, bool), IDS, Protocol(HEAD), dataset, "synthetic")
+    path.write_text(json.dumps({**report, **changes}))
+    return str(path)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"mre": "1.5"}, "mre must be finite numbers"),
+    ({"mre_std_images": float("inf")}, "mre_std_images must be finite numbers"),
+    ({"per_image": {"i0": "1.5"}}, "per_image must map each image id to its MRE"),
+    ({"per_image": {"i0": float("inf")}}, "per_image must map each image id to its MRE"),
+    ({"sdr": [1, 2]}, "sdr must map each radius"),
+    ({"per_landmark": [1]}, "per_landmark must map each landmark name"),
+    ({"unit": ["mm"]}, "unit and dataset must be strings"),
+])
+def test_compare_checks_each_reports_fields(tmp_path, changes, message):
+    good = report_file(tmp_path / "a.json")
+    bad = report_file(tmp_path / "b.json", **changes)
+    with pytest.raises(InputError) as refused:
+        comparison([good, bad])
+    assert str(refused.value).startswith(f"{bad}: {message}"), refused.value
+
+
+def test_compare_leaves_nan_images_out_of_the_test_and_counts_them(tmp_path):
+    nan_everywhere = {i: float("nan") for i in IDS}
+    a = report_file(tmp_path / "a.json")
+    b = report_file(tmp_path / "b.json", 1.3, per_image={**nan_everywhere, "i0": 2.0, "i1": 3.0})
+    test = comparison([a, b])["paired"][0]
+    assert test["images"] == 2 and test["left_out"] == 4 and test["p"] == 0.5  # 2 images: 2 of 4 sign patterns
+    only_nan = report_file(tmp_path / "c.json", per_image=nan_everywhere)
+    assert comparison([a, only_nan])["paired"][0] == {"images": 0, "mean_difference": None, "p": None, "left_out": 6}
+
+
+def test_compare_refuses_reports_of_different_datasets(tmp_path):
+    a, b = report_file(tmp_path / "a.json"), report_file(tmp_path / "b.json", dataset="aariz")
+    with pytest.raises(InputError, match=r"different datasets \(aariz, head\)"):
+        comparison([a, b])
+
+
+# 11. evaluate: the bundle's landmarks are the shards'
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"names": ("nasion", *registry.ISBI_NAMES[1:])}, "landmark 0's name: bundle 'sella', shards 'nasion'"),
+    ({"unit": "px"}, "unit: bundle 'mm', shards 'px'"),
+])
+def test_evaluate_refuses_a_head_with_other_landmarks_of_the_same_count(change, message):
+    from dataclasses import replace
+
+    from medsapiens.evaluate.evaluate import check_split
+
+    manifest = Manifest({"head": DatasetInfo(replace(HEAD, **change), {"test": 3})}, [], 3, 0)
+    bundle = SimpleNamespace(heads={"head": 19}, landmark_sets={"head": HEAD})
+    with pytest.raises(ManifestError, match=message):
+        check_split(manifest, "head", "test", bundle)
+    check_split(Manifest({"head": DatasetInfo(HEAD, {"test": 3})}, [], 3, 0), "head", "test", bundle)
+
+
+# 12. model info
+
+@pytest.mark.parametrize("flags", [["--trunk-width", "0"], ["--trunk-width", "-5"], ["--heads", "-100"],
+                                   ["--heads", "0"]])
+def test_model_info_refuses_widths_and_heads_below_one(capsys, flags):
+    refused_in_one_line(capsys, ["model", "info", "--arch", "sapiens_tiny", *flags], flags[0],
+                        "expected a positive integer")
