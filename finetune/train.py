@@ -32,6 +32,7 @@ from medsapiens.io.locks import writer_lock
 from medsapiens.io.manifest import Manifest, ManifestError
 from medsapiens.io.manifest import load as load_manifest
 from medsapiens.io.registry import LandmarkSet
+from medsapiens.io.shard_tar import file_digest
 from medsapiens.model import bundle as bundlelib
 from medsapiens.training.checkpoints import checkpoint_dir, has_checkpoint, latest_tag, tag_step
 from medsapiens.training.run import RunPlan, check_settings, load_trained, move_aside, train
@@ -94,6 +95,10 @@ def check_inputs(cfg: FinetuneConfig) -> None:
 
 def training_manifest_check(manifest: Manifest, cfg: FinetuneConfig) -> None:
     manifest.landmark_set(cfg.dataset)  # names the dataset in the error if it is missing
+    available = manifest.datasets[cfg.dataset].splits.get(cfg.data.train_split, 0)
+    if cfg.shots > available:
+        raise InputError(f"--shots {cfg.shots} asks for more images than {cfg.dataset!r} has in its "
+                         f"{cfg.data.train_split!r} split ({available})")
     evaluation_splits(manifest, cfg.dataset, cfg.eval_split)  # fail now, not after training
 
 
@@ -113,6 +118,7 @@ def initial_model(cfg: FinetuneConfig, landmark_set: LandmarkSet):
         model_cfg = replace(bundle.model, grad_checkpointing=cfg.model.grad_checkpointing)
         model.backbone.set_grad_checkpointing(model_cfg.grad_checkpointing)
         origin = {"init": "bundle", "bundle": str(Path(cfg.bundle).resolve()),
+                  "bundle_sha256": file_digest(Path(cfg.bundle) / bundlelib.WEIGHTS)[0],
                   "reused_head": reused and not cfg.reinit_head,
                   "bundle_provenance": {k_: bundle.provenance.get(k_) for k_ in ("stage", "steps", "manifest")}}
     else:
@@ -233,7 +239,7 @@ def run_one(cfg: FinetuneConfig) -> FinetuneResult | None:
         cfg = replace(cfg, model=model_cfg)
     evaluated = evaluation_splits(manifest, cfg.dataset, cfg.eval_split)
     plan = RunPlan("finetune", cfg, manifest, [cfg.dataset], model, model_cfg, track_best=True,
-                   info={"origin": origin, "evaluation_splits": evaluated})
+                   info={"origin": origin, "evaluation_splits": evaluated}, start_digest=origin.get("bundle_sha256"))
     result = train(plan)
     del model, plan
     best = result.best

@@ -19,8 +19,11 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None, force: 
     """Write the bundle; False when `out` already held this very export (left as is, calibration included).
     Anything else already in `out` is refused unless `force`: exporting over it would lose it without a word."""
     run_dir, out = Path(run_dir), Path(out)
-    cfg = configlib.load(PretrainConfig, run_dir / RESOLVED_CONFIG)
     info = json.loads((run_dir / RUN_INFO).read_text())
+    if info.get("stage") != "pretrain":
+        raise InputError(f"{run_dir} is a {info.get('stage', 'unknown')} run, not a pretraining run: a fine-tuning "
+                         "run exports its best checkpoint itself, to RUN_DIR/bundle")
+    cfg = configlib.load(PretrainConfig, run_dir / RESOLVED_CONFIG)
     ckpt_dir = checkpoint_dir(run_dir)
     tag = tag or latest_tag(ckpt_dir)
     same_export = not force and previous_export(out, run_dir, tag)

@@ -8,7 +8,7 @@ stages read them from data, never from this file.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 ISBI_NAMES = (
     "sella", "nasion", "orbitale", "porion", "subspinale", "supramentale", "pogonion", "menton",
@@ -79,6 +79,9 @@ class LandmarkSet:
     @classmethod
     def from_dict(cls, d: dict) -> "LandmarkSet":
         """From a manifest's or a bundle's JSON: a field of the wrong type is a ValueError naming it."""
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"landmark set {d.get('id')!r}: unknown key(s) {unknown}")
         pairs = d.get("flip_pairs")
         if not (pairs is None or isinstance(pairs, list) and all(_is_pair(p) for p in pairs)):
             raise ValueError(f"landmark set {d.get('id')!r}: flip_pairs must be null or a list of [i, j] index pairs")

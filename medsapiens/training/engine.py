@@ -127,8 +127,11 @@ def resolve_warmup(optim: OptimConfig, max_steps: int) -> tuple[OptimConfig, str
     steps, at most a fifth of the run: a short run would otherwise never reach its lr."""
     if optim.warmup_steps is not None:
         drop = first_drop(optim, max_steps)
-        late = drop is not None and optim.warmup_steps >= drop
-        return optim, f" (warning: optim.warmup_steps reaches the first lr drop at step {drop})" if late else ""
+        if drop is not None and optim.warmup_steps >= drop:
+            return optim, f" (warning: optim.warmup_steps reaches the first lr drop at step {drop})"
+        if optim.warmup_steps >= max_steps:
+            return optim, f" (warning: optim.warmup_steps is the whole {max_steps}-step run: the lr never reaches its base)"
+        return optim, ""
     steps = min(PUBLISHED_WARMUP_STEPS, math.ceil(WARMUP_SHARE * max_steps))
     scaled = steps < PUBLISHED_WARMUP_STEPS
     note = (f" (the published {PUBLISHED_WARMUP_STEPS} shortened to a fifth of this {max_steps}-step run; "

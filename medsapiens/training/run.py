@@ -63,6 +63,7 @@ class RunPlan:
     model_cfg: ModelConfig
     track_best: bool = False
     info: dict = field(default_factory=dict)  # extra run.json entries
+    start_digest: str | None = None  # sha256 of the weights file the run starts from (a bundle's), held on resume
 
 
 @dataclass
@@ -135,11 +136,11 @@ RESUMABLE_CHANGES = {"run_dir", "train.stop_after", "train.log_every", "train.ke
 WORLD_SIZE_CHANGES = {"data.micro_batch", "train.grad_accum"}  # to keep the global batch on another number of ranks
 
 
-def check_same_run(run_dir: Path, cfg, resume: str, manifest_digest: str) -> None:
+def check_same_run(run_dir: Path, cfg, resume: str, manifest_digest: str, start_digest: str | None = None) -> None:
     """A rerun that resumes continues the run in run_dir, so its resolved config must be the one saved
     there (the keys of RESUMABLE_CHANGES aside; with `universal`, which resumes on another number of
-    ranks, also those of WORLD_SIZE_CHANGES), on the same shard manifest. Raises naming each
-    difference, before anything in run_dir is rewritten."""
+    ranks, also those of WORLD_SIZE_CHANGES), on the same shard manifest, from the same starting
+    weights. Raises naming each difference, before anything in run_dir is rewritten."""
     saved = run_dir / RESOLVED_CONFIG
     if resume == "none" or not checkpoints.tags(checkpoints.checkpoint_dir(run_dir)) or not saved.is_file():
         return
@@ -156,13 +157,17 @@ def check_same_run(run_dir: Path, cfg, resume: str, manifest_digest: str) -> Non
         raise InputError(f"{run_dir} holds a run with other settings ({shown}{'; ...' if len(differing) > 8 else ''}): "
                          f"rerun with its settings to resume it{scope}, or start afresh in another run directory "
                          "(or with --resume none)")
-    info = run_dir / RUN_INFO
-    trained_on = json.loads(info.read_text()).get("manifest", {}).get("sha256") if info.is_file() else None
+    info = json.loads((run_dir / RUN_INFO).read_text()) if (run_dir / RUN_INFO).is_file() else {}
+    trained_on, started_from = info.get("manifest", {}).get("sha256"), info.get("start_sha256")
+    afresh = "start afresh in another run directory (or with --resume none)"
     if trained_on and trained_on != manifest_digest:
         raise checkpoints.CheckpointError(
             f"{run_dir} holds a run trained on another shard manifest (sha256 {trained_on[:12]}, now "
-            f"{manifest_digest[:12]}): resume it on its shards, or start afresh in another run directory "
-            "(or with --resume none)")
+            f"{manifest_digest[:12]}): resume it on its shards, or {afresh}")
+    if started_from and start_digest and started_from != start_digest:
+        raise checkpoints.CheckpointError(
+            f"{run_dir} holds a run that started from other weights (sha256 {started_from[:12]}, now "
+            f"{start_digest[:12]}: the bundle was replaced since): resume it from those, or {afresh}")
 
 
 def check_same_world_size(run_dir: Path, stage: str, resume: str) -> None:
@@ -191,7 +196,8 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     optim, warmup_note = resolve_warmup(cfg.optim, train_cfg.max_steps)
     cfg = replace(cfg, train=train_cfg, optim=optim)
     run_dir = Path(cfg.run_dir)
-    distributed.decide_on_rank0(lambda: check_same_run(run_dir, cfg, resume, plan.manifest.digest))  # before the engine's minutes
+    distributed.decide_on_rank0(  # before the engine's minutes
+        lambda: check_same_run(run_dir, cfg, resume, plan.manifest.digest, plan.start_digest))
     distributed.decide_on_rank0(lambda: check_same_world_size(run_dir, plan.stage, resume))
     chosen = selection(plan)
     lora: LoraConfig = cfg.lora
@@ -204,7 +210,8 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     if distributed.rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_files(run_dir, cfg, plan.stage, plan.manifest, plan.dataset_ids, selection=chosen,
-                        lora=lora.enabled, trainable_parameters=trainable, parameters=total, **plan.info)
+                        lora=lora.enabled, trainable_parameters=trainable, parameters=total,
+                        start_sha256=plan.start_digest, **plan.info)
         what = " (LoRA + decoder)" if lora.enabled else ""
         print(f"{plan.stage}: {trainable:,} of {total:,} parameters train{what}; "
               f"{schedule_text(optim, head, train_cfg.max_steps, warmup_note)}; checkpoint selection: {chosen['rule']}",

@@ -61,6 +61,7 @@ def test_finetune_checks_dataset_bundle_and_numbers_before_starting(phantom_shar
     refused([*base, "--dataset", "leg", "--init", "scratch", "--seeds", "0,1,0"], "--seeds lists seed(s) [0] more than once")
     refused([*base, "--dataset", "leg", "--init", "scratch", "--steps", "5", "--epochs", "2"], "give --steps or --epochs")
     refused([*base, "--dataset", "leg", "--init", "scratch", "data.val_split=train"], "data.val_split is the training split")
+    refused([*base, "--dataset", "leg", "--init", "scratch", "--shots", "5000"], "--shots 5000 asks for more images than 'leg'")
 
 
 def test_only_user_errors_become_one_line_a_bug_keeps_its_traceback(monkeypatch, capsys):

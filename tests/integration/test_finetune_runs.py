@@ -3,6 +3,7 @@ with the same settings, a short run's warm-up is shortened, and the saved config
 trained."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -48,6 +49,8 @@ def test_a_rerun_resumes_only_with_the_same_settings(head_hand_bundle, phantom_s
     assert first.returncode == 0, first.stderr[-3000:]
     config = (run_dir / "config.yaml").read_text()
 
+    exported = run([*CLI, "pretrain", "export", str(run_dir), "--out", str(tmp_path / "b")], 120)
+    assert exported.returncode == 2 and f"error: {run_dir} is a finetune run, not a pretraining run" in exported.stderr
     other = finetune(phantom_shards, head_hand_bundle, "--run-dir", str(run_dir), "optim.lr=1e-2")
     assert other.returncode == 2
     assert f"{run_dir} holds a run with other settings (optim.lr: 0.0005 there, 0.01 now)" in other.stderr
@@ -75,6 +78,9 @@ def test_a_resume_keeps_its_few_shot_draw_and_a_val_split_nobody_has_is_refused(
     first = finetune(phantom_shards, head_hand_bundle, "--run-dir", str(run_dir), "--shots", "3", "--seed", "1")
     assert first.returncode == 0, first.stderr[-3000:]
     kept = {name: (run_dir / name).read_bytes() for name in ("subset/subset.json", "subset/manifest.json", "run.json")}
+    info = json.loads(kept["run.json"])  # what a resume holds the bundle to
+    weights = hashlib.sha256((head_hand_bundle / bundlelib.WEIGHTS).read_bytes()).hexdigest()
+    assert info["start_sha256"] == info["origin"]["bundle_sha256"] == weights
     other = finetune(phantom_shards, head_hand_bundle, "--run-dir", str(run_dir), "--shots", "4", "--seed", "2")
     assert other.returncode == 2 and "Traceback" not in other.stderr
     assert f"{run_dir} holds a run on 3 images drawn with seed 1 from shards sha256 " in other.stderr

@@ -56,6 +56,7 @@ def test_the_saved_bundle_loads_with_its_calibration(saved):
     (lambda d: d["codec"].update(sigma="2"), "codec: sigma and margin must be positive"),
     (lambda d: d["codec"].update(blur_kernel=10), "blur_kernel must be an odd number"),
     (lambda d: d["landmark_sets"]["head"].update(unit="furlong"), "unit must be 'mm' or 'px'"),
+    (lambda d: d["landmark_sets"]["head"].update(extra="kept?"), "landmark set 'head': unknown key(s) ['extra']"),
     (lambda d: d["landmark_sets"]["head"].update(sdr_radii="2"), "sdr_radii must be a list"),
     (lambda d: d["landmark_sets"]["head"].update(native_spacing_mm=-0.1), "native_spacing_mm must be null or a positive"),
     (lambda d: d["landmark_sets"]["head"].update(flip_pairs=[[0, 99]]), "flip pair (0, 99) outside 0..18"),

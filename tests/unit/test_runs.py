@@ -44,6 +44,15 @@ def test_a_resume_on_another_shard_manifest_is_refused_before_anything_is_writte
     check_same_run(run_dir, cfg, "none", "b" * 64)  # a fresh start compares nothing
 
 
+def test_a_resume_from_other_starting_weights_is_refused(saved_run):
+    run_dir, cfg = saved_run
+    (run_dir / RUN_INFO).write_text(json.dumps({"manifest": {"sha256": DIGEST}, "start_sha256": "c" * 64}))
+    check_same_run(run_dir, cfg, "auto", DIGEST, "c" * 64)
+    with pytest.raises(CheckpointError, match="started from other weights \\(sha256 cccccccccccc, now dddddddddddd: "
+                                              "the bundle was replaced since\\)"):
+        check_same_run(run_dir, cfg, "auto", DIGEST, "d" * 64)
+
+
 def test_a_fresh_start_over_an_attempt_without_checkpoint_logs_each_step_once(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -56,3 +65,10 @@ def test_a_fresh_start_over_an_attempt_without_checkpoint_logs_each_step_once(tm
     assert [(r["step"], r["lr"]) for r in rows] == [(1, 1e-3), (2, 1e-3)]
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
     assert [(e.step, e.value) for e in events.Scalars("lr")] == [(1, pytest.approx(1e-3)), (2, pytest.approx(1e-3))]
+
+
+def test_options_and_overrides_mix_in_any_order():
+    from medsapiens.pretrain.__main__ import build_parser
+
+    args = build_parser().parse_intermixed_args(["--config", "F.yaml", "a=1", "--resume", "none", "b=2"])
+    assert (args.config, args.resume, args.overrides) == ("F.yaml", "none", ["a=1", "b=2"])
