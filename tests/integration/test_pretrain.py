@@ -93,25 +93,28 @@ def test_resume_continues_the_same_losses(zero2_run, phantom_shards, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_universal_checkpoint_resumes_at_another_world_size(zero2_run, phantom_shards, tmp_path):
+def test_universal_checkpoint_resumes_at_another_world_size(phantom_shards, tmp_path):
     run_dir = tmp_path / "run"
-    shutil.copytree(zero2_run, run_dir)
+    first = deepspeed_module("medsapiens.pretrain", 2, config_args(phantom_shards, run_dir, "train.stop_after=6"))
+    assert first.returncode == 0, first.stderr[-3000:]
     as_is = run([sys.executable, "-m", "medsapiens.pretrain", *config_args(phantom_shards, run_dir)], 180)
     assert as_is.returncode == 2 and "Traceback" not in as_is.stderr, as_is.stderr[-3000:]
-    assert (f"error: checkpoint {run_dir}/checkpoints/step_00000012 was saved by 2 rank(s), this run has 1: "
+    assert (f"error: checkpoint {run_dir}/checkpoints/step_00000006 was saved by 2 rank(s), this run has 1: "
             "ZeRO's optimizer states resume only on as many ranks as saved them; rerun on 2 rank(s), or convert it "
             f"with `medsapiens pretrain universal {run_dir}`, then rerun with --resume universal") in as_is.stderr
     assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2  # refused before anything was written
     convert = run([sys.executable, "-m", "medsapiens.launch.cli", "pretrain", "universal", str(run_dir)], 180)
     assert convert.returncode == 0, convert.stderr[-3000:]
-    assert (run_dir / "checkpoints" / "latest_universal").read_text() == "step_00000012_universal"
-    one_rank = run([sys.executable, "-m", "medsapiens.pretrain", "--resume", "universal",
-                    *config_args(phantom_shards, run_dir, f"train.max_steps={STEPS + 2}")], 180)
+    assert (run_dir / "checkpoints" / "latest_universal").read_text() == "step_00000006_universal"
+    universal = [sys.executable, "-m", "medsapiens.pretrain", "--resume", "universal"]
+    other_lr = run([*universal, *config_args(phantom_shards, run_dir, "optim.lr=1e-2")], 180)
+    assert other_lr.returncode == 2 and "optim.lr: 0.002 there, 0.01 now" in other_lr.stderr
+    one_rank = run([*universal, *config_args(phantom_shards, run_dir, "data.micro_batch=8")], 180)  # the global batch kept
     assert one_rank.returncode == 0, one_rank.stderr[-3000:]
-    assert "resumed from step 12" in one_rank.stderr
+    assert "resumed from step 6" in one_rank.stderr
     by_step = losses(run_dir)
-    assert {13, 14} <= set(by_step)
-    assert by_step[13] < 2 * by_step[12]  # trained weights were loaded, not a fresh start
+    assert set(range(1, STEPS + 1)) <= set(by_step)
+    assert by_step[7] < 2 * by_step[6]  # trained weights were loaded, not a fresh start
     assert json.loads((run_dir / "run.json").read_text())["world_size"] == 1
 
 
