@@ -20,8 +20,9 @@ from pathlib import Path
 from medsapiens import __version__
 from medsapiens.errors import CheckFailed
 from medsapiens.io import imageio as images
-from medsapiens.io import storage
+from medsapiens.io import jsondoc, storage
 from medsapiens.io.locks import writer_lock
+from medsapiens.io.manifest import FORMAT as MANIFEST_FORMAT
 from medsapiens.io.manifest import MANIFEST_NAME, REJECTED_NAME, DatasetInfo, Manifest, ShardInfo, manifest_url
 from medsapiens.io.record import FIELDS, sample_key
 from medsapiens.shards import (
@@ -115,7 +116,10 @@ def refuse_other_options(out: str, settings: dict, digest: str, overwrite: bool)
     url = manifest_url(out)
     if overwrite or not storage.exists(url):
         return
-    old = json.loads(storage.read_bytes(url)).get("build", {})
+    held = jsondoc.parse(storage.read_bytes(url), url)
+    if not (isinstance(held, dict) and held.get("format") == MANIFEST_FORMAT):
+        raise BuildError(f"{url} is not a MedSapiens shard manifest: choose another --out (--overwrite would replace it)")
+    old = held.get("build", {})
     if old.get("options_digest") != digest:
         old_settings = {k: old.get(k) for k in settings}
         raise BuildError(f"{out} holds shards built with other options ({describe_difference(old_settings, settings)}); "
@@ -185,12 +189,13 @@ def assemble_manifest(sources, scan: Scan, stats: list[dict], settings: dict, di
         for s in stats:
             if s["dataset"] == dataset and s["samples"]:
                 splits[s["split"]] += s["samples"]
+        dropped = {e["id"] for s in stats if s["dataset"] == dataset for e in s["rejected"]}
         info = {**source.describe(), "spacing_from": spacing_sources(scan.samples[dataset]),
-                "validation": scan.validation[dataset]}
+                "validation": as_written(scan.validation[dataset], dropped)}
         if scan.unlabelled.get(dataset):
             info["unlabelled_images"] = scan.unlabelled[dataset]
         if dataset in scan.test:
-            info["test"] = scan.test[dataset]
+            info["test"] = as_written(scan.test[dataset], dropped)
         datasets[dataset] = DatasetInfo(source.landmark_set, dict(splits), info)
     shards = [ShardInfo(s["shard"], s["dataset"], s["split"], s["samples"], s["bytes"], s["sha256"])
               for s in stats if s["samples"]]
@@ -199,6 +204,15 @@ def assemble_manifest(sources, scan: Scan, stats: list[dict], settings: dict, di
     manifest = Manifest(datasets, shards, scan.inputs, len(rejected), build_info)
     manifest.validate()
     return manifest, rejected
+
+
+def as_written(carve: dict, dropped: set[str]) -> dict:
+    """A carve's record as the shards hold it: carved ids the writer rejected move from `ids` (the split's
+    samples, as verify checks them) to `rejected_ids`."""
+    lost = [i for i in carve.get("ids", []) if i in dropped]
+    if not lost:
+        return carve
+    return {**carve, "ids": [i for i in carve["ids"] if i not in dropped], "rejected_ids": lost}
 
 
 def prepare_output(out: str) -> None:
@@ -254,7 +268,8 @@ def build(specs: list[SourceSpec], options: BuildOptions) -> BuildResult:
 
 def validation_text(record: dict, split: str = "val") -> str:
     if record.get("rule") == "carved from train":
-        return (f"{split} carved from train: {len(record['ids'])} id(s), fraction {record['fraction']:g}, "
+        lost = f" ({len(record['rejected_ids'])} more rejected when written)" if record.get("rejected_ids") else ""
+        return (f"{split} carved from train: {len(record['ids'])} id(s){lost}, fraction {record['fraction']:g}, "
                 f"seed {record['seed']}")
     return f"{split}: {record.get('rule', 'unknown')}"
 

@@ -159,8 +159,12 @@ def load(location: str | Path) -> Manifest:
         raise ManifestError(f"no manifest at {url} (build shards with `medsapiens shards build`)") from None
     try:
         data = json.loads(raw)
-    except json.JSONDecodeError as exc:
+    except RecursionError:
+        raise ManifestError(f"{url}: JSON nested too deep to read") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise ManifestError(f"{url}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{url}: not a {FORMAT} manifest (a JSON object)")
     # Absolute, so shard URLs stay valid when written elsewhere (e.g. into a few-shot subset).
     base = url.rsplit("/", 1)[0] if storage.is_s3(url) else str(Path(url).resolve().parent)
     return Manifest.from_dict(data, location=base, digest=hashlib.sha256(raw).hexdigest())

@@ -84,3 +84,38 @@ def test_phantoms_command_writes_the_native_layouts(tmp_path, capsys):
     assert len(list((tmp_path / "chest" / "labels").glob("*.txt"))) == 2
     assert "--source head=" in capsys.readouterr().out
     assert main(["shards", "phantoms", "--out", str(tmp_path), "--sets", "foot"]) == 2
+
+
+def test_a_carved_val_id_the_writer_rejects_leaves_a_build_that_verifies(tmp_path, capsys):
+    raw = write_phantoms(tmp_path / "raw", n=8, seed=3, sets=["hand"])["hand"]
+    build = ["shards", "build", "--source", f"hand={raw}", "--max-side", "128", "--workers", "1", "--no-progress"]
+    assert main([*build, "--out", str(tmp_path / "clean")]) == 0
+    carved = json.loads((tmp_path / "clean" / "manifest.json").read_text())["datasets"]["hand"]["source"]["validation"]
+    table = raw / "all.csv"
+    rows = table.read_text().splitlines()
+    table.write_text("\n".join(f"{r.split(',')[0]},nan,{r.split(',', 2)[2]}" if r.startswith(f"{carved['ids'][0]},")
+                               else r for r in rows) + "\n")
+    capsys.readouterr()
+    assert main([*build, "--out", str(tmp_path / "shards")]) == 0
+    assert "(1 more rejected when written)" in capsys.readouterr().out
+    record = json.loads((tmp_path / "shards" / "manifest.json").read_text())["datasets"]["hand"]["source"]["validation"]
+    assert record["rejected_ids"] == carved["ids"][:1] and carved["ids"][0] not in record["ids"]
+    assert main(["shards", "verify", str(tmp_path / "shards")]) == 0  # the build's own output passes its check
+
+
+@pytest.mark.parametrize("held", ["[1, 2, 3]", "not json", '{"name": "my notes"}'])
+def test_an_out_holding_another_manifest_is_refused_and_left_as_it_is(tmp_path, capsys, held):
+    raw = write_phantoms(tmp_path / "raw", n=2, seed=3, sets=["leg"])["leg"]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "manifest.json").write_text(held)
+    assert main(["shards", "build", "--source", f"leg={raw}", "--out", str(tmp_path / "out"), "--no-progress"]) in (1, 2)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert "manifest.json" in err and ("not a MedSapiens shard manifest" in err or "not valid JSON" in err)
+    assert (tmp_path / "out" / "manifest.json").read_text() == held
+
+
+def test_a_manifest_nested_too_deep_is_one_line(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text("[" * 100000 + "]" * 100000)
+    assert main(["shards", "verify", str(tmp_path)]) == 1  # the shards under check fail it
+    assert "manifest.json: JSON nested too deep to read" in capsys.readouterr().err
