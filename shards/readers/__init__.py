@@ -10,6 +10,7 @@ to it), and where they apply:
   landmark_names(root, options) -> (names, flip_pairs)   required when LANDMARK_SET is None
   validation_rule(options) -> str   how the reader's own `val` split is made (default "source split")
   CARVES_TEST   True when its test_fraction option carves a seeded test split from train
+  check_options(options)   refuses bad option values (ReaderError) when the source is opened
 
 Every source also accepts the VALIDATION_OPTIONS: where the reader yields no `val` split, the
 plan carves one from `train` (shards/plan.py, docs/splits.md). A reader that has an option of
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import reprlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,8 @@ from types import ModuleType
 from typing import Protocol
 
 from medsapiens.errors import UserError
+from medsapiens.io import jsondoc
+from medsapiens.io.record import Rejection, is_number, is_point_list, is_positive_pair
 
 READERS = ("isbi2015", "hand", "chest", "leg", "coco", "aariz", "dicom")
 NATIVE_READER = {"head": "isbi2015", "hand": "hand", "chest": "chest", "leg": "leg", "aariz": "aariz"}
@@ -103,7 +107,11 @@ def resolve_options(reader: ModuleType, given: dict[str, str]) -> dict[str, str 
     if unknown:
         raise ReaderError(f"reader {name!r} has no option {', '.join(map(repr, unknown))}; "
                           f"valid options: {', '.join(accepted)}")
-    return {**accepted, **given}
+    resolved = {**accepted, **given}
+    check = getattr(reader, "check_options", None)
+    if check:
+        check(resolved)
+    return resolved
 
 
 def layout(reader: ModuleType) -> str:
@@ -152,7 +160,57 @@ def first_existing(candidates) -> Path:
 
 
 def read_text(path: Path) -> str:
-    return path.read_text(encoding="utf-8-sig", errors="strict")
+    """A UTF-8 text file (BOM allowed). Another encoding is a ReaderError naming the file: one line for
+    a table or list, and (being a ValueError) a rejection where a reader reads one input's file."""
+    try:
+        return path.read_text(encoding="utf-8-sig", errors="strict")
+    except UnicodeDecodeError as exc:
+        raise ReaderError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
+
+
+def read_json(path: Path) -> object:
+    """A JSON file; text that is not UTF-8, not JSON or nested too deep is a ValueError naming the file."""
+    return jsondoc.parse(read_text(path), path)
+
+
+# What reading one input's annotation may raise for bad data (OverflowError: float() of a huge JSON integer).
+BAD_INPUT = (Rejection, ValueError, KeyError, TypeError, OverflowError)
+
+
+def rejected(source_id: str, source, exc: Exception, where=None) -> Rejected:
+    """The Rejected for an input whose annotation raised `exc` (one of BAD_INPUT): a Rejection keeps its
+    reason, anything else is bad_annotation. The detail starts with `where` (default: the source file)."""
+    where = str(where or source)
+    if isinstance(exc, Rejection):
+        reason, text = exc.reason, exc.detail
+    else:
+        reason, text = "bad_annotation", f"no field {exc}" if isinstance(exc, KeyError) else str(exc)
+    return Rejected(source_id, str(source), reason, text if text.startswith(where) else f"{where}: {text}")
+
+
+def spacing_pair(value, what: str = "spacing", order: str = "xy") -> tuple[float, float]:
+    """(x, y) mm per pixel from a file's two-number spacing written in `order` ("xy" or "yx"); anything
+    else (a string such as "12", one number, zero, NaN) is a bad_spacing Rejection."""
+    try:
+        good = is_positive_pair(value)
+    except OverflowError:  # an integer too large for a float
+        good = False
+    if not good:
+        raise Rejection("bad_spacing", f"{what} must be two positive numbers, got {reprlib.repr(value)}")
+    first, second = float(value[0]), float(value[1])
+    return (first, second) if order == "xy" else (second, first)
+
+
+def is_size(value) -> bool:
+    """A positive whole number of pixels: an int, or a float without a fraction (never a bool or a string)."""
+    return is_number(value) and value > 0 and (isinstance(value, int) or float(value).is_integer())
+
+
+def point_list(value, what: str = "landmarks") -> tuple[tuple[float, float], ...]:
+    """[[x, y], ...] of numbers as float pairs; anything else (a string "12" for a point) is a ValueError."""
+    if not is_point_list(value):
+        raise ValueError(f"{what} must be a list of [x, y] numbers, got {reprlib.repr(value)}")
+    return tuple((float(x), float(y)) for x, y in value)
 
 
 def natural_key(text: str) -> list:

@@ -9,15 +9,28 @@ Ground truth is the mean of the two annotators. Split folder `valid` becomes `va
 per device, from the `cephalogram_machine_mappings.csv` the dataset ships (cephalogram_id,
 machine, pixel_size), or from option `spacing_csv`: a CSV with an id column (cephalogram_id,
 image_id, ceph_id, id or file) and a mm-per-pixel column (pixel_size, spacing or pixel_spacing);
-without either the samples carry no spacing.
+without either the samples carry no spacing. A short row, or an id given two different values, stops
+the source in one line naming the row; an image without a row, or with a value that is not a positive
+number, is rejected (`bad_spacing`).
 """
 from __future__ import annotations
 
 import csv
-import json
+import math
 from pathlib import Path
 
-from medsapiens.shards.readers import RawSample, ReaderError, Rejected, first_existing, optional_path, read_text
+from medsapiens.io.record import Rejection
+from medsapiens.shards.readers import (
+    BAD_INPUT,
+    RawSample,
+    ReaderError,
+    Rejected,
+    first_existing,
+    optional_path,
+    read_json,
+    read_text,
+    rejected,
+)
 
 OPTIONS = {"spacing_csv": None}
 SPLIT_RULE = "the dataset's folders: train -> train, valid -> val, test -> test"
@@ -39,25 +52,59 @@ def child(folder: Path, name: str) -> Path:
     return folder / name
 
 
-def read_spacing_table(path: Path | None) -> dict[str, float] | None:
+def read_spacing_table(path: Path | None) -> dict[str, str] | None:
+    """{image id: mm per pixel as written}; a short row, or an id given two different values, is one
+    line naming the file and the row."""
     if path is None:
         return None
-    rows = list(csv.DictReader(read_text(path).splitlines()))
-    columns = {c.strip().lower(): c for c in (rows[0].keys() if rows else [])}
+    rows = csv.DictReader(read_text(path).splitlines())
+    columns = {c.strip().lower(): c for c in rows.fieldnames or []}
     id_col = next((columns[c] for c in ID_COLUMNS if c in columns), None)
     mm_col = next((columns[c] for c in SPACING_COLUMNS if c in columns), None)
     if id_col is None or mm_col is None:
         raise ReaderError(f"{path}: needs an id column ({', '.join(ID_COLUMNS)}) and a spacing column "
                           f"({', '.join(SPACING_COLUMNS)}); has {', '.join(columns) or 'no header'}")
-    return {Path(row[id_col].strip()).stem: row[mm_col] for row in rows}
+    table: dict[str, str] = {}
+    lines: dict[str, int] = {}
+    for row in rows:
+        if row[id_col] is None or row[mm_col] is None:
+            raise ReaderError(f"{path} line {rows.line_num} is short: {len(row) - list(row.values()).count(None)} "
+                              f"of the header's {len(columns)} columns")
+        image_id, mm = Path(row[id_col].strip()).stem, row[mm_col].strip()
+        if image_id in table and as_number(table[image_id]) != as_number(mm):
+            raise ReaderError(f"{path}: id {image_id!r} has spacing {table[image_id]!r} at line {lines[image_id]} "
+                              f"and {mm!r} at line {rows.line_num}")
+        table[image_id], lines[image_id] = mm, rows.line_num
+    return table
+
+
+def as_number(text: str) -> float | str:
+    """The number a table cell holds (so that 0.1 and 0.10 agree), else the text itself."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def table_spacing(image_id: str, table: dict[str, str] | None, path: Path | None) -> tuple[float, float] | None:
+    """(mm, mm) from the spacing table, None without a table; a missing row or a value that is not a
+    positive number is a bad_spacing Rejection."""
+    if table is None:
+        return None
+    if image_id not in table:
+        raise Rejection("bad_spacing", f"no row for {image_id} in {path}")
+    mm = as_number(table[image_id])
+    if not (isinstance(mm, float) and math.isfinite(mm) and mm > 0):
+        raise Rejection("bad_spacing", f"spacing {table[image_id]!r} for {image_id} in {path} is not a positive number")
+    return mm, mm
 
 
 def read_points(path: Path) -> list[tuple[float, float]]:
-    data = json.loads(read_text(path))
+    data = read_json(path)
     return [(float(m["value"]["x"]), float(m["value"]["y"])) for m in data["landmarks"]]
 
 
-def scan_split(folder: Path, split: str, spacing: dict | None):
+def scan_split(folder: Path, split: str, table: dict[str, str] | None, table_path: Path | None):
     images = child(folder, "Cephalograms")
     notes = child(child(folder, "Annotations"), "Cephalometric Landmarks")
     ids = {p.stem for p in images.glob("*") if p.suffix in IMAGE_SUFFIXES}
@@ -72,28 +119,21 @@ def scan_split(folder: Path, split: str, spacing: dict | None):
             senior, junior = (read_points(p) for p in paths)
             if len(senior) != len(junior):
                 raise ValueError(f"senior has {len(senior)} landmarks, junior {len(junior)}")
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            yield Rejected(image_id, str(paths[0]), "bad_annotation", f"{paths[0]}: {exc!r}")
+            spacing = table_spacing(image_id, table, table_path)
+        except BAD_INPUT as exc:
+            yield rejected(image_id, paths[0], exc)
             continue
         points = tuple(((a[0] + b[0]) / 2, (a[1] + b[1]) / 2) for a, b in zip(senior, junior, strict=True))
-        mm = None if spacing is None else spacing.get(image_id)
-        if spacing is not None and mm is None:
-            yield Rejected(image_id, str(paths[0]), "bad_spacing", f"no row for {image_id} in the spacing CSV")
-            continue
-        try:
-            pair = None if mm is None else (float(mm), float(mm))
-        except ValueError:
-            yield Rejected(image_id, str(paths[0]), "bad_spacing", f"spacing {mm!r} for {image_id} is not a number")
-            continue
         image = first_existing(images / f"{image_id}{suffix}" for suffix in IMAGE_SUFFIXES)
-        yield RawSample(image_id, split, str(image), points, spacing_mm=pair,
-                        spacing_from="spacing_csv" if pair else "none")
+        yield RawSample(image_id, split, str(image), points, spacing_mm=spacing,
+                        spacing_from="spacing_csv" if spacing else "none")
 
 
 def scan(root: Path, options: dict):
-    spacing = read_spacing_table(optional_path(root, options, "spacing_csv", SHIPPED_SPACING_TABLE))
+    table_path = optional_path(root, options, "spacing_csv", SHIPPED_SPACING_TABLE)
+    table = read_spacing_table(table_path)
     folders = [child(root, name) for name in SPLITS]
     if not any(f.is_dir() for f in folders):
         raise ReaderError(f"{root}: no train/valid/test folder of the Aariz layout")
     for name, folder in zip(SPLITS, folders, strict=True):
-        yield from scan_split(folder, SPLITS[name], spacing)
+        yield from scan_split(folder, SPLITS[name], table, table_path)

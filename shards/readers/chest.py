@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from medsapiens.shards.readers import RawSample, Rejected, Unlabelled, order_split, read_text
+from medsapiens.shards.readers import BAD_INPUT, RawSample, Rejected, Unlabelled, order_split, read_text, rejected
 
 OPTIONS: dict[str, str] = {}
 SPLIT_RULE = ("labelled names in order: first round(n*195/279) train, next round(n*34/279) val, rest test "
@@ -57,8 +57,8 @@ def scan(root: Path, options: dict):
             continue
         try:
             ratios = parse_ratios(label)
-        except (ValueError, UnicodeDecodeError) as exc:
-            yield Rejected(name, str(label), "bad_annotation", f"{label}: {exc}")
+        except BAD_INPUT as exc:
+            yield rejected(name, label, exc)
             continue
         try:
             with Image.open(image) as im:

@@ -8,7 +8,9 @@ The source path is one JSON or a directory of them. A file's split comes from `_
 `_val_`/`_valid_` or `_test_` in its name, else from the `split` option. Images are looked up
 relative to the JSON's directory, then in its `images/` and `Images/` subdirectories (MedSapiens'
 `data/med_sapien/Images`). v = 0 marks a landmark invisible (its position is ignored); v = 1 or 2
-visible (its position is known).
+visible (its position is known). An image id listed twice: the first entry is kept, the second
+rejected (`duplicate_id`); a malformed entry is rejected (`bad_annotation`), a file whose images,
+annotations or categories are not lists stops the source in one line.
 
 Spacing: an image's own `spacing` [sx, sy] wins; else, for a file named
 `<set>_coco_<split>_annotations.json`, the MedSapiens meta file beside it,
@@ -17,12 +19,23 @@ Spacing: an image's own `spacing` [sx, sy] wins; else, for a file named
 """
 from __future__ import annotations
 
-import json
 import re
+import reprlib
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
 
-from medsapiens.shards.readers import RawSample, ReaderError, Rejected, first_existing, read_text
+from medsapiens.io.record import is_number
+from medsapiens.shards.readers import (
+    BAD_INPUT,
+    RawSample,
+    ReaderError,
+    Rejected,
+    first_existing,
+    is_size,
+    read_json,
+    rejected,
+    spacing_pair,
+)
 
 OPTIONS = {"split": "train", "test_fraction": "0", "test_seed": "0"}
 CARVES_TEST = True  # test_fraction > 0: a seeded test split carved from train (shards.plan.with_test)
@@ -48,35 +61,54 @@ def split_from_name(path: Path, default: str) -> str:
 
 
 def load_json(path: Path) -> dict:
+    """The file's top level, checked: images, annotations and categories lists (else one line naming it)."""
     try:
-        data = json.loads(read_text(path))
-    except (OSError, ValueError) as exc:
+        data = read_json(path)
+    except OSError as exc:
         raise ReaderError(f"{path}: not a readable COCO JSON ({exc})") from None
+    except ValueError as exc:  # read_json's errors name the file
+        raise ReaderError(f"not a readable COCO JSON: {exc}") from None
     if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
         raise ReaderError(f"{path}: a COCO keypoints file needs images, annotations and categories")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data[key], list):
+            raise ReaderError(f"{path}: {key} must be a list, got {reprlib.repr(data[key])}")
     return data
 
 
 def keypoint_category(data: dict, path: Path) -> dict:
-    found = [c for c in data["categories"] if c.get("keypoints")]
+    found = [c for c in data["categories"] if isinstance(c, dict) and c.get("keypoints")]
     if len(found) != 1:
         raise ReaderError(f"{path}: expected one category with keypoints, found {len(found)}")
     return found[0]
 
 
+def category_landmarks(category: dict, path: Path) -> tuple[tuple, tuple | None]:
+    """(names, flip_pairs) of the keypoint category: names non-empty strings, pairs [i, j] indices of them."""
+    names, pairs = category["keypoints"], category.get("flip_pairs")
+    if not (isinstance(names, list) and all(isinstance(n, str) and n for n in names)):
+        raise ReaderError(f"{path}: the category's keypoints must be a list of names, got {reprlib.repr(names)}")
+    if pairs is None:
+        return tuple(names), None
+    if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(names) for i in p) for p in pairs)):
+        raise ReaderError(f"{path}: flip_pairs must be [i, j] keypoint indices 0..{len(names) - 1}, "
+                          f"got {reprlib.repr(pairs)}")
+    return tuple(names), tuple(tuple(p) for p in pairs)
+
+
 def landmark_names(root: Path, options: dict):
     """(names, flip_pairs) from the keypoint category; every file must agree."""
-    found = {}
-    for path in annotation_files(root):
-        category = keypoint_category(load_json(path), path)
-        pairs = category.get("flip_pairs")
-        found[path] = (tuple(category["keypoints"]), None if pairs is None else tuple(tuple(p) for p in pairs))
+    found = {path: category_landmarks(keypoint_category(load_json(path), path), path)
+             for path in annotation_files(root)}
     if len(set(found.values())) > 1:
         raise ReaderError(f"COCO files under {root} disagree on keypoint names or flip pairs")
     return next(iter(found.values()))
 
 
 def parse_keypoints(values) -> tuple[tuple, tuple]:
+    if not (isinstance(values, list) and all(map(is_number, values))):
+        raise ValueError(f"keypoints must be a list of numbers, got {reprlib.repr(values)}")
     if len(values) % 3:
         raise ValueError(f"{len(values)} keypoint values, expected x, y, v triples")
     triples = [values[i:i + 3] for i in range(0, len(values), 3)]
@@ -102,49 +134,104 @@ def meta_file(meta: Path | None, entry: dict) -> Path | None:
 def parse_spacing(entry: dict, meta: Path | None) -> tuple[tuple | None, str]:
     """(spacing (x, y) or None, where it came from): the image's own, else its meta file's [sy, sx]."""
     if entry.get("spacing") is not None:
-        return tuple(float(v) for v in entry["spacing"]), "COCO image spacing [sx, sy]"
+        return spacing_pair(entry["spacing"], "the image's spacing [sx, sy]"), "COCO image spacing [sx, sy]"
     path = meta_file(meta, entry)
     if path is None:
         return None, "none"
+    document = read_json(path)
+    if not isinstance(document, dict) or "spacing" not in document:
+        raise ValueError(f"{path} has no spacing [sy, sx]")
+    spacing = spacing_pair(document["spacing"], f"spacing [sy, sx] in {path}", "yx")
+    return spacing, f"{meta.name}/<id>_meta.json spacing [sy, sx]"
+
+
+def image_size(entry: dict) -> tuple[int, int] | None:
+    """(width, height) the entry claims, or None when it gives neither."""
+    width, height = entry.get("width"), entry.get("height")
+    if width is None and height is None:
+        return None
+    if not (is_size(width) and is_size(height)):
+        raise ValueError(f"width and height must be whole pixels, got {reprlib.repr(width)} x {reprlib.repr(height)}")
+    return int(width), int(height)
+
+
+def is_id(value) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def image_source_id(entry: dict, image_id) -> str:
+    name = entry.get("file_name")
+    return str(PurePosixPath(name).with_suffix("")) if isinstance(name, str) and name else f"image-{image_id}"
+
+
+def index_images(path: Path, entries: list) -> tuple[dict, list[Rejected]]:
+    """{image id: (position, entry)} of the well-formed entries, and a rejection for every other one
+    (no usable id; an id listed before: the first is kept)."""
+    images: dict = {}
+    rejections = []
+    for number, entry in enumerate(entries):
+        image_id = entry.get("id") if isinstance(entry, dict) else None
+        where = f"{path} images[{number}]"
+        if not is_id(image_id):
+            rejections.append(Rejected(f"image-{number}", str(path), "bad_annotation",
+                                       f"{where}: an image needs an id (number or string): {reprlib.repr(entry)}"))
+        elif image_id in images:
+            rejections.append(Rejected(image_source_id(entry, image_id), str(path), "duplicate_id",
+                                       f"{where}: image id {image_id!r} is listed before, at images"
+                                       f"[{images[image_id][0]}]; the first is kept"))
+        else:
+            images[image_id] = (number, entry)
+    return images, rejections
+
+
+def group_annotations(path: Path, entries: list, images: dict) -> tuple[dict, list[Rejected]]:
+    """{image id: its annotations}, and a rejection for each annotation that names no listed image."""
+    by_image = defaultdict(list)
+    rejections = []
+    for number, ann in enumerate(entries):
+        image_id = ann.get("image_id") if isinstance(ann, dict) else None
+        where = f"{path} annotations[{number}]"
+        if not is_id(image_id):
+            rejections.append(Rejected(f"annotation-{number}", str(path), "bad_annotation",
+                                       f"{where}: an annotation needs an image_id (number or string): "
+                                       f"{reprlib.repr(ann)}"))
+        elif image_id not in images:
+            rejections.append(Rejected(f"annotation-{number}", str(path), "missing_image",
+                                       f"{where} names image_id {image_id!r}, absent from images[]"))
+        else:
+            by_image[image_id].append(ann)
+    return by_image, rejections
+
+
+def image_item(path: Path, split: str, meta: Path | None, image_id, number: int, entry: dict, anns: list):
+    """The RawSample of images[number] with its annotations, or its rejection."""
+    source_id, name = image_source_id(entry, image_id), entry.get("file_name", "")
+    where = f"{path} images[{number}] (id {image_id!r})"
+    if len(anns) != 1:
+        reason = "missing_annotation" if not anns else "bad_annotation"
+        return Rejected(source_id, str(path), reason, f"{where}: {len(anns)} annotations, expected one")
     try:
-        sy, sx = (float(v) for v in json.loads(read_text(path))["spacing"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{path} has no spacing [sy, sx] ({exc!r})") from None
-    return (sx, sy), f"{meta.name}/<id>_meta.json spacing [sy, sx]"
+        if not isinstance(name, str):
+            raise ValueError(f"file_name must be a string, got {reprlib.repr(name)}")
+        points, visible = parse_keypoints(anns[0].get("keypoints", []))
+        spacing, spacing_from = parse_spacing(entry, meta)
+        size = image_size(entry)
+    except BAD_INPUT as exc:
+        return rejected(source_id, path, exc, where)
+    image = first_existing(path.parent / folder / name for folder in IMAGE_DIRS)
+    return RawSample(source_id, split, str(image), points, visible, spacing, spacing_from, size)
 
 
 def scan_file(path: Path, default_split: str):
     data = load_json(path)
     split = split_from_name(path, default_split)
     meta = meta_folder(path)
-    by_image = defaultdict(list)
-    images = {entry["id"]: entry for entry in data["images"]}
-    for number, ann in enumerate(data["annotations"]):
-        if ann.get("image_id") not in images:
-            yield Rejected(f"annotation-{number}", str(path), "missing_image",
-                           f"{path}: annotation {number} names image_id {ann.get('image_id')!r}, absent from images[]")
-            continue
-        by_image[ann["image_id"]].append(ann)
-    for image_id, entry in images.items():
-        name = str(entry.get("file_name", ""))
-        source_id = str(PurePosixPath(name).with_suffix("")) if name else f"image-{image_id}"
-        where = f"{path} image {image_id} ({name})"
-        anns = by_image.get(image_id, [])
-        if len(anns) != 1:
-            reason = "missing_annotation" if not anns else "bad_annotation"
-            yield Rejected(source_id, str(path), reason, f"{where}: {len(anns)} annotations, expected one")
-            continue
-        try:
-            points, visible = parse_keypoints(anns[0].get("keypoints", []))
-            spacing, spacing_from = parse_spacing(entry, meta)
-        except (TypeError, ValueError) as exc:
-            yield Rejected(source_id, str(path), "bad_annotation", f"{where}: {exc}")
-            continue
-        size = (int(entry["width"]), int(entry["height"])) if entry.get("width") and entry.get("height") else None
-        yield RawSample(
-            source_id, split, str(first_existing(path.parent / folder / name for folder in IMAGE_DIRS)),
-            points, visible, spacing, spacing_from, size,
-        )
+    images, bad_images = index_images(path, data["images"])
+    by_image, bad_annotations = group_annotations(path, data["annotations"], images)
+    yield from bad_images
+    yield from bad_annotations
+    for image_id, (number, entry) in images.items():
+        yield image_item(path, split, meta, image_id, number, entry, by_image.get(image_id, []))
 
 
 def scan(root: Path, options: dict):

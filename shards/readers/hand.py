@@ -42,16 +42,35 @@ def validation_rule(options: dict) -> str:
     return f"seeded: {options['val_fraction']} of the ids shuffled with seed {options['seed']}"
 
 
+def check_options(options: dict) -> None:
+    """Refuse, when the source is opened, a split, seed or test_fraction the seeded split cannot use."""
+    choice(options, "split", SPLIT_CHOICES)
+    seeded_settings(options)
+
+
+def seeded_settings(options: dict) -> tuple[int, float, float]:
+    """(seed, test_fraction, val_fraction): seed a non-negative integer, test_fraction in [0, 1), and
+    with split=seeded some train left (test_fraction + val_fraction < 1)."""
+    seed, test, val = number(options, "seed", int), number(options, "test_fraction"), number(options, "val_fraction")
+    if seed < 0:
+        raise ReaderError(f"option seed={options['seed']!r} must be a non-negative integer")
+    if not 0 <= test < 1:
+        raise ReaderError(f"option test_fraction={options['test_fraction']!r} must lie in [0, 1)")
+    if options["split"] == "seeded" and test + val >= 1:
+        raise ReaderError(f"options test_fraction={options['test_fraction']!r} and val_fraction="
+                          f"{options['val_fraction']!r} leave no train: their sum must be below 1")
+    return seed, test, val
+
+
 def assign_splits(ids: list[str], options: dict) -> dict[str, str]:
     ordered = sorted(ids, key=natural_key)
     if choice(options, "split", SPLIT_CHOICES) == "gu2net":
         n = len(ordered)
         names = order_split(n, (GU2NET_COUNTS[0] / n, GU2NET_COUNTS[1] / n) if n else (0, 0), ("train", "val", "test"))
         return dict(zip(ordered, names, strict=True))
-    rng = np.random.default_rng(number(options, "seed", int))
-    shuffled = [ordered[i] for i in rng.permutation(len(ordered))]
-    fractions = (number(options, "test_fraction"), number(options, "val_fraction"))
-    return dict(zip(shuffled, order_split(len(shuffled), fractions, ("test", "val", "train")), strict=True))
+    seed, test, val = seeded_settings(options)
+    shuffled = [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
+    return dict(zip(shuffled, order_split(len(shuffled), (test, val), ("test", "val", "train")), strict=True))
 
 
 def parse_row(row: list[str]) -> tuple[tuple[float, float], ...]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medsapiens.io import registry
-from medsapiens.shards.readers import RawSample, Rejected, choice, first_existing, read_text
+from medsapiens.shards.readers import BAD_INPUT, RawSample, Rejected, choice, first_existing, read_text, rejected
 
 OPTIONS = {"gt": "mean", "val": "seeded"}
 SPLIT_RULE = ("official id ranges: 001-150 train, 151-300 test1, 301 and above test2; "
@@ -65,7 +65,7 @@ def scan(root: Path, options: dict):
     folders = sorted(p for p in (root / "RawImage").glob("*") if p.is_dir()) or [root / "RawImage" / IMAGE_FOLDERS[0]]
     ids = image_ids(root) | {p.stem for w in who for p in (root / "AnnotationsByMD" / f"400_{w}").glob("*.txt")}
     for image_id in sorted(ids):
-        if not image_id.isdigit():
+        if not (image_id.isascii() and image_id.isdigit()):
             yield Rejected(image_id, str(root), "bad_annotation", f"id {image_id!r} is not an ISBI number NNN")
             continue
         paths = [annotation_path(root, w, image_id) for w in who]
@@ -75,8 +75,8 @@ def scan(root: Path, options: dict):
             continue
         try:
             per_doctor = [parse_points(p, k) for p in paths]
-        except (ValueError, UnicodeDecodeError) as exc:
-            yield Rejected(image_id, str(paths[0]), "bad_annotation", f"{paths[0]}: {exc}")
+        except BAD_INPUT as exc:
+            yield rejected(image_id, paths[0], exc)
             continue
         n = min(len(p) for p in per_doctor)
         points = [tuple(sum(p[i][axis] for p in per_doctor) / len(per_doctor) for axis in (0, 1)) for i in range(n)]

@@ -11,10 +11,23 @@ every other id is train (the plan carves val from train when no val list is give
 """
 from __future__ import annotations
 
-import json
+import reprlib
 from pathlib import Path
 
-from medsapiens.shards.readers import DATA, RawSample, ReaderError, Rejected, optional_path, read_text
+from medsapiens.shards.readers import (
+    BAD_INPUT,
+    DATA,
+    RawSample,
+    ReaderError,
+    Rejected,
+    is_size,
+    optional_path,
+    point_list,
+    read_json,
+    read_text,
+    rejected,
+    spacing_pair,
+)
 
 OPTIONS = {"test_list": None, "val_list": None}
 SPLIT_RULE = ("ids listed in test_list (else <root>/test.txt, else MedSapiens' published 50 test ids) -> test, "
@@ -44,11 +57,14 @@ def split_lists(root: Path, options: dict) -> dict[str, str]:
 
 
 def parse_meta(path: Path) -> dict:
-    meta = json.loads(read_text(path))
-    sy, sx = (float(v) for v in meta["spacing"])
-    h, w = (int(v) for v in meta["original_shape"])
-    points = tuple((float(x), float(y)) for x, y in meta["gt"])
-    return {"points": points, "spacing": (sx, sy), "size": (w, h)}
+    meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise ValueError(f"expected a JSON object, got {reprlib.repr(meta)}")
+    shape = meta["original_shape"]
+    if not (isinstance(shape, list) and len(shape) == 2 and all(map(is_size, shape))):
+        raise ValueError(f"original_shape must be [H, W] in whole pixels, got {reprlib.repr(shape)}")
+    return {"points": point_list(meta["gt"], "gt"), "spacing": spacing_pair(meta["spacing"], "spacing [sy, sx]", "yx"),
+            "size": (int(shape[1]), int(shape[0]))}
 
 
 def scan(root: Path, options: dict):
@@ -65,8 +81,8 @@ def scan(root: Path, options: dict):
             continue
         try:
             meta = parse_meta(metas[image_id])
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            yield Rejected(image_id, str(metas[image_id]), "bad_annotation", f"{metas[image_id]}: {exc!r}")
+        except BAD_INPUT as exc:
+            yield rejected(image_id, metas[image_id], exc)
             continue
         yield RawSample(
             image_id, listed.get(image_id, "train"), str(image), meta["points"],
