@@ -66,8 +66,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     """epochs > 0 sets max_steps to ceil(epochs x training images / global batch) at start (the
-    published recipes count epochs); a config or override giving one of the two sets the other to 0,
-    and both above 0 is refused. loss: how a mixed batch is averaged (see model/loss.py)."""
+    published recipes count epochs); a config or override giving one of the two sets the other to 0;
+    both above 0 must agree (a run's saved config.yaml holds both). loss: how a mixed batch is averaged
+    (see model/loss.py)."""
 
     ONE_OF: ClassVar = (("epochs", "max_steps"),)
 
@@ -102,9 +103,6 @@ class TrainConfig:
         if not self.epochs >= 0 or (not self.epochs and self.max_steps < 1):
             raise InputError(f"give train.epochs > 0 or train.max_steps >= 1 (got epochs {self.epochs}, "
                              f"max_steps {self.max_steps})")
-        if self.epochs > 0 and self.max_steps > 0:
-            raise InputError(f"train.epochs ({self.epochs:g}) and train.max_steps ({self.max_steps}) are both set: give one "
-                             "and set the other to 0 (epochs derive the steps from the training images)")
         if self.stop_after % self.checkpoint_every:
             # The data stream restarts on multiples of checkpoint_every; resuming elsewhere would
             # not continue the sample sequence of an uninterrupted run.

@@ -92,10 +92,15 @@ def global_batch(cfg) -> int:
 
 
 def scheduled(train: TrainConfig, train_images: int, batch: int) -> tuple[TrainConfig, str]:
-    """train.epochs -> max_steps (ceil(epochs x images / global batch)); and the schedule in words."""
+    """train.epochs -> max_steps (ceil(epochs x images / global batch)); and the schedule in words. A
+    max_steps given too must be that count (a run's saved config.yaml holds both)."""
     if train.epochs:
         steps_per_epoch = math.ceil(train_images / batch)
-        train = replace(train, max_steps=math.ceil(train.epochs * steps_per_epoch))
+        steps = math.ceil(train.epochs * steps_per_epoch)
+        if train.max_steps and train.max_steps != steps:
+            raise InputError(f"train.epochs ({train.epochs:g}) gives {steps} steps here ({train_images} training images / "
+                             f"global batch {batch}), train.max_steps says {train.max_steps}: give one and set the other to 0")
+        train = replace(train, max_steps=steps)
         head = (f"{train.epochs:g} epochs x {steps_per_epoch} steps ({train_images} training images / global "
                 f"batch {batch}) = {train.max_steps} steps")
     else:

@@ -17,7 +17,7 @@ EXPERIMENTS = REPO / "launch" / "experiments"
                          [(130, 8, 17, 500), (195, 8, 25, 500), (5, 8, 1, 42), (550, 8, 69, 500)])
 def test_published_schedule_in_steps(images, batch, steps_per_epoch, warmup_steps):
     """210 epochs, x0.1 at epochs 170 and 200, 500 warm-up steps (a fifth of a run shorter than 2500)."""
-    train, text = scheduled(TrainConfig(epochs=210.0), images, batch)
+    train, text = scheduled(TrainConfig(epochs=210.0, max_steps=0), images, batch)
     assert train.max_steps == 210 * steps_per_epoch
     optim, _ = resolve_warmup(OptimConfig(), train.max_steps)
     assert optim.warmup_steps == warmup_steps

@@ -1,6 +1,8 @@
 """finetune's typed flags reach the config with their type, not re-read as YAML."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from medsapiens import config as configlib
@@ -8,6 +10,7 @@ from medsapiens.errors import InputError
 from medsapiens.finetune.cli import finetune_overrides
 from medsapiens.finetune.config import FinetuneConfig
 from medsapiens.launch.cli import build_parser
+from medsapiens.training.run import scheduled
 
 
 def config_of(*argv: str) -> FinetuneConfig:
@@ -35,8 +38,11 @@ def test_an_override_changes_its_own_key_and_keeps_the_published_schedule():
 def test_steps_and_epochs_are_one_or_the_other():
     with pytest.raises(InputError, match="give --steps or --epochs, not both"):
         config_of("--steps", "5", "--epochs", "2")
-    with pytest.raises(InputError, match=r"train.epochs \(2\) and train.max_steps \(800\) are both set"):
-        configlib.load(FinetuneConfig, None, ["train.epochs=2", "train.max_steps=800"]).train.check()
+    both = configlib.load(FinetuneConfig, None, ["train.epochs=2", "train.max_steps=800"]).train
+    with pytest.raises(InputError, match=r"train.epochs \(2\) gives 26 steps here \(100 training images / global "
+                                         r"batch 8\), train.max_steps says 800: give one and set the other to 0"):
+        scheduled(both, 100, 8)
+    assert scheduled(replace(both, max_steps=26), 100, 8)[0].max_steps == 26  # a run's own config.yaml, reloaded
 
 
 def test_one_seed_is_the_run_one_of_several_seeds_would_be():
