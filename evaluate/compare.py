@@ -16,7 +16,7 @@ import numpy as np
 
 from medsapiens.errors import InputError
 from medsapiens.io import jsondoc
-from medsapiens.io.record import is_number
+from medsapiens.io.record import is_finite_number, is_number
 
 EXACT_UP_TO = 16
 DRAWS = 20000
@@ -46,10 +46,10 @@ def report_problem(report: dict) -> str | None:
     per-image MRE of an image left out, the MRE of a landmark never visible."""
     if not (isinstance(report["unit"], str) and isinstance(report.get("dataset"), str)):
         return f"unit and dataset must be strings, got {report['unit']!r:.40} and {report.get('dataset')!r:.40}"
-    bad = [k for k in REPORT_KEYS[:3] if not is_finite(report[k])]
+    bad = [k for k in REPORT_KEYS[:3] if not is_finite_number(report[k])]
     if bad:
         return f"{', '.join(bad)} must be finite numbers"
-    if not (isinstance(report["sdr"], dict) and all(map(is_finite, report["sdr"].values()))):
+    if not (isinstance(report["sdr"], dict) and all(map(is_finite_number, report["sdr"].values()))):
         return "sdr must map each radius to a finite percentage"
     landmarks = report["per_landmark"]
     if not (isinstance(landmarks, dict) and all(isinstance(v, dict) and is_number_or_nan(v.get("mre"))
@@ -58,10 +58,6 @@ def report_problem(report: dict) -> str | None:
     if not (isinstance(report["per_image"], dict) and all(map(is_number_or_nan, report["per_image"].values()))):
         return "per_image must map each image id to its MRE, a number (NaN: left out)"
     return None
-
-
-def is_finite(value) -> bool:
-    return is_number(value) and math.isfinite(value)
 
 
 def is_number_or_nan(value) -> bool:

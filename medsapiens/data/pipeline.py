@@ -83,8 +83,6 @@ def heatmap_size(input_size) -> tuple[int, int]:
 
 def mixture_weights(manifest: Manifest, cfg: DataConfig, datasets: list[str]) -> np.ndarray:
     """Sampling probability of each dataset: by size, uniform, size^(1/T), or given explicitly."""
-    if cfg.mixing not in MIXING_RULES:
-        raise InputError(f"data.mixing must be one of {MIXING_RULES}, got {cfg.mixing!r}")
     unknown = sorted(set(cfg.weights) - set(datasets))
     if unknown:
         raise InputError(f"data.weights names dataset(s) not being trained: {unknown}")

@@ -6,7 +6,6 @@ original pixels through the inverse of each image's affine.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import numpy as np
 from medsapiens.data import preprocess
 from medsapiens.errors import InputError
 from medsapiens.io import jsondoc
-from medsapiens.io.record import is_number
+from medsapiens.io.record import is_finite_number, is_whole
 from medsapiens.io.registry import LandmarkSet, check_calibration
 
 METADATA_KEY = "medsapiens"  # as medsapiens.deploy.export writes it (that module imports torch)
@@ -112,17 +111,14 @@ def check_input(spec: dict, graph_inputs) -> None:
     """input.size [W, H] must be the graph's own (B, 3, H, W) input: the metadata alone never decides
     how large an array is allocated."""
     size, margin = spec["size"], spec["margin"]
-    if not (is_number(margin) and math.isfinite(margin) and margin > 0):
+    if not (is_finite_number(margin) and margin > 0):
         raise ValueError(f"input.margin must be a positive finite number, got {margin!r:.80}")
-    if not (isinstance(size, list) and len(size) == 2 and all(is_int(v) and v > 0 for v in size)):
+    if not (isinstance(size, list) and len(size) == 2 and all(is_whole(v) and v > 0 for v in size)):
         raise ValueError(f"input.size must be [W, H], two positive integers, got {size!r:.80}")
     shape = graph_inputs[0].shape if len(graph_inputs) == 1 and graph_inputs[0].name == "images" else None
-    if not (shape and len(shape) == 4 and is_int(shape[2]) and is_int(shape[3])):
+    if not (shape and len(shape) == 4 and is_whole(shape[2]) and is_whole(shape[3])):
         raise ValueError(f"the graph's input must be one 'images' (B, 3, H, W) of fixed H and W, got "
                          f"{[(i.name, i.shape) for i in graph_inputs]}")
     if size != [shape[3], shape[2]]:
         raise ValueError(f"input.size {size} is not the graph's input width and height {[shape[3], shape[2]]}")
 
-
-def is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

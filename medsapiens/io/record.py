@@ -177,6 +177,15 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
 
 
+def is_finite_number(value) -> bool:
+    return is_number(value) and math.isfinite(value)
+
+
+def is_whole(value) -> bool:
+    """An int, never a bool (to Python, True is 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def is_point_list(value) -> bool:
     """A JSON list of [x, y] lists of numbers (no strings, bools or ragged entries)."""
     return isinstance(value, list) and all(isinstance(p, list) and len(p) == 2 and all(map(is_number, p))

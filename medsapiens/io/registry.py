@@ -7,8 +7,9 @@ stages read them from data, never from this file.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
+
+from medsapiens.io.record import is_finite_number, is_whole
 
 ISBI_NAMES = (
     "sella", "nasion", "orbitale", "porion", "subspinale", "supramentale", "pogonion", "menton",
@@ -120,16 +121,12 @@ class LandmarkSet:
                 raise ValueError(f"{where}: flip pair {pair} outside 0..{len(self.names) - 1}")
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _is_positive(value) -> bool:
-    return _is_number(value) and value > 0
+    return is_finite_number(value) and value > 0
 
 
 def _is_pair(value) -> bool:
-    return isinstance(value, list) and len(value) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+    return isinstance(value, list) and len(value) == 2 and all(map(is_whole, value))
 
 
 def check_calibration(record, landmark_set: LandmarkSet) -> None:
@@ -140,11 +137,11 @@ def check_calibration(record, landmark_set: LandmarkSet) -> None:
         raise ValueError(f"{where} must be an object")
     radii = record.get("radii")
     if not (isinstance(radii, list) and len(radii) == landmark_set.num_landmarks
-            and all(_is_number(r) and r >= 0 for r in radii)):
+            and all(is_finite_number(r) and r >= 0 for r in radii)):
         raise ValueError(f"{where}: radii must be {landmark_set.num_landmarks} finite non-negative numbers")
     if record.get("unit") != landmark_set.unit:
         raise ValueError(f"{where}: unit {record.get('unit')!r}, but the landmark set's errors are in {landmark_set.unit!r}")
-    if not (_is_number(record.get("coverage")) and 0 < record["coverage"] < 1):
+    if not (is_finite_number(record.get("coverage")) and 0 < record["coverage"] < 1):
         raise ValueError(f"{where}: coverage must lie strictly between 0 and 1, got {record.get('coverage')!r}")
     if not isinstance(record.get("split"), str):
         raise ValueError(f"{where}: split must name the split it was calibrated on")

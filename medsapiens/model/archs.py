@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from medsapiens.errors import InputError
+from medsapiens.io.record import is_whole
 
 PATCH_SIZE = 16
 DEFAULT_IMG_SIZE = (1024, 768)  # (H, W), the Sapiens pose input
@@ -71,8 +72,7 @@ MAX_INPUT_SIDE = 8192  # Sapiens2 runs at up to 4K; past this a model's tokens o
 def feature_grid(img_size: tuple[int, int]) -> tuple[int, int]:
     """(H/16, W/16): the backbone's token grid for an (H, W) input."""
     h, w = img_size
-    if not all(isinstance(side, int) and not isinstance(side, bool) for side in (h, w)) or \
-            h % PATCH_SIZE or w % PATCH_SIZE or h <= 0 or w <= 0:
+    if not (is_whole(h) and is_whole(w)) or h % PATCH_SIZE or w % PATCH_SIZE or h <= 0 or w <= 0:
         raise InputError(f"image size {h}x{w} must be positive multiples of {PATCH_SIZE}")
     if max(h, w) > MAX_INPUT_SIDE:
         raise InputError(f"image size {h}x{w}: a side over {MAX_INPUT_SIDE} px is not a model input "

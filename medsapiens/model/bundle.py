@@ -7,7 +7,6 @@ registry entries of its heads, provenance). Loading it needs no pickle.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from medsapiens import distributed
 from medsapiens.errors import InputError
 from medsapiens.io import jsondoc, storage
+from medsapiens.io.record import is_finite_number, is_whole
 from medsapiens.io.registry import LandmarkSet, check_calibration
 from medsapiens.model import ModelConfig, feature_grid
 from medsapiens.model.weights import refuse_non_finite
@@ -43,12 +43,9 @@ class CodecSettings:
         return cls(sigma=data.sigma, margin=data.augment.margin)
 
     def check(self) -> None:
-        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                      for v in (self.sigma, self.margin))
-        if not numbers or self.sigma <= 0 or self.margin <= 0:
+        if not (is_finite_number(self.sigma) and is_finite_number(self.margin)) or self.sigma <= 0 or self.margin <= 0:
             raise ValueError(f"codec: sigma and margin must be positive numbers, got {self.sigma!r} and {self.margin!r}")
-        if not isinstance(self.blur_kernel, int) or isinstance(self.blur_kernel, bool) or \
-                not 1 <= self.blur_kernel <= MAX_BLUR_KERNEL or self.blur_kernel % 2 == 0:
+        if not is_whole(self.blur_kernel) or not 1 <= self.blur_kernel <= MAX_BLUR_KERNEL or self.blur_kernel % 2 == 0:
             raise ValueError(f"codec: blur_kernel must be an odd number from 1 to {MAX_BLUR_KERNEL}, got {self.blur_kernel!r}")
 
 

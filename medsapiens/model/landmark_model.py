@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from medsapiens.errors import InputError
+from medsapiens.io.record import is_whole
 from medsapiens.model.archs import DEFAULT_IMG_SIZE, DEFAULT_TRUNK_WIDTH, ArchSpec, feature_grid, get_arch
 from medsapiens.model.backbone import Backbone
 from medsapiens.model.decoder import HeadOutput, MultiHeadDecoder
@@ -111,7 +112,7 @@ class ModelConfig:
             feature_grid(self.img_size)
         except ValueError as exc:
             raise InputError(f"model: {exc} (model.arch, model.img_size)") from None
-        if not isinstance(self.trunk_width, int) or isinstance(self.trunk_width, bool) or self.trunk_width < 1:
+        if not is_whole(self.trunk_width) or self.trunk_width < 1:
             raise InputError(f"model.trunk_width must be a whole number of at least 1, got {self.trunk_width!r}")
         if not isinstance(self.grad_checkpointing, bool):
             raise InputError(f"model.grad_checkpointing must be true or false, got {self.grad_checkpointing!r}")

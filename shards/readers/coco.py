@@ -24,7 +24,7 @@ import reprlib
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
 
-from medsapiens.io.record import is_number
+from medsapiens.io.record import is_number, is_whole
 from medsapiens.shards.readers import (
     BAD_INPUT,
     RawSample,
@@ -91,7 +91,7 @@ def category_landmarks(category: dict, path: Path) -> tuple[tuple, tuple | None]
     if pairs is None:
         return tuple(names), None
     if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and all(
-            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(names) for i in p) for p in pairs)):
+            is_whole(i) and 0 <= i < len(names) for i in p) for p in pairs)):
         raise ReaderError(f"{path}: flip_pairs must be [i, j] keypoint indices 0..{len(names) - 1}, "
                           f"got {reprlib.repr(pairs)}")
     return tuple(names), tuple(tuple(p) for p in pairs)
@@ -156,7 +156,7 @@ def image_size(entry: dict) -> tuple[int, int] | None:
 
 
 def is_id(value) -> bool:
-    return isinstance(value, (int, str)) and not isinstance(value, bool)
+    return is_whole(value) or isinstance(value, str)
 
 
 def image_source_id(entry: dict, image_id) -> str:
