@@ -53,6 +53,8 @@ def register(subparsers) -> None:
     pr.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=None,
                     help="average with the mirrored image (default on; --no-flip-test; an ONNX model as exported)")
     pr.add_argument("--overlays", action="store_true", help="also write overlay PNGs")
+    pr.add_argument("--overwrite", action="store_true", help="replace the predictions of an earlier run in --out "
+                    "(its per-image files and summaries; without it such an --out is refused)")
     pr.add_argument("--spacing", metavar="SX,SY",
                     help="mm per pixel (x, y), two positive numbers; wins over the DICOM tags")
     pr.add_argument("--frame", type=int, metavar="N", help="which frame of multi-frame DICOMs and page of "
@@ -166,7 +168,7 @@ def _predict(args) -> int:
     check_out(args.out)
     check_device(args.device, args.onnx)
     options = PredictOptions(args.dataset, args.flip_test, args.overlays, args.batch_size, spacing, args.device,
-                             args.frame)
+                             args.frame, args.overwrite)
     results, failures = predict(args.inputs, args.out, options, bundle_dir=args.bundle, onnx=args.onnx)
     print(f"{len(results)} image(s) predicted, {len(failures)} failed (listed in {args.out}/failures.json); "
           f"written to {args.out}/")

@@ -7,7 +7,8 @@ format `medsapiens evaluate --predictions` reads, optional overlays, and `failur
 input that could not be read or predicted (NaN or infinite output: `non_finite_prediction`; an id
 `predictions` or `failures`: `reserved_id`) and every folder that could not be listed
 (`unreadable_folder`), with the reason. Each input is isolated: one bad file is listed, the others
-complete, and both JSON files are always written.
+complete, and both JSON files are always written. An --out holding an earlier run's predictions is
+refused (the two runs' files would mix) unless `overwrite`, which first removes that run's files.
 
 This module imports no torch: with `--onnx` the model runs on onnxruntime (medsapiens.deploy.runtime),
 else on torch (medsapiens.evaluation.inference.BundleLandmarker, imported only then).
@@ -26,6 +27,7 @@ from medsapiens.errors import InputError
 from medsapiens.evaluation.conformal import radii_in_pixels
 from medsapiens.evaluation.metrics import Protocol
 from medsapiens.evaluation.visualize import draw_landmarks
+from medsapiens.io import jsondoc
 from medsapiens.io.imageio import decode, dicom_spacing, is_dicom, to_float
 from medsapiens.io.record import Rejection
 
@@ -157,12 +159,37 @@ class PredictOptions:
     spacing: tuple[float, float] | None = None
     device: str = "cpu"
     frame: int | None = None
+    overwrite: bool = False
+
+
+def clear_earlier_run(out: Path, overwrite: bool) -> None:
+    """Refuses an `out` holding an earlier run's predictions.json, or with `overwrite` removes that run's
+    files: the per-image JSONs and overlays of the ids it lists, and the two summaries."""
+    summary = out / "predictions.json"
+    if not summary.is_file():
+        return
+    earlier = jsondoc.parse(summary.read_bytes(), summary)
+    ids = earlier.get("landmarks") if isinstance(earlier, dict) else None
+    if not isinstance(ids, dict) or not all(isinstance(i, str) and i == Path(i).name and i not in ("", ".", "..")
+                                            for i in ids):
+        raise InputError(f"--out {out}: {summary} is not a predictions file of `medsapiens predict`; "
+                         "choose another --out")
+    if not overwrite:
+        raise InputError(f"--out {out} holds the predictions of an earlier run ({len(ids)} image(s)); give "
+                         "--overwrite to replace them, or another --out")
+    for image_id in ids:
+        (out / f"{image_id}.json").unlink(missing_ok=True)
+        (out / "overlays" / f"{image_id}.png").unlink(missing_ok=True)
+    (out / "failures.json").unlink(missing_ok=True)
+    summary.unlink()
 
 
 def predict(inputs: list[str], out_dir, options: PredictOptions = PredictOptions(), *, bundle_dir=None, onnx=None):
     """Landmarks of every image under `inputs`, from a bundle (torch) or an ONNX model; returns
     (results, failures). Ids are file stems; a second input with the same id, or an id of a summary
     file (RESERVED_IDS), is a failure, as is a folder that cannot be listed."""
+    out = Path(out_dir)
+    clear_earlier_run(out, options.overwrite)
     failures: list[dict] = []
     paths = collect_inputs(inputs, failures)
     landmarker = open_landmarker(bundle_dir, onnx, options.device, options.flip_test)
@@ -173,7 +200,6 @@ def predict(inputs: list[str], out_dir, options: PredictOptions = PredictOptions
     check_flip_test(landmarker, dataset, options.flip_test, onnx)
     landmark_set = landmarker.landmark_sets[dataset]
     bounds = Bounds(landmark_set, landmarker.calibration.get(dataset))
-    out = Path(out_dir)
     (out / "overlays" if options.overlays else out).mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
     batch: list[tuple] = []  # (path, image, spacing, its source) of the images not yet predicted

@@ -154,6 +154,26 @@ def test_images_named_like_the_summary_files_are_listed_not_overwritten(model, t
     assert len(json.loads((tmp_path / "out" / "failures.json").read_text())) == 2
 
 
+def test_an_out_holding_an_earlier_run_is_refused_unless_overwritten(model, tmp_path, capsys):
+    out = tmp_path / "out"
+    earlier = images(tmp_path / "earlier", "a.png", "b.png")
+    later = images(tmp_path / "later", "c.png") / "c.png"
+    assert main(["predict", "--onnx", str(model), "--overlays", "--out", str(out), str(earlier)]) == 0
+    (out / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in out.rglob("*"))
+    refused_in_one_line(capsys, ["predict", "--onnx", str(model), "--out", str(out), str(later)],
+                        "holds the predictions of an earlier run (2 image(s))", "--overwrite")
+    assert sorted(p.name for p in out.rglob("*")) == before
+    assert main(["predict", "--onnx", str(model), "--overwrite", "--out", str(out), str(later)]) == 0
+    assert sorted(p.name for p in out.rglob("*")) == ["c.json", "failures.json", "notes.txt", "overlays",
+                                                       "predictions.json"]
+    (out / "predictions.json").write_text(json.dumps({"landmarks": {"../notes": [[1, 2]]}}))
+    for flags in ([], ["--overwrite"]):
+        refused_in_one_line(capsys, ["predict", "--onnx", str(model), *flags, "--out", str(out), str(later)],
+                            "is not a predictions file of `medsapiens predict`")
+    assert (out / "notes.txt").read_text() == "mine" and (out / "c.json").is_file()
+
+
 def test_a_folder_that_cannot_be_listed_is_a_listed_failure(model, tmp_path, monkeypatch):
     folder = images(tmp_path / "in", "a.png")
     locked = images(folder / "locked", "b.png")
