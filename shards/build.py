@@ -3,7 +3,8 @@ distribute and resume (this module), then the manifest and the rejection report.
 
 Resume: a shard whose `<shard>.stats.json` exists with the planned fingerprint is skipped, so a
 rerun after any interruption redoes exactly the unfinished shards. A rerun with other options on
-the same output is refused unless `overwrite` is set.
+the same output is refused unless `overwrite` is set. The manifest is removed before any shard is
+written and written last, so it never describes shards a build began to replace.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import json
 import multiprocessing
 import os
 import queue as queue_module
+import signal
 from collections import Counter, defaultdict
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -20,10 +22,11 @@ from pathlib import Path
 from medsapiens import __version__
 from medsapiens.errors import CheckFailed
 from medsapiens.io import imageio as images
-from medsapiens.io import jsondoc, storage
+from medsapiens.io import jsondoc, processes, storage
 from medsapiens.io.locks import writer_lock
 from medsapiens.io.manifest import FORMAT as MANIFEST_FORMAT
 from medsapiens.io.manifest import MANIFEST_NAME, REJECTED_NAME, DatasetInfo, Manifest, ShardInfo, manifest_url
+from medsapiens.io.progress import progress_bar
 from medsapiens.io.record import FIELDS, sample_key
 from medsapiens.shards import (
     DEFAULT_MAX_SIDE,
@@ -103,7 +106,19 @@ def plan_tasks(sources, scan: Scan, options: BuildOptions, out: str, settings: d
                     name, out, dataset, split, chunk, source.landmark_set, options.max_side, options.outside,
                     fingerprint, digest, settings, options.multipart_mb * 1024 * 1024,
                 ))
+    refuse_shared_names(tasks)
     return tasks
+
+
+def refuse_shared_names(tasks: list[ShardTask]) -> None:
+    """`<dataset>-<split>-NNNNNN`: ids and split names may hold '-', so two (dataset, split) pairs can name the same
+    shard (x with split y-train, x-y with split train); the second would overwrite the first's file."""
+    first: dict[str, ShardTask] = {}
+    for task in tasks:
+        other = first.setdefault(task.name, task)
+        if other is not task:
+            raise PlanError(f"dataset {other.dataset!r} split {other.split!r} and dataset {task.dataset!r} split "
+                            f"{task.split!r} would both write shard {task.name}.tar: rename a dataset id or split")
 
 
 def describe_difference(old: dict, new: dict) -> str:
@@ -127,14 +142,15 @@ def refuse_other_options(out: str, settings: dict, digest: str, overwrite: bool)
 
 
 def finished_stats(task: ShardTask, overwrite: bool) -> dict | None:
-    """The stats of an already finished shard, or None when it must be (re)written."""
-    if overwrite:
-        return None
+    """The stats of an already finished shard, or None when it must be (re)written: one of other options
+    only with `overwrite`, so an interrupted overwrite resumes like any build."""
     try:
         stats = json.loads(storage.read_bytes(task.stats_url))
     except (FileNotFoundError, ValueError):
         return None
     if stats.get("options_digest") != task.options_digest:
+        if overwrite:
+            return None
         raise BuildError(f"{task.stats_url} was written by a build with other options "
                          f"({describe_difference(stats.get('options', {}), task.settings)}); "
                          "pass --overwrite to replace it, or choose another --out")
@@ -160,7 +176,8 @@ def run_tasks(tasks: list[ShardTask], workers: int, bar) -> list[dict]:
     results = []
     with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context, initializer=init_worker,
                              initargs=(progress_queue, stopping, os.getpid())) as pool:
-        pending = {pool.submit(write_shard, task): task for task in tasks}
+        with processes.children_born_blocking([signal.SIGINT]):  # the pool starts its workers on submit
+            pending = {pool.submit(write_shard, task): task for task in tasks}
         try:
             while pending:
                 done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
@@ -238,8 +255,6 @@ def open_sources(specs: list[SourceSpec]):
 
 
 def build(specs: list[SourceSpec], options: BuildOptions) -> BuildResult:
-    from tqdm import tqdm
-
     options.check()
     remove_stale_staging()
     out = options.out if storage.is_s3(options.out) else str(Path(options.out).resolve())
@@ -256,7 +271,9 @@ def build(specs: list[SourceSpec], options: BuildOptions) -> BuildResult:
         finished = {t.name: finished_stats(t, options.overwrite) for t in tasks}
         todo = [t for t in tasks if finished[t.name] is None]
         total, skipped = sum(len(t.samples) for t in tasks), sum(len(t.samples) for t in tasks if finished[t.name])
-        with tqdm(total=total, initial=skipped, unit="img", desc="shards", disable=not options.progress) as bar:
+        if todo:  # until the new one is written, no manifest describes shards this build may replace
+            storage.remove(manifest_url(out))
+        with progress_bar(total=total, initial=skipped, unit="img", desc="shards", disable=not options.progress) as bar:
             written = run_tasks(todo, options.workers, bar)
         stats = [s for s in finished.values() if s is not None] + written
         manifest, rejected = assemble_manifest(sources, scan, stats, settings, digest)

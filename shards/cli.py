@@ -38,16 +38,16 @@ def register(subparsers) -> None:
     build.add_argument("--source", action="append", default=[], metavar="ID[:READER]=PATH", help="repeatable")
     build.add_argument("--out", required=True, help="directory or s3://bucket/prefix")
     build.add_argument("--opt", action="append", default=[], metavar="ID.KEY=VALUE", help="reader option, repeatable")
-    build.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="long side of stored images (default %(default)s)")
-    build.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="samples per shard (default %(default)s)")
+    build.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="longest side of stored images: larger ones are scaled down, none up (default %(default)s)")
+    build.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="inputs per shard; its rejected ones leave it smaller (default %(default)s)")
     build.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="writer processes (default min(4, CPUs) = %(default)s)")
     build.add_argument("--outside", choices=OUTSIDE_CHOICES, default="reject",
                        help="a landmark outside its image rejects the sample (default) or is marked invisible")
     build.add_argument("--strict", action="store_true", help="exit 1 if any input is rejected (after the report)")
-    build.add_argument("--overwrite", action="store_true", help="replace shards an earlier build with other options left")
+    build.add_argument("--overwrite", action="store_true", help="replace shards an earlier build with other options left (an interrupted one resumes)")
     build.add_argument("--multipart-mb", type=int, default=DEFAULT_MULTIPART_MB,
                        help="S3 uploads above this many MiB go in parts (default %(default)s, at least 5)")
-    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.add_argument("--no-progress", action="store_true", help="no progress bar (written into a file, it updates every 30 s)")
     build.set_defaults(func=run_build)
 
     inspect = actions.add_parser("inspect", help="counts, sizes, spacing per dataset; a contact sheet")
@@ -96,25 +96,29 @@ def load_manifest(location: str):
 
 
 def run_inspect(args) -> int:
-    from medsapiens.io.manifest import ManifestError
+    from medsapiens.io.manifest import ManifestError, NoManifest
     from medsapiens.io.record import Rejection
     from medsapiens.io.shard_tar import ShardError
     from medsapiens.shards.inspection import inspect
 
     try:
         lines = inspect(load_manifest(args.location), args.sheet, args.n)
-    except (ManifestError, ShardError, Rejection) as exc:  # the shards under inspection fail a check
+    except NoManifest:  # a wrong path: the command could not run as given
+        raise
+    except (ManifestError, ShardError, Rejection, FileNotFoundError) as exc:  # the shards fail a check
         raise CheckFailed(str(exc)) from exc
     print("\n".join(lines))
     return 0
 
 
 def run_verify(args) -> int:
-    from medsapiens.io.manifest import ManifestError
+    from medsapiens.io.manifest import ManifestError, NoManifest
     from medsapiens.shards.verify import verify
 
     try:
         manifest = load_manifest(args.location)
+    except NoManifest:
+        raise
     except ManifestError as exc:
         raise CheckFailed(str(exc)) from exc
     problems, checked = verify(manifest)

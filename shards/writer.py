@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,10 +66,15 @@ class ShardTask:
 def init_worker(progress_queue, stopping, build_pid: int) -> None:
     """A worker process: progress goes to `progress_queue`, whose unread counts must not keep the worker
     from exiting once the build stops reading them (an interrupted build); no shard begins once
-    `stopping` is set; and the worker ends with the build's process `build_pid`, however that ends
-    (Linux), instead of waiting for tasks that never come."""
+    `stopping` is set; a Ctrl-C that came while it started (born with it blocked) is dropped, not a
+    KeyboardInterrupt traceback from its imports, and later ones end its shard as before; and the
+    worker ends with the build's process `build_pid`, however that ends (Linux), instead of waiting
+    for tasks that never come."""
     global _progress, _stopping
     _progress, _stopping = progress_queue, stopping
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # discards a pending one
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     progress_queue.cancel_join_thread()
     end_with(build_pid)
 
@@ -162,6 +168,8 @@ def publish(path: Path, task: ShardTask) -> None:
     if storage.is_s3(task.out):
         storage.upload_file(path, task.url, multipart_threshold=task.multipart_threshold)
     else:
+        with open(path, "rb") as written:  # on disk before its stats file says it is finished
+            os.fsync(written.fileno())
         os.replace(path, task.url)
 
 

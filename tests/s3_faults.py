@@ -1,8 +1,8 @@
 """A fault-injecting TCP proxy on 127.0.0.1 in front of a real S3 endpoint (moto's server).
 
 Each new connection takes the next fault from a queue (then passes through once it is empty):
-`silent` (reads the request, never answers), `slow` (answers, a little at a time), `500` and
-`503` (answer 500 Internal Server Error or 503 Service Unavailable and close) and `drop` (forwards the request, then cuts the
+`silent` (reads the request, never answers), `slow` (answers, a little at a time), `500`, `503`
+and `403` (answer 500 Internal Server Error, 503 Service Unavailable or 403 Forbidden and close) and `drop` (forwards the request, then cuts the
 connection half-way through the answer). `freeze()` stops every byte on every connection, open or
 new, as a SIGSTOPped endpoint would; `thaw()` lets them flow again.
 """
@@ -13,8 +13,8 @@ import socket
 import threading
 import time
 
-FAULTS = ("silent", "slow", "500", "503", "drop")
-STATUS = {"500": b"500 Internal Server Error", "503": b"503 Service Unavailable"}
+FAULTS = ("silent", "slow", "500", "503", "403", "drop")
+STATUS = {"500": b"500 Internal Server Error", "503": b"503 Service Unavailable", "403": b"403 Forbidden"}
 SLOW_CHUNK, SLOW_DELAY_S = 16 * 1024, 0.05
 
 

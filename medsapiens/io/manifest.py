@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,10 @@ REJECTED_NAME = "rejected.jsonl"
 
 class ManifestError(UserError, ValueError):
     pass
+
+
+class NoManifest(ManifestError):
+    """No manifest where one was named: a wrong path, not shards that fail a check."""
 
 
 @dataclass
@@ -125,8 +130,11 @@ class Manifest:
         return manifest
 
     def validate(self) -> None:
-        """Internal consistency: split counts match the shards, K matches the names."""
+        """Internal consistency: each shard listed once, split counts match the shards, K matches the names."""
         where = self.location or "manifest"
+        twice = sorted(url for url, n in Counter(shard.url for shard in self.shards).items() if n > 1)
+        if twice:
+            raise ManifestError(f"{where}: shard(s) listed more than once: {', '.join(twice[:5])}")
         for shard in self.shards:
             if shard.dataset not in self.datasets:
                 raise ManifestError(f"{where}: shard {shard.url} names unknown dataset {shard.dataset!r}")
@@ -156,7 +164,7 @@ def load(location: str | Path) -> Manifest:
     try:
         raw = storage.read_bytes(url)
     except FileNotFoundError:
-        raise ManifestError(f"no manifest at {url} (build shards with `medsapiens shards build`)") from None
+        raise NoManifest(f"no manifest at {url} (build shards with `medsapiens shards build`)") from None
     try:
         data = json.loads(raw)
     except RecursionError:

@@ -1,7 +1,9 @@
-"""A process that ends with the one that started it: Linux's parent-death signal. Standard library
-only, so a helper process that uses it starts in a moment."""
+"""Helper processes: one that ends with the one that started it (Linux's parent-death signal), and
+ones born with signals blocked. Standard library only, so a helper process that uses it starts in a
+moment."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import signal
 import sys
@@ -16,3 +18,16 @@ def sigterm_when_parent_ends() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM) == 0
+
+
+@contextlib.contextmanager
+def children_born_blocking(signals):
+    """Processes started inside inherit `signals` blocked (the mask survives fork and exec), so one that
+    comes before a child has set its own handling waits for it instead of killing the child (or
+    printing its KeyboardInterrupt traceback). This thread gets any that came meanwhile once the block
+    ends; other threads were never blocked."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)

@@ -88,29 +88,51 @@ def s3_client():
     return _client_for_pid(os.getpid())
 
 
+def _answer(exc: BaseException):
+    """The S3 error answer behind `exc` (a botocore ClientError), also where boto3's upload_file wraps
+    it in an S3UploadFailedError; None for a failure with no answer (a connection, a timeout)."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, S3UploadFailedError):
+        exc = exc.__context__
+    return exc if isinstance(exc, ClientError) else None
+
+
+def _code_and_status(answer) -> tuple[str, int]:
+    return (answer.response.get("Error", {}).get("Code", ""),
+            answer.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
 def _transient(exc: Exception) -> bool:
-    from botocore.exceptions import ClientError, ReadTimeoutError
     from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import ReadTimeoutError
 
     if isinstance(exc, (BotoConnectionError, ReadTimeoutError, ConnectionError, TimeoutError)):
         return True
-    if isinstance(exc, ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return status >= 500 or code in ("Throttling", "SlowDown", "RequestTimeout")
-    return False
+    answer = _answer(exc)
+    if answer is None:
+        return False
+    code, status = _code_and_status(answer)
+    return status >= 500 or code in ("Throttling", "SlowDown", "RequestTimeout")
 
 
 def with_retries(what: str, fn, *args, **kwargs):
     """Call fn, retrying transient S3 errors with exponential backoff and jitter, each retry
-    printed; at most `attempts` and none started after `give_up_after_s` (then S3Error)."""
+    printed; at most `attempts` and none started after `give_up_after_s` (then S3Error). Any other
+    S3 answer but a missing object (no such bucket, access denied) is an S3Error at once."""
     bounds, started = limits(), time.monotonic()
     for attempt in range(1, bounds.attempts + 1):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - filtered by _transient
             if not _transient(exc):
-                raise
+                answer = _answer(exc)
+                if answer is None or _not_found(answer):  # a missing object is the caller's to judge
+                    raise
+                code, status = _code_and_status(answer)
+                message = answer.response.get("Error", {}).get("Message", "")
+                raise S3Error(f"{what}: {code or 'refused'} (HTTP {status}){': ' + message if message else ''}") from None
             delay = min(30.0, 0.2 * 2**attempt) * (0.5 + random.random())
             elapsed = time.monotonic() - started
             if attempt == bounds.attempts or elapsed + delay > bounds.give_up_after_s:
@@ -212,6 +234,15 @@ def exists(url: str) -> bool:
         if _not_found(exc):
             return False
         raise
+
+
+def remove(url: str) -> None:
+    """Delete a file or object; one that is not there is no error."""
+    if not is_s3(url):
+        Path(url).unlink(missing_ok=True)
+        return
+    bucket, key = split_s3(url)
+    with_retries(f"delete {url}", s3_client().delete_object, Bucket=bucket, Key=key)
 
 
 def upload_file(local_path: str | Path, url: str, multipart_threshold: int = MULTIPART_THRESHOLD) -> None:

@@ -65,6 +65,37 @@ def test_a_failing_endpoint_gives_up_in_bounded_time_naming_the_object(proxy, fa
     assert capsys.readouterr().err.count(f"warning: get {BUCKET}/shards/a.tar failed") == 3  # each retry printed
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("size", [1000, 6 << 20])  # one request; two parts
+def test_an_upload_answered_503_is_retried(proxy, tmp_path, size, capsys):
+    local = tmp_path / "shard.tar"
+    local.write_bytes(os.urandom(size))
+    proxy.inject("503")
+    storage.upload_file(local, f"{BUCKET}/up/shard.tar", multipart_threshold=5 << 20)
+    assert not proxy.faults and storage.read_bytes(f"{BUCKET}/up/shard.tar") == local.read_bytes()
+    assert f"warning: upload {BUCKET}/up/shard.tar failed" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_a_missing_bucket_or_denied_access_is_one_line(proxy, head_phantoms, tmp_path):
+    from conftest import REPO, run
+
+    local = tmp_path / "shard.tar"
+    local.write_bytes(b"x" * 1000)
+    with pytest.raises(storage.S3Error, match=r"upload s3://no-such-bucket/a\.tar: NoSuchBucket \(HTTP 404\)"):
+        storage.upload_file(local, "s3://no-such-bucket/a.tar")
+    for command in (["build", "--source", f"head={head_phantoms}", "--max-side", "64", "--no-progress", "--out"],
+                    ["verify"]):
+        proc = run([sys.executable, "-m", "medsapiens.launch.cli", "shards", *command, "s3://no-such-bucket/p"], 110,
+                   env={"PYTHONPATH": str(REPO)})
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and "s3://no-such-bucket/p" in last, last
+    proxy.inject(*["403"] * 3)
+    with pytest.raises(storage.S3Error, match=rf"get {BUCKET}/a\.tar: 403 \(HTTP 403\)"):
+        storage.read_bytes(f"{BUCKET}/a.tar")
+
+
 @pytest.mark.timeout(120)
 def test_a_build_through_5xx_drops_silence_and_slowness_ends_identical(proxy, head_phantoms, capsys):
     build_to(f"{BUCKET}/direct", head_phantoms)  # the proxy passes everything through

@@ -165,6 +165,16 @@ def test_rerun_skips_finished_shards_and_refuses_other_options(phantoms, tmp_pat
     assert build(*args, "--max-side", 48, "--overwrite") == 0
     assert load(out).build["max_side"] == 48
     assert max(r["json"]["orig_size"][0] * r["json"]["scale"][0] for r in read_shards(out).values()) == 48
+    (out / "manifest.json").unlink()  # an overwrite interrupted before its last shard: it resumes
+    sorted(out.glob("*.stats.json"))[-1].unlink()
+    capsys.readouterr()
+    assert build(*args, "--max-side", 48, "--overwrite") == 0
+    assert "(1 shard(s) written, 2 already complete)" in capsys.readouterr().out
+    first = sorted(out.glob("*.tar"))[0]
+    first.unlink()
+    first.mkdir()  # the next build fails writing that shard, its first
+    assert build(*args, "--max-side", 32, "--overwrite") == 1
+    assert not (out / "manifest.json").exists()  # the 48 manifest would describe shards being replaced
 
 
 def test_an_edited_image_redoes_only_its_shard(phantoms, tmp_path, capsys):

@@ -141,3 +141,15 @@ def test_a_shard_whose_keys_break_the_contract_is_refused_even_with_a_matching_s
         list(read_shard(manifest, shard))
     assert main(["shards", "verify", str(shards)]) == 1
     assert message in capsys.readouterr().out
+
+
+def test_a_manifest_listing_a_shard_twice_is_refused(shards, capsys):
+    """Its samples would count twice: split counts would still agree if edited to match."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    twice = next(s for s in manifest["shards"] if s["dataset"] == "head" and s["split"] == "train")
+    manifest["shards"].append(twice)
+    manifest["datasets"]["head"]["splits"]["train"] += twice["samples"]
+    manifest["written"] = manifest.get("written", 0) + twice["samples"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["shards", "verify", str(shards)]) == 1
+    assert f"listed more than once: {twice['url']}" in capsys.readouterr().err

@@ -50,6 +50,15 @@ def test_verify_passes_then_names_a_corrupted_and_a_missing_shard(shard_dir, tmp
     assert main(["shards", "verify", str(copy)]) == 1
     printed = capsys.readouterr().out
     assert f"{damaged}: sha256" in printed and f"{gone}: missing" in printed
+    shutil.copy(shard_dir / damaged, copy / damaged)
+    assert main(["shards", "inspect", str(copy)]) == 1  # a missing shard fails inspect's check too
+    assert gone in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["verify", "inspect"])
+def test_a_path_without_a_manifest_is_a_usage_error_not_a_failed_check(tmp_path, capsys, command):
+    assert main(["shards", command, str(tmp_path / "typo")]) == 2
+    assert f"no manifest at {tmp_path / 'typo' / 'manifest.json'}" in capsys.readouterr().err
 
 
 def test_verify_names_a_record_that_disagrees_with_the_manifest(shard_dir, tmp_path, capsys):
@@ -119,3 +128,22 @@ def test_a_manifest_nested_too_deep_is_one_line(tmp_path, capsys):
     (tmp_path / "manifest.json").write_text("[" * 100000 + "]" * 100000)
     assert main(["shards", "verify", str(tmp_path)]) == 1  # the shards under check fail it
     assert "manifest.json: JSON nested too deep to read" in capsys.readouterr().err
+
+
+def test_two_datasets_that_would_share_a_shard_name_are_refused_before_writing(tmp_path, capsys):
+    for folder in ("c1", "c2"):
+        root = tmp_path / folder
+        root.mkdir()
+        for i in range(3):
+            Image.new("L", (40, 30), 100).save(root / f"{i}.png")
+        (root / "ann.json").write_text(json.dumps({
+            "images": [{"id": i, "file_name": f"{i}.png", "width": 40, "height": 30} for i in range(3)],
+            "annotations": [{"image_id": i, "keypoints": [5, 5, 2, 9, 9, 2]} for i in range(3)],
+            "categories": [{"id": 1, "keypoints": ["a", "b"]}]}))
+    out = tmp_path / "out"
+    assert main(["shards", "build", "--source", f"x:coco={tmp_path / 'c1' / 'ann.json'}", "--opt", "x.split=y-train",
+                 "--source", f"x-y:coco={tmp_path / 'c2' / 'ann.json'}", "--out", str(out), "--workers", "1",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "would both write shard x-y-train-000000.tar" in err and err.count("\n") == 1
+    assert not list(out.glob("*.tar"))
