@@ -11,6 +11,8 @@
 #     bash bench/gpu_wheels.sh 3.12        # here, once: .whl/ with what the GPU machine lacks
 #     bash bench/gpu_check.sh OUT_DIR      # there, with .whl/ beside the checkout
 #
+# PART=e2e or PART=rows runs one part alone (each fits one device command of under 10 minutes; the
+# first run on an H200 took about 4 and 7); the default runs both.
 # OUT_DIR gets gpu.txt (machine, versions), e2e.log and e2e.json (each step's status and seconds,
 # the TensorBoard tags, the ops built), train_step.log (rows, profiles), train_step.jsonl (one row
 # a line) and summary.txt. Exit status: 0 when every step and row ran, 1 otherwise.
@@ -25,12 +27,17 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="$(mkdir -p "${1:?give an output folder}" && cd "$1" && pwd)"
 settings="${SETTINGS:-recipe:16 bf16:32 bf16+compile:32 bf16+ckpt:64 1b-zero3+ckpt:32 2b-zero3+ckpt:32 s2-0.4b-bf16:16}"
+part="${PART:-all}"
+case "$part" in all | e2e | rows) ;; *) echo "PART must be all, e2e or rows, got '$part'" >&2; exit 2 ;; esac
 work="$(mktemp -d)"
 status=0
 
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:${PYTHONPATH:-}" PATH="/tmp/site/bin:$PATH"
+fi
+if compgen -G ".whl/onnx/*.whl" >/dev/null; then  # onnx's protobuf, for the ONNX step alone
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-onnx .whl/onnx/*.whl
 fi
 # The package as it installs (the stage folders inside medsapiens/), from this checkout, with no build step.
 mkdir -p "$work/src/medsapiens"
@@ -60,6 +67,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log, record status and seconds
     return "$rc"
 }
 
+e2e() {
 ms="python3 -m medsapiens.launch.cli"
 w="$work/e2e"
 step phantoms 120 $ms shards phantoms --out "$w/raw" --n 64 --seed 0 &&
@@ -75,7 +83,7 @@ step finetune 200 $ms finetune --bundle "$w/bundle" --shards "$w/shards" --datas
     data.micro_batch=16 data.workers=8 train.val_every=20 train.checkpoint_every=20 ${OVERRIDES:-} &&
 step evaluate 90 $ms evaluate --bundle "$w/ft/bundle" --shards "$w/shards" --split test --out "$w/eval" --device "${DEVICE:-cuda}" &&
 step predict 90 $ms predict --bundle "$w/ft/bundle" --out "$w/pred" --device "${DEVICE:-cuda}" $(ls "$w"/raw/leg/pngs/*.png | head -4) &&
-step onnx 180 $ms export onnx "$w/ft/bundle" --out "$w/leg.onnx"
+step onnx 180 env PYTHONPATH="/tmp/site-onnx:$PYTHONPATH" $ms export onnx "$w/ft/bundle" --out "$w/leg.onnx"
 python3 - "$w" "$steps_json" "$TORCH_EXTENSIONS_DIR" >"$out/e2e.json" <<'EOF'
 import json, os, sys
 from pathlib import Path
@@ -101,7 +109,9 @@ if [ "${DEVICE:-cuda}" = cuda ] && [ -n "$(ls -A "$TORCH_EXTENSIONS_DIR" 2>/dev/
     echo "DeepSpeed compiled ops on the GPU path: $(ls "$TORCH_EXTENSIONS_DIR")"
     status=1
 fi
+}
 
+rows() {
 profiled="${PROFILE-bf16+compile}"
 for setting in $settings; do
     profile=()
@@ -110,5 +120,9 @@ for setting in $settings; do
         --warmup 2 --jsonl "$out/train_step.jsonl" "${profile[@]}" 2>&1 | tee -a "$out/train_step.log" || status=1
 done
 python3 bench/train_step.py --summary "$out/train_step.jsonl" | tee "$out/summary.txt"
+}
+
+[ "$part" = rows ] || e2e
+[ "$part" = e2e ] || rows
 rm -rf "$work"
 exit "$status"

@@ -19,4 +19,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$vers
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
     $(pinned hjson isal pydantic pydantic-core annotated-types typing-inspection typing-extensions webdataset \
       braceexpand pydicom boto3 botocore jmespath s3transfer onnx onnxscript onnx-ir ml-dtypes)
-ls -1 .whl
+# onnx needs a newer protobuf than a GPU machine's TensorBoard may have brought: kept apart, for the ONNX step only.
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$version" --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl/onnx \
+    "$(pinned protobuf)"
+ls -1 .whl .whl/onnx
