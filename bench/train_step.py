@@ -10,9 +10,10 @@ checkpointing; sapiens_1b and sapiens_2b with bf16, checkpointing and ZeRO-3. At
 fused path, PyTorch's scaled_dot_product_attention.
 
 For each setting: the largest micro-batch that fits (doubling up to --max-batch; or --micro-batch as
-given), images/s at that micro-batch, MFU = 3 x analytic forward FLOPs (medsapiens.model.cost) x images/s / peak, and the
-peak memory. The peak is the device's dense bf16 rate from a small table (H100/H200/A100), else
---peak-tflops, else a bf16 (fp32 on CPU) matmul timed here; the ratio row divides each setting's
+given), images/s at that micro-batch, MFU = training FLOPs (medsapiens.model.cost: 3 x the analytic
+forward) x images/s / peak, and the peak memory. The peak is the device's dense bf16 rate from
+medsapiens.training.telemetry's table (the one TensorBoard's perf/mfu uses), else --peak-tflops, else
+a bf16 (fp32 on CPU) matmul timed here; the ratio row divides each setting's
 images/s by the recipe's, measured in the same run.
 """
 from __future__ import annotations
@@ -29,12 +30,12 @@ import torch
 from medsapiens.distributed import init_distributed, shutdown
 from medsapiens.model import ModelConfig, param_groups
 from medsapiens.model.archs import DEFAULT_TRUNK_WIDTH
-from medsapiens.model.cost import forward_flops
+from medsapiens.model.cost import forward_flops, training_flops
 from medsapiens.model.loss import LandmarkObjective
 from medsapiens.training.engine import Engine, OptimConfig, TrainConfig
+from medsapiens.training.telemetry import peak_flops_of
 
 K = 19  # the ISBI head's landmarks
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 TINY_TRUNK = 32  # the tests' decoder width: the default 768 would make the CPU run take minutes
 ZERO = {2: "zero2", 3: "zero3"}
 
@@ -161,9 +162,9 @@ def device_peak_tflops(requested: float | None) -> tuple[float, str]:
         return requested, "--peak-tflops"
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
-        for key, tflops in PEAK_BF16_TFLOPS.items():
-            if key in name:
-                return tflops, f"{name} dense bf16 spec"
+        peak = peak_flops_of(name)
+        if peak:
+            return peak / 1e12, f"{name} dense bf16 spec"
     return measured_peak_tflops(), "measured matmul"
 
 
@@ -197,7 +198,7 @@ def measure(setting: Setting, img_size, steps: int, warmup: int, max_batch: int,
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         rate = fits * steps / run_steps(engine, batch, steps)
-        flops = 3 * forward_flops(setting.arch, img_size, setting.trunk_width, head_channels=K).total
+        flops = training_flops(forward_flops(setting.arch, img_size, setting.trunk_width, head_channels=K))
         row.update(images_per_s=rate, mfu=flops * rate / (peak_tflops * 1e12), peak_memory_gb=peak_memory_gb())
         if profile:
             print(f"profile of {setting.name}, micro-batch {fits}, 3 steps:\n{profile_table(engine, batch)}", flush=True)

@@ -1,7 +1,8 @@
 """Streaming input pipeline: shards listed in a manifest -> augmented images + UDP targets.
 
-Training reads resampled shards (every rank and DataLoader worker draws its own shards; there are
-no epochs, the trainer runs a fixed number of steps), mixes datasets by weight, and is
+Training reads resampled shards (every rank and DataLoader worker draws its own shards, each read
+from a random position on, wrapping round; there are no epochs, the trainer runs a fixed number of
+steps), mixes datasets by weight, and is
 deterministic in (seed, segment start step, rank, worker). The stream restarts at the start of
 every segment of `segment_steps` steps; checkpoints are taken on segment boundaries, so a resumed
 run reproduces exactly the batches an uninterrupted run would have seen.
@@ -25,7 +26,7 @@ from medsapiens.config import at_least, positive
 from medsapiens.data.augment import AugmentConfig, normalize, photometric, random_affine, warp
 from medsapiens.data.codec import apply_affine, encode_udp, whole_image_affine
 from medsapiens.errors import InputError, UserError
-from medsapiens.io import storage
+from medsapiens.io import processes, storage
 from medsapiens.io.manifest import Manifest, ManifestError
 from medsapiens.io.registry import LandmarkSet
 from medsapiens.io.shard_tar import ShardError, decode_sample, read_shard
@@ -40,7 +41,7 @@ class DataConfig:
     datasets: list[str] = field(default_factory=list)
     mixing: str = "proportional"
     temperature: float = 2.0
-    weights: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)  # multiply a dataset's share under `mixing` (default 1)
     train_split: str = "train"
     val_split: str = "val"  # validation and best-checkpoint selection; never a test split
     micro_batch: int = 2
@@ -82,7 +83,8 @@ def heatmap_size(input_size) -> tuple[int, int]:
 
 
 def mixture_weights(manifest: Manifest, cfg: DataConfig, datasets: list[str]) -> np.ndarray:
-    """Sampling probability of each dataset: by size, uniform, size^(1/T), or given explicitly."""
+    """Sampling probability of each dataset: by size, uniform or size^(1/T) (`data.mixing`), times its
+    `data.weights` entry (default 1): `{chest: 2}` draws chest twice as often as the rule alone would."""
     unknown = sorted(set(cfg.weights) - set(datasets))
     if unknown:
         raise InputError(f"data.weights names dataset(s) not being trained: {unknown}")
@@ -91,7 +93,7 @@ def mixture_weights(manifest: Manifest, cfg: DataConfig, datasets: list[str]) ->
     if empty:
         raise ManifestError(f"no {cfg.train_split!r} samples for dataset(s) {empty} in {manifest.location}")
     base = {"proportional": sizes, "uniform": np.ones_like(sizes), "temperature": sizes ** (1.0 / cfg.temperature)}
-    weights = np.array([cfg.weights.get(d, w) for d, w in zip(datasets, base[cfg.mixing], strict=True)])
+    weights = base[cfg.mixing] * np.array([cfg.weights.get(d, 1.0) for d in datasets])
     if not weights.sum() > 0:
         raise InputError(f"data.weights give every dataset trained ({', '.join(datasets)}) a weight of 0")
     return weights / weights.sum()
@@ -175,6 +177,17 @@ class CorruptCounter:
             )
 
 
+def rotated(manifest: Manifest, shard, start: int):
+    """The shard's samples from position `start` on, then those before it. The stream restarts at every
+    segment, so a shard's read is often cut short: drawn at a random start, what is left out is a random
+    stretch of the shard, not always its end (never read at all when segments are short). The samples
+    before `start` are read twice, passed over the first time."""
+    yield from itertools.islice(read_shard(manifest, shard), start, None)
+    if start:
+        with contextlib.closing(read_shard(manifest, shard)) as again:
+            yield from itertools.islice(again, start)
+
+
 class TrainStream(IterableDataset):
     """Infinite stream of collated micro-batches for one rank; see the module docstring."""
 
@@ -199,7 +212,7 @@ class TrainStream(IterableDataset):
             shard = shards[rng.choice(len(shards), p=p)]
             url = self.manifest.url_of(shard)
             try:
-                for sample in read_shard(self.manifest, shard):
+                for sample in rotated(self.manifest, shard, int(rng.integers(shard.samples))):
                     yield url, sample
                 s3_failures = 0
             except ShardError:  # not the shard the manifest lists: stop, do not train on it
@@ -263,17 +276,11 @@ def leave_stop_signals_to_the_rank(_worker_id: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
-@contextlib.contextmanager
 def workers_born_deaf():
     """Around starting data workers: they inherit the stop signals blocked. Between a worker's birth
     and `leave_stop_signals_to_the_rank`, torch's own SIGTERM handler in the worker would die of one,
-    and the rank with it ("DataLoader worker exited unexpectedly") instead of checkpointing. This
-    thread gets any that came meanwhile once the block ends; other threads were never blocked."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    and the rank with it ("DataLoader worker exited unexpectedly") instead of checkpointing."""
+    return processes.children_born_blocking(STOP_SIGNALS)
 
 
 def stop_workers(loader) -> None:

@@ -2,7 +2,7 @@
 multi-head landmark decoder and its loss, optimiser parameter groups, LoRA, and cost estimates."""
 from medsapiens.model.archs import ARCHS, DEFAULT_IMG_SIZE, DEFAULT_TRUNK_WIDTH, ArchSpec, feature_grid, get_arch
 from medsapiens.model.backbone import SapiensViT, build_backbone
-from medsapiens.model.cost import MemoryEstimate, Split, count_params, forward_flops, memory_estimate
+from medsapiens.model.cost import MemoryEstimate, Split, count_params, forward_flops, memory_estimate, training_flops
 from medsapiens.model.decoder import HeadOutput, MultiHeadDecoder
 from medsapiens.model.landmark_model import LandmarkModel, ModelConfig, build_model
 from medsapiens.model.lora import LoraConfig, apply_lora, base_backbone, count_trainable, merge_lora

@@ -3,8 +3,10 @@
 FLOPs: 2 per multiply-add, counting the matmuls, attention (QK^T and AV), the patch conv and the
 decoder's (de)convolutions: the convention of torch.utils.flop_counter and of MFU figures. Norms,
 activations, softmax and bias adds are left out (well under 1%). A training step costs about
-3 x forward (backward = 2 x forward); activation checkpointing adds a recomputed backbone forward,
-which MFU conventionally does not count.
+3 x forward (backward = 2 x forward: gradients of the activations and of the weights); a frozen
+backbone (LoRA) needs only its activations' gradients, 2 x its forward (the adapters' matmuls are
+well under 1%). Activation checkpointing adds a recomputed backbone forward, which MFU
+conventionally does not count.
 
 `head_channels` is the number of final-head channels an image goes through: its dataset's K (or
 the sum over heads, an upper bound; the heads cost well under 1% either way).
@@ -116,6 +118,11 @@ def forward_flops(arch: str | ArchSpec, img_size=DEFAULT_IMG_SIZE, trunk_width: 
     heatmap_pixels = UPSAMPLING**2 * tokens
     convs = 2 * heatmap_pixels * (2 * w * w + w * head_channels)
     return Split(patch + blocks, deconvs + convs)
+
+
+def training_flops(forward: Split, frozen_backbone: bool = False) -> int:
+    """FLOPs of one image's training step, forward and backward (see the module docstring)."""
+    return (2 if frozen_backbone else 3) * forward.backbone + 3 * forward.decoder
 
 
 def _block_flops(a: ArchSpec, block: int, patches: int) -> int:

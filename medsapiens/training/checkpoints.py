@@ -203,7 +203,23 @@ def load(ds_engine, ckpt_dir: Path) -> dict | None:
         path, client = ds_engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         return None
+    steps_beside_their_parameters(getattr(ds_engine.optimizer, "optimizer", ds_engine.optimizer))
     return (client or {}).get(CLIENT_STATE_KEY, {})
+
+
+def steps_beside_their_parameters(optimizer) -> None:
+    """A fused (or capturable) torch optimizer's `step` as float32 on its parameter's device, where
+    `Optimizer.load_state_dict` puts it. DeepSpeed's universal load sets `step` as its converter saved
+    it, on the CPU, and the fused CUDA AdamW kernel refuses a CPU step at the first update."""
+    for group in getattr(optimizer, "param_groups", []):
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            step = state.get("step")
+            if step is not None and not (torch.is_tensor(step) and step.device == param.device
+                                         and step.dtype == torch.float32):
+                state["step"] = torch.as_tensor(step, dtype=torch.float32).to(param.device)
 
 
 def best_entry(step: int, score: float, validation: dict) -> dict:

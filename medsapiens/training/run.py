@@ -19,7 +19,7 @@ import yaml
 
 from medsapiens import config as configlib
 from medsapiens import distributed
-from medsapiens.data.pipeline import DataConfig, validation_split
+from medsapiens.data.pipeline import DataConfig, mixture_weights, validation_split
 from medsapiens.errors import InputError
 from medsapiens.io.locks import writer_lock
 from medsapiens.io.manifest import Manifest
@@ -32,6 +32,7 @@ from medsapiens.model import (
     forward_flops,
     merge_lora,
     param_groups,
+    training_flops,
 )
 from medsapiens.training import checkpoints
 from medsapiens.training.checkpoints import consolidated_state_dict
@@ -221,8 +222,14 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
         print(f"{plan.stage}: {trainable:,} of {total:,} parameters train{what}; "
               f"{schedule_text(optim, head, train_cfg.max_steps, warmup_note)}; checkpoint selection: {chosen['rule']}",
               file=sys.stderr)
+        if len(plan.dataset_ids) > 1:
+            shares = mixture_weights(plan.manifest, cfg.data, plan.dataset_ids)
+            print(f"mixing ({cfg.data.mixing}{', data.weights' if cfg.data.weights else ''}): " + ", ".join(
+                f"{d} {share:.1%}" for d, share in zip(plan.dataset_ids, shares, strict=True)) + " of the samples",
+                file=sys.stderr)
     heads_k = sum(plan.manifest.landmark_set(d).num_landmarks for d in plan.dataset_ids)
-    flops = forward_flops(plan.model_cfg.arch, plan.model_cfg.img_size, plan.model_cfg.trunk_width, heads_k).total
+    flops = training_flops(forward_flops(plan.model_cfg.arch, plan.model_cfg.img_size, plan.model_cfg.trunk_width,
+                                         heads_k), frozen_backbone=lora.enabled)
     ctx = RunContext(run_dir, plan.manifest, plan.dataset_ids, plan.model_cfg.input_size, cfg.data, train_cfg,
                      configlib.digest(cfg), flops, track_best=plan.track_best)
     trainer = Trainer(engine, model.objective(train_cfg.loss), ctx)

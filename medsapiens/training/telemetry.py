@@ -5,6 +5,7 @@ are computed here from timings the trainer reports.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -12,15 +13,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# Dense bf16 tensor-core peaks (FLOP/s) of common training GPUs, for MFU.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
+# Dense bf16 tensor-core peaks (FLOP/s) of common training GPUs, for MFU, matched in this order against
+# the device's name: an H100's PCIe and NVL cards before the SXM one ("NVIDIA H100 80GB HBM3").
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H100": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
+
+
+def peak_flops_of(name: str) -> float | None:
+    """The dense bf16 peak of the GPU named `name` (as torch names it), None when not in the table."""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
 def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 class Telemetry:
@@ -62,7 +67,8 @@ class Telemetry:
 
 
 class StepTimer:
-    """Wall time per step split into waiting for data and computing, since the last report."""
+    """Wall time per step split into waiting for data and computing, since the last report; the time
+    of validations and checkpoints is set aside (`aside`), not counted as either."""
 
     def __init__(self):
         self.reset()
@@ -70,6 +76,7 @@ class StepTimer:
     def reset(self) -> None:
         self.start = time.perf_counter()
         self.data_wait = 0.0
+        self.set_aside = 0.0
         self.steps = 0
         self.samples = 0
 
@@ -80,16 +87,27 @@ class StepTimer:
         self.steps += 1
         self.samples += samples
 
-    def report(self, device: torch.device, flops_per_sample: float | None) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
+    @contextlib.contextmanager
+    def aside(self):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.set_aside += time.perf_counter() - started
+
+    def report(self, device: torch.device, train_flops_per_sample: float | None,
+               world_size: int = 1) -> dict[str, float]:
+        """Per rank (every rank steps the same number of samples), and of all ranks together."""
+        elapsed = max(time.perf_counter() - self.start - self.set_aside, 1e-9)
         out = {
             "perf/samples_per_s": self.samples / elapsed,
+            "perf/samples_per_s_all_ranks": self.samples * world_size / elapsed,
             "perf/step_time_s": elapsed / max(self.steps, 1),
             "perf/data_wait_fraction": self.data_wait / elapsed,
         }
         peak = peak_flops(device)
-        if peak and flops_per_sample:
-            out["perf/mfu"] = 3 * flops_per_sample * self.samples / elapsed / peak  # forward + 2x backward
+        if peak and train_flops_per_sample:
+            out["perf/mfu"] = train_flops_per_sample * self.samples / elapsed / peak
         if device.type == "cuda":
             out["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         self.reset()

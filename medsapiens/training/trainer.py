@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+import torch
 
 from medsapiens import config as configlib
 from medsapiens import distributed
@@ -27,6 +27,7 @@ from medsapiens.evaluation.inference import PredictSettings, predict_split
 from medsapiens.evaluation.metrics import Protocol, summarize
 from medsapiens.evaluation.visualize import draw_landmarks
 from medsapiens.io.manifest import Manifest
+from medsapiens.io.progress import progress_bar
 from medsapiens.training import checkpoints
 from medsapiens.training.engine import Engine, TrainConfig
 from medsapiens.training.telemetry import StepTimer, Telemetry
@@ -66,7 +67,7 @@ class RunContext:
     data: DataConfig
     train: TrainConfig
     config_digest: str
-    flops_per_sample: float | None = None
+    train_flops_per_sample: float | None = None  # forward and backward, for MFU
     track_best: bool = False
 
 
@@ -147,7 +148,7 @@ class Trainer:
         batches = train_batches(stream, start_step, train.max_steps, train.checkpoint_every, train.grad_accum,
                                 ctx.data.workers)
         timer, sums = StepTimer(), {}
-        progress = tqdm(total=train.max_steps, initial=start_step, disable=not self.is_main, desc="train",
+        progress = progress_bar(total=train.max_steps, initial=start_step, disable=not self.is_main, desc="train",
                         unit="step", dynamic_ncols=True)
         waiting_since = time.perf_counter()
         done = saved = start_step
@@ -155,6 +156,7 @@ class Trainer:
         try:
             for step, micro_batches in batches:
                 timer.waited(time.perf_counter() - waiting_since)
+                seed_step(train.seed, step, distributed.rank())
                 stats, grad_norm = self.engine.train_step(micro_batches, self.objective)
                 self._check_finite(step + 1, stats, grad_norm)
                 timer.stepped(ctx.data.micro_batch * train.grad_accum)
@@ -167,11 +169,12 @@ class Trainer:
                 if done % train.log_every == 0 or final:
                     progress.set_postfix(loss=f"{self._log_train(done, sums, grad_norm, timer):.4g}")
                     sums = {}
-                if done % train.val_every == 0 or final:
-                    self.validate(done)
-                if done % train.checkpoint_every == 0 or final or stopping:
-                    self.checkpoint(done)
-                    saved = done
+                with timer.aside():
+                    if done % train.val_every == 0 or final:
+                        self.validate(done)
+                    if done % train.checkpoint_every == 0 or final or stopping:
+                        self.checkpoint(done)
+                        saved = done
                 progress.update(1)
                 if stopping:
                     break
@@ -213,7 +216,8 @@ class Trainer:
         what = "gradient norm" if grad_norm is not None else "loss"
         raise DivergedError(f"training diverged at step {step}: the {what} is {value} (this rank's batch: "
                             f"{', '.join(datasets)}); no checkpoint after it is written: lower optim.lr (now "
-                            f"{self.engine.optim_cfg.lr:g}) or check the data, then rerun")
+                            f"{self.engine.optim_cfg.lr:g}) or check the data, then start afresh (--resume none, or "
+                            "another run directory): a rerun as it is would diverge again")
 
     def _say_where_a_rerun_resumes(self, what: str) -> None:
         if self.is_main:
@@ -227,7 +231,7 @@ class Trainer:
         scalars = {"loss/total": loss, "train/grad_norm": float(grad_norm) if grad_norm is not None else None}
         scalars.update({f"loss/{name}": s / n for name, (s, n) in totals.items()})
         scalars.update({f"lr/{tag}": lr for tag, lr in self.engine.group_lrs().items()})
-        scalars.update(timer.report(self.engine.device, self.ctx.flops_per_sample))
+        scalars.update(timer.report(self.engine.device, self.ctx.train_flops_per_sample, distributed.world_size()))
         self.telemetry.scalars(step, scalars)
         return loss
 
@@ -281,6 +285,12 @@ class Trainer:
         }, keep=keep)
         if self.is_main and self.best:
             checkpoints.write_best(self.ctx.run_dir, self.best)
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Torch's random numbers in a step (LoRA's dropout) as a function of (seed, step, rank), as the data
+    stream's are: a resumed run draws what an uninterrupted one would, and each rank draws its own."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0]))
 
 
 def validation_text(results: dict) -> str:

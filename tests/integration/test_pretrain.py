@@ -46,6 +46,8 @@ def test_two_ranks_zero2_train_log_checkpoint_and_export(zero2_run, phantom_shar
                 "val/hand/sdr_10mm", "val/chest/mre_px"):
         assert tag in tags, tag
     assert [e.step for e in events.Scalars("val/head/mre_mm")] == [6, 12]
+    per_rank, all_ranks = events.Scalars("perf/samples_per_s"), events.Scalars("perf/samples_per_s_all_ranks")
+    assert [2 * e.value for e in per_rank] == pytest.approx([e.value for e in all_ranks])  # ranks step in lockstep
     panels = {t.split("/")[-1] for t in events.Tags()["images"] if t.startswith("val/head/")}
     carved = manifestlib.load(phantom_shards).datasets["head"].source["validation"]["ids"]
     assert panels and panels <= set(carved)  # each panel named by its val sample's id

@@ -25,6 +25,7 @@ def test_a_diverging_run_stops_at_that_step_and_keeps_only_finite_checkpoints(ph
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith("error: training diverged at step ") and "lower optim.lr (now 1e+06)" in error
+    assert "start afresh (--resume none, or another run directory)" in error
     diverged = int(error.split("step ")[1].split(":")[0])
     tags = checkpoints.complete_tags(checkpoints.checkpoint_dir(run_dir))
     assert tags and max(checkpoints.tag_step(t) for t in tags) < diverged

@@ -106,3 +106,18 @@ def test_largest_micro_batch_fits_and_the_next_does_not():
     sharded = largest_micro_batch(estimate, 80, True, zero=3, ranks=8)
     assert sharded > largest_micro_batch(estimate, 80, True)  # the weights and states split 8 ways
     assert largest_micro_batch(memory_estimate("sapiens_2b", (1024, 768), 768, K), 40) == 0  # states alone: 40 GiB
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_training_flops_match_the_flop_counter_over_forward_and_backward(lora):
+    """3 x forward when everything trains; a frozen backbone (LoRA) has no weight gradients to compute."""
+    from medsapiens.model import apply_lora, training_flops
+
+    model = tiny_model(64)
+    if lora:
+        apply_lora(model)
+    targets, weights = torch.rand(1, K, IMG[0] // 4, IMG[1] // 4), torch.ones(1, K)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model.loss(model(torch.randn(1, 3, *IMG), torch.tensor([0])), targets, weights).total.backward()
+    expected = training_flops(forward_flops("sapiens_tiny", IMG, 64, K), frozen_backbone=lora)
+    assert abs(expected / counter.get_total_flops() - 1) < 0.02

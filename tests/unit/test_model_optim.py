@@ -110,3 +110,20 @@ def test_lora_with_grad_checkpointing_trains_the_adapters(model):
     sum(o.heatmaps.square().sum() for o in outputs.values()).backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "lora_A" in n)
+
+
+@pytest.mark.parametrize("saved", [torch.tensor(5), torch.tensor(5.0, dtype=torch.float64), 5])
+def test_a_loaded_step_is_put_where_the_fused_update_needs_it(saved):
+    """DeepSpeed's universal load sets each `step` as its files hold it (on the CPU, whatever the
+    parameters' device); the fused update needs a float32 step beside its parameter."""
+    from medsapiens.training.checkpoints import steps_beside_their_parameters
+
+    fused, plain = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.AdamW([{"params": [fused]}], fused=True)
+    optimizer.add_param_group({"params": [plain], "fused": False})
+    fused.grad = plain.grad = torch.ones(4)
+    optimizer.state[fused]["step"] = optimizer.state[plain]["step"] = saved
+    steps_beside_their_parameters(optimizer)
+    moved = optimizer.state[fused]["step"]
+    assert torch.is_tensor(moved) and moved.dtype == torch.float32 and moved.device == fused.device and moved == 5
+    assert optimizer.state[plain]["step"] is saved  # a plain AdamW keeps its step as loaded

@@ -1,4 +1,5 @@
 import dataclasses
+import itertools
 import json
 
 import numpy as np
@@ -56,6 +57,20 @@ def test_stream_is_a_function_of_seed_segment_and_rank(phantom_shards):
     assert (batch["target_weights"][head, 19:] == 0).all()
 
 
+def test_segments_cut_short_still_reach_every_sample_of_a_shard(phantom_shards):
+    """The stream restarts at every segment; one that reads fewer samples than a shard holds must not
+    always leave out the shard's end (which then would never be trained on)."""
+    manifest = manifestlib.load(phantom_shards)
+    stream = TrainStream(manifest, small_config(shuffle_buffer=1), ["head"], INPUT, seed=0, rank=0)
+    shards = manifest.shards_for("head", "train")
+    assert min(s.samples for s in shards) > 4
+    drawn = set()
+    for segment in range(100):  # 2 samples a segment: 3 read
+        samples = stream._dataset_stream("head", np.random.SeedSequence([0, segment]))
+        drawn |= {sample["__key__"] for _, sample in itertools.islice(samples, 2)}
+    assert len(drawn) == sum(s.samples for s in shards)
+
+
 @pytest.mark.timeout(120)
 def test_resumed_batches_equal_uninterrupted_ones_with_workers(phantom_shards):
     manifest = manifestlib.load(phantom_shards)
@@ -102,6 +117,8 @@ def test_mixture_weights(phantom_shards):
     assert np.allclose(mixture_weights(manifest, small_config(mixing="temperature", temperature=2.0), ["head", "leg"]), tempered)
     explicit = mixture_weights(manifest, small_config(mixing="uniform", weights={"leg": 3.0}), ["head", "leg"])
     assert np.allclose(explicit, [0.25, 0.75])
+    doubled = mixture_weights(manifest, small_config(weights={"leg": 2.0}), ["head", "leg"])  # proportional, x2
+    assert np.allclose(doubled, sizes * [1, 2] / (sizes * [1, 2]).sum())
     with pytest.raises(ValueError, match="not being trained"):
         mixture_weights(manifest, small_config(weights={"hand": 1.0}), ["head", "leg"])
 
@@ -196,8 +213,8 @@ def corrupt_copy(manifest_dir, tmp_path, bad: int):
 
 def test_corrupt_samples_are_skipped_then_abort_naming_the_shard(phantom_shards, tmp_path, capsys):
     few, _ = corrupt_copy(phantom_shards, tmp_path / "few", bad=1)
-    batch = next(iter(TrainStream(few, small_config(max_corrupt_fraction=0.05), ["head"], INPUT, 0, 0)))
-    assert batch["images"].shape[0] == 4
+    batches = first_batches(TrainStream(few, small_config(max_corrupt_fraction=0.05), ["head"], INPUT, 0, 0), 4)
+    assert [batch["images"].shape[0] for batch in batches] == [4] * 4  # 16 drawn: past the shard's 8
     assert "skipped corrupt sample #1" in capsys.readouterr().err
     many, url = corrupt_copy(phantom_shards, tmp_path / "many", bad=8)
     with pytest.raises(CorruptDataError, match=f"worst shard {url}"):

@@ -1,0 +1,29 @@
+"""Throughput and MFU from one place (medsapiens.training.telemetry): what they count."""
+import time
+
+import pytest
+import torch
+
+from medsapiens.training.telemetry import StepTimer, peak_flops_of
+
+
+def test_validation_and_checkpoint_time_is_set_aside_from_the_step_rate():
+    timer = StepTimer()
+    time.sleep(0.05)
+    timer.stepped(4)
+    with timer.aside():  # a validation, a checkpoint
+        time.sleep(0.5)
+    timer.stepped(4)
+    rates = timer.report(torch.device("cpu"), None, world_size=3)
+    assert rates["perf/step_time_s"] < 0.2 and rates["perf/samples_per_s"] > 8 / 0.4
+    assert rates["perf/samples_per_s_all_ranks"] == pytest.approx(3 * rates["perf/samples_per_s"])
+    time.sleep(0.05)
+    timer.stepped(4)
+    assert timer.report(torch.device("cpu"), None)["perf/step_time_s"] < 0.2  # a report starts afresh
+
+
+@pytest.mark.parametrize(("name", "tflops"), [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+                                              ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989),
+                                              ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA GeForce RTX 4090", None)])
+def test_each_gpu_gets_its_own_dense_bf16_peak(name, tflops):
+    assert peak_flops_of(name) == (tflops and tflops * 1e12)
