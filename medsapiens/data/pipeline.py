@@ -332,20 +332,24 @@ def eval_example(image, meta, input_size, margin: float) -> EvalExample:
 def eval_examples(manifest: Manifest, dataset: str, split: str, input_size, margin: float = 1.25,
                   rank: int = 0, world_size: int = 1, limit: int = 0):
     """This rank's share of a split: whole shards, dealt round-robin (each shard is read by one rank
-    only), in a fixed order; with `limit`, at most limit / world_size images per rank.
+    only), in a fixed order; with `limit`, the split's first `limit` images in shard order, the same
+    images whatever the number of ranks.
 
     Ranks must run the same number of forward passes under ZeRO-3, so every rank yields as many
     examples as the busiest one, padding with copies marked `valid=False`. A bad sample here is an
     error, not a skip: evaluation must see every image.
     """
-    shards = manifest.shards_for(dataset, split)
-    cap = -(-limit // world_size) if limit else None
-    shares = [sum(s.samples for s in shards[r::world_size]) for r in range(world_size)]
-    per_rank = max(min(share, cap) if cap else share for share in shares)
+    taken = [(shard, shard.samples) for shard in manifest.shards_for(dataset, split)]  # (shard, images read)
+    if limit:
+        before = list(itertools.accumulate((n for _, n in taken), initial=0))
+        taken = [(shard, min(n, limit - start)) for (shard, n), start in zip(taken, before, strict=False)
+                 if start < limit]
+    per_rank = max(sum(n for _, n in taken[r::world_size]) for r in range(world_size))
     landmark_set = manifest.landmark_set(dataset)
-    samples = itertools.chain.from_iterable(read_shard(manifest, s) for s in shards[rank::world_size])
+    samples = itertools.chain.from_iterable(itertools.islice(read_shard(manifest, shard), n)
+                                            for shard, n in taken[rank::world_size])
     last, count = None, 0
-    for sample in itertools.islice(samples, cap):
+    for sample in samples:
         image, meta = decode_sample(sample, landmark_set, manifest.max_side)
         last = eval_example(image, meta, input_size, margin)
         count += 1

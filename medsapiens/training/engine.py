@@ -85,7 +85,7 @@ class TrainConfig:
     val_every: int = 500
     checkpoint_every: int = 500
     keep_last: int = 3
-    val_limit: int = 0
+    val_limit: int = 0  # validate on the first N images of each val split, in shard order (0: all)
     val_panels: int = 4
     dist_timeout_s: int = 1800
     loss: str = "per_sample"

@@ -167,7 +167,7 @@ class Trainer:
                 stopping = done == train.stop_after
                 final = done == train.max_steps
                 if done % train.log_every == 0 or final:
-                    progress.set_postfix(loss=f"{self._log_train(done, sums, grad_norm, timer):.4g}")
+                    progress.set_postfix(loss=f"{self._log_train(done, sums, grad_norm, timer):.4g}", refresh=False)
                     sums = {}
                 with timer.aside():
                     if done % train.val_every == 0 or final:

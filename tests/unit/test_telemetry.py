@@ -27,3 +27,19 @@ def test_validation_and_checkpoint_time_is_set_aside_from_the_step_rate():
                                               ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA GeForce RTX 4090", None)])
 def test_each_gpu_gets_its_own_dense_bf16_peak(name, tflops):
     assert peak_flops_of(name) == (tflops and tflops * 1e12)
+
+
+def test_a_progress_bar_written_into_a_file_does_not_flood_it(monkeypatch):
+    import io
+
+    from medsapiens.io.progress import progress_bar
+
+    log = io.StringIO()  # a scheduler's job log: not a terminal
+    monkeypatch.setattr("sys.stderr", log)
+    with progress_bar(total=2000, desc="train", file=log) as bar:
+        for step in range(2000):
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{1 / (step + 1):.4g}", refresh=False)
+            time.sleep(0.0005)
+    assert log.getvalue().count("\r") <= 3  # the first draw, the last; tqdm redraws 10 times a second
