@@ -114,13 +114,13 @@ def test_lora_trains_only_adapters_and_decoder(head_hand_bundle, phantom_shards,
     run_dir = tmp_path / "lora"
     def lora_run(folder, *more):
         return run([*CLI, "finetune", *finetune_args(phantom_shards, folder, "--bundle", str(head_hand_bundle),
-                                                     "--dataset", "hand", "--lora", "--steps", "10", "train.val_every=5",
-                                                     "train.checkpoint_every=5", "train.log_every=1", *more)], 240)
+                                                     "--dataset", "hand", "--lora", "--steps", "6", "train.val_every=3",
+                                                     "train.checkpoint_every=3", "train.log_every=1", *more)], 240)
 
     proc = lora_run(run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # stopped and resumed half-way, LoRA's dropout draws what it drew in the run that went through
-    assert lora_run(tmp_path / "halves", "train.stop_after=5").returncode == 0
+    assert lora_run(tmp_path / "halves", "train.stop_after=3").returncode == 0
     assert lora_run(tmp_path / "halves").returncode == 0
     assert losses(tmp_path / "halves") == losses(run_dir)
     before = load_file(str(head_hand_bundle / "model.safetensors"))
