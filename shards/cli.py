@@ -113,7 +113,7 @@ def run_inspect(args) -> int:
 
 def run_verify(args) -> int:
     from medsapiens.io.manifest import ManifestError, NoManifest
-    from medsapiens.shards.verify import verify
+    from medsapiens.shards.verify import unlisted_tars, verify
 
     try:
         manifest = load_manifest(args.location)
@@ -124,6 +124,10 @@ def run_verify(args) -> int:
     problems, checked = verify(manifest)
     for problem in problems:
         print(problem)
+    extra = unlisted_tars(manifest)
+    if extra:
+        print(f"note: {len(extra)} tar file(s) beside the manifest are not in it (an earlier build's?), not checked and "
+              f"never read by training: {', '.join(extra[:10])}{' ...' if len(extra) > 10 else ''}")
     if problems:
         raise CheckFailed(f"{len(problems)} problem(s) in {manifest.location}")
     print(f"{manifest.location}: {len(manifest.shards)} shard(s), {checked} samples verified, no problems")

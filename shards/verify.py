@@ -12,6 +12,7 @@ shard entries are checked when the manifest loads.)
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from medsapiens.io import imageio as images
 from medsapiens.io import shard_tar, storage
@@ -69,6 +70,15 @@ def verify(manifest: Manifest) -> tuple[list[str], int]:
     for shard in manifest.shards:
         problems += shard_problems(manifest, shard, seen)
     return problems + carved_val_problems(manifest, seen) + rejected_problems(manifest), len(seen)
+
+
+def unlisted_tars(manifest: Manifest) -> list[str]:
+    """Tar files beside a local manifest that it does not list (an earlier, larger build's, or another's):
+    no problem for training, which reads only what the manifest lists, but not part of this set."""
+    if storage.is_s3(manifest.location) or not manifest.location:
+        return []
+    listed = {Path(manifest.url_of(shard)).resolve() for shard in manifest.shards}
+    return sorted(p.name for p in Path(manifest.location).glob("*.tar") if p.resolve() not in listed)
 
 
 def carved_val_problems(manifest: Manifest, keys: set[str]) -> list[str]:
