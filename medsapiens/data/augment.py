@@ -248,4 +248,12 @@ def normalize(img: torch.Tensor) -> torch.Tensor:
     (training batches travel as one grey channel and are normalised there, after the copy)."""
     if img.shape[-3] == 1:
         img = img.expand(*img.shape[:-3], 3, *img.shape[-2:])
-    return (img - IMAGENET_MEAN.to(img.device)) / IMAGENET_STD.to(img.device)
+    mean, std = mean_and_std_on(img.device)
+    return (img - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def mean_and_std_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copied to a GPU once per process: a copy from pageable memory waits for the GPU's queue, which a
+    copy per micro-batch would make the CPU do at every step."""
+    return IMAGENET_MEAN.to(device), IMAGENET_STD.to(device)
