@@ -90,21 +90,27 @@ def run_build(args) -> int:
 
 
 def load_manifest(location: str):
-    from medsapiens.io.manifest import load
+    """The manifest under check: one that fails to load fails the check; none there (a wrong path) is
+    a usage error."""
+    from medsapiens.io.manifest import ManifestError, NoManifest, load
 
-    return load(location)
+    try:
+        return load(location)
+    except NoManifest:
+        raise
+    except ManifestError as exc:
+        raise CheckFailed(str(exc)) from exc
 
 
 def run_inspect(args) -> int:
-    from medsapiens.io.manifest import ManifestError, NoManifest
+    from medsapiens.io.manifest import ManifestError
     from medsapiens.io.record import Rejection
     from medsapiens.io.shard_tar import ShardError
     from medsapiens.shards.inspection import inspect
 
+    manifest = load_manifest(args.location)
     try:
-        lines = inspect(load_manifest(args.location), args.sheet, args.n)
-    except NoManifest:  # a wrong path: the command could not run as given
-        raise
+        lines = inspect(manifest, args.sheet, args.n)
     except (ManifestError, ShardError, Rejection, FileNotFoundError) as exc:  # the shards fail a check
         raise CheckFailed(str(exc)) from exc
     print("\n".join(lines))
@@ -112,15 +118,9 @@ def run_inspect(args) -> int:
 
 
 def run_verify(args) -> int:
-    from medsapiens.io.manifest import ManifestError, NoManifest
     from medsapiens.shards.verify import unlisted_tars, verify
 
-    try:
-        manifest = load_manifest(args.location)
-    except NoManifest:
-        raise
-    except ManifestError as exc:
-        raise CheckFailed(str(exc)) from exc
+    manifest = load_manifest(args.location)
     problems, checked = verify(manifest)
     for problem in problems:
         print(problem)

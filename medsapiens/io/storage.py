@@ -128,7 +128,7 @@ def with_retries(what: str, fn, *args, **kwargs):
         except Exception as exc:  # noqa: BLE001 - filtered by _transient
             if not _transient(exc):
                 answer = _answer(exc)
-                if answer is None or _not_found(answer):  # a missing object is the caller's to judge
+                if answer is None or _not_found(exc):  # a missing object is the caller's to judge
                     raise
                 code, status = _code_and_status(answer)
                 message = answer.response.get("Error", {}).get("Message", "")
@@ -145,9 +145,8 @@ def with_retries(what: str, fn, *args, **kwargs):
 
 
 def _not_found(exc: Exception) -> bool:
-    from botocore.exceptions import ClientError
-
-    return isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+    answer = _answer(exc)
+    return answer is not None and _code_and_status(answer)[0] in ("404", "NoSuchKey", "NotFound")
 
 
 def read_bytes(url: str) -> bytes:
