@@ -160,12 +160,15 @@ def first_existing(candidates) -> Path:
 
 
 def read_text(path: Path) -> str:
-    """A UTF-8 text file (BOM allowed). Another encoding is a ReaderError naming the file: one line for
-    a table or list, and (being a ValueError) a rejection where a reader reads one input's file."""
+    """A UTF-8 text file (BOM allowed). Another encoding, or a file that cannot be read (a directory, no
+    permission), is a ReaderError naming the file: one line for a table or list, and (being a ValueError)
+    a rejection where a reader reads one input's file."""
     try:
         return path.read_text(encoding="utf-8-sig", errors="strict")
     except UnicodeDecodeError as exc:
         raise ReaderError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ReaderError(f"{path} cannot be read: {exc.strerror or exc}") from None
 
 
 def read_json(path: Path) -> object:

@@ -64,8 +64,6 @@ def load_json(path: Path) -> dict:
     """The file's top level, checked: images, annotations and categories lists (else one line naming it)."""
     try:
         data = read_json(path)
-    except OSError as exc:
-        raise ReaderError(f"{path}: not a readable COCO JSON ({exc})") from None
     except ValueError as exc:  # read_json's errors name the file
         raise ReaderError(f"not a readable COCO JSON: {exc}") from None
     if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):

@@ -62,6 +62,21 @@ def test_leg_meta_nested_too_deep_is_a_rejection_naming_it(tmp_path):
     assert str(deep) in rejected[0].detail
 
 
+def test_leg_meta_that_cannot_be_read_is_a_rejection_naming_it(tmp_path):
+    leg_meta(tmp_path, "good")
+    folder = tmp_path / "meta" / "odd_meta.json"
+    folder.mkdir()
+    samples, rejected = scan(leg, tmp_path)
+    assert [s.source_id for s in samples] == ["good"] and reasons(rejected) == {"odd": "bad_annotation"}
+    assert rejected[0].detail == f"{folder} cannot be read: Is a directory"
+
+
+def test_a_coco_file_that_cannot_be_read_is_one_line_naming_it(tmp_path):
+    (tmp_path / "ann.json").mkdir()
+    with pytest.raises(ReaderError, match=rf"{tmp_path / 'ann.json'} cannot be read: Is a directory"):
+        scan(coco, tmp_path)
+
+
 @pytest.mark.parametrize("encoding", ["utf-16", "latin-1"])
 def test_leg_list_not_utf8_is_one_line_naming_it(tmp_path, encoding):
     leg_meta(tmp_path, "good")
