@@ -105,13 +105,18 @@ def calibrate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset
     check_split(manifest, dataset, split, bundle)
     shortfall = calibration_shortfall(manifest, dataset, split, coverage)
     if shortfall:
-        raise InputError(shortfall)
+        raise conformal.TooFewToCalibrate(shortfall)
     landmark_set = manifest.landmark_set(dataset)
     preds = predict_split(model, manifest, dataset, model.dataset_ids.index(dataset), split,
                           options.settings(model, bundle))
-    if preds is None:
+    measured = preds.errors(Protocol(landmark_set)) if preds is not None else None
+    short = [conformal.landmark_shortfall(measured[1], coverage, landmark_set.names) if measured else None]
+    distributed.broadcast_from_rank0(short)  # rank 0 has the predictions; every rank raises alike
+    if short[0]:
+        raise conformal.TooFewToCalibrate(f"{dataset} {split!r}: {short[0]}")
+    if measured is None:
         return None
-    errors, mask = preds.errors(Protocol(landmark_set))
+    errors, mask = measured
     return conformal.calibrate(errors, mask, coverage, landmark_set.names, landmark_set.unit, split,
                                bool(options.flip_test and landmark_set.can_flip))
 

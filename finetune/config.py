@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from medsapiens.data.pipeline import DataConfig
 from medsapiens.model import LoraConfig, ModelConfig
@@ -35,6 +36,10 @@ class FinetuneConfig:
     run_dir: empty for a new directory runs/finetune/<dataset>-<init>[-lora][-<K>shot]-<time>.
     resume: `auto` continues the run in run_dir when its settings are the same (refused otherwise);
     `none` moves an earlier run there aside (to <run_dir>.replaced-<time>) and starts afresh."""
+
+    # Keys that act only after training (evaluation, calibration): a rerun may change them and still resume.
+    AFTER_TRAINING: ClassVar[frozenset[str]] = frozenset({"eval_split", "flip_test", "eval_overlays",
+                                                          "calibration_coverage"})
 
     run_dir: str = ""
     resume: str = "auto"

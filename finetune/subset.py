@@ -24,28 +24,28 @@ def draw_keys(keys: list[str], shots: int, seed: int) -> list[str]:
     return [ordered[i] for i in sorted(picked)]
 
 
-def train_samples(manifest: manifestlib.Manifest, dataset: str):
-    for shard in manifest.shards_for(dataset, "train"):
+def train_samples(manifest: manifestlib.Manifest, dataset: str, split: str = "train"):
+    for shard in manifest.shards_for(dataset, split):
         yield from read_shard(manifest, shard)
 
 
 def few_shot_manifest(manifest: manifestlib.Manifest, dataset: str, shots: int, seed: int,
-                      out_dir: Path) -> manifestlib.Manifest:
-    """Write `out_dir/manifest.json` (+ one train shard) for a K-shot subset and load it."""
-    keys = draw_keys([s["__key__"] for s in train_samples(manifest, dataset)], shots, seed)
+                      out_dir: Path, split: str = "train") -> manifestlib.Manifest:
+    """Write `out_dir/manifest.json` (+ one shard of `split`, the training split) for a K-shot subset and load it."""
+    keys = draw_keys([s["__key__"] for s in train_samples(manifest, dataset, split)], shots, seed)
     chosen = set(keys)
-    picked = {s["__key__"]: s for s in train_samples(manifest, dataset) if s["__key__"] in chosen}
+    picked = {s["__key__"]: s for s in train_samples(manifest, dataset, split) if s["__key__"] in chosen}
     out_dir.mkdir(parents=True, exist_ok=True)
-    shard_path = out_dir / f"{dataset}-train-000000.tar"
+    shard_path = out_dir / f"{dataset}-{split}-000000.tar"
     write_samples(shard_path, (picked[k] for k in keys))
     sha256, size = file_digest(shard_path)
     info = manifest.datasets[dataset]
-    splits = {split: n for split, n in info.splits.items() if split != "train"} | {"train": shots}
+    splits = {name: n for name, n in info.splits.items() if name != split} | {split: shots}
     kept = [manifestlib.ShardInfo(manifest.url_of(s), s.dataset, s.split, s.samples, s.bytes, s.sha256)
-            for s in manifest.shards if s.dataset == dataset and s.split != "train"]
+            for s in manifest.shards if s.dataset == dataset and s.split != split]
     subset = manifestlib.Manifest(
         datasets={dataset: manifestlib.DatasetInfo(info.landmark_set, splits, info.source)},
-        shards=[manifestlib.ShardInfo(shard_path.name, dataset, "train", shots, size, sha256), *kept],
+        shards=[manifestlib.ShardInfo(shard_path.name, dataset, split, shots, size, sha256), *kept],
         inputs=sum(splits.values()), rejected=0,
         build={"max_side": manifest.max_side, "few_shot": {"from": manifest.location, "from_sha256": manifest.digest, "shots": shots,
                             "seed": seed, "keys": keys}},

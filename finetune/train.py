@@ -7,7 +7,7 @@ import contextlib
 import json
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,6 @@ from medsapiens.errors import InputError
 from medsapiens.evaluate.evaluate import (
     EvalOptions,
     calibrate_model,
-    calibration_shortfall,
     evaluate_model,
     summary_line,
 )
@@ -51,15 +50,16 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise InputError("init 'bundle' needs a bundle (--bundle DIR)")
     if cfg.init == "sapiens" and not cfg.model.checkpoint:
         raise InputError("init 'sapiens' needs a Sapiens checkpoint (--checkpoint FILE)")
-    if cfg.shots < 0 or any(seed < 0 for seed in cfg.seeds):
-        raise InputError(f"--shots and --seeds must not be negative (got shots {cfg.shots}, seeds {cfg.seeds})")
+    if cfg.shots < 0 or cfg.shot_seed < 0 or any(seed < 0 for seed in cfg.seeds):
+        raise InputError(f"--shots, --seed and --seeds must not be negative (got shots {cfg.shots}, seed "
+                         f"{cfg.shot_seed}, seeds {cfg.seeds})")
     repeated = sorted({seed for seed in cfg.seeds if cfg.seeds.count(seed) > 1})
     if repeated:
         raise InputError(f"--seeds lists seed(s) {repeated} more than once: each seed is one run")
     if cfg.data.micro_batch < 1:  # before check_settings, to name the flag fine-tuning users give
         raise InputError(f"--batch-size (data.micro_batch) must be at least 1, got {cfg.data.micro_batch}")
     if cfg.calibration_coverage:
-        conformal.check_coverage(cfg.calibration_coverage)
+        conformal.check_coverage(cfg.calibration_coverage, "calibration_coverage")
     check_settings(cfg)
     if cfg.train.val_every != cfg.train.checkpoint_every:
         raise InputError("fine-tuning keeps the best validated checkpoint: train.val_every must equal "
@@ -108,9 +108,8 @@ def initial_model(cfg: FinetuneConfig, landmark_set: LandmarkSet):
     if cfg.init == "bundle":
         model, bundle = bundlelib.load(cfg.bundle)
         reused = dataset in bundle.heads
-        if reused and bundle.heads[dataset] != k:
-            raise ManifestError(f"bundle {cfg.bundle} has a {bundle.heads[dataset]}-landmark head for {dataset!r}, "
-                                f"the shards have {k} landmarks")
+        if reused and not cfg.reinit_head:
+            check_reusable_head(cfg.bundle, bundle, landmark_set)
         for other in [d for d in model.dataset_ids if d != dataset or cfg.reinit_head]:
             model.drop_head(other)
         if dataset not in model.dataset_ids:  # a new dataset, or its head re-initialised (reinit_head)
@@ -126,6 +125,22 @@ def initial_model(cfg: FinetuneConfig, landmark_set: LandmarkSet):
         model = model_cfg.build({dataset: k})
         origin = {"init": cfg.init, "checkpoint": model_cfg.checkpoint}
     return model, replace(model_cfg, checkpoint=None), origin
+
+
+def check_reusable_head(bundle_dir: str, bundle: bundlelib.Bundle, landmark_set: LandmarkSet) -> None:
+    """The bundle's head for the dataset predicts the shards' landmarks, in their order (else it would start
+    training from another dataset's landmarks under these names)."""
+    dataset, theirs = landmark_set.id, bundle.landmark_sets[landmark_set.id]
+    if theirs.names == landmark_set.names:
+        return
+    if theirs.num_landmarks != landmark_set.num_landmarks:
+        what = f"has a {theirs.num_landmarks}-landmark head for {dataset!r}, the shards have {landmark_set.num_landmarks}"
+    else:
+        k = next(k for k, (a, b) in enumerate(zip(theirs.names, landmark_set.names, strict=True)) if a != b)
+        what = (f"has a head for {dataset!r} on other landmarks than the shards' (landmark {k}: {theirs.names[k]!r} "
+                f"in the bundle, {landmark_set.names[k]!r} in the shards)")
+    raise ManifestError(f"bundle {bundle_dir} {what}: start that head afresh with --reinit-head (reinit_head=true), "
+                        "or fine-tune on the shards it was trained for")
 
 
 def evaluation_splits(manifest: Manifest, dataset: str, requested: str) -> list[str]:
@@ -149,7 +164,8 @@ def training_manifest(cfg: FinetuneConfig, run_dir: Path) -> Manifest:
     subset_dir = run_dir / "subset"
     if cfg.resume == "auto" and has_checkpoint(checkpoint_dir(run_dir)):
         distributed.decide_on_rank0(lambda: check_same_subset(subset_dir, cfg, manifest))
-    distributed.decide_on_rank0(lambda: few_shot_manifest(manifest, cfg.dataset, cfg.shots, cfg.shot_seed, subset_dir))
+    distributed.decide_on_rank0(lambda: few_shot_manifest(manifest, cfg.dataset, cfg.shots, cfg.shot_seed, subset_dir,
+                                                          cfg.data.train_split))
     return load_manifest(subset_dir)
 
 
@@ -216,8 +232,23 @@ class SeedsResult:
                 f"summary: {self.summary_file}; each seed's bundle and reports under {self.run_dir}/seed_<n>"]
 
 
-def run_one(cfg: FinetuneConfig) -> FinetuneResult | None:
-    """Train, export the best checkpoint, evaluate. Rank 0 returns the result, other ranks None."""
+@dataclass
+class StoppedShort:
+    """A run that train.stop_after ended before its schedule's last step: nothing exported or evaluated yet
+    (the same on every rank)."""
+
+    run_dir: str
+    seeds_waiting: list[int] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        waiting = f"; seed(s) {', '.join(map(str, self.seeds_waiting))} not started" if self.seeds_waiting else ""
+        return [f"{self.run_dir}: stopped before the schedule's end (train.stop_after), no bundle or evaluation "
+                f"yet{waiting}; rerun the same command to go on"]
+
+
+def run_one(cfg: FinetuneConfig) -> FinetuneResult | StoppedShort | None:
+    """Train, export the best checkpoint, evaluate. Rank 0 returns the result, other ranks None; a run
+    stopped short by train.stop_after is StoppedShort on every rank."""
     run_dir = Path(cfg.run_dir)
     if distributed.rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -242,6 +273,8 @@ def run_one(cfg: FinetuneConfig) -> FinetuneResult | None:
                    info={"origin": origin, "evaluation_splits": evaluated}, start_digest=origin.get("bundle_sha256"))
     result = train(plan)
     del model, plan
+    if not result.finished:
+        return StoppedShort(str(run_dir))
     best = result.best
     tag = best["tag"] if best else latest_tag(checkpoint_dir(run_dir))
     validation = best and best["validation"]
@@ -262,13 +295,13 @@ def calibrate_run(cfg: FinetuneConfig, model, bundle: bundlelib.Bundle, manifest
     """Conformal radii of the selected checkpoint on the val split, stored in RUN_DIR/bundle."""
     if not cfg.calibration_coverage:
         return
-    shortfall = calibration_shortfall(manifest, cfg.dataset, cfg.data.val_split, cfg.calibration_coverage)
-    if shortfall:
+    try:
+        calibration = calibrate_model(model, bundle, manifest, cfg.dataset, cfg.data.val_split,
+                                      cfg.calibration_coverage, EvalOptions(cfg.flip_test, cfg.data.micro_batch, device))
+    except conformal.TooFewToCalibrate as exc:
         if distributed.rank() == 0:
-            print(f"calibration skipped: {shortfall}", file=sys.stderr)
+            print(f"calibration skipped: {exc}", file=sys.stderr)
         return
-    calibration = calibrate_model(model, bundle, manifest, cfg.dataset, cfg.data.val_split, cfg.calibration_coverage,
-                                  EvalOptions(cfg.flip_test, cfg.data.micro_batch, device))
     bundle.calibration = {cfg.dataset: calibration}
     distributed.decide_on_rank0(lambda: bundlelib.write_config(Path(cfg.run_dir) / "bundle", bundle))
 
@@ -309,18 +342,24 @@ def settled_run_dir(cfg: FinetuneConfig) -> FinetuneConfig:
     return cfg
 
 
-def run(cfg: FinetuneConfig) -> FinetuneResult | SeedsResult | None:
-    """Fine-tune (once, or once per seed); rank 0 returns the result, other ranks None."""
+def run(cfg: FinetuneConfig) -> FinetuneResult | SeedsResult | StoppedShort | None:
+    """Fine-tune (once, or once per seed); rank 0 returns the result, other ranks None. A seed stopped
+    short by train.stop_after ends the job there: the seeds after it wait for the rerun."""
     check_config(cfg)
     check_inputs(cfg)
     with distributed_job(cfg.train.dist_timeout_s), contextlib.ExitStack() as held:
         cfg = settled_run_dir(cfg)
         held.enter_context(distributed.held_by_rank0(writer_lock(Path(cfg.run_dir), "fine-tuning")))
         if not cfg.seeds:
-            return run_one(cfg)
-        results = [run_one(replace(cfg, shot_seed=seed, seeds=[], run_dir=str(Path(cfg.run_dir) / f"seed_{seed}"),
-                                   train=replace(cfg.train, seed=seed)))
-                   for seed in cfg.seeds]
+            result = run_one(cfg)
+            return result if distributed.rank() == 0 else None
+        results = []
+        for n, seed in enumerate(cfg.seeds):
+            result = run_one(replace(cfg, shot_seed=seed, seeds=[], run_dir=str(Path(cfg.run_dir) / f"seed_{seed}"),
+                                     train=replace(cfg.train, seed=seed)))
+            if isinstance(result, StoppedShort):
+                return replace(result, seeds_waiting=cfg.seeds[n + 1:]) if distributed.rank() == 0 else None
+            results.append(result)
         if distributed.rank() != 0:
             return None
         summary = seed_summary([r for r in results if r is not None])  # rank 0 has every result

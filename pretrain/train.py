@@ -57,6 +57,6 @@ def train_in(cfg: PretrainConfig, resume: str) -> dict:
         torch.manual_seed(cfg.train.seed)
         model = cfg.model.build({d: manifest.landmark_set(d).num_landmarks for d in dataset_ids})
         result = train(RunPlan("pretrain", cfg, manifest, dataset_ids, model, cfg.model), resume)
-        if distributed.rank() == 0 and not cfg.train.stop_after:
+        if distributed.rank() == 0 and result.finished:
             print(f"next: medsapiens pretrain export {cfg.run_dir} --out BUNDLE_DIR", file=sys.stderr)
         return result.last_validation

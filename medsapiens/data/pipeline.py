@@ -69,6 +69,9 @@ class DataConfig:
         if not 0 <= self.max_corrupt_fraction <= 1:
             raise InputError(f"data.max_corrupt_fraction must be in 0..1, got {self.max_corrupt_fraction}")
         check_val_split(self.val_split)
+        if is_test_split(self.train_split):
+            raise InputError(f"data.train_split={self.train_split!r} is a test split: the numbers reported on it would "
+                             "be on the images the model trained on; train on 'train'")
         if self.val_split == self.train_split:
             raise InputError(f"data.val_split is the training split ({self.val_split!r}): a checkpoint chosen on "
                              "the images it trained on is chosen on nothing; validate on 'val'")

@@ -31,9 +31,25 @@ def minimum_images(coverage: float) -> int:
     return n
 
 
-def check_coverage(coverage: float) -> None:
+class TooFewToCalibrate(InputError):
+    """The calibration split has too few images, or a landmark visible in too few, for the coverage asked."""
+
+
+def landmark_shortfall(mask, coverage: float, names) -> str | None:
+    """Which landmarks are visible in too few calibration images for `coverage` (with their counts);
+    None when every one is visible in enough."""
+    counts, needed = np.asarray(mask, dtype=bool).sum(axis=0), minimum_images(coverage)
+    short = [f"{name} ({int(n)})" for name, n in zip(names, counts, strict=True) if n < needed]
+    if not short:
+        return None
+    more = f" and {len(short) - 5} more" if len(short) > 5 else ""
+    return (f"landmark(s) {', '.join(short[:5])}{more} visible in too few images to calibrate at {coverage:.0%} "
+            f"coverage: at least {needed} are needed")
+
+
+def check_coverage(coverage: float, name: str = "--coverage") -> None:
     if not 0 < coverage < 1:
-        raise InputError(f"--coverage must lie strictly between 0 and 1, got {coverage}")
+        raise InputError(f"{name} must lie strictly between 0 and 1, got {coverage}")
 
 
 def radius(errors, coverage: float) -> float:
@@ -41,7 +57,7 @@ def radius(errors, coverage: float) -> float:
     values = np.sort(np.asarray(errors, dtype=np.float64)[np.isfinite(errors)])
     k = rank_of(len(values), coverage)
     if k > len(values):
-        raise InputError(f"{len(values)} calibration errors are too few for {coverage:.0%} coverage: "
+        raise TooFewToCalibrate(f"{len(values)} calibration errors are too few for {coverage:.0%} coverage: "
                          f"at least {minimum_images(coverage)} are needed")
     return float(values[k - 1])
 
@@ -50,6 +66,9 @@ def calibrate(errors: np.ndarray, mask: np.ndarray, coverage: float, names, unit
               flip_test: bool) -> dict:
     """The calibration record stored in a bundle for one dataset."""
     check_coverage(coverage)
+    short = landmark_shortfall(mask, coverage, names)
+    if short:
+        raise TooFewToCalibrate(f"{split!r}: {short}")
     errors = np.where(np.asarray(mask, dtype=bool), errors, np.nan)
     counts = np.isfinite(errors).sum(axis=0)
     radii = [radius(errors[:, k], coverage) for k in range(errors.shape[1])]

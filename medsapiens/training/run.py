@@ -76,6 +76,7 @@ class RunResult:
     selection: dict
     trainable_parameters: int
     device: torch.device
+    finished: bool  # False when train.stop_after ended it before the schedule's last step
 
 
 def check_settings(cfg) -> None:
@@ -144,7 +145,7 @@ WORLD_SIZE_CHANGES = {"data.micro_batch", "train.grad_accum"}  # to keep the glo
 
 def check_same_run(run_dir: Path, cfg, resume: str, manifest_digest: str, start_digest: str | None = None) -> None:
     """A rerun that resumes continues the run in run_dir, so its resolved config must be the one saved
-    there (the keys of RESUMABLE_CHANGES aside; with `universal`, which resumes on another number of
+    there (the keys of RESUMABLE_CHANGES and the stage config's AFTER_TRAINING aside; with `universal`, which resumes on another number of
     ranks, also those of WORLD_SIZE_CHANGES), on the same shard manifest, from the same starting
     weights. Raises naming each difference, before anything in run_dir is rewritten."""
     saved = run_dir / RESOLVED_CONFIG
@@ -154,7 +155,8 @@ def check_same_run(run_dir: Path, cfg, resume: str, manifest_digest: str, start_
     if isinstance(before.get("train"), dict) and "deepspeed" in before["train"]:
         before["train"]["deepspeed"] = current_spelling(before["train"]["deepspeed"])
     cfg = replace(cfg, train=replace(cfg.train, deepspeed=current_spelling(cfg.train.deepspeed)))
-    may_change = RESUMABLE_CHANGES | (WORLD_SIZE_CHANGES if resume == "universal" else set())
+    may_change = (RESUMABLE_CHANGES | getattr(cfg, "AFTER_TRAINING", frozenset())
+                  | (WORLD_SIZE_CHANGES if resume == "universal" else set()))
     differing = {k: v for k, v in configlib.differences(before, cfg).items() if k not in may_change}
     if differing:
         shown = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in list(differing.items())[:8])
@@ -237,7 +239,7 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     outcome: list[Any] = [trainer.best, trainer.last_validation]
     distributed.broadcast_from_rank0(outcome)  # rank 0 scores validation
     best, last_validation = outcome
-    result = RunResult(best, last_validation, chosen, trainable, engine.device)
+    result = RunResult(best, last_validation, chosen, trainable, engine.device, trainer.finished)
     engine.close()
     return result
 

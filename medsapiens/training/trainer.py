@@ -107,6 +107,7 @@ class Trainer:
                   f"accumulation {accum} x {world} rank(s) = global batch {batch * accum * world}", file=sys.stderr)
         self.best: dict | None = None
         self.last_validation: dict = {}
+        self.finished = False  # the schedule's last step is done (not stopped short by train.stop_after)
         self.validation_settings = PredictSettings(ctx.input_size, engine.device, engine.dtype, ctx.data.micro_batch,
                                                    margin=ctx.data.augment.margin)
 
@@ -196,7 +197,8 @@ class Trainer:
             stop.restore()
             progress.close()
             self.telemetry.close()
-        if done < train.max_steps:
+        self.finished = done >= train.max_steps
+        if not self.finished:
             self._say_where_a_rerun_resumes(f"stopped at step {done} (train.stop_after)")
         elif self.is_main:
             ran = (f"finished at step {done}" if done > start_step else

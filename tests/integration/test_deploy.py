@@ -150,6 +150,16 @@ def test_split_conformal_coverage_meets_its_finite_sample_bounds_on_exchangeable
         conformal.radius(np.ones(8), COVERAGE)
 
 
+def test_a_landmark_visible_in_too_few_calibration_images_is_named():
+    errors, mask = np.ones((12, 3)), np.ones((12, 3), dtype=bool)
+    mask[:6, 2] = False  # landmark c visible in 6 of the 12 images, 9 needed at 90%
+    with pytest.raises(conformal.TooFewToCalibrate, match=r"^'val': landmark\(s\) c \(6\) visible in too few images "
+                       r"to calibrate at 90% coverage: at least 9 are needed$"):
+        conformal.calibrate(errors, mask, COVERAGE, ["a", "b", "c"], "mm", "val", True)
+    mask[:3, 2] = True
+    assert conformal.calibrate(errors, mask, COVERAGE, ["a", "b", "c"], "mm", "val", True)["n"] == [12, 12, 9]
+
+
 def split_errors(bundle_dir, shards, split) -> np.ndarray:
     model, bundle = bundlelib.load(bundle_dir)
     manifest = load_manifest(shards)

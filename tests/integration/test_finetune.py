@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from medsapiens.finetune.config import FinetuneConfig
 from medsapiens.finetune.subset import draw_keys
 from medsapiens.finetune.train import initial_model
 from medsapiens.io import manifest as manifestlib
+from medsapiens.io.manifest import ManifestError
 from medsapiens.model import bundle as bundlelib
 
 
@@ -57,10 +59,20 @@ def test_finetuning_a_new_dataset_from_a_bundle_lowers_its_mre(head_hand_bundle,
 @pytest.mark.timeout(300)
 def test_few_shot_seeds_reuse_the_head_and_report_mean_and_std(head_hand_bundle, phantom_shards, tmp_path):
     run_dir = tmp_path / "head"
-    proc = run([*CLI, "finetune", *finetune_args(phantom_shards, run_dir, "--bundle", str(head_hand_bundle),
-                                                 "--dataset", "head", "--shots", "3", "--seeds", "0,1", "--steps", "10",
-                                                 "train.val_every=5", "train.checkpoint_every=5")], 240)
+    def seeds_run(*more):
+        return run([*CLI, "finetune", *finetune_args(phantom_shards, run_dir, "--bundle", str(head_hand_bundle),
+                                                     "--dataset", "head", "--shots", "3", "--seeds", "0,1", "--steps",
+                                                     "10", "train.val_every=5", "train.checkpoint_every=5", *more)], 240)
+
+    stopped = seeds_run("train.stop_after=5")  # a time-limited job: nothing final until the schedule's end
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert f"{run_dir}/seed_0: stopped before the schedule's end (train.stop_after), no bundle or evaluation yet; " \
+        "seed(s) 1 not started; rerun the same command to go on" in stopped.stdout
+    assert not (run_dir / "seed_0" / "bundle").exists() and not (run_dir / "seed_1").exists()
+    assert not (run_dir / "summary.json").exists()
+    proc = seeds_run()
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step 5" in proc.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     per_seed = [json.loads((run_dir / f"seed_{s}" / "eval" / "test1" / "report.json").read_text()) for s in (0, 1)]
     mres = [r["mre"] for r in per_seed]
@@ -82,10 +94,15 @@ def test_a_subset_of_relatively_named_shards_keeps_its_val_and_test_shards(phant
     from medsapiens.finetune.subset import few_shot_manifest
 
     monkeypatch.chdir(phantom_shards.parent)
-    subset = few_shot_manifest(manifestlib.load("shards"), "leg", 2, 0, tmp_path / "subset")
+    whole = manifestlib.load("shards")
+    subset = few_shot_manifest(whole, "leg", 2, 0, tmp_path / "subset")
     assert subset.datasets["leg"].splits["train"] == 2
     for shard in subset.shards:
         assert len(list(read_shard(subset, shard))) == shard.samples
+    # a run whose data.train_split is another split draws from that one and keeps train whole
+    other = few_shot_manifest(whole, "leg", 1, 0, tmp_path / "other", split="val")
+    assert other.datasets["leg"].splits == {**whole.datasets["leg"].splits, "val": 1}
+    assert [s["__key__"][:8] for s in read_shard(other, other.shards_for("leg", "val")[0])] == ["leg_val_"]
 
 
 def test_shot_draws_depend_on_seed_only():
@@ -107,6 +124,19 @@ def test_a_bundle_start_keeps_its_head_unless_asked_to_start_it_afresh(head_hand
         assert origin["reused_head"] is not reinit and model.dataset_ids == ["head"]
         assert torch.equal(state["decoder.trunk.0.conv.weight"], bundled["decoder.trunk.0.conv.weight"])
         assert torch.equal(state["decoder.heads.head.weight"], bundled["decoder.heads.head.weight"]) is not reinit
+    renamed = replace(head_set, names=(*head_set.names[:-1], "elsewhere"))
+    for other in (renamed, manifestlib.load(phantom_shards).landmark_set("hand")):
+        other = replace(other, id="head")  # shards whose "head" is another dataset's landmarks
+        for reinit in (False, True):
+            cfg = configlib.load(FinetuneConfig, FINETUNE_CONFIG, ["dataset=head", f"bundle={head_hand_bundle}",
+                                                                  f"reinit_head={str(reinit).lower()}"])
+            if reinit:
+                assert initial_model(cfg, other)[0].decoder.num_landmarks == {"head": other.num_landmarks}
+                continue
+            with pytest.raises(ManifestError, match=r"has a (head for 'head' on other landmarks than the shards' "
+                               r"\(landmark 18: 'articulare' in the bundle, 'elsewhere'|19-landmark head for 'head', the shards have 37)"
+                               r".*--reinit-head"):
+                initial_model(cfg, other)
 
 
 @pytest.mark.timeout(300)
@@ -121,6 +151,7 @@ def test_lora_trains_only_adapters_and_decoder(head_hand_bundle, phantom_shards,
     assert proc.returncode == 0, proc.stderr[-3000:]
     # stopped and resumed half-way, LoRA's dropout draws what it drew in the run that went through
     assert lora_run(tmp_path / "halves", "train.stop_after=3").returncode == 0
+    assert not (tmp_path / "halves" / "bundle").exists()
     assert lora_run(tmp_path / "halves").returncode == 0
     assert losses(tmp_path / "halves") == losses(run_dir)
     before = load_file(str(head_hand_bundle / "model.safetensors"))

@@ -56,9 +56,11 @@ def test_a_rerun_resumes_only_with_the_same_settings(head_hand_bundle, phantom_s
     assert f"{run_dir} holds a run with other settings (optim.lr: 0.0005 there, 0.01 now)" in other.stderr
     assert "Traceback" not in other.stderr and (run_dir / "config.yaml").read_text() == config
 
-    same = finetune(phantom_shards, head_hand_bundle, "--run-dir", str(run_dir), "train.log_every=2")
+    same = finetune(phantom_shards, head_hand_bundle, "--run-dir", str(run_dir), "train.log_every=2",
+                    "calibration_coverage=0", "flip_test=false")
     assert same.returncode == 0, same.stderr[-3000:]
-    assert "resumed from step 6" in same.stderr  # log_every does not change what trains
+    assert "resumed from step 6" in same.stderr  # neither log_every nor what is evaluated after changes what trains
+    assert "calibration skipped" in first.stderr and "calibration skipped" not in same.stderr
     assert ("finished at step 6 already: nothing to train (a longer schedule is another run: start it in another "
             "run directory, or with --resume none); no validation in this run") in same.stderr
     config = (run_dir / "config.yaml").read_text()
