@@ -19,7 +19,7 @@ def register(subparsers) -> None:
     ev.add_argument("--compare", nargs="+", metavar="REPORT_JSON",
                     help="compare evaluation reports side by side (MRE +- both stds, every SDR, per-landmark deltas "
                     "to the first) with a paired sign-flip test on the images they share; prints the table "
-                    "(and writes it to --out/compare.md when --out is given)")
+                    "(and writes it to --out/compare.md and compare.json when --out is given)")
     ev.add_argument("--shards", help="shard directory or s3:// prefix (with --bundle)")
     ev.add_argument("--dataset", help="dataset id (default: the bundle's only head)")
     ev.add_argument("--split", default="test", help="split to evaluate (default test)")
@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     ev.add_argument("--hand-landmarks", type=index_pair, default=None, metavar="A,B",
                     help="hand protocol: the two wrist landmarks (default 1,5 as Payer; GU2Net uses 0,4)")
     ev.add_argument("--sdr-convention", choices=["<", "<="], default="<", help="SDR counts error < r (default) or <= r")
-    ev.add_argument("--batch-size", type=positive_int, default=8)
+    ev.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
     ev.add_argument("--device", default="cpu", help="cpu or cuda")
     ev.set_defaults(func=_evaluate)
 
@@ -59,7 +59,7 @@ def register(subparsers) -> None:
                     help="mm per pixel (x, y), two positive numbers; wins over the DICOM tags")
     pr.add_argument("--frame", type=int, metavar="N", help="which frame of multi-frame DICOMs and page of "
                     "multi-page TIFFs (0-based); without it they are listed as failures")
-    pr.add_argument("--batch-size", type=positive_int, default=8)
+    pr.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
     pr.add_argument("--device", default="cpu", help="cpu or cuda (with --onnx: cpu, onnxruntime runs on the CPU)")
     pr.set_defaults(func=_predict)
 
@@ -78,7 +78,7 @@ def register(subparsers) -> None:
     ca.add_argument("--coverage", type=float, default=0.9, help="nominal coverage 1 - alpha (default 0.9)")
     ca.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=True,
                     help="predict as evaluate and predict do by default (on; --no-flip-test)")
-    ca.add_argument("--batch-size", type=positive_int, default=8)
+    ca.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
     ca.add_argument("--device", default="cpu", help="cpu or cuda")
     ca.set_defaults(func=_calibrate)
 

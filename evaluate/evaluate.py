@@ -80,8 +80,9 @@ def evaluate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset:
         flip = " with flip test" if options.flip_test and landmark_set.can_flip else ""
         report = build_report(errors, mask, preds.ids, protocol, dataset, f"{split} split of {manifest.location}{flip}")
         report.update(evaluated_on=split, flip_test=bool(flip), selected_on=selection_of(bundle))
-        if dataset in bundle.calibration:
-            report["coverage"] = conformal.coverage_report(errors, mask, bundle.calibration[dataset], landmark_set.names)
+        calibration = conformal.record_for(bundle.calibration, dataset, bool(flip))
+        if calibration:
+            report["coverage"] = conformal.coverage_report(errors, mask, calibration, landmark_set.names)
         write_report(report, np.where(mask, errors, np.nan), preds.ids, landmark_set.names, out_dir)
         write_overlays(preds.panels, Path(out_dir) / "overlays")
         reports.append(report)

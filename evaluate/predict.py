@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from medsapiens.errors import InputError
-from medsapiens.evaluation.conformal import radii_in_pixels
+from medsapiens.evaluation import conformal
 from medsapiens.evaluation.metrics import Protocol
 from medsapiens.evaluation.visualize import draw_landmarks
 from medsapiens.io import jsondoc
@@ -139,7 +139,7 @@ class Bounds:
     def of(self, points: np.ndarray, spacing, size) -> tuple[dict | None, np.ndarray | None]:
         if not self.calibration:
             return None, None
-        pixels = radii_in_pixels(self.protocol, self.calibration["radii"], points,
+        pixels = conformal.radii_in_pixels(self.protocol, self.calibration["radii"], points,
                                  self.protocol.landmark_set.spacing_or_native(spacing), size)
         fields = {"radius": np.round(self.calibration["radii"], 4).tolist(), "radius_unit": self.calibration["unit"],
                   "radius_coverage": self.calibration["coverage"],
@@ -199,7 +199,7 @@ def predict(inputs: list[str], out_dir, options: PredictOptions = PredictOptions
         raise InputError(f"choose --dataset among the model's heads: {', '.join(heads)}")
     check_flip_test(landmarker, dataset, options.flip_test, onnx)
     landmark_set = landmarker.landmark_sets[dataset]
-    bounds = Bounds(landmark_set, landmarker.calibration.get(dataset))
+    bounds = Bounds(landmark_set, conformal.record_for(landmarker.calibration, dataset, landmarker.flip_test[dataset]))
     (out / "overlays" if options.overlays else out).mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
     batch: list[tuple] = []  # (path, image, spacing, its source) of the images not yet predicted

@@ -21,7 +21,7 @@ def register(subparsers) -> None:
         "test on the test split(s) into RUN_DIR/eval/<split>. The default schedule is MedSapiens' published one: "
         "210 epochs, lr x0.1 at epochs 170 and 200, 500 warm-up steps, the steps derived from the training "
         "images and the global batch (printed at start); launch/experiments/medsapiens_0.3b_finetune.yaml "
-        "(and _lora.yaml) hold the full published settings. With --seeds, one run per seed under RUN_DIR/seed_N and the mean +- std in "
+        "holds the full published settings. With --seeds, one run per seed under RUN_DIR/seed_N and the mean +- std in "
         "RUN_DIR/summary.json. Multi-rank: `medsapiens launch finetune --config FILE`.",
         epilog="Examples:\n  medsapiens finetune --bundle runs/pretrain/bundle --shards SHARDS --dataset leg\n"
         "  medsapiens finetune --bundle B --shards S --dataset leg --lora --shots 5 --seeds 0,1,2\n"
@@ -45,7 +45,7 @@ def register(subparsers) -> None:
     ft.add_argument("--batch-size", type=int, help="micro-batch per rank (data.micro_batch)")
     ft.add_argument("--no-flip-test", action="store_true", help="evaluate without averaging the mirrored image")
     ft.add_argument("--eval-split", help="split evaluated at the end (default: test, else every test* split)")
-    ft.add_argument("--run-dir", help="output directory (default: a new runs/finetune/<dataset>-<init>-<time>); a run "
+    ft.add_argument("--run-dir", help="output directory (default: a new runs/finetune/<dataset>-<init>[-lora][-<K>shot]-<time>); a run "
                     "there with the same settings is resumed from its newest complete checkpoint, read as weights "
                     "only (a file naming anything else is refused); one with other settings is refused, naming them")
     ft.add_argument("--resume", choices=["auto", "none"],

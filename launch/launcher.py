@@ -55,7 +55,7 @@ Where the ranks run:
 secret values (keys, tokens) are shown as <set>. Ctrl-C stops all ranks at the step in progress after a
 checkpoint (a second Ctrl-C at once); the exit status is DeepSpeed's.
 Trailing KEY=VALUE arguments override the experiment config, e.g. data.micro_batch=4 (a schedule in steps
-instead of the shipped configs' epochs: train.epochs=0 train.max_steps=2000)."""
+instead of the shipped configs' epochs: train.max_steps=2000)."""
 
 
 class LaunchError(UserError, ValueError):

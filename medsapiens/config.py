@@ -177,7 +177,27 @@ def load_data(path: str | Path | None = None, overrides: list[str] = ()) -> dict
 
 def load(cls, path: str | Path | None = None, overrides: list[str] = ()):
     """YAML file (optional) + overrides -> a validated instance of dataclass `cls`."""
-    return blame(lambda extra: from_dict(cls, load_data(path, extra)), path, list(overrides))
+    def check(extra: list[str]):
+        data = load_data(path)
+        drop_replaced_choices(cls, data, apply_overrides({}, extra))
+        return from_dict(cls, apply_overrides(data, extra))
+
+    return blame(check, path, list(overrides))
+
+
+def drop_replaced_choices(cls, data: dict, given: dict) -> None:
+    """Where the overrides (`given`, nested) name a key of one of `cls.ONE_OF`'s groups, the file's other
+    keys of that group go from `data`: the command line's choice replaces the file's (`train.max_steps=N`
+    over a config's `train.epochs`)."""
+    for group in getattr(cls, "ONE_OF", ()):
+        if set(group) & set(given):
+            for key in set(group) - set(given):
+                data.pop(key, None)
+    hints = typing.get_type_hints(cls)
+    for key, value in given.items():
+        section = hints.get(key)
+        if isinstance(value, dict) and isinstance(data.get(key), dict) and dataclasses.is_dataclass(section):
+            drop_replaced_choices(section, data[key], value)
 
 
 def blame(check, path: str | Path | None, overrides: list[str]):

@@ -8,7 +8,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "pretrain", help="multi-dataset pretraining, bundle export, universal checkpoints",
         description="Pretrain on shards. Multi-rank runs start with the DeepSpeed launcher "
-        "(`deepspeed --num_gpus N -m medsapiens.pretrain --config FILE` or `medsapiens launch pretrain`); "
+        "(`deepspeed --num_gpus N --module medsapiens.pretrain --config FILE` or `medsapiens launch pretrain`); "
         "`medsapiens pretrain run` trains in this one process.")
     sub = parser.add_subparsers(dest="pretrain_command", required=True, metavar="ACTION")
 

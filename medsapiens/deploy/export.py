@@ -20,9 +20,11 @@ from medsapiens.data import preprocess
 from medsapiens.data.codec import decode_udp, flip_heatmaps, heatmap_to_input
 from medsapiens.data.pipeline import heatmap_size
 from medsapiens.errors import InputError
+from medsapiens.evaluation import conformal
 from medsapiens.model import bundle as bundlelib
 
 METADATA_KEY = "medsapiens"
+EXTERNAL_DATA_OVER = 3 << 29  # 1.5 GiB of weights: beyond, they go beside the model (protobuf stops at 2 GiB)
 FORMAT = "medsapiens-onnx"
 VERSION = 1
 OPSET = 18
@@ -84,14 +86,15 @@ def metadata(bundle: bundlelib.Bundle, datasets: list[str], flip_test: bool, sou
                   "heatmap_size": list(heatmap_size(bundle.input_size))},
         "flip_test": {d: bool(flip_test and sets[d].can_flip) for d in datasets},
         "landmark_sets": {d: sets[d].to_dict() for d in datasets},
-        "calibration": bundle.calibration,
+        "calibration": {d: record for d in datasets
+                        if (record := conformal.record_for(bundle.calibration, d, flip_test and sets[d].can_flip))},
     }
 
 
 def export_onnx(bundle_dir, out_path, dataset: str | None = None, flip_test: bool = True) -> Path:
     """Write the ONNX model of a bundle (one head, or every head when `dataset` is None)."""
     try:
-        import onnx
+        import onnx  # noqa: F401 - save_onnx needs it
         import onnxscript  # noqa: F401 - torch's dynamo exporter needs it
     except ImportError as exc:
         raise InputError(f"export onnx needs {exc.name}: pip install 'medsapiens[onnx]'") from None
@@ -113,6 +116,21 @@ def export_onnx(bundle_dir, out_path, dataset: str | None = None, flip_test: boo
     proto = program.model_proto
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(metadata(bundle, datasets, flip_test, str(bundle_dir)))
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(out))
+    weight_bytes = sum(t.numel() * t.element_size() for t in graph.state_dict().values())
+    save_onnx(proto, out, external=weight_bytes > EXTERNAL_DATA_OVER)
     return out
+
+
+def save_onnx(proto, out: Path, external: bool) -> None:
+    """Check and write the model. With `external` its weights go to OUT.data beside it (ONNX external data,
+    which onnxruntime reads from the model's folder): protobuf serializes no message over 2 GiB."""
+    import onnx
+
+    data = out.with_name(f"{out.name}.data")
+    data.unlink(missing_ok=True)  # an earlier export's weights
+    if external:
+        onnx.save_model(proto, str(out), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+        onnx.checker.check_model(str(out))
+    else:
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(out))

@@ -65,7 +65,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """epochs > 0 sets max_steps to ceil(epochs x training images / global batch) at start (the
+    """epochs > 0 sets max_steps to ceil(epochs x ceil(training images / global batch)) at start (the
     published recipes count epochs); a config or override giving one of the two sets the other to 0;
     both above 0 must agree (a run's saved config.yaml holds both). loss: how a mixed batch is averaged
     (see model/loss.py)."""

@@ -94,7 +94,7 @@ def global_batch(cfg) -> int:
 
 
 def scheduled(train: TrainConfig, train_images: int, batch: int) -> tuple[TrainConfig, str]:
-    """train.epochs -> max_steps (ceil(epochs x images / global batch)); and the schedule in words. A
+    """train.epochs -> max_steps (ceil(epochs x ceil(images / global batch))); and the schedule in words. A
     max_steps given too must be that count (a run's saved config.yaml holds both)."""
     if train.epochs:
         steps_per_epoch = math.ceil(train_images / batch)

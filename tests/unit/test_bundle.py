@@ -108,3 +108,15 @@ def test_a_checkpoint_path_in_the_config_is_never_read(saved, tmp_path):
     path = edited(saved, tmp_path, lambda d: d["model"].update(checkpoint="/no/such/weights.safetensors"))
     _, bundle = bundlelib.load(path)
     assert bundle.model.checkpoint is None
+
+
+def test_an_onnx_export_carries_the_calibration_of_its_heads_where_it_holds(saved, capsys):
+    from medsapiens.deploy.export import metadata
+
+    bundle = bundlelib.read_config(saved)
+    bundle.calibration = {"head": {**CALIBRATION, "flip_test": True}, "leg": {**CALIBRATION, "flip_test": True}}
+    assert metadata(bundle, ["head"], True, "b")["calibration"] == {"head": bundle.calibration["head"]}
+    assert metadata(bundle, ["head"], False, "b")["calibration"] == {}  # radii measured with flip test
+    assert "note: the 'head' radii were calibrated with flip test and do not hold without it" in capsys.readouterr().err
+    bundle.calibration = {"head": CALIBRATION}  # a record that does not say how it was calibrated is kept
+    assert metadata(bundle, ["head"], False, "b")["calibration"] == {"head": CALIBRATION}

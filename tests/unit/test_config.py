@@ -18,6 +18,18 @@ def test_yaml_plus_dotted_overrides(tmp_path):
     assert isinstance(cfg.data.augment.rotation_deg, float)
 
 
+def test_an_override_naming_one_schedule_length_replaces_the_files_other(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  epochs: 210\n  log_every: 5\n")
+    train = configlib.load(Experiment, path, ["train.max_steps=2000"]).train
+    assert (train.epochs, train.max_steps, train.log_every) == (0, 2000, 5)
+    train = configlib.load(Experiment, path, ["train.log_every=3"]).train  # another key leaves the file's choice
+    assert (train.epochs, train.max_steps) == (210, 0)
+    path.write_text("train:\n  max_steps: 2000\n")
+    train = configlib.load(Experiment, path, ["train.epochs=20", "train.max_steps=1000"]).train  # both: as given
+    assert (train.epochs, train.max_steps) == (20, 1000)
+
+
 def test_unknown_keys_are_named(tmp_path):
     with pytest.raises(configlib.ConfigError, match=r"data\.augment\.rotaton_deg"):
         configlib.load(Experiment, None, ["data.augment.rotaton_deg=3"])

@@ -1,0 +1,33 @@
+"""An ONNX model whose weights protobuf cannot hold in one message (over 2 GiB) is written with its
+weights beside it, and onnxruntime runs it as the one-file model."""
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from medsapiens.deploy.export import save_onnx
+
+
+def matmul_model(weight: np.ndarray):
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "m",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, weight.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, weight.shape[1]])],
+        [numpy_helper.from_array(weight, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def run(path, x):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_weights_go_beside_the_model_when_asked_and_an_earlier_exports_are_removed(tmp_path):
+    weight = np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32)
+    x = np.ones((1, 64), np.float32)
+    out = tmp_path / "m.onnx"
+    save_onnx(matmul_model(weight), out, external=True)
+    data = tmp_path / "m.onnx.data"
+    assert data.stat().st_size >= weight.nbytes and out.stat().st_size < weight.nbytes
+    np.testing.assert_allclose(run(out, x), x @ weight, rtol=1e-5)
+    save_onnx(matmul_model(weight), out, external=False)  # a smaller model over the same path: one file again
+    assert not data.exists() and out.stat().st_size > weight.nbytes
+    np.testing.assert_allclose(run(out, x), x @ weight, rtol=1e-5)
