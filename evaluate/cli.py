@@ -30,6 +30,8 @@ def register(subparsers) -> None:
     ev.add_argument("--ground-truth", help="JSON like predictions.json (null = invisible; may add spacing_mm and "
                     "image_size per id) or COCO keypoints (v = 0 invisible; ids are file_name stems)")
     ev.add_argument("--out", help="report directory (required, except with --compare)")
+    ev.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out (its files and "
+                    "overlays; without it such an --out is refused)")
     ev.add_argument("--overlays", type=int, default=0, metavar="N", help="write N overlay PNGs (with --bundle)")
     ev.add_argument("--hand-landmarks", type=index_pair, default=None, metavar="A,B",
                     help="hand protocol: the two wrist landmarks (default 1,5 as Payer; GU2Net uses 0,4)")
@@ -131,6 +133,10 @@ def _evaluate(args) -> int:
     if not args.out:
         raise InputError("give --out DIR for the report")
     from medsapiens.evaluate.evaluate import EvalOptions, evaluate_bundle, summary_line
+    from medsapiens.evaluate.report import refuse_earlier_report, remove_earlier_report
+
+    if not args.overwrite:
+        refuse_earlier_report(Path(args.out))
 
     wrist_landmarks = args.hand_landmarks
     if args.predictions or args.ground_truth:
@@ -139,6 +145,7 @@ def _evaluate(args) -> int:
         from medsapiens.evaluate.report import score_files, write_report
 
         report, errors, ids = score_files(args.predictions, args.ground_truth, wrist_landmarks, args.sdr_convention)
+        remove_earlier_report(Path(args.out))
         write_report(report, errors, ids, list(report["per_landmark"]), args.out)
     else:
         if not (args.bundle and args.shards):

@@ -11,11 +11,18 @@ from PIL import Image
 from medsapiens import distributed
 from medsapiens.data.pipeline import is_test_split
 from medsapiens.errors import InputError
-from medsapiens.evaluate.report import build_report, check_wrist_landmarks, write_report
+from medsapiens.evaluate.report import (
+    OVERLAYS,
+    build_report,
+    check_wrist_landmarks,
+    remove_earlier_report,
+    write_report,
+)
 from medsapiens.evaluation import conformal
 from medsapiens.evaluation.inference import PredictSettings, predict_split
 from medsapiens.evaluation.metrics import Protocol
 from medsapiens.evaluation.visualize import draw_landmarks
+from medsapiens.io import registry
 from medsapiens.io.manifest import Manifest, ManifestError
 from medsapiens.io.manifest import load as load_manifest
 from medsapiens.io.record import safe_name
@@ -65,7 +72,8 @@ class EvalOptions:
 
 def evaluate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset: str, split: str, out_dir,
                    options: EvalOptions = EvalOptions()) -> dict | None:
-    """Predict a split on every rank; rank 0 writes the report files and returns the report."""
+    """Predict a split on every rank; rank 0 writes the report files (an earlier report there replaced, its
+    overlays included) and returns the report."""
     check_split(manifest, dataset, split, bundle)
     landmark_set = manifest.landmark_set(dataset)
     check_wrist_landmarks(options.wrist_landmarks, landmark_set)
@@ -80,11 +88,14 @@ def evaluate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset:
         flip = " with flip test" if options.flip_test and landmark_set.can_flip else ""
         report = build_report(errors, mask, preds.ids, protocol, dataset, f"{split} split of {manifest.location}{flip}")
         report.update(evaluated_on=split, flip_test=bool(flip), selected_on=selection_of(bundle))
-        calibration = conformal.record_for(bundle.calibration, dataset, bool(flip))
+        if unscaled := preds.unscalable(protocol):
+            report["excluded_images"] = unscaled
+        calibration = registry.record_for(bundle.calibration, dataset, bool(flip))
         if calibration:
             report["coverage"] = conformal.coverage_report(errors, mask, calibration, landmark_set.names)
+        remove_earlier_report(Path(out_dir))  # a fine-tuning rerun's; the evaluate command asks first
         write_report(report, np.where(mask, errors, np.nan), preds.ids, landmark_set.names, out_dir)
-        write_overlays(preds.panels, Path(out_dir) / "overlays")
+        write_overlays(preds.panels, Path(out_dir) / OVERLAYS)
         reports.append(report)
 
     distributed.decide_on_rank0(score)  # a bad image stops every rank, not rank 0 alone

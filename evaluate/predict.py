@@ -27,7 +27,7 @@ from medsapiens.errors import InputError
 from medsapiens.evaluation import conformal
 from medsapiens.evaluation.metrics import Protocol
 from medsapiens.evaluation.visualize import draw_landmarks
-from medsapiens.io import jsondoc
+from medsapiens.io import jsondoc, registry
 from medsapiens.io.imageio import decode, dicom_spacing, is_dicom, to_float
 from medsapiens.io.record import Rejection
 
@@ -199,7 +199,7 @@ def predict(inputs: list[str], out_dir, options: PredictOptions = PredictOptions
         raise InputError(f"choose --dataset among the model's heads: {', '.join(heads)}")
     check_flip_test(landmarker, dataset, options.flip_test, onnx)
     landmark_set = landmarker.landmark_sets[dataset]
-    bounds = Bounds(landmark_set, conformal.record_for(landmarker.calibration, dataset, landmarker.flip_test[dataset]))
+    bounds = Bounds(landmark_set, registry.record_for(landmarker.calibration, dataset, landmarker.flip_test[dataset]))
     (out / "overlays" if options.overlays else out).mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
     batch: list[tuple] = []  # (path, image, spacing, its source) of the images not yet predicted

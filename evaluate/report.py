@@ -34,6 +34,24 @@ def build_report(errors: np.ndarray, mask: np.ndarray, ids: list[str], protocol:
     }
 
 
+REPORT_FILES = ("report.json", "report.md", "per_image.csv", CED, PER_LANDMARK)
+OVERLAYS = "overlays"
+
+
+def refuse_earlier_report(out: Path) -> None:
+    if (out / "report.json").is_file():
+        raise InputError(f"--out {out} holds an earlier report; give --overwrite to replace it, or another --out")
+
+
+def remove_earlier_report(out: Path) -> None:
+    """An earlier report's files and overlays in `out` (nothing else there), removed just before a new report
+    is written, so that no earlier file is taken for this report's."""
+    for name in REPORT_FILES:
+        (out / name).unlink(missing_ok=True)
+    for overlay in (out / OVERLAYS).glob("*.png"):
+        overlay.unlink()
+
+
 def write_report(report: dict, errors: np.ndarray, ids: list[str], names, out_dir: str | Path) -> Path:
     """report.json, report.md with its figures (CED curve, per-landmark MRE) and per_image.csv; `errors`
     (N, K) are NaN where the ground truth has no landmark."""
@@ -209,8 +227,13 @@ def score_files(predictions: str | Path, ground_truth: str | Path, wrist_landmar
         raise InputError(f"{len(missing)} ground-truth image(s) without prediction {missing[:10]}, "
                          f"{len(extra)} prediction(s) without ground truth {extra[:10]}")
     ids = sorted(gt.landmarks)
-    k = len(gt.landmarks[ids[0]]) if ids else 0
-    landmark_set = landmark_set_for(dataset, gt, k, ids)
+    if not ids:
+        raise InputError(f"{ground_truth} and {predictions} hold no image to score")
+    k = len(gt.landmarks[ids[0]])
+    try:
+        landmark_set = landmark_set_for(dataset, gt, k, ids)
+    except (TypeError, ValueError) as exc:  # the ground truth's own landmark_set
+        raise InputError(f"{ground_truth}: {exc}") from None
     check_wrist_landmarks(wrist_landmarks, landmark_set)
     protocol = Protocol(landmark_set, wrist_landmarks, convention)
     k = landmark_set.num_landmarks
@@ -224,7 +247,7 @@ def score_files(predictions: str | Path, ground_truth: str | Path, wrist_landmar
     unpredicted = [ids[n] for n in np.flatnonzero((np.isnan(guess).any(axis=-1) & visible).any(axis=1))]
     if unpredicted:
         raise InputError(f"predictions for image(s) {unpredicted[:10]} leave out landmarks the ground truth has")
-    unscaled = unscalable_images(protocol, visible, ids)
+    unscaled = protocol.unscalable_images(visible, ids)
     visible[[ids.index(i) for i in unscaled]] = False
     factors = [np.ones(2) if i in unscaled else unit_per_pixel(protocol, gt, i, truth[n]) for n, i in enumerate(ids)]
     errors = radial_errors(guess, np.where(visible[..., None], truth, guess), np.stack(factors))
@@ -239,16 +262,6 @@ def check_wrist_landmarks(pair: tuple[int, int] | None, landmark_set: LandmarkSe
     if pair is not None and not all(0 <= i < landmark_set.num_landmarks for i in pair):
         raise InputError(f"--hand-landmarks {pair[0]},{pair[1]}: {landmark_set.id} has landmarks "
                          f"0..{landmark_set.num_landmarks - 1}")
-
-
-def unscalable_images(protocol: Protocol, visible: np.ndarray, ids: list[str]) -> dict[str, str]:
-    """Images whose errors the protocol cannot scale (hand: a wrist landmark invisible), with the reason:
-    their landmarks are left out of the scores and counted, never measured in a wrong unit."""
-    if protocol.rule != "wrist_width":
-        return {}
-    a, b = protocol.wrist_pair
-    return {ids[n]: f"wrist landmark {a if not visible[n, a] else b} invisible: the {protocol.landmark_set.id} "
-            "protocol cannot scale its errors" for n in np.flatnonzero(~(visible[:, a] & visible[:, b]))}
 
 
 def unit_per_pixel(protocol: Protocol, gt: Table, image_id: str, truth: np.ndarray) -> np.ndarray:

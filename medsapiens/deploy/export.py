@@ -20,7 +20,7 @@ from medsapiens.data import preprocess
 from medsapiens.data.codec import decode_udp, flip_heatmaps, heatmap_to_input
 from medsapiens.data.pipeline import heatmap_size
 from medsapiens.errors import InputError
-from medsapiens.evaluation import conformal
+from medsapiens.io import registry
 from medsapiens.model import bundle as bundlelib
 
 METADATA_KEY = "medsapiens"
@@ -87,7 +87,7 @@ def metadata(bundle: bundlelib.Bundle, datasets: list[str], flip_test: bool, sou
         "flip_test": {d: bool(flip_test and sets[d].can_flip) for d in datasets},
         "landmark_sets": {d: sets[d].to_dict() for d in datasets},
         "calibration": {d: record for d in datasets
-                        if (record := conformal.record_for(bundle.calibration, d, flip_test and sets[d].can_flip))},
+                        if (record := registry.record_for(bundle.calibration, d, flip_test and sets[d].can_flip))},
     }
 
 

@@ -10,7 +10,6 @@ calibration images (9 at 90 %).
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 
@@ -108,15 +107,3 @@ def radii_in_pixels(protocol, radii, points: np.ndarray, spacing, size) -> np.nd
         return None
     return np.asarray(radii, dtype=np.float64)[:, None] / np.asarray(per_pixel, dtype=np.float64)[None, :]
 
-
-def record_for(calibration: dict, dataset: str, flip_test: bool) -> dict | None:
-    """A head's calibration record (from a bundle or an ONNX model's metadata) where its radii hold: for
-    predictions made as it was calibrated, with or without flip test (a record that does not say is kept).
-    Else None, and a note says why."""
-    record = calibration.get(dataset)
-    calibrated_with = record.get("flip_test") if record else None
-    if not isinstance(calibrated_with, bool) or calibrated_with == flip_test:
-        return record
-    print(f"note: the {dataset!r} radii were calibrated {'with' if calibrated_with else 'without'} flip test and "
-          f"do not hold {'with' if flip_test else 'without'} it: left out", file=sys.stderr)
-    return None

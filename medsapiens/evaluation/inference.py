@@ -54,9 +54,16 @@ class SplitPredictions:
             getattr(self, name).extend(getattr(other, name))
 
     def errors(self, protocol: Protocol):
-        factors = np.stack([protocol.unit_per_pixel(g, s, o, i)
+        """(errors (N, K) in the protocol's unit, mask (N, K) of those that count): invisible landmarks and
+        the images the protocol cannot scale (`unscalable`) do not."""
+        mask, unscaled = np.stack(self.visible) > 0, self.unscalable(protocol)
+        factors = np.stack([np.ones(2) if i in unscaled else protocol.unit_per_pixel(g, s, o, i)
                             for g, s, o, i in zip(self.gt, self.spacing, self.orig_size, self.ids, strict=True)])
-        return radial_errors(np.stack(self.pred), np.stack(self.gt), factors), np.stack(self.visible) > 0
+        mask[[i in unscaled for i in self.ids]] = False
+        return radial_errors(np.stack(self.pred), np.stack(self.gt), factors), mask
+
+    def unscalable(self, protocol: Protocol) -> dict[str, str]:
+        return protocol.unscalable_images(np.stack(self.visible) > 0, self.ids)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,16 @@ class Protocol:
             return f"errors in pixels of the image resized to {w}x{h}"
         return "errors in original pixels times the pixel spacing (mm); pixels where no spacing is known"
 
+    def unscalable_images(self, visible: np.ndarray, ids: list[str]) -> dict[str, str]:
+        """Images whose errors this protocol cannot scale (hand: a wrist landmark invisible, its position
+        meaningless), with the reason: their landmarks are left out of the scores and counted, never
+        measured in a wrong unit."""
+        if self.rule != "wrist_width":
+            return {}
+        a, b = self.wrist_pair
+        return {ids[n]: f"wrist landmark {a if not visible[n, a] else b} invisible: the {self.landmark_set.id} "
+                "protocol cannot scale its errors" for n in np.flatnonzero(~(visible[:, a] & visible[:, b]))}
+
     def unit_per_pixel(self, gt_orig: np.ndarray, spacing_orig, orig_size, image_id: str = "?") -> np.ndarray:
         """(sx, sy): protocol units per original pixel for one image."""
         norm = self.landmark_set.normalization or {}

@@ -7,6 +7,8 @@ stages read them from data, never from this file.
 """
 from __future__ import annotations
 
+import reprlib
+import sys
 from dataclasses import asdict, dataclass, field, fields
 
 from medsapiens.io.record import is_finite_number, is_whole
@@ -25,6 +27,9 @@ AARIZ_NAMES = (
     "lower_incisor_apex", "labrale_inferius", "labrale_superius", "soft_tissue_nasion",
     "soft_tissue_pogonion", "subnasale",
 )
+
+
+REQUIRED_KEYS = ("id", "names", "unit", "sdr_radii")  # of a landmark set's JSON
 
 
 @dataclass(frozen=True)
@@ -80,9 +85,14 @@ class LandmarkSet:
     @classmethod
     def from_dict(cls, d: dict) -> "LandmarkSet":
         """From a manifest's or a bundle's JSON: a field of the wrong type is a ValueError naming it."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a landmark set must be an object, got {reprlib.repr(d)}")
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"landmark set {d.get('id')!r}: unknown key(s) {unknown}")
+        missing = [key for key in REQUIRED_KEYS if key not in d]
+        if missing:
+            raise ValueError(f"landmark set {d.get('id')!r}: missing key(s) {missing}")
         pairs = d.get("flip_pairs")
         if not (pairs is None or isinstance(pairs, list) and all(_is_pair(p) for p in pairs)):
             raise ValueError(f"landmark set {d.get('id')!r}: flip_pairs must be null or a list of [i, j] index pairs")
@@ -112,13 +122,28 @@ class LandmarkSet:
             raise ValueError(f"{where}: sdr_radii must be positive numbers, got {list(self.sdr_radii)}")
         if not (self.native_spacing_mm is None or _is_positive(self.native_spacing_mm)):
             raise ValueError(f"{where}: native_spacing_mm must be null or a positive number, got {self.native_spacing_mm!r}")
-        if not (self.normalization is None or isinstance(self.normalization, dict)):
-            raise ValueError(f"{where}: normalization must be null or an object, got {self.normalization!r}")
+        if self.normalization is not None and not _is_normalization(self.normalization, len(self.names)):
+            raise ValueError(f"{where}: normalization must be null, {{\"rule\": \"wrist_width\", \"mm\": positive, "
+                             f"\"landmarks\": [i, j] in 0..{len(self.names) - 1}}} or {{\"rule\": \"frame\", \"size\": [w, h] "
+                             f"positive}}, got {reprlib.repr(self.normalization)}")
         if not isinstance(self.description, str):
             raise ValueError(f"{where}: description must be a string")
         for pair in self.flip_pairs or ():
             if not all(0 <= i < len(self.names) for i in pair):
                 raise ValueError(f"{where}: flip pair {pair} outside 0..{len(self.names) - 1}")
+
+
+def _is_normalization(rule, k: int) -> bool:
+    """One of the two rules the metrics know, with its fields (medsapiens.evaluation.metrics.Protocol)."""
+    if not isinstance(rule, dict):
+        return False
+    if rule.get("rule") == "wrist_width" and set(rule) == {"rule", "mm", "landmarks"}:
+        pair = rule["landmarks"]
+        return _is_positive(rule["mm"]) and _is_pair(pair) and all(0 <= i < k for i in pair) and pair[0] != pair[1]
+    if rule.get("rule") == "frame" and set(rule) == {"rule", "size"}:
+        size = rule["size"]
+        return isinstance(size, list) and len(size) == 2 and all(_is_positive(v) for v in size)
+    return False
 
 
 def _is_positive(value) -> bool:
@@ -147,6 +172,19 @@ def check_calibration(record, landmark_set: LandmarkSet) -> None:
         raise ValueError(f"{where}: split must name the split it was calibrated on")
     if not (isinstance(record.get("images"), int) and record["images"] > 0):
         raise ValueError(f"{where}: images must be a positive count, got {record.get('images')!r}")
+
+
+def record_for(calibration: dict, dataset: str, flip_test: bool) -> dict | None:
+    """A head's calibration record (from a bundle or an ONNX model's metadata) where its radii hold: for
+    predictions made as it was calibrated, with or without flip test (a record that does not say is kept).
+    Else None, and a note says why."""
+    record = calibration.get(dataset)
+    calibrated_with = record.get("flip_test") if record else None
+    if not isinstance(calibrated_with, bool) or calibrated_with == flip_test:
+        return record
+    print(f"note: the {dataset!r} radii were calibrated {'with' if calibrated_with else 'without'} flip test and "
+          f"do not hold {'with' if flip_test else 'without'} it: left out", file=sys.stderr)
+    return None
 
 
 def _indexed(prefix: str, n: int) -> tuple[str, ...]:

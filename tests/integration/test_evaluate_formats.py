@@ -80,9 +80,12 @@ def test_evaluate_cli_on_coco_files_writes_the_report(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "1 invisible in the ground truth, left out" in (out / "report.md").read_text()
     assert json.loads((out / "report.json").read_text())["excluded_landmarks"] == 1
+    again = run([*CLI, "evaluate", "--predictions", pred, "--ground-truth", str(tmp_path / "g.json"), "--out", str(out)], 60)
+    assert again.returncode == 2 and f"--out {out} holds an earlier report; give --overwrite" in again.stderr
     proc = run([*CLI, "evaluate", "--predictions", write(tmp_path / "bad.json", {"x": 1}), "--ground-truth",
-                str(tmp_path / "g.json"), "--out", str(out)], 60)
+                str(tmp_path / "g.json"), "--out", str(out), "--overwrite"], 60)
     assert proc.returncode == 2 and "bad.json: not a landmark file of a known format" in proc.stderr
+    assert (out / "report.json").is_file()  # a failed replacement keeps the earlier report
 
 
 def test_hand_image_with_an_invisible_wrist_landmark_is_left_out_and_named(tmp_path):

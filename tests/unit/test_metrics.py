@@ -36,6 +36,23 @@ def test_hand_wrist_normalisation_default_and_gu2net_option():
     assert radial_errors(pred[None], gt[None], gu2net[None])[0, 10] == pytest.approx(10.0)
 
 
+def test_a_bundle_evaluation_leaves_out_a_hand_image_with_an_invisible_wrist_landmark():
+    from medsapiens.evaluation.inference import SplitPredictions
+
+    gt = np.zeros((37, 2))
+    gt[1], gt[5] = [0, 0], [100, 0]  # wrist width 100 px -> 0.5 mm/px
+    hidden = gt.copy()
+    hidden[1] = [-40, 0]  # an invisible landmark keeps a position that means nothing
+    preds = SplitPredictions(ids=["a", "b"], pred=[gt + [6, 8], hidden + [6, 8]], gt=[gt, hidden],
+                             visible=[np.ones(37), np.r_[1, 0, np.ones(35)]], spacing=[None, None],
+                             orig_size=[(200, 200)] * 2)
+    protocol = Protocol(registry.get("hand"))
+    errors, mask = preds.errors(protocol)
+    assert mask[0].all() and not mask[1].any()  # measured in no unit rather than a wrong one
+    assert errors[0] == pytest.approx(np.full(37, 5.0))
+    assert preds.unscalable(protocol) == {"b": "wrist landmark 1 invisible: the hand protocol cannot scale its errors"}
+
+
 def test_chest_512_frame_is_per_axis():
     protocol = Protocol(registry.get("chest"))
     gt = np.zeros((1, 6, 2))
