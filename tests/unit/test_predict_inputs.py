@@ -279,6 +279,8 @@ def test_deeply_nested_prediction_files_are_one_line(tmp_path):
         score_files(tmp_path / "deep.json", tmp_path / "g.json")
     with pytest.raises(InputError, match="deep.json: JSON nested too deep"):
         score_files(tmp_path / "g.json", tmp_path / "deep.json")
+    with pytest.raises(InputError, match=r"g\.json and .*g\.json hold no image to score"):  # empty, not a traceback
+        score_files(tmp_path / "g.json", tmp_path / "g.json")
 
 
 # 10. compare
