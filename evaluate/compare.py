@@ -93,21 +93,35 @@ def comparison(paths) -> dict:
     if len(paths) < 2:
         raise InputError("--compare needs at least two report.json files")
     reports = [load_report(p) for p in paths]
-    for key, what in (("unit", "units"), ("dataset", "datasets")):
-        values = {r[key] for r in reports}
+    for key, what in MEASURED_ALIKE:
+        values = {str(r.get(key)) for r in reports}
         if len(values) > 1:
-            raise InputError(f"the reports are of different {what} ({', '.join(sorted(values))}): not comparable")
+            raise InputError(f"the reports are of different {what} ({'; '.join(sorted(values))}): not comparable")
     units = {r["unit"] for r in reports}
     radii = list(dict.fromkeys(r for report in reports for r in report["sdr"]))
     landmarks = list(reports[0]["per_landmark"])
     return {
         "unit": units.pop(), "radii": radii, "landmarks": landmarks,
-        "rows": [{"report": str(p), "dataset": r.get("dataset"), "images": r.get("images"), "mre": r["mre"],
+        "sdr_convention": reports[0].get("sdr_convention"),
+        "rows": [{"report": str(p), "dataset": r.get("dataset"), "measured_on": measured_on(r), "images": r.get("images"),
+                  "mre": r["mre"],
                   "mre_std_landmarks": r["mre_std_landmarks"], "mre_std_images": r["mre_std_images"],
                   "sdr": {k: r["sdr"].get(k) for k in radii}} for p, r in zip(paths, reports, strict=True)],
         "per_landmark": {name: [r["per_landmark"].get(name, {}).get("mre") for r in reports] for name in landmarks},
         "paired": [paired(reports[0], r) for r in reports[1:]],
     }
+
+
+# What must be the same for two reports' numbers to be comparable at all (an earlier report may lack
+# the protocol keys: absent in all of them is alike too).
+MEASURED_ALIKE = (("unit", "units"), ("dataset", "datasets"), ("protocol", "protocols"),
+                  ("sdr_convention", "SDR conventions"))
+
+
+def measured_on(report: dict) -> str:
+    """The split and flip test a report was measured with, where it says (they may differ on purpose: shown)."""
+    split = report.get("evaluated_on") or "n/a"
+    return f"{split}, flip test" if report.get("flip_test") else split
 
 
 def number(value, digits: int = 3) -> str:
@@ -116,11 +130,12 @@ def number(value, digits: int = 3) -> str:
 
 def markdown(c: dict) -> str:
     unit, radii, rows = c["unit"], c["radii"], c["rows"]
-    lines = ["| # | report | images | MRE (" + unit + ") | std over landmarks | std of image means | "
-             + " | ".join(f"SDR {r} {unit} (%)" for r in radii) + " |",
-             "|---:|---|---:|---:|---:|---:|" + "---:|" * len(radii)]
+    below = "<=" if "<=" in str(c["sdr_convention"]) else "<"
+    lines = ["| # | report | measured on | images | MRE (" + unit + ") | std over landmarks | std of image means | "
+             + " | ".join(f"SDR {below} {r} {unit} (%)" for r in radii) + " |",
+             "|---:|---|---|---:|---:|---:|---:|" + "---:|" * len(radii)]
     for n, row in enumerate(rows):
-        lines.append(f"| {n} | {row['report']} | {row['images']} | {number(row['mre'])} | "
+        lines.append(f"| {n} | {row['report']} | {row['measured_on']} | {row['images']} | {number(row['mre'])} | "
                      f"{number(row['mre_std_landmarks'])} | {number(row['mre_std_images'])} | "
                      + " | ".join(number(row["sdr"][r], 2) for r in radii) + " |")
     lines += ["", f"Paired sign-flip permutation test on per-image MRE against #0 (two-sided; exact up to "

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from medsapiens.errors import InputError
-from medsapiens.evaluate.compare import comparison
+from medsapiens.evaluate.compare import comparison, markdown
 from medsapiens.evaluate.predict import predict
 from medsapiens.evaluate.report import build_report, score_files
 from medsapiens.evaluation.metrics import Protocol
@@ -322,10 +322,16 @@ def test_compare_leaves_nan_images_out_of_the_test_and_counts_them(tmp_path):
     assert comparison([a, only_nan])["paired"][0] == {"images": 0, "mean_difference": None, "p": None, "left_out": 6}
 
 
-def test_compare_refuses_reports_of_different_datasets(tmp_path):
+def test_compare_refuses_reports_of_different_datasets_or_rules_and_shows_how_each_was_measured(tmp_path):
     a, b = report_file(tmp_path / "a.json"), report_file(tmp_path / "b.json", dataset="aariz")
-    with pytest.raises(InputError, match=r"different datasets \(aariz, head\)"):
+    with pytest.raises(InputError, match=r"different datasets \(aariz; head\)"):
         comparison([a, b])
+    loose = report_file(tmp_path / "c.json", sdr_convention="error <= r")  # the same predictions, counted otherwise
+    with pytest.raises(InputError, match=r"different SDR conventions \(error < r; error <= r\)"):
+        comparison([a, loose])
+    flipped = report_file(tmp_path / "d.json", evaluated_on="test1", flip_test=True)
+    table = markdown(comparison([a, flipped]))
+    assert "| measured on |" in table and "| test1, flip test |" in table and "SDR < 2 mm (%)" in table
 
 
 # 11. evaluate: the bundle's landmarks are the shards'

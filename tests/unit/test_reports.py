@@ -93,10 +93,10 @@ def test_compare_prints_the_reports_values_and_a_paired_test(tmp_path):
     assert text == (tmp_path / "cmp" / "compare.md").read_text() + "\n"
     for n, report in ((0, a), (1, b), (2, a)):
         row = table_rows(text, str(n))[0]
-        assert row[2] == str(report["images"])
-        assert [float(v) for v in row[3:6]] == [round(report[k], 3) for k in ("mre", "mre_std_landmarks",
+        assert row[2] == "n/a" and row[3] == str(report["images"])  # score files name no split
+        assert [float(v) for v in row[4:7]] == [round(report[k], 3) for k in ("mre", "mre_std_landmarks",
                                                                                   "mre_std_images")]
-        assert [float(v) for v in row[6:]] == [round(report["sdr"][r], 2) for r in ("2", "2.5", "3", "4")]
+        assert [float(v) for v in row[7:]] == [round(report["sdr"][r], 2) for r in ("2", "2.5", "3", "4")]
     tests = json.loads((tmp_path / "cmp" / "compare.json").read_text())["paired"]
     # all 12 image differences positive: the exact sign-flip p is 2 / 2^12; no difference: p = 1
     assert tests[0]["p"] == pytest.approx(2 / 2**12) and tests[0]["worse"] == 12
