@@ -1,6 +1,7 @@
 """Figures beside report.md: the cumulative error distribution (CED) and per-landmark MRE bars (matplotlib)."""
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -80,8 +81,9 @@ def report_figures(report: dict, errors: np.ndarray, out_dir) -> list[Path]:
 
 def errors_from_csv(path) -> np.ndarray:
     """(N, K) errors of a report's per_image.csv (NaN where the ground truth has no landmark)."""
-    rows = Path(path).read_text().splitlines()[1:]
-    return np.array([[float(v) for v in row.split(",")[2:]] for row in rows if row], dtype=np.float64)
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))[1:]  # ids may hold commas, quoted
+    return np.array([[float(v) for v in row[2:]] for row in rows if row], dtype=np.float64)
 
 
 def runs_ced_figure(starts: dict[str, list], unit: str, radii, path, title: str) -> Path:

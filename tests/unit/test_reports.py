@@ -137,3 +137,14 @@ def test_a_val_split_too_small_to_calibrate_names_the_option_that_grows_it(valid
     info = DatasetInfo(registry.BUILTIN["leg"], {"train": 40, "val": 1}, {"validation": validation})
     manifest = Manifest(datasets={"leg": info}, shards=[], inputs=41, rejected=0)
     assert way in calibration_shortfall(manifest, "leg", "val", 0.9)
+
+
+def test_per_image_csv_reads_back_whatever_the_image_ids_hold(tmp_path):
+    from medsapiens.evaluate.figures import errors_from_csv
+
+    errors = errors_of(3, 1.0)
+    ids = [f"scan, {n}" for n in range(len(IDS))]  # a comma in a file name
+    protocol = Protocol(registry.get("head"))
+    report = build_report(errors, np.ones_like(errors, dtype=bool), ids, protocol, "head", "synthetic errors")
+    write_report(report, errors, ids, protocol.landmark_set.names, tmp_path)
+    assert errors_from_csv(tmp_path / "per_image.csv") == pytest.approx(np.round(errors, 4), abs=1e-9)
