@@ -109,7 +109,7 @@ def initial_model(cfg: FinetuneConfig, landmark_set: LandmarkSet):
         model, bundle = bundlelib.load(cfg.bundle)
         reused = dataset in bundle.heads
         if reused and not cfg.reinit_head:
-            check_reusable_head(cfg.bundle, bundle, landmark_set)
+            check_reusable_head(cfg.bundle, bundle, dataset, landmark_set)
         for other in [d for d in model.dataset_ids if d != dataset or cfg.reinit_head]:
             model.drop_head(other)
         if dataset not in model.dataset_ids:  # a new dataset, or its head re-initialised (reinit_head)
@@ -127,10 +127,10 @@ def initial_model(cfg: FinetuneConfig, landmark_set: LandmarkSet):
     return model, replace(model_cfg, checkpoint=None), origin
 
 
-def check_reusable_head(bundle_dir: str, bundle: bundlelib.Bundle, landmark_set: LandmarkSet) -> None:
-    """The bundle's head for the dataset predicts the shards' landmarks, in their order (else it would start
+def check_reusable_head(bundle_dir: str, bundle: bundlelib.Bundle, dataset: str, landmark_set: LandmarkSet) -> None:
+    """The bundle's head for `dataset` predicts the shards' landmarks, in their order (else it would start
     training from another dataset's landmarks under these names)."""
-    dataset, theirs = landmark_set.id, bundle.landmark_sets[landmark_set.id]
+    theirs = bundle.landmark_sets[dataset]
     if theirs.names == landmark_set.names:
         return
     if theirs.num_landmarks != landmark_set.num_landmarks:

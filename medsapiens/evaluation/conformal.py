@@ -58,7 +58,7 @@ def radius(errors, coverage: float) -> float:
     k = rank_of(len(values), coverage)
     if k > len(values):
         raise TooFewToCalibrate(f"{len(values)} calibration errors are too few for {coverage:.0%} coverage: "
-                         f"at least {minimum_images(coverage)} are needed")
+                                f"at least {minimum_images(coverage)} are needed")
     return float(values[k - 1])
 
 
@@ -106,4 +106,3 @@ def radii_in_pixels(protocol, radii, points: np.ndarray, spacing, size) -> np.nd
     except ValueError:
         return None
     return np.asarray(radii, dtype=np.float64)[:, None] / np.asarray(per_pixel, dtype=np.float64)[None, :]
-

@@ -125,8 +125,7 @@ def test_a_bundle_start_keeps_its_head_unless_asked_to_start_it_afresh(head_hand
         assert torch.equal(state["decoder.trunk.0.conv.weight"], bundled["decoder.trunk.0.conv.weight"])
         assert torch.equal(state["decoder.heads.head.weight"], bundled["decoder.heads.head.weight"]) is not reinit
     renamed = replace(head_set, names=(*head_set.names[:-1], "elsewhere"))
-    for other in (renamed, manifestlib.load(phantom_shards).landmark_set("hand")):
-        other = replace(other, id="head")  # shards whose "head" is another dataset's landmarks
+    for other in (renamed, manifestlib.load(phantom_shards).landmark_set("hand")):  # shards whose "head" is another's
         for reinit in (False, True):
             cfg = configlib.load(FinetuneConfig, FINETUNE_CONFIG, ["dataset=head", f"bundle={head_hand_bundle}",
                                                                   f"reinit_head={str(reinit).lower()}"])
