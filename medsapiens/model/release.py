@@ -21,7 +21,6 @@ placeholder in for every other global: nothing named in the file is imported or 
 from __future__ import annotations
 
 import pickle
-import re
 import types
 import zipfile
 from collections import OrderedDict
@@ -35,7 +34,7 @@ from medsapiens.io import registry
 from medsapiens.io.shard_tar import file_digest
 from medsapiens.model import DEFAULT_IMG_SIZE, LandmarkModel, ModelConfig, MultiHeadDecoder, build_backbone, get_arch
 from medsapiens.model import bundle as bundlelib
-from medsapiens.model.weights import load_checkpoint
+from medsapiens.model.weights import load_checkpoint, weights_only_refusal
 
 STAGE = "medsapiens-release"
 MULTI_DATASET_ORDER = ("head", "chest", "hand", "leg")  # MedSapiens' 88-channel final layer
@@ -129,8 +128,7 @@ def read_checkpoint(path: str | Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True), "torch.load(weights_only=True)"
     except pickle.UnpicklingError as e:
-        found = re.search(r"WeightsUnpickler error: (.+?)(?: was not an allowed|\. |\n|$)", str(e))
-        refused = found.group(1).strip() if found else "it refused the file"
+        refused = weights_only_refusal(e)
     except Exception as e:  # not a torch file at all
         raise InputError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
     if not zipfile.is_zipfile(path):

@@ -11,12 +11,13 @@ import logging
 import math
 import pickle
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from medsapiens.errors import CheckpointError, InputError
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 FORMAT = "medsapiens-backbone"
 GRID_METADATA_KEY = "pos_embed_grid"
 WRAPPER_KEYS = ("state_dict", "model")
+SAFETENSORS_HEADER_LIMIT = 100 << 20  # safetensors refuses a header over 100 MB
 BACKBONE_PREFIXES = ("backbone.module.", "backbone.")  # longest first
 DROPPED_KEYS = ("cls_token",)
 
@@ -78,19 +80,44 @@ class BackboneState:
     notes: list[str]
 
 
+TORCH_ADVICE = ("Weights only load failed", "(1)", "(2)", "Check the documentation", "Please file an issue")
+
+
+def weights_only_refusal(exc: Exception) -> str:
+    """What torch's weights_only reader refused, from its message (the rest of which is advice)."""
+    for line in str(exc).splitlines():
+        line = line.split("WeightsUnpickler error:")[-1].strip()
+        if line and not line.startswith(TORCH_ADVICE):
+            return line.split(" was not an allowed")[0][:200]
+    return "it refused the file"
+
+
+def is_safetensors(path: str) -> bool:
+    """By the file's first bytes, whatever its name: an 8-byte header length, then the JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < SAFETENSORS_HEADER_LIMIT
+
+
 def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors of a checkpoint file and its safetensors metadata ({} for torch files)."""
+    """All tensors of a checkpoint file (safetensors or torch, told by its content) and its safetensors
+    metadata ({} for torch files). A file neither can read is one line naming it."""
     path = str(path)
-    if path.endswith(".safetensors"):
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if is_safetensors(path):
+            with safe_open(path, framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        with open(path, "rb") as f:  # a file object: torch reads no meaning into the name's suffix
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
     except pickle.UnpicklingError as e:
-        raise InputError(
-            f"{path}: cannot be read with weights_only=True ({e}); "
-            "save its state dict alone (a dict of tensors) and retry"
-        ) from e
+        if not zipfile.is_zipfile(path):
+            raise InputError(f"{path}: not a readable checkpoint (neither safetensors nor a torch file)") from None
+        raise InputError(f"{path}: torch.load(weights_only=True) refuses it ({weights_only_refusal(e)}): "
+                         "save its state dict alone (a dict of tensors) and retry") from None
+    except (OSError, RuntimeError, ValueError, EOFError, SafetensorError) as e:  # truncated, not a checkpoint
+        raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     for key in WRAPPER_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -127,7 +154,7 @@ def normalize_state(
         state.file_keys[key] = file_key
     if "pos_embed" in state.tensors:
         state.tensors["pos_embed"], state.grid, note = _split_pos_embed(
-            state.tensors["pos_embed"], _metadata_grid(metadata), model_grid, source
+            state.tensors["pos_embed"], _metadata_grid(metadata, source), model_grid, source
         )
         if note:
             state.notes.append(note)
@@ -173,7 +200,10 @@ def load_backbone(
     if checkpoint is not None:
         report = load_checkpoint(backbone, checkpoint)
         if not report.complete:
-            raise InputError(report.summary())
+            adapters = any("lora_" in key for key in report.unexpected)
+            raise InputError(report.summary() + ("\n  it holds LoRA adapters, not a whole backbone: a MedSapiens release "
+                                                 "converts with `medsapiens model convert --from medsapiens`"
+                                                 if adapters else ""))
         log.info(report.summary())
     backbone.set_grad_checkpointing(grad_checkpointing)
     return backbone
@@ -259,8 +289,10 @@ def _rename(key: str) -> str:
 
 def _split_pos_embed(pos_embed, recorded_grid, model_grid, source):
     """-> (pos_embed without cls slot, its grid, a note or None)."""
+    if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
+        raise InputError(f"{source}: pos_embed has shape {tuple(pos_embed.shape)}, not (1, tokens, channels)")
     tokens = pos_embed.shape[1]
-    grid = recorded_grid or _infer_grid(tokens, model_grid)
+    grid = recorded_grid or _infer_grid(tokens, model_grid, source)
     if grid is None or tokens - grid[0] * grid[1] not in (0, 1):
         raise InputError(
             f"{source}: pos_embed has shape {tuple(pos_embed.shape)}: its {tokens} tokens are neither "
@@ -272,22 +304,33 @@ def _split_pos_embed(pos_embed, recorded_grid, model_grid, source):
     return pos_embed[:, 1:], grid, f"pos_embed cls slot dropped ({_grid_text(grid)} grid)"
 
 
-def _infer_grid(tokens: int, model_grid: tuple[int, int] | None) -> tuple[int, int] | None:
-    if model_grid and tokens - model_grid[0] * model_grid[1] in (0, 1):
-        return model_grid
-    for patches in (tokens, tokens - 1):
+def _infer_grid(tokens: int, model_grid: tuple[int, int] | None, source: str) -> tuple[int, int] | None:
+    """The grid of a position table that records none: a cls slot and a square grid (the released
+    pretrained files), the model's own grid (no cls slot), or a square grid; None when none fits. Two
+    different grids that both fit (4096 tokens for a 128x32 model: 64x64 or 128x32?) are refused."""
+    readings = []
+    for patches in (tokens - 1, tokens):  # a cls slot, then none
         side = math.isqrt(max(patches, 0))
         if side > 0 and side * side == patches:
-            return side, side
-    return None
+            readings.append((side, side))
+    if model_grid and tokens == model_grid[0] * model_grid[1]:
+        readings.append(tuple(model_grid))
+    distinct = list(dict.fromkeys(readings))
+    if len(distinct) > 1:
+        raise InputError(f"{source}: its pos_embed's {tokens} tokens fit a {' and a '.join(map(_grid_text, distinct))} "
+                         f"grid; record which in safetensors metadata as {GRID_METADATA_KEY}='HxW' (medsapiens model "
+                         "convert writes it)")
+    return distinct[0] if distinct else None
 
 
-def _metadata_grid(metadata: dict[str, str]) -> tuple[int, int] | None:
+def _metadata_grid(metadata: dict[str, str], source: str) -> tuple[int, int] | None:
     text = metadata.get(GRID_METADATA_KEY)
     if text is None:
         return None
-    h, w = text.split("x")
-    return int(h), int(w)
+    found = re.fullmatch(r"([1-9]\d*)x([1-9]\d*)", text)
+    if not found:
+        raise InputError(f"{source}: metadata {GRID_METADATA_KEY}={text!r} is not HxW, e.g. 64x48")
+    return int(found.group(1)), int(found.group(2))
 
 
 def _grid_text(grid: tuple[int, int]) -> str:

@@ -196,3 +196,38 @@ def test_compiled_regions_have_no_graph_break_and_identical_blocks_share_one_gra
         assert counters["stats"]["unique_graphs"] == block_kinds + 1  # + the decoder trunk
     finally:
         torch._dynamo.reset()
+
+
+def test_a_released_square_table_is_resized_for_a_grid_of_as_many_patches(tiny_state):
+    """2048x512 has a 128x32 grid: 4096 patches, as the released 64x64 table (4097 rows with its cls slot)."""
+    backbone = build_backbone("sapiens_tiny", (2048, 512))
+    report = load_state(backbone, tiny_state)
+    assert report.complete and "pos_embed resized from 64x64 to 128x32" in report.notes
+    assert not torch.equal(backbone.pos_embed.data, tiny_state["pos_embed"][:, 1:])
+    square = tiny_state["pos_embed"][:, 1:]  # without the cls slot 4096 rows are 64x64 or 128x32: refused
+    with pytest.raises(ValueError, match=r"4096 tokens fit a 64x64 and a 128x32 grid; record which"):
+        load_state(build_backbone("sapiens_tiny", (2048, 512)), dict(tiny_state, pos_embed=square))
+
+
+def test_a_checkpoint_file_that_cannot_be_read_is_one_line_naming_it(tmp_path, tiny_state):
+    from medsapiens.errors import InputError
+
+    good = tmp_path / "good.pth"
+    torch.save(tiny_state, good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    misnamed = tmp_path / "torch.safetensors"  # a torch file under a safetensors name: read by its content
+    misnamed.write_bytes(good.read_bytes())
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint at all")
+    for path in (truncated, junk):
+        with pytest.raises(InputError, match=rf"^{path}: not a readable checkpoint"):
+            read_tensors(path)
+    assert read_tensors(misnamed)[0].keys() == tiny_state.keys()
+    save_file(tiny_state, tmp_path / "st.safetensors", metadata={"pos_embed_grid": "64X64"})
+    (tmp_path / "st.pth").write_bytes((tmp_path / "st.safetensors").read_bytes())  # and the other way round
+    for path in (tmp_path / "st.safetensors", tmp_path / "st.pth"):
+        with pytest.raises(InputError, match=rf"^{path}: metadata pos_embed_grid='64X64' is not HxW"):
+            load_checkpoint(build_backbone("sapiens_tiny", IMG), path)
+    with pytest.raises(InputError, match=r"pos_embed has shape \(4097, 192\), not \(1, tokens, channels\)"):
+        load_state(build_backbone("sapiens_tiny", IMG), dict(tiny_state, pos_embed=tiny_state["pos_embed"][0]))
