@@ -231,3 +231,11 @@ def test_a_checkpoint_file_that_cannot_be_read_is_one_line_naming_it(tmp_path, t
             load_checkpoint(build_backbone("sapiens_tiny", IMG), path)
     with pytest.raises(InputError, match=r"pos_embed has shape \(4097, 192\), not \(1, tokens, channels\)"):
         load_state(build_backbone("sapiens_tiny", IMG), dict(tiny_state, pos_embed=tiny_state["pos_embed"][0]))
+
+
+def test_lora_adapters_alone_are_named_as_such(tmp_path, tiny_state):
+    adapters = tmp_path / "best_EPE_epoch_199.pth"  # what a MedSapiens release holds of its backbone
+    torch.save({"state_dict": {"backbone.module.layers.0.attn.qkv.lora_down.weight": torch.zeros(4, 192),
+                               "backbone.module.pos_embed": tiny_state["pos_embed"]}}, adapters)
+    with pytest.raises(ValueError, match=r"it holds LoRA adapters, not a whole backbone: .*model convert --from medsapiens"):
+        load_backbone("sapiens_tiny", str(adapters), img_size=IMG)
