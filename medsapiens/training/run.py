@@ -145,9 +145,10 @@ WORLD_SIZE_CHANGES = {"data.micro_batch", "train.grad_accum"}  # to keep the glo
 
 def check_same_run(run_dir: Path, cfg, resume: str, manifest_digest: str, start_digest: str | None = None) -> None:
     """A rerun that resumes continues the run in run_dir, so its resolved config must be the one saved
-    there (the keys of RESUMABLE_CHANGES and the stage config's AFTER_TRAINING aside; with `universal`, which resumes on another number of
-    ranks, also those of WORLD_SIZE_CHANGES), on the same shard manifest, from the same starting
-    weights. Raises naming each difference, before anything in run_dir is rewritten."""
+    there (the keys of RESUMABLE_CHANGES and the stage config's AFTER_TRAINING aside; with `universal`,
+    which resumes on another number of ranks, also those of WORLD_SIZE_CHANGES), on the same shard
+    manifest, from the same starting weights. Raises naming each difference, before anything in run_dir
+    is rewritten."""
     saved = run_dir / RESOLVED_CONFIG
     if resume == "none" or not checkpoints.tags(checkpoints.checkpoint_dir(run_dir)) or not saved.is_file():
         return
