@@ -121,16 +121,19 @@ def calibrate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset
     landmark_set = manifest.landmark_set(dataset)
     preds = predict_split(model, manifest, dataset, model.dataset_ids.index(dataset), split,
                           options.settings(model, bundle))
-    measured = preds.errors(Protocol(landmark_set)) if preds is not None else None
-    short = [conformal.landmark_shortfall(measured[1], coverage, landmark_set.names) if measured else None]
-    distributed.broadcast_from_rank0(short)  # rank 0 has the predictions; every rank raises alike
-    if short[0]:
-        raise conformal.TooFewToCalibrate(f"{dataset} {split!r}: {short[0]}")
-    if measured is None:
-        return None
-    errors, mask = measured
-    return conformal.calibrate(errors, mask, coverage, landmark_set.names, landmark_set.unit, split,
-                               bool(options.flip_test and landmark_set.can_flip))
+    record = None
+    refused: list[str | None] = [None]
+    if preds is not None:  # rank 0: it has every rank's predictions
+        errors, mask = preds.errors(Protocol(landmark_set))
+        try:
+            record = conformal.calibrate(errors, mask, coverage, landmark_set.names, landmark_set.unit, split,
+                                         bool(options.flip_test and landmark_set.can_flip))
+        except conformal.TooFewToCalibrate as exc:
+            refused[0] = f"{dataset} {exc}"
+    distributed.broadcast_from_rank0(refused)  # every rank raises alike
+    if refused[0]:
+        raise conformal.TooFewToCalibrate(refused[0])
+    return record
 
 
 def calibration_shortfall(manifest: Manifest, dataset: str, split: str, coverage: float) -> str | None:

@@ -56,7 +56,8 @@ class SplitPredictions:
     def errors(self, protocol: Protocol):
         """(errors (N, K) in the protocol's unit, mask (N, K) of those that count): invisible landmarks and
         the images the protocol cannot scale (`unscalable`) do not."""
-        mask, unscaled = np.stack(self.visible) > 0, self.unscalable(protocol)
+        mask = np.stack(self.visible) > 0
+        unscaled = protocol.unscalable_images(mask, self.ids)
         factors = np.stack([np.ones(2) if i in unscaled else protocol.unit_per_pixel(g, s, o, i)
                             for g, s, o, i in zip(self.gt, self.spacing, self.orig_size, self.ids, strict=True)])
         mask[[i in unscaled for i in self.ids]] = False
