@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 from isal import isal_zlib
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from medsapiens.errors import InputError
 from medsapiens.io.record import Rejection, check_image_size
@@ -46,6 +46,9 @@ MAX_PIXELS_ENV = "MEDSAPIENS_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 64_000_000  # a stitched full-spine radiograph at 0.1 mm is ~56 MP; decoded at most 4 bytes each
 PNG_COMPRESS_LEVEL = 3  # lossless either way; 3 is several times faster than 9 for a few % more bytes
 RESAMPLE = Image.Resampling.LANCZOS  # PIL widens the kernel when downscaling: antialiased
+# The formats PIL may open, whatever a file is named: PIL knows others, and some run programs (EPS
+# runs Ghostscript on the file's PostScript).
+FILE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 
 
 def decode(path: str, frame: int | None = None) -> np.ndarray:
@@ -55,7 +58,7 @@ def decode(path: str, frame: int | None = None) -> np.ndarray:
     if is_dicom(path):
         return decode_dicom(path, frame)
     try:
-        image = Image.open(path)
+        image = open_image(path)
     except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a file it cannot identify
         raise Rejection("unreadable_image", f"{path}: {exc}") from None
     with image:
@@ -72,20 +75,31 @@ def decode(path: str, frame: int | None = None) -> np.ndarray:
     return by_significant_bits(pixels) if pixels.dtype == np.uint16 else pixels
 
 
-def pick_page(image: Image.Image, path: str, frame: int | None) -> None:
-    """Seek a multi-page file (TIFF) to page `frame`, as frame_index does for DICOM frames."""
+def open_image(source) -> Image.Image:
+    """PIL's image of a path or file object, in one of FILE_FORMATS only."""
     try:
-        pages = getattr(image, "n_frames", 1)
-    except Exception as exc:  # noqa: BLE001 - PIL walks the page chain here: a damaged one raises any kind
-        raise Rejection("unreadable_image", f"{path}: {exc}") from None
-    if pages == 1:
+        return Image.open(source, formats=FILE_FORMATS)
+    except UnidentifiedImageError:
+        raise ValueError(f"not a {', '.join(FILE_FORMATS[:-1])} or {FILE_FORMATS[-1]} image") from None
+
+
+def pick_page(image: Image.Image, path: str, frame: int | None) -> None:
+    """Seek a multi-page file (TIFF) to page `frame`, as frame_index does for DICOM frames. The pages
+    are never counted: PIL walks the whole page chain to count them, a long time for a file of many
+    small pages; the file says at its first page whether another follows."""
+    if not getattr(image, "is_animated", False):
         return
     if frame is None:
-        raise Rejection("multi_frame", f"{path}: multi-page image ({pages} pages); choose one with --frame N "
-                                       "(predict), or give shards one file per page")
-    if not 0 <= frame < pages:
-        raise Rejection("multi_frame", f"{path}: has {pages} pages, there is no page {frame}")
-    image.seek(frame)
+        raise Rejection("multi_frame", f"{path}: multi-page image; choose a page with --frame N (predict), "
+                                       "or give shards one file per page")
+    try:
+        if frame < 0:
+            raise EOFError
+        image.seek(frame)
+    except EOFError:
+        raise Rejection("multi_frame", f"{path}: there is no page {frame}") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged page chain raises any kind
+        raise Rejection("unreadable_image", f"{path}: {exc}") from None
 
 
 def is_dicom(path) -> bool:
@@ -422,7 +436,7 @@ def _png_image_data(data: bytes) -> bytes:
 
 def _decode_with_pil(data: bytes, max_side: int | None) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=("PNG",)) as image:
             check_max_side(*image.size, max_side)
             image.load()
             return pil_to_array(image, "PNG bytes")

@@ -20,7 +20,7 @@ from medsapiens.evaluate.predict import predict
 from medsapiens.evaluate.report import build_report, score_files
 from medsapiens.evaluation.metrics import Protocol
 from medsapiens.io import registry
-from medsapiens.io.imageio import decode
+from medsapiens.io.imageio import decode, decode_png
 from medsapiens.io.manifest import DatasetInfo, Manifest, ManifestError
 from medsapiens.io.record import Rejection
 from medsapiens.launch.cli import main
@@ -254,7 +254,7 @@ def test_a_multi_page_tiff_needs_a_page(tmp_path):
     first.save(path, save_all=True, append_images=[second])
     with pytest.raises(Rejection) as refused:
         decode(str(path))
-    assert refused.value.reason == "multi_frame" and "2 pages" in refused.value.detail
+    assert refused.value.reason == "multi_frame" and "multi-page image; choose a page" in refused.value.detail
     assert decode(str(path), 1).max() == 200 and decode(str(path), 0).max() == 10
     with pytest.raises(Rejection, match="there is no page 2"):
         decode(str(path), 2)
@@ -359,3 +359,22 @@ def test_evaluate_refuses_a_head_with_other_landmarks_of_the_same_count(change, 
 def test_model_info_refuses_widths_and_heads_below_one(capsys, flags):
     refused_in_one_line(capsys, ["model", "info", "--arch", "sapiens_tiny", *flags], flags[0],
                         "expected a positive integer")
+
+
+def test_an_image_file_holding_postscript_never_reaches_ghostscript(tmp_path, monkeypatch):
+    """PIL knows formats whose loading runs programs (EPS runs Ghostscript on the file's PostScript):
+    only PNG, JPEG, BMP and TIFF are opened, whatever the name; a shard's image, PNG only."""
+    ran = tmp_path / "ghostscript-ran"
+    fake = tmp_path / "bin" / "gs"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\ntouch {ran}\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    postscript = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n{} loop\n%%EOF\n"
+    (tmp_path / "x.png").write_bytes(postscript)
+    with pytest.raises(Rejection) as refused:
+        decode(str(tmp_path / "x.png"))
+    assert refused.value.reason == "unreadable_image" and "not a PNG, JPEG, BMP or TIFF image" in refused.value.detail
+    with pytest.raises(OSError):
+        decode_png(postscript)
+    assert not ran.exists()
