@@ -10,12 +10,13 @@ Every stage skips work a previous run already finished, so an interrupted demo c
 """
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from medsapiens.errors import EXIT_USER_ERROR, UserError
@@ -41,8 +42,14 @@ class DemoPlan:
     ranks: int = 2
     shots: int = 5
     seeds: tuple[int, ...] = (0, 1, 2)
-    pretrain_overrides: list[str] = field(default_factory=list)
-    finetune_overrides: list[str] = field(default_factory=list)
+    pretrain_steps: int | None = None  # None: the experiment config's train.max_steps
+    finetune_steps: int | None = None
+
+    @property
+    def settings(self) -> dict:
+        """What decides the demo's results: a rerun into the same folder must ask for the same."""
+        return {"arch": self.arch, "held_out": self.held_out, "ranks": self.ranks,
+                "pretrain_steps": self.pretrain_steps, "finetune_steps": self.finetune_steps}
 
     @property
     def sets(self) -> tuple[str, ...]:
@@ -73,20 +80,26 @@ def run(cmd: list[str]) -> None:
 
 
 def claim_out(plan: DemoPlan) -> None:
-    """An output folder holds one arch's demo: its finished stages are skipped on a rerun, so a rerun
-    with another arch there would mix two runs into one table."""
+    """An output folder holds one demo: its finished stages are skipped on a rerun, so a rerun there
+    with other settings (arch, held-out set, steps) would mix two runs into one table."""
     marker = plan.out / "demo.json"
     if marker.exists():
-        made_with = json.loads(marker.read_text())["arch"]
+        made_with = json.loads(marker.read_text())
     elif (plan.out / "sapiens_tiny_init.safetensors").exists():
-        made_with = "sapiens_tiny"  # a demo written before the marker existed (its phantoms and shards fit any arch)
+        made_with = {"arch": "sapiens_tiny"}  # a demo from before the marker held its settings
     else:
-        made_with = plan.arch
-    if made_with != plan.arch:
-        raise UserError(f"{plan.out} holds a demo of {made_with}, not {plan.arch}: "
+        made_with = plan.settings
+    differing = [f"{key} {made_with[key]} (now {plan.settings[key]})" for key in plan.settings
+                 if key in made_with and made_with[key] != plan.settings[key]]
+    if differing:
+        raise UserError(f"{plan.out} holds a demo made with other settings: {', '.join(differing)}; "
                         "pass --fresh to start over there, or another --out")
     plan.out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"arch": plan.arch}))
+    marker.write_text(json.dumps(plan.settings))
+
+
+def steps_override(steps: int | None) -> list[str]:
+    return [] if steps is None else [f"train.max_steps={steps}"]
 
 
 def make_phantoms(plan: DemoPlan) -> Path:
@@ -130,7 +143,7 @@ def pretrain(plan: DemoPlan, shards: Path, backbone: Path) -> Path:
     datasets = "[" + ",".join(plan.pretrain_sets) + "]"
     run(medsapiens("launch", "pretrain", "--config", str(EXPERIMENTS / "demo.yaml"), "--gpus", str(plan.ranks),
                    f"data.shards={shards}", f"run_dir={run_dir}", f"data.datasets={datasets}",
-                   f"model.checkpoint={backbone}", f"model.arch={plan.arch}", *plan.pretrain_overrides))
+                   f"model.checkpoint={backbone}", f"model.arch={plan.arch}", *steps_override(plan.pretrain_steps)))
     bundle = plan.out / "bundle"
     run(medsapiens("pretrain", "export", str(run_dir), "--out", str(bundle)))
     return bundle
@@ -145,7 +158,7 @@ def finetune(plan: DemoPlan, shards: Path, bundle: Path, backbone: Path, init: s
         run(medsapiens("finetune", "--config", str(EXPERIMENTS / "demo_finetune.yaml"), *start,
                        "--shards", str(shards), "--dataset", plan.held_out, "--shots", str(plan.shots),
                        "--seeds", ",".join(map(str, plan.seeds)), "--run-dir", str(run_dir), f"model.arch={plan.arch}",
-                       *plan.finetune_overrides))
+                       *steps_override(plan.finetune_steps)))
     return json.loads(summary.read_text())
 
 
@@ -219,7 +232,17 @@ def register(subparsers) -> None:
     parser.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks for pretraining (default 2)")
     parser.add_argument("--held-out", default="leg", choices=("head", "hand", "chest", "leg"),
                         help="the set kept out of pretraining and fine-tuned few-shot (default leg)")
+    parser.add_argument("--pretrain-steps", type=positive_steps, metavar="N",
+                        help="pretraining steps (default 800, launch/experiments/demo.yaml)")
+    parser.add_argument("--finetune-steps", type=positive_steps, metavar="N",
+                        help="fine-tuning steps of each run (default 120, launch/experiments/demo_finetune.yaml)")
     parser.set_defaults(func=_demo)
+
+
+def positive_steps(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of steps of at least 1, got {text!r}")
+    return int(text)
 
 
 def _demo(args) -> int:
@@ -227,5 +250,6 @@ def _demo(args) -> int:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     pretrain_sets = tuple(d for d in ("head", "hand", "chest", "leg") if d != args.held_out)
-    run_demo(DemoPlan(out=out, arch=args.arch, ranks=args.ranks, held_out=args.held_out, pretrain_sets=pretrain_sets))
+    run_demo(DemoPlan(out=out, arch=args.arch, ranks=args.ranks, held_out=args.held_out, pretrain_sets=pretrain_sets,
+                      pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps))
     return 0

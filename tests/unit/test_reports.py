@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,18 +65,50 @@ def test_demo_draws_one_curve_per_start_in_one_figure(tmp_path):
     looks_like_a_figure(path)
 
 
-def test_demo_folder_holds_one_arch(tmp_path):
-    """A rerun skips finished stages, so a second arch in the same folder would mix two runs' tables."""
+def test_demo_folder_holds_one_demo(tmp_path):
+    """A rerun skips finished stages, so other settings in the same folder would mix two runs' tables."""
     claim_out(DemoPlan(out=tmp_path, arch="sapiens2_tiny"))
     claim_out(DemoPlan(out=tmp_path, arch="sapiens2_tiny"))
-    with pytest.raises(UserError, match="holds a demo of sapiens2_tiny, not sapiens_tiny: pass --fresh"):
+    with pytest.raises(UserError, match="holds a demo made with other settings: arch sapiens2_tiny "
+                                        r"\(now sapiens_tiny\); pass --fresh"):
         claim_out(DemoPlan(out=tmp_path))
+    with pytest.raises(UserError, match=r"held_out leg \(now hand\), finetune_steps None \(now 200\)"):
+        claim_out(DemoPlan(out=tmp_path, arch="sapiens2_tiny", held_out="hand", finetune_steps=200))
     (tmp_path / "demo.json").unlink()  # a demo from before the marker is the default arch's
     (tmp_path / "sapiens_tiny_init.safetensors").touch()
-    with pytest.raises(UserError, match="holds a demo of sapiens_tiny, not sapiens2_tiny"):
+    with pytest.raises(UserError, match=r"arch sapiens_tiny \(now sapiens2_tiny\)"):
         claim_out(DemoPlan(out=tmp_path, arch="sapiens2_tiny"))
-    claim_out(DemoPlan(out=tmp_path))
-    assert json.loads((tmp_path / "demo.json").read_text()) == {"arch": "sapiens_tiny"}
+    claim_out(DemoPlan(out=tmp_path, pretrain_steps=1500))
+    assert json.loads((tmp_path / "demo.json").read_text()) == {
+        "arch": "sapiens_tiny", "held_out": "leg", "ranks": 2, "pretrain_steps": 1500, "finetune_steps": None}
+    with pytest.raises(UserError, match=r"pretrain_steps 1500 \(now None\)"):
+        claim_out(DemoPlan(out=tmp_path))
+
+
+def test_demo_steps_reach_the_stage_commands(tmp_path, monkeypatch):
+    """--pretrain-steps and --finetune-steps become train.max_steps of those stages' commands; without
+    them the experiment configs decide; a finished fine-tuning start is not run again."""
+    import medsapiens.launch.demo as demo
+
+    commands = []
+
+    def finish(cmd):
+        commands.append(cmd)
+        if "--run-dir" in cmd:
+            run_dir = Path(cmd[cmd.index("--run-dir") + 1])
+            run_dir.mkdir(parents=True)
+            (run_dir / "summary.json").write_text("{}")
+
+    monkeypatch.setattr(demo, "run", finish)
+    shards, init = tmp_path / "shards", tmp_path / "init.safetensors"
+    demo.pretrain(DemoPlan(out=tmp_path, pretrain_steps=1500), shards, init)
+    demo.finetune(DemoPlan(out=tmp_path, finetune_steps=200), shards, tmp_path / "bundle", init, "bundle")
+    demo.finetune(DemoPlan(out=tmp_path, finetune_steps=200), shards, tmp_path / "bundle", init, "bundle")
+    demo.finetune(DemoPlan(out=tmp_path), shards, tmp_path / "bundle", init, "scratch")
+    launch_pretrain, export, finetune_bundle, finetune_scratch = commands
+    assert "train.max_steps=1500" in launch_pretrain and "train.max_steps=200" in finetune_bundle
+    assert "export" in export
+    assert not any(arg.startswith("train.max_steps") for arg in finetune_scratch)
 
 
 def table_rows(text: str, first_cell: str) -> list[list[str]]:
