@@ -124,7 +124,7 @@ def shutdown() -> None:
 LEAVE_WAIT_S = 10.0
 
 
-def leave(wait_s: float = LEAVE_WAIT_S) -> None:
+def leave() -> None:
     """End the process group on an error, without a barrier, before Python's exit.
 
     A process group left to the interpreter's exit outlives it: gloo's worker threads drop their
@@ -132,7 +132,7 @@ def leave(wait_s: float = LEAVE_WAIT_S) -> None:
     asks for the GIL once Python is finalising is ended by it mid-destructor (C++ `terminate called
     without an active exception`, SIGABRT: exit -6 instead of the error's status, in about one
     failed start in six). Destroying the group joins those threads first. Destroying waits for this
-    rank's own collectives in flight, which no peer may ever join: after `wait_s` the rank leaves
+    rank's own collectives in flight, which no peer may ever join: after LEAVE_WAIT_S the rank leaves
     anyway, as it used to.
     """
     if not (dist.is_available() and dist.is_initialized()):
@@ -145,7 +145,7 @@ def leave(wait_s: float = LEAVE_WAIT_S) -> None:
         ended.set()
 
     threading.Thread(target=end, name="medsapiens-leave", daemon=True).start()
-    ended.wait(wait_s)
+    ended.wait(LEAVE_WAIT_S)
 
 
 def collective_device() -> torch.device:

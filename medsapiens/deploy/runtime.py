@@ -14,7 +14,7 @@ from medsapiens.data import preprocess
 from medsapiens.errors import InputError
 from medsapiens.io import jsondoc
 from medsapiens.io.record import is_finite_number, is_whole
-from medsapiens.io.registry import LandmarkSet, check_calibration
+from medsapiens.io.registry import LandmarkSet, check_calibrations
 
 METADATA_KEY = "medsapiens"  # as medsapiens.deploy.export writes it (that module imports torch)
 FORMAT = "medsapiens-onnx"
@@ -97,13 +97,7 @@ def check_metadata(meta: dict, session) -> dict[str, LandmarkSet]:
             raise ValueError(f"outputs of {dataset!r} name {unknown}, not among the graph's {sorted(graph_outputs)}")
         if not isinstance(meta["flip_test"].get(dataset), bool):
             raise ValueError(f"flip_test of {dataset!r} must be true or false")
-    calibration = meta.get("calibration") or {}
-    if not isinstance(calibration, dict):
-        raise ValueError("calibration must be an object")
-    for dataset, record in calibration.items():
-        if dataset not in sets:
-            raise ValueError(f"calibration of {dataset!r}, which is not one of its heads")
-        check_calibration(record, sets[dataset])
+    check_calibrations(meta.get("calibration") or {}, sets)
     return sets
 
 

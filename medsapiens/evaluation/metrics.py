@@ -91,8 +91,11 @@ def radial_errors(pred_orig, gt_orig, unit_per_pixel) -> np.ndarray:
     return np.linalg.norm(diff, axis=-1)
 
 
+WORST_IMAGES = 10  # listed by name in a report
+
+
 def summarize(errors: np.ndarray, radii, convention: str = "<", mask: np.ndarray | None = None,
-              names=None, image_ids=None, worst: int = 10) -> dict:
+              names=None, image_ids=None) -> dict:
     """MRE (+ both stds), SDR per radius, per-landmark tables and the worst images.
 
     `mre_std_images` is the std of per-image mean errors (MedSapiens' printed +-), and
@@ -115,7 +118,7 @@ def summarize(errors: np.ndarray, radii, convention: str = "<", mask: np.ndarray
 
     names = list(names) if names is not None else [str(k) for k in range(errors.shape[1])]
     image_ids = list(image_ids) if image_ids is not None else [str(i) for i in range(len(errors))]
-    order = np.argsort(-np.nan_to_num(per_image, nan=-1.0))[:worst]
+    order = np.argsort(-np.nan_to_num(per_image, nan=-1.0))[:WORST_IMAGES]
     return {
         "images": int(len(errors)),
         "landmarks": int(mask.sum()),

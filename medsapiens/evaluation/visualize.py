@@ -27,13 +27,12 @@ def to_rgb_uint8(image) -> np.ndarray:
     return np.clip(arr, 0, 255).astype(np.uint8)
 
 
-def draw_landmarks(image: np.ndarray, truth=None, pred=None, numbered: bool = True,
-                   radius: float | None = None, bounds=None) -> np.ndarray:
+def draw_landmarks(image: np.ndarray, truth=None, pred=None, bounds=None) -> np.ndarray:
     """Ground truth in green, predictions in red, a yellow line from each truth to its prediction;
     `bounds` (K, 2): each prediction's conformal radius along x and y in pixels, drawn in blue."""
     canvas = Image.fromarray(to_rgb_uint8(image))
     draw = ImageDraw.Draw(canvas)
-    r = radius or max(2.0, min(canvas.size) / 150)
+    r = max(2.0, min(canvas.size) / 150)
     if bounds is not None and pred is not None:
         for (px, py), (rx, ry) in zip(pred, bounds, strict=True):
             draw.ellipse([px - rx, py - ry, px + rx, py + ry], outline=BOUND_COLOR, width=1)
@@ -46,6 +45,6 @@ def draw_landmarks(image: np.ndarray, truth=None, pred=None, numbered: bool = Tr
             continue
         for k, (x, y) in enumerate(points):
             draw.ellipse([x - r, y - r, x + r, y + r], outline=color, width=max(1, int(r / 2)))
-            if numbered and points is labelled:
+            if points is labelled:
                 draw.text((x + r + 1, y - r - 1), str(k), fill=color)
     return np.asarray(canvas)

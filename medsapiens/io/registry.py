@@ -174,6 +174,18 @@ def check_calibration(record, landmark_set: LandmarkSet) -> None:
         raise ValueError(f"{where}: images must be a positive count, got {record.get('images')!r}")
 
 
+def check_calibrations(calibration, sets: dict[str, LandmarkSet]) -> dict:
+    """A stored {head: calibration record} (a bundle's, an ONNX model's), each fit to serve its head's
+    landmark set; returned as a dict. ValueError naming what is wrong."""
+    if not isinstance(calibration, dict):
+        raise ValueError("calibration must be an object")
+    for dataset, record in calibration.items():
+        if dataset not in sets:
+            raise ValueError(f"calibration of {dataset!r}, which is not one of its heads")
+        check_calibration(record, sets[dataset])
+    return calibration
+
+
 def record_for(calibration: dict, dataset: str, flip_test: bool) -> dict | None:
     """A head's calibration record (from a bundle or an ONNX model's metadata) where its radii hold: for
     predictions made as it was calibrated, with or without flip test (a record that does not say is kept).
@@ -232,9 +244,9 @@ def get(dataset_id: str) -> LandmarkSet:
         raise KeyError(f"unknown dataset {dataset_id!r}; built-in ones: {', '.join(BUILTIN)}") from None
 
 
-def custom(dataset_id: str, names, flip_pairs=None, unit: str = "px", sdr_radii=None) -> LandmarkSet:
+def custom(dataset_id: str, names, flip_pairs=None, unit: str = "px") -> LandmarkSet:
     """A landmark set defined by the data (e.g. a COCO category), not by this registry."""
     return LandmarkSet(
         id=dataset_id, names=tuple(names), flip_pairs=flip_pairs, unit=unit,
-        sdr_radii=tuple(sdr_radii or DEFAULT_CUSTOM_RADII[unit]), description="custom set",
+        sdr_radii=DEFAULT_CUSTOM_RADII[unit], description="custom set",
     )

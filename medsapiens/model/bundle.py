@@ -19,7 +19,7 @@ from medsapiens import distributed
 from medsapiens.errors import InputError
 from medsapiens.io import jsondoc, storage
 from medsapiens.io.record import is_finite_number, is_whole
-from medsapiens.io.registry import LandmarkSet, check_calibration
+from medsapiens.io.registry import LandmarkSet, check_calibrations
 from medsapiens.model import ModelConfig, feature_grid
 from medsapiens.model.weights import refuse_non_finite
 
@@ -153,11 +153,7 @@ def parse_config(d: dict) -> Bundle:
         raise ValueError(f"heads {heads} disagree with the landmark sets")
     codec = CodecSettings(**d["codec"])
     codec.check()
-    calibration = dict(d.get("calibration") or {})
-    for dataset, record in calibration.items():
-        if dataset not in sets:
-            raise ValueError(f"calibration of {dataset!r}, which is not one of its heads")
-        check_calibration(record, sets[dataset])
+    calibration = check_calibrations(d.get("calibration") or {}, sets)
     provenance = d.get("provenance", {})
     if not isinstance(provenance, dict):
         raise ValueError("provenance must be an object")

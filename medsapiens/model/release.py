@@ -34,7 +34,7 @@ from medsapiens.io import registry
 from medsapiens.io.shard_tar import file_digest
 from medsapiens.model import DEFAULT_IMG_SIZE, LandmarkModel, ModelConfig, MultiHeadDecoder, build_backbone, get_arch
 from medsapiens.model import bundle as bundlelib
-from medsapiens.model.weights import load_checkpoint, weights_only_refusal
+from medsapiens.model.weights import load_checkpoint, state_dict_in, weights_only_refusal
 
 STAGE = "medsapiens-release"
 MULTI_DATASET_ORDER = ("head", "chest", "hand", "leg")  # MedSapiens' 88-channel final layer
@@ -84,7 +84,7 @@ def convert_release(
         if not Path(path).is_file():
             raise FileNotFoundError(f"{label} {path}: no such file")
     obj, loader = read_checkpoint(checkpoint)
-    state = state_dict_of(obj, checkpoint)
+    state = state_dict_in(obj, checkpoint)
     width, channels = check_state(state, arch, checkpoint)
     heads = head_channels(channels, dataset, checkpoint)
 
@@ -143,16 +143,6 @@ def read_checkpoint(path: str | Path):
     names = sorted(set(placeholders))
     return obj, (f"the restricted loader (weights_only=True refused: {refused}); "
                  f"{len(names)} global(s) left as inert placeholders: {', '.join(names)}")
-
-
-def state_dict_of(obj, path) -> dict[str, torch.Tensor]:
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
-    if not isinstance(state, dict):
-        raise InputError(f"{path}: not a MedSapiens checkpoint: no state_dict (found {type(state).__name__})")
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            raise InputError(f"{path}: state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
-    return state
 
 
 def expected_keys(depth: int) -> list[str]:

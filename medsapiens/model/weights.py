@@ -118,6 +118,12 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
                          "save its state dict alone (a dict of tensors) and retry") from None
     except (OSError, RuntimeError, ValueError, EOFError, SafetensorError) as e:  # truncated, not a checkpoint
         raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    return state_dict_in(obj, path), {}
+
+
+def state_dict_in(obj, path) -> dict[str, torch.Tensor]:
+    """The dict of tensors a loaded checkpoint is, or holds under a wrapper key (WRAPPER_KEYS); else one
+    line naming the file."""
     for key in WRAPPER_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -127,7 +133,7 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
             raise InputError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-    return obj, {}
+    return obj
 
 
 def normalize_state(

@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import CLI, REPO, SMALL_RUN, deepspeed_module, pretrain_args, run
 
+from medsapiens.training import checkpoints
+
 
 class Payload:
     def __init__(self, marker):
@@ -30,7 +32,8 @@ def poisoned(two_rank_run, tmp_path_factory):
     shutil.copytree(two_rank_run, run_dir)
     for tag_dir in (run_dir / "checkpoints").glob("step_*"):
         path = tag_dir / "mp_rank_00_model_states.pt"
-        state = torch.load(path, weights_only=False)  # this session's own file
+        with checkpoints.weights_only_loading(path):  # DeepSpeed's own state types, nothing else
+            state = torch.load(path, weights_only=True)
         state["extra"] = Payload(marker)
         torch.save(state, path)
         listed = json.loads((tag_dir / "complete.json").read_text())

@@ -177,7 +177,7 @@ def test_rerun_skips_finished_shards_and_refuses_other_options(phantoms, tmp_pat
     assert not (out / "manifest.json").exists()  # the 48 manifest would describe shards being replaced
 
 
-def test_an_edited_image_redoes_only_its_shard(phantoms, tmp_path, capsys):
+def test_an_edited_image_redoes_only_its_shard(tmp_path, capsys):
     root = tmp_path / "leg"
     write_phantoms(tmp_path, n=4, seed=2, sets=["leg"])
     args = ["--source", f"leg={root}", "--out", tmp_path / "out", "--shard-size", 1, "--max-side", 64, "--workers", 1]

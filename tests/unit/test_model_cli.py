@@ -16,6 +16,7 @@ def test_info_prints_the_computed_numbers(capsys):
                  "--trunk-width", "64", "--heads", "19"]) == 0
     out = capsys.readouterr().out
     counted = count_params("sapiens_tiny", (256, 192), 64, 19)
+    assert counted.backbone == sum(p.numel() for p in build_backbone("sapiens_tiny", (256, 192)).parameters())
     assert f"backbone {counted.backbone:,}" in out and f"decoder {counted.decoder:,}" in out
     assert f"total {forward_flops('sapiens_tiny', (256, 192), 64, 19).total / 1e9:.2f}" in out
     assert "activations per image, checkpointed" in out

@@ -4,22 +4,34 @@ import time
 import pytest
 import torch
 
+from medsapiens.training import telemetry
 from medsapiens.training.telemetry import StepTimer, peak_flops_of
 
 
-def test_validation_and_checkpoint_time_is_set_aside_from_the_step_rate():
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_validation_and_checkpoint_time_is_set_aside_from_the_step_rate(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(telemetry.time, "perf_counter", clock)
     timer = StepTimer()
-    time.sleep(0.05)
+    clock.now += 0.1
     timer.stepped(4)
     with timer.aside():  # a validation, a checkpoint
-        time.sleep(0.5)
+        clock.now += 5.0
+    clock.now += 0.1
     timer.stepped(4)
     rates = timer.report(torch.device("cpu"), None, world_size=3)
-    assert rates["perf/step_time_s"] < 0.2 and rates["perf/samples_per_s"] > 8 / 0.4
-    assert rates["perf/samples_per_s_all_ranks"] == pytest.approx(3 * rates["perf/samples_per_s"])
-    time.sleep(0.05)
+    assert rates["perf/step_time_s"] == pytest.approx(0.1) and rates["perf/samples_per_s"] == pytest.approx(40)
+    assert rates["perf/samples_per_s_all_ranks"] == pytest.approx(120)
+    clock.now += 0.5
     timer.stepped(4)
-    assert timer.report(torch.device("cpu"), None)["perf/step_time_s"] < 0.2  # a report starts afresh
+    assert timer.report(torch.device("cpu"), None)["perf/step_time_s"] == pytest.approx(0.5)  # a report starts afresh
 
 
 @pytest.mark.parametrize(("name", "tflops"), [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
