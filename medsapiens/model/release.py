@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import pickle
 import types
-import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from medsapiens.io import registry
 from medsapiens.io.shard_tar import file_digest
 from medsapiens.model import DEFAULT_IMG_SIZE, LandmarkModel, ModelConfig, MultiHeadDecoder, build_backbone, get_arch
 from medsapiens.model import bundle as bundlelib
-from medsapiens.model.weights import load_checkpoint, state_dict_in, weights_only_refusal
+from medsapiens.model.weights import check_torch_zip, load_checkpoint, state_dict_in, weights_only_refusal
 
 STAGE = "medsapiens-release"
 MULTI_DATASET_ORDER = ("head", "chest", "hand", "leg")  # MedSapiens' 88-channel final layer
@@ -126,14 +125,14 @@ def convert_release(
 def read_checkpoint(path: str | Path):
     """(the unpickled object, how it was read). weights_only first, then the restricted loader."""
     try:
+        check_torch_zip(str(path))
         return torch.load(path, map_location="cpu", weights_only=True), "torch.load(weights_only=True)"
+    except InputError:
+        raise
     except pickle.UnpicklingError as e:
         refused = weights_only_refusal(e)
     except Exception as e:  # not a torch file at all
         raise InputError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
-    if not zipfile.is_zipfile(path):
-        raise InputError(f"{path}: weights_only=True refused it ({refused}) and it is not a zip-format "
-                         "checkpoint, the only kind the restricted loader reads")
     placeholders: list[str] = []
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False,
@@ -294,9 +293,11 @@ _RESOLVED = {
 
 
 def _restricted_pickle(placeholders: list[str]):
-    """A stand-in for the `pickle` module whose Unpickler records each unresolved global's name."""
+    """A stand-in for the `pickle` module whose Unpickler records each unresolved global's name. The
+    pure-Python unpickler: its memo is a dict, where C's is a table sized by the largest index a file
+    names (a few bytes asking for gigabytes)."""
 
-    class Unpickler(pickle.Unpickler):
+    class Unpickler(pickle._Unpickler):
         def find_class(self, module, name):
             full = f"{module}.{name}"
             if full in _RESOLVED:

@@ -99,6 +99,21 @@ def is_safetensors(path: str) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < SAFETENSORS_HEADER_LIMIT
 
 
+def check_torch_zip(path: str) -> None:
+    """A torch file as torch.save writes it (since torch 1.6): a zip whose records are stored, not
+    compressed, so that what loading allocates is bounded by the file's own size. Else one line: the
+    older format and compressed records both let a small file make torch allocate any amount."""
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"{path}: not a readable checkpoint: neither safetensors nor a torch file as torch.save "
+                         "writes it (a zip; a file from torch before 1.6 must be saved again)")
+    with zipfile.ZipFile(path) as archive:
+        records = archive.infolist()
+    inflated, size = sum(r.file_size for r in records), Path(path).stat().st_size
+    if inflated > size or any(r.compress_type != zipfile.ZIP_STORED for r in records):
+        raise InputError(f"{path}: refused: its records are compressed ({inflated:,} bytes from a file of {size:,}), "
+                         "which torch.save never does; save the state dict again with torch.save or as safetensors")
+
+
 def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors of a checkpoint file (safetensors or torch, told by its content) and its safetensors
     metadata ({} for torch files). A file neither can read is one line naming it."""
@@ -107,16 +122,15 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         if is_safetensors(path):
             with safe_open(path, framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        check_torch_zip(path)
         with open(path, "rb") as f:  # a file object: torch reads no meaning into the name's suffix
             obj = torch.load(f, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
+    except (FileNotFoundError, InputError):
         raise
     except pickle.UnpicklingError as e:
-        if not zipfile.is_zipfile(path):
-            raise InputError(f"{path}: not a readable checkpoint (neither safetensors nor a torch file)") from None
         raise InputError(f"{path}: torch.load(weights_only=True) refuses it ({weights_only_refusal(e)}): "
                          "save its state dict alone (a dict of tensors) and retry") from None
-    except (OSError, RuntimeError, ValueError, EOFError, SafetensorError) as e:  # truncated, not a checkpoint
+    except (OSError, RuntimeError, ValueError, EOFError, SafetensorError, zipfile.BadZipFile) as e:  # truncated
         raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     return state_dict_in(obj, path), {}
 

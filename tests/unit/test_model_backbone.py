@@ -1,6 +1,7 @@
 """The timm-based Sapiens backbone against a plain-PyTorch reference written from the spec, and
 checkpoint loading in every supported form."""
 import math
+import zipfile
 
 import pytest
 import torch
@@ -223,6 +224,17 @@ def test_a_checkpoint_file_that_cannot_be_read_is_one_line_naming_it(tmp_path, t
     for path in (truncated, junk):
         with pytest.raises(InputError, match=rf"^{path}: not a readable checkpoint"):
             read_tensors(path)
+    legacy = tmp_path / "legacy.pth"  # torch before 1.6: storages sized by the pickle, allocated before reading
+    torch.save(tiny_state, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(InputError, match=rf"^{legacy}: not a readable checkpoint: .* before 1.6 must be saved again"):
+        read_tensors(legacy)
+    deflated = tmp_path / "deflated.pth"  # 200 MB of zeros from a file of a few hundred kB
+    torch.save({"pos_embed": torch.zeros(1, 12_500_000, 4)}, tmp_path / "large.pth")
+    with zipfile.ZipFile(tmp_path / "large.pth") as source, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as out:
+        for record in source.infolist():
+            out.writestr(record.filename, source.read(record))
+    with pytest.raises(InputError, match=rf"^{deflated}: refused: its records are compressed \(200,00"):
+        read_tensors(deflated)
     assert read_tensors(misnamed)[0].keys() == tiny_state.keys()
     save_file(tiny_state, tmp_path / "st.safetensors", metadata={"pos_embed_grid": "64X64"})
     (tmp_path / "st.pth").write_bytes((tmp_path / "st.safetensors").read_bytes())  # and the other way round

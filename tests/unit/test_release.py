@@ -2,8 +2,11 @@
 import builtins
 import os
 import pickle
+import struct
 import sys
+import tracemalloc
 import types
+import zipfile
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from sapiens_checkpoints import released_state
 from medsapiens.launch.cli import main
 from medsapiens.model import ARCHS, load_backbone
 from medsapiens.model import bundle as bundlelib
+from medsapiens.model.release import read_checkpoint
 
 ARCH = ARCHS["sapiens_tiny"]
 IMG = (64, 48)
@@ -217,3 +221,21 @@ def test_unsafe_pickles_convert_without_running_anything(tmp_path, base, monkeyp
     assert "restricted loader" in loader and "posix.system" in loader and "io.open" in loader
     assert "mmengine.logging.history_buffer.HistoryBuffer" in loader and "Unsupported global" in loader
     assert torch.equal(model.state_dict()["decoder.heads.chest.bias"], medsapiens_state()["head.final_layer.bias"][19:25])
+
+
+def test_a_pickle_naming_a_huge_memo_index_allocates_nothing_for_it(tmp_path):
+    """The restricted loader reads what weights_only refused: a few bytes asking the unpickler to
+    remember an object at index 2^26 must not make it allocate a table of that many slots."""
+    plain = tmp_path / "plain.pth"
+    torch.save({}, plain)
+    pickled = b"\x80\x02cnumpy\nfoo\n)Rr" + struct.pack("<I", 1 << 26) + b"0}."  # global, call, LONG_BINPUT
+    hostile = tmp_path / "memo.pth"
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(hostile, "w") as out:
+        for record in source.infolist():
+            out.writestr(record, pickled if record.filename.endswith("data.pkl") else source.read(record))
+    tracemalloc.start()
+    obj, loader = read_checkpoint(hostile)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert obj == {} and "numpy.foo" in loader
+    assert peak < 64 * 2**20  # C's unpickler sizes its memo table by the index: 1 GiB here
