@@ -162,9 +162,12 @@ def read_table(path: str | Path, what: str, coco_ids: dict | None = None) -> Tab
             return coco_ground_truth(data)
         if not isinstance(data.get("landmarks"), dict):
             raise TypeError('"landmarks" must map each image id to its list of points')
+        for key in ("spacing_mm", "image_size"):
+            if not isinstance(data.get(key, {}), dict):
+                raise TypeError(f'"{key}" must map each image id to its [x, y] pair')
         return Table(data.get("dataset"), {str(i): points(v, f"image {i}") for i, v in data["landmarks"].items()},
                      data.get("spacing_mm", {}), data.get("image_size", {}), data.get("names"), data.get("landmark_set"))
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise InputError(f"{what} file {path}: not a landmark file of a known format ({type(exc).__name__}: {exc}); "
                          "see `medsapiens evaluate --help`") from None
 

@@ -91,7 +91,7 @@ def check_landmarks(landmarks, visible, num_landmarks: int, size, outside: str =
     """
     try:
         pts = np.asarray(landmarks, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise Rejection("bad_annotation", f"landmarks must be a list of [x, y], got {landmarks!r:.80}") from None
     if pts.ndim != 2 or pts.shape[1] != 2:
         raise Rejection("bad_annotation", f"landmarks must be a list of [x, y], got shape {pts.shape}")
@@ -104,7 +104,10 @@ def check_landmarks(landmarks, visible, num_landmarks: int, size, outside: str =
     if far.any():
         raise Rejection("bad_annotation", f"landmark(s) {np.nonzero(far)[0][:5].tolist()} at coordinates beyond "
                         f"{MAX_COORDINATE} px, no image's")
-    vis = np.ones(num_landmarks, dtype=np.int64) if visible is None else np.asarray(visible, dtype=np.int64)
+    try:
+        vis = np.ones(num_landmarks, dtype=np.int64) if visible is None else np.asarray(visible, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise Rejection("bad_annotation", f"visibility flags must be whole numbers, got {visible!r:.80}") from None
     if vis.shape != (num_landmarks,):
         raise Rejection("bad_annotation", f"{vis.shape[0] if vis.ndim else 0} visibility flags for {num_landmarks} landmarks")
     w, h = size
@@ -122,7 +125,7 @@ def is_positive_pair(value) -> bool:
     """Two positive finite numbers (a spacing in mm per pixel, a size, a scale): a list, tuple or array
     of exactly two numbers, never a string, a bool or a nested list."""
     return (isinstance(value, (list, tuple, np.ndarray)) and len(value) == 2
-            and all(is_number(v) and math.isfinite(v) and v > 0 for v in value))
+            and all(is_finite_number(v) and v > 0 for v in value))
 
 
 def check_spacing(spacing) -> None:
@@ -178,7 +181,11 @@ def is_number(value) -> bool:
 
 
 def is_finite_number(value) -> bool:
-    return is_number(value) and math.isfinite(value)
+    """A number a float holds, finite (an int past a float's range is not)."""
+    try:
+        return is_number(value) and math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def is_whole(value) -> bool:

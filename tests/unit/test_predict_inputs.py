@@ -283,6 +283,23 @@ def test_deeply_nested_prediction_files_are_one_line(tmp_path):
         score_files(tmp_path / "g.json", tmp_path / "g.json")
 
 
+
+@pytest.mark.parametrize("field, value, message", [
+    ("landmarks", {"x": [[10**400, 1.0]] * 19}, "OverflowError"),  # past a float's range
+    ("spacing_mm", [0.1, 0.1], '"spacing_mm" must map each image id'),
+    ("image_size", {"x": [1935, 2400]}, None),
+])
+def test_wrong_values_in_a_landmark_file_are_one_line_naming_it(tmp_path, field, value, message):
+    points = [[float(10 + 3 * k), float(20 + k)] for k in range(19)]
+    (tmp_path / "g.json").write_text(json.dumps({"dataset": "head", "landmarks": {"x": points}}))
+    (tmp_path / "p.json").write_text(json.dumps({"dataset": "head", "landmarks": {"x": points}, field: value}))
+    if message is None:  # the well-formed twin: read and scored
+        assert score_files(tmp_path / "p.json", tmp_path / "g.json")[0]["mre"] == 0.0
+        return
+    with pytest.raises(InputError, match=rf"predictions file {tmp_path / 'p.json'}: not a landmark file .*{message}"):
+        score_files(tmp_path / "p.json", tmp_path / "g.json")
+
+
 # 10. compare
 
 IDS = [f"i{n}" for n in range(6)]

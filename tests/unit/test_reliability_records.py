@@ -33,6 +33,10 @@ BAD_FIELDS = [
     ({"landmarks": [[1.0, 2.0], [3.0]] + [[1.0, 2.0]] * 17}, "landmarks must be a list of [x, y] number pairs"),
     ({"landmarks": [[1e308, 1e308]] * 19}, "at coordinates beyond 200000 px"),
     ({"spacing_mm": "12"}, "pixel spacing must be two positive numbers"),
+    ({"spacing_mm": [10**400, 1]}, "pixel spacing must be two positive numbers"),  # past a float's range
+    ({"scale": [10**400, 1]}, "scale must be two positive numbers"),
+    ({"orig_size": [10**400, 128]}, "orig_size must be two positive numbers"),
+    ({"landmarks": [[10**400, 1.0]] * 19}, "landmarks must be a list of [x, y]"),
 ]
 
 
