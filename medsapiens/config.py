@@ -60,6 +60,8 @@ def _coerce(value, hint, where: str):
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {_short(value)}")
+        if (hint is int or isinstance(value, int)) and not _fits_a_float(value):  # inf, nan, 10**400
+            raise ConfigError(f"{where}: expected a finite {'integer' if hint is int else 'number'}, got {_short(value)}")
         if hint is int and float(value) != int(value):
             raise ConfigError(f"{where}: expected an integer, got {_short(value)}")
         return hint(value)
@@ -96,6 +98,13 @@ def read_yaml(text: str, where: str):
         raise ConfigError(f"{where}: not valid YAML ({exc})") from None
 
 
+def _fits_a_float(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _short(value) -> str:
     """A value's repr for an error line, cut to a readable length."""
     text = repr(value)
@@ -119,6 +128,10 @@ def from_dict(cls, data: dict, where: str = "", base=None):
     length in epochs or in steps): the data giving some of a group sets the others to 0."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    named = [key for key in data if not isinstance(key, str)]
+    if named:
+        raise ConfigError(f"key {_short(named[0])}{' under ' + where if where else ''} is not a name "
+                          "(config keys are words)")
     unknown = sorted(set(data) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
@@ -162,14 +175,26 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def read_config_text(path: str | Path) -> str:
+    """A config file's text: at most MAX_YAML_BYTES (read no further), UTF-8, else one line."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); a config is a YAML file") from None
+
+
 def load_data(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
     """YAML file (optional) + overrides -> the nested dict, not yet checked against a config class."""
     data = {}
     if path is not None:
-        try:
-            data = read_yaml(Path(path).read_text(), str(path)) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
+        data = read_yaml(read_config_text(path), str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     return apply_overrides(data, list(overrides))

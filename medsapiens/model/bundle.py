@@ -120,10 +120,12 @@ def read_config(path: str | Path) -> Bundle:
     the file and the field, before any model is built from it."""
     where = Path(path) / CONFIG
     try:
-        text = where.read_text()
+        raw = where.read_bytes()  # bytes: parse names the file of a text that is not UTF-8
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is not a bundle: no {CONFIG} (export one with `medsapiens pretrain export`)") from None
-    d = jsondoc.parse(text, where)
+    except OSError as exc:
+        raise InputError(f"{where}: cannot be read ({exc.strerror or exc})") from None
+    d = jsondoc.parse(raw, where)
     if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("version") != VERSION:
         raise InputError(f"{where}: not a {FORMAT} v{VERSION} config")
     try:

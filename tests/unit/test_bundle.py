@@ -102,10 +102,19 @@ def built_on(cfg, heads, built):
     return build_model(cfg.arch, cfg.img_size, heads, cfg.trunk_width, cfg.checkpoint, cfg.grad_checkpointing)
 
 
-def test_a_damaged_weights_file_is_one_line(saved, tmp_path):
+def test_a_damaged_weights_or_config_file_is_one_line(saved, tmp_path):
     path = edited(saved, tmp_path)
     (path / bundlelib.WEIGHTS).write_bytes(b"\0" * 1000)
     with pytest.raises(InputError, match="model.safetensors: not a readable safetensors file"):
+        bundlelib.load(path)
+
+    config = path / bundlelib.CONFIG
+    config.write_bytes(config.read_bytes().replace(b'"head"', b'"h\xe9ad"', 1))  # Latin-1, not UTF-8
+    with pytest.raises(InputError, match=rf"^{config}: not valid JSON \(.*can't decode byte 0xe9"):
+        bundlelib.load(path)
+    config.unlink()
+    config.mkdir()
+    with pytest.raises(InputError, match=rf"^{config}: cannot be read"):
         bundlelib.load(path)
 
 

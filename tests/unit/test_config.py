@@ -62,6 +62,26 @@ def test_types_are_checked():
         configlib.load(Experiment, None, ["train.max_steps"])
 
 
+
+@pytest.mark.parametrize("value", [".inf", ".nan", "1e400", "1" + "0" * 400])
+def test_an_integer_past_a_floats_range_is_refused_by_name(value):
+    with pytest.raises(configlib.ConfigError, match=r"^override train.max_steps: train.max_steps: expected a finite integer"):
+        configlib.load(Experiment, None, [f"train.max_steps={value}"])
+
+
+def test_a_config_file_that_is_no_yaml_text_is_one_line(tmp_path):
+    cases = {"latin1.yaml": b"run_dir: caf\xe9\n", "keys.yaml": b"run_dir: x\n1: 2\n",
+             "nested.yaml": b"train:\n  null: 3\n"}
+    messages = {"latin1.yaml": "not UTF-8 text (byte 12)", "keys.yaml": "key 1 is not a name",
+                "nested.yaml": "key None under train is not a name"}
+    for name, raw in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(configlib.ConfigError, match=re.escape(messages[name])):
+            configlib.load(Experiment, tmp_path / name)
+    with pytest.raises(configlib.ConfigError, match=rf"config file {tmp_path}: cannot be read"):
+        configlib.load(Experiment, tmp_path)
+
+
 def test_resolved_config_round_trips(tmp_path):
     cfg = configlib.load(Experiment, None, ["optim.lr=0.002", "data.weights={head: 2.0}"])
     configlib.save(cfg, tmp_path / "resolved.yaml")
