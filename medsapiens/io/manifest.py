@@ -14,7 +14,7 @@ from pathlib import Path
 
 from medsapiens.errors import UserError
 from medsapiens.io import storage
-from medsapiens.io.record import MAX_IMAGE_SIDE
+from medsapiens.io.record import MAX_IMAGE_SIDE, is_whole
 from medsapiens.io.registry import LandmarkSet
 
 FORMAT = "medsapiens-shards"
@@ -124,14 +124,15 @@ class Manifest:
             shards = [ShardInfo(**s) for s in d["shards"]]
             manifest = cls(datasets, shards, d["totals"]["inputs"], d["rejected"]["count"], d.get("build", {}),
                            location, digest)
-        except (KeyError, TypeError) as exc:
-            raise ManifestError(f"{location or 'manifest'}: malformed manifest ({exc!r})") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ManifestError(f"{location or 'manifest'}: malformed manifest ({type(exc).__name__}: {exc})") from None
         manifest.validate()
         return manifest
 
     def validate(self) -> None:
         """Internal consistency: each shard listed once, split counts match the shards, K matches the names."""
         where = self.location or "manifest"
+        _check_types(self, where)
         twice = sorted(url for url, n in Counter(shard.url for shard in self.shards).items() if n > 1)
         if twice:
             raise ManifestError(f"{where}: shard(s) listed more than once: {', '.join(twice[:5])}")
@@ -151,6 +152,26 @@ class Manifest:
             raise ManifestError(
                 f"{where}: inputs {self.inputs} != written {self.written} + rejected {self.rejected}"
             )
+
+
+def is_count(value) -> bool:
+    return is_whole(value) and value >= 0
+
+
+def _check_types(manifest: Manifest, where: str) -> None:
+    for shard in manifest.shards:
+        if not (all(isinstance(v, str) for v in (shard.url, shard.dataset, shard.split, shard.sha256))
+                and is_count(shard.samples) and is_count(shard.bytes)):
+            raise ManifestError(f"{where}: shard entry {vars(shard)!r:.200}: url, dataset, split and sha256 must be "
+                                "strings, samples and bytes whole numbers of at least 0")
+    for name, info in manifest.datasets.items():
+        if not all(isinstance(split, str) and is_count(n) for split, n in info.splits.items()):
+            raise ManifestError(f"{where}: dataset {name!r}: splits must map split names to sample counts, "
+                                f"got {info.splits!r:.200}")
+        if not isinstance(info.source, dict):
+            raise ManifestError(f"{where}: dataset {name!r}: source must be an object")
+    if not (is_count(manifest.inputs) and is_count(manifest.rejected)) or not isinstance(manifest.build, dict):
+        raise ManifestError(f"{where}: totals.inputs and rejected.count must be sample counts, build an object")
 
 
 def manifest_url(location: str | Path) -> str:

@@ -153,3 +153,27 @@ def test_a_manifest_listing_a_shard_twice_is_refused(shards, capsys):
     (shards / "manifest.json").write_text(json.dumps(manifest))
     assert main(["shards", "verify", str(shards)]) == 1
     assert f"listed more than once: {twice['url']}" in capsys.readouterr().err
+
+
+def set_first_shard(field, value):
+    return lambda m: m["shards"][0].update({field: value})
+
+
+@pytest.mark.parametrize("edit, message", [
+    (set_first_shard("samples", "1"), "samples and bytes whole numbers"),
+    (set_first_shard("bytes", -5), "samples and bytes whole numbers"),
+    (set_first_shard("url", 5), "url, dataset, split and sha256 must be strings"),
+    (set_first_shard("dataset", ["head"]), "url, dataset, split and sha256 must be strings"),
+    (lambda m: m["datasets"]["head"]["splits"].update(train="1"), "splits must map split names to sample counts"),
+    (lambda m: m["datasets"]["head"].update(source=[1]), "source must be an object"),
+    (lambda m: m.update(build=[1]), "build an object"),
+    (lambda m: m.update(datasets=[1]), "malformed manifest (AttributeError"),
+    (lambda m: m["datasets"]["head"]["landmark_set"].update(sdr_radii="abc"), "sdr_radii must be a list"),
+], ids=lambda value: value if isinstance(value, str) else "")
+def test_a_manifest_field_of_the_wrong_type_is_one_line(shards, capsys, edit, message):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    edit(manifest)
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["shards", "verify", str(shards)]) == 1  # the shards fail their check
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
