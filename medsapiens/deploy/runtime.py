@@ -35,6 +35,7 @@ class OnnxLandmarker:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own kinds for a bad file
             raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+        self.path = path
         self.meta, self.landmark_sets = read_metadata(self.session, path)
         self.input_size = tuple(self.meta["input"]["size"])
         self.margin = float(self.meta["input"]["margin"])
@@ -51,6 +52,10 @@ class OnnxLandmarker:
         """(landmarks (B, K, 2) in input pixels, scores (B, K)) of preprocessed inputs."""
         outputs = self.meta["outputs"][dataset]
         landmarks, scores = self.session.run([outputs["landmarks"], outputs["scores"]], {"images": batch})
+        expected = (len(batch), self.heads[dataset])
+        if landmarks.shape != (*expected, 2) or scores.shape != expected:
+            raise InputError(f"{self.path}: head {dataset!r} gave landmarks {landmarks.shape} and scores {scores.shape} "
+                             f"for {len(batch)} image(s), not {(*expected, 2)} and {expected}")
         return landmarks, scores
 
     def predict(self, images: list[np.ndarray], dataset: str) -> tuple[np.ndarray, np.ndarray]:
@@ -110,8 +115,9 @@ def check_input(spec: dict, graph_inputs) -> None:
     if not (isinstance(size, list) and len(size) == 2 and all(is_whole(v) and v > 0 for v in size)):
         raise ValueError(f"input.size must be [W, H], two positive integers, got {size!r:.80}")
     shape = graph_inputs[0].shape if len(graph_inputs) == 1 and graph_inputs[0].name == "images" else None
-    if not (shape and len(shape) == 4 and is_whole(shape[2]) and is_whole(shape[3])):
-        raise ValueError(f"the graph's input must be one 'images' (B, 3, H, W) of fixed H and W, got "
+    if not (shape and len(shape) == 4 and not is_whole(shape[0]) and shape[1] == 3 and is_whole(shape[2])
+            and is_whole(shape[3])):
+        raise ValueError(f"the graph's input must be one 'images' (B, 3, H, W) of any batch B and fixed H and W, got "
                          f"{[(i.name, i.shape) for i in graph_inputs]}")
     if size != [shape[3], shape[2]]:
         raise ValueError(f"input.size {size} is not the graph's input width and height {[shape[3], shape[2]]}")

@@ -182,7 +182,9 @@ def decode_dicom(path: str, frame: int | None = None) -> np.ndarray:
         if "PixelData" not in ds:
             raise Rejection("unreadable_image", f"{path}: DICOM without pixel data (modality "
                             f"{ds.get('Modality', 'unknown')}), not an image")
-        return dicom_display(pixel_array(ds, index=frame_index(ds, path, frame)), ds, path)
+        index = frame_index(ds, path, frame)
+        check_compressed_frame(ds, path, index)
+        return dicom_display(pixel_array(ds, index=index), ds, path)
     except Rejection:
         raise
     except Exception as exc:  # noqa: BLE001 - pydicom and its pixel handlers raise many kinds
@@ -215,6 +217,46 @@ def check_inflated_size(path) -> None:
                     raise Rejection("absurd_image_size", f"{path}: its deflated data inflate past {limit >> 20} MiB, "
                                     f"more than an image of {max_pixels() / 1e6:.0f} megapixels (set "
                                     f"{MAX_PIXELS_ENV} to allow more)")
+
+
+def check_compressed_frame(ds, path, index: int | None) -> None:
+    """A JPEG, JPEG-LS or JPEG 2000 frame names its own size, which its decoder allocates whatever the
+    DICOM header says: it must be the header's Columns x Rows (checked against the bound already)."""
+    from pydicom.encaps import get_frame
+
+    if not ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        return
+    data = get_frame(ds.PixelData, index or 0, number_of_frames=int(ds.get("NumberOfFrames") or 1))
+    size = codestream_size(data[:CODESTREAM_HEAD])
+    if size is not None and size != (int(ds.Columns), int(ds.Rows)):
+        raise Rejection("unreadable_image", f"{path}: its compressed frame is {size[0]}x{size[1]} px where its "
+                        f"header says {ds.Columns}x{ds.Rows}")
+
+
+CODESTREAM_HEAD = 1 << 16  # where a frame's size marker lies (JPEG: after its tables; JPEG 2000: at once)
+JPEG_FRAME_MARKERS = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7}  # SOF0-15 (not DHT, JPG, DAC), JPEG-LS SOF55
+
+
+def codestream_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) a JPEG, JPEG-LS or JPEG 2000 codestream declares; None for another kind (RLE)."""
+    # JPEG 2000: SOC then SIZ (Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz), bare or in a JP2 file's boxes
+    siz = 0 if head.startswith(b"\xff\x4f\xff\x51") else head.find(b"\xff\x4f\xff\x51") if head[4:8] == b"jP  " else -1
+    if siz >= 0 and len(head) >= siz + 24:
+        x, y, x0, y0 = struct.unpack(">IIII", head[siz + 8:siz + 24])
+        return x - x0, y - y0
+    if not head.startswith(b"\xff\xd8"):
+        return None
+    pos = 2
+    while pos + 9 <= len(head) and head[pos] == 0xFF:
+        if head[pos + 1] == 0xFF:  # fill byte
+            pos += 1
+            continue
+        marker, length = head[pos + 1], struct.unpack(">H", head[pos + 2:pos + 4])[0]
+        if marker in JPEG_FRAME_MARKERS:
+            height, width = struct.unpack(">HH", head[pos + 5:pos + 9])
+            return width, height
+        pos += 2 + length
+    return None
 
 
 def read_dicom(path, **options):

@@ -74,3 +74,28 @@ def test_a_deflated_dicom_bomb_is_refused_while_inflating(tmp_path):
     assert refused["error"].startswith(f"absurd_image_size: {bomb}: its deflated data inflate past 19 MiB")
     fine = deflated_dicom(tmp_path / "fine.dcm", 64, 48, 64 * 48 * 2)
     assert decode_in_child(fine, MEDSAPIENS_MAX_PIXELS="1000000")["shape"] == [64, 48]
+
+
+def j2k_dicom(path, pixels: np.ndarray, declared: tuple[int, int] | None = None):
+    """A JPEG 2000 DICOM of `pixels`; `declared` (width, height) rewrites the size its codestream names."""
+    import struct
+
+    from openjpeg import encode
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    codestream = bytearray(encode(pixels, codec_format=0))
+    if declared is not None:  # SIZ after SOC: marker, Lsiz, Rsiz, then Xsiz, Ysiz, XOsiz, YOsiz, XTsiz, YTsiz
+        struct.pack_into(">IIIIII", codestream, 8, *declared, 0, 0, *declared)
+    return write_dicom(path, *pixels.shape, encapsulate([bytes(codestream)]), JPEG2000Lossless)
+
+
+@pytest.mark.timeout(120)
+def test_a_compressed_frame_declaring_another_size_than_its_header_is_refused_before_decoding(tmp_path):
+    pixels = (np.arange(64 * 48, dtype=np.uint16).reshape(64, 48) * 7) % 4096
+    fine = decode_in_child(j2k_dicom(tmp_path / "fine.dcm", pixels))
+    assert fine["shape"] == [64, 48], fine
+    bomb = j2k_dicom(tmp_path / "bomb.dcm", pixels, declared=(12000, 12000))  # 144 megapixels behind a 64x48 header
+    refused = decode_in_child(bomb)
+    assert refused["shape"] is None and refused["peak_mib"] < 400, refused
+    assert refused["error"] == f"unreadable_image: {bomb}: its compressed frame is 12000x12000 px where its header says 48x64"

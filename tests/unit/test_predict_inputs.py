@@ -39,13 +39,13 @@ def metadata(**changes) -> dict:
     return {**meta, **changes}
 
 
-def tiny_onnx(path: Path, meta, graph_size=(SIZE[1], SIZE[0])) -> Path:
-    """(B, 3, H, W) -> landmarks (B, 19, 2) at the centre of a SIZE input, scores (B, 19) of 1, with `meta` (a dict,
+def tiny_onnx(path: Path, meta, graph_size=(SIZE[1], SIZE[0]), batch="batch", k=19) -> Path:
+    """(B, 3, H, W) -> landmarks (B, k, 2) at the centre of a SIZE input, scores (B, k) of 1, with `meta` (a dict,
     or raw text) as its `medsapiens` metadata."""
     import onnx
     from onnx import TensorProto, helper
 
-    k, (h, w) = 19, graph_size
+    h, w = graph_size
     nodes = [helper.make_node("ReduceMean", ["images"], ["mean"], axes=[1, 2, 3], keepdims=1),
              helper.make_node("Reshape", ["mean", "shape3"], ["m3"]),
              helper.make_node("Mul", ["m3", "zero"], ["z3"]),
@@ -59,7 +59,7 @@ def tiny_onnx(path: Path, meta, graph_size=(SIZE[1], SIZE[0])) -> Path:
                  helper.make_tensor("centre", TensorProto.FLOAT, [1, k, 2], [SIZE[0] / 2, SIZE[1] / 2] * k),
                  helper.make_tensor("ones", TensorProto.FLOAT, [1, k], [1.0] * k)]
     graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, h, w])],
+        nodes, "tiny", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, h, w])],
         [helper.make_tensor_value_info("head_landmarks", TensorProto.FLOAT, ["batch", k, 2]),
          helper.make_tensor_value_info("head_scores", TensorProto.FLOAT, ["batch", k])], constants)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
@@ -139,6 +139,16 @@ def test_an_onnx_graph_without_a_fixed_input_size_is_refused(tmp_path):
     path = tiny_onnx(tmp_path / "dynamic.onnx", metadata(), graph_size=("h", "w"))
     with pytest.raises(InputError, match="fixed H and W"):
         OnnxLandmarker(path)
+    path = tiny_onnx(tmp_path / "one.onnx", metadata(), batch=1)  # would fail on a batch of two
+    with pytest.raises(InputError, match="of any batch B"):
+        OnnxLandmarker(path)
+
+
+def test_an_onnx_graph_giving_other_shapes_than_its_metadata_is_one_line(tmp_path, capsys):
+    path = tiny_onnx(tmp_path / "three.onnx", metadata(), k=3)  # 3 landmarks where its metadata says 19
+    folder = images(tmp_path / "in", "a.png", "b.png")
+    refused_in_one_line(capsys, ["predict", "--onnx", str(path), "--out", str(tmp_path / "out"), str(folder)],
+                        f"{path}: head 'head' gave landmarks (2, 3, 2) and scores (2, 3) for 2 image(s), not (2, 19, 2)")
 
 
 # 2, 3. predict: reserved ids, unreadable folders
