@@ -82,10 +82,11 @@ def run(cmd: list[str]) -> None:
 def claim_out(plan: DemoPlan) -> None:
     """An output folder holds one demo: its finished stages are skipped on a rerun, so a rerun there
     with other settings (arch, held-out set, steps) would mix two runs into one table."""
-    marker = plan.out / "demo.json"
+    check_demo_folder(plan.out)
+    marker = plan.out / DEMO_MARKER
     if marker.exists():
         made_with = json.loads(marker.read_text())
-    elif (plan.out / "sapiens_tiny_init.safetensors").exists():
+    elif (plan.out / LEGACY_MARKER).exists():
         made_with = {"arch": "sapiens_tiny"}  # a demo from before the marker held its settings
     else:
         made_with = plan.settings
@@ -96,6 +97,19 @@ def claim_out(plan: DemoPlan) -> None:
                         "pass --fresh to start over there, or another --out")
     plan.out.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(plan.settings))
+
+
+DEMO_MARKER = "demo.json"
+LEGACY_MARKER = "sapiens_tiny_init.safetensors"  # what a demo folder held before it had a marker
+
+
+def check_demo_folder(out: Path) -> None:
+    """The demo writes (and `--fresh` deletes) only a folder of its own: absent, empty, or a demo's."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; the demo needs a folder")
+    if out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in (DEMO_MARKER, LEGACY_MARKER)):
+        raise UserError(f"--out {out} holds files and no demo ({DEMO_MARKER}); the demo writes, and --fresh deletes, "
+                        "only a folder of its own: choose another --out")
 
 
 def steps_override(steps: int | None) -> list[str]:
@@ -248,6 +262,7 @@ def positive_steps(text: str) -> int:
 def _demo(args) -> int:
     out = Path(args.out or ("runs/demo" if args.arch == "sapiens_tiny" else f"runs/demo_{args.arch}"))
     if args.fresh and out.exists():
+        check_demo_folder(out)
         shutil.rmtree(out)
     pretrain_sets = tuple(d for d in ("head", "hand", "chest", "leg") if d != args.held_out)
     run_demo(DemoPlan(out=out, arch=args.arch, ranks=args.ranks, held_out=args.held_out, pretrain_sets=pretrain_sets,

@@ -85,6 +85,24 @@ def test_demo_folder_holds_one_demo(tmp_path):
         claim_out(DemoPlan(out=tmp_path))
 
 
+def test_the_demo_never_writes_into_or_deletes_a_folder_of_other_files(tmp_path, capsys):
+    from medsapiens.launch.cli import main
+
+    victim = tmp_path / "victim"
+    (victim / "thesis").mkdir(parents=True)
+    (victim / "thesis" / "chapter1.tex").write_text("work")
+    for argv in (["--fresh"], []):
+        assert main(["demo", *argv, "--out", str(victim)]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"error: --out {victim} holds files and no demo (demo.json); the demo writes, and --fresh deletes, only a "
+            "folder of its own: choose another --out")
+    assert (victim / "thesis" / "chapter1.tex").read_text() == "work" and sorted(victim.iterdir()) == [victim / "thesis"]
+    (tmp_path / "notes.txt").write_text("notes")
+    assert main(["demo", "--fresh", "--out", str(tmp_path / "notes.txt")]) == 2
+    assert "is a file; the demo needs a folder" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "notes"
+
+
 def test_demo_steps_reach_the_stage_commands(tmp_path, monkeypatch):
     """--pretrain-steps and --finetune-steps become train.max_steps of those stages' commands; without
     them the experiment configs decide; a finished fine-tuning start is not run again."""
