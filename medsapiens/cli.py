@@ -53,7 +53,9 @@ def register(subparsers) -> None:
         "inside. The metadata (key `medsapiens`) holds the landmark names, heads, input size, codec settings, "
         "flip test and calibration. Run it with `medsapiens predict --onnx MODEL.onnx`.")
     on.add_argument("bundle", help="bundle directory")
-    on.add_argument("--out", required=True, metavar="MODEL.onnx")
+    on.add_argument("--out", required=True, metavar="MODEL.onnx",
+                    help="the model file to write (with MODEL.onnx.data beside it for weights over 1.5 GiB)")
+    on.add_argument("--force", action="store_true", help="replace an existing MODEL.onnx")
     on.add_argument("--dataset", help="export only this head (default: every head)")
     on.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=True,
                     help="average with the mirrored image inside the graph (default on; --no-flip-test)")
@@ -141,6 +143,6 @@ def run_convert_release(args) -> int:
 def _export_onnx(args) -> int:
     from medsapiens.deploy.export import export_onnx
 
-    path = export_onnx(args.bundle, args.out, args.dataset, args.flip_test)
+    path = export_onnx(args.bundle, args.out, args.dataset, args.flip_test, args.force)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); run it with `medsapiens predict --onnx {path} IMAGES`")
     return 0

@@ -91,8 +91,11 @@ def metadata(bundle: bundlelib.Bundle, datasets: list[str], flip_test: bool, sou
     }
 
 
-def export_onnx(bundle_dir, out_path, dataset: str | None = None, flip_test: bool = True) -> Path:
-    """Write the ONNX model of a bundle (one head, or every head when `dataset` is None)."""
+def export_onnx(bundle_dir, out_path, dataset: str | None = None, flip_test: bool = True, force: bool = False) -> Path:
+    """Write the ONNX model of a bundle (one head, or every head when `dataset` is None); an existing
+    file at `out_path` only with `force`."""
+    out = Path(out_path)
+    check_out(out, force)
     try:
         import onnx  # noqa: F401 - save_onnx needs it
         import onnxscript  # noqa: F401 - torch's dynamo exporter needs it
@@ -106,7 +109,6 @@ def export_onnx(bundle_dir, out_path, dataset: str | None = None, flip_test: boo
     graph = LandmarkGraph(model, bundle, datasets, flip_test).eval()
     w, h = bundle.input_size
     example = torch.zeros(2, 3, h, w)
-    out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's own deprecation and tracer chatter
@@ -119,6 +121,15 @@ def export_onnx(bundle_dir, out_path, dataset: str | None = None, flip_test: boo
     weight_bytes = sum(t.numel() * t.element_size() for t in graph.state_dict().values())
     save_onnx(proto, out, external=weight_bytes > EXTERNAL_DATA_OVER)
     return out
+
+
+def check_out(out: Path, force: bool) -> None:
+    if out.suffix.lower() != ".onnx":
+        raise InputError(f"--out {out}: name the model file MODEL.onnx")
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; name the model file MODEL.onnx")
+    if out.exists() and not force:
+        raise InputError(f"--out {out} exists; pass --force to replace it")
 
 
 def save_onnx(proto, out: Path, external: bool) -> None:

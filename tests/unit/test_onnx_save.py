@@ -31,3 +31,21 @@ def test_weights_go_beside_the_model_when_asked_and_an_earlier_exports_are_remov
     save_onnx(matmul_model(weight), out, external=False)  # a smaller model over the same path: one file again
     assert not data.exists() and out.stat().st_size > weight.nbytes
     np.testing.assert_allclose(run(out, x), x @ weight, rtol=1e-5)
+
+
+def test_an_export_never_replaces_a_file_unasked(tmp_path, capsys):
+    from medsapiens.launch.cli import main
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    earlier = tmp_path / "m.onnx"
+    earlier.write_bytes(b"an earlier export")
+    (tmp_path / "folder.onnx").mkdir()
+    for out, message in ((notes, "name the model file MODEL.onnx"), (earlier, "exists; pass --force to replace it"),
+                         (tmp_path / "folder.onnx", "is a folder")):
+        assert main(["export", "onnx", str(tmp_path / "no-bundle"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--out {out}" in err and message in err, err
+    assert notes.read_text() == "my notes" and earlier.read_bytes() == b"an earlier export"
+    assert main(["export", "onnx", str(tmp_path / "no-bundle"), "--out", str(earlier), "--force"]) == 2
+    assert "no-bundle is not a bundle" in capsys.readouterr().err  # past the check: --force lets it replace the file
