@@ -40,6 +40,7 @@ class FinetuneConfig:
     # Keys that act only after training (evaluation, calibration): a rerun may change them and still resume.
     AFTER_TRAINING: ClassVar[frozenset[str]] = frozenset({"eval_split", "flip_test", "eval_overlays",
                                                           "calibration_coverage"})
+    RUN_DIR_CHOSEN_WHEN_EMPTY: ClassVar[bool] = True
 
     run_dir: str = ""
     resume: str = "auto"

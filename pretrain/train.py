@@ -27,9 +27,8 @@ def selected_datasets(manifest: Manifest, requested: list[str]) -> list[str]:
 
 
 def preflight(cfg: PretrainConfig) -> tuple[Manifest, list[str]]:
-    """Everything that can be known wrong before the first step: settings, manifest, datasets,
-    shard URLs. Returns the manifest and the datasets to train."""
-    check_settings(cfg)
+    """What can be known wrong before the first step beyond the settings: manifest, datasets, shard
+    URLs. Returns the manifest and the datasets to train."""
     if not cfg.data.shards:
         raise ManifestError("data.shards is not set: give the shard directory or s3:// prefix")
     manifest = load_manifest(cfg.data.shards)
@@ -42,6 +41,7 @@ def preflight(cfg: PretrainConfig) -> tuple[Manifest, list[str]]:
 
 
 def run(cfg: PretrainConfig, resume: str = "auto") -> dict:
+    check_settings(cfg)  # on every rank, before the process group (whose timeout is a setting)
     with distributed_job(cfg.train.dist_timeout_s):
         if resume == "none":
             distributed.decide_on_rank0(lambda: move_aside(Path(cfg.run_dir), "training run"))

@@ -100,6 +100,8 @@ class TrainConfig:
         at_least("train.stop_after", self.stop_after, 0)
         at_least("train.seed", self.seed, 0)
         at_least("train.dist_timeout_s", self.dist_timeout_s, 1)
+        at_least("train.val_limit", self.val_limit, 0)
+        at_least("train.val_panels", self.val_panels, 0)
         if not self.epochs >= 0 or (not self.epochs and self.max_steps < 1):
             raise InputError(f"give train.epochs > 0 or train.max_steps >= 1 (got epochs {self.epochs}, "
                              f"max_steps {self.max_steps})")

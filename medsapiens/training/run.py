@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -82,11 +83,21 @@ class RunResult:
 def check_settings(cfg) -> None:
     """Every number and choice of a stage config that can be known wrong before a rank starts;
     each error names its key."""
+    check_run_dir(cfg.run_dir, empty_allowed=getattr(cfg, "RUN_DIR_CHOSEN_WHEN_EMPTY", False))
     cfg.model.check()
     cfg.lora.check()
     cfg.data.check()
     cfg.optim.check()
     cfg.train.check()
+
+
+def check_run_dir(run_dir: str, empty_allowed: bool) -> None:
+    """A folder of the run's own, never the current folder or `/` (a fresh start moves the run directory
+    aside); empty only where the stage then chooses one."""
+    if run_dir == "" and empty_allowed:
+        return
+    if os.path.normpath(run_dir) in (".", "/", "//"):
+        raise InputError(f"run_dir must name a folder of the run's own, got {run_dir!r}")
 
 
 def global_batch(cfg) -> int:

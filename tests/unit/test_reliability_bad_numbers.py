@@ -32,6 +32,10 @@ BAD = [
     ("data.augment.scale_range=[0, 0]", "data.augment.scale_range must be [low, high] with 0 < low <= high"),
     ("data.augment.flip_prob=5", "data.augment.flip_prob is a probability, in [0, 1]"),
     ("optim.milestones=[170, 200]", "optim.milestones are fractions of the run, ascending in (0, 1]"),
+    ("train.val_limit=-1", "train.val_limit must be at least 0, got -1"),
+    ("train.val_panels=-1", "train.val_panels must be at least 0, got -1"),
+    ("train.dist_timeout_s=0", "train.dist_timeout_s must be at least 1, got 0"),
+    ("run_dir=.", "run_dir must name a folder of the run's own, got '.'"),
 ]
 
 
@@ -44,6 +48,14 @@ def test_bad_number_refused_by_dry_run(capsys, stage, config, override, message)
     assert status == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith(f"error: override {override.partition('=')[0]}: ")  # not the file
     assert message in err
+
+
+@pytest.mark.timeout(60)
+def test_an_empty_run_dir_is_refused_by_pretraining_and_chosen_by_fine_tuning(capsys):
+    """Pretraining would write into the current folder; fine-tuning chooses runs/finetune/<...>."""
+    assert main(["launch", "pretrain", "--config", str(DEMO_CONFIG), "--dry-run", "run_dir="]) == 2
+    assert "run_dir must name a folder of the run's own, got ''" in capsys.readouterr().err
+    assert main(["launch", "finetune", "--config", str(FINETUNE), "--dry-run", "run_dir="]) == 0
 
 
 @pytest.mark.timeout(60)
