@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medsapiens import __version__
-from medsapiens.errors import CheckFailed
+from medsapiens.errors import CheckFailed, InputError
 from medsapiens.io import imageio as images
 from medsapiens.io import jsondoc, processes, storage
 from medsapiens.io.locks import writer_lock
@@ -49,7 +49,8 @@ from medsapiens.shards.writer import PARTIAL_SUFFIX, ShardTask, init_worker, rem
 
 
 class BuildError(CheckFailed, RuntimeError):
-    """The build stopped: the message names the shard, file or option at fault (exit status 1)."""
+    """The build stopped writing: the message names the shard at fault (exit status 1). An --out the
+    build may not write into is an InputError (exit status 2)."""
 
 
 @dataclass(frozen=True)
@@ -133,11 +134,11 @@ def refuse_other_options(out: str, settings: dict, digest: str, overwrite: bool)
         return
     held = jsondoc.parse(storage.read_bytes(url), url)
     if not (isinstance(held, dict) and held.get("format") == MANIFEST_FORMAT):
-        raise BuildError(f"{url} is not a MedSapiens shard manifest: choose another --out (--overwrite would replace it)")
+        raise InputError(f"{url} is not a MedSapiens shard manifest: choose another --out (--overwrite would replace it)")
     old = held.get("build", {})
     if old.get("options_digest") != digest:
         old_settings = {k: old.get(k) for k in settings}
-        raise BuildError(f"{out} holds shards built with other options ({describe_difference(old_settings, settings)}); "
+        raise InputError(f"{out} holds shards built with other options ({describe_difference(old_settings, settings)}); "
                          "pass --overwrite to replace them, or choose another --out")
 
 
@@ -151,7 +152,7 @@ def finished_stats(task: ShardTask, overwrite: bool) -> dict | None:
     if stats.get("options_digest") != task.options_digest:
         if overwrite:
             return None
-        raise BuildError(f"{task.stats_url} was written by a build with other options "
+        raise InputError(f"{task.stats_url} was written by a build with other options "
                          f"({describe_difference(stats.get('options', {}), task.settings)}); "
                          "pass --overwrite to replace it, or choose another --out")
     if stats.get("fingerprint") != task.fingerprint or (stats["samples"] and not storage.exists(task.url)):

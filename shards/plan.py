@@ -198,6 +198,8 @@ def carve_settings(options: dict, split: str = "val") -> tuple[float, int]:
     fraction, seed = readers.number(options, f"{split}_fraction"), readers.number(options, f"{split}_seed", int)
     if not 0 < fraction < 1:
         raise ReaderError(f"option {split}_fraction={options[f'{split}_fraction']!r} must lie between 0 and 1")
+    if seed < 0:
+        raise ReaderError(f"option {split}_seed={options[f'{split}_seed']!r} must be a non-negative integer")
     return fraction, seed
 
 

@@ -33,6 +33,7 @@ SPLIT_RULE = ("split=gu2net: id order, 550 train, 59 val, rest test; split=seede
               "numpy default_rng(seed), first test_fraction test, next val_fraction val, rest train")
 LANDMARK_SET = "hand"
 SPLIT_CHOICES = ("gu2net", "seeded")
+SEEDED_OPTIONS = ("seed", "val_fraction", "test_fraction")
 GU2NET_COUNTS = (550, 59)
 
 
@@ -44,7 +45,11 @@ def validation_rule(options: dict) -> str:
 
 def check_options(options: dict) -> None:
     """Refuse, when the source is opened, a split, seed or test_fraction the seeded split cannot use."""
-    choice(options, "split", SPLIT_CHOICES)
+    if choice(options, "split", SPLIT_CHOICES) == "gu2net":
+        given = [f"{k}={options[k]}" for k in SEEDED_OPTIONS if options[k] != OPTIONS[k]]
+        if given:
+            raise ReaderError(f"option(s) {', '.join(given)} apply with split=seeded only; the gu2net split is "
+                              "fixed (id order: 550 train, 59 val, the rest test)")
     seeded_settings(options)
 
 

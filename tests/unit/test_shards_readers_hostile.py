@@ -115,8 +115,10 @@ def test_hand_seeded_options_in_range_still_open(tmp_path):
     (tmp_path / "all.csv").write_text("7," + ",".join(["1.5"] * 74) + "\n")
     options = {"split": "seeded", "test_fraction": "0", "seed": "12"}
     assert open_source(SourceSpec("hand", str(tmp_path), options=options)).options["seed"] == "12"
-    gu2net = {"split": "gu2net", "test_fraction": "0.5", "val_fraction": "0.6"}  # the sum matters only when seeded
-    open_source(SourceSpec("hand", str(tmp_path), options=gu2net))
+    gu2net = {"split": "gu2net", "test_fraction": "0.5", "val_fraction": "0.6"}  # the gu2net split is fixed
+    with pytest.raises(PlanError, match=r"option\(s\) val_fraction=0.6, test_fraction=0.5 apply with split=seeded only"):
+        open_source(SourceSpec("hand", str(tmp_path), options=gu2net))
+    open_source(SourceSpec("hand", str(tmp_path), options={"split": "gu2net", "seed": "0"}))  # the default, said
 
 
 # ---------------------------------------------------------------- ISBI 2015

@@ -93,7 +93,7 @@ def test_val_options_change_the_carve_and_the_options_digest(tmp_path, capsys):
         expected_carve(ids, 0.25, 0)  # the seed matters
     assert build(tmp_path / "out", "--source", f"head={root}") == 0
     capsys.readouterr()
-    assert build(tmp_path / "out", "--source", f"head={root}", "--opt", "head.val_fraction=0.2") == 1
+    assert build(tmp_path / "out", "--source", f"head={root}", "--opt", "head.val_fraction=0.2") == 2
     assert '"val_fraction": "0.2"' in capsys.readouterr().err  # refused as a build with other options
     assert build(tmp_path / "out", "--source", f"head={root}", "--opt", "head.val_fraction=0.2", "--overwrite") == 0
     assert load(tmp_path / "out").datasets["head"].splits["val"] == 4
@@ -106,6 +106,8 @@ def test_generic_val_options_are_known_to_every_reader_and_checked():
     assert readers.resolve_options(hand, {})["val_fraction"] == "0.066"  # hand's own option sets the default
     with pytest.raises(PlanError, match="val_fraction='1.5' must lie between 0 and 1"):
         open_source(SourceSpec("head", ".", None, {"val_fraction": "1.5"}))
+    with pytest.raises(PlanError, match="val_seed='-1' must be a non-negative integer"):  # numpy's traceback before
+        open_source(SourceSpec("head", ".", None, {"val_seed": "-1"}))
 
 
 @pytest.mark.parametrize("val, counts, rule", [
