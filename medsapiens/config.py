@@ -77,25 +77,47 @@ MAX_YAML_BYTES = 1 << 20
 
 
 def read_yaml(text: str, where: str):
-    """YAML without anchors or aliases (a few bytes of nested aliases expand to gigabytes) and with at
-    most MAX_NESTING levels, checked on the parser's event stream before anything is built."""
+    """YAML without anchors or aliases (a few bytes of nested aliases expand to gigabytes), with at most
+    MAX_NESTING levels and no key given twice in one mapping (YAML keeps the last silently), checked on
+    the parser's event stream before anything is built. Errors are one line."""
     if len(text) > MAX_YAML_BYTES:
         raise ConfigError(f"{where}: {len(text)} bytes, more than a config's {MAX_YAML_BYTES}")
-    depth = 0
+    open_nodes: list[dict] = []  # per open mapping or list: its keys so far, whether a key comes next
     try:
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
                 raise ConfigError(f"{where}: YAML anchors and aliases (&, *) are not accepted in configs; "
                                   "write the values out")
+            if isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                open_nodes.pop()
+                continue
+            if isinstance(event, yaml.NodeEvent) and open_nodes and open_nodes[-1]["keys"] is not None:
+                check_key(open_nodes[-1], event, where)
             if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-                depth += 1
-                if depth > MAX_NESTING:
+                if len(open_nodes) >= MAX_NESTING:
                     raise ConfigError(f"{where}: nested more than {MAX_NESTING} levels deep")
-            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-                depth -= 1
+                mapping = isinstance(event, yaml.MappingStartEvent)
+                open_nodes.append({"keys": set() if mapping else None, "key_next": True})
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{where}: not valid YAML: {yaml_problem(exc)}") from None
+
+
+def check_key(mapping: dict, event, where: str) -> None:
+    """At a mapping's key: refuse one it already has. Keys and values alternate."""
+    if mapping["key_next"] and isinstance(event, yaml.ScalarEvent):
+        line = f" (line {event.start_mark.line + 1})" if event.start_mark else ""
+        if event.value in mapping["keys"]:
+            raise ConfigError(f"{where}: key {event.value!r} given twice in one section{line}")
+        mapping["keys"].add(event.value)
+    mapping["key_next"] = not mapping["key_next"]
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """The parser's complaint and where, in one line."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem}" + (f" at line {mark.line + 1}, column {mark.column + 1}" if mark else "")
 
 
 def _fits_a_float(value: int | float) -> bool:

@@ -71,13 +71,20 @@ def test_an_integer_past_a_floats_range_is_refused_by_name(value):
 
 def test_a_config_file_that_is_no_yaml_text_is_one_line(tmp_path):
     cases = {"latin1.yaml": b"run_dir: caf\xe9\n", "keys.yaml": b"run_dir: x\n1: 2\n",
-             "nested.yaml": b"train:\n  null: 3\n"}
+             "nested.yaml": b"train:\n  null: 3\n", "tab.yaml": b"run_dir: x\n\tbad: 1\n",
+             "twice.yaml": b"optim:\n  lr: -5\n  weight_decay: 0.1\n  lr: 1.0e-3\n"}  # YAML keeps the last lr
     messages = {"latin1.yaml": "not UTF-8 text (byte 12)", "keys.yaml": "key 1 is not a name",
-                "nested.yaml": "key None under train is not a name"}
+                "nested.yaml": "key None under train is not a name",
+                "tab.yaml": "not valid YAML: found character '\\t' that cannot start any token at line 2, column 1",
+                "twice.yaml": "key 'lr' given twice in one section (line 4)"}
     for name, raw in cases.items():
         (tmp_path / name).write_bytes(raw)
-        with pytest.raises(configlib.ConfigError, match=re.escape(messages[name])):
+        with pytest.raises(configlib.ConfigError, match=re.escape(messages[name])) as refused:
             configlib.load(Experiment, tmp_path / name)
+        assert "\n" not in str(refused.value)
+    (tmp_path / "fine.yaml").write_text("data:\n  weights: {head: 2, hand: 1}\n  datasets: [head, hand]\n"
+                                        "  augment: {scale_range: [0.8, 1.2], rotation_deg: 10}\n")  # a key per map
+    assert configlib.load(Experiment, tmp_path / "fine.yaml").data.weights == {"head": 2, "hand": 1}
     with pytest.raises(configlib.ConfigError, match=rf"config file {tmp_path}: cannot be read"):
         configlib.load(Experiment, tmp_path)
 
