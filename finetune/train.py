@@ -262,6 +262,9 @@ def run_one(cfg: FinetuneConfig) -> FinetuneResult | StoppedShort | None:
         if cfg.init == "bundle" and cfg.model.checkpoint:
             print(f"note: model.checkpoint ({cfg.model.checkpoint}) is not read: the bundle's weights start the run",
                   file=sys.stderr)
+        if cfg.init == "scratch" and (cfg.model.checkpoint or cfg.bundle):
+            print(f"note: {cfg.model.checkpoint or cfg.bundle} is not read: --init scratch starts from random weights",
+                  file=sys.stderr)
         batch = cfg.data.micro_batch * distributed.world_size()
         if cfg.shots and cfg.shots < batch:
             print(f"note: {cfg.shots} training image(s) in a batch of {batch} (micro-batch {cfg.data.micro_batch} x "

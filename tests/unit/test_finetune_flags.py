@@ -45,6 +45,19 @@ def test_steps_and_epochs_are_one_or_the_other():
     assert scheduled(replace(both, max_steps=26), 100, 8)[0].max_steps == 26  # a run's own config.yaml, reloaded
 
 
+@pytest.mark.parametrize("argv, unread", [
+    (["--init", "scratch", "--bundle", "B"], "--init scratch does not read --bundle"),
+    (["--init", "scratch", "--checkpoint", "c.pth", "--bundle", "B"], "does not read --bundle or --checkpoint"),
+    (["--init", "sapiens", "--bundle", "B", "--checkpoint", "c.pth"], "--init sapiens does not read --bundle"),
+    (["--init", "bundle", "--bundle", "B", "--checkpoint", "c.pth"], "--init bundle does not read --checkpoint"),
+])
+def test_a_start_flag_the_chosen_init_does_not_read_is_refused(argv, unread):
+    with pytest.raises(InputError, match=unread):
+        config_of(*argv)
+    assert config_of("--init", "sapiens", "--checkpoint", "c.pth").model.checkpoint == "c.pth"
+    assert config_of("--bundle", "B").bundle == "B"  # --init from the config (bundle by default)
+
+
 def test_one_seed_is_the_run_one_of_several_seeds_would_be():
     cfg = config_of("--seed", "3")
     assert (cfg.shot_seed, cfg.train.seed) == (3, 3)
