@@ -6,7 +6,9 @@ imports what it needs; the exit status follows medsapiens.errors (1: the data fa
 """
 from __future__ import annotations
 
-from medsapiens.errors import CheckFailed
+from pathlib import Path
+
+from medsapiens.errors import CheckFailed, InputError
 from medsapiens.shards import (
     DEFAULT_MAX_SIDE,
     DEFAULT_MULTIPART_MB,
@@ -102,12 +104,26 @@ def load_manifest(location: str):
         raise CheckFailed(str(exc)) from exc
 
 
+def check_sheet(sheet: str | None, n: int) -> None:
+    """--sheet and --n, before any shard is read."""
+    if n < 1:
+        raise InputError(f"--n must be at least 1, got {n}")
+    if sheet is None:
+        return
+    path = Path(sheet)
+    if path.suffix.lower() != ".png" or path.is_dir():
+        raise InputError(f"--sheet {sheet}: name the PNG file to write (SHEET.png)")
+    if not path.parent.is_dir():
+        raise InputError(f"--sheet {sheet}: no folder {path.parent}")
+
+
 def run_inspect(args) -> int:
     from medsapiens.io.manifest import ManifestError
     from medsapiens.io.record import Rejection
     from medsapiens.io.shard_tar import ShardError
     from medsapiens.shards.inspection import inspect
 
+    check_sheet(args.sheet, args.n)
     manifest = load_manifest(args.location)
     try:
         lines = inspect(manifest, args.sheet, args.n)

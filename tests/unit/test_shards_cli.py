@@ -36,6 +36,21 @@ def test_inspect_reports_counts_sizes_spacing_and_draws_a_sheet(shard_dir, tmp_p
     assert red.sum() > 100  # landmarks are drawn
 
 
+@pytest.mark.parametrize("sheet, n, message", [
+    ("folder", "4", "--sheet {}: name the PNG file to write"),
+    ("sheet.txt", "4", "--sheet {}: name the PNG file to write"),
+    ("missing/sheet.png", "4", "--sheet {}: no folder"),
+    ("sheet.png", "0", "--n must be at least 1, got 0"),
+])
+def test_a_sheet_that_cannot_be_written_is_refused_before_any_shard_is_read(shard_dir, tmp_path, capsys, sheet, n,
+                                                                            message):
+    (tmp_path / "folder").mkdir()
+    path = tmp_path / sheet
+    assert main(["shards", "inspect", str(shard_dir), "--sheet", str(path), "--n", n]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.format(path) in err, err
+
+
 def test_verify_passes_then_names_a_corrupted_and_a_missing_shard(shard_dir, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(shard_dir, copy)
