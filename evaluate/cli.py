@@ -21,8 +21,9 @@ def register(subparsers) -> None:
                     "to the first) with a paired sign-flip test on the images they share; prints the table "
                     "(and writes it to --out/compare.md and compare.json when --out is given)")
     ev.add_argument("--shards", help="shard directory or s3:// prefix (with --bundle)")
-    ev.add_argument("--dataset", help="dataset id (default: the bundle's only head)")
-    ev.add_argument("--split", default="test", help="split to evaluate (default test)")
+    ev.add_argument("--dataset", help="dataset id (default: the bundle's only head; with --predictions, the files' "
+                    "dataset, which it must match, else the protocol to score them by)")
+    ev.add_argument("--split", help="split to evaluate (with --bundle; default test)")
     ev.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=True,
                     help="average with the mirrored image, as MedSapiens evaluates (default on; --no-flip-test)")
     ev.add_argument("--predictions", help='predict\'s predictions.json ({"dataset": ID, "landmarks": {id: [[x, y], '
@@ -32,7 +33,7 @@ def register(subparsers) -> None:
     ev.add_argument("--out", help="report directory (required, except with --compare)")
     ev.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out (its files and "
                     "overlays; without it such an --out is refused)")
-    ev.add_argument("--overlays", type=int, default=0, metavar="N", help="write N overlay PNGs (with --bundle)")
+    ev.add_argument("--overlays", type=count, default=0, metavar="N", help="write N overlay PNGs (with --bundle)")
     ev.add_argument("--hand-landmarks", type=index_pair, default=None, metavar="A,B",
                     help="hand protocol: the two wrist landmarks (default 1,5 as Payer; GU2Net uses 0,4)")
     ev.add_argument("--sdr-convention", choices=["<", "<="], default="<", help="SDR counts error < r (default) or <= r")
@@ -67,7 +68,8 @@ def register(subparsers) -> None:
 
     ca = subparsers.add_parser(
         "calibrate", help="per-landmark error radii with a coverage guarantee (split conformal), stored in a bundle",
-        description="Split conformal calibration on the val split (a test split is refused): for each landmark "
+        description="Split conformal calibration on the val split (a test split, or the split the bundle trained on, "
+        "is refused): for each landmark "
         "the radius r (protocol unit: mm, or px) such that a new image's true landmark lies within r of the "
         "prediction with probability >= --coverage. r is the ceil((n+1)*coverage)-th smallest of the n "
         "calibration errors (coverage >= the level; <= level + 1/(n+1) without ties). Written into the "
@@ -76,7 +78,7 @@ def register(subparsers) -> None:
     ca.add_argument("bundle", help="bundle directory (its config.json is updated)")
     ca.add_argument("--shards", required=True, help="shard directory or s3:// prefix")
     ca.add_argument("--dataset", help="which head (default: the bundle's only head)")
-    ca.add_argument("--split", default="val", help="calibration split (default val; never a test split)")
+    ca.add_argument("--split", default="val", help="calibration split (default val; never a test split or the training split)")
     ca.add_argument("--coverage", type=float, default=0.9, help="nominal coverage 1 - alpha (default 0.9)")
     ca.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=True,
                     help="predict as evaluate and predict do by default (on; --no-flip-test)")
@@ -122,9 +124,28 @@ def check_device(device: str, onnx=None) -> None:
         raise InputError(f"--device {device}: {torch.cuda.device_count()} CUDA device(s) available here")
 
 
+def count(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}")
+    return int(text)
+
+
+# What each way of evaluating reads; a flag another way reads is refused rather than ignored.
+BUNDLE_ONLY = ("shards", "split", "overlays")
+FILES_AND_BUNDLE = ("bundle", "predictions", "ground_truth", "dataset", "hand_landmarks")
+
+
+def refuse_unread(args, unread: tuple[str, ...], mode: str) -> None:
+    given = [f"--{name.replace('_', '-')}" for name in unread if getattr(args, name)]
+    if given:
+        raise InputError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not read {mode}")
+
+
 def _evaluate(args) -> int:
     check_out(args.out)
     if args.compare:
+        refuse_unread(args, BUNDLE_ONLY + FILES_AND_BUNDLE, "with --compare (it reads the reports)")
         from medsapiens.evaluate.compare import compare_reports
 
         text = compare_reports(args.compare, args.out)
@@ -142,9 +163,11 @@ def _evaluate(args) -> int:
     if args.predictions or args.ground_truth:
         if not (args.predictions and args.ground_truth) or args.bundle:
             raise InputError("give --predictions and --ground-truth together, without --bundle")
+        refuse_unread(args, BUNDLE_ONLY, "with --predictions and --ground-truth (they are the images scored)")
         from medsapiens.evaluate.report import score_files, write_report
 
-        report, errors, ids = score_files(args.predictions, args.ground_truth, wrist_landmarks, args.sdr_convention)
+        report, errors, ids = score_files(args.predictions, args.ground_truth, wrist_landmarks, args.sdr_convention,
+                                          args.dataset)
         remove_earlier_report(Path(args.out))
         write_report(report, errors, ids, list(report["per_landmark"]), args.out)
     else:
@@ -153,6 +176,7 @@ def _evaluate(args) -> int:
         check_device(args.device)
         options = EvalOptions(args.flip_test, args.batch_size, args.device, args.overlays, wrist_landmarks,
                               args.sdr_convention)
+        args.split = args.split or "test"
         report = evaluate_bundle(args.bundle, args.shards, args.dataset, args.split, args.out, options)
     print(summary_line(report))
     if "coverage" in report:

@@ -102,17 +102,29 @@ def evaluate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset:
     return reports[0] if reports else None
 
 
-def refuse_test_split(split: str) -> None:
+def refuse_unfit_split(split: str, bundle: bundlelib.Bundle) -> None:
+    """Calibration needs images the model did not train on and the reported coverage is not measured on."""
     if is_test_split(split):
         raise InputError(f"calibration split {split!r} is a test split: the coverage reported there would no longer "
                          "be held out. Calibrate on 'val' (shards build carves one: --opt ID.val_fraction=F)")
+    if split == training_split(bundle):
+        raise InputError(f"calibration split {split!r} is the split this bundle trained on: its errors there are "
+                         "smaller than on new images, so the radii would cover less than promised. Calibrate on 'val'")
+
+
+def training_split(bundle: bundlelib.Bundle) -> str:
+    """The split the bundle's last stage trained on, as its provenance records it (else `train`)."""
+    config = bundle.provenance.get("config")
+    data = config.get("data") if isinstance(config, dict) else None
+    split = data.get("train_split") if isinstance(data, dict) else None
+    return split if isinstance(split, str) else "train"
 
 
 def calibrate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset: str, split: str = "val",
                     coverage: float = 0.9, options: EvalOptions = EvalOptions()) -> dict | None:
     """Split conformal radii per landmark on `split` (never a test split), with flip test as evaluation
     and predict use it by default; every rank predicts, rank 0 returns the calibration record."""
-    refuse_test_split(split)
+    refuse_unfit_split(split, bundle)
     conformal.check_coverage(coverage)
     check_split(manifest, dataset, split, bundle)
     shortfall = calibration_shortfall(manifest, dataset, split, coverage)
@@ -153,8 +165,8 @@ def calibration_shortfall(manifest: Manifest, dataset: str, split: str, coverage
 def calibrate_bundle(bundle_dir, shards: str, dataset: str | None = None, split: str = "val",
                      coverage: float = 0.9, options: EvalOptions = EvalOptions()) -> dict:
     """`medsapiens calibrate`: store the radii in the bundle's config.json (other heads' calibrations kept)."""
-    refuse_test_split(split)
     model, bundle = bundlelib.load(bundle_dir, options.device)
+    refuse_unfit_split(split, bundle)
     dataset = dataset or only_head(bundle)
     calibration = calibrate_model(model, bundle, load_manifest(shards), dataset, split, coverage, options)
     assert calibration is not None  # one process: rank 0

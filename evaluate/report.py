@@ -216,14 +216,19 @@ def landmark_set_for(dataset: str | None, gt: Table, k: int, ids: list[str]) -> 
     return registry.custom(dataset or "custom", gt.names or [str(n) for n in range(k)], unit=unit)
 
 
-def score_files(predictions: str | Path, ground_truth: str | Path, wrist_landmarks=None, convention: str = "<"):
-    """Score prediction and ground-truth files (formats above) in original pixels. Landmarks invisible in
-    the ground truth are left out and counted (`excluded_landmarks`). Returns (report, errors, ids)."""
+def score_files(predictions: str | Path, ground_truth: str | Path, wrist_landmarks=None, convention: str = "<",
+                dataset: str | None = None):
+    """Score prediction and ground-truth files (formats above) in original pixels, by the protocol of
+    the dataset they name (which `dataset`, when given, must be), else of `dataset`. Landmarks invisible
+    in the ground truth are left out and counted (`excluded_landmarks`). Returns (report, errors, ids)."""
     gt = read_table(ground_truth, "ground-truth")
     pred = read_table(predictions, "predictions", gt.coco_ids)
     if pred.dataset and gt.dataset and pred.dataset != gt.dataset:
         raise InputError(f"predictions are for dataset {pred.dataset!r}, ground truth for {gt.dataset!r}")
-    dataset = gt.dataset or pred.dataset
+    named = gt.dataset or pred.dataset
+    if dataset and named and dataset != named:
+        raise InputError(f"--dataset {dataset}: the files are for dataset {named!r}")
+    dataset = named or dataset
     missing = sorted(set(gt.landmarks) - set(pred.landmarks))
     extra = sorted(set(pred.landmarks) - set(gt.landmarks))
     if missing or extra:

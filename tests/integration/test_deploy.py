@@ -221,11 +221,14 @@ def test_export_onnx_without_the_onnx_extra_is_one_line_with_the_install_hint(he
     assert "Traceback" not in proc.stderr and not (tmp_path / "m.onnx").exists()
 
 
-def test_calibration_refuses_a_test_split_and_too_few_images(head_expert, phantom_shards, tmp_path):
+def test_calibration_refuses_a_test_split_the_training_split_and_too_few_images(head_expert, phantom_shards, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(head_expert / "bundle", bundle)
     refused = run([*CLI, "calibrate", str(bundle), "--shards", str(phantom_shards), "--split", "test1"], 60)
     assert refused.returncode == 2 and "is a test split" in refused.stderr and "Traceback" not in refused.stderr
+    trained_on = run([*CLI, "calibrate", str(bundle), "--shards", str(phantom_shards), "--split", "train"], 60)
+    assert trained_on.returncode == 2 and "Traceback" not in trained_on.stderr
+    assert "calibration split 'train' is the split this bundle trained on" in trained_on.stderr
     too_few = run([*CLI, "calibrate", str(bundle), "--shards", str(phantom_shards)], 120)  # 1 val image
     assert too_few.returncode == 2 and "at least 9 are needed" in too_few.stderr
     assert "--opt head.val_fraction=F" in too_few.stderr

@@ -405,3 +405,24 @@ def test_an_image_file_holding_postscript_never_reaches_ghostscript(tmp_path, mo
     with pytest.raises(OSError):
         decode_png(postscript)
     assert not ran.exists()
+
+
+def test_evaluate_scores_files_by_the_dataset_given_and_refuses_flags_it_would_not_read(tmp_path, capsys):
+    points = [[float(10 + 3 * k), float(20 + k)] for k in range(19)]
+    shifted = [[x + 5.0, y] for x, y in points]
+    for name, landmarks in (("g", points), ("p", shifted)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"landmarks": {"x": landmarks}}))  # no dataset named
+    files = ["evaluate", "--predictions", str(tmp_path / "p.json"), "--ground-truth", str(tmp_path / "g.json")]
+    assert main([*files, "--dataset", "head", "--out", str(tmp_path / "e")]) == 0
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert report["dataset"] == "head" and report["mre"] == pytest.approx(0.5)  # 5 px at ISBI's 0.1 mm/px
+    (tmp_path / "p.json").write_text(json.dumps({"dataset": "head", "landmarks": {"x": shifted}}))
+    refused_in_one_line(capsys, [*files, "--dataset", "leg", "--out", str(tmp_path / "f")],
+                        "--dataset leg: the files are for dataset 'head'")
+    refused_in_one_line(capsys, [*files, "--split", "val", "--overlays", "3", "--out", str(tmp_path / "f")],
+                        "--split, --overlays are not read with --predictions and --ground-truth")
+    report_path = str(tmp_path / "e" / "report.json")
+    refused_in_one_line(capsys, ["evaluate", "--compare", report_path, report_path, "--shards", "s", "--dataset", "leg"],
+                        "--shards, --dataset are not read with --compare")
+    refused_in_one_line(capsys, ["evaluate", "--bundle", "b", "--shards", "s", "--overlays", "-1", "--out", "o"],
+                        "--overlays", "expected a whole number of at least 0")
