@@ -249,23 +249,26 @@ def drop_replaced_choices(cls, data: dict, given: dict) -> None:
 
 def blame(check, path: str | Path | None, overrides: list[str]):
     """`check(overrides)`, whose UserError is re-raised naming where the bad key or value came from:
-    the command line's KEY=VALUE overrides when the file alone passes the check (or fails it
-    otherwise), else the file."""
+    the KEY=VALUE overrides without which the error changes, when the file alone passes the check (or
+    fails it otherwise), else the file."""
     try:
         return check(overrides)
     except UserError as exc:
         error = str(exc)
         where = str(path) if path else ""
-        if overrides:
-            try:
-                check([])
-                alone = None
-            except UserError as without:
-                alone = str(without)
-            if alone != error:
-                keys = [o.partition("=")[0] for o in overrides]
-                where = f"override {', '.join([k for k in keys if k in error] or keys)}"
+        if overrides and error_of(check, []) != error:
+            keys = [o.partition("=")[0] for o in overrides]
+            blamed = [key for n, key in enumerate(keys) if error_of(check, overrides[:n] + overrides[n + 1:]) != error]
+            where = f"override {', '.join(blamed or keys)}"
         raise ConfigError(f"{where}: {error}" if where and where not in error else error) from None
+
+
+def error_of(check, overrides: list[str]) -> str | None:
+    try:
+        check(overrides)
+    except UserError as exc:
+        return str(exc)
+    return None
 
 
 def to_dict(cfg) -> dict:

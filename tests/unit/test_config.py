@@ -46,6 +46,8 @@ def test_an_error_names_the_override_it_comes_from_not_the_file(tmp_path):
     path.write_text("train:\n  max_steps: 4\n")
     with pytest.raises(configlib.ConfigError, match=r"^override train\.max_step: unknown config key\(s\) train\.max_step;"):
         configlib.load(Experiment, path, ["optim.lr=0.1", "train.max_step=4"])
+    with pytest.raises(configlib.ConfigError, match=r"^override trainmax_steps: unknown config key\(s\) trainmax_steps;"):
+        configlib.load(Experiment, path, ["run_dir=x", "trainmax_steps=3"])  # run_dir is among the valid keys listed
     with pytest.raises(configlib.ConfigError, match=r"^override model\.arch: model: unknown arch 'sapiens_tinyy'"):
         check_config("pretrain", str(path), ["model.arch=sapiens_tinyy"])  # the launcher's checks, before any rank
     path.write_text("train:\n  max_stepz: 4\n")
