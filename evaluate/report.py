@@ -129,6 +129,8 @@ def _read_json(path: str | Path, what: str):
         raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} file not found: {path}") from None
+    except OSError as exc:
+        raise InputError(f"{what} file {path}: cannot be read ({exc.strerror or exc})") from None
     return jsondoc.parse(raw, f"{what} file {path}")
 
 

@@ -19,6 +19,8 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None, force: 
     """Write the bundle; False when `out` already held this very export (left as is, calibration included).
     Anything else already in `out` is refused unless `force`: exporting over it would lose it without a word."""
     run_dir, out = Path(run_dir), Path(out)
+    if not (run_dir / RUN_INFO).is_file():
+        raise InputError(f"{run_dir} is not a training run directory (no {RUN_INFO}; train.run_dir of a pretraining run)")
     info = json.loads((run_dir / RUN_INFO).read_text())
     if info.get("stage") != "pretrain":
         raise InputError(f"{run_dir} is a {info.get('stage', 'unknown')} run, not a pretraining run: a fine-tuning "

@@ -65,8 +65,12 @@ class BuildOptions:
     progress: bool = True
 
     def check(self) -> None:
-        if self.max_side < 16 or self.shard_size < 1 or self.workers < 1 or self.multipart_mb < 5:
-            raise PlanError("need --max-side >= 16, --shard-size >= 1, --workers >= 1 and --multipart-mb >= 5")
+        for flag, value, least in (("--max-side", self.max_side, 16), ("--shard-size", self.shard_size, 1),
+                                   ("--workers", self.workers, 1), ("--multipart-mb", self.multipart_mb, 5)):
+            if value < least:
+                raise PlanError(f"{flag} must be at least {least}, got {value}")
+        if not storage.is_s3(self.out) and Path(self.out).exists() and not Path(self.out).is_dir():
+            raise PlanError(f"--out {self.out} is a file; the shards need a folder")
         if self.outside not in OUTSIDE_CHOICES:
             raise PlanError(f"--outside must be one of {', '.join(OUTSIDE_CHOICES)}, got {self.outside!r}")
 

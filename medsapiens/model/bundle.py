@@ -119,6 +119,8 @@ def read_config(path: str | Path) -> Bundle:
     """A bundle's config.json, every field checked: a file from elsewhere is refused in one line naming
     the file and the field, before any model is built from it."""
     where = Path(path) / CONFIG
+    if Path(path).exists() and not Path(path).is_dir():
+        raise InputError(f"{path} is not a bundle: a bundle is a folder holding {CONFIG} and {WEIGHTS}")
     try:
         raw = where.read_bytes()  # bytes: parse names the file of a text that is not UTF-8
     except FileNotFoundError:

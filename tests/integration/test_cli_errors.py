@@ -37,7 +37,8 @@ def test_predict_and_evaluate_name_what_is_missing(tmp_path):
 def test_pretrain_run_as_documented_and_export_of_a_folder_that_is_no_run(tmp_path):
     refused(["pretrain", "run", "--config", str(tmp_path / "missing.yaml")], "config file not found", "missing.yaml")
     refused(["pretrain", "run", "--config", str(DEMO_CONFIG), "train.no_such_key=1"], "no_such_key")
-    refused(["pretrain", "export", str(tmp_path), "--out", str(tmp_path / "b")], str(tmp_path))
+    refused(["pretrain", "export", str(tmp_path), "--out", str(tmp_path / "b")],
+            f"{tmp_path} is not a training run directory (no run.json")
 
 
 def test_s3_without_credentials(tmp_path):

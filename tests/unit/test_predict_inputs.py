@@ -426,3 +426,14 @@ def test_evaluate_scores_files_by_the_dataset_given_and_refuses_flags_it_would_n
                         "--shards, --dataset are not read with --compare")
     refused_in_one_line(capsys, ["evaluate", "--bundle", "b", "--shards", "s", "--overlays", "-1", "--out", "o"],
                         "--overlays", "expected a whole number of at least 0")
+
+
+def test_a_folder_given_for_a_file_and_a_file_for_a_bundle_are_one_line(tmp_path, capsys):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "g.json").write_text(json.dumps({"dataset": "head", "landmarks": {}}))
+    refused_in_one_line(capsys, ["evaluate", "--predictions", str(tmp_path / "p"), "--ground-truth",
+                                 str(tmp_path / "g.json"), "--out", str(tmp_path / "e")],
+                        f"predictions file {tmp_path / 'p'}: cannot be read (Is a directory)")
+    refused_in_one_line(capsys, ["predict", "--bundle", str(tmp_path / "g.json"), "--out", str(tmp_path / "o"),
+                                 str(images(tmp_path / "in", "a.png"))],
+                        f"{tmp_path / 'g.json'} is not a bundle: a bundle is a folder")

@@ -165,3 +165,19 @@ def test_two_datasets_that_would_share_a_shard_name_are_refused_before_writing(t
     err = capsys.readouterr().err
     assert "would both write shard x-y-train-000000.tar" in err and err.count("\n") == 1
     assert not list(out.glob("*.tar"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--shard-size", "0"], "--shard-size must be at least 1, got 0"),
+    (["--max-side", "8"], "--max-side must be at least 16, got 8"),
+    (["--out-is-a-file"], "is a file; the shards need a folder"),
+])
+def test_build_options_that_cannot_work_are_named_one_by_one(tmp_path, capsys, extra, message):
+    raw = write_phantoms(tmp_path / "raw", n=2, seed=3, sets=["leg"])["leg"]
+    out = tmp_path / "out"
+    if extra == ["--out-is-a-file"]:
+        out.write_text("my notes")
+        extra = []
+    assert main(["shards", "build", "--source", f"leg={raw}", "--out", str(out), "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
