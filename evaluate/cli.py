@@ -60,7 +60,7 @@ def register(subparsers) -> None:
                     "(its per-image files and summaries; without it such an --out is refused)")
     pr.add_argument("--spacing", metavar="SX,SY",
                     help="mm per pixel (x, y), two positive numbers; wins over the DICOM tags")
-    pr.add_argument("--frame", type=int, metavar="N", help="which frame of multi-frame DICOMs and page of "
+    pr.add_argument("--frame", type=count, metavar="N", help="which frame of multi-frame DICOMs and page of "
                     "multi-page TIFFs (0-based); without it they are listed as failures")
     pr.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
     pr.add_argument("--device", default="cpu", help="cpu or cuda (with --onnx: cpu, onnxruntime runs on the CPU)")

@@ -45,11 +45,11 @@ def check_config(cfg: FinetuneConfig) -> None:
     if cfg.resume not in RESUME_MODES:
         raise InputError(f"resume must be one of {RESUME_MODES}, got {cfg.resume!r}")
     if not cfg.dataset:
-        raise InputError("no dataset given (--dataset ID)")
+        raise InputError("no dataset given (--dataset ID, or the key dataset=ID)")
     if cfg.init == "bundle" and not cfg.bundle:
-        raise InputError("init 'bundle' needs a bundle (--bundle DIR)")
+        raise InputError("init 'bundle' needs a bundle (--bundle DIR, or the key bundle=DIR)")
     if cfg.init == "sapiens" and not cfg.model.checkpoint:
-        raise InputError("init 'sapiens' needs a Sapiens checkpoint (--checkpoint FILE)")
+        raise InputError("init 'sapiens' needs a Sapiens checkpoint (--checkpoint FILE, or the key model.checkpoint=FILE)")
     if cfg.shots < 0 or cfg.shot_seed < 0 or any(seed < 0 for seed in cfg.seeds):
         raise InputError(f"--shots, --seed and --seeds must not be negative (got shots {cfg.shots}, seed "
                          f"{cfg.shot_seed}, seeds {cfg.seeds})")

@@ -169,9 +169,10 @@ def check_config(stage: str, config: str, overrides: list[str]):
 
     if stage == "pretrain":
         from medsapiens.pretrain.config import PretrainConfig as config_class
+        from medsapiens.training.run import check_settings as check
     else:
         from medsapiens.finetune.config import FinetuneConfig as config_class
-    from medsapiens.training.run import check_settings
+        from medsapiens.finetune.train import check_config as check  # the stage's own: dataset, start, seeds
 
     def validated(extra: list[str]):
         cfg = configlib.from_dict(config_class, configlib.load_data(config, extra))
@@ -179,7 +180,7 @@ def check_config(stage: str, config: str, overrides: list[str]):
             deepspeed_file(cfg.train.deepspeed)
         except FileNotFoundError as exc:
             raise LaunchError(f"train.deepspeed: {exc}") from None
-        check_settings(cfg)
+        check(cfg)
         return cfg
 
     return configlib.blame(validated, config, overrides)

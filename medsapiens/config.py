@@ -248,18 +248,22 @@ def drop_replaced_choices(cls, data: dict, given: dict) -> None:
 
 
 def blame(check, path: str | Path | None, overrides: list[str]):
-    """`check(overrides)`, whose UserError is re-raised naming where the bad key or value came from:
-    the KEY=VALUE overrides without which the error changes, when the file alone passes the check (or
-    fails it otherwise), else the file."""
+    """`check(overrides)`, whose UserError is re-raised naming where the bad key or value came from: the
+    file when the overrides change nothing of it; else, when the file alone passes, the KEY=VALUE overrides
+    without which the error changes; when it fails otherwise, the overrides the error names (if any)."""
     try:
         return check(overrides)
     except UserError as exc:
         error = str(exc)
         where = str(path) if path else ""
-        if overrides and error_of(check, []) != error:
+        alone = error_of(check, []) if overrides else error
+        if alone != error:
             keys = [o.partition("=")[0] for o in overrides]
-            blamed = [key for n, key in enumerate(keys) if error_of(check, overrides[:n] + overrides[n + 1:]) != error]
-            where = f"override {', '.join(blamed or keys)}"
+            if alone is None:  # the overrides broke a good file: those without which the error changes
+                blamed = [key for n, key in enumerate(keys) if error_of(check, overrides[:n] + overrides[n + 1:]) != error]
+            else:  # they got past the file's own error to another: only those the error names
+                blamed = [key for key in keys if key in error.split("; valid keys")[0]]
+            where = f"override {', '.join(blamed or keys)}" if blamed or alone is None else ""
         raise ConfigError(f"{where}: {error}" if where and where not in error else error) from None
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -69,8 +70,10 @@ def _export(args) -> int:
 
 
 def _universal(args) -> int:
+    from medsapiens.pretrain.export import pretraining_run_info
     from medsapiens.training.checkpoints import checkpoint_dir, make_universal
 
+    pretraining_run_info(Path(args.run_dir))  # only a pretraining run resumes from a universal checkpoint
     tag = make_universal(checkpoint_dir(args.run_dir), args.tag)
     print(f"universal checkpoint {tag} written; resume with --resume universal")
     return 0

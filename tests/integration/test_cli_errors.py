@@ -39,6 +39,14 @@ def test_pretrain_run_as_documented_and_export_of_a_folder_that_is_no_run(tmp_pa
     refused(["pretrain", "run", "--config", str(DEMO_CONFIG), "train.no_such_key=1"], "no_such_key")
     refused(["pretrain", "export", str(tmp_path), "--out", str(tmp_path / "b")],
             f"{tmp_path} is not a training run directory (no run.json")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text('{"stage": "pretrain"}')
+    (tmp_path / "notes.txt").write_text("notes")
+    refused(["pretrain", "export", str(run_dir), "--out", str(run_dir)], f"--out {run_dir} holds run.json")
+    refused(["pretrain", "export", str(run_dir), "--out", str(tmp_path / "notes.txt")], "is a file; a bundle is a folder")
+    (run_dir / "run.json").write_text('{"stage": "finetune"}')  # resumes as it stopped: no universal checkpoint
+    refused(["pretrain", "universal", str(run_dir)], f"{run_dir} is a finetune run, not a pretraining run")
 
 
 def test_s3_without_credentials(tmp_path):

@@ -151,7 +151,8 @@ def test_slurm_dry_run_agrees_across_nodes_but_for_the_node_rank(capsys, monkeyp
             f"{DEEPSPEED} --hostfile LAUNCH_DIR/hostfile --no_ssh --node_rank {node_id} --master_addr gpu-01 "
             f"--master_port {port} --module medsapiens.pretrain --config {DEMO}")
     slurm_node(monkeypatch, 0, job_id="73582")
-    _, out, _ = launch(capsys, "finetune", "--config", DEMO, "--slurm", "--dry-run", "--gpus", "2")
+    _, out, _ = launch(capsys, "finetune", "--config", DEMO, "--slurm", "--dry-run", "--gpus", "2", "dataset=leg",
+                       "bundle=b")
     assert f"master gpu-01:{launcher.slurm_port('73582')}," in out and launcher.slurm_port("73582") != port
     assert "3 SLURM node(s) x 2 = 6 rank(s)" in out and "--module medsapiens.finetune" in printed_command(out)
 

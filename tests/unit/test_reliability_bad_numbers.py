@@ -7,7 +7,15 @@ from conftest import DEMO_CONFIG, REPO
 
 from medsapiens.launch.cli import main
 
-FINETUNE = REPO / "launch/experiments/demo_finetune.yaml"
+FINETUNE_DEMO = REPO / "launch/experiments/demo_finetune.yaml"
+
+
+@pytest.fixture(scope="module")
+def finetune_config(tmp_path_factory):
+    """The demo's fine-tuning config with what `medsapiens demo` adds as flags (the dataset, the bundle)."""
+    path = tmp_path_factory.mktemp("config") / "finetune.yaml"
+    path.write_text(FINETUNE_DEMO.read_text() + "dataset: leg\nbundle: runs/demo/bundle\n")
+    return path
 
 BAD = [
     ("optim.lr=-0.001", "optim.lr must be a positive number, got -0.001"),
@@ -15,7 +23,7 @@ BAD = [
     ("optim.lr=.nan", "optim.lr must be a positive number, got nan"),
     ("train.max_steps=-5", "train.max_steps must be at least 0, got -5"),
     ("train.max_steps=0", "give train.epochs > 0 or train.max_steps >= 1"),
-    ("data.micro_batch=0", "data.micro_batch must be at least 1, got 0"),
+    ("data.micro_batch=0", "must be at least 1, got 0"),  # finetune names its flag --batch-size too
     ("train.grad_accum=0", "train.grad_accum must be at least 1, got 0"),
     ("train.checkpoint_every=0", "train.checkpoint_every must be at least 1, got 0"),
     ("train.log_every=0", "train.log_every must be at least 1, got 0"),
@@ -40,9 +48,10 @@ BAD = [
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("stage, config", [("pretrain", DEMO_CONFIG), ("finetune", FINETUNE)])
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 @pytest.mark.parametrize("override, message", BAD, ids=[b[0] for b in BAD])
-def test_bad_number_refused_by_dry_run(capsys, stage, config, override, message):
+def test_bad_number_refused_by_dry_run(capsys, finetune_config, stage, override, message):
+    config = DEMO_CONFIG if stage == "pretrain" else finetune_config
     status = main(["launch", stage, "--config", str(config), "--dry-run", override])
     out, err = capsys.readouterr()
     assert status == 2 and out == ""
@@ -51,11 +60,22 @@ def test_bad_number_refused_by_dry_run(capsys, stage, config, override, message)
 
 
 @pytest.mark.timeout(60)
-def test_an_empty_run_dir_is_refused_by_pretraining_and_chosen_by_fine_tuning(capsys):
+def test_an_empty_run_dir_is_refused_by_pretraining_and_chosen_by_fine_tuning(capsys, finetune_config):
     """Pretraining would write into the current folder; fine-tuning chooses runs/finetune/<...>."""
     assert main(["launch", "pretrain", "--config", str(DEMO_CONFIG), "--dry-run", "run_dir="]) == 2
     assert "run_dir must name a folder of the run's own, got ''" in capsys.readouterr().err
-    assert main(["launch", "finetune", "--config", str(FINETUNE), "--dry-run", "run_dir="]) == 0
+    assert main(["launch", "finetune", "--config", str(finetune_config), "--dry-run", "run_dir="]) == 0
+
+
+@pytest.mark.timeout(60)
+def test_launch_finetune_checks_the_stage_before_any_rank_starts(capsys):
+    """What a fine-tuning rank would refuse at once (no dataset, no bundle) is refused by the launcher,
+    naming the config key, as launch takes no --dataset flag."""
+    assert main(["launch", "finetune", "--config", str(FINETUNE_DEMO), "--gpus", "2"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {FINETUNE_DEMO}: no dataset given (--dataset ID, or the key "
+                                               "dataset=ID)")
+    assert main(["launch", "finetune", "--config", str(FINETUNE_DEMO), "--dry-run", "dataset=leg"]) == 2
+    assert capsys.readouterr().err.strip() == "error: init 'bundle' needs a bundle (--bundle DIR, or the key bundle=DIR)"
 
 
 @pytest.mark.timeout(60)
