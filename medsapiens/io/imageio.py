@@ -80,7 +80,7 @@ def open_image(source) -> Image.Image:
     try:
         return Image.open(source, formats=FILE_FORMATS)
     except UnidentifiedImageError:
-        raise ValueError(f"not a {', '.join(FILE_FORMATS[:-1])} or {FILE_FORMATS[-1]} image") from None
+        raise InputError(f"not a {', '.join(FILE_FORMATS[:-1])} or {FILE_FORMATS[-1]} image") from None
 
 
 def pick_page(image: Image.Image, path: str, frame: int | None) -> None:
@@ -224,38 +224,42 @@ def check_compressed_frame(ds, path, index: int | None) -> None:
     DICOM header says: it must be the header's Columns x Rows (checked against the bound already)."""
     from pydicom.encaps import get_frame
 
-    if not ds.file_meta.TransferSyntaxUID.is_encapsulated:
+    if not str(ds.file_meta.get("TransferSyntaxUID", "")).startswith(JPEG_SYNTAXES):  # RLE: the header's size
         return
     data = get_frame(ds.PixelData, index or 0, number_of_frames=int(ds.get("NumberOfFrames") or 1))
-    size = codestream_size(data[:CODESTREAM_HEAD])
-    if size is not None and size != (int(ds.Columns), int(ds.Rows)):
-        raise Rejection("unreadable_image", f"{path}: its compressed frame is {size[0]}x{size[1]} px where its "
-                        f"header says {ds.Columns}x{ds.Rows}")
+    size = codestream_size(data)
+    if size != (int(ds.Columns), int(ds.Rows)):
+        found = f"is {size[0]}x{size[1]} px" if size else "names no size"
+        raise Rejection("unreadable_image", f"{path}: its compressed frame {found} where its header says "
+                        f"{ds.Columns}x{ds.Rows}")
 
 
-CODESTREAM_HEAD = 1 << 16  # where a frame's size marker lies (JPEG: after its tables; JPEG 2000: at once)
+JPEG_SYNTAXES = "1.2.840.10008.1.2.4."  # JPEG, JPEG-LS, JPEG 2000 (and video, which no decoder here reads)
 JPEG_FRAME_MARKERS = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7}  # SOF0-15 (not DHT, JPG, DAC), JPEG-LS SOF55
+J2K_START = b"\xff\x4f\xff\x51"  # SOC, then SIZ: Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz, ...
 
 
-def codestream_size(head: bytes) -> tuple[int, int] | None:
-    """(width, height) a JPEG, JPEG-LS or JPEG 2000 codestream declares; None for another kind (RLE)."""
-    # JPEG 2000: SOC then SIZ (Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz), bare or in a JP2 file's boxes
-    siz = 0 if head.startswith(b"\xff\x4f\xff\x51") else head.find(b"\xff\x4f\xff\x51") if head[4:8] == b"jP  " else -1
-    if siz >= 0 and len(head) >= siz + 24:
-        x, y, x0, y0 = struct.unpack(">IIII", head[siz + 8:siz + 24])
+def codestream_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) a JPEG, JPEG-LS or JPEG 2000 codestream declares (bare or in a JP2 file's
+    contiguous-codestream box); None when it declares none before its image data."""
+    if data[4:8] == b"jP  ":
+        box = data.find(b"jp2c")
+        data = data[box + 4:] if box >= 0 else b""
+    if data.startswith(J2K_START) and len(data) >= 24:
+        x, y, x0, y0 = struct.unpack(">IIII", data[8:24])
         return x - x0, y - y0
-    if not head.startswith(b"\xff\xd8"):
-        return None
-    pos = 2
-    while pos + 9 <= len(head) and head[pos] == 0xFF:
-        if head[pos + 1] == 0xFF:  # fill byte
+    pos = 2 if data.startswith(b"\xff\xd8") else len(data)
+    while pos + 9 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
             pos += 1
-            continue
-        marker, length = head[pos + 1], struct.unpack(">H", head[pos + 2:pos + 4])[0]
-        if marker in JPEG_FRAME_MARKERS:
-            height, width = struct.unpack(">HH", head[pos + 5:pos + 9])
+        elif marker in JPEG_FRAME_MARKERS:
+            height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
             return width, height
-        pos += 2 + length
+        elif marker == 0xDA:  # start of scan: the image data, and no frame header before it
+            return None
+        else:
+            pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
     return None
 
 

@@ -99,3 +99,39 @@ def test_a_compressed_frame_declaring_another_size_than_its_header_is_refused_be
     refused = decode_in_child(bomb)
     assert refused["shape"] is None and refused["peak_mib"] < 400, refused
     assert refused["error"] == f"unreadable_image: {bomb}: its compressed frame is 12000x12000 px where its header says 48x64"
+
+
+def jpeg_dicom(path, pixels: np.ndarray, declared: tuple[int, int] | None = None, comment_bytes: int = 0):
+    """A baseline JPEG DICOM of 8-bit `pixels`; `comment_bytes` of COM segments before the frame header
+    (as large EXIF or ICC segments put it far from the start); `declared` (width, height) rewrites the
+    size the frame header names."""
+    import io
+    import struct
+
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    data = bytearray(buffer.getvalue())
+    comments = b"".join(b"\xff\xfe" + struct.pack(">H", 65535) + b"c" * 65533 for _ in range(comment_bytes // 65533))
+    data[2:2] = comments
+    if declared is not None:
+        pos = 2
+        while data[pos + 1] != 0xC0:  # to the baseline frame header (SOF0)
+            pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        struct.pack_into(">HH", data, pos + 5, declared[1], declared[0])
+    return write_dicom(path, *pixels.shape, encapsulate([bytes(data)]), JPEGBaseline8Bit, bits_stored=8,
+                       BitsAllocated=8, HighBit=7)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("comment_bytes", [0, 3 * 65533], ids=["plain", "frame header past 192 KiB of comments"])
+def test_a_jpeg_frame_declaring_another_size_is_refused_wherever_its_header_lies(tmp_path, comment_bytes):
+    pixels = (np.arange(64 * 48).reshape(64, 48) % 200).astype(np.uint8)
+    fine = decode_in_child(jpeg_dicom(tmp_path / "fine.dcm", pixels, comment_bytes=comment_bytes))
+    assert fine["shape"] == [64, 48], fine
+    bomb = jpeg_dicom(tmp_path / "bomb.dcm", pixels, declared=(12000, 12000), comment_bytes=comment_bytes)
+    refused = decode_in_child(bomb)
+    assert refused["shape"] is None and refused["peak_mib"] < 400, refused
+    assert refused["error"] == f"unreadable_image: {bomb}: its compressed frame is 12000x12000 px where its header says 48x64"
