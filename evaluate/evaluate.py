@@ -122,9 +122,10 @@ def training_split(bundle: bundlelib.Bundle) -> str:
 
 def calibrate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset: str, split: str = "val",
                     coverage: float = 0.9, options: EvalOptions = EvalOptions()) -> dict | None:
-    """Split conformal radii per landmark on `split` (never a test split), with flip test as evaluation
-    and predict use it by default; every rank predicts, rank 0 returns the calibration record."""
-    refuse_unfit_split(split, bundle)
+    """Split conformal radii per landmark on `split`, with flip test as evaluation and predict use it by
+    default; every rank predicts, rank 0 returns the calibration record. The split is never a test split
+    or the one the bundle trained on: `calibrate` checks (refuse_unfit_split), as fine-tuning's
+    DataConfig.check does, before any model is loaded."""
     conformal.check_coverage(coverage)
     check_split(manifest, dataset, split, bundle)
     shortfall = calibration_shortfall(manifest, dataset, split, coverage)
@@ -165,8 +166,8 @@ def calibration_shortfall(manifest: Manifest, dataset: str, split: str, coverage
 def calibrate_bundle(bundle_dir, shards: str, dataset: str | None = None, split: str = "val",
                      coverage: float = 0.9, options: EvalOptions = EvalOptions()) -> dict:
     """`medsapiens calibrate`: store the radii in the bundle's config.json (other heads' calibrations kept)."""
+    refuse_unfit_split(split, bundlelib.read_config(bundle_dir))  # before the weights are read
     model, bundle = bundlelib.load(bundle_dir, options.device)
-    refuse_unfit_split(split, bundle)
     dataset = dataset or only_head(bundle)
     calibration = calibrate_model(model, bundle, load_manifest(shards), dataset, split, coverage, options)
     assert calibration is not None  # one process: rank 0

@@ -150,9 +150,9 @@ def from_dict(cls, data: dict, where: str = "", base=None):
     length in epochs or in steps): the data giving some of a group sets the others to 0."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    named = [key for key in data if not isinstance(key, str)]
-    if named:
-        raise ConfigError(f"key {_short(named[0])}{' under ' + where if where else ''} is not a name "
+    not_names = [key for key in data if not isinstance(key, str)]
+    if not_names:
+        raise ConfigError(f"key {_short(not_names[0])}{' under ' + where if where else ''} is not a name "
                           "(config keys are words)")
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -206,6 +206,8 @@ def read_config_text(path: str | Path) -> str:
         raise ConfigError(f"config file not found: {path}") from None
     except OSError as exc:
         raise ConfigError(f"config file {path}: cannot be read ({exc.strerror or exc})") from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: more than a config's {MAX_YAML_BYTES} bytes")
     try:
         return raw.decode()
     except UnicodeDecodeError as exc:

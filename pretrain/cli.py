@@ -22,7 +22,7 @@ def register(subparsers) -> None:
         "export", help="write a bundle (model.safetensors + config.json) from a run",
         description="Reads the run's newest complete checkpoint as weights only: a checkpoint file that "
         "names anything else is refused. Share the bundle, not the run directory.")
-    export.add_argument("run_dir", help="the run directory (train.run_dir)")
+    export.add_argument("run_dir", help="the run directory (the config's run_dir)")
     export.add_argument("--out", required=True, help="bundle directory to write")
     export.add_argument("--tag", help="checkpoint tag, e.g. step_00001000 (default: the latest complete one)")
     export.add_argument("--force", action="store_true",

@@ -53,7 +53,7 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None, force: 
 def pretraining_run_info(run_dir: Path) -> dict:
     """The run.json of a pretraining run directory; anything else is one line."""
     if not (run_dir / RUN_INFO).is_file():
-        raise InputError(f"{run_dir} is not a training run directory (no {RUN_INFO}; train.run_dir of a pretraining run)")
+        raise InputError(f"{run_dir} is not a training run directory (no {RUN_INFO}; the run_dir of a pretraining run)")
     info = json.loads((run_dir / RUN_INFO).read_text())
     if info.get("stage") != "pretrain":
         raise InputError(f"{run_dir} is a {info.get('stage', 'unknown')} run, not a pretraining run: a fine-tuning "

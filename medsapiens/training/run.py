@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -92,12 +91,14 @@ def check_settings(cfg) -> None:
 
 
 def check_run_dir(run_dir: str, empty_allowed: bool) -> None:
-    """A folder of the run's own, never the current folder or `/` (a fresh start moves the run directory
-    aside); empty only where the stage then chooses one."""
+    """A folder of the run's own, never the current folder or one above it (a fresh start moves the run
+    directory aside); empty only where the stage then chooses one."""
     if run_dir == "" and empty_allowed:
         return
-    if os.path.normpath(run_dir) in (".", "/", "//"):
-        raise InputError(f"run_dir must name a folder of the run's own, got {run_dir!r}")
+    here = Path.cwd().resolve()
+    if Path(run_dir).resolve() in (here, *here.parents):
+        raise InputError(f"run_dir must name a folder of the run's own, not the current folder or one above it; "
+                         f"got {run_dir!r}")
 
 
 def global_batch(cfg) -> int:

@@ -89,6 +89,9 @@ def test_a_config_file_that_is_no_yaml_text_is_one_line(tmp_path):
     assert configlib.load(Experiment, tmp_path / "fine.yaml").data.weights == {"head": 2, "hand": 1}
     with pytest.raises(configlib.ConfigError, match=rf"config file {tmp_path}: cannot be read"):
         configlib.load(Experiment, tmp_path)
+    (tmp_path / "large.yaml").write_text("run_dir: " + "\u00e9" * 600_000 + "\n")  # 1.2 MB in 600 000 characters
+    with pytest.raises(configlib.ConfigError, match=r"large.yaml: more than a config's 1048576 bytes"):
+        configlib.load(Experiment, tmp_path / "large.yaml")
 
 
 def test_resolved_config_round_trips(tmp_path):

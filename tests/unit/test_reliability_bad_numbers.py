@@ -2,6 +2,8 @@
 by `medsapiens launch --dry-run` (the same check runs again in each stage's preflight)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from conftest import DEMO_CONFIG, REPO
 
@@ -43,7 +45,8 @@ BAD = [
     ("train.val_limit=-1", "train.val_limit must be at least 0, got -1"),
     ("train.val_panels=-1", "train.val_panels must be at least 0, got -1"),
     ("train.dist_timeout_s=0", "train.dist_timeout_s must be at least 1, got 0"),
-    ("run_dir=.", "run_dir must name a folder of the run's own, got '.'"),
+    ("run_dir=.", "run_dir must name a folder of the run's own, not the current folder or one above it; got '.'"),
+    ("run_dir=..", "not the current folder or one above it; got '..'"),
 ]
 
 
@@ -63,7 +66,9 @@ def test_bad_number_refused_by_dry_run(capsys, finetune_config, stage, override,
 def test_an_empty_run_dir_is_refused_by_pretraining_and_chosen_by_fine_tuning(capsys, finetune_config):
     """Pretraining would write into the current folder; fine-tuning chooses runs/finetune/<...>."""
     assert main(["launch", "pretrain", "--config", str(DEMO_CONFIG), "--dry-run", "run_dir="]) == 2
-    assert "run_dir must name a folder of the run's own, got ''" in capsys.readouterr().err
+    assert "run_dir must name a folder of the run's own, not the current folder or one above it; got ''" in \
+        capsys.readouterr().err
+    assert main(["launch", "pretrain", "--config", str(DEMO_CONFIG), "--dry-run", f"run_dir={Path.cwd()}"]) == 2
     assert main(["launch", "finetune", "--config", str(finetune_config), "--dry-run", "run_dir="]) == 0
 
 
