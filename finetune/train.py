@@ -31,10 +31,9 @@ from medsapiens.io.locks import writer_lock
 from medsapiens.io.manifest import Manifest, ManifestError
 from medsapiens.io.manifest import load as load_manifest
 from medsapiens.io.registry import LandmarkSet
-from medsapiens.io.shard_tar import file_digest
 from medsapiens.model import bundle as bundlelib
 from medsapiens.training.checkpoints import checkpoint_dir, has_checkpoint, latest_tag, tag_step
-from medsapiens.training.run import RunPlan, check_settings, load_trained, move_aside, train
+from medsapiens.training.run import RunPlan, check_settings, load_trained, move_aside, train, weights_digest
 
 SUMMARY = "summary.json"
 
@@ -117,13 +116,14 @@ def initial_model(cfg: FinetuneConfig, landmark_set: LandmarkSet):
         model_cfg = replace(bundle.model, grad_checkpointing=cfg.model.grad_checkpointing)
         model.backbone.set_grad_checkpointing(model_cfg.grad_checkpointing)
         origin = {"init": "bundle", "bundle": str(Path(cfg.bundle).resolve()),
-                  "bundle_sha256": file_digest(Path(cfg.bundle) / bundlelib.WEIGHTS)[0],
+                  "bundle_sha256": weights_digest(str(Path(cfg.bundle) / bundlelib.WEIGHTS)),
                   "reused_head": reused and not cfg.reinit_head,
                   "bundle_provenance": {k_: bundle.provenance.get(k_) for k_ in ("stage", "steps", "manifest")}}
     else:
         model_cfg = cfg.model if cfg.init == "sapiens" else replace(cfg.model, checkpoint=None)
         model = model_cfg.build({dataset: k})
-        origin = {"init": cfg.init, "checkpoint": model_cfg.checkpoint}
+        origin = {"init": cfg.init, "checkpoint": model_cfg.checkpoint,
+                  "checkpoint_sha256": weights_digest(model_cfg.checkpoint)}
     return model, replace(model_cfg, checkpoint=None), origin
 
 
@@ -273,7 +273,7 @@ def run_one(cfg: FinetuneConfig) -> FinetuneResult | StoppedShort | None:
         cfg = replace(cfg, model=model_cfg)
     evaluated = evaluation_splits(manifest, cfg.dataset, cfg.eval_split)
     plan = RunPlan("finetune", cfg, manifest, [cfg.dataset], model, model_cfg, track_best=True,
-                   info={"origin": origin, "evaluation_splits": evaluated}, start_digest=origin.get("bundle_sha256"))
+                   info={"origin": origin, "evaluation_splits": evaluated}, start_digest=origin.get("bundle_sha256") or origin.get("checkpoint_sha256"))
     result = train(plan)
     del model, plan
     if not result.finished:

@@ -24,7 +24,8 @@ def register(subparsers) -> None:
         "names anything else is refused. Share the bundle, not the run directory.")
     export.add_argument("run_dir", help="the run directory (the config's run_dir)")
     export.add_argument("--out", required=True, help="bundle directory to write")
-    export.add_argument("--tag", help="checkpoint tag, e.g. step_00001000 (default: the latest complete one)")
+    export.add_argument("--tag", help="checkpoint tag, e.g. step_00001000 (default: the latest complete one, once the "
+                        "run has finished: a run stopped short exports only with --tag)")
     export.add_argument("--force", action="store_true",
                         help="replace what --out already holds; without it, a rerun of the same export leaves the "
                         "bundle as it is (calibration included) and an --out holding anything else is refused")

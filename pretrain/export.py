@@ -24,7 +24,11 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None, force: 
     check_bundle_folder(out)
     cfg = configlib.load(PretrainConfig, run_dir / RESOLVED_CONFIG)
     ckpt_dir = checkpoint_dir(run_dir)
-    tag = tag or latest_tag(ckpt_dir)
+    if tag is None:
+        tag = latest_tag(ckpt_dir)
+        if tag_step(tag) < cfg.train.max_steps:
+            raise InputError(f"{run_dir} stopped at step {tag_step(tag)} of {cfg.train.max_steps}: rerun its command to "
+                             f"finish it, or export that checkpoint on purpose with --tag {tag}")
     same_export = not force and previous_export(out, run_dir, tag)
     sets = {d: LandmarkSet.from_dict(info["landmark_sets"][d]) for d in info["dataset_ids"]}
     model_cfg = replace(cfg.model, checkpoint=None, grad_checkpointing=False)
@@ -40,6 +44,8 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None, force: 
         "run_dir": str(run_dir.resolve()),
         "checkpoint": tag,
         "steps": step,
+        "finished": step >= cfg.train.max_steps,
+        "start_sha256": info.get("start_sha256"),
         "lora": cfg.lora.enabled,
         "selection": info.get("selection"),
         "manifest": info["manifest"],

@@ -13,7 +13,7 @@ from medsapiens.io.locks import writer_lock
 from medsapiens.io.manifest import Manifest, ManifestError
 from medsapiens.io.manifest import load as load_manifest
 from medsapiens.pretrain.config import PretrainConfig
-from medsapiens.training.run import RunPlan, check_settings, move_aside, train
+from medsapiens.training.run import RunPlan, check_settings, move_aside, train, weights_digest
 
 
 def selected_datasets(manifest: Manifest, requested: list[str]) -> list[str]:
@@ -56,7 +56,9 @@ def train_in(cfg: PretrainConfig, resume: str) -> dict:
         manifest, dataset_ids = found[0]
         torch.manual_seed(cfg.train.seed)
         model = cfg.model.build({d: manifest.landmark_set(d).num_landmarks for d in dataset_ids})
-        result = train(RunPlan("pretrain", cfg, manifest, dataset_ids, model, cfg.model), resume)
+        plan = RunPlan("pretrain", cfg, manifest, dataset_ids, model, cfg.model,
+                       start_digest=weights_digest(cfg.model.checkpoint))
+        result = train(plan, resume)
         if distributed.rank() == 0 and result.finished:
             print(f"next: medsapiens pretrain export {cfg.run_dir} --out BUNDLE_DIR", file=sys.stderr)
         return result.last_validation

@@ -34,6 +34,7 @@ BEST = "best.json"
 COMPLETE = "complete.json"
 CLIENT_STATE_KEY = "medsapiens"
 TAG_PREFIX = "step_"
+LATEST_UNIVERSAL = "latest_universal"  # names the universal checkpoint `--resume universal` loads
 # Each rank's ZeRO optimizer partition: `[bf16_]zero_pp_rank_<dp rank>_mp_rank_<mp rank>_optim_states.pt`.
 OPTIMIZER_SHARD = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_?optim_states\.pt")
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load obeys it over an explicit weights_only=False
@@ -198,13 +199,26 @@ def load(ds_engine, ckpt_dir: Path) -> dict | None:
     ckpt_dir = Path(ckpt_dir)
     universal = ds_engine.load_universal_checkpoint()
     tag = None if universal else latest_tag(ckpt_dir)
-    where = ckpt_dir / ((ckpt_dir / "latest_universal").read_text().strip() if universal else tag)
+    where = ckpt_dir / (current_universal(ckpt_dir) if universal else tag)
     with weights_only_loading(where):
         path, client = ds_engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         return None
     steps_beside_their_parameters(getattr(ds_engine.optimizer, "optimizer", ds_engine.optimizer))
     return (client or {}).get(CLIENT_STATE_KEY, {})
+
+
+def current_universal(ckpt_dir: Path) -> str:
+    """The universal checkpoint `--resume universal` loads: the conversion of the run's newest complete
+    checkpoint, never an older one (the steps since would be trained again)."""
+    pointer = ckpt_dir / LATEST_UNIVERSAL
+    universal = pointer.read_text().strip() if pointer.is_file() else None
+    newest = complete_tags(ckpt_dir)[-1] if has_checkpoint(ckpt_dir) else None
+    if universal is None or (newest is not None and tag_step(universal) < tag_step(newest)):
+        found = f"its universal checkpoint is {universal}, older than" if universal else "it has no universal checkpoint of"
+        raise CheckpointError(f"{ckpt_dir.parent}: {found} its newest checkpoint {newest}: convert that one with "
+                              f"`medsapiens pretrain universal {ckpt_dir.parent}`, then rerun with --resume universal")
+    return universal
 
 
 def steps_beside_their_parameters(optimizer) -> None:
@@ -255,7 +269,7 @@ def make_universal(ckpt_dir: Path, tag: str | None = None) -> str:
                            "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"])
     if proc.returncode:
         raise CheckpointError(f"converting {ckpt_dir / tag} to a universal checkpoint failed (its error is above)")
-    (ckpt_dir / "latest_universal").write_text(out_tag)
+    (ckpt_dir / LATEST_UNIVERSAL).write_text(out_tag)
     return out_tag
 
 

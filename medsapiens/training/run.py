@@ -23,6 +23,7 @@ from medsapiens.data.pipeline import DataConfig, mixture_weights, validation_spl
 from medsapiens.errors import InputError
 from medsapiens.io.locks import writer_lock
 from medsapiens.io.manifest import Manifest
+from medsapiens.io.shard_tar import file_digest
 from medsapiens.model import (
     LandmarkModel,
     LoraConfig,
@@ -64,7 +65,7 @@ class RunPlan:
     model_cfg: ModelConfig
     track_best: bool = False
     info: dict = field(default_factory=dict)  # extra run.json entries
-    start_digest: str | None = None  # sha256 of the weights file the run starts from (a bundle's), held on resume
+    start_digest: str | None = None  # sha256 of the weights file the run starts from, held on resume (rank 0's)
 
 
 @dataclass
@@ -155,6 +156,11 @@ RESUMABLE_CHANGES = {"run_dir", "train.stop_after", "train.log_every", "train.ke
 WORLD_SIZE_CHANGES = {"data.micro_batch", "train.grad_accum"}  # to keep the global batch on another number of ranks
 
 
+def weights_digest(path: str | None) -> str | None:
+    """The sha256 of the weights file a run starts from, on rank 0 (which decides a resume), else None."""
+    return file_digest(Path(path))[0] if path and distributed.rank() == 0 else None
+
+
 def check_same_run(run_dir: Path, cfg, resume: str, manifest_digest: str, start_digest: str | None = None) -> None:
     """A rerun that resumes continues the run in run_dir, so its resolved config must be the one saved
     there (the keys of RESUMABLE_CHANGES and the stage config's AFTER_TRAINING aside; with `universal`,
@@ -188,13 +194,17 @@ def check_same_run(run_dir: Path, cfg, resume: str, manifest_digest: str, start_
     if started_from and start_digest and started_from != start_digest:
         raise checkpoints.CheckpointError(
             f"{run_dir} holds a run that started from other weights (sha256 {started_from[:12]}, now "
-            f"{start_digest[:12]}: the bundle was replaced since): resume it from those, or {afresh}")
+            f"{start_digest[:12]}: the file it started from was replaced since): resume it from those, or {afresh}")
 
 
-def check_same_world_size(run_dir: Path, stage: str, resume: str) -> None:
+def check_resumable(run_dir: Path, stage: str, resume: str) -> None:
     """A rerun that resumes (`auto`) a ZeRO checkpoint must have as many ranks as saved it: DeepSpeed cannot
-    split the optimizer states anew (its load stops with a traceback). Raises naming both and the way out."""
+    split the optimizer states anew (its load stops with a traceback). One that resumes `universal` loads
+    the conversion of the newest checkpoint. Raises naming what differs and the way out."""
     ckpt_dir = checkpoints.checkpoint_dir(run_dir)
+    if resume == "universal":
+        checkpoints.current_universal(ckpt_dir)
+        return
     if resume != "auto" or not checkpoints.has_checkpoint(ckpt_dir):
         return
     tag = checkpoints.latest_tag(ckpt_dir)
@@ -219,7 +229,7 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     run_dir = Path(cfg.run_dir)
     distributed.decide_on_rank0(  # before the engine's minutes
         lambda: check_same_run(run_dir, cfg, resume, plan.manifest.digest, plan.start_digest))
-    distributed.decide_on_rank0(lambda: check_same_world_size(run_dir, plan.stage, resume))
+    distributed.decide_on_rank0(lambda: check_resumable(run_dir, plan.stage, resume))
     chosen = selection(plan)
     lora: LoraConfig = cfg.lora
     if lora.enabled:

@@ -152,7 +152,7 @@ class Trainer:
         progress = progress_bar(total=train.max_steps, initial=start_step, disable=not self.is_main, desc="train",
                         unit="step", dynamic_ncols=True)
         waiting_since = time.perf_counter()
-        done = saved = start_step
+        done = start_step
         stop = StopSignals()
         try:
             for step, micro_batches in batches:
@@ -167,21 +167,19 @@ class Trainer:
                 done = step + 1
                 stopping = done == train.stop_after
                 final = done == train.max_steps
-                if done % train.log_every == 0 or final:
+                signalled = not (final or stopping) and stop.agreed()
+                if done % train.log_every == 0 or final or stopping or signalled:  # a stop logs its part of a window
                     progress.set_postfix(loss=f"{self._log_train(done, sums, grad_norm, timer):.4g}", refresh=False)
                     sums = {}
                 with timer.aside():
                     if done % train.val_every == 0 or final:
                         self.validate(done)
-                    if done % train.checkpoint_every == 0 or final or stopping:
+                    if done % train.checkpoint_every == 0 or final or stopping or signalled:
                         self.checkpoint(done)
-                        saved = done
                 progress.update(1)
                 if stopping:
                     break
-                if not final and stop.agreed():
-                    if saved != done:
-                        self.checkpoint(done)
+                if signalled:
                     raise Stopped(f"stopped at step {done} by a stop signal; checkpoint "
                                   f"{checkpoints.checkpoint_tag(done)} in {self.ckpt_dir} is complete; rerun the "
                                   "same command to resume")

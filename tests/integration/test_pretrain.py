@@ -118,6 +118,36 @@ def test_universal_checkpoint_resumes_at_another_world_size(phantom_shards, tmp_
     assert set(range(1, STEPS + 1)) <= set(by_step)
     assert by_step[7] < 2 * by_step[6]  # trained weights were loaded, not a fresh start
     assert json.loads((run_dir / "run.json").read_text())["world_size"] == 1
+    newest = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if not p.name.endswith("_universal"))[-1]
+    stale = run([*universal, *config_args(phantom_shards, run_dir, "data.micro_batch=8")], 180)  # would redo 7..
+    assert stale.returncode == 2 and "Traceback" not in stale.stderr, stale.stderr[-3000:]
+    assert (f"error: {run_dir}: its universal checkpoint is step_00000006_universal, older than its newest checkpoint "
+            f"{newest}: convert that one with `medsapiens pretrain universal {run_dir}`") in stale.stderr
+
+
+@pytest.mark.timeout(300)
+def test_a_resume_from_a_replaced_model_checkpoint_is_refused(phantom_shards, tmp_path):
+    """The run records the sha256 of the weights it started from; the same path holding other weights
+    since is another run's start, and the bundle would name a start the file no longer holds."""
+    import hashlib
+
+    from medsapiens.model import build_backbone, save_backbone
+
+    start = tmp_path / "init.safetensors"
+    torch.manual_seed(0)
+    save_backbone(build_backbone("sapiens_tiny", (128, 96)), start, "test: weights A")
+    args = pretrain_args(phantom_shards, tmp_path / "run", f"model.checkpoint={start}", "train.max_steps=4",
+                         "train.checkpoint_every=2", "train.val_every=2")
+    first = run([sys.executable, "-m", "medsapiens.pretrain", *args, "train.stop_after=2"], 180)
+    assert first.returncode == 0, first.stderr[-3000:]
+    recorded = json.loads((tmp_path / "run" / "run.json").read_text())["start_sha256"]
+    assert recorded == hashlib.sha256(start.read_bytes()).hexdigest()
+    torch.manual_seed(1)
+    save_backbone(build_backbone("sapiens_tiny", (128, 96)), start, "test: weights B, at the same path")
+    again = run([sys.executable, "-m", "medsapiens.pretrain", *args], 180)
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-3000:]
+    assert (f"started from other weights (sha256 {recorded[:12]}, now" in again.stderr
+            and "the file it started from was replaced since" in again.stderr)
 
 
 @pytest.mark.timeout(300)
@@ -126,7 +156,7 @@ def test_resume_none_starts_over_with_the_earlier_run_moved_aside_whole(two_rank
     shutil.copytree(two_rank_run, run_dir)
     earlier = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     args = pretrain_args(phantom_shards, run_dir, "train.max_steps=4", "train.checkpoint_every=2", "train.val_every=2",
-                         "train.keep_last=1", "optim.lr=5e-4", "train.stop_after=2")
+                         "train.keep_last=1", "optim.lr=5e-4", "train.stop_after=2", "train.log_every=3")
     afresh = run([sys.executable, "-m", "medsapiens.pretrain", "--resume", "none", *args], 180)
     assert afresh.returncode == 0, afresh.stderr[-3000:]
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
@@ -134,13 +164,13 @@ def test_resume_none_starts_over_with_the_earlier_run_moved_aside_whole(two_rank
     assert sorted(p.name for p in (aside[0] / "checkpoints").iterdir()) == earlier
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000002"]
-    assert sorted(losses(run_dir)) == [1, 2] and "resumed" not in afresh.stderr
+    assert sorted(losses(run_dir)) == [2] and "resumed" not in afresh.stderr  # the stop logs its part of a window
 
     # the same stop again: the run is there already, and does not train past it to the end
     again = run([sys.executable, "-m", "medsapiens.pretrain", *args], 180)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "at step 2 already, not before train.stop_after (2): nothing trained" in again.stderr
-    assert sorted(losses(run_dir)) == [1, 2]
+    assert sorted(losses(run_dir)) == [2]
 
 
 @pytest.mark.timeout(300)

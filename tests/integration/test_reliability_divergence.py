@@ -3,6 +3,7 @@ no checkpoint holds weights that step touched, and export, fine-tuning, evaluati
 refuse weights that are not finite."""
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 
@@ -29,8 +30,14 @@ def test_a_diverging_run_stops_at_that_step_and_keeps_only_finite_checkpoints(ph
     diverged = int(error.split("step ")[1].split(":")[0])
     tags = checkpoints.complete_tags(checkpoints.checkpoint_dir(run_dir))
     assert tags and max(checkpoints.tag_step(t) for t in tags) < diverged
-    exported = run([*CLI, "pretrain", "export", str(run_dir), "--out", str(tmp_path / "bundle")], 120)
+    last = checkpoints.latest_tag(checkpoints.checkpoint_dir(run_dir))
+    export = [*CLI, "pretrain", "export", str(run_dir), "--out", str(tmp_path / "bundle")]
+    unfinished = run(export, 120)  # a run stopped short exports only on purpose
+    assert unfinished.returncode == 2 and f"stopped at step {checkpoints.tag_step(last)} of 30" in unfinished.stderr
+    assert f"export that checkpoint on purpose with --tag {last}" in unfinished.stderr
+    exported = run([*export, "--tag", last], 120)
     assert exported.returncode == 0, exported.stderr[-2000:]  # the last checkpoint before the step is finite
+    assert json.loads((tmp_path / "bundle" / "config.json").read_text())["provenance"]["finished"] is False
 
 
 @pytest.mark.timeout(240)

@@ -49,7 +49,7 @@ def test_a_resume_from_other_starting_weights_is_refused(saved_run):
     (run_dir / RUN_INFO).write_text(json.dumps({"manifest": {"sha256": DIGEST}, "start_sha256": "c" * 64}))
     check_same_run(run_dir, cfg, "auto", DIGEST, "c" * 64)
     with pytest.raises(CheckpointError, match="started from other weights \\(sha256 cccccccccccc, now dddddddddddd: "
-                                              "the bundle was replaced since\\)"):
+                                              "the file it started from was replaced since\\)"):
         check_same_run(run_dir, cfg, "auto", DIGEST, "d" * 64)
 
 
