@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from medsapiens.cli import positive_int
+from medsapiens.cli import count, positive_int
 from medsapiens.errors import CheckFailed, InputError
 
 
@@ -24,8 +24,9 @@ def register(subparsers) -> None:
     ev.add_argument("--dataset", help="dataset id (default: the bundle's only head; with --predictions, the files' "
                     "dataset, which it must match, else the protocol to score them by)")
     ev.add_argument("--split", help="split to evaluate (with --bundle; default test)")
-    ev.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=True,
-                    help="average with the mirrored image, as MedSapiens evaluates (default on; --no-flip-test)")
+    ev.add_argument("--flip-test", action=argparse.BooleanOptionalAction,
+                    help="average with the mirrored image, as MedSapiens evaluates (with --bundle; default on; "
+                    "--no-flip-test)")
     ev.add_argument("--predictions", help='predict\'s predictions.json ({"dataset": ID, "landmarks": {id: [[x, y], '
                     '...]}}, original pixels) or a COCO results file ([{image_id, keypoints}])')
     ev.add_argument("--ground-truth", help="JSON like predictions.json (null = invisible; may add spacing_mm and "
@@ -33,12 +34,12 @@ def register(subparsers) -> None:
     ev.add_argument("--out", help="report directory (required, except with --compare)")
     ev.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out (its files and "
                     "overlays; without it such an --out is refused)")
-    ev.add_argument("--overlays", type=count, default=0, metavar="N", help="write N overlay PNGs (with --bundle)")
+    ev.add_argument("--overlays", type=count, metavar="N", help="write N overlay PNGs (with --bundle; default 0)")
     ev.add_argument("--hand-landmarks", type=index_pair, default=None, metavar="A,B",
                     help="hand protocol: the two wrist landmarks (default 1,5 as Payer; GU2Net uses 0,4)")
-    ev.add_argument("--sdr-convention", choices=["<", "<="], default="<", help="SDR counts error < r (default) or <= r")
-    ev.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
-    ev.add_argument("--device", default="cpu", help="cpu or cuda")
+    ev.add_argument("--sdr-convention", choices=["<", "<="], help="SDR counts error < r (default) or <= r")
+    ev.add_argument("--batch-size", type=positive_int, help="images per forward pass (with --bundle; default 8)")
+    ev.add_argument("--device", help="cpu (default) or cuda (with --bundle)")
     ev.set_defaults(func=_evaluate)
 
     pr = subparsers.add_parser(
@@ -78,7 +79,8 @@ def register(subparsers) -> None:
     ca.add_argument("bundle", help="bundle directory (its config.json is updated)")
     ca.add_argument("--shards", required=True, help="shard directory or s3:// prefix")
     ca.add_argument("--dataset", help="which head (default: the bundle's only head)")
-    ca.add_argument("--split", default="val", help="calibration split (default val; never a test split or the training split)")
+    ca.add_argument("--split", default="val",
+                    help="calibration split (default val; never a test split or the training split)")
     ca.add_argument("--coverage", type=float, default=0.9, help="nominal coverage 1 - alpha (default 0.9)")
     ca.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=True,
                     help="predict as evaluate and predict do by default (on; --no-flip-test)")
@@ -124,20 +126,13 @@ def check_device(device: str, onnx=None) -> None:
         raise InputError(f"--device {device}: {torch.cuda.device_count()} CUDA device(s) available here")
 
 
-def count(text: str) -> int:
-    """An argparse type: a whole number >= 0."""
-    if not text.strip().isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}")
-    return int(text)
-
-
 # What each way of evaluating reads; a flag another way reads is refused rather than ignored.
-BUNDLE_ONLY = ("shards", "split", "overlays")
-FILES_AND_BUNDLE = ("bundle", "predictions", "ground_truth", "dataset", "hand_landmarks")
+BUNDLE_ONLY = ("shards", "split", "overlays", "flip_test", "batch_size", "device")
+FILES_AND_BUNDLE = ("bundle", "predictions", "ground_truth", "dataset", "hand_landmarks", "sdr_convention")
 
 
 def refuse_unread(args, unread: tuple[str, ...], mode: str) -> None:
-    given = [f"--{name.replace('_', '-')}" for name in unread if getattr(args, name)]
+    given = [f"--{name.replace('_', '-')}" for name in unread if getattr(args, name) is not None]
     if given:
         raise InputError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not read {mode}")
 
@@ -166,17 +161,17 @@ def _evaluate(args) -> int:
         refuse_unread(args, BUNDLE_ONLY, "with --predictions and --ground-truth (they are the images scored)")
         from medsapiens.evaluate.report import score_files, write_report
 
-        report, errors, ids = score_files(args.predictions, args.ground_truth, wrist_landmarks, args.sdr_convention,
-                                          args.dataset)
+        report, errors, ids = score_files(args.predictions, args.ground_truth, wrist_landmarks,
+                                          args.sdr_convention or "<", args.dataset)
         remove_earlier_report(Path(args.out))
         write_report(report, errors, ids, list(report["per_landmark"]), args.out)
     else:
         if not (args.bundle and args.shards):
             raise InputError("give --bundle and --shards, or --predictions and --ground-truth")
-        check_device(args.device)
-        options = EvalOptions(args.flip_test, args.batch_size, args.device, args.overlays, wrist_landmarks,
-                              args.sdr_convention)
-        args.split = args.split or "test"
+        args.split, device = args.split or "test", args.device or "cpu"
+        check_device(device)
+        options = EvalOptions(args.flip_test is not False, args.batch_size or 8, device, args.overlays or 0,
+                              wrist_landmarks, args.sdr_convention or "<")
         report = evaluate_bundle(args.bundle, args.shards, args.dataset, args.split, args.out, options)
     print(summary_line(report))
     if "coverage" in report:

@@ -66,8 +66,8 @@ def finetune_overrides(args) -> list[str]:
         overrides.append("flip_test=false")
     if args.steps is not None and args.epochs is not None:
         raise InputError("give --steps or --epochs, not both")
-    unread = [flag for flag, given, read_by in (("--bundle", args.bundle, "bundle"), ("--checkpoint", args.checkpoint, "sapiens"))
-              if given and args.init not in (None, read_by)]
+    starts = (("--bundle", args.bundle, "bundle"), ("--checkpoint", args.checkpoint, "sapiens"))
+    unread = [flag for flag, given, read_by in starts if given and args.init not in (None, read_by)]
     if unread:
         raise InputError(f"--init {args.init} does not read {' or '.join(unread)}: leave it out, or choose the --init "
                          "that starts from it (--bundle: bundle, --checkpoint: sapiens)")

@@ -65,6 +65,8 @@ def check_config(cfg: FinetuneConfig) -> None:
                          f"train.checkpoint_every (got {cfg.train.val_every} and {cfg.train.checkpoint_every})")
 
 
+START_WEIGHTS = {"bundle": "the bundle's weights", "sapiens": "the Sapiens checkpoint", "scratch": "random weights"}
+
 # With init `bundle`: grad_checkpointing is the user's choice; checkpoint (the raw Sapiens weights of
 # init `sapiens`, which shared experiment configs name) is not read, and the start line says so.
 BUNDLE_FREE_MODEL_KEYS = ("grad_checkpointing", "checkpoint")
@@ -259,11 +261,11 @@ def run_one(cfg: FinetuneConfig) -> FinetuneResult | StoppedShort | None:
     if distributed.rank() == 0:
         print(f"fine-tuning {cfg.dataset} from {cfg.init}{' with LoRA' if cfg.lora.enabled else ''}"
               f"{f', {cfg.shots}-shot (seed {cfg.shot_seed})' if cfg.shots else ''}", file=sys.stderr)
-        if cfg.init == "bundle" and cfg.model.checkpoint:
-            print(f"note: model.checkpoint ({cfg.model.checkpoint}) is not read: the bundle's weights start the run",
-                  file=sys.stderr)
-        if cfg.init == "scratch" and (cfg.model.checkpoint or cfg.bundle):
-            print(f"note: {cfg.model.checkpoint or cfg.bundle} is not read: --init scratch starts from random weights",
+        unread = [f"{key} ({value})" for key, value, read_by in (("model.checkpoint", cfg.model.checkpoint, "sapiens"),
+                                                                 ("bundle", cfg.bundle, "bundle"))
+                  if value and cfg.init != read_by]
+        if unread:
+            print(f"note: {' and '.join(unread)} not read: the run starts from {START_WEIGHTS[cfg.init]}",
                   file=sys.stderr)
         batch = cfg.data.micro_batch * distributed.world_size()
         if cfg.shots and cfg.shots < batch:

@@ -10,7 +10,6 @@ Every stage skips work a previous run already finished, so an interrupted demo c
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from medsapiens.cli import positive_int
 from medsapiens.errors import EXIT_USER_ERROR, UserError
 
 EXPERIMENTS = Path(__file__).resolve().parent / "experiments"
@@ -246,17 +246,11 @@ def register(subparsers) -> None:
     parser.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks for pretraining (default 2)")
     parser.add_argument("--held-out", default="leg", choices=("head", "hand", "chest", "leg"),
                         help="the set kept out of pretraining and fine-tuned few-shot (default leg)")
-    parser.add_argument("--pretrain-steps", type=positive_steps, metavar="N",
+    parser.add_argument("--pretrain-steps", type=positive_int, metavar="N",
                         help="pretraining steps (default 800, launch/experiments/demo.yaml)")
-    parser.add_argument("--finetune-steps", type=positive_steps, metavar="N",
+    parser.add_argument("--finetune-steps", type=positive_int, metavar="N",
                         help="fine-tuning steps of each run (default 120, launch/experiments/demo_finetune.yaml)")
     parser.set_defaults(func=_demo)
-
-
-def positive_steps(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"a whole number of steps of at least 1, got {text!r}")
-    return int(text)
 
 
 def _demo(args) -> int:

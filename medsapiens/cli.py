@@ -69,6 +69,13 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def count(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}")
+    return int(text)
+
+
 def _add_arch(parser) -> None:
     parser.add_argument("--arch", required=True, help="backbone size, e.g. sapiens_0.3b (an unknown name lists all)")
 

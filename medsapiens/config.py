@@ -61,7 +61,8 @@ def _coerce(value, hint, where: str):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {_short(value)}")
         if (hint is int or isinstance(value, int)) and not _fits_a_float(value):  # inf, nan, 10**400
-            raise ConfigError(f"{where}: expected a finite {'integer' if hint is int else 'number'}, got {_short(value)}")
+            kind = "integer" if hint is int else "number"
+            raise ConfigError(f"{where}: expected a finite {kind}, got {_short(value)}")
         if hint is int and float(value) != int(value):
             raise ConfigError(f"{where}: expected an integer, got {_short(value)}")
         return hint(value)

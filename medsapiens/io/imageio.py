@@ -235,7 +235,8 @@ def check_compressed_frame(ds, path, index: int | None) -> None:
 
 
 JPEG_SYNTAXES = "1.2.840.10008.1.2.4."  # JPEG, JPEG-LS, JPEG 2000 (and video, which no decoder here reads)
-JPEG_FRAME_MARKERS = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7}  # SOF0-15 (not DHT, JPG, DAC), JPEG-LS SOF55
+# SOF0-15 (not DHT, JPG, DAC) and JPEG-LS's SOF55
+JPEG_FRAME_MARKERS = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7}
 J2K_START = b"\xff\x4f\xff\x51"  # SOC, then SIZ: Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz, ...
 
 

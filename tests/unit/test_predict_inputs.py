@@ -419,11 +419,13 @@ def test_evaluate_scores_files_by_the_dataset_given_and_refuses_flags_it_would_n
     (tmp_path / "p.json").write_text(json.dumps({"dataset": "head", "landmarks": {"x": shifted}}))
     refused_in_one_line(capsys, [*files, "--dataset", "leg", "--out", str(tmp_path / "f")],
                         "--dataset leg: the files are for dataset 'head'")
-    refused_in_one_line(capsys, [*files, "--split", "val", "--overlays", "3", "--out", str(tmp_path / "f")],
-                        "--split, --overlays are not read with --predictions and --ground-truth")
+    unread = ["--split", "val", "--overlays", "3", "--no-flip-test"]
+    refused_in_one_line(capsys, [*files, *unread, "--out", str(tmp_path / "f")],
+                        "--split, --overlays, --flip-test are not read with --predictions and --ground-truth")
     report_path = str(tmp_path / "e" / "report.json")
-    refused_in_one_line(capsys, ["evaluate", "--compare", report_path, report_path, "--shards", "s", "--dataset", "leg"],
-                        "--shards, --dataset are not read with --compare")
+    refused_in_one_line(capsys, ["evaluate", "--compare", report_path, report_path, "--shards", "s", "--dataset", "leg",
+                                 "--sdr-convention", "<="],
+                        "--shards, --dataset, --sdr-convention are not read with --compare")
     refused_in_one_line(capsys, ["evaluate", "--bundle", "b", "--shards", "s", "--overlays", "-1", "--out", "o"],
                         "--overlays", "expected a whole number of at least 0")
 

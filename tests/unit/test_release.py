@@ -169,6 +169,12 @@ def test_user_mistakes_are_one_line_errors(tmp_path, base, capsys):
     assert main(["model", "convert", str(base), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "--arch is required" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+    deflated = tmp_path / "deflated.pth"  # its records compressed: loading would allocate what they inflate to
+    with zipfile.ZipFile(checkpoint) as source, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as out:
+        for record in source.infolist():
+            out.writestr(record.filename, source.read(record))
+    assert convert(deflated, base, tmp_path / "b") == 2
+    assert f"{deflated}: refused: its records are compressed" in capsys.readouterr().err
 
 
 class HistoryBuffer:
