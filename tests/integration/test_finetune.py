@@ -18,6 +18,7 @@ from medsapiens.finetune.subset import draw_keys
 from medsapiens.finetune.train import initial_model
 from medsapiens.io import manifest as manifestlib
 from medsapiens.io.manifest import ManifestError
+from medsapiens.io.shard_tar import file_digest
 from medsapiens.model import bundle as bundlelib
 
 
@@ -182,7 +183,9 @@ def test_two_rank_finetune_from_a_raw_sapiens_checkpoint(phantom_shards, tmp_pat
                                             "data.workers=0", "data.micro_batch=4"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads((run_dir / "run.json").read_text())
-    assert info["world_size"] == 2 and info["origin"] == {"init": "sapiens", "checkpoint": str(checkpoint)}
+    assert info["world_size"] == 2 and info["origin"] == {"init": "sapiens", "checkpoint": str(checkpoint),
+                                                          "checkpoint_sha256": file_digest(checkpoint)[0]}
+    assert info["start_sha256"] == file_digest(checkpoint)[0]  # a resume from the file replaced since is refused
     report = json.loads((run_dir / "eval" / "test" / "report.json").read_text())
     assert report["unit"] == "px" and report["images"] == manifestlib.load(phantom_shards).datasets["chest"].splits["test"]
 
