@@ -37,7 +37,14 @@ from medsapiens.model import (
 )
 from medsapiens.training import checkpoints
 from medsapiens.training.checkpoints import consolidated_state_dict
-from medsapiens.training.engine import Engine, OptimConfig, TrainConfig, current_spelling, resolve_warmup
+from medsapiens.training.engine import (
+    Engine,
+    OptimConfig,
+    TrainConfig,
+    current_spelling,
+    resolve_precision,
+    resolve_warmup,
+)
 from medsapiens.training.trainer import RESOLVED_CONFIG, RUN_INFO, RunContext, Trainer, write_run_files
 
 
@@ -173,6 +180,8 @@ def check_same_run(run_dir: Path, cfg, resume: str, manifest_digest: str, start_
     before = yaml.safe_load(saved.read_text()) or {}
     if isinstance(before.get("train"), dict) and "deepspeed" in before["train"]:
         before["train"]["deepspeed"] = current_spelling(before["train"]["deepspeed"])
+    if isinstance(before.get("train"), dict) and before["train"].get("precision") == "auto":  # saved unresolved
+        before["train"]["precision"] = cfg.train.precision
     cfg = replace(cfg, train=replace(cfg.train, deepspeed=current_spelling(cfg.train.deepspeed)))
     may_change = (RESUMABLE_CHANGES | getattr(cfg, "AFTER_TRAINING", frozenset())
                   | (WORLD_SIZE_CHANGES if resume == "universal" else set()))
@@ -224,6 +233,7 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     cfg = plan.cfg
     train_images = sum(plan.manifest.datasets[d].splits.get(cfg.data.train_split, 0) for d in plan.dataset_ids)
     train_cfg, head = scheduled(cfg.train, train_images, global_batch(cfg))
+    train_cfg = replace(train_cfg, precision=resolve_precision(train_cfg.precision))  # `auto` as this machine has it
     optim, warmup_note = resolve_warmup(cfg.optim, train_cfg.max_steps)
     cfg = replace(cfg, train=train_cfg, optim=optim)
     run_dir = Path(cfg.run_dir)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import CLI, REPO, deepspeed_module, losses, pretrain_args, run
 from safetensors.torch import load_file, save_file
 
@@ -137,9 +138,11 @@ def test_a_resume_from_a_replaced_model_checkpoint_is_refused(phantom_shards, tm
     torch.manual_seed(0)
     save_backbone(build_backbone("sapiens_tiny", (128, 96)), start, "test: weights A")
     args = pretrain_args(phantom_shards, tmp_path / "run", f"model.checkpoint={start}", "train.max_steps=4",
-                         "train.checkpoint_every=2", "train.val_every=2")
+                         "train.checkpoint_every=2", "train.val_every=2", "train.precision=auto")
     first = run([sys.executable, "-m", "medsapiens.pretrain", *args, "train.stop_after=2"], 180)
     assert first.returncode == 0, first.stderr[-3000:]
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["train"]["precision"] == "fp32"  # `auto` as this CPU machine has it: a GPU resume would differ
     recorded = json.loads((tmp_path / "run" / "run.json").read_text())["start_sha256"]
     assert recorded == hashlib.sha256(start.read_bytes()).hexdigest()
     torch.manual_seed(1)

@@ -36,6 +36,19 @@ def test_a_universal_resume_may_change_only_the_per_rank_batch(saved_run):
         check_same_run(run_dir, replace(cfg, data=replace(cfg.data, micro_batch=2)), "auto", DIGEST)
 
 
+def test_a_resume_at_another_precision_than_the_run_trained_at_is_refused(saved_run):
+    """`auto` is saved as what it meant where the run started (bf16 on a GPU): resuming that run where
+    it means fp32 (a CPU machine) is another run."""
+    run_dir, cfg = saved_run
+    gpu_run = replace(cfg, train=replace(cfg.train, precision="bf16"))
+    configlib.save(gpu_run, run_dir / RESOLVED_CONFIG)
+    check_same_run(run_dir, gpu_run, "auto", DIGEST)
+    with pytest.raises(InputError, match="train.precision: 'bf16' there, 'fp32' now"):
+        check_same_run(run_dir, replace(cfg, train=replace(cfg.train, precision="fp32")), "auto", DIGEST)
+    configlib.save(replace(cfg, train=replace(cfg.train, precision="auto")), run_dir / RESOLVED_CONFIG)  # saved unresolved
+    check_same_run(run_dir, replace(cfg, train=replace(cfg.train, precision="fp32")), "auto", DIGEST)
+
+
 @pytest.mark.parametrize("resume", ["auto", "universal"])
 def test_a_resume_on_another_shard_manifest_is_refused_before_anything_is_written(saved_run, resume):
     run_dir, cfg = saved_run
