@@ -9,6 +9,7 @@ import torch
 from conftest import CLI, REPO, free_port, run
 from safetensors.torch import load_file
 
+from medsapiens.io.shard_tar import file_digest
 from medsapiens.model import get_arch, load_backbone
 
 EXPERIMENTS = REPO / "launch" / "experiments"
@@ -104,5 +105,6 @@ def test_the_rows_of_the_medsapiens_table(medsapiens_stage, phantom_shards, sapi
                   [*tiny(phantom_shards, sapiens_tiny, run_dir), "dataset=leg", "init=sapiens"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads((run_dir / "run.json").read_text())
-    assert info["origin"] == {"init": "sapiens", "checkpoint": str(sapiens_tiny)} and info["lora"] is True
+    assert info["origin"] == {"init": "sapiens", "checkpoint": str(sapiens_tiny),
+                              "checkpoint_sha256": file_digest(sapiens_tiny)[0]} and info["lora"] is True
     assert json.loads((run_dir / "eval" / "test" / "report.json").read_text())["images"] > 0
