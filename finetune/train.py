@@ -48,7 +48,8 @@ def check_config(cfg: FinetuneConfig) -> None:
     if cfg.init == "bundle" and not cfg.bundle:
         raise InputError("init 'bundle' needs a bundle (--bundle DIR, or the key bundle=DIR)")
     if cfg.init == "sapiens" and not cfg.model.checkpoint:
-        raise InputError("init 'sapiens' needs a Sapiens checkpoint (--checkpoint FILE, or the key model.checkpoint=FILE)")
+        raise InputError("init 'sapiens' needs a Sapiens checkpoint (--checkpoint FILE, or the key "
+                         "model.checkpoint=FILE)")
     if cfg.shots < 0 or cfg.shot_seed < 0 or any(seed < 0 for seed in cfg.seeds):
         raise InputError(f"--shots, --seed and --seeds must not be negative (got shots {cfg.shots}, seed "
                          f"{cfg.shot_seed}, seeds {cfg.seeds})")
@@ -261,9 +262,8 @@ def run_one(cfg: FinetuneConfig) -> FinetuneResult | StoppedShort | None:
     if distributed.rank() == 0:
         print(f"fine-tuning {cfg.dataset} from {cfg.init}{' with LoRA' if cfg.lora.enabled else ''}"
               f"{f', {cfg.shots}-shot (seed {cfg.shot_seed})' if cfg.shots else ''}", file=sys.stderr)
-        unread = [f"{key} ({value})" for key, value, read_by in (("model.checkpoint", cfg.model.checkpoint, "sapiens"),
-                                                                 ("bundle", cfg.bundle, "bundle"))
-                  if value and cfg.init != read_by]
+        starts = (("model.checkpoint", cfg.model.checkpoint, "sapiens"), ("bundle", cfg.bundle, "bundle"))
+        unread = [f"{key} ({value})" for key, value, read_by in starts if value and cfg.init != read_by]
         if unread:
             print(f"note: {' and '.join(unread)} not read: the run starts from {START_WEIGHTS[cfg.init]}",
                   file=sys.stderr)
@@ -274,8 +274,9 @@ def run_one(cfg: FinetuneConfig) -> FinetuneResult | StoppedShort | None:
     if cfg.init == "bundle":  # the bundle's model trains: config.yaml records it
         cfg = replace(cfg, model=model_cfg)
     evaluated = evaluation_splits(manifest, cfg.dataset, cfg.eval_split)
+    start = origin.get("bundle_sha256") or origin.get("checkpoint_sha256")
     plan = RunPlan("finetune", cfg, manifest, [cfg.dataset], model, model_cfg, track_best=True,
-                   info={"origin": origin, "evaluation_splits": evaluated}, start_digest=origin.get("bundle_sha256") or origin.get("checkpoint_sha256"))
+                   info={"origin": origin, "evaluation_splits": evaluated}, start_digest=start)
     result = train(plan)
     del model, plan
     if not result.finished:

@@ -81,7 +81,7 @@ def run(cmd: list[str]) -> None:
 
 def claim_out(plan: DemoPlan) -> None:
     """An output folder holds one demo: its finished stages are skipped on a rerun, so a rerun there
-    with other settings (arch, held-out set, steps) would mix two runs into one table."""
+    with other settings (arch, held-out set, ranks, steps) would mix two runs into one table."""
     check_demo_folder(plan.out)
     marker = plan.out / DEMO_MARKER
     if marker.exists():
