@@ -28,10 +28,9 @@ REPORT_KEYS = ("mre", "mre_std_landmarks", "mre_std_images", "sdr", "per_landmar
 
 def load_report(path) -> dict:
     try:
-        raw = Path(path).read_bytes()
+        report = jsondoc.read(path, f"report {path}")
     except FileNotFoundError:
         raise FileNotFoundError(f"report not found: {path}") from None
-    report = jsondoc.parse(raw, f"report {path}")
     missing = [k for k in REPORT_KEYS if k not in report] if isinstance(report, dict) else list(REPORT_KEYS)
     if missing:
         raise InputError(f"{path}: not an evaluation report.json (no {', '.join(missing)})")

@@ -126,12 +126,9 @@ def selection_lines(report: dict) -> list[str]:
 
 def _read_json(path: str | Path, what: str):
     try:
-        raw = Path(path).read_bytes()
+        return jsondoc.read(path, f"{what} file {path}")
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} file not found: {path}") from None
-    except OSError as exc:
-        raise InputError(f"{what} file {path}: cannot be read ({exc.strerror or exc})") from None
-    return jsondoc.parse(raw, f"{what} file {path}")
 
 
 # Files `evaluate --predictions/--ground-truth` reads, each to a Table of (K, 2) arrays per image

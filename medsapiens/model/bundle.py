@@ -122,12 +122,9 @@ def read_config(path: str | Path) -> Bundle:
     if Path(path).exists() and not Path(path).is_dir():
         raise InputError(f"{path} is not a bundle: a bundle is a folder holding {CONFIG} and {WEIGHTS}")
     try:
-        raw = where.read_bytes()  # bytes: parse names the file of a text that is not UTF-8
+        d = jsondoc.read(where, where)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is not a bundle: no {CONFIG} (export one with `medsapiens pretrain export`)") from None
-    except OSError as exc:
-        raise InputError(f"{where}: cannot be read ({exc.strerror or exc})") from None
-    d = jsondoc.parse(raw, where)
     if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("version") != VERSION:
         raise InputError(f"{where}: not a {FORMAT} v{VERSION} config")
     try:
