@@ -39,7 +39,7 @@ def register(subparsers) -> None:
                     help="start this dataset's head afresh even if the bundle has one (as MedSapiens' fine-tuning does)")
     ft.add_argument("--shots", type=int, help="train on K images of the train split (few-shot)")
     ft.add_argument("--seed", type=int, help="which K images (and the training seed)")
-    ft.add_argument("--seeds", help="comma-separated seeds, run one after another, e.g. 0,1,2")
+    ft.add_argument("--seeds", type=seed_list, help="comma-separated seeds, run one after another, e.g. 0,1,2")
     ft.add_argument("--epochs", type=float, help="training epochs (default 210, the published schedule)")
     ft.add_argument("--steps", type=int, help="training steps instead of epochs")
     ft.add_argument("--batch-size", type=int, help="micro-batch per rank (data.micro_batch)")
@@ -53,6 +53,14 @@ def register(subparsers) -> None:
                     "(RUN_DIR.replaced-<time>) and start afresh")
     ft.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any config key, e.g. optim.lr=1e-4")
     ft.set_defaults(func=_finetune)
+
+
+def seed_list(text: str) -> list[int]:
+    """An argparse type: "0,1,2" -> [0, 1, 2]."""
+    seeds = [seed.strip() for seed in text.split(",")]
+    if not all(seed.isdecimal() for seed in seeds):
+        raise argparse.ArgumentTypeError(f"expected whole numbers of at least 0 between commas, e.g. 0,1,2, got {text!r}")
+    return [int(seed) for seed in seeds]
 
 
 def finetune_overrides(args) -> list[str]:
@@ -78,7 +86,7 @@ def finetune_overrides(args) -> list[str]:
     if args.seed is not None:
         overrides.append(f"train.seed={args.seed}")  # as each of --seeds does
     if args.seeds:
-        overrides.append(f"seeds=[{args.seeds}]")
+        overrides.append(f"seeds={json.dumps(args.seeds)}")
     return overrides + args.overrides
 
 

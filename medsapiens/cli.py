@@ -71,7 +71,7 @@ def positive_int(text: str) -> int:
 
 def count(text: str) -> int:
     """An argparse type: a whole number >= 0."""
-    if not text.strip().isdigit():
+    if not text.strip().isdecimal():
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}")
     return int(text)
 

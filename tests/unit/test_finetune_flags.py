@@ -72,3 +72,12 @@ def test_a_negative_shot_seed_a_coverage_past_1_and_a_test_split_to_train_on_are
         check_config(configlib.load(FinetuneConfig, None, ["dataset=leg", "bundle=b", "calibration_coverage=1.5"]))
     with pytest.raises(InputError, match=r"data.train_split='test1' is a test split"):
         check_config(configlib.load(FinetuneConfig, None, ["dataset=leg", "bundle=b", "data.train_split=test1"]))
+
+
+def test_seeds_are_whole_numbers_between_commas(capsys):
+    assert config_of("--seeds", "2, 0,1").seeds == [2, 0, 1]
+    for bad in ("0,,1", "0,1]", "-1", "", "1.5"):
+        with pytest.raises(SystemExit):
+            config_of("--seeds", bad)
+        assert f"argument --seeds: expected whole numbers of at least 0 between commas, e.g. 0,1,2, got {bad!r}" in \
+            capsys.readouterr().err
