@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     ev.add_argument("--predictions", help='predict\'s predictions.json ({"dataset": ID, "landmarks": {id: [[x, y], '
                     '...]}}, original pixels) or a COCO results file ([{image_id, keypoints}])')
     ev.add_argument("--ground-truth", help="JSON like predictions.json (null = invisible; may add spacing_mm and "
-                    "image_size per id) or COCO keypoints (v = 0 invisible; ids are file_name stems)")
+                    "image_size per id, names, landmark_set; no other key) or COCO keypoints (v = 0 invisible; ids are file_name stems)")
     ev.add_argument("--out", help="report directory (required, except with --compare)")
     ev.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out (its files and "
                     "overlays; without it such an --out is refused)")

@@ -134,11 +134,15 @@ def _read_json(path: str | Path, what: str):
 # Files `evaluate --predictions/--ground-truth` reads, each to a Table of (K, 2) arrays per image
 # id, NaN where a landmark is invisible (null, or COCO v = 0):
 # - ours: {"dataset", "landmarks": {id: [[x, y] | null, ...]}, "spacing_mm"?: {id: [sx, sy]},
-#   "image_size"?: {id: [W, H]}, "names"?: [...]} (predict's predictions.json);
+#   "image_size"?: {id: [W, H]}, "names"?: [...], "landmark_set"?: {...}} (predict's predictions.json);
+#   any other key is refused (a misspelled "dataset" would otherwise score by another protocol);
 # - COCO keypoint ground truth: images[{id, file_name, width, height, spacing?}],
 #   annotations[{image_id, keypoints: [x, y, v] * K}], categories[{keypoints: [names]}]; ids are
 #   the file_name stems (as predict names its outputs);
 # - COCO results: [{image_id, keypoints: [x, y, score] * K, ...}], image_id as in the COCO ground truth.
+
+
+LANDMARK_FILE_KEYS = ("dataset", "landmarks", "spacing_mm", "image_size", "names", "landmark_set")
 
 
 @dataclass
@@ -159,6 +163,9 @@ def read_table(path: str | Path, what: str, coco_ids: dict | None = None) -> Tab
             return coco_results(data, coco_ids or {})
         if "annotations" in data and "images" in data:
             return coco_ground_truth(data)
+        unknown = sorted(map(str, set(data) - set(LANDMARK_FILE_KEYS)))
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(unknown)}; a landmark file has {', '.join(LANDMARK_FILE_KEYS)}")
         if not isinstance(data.get("landmarks"), dict):
             raise TypeError('"landmarks" must map each image id to its list of points')
         for key in ("spacing_mm", "image_size"):

@@ -134,3 +134,12 @@ def test_predictions_with_malformed_points_are_refused_in_one_line(tmp_path, lan
     pred = write(tmp_path / "p.json", {"dataset": "knee", "landmarks": landmarks})
     with pytest.raises(InputError, match=re.escape(message)):
         score_files(pred, gt)
+
+
+def test_a_misspelled_key_in_a_landmark_file_is_refused_naming_it(tmp_path):
+    from medsapiens.errors import InputError
+
+    gt = write(tmp_path / "g.json", {"datset": "knee", "landmarks": TRUTH})
+    with pytest.raises(InputError, match=r"ground-truth file .*g.json: .*unknown key\(s\) datset; a landmark file has "
+                                         r"dataset, landmarks, spacing_mm, image_size, names, landmark_set"):
+        score_files(write(tmp_path / "p.json", {"dataset": "knee", "landmarks": GUESS}), gt)
