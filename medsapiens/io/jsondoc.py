@@ -1,18 +1,23 @@
-"""JSON from a file the user gave: text that is not JSON, or that nests too deep for Python's parser,
-is one line naming the file."""
+"""JSON from a file the user gave: text that is not JSON, that nests too deep for Python's parser, or
+that is too large to parse, is one line naming the file."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 from medsapiens.errors import InputError
+from medsapiens.io import storage
+
+# Parsing takes 10-25 times a file's size in memory. Landmark annotations, manifests, reports and
+# bundle configs stay far below this (COCO's whole person-keypoint training set is 230 MB).
+MAX_BYTES = 256 << 20
 
 
 def read(path: str | Path, where) -> object:
     """The JSON document in a file; one that cannot be read (a folder, no permission) is one line too. A
     missing file raises FileNotFoundError, for the caller to say what it expected there."""
     try:
-        raw = Path(path).read_bytes()
+        raw = storage.read_bytes(str(path), MAX_BYTES)
     except FileNotFoundError:
         raise
     except OSError as exc:
@@ -20,7 +25,14 @@ def read(path: str | Path, where) -> object:
     return parse(raw, where)
 
 
+def check_size(size: int, where) -> None:
+    if size > MAX_BYTES:
+        raise InputError(f"{where}: more than {MAX_BYTES >> 20} MiB, more than any annotation, manifest or report "
+                         "file needs; refused unread (parsing it would take 10-25 times that in memory)")
+
+
 def parse(raw: str | bytes, where) -> object:
+    check_size(len(raw), where)
     try:
         return json.loads(raw)
     except RecursionError:

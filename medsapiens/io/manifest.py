@@ -12,8 +12,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medsapiens.errors import UserError
-from medsapiens.io import storage
+from medsapiens.errors import InputError, UserError
+from medsapiens.io import jsondoc, storage
 from medsapiens.io.record import MAX_IMAGE_SIDE, is_whole
 from medsapiens.io.registry import LandmarkSet
 
@@ -183,15 +183,13 @@ def manifest_url(location: str | Path) -> str:
 def load(location: str | Path) -> Manifest:
     url = manifest_url(location)
     try:
-        raw = storage.read_bytes(url)
+        raw = storage.read_bytes(url, jsondoc.MAX_BYTES)
     except FileNotFoundError:
         raise NoManifest(f"no manifest at {url} (build shards with `medsapiens shards build`)") from None
     try:
-        data = json.loads(raw)
-    except RecursionError:
-        raise ManifestError(f"{url}: JSON nested too deep to read") from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise ManifestError(f"{url}: not valid JSON ({exc})") from None
+        data = jsondoc.parse(raw, url)
+    except InputError as exc:
+        raise ManifestError(str(exc)) from None
     if not isinstance(data, dict):
         raise ManifestError(f"{url}: not a {FORMAT} manifest (a JSON object)")
     # Absolute, so shard URLs stay valid when written elsewhere (e.g. into a few-shot subset).

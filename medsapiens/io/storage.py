@@ -149,13 +149,17 @@ def _not_found(exc: Exception) -> bool:
     return answer is not None and _code_and_status(answer)[0] in ("404", "NoSuchKey", "NotFound")
 
 
-def read_bytes(url: str) -> bytes:
+def read_bytes(url: str, limit: int | None = None) -> bytes:
+    """The whole file or object; with `limit`, at most limit + 1 bytes (enough to tell it is larger)."""
+    amount = None if limit is None else limit + 1
     if not is_s3(url):
-        return Path(url).read_bytes()
+        with open(url, "rb") as f:
+            return f.read(amount)
     bucket, key = split_s3(url)
     try:
         body = with_retries(f"get {url}", s3_client().get_object, Bucket=bucket, Key=key)["Body"]
-        return body.read()
+        with contextlib.closing(body):
+            return body.read(amount)
     except Exception as exc:
         if _not_found(exc):
             raise FileNotFoundError(f"no such object: {url}") from None

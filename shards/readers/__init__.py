@@ -28,7 +28,7 @@ from types import ModuleType
 from typing import Protocol
 
 from medsapiens.errors import UserError
-from medsapiens.io import jsondoc
+from medsapiens.io import jsondoc, storage
 from medsapiens.io.record import Rejection, is_number, is_point_list, is_positive_pair
 
 READERS = ("isbi2015", "hand", "chest", "leg", "coco", "aariz", "dicom")
@@ -164,11 +164,14 @@ def read_text(path: Path) -> str:
     permission), is a ReaderError naming the file: one line for a table or list, and (being a ValueError)
     a rejection where a reader reads one input's file."""
     try:
-        return path.read_text(encoding="utf-8-sig", errors="strict")
-    except UnicodeDecodeError as exc:
-        raise ReaderError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
+        raw = storage.read_bytes(str(path), jsondoc.MAX_BYTES)
     except OSError as exc:
         raise ReaderError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    jsondoc.check_size(len(raw), path)
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ReaderError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
 
 
 def read_json(path: Path) -> object:

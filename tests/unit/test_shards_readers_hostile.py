@@ -284,3 +284,26 @@ def test_aariz_spacing_table_values(tmp_path):
     (tmp_path / "spacing.csv").write_text("image_id,pixel_size\nA1,0.1\n", encoding="utf-16")
     with pytest.raises(ReaderError, match=r"spacing\.csv is not UTF-8 text"):
         scan(aariz, tmp_path, spacing_csv="spacing.csv")
+
+
+def test_json_and_annotation_files_past_the_size_limit_are_refused_unread(tmp_path, monkeypatch):
+    from medsapiens.errors import InputError
+    from medsapiens.io import jsondoc, manifest
+
+    monkeypatch.setattr(jsondoc, "MAX_BYTES", 1 << 20)
+    big = json.dumps(coco_data([GOOD_IMAGE] * 20_000, [GOOD_ANNOTATION]))
+    assert len(big) > 1 << 20
+    for name in ("ann.json", "manifest.json"):
+        (tmp_path / name).write_text(big)
+    too_big = r"more than 1 MiB, more than any annotation, manifest or report file needs; refused unread"
+    with pytest.raises(ReaderError, match=rf"ann\.json: {too_big}"):
+        scan(coco, tmp_path / "ann.json")
+    with pytest.raises(manifest.ManifestError, match=rf"manifest\.json: {too_big}"):
+        manifest.load(tmp_path)
+    with pytest.raises(InputError, match=rf"predictions file: {too_big}"):
+        jsondoc.read(tmp_path / "ann.json", "predictions file")
+    leg_meta(tmp_path / "leg", "good")
+    (tmp_path / "leg" / "meta" / "big_meta.json").write_text(big)
+    samples, rejected = scan(leg, tmp_path / "leg")
+    assert [s.source_id for s in samples] == ["good"] and reasons(rejected) == {"big": "bad_annotation"}
+    assert "big_meta.json: more than 1 MiB" in rejected[0].detail
