@@ -6,6 +6,10 @@ original pixels through the inverse of each image's affine.
 """
 from __future__ import annotations
 
+import functools
+import math
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +22,7 @@ from medsapiens.io.registry import LandmarkSet, check_calibrations
 
 METADATA_KEY = "medsapiens"  # as medsapiens.deploy.export writes it (that module imports torch)
 FORMAT = "medsapiens-onnx"
+MEMORY_CAP_ENV = "MEDSAPIENS_ONNX_MEMORY_GB"
 
 
 class OnnxLandmarker:
@@ -31,6 +36,8 @@ class OnnxLandmarker:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        cap_memory(ort)
+        options.add_session_config_entry("session.use_env_allocators", "1")  # the capped allocator
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own kinds for a bad file
@@ -51,7 +58,11 @@ class OnnxLandmarker:
     def run_inputs(self, batch: np.ndarray, dataset: str) -> tuple[np.ndarray, np.ndarray]:
         """(landmarks (B, K, 2) in input pixels, scores (B, K)) of preprocessed inputs."""
         outputs = self.meta["outputs"][dataset]
-        landmarks, scores = self.session.run([outputs["landmarks"], outputs["scores"]], {"images": batch})
+        try:
+            landmarks, scores = self.session.run([outputs["landmarks"], outputs["scores"]], {"images": batch})
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own kinds for a graph that fails
+            raise InputError(f"{self.path}: head {dataset!r} could not run on {len(batch)} image(s): "
+                             f"{run_failure(str(exc))}") from None
         expected = (len(batch), self.heads[dataset])
         if landmarks.shape != (*expected, 2) or scores.shape != expected:
             raise InputError(f"{self.path}: head {dataset!r} gave landmarks {landmarks.shape} and scores {scores.shape} "
@@ -64,6 +75,39 @@ class OnnxLandmarker:
         landmarks, scores = self.run_inputs(batch, dataset)
         original = np.stack([preprocess.apply_affine(np.linalg.inv(m), p) for m, p in zip(matrices, landmarks, strict=True)])
         return original, scores
+
+
+def memory_cap() -> int:
+    """The bytes onnxruntime may allocate for a model, weights and activations together:
+    MEDSAPIENS_ONNX_MEMORY_GB, else 3/4 of this machine's memory."""
+    value = os.environ.get(MEMORY_CAP_ENV, "")
+    if not value:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 3 // 4
+    try:
+        gb = float(value)
+    except ValueError:
+        gb = math.nan
+    if not (math.isfinite(gb) and gb > 0):
+        raise InputError(f"{MEMORY_CAP_ENV}={value!r}: must be a positive number of GB")
+    return int(gb * 1e9)
+
+
+@functools.cache
+def cap_memory(ort) -> None:
+    """One allocator for every session of this process, refusing past memory_cap(): a graph is a program,
+    and a 1 KB one can ask for gigabytes (ConstantOfShape), which would otherwise be granted until the
+    machine runs out."""
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg({"max_mem": memory_cap(), "arena_extend_strategy": 1}))
+
+
+def run_failure(message: str) -> str:
+    """onnxruntime's error in a line: an allocation past the cap says so and how to raise it."""
+    asked = re.search(r"Available memory of (\d+) is smaller than requested bytes of (\d+)", message)
+    if asked:
+        return (f"it asked for {int(asked[2]) / 1e9:.1f} GB with {int(asked[1]) / 1e9:.1f} GB left of the "
+                f"{memory_cap() / 1e9:.1f} GB it may use (set {MEMORY_CAP_ENV} to allow more)")
+    return " ".join(message.split())[:300]
 
 
 def read_metadata(session, path) -> tuple[dict, dict[str, LandmarkSet]]:

@@ -39,21 +39,25 @@ def metadata(**changes) -> dict:
     return {**meta, **changes}
 
 
-def tiny_onnx(path: Path, meta, graph_size=(SIZE[1], SIZE[0]), batch="batch", k=19) -> Path:
+def tiny_onnx(path: Path, meta, graph_size=(SIZE[1], SIZE[0]), batch="batch", k=19, allocates=0) -> Path:
     """(B, 3, H, W) -> landmarks (B, k, 2) at the centre of a SIZE input, scores (B, k) of 1, with `meta` (a dict,
-    or raw text) as its `medsapiens` metadata."""
+    or raw text) as its `medsapiens` metadata; `allocates` float32 values more at run time, added times 0."""
     import onnx
     from onnx import TensorProto, helper
 
     h, w = graph_size
-    nodes = [helper.make_node("ReduceMean", ["images"], ["mean"], axes=[1, 2, 3], keepdims=1),
+    nodes = [helper.make_node("ConstantOfShape", ["allocated"], ["big"], value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1])),
+             helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+             helper.make_node("Mul", ["total", "zero"], ["no_total"]),
+             helper.make_node("ReduceMean", ["images"], ["mean"], axes=[1, 2, 3], keepdims=1),
              helper.make_node("Reshape", ["mean", "shape3"], ["m3"]),
-             helper.make_node("Mul", ["m3", "zero"], ["z3"]),
+             helper.make_node("Mul", ["m3", "no_total"], ["z3"]),
              helper.make_node("Add", ["z3", "centre"], ["head_landmarks"]),
              helper.make_node("Reshape", ["mean", "shape2"], ["m2"]),
              helper.make_node("Mul", ["m2", "zero"], ["z2"]),
              helper.make_node("Add", ["z2", "ones"], ["head_scores"])]
-    constants = [helper.make_tensor("shape3", TensorProto.INT64, [3], [-1, 1, 1]),
+    constants = [helper.make_tensor("allocated", TensorProto.INT64, [1], [allocates]),
+                 helper.make_tensor("shape3", TensorProto.INT64, [3], [-1, 1, 1]),
                  helper.make_tensor("shape2", TensorProto.INT64, [2], [-1, 1]),
                  helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
                  helper.make_tensor("centre", TensorProto.FLOAT, [1, k, 2], [SIZE[0] / 2, SIZE[1] / 2] * k),
@@ -149,6 +153,29 @@ def test_an_onnx_graph_giving_other_shapes_than_its_metadata_is_one_line(tmp_pat
     folder = images(tmp_path / "in", "a.png", "b.png")
     refused_in_one_line(capsys, ["predict", "--onnx", str(path), "--out", str(tmp_path / "out"), str(folder)],
                         f"{path}: head 'head' gave landmarks (2, 3, 2) and scores (2, 3) for 2 image(s), not (2, 19, 2)")
+
+
+def test_an_onnx_graph_allocating_past_the_memory_cap_is_one_line(tmp_path, monkeypatch):
+    """The cap is one allocator for the whole process, so the command runs in its own."""
+    import subprocess
+    import sys
+
+    from medsapiens.deploy.runtime import memory_cap
+
+    path = tiny_onnx(tmp_path / "greedy.onnx", metadata(), allocates=300_000_000)  # 1.2 GB, in a 3 KB file
+    assert path.stat().st_size < 4000
+    folder = images(tmp_path / "in", "a.png")
+    proc = subprocess.run([sys.executable, "-m", "medsapiens.launch.cli", "predict", "--onnx", str(path), "--out",
+                           str(tmp_path / "out"), str(folder)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MEDSAPIENS_ONNX_MEMORY_GB": "0.2"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {path}: head 'head' could not run on 1 image(s): it asked for 1.2 GB with 0.2 GB left of the 0.2 GB "
+        "it may use (set MEDSAPIENS_ONNX_MEMORY_GB to allow more)")
+    for bad in ("0", "-1", "nan", "lots"):
+        monkeypatch.setenv("MEDSAPIENS_ONNX_MEMORY_GB", bad)
+        with pytest.raises(InputError, match=f"MEDSAPIENS_ONNX_MEMORY_GB='{bad}': must be a positive number of GB"):
+            memory_cap()
 
 
 # 2, 3. predict: reserved ids, unreadable folders
