@@ -98,7 +98,8 @@ def cap_memory(ort) -> None:
     and a 1 KB one can ask for gigabytes (ConstantOfShape), which would otherwise be granted until the
     machine runs out."""
     info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-    ort.create_and_register_allocator(info, ort.OrtArenaCfg({"max_mem": memory_cap(), "arena_extend_strategy": 1}))
+    # max_mem, arena_extend_strategy 1 (grow by what is asked, not by powers of two), two defaults (-1)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(memory_cap(), 1, -1, -1))
 
 
 def run_failure(message: str) -> str:
