@@ -11,6 +11,7 @@ Every stage skips work a previous run already finished, so an interrupted demo c
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from medsapiens.cli import positive_int
 from medsapiens.errors import EXIT_USER_ERROR, UserError
+from medsapiens.launch.launcher import local_gpus
 
 EXPERIMENTS = Path(__file__).resolve().parent / "experiments"
 BACKBONE_SEED = 1000
@@ -243,7 +245,8 @@ def register(subparsers) -> None:
                         help="the backbone: sapiens_tiny (default) or sapiens2_tiny, the Sapiens2 architecture "
                              "(about 17 min on 2 cores)")
     parser.add_argument("--fresh", action="store_true", help="delete the output folder first")
-    parser.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks for pretraining (default 2)")
+    parser.add_argument("--ranks", type=positive_int, help="DeepSpeed ranks for pretraining (default 2; on a GPU "
+                        "machine one per GPU, at most 2)")
     parser.add_argument("--held-out", default="leg", choices=("head", "hand", "chest", "leg"),
                         help="the set kept out of pretraining and fine-tuned few-shot (default leg)")
     parser.add_argument("--pretrain-steps", type=positive_int, metavar="N",
@@ -253,12 +256,21 @@ def register(subparsers) -> None:
     parser.set_defaults(func=_demo)
 
 
+def default_ranks() -> int:
+    """2 CPU ranks, or on a GPU machine one rank per GPU, at most 2."""
+    import torch
+
+    return min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2
+
+
 def _demo(args) -> int:
     out = Path(args.out or ("runs/demo" if args.arch == "sapiens_tiny" else f"runs/demo_{args.arch}"))
     if args.fresh and out.exists():
         check_demo_folder(out)
         shutil.rmtree(out)
+    ranks = args.ranks or default_ranks()
+    local_gpus(ranks, os.environ, "--ranks")
     pretrain_sets = tuple(d for d in ("head", "hand", "chest", "leg") if d != args.held_out)
-    run_demo(DemoPlan(out=out, arch=args.arch, ranks=args.ranks, held_out=args.held_out, pretrain_sets=pretrain_sets,
+    run_demo(DemoPlan(out=out, arch=args.arch, ranks=ranks, held_out=args.held_out, pretrain_sets=pretrain_sets,
                       pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps))
     return 0

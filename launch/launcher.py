@@ -27,6 +27,7 @@ HOSTFILE_NAME = "hostfile"
 ENV_FILE_NAME = "deepspeed_env"
 LAUNCH_DIR_PLACEHOLDER = Path("LAUNCH_DIR")  # what --dry-run shows for the private directory a launch makes
 DEFAULT_MASTER_PORT = 29500  # torch.distributed's and DeepSpeed's default
+VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000  # below Linux's ephemeral ports (32768+)
 SLURM_SLOT_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_NTASKS_PER_NODE")
 PLACEHOLDER_MARKS = ("YOUR-BUCKET", "/path/to/")  # what the shipped experiment configs leave to fill in
@@ -38,7 +39,8 @@ DESCRIPTION = """\
 Start the DeepSpeed ranks of a training run (`python -m medsapiens.pretrain` / `python -m medsapiens.finetune` on every rank).
 
 Where the ranks run:
-  (default)        this machine: --gpus ranks (one per GPU; on a CPU-only machine, CPU ranks with gloo)
+  (default)        this machine: --gpus ranks (one per GPU, on the first --gpus of CUDA_VISIBLE_DEVICES
+                   when it is set; on a CPU-only machine, CPU ranks with gloo)
   --hostfile H     the hosts of H (lines 'HOST slots=N'); DeepSpeed starts them over ssh with pdsh,
                    master = the first host. Variables the ranks need (AWS_*, NCCL_*, MEDSAPIENS_*) go in
                    a private env file (mode 0600) that DeepSpeed exports on every host; your own
@@ -108,6 +110,7 @@ class Plan:
     env_file: list[rank_env.Variable] | None = None  # written to launch_dir/deepspeed_env
     ranks: int | None = None  # None: one per local accelerator, counted by DeepSpeed
     notes: list[str] = field(default_factory=list)  # printed with the plan
+    env: dict[str, str] = field(default_factory=dict)  # set for the runner, shown in the command
 
     @property
     def env_file_path(self) -> Path:
@@ -117,7 +120,7 @@ class Plan:
     def extra_env(self) -> dict[str, str]:
         # DeepSpeed's runner reads ~/$DS_ENV_FILE and ./$DS_ENV_FILE: an absolute path (a temporary
         # directory's is) names our file in both places and hides the user's, whose lines we merged in.
-        return {"DS_ENV_FILE": str(self.env_file_path)} if self.env_file is not None else {}
+        return {**self.env, **({"DS_ENV_FILE": str(self.env_file_path)} if self.env_file is not None else {})}
 
 
 def run_launch(args) -> int:
@@ -196,23 +199,43 @@ def make_plan(args, environ: Mapping[str, str], cwd: Path, launch_dir: Path) -> 
     elif args.hostfile:
         plan = hostfile_plan(args, environ, cwd, launch_dir)
     else:
-        plan = local_plan(args, launch_dir)
+        plan = local_plan(args, environ, launch_dir)
     plan.argv += ["--module", *stage_args]
     return plan
 
 
-def local_plan(args, launch_dir: Path) -> Plan:
+def local_plan(args, environ: Mapping[str, str], launch_dir: Path) -> Plan:
     if args.nodes not in (None, 1):
         raise LaunchError(f"--nodes {args.nodes} needs --hostfile or --slurm")
     from medsapiens.distributed import free_port
 
     port = args.master_port or free_port()
     argv = [deepspeed_executable()]
-    if args.gpus:
+    visible = local_gpus(args.gpus, environ, "--gpus")
+    if args.gpus and visible is None:
         argv += ["--num_gpus", str(args.gpus)]
     argv += ["--master_port", str(port)]
     ranks = f"{args.gpus} rank(s)" if args.gpus else "one rank per local accelerator"
-    return Plan(f"this machine, {ranks}, master 127.0.0.1:{port}", argv, launch_dir, ranks=args.gpus)
+    on = f" on GPUs {visible}" if visible else ""
+    return Plan(f"this machine, {ranks}{on}, master 127.0.0.1:{port}", argv, launch_dir, ranks=args.gpus,
+                env={VISIBLE_DEVICES: visible} if visible else {})
+
+
+def local_gpus(gpus: int | None, environ: Mapping[str, str], flag: str) -> str | None:
+    """On a machine with CUDA, `gpus` ranks need as many GPUs here (a rank past them fails to start on an
+    invalid device). When CUDA_VISIBLE_DEVICES lists the GPUs, returns the first `gpus` of them, for
+    the runner to start on: given --num_gpus, DeepSpeed ignores and drops that variable, and its ranks
+    would run on GPUs 0..gpus-1, whichever job they belong to."""
+    import torch
+
+    if not gpus or not torch.cuda.is_available():
+        return None  # CPU ranks: as many as asked
+    listed = [device.strip() for device in environ.get(VISIBLE_DEVICES, "").split(",") if device.strip()]
+    count = len(listed) if listed else torch.cuda.device_count()
+    if gpus > count:
+        shown = f" ({VISIBLE_DEVICES}={','.join(listed)})" if listed else ""
+        raise LaunchError(f"{flag} {gpus}: this machine has {count} GPU(s){shown}; give {flag} {count} or fewer")
+    return ",".join(listed[:gpus]) if listed else None
 
 
 def hostfile_plan(args, environ: Mapping[str, str], cwd: Path, launch_dir: Path) -> Plan:

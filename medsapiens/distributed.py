@@ -66,6 +66,17 @@ def use_device(device) -> torch.device:
     return device
 
 
+def local_gpu() -> int:
+    """This rank's GPU, its LOCAL_RANK: one this node has (a launcher asked for more ranks than GPUs)."""
+    local, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if local >= count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise UserError(f"local rank {local} has no GPU: this node shows {count}"
+                        f"{f' (CUDA_VISIBLE_DEVICES={visible})' if visible is not None else ''}; start at most "
+                        f"{count} rank(s) per node")
+    return local
+
+
 def init_distributed(timeout_s: int) -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed (NCCL on GPU, gloo on CPU); returns (rank, world).
     The rank's GPU is made current first: NCCL binds each communicator to the current device."""
@@ -78,7 +89,7 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
                           MASTER_PORT=str(free_port()))
     cuda = torch.cuda.is_available()
     if cuda:
-        use_device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        use_device(f"cuda:{local_gpu()}")
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
                                timeout=datetime.timedelta(seconds=timeout_s))
     if not cuda:

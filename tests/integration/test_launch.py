@@ -16,7 +16,7 @@ import yaml
 from conftest import DEEPSPEED, REPO
 
 from medsapiens import config as configlib
-from medsapiens.errors import InputError
+from medsapiens.errors import InputError, UserError
 from medsapiens.launch import launcher
 from medsapiens.launch.cli import main
 from medsapiens.pretrain.config import PretrainConfig
@@ -92,6 +92,40 @@ def test_local_dry_run_prints_the_exact_command(capsys):
     port = int(out.splitlines()[0].rsplit(":", 1)[1])  # a free port, picked here
     assert 1024 < port < 65536
     assert printed_command(out) == f"{DEEPSPEED} --master_port {port} --module medsapiens.pretrain --config {DEMO} --resume universal"
+
+
+def one_gpu_machine(monkeypatch, visible: str | None = None) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(visible.split(",")) if visible else 1)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+
+
+@pytest.mark.timeout(60)
+def test_ranks_past_the_gpus_are_refused_and_visible_devices_are_kept(capsys, monkeypatch):
+    from medsapiens.distributed import local_gpu
+
+    one_gpu_machine(monkeypatch)
+    status, _, err = launch(capsys, "pretrain", "--config", DEMO, "--gpus", "2", "--dry-run")
+    assert status == 2 and err.strip() == "error: --gpus 2: this machine has 1 GPU(s); give --gpus 1 or fewer"
+    assert main(["demo", "--ranks", "2"]) == 2  # before any work: the demo's own flag named
+    assert capsys.readouterr().err.strip() == "error: --ranks 2: this machine has 1 GPU(s); give --ranks 1 or fewer"
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank another launcher started past the GPUs
+    with pytest.raises(UserError, match=r"^local rank 1 has no GPU: this node shows 1; start at most 1 rank\(s\) per node$"):
+        local_gpu()
+    # DeepSpeed ignores and drops CUDA_VISIBLE_DEVICES given --num_gpus: the runner gets the first --gpus of them
+    one_gpu_machine(monkeypatch, "4,5,6")
+    status, out, _ = launch(capsys, "pretrain", "--config", DEMO, "--gpus", "2", "--master-port", "29123", "--dry-run")
+    assert status == 0 and out.splitlines()[0] == ("medsapiens launch pretrain: this machine, 2 rank(s) on GPUs 4,5, "
+                                                   "master 127.0.0.1:29123")
+    assert printed_command(out) == (f"CUDA_VISIBLE_DEVICES=4,5 {DEEPSPEED} --master_port 29123 --module "
+                                    f"medsapiens.pretrain --config {DEMO}")
+    status, _, err = launch(capsys, "pretrain", "--config", DEMO, "--gpus", "4", "--dry-run")
+    assert status == 2 and "--gpus 4: this machine has 3 GPU(s) (CUDA_VISIBLE_DEVICES=4,5,6)" in err
 
 
 @pytest.mark.timeout(60)
