@@ -173,8 +173,8 @@ def deepspeed_file(value: str):
 
 
 def resolve_precision(precision: str) -> str:
-    if precision == "auto":
-        return "bf16" if torch.cuda.is_available() else "fp32"
+    if precision == "auto":  # bf16 where the GPU computes in it (Ampere and later), not where it is emulated
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     if precision not in ("fp32", "bf16"):
         raise InputError(f"train.precision must be auto, fp32 or bf16, got {precision!r}")
     return precision
@@ -205,8 +205,8 @@ def deepspeed_config(train: TrainConfig, optim: OptimConfig, micro_batch: int, u
         if zero.get("stage", 0) == 3:
             zero.setdefault("offload_param", {"device": "cpu"})
     for key in ("offload_optimizer", "offload_param"):
-        if key in zero:
-            zero[key]["pin_memory"] = bool(zero[key].get("pin_memory")) and torch.cuda.is_available()
+        if key in zero:  # pinned unless the JSON says otherwise: pageable host memory halves the copies' speed
+            zero[key]["pin_memory"] = bool(zero[key].get("pin_memory", True)) and torch.cuda.is_available()
     if universal:
         cfg.setdefault("checkpoint", {})["load_universal"] = True
     return cfg

@@ -82,6 +82,7 @@ def test_the_rank_gpu_is_current_before_the_process_group_starts(monkeypatch):
 
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
     monkeypatch.setattr(deepspeed, "init_distributed",
                         lambda dist_backend, timeout: calls.append(("init_process_group", dist_backend)))
@@ -130,6 +131,9 @@ def test_every_shipped_zero_config_asks_for_pytorchs_fused_adamw(zero_json, cuda
         assert cfg["optimizer"]["type"] == "AdamW"
         assert cfg["optimizer"]["params"] == {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.1,
                                               "torch_adam": True, "fused": True}
+        offloaded = [cfg["zero_optimization"][k] for k in ("offload_optimizer", "offload_param") if k in cfg["zero_optimization"]]
+        assert [o["pin_memory"] for o in offloaded] == [cuda] * len(offloaded)  # pinned on a GPU: full-speed copies
+        assert offloaded or not offload
 
 
 @pytest.mark.parametrize("zero_json", sorted((REPO / "medsapiens" / "training" / "deepspeed").glob("*.json")), ids=lambda p: p.stem)
@@ -156,3 +160,14 @@ def test_the_engine_builds_no_deepspeed_op_for_any_zero_stage(tmp_path):
     for row in result["rows"]:
         assert (row["optimizer"], row["fused"]) == ("torch.optim.adamw.AdamW", True), row
         assert row["loss"] > 0
+
+
+@pytest.mark.parametrize("cuda, computes_bf16, resolved", [(False, False, "fp32"), (True, False, "fp32"),
+                                                           (True, True, "bf16")])
+def test_precision_auto_is_bf16_only_on_a_gpu_that_computes_in_it(monkeypatch, cuda, computes_bf16, resolved):
+    from medsapiens.training.engine import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: computes_bf16 or including_emulation)
+    assert resolve_precision("auto") == resolved  # a V100 has no bf16 units: emulated, nothing is gained
+    assert resolve_precision("bf16") == "bf16"
