@@ -231,11 +231,12 @@ def local_gpus(gpus: int | None, environ: Mapping[str, str], flag: str) -> str |
     if not gpus or not torch.cuda.is_available():
         return None  # CPU ranks: as many as asked
     listed = [device.strip() for device in environ.get(VISIBLE_DEVICES, "").split(",") if device.strip()]
-    count = len(listed) if listed else torch.cuda.device_count()
+    count = torch.cuda.device_count()  # of those CUDA_VISIBLE_DEVICES lists, when it is set
     if gpus > count:
         shown = f" ({VISIBLE_DEVICES}={','.join(listed)})" if listed else ""
         raise LaunchError(f"{flag} {gpus}: this machine has {count} GPU(s){shown}; give {flag} {count} or fewer")
-    return ",".join(listed[:gpus]) if listed else None
+    # DeepSpeed names GPUs by index only: a list of UUIDs is left to it (a container shows only its own)
+    return ",".join(listed[:gpus]) if listed and all(d.isdecimal() for d in listed) else None
 
 
 def hostfile_plan(args, environ: Mapping[str, str], cwd: Path, launch_dir: Path) -> Plan:

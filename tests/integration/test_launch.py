@@ -126,6 +126,9 @@ def test_ranks_past_the_gpus_are_refused_and_visible_devices_are_kept(capsys, mo
                                     f"medsapiens.pretrain --config {DEMO}")
     status, _, err = launch(capsys, "pretrain", "--config", DEMO, "--gpus", "4", "--dry-run")
     assert status == 2 and "--gpus 4: this machine has 3 GPU(s) (CUDA_VISIBLE_DEVICES=4,5,6)" in err
+    one_gpu_machine(monkeypatch, "GPU-8f2c")  # a UUID, which DeepSpeed cannot name: its own way, as before
+    status, out, _ = launch(capsys, "pretrain", "--config", DEMO, "--gpus", "1", "--master-port", "29123", "--dry-run")
+    assert status == 0 and printed_command(out).startswith(f"{DEEPSPEED} --num_gpus 1 --master_port 29123 ")
 
 
 @pytest.mark.timeout(60)
