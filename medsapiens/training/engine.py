@@ -7,7 +7,6 @@ The same code runs as one process without the launcher (CPU or one GPU) and unde
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -18,6 +17,7 @@ import torch
 
 from medsapiens.config import at_least, positive
 from medsapiens.errors import InputError
+from medsapiens.io import jsondoc
 from medsapiens.training import checkpoints
 
 LOSS_AVERAGES = ("per_sample", "union")
@@ -172,6 +172,29 @@ def deepspeed_file(value: str):
     raise FileNotFoundError(f"file not found: {value} (presets: {presets})")
 
 
+def read_deepspeed_json(value: str) -> tuple[Path, dict]:
+    """train.deepspeed's file and its JSON object (one that is not is one line naming the file)."""
+    source = deepspeed_file(value)
+    cfg = jsondoc.read(source, f"train.deepspeed {source}")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("zero_optimization", {}), dict):
+        raise InputError(f"train.deepspeed {source}: not a DeepSpeed config (a JSON object, zero_optimization one too)")
+    return source, cfg
+
+
+def check_zero_stage(train: TrainConfig, frozen_weights: bool) -> None:
+    """A ZeRO stage whose checkpoints an export can read back whole: stage 0 writes no ZeRO files, and
+    stage 1 leaves frozen weights out (DeepSpeed saves them from stage 2 on); either would train for
+    nothing, failing only at the export."""
+    source, cfg = read_deepspeed_json(train.deepspeed)
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage == 0:
+        raise InputError(f"train.deepspeed {train.deepspeed}: ZeRO stage 0 writes checkpoints no export can read; use a "
+                         "preset (zero1, zero2, zero3) or set zero_optimization.stage")
+    if stage == 1 and frozen_weights:
+        raise InputError(f"train.deepspeed {train.deepspeed}: ZeRO-1 checkpoints leave out frozen weights (with LoRA, the "
+                         "backbone's), so the run could not be exported; use zero2 or zero3")
+
+
 def resolve_precision(precision: str) -> str:
     if precision == "auto":  # bf16 where the GPU computes in it (Ampere and later), not where it is emulated
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
@@ -183,8 +206,7 @@ def resolve_precision(precision: str) -> str:
 def deepspeed_config(train: TrainConfig, optim: OptimConfig, micro_batch: int, universal: bool = False) -> dict:
     """The DeepSpeed config: ZeRO settings from the JSON file, the batch, clipping, precision and
     optimizer from the experiment config (which wins over the JSON's defaults for those keys)."""
-    source = deepspeed_file(train.deepspeed)
-    cfg = json.loads(source.read_text())
+    source, cfg = read_deepspeed_json(train.deepspeed)
     owned = {"optimizer", "scheduler", "train_batch_size", "bf16", "fp16"} & set(cfg)
     if owned:
         raise InputError(f"{source}: {sorted(owned)} come from the experiment config, remove them from the JSON")

@@ -41,6 +41,7 @@ from medsapiens.training.engine import (
     Engine,
     OptimConfig,
     TrainConfig,
+    check_zero_stage,
     current_spelling,
     resolve_precision,
     resolve_warmup,
@@ -96,6 +97,7 @@ def check_settings(cfg) -> None:
     cfg.data.check()
     cfg.optim.check()
     cfg.train.check()
+    check_zero_stage(cfg.train, frozen_weights=cfg.lora.enabled)
 
 
 def check_run_dir(run_dir: str, empty_allowed: bool) -> None:

@@ -171,3 +171,19 @@ def test_precision_auto_is_bf16_only_on_a_gpu_that_computes_in_it(monkeypatch, c
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: computes_bf16 or including_emulation)
     assert resolve_precision("auto") == resolved  # a V100 has no bf16 units: emulated, nothing is gained
     assert resolve_precision("bf16") == "bf16"
+
+
+def test_a_zero_stage_whose_checkpoints_no_export_reads_is_refused_before_training(tmp_path):
+    from medsapiens.training.engine import check_zero_stage
+
+    with pytest.raises(InputError, match=r"^train.deepspeed zero1: ZeRO-1 checkpoints leave out frozen weights \(with "
+                                         r"LoRA, the backbone's\), so the run could not be exported; use zero2 or zero3$"):
+        check_zero_stage(TrainConfig(deepspeed="zero1"), frozen_weights=True)
+    for preset in ("zero1", "zero2", "zero3", "zero3_offload"):
+        check_zero_stage(TrainConfig(deepspeed=preset), frozen_weights=preset != "zero1")
+    for text, message in (('{"zero_optimization": {"stage": 0}}', "ZeRO stage 0 writes checkpoints no export can read"),
+                          ("{}", "ZeRO stage 0 writes checkpoints no export can read"),
+                          ("[1]", "not a DeepSpeed config"), ("{", "not valid JSON")):
+        (tmp_path / "ds.json").write_text(text)
+        with pytest.raises(InputError, match=message):
+            check_zero_stage(TrainConfig(deepspeed=str(tmp_path / "ds.json")), frozen_weights=False)
