@@ -163,7 +163,7 @@ def read_table(path: str | Path, what: str, coco_ids: dict | None = None) -> Tab
             return coco_results(data, coco_ids or {})
         if "annotations" in data and "images" in data:
             return coco_ground_truth(data)
-        unknown = sorted(map(str, set(data) - set(LANDMARK_FILE_KEYS)))
+        unknown = sorted(set(data) - set(LANDMARK_FILE_KEYS))
         if unknown:
             raise ValueError(f"unknown key(s) {', '.join(unknown)}; a landmark file has {', '.join(LANDMARK_FILE_KEYS)}")
         if not isinstance(data.get("landmarks"), dict):

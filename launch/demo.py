@@ -11,7 +11,6 @@ Every stage skips work a previous run already finished, so an interrupted demo c
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from medsapiens.cli import positive_int
 from medsapiens.errors import EXIT_USER_ERROR, UserError
-from medsapiens.launch.launcher import local_gpus
+from medsapiens.launch.launcher import check_gpu_count
 
 EXPERIMENTS = Path(__file__).resolve().parent / "experiments"
 BACKBONE_SEED = 1000
@@ -265,11 +264,11 @@ def default_ranks() -> int:
 
 def _demo(args) -> int:
     out = Path(args.out or ("runs/demo" if args.arch == "sapiens_tiny" else f"runs/demo_{args.arch}"))
+    ranks = args.ranks or default_ranks()
+    check_gpu_count(ranks, "--ranks")
     if args.fresh and out.exists():
         check_demo_folder(out)
         shutil.rmtree(out)
-    ranks = args.ranks or default_ranks()
-    local_gpus(ranks, os.environ, "--ranks")
     pretrain_sets = tuple(d for d in ("head", "hand", "chest", "leg") if d != args.held_out)
     run_demo(DemoPlan(out=out, arch=args.arch, ranks=ranks, held_out=args.held_out, pretrain_sets=pretrain_sets,
                       pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps))

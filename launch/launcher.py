@@ -40,7 +40,7 @@ Start the DeepSpeed ranks of a training run (`python -m medsapiens.pretrain` / `
 
 Where the ranks run:
   (default)        this machine: --gpus ranks (one per GPU, on the first --gpus of CUDA_VISIBLE_DEVICES
-                   when it is set; on a CPU-only machine, CPU ranks with gloo)
+                   when it lists indices; on a CPU-only machine, CPU ranks with gloo)
   --hostfile H     the hosts of H (lines 'HOST slots=N'); DeepSpeed starts them over ssh with pdsh,
                    master = the first host. Variables the ranks need (AWS_*, NCCL_*, MEDSAPIENS_*) go in
                    a private env file (mode 0600) that DeepSpeed exports on every host; your own
@@ -211,7 +211,8 @@ def local_plan(args, environ: Mapping[str, str], launch_dir: Path) -> Plan:
 
     port = args.master_port or free_port()
     argv = [deepspeed_executable()]
-    visible = local_gpus(args.gpus, environ, "--gpus")
+    check_gpu_count(args.gpus, "--gpus")
+    visible = visible_subset(args.gpus, environ)
     if args.gpus and visible is None:
         argv += ["--num_gpus", str(args.gpus)]
     argv += ["--master_port", str(port)]
@@ -221,22 +222,29 @@ def local_plan(args, environ: Mapping[str, str], launch_dir: Path) -> Plan:
                 env={VISIBLE_DEVICES: visible} if visible else {})
 
 
-def local_gpus(gpus: int | None, environ: Mapping[str, str], flag: str) -> str | None:
-    """On a machine with CUDA, `gpus` ranks need as many GPUs here (a rank past them fails to start on an
-    invalid device). When CUDA_VISIBLE_DEVICES lists the GPUs, returns the first `gpus` of them, for
-    the runner to start on: given --num_gpus, DeepSpeed ignores and drops that variable, and its ranks
-    would run on GPUs 0..gpus-1, whichever job they belong to."""
+def check_gpu_count(gpus: int | None, flag: str) -> None:
+    """On a machine with CUDA, `gpus` ranks need as many GPUs here (of those CUDA_VISIBLE_DEVICES lists,
+    when set): a rank past them fails to start on an invalid device. CPU ranks: as many as asked."""
     import torch
 
-    if not gpus or not torch.cuda.is_available():
-        return None  # CPU ranks: as many as asked
+    if gpus and torch.cuda.is_available() and gpus > torch.cuda.device_count():
+        listed = os.environ.get(VISIBLE_DEVICES)
+        shown = f" ({VISIBLE_DEVICES}={listed})" if listed else ""
+        raise LaunchError(f"{flag} {gpus}: this machine has {torch.cuda.device_count()} GPU(s){shown}; give "
+                          f"{flag} {torch.cuda.device_count()} or fewer")
+
+
+def visible_subset(gpus: int | None, environ: Mapping[str, str]) -> str | None:
+    """The first `gpus` GPUs CUDA_VISIBLE_DEVICES lists, for the runner to start on: given --num_gpus,
+    DeepSpeed ignores and drops that variable, and its ranks would run on GPUs 0..gpus-1, whichever job
+    they belong to. None without the variable, or when it names GPUs by UUID, which DeepSpeed cannot
+    (such a list is left to --num_gpus: GPUs 0..gpus-1 of those the machine shows); None on a CPU machine."""
+    import torch
+
     listed = [device.strip() for device in environ.get(VISIBLE_DEVICES, "").split(",") if device.strip()]
-    count = torch.cuda.device_count()  # of those CUDA_VISIBLE_DEVICES lists, when it is set
-    if gpus > count:
-        shown = f" ({VISIBLE_DEVICES}={','.join(listed)})" if listed else ""
-        raise LaunchError(f"{flag} {gpus}: this machine has {count} GPU(s){shown}; give {flag} {count} or fewer")
-    # DeepSpeed names GPUs by index only: a list of UUIDs is left to it (a container shows only its own)
-    return ",".join(listed[:gpus]) if listed and all(d.isdecimal() for d in listed) else None
+    if not gpus or not torch.cuda.is_available() or not listed or not all(d.isdecimal() for d in listed):
+        return None
+    return ",".join(listed[:gpus])
 
 
 def hostfile_plan(args, environ: Mapping[str, str], cwd: Path, launch_dir: Path) -> Plan:

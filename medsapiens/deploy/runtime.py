@@ -23,6 +23,8 @@ from medsapiens.io.registry import LandmarkSet, check_calibrations
 METADATA_KEY = "medsapiens"  # as medsapiens.deploy.export writes it (that module imports torch)
 FORMAT = "medsapiens-onnx"
 MEMORY_CAP_ENV = "MEDSAPIENS_ONNX_MEMORY_GB"
+MAX_CAP_GB = 1e6  # onnxruntime takes the cap as a 64-bit count of bytes
+CGROUP_MEMORY_LIMIT = "/sys/fs/cgroup/memory.max"
 
 
 class OnnxLandmarker:
@@ -35,13 +37,14 @@ class OnnxLandmarker:
             raise FileNotFoundError(f"no ONNX model {path}")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        cap_memory(ort)
+        options.log_severity_level = 4  # fatal only: each failure is ours to say, in one line
+        self.memory_cap = cap_memory(ort)
         options.add_session_config_entry("session.use_env_allocators", "1")  # the capped allocator
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own kinds for a bad file
-            raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+            raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__}: "
+                             f"{run_failure(str(exc), self.memory_cap)})") from None
         self.path = path
         self.meta, self.landmark_sets = read_metadata(self.session, path)
         self.input_size = tuple(self.meta["input"]["size"])
@@ -62,7 +65,7 @@ class OnnxLandmarker:
             landmarks, scores = self.session.run([outputs["landmarks"], outputs["scores"]], {"images": batch})
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own kinds for a graph that fails
             raise InputError(f"{self.path}: head {dataset!r} could not run on {len(batch)} image(s): "
-                             f"{run_failure(str(exc))}") from None
+                             f"{run_failure(str(exc), self.memory_cap)}") from None
         expected = (len(batch), self.heads[dataset])
         if landmarks.shape != (*expected, 2) or scores.shape != expected:
             raise InputError(f"{self.path}: head {dataset!r} gave landmarks {landmarks.shape} and scores {scores.shape} "
@@ -78,37 +81,53 @@ class OnnxLandmarker:
 
 
 def memory_cap() -> int:
-    """The bytes onnxruntime may allocate for a model, weights and activations together:
-    MEDSAPIENS_ONNX_MEMORY_GB, else 3/4 of this machine's memory."""
+    """The bytes onnxruntime may allocate for a model: MEDSAPIENS_ONNX_MEMORY_GB, else 3/4 of the memory
+    this process may use (the machine's, or its container's limit when lower)."""
     value = os.environ.get(MEMORY_CAP_ENV, "")
     if not value:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 3 // 4
+        return usable_memory() * 3 // 4
     try:
         gb = float(value)
     except ValueError:
         gb = math.nan
-    if not (math.isfinite(gb) and gb > 0):
-        raise InputError(f"{MEMORY_CAP_ENV}={value!r}: must be a positive number of GB")
+    if not (math.isfinite(gb) and 0 < gb <= MAX_CAP_GB):
+        raise InputError(f"{MEMORY_CAP_ENV}={value!r}: must be a number of GB above 0, at most {MAX_CAP_GB:g}")
     return int(gb * 1e9)
 
 
+def usable_memory() -> int:
+    machine = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        limit = Path(CGROUP_MEMORY_LIMIT).read_text().strip()
+    except OSError:
+        return machine
+    return min(machine, int(limit)) if limit.isdecimal() else machine  # "max": no limit
+
+
 @functools.cache
-def cap_memory(ort) -> None:
-    """One allocator for every session of this process, refusing past memory_cap(): a graph is a program,
-    and a 1 KB one can ask for gigabytes (ConstantOfShape), which would otherwise be granted until the
-    machine runs out."""
+def cap_memory(ort) -> int:
+    """One allocator for every session of this process, refusing past memory_cap() (returned): a graph is
+    a program, and a 1 KB one can ask for gigabytes (ConstantOfShape), which would otherwise be granted
+    until the machine runs out. It serves what a run allocates; some onnxruntime versions place the
+    weights there too."""
+    cap = memory_cap()
     info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
     # max_mem, arena_extend_strategy 1 (grow by what is asked, not by powers of two), two defaults (-1)
-    ort.create_and_register_allocator(info, ort.OrtArenaCfg(memory_cap(), 1, -1, -1))
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(cap, 1, -1, -1))
+    return cap
 
 
-def run_failure(message: str) -> str:
+def run_failure(message: str, cap: int) -> str:
     """onnxruntime's error in a line: an allocation past the cap says so and how to raise it."""
     asked = re.search(r"Available memory of (\d+) is smaller than requested bytes of (\d+)", message)
     if asked:
-        return (f"it asked for {int(asked[2]) / 1e9:.1f} GB with {int(asked[1]) / 1e9:.1f} GB left of the "
-                f"{memory_cap() / 1e9:.1f} GB it may use (set {MEMORY_CAP_ENV} to allow more)")
+        return (f"it asked for {gigabytes(int(asked[2]))} with {gigabytes(int(asked[1]))} left of the "
+                f"{gigabytes(cap)} it may use (set {MEMORY_CAP_ENV} to allow more)")
     return " ".join(message.split())[:300]
+
+
+def gigabytes(size: int) -> str:
+    return f"{size / 1e9:.3g} GB"
 
 
 def read_metadata(session, path) -> tuple[dict, dict[str, LandmarkSet]]:

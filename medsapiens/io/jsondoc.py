@@ -27,8 +27,8 @@ def read(path: str | Path, where) -> object:
 
 def check_size(size: int, where) -> None:
     if size > MAX_BYTES:
-        raise InputError(f"{where}: more than {MAX_BYTES >> 20} MiB, more than any annotation, manifest or report "
-                         "file needs; refused unread (parsing it would take 10-25 times that in memory)")
+        raise InputError(f"{where}: more than {MAX_BYTES >> 20} MiB, more than any annotation, manifest, report or "
+                         "config file needs; refused before parsing (which would take 10-25 times that in memory)")
 
 
 def parse(raw: str | bytes, where) -> object:

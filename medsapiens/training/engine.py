@@ -187,6 +187,8 @@ def check_zero_stage(train: TrainConfig, frozen_weights: bool) -> None:
     nothing, failing only at the export."""
     source, cfg = read_deepspeed_json(train.deepspeed)
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise InputError(f"train.deepspeed {train.deepspeed}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     if stage == 0:
         raise InputError(f"train.deepspeed {train.deepspeed}: ZeRO stage 0 writes checkpoints no export can read; use a "
                          "preset (zero1, zero2, zero3) or set zero_optimization.stage")

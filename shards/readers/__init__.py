@@ -27,7 +27,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Protocol
 
-from medsapiens.errors import UserError
+from medsapiens.errors import InputError, UserError
 from medsapiens.io import jsondoc, storage
 from medsapiens.io.record import Rejection, is_number, is_point_list, is_positive_pair
 
@@ -165,9 +165,11 @@ def read_text(path: Path) -> str:
     a rejection where a reader reads one input's file."""
     try:
         raw = storage.read_bytes(str(path), jsondoc.MAX_BYTES)
+        jsondoc.check_size(len(raw), path)
     except OSError as exc:
         raise ReaderError(f"{path} cannot be read: {exc.strerror or exc}") from None
-    jsondoc.check_size(len(raw), path)
+    except InputError as exc:
+        raise ReaderError(str(exc)) from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

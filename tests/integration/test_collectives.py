@@ -183,6 +183,7 @@ def test_a_zero_stage_whose_checkpoints_no_export_reads_is_refused_before_traini
         check_zero_stage(TrainConfig(deepspeed=preset), frozen_weights=preset != "zero1")
     for text, message in (('{"zero_optimization": {"stage": 0}}', "ZeRO stage 0 writes checkpoints no export can read"),
                           ("{}", "ZeRO stage 0 writes checkpoints no export can read"),
+                          ('{"zero_optimization": {"stage": "1"}}', "zero_optimization.stage must be 0, 1, 2 or 3, got '1'"),
                           ("[1]", "not a DeepSpeed config"), ("{", "not valid JSON")):
         (tmp_path / "ds.json").write_text(text)
         with pytest.raises(InputError, match=message):

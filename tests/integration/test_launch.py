@@ -106,14 +106,18 @@ def one_gpu_machine(monkeypatch, visible: str | None = None) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_ranks_past_the_gpus_are_refused_and_visible_devices_are_kept(capsys, monkeypatch):
+def test_ranks_past_the_gpus_are_refused_and_visible_devices_are_kept(capsys, monkeypatch, tmp_path):
     from medsapiens.distributed import local_gpu
 
     one_gpu_machine(monkeypatch)
     status, _, err = launch(capsys, "pretrain", "--config", DEMO, "--gpus", "2", "--dry-run")
     assert status == 2 and err.strip() == "error: --gpus 2: this machine has 1 GPU(s); give --gpus 1 or fewer"
-    assert main(["demo", "--ranks", "2"]) == 2  # before any work: the demo's own flag named
+    demo = tmp_path / "demo"
+    (demo / "shards").mkdir(parents=True)
+    (demo / "demo.json").write_text("{}")
+    assert main(["demo", "--ranks", "2", "--fresh", "--out", str(demo)]) == 2  # the demo's own flag named
     assert capsys.readouterr().err.strip() == "error: --ranks 2: this machine has 1 GPU(s); give --ranks 1 or fewer"
+    assert (demo / "shards").is_dir()  # checked before --fresh deletes anything
     monkeypatch.setenv("LOCAL_RANK", "1")  # a rank another launcher started past the GPUs
     with pytest.raises(UserError, match=r"^local rank 1 has no GPU: this node shows 1; start at most 1 rank\(s\) per node$"):
         local_gpu()
@@ -126,7 +130,7 @@ def test_ranks_past_the_gpus_are_refused_and_visible_devices_are_kept(capsys, mo
                                     f"medsapiens.pretrain --config {DEMO}")
     status, _, err = launch(capsys, "pretrain", "--config", DEMO, "--gpus", "4", "--dry-run")
     assert status == 2 and "--gpus 4: this machine has 3 GPU(s) (CUDA_VISIBLE_DEVICES=4,5,6)" in err
-    one_gpu_machine(monkeypatch, "GPU-8f2c")  # a UUID, which DeepSpeed cannot name: its own way, as before
+    one_gpu_machine(monkeypatch, "GPU-8f2c")  # a UUID, which DeepSpeed cannot name: left to --num_gpus
     status, out, _ = launch(capsys, "pretrain", "--config", DEMO, "--gpus", "1", "--master-port", "29123", "--dry-run")
     assert status == 0 and printed_command(out).startswith(f"{DEEPSPEED} --num_gpus 1 --master_port 29123 ")
 

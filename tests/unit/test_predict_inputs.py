@@ -168,13 +168,13 @@ def test_an_onnx_graph_allocating_past_the_memory_cap_is_one_line(tmp_path, monk
     proc = subprocess.run([sys.executable, "-m", "medsapiens.launch.cli", "predict", "--onnx", str(path), "--out",
                            str(tmp_path / "out"), str(folder)], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "MEDSAPIENS_ONNX_MEMORY_GB": "0.2"})
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
+    assert proc.returncode == 2 and proc.stderr == (  # onnxruntime's own log lines silenced
         f"error: {path}: head 'head' could not run on 1 image(s): it asked for 1.2 GB with 0.2 GB left of the 0.2 GB "
-        "it may use (set MEDSAPIENS_ONNX_MEMORY_GB to allow more)")
-    for bad in ("0", "-1", "nan", "lots"):
+        "it may use (set MEDSAPIENS_ONNX_MEMORY_GB to allow more)\n")
+    for bad in ("0", "-1", "nan", "lots", "1e12"):
         monkeypatch.setenv("MEDSAPIENS_ONNX_MEMORY_GB", bad)
-        with pytest.raises(InputError, match=f"MEDSAPIENS_ONNX_MEMORY_GB='{bad}': must be a positive number of GB"):
+        with pytest.raises(InputError, match=f"MEDSAPIENS_ONNX_MEMORY_GB='{bad}': must be a number of GB above 0, at "
+                                             "most 1e"):
             memory_cap()
 
 

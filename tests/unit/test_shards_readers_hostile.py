@@ -286,7 +286,7 @@ def test_aariz_spacing_table_values(tmp_path):
         scan(aariz, tmp_path, spacing_csv="spacing.csv")
 
 
-def test_json_and_annotation_files_past_the_size_limit_are_refused_unread(tmp_path, monkeypatch):
+def test_json_and_annotation_files_past_the_size_limit_are_refused_before_parsing(tmp_path, monkeypatch):
     from medsapiens.errors import InputError
     from medsapiens.io import jsondoc, manifest
 
@@ -295,9 +295,11 @@ def test_json_and_annotation_files_past_the_size_limit_are_refused_unread(tmp_pa
     assert len(big) > 1 << 20
     for name in ("ann.json", "manifest.json"):
         (tmp_path / name).write_text(big)
-    too_big = r"more than 1 MiB, more than any annotation, manifest or report file needs; refused unread"
+    too_big = r"more than 1 MiB, more than any annotation, manifest, report or config file needs; refused before parsing"
     with pytest.raises(ReaderError, match=rf"ann\.json: {too_big}"):
         scan(coco, tmp_path / "ann.json")
+    with pytest.raises(ReaderError, match=rf"^{tmp_path / 'ann.json'}: {too_big}"):  # a table (hand's all.csv) too
+        readers.read_text(tmp_path / "ann.json")
     with pytest.raises(manifest.ManifestError, match=rf"manifest\.json: {too_big}"):
         manifest.load(tmp_path)
     with pytest.raises(InputError, match=rf"predictions file: {too_big}"):
