@@ -245,6 +245,20 @@ def optimizer_config(optim: OptimConfig) -> dict:
                                         "weight_decay": optim.weight_decay, "torch_adam": True, "fused": True}}
 
 
+def forget_zero3_model(module) -> None:
+    """ZeRO-3 (DeepSpeed 0.19.8) keeps a model reachable after `destroy` from module-level state, and
+    through the model's hooks its engine: the bottom of its stack of modules in forward, and the
+    parameter coordinator's class-level lru_cache keyed by module."""
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if m is not module]
+    cached = vars(PartitionedParameterCoordinator)["_PartitionedParameterCoordinator__params_to_release"]
+    for cell in cached.__closure__ or ():  # the lru_cache sits under DeepSpeed's nvtx wrapper
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()
+
+
 class Engine:
     """A DeepSpeed engine around a model, with our lr schedule and checkpoint conventions."""
 
@@ -271,9 +285,11 @@ class Engine:
     def close(self) -> None:
         """Give back what the engine holds. DeepSpeed's gradient hooks on every parameter keep the engine,
         its optimizer states and buckets alive, garbage or not, until this: a process that trains again
-        (fine-tuning seeds) would otherwise hold one copy of them per run on its GPU. Under ZeRO-3,
-        DeepSpeed 0.19.8 keeps the engine reachable from module-level state even so."""
+        (fine-tuning seeds) would otherwise hold one copy of them per run on its GPU."""
+        module = self.ds.module
         self.ds.destroy()
+        if self.zero_stage == 3:
+            forget_zero3_model(module)
 
     def save(self, ckpt_dir: Path, step: int, client_state: dict, keep: set[str] = frozenset()) -> None:
         checkpoints.save(self.ds, ckpt_dir, step, client_state, self.train_cfg.keep_last, keep)

@@ -279,12 +279,12 @@ print("engine objects left:", sum(ref() is not None for ref in made), "of", len(
 
 
 @pytest.mark.timeout(300)
-def test_a_run_gives_its_engine_back_as_it_returns(phantom_shards, tmp_path):
-    """Fine-tuning seeds train one run after another in one process (ZeRO-2, as every shipped
-    fine-tuning config): each run's DeepSpeed engine, optimizer states and buckets must be gone once
-    it returns, or a GPU holds one set per run."""
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_a_run_gives_its_engine_back_as_it_returns(phantom_shards, tmp_path, zero):
+    """Fine-tuning seeds train one run after another in one process: each run's DeepSpeed engine,
+    optimizer states and buckets must be gone once it returns, or a GPU holds one set per run."""
     args = pretrain_args(phantom_shards, tmp_path / "run", "train.max_steps=2", "train.checkpoint_every=2",
-                         "train.val_every=2", "train.deepspeed=zero2")
+                         "train.val_every=2", f"train.deepspeed={zero}")
     proc = run([sys.executable, "-c", ENGINES_LEFT, *args], 240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "engine objects left: 0 of 2" in proc.stdout
