@@ -39,8 +39,10 @@ def register(subparsers) -> None:
                          "sapiens_0.3b_epoch_1600_clean.pth")
     release.add_argument("--dataset", metavar="ID", help="a per-dataset (stage-2) checkpoint: its dataset "
                          "(head, chest, hand, leg); with the 88-channel multi-dataset model: keep only this head")
-    release.add_argument("--img-size", nargs=2, type=int, metavar=("H", "W"),
-                         help="the bundle's input size, multiples of 16 (default: MedSapiens' 1024 768)")
+    convert.add_argument("--img-size", nargs=2, type=int, metavar=("H", "W"),
+                         help="--from sapiens: the input size the checkpoint was trained at, where its position "
+                         "table cannot tell (a non-square grid, e.g. a pose model's 1024 768); --from medsapiens: "
+                         "the bundle's input size (default: MedSapiens' 1024 768); multiples of 16")
     convert.set_defaults(func=run_convert)
 
     ex = subparsers.add_parser("export", help="export a bundle for deployment (ONNX)")
@@ -120,14 +122,14 @@ def run_info(args) -> int:
 def run_convert(args) -> int:
     if args.source == "medsapiens":
         return run_convert_release(args)
-    given = [f"--{name.replace('_', '-')}" for name in ("base", "dataset", "img_size") if getattr(args, name) is not None]
+    given = [f"--{name}" for name in ("base", "dataset") if getattr(args, name) is not None]
     if given:
         raise InputError(f"{', '.join(given)}: only with --from medsapiens")
     if args.arch is None:
         raise InputError("--arch is required with --from sapiens (e.g. --arch sapiens_0.3b)")
     from medsapiens.model import convert_checkpoint
 
-    report = convert_checkpoint(args.checkpoint, args.arch, args.out)
+    report = convert_checkpoint(args.checkpoint, args.arch, args.out, tuple(args.img_size) if args.img_size else None)
     print(report.summary())
     print(f"wrote {args.out}")
     return 0

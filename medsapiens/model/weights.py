@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from medsapiens.errors import CheckpointError, InputError
 from medsapiens.io.shard_tar import file_digest
 from medsapiens.io.storage import as_umask_allows
-from medsapiens.model.archs import DEFAULT_IMG_SIZE, PATCH_SIZE, ArchSpec, get_arch
+from medsapiens.model.archs import DEFAULT_IMG_SIZE, PATCH_SIZE, ArchSpec, feature_grid, get_arch
 from medsapiens.model.backbone import Backbone, build_backbone
 
 log = logging.getLogger(__name__)
@@ -247,14 +247,18 @@ def compare_with_model(state: BackboneState, model_state: dict[str, torch.Tensor
     )
 
 
-def convert_checkpoint(path: str | Path, arch: str | ArchSpec, out: str | Path) -> LoadReport:
+def convert_checkpoint(path: str | Path, arch: str | ArchSpec, out: str | Path,
+                       trained_size: tuple[int, int] | None = None) -> LoadReport:
     """Write the backbone of a Sapiens checkpoint as safetensors in timm naming (a Sapiens2 one in its
     own naming, the `backbone.` prefix of a task checkpoint dropped).
 
     The pos_embed stays at the checkpoint's grid (cls slot dropped); the grid, arch and source are
-    recorded in the metadata. The file must fit `arch` exactly: nothing missing or unexpected."""
+    recorded in the metadata. `trained_size` (H, W) gives the grid where the file's position table
+    cannot (a non-square one). The file must fit `arch` exactly: nothing missing or unexpected."""
     arch = get_arch(arch)
     tensors, metadata = read_tensors(path)
+    if trained_size is not None:
+        metadata = with_grid(metadata, feature_grid(trained_size), str(path))
     state = normalize_state(tensors, metadata, str(path), family=arch.family)
     if state.grid is None and arch.family == "sapiens":
         raise InputError(f"{path}: no pos_embed; not a Sapiens backbone checkpoint")
@@ -312,12 +316,15 @@ def _split_pos_embed(pos_embed, recorded_grid, model_grid, source):
     if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
         raise InputError(f"{source}: pos_embed has shape {tuple(pos_embed.shape)}, not (1, tokens, channels)")
     tokens = pos_embed.shape[1]
+    if recorded_grid and tokens - recorded_grid[0] * recorded_grid[1] not in (0, 1):
+        raise InputError(f"{source}: its pos_embed's {tokens} tokens are not a {_grid_text(recorded_grid)} grid "
+                         "(the recorded or given one), with or without a cls slot")
     grid = recorded_grid or _infer_grid(tokens, model_grid, source)
     if grid is None or tokens - grid[0] * grid[1] not in (0, 1):
         raise InputError(
             f"{source}: pos_embed has shape {tuple(pos_embed.shape)}: its {tokens} tokens are neither "
-            f"the model's grid nor a square grid, with or without a cls slot; record the grid in the "
-            f"safetensors metadata as {GRID_METADATA_KEY}='HxW'"
+            f"the model's grid nor a square grid, with or without a cls slot; give the input size it was trained "
+            f"at: `medsapiens model convert --img-size H W` records its grid"
         )
     if tokens == grid[0] * grid[1]:
         return pos_embed, grid, None
@@ -338,9 +345,18 @@ def _infer_grid(tokens: int, model_grid: tuple[int, int] | None, source: str) ->
     distinct = list(dict.fromkeys(readings))
     if len(distinct) > 1:
         raise InputError(f"{source}: its pos_embed's {tokens} tokens fit a {' and a '.join(map(_grid_text, distinct))} "
-                         f"grid; record which in safetensors metadata as {GRID_METADATA_KEY}='HxW' (medsapiens model "
-                         "convert writes it)")
+                         f"grid; give the input size it was trained at: `medsapiens model convert --img-size H W` "
+                         "records its grid")
     return distinct[0] if distinct else None
+
+
+def with_grid(metadata: dict[str, str], grid: tuple[int, int], source: str) -> dict[str, str]:
+    """The metadata recording `grid`, which must be the one it may record already."""
+    recorded = _metadata_grid(metadata, source)
+    if recorded not in (None, grid):
+        raise InputError(f"{source}: its metadata records a {_grid_text(recorded)} grid, the input size given a "
+                         f"{_grid_text(grid)} one")
+    return {**metadata, GRID_METADATA_KEY: _grid_text(grid)}
 
 
 def _metadata_grid(metadata: dict[str, str], source: str) -> tuple[int, int] | None:

@@ -206,7 +206,7 @@ def test_a_released_square_table_is_resized_for_a_grid_of_as_many_patches(tiny_s
     assert report.complete and "pos_embed resized from 64x64 to 128x32" in report.notes
     assert not torch.equal(backbone.pos_embed.data, tiny_state["pos_embed"][:, 1:])
     square = tiny_state["pos_embed"][:, 1:]  # without the cls slot 4096 rows are 64x64 or 128x32: refused
-    with pytest.raises(ValueError, match=r"4096 tokens fit a 64x64 and a 128x32 grid; record which"):
+    with pytest.raises(ValueError, match=r"4096 tokens fit a 64x64 and a 128x32 grid; give the input size it was trained at"):
         load_state(build_backbone("sapiens_tiny", (2048, 512)), dict(tiny_state, pos_embed=square))
 
 

@@ -58,3 +58,19 @@ def test_convert_writes_a_backbone_with_its_provenance(tmp_path, capsys):
 def test_cli_registration_imports_no_torch():
     code = "import sys, medsapiens.launch.cli; medsapiens.launch.cli.build_parser(); sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_convert_reads_a_non_square_table_at_the_input_size_given(tmp_path, capsys):
+    """A pose checkpoint trained at 1024x768: a cls slot and a 64x48 grid, which its 3073 rows cannot tell."""
+    state = {"backbone." + k: v for k, v in released_state(ARCHS["sapiens_tiny"]).items()}
+    state["backbone.pos_embed"] = torch.randn(1, 1 + 64 * 48, 192)
+    checkpoint, out = tmp_path / "pose.pth", tmp_path / "pose.safetensors"
+    torch.save(state, checkpoint)
+    convert = ["model", "convert", str(checkpoint), "--arch", "sapiens_tiny", "--out", str(out)]
+    assert main(convert) == 2
+    assert "give the input size it was trained at: `medsapiens model convert --img-size H W`" in capsys.readouterr().err
+    assert main([*convert, "--img-size", "1024", "1024"]) == 2 and not out.exists()
+    assert "its pos_embed's 3073 tokens are not a 64x64 grid (the recorded or given one)" in capsys.readouterr().err
+    assert main([*convert, "--img-size", "1024", "768"]) == 0
+    tensors, metadata = read_tensors(out)
+    assert metadata["pos_embed_grid"] == "64x48" and torch.equal(tensors["pos_embed"], state["backbone.pos_embed"][:, 1:])
