@@ -252,9 +252,10 @@ def forget_zero3_model(module) -> None:
     from deepspeed.runtime.zero import parameter_offload
     from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 
-    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if m is not module]
-    cached = vars(PartitionedParameterCoordinator)["_PartitionedParameterCoordinator__params_to_release"]
-    for cell in cached.__closure__ or ():  # the lru_cache sits under DeepSpeed's nvtx wrapper
+    stack = getattr(parameter_offload, "FWD_MODULE_STACK", [])  # both looked up softly: DeepSpeed's internals
+    stack[:] = [m for m in stack if m is not module]
+    cached = vars(PartitionedParameterCoordinator).get("_PartitionedParameterCoordinator__params_to_release")
+    for cell in getattr(cached, "__closure__", None) or ():  # the lru_cache sits under DeepSpeed's nvtx wrapper
         if hasattr(cell.cell_contents, "cache_clear"):
             cell.cell_contents.cache_clear()
 
