@@ -168,7 +168,6 @@ def config_notes(cfg, ranks: int | None) -> list[str]:
 def check_config(stage: str, config: str, overrides: list[str]):
     """Fail in seconds on a config typo, not after the ranks have started; returns the config."""
     from medsapiens import config as configlib
-    from medsapiens.training.engine import deepspeed_file
 
     if stage == "pretrain":
         from medsapiens.pretrain.config import PretrainConfig as config_class
@@ -179,11 +178,7 @@ def check_config(stage: str, config: str, overrides: list[str]):
 
     def validated(extra: list[str]):
         cfg = configlib.from_dict(config_class, configlib.load_data(config, extra))
-        try:
-            deepspeed_file(cfg.train.deepspeed)
-        except FileNotFoundError as exc:
-            raise LaunchError(f"train.deepspeed: {exc}") from None
-        check(cfg)
+        check(cfg)  # the deepspeed file included
         return cfg
 
     return configlib.blame(validated, config, overrides)

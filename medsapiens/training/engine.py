@@ -173,8 +173,12 @@ def deepspeed_file(value: str):
 
 
 def read_deepspeed_json(value: str) -> tuple[Path, dict]:
-    """train.deepspeed's file and its JSON object (one that is not is one line naming the file)."""
-    source = deepspeed_file(value)
+    """train.deepspeed's file and its JSON object (a file that is missing, or not such an object, is one
+    line naming it)."""
+    try:
+        source = deepspeed_file(value)
+    except FileNotFoundError as exc:
+        raise InputError(f"train.deepspeed: {exc}") from None
     cfg = jsondoc.read(source, f"train.deepspeed {source}")
     if not isinstance(cfg, dict) or not isinstance(cfg.get("zero_optimization", {}), dict):
         raise InputError(f"train.deepspeed {source}: not a DeepSpeed config (a JSON object, zero_optimization one too)")
