@@ -7,46 +7,67 @@ import subprocess
 import time
 
 import pytest
+import torch.distributed
 from conftest import CLI, DEMO_CONFIG, run
+
+from medsapiens.launch.cli import main
+
+
+def one_line(code: int, stderr: str, expected: tuple[str, ...]) -> None:
+    assert code == 2, (code, stderr[-2000:])
+    assert "Traceback" not in stderr and stderr.count("error:") == 1, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and all(e in last for e in expected), last
 
 
 def refused(args: list[str], *expected: str, env: dict | None = None, timeout: float = 120) -> None:
+    """As a user runs it: a new process."""
     started = time.monotonic()
     proc = run([*CLI, *args], timeout, env=env)
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and all(e in last for e in expected), last
+    one_line(proc.returncode, proc.stderr, expected)
     assert time.monotonic() - started < 60  # refused up front, not after DeepSpeed started
 
 
-def test_predict_and_evaluate_name_what_is_missing(tmp_path):
+def refused_here(capsys, args: list[str], *expected: str) -> None:
+    """The same through the CLI's main in this process (its parsing, checks and exit rule, without a
+    new interpreter's start of seconds); the refusal must come before any process group starts."""
+    started = time.monotonic()
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    one_line(code, capsys.readouterr().err, expected)
+    assert time.monotonic() - started < 60
+    assert not torch.distributed.is_initialized()
+
+
+def test_predict_and_evaluate_name_what_is_missing(tmp_path, capsys):
     (tmp_path / "a.png").write_bytes(b"")
     refused(["predict", "--bundle", str(tmp_path / "nobundle"), "--out", str(tmp_path / "o"), str(tmp_path)],
             "nobundle is not a bundle")
-    refused(["predict", "--bundle", str(tmp_path), "--out", str(tmp_path / "o"), str(tmp_path / "none.png")],
-            "no such file or folder", "none.png")
-    refused(["evaluate", "--bundle", str(tmp_path / "nobundle"), "--shards", str(tmp_path), "--out", str(tmp_path / "e")],
-            "nobundle")
-    refused(["evaluate", "--predictions", str(tmp_path / "p.json"), "--out", str(tmp_path / "e")],
-            "--predictions and --ground-truth together")
-    refused(["evaluate", "--predictions", str(tmp_path / "p.json"), "--ground-truth", str(tmp_path / "g.json"),
-             "--out", str(tmp_path / "e")], "ground-truth file not found", "g.json")
+    refused_here(capsys, ["predict", "--bundle", str(tmp_path), "--out", str(tmp_path / "o"),
+                          str(tmp_path / "none.png")], "no such file or folder", "none.png")
+    refused_here(capsys, ["evaluate", "--bundle", str(tmp_path / "nobundle"), "--shards", str(tmp_path),
+                          "--out", str(tmp_path / "e")], "nobundle")
+    refused_here(capsys, ["evaluate", "--predictions", str(tmp_path / "p.json"), "--out", str(tmp_path / "e")],
+                 "--predictions and --ground-truth together")
+    refused_here(capsys, ["evaluate", "--predictions", str(tmp_path / "p.json"), "--ground-truth", str(tmp_path / "g.json"),
+                          "--out", str(tmp_path / "e")], "ground-truth file not found", "g.json")
 
 
-def test_pretrain_run_as_documented_and_export_of_a_folder_that_is_no_run(tmp_path):
+def test_pretrain_run_as_documented_and_export_of_a_folder_that_is_no_run(tmp_path, capsys):
     refused(["pretrain", "run", "--config", str(tmp_path / "missing.yaml")], "config file not found", "missing.yaml")
-    refused(["pretrain", "run", "--config", str(DEMO_CONFIG), "train.no_such_key=1"], "no_such_key")
-    refused(["pretrain", "export", str(tmp_path), "--out", str(tmp_path / "b")],
-            f"{tmp_path} is not a training run directory (no run.json")
+    refused_here(capsys, ["pretrain", "run", "--config", str(DEMO_CONFIG), "train.no_such_key=1"], "no_such_key")
+    refused_here(capsys, ["pretrain", "export", str(tmp_path), "--out", str(tmp_path / "b")],
+                 f"{tmp_path} is not a training run directory (no run.json")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "run.json").write_text('{"stage": "pretrain"}')
     (tmp_path / "notes.txt").write_text("notes")
-    refused(["pretrain", "export", str(run_dir), "--out", str(run_dir)], f"--out {run_dir} holds run.json")
-    refused(["pretrain", "export", str(run_dir), "--out", str(tmp_path / "notes.txt")], "is a file; a bundle is a folder")
+    refused_here(capsys, ["pretrain", "export", str(run_dir), "--out", str(run_dir)], f"--out {run_dir} holds run.json")
+    refused_here(capsys, ["pretrain", "export", str(run_dir), "--out", str(tmp_path / "notes.txt")], "is a file; a bundle is a folder")
     (run_dir / "run.json").write_text('{"stage": "finetune"}')  # resumes as it stopped: no universal checkpoint
-    refused(["pretrain", "universal", str(run_dir)], f"{run_dir} is a finetune run, not a pretraining run")
+    refused_here(capsys, ["pretrain", "universal", str(run_dir)], f"{run_dir} is a finetune run, not a pretraining run")
 
 
 def test_s3_without_credentials(tmp_path):
@@ -60,17 +81,17 @@ def test_s3_without_credentials(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_finetune_checks_dataset_bundle_and_numbers_before_starting(phantom_shards, tmp_path):
+def test_finetune_checks_dataset_bundle_and_numbers_before_starting(phantom_shards, tmp_path, capsys):
     base = ["finetune", "--shards", str(phantom_shards), "--run-dir", str(tmp_path / "run")]
     refused([*base, "--dataset", "knee", "--init", "scratch"], "dataset 'knee' is not in the manifest")
-    refused([*base, "--dataset", "leg", "--bundle", str(tmp_path / "nobundle")], "nobundle is not a bundle")
-    refused([*base, "--dataset", "leg", "--init", "scratch", "--steps", "-1"], "max_steps")
-    refused([*base, "--dataset", "leg", "--init", "scratch", "--shots", "-2"], "--shots")
-    refused([*base, "--dataset", "leg", "--init", "scratch", "--batch-size", "0"], "--batch-size")
-    refused([*base, "--dataset", "leg", "--init", "scratch", "--seeds", "0,1,0"], "--seeds lists seed(s) [0] more than once")
-    refused([*base, "--dataset", "leg", "--init", "scratch", "--steps", "5", "--epochs", "2"], "give --steps or --epochs")
-    refused([*base, "--dataset", "leg", "--init", "scratch", "data.val_split=train"], "data.val_split is the training split")
-    refused([*base, "--dataset", "leg", "--init", "scratch", "--shots", "5000"], "--shots 5000 asks for more images than 'leg'")
+    refused_here(capsys, [*base, "--dataset", "leg", "--bundle", str(tmp_path / "nobundle")], "nobundle is not a bundle")
+    refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "--steps", "-1"], "max_steps")
+    refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "--shots", "-2"], "--shots")
+    refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "--batch-size", "0"], "--batch-size")
+    refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "--seeds", "0,1,0"], "--seeds lists seed(s) [0] more than once")
+    refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "--steps", "5", "--epochs", "2"], "give --steps or --epochs")
+    refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "data.val_split=train"], "data.val_split is the training split")
+    refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "--shots", "5000"], "--shots 5000 asks for more images than 'leg'")
 
 
 def test_only_user_errors_become_one_line_a_bug_keeps_its_traceback(monkeypatch, capsys):
