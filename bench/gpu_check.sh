@@ -18,9 +18,10 @@
 # a line) and summary.txt. Exit status: 0 when every step and row ran, 1 otherwise.
 # SETTINGS overrides the rows, NAME:MICRO_BATCH each (names from bench/train_step.py; the micro-batches
 # are the largest powers of two that fitted one H200; Sapiens2-0.4B's, not yet measured there, is
-# from `model info`); PROFILE names the rows followed by torch.profiler's top operators (default
-# bf16+compile, the setting the MFU target is about; "all" or "" for every row or none). For a smoke run
-# of the script itself on a CPU: DEVICE=cpu and OVERRIDES with a tiny model (e.g.
+# from `model info`); PROFILE names the rows followed by torch.profiler's top operators and the
+# time by kind of work (default bf16+compile, the setting the MFU target is about; "all" or "" for
+# every row or none). For a smoke run of the script itself on a CPU: DEVICE=cpu and OVERRIDES with a
+# tiny model (e.g.
 # "model.arch=sapiens_tiny model.img_size=[128,96] model.trunk_width=32"), added to the pretraining
 # and fine-tuning settings.
 set -uo pipefail

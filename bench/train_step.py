@@ -168,15 +168,70 @@ def device_peak_tflops(requested: float | None) -> tuple[float, str]:
     return measured_peak_tflops(), "measured matmul"
 
 
-def profile_table(engine: Engine, batch: dict, steps: int = 3, top: int = 25) -> str:
-    """Where a step's time goes: the operators with the most self time on the device (CPU without CUDA)."""
+# Where device time goes, by kernel (CUDA) or operator (CPU) name; the first match wins: attention and
+# convolution kernels carry "gemm" in their names too.
+TIME_KINDS = (
+    ("attention", ("attention", "flash", "fmha", "sdpa")),
+    ("convolution", ("conv", "fprop", "dgrad", "wgrad")),
+    ("communication", ("nccl", "comm", "allreduce", "all_reduce", "reduce_scatter", "all_gather")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "aten::mm", "addmm", "bmm", "matmul")),
+    ("norm", ("norm",)),
+    ("copies", ("memcpy", "memset", "copy")),
+)
+
+
+def time_kind(name: str) -> str:
+    name = name.lower()
+    return next((kind for kind, marks in TIME_KINDS if any(m in name for m in marks)), "elementwise and other")
+
+
+def busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Seconds covered by at least one of the (start, end) intervals, given in microseconds."""
+    busy, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return busy / 1e6
+
+
+def time_shares(events, wall_s: float) -> dict:
+    """The device's time by kind of work (shares of the summed kernel time; on CPU, of the operators'
+    self time) and, on CUDA, the fraction of the wall time any kernel ran: what is left is the host's."""
+    from torch.autograd import DeviceType
+
+    host_names = {e.name for e in events if e.device_type == DeviceType.CPU}
+    # a profiler annotation also leaves a span on the GPU's timeline, named as on the host: not work
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and e.name not in host_names]
+    if kernels:
+        spent = [(e.name, e.time_range.elapsed_us()) for e in kernels]
+        busy = busy_seconds([(e.time_range.start, e.time_range.end) for e in kernels]) / wall_s
+    else:
+        spent = [(e.name, e.self_cpu_time_total) for e in events if e.device_type == DeviceType.CPU]
+        busy = None
+    by_kind = {kind: 0.0 for kind, _ in TIME_KINDS} | {"elementwise and other": 0.0}
+    for name, us in spent:
+        by_kind[time_kind(name)] += us
+    total = sum(by_kind.values()) or 1.0
+    return {"device_busy": busy, "shares": {kind: us / total for kind, us in by_kind.items()}}
+
+
+def shares_line(profile: dict) -> str:
+    busy = "" if profile["device_busy"] is None else f"kernels running {profile['device_busy']:.0%} of the wall time; "
+    return busy + ", ".join(f"{kind} {share:.1%}" for kind, share in profile["shares"].items())
+
+
+def profile_step(engine: Engine, batch: dict, steps: int = 3, top: int = 25) -> tuple[str, dict]:
+    """Where a step's time goes: torch.profiler's operators with the most self time on the device (CPU
+    without CUDA), and the time by kind of work (time_shares)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        run_steps(engine, batch, steps)
-    return prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
-                                     row_limit=top)
+        wall_s = run_steps(engine, batch, steps)
+    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=top)
+    return table, time_shares(prof.events(), wall_s)
 
 
 def measure(setting: Setting, img_size, steps: int, warmup: int, max_batch: int, peak_tflops: float,
@@ -201,7 +256,9 @@ def measure(setting: Setting, img_size, steps: int, warmup: int, max_batch: int,
         flops = training_flops(forward_flops(setting.arch, img_size, setting.trunk_width, head_channels=K))
         row.update(images_per_s=rate, mfu=flops * rate / (peak_tflops * 1e12), peak_memory_gb=peak_memory_gb())
         if profile:
-            print(f"profile of {setting.name}, micro-batch {fits}, 3 steps:\n{profile_table(engine, batch)}", flush=True)
+            table, row["profile"] = profile_step(engine, batch)
+            print(f"profile of {setting.name}, micro-batch {fits}, 3 steps:\n{table}\n"
+                  f"{setting.name}: {shares_line(row['profile'])}", flush=True)
     engine.close()
     del engine
     release_cached_memory()
@@ -226,8 +283,10 @@ def row_line(r: dict) -> str:
 
 
 def report(rows: list[dict]) -> list[str]:
+    """The table, then where the time went in each profiled setting."""
     set_ratios(rows)
-    return [HEADER] + [row_line(r) for r in rows]
+    return ([HEADER] + [row_line(r) for r in rows]
+            + [f"{r['name']}: {shares_line(r['profile'])}" for r in rows if r.get("profile")])
 
 
 def read_rows(path: str) -> list[dict]:
@@ -246,7 +305,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--only", nargs="*", default=None, help="run only these settings, in the table's order")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU")
     parser.add_argument("--profile", action="store_true",
-                        help="after each setting's timing, print torch.profiler's top operators of 3 more steps")
+                        help="after each setting's timing, print torch.profiler's top operators of 3 more steps "
+                             "and their time by kind of work")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--jsonl", default=None, help="append each row to this file as soon as it is measured")
     parser.add_argument("--summary", default=None, metavar="JSONL",
