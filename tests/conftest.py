@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,42 @@ def run(cmd: list[str], timeout: float, cwd: Path = REPO, env: dict | None = Non
     if proc.returncode != 0:
         print(proc.stdout[-5000:], proc.stderr[-5000:], sep="\n")
     return proc
+
+
+def one_line(code: int, stderr: str, *expected: str) -> None:
+    """A user's mistake: exit 2 and one `error: ...` line holding each of `expected`, no traceback."""
+    assert code == 2, (code, stderr[-2000:])
+    assert "Traceback" not in stderr and stderr.count("error:") == 1, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and all(e in last for e in expected), last
+
+
+def refused(args: list[str], *expected: str, env: dict | None = None, timeout: float = 120) -> str:
+    """The CLI as a user runs it, in a new process, refusing up front; returns its stderr."""
+    started = time.monotonic()
+    proc = run([*CLI, *args], timeout, env=env)
+    one_line(proc.returncode, proc.stderr, *expected)
+    assert time.monotonic() - started < 60  # refused up front, not after DeepSpeed started
+    return proc.stderr
+
+
+def refused_here(capsys, args: list[str], *expected: str) -> str:
+    """The same through the CLI's main in this process (its parsing, checks and exit rule, without a
+    new interpreter's start of seconds); the refusal must come before any process group starts."""
+    import torch.distributed
+
+    from medsapiens.launch.cli import main
+
+    started = time.monotonic()
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    stderr = capsys.readouterr().err
+    one_line(code, stderr, *expected)
+    assert time.monotonic() - started < 60
+    assert not torch.distributed.is_initialized()
+    return stderr
 
 
 def deepspeed_module(module: str, ranks: int, args: list[str], timeout: float = 240,

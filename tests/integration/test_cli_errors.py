@@ -4,41 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 
 import pytest
-import torch.distributed
-from conftest import CLI, DEMO_CONFIG, run
-
-from medsapiens.launch.cli import main
-
-
-def one_line(code: int, stderr: str, expected: tuple[str, ...]) -> None:
-    assert code == 2, (code, stderr[-2000:])
-    assert "Traceback" not in stderr and stderr.count("error:") == 1, stderr[-2000:]
-    last = stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and all(e in last for e in expected), last
-
-
-def refused(args: list[str], *expected: str, env: dict | None = None, timeout: float = 120) -> None:
-    """As a user runs it: a new process."""
-    started = time.monotonic()
-    proc = run([*CLI, *args], timeout, env=env)
-    one_line(proc.returncode, proc.stderr, expected)
-    assert time.monotonic() - started < 60  # refused up front, not after DeepSpeed started
-
-
-def refused_here(capsys, args: list[str], *expected: str) -> None:
-    """The same through the CLI's main in this process (its parsing, checks and exit rule, without a
-    new interpreter's start of seconds); the refusal must come before any process group starts."""
-    started = time.monotonic()
-    try:
-        code = main(args)
-    except SystemExit as exc:  # argparse's own refusals
-        code = exc.code
-    one_line(code, capsys.readouterr().err, expected)
-    assert time.monotonic() - started < 60
-    assert not torch.distributed.is_initialized()
+from conftest import CLI, DEMO_CONFIG, refused, refused_here
 
 
 def test_predict_and_evaluate_name_what_is_missing(tmp_path, capsys):

@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import CLI, run
+from conftest import CLI, refused_here, run
 
 from medsapiens.evaluate.report import score_files
 
@@ -72,7 +72,7 @@ def test_a_registry_dataset_keeps_its_protocol_and_a_missing_prediction_is_refus
         score_files(write(tmp_path / "p2.json", guess), write(tmp_path / "g.json", truth))
 
 
-def test_evaluate_cli_on_coco_files_writes_the_report(tmp_path):
+def test_evaluate_cli_on_coco_files_writes_the_report(tmp_path, capsys):
     pred = write(tmp_path / "p.json", {"dataset": "knee", "landmarks": GUESS})
     out = tmp_path / "eval"
     proc = run([*CLI, "evaluate", "--predictions", pred, "--ground-truth", write(tmp_path / "g.json", coco_truth()),
@@ -80,11 +80,11 @@ def test_evaluate_cli_on_coco_files_writes_the_report(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "1 invisible in the ground truth, left out" in (out / "report.md").read_text()
     assert json.loads((out / "report.json").read_text())["excluded_landmarks"] == 1
-    again = run([*CLI, "evaluate", "--predictions", pred, "--ground-truth", str(tmp_path / "g.json"), "--out", str(out)], 60)
-    assert again.returncode == 2 and f"--out {out} holds an earlier report; give --overwrite" in again.stderr
-    proc = run([*CLI, "evaluate", "--predictions", write(tmp_path / "bad.json", {"x": 1}), "--ground-truth",
-                str(tmp_path / "g.json"), "--out", str(out), "--overwrite"], 60)
-    assert proc.returncode == 2 and "bad.json: not a landmark file of a known format" in proc.stderr
+    refused_here(capsys, ["evaluate", "--predictions", pred, "--ground-truth", str(tmp_path / "g.json"), "--out", str(out)],
+                 f"--out {out} holds an earlier report; give --overwrite")
+    refused_here(capsys, ["evaluate", "--predictions", write(tmp_path / "bad.json", {"x": 1}), "--ground-truth",
+                          str(tmp_path / "g.json"), "--out", str(out), "--overwrite"],
+                 "bad.json: not a landmark file of a known format")
     assert (out / "report.json").is_file()  # a failed replacement keeps the earlier report
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLI, run
+from conftest import CLI, refused_here, run
 from PIL import Image
 
 from medsapiens.errors import UserError
@@ -158,10 +158,10 @@ def test_compare_prints_the_reports_values_and_a_paired_test(tmp_path):
     assert float(landmark[3]) == round(delta, 3) and float(landmark[1]) == round(a["per_landmark"][first]["mre"], 3)
 
 
-def test_compare_refuses_what_is_not_a_report(tmp_path):
+def test_compare_refuses_what_is_not_a_report(tmp_path, capsys):
     (tmp_path / "x.json").write_text("{}")
-    proc = run([*CLI, "evaluate", "--compare", str(tmp_path / "x.json"), str(tmp_path / "x.json")], 60)
-    assert proc.returncode == 2 and "not an evaluation report.json" in proc.stderr
+    refused_here(capsys, ["evaluate", "--compare", str(tmp_path / "x.json"), str(tmp_path / "x.json")],
+                 "not an evaluation report.json")
 
 
 def test_predict_takes_an_image_reached_twice_once_and_keeps_real_duplicates_apart(tmp_path):
