@@ -1,4 +1,5 @@
-"""Shared fixtures: phantom shards built once per session, and running real commands.
+"""Shared fixtures: phantom shards built once per session, running real commands, and checking the
+CLI's one-line refusals.
 
 tests/unit runs in-process; everything under tests/integration (the launcher, subprocesses,
 training) is marked `slow`."""
@@ -81,8 +82,8 @@ def refused(args: list[str], *expected: str, env: dict | None = None, timeout: f
 
 
 def refused_here(capsys, args: list[str], *expected: str) -> str:
-    """The same through the CLI's main in this process (its parsing, checks and exit rule, without a
-    new interpreter's start of seconds); the refusal must come before any process group starts."""
+    """The same through the CLI's main in this process (its parsing, checks and exit rule, without the
+    seconds a new interpreter takes to start); the refusal must come before any process group starts."""
     import torch.distributed
 
     from medsapiens.launch.cli import main
