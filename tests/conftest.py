@@ -64,12 +64,14 @@ def run(cmd: list[str], timeout: float, cwd: Path = REPO, env: dict | None = Non
     return proc
 
 
-def one_line(code: int, stderr: str, *expected: str) -> None:
-    """A user's mistake: exit 2 and one `error: ...` line holding each of `expected`, no traceback."""
+def one_line(code: int, stderr: str, *expected: str, by_argparse: bool = False) -> None:
+    """A user's mistake: exit 2 and one `error: ...` line holding each of `expected`, no traceback
+    (argparse's own: a usage line, then `PROG: error: ...`)."""
     assert code == 2, (code, stderr[-2000:])
     assert "Traceback" not in stderr and stderr.count("error:") == 1, stderr[-2000:]
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and all(e in last for e in expected), last
+    assert (": error: " in last if by_argparse else last.startswith("error: ")), last
+    assert all(e in last for e in expected), last
 
 
 def refused(args: list[str], *expected: str, env: dict | None = None, timeout: float = 120) -> str:
@@ -89,12 +91,13 @@ def refused_here(capsys, args: list[str], *expected: str) -> str:
     from medsapiens.launch.cli import main
 
     started = time.monotonic()
+    by_argparse = False
     try:
         code = main(args)
-    except SystemExit as exc:  # argparse's own refusals
-        code = exc.code
+    except SystemExit as exc:
+        code, by_argparse = exc.code, True
     stderr = capsys.readouterr().err
-    one_line(code, stderr, *expected)
+    one_line(code, stderr, *expected, by_argparse=by_argparse)
     assert time.monotonic() - started < 60
     assert not torch.distributed.is_initialized()
     return stderr

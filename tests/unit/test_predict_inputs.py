@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import refused_here
 from PIL import Image
 
 from medsapiens.errors import InputError
@@ -84,19 +85,6 @@ def images(folder: Path, *names: str) -> Path:
     return folder
 
 
-def refused_in_one_line(capsys, argv: list[str], *expected: str) -> str:
-    """The command exits 2 with one `error:` line holding `expected` (argparse's own usage line aside)."""
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse: usage line, then `medsapiens ...: error: ...`
-        code = exc.code
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("error:") == 1 and "Traceback" not in err, err
-    last = err.strip().splitlines()[-1]
-    assert "error: " in last and all(e in last for e in expected), last
-    return last
-
-
 # 1. ONNX metadata
 
 def test_a_tiny_model_with_valid_metadata_predicts(model, tmp_path):
@@ -151,7 +139,7 @@ def test_an_onnx_graph_without_a_fixed_input_size_is_refused(tmp_path):
 def test_an_onnx_graph_giving_other_shapes_than_its_metadata_is_one_line(tmp_path, capsys):
     path = tiny_onnx(tmp_path / "three.onnx", metadata(), k=3)  # 3 landmarks where its metadata says 19
     folder = images(tmp_path / "in", "a.png", "b.png")
-    refused_in_one_line(capsys, ["predict", "--onnx", str(path), "--out", str(tmp_path / "out"), str(folder)],
+    refused_here(capsys, ["predict", "--onnx", str(path), "--out", str(tmp_path / "out"), str(folder)],
                         f"{path}: head 'head' gave landmarks (2, 3, 2) and scores (2, 3) for 2 image(s), not (2, 19, 2)")
 
 
@@ -198,7 +186,7 @@ def test_an_out_holding_an_earlier_run_is_refused_unless_overwritten(model, tmp_
     assert main(["predict", "--onnx", str(model), "--overlays", "--out", str(out), str(earlier)]) == 0
     (out / "notes.txt").write_text("mine")
     before = sorted(p.name for p in out.rglob("*"))
-    refused_in_one_line(capsys, ["predict", "--onnx", str(model), "--out", str(out), str(later)],
+    refused_here(capsys, ["predict", "--onnx", str(model), "--out", str(out), str(later)],
                         "holds the predictions of an earlier run (2 image(s))", "--overwrite")
     assert sorted(p.name for p in out.rglob("*")) == before
     assert main(["predict", "--onnx", str(model), "--overwrite", "--out", str(out), str(later)]) == 0
@@ -206,7 +194,7 @@ def test_an_out_holding_an_earlier_run_is_refused_unless_overwritten(model, tmp_
                                                        "predictions.json"]
     (out / "predictions.json").write_text(json.dumps({"landmarks": {"../notes": [[1, 2]]}}))
     for flags in ([], ["--overwrite"]):
-        refused_in_one_line(capsys, ["predict", "--onnx", str(model), *flags, "--out", str(out), str(later)],
+        refused_here(capsys, ["predict", "--onnx", str(model), *flags, "--out", str(out), str(later)],
                             "is not a predictions file of `medsapiens predict`")
     assert (out / "notes.txt").read_text() == "mine" and (out / "c.json").is_file()
 
@@ -238,7 +226,7 @@ def test_a_folder_that_cannot_be_listed_is_a_listed_failure(model, tmp_path, mon
 ])
 @pytest.mark.parametrize("size", ["0", "-3"])
 def test_a_batch_size_below_one_is_refused(capsys, command, size):
-    refused_in_one_line(capsys, [*command, f"--batch-size={size}"], "--batch-size", "expected a positive integer")
+    refused_here(capsys, [*command, f"--batch-size={size}"], "--batch-size", "expected a positive integer")
 
 
 def test_an_out_that_is_a_file_is_refused_before_any_work(model, tmp_path, capsys):
@@ -246,10 +234,10 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(model, tmp_path, capsy
     taken.write_text("keep me")
     image = images(tmp_path / "in", "a.png") / "a.png"
     for out in (taken, taken / "sub"):
-        refused_in_one_line(capsys, ["predict", "--onnx", str(model), "--out", str(out), str(image)], "is a file")
-        refused_in_one_line(capsys, ["evaluate", "--bundle", str(tmp_path / "none"), "--shards", str(tmp_path),
+        refused_here(capsys, ["predict", "--onnx", str(model), "--out", str(out), str(image)], "is a file")
+        refused_here(capsys, ["evaluate", "--bundle", str(tmp_path / "none"), "--shards", str(tmp_path),
                                      "--out", str(out)], f"{taken} is a file")
-        refused_in_one_line(capsys, ["evaluate", "--compare", "a.json", "b.json", "--out", str(out)], "is a file")
+        refused_here(capsys, ["evaluate", "--compare", "a.json", "b.json", "--out", str(out)], "is a file")
     assert taken.read_text() == "keep me"
 
 
@@ -258,19 +246,19 @@ def test_a_device_is_checked_before_a_model_is_loaded(model, tmp_path, capsys):
 
     image = str(images(tmp_path / "in", "a.png") / "a.png")
     evaluate = ["evaluate", "--bundle", str(tmp_path / "none"), "--shards", str(tmp_path), "--out", str(tmp_path / "o")]
-    refused_in_one_line(capsys, [*evaluate, "--device", "gpu0"], "--device 'gpu0'", "cpu, cuda or cuda:N")
-    refused_in_one_line(capsys, ["calibrate", str(tmp_path), "--shards", "s", "--device", "meta"], "--device 'meta'")
-    refused_in_one_line(capsys, ["predict", "--onnx", str(model), "--device", "cuda", "--out", str(tmp_path / "p"),
+    refused_here(capsys, [*evaluate, "--device", "gpu0"], "--device 'gpu0'", "cpu, cuda or cuda:N")
+    refused_here(capsys, ["calibrate", str(tmp_path), "--shards", "s", "--device", "meta"], "--device 'meta'")
+    refused_here(capsys, ["predict", "--onnx", str(model), "--device", "cuda", "--out", str(tmp_path / "p"),
                                  image], "--device cuda with --onnx", "CPU")
     count = torch.cuda.device_count()
-    refused_in_one_line(capsys, [*evaluate, "--device", f"cuda:{count}"], f"{count} CUDA device(s) available")
+    refused_here(capsys, [*evaluate, "--device", f"cuda:{count}"], f"{count} CUDA device(s) available")
 
 
 # 6. --hand-landmarks
 
 @pytest.mark.parametrize("pair", ["-1,5", "a,b", "1", "1,2,3", "3,3"])
 def test_hand_landmarks_must_be_two_different_indices(capsys, tmp_path, pair):
-    refused_in_one_line(capsys, ["evaluate", "--predictions", "p", "--ground-truth", "g", "--out", str(tmp_path),
+    refused_here(capsys, ["evaluate", "--predictions", "p", "--ground-truth", "g", "--out", str(tmp_path),
                                  f"--hand-landmarks={pair}"], "--hand-landmarks", "two different 0-based")
 
 
@@ -411,7 +399,7 @@ def test_evaluate_refuses_a_head_with_other_landmarks_of_the_same_count(change, 
 @pytest.mark.parametrize("flags", [["--trunk-width", "0"], ["--trunk-width", "-5"], ["--heads", "-100"],
                                    ["--heads", "0"]])
 def test_model_info_refuses_widths_and_heads_below_one(capsys, flags):
-    refused_in_one_line(capsys, ["model", "info", "--arch", "sapiens_tiny", *flags], flags[0],
+    refused_here(capsys, ["model", "info", "--arch", "sapiens_tiny", *flags], flags[0],
                         "expected a positive integer")
 
 
@@ -444,25 +432,25 @@ def test_evaluate_scores_files_by_the_dataset_given_and_refuses_flags_it_would_n
     report = json.loads((tmp_path / "e" / "report.json").read_text())
     assert report["dataset"] == "head" and report["mre"] == pytest.approx(0.5)  # 5 px at ISBI's 0.1 mm/px
     (tmp_path / "p.json").write_text(json.dumps({"dataset": "head", "landmarks": {"x": shifted}}))
-    refused_in_one_line(capsys, [*files, "--dataset", "leg", "--out", str(tmp_path / "f")],
+    refused_here(capsys, [*files, "--dataset", "leg", "--out", str(tmp_path / "f")],
                         "--dataset leg: the files are for dataset 'head'")
     unread = ["--split", "val", "--overlays", "3", "--no-flip-test"]
-    refused_in_one_line(capsys, [*files, *unread, "--out", str(tmp_path / "f")],
+    refused_here(capsys, [*files, *unread, "--out", str(tmp_path / "f")],
                         "--split, --overlays, --flip-test are not read with --predictions and --ground-truth")
     report_path = str(tmp_path / "e" / "report.json")
-    refused_in_one_line(capsys, ["evaluate", "--compare", report_path, report_path, "--shards", "s", "--dataset", "leg",
+    refused_here(capsys, ["evaluate", "--compare", report_path, report_path, "--shards", "s", "--dataset", "leg",
                                  "--sdr-convention", "<="],
                         "--shards, --dataset, --sdr-convention are not read with --compare")
-    refused_in_one_line(capsys, ["evaluate", "--bundle", "b", "--shards", "s", "--overlays", "-1", "--out", "o"],
+    refused_here(capsys, ["evaluate", "--bundle", "b", "--shards", "s", "--overlays", "-1", "--out", "o"],
                         "--overlays", "expected a whole number of at least 0")
 
 
 def test_a_folder_given_for_a_file_and_a_file_for_a_bundle_are_one_line(tmp_path, capsys):
     (tmp_path / "p").mkdir()
     (tmp_path / "g.json").write_text(json.dumps({"dataset": "head", "landmarks": {}}))
-    refused_in_one_line(capsys, ["evaluate", "--predictions", str(tmp_path / "p"), "--ground-truth",
+    refused_here(capsys, ["evaluate", "--predictions", str(tmp_path / "p"), "--ground-truth",
                                  str(tmp_path / "g.json"), "--out", str(tmp_path / "e")],
                         f"predictions file {tmp_path / 'p'}: cannot be read (Is a directory)")
-    refused_in_one_line(capsys, ["predict", "--bundle", str(tmp_path / "g.json"), "--out", str(tmp_path / "o"),
+    refused_here(capsys, ["predict", "--bundle", str(tmp_path / "g.json"), "--out", str(tmp_path / "o"),
                                  str(images(tmp_path / "in", "a.png"))],
                         f"{tmp_path / 'g.json'} is not a bundle: a bundle is a folder")
