@@ -5,10 +5,10 @@ Without the launcher, `python -m medsapiens.finetune ...` (or `medsapiens finetu
 from __future__ import annotations
 
 import argparse
-import sys
 
 from medsapiens.errors import run_command
 from medsapiens.finetune.cli import run_finetune
+from medsapiens.io.processes import exit_process
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,4 +22,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

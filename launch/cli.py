@@ -6,12 +6,13 @@ The root lives in `launch/` (the top of the dependency graph) so that the shared
 from __future__ import annotations
 
 import argparse
-import sys
+from typing import NoReturn
 
 from medsapiens import cli as model_cli
 from medsapiens.errors import run_command
 from medsapiens.evaluate import cli as evaluate_cli
 from medsapiens.finetune import cli as finetune_cli
+from medsapiens.io.processes import exit_process
 from medsapiens.launch import demo, launcher
 from medsapiens.pretrain import cli as pretrain_cli
 from medsapiens.shards import cli as shards_cli
@@ -42,5 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(args.func, args)
 
 
+def command() -> NoReturn:
+    """The installed `medsapiens` command (setup.cfg's console script)."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

@@ -5,9 +5,9 @@ Without the launcher, `python -m medsapiens.pretrain ...` trains in one process 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from medsapiens.errors import run_command
+from medsapiens.io.processes import exit_process
 from medsapiens.pretrain.cli import add_run_arguments, run_training
 
 
@@ -27,4 +27,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

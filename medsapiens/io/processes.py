@@ -1,12 +1,16 @@
-"""Helper processes: one that ends with the one that started it (Linux's parent-death signal), and
-ones born with signals blocked. Standard library only, so a helper process that uses it starts in a
-moment."""
+"""Processes: helpers that end with the one that started them (Linux's parent-death signal), ones born
+with signals blocked, and the end of a command's process. Standard library only, so a helper process
+that uses it starts in a moment."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
+import os
 import signal
 import sys
+import threading
+from typing import NoReturn
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
@@ -31,3 +35,18 @@ def children_born_blocking(signals):
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with `code` as Python's exit does (non-daemon threads joined, atexit handlers
+    run, buffered output flushed, Python's and C's), less its last part: the teardown of every module
+    and object, which guarantees nothing (Python does not promise to finalize what lives until exit)
+    and, with torch, timm and DeepSpeed loaded, costs each command, and each rank of a job, 1-2 s of
+    CPU. For the end of an entry point, once everything it writes is closed."""
+    threading._shutdown()  # what Python's own exit runs first: threading's exit hooks, then the joins
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader gone, a stream closed: nothing to tell
+            stream.flush()
+    ctypes.CDLL(None).fflush(None)
+    os._exit(code)

@@ -27,6 +27,7 @@ import torch
 from medsapiens import distributed
 from medsapiens.errors import CheckpointError, run_command
 from medsapiens.io import storage
+from medsapiens.io.processes import exit_process
 from medsapiens.model.weights import refuse_non_finite
 
 CHECKPOINTS = "checkpoints"
@@ -280,4 +281,4 @@ if __name__ == "__main__":  # make_universal runs DeepSpeed's converter here, un
         with weights_only_loading(arguments.input_folder):
             ds_to_universal.main(arguments)
 
-    sys.exit(run_command(convert, ds_to_universal.parse_arguments()))
+    exit_process(run_command(convert, ds_to_universal.parse_arguments()))
