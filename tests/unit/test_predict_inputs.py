@@ -140,7 +140,7 @@ def test_an_onnx_graph_giving_other_shapes_than_its_metadata_is_one_line(tmp_pat
     path = tiny_onnx(tmp_path / "three.onnx", metadata(), k=3)  # 3 landmarks where its metadata says 19
     folder = images(tmp_path / "in", "a.png", "b.png")
     refused_here(capsys, ["predict", "--onnx", str(path), "--out", str(tmp_path / "out"), str(folder)],
-                        f"{path}: head 'head' gave landmarks (2, 3, 2) and scores (2, 3) for 2 image(s), not (2, 19, 2)")
+                 f"{path}: head 'head' gave landmarks (2, 3, 2) and scores (2, 3) for 2 image(s), not (2, 19, 2)")
 
 
 def test_an_onnx_graph_allocating_past_the_memory_cap_is_one_line(tmp_path, monkeypatch):
@@ -187,7 +187,7 @@ def test_an_out_holding_an_earlier_run_is_refused_unless_overwritten(model, tmp_
     (out / "notes.txt").write_text("mine")
     before = sorted(p.name for p in out.rglob("*"))
     refused_here(capsys, ["predict", "--onnx", str(model), "--out", str(out), str(later)],
-                        "holds the predictions of an earlier run (2 image(s))", "--overwrite")
+                 "holds the predictions of an earlier run (2 image(s))", "--overwrite")
     assert sorted(p.name for p in out.rglob("*")) == before
     assert main(["predict", "--onnx", str(model), "--overwrite", "--out", str(out), str(later)]) == 0
     assert sorted(p.name for p in out.rglob("*")) == ["c.json", "failures.json", "notes.txt", "overlays",
@@ -195,7 +195,7 @@ def test_an_out_holding_an_earlier_run_is_refused_unless_overwritten(model, tmp_
     (out / "predictions.json").write_text(json.dumps({"landmarks": {"../notes": [[1, 2]]}}))
     for flags in ([], ["--overwrite"]):
         refused_here(capsys, ["predict", "--onnx", str(model), *flags, "--out", str(out), str(later)],
-                            "is not a predictions file of `medsapiens predict`")
+                     "is not a predictions file of `medsapiens predict`")
     assert (out / "notes.txt").read_text() == "mine" and (out / "c.json").is_file()
 
 
@@ -236,7 +236,7 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(model, tmp_path, capsy
     for out in (taken, taken / "sub"):
         refused_here(capsys, ["predict", "--onnx", str(model), "--out", str(out), str(image)], "is a file")
         refused_here(capsys, ["evaluate", "--bundle", str(tmp_path / "none"), "--shards", str(tmp_path),
-                                     "--out", str(out)], f"{taken} is a file")
+                              "--out", str(out)], f"{taken} is a file")
         refused_here(capsys, ["evaluate", "--compare", "a.json", "b.json", "--out", str(out)], "is a file")
     assert taken.read_text() == "keep me"
 
@@ -249,7 +249,7 @@ def test_a_device_is_checked_before_a_model_is_loaded(model, tmp_path, capsys):
     refused_here(capsys, [*evaluate, "--device", "gpu0"], "--device 'gpu0'", "cpu, cuda or cuda:N")
     refused_here(capsys, ["calibrate", str(tmp_path), "--shards", "s", "--device", "meta"], "--device 'meta'")
     refused_here(capsys, ["predict", "--onnx", str(model), "--device", "cuda", "--out", str(tmp_path / "p"),
-                                 image], "--device cuda with --onnx", "CPU")
+                          image], "--device cuda with --onnx", "CPU")
     count = torch.cuda.device_count()
     refused_here(capsys, [*evaluate, "--device", f"cuda:{count}"], f"{count} CUDA device(s) available")
 
@@ -259,7 +259,7 @@ def test_a_device_is_checked_before_a_model_is_loaded(model, tmp_path, capsys):
 @pytest.mark.parametrize("pair", ["-1,5", "a,b", "1", "1,2,3", "3,3"])
 def test_hand_landmarks_must_be_two_different_indices(capsys, tmp_path, pair):
     refused_here(capsys, ["evaluate", "--predictions", "p", "--ground-truth", "g", "--out", str(tmp_path),
-                                 f"--hand-landmarks={pair}"], "--hand-landmarks", "two different 0-based")
+                          f"--hand-landmarks={pair}"], "--hand-landmarks", "two different 0-based")
 
 
 def test_hand_landmarks_beyond_the_landmark_set_are_refused(tmp_path):
@@ -400,7 +400,7 @@ def test_evaluate_refuses_a_head_with_other_landmarks_of_the_same_count(change, 
                                    ["--heads", "0"]])
 def test_model_info_refuses_widths_and_heads_below_one(capsys, flags):
     refused_here(capsys, ["model", "info", "--arch", "sapiens_tiny", *flags], flags[0],
-                        "expected a positive integer")
+                 "expected a positive integer")
 
 
 def test_an_image_file_holding_postscript_never_reaches_ghostscript(tmp_path, monkeypatch):
@@ -433,24 +433,24 @@ def test_evaluate_scores_files_by_the_dataset_given_and_refuses_flags_it_would_n
     assert report["dataset"] == "head" and report["mre"] == pytest.approx(0.5)  # 5 px at ISBI's 0.1 mm/px
     (tmp_path / "p.json").write_text(json.dumps({"dataset": "head", "landmarks": {"x": shifted}}))
     refused_here(capsys, [*files, "--dataset", "leg", "--out", str(tmp_path / "f")],
-                        "--dataset leg: the files are for dataset 'head'")
+                 "--dataset leg: the files are for dataset 'head'")
     unread = ["--split", "val", "--overlays", "3", "--no-flip-test"]
     refused_here(capsys, [*files, *unread, "--out", str(tmp_path / "f")],
-                        "--split, --overlays, --flip-test are not read with --predictions and --ground-truth")
+                 "--split, --overlays, --flip-test are not read with --predictions and --ground-truth")
     report_path = str(tmp_path / "e" / "report.json")
     refused_here(capsys, ["evaluate", "--compare", report_path, report_path, "--shards", "s", "--dataset", "leg",
-                                 "--sdr-convention", "<="],
-                        "--shards, --dataset, --sdr-convention are not read with --compare")
+                          "--sdr-convention", "<="],
+                 "--shards, --dataset, --sdr-convention are not read with --compare")
     refused_here(capsys, ["evaluate", "--bundle", "b", "--shards", "s", "--overlays", "-1", "--out", "o"],
-                        "--overlays", "expected a whole number of at least 0")
+                 "--overlays", "expected a whole number of at least 0")
 
 
 def test_a_folder_given_for_a_file_and_a_file_for_a_bundle_are_one_line(tmp_path, capsys):
     (tmp_path / "p").mkdir()
     (tmp_path / "g.json").write_text(json.dumps({"dataset": "head", "landmarks": {}}))
     refused_here(capsys, ["evaluate", "--predictions", str(tmp_path / "p"), "--ground-truth",
-                                 str(tmp_path / "g.json"), "--out", str(tmp_path / "e")],
-                        f"predictions file {tmp_path / 'p'}: cannot be read (Is a directory)")
+                          str(tmp_path / "g.json"), "--out", str(tmp_path / "e")],
+                 f"predictions file {tmp_path / 'p'}: cannot be read (Is a directory)")
     refused_here(capsys, ["predict", "--bundle", str(tmp_path / "g.json"), "--out", str(tmp_path / "o"),
-                                 str(images(tmp_path / "in", "a.png"))],
-                        f"{tmp_path / 'g.json'} is not a bundle: a bundle is a folder")
+                          str(images(tmp_path / "in", "a.png"))],
+                 f"{tmp_path / 'g.json'} is not a bundle: a bundle is a folder")
