@@ -1,0 +1,117 @@
+"""A stand-in GPU for CPU tests: tensors that report the meta device (a device that is not the CPU,
+whose use needs no driver) but hold and compute real CPU data, and that refuse, as CUDA does, an
+operation mixing them with a CPU tensor of one element or more.
+
+    with stand_in_gpu():
+        model.to(GPU)            # parameters and buffers move onto the stand-in
+        loss = objective(model, {k: v.to(GPU) for k, v in batch.items()})
+
+Inside the block, `device=GPU` makes stand-in tensors, `.to(GPU)` moves onto them and `.cpu()` back.
+What CUDA accepts across devices is accepted here too: copies, CPU index tensors into a GPU tensor,
+and zero-dimensional CPU tensors (CUDA takes those as scalars)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+GPU = torch.device("meta")
+aten = torch.ops.aten
+CROSS_DEVICE = {aten._to_copy.default, aten.copy_.default, aten.index.Tensor, aten.index_put.default,
+                aten.index_put_.default}
+
+
+class DeviceMismatch(RuntimeError):
+    """What CUDA raises for an operation whose tensors are on two devices."""
+
+
+class OnGpu(torch.Tensor):
+    """A CPU tensor, `inner`, that reports `GPU` as its device."""
+
+    @staticmethod
+    def __new__(cls, inner: torch.Tensor):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, strides=inner.stride(), dtype=inner.dtype,
+                                                   device=GPU, storage_offset=inner.storage_offset())
+
+    def __init__(self, inner: torch.Tensor):
+        self.inner = inner
+
+    def __repr__(self) -> str:
+        return f"OnGpu({self.inner!r})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        with stand_in_gpu():  # a stand-in tensor used after its block still computes
+            return func(*args, **(kwargs or {}))
+
+
+def unwrap(value):
+    return value.inner if isinstance(value, OnGpu) else value
+
+
+@contextlib.contextmanager
+def stand_in_gpu():
+    with DataOntoGpu(), ComputeOnCpu():
+        yield
+
+
+class DataOntoGpu(TorchFunctionMode):
+    """torch builds a tensor from Python data (`torch.tensor(data, device=...)`, a list as an index) on
+    its device without dispatching an operation, so on the meta device its values would be lost: here
+    it is built on the CPU, then moved (an index stays on the CPU, which CUDA accepts)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in (torch.tensor, torch.as_tensor, torch.asarray) and is_gpu(kwargs.get("device")):
+            return func(*args, **{**kwargs, "device": "cpu"}).to(GPU)
+        if func is torch.Tensor.new_tensor and isinstance(args[0], OnGpu) and kwargs.get("device") is None:
+            return torch.tensor(args[1], dtype=kwargs.get("dtype", args[0].dtype)).to(GPU)
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and isinstance(args[0], OnGpu):
+            args = (args[0], lists_as_tensors(args[1]), *args[2:])
+        return func(*args, **kwargs)
+
+
+def is_gpu(device) -> bool:
+    return device is not None and torch.device(device) == GPU
+
+
+def lists_as_tensors(index):
+    if isinstance(index, list):
+        return torch.tensor(index)
+    return tuple(map(lists_as_tensors, index)) if isinstance(index, tuple) else index
+
+
+class ComputeOnCpu(TorchDispatchMode):
+    """Every operation on the stand-in's tensors runs on their CPU data."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        on_gpu = {id(t.inner): t for t in tensors if isinstance(t, OnGpu)}
+        check_devices(func, tensors, bool(on_gpu))
+        named = kwargs.get("device")
+        to_gpu = is_gpu(named)
+        if named is not None:
+            kwargs["device"] = torch.device("cpu")
+        out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+        if not (to_gpu or (on_gpu and named is None)):
+            return out
+        # an in-place operation returns its input: the stand-in tensor itself, not a second one
+        return tree_map(lambda t: on_gpu[id(t)] if id(t) in on_gpu else OnGpu(t) if isinstance(t, torch.Tensor)
+                        else t, out)
+
+
+def check_devices(func, tensors: list[torch.Tensor], on_gpu: bool) -> None:
+    data_less = [tuple(t.shape) for t in tensors if not isinstance(t, OnGpu) and t.device == GPU]
+    if data_less:
+        # built from data by a path DataOntoGpu does not cover: computing on would give garbage
+        raise DeviceMismatch(f"{func}: a tensor on the GPU without values (shape {data_less}): the stand-in "
+                             "does not cover how it was made")
+    if on_gpu and func not in CROSS_DEVICE:
+        strays = [tuple(t.shape) for t in tensors if not isinstance(t, OnGpu) and t.dim() > 0]
+        if strays:
+            raise DeviceMismatch(f"{func}: expected all tensors to be on the same device, but found at least two "
+                                 f"devices, the GPU and cpu (CPU tensors of shape {strays})")
