@@ -27,6 +27,7 @@ EXIT_INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 # Files the user named that are not there or not readable: the OS message names the path.
 FILE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError"}  # botocore's, matched by name: no import
+OUT_OF_MEMORY_ERROR = "OutOfMemoryError"  # torch's (torch.OutOfMemoryError), matched by name: no import
 
 
 class UserError(Exception):
@@ -73,7 +74,17 @@ def user_message(exc: BaseException) -> str | None:
     if type(exc).__name__ in CREDENTIAL_ERRORS:
         return (f"{exc}: s3:// needs AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
                 "or ~/.aws/credentials)")
+    if type(exc).__name__ == OUT_OF_MEMORY_ERROR:
+        return (f"out of GPU memory ({torch_memory_report(exc)}): lower the batch (data.micro_batch for training, "
+                "with train.grad_accum to keep the global batch; --batch-size for evaluate, predict and calibrate)")
     return str(exc) if isinstance(exc, (UserError, *FILE_ERRORS)) else None
+
+
+def torch_memory_report(exc: BaseException) -> str:
+    """What torch's out-of-memory message says of the allocation and the GPU (its first three sentences;
+    the rest is its general advice)."""
+    sentences = str(exc).strip().split(". ")
+    return ". ".join(sentences[:3]).rstrip(".") or "no detail"
 
 
 def run_command(work, *args) -> int:

@@ -30,6 +30,7 @@ from medsapiens.io.manifest import Manifest
 from medsapiens.io.progress import progress_bar
 from medsapiens.training import checkpoints
 from medsapiens.training.engine import Engine, TrainConfig
+from medsapiens.training.memory import MemoryPlan, device_memory_gib, out_of_memory
 from medsapiens.training.telemetry import StepTimer, Telemetry
 
 RUN_INFO = "run.json"
@@ -69,6 +70,7 @@ class RunContext:
     config_digest: str
     train_flops_per_sample: float | None = None  # forward and backward, for MFU
     track_best: bool = False
+    memory: MemoryPlan | None = None  # what fits the GPU, for the out-of-memory error (None with LoRA)
 
 
 class StopSignals:
@@ -158,7 +160,11 @@ class Trainer:
             for step, micro_batches in batches:
                 timer.waited(time.perf_counter() - waiting_since)
                 seed_step(train.seed, step, distributed.rank())
-                stats, grad_norm = self.engine.train_step(micro_batches, self.objective)
+                try:
+                    stats, grad_norm = self.engine.train_step(micro_batches, self.objective)
+                except torch.OutOfMemoryError as exc:
+                    raise out_of_memory(step + 1, ctx.data.micro_batch, exc, ctx.memory,
+                                        device_memory_gib(self.engine.device)) from None
                 self._check_finite(step + 1, stats, grad_norm)
                 timer.stepped(ctx.data.micro_batch * train.grad_accum)
                 for batch_stats in stats:

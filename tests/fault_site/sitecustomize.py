@@ -3,6 +3,8 @@ LOCAL_RANK is MEDSAPIENS_FAULT_RANK (a process started without a launcher is ran
 DeepSpeed saves a file whose name ends with MEDSAPIENS_FAULT_FILE: `freeze` writes two thirds of it
 and stops the process (SIGSTOP, as a rank stalled on a slow disk), `kill` kills the process (SIGKILL)
 before it writes anything, `raise` raises a RuntimeError there (a crash: a bug or a library's error).
+With MEDSAPIENS_FAULT_OOM_AT_BACKWARD=N instead, that rank's N-th backward pass raises torch's
+out-of-memory error, as on a GPU too small for the micro-batch.
 Exactly at that point, on every run: no polling, no race."""
 import os
 
@@ -25,3 +27,18 @@ if os.environ.get("MEDSAPIENS_FAULT_FILE") and os.environ.get("LOCAL_RANK", "0")
         return _save(obj, f, *args, **kwargs)
 
     torch.save = _faulty_save
+
+if os.environ.get("MEDSAPIENS_FAULT_OOM_AT_BACKWARD") and os.environ.get("LOCAL_RANK", "0") == os.environ.get("MEDSAPIENS_FAULT_RANK"):
+    import torch
+
+    _backward, _backwards = torch.autograd.backward, [0]
+    OOM_REPORT = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 39.49 GiB of which "
+                  "1.10 GiB is free. Including non-PyTorch memory, this process has 38.38 GiB memory in use.")
+
+    def _backward_out_of_memory(*args, **kwargs):
+        _backwards[0] += 1
+        if _backwards[0] == int(os.environ["MEDSAPIENS_FAULT_OOM_AT_BACKWARD"]):
+            raise torch.OutOfMemoryError(OOM_REPORT)
+        return _backward(*args, **kwargs)
+
+    torch.autograd.backward = _backward_out_of_memory

@@ -1,0 +1,42 @@
+"""What a run's micro-batch needs of a GPU, and the one line a training step out of GPU memory ends on:
+the step, the micro-batch, torch's report, the largest micro-batch the estimate of `medsapiens model
+info` fits on this GPU, and what to change."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from medsapiens.errors import UserError, torch_memory_report
+from medsapiens.model.cost import MemoryEstimate, largest_micro_batch
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The run's estimate (all parameters training) with its ZeRO stage and data-parallel ranks."""
+
+    estimate: MemoryEstimate
+    checkpointing: bool
+    zero: int
+    ranks: int
+
+    def largest_micro_batch(self, device_gib: float, checkpointing: bool) -> int:
+        return largest_micro_batch(self.estimate, device_gib, checkpointing, self.zero, self.ranks)
+
+
+def device_memory_gib(device: torch.device) -> float | None:
+    return torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
+
+
+def out_of_memory(step: int, micro_batch: int, exc: BaseException, plan: MemoryPlan | None,
+                  device_gib: float | None) -> UserError:
+    """The error to end a run on when training step `step` ran out of GPU memory."""
+    text = f"out of GPU memory at step {step} with data.micro_batch {micro_batch} ({torch_memory_report(exc)})"
+    checkpointing = plan is not None and plan.checkpointing
+    if plan is not None and device_gib is not None:
+        text += (f"; the estimate of `medsapiens model info` fits at most "
+                 f"{plan.largest_micro_batch(device_gib, checkpointing)} on this {device_gib:.1f} GiB GPU")
+        if not checkpointing:
+            text += f", {plan.largest_micro_batch(device_gib, True)} with model.grad_checkpointing=true"
+    advice = "lower data.micro_batch (raise train.grad_accum to keep the global batch)"
+    return UserError(f"{text}: {advice}{'' if checkpointing else ' or set model.grad_checkpointing=true'}")

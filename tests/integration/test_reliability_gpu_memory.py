@@ -1,0 +1,74 @@
+"""A GPU too small for what was asked is one line, not a traceback per rank: a training step names its
+step, its micro-batch, torch's report and the largest micro-batch `medsapiens model info` fits on
+that GPU, with what to change; any other command out of GPU memory says which batch to lower."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from conftest import DEMO_CONFIG, REPO, run
+
+from medsapiens.errors import run_command, user_line
+from medsapiens.launch.cli import main
+from medsapiens.model import memory_estimate
+from medsapiens.model.cost import GPU_MEMORY_GIB
+from medsapiens.training import checkpoints
+from medsapiens.training.memory import MemoryPlan, out_of_memory
+
+REPORT = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 39.49 GiB of which 1.10 GiB "
+          "is free. Including non-PyTorch memory, this process has 38.38 GiB memory in use. If reserved but "
+          "unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+TORCH_SAYS = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 39.49 GiB of which 1.10 GiB is free"
+
+
+def largest_micro_batches(capsys) -> dict[str, list[int]]:
+    """`medsapiens model info`'s rows for sapiens_0.3b at 1024x768: {row: [40 GB, 80 GB, 141 GB]}."""
+    assert main(["model", "info", "--arch", "sapiens_0.3b", "--img-size", "1024", "768", "--heads", "19"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    return {line.rsplit(maxsplit=3)[0].strip(): [int(n) for n in line.split()[-3:]]
+            for line in lines if line.startswith("  one GPU")}
+
+
+def test_a_step_out_of_gpu_memory_names_what_model_info_fits_on_that_gpu(capsys):
+    fits = largest_micro_batches(capsys)
+    assert fits["one GPU"][0] < 16 <= fits["one GPU"][1]  # the recipe's micro-batch: an 80 GB card, not a 40 GB one
+    estimate = memory_estimate("sapiens_0.3b", (1024, 768), 768, 19, "bf16")
+    error = out_of_memory(7, 16, torch.OutOfMemoryError(REPORT), MemoryPlan(estimate, False, zero=2, ranks=1),
+                          GPU_MEMORY_GIB["40 GB"])
+    assert user_line(error) == (
+        f"error: out of GPU memory at step 7 with data.micro_batch 16 ({TORCH_SAYS}); the estimate of `medsapiens "
+        f"model info` fits at most {fits['one GPU'][0]} on this 40.0 GiB GPU, {fits['one GPU, checkpointed'][0]} with "
+        "model.grad_checkpointing=true: lower data.micro_batch (raise train.grad_accum to keep the global batch) or "
+        "set model.grad_checkpointing=true")
+    checkpointed = out_of_memory(7, 16, torch.OutOfMemoryError(REPORT), MemoryPlan(estimate, True, zero=2, ranks=1),
+                                 GPU_MEMORY_GIB["40 GB"])
+    assert str(checkpointed).endswith(f"fits at most {fits['one GPU, checkpointed'][0]} on this 40.0 GiB GPU: lower "
+                                      "data.micro_batch (raise train.grad_accum to keep the global batch)")
+
+
+def test_any_command_out_of_gpu_memory_is_one_line_naming_the_batch_to_lower(capsys):
+    def predicting(oom):
+        raise oom
+
+    for oom in (torch.OutOfMemoryError(REPORT), torch.cuda.OutOfMemoryError("")):
+        assert run_command(predicting, oom) == 2
+    lines = capsys.readouterr().err.splitlines()
+    advice = ("lower the batch (data.micro_batch for training, with train.grad_accum to keep the global batch; "
+              "--batch-size for evaluate, predict and calibrate)")
+    assert lines == [f"error: out of GPU memory ({TORCH_SAYS}): {advice}", f"error: out of GPU memory (no detail): {advice}"]
+
+
+@pytest.mark.timeout(180)
+def test_a_training_step_out_of_memory_ends_the_run_in_one_line_and_says_where_a_rerun_resumes(phantom_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run([sys.executable, "-m", "medsapiens.pretrain", "--config", str(DEMO_CONFIG), f"data.shards={phantom_shards}",
+                f"run_dir={run_dir}", "data.micro_batch=4", "data.workers=0", "model.trunk_width=32",
+                "train.max_steps=6", "train.checkpoint_every=2", "train.val_every=100"], 150,
+               env={"PYTHONPATH": str(REPO / "tests" / "fault_site"), "MEDSAPIENS_FAULT_RANK": "0",
+                    "MEDSAPIENS_FAULT_OOM_AT_BACKWARD": "4"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    *_, where, error = proc.stderr.strip().splitlines()
+    assert where == f"stopped at step 3; a rerun into {run_dir} resumes from checkpoint {checkpoints.checkpoint_tag(2)}"
+    assert error == (f"error: out of GPU memory at step 4 with data.micro_batch 4 ({TORCH_SAYS}): lower data.micro_batch "
+                     "(raise train.grad_accum to keep the global batch) or set model.grad_checkpointing=true")
