@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from medsapiens import distributed
 from medsapiens.errors import UserError, torch_memory_report
-from medsapiens.model.cost import MemoryEstimate, largest_micro_batch
+from medsapiens.model.cost import MemoryEstimate, largest_micro_batch, memory_estimate
+from medsapiens.model.landmark_model import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,17 @@ class MemoryPlan:
 
     def largest_micro_batch(self, device_gib: float, checkpointing: bool) -> int:
         return largest_micro_batch(self.estimate, device_gib, checkpointing, self.zero, self.ranks)
+
+
+def memory_plan(model: ModelConfig, heads: int, precision: str, zero: int, deepspeed_config: dict,
+                lora: bool) -> MemoryPlan | None:
+    """The run's plan; None where the estimate would mislead: with LoRA (it counts every parameter as
+    training) and ZeRO-Offload (it counts the optimizer states on the GPU)."""
+    offloaded = {"offload_optimizer", "offload_param"} & set(deepspeed_config.get("zero_optimization", {}))
+    if lora or offloaded:
+        return None
+    estimate = memory_estimate(model.arch, model.img_size, model.trunk_width, heads, precision)
+    return MemoryPlan(estimate, model.grad_checkpointing, zero, distributed.world_size())
 
 
 def device_memory_gib(device: torch.device) -> float | None:

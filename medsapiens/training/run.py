@@ -31,7 +31,6 @@ from medsapiens.model import (
     apply_lora,
     count_trainable,
     forward_flops,
-    memory_estimate,
     merge_lora,
     param_groups,
     training_flops,
@@ -47,7 +46,7 @@ from medsapiens.training.engine import (
     resolve_precision,
     resolve_warmup,
 )
-from medsapiens.training.memory import MemoryPlan
+from medsapiens.training.memory import memory_plan
 from medsapiens.training.trainer import RESOLVED_CONFIG, RUN_INFO, RunContext, Trainer, write_run_files
 
 
@@ -269,10 +268,7 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     heads_k = sum(plan.manifest.landmark_set(d).num_landmarks for d in plan.dataset_ids)
     flops = training_flops(forward_flops(plan.model_cfg.arch, plan.model_cfg.img_size, plan.model_cfg.trunk_width,
                                          heads_k), frozen_backbone=lora.enabled)
-    memory = None if lora.enabled else MemoryPlan(
-        memory_estimate(plan.model_cfg.arch, plan.model_cfg.img_size, plan.model_cfg.trunk_width, heads_k,
-                        train_cfg.precision), plan.model_cfg.grad_checkpointing, engine.zero_stage,
-        distributed.world_size())
+    memory = memory_plan(plan.model_cfg, heads_k, train_cfg.precision, engine.zero_stage, engine.config, lora.enabled)
     ctx = RunContext(run_dir, plan.manifest, plan.dataset_ids, plan.model_cfg.input_size, cfg.data, train_cfg,
                      configlib.digest(cfg), flops, track_best=plan.track_best, memory=memory)
     trainer = Trainer(engine, model.objective(train_cfg.loss), ctx)

@@ -11,10 +11,11 @@ from conftest import DEMO_CONFIG, REPO, run
 
 from medsapiens.errors import run_command, user_line
 from medsapiens.launch.cli import main
-from medsapiens.model import memory_estimate
+from medsapiens.model import ModelConfig, memory_estimate
 from medsapiens.model.cost import GPU_MEMORY_GIB
 from medsapiens.training import checkpoints
-from medsapiens.training.memory import MemoryPlan, out_of_memory
+from medsapiens.training.engine import OptimConfig, TrainConfig, deepspeed_config
+from medsapiens.training.memory import MemoryPlan, memory_plan, out_of_memory
 
 REPORT = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 39.49 GiB of which 1.10 GiB "
           "is free. Including non-PyTorch memory, this process has 38.38 GiB memory in use. If reserved but "
@@ -45,6 +46,18 @@ def test_a_step_out_of_gpu_memory_names_what_model_info_fits_on_that_gpu(capsys)
                                  GPU_MEMORY_GIB["40 GB"])
     assert str(checkpointed).endswith(f"fits at most {fits['one GPU, checkpointed'][0]} on this 40.0 GiB GPU: lower "
                                       "data.micro_batch (raise train.grad_accum to keep the global batch)")
+
+
+def test_the_estimate_is_left_out_where_it_would_mislead():
+    model = ModelConfig(arch="sapiens_0.3b", img_size=(1024, 768), grad_checkpointing=True)
+
+    def plan(lora=False, **train):
+        return memory_plan(model, 19, "bf16", 3, deepspeed_config(TrainConfig(**train), OptimConfig(), 16), lora)
+
+    assert plan(deepspeed="zero3") == MemoryPlan(memory_estimate("sapiens_0.3b", (1024, 768), 768, 19, "bf16"),
+                                                 True, zero=3, ranks=1)
+    assert plan(lora=True) is None  # the estimate counts every parameter as training
+    assert plan(deepspeed="zero3", offload=True) is None and plan(deepspeed="zero3_offload") is None  # states on the host
 
 
 def test_any_command_out_of_gpu_memory_is_one_line_naming_the_batch_to_lower(capsys):
