@@ -81,10 +81,12 @@ def user_message(exc: BaseException) -> str | None:
 
 
 def torch_memory_report(exc: BaseException) -> str:
-    """What torch's out-of-memory message says of the allocation and the GPU (its first three sentences;
-    the rest is its general advice)."""
-    sentences = str(exc).strip().split(". ")
-    return ". ".join(sentences[:3]).rstrip(".") or "no detail"
+    """What an out-of-memory message says of the allocation and the GPU: the first three sentences of
+    its line that says "out of memory" (torch's own goes on with general advice; a wrapper's starts
+    with its own words)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    line = next((line for line in lines if "out of memory" in line.lower()), lines[0] if lines else "")
+    return ". ".join(line.split(". ")[:3]).rstrip(".") or "no detail"
 
 
 def run_command(work, *args) -> int:

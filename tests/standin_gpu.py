@@ -8,7 +8,9 @@ operation mixing them with a CPU tensor of one element or more.
 
 Inside the block, `device=GPU` makes stand-in tensors, `.to(GPU)` moves onto them and `.cpu()` back.
 What CUDA accepts across devices is accepted here too: copies, CPU index tensors into a GPU tensor,
-and zero-dimensional CPU tensors (CUDA takes those as scalars)."""
+and a zero-dimensional CPU tensor as an elementwise operation's input (CUDA takes it as a scalar).
+Attention runs PyTorch's math kernel (the meta device has no fused one), and an operation that
+changes a tensor's shape in place is refused as not covered."""
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +22,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 GPU = torch.device("meta")
 aten = torch.ops.aten
-CROSS_DEVICE = {aten._to_copy.default, aten.copy_.default, aten.index.Tensor, aten.index_put.default,
-                aten.index_put_.default}
+COPIES = {aten._to_copy.default, aten.copy_.default}
+INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
 
 
 class DeviceMismatch(RuntimeError):
@@ -91,12 +93,15 @@ class ComputeOnCpu(TorchDispatchMode):
         kwargs = dict(kwargs or {})
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         on_gpu = {id(t.inner): t for t in tensors if isinstance(t, OnGpu)}
-        check_devices(func, tensors, bool(on_gpu))
         named = kwargs.get("device")
         to_gpu = is_gpu(named)
+        check_devices(func, args, kwargs, tensors, bool(on_gpu) or to_gpu)
         if named is not None:
             kwargs["device"] = torch.device("cpu")
         out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+        reshaped = [w for w in on_gpu.values() if (w.shape, w.stride()) != (w.inner.shape, w.inner.stride())]
+        if reshaped:
+            raise NotImplementedError(f"{func} changed a stand-in tensor's shape in place: not covered")
         if not (to_gpu or (on_gpu and named is None)):
             return out
         # an in-place operation returns its input: the stand-in tensor itself, not a second one
@@ -104,14 +109,38 @@ class ComputeOnCpu(TorchDispatchMode):
                         else t, out)
 
 
-def check_devices(func, tensors: list[torch.Tensor], on_gpu: bool) -> None:
+def check_devices(func, args, kwargs, tensors: list[torch.Tensor], on_gpu: bool) -> None:
+    """CUDA's rules: no CPU tensor beside a GPU one, except a zero-dimensional input of an elementwise
+    operation (a scalar); copies between devices; CPU indices into a GPU tensor."""
     data_less = [tuple(t.shape) for t in tensors if not isinstance(t, OnGpu) and t.device == GPU]
     if data_less:
         # built from data by a path DataOntoGpu does not cover: computing on would give garbage
         raise DeviceMismatch(f"{func}: a tensor on the GPU without values (shape {data_less}): the stand-in "
                              "does not cover how it was made")
-    if on_gpu and func not in CROSS_DEVICE:
-        strays = [tuple(t.shape) for t in tensors if not isinstance(t, OnGpu) and t.dim() > 0]
-        if strays:
-            raise DeviceMismatch(f"{func}: expected all tensors to be on the same device, but found at least two "
-                                 f"devices, the GPU and cpu (CPU tensors of shape {strays})")
+    generator = kwargs.get("generator")
+    if on_gpu and generator is not None and generator.device.type == "cpu":
+        raise DeviceMismatch(f"{func}: a CPU generator for a GPU tensor")
+    if not on_gpu or func in COPIES:
+        return
+    if func in INDEXING:
+        indexed, indices, *rest = args
+        if not isinstance(indexed, OnGpu):
+            raise DeviceMismatch(f"{func}: indices on the GPU into a CPU tensor")
+        tensors = [indexed, *(t for t in rest if isinstance(t, torch.Tensor))]
+    written = {id(t) for t in written_tensors(func, args, kwargs)}
+    scalars_allowed = torch.Tag.pointwise in func.tags or func in INDEXING
+    strays = [tuple(t.shape) for t in tensors if not isinstance(t, OnGpu)
+              and (t.dim() > 0 or not scalars_allowed or id(t) in written)]
+    if strays:
+        raise DeviceMismatch(f"{func}: expected all tensors to be on the same device, but found at least two "
+                             f"devices, the GPU and cpu (CPU tensors of shape {strays})")
+
+
+def written_tensors(func, args, kwargs) -> list[torch.Tensor]:
+    """The tensors an operation writes: its in-place argument or its `out=`."""
+    written = []
+    for position, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            value = args[position] if position < len(args) else kwargs.get(argument.name)
+            written += [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+    return written

@@ -30,7 +30,9 @@ def memory_plan(model: ModelConfig, heads: int, precision: str, zero: int, deeps
                 lora: bool) -> MemoryPlan | None:
     """The run's plan; None where the estimate would mislead: with LoRA (it counts every parameter as
     training) and ZeRO-Offload (it counts the optimizer states on the GPU)."""
-    offloaded = {"offload_optimizer", "offload_param"} & set(deepspeed_config.get("zero_optimization", {}))
+    zero_config = deepspeed_config.get("zero_optimization", {})
+    offloaded = any(zero_config.get(key, {}).get("device", "none") != "none"
+                    for key in ("offload_optimizer", "offload_param"))
     if lora or offloaded:
         return None
     estimate = memory_estimate(model.arch, model.img_size, model.trunk_width, heads, precision)
@@ -41,15 +43,30 @@ def device_memory_gib(device: torch.device) -> float | None:
     return torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's out-of-memory error, or one CUDA, cuBLAS, NCCL or a compiler wrapping reports as text."""
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in text.lower() or "CUBLAS_STATUS_ALLOC_FAILED" in text))
+
+
 def out_of_memory(step: int, micro_batch: int, exc: BaseException, plan: MemoryPlan | None,
                   device_gib: float | None) -> UserError:
     """The error to end a run on when training step `step` ran out of GPU memory."""
     text = f"out of GPU memory at step {step} with data.micro_batch {micro_batch} ({torch_memory_report(exc)})"
     checkpointing = plan is not None and plan.checkpointing
     if plan is not None and device_gib is not None:
-        text += (f"; the estimate of `medsapiens model info` fits at most "
-                 f"{plan.largest_micro_batch(device_gib, checkpointing)} on this {device_gib:.1f} GiB GPU")
+        fits = plan.largest_micro_batch(device_gib, checkpointing)
+        estimate = f"by the estimate of `medsapiens model info` on this {device_gib:.1f} GiB GPU"
+        if fits == 0:
+            return UserError(f"{text}; {estimate}, the weights, gradients and optimizer states alone do not fit "
+                             f"(ZeRO-{plan.zero} over {plan.ranks} GPU(s)): shard them over more GPUs with "
+                             "train.deepspeed=zero3, or keep the optimizer states in host memory with train.offload=true")
+        text += f"; {estimate}, at most {fits} fit"
         if not checkpointing:
             text += f", {plan.largest_micro_batch(device_gib, True)} with model.grad_checkpointing=true"
+        if fits >= micro_batch:
+            text += (" (so more memory was in use than estimated: another process on this GPU, or fragmentation, "
+                     "which PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True reduces)")
     advice = "lower data.micro_batch (raise train.grad_accum to keep the global batch)"
     return UserError(f"{text}: {advice}{'' if checkpointing else ' or set model.grad_checkpointing=true'}")

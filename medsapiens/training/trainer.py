@@ -30,7 +30,7 @@ from medsapiens.io.manifest import Manifest
 from medsapiens.io.progress import progress_bar
 from medsapiens.training import checkpoints
 from medsapiens.training.engine import Engine, TrainConfig
-from medsapiens.training.memory import MemoryPlan, device_memory_gib, out_of_memory
+from medsapiens.training.memory import MemoryPlan, device_memory_gib, is_out_of_memory, out_of_memory
 from medsapiens.training.telemetry import StepTimer, Telemetry
 
 RUN_INFO = "run.json"
@@ -162,7 +162,9 @@ class Trainer:
                 seed_step(train.seed, step, distributed.rank())
                 try:
                     stats, grad_norm = self.engine.train_step(micro_batches, self.objective)
-                except torch.OutOfMemoryError as exc:
+                except RuntimeError as exc:
+                    if not is_out_of_memory(exc):
+                        raise
                     raise out_of_memory(step + 1, ctx.data.micro_batch, exc, ctx.memory,
                                         device_memory_gib(self.engine.device)) from None
                 self._check_finite(step + 1, stats, grad_norm)

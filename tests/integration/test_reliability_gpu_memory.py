@@ -9,13 +9,13 @@ import pytest
 import torch
 from conftest import DEMO_CONFIG, REPO, run
 
-from medsapiens.errors import run_command, user_line
+from medsapiens.errors import run_command, torch_memory_report, user_line
 from medsapiens.launch.cli import main
 from medsapiens.model import ModelConfig, memory_estimate
 from medsapiens.model.cost import GPU_MEMORY_GIB
 from medsapiens.training import checkpoints
 from medsapiens.training.engine import OptimConfig, TrainConfig, deepspeed_config
-from medsapiens.training.memory import MemoryPlan, memory_plan, out_of_memory
+from medsapiens.training.memory import MemoryPlan, is_out_of_memory, memory_plan, out_of_memory
 
 REPORT = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 39.49 GiB of which 1.10 GiB "
           "is free. Including non-PyTorch memory, this process has 38.38 GiB memory in use. If reserved but "
@@ -35,20 +35,39 @@ def test_a_step_out_of_gpu_memory_names_what_model_info_fits_on_that_gpu(capsys)
     fits = largest_micro_batches(capsys)
     assert fits["one GPU"][0] < 16 <= fits["one GPU"][1]  # the recipe's micro-batch: an 80 GB card, not a 40 GB one
     estimate = memory_estimate("sapiens_0.3b", (1024, 768), 768, 19, "bf16")
-    error = out_of_memory(7, 16, torch.OutOfMemoryError(REPORT), MemoryPlan(estimate, False, zero=2, ranks=1),
-                          GPU_MEMORY_GIB["40 GB"])
+    eager, checkpointed = MemoryPlan(estimate, False, zero=2, ranks=1), MemoryPlan(estimate, True, zero=2, ranks=1)
+    advice = "lower data.micro_batch (raise train.grad_accum to keep the global batch)"
+    on_40_gb = "by the estimate of `medsapiens model info` on this 40.0 GiB GPU"
+    error = out_of_memory(7, 16, torch.OutOfMemoryError(REPORT), eager, GPU_MEMORY_GIB["40 GB"])
     assert user_line(error) == (
-        f"error: out of GPU memory at step 7 with data.micro_batch 16 ({TORCH_SAYS}); the estimate of `medsapiens "
-        f"model info` fits at most {fits['one GPU'][0]} on this 40.0 GiB GPU, {fits['one GPU, checkpointed'][0]} with "
-        "model.grad_checkpointing=true: lower data.micro_batch (raise train.grad_accum to keep the global batch) or "
+        f"error: out of GPU memory at step 7 with data.micro_batch 16 ({TORCH_SAYS}); {on_40_gb}, at most "
+        f"{fits['one GPU'][0]} fit, {fits['one GPU, checkpointed'][0]} with model.grad_checkpointing=true: {advice} or "
         "set model.grad_checkpointing=true")
-    checkpointed = out_of_memory(7, 16, torch.OutOfMemoryError(REPORT), MemoryPlan(estimate, True, zero=2, ranks=1),
-                                 GPU_MEMORY_GIB["40 GB"])
-    assert str(checkpointed).endswith(f"fits at most {fits['one GPU, checkpointed'][0]} on this 40.0 GiB GPU: lower "
-                                      "data.micro_batch (raise train.grad_accum to keep the global batch)")
+    assert str(out_of_memory(7, 64, torch.OutOfMemoryError(REPORT), checkpointed, GPU_MEMORY_GIB["40 GB"])).endswith(
+        f"{on_40_gb}, at most {fits['one GPU, checkpointed'][0]} fit: {advice}")
+    fitting = fits["one GPU"][0]  # the estimate says it fits: something else holds memory
+    assert f"at most {fitting} fit, {fits['one GPU, checkpointed'][0]} with model.grad_checkpointing=true (so more " \
+           "memory was in use than estimated: another process on this GPU, or fragmentation" in \
+           str(out_of_memory(7, fitting, torch.OutOfMemoryError(REPORT), eager, GPU_MEMORY_GIB["40 GB"]))
+    too_big = MemoryPlan(memory_estimate("sapiens_2b", (1024, 768), 768, 19, "bf16"), True, zero=2, ranks=1)
+    assert str(out_of_memory(1, 1, torch.OutOfMemoryError(REPORT), too_big, GPU_MEMORY_GIB["40 GB"])).endswith(
+        f"{on_40_gb}, the weights, gradients and optimizer states alone do not fit (ZeRO-2 over 1 GPU(s)): shard them "
+        "over more GPUs with train.deepspeed=zero3, or keep the optimizer states in host memory with train.offload=true")
 
 
-def test_the_estimate_is_left_out_where_it_would_mislead():
+def test_out_of_memory_reported_as_text_is_recognised_and_its_report_found():
+    compiled = RuntimeError(f"backend='inductor' raised:\nOutOfMemoryError: {REPORT}\n\nSet TORCHDYNAMO_VERBOSE=1")
+    nccl = RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error, NCCL version 2.21.5\n"
+                        "Last error:\nCuda failure 'out of memory'")
+    cublas = RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+    assert all(map(is_out_of_memory, (torch.OutOfMemoryError(""), compiled, nccl, cublas)))
+    assert not any(map(is_out_of_memory, (RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate "
+                                                       "8 GB"), ValueError("out of memory"))))
+    assert torch_memory_report(compiled) == f"OutOfMemoryError: {TORCH_SAYS}"
+    assert torch_memory_report(nccl) == "Cuda failure 'out of memory'"
+
+
+def test_the_estimate_is_left_out_where_it_would_mislead(tmp_path):
     model = ModelConfig(arch="sapiens_0.3b", img_size=(1024, 768), grad_checkpointing=True)
 
     def plan(lora=False, **train):
@@ -58,6 +77,8 @@ def test_the_estimate_is_left_out_where_it_would_mislead():
                                                  True, zero=3, ranks=1)
     assert plan(lora=True) is None  # the estimate counts every parameter as training
     assert plan(deepspeed="zero3", offload=True) is None and plan(deepspeed="zero3_offload") is None  # states on the host
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}}')
+    assert plan(deepspeed=str(tmp_path / "ds.json")) is not None  # DeepSpeed's spelling of no offload
 
 
 def test_any_command_out_of_gpu_memory_is_one_line_naming_the_batch_to_lower(capsys):
