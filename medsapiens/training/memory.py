@@ -31,7 +31,7 @@ def memory_plan(model: ModelConfig, heads: int, precision: str, zero: int, deeps
     """The run's plan; None where the estimate would mislead: with LoRA (it counts every parameter as
     training) and ZeRO-Offload (it counts the optimizer states on the GPU)."""
     zero_config = deepspeed_config.get("zero_optimization", {})
-    offloaded = any(zero_config.get(key, {}).get("device", "none") != "none"
+    offloaded = any((zero_config.get(key) or {}).get("device", "none") != "none"
                     for key in ("offload_optimizer", "offload_param"))
     if lora or offloaded:
         return None
