@@ -1,6 +1,6 @@
 """A stand-in GPU for CPU tests: tensors that report the meta device (a device that is not the CPU,
 whose use needs no driver) but hold and compute real CPU data, and that refuse, as CUDA does, an
-operation mixing them with a CPU tensor of one element or more.
+operation mixing them with CPU tensors.
 
     with stand_in_gpu():
         model.to(GPU)            # parameters and buffers move onto the stand-in
