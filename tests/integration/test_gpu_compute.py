@@ -1,7 +1,8 @@
 """The compute paths as they run on a GPU, checked on CPU: a stand-in device (tests/standin_gpu.py)
 holds the model and the batches, computes on the CPU and refuses, as CUDA does, an operation that
 mixes devices. Training's objective and backward (both backbones, bf16, LoRA), evaluation with flip
-test, calibration and prediction run there and give the CPU's numbers."""
+test, calibration and prediction run there and give the CPU's numbers bit for bit (the CPU's run with the
+math attention the stand-in runs)."""
 from __future__ import annotations
 
 import json
