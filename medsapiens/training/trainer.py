@@ -70,7 +70,7 @@ class RunContext:
     config_digest: str
     train_flops_per_sample: float | None = None  # forward and backward, for MFU
     track_best: bool = False
-    memory: MemoryPlan | None = None  # what fits the GPU, for the out-of-memory error (None with LoRA)
+    memory: MemoryPlan | None = None  # what fits the GPU, for the out-of-memory error (None: no fair estimate)
 
 
 class StopSignals:
