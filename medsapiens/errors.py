@@ -74,10 +74,18 @@ def user_message(exc: BaseException) -> str | None:
     if type(exc).__name__ in CREDENTIAL_ERRORS:
         return (f"{exc}: s3:// needs AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
                 "or ~/.aws/credentials)")
-    if type(exc).__name__ == OUT_OF_MEMORY_ERROR:
+    if is_out_of_memory(exc):
         return (f"out of GPU memory ({torch_memory_report(exc)}): lower the batch (data.micro_batch for training, "
                 "with train.grad_accum to keep the global batch; --batch-size for evaluate, predict and calibrate)")
     return str(exc) if isinstance(exc, (UserError, *FILE_ERRORS)) else None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's out-of-memory error, or the same failure as CUDA, cuBLAS, NCCL or a compiler wrapping
+    it reports it: as text."""
+    text = str(exc)
+    return type(exc).__name__ == OUT_OF_MEMORY_ERROR or (
+        isinstance(exc, RuntimeError) and ("out of memory" in text.lower() or "CUBLAS_STATUS_ALLOC_FAILED" in text))
 
 
 def torch_memory_report(exc: BaseException) -> str:

@@ -43,13 +43,6 @@ def device_memory_gib(device: torch.device) -> float | None:
     return torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """torch's out-of-memory error, or one CUDA, cuBLAS, NCCL or a compiler wrapping reports as text."""
-    text = str(exc)
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and ("out of memory" in text.lower() or "CUBLAS_STATUS_ALLOC_FAILED" in text))
-
-
 def out_of_memory(step: int, micro_batch: int, exc: BaseException, plan: MemoryPlan | None,
                   device_gib: float | None) -> UserError:
     """The error to end a run on when training step `step` ran out of GPU memory."""

@@ -22,7 +22,7 @@ import torch
 from medsapiens import config as configlib
 from medsapiens import distributed
 from medsapiens.data.pipeline import DataConfig, TrainStream, train_batches, validation_split
-from medsapiens.errors import DivergedError, Stopped
+from medsapiens.errors import DivergedError, Stopped, is_out_of_memory
 from medsapiens.evaluation.inference import PredictSettings, predict_split
 from medsapiens.evaluation.metrics import Protocol, summarize
 from medsapiens.evaluation.visualize import draw_landmarks
@@ -30,7 +30,7 @@ from medsapiens.io.manifest import Manifest
 from medsapiens.io.progress import progress_bar
 from medsapiens.training import checkpoints
 from medsapiens.training.engine import Engine, TrainConfig
-from medsapiens.training.memory import MemoryPlan, device_memory_gib, is_out_of_memory, out_of_memory
+from medsapiens.training.memory import MemoryPlan, device_memory_gib, out_of_memory
 from medsapiens.training.telemetry import StepTimer, Telemetry
 
 RUN_INFO = "run.json"

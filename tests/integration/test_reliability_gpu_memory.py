@@ -9,13 +9,13 @@ import pytest
 import torch
 from conftest import DEMO_CONFIG, REPO, run
 
-from medsapiens.errors import run_command, torch_memory_report, user_line
+from medsapiens.errors import is_out_of_memory, run_command, torch_memory_report, user_line
 from medsapiens.launch.cli import main
 from medsapiens.model import ModelConfig, memory_estimate
 from medsapiens.model.cost import GPU_MEMORY_GIB
 from medsapiens.training import checkpoints
 from medsapiens.training.engine import OptimConfig, TrainConfig, deepspeed_config
-from medsapiens.training.memory import MemoryPlan, is_out_of_memory, memory_plan, out_of_memory
+from medsapiens.training.memory import MemoryPlan, memory_plan, out_of_memory
 
 REPORT = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 39.49 GiB of which 1.10 GiB "
           "is free. Including non-PyTorch memory, this process has 38.38 GiB memory in use. If reserved but "
@@ -85,12 +85,15 @@ def test_any_command_out_of_gpu_memory_is_one_line_naming_the_batch_to_lower(cap
     def predicting(oom):
         raise oom
 
-    for oom in (torch.OutOfMemoryError(REPORT), torch.cuda.OutOfMemoryError("")):
+    cublas = "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
+    for oom in (torch.OutOfMemoryError(REPORT), torch.cuda.OutOfMemoryError(""), RuntimeError(cublas)):
         assert run_command(predicting, oom) == 2
     lines = capsys.readouterr().err.splitlines()
     advice = ("lower the batch (data.micro_batch for training, with train.grad_accum to keep the global batch; "
               "--batch-size for evaluate, predict and calibrate)")
-    assert lines == [f"error: out of GPU memory ({TORCH_SAYS}): {advice}", f"error: out of GPU memory (no detail): {advice}"]
+    assert lines == [f"error: out of GPU memory ({report}): {advice}" for report in (TORCH_SAYS, "no detail", cublas)]
+    with pytest.raises(RuntimeError, match="a bug"):  # any other RuntimeError keeps its traceback
+        run_command(predicting, RuntimeError("a bug"))
 
 
 @pytest.mark.timeout(180)
