@@ -36,6 +36,16 @@ def pytest_collection_modifyitems(items) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+def largest_micro_batches(capsys, arch: str) -> dict[str, list[int]]:
+    """`medsapiens model info`'s largest micro-batch rows for `arch` at 1024x768 with 19 head channels:
+    {row: [40 GB, 80 GB, 141 GB]}."""
+    from medsapiens.launch.cli import main
+
+    assert main(["model", "info", "--arch", arch, "--img-size", "1024", "768", "--heads", "19"]) == 0
+    return {line.rsplit(maxsplit=3)[0].strip(): [int(n) for n in line.split()[-3:]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith(("  one GPU", "  8 GPUs"))}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,7 +8,9 @@ out-of-memory error, as on a GPU too small for the micro-batch.
 Exactly at that point, on every run: no polling, no race."""
 import os
 
-if os.environ.get("MEDSAPIENS_FAULT_FILE") and os.environ.get("LOCAL_RANK", "0") == os.environ.get("MEDSAPIENS_FAULT_RANK"):
+FAULTY_RANK = os.environ.get("LOCAL_RANK", "0") == os.environ.get("MEDSAPIENS_FAULT_RANK")
+
+if os.environ.get("MEDSAPIENS_FAULT_FILE") and FAULTY_RANK:
     import signal
 
     import torch
@@ -28,7 +30,7 @@ if os.environ.get("MEDSAPIENS_FAULT_FILE") and os.environ.get("LOCAL_RANK", "0")
 
     torch.save = _faulty_save
 
-if os.environ.get("MEDSAPIENS_FAULT_OOM_AT_BACKWARD") and os.environ.get("LOCAL_RANK", "0") == os.environ.get("MEDSAPIENS_FAULT_RANK"):
+if os.environ.get("MEDSAPIENS_FAULT_OOM_AT_BACKWARD") and FAULTY_RANK:
     import torch
 
     _backward, _backwards = torch.autograd.backward, [0]

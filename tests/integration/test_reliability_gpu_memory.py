@@ -7,10 +7,9 @@ import sys
 
 import pytest
 import torch
-from conftest import DEMO_CONFIG, REPO, run
+from conftest import DEMO_CONFIG, REPO, largest_micro_batches, run
 
 from medsapiens.errors import is_out_of_memory, run_command, torch_memory_report, user_line
-from medsapiens.launch.cli import main
 from medsapiens.model import ModelConfig, memory_estimate
 from medsapiens.model.cost import GPU_MEMORY_GIB
 from medsapiens.training import checkpoints
@@ -23,16 +22,8 @@ REPORT = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total cap
 TORCH_SAYS = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 39.49 GiB of which 1.10 GiB is free"
 
 
-def largest_micro_batches(capsys) -> dict[str, list[int]]:
-    """`medsapiens model info`'s rows for sapiens_0.3b at 1024x768: {row: [40 GB, 80 GB, 141 GB]}."""
-    assert main(["model", "info", "--arch", "sapiens_0.3b", "--img-size", "1024", "768", "--heads", "19"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    return {line.rsplit(maxsplit=3)[0].strip(): [int(n) for n in line.split()[-3:]]
-            for line in lines if line.startswith("  one GPU")}
-
-
 def test_a_step_out_of_gpu_memory_names_what_model_info_fits_on_that_gpu(capsys):
-    fits = largest_micro_batches(capsys)
+    fits = largest_micro_batches(capsys, "sapiens_0.3b")
     assert fits["one GPU"][0] < 16 <= fits["one GPU"][1]  # 16 (the GPU acceptance run's) fits 80 GB, not 40
     estimate = memory_estimate("sapiens_0.3b", (1024, 768), 768, 19, "bf16")
     eager, checkpointed = MemoryPlan(estimate, False, zero=2, ranks=1), MemoryPlan(estimate, True, zero=2, ranks=1)

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import torch
+from conftest import largest_micro_batches
 from sapiens_checkpoints import released_state
 
 from medsapiens.launch.cli import main
@@ -23,11 +24,8 @@ def test_info_prints_the_computed_numbers(capsys):
 
 
 def test_info_prints_the_largest_micro_batch_per_gpu(capsys):
-    assert main(["model", "info", "--arch", "sapiens_2b", "--img-size", "1024", "768", "--heads", "19"]) == 0
-    out = capsys.readouterr().out
+    rows = largest_micro_batches(capsys, "sapiens_2b")
     memory = memory_estimate("sapiens_2b", (1024, 768), 768, 19, precision="bf16")
-    rows = {line.rsplit(maxsplit=3)[0].strip(): [int(n) for n in line.split()[-3:]]
-            for line in out.splitlines() if line.startswith("  one GPU") or line.startswith("  8 GPUs")}
     assert rows["one GPU, checkpointed"] == [largest_micro_batch(memory, gib, checkpointing=True)
                                              for gib in GPU_MEMORY_GIB.values()]
     assert rows["one GPU, checkpointed"][0] == 0 < rows["8 GPUs, ZeRO-3, checkpointed"][0]  # 2b on 40 GB: ZeRO-3
