@@ -90,6 +90,8 @@ def evaluate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset:
         report.update(evaluated_on=split, flip_test=bool(flip), selected_on=selection_of(bundle))
         if unscaled := preds.unscalable(protocol):
             report["excluded_images"] = unscaled
+        if rejected := manifest.datasets[dataset].source.get("rejected_by_split", {}).get(split):
+            report["rejected_at_build"] = rejected
         calibration = registry.record_for(bundle.calibration, dataset, bool(flip))
         if calibration:
             report["coverage"] = conformal.coverage_report(errors, mask, calibration, landmark_set.names)
@@ -207,6 +209,8 @@ def evaluate_bundle(bundle_dir, shards: str, dataset: str | None, split: str, ou
 
 def summary_line(report: dict) -> str:
     sdr = ", ".join(f"SDR@{r}: {v:.2f}%" for r, v in report["sdr"].items())
+    rejected = report.get("rejected_at_build")
+    kept = f"{report['images']} images" + (f"; {rejected} more rejected at the shards' build" if rejected else "")
     return (f"{report['dataset']}: MRE {report['mre']:.3f} +- {report['mre_std_images']:.3f} {report['unit']} "
-            f"(+- over images; {report['images']} images), {sdr}")
+            f"(+- over images; {kept}), {sdr}")
 

@@ -3,6 +3,7 @@ predictions made by any tool from JSON files."""
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -78,6 +79,8 @@ def markdown(report: dict) -> str:
         f"in the ground truth, left out). Protocol: {report['protocol']}. "
         f"SDR counts {report['sdr_convention']}.",
         *(f"Left out: {image_id}: {reason}." for image_id, reason in report.get("excluded_images", {}).items()),
+        *([f"Not in these numbers: {report['rejected_at_build']} image(s) of this split rejected when the shards were "
+           "built (each with its reason in the shards' rejected.jsonl)."] if report.get("rejected_at_build") else []),
         *selection_lines(report),
         "",
         f"| MRE ({unit}) | std over landmarks | std of image means | " + " | ".join(f"SDR {r} {unit}" for r in radii) + " |",
@@ -173,6 +176,8 @@ def read_table(path: str | Path, what: str, coco_ids: dict | None = None) -> Tab
                 raise TypeError(f'"{key}" must map each image id to its [x, y] pair')
         return Table(data.get("dataset"), {str(i): points(v, f"image {i}") for i, v in data["landmarks"].items()},
                      data.get("spacing_mm", {}), data.get("image_size", {}), data.get("names"), data.get("landmark_set"))
+    except InputError as exc:
+        raise InputError(f"{what} file {path}: {exc}") from None
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise InputError(f"{what} file {path}: not a landmark file of a known format ({type(exc).__name__}: {exc}); "
                          "see `medsapiens evaluate --help`") from None
@@ -199,6 +204,8 @@ def coco_ground_truth(data: dict) -> Table:
     table = Table(None, {}, coco_ids=ids, names=(data.get("categories") or [{}])[0].get("keypoints"))
     for ann in data["annotations"]:
         image_id, entry = ids[ann["image_id"]], images[ann["image_id"]]
+        if image_id in table.landmarks:
+            raise InputError(f"image {ann['image_id']!r} has more than one annotation; the ground truth is one per image")
         table.landmarks[image_id] = coco_points(ann["keypoints"])
         if entry.get("spacing") is not None:
             table.spacing_mm[image_id] = entry["spacing"]  # checked where it converts errors to mm
@@ -208,7 +215,26 @@ def coco_ground_truth(data: dict) -> Table:
 
 
 def coco_results(results: list, coco_ids: dict) -> Table:
-    return Table(None, {coco_ids.get(r["image_id"], str(r["image_id"])): coco_points(r["keypoints"]) for r in results})
+    table = Table(None, {})
+    for result in results:
+        image_id = coco_ids.get(result["image_id"], str(result["image_id"]))
+        if image_id in table.landmarks:
+            raise InputError(f"image {result['image_id']!r} has more than one result; keep one per image (the "
+                             "highest-scoring detection)")
+        table.landmarks[image_id] = coco_points(result["keypoints"])
+    return table
+
+
+def check_landmark_order(name_lists: dict[str, object]) -> None:
+    """Two lists of the same landmark names in different orders would score each landmark against
+    another: refused. Lists of other names (MedSapiens' K0, K1, ...) cannot be checked."""
+    lists = {who: list(names) for who, names in name_lists.items()
+             if isinstance(names, list | tuple) and all(isinstance(n, str) for n in names)}
+    for (a, x), (b, y) in itertools.combinations(lists.items(), 2):
+        if x != y and sorted(x) == sorted(y):
+            k = next(i for i, (p, q) in enumerate(zip(x, y, strict=True)) if p != q)
+            raise InputError(f"the {a} and the {b} list the same landmarks in different orders (landmark {k} is "
+                             f"{x[k]!r} in the {a}, {y[k]!r} in the {b}): put them in one order")
 
 
 def landmark_set_for(dataset: str | None, gt: Table, k: int, ids: list[str]) -> LandmarkSet:
@@ -235,6 +261,8 @@ def score_files(predictions: str | Path, ground_truth: str | Path, wrist_landmar
     if dataset and named and dataset != named:
         raise InputError(f"--dataset {dataset}: the files are for dataset {named!r}")
     dataset = named or dataset
+    check_landmark_order({"predictions": pred.names, "ground truth": gt.names,
+                          f"registry's {dataset!r} set": registry.BUILTIN[dataset].names if dataset in registry.BUILTIN else None})
     missing = sorted(set(gt.landmarks) - set(pred.landmarks))
     extra = sorted(set(pred.landmarks) - set(gt.landmarks))
     if missing or extra:

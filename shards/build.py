@@ -205,6 +205,7 @@ def run_tasks(tasks: list[ShardTask], workers: int, bar) -> list[dict]:
 def assemble_manifest(sources, scan: Scan, stats: list[dict], settings: dict, digest: str) -> tuple[Manifest, list]:
     stats = sorted(stats, key=lambda s: s["shard"])
     datasets = {}
+    rejected = scan.rejected + [entry for s in stats for entry in s["rejected"]]
     for source in sources:
         dataset = source.spec.dataset
         splits = Counter()
@@ -214,6 +215,9 @@ def assemble_manifest(sources, scan: Scan, stats: list[dict], settings: dict, di
         dropped = {e["id"] for s in stats if s["dataset"] == dataset for e in s["rejected"]}
         info = {**source.describe(), "spacing_from": spacing_sources(scan.samples[dataset]),
                 "validation": as_written(scan.validation[dataset], dropped)}
+        rejected_by_split = Counter(e["split"] for e in rejected if e["dataset"] == dataset and "split" in e)
+        if rejected_by_split:  # what a split's evaluation lacks, so that its report can say so
+            info["rejected_by_split"] = dict(sorted(rejected_by_split.items()))
         if scan.unlabelled.get(dataset):
             info["unlabelled_images"] = scan.unlabelled[dataset]
         if dataset in scan.test:
@@ -221,7 +225,6 @@ def assemble_manifest(sources, scan: Scan, stats: list[dict], settings: dict, di
         datasets[dataset] = DatasetInfo(source.landmark_set, dict(splits), info)
     shards = [ShardInfo(s["shard"], s["dataset"], s["split"], s["samples"], s["bytes"], s["sha256"])
               for s in stats if s["samples"]]
-    rejected = scan.rejected + [entry for s in stats for entry in s["rejected"]]
     build_info = {**settings, "options_digest": digest, "medsapiens_version": __version__}
     manifest = Manifest(datasets, shards, scan.inputs, len(rejected), build_info)
     manifest.validate()

@@ -122,17 +122,36 @@ def data_landmark_set(source: Source, samples: list[RawSample]) -> LandmarkSet:
     """A set the data defines (COCO categories): px unless every sample has a spacing."""
     names, pairs = readers.load(source.reader_name).landmark_names(source.root, source.options)
     if source.landmark_set is not None:
-        if len(names) != source.landmark_set.num_landmarks:
-            raise PlanError(f"--source {source.spec.dataset}: the data names {len(names)} keypoints, the registry's "
-                            f"{source.spec.dataset!r} has {source.landmark_set.num_landmarks}")
+        check_registry_order(source.spec.dataset, source.landmark_set, names, pairs)
         return source.landmark_set
     unit = "mm" if samples and all(s.spacing_mm for s in samples) else "px"
     return registry.custom(source.spec.dataset, names, pairs, unit=unit)
 
 
-def rejection_entry(dataset: str, source: str, source_id: str, reason: str, detail: str) -> dict:
-    """One line of rejected.jsonl."""
-    return {"source": source, "dataset": dataset, "id": source_id, "reason": reason, "detail": detail}
+def check_registry_order(dataset: str, landmark_set: LandmarkSet, names: tuple, pairs: tuple | None) -> None:
+    """Data read as a registry set gives its keypoints in the registry's order (MedSapiens' COCO files
+    name them K0, K1, ...); names that are the registry's in another order, or flip pairs other than
+    the registry's, would score and flip the wrong landmarks, so they are refused."""
+    where = f"--source {dataset}: the data"
+    if len(names) != landmark_set.num_landmarks:
+        raise PlanError(f"{where} names {len(names)} keypoints, the registry's {dataset!r} has "
+                        f"{landmark_set.num_landmarks}")
+    if sorted(names) == sorted(landmark_set.names) and tuple(names) != landmark_set.names:
+        k = next(i for i, (a, b) in enumerate(zip(names, landmark_set.names, strict=True)) if a != b)
+        raise PlanError(f"{where} lists the registry's {dataset!r} keypoints in another order (keypoint {k} is "
+                        f"{names[k]!r}, the registry's {landmark_set.names[k]!r}): reorder the file, or build it "
+                        "under another dataset id to keep its own order")
+    if pairs is not None and {frozenset(p) for p in pairs} != {frozenset(p) for p in landmark_set.flip_pairs or ()}:
+        raise PlanError(f"{where} gives flip_pairs other than the registry's {dataset!r} pairs: the registry's "
+                        "order and pairs are what is read, so drop flip_pairs from the file, or build it under "
+                        "another dataset id")
+
+
+def rejection_entry(dataset: str, source: str, source_id: str, reason: str, detail: str,
+                    split: str | None = None) -> dict:
+    """One line of rejected.jsonl; the split where the input's is known (past its reader)."""
+    return {"source": source, "dataset": dataset, "id": source_id, "reason": reason, "detail": detail,
+            **({"split": split} if split else {})}
 
 
 @dataclass
@@ -158,8 +177,8 @@ def checked_inputs(dataset: str, items: list, rejected: list[dict]) -> list[RawS
     seen_ids: dict[str, RawSample] = {}
     seen_keys: dict[str, RawSample] = {}
 
-    def reject(where: str, source_id: str, reason: str, detail: str) -> None:
-        rejected.append(rejection_entry(dataset, where, source_id, reason, detail))
+    def reject(where: str, source_id: str, reason: str, detail: str, split: str | None = None) -> None:
+        rejected.append(rejection_entry(dataset, where, source_id, reason, detail, split))
 
     for item in items:
         if isinstance(item, Rejected):
@@ -173,11 +192,11 @@ def checked_inputs(dataset: str, items: list, rejected: list[dict]) -> list[RawS
         if first is not None:
             reject(item.image, item.source_id, "duplicate_id",
                    f"id {item.source_id!r} ({item.split}) collides with id {first.source_id!r} ({first.split}) "
-                   f"from {first.image}; the first is kept")
+                   f"from {first.image}; the first is kept", item.split)
             continue
         seen_ids[item.source_id], seen_keys[key] = item, item
         if not Path(item.image).is_file():
-            reject(item.image, item.source_id, "missing_image", f"no image file {item.image}")
+            reject(item.image, item.source_id, "missing_image", f"no image file {item.image}", item.split)
             continue
         kept.append(item)
     return kept

@@ -115,7 +115,8 @@ def write_tar(path: Path, task: ShardTask) -> tuple[list[str], list[dict]]:
                 pixels, record = stored_sample(raw, task.landmark_set, task.max_side, task.outside)
                 add_sample(tar, key, pixels, record)
             except Rejection as exc:
-                rejected.append(rejection_entry(task.dataset, raw.image, raw.source_id, exc.reason, exc.detail))
+                rejected.append(rejection_entry(task.dataset, raw.image, raw.source_id, exc.reason, exc.detail,
+                                                raw.split))
             except Exception as exc:  # a bug or an I/O failure, not bad data: stop, naming the sample
                 raise RuntimeError(f"sample {raw.source_id!r} ({raw.image}): {exc!r}") from exc
             else:

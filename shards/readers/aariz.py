@@ -5,7 +5,8 @@
         Senior Orthodontists/<id>.json, Junior Orthodontists/<id>.json
             {"landmarks": [{"title": ..., "value": {"x": ..., "y": ...}}, ...]}
 
-Ground truth is the mean of the two annotators. Split folder `valid` becomes `val`. Spacing is
+Ground truth is the mean of the two annotators, landmark by landmark: paired by `title` where both
+files title every landmark, else by position. Split folder `valid` becomes `val`. Spacing is
 per device, from the `cephalogram_machine_mappings.csv` the dataset ships (cephalogram_id,
 machine, pixel_size), or from option `spacing_csv`: a CSV with an id column (cephalogram_id,
 image_id, ceph_id, id or file) and a mm-per-pixel column (pixel_size, spacing or pixel_spacing);
@@ -99,9 +100,27 @@ def table_spacing(image_id: str, table: dict[str, str] | None, path: Path | None
     return mm, mm
 
 
-def read_points(path: Path) -> list[tuple[float, float]]:
-    data = read_json(path)
-    return [(float(m["value"]["x"]), float(m["value"]["y"])) for m in data["landmarks"]]
+def read_points(path: Path) -> tuple[list[str] | None, list[tuple[float, float]]]:
+    """(titles, points) in file order; titles None unless every landmark has a title of its own."""
+    marks = read_json(path)["landmarks"]
+    points = [(float(m["value"]["x"]), float(m["value"]["y"])) for m in marks]
+    titles = [m["title"] if "title" in m else None for m in marks]
+    titled = all(isinstance(t, str) and t for t in titles) and len(set(titles)) == len(titles)
+    return (titles if titled else None), points
+
+
+def mean_of_annotators(senior: tuple, junior: tuple) -> tuple:
+    """The mean of the two annotators' (titles, points), landmark by landmark: paired by title where
+    both files title every landmark (in the senior's order), else by position."""
+    (senior_titles, senior_points), (junior_titles, junior_points) = senior, junior
+    if senior_titles and junior_titles:
+        if set(senior_titles) != set(junior_titles):
+            raise ValueError(f"the annotators title different landmarks: {sorted(set(senior_titles) ^ set(junior_titles))[:6]}")
+        by_title = dict(zip(junior_titles, junior_points, strict=True))
+        junior_points = [by_title[title] for title in senior_titles]
+    if len(senior_points) != len(junior_points):
+        raise ValueError(f"senior has {len(senior_points)} landmarks, junior {len(junior_points)}")
+    return tuple(((a[0] + b[0]) / 2, (a[1] + b[1]) / 2) for a, b in zip(senior_points, junior_points, strict=True))
 
 
 def scan_split(folder: Path, split: str, table: dict[str, str] | None, table_path: Path | None):
@@ -116,14 +135,11 @@ def scan_split(folder: Path, split: str, table: dict[str, str] | None, table_pat
             yield Rejected(image_id, str(missing[0]), "missing_annotation", f"no annotation file {missing[0]}")
             continue
         try:
-            senior, junior = (read_points(p) for p in paths)
-            if len(senior) != len(junior):
-                raise ValueError(f"senior has {len(senior)} landmarks, junior {len(junior)}")
+            points = mean_of_annotators(*(read_points(p) for p in paths))
             spacing = table_spacing(image_id, table, table_path)
         except BAD_INPUT as exc:
             yield rejected(image_id, paths[0], exc)
             continue
-        points = tuple(((a[0] + b[0]) / 2, (a[1] + b[1]) / 2) for a, b in zip(senior, junior, strict=True))
         image = first_existing(images / f"{image_id}{suffix}" for suffix in IMAGE_SUFFIXES)
         yield RawSample(image_id, split, str(image), points, spacing_mm=spacing,
                         spacing_from="spacing_csv" if spacing else "none")

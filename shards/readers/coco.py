@@ -4,8 +4,11 @@
     annotations[{image_id, keypoints: [x, y, v] * K, ...}]     one per image
     categories[{keypoints: [names], flip_pairs?: [[i, j], ...], skeleton?}]   one with keypoints
 
-The source path is one JSON or a directory of them. A file's split comes from `_train_`,
-`_val_`/`_valid_` or `_test_` in its name, else from the `split` option. Images are looked up
+The source path is one JSON or a directory of them. A file's split comes from its name, a word
+between separators (`_`, `-`, `.`, space) in any letter case: `train`/`training` -> train,
+`val`/`valid`/`validation` -> val, `test`/`testing` -> test, a number after it kept (`test1`); a
+name without one takes the `split` option (so a test file is never trained on for want of `_` after
+`test`). Images are looked up
 relative to the JSON's directory, then in its `images/` and `Images/` subdirectories (MedSapiens'
 `data/med_sapien/Images`). v = 0 marks a landmark invisible (its position is ignored); v = 1 or 2
 visible (its position is known). An image id listed twice: the first entry is kept, the second
@@ -39,9 +42,10 @@ from medsapiens.shards.readers import (
 
 OPTIONS = {"split": "train", "test_fraction": "0", "test_seed": "0"}
 CARVES_TEST = True  # test_fraction > 0: a seeded test split carved from train (shards.plan.with_test)
-SPLIT_RULE = "from _train_/_val_/_valid_/_test_ in the JSON file name, else the split option"
+SPLIT_RULE = "from train/val/valid/test in the JSON file name (any case, a number kept: test1), else the split option"
 LANDMARK_SET = None
-SPLIT_IN_NAME = re.compile(r"(?:^|[_.-])(train|val|valid|test)(?=[_.-])")
+SPLIT_IN_NAME = re.compile(r"(?:^|[_. -])(training|train|validation|valid|val|testing|test)(\d*)(?=[_. -])", re.IGNORECASE)
+SPLIT_WORDS = {"training": "train", "validation": "val", "valid": "val", "testing": "test"}
 MEDSAPIENS_NAME = re.compile(r"^(?P<set>.+)_coco_(?:train|val|valid|test)_annotations\.json$")
 IMAGE_DIRS = (".", "images", "Images")
 
@@ -57,7 +61,8 @@ def split_from_name(path: Path, default: str) -> str:
     found = SPLIT_IN_NAME.search(path.name)
     if not found:
         return default
-    return "val" if found.group(1) == "valid" else found.group(1)
+    word = found.group(1).lower()
+    return SPLIT_WORDS.get(word, word) + found.group(2)
 
 
 def load_json(path: Path) -> dict:

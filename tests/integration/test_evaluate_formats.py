@@ -10,6 +10,7 @@ import pytest
 from conftest import CLI, refused_here, run
 
 from medsapiens.evaluate.report import score_files
+from medsapiens.io import registry
 
 TRUTH = {"a": [[10.0, 10.0], [20.0, 30.0], [40.0, 40.0]], "b": [[5.0, 5.0], [15.0, 25.0], [35.0, 30.0]]}
 GUESS = {"a": [[13.0, 14.0], [20.0, 30.0], [40.0, 46.0]], "b": [[5.0, 5.0], [15.0, 27.0], [0.0, 0.0]]}
@@ -60,6 +61,29 @@ def test_coco_results_against_coco_ground_truth(tmp_path):
                 "keypoints": [c for p in GUESS[i] for c in (*p, 0.8)]} for n, i in enumerate(TRUTH)]
     report, _, _ = score_files(write(tmp_path / "r.json", results), write(tmp_path / "g.json", coco_truth()))
     assert report["unit"] == "px" and report["mre"] == pytest.approx(expected_mre())
+
+
+def test_the_same_landmark_names_in_another_order_are_refused_as_duplicates_are(tmp_path):
+    """Scored by position, a reordered list would score each landmark against another; a second entry
+    for an image would replace the first unseen."""
+    truth = write(tmp_path / "g.json", coco_truth())
+    reordered = {"dataset": "knee", "landmarks": GUESS, "names": ["lateral", "medial", "apex"]}
+    with pytest.raises(ValueError, match="predictions and the ground truth list the same landmarks in different "
+                                         "orders \\(landmark 0 is 'lateral' in the predictions, 'medial'"):
+        score_files(write(tmp_path / "p.json", reordered), truth)
+    same = {**reordered, "names": ["medial", "lateral", "apex"]}
+    assert score_files(write(tmp_path / "p.json", same), truth)[0]["mre"] == pytest.approx(expected_mre())
+    head = {"dataset": "head", "landmarks": {"001": [[float(k), float(k)] for k in range(19)]},
+            "names": list(reversed(registry.get("head").names))}
+    with pytest.raises(ValueError, match="predictions and the registry's 'head' set list the same landmarks"):
+        score_files(write(tmp_path / "h.json", head), write(tmp_path / "hg.json", {**head, "names": None}))
+    results = [{"image_id": 100 + n, "keypoints": [c for p in GUESS[i] for c in (*p, 0.8)]} for n, i in enumerate(TRUTH)]
+    with pytest.raises(ValueError, match="predictions file .*r.json: image 100 has more than one result"):
+        score_files(write(tmp_path / "r.json", [*results, results[0]]), truth)
+    doubled = coco_truth()
+    doubled["annotations"].append(doubled["annotations"][0])
+    with pytest.raises(ValueError, match="ground-truth file .*g2.json: image 100 has more than one annotation"):
+        score_files(write(tmp_path / "r.json", results), write(tmp_path / "g2.json", doubled))
 
 
 def test_a_registry_dataset_keeps_its_protocol_and_a_missing_prediction_is_refused(tmp_path):

@@ -183,6 +183,14 @@ def test_coco_split_from_name_visibility_spacing_and_images_dir(tmp_path):
     assert source.landmark_set.flip_pairs == ((0, 2),)
 
 
+@pytest.mark.parametrize("name, split", [
+    ("head_coco_test_annotations.json", "test"), ("isbi_test1.json", "test1"), ("Aariz_Test_annotations.json", "test"),
+    ("hand_TEST.json", "test"), ("chest_testing.json", "test"), ("leg_validation.json", "val"), ("a.valid.json", "val"),
+    ("spine train.json", "train"), ("contest.json", "default"), ("pretrained_val2.json", "val2")])
+def test_coco_split_from_a_word_of_the_file_name_in_any_case(name, split):
+    assert coco.split_from_name(Path(name), "default") == split
+
+
 def test_coco_split_option_and_annotation_problems(tmp_path):
     path = coco_file(tmp_path / "ann.json", [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}],
                      [{"image_id": 1, "keypoints": [1, 2, 2]}, {"image_id": 1, "keypoints": [1, 2, 2]},
@@ -198,10 +206,38 @@ def test_registry_dataset_through_coco_must_match_its_k(tmp_path):
         scan_source(open_source(SourceSpec("head", str(path), "coco")), Scan())
 
 
+def test_registry_dataset_through_coco_keeps_the_registry_order_or_is_refused(tmp_path):
+    """MedSapiens' files name the keypoints K0, K1, ... and are read in the registry's order; a file
+    naming the registry's keypoints in another order, or giving other flip pairs, would flip and score
+    the wrong landmarks."""
+    leg = registry.get("leg")
+    image = [{"id": 1, "file_name": "a.png"}]
+    annotation = [{"image_id": 1, "keypoints": [1, 2, 2] * 26}]
+    for folder in ("generic", "reordered", "paired", "same"):
+        small_image(tmp_path / folder / "a.png", (40, 30))
+    generic = coco_file(tmp_path / "generic" / "ann.json", image, annotation, names=[f"K{i}" for i in range(26)])
+    source = open_source(SourceSpec("leg", str(generic), "coco"))
+    scan_source(source, Scan())
+    assert source.landmark_set == leg
+    interleaved = [n for pair in zip(leg.names[:13], leg.names[13:], strict=True) for n in pair]
+    reordered = coco_file(tmp_path / "reordered" / "ann.json", image, annotation, names=interleaved)
+    with pytest.raises(PlanError, match="keypoints in another order \\(keypoint 1 is 'right_0', the registry's 'left_1'"):
+        scan_source(open_source(SourceSpec("leg", str(reordered), "coco")), Scan())
+    paired = coco_file(tmp_path / "paired" / "ann.json", image, annotation, names=[f"K{i}" for i in range(26)],
+                       flip_pairs=[[2 * i, 2 * i + 1] for i in range(13)])
+    with pytest.raises(PlanError, match="flip_pairs other than the registry's 'leg' pairs"):
+        scan_source(open_source(SourceSpec("leg", str(paired), "coco")), Scan())
+    same_pairs = coco_file(tmp_path / "same" / "ann.json", image, annotation, names=[f"K{i}" for i in range(26)],
+                           flip_pairs=[[i + 13, i] for i in range(13)])
+    scan_source(open_source(SourceSpec("leg", str(same_pairs), "coco")), Scan())
+
+
 # ---------------------------------------------------------------- Aariz
-def aariz_note(path: Path, points) -> None:
+def aariz_note(path: Path, points, titles=None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    marks = [{"landmark_id": i, "title": f"L{i}", "value": {"x": x, "y": y}} for i, (x, y) in enumerate(points)]
+    titles = titles or [f"L{i}" for i in range(len(points))]
+    marks = [{"landmark_id": i, "title": t, "value": {"x": x, "y": y}}
+             for i, (t, (x, y)) in enumerate(zip(titles, points, strict=True))]
     path.write_text(json.dumps({"ceph_id": path.stem, "landmarks": marks}))
 
 
@@ -223,6 +259,20 @@ def test_aariz_means_the_annotators_and_maps_valid_to_val(tmp_path):
     (tmp_path / "cephalogram_machine_mappings.csv").write_text("cephalogram_id,machine,pixel_size\nv1,C,0.14\n")
     samples, _ = scan(aariz, tmp_path)  # the table shipped with the dataset is used without an option
     assert samples[0].spacing_mm == (0.14, 0.14)
+
+
+def test_aariz_pairs_the_annotators_by_title_not_position(tmp_path):
+    small_image(tmp_path / "test" / "Cephalograms" / "c1.png", (50, 40))
+    notes = tmp_path / "test" / "Annotations" / "Cephalometric Landmarks"
+    senior = [(float(k), 2.0 * k) for k in range(29)]
+    aariz_note(notes / "Senior Orthodontists" / "c1.json", senior)
+    junior = notes / "Junior Orthodontists" / "c1.json"
+    aariz_note(junior, [(x + 2, y) for x, y in reversed(senior)], [f"L{i}" for i in reversed(range(29))])
+    samples, rejected = scan(aariz, tmp_path)
+    assert not rejected and samples[0].landmarks == tuple((x + 1, y) for x, y in senior)
+    aariz_note(junior, senior, [f"L{i}" for i in range(28)] + ["Sella"])
+    samples, rejected = scan(aariz, tmp_path)
+    assert not samples and rejected[0].reason == "bad_annotation" and "title different landmarks: ['L28', 'Sella']" in rejected[0].detail
 
 
 # ---------------------------------------------------------------- DICOM
