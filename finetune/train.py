@@ -284,8 +284,8 @@ def run_one(cfg: FinetuneConfig) -> FinetuneResult | StoppedShort | None:
     best = result.best
     tag = best["tag"] if best else latest_tag(checkpoint_dir(run_dir))
     validation = best and best["validation"]
-    distributed.decide_on_rank0(lambda: export_best(cfg, run_dir, tag, model_cfg, landmark_set, origin, validation,
-                                                    result.selection))
+    distributed.decide_on_rank0(lambda: export_best(result.config, run_dir, tag, model_cfg, landmark_set, origin,
+                                                    validation, result.selection))
     model, bundle = bundlelib.load(run_dir / "bundle", result.device)
     calibrate_run(cfg, model, bundle, manifest, result.device)
     options = EvalOptions(cfg.flip_test, cfg.data.micro_batch, result.device, cfg.eval_overlays)

@@ -44,10 +44,9 @@ class LandmarkModel(nn.Module):
              target_weights: torch.Tensor, average: str = "per_sample") -> HeatmapLoss:
         return heatmap_loss(outputs, target_heatmaps, target_weights, average)
 
-    @staticmethod
-    def objective(average: str = "per_sample") -> LandmarkObjective:
+    def objective(self, average: str = "per_sample") -> LandmarkObjective:
         """The training loss of a micro-batch (see medsapiens.model.loss for `average`)."""
-        return LandmarkObjective(average)
+        return LandmarkObjective(average, tuple(self.decoder.num_landmarks.items()))
 
     @property
     def dataset_ids(self) -> list[str]:

@@ -37,10 +37,8 @@ def heatmap_loss(
     (see the module docstring) weighs it by 1 or by K / (sum of every head's K). Every head adds
     its (possibly empty) sum to the total, so empty heads stay in the graph with zero grads.
     per_dataset is the unweighted mean sample loss of each dataset either way."""
-    if average not in ("per_sample", "union"):
-        raise ValueError(f"loss average must be 'per_sample' or 'union', got {average!r}")
     batch = target_heatmaps.shape[0]
-    union = sum(head.heatmaps.shape[1] for head in outputs.values())
+    weights = sample_weights(average, {dataset_id: head.heatmaps.shape[1] for dataset_id, head in outputs.items()})
     total = target_heatmaps.new_zeros((), dtype=torch.float32)
     per_dataset, counts = {}, {}
     for dataset_id, (indices, heatmaps) in outputs.items():
@@ -49,17 +47,37 @@ def heatmap_loss(
             group_sum = _sample_losses(dataset_id, heatmaps, target_heatmaps, target_weights, indices).sum()
         else:  # the targets may be narrower than this head's K; the empty sum is 0, in the graph
             group_sum = heatmaps.sum()
-        weight = heatmaps.shape[1] / union if average == "union" else 1.0
-        total = total + group_sum * weight
+        total = total + group_sum * weights[dataset_id]
         per_dataset[dataset_id] = group_sum.detach() / max(counts[dataset_id], 1)
     return HeatmapLoss(total / batch, per_dataset, counts)
 
 
+def sample_weights(average: str, landmarks: dict[str, int]) -> dict[str, float]:
+    """What a sample of each head ({dataset: K}) weighs in the loss: 1, or K / (sum of every head's K)."""
+    if average not in ("per_sample", "union"):
+        raise ValueError(f"loss average must be 'per_sample' or 'union', got {average!r}")
+    union = sum(landmarks.values())
+    return {dataset_id: k / union if average == "union" else 1.0 for dataset_id, k in landmarks.items()}
+
+
 @dataclass(frozen=True)
 class LandmarkObjective:
-    """The loss of one landmark micro-batch, as the engine's train_step asks for it."""
+    """The loss of one landmark micro-batch, as the engine's train_step asks for it; `landmarks`, the
+    model's heads as (dataset, K) pairs, weigh the logged loss as the batches' losses were weighed."""
 
     average: str = "per_sample"
+    landmarks: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self):
+        if self.average == "union" and not self.landmarks:
+            raise ValueError("the union loss needs the model's heads (landmarks)")
+
+    def mean_loss(self, totals: dict[str, tuple[float, int]]) -> float:
+        """The loss the steps optimised, averaged over the samples of `totals` ({dataset: (summed
+        unweighted loss, samples)}, as __call__ reports them)."""
+        weights = sample_weights(self.average, dict(self.landmarks))
+        weighted = sum(weights.get(name, 1.0) * loss_sum for name, (loss_sum, _) in totals.items())
+        return weighted / max(1, sum(n for _, n in totals.values()))
 
     def __call__(self, forward, batch: dict, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
         """-> (loss with grad, {dataset: (summed loss tensor, samples)} for exact averaging at

@@ -8,6 +8,7 @@ The same code runs as one process without the launcher (CPU or one GPU) and unde
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import ClassVar
 
 import torch
 
+from medsapiens import distributed
 from medsapiens.config import at_least, positive
 from medsapiens.errors import InputError
 from medsapiens.io import jsondoc
@@ -209,6 +211,10 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
+SET_BY_THE_EXPERIMENT = {"train_micro_batch_size_per_gpu": "data.micro_batch",
+                         "gradient_accumulation_steps": "train.grad_accum", "gradient_clipping": "optim.grad_clip"}
+
+
 def deepspeed_config(train: TrainConfig, optim: OptimConfig, micro_batch: int, universal: bool = False) -> dict:
     """The DeepSpeed config: ZeRO settings from the JSON file, the batch, clipping, precision and
     optimizer from the experiment config (which wins over the JSON's defaults for those keys)."""
@@ -216,10 +222,14 @@ def deepspeed_config(train: TrainConfig, optim: OptimConfig, micro_batch: int, u
     owned = {"optimizer", "scheduler", "train_batch_size", "bf16", "fp16"} & set(cfg)
     if owned:
         raise InputError(f"{source}: {sorted(owned)} come from the experiment config, remove them from the JSON")
+    experiment = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": train.grad_accum,
+                  "gradient_clipping": optim.grad_clip}
+    replaced = [f"{key} {cfg[key]!r} by {SET_BY_THE_EXPERIMENT[key]}={value}" for key, value in experiment.items()
+                if cfg.get(key, "auto") not in ("auto", value)]
+    if replaced and source.parent != PRESETS and distributed.rank() == 0:  # the presets' values are placeholders
+        print(f"note: train.deepspeed {source}: the experiment config sets {', '.join(replaced)}", file=sys.stderr)
     cfg.update(
-        train_micro_batch_size_per_gpu=micro_batch,
-        gradient_accumulation_steps=train.grad_accum,
-        gradient_clipping=optim.grad_clip,
+        **experiment,
         optimizer=optimizer_config(optim),
         bf16={"enabled": resolve_precision(train.precision) == "bf16"},
         steps_per_print=10**9,
@@ -329,7 +339,7 @@ class Engine:
         return stats, self.ds.get_global_grad_norm()
 
     def group_lrs(self) -> dict[str, float]:
-        """Current lr per part, the lowest of its groups: for the backbone that is the embedding
+        """The lr per part that the next update uses, the lowest of its groups: for the backbone that is the embedding
         layer, the most decayed (decoder lr x layer_decay^(depth+1)); the decoder and LoRA
         adapters have one lr each."""
         lrs: dict[str, float] = {}

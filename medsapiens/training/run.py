@@ -87,6 +87,7 @@ class RunResult:
     trainable_parameters: int
     device: torch.device
     finished: bool  # False when train.stop_after ended it before the schedule's last step
+    config: Any  # the stage config resolved (steps, precision, warm-up), as config.yaml records it
 
 
 def check_settings(cfg) -> None:
@@ -276,7 +277,7 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     outcome: list[Any] = [trainer.best, trainer.last_validation]
     distributed.broadcast_from_rank0(outcome)  # rank 0 scores validation
     best, last_validation = outcome
-    result = RunResult(best, last_validation, chosen, trainable, engine.device, trainer.finished)
+    result = RunResult(best, last_validation, chosen, trainable, engine.device, trainer.finished, cfg)
     engine.close()
     return result
 

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 # Dense bf16 tensor-core peaks (FLOP/s) of common training GPUs, for MFU, matched in this order against
-# the device's name: an H100's PCIe and NVL cards before the SXM one ("NVIDIA H100 80GB HBM3").
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H100": 989e12, "A100": 312e12,
-                   "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
+# the device's name: the PCIe and NVL cards before the SXM ones ("NVIDIA H100 80GB HBM3", "NVIDIA H200").
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H200": 989e12, "H100": 989e12,
+                   "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
 
 
 def peak_flops_of(name: str) -> float | None:

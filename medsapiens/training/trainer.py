@@ -97,7 +97,8 @@ class StopSignals:
 
 class Trainer:
     def __init__(self, engine: Engine, objective, ctx: RunContext):
-        """objective(forward, batch, dtype) -> (loss, {dataset: (loss sum, samples)}): the model's."""
+        """objective(forward, batch, dtype) -> (loss, {dataset: (loss sum, samples)}): the model's;
+        objective.mean_loss(those summed) is the loss logged."""
         self.engine, self.objective, self.ctx = engine, objective, ctx
         self.is_main = distributed.rank() == 0
         self.telemetry: Telemetry | None = None
@@ -160,6 +161,7 @@ class Trainer:
             for step, micro_batches in batches:
                 timer.waited(time.perf_counter() - waiting_since)
                 seed_step(train.seed, step, distributed.rank())
+                lrs = self.engine.group_lrs()  # this update's: the step moves the schedule on to the next
                 try:
                     stats, grad_norm = self.engine.train_step(micro_batches, self.objective)
                 except RuntimeError as exc:
@@ -177,7 +179,7 @@ class Trainer:
                 final = done == train.max_steps
                 signalled = not (final or stopping) and stop.agreed()
                 if done % train.log_every == 0 or final or stopping or signalled:  # a stop logs its part of a window
-                    progress.set_postfix(loss=f"{self._log_train(done, sums, grad_norm, timer):.4g}", refresh=False)
+                    progress.set_postfix(loss=f"{self._log_train(done, sums, grad_norm, lrs, timer):.4g}", refresh=False)
                     sums = {}
                 with timer.aside():
                     if done % train.val_every == 0 or final:
@@ -233,12 +235,12 @@ class Trainer:
             where = f"a rerun into {self.ctx.run_dir} resumes from checkpoint {tag}" if tag else "no checkpoint yet"
             print(f"{what}; {where}", file=sys.stderr)
 
-    def _log_train(self, step: int, sums: dict, grad_norm, timer: StepTimer) -> float:
+    def _log_train(self, step: int, sums: dict, grad_norm, lrs: dict[str, float], timer: StepTimer) -> float:
         totals = distributed.sum_across_ranks(sums, self.ctx.dataset_ids)
-        loss = sum(s for s, _ in totals.values()) / max(1, sum(n for _, n in totals.values()))
+        loss = self.objective.mean_loss(totals)
         scalars = {"loss/total": loss, "train/grad_norm": float(grad_norm) if grad_norm is not None else None}
         scalars.update({f"loss/{name}": s / n for name, (s, n) in totals.items()})
-        scalars.update({f"lr/{tag}": lr for tag, lr in self.engine.group_lrs().items()})
+        scalars.update({f"lr/{tag}": lr for tag, lr in lrs.items()})
         scalars.update(timer.report(self.engine.device, self.ctx.train_flops_per_sample, distributed.world_size()))
         self.telemetry.scalars(step, scalars)
         return loss

@@ -136,6 +136,21 @@ def test_every_shipped_zero_config_asks_for_pytorchs_fused_adamw(zero_json, cuda
         assert offloaded or not offload
 
 
+def test_a_users_json_is_told_which_of_its_settings_the_experiment_config_replaces(tmp_path, capsys):
+    """DeepSpeed documents gradient_clipping and the batch keys in its JSON; the experiment config sets
+    them, so a value there that differs is named, not dropped unseen (a preset's are placeholders)."""
+    preset = json.loads((REPO / "medsapiens" / "training" / "deepspeed" / "zero2.json").read_text())
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({**preset, "gradient_clipping": 0.5, "gradient_accumulation_steps": "auto"}))
+    cfg = deepspeed_config(TrainConfig(deepspeed=str(mine), grad_accum=2), OptimConfig(grad_clip=1.0), micro_batch=3)
+    assert (cfg["gradient_clipping"], cfg["gradient_accumulation_steps"], cfg["train_micro_batch_size_per_gpu"]) == (1.0, 2, 3)
+    note = capsys.readouterr().err
+    assert f"note: train.deepspeed {mine}: the experiment config sets " in note and "gradient_clipping 0.5 by optim.grad_clip=1.0" in note
+    assert "gradient_accumulation_steps" not in note and f"{preset['train_micro_batch_size_per_gpu']!r} by data.micro_batch=3" in note
+    deepspeed_config(TrainConfig(deepspeed="zero2"), OptimConfig(), micro_batch=4)
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("zero_json", sorted((REPO / "medsapiens" / "training" / "deepspeed").glob("*.json")), ids=lambda p: p.stem)
 def test_compile_is_refused_with_zero3_whose_hooks_break_every_graph(zero_json):
     stage = json.loads(zero_json.read_text())["zero_optimization"]["stage"]

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import CLI, FINETUNE_CONFIG, deepspeed_module, finetune_args, losses, run, write_dicom
 from safetensors.torch import load_file
 
@@ -51,6 +53,8 @@ def test_finetuning_a_new_dataset_from_a_bundle_lowers_its_mre(head_hand_bundle,
     best = json.loads((run_dir / "best.json").read_text())
     assert bundle.provenance["checkpoint"] == best["tag"]  # the best validated checkpoint became the bundle
     assert info["selection"]["split"] == "val" == bundle.provenance["selection"]["split"]
+    ran = yaml.safe_load((run_dir / "config.yaml").read_text())  # resolved: steps, precision, warm-up as they ran
+    assert bundle.provenance["config"] == ran and ran["train"]["precision"] in ("fp32", "bf16")
     assert info["evaluation_splits"] == ["test"]
     assert best["validation"]["leg"]["split"] == "val"
     assert report["evaluated_on"] == "test" and report["selected_on"]["split"] == "val" and report["flip_test"]
@@ -299,3 +303,30 @@ def test_evaluate_writes_reports_and_agrees_with_prediction_files(head_expert, p
     from_files = json.loads((files / "report.json").read_text())
     assert from_files["images"] == report["images"]
     assert from_files["mre"] == pytest.approx(report["mre"], rel=0.05)  # shards store images resized to 128 px
+
+
+@pytest.mark.timeout(200)
+def test_an_image_of_the_split_rejected_at_the_build_is_counted_in_its_evaluation(head_expert, phantom_shards, tmp_path):
+    """A test image the build rejects (a landmark outside it) would otherwise leave the split smaller
+    without a word: the manifest counts it per split, the evaluation says so."""
+    from medsapiens.shards.build import BuildOptions, build
+    from medsapiens.shards.plan import SourceSpec
+
+    raw = tmp_path / "head"
+    shutil.copytree(phantom_shards.parent / "raw" / "head", raw)
+    for who in ("senior", "junior"):
+        notes = raw / "AnnotationsByMD" / f"400_{who}" / "151.txt"
+        lines = notes.read_text().splitlines()
+        notes.write_text("\n".join(["99999,99999", *lines[1:]]) + "\n")
+    shards = tmp_path / "shards"
+    build([SourceSpec("head", str(raw))], BuildOptions(out=str(shards), max_side=128, shard_size=8, workers=1,
+                                                       progress=False))
+    rejected = [json.loads(line) for line in (shards / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["split"], r["reason"]) for r in rejected] == [("151", "test1", "landmark_outside_image")]
+    out = tmp_path / "eval"
+    proc = run([*CLI, "evaluate", "--bundle", str(head_expert / "bundle"), "--shards", str(shards), "--split", "test1",
+                "--out", str(out)], 120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["rejected_at_build"] == 1 and "; 1 more rejected at the shards' build)" in proc.stdout
+    assert "Not in these numbers: 1 image(s) of this split rejected" in (out / "report.md").read_text()

@@ -14,8 +14,10 @@ import yaml
 from conftest import CLI, REPO, deepspeed_module, losses, pretrain_args, run
 from safetensors.torch import load_file, save_file
 
+from medsapiens import config as configlib
 from medsapiens.io import manifest as manifestlib
 from medsapiens.model import bundle as bundlelib
+from medsapiens.training.engine import OptimConfig, lr_factor
 
 STEPS = 12
 
@@ -54,6 +56,9 @@ def test_two_ranks_zero2_train_log_checkpoint_and_export(zero2_run, phantom_shar
     assert panels and panels <= set(carved)  # each panel named by its val sample's id
     decoder_lr, backbone_lr = events.Scalars("lr/decoder")[3].value, events.Scalars("lr/backbone")[3].value
     assert backbone_lr == pytest.approx(decoder_lr * 0.85**5, rel=1e-5)  # embeddings: depth 4 + 1 layers below
+    optim = configlib.from_dict(OptimConfig, yaml.safe_load((zero2_run / "config.yaml").read_text())["optim"])
+    used = [optim.lr * lr_factor(update, optim, STEPS) for update in range(STEPS)]  # the lr each update used
+    assert [e.value for e in events.Scalars("lr/decoder")] == pytest.approx(used, rel=1e-6)
     checkpoints = zero2_run / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step_00000012"
     assert not (checkpoints / "step_00000006").exists()  # keep_last=1 pruned it

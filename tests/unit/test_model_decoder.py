@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from medsapiens.model import build_model
+from medsapiens.training.trainer import add_loss_sum
 
 IMG = (128, 96)
 HEADS = {"head": 19, "hand": 37, "chest": 6}
@@ -100,6 +101,22 @@ def test_union_loss_equals_mmpose_mse_over_the_union_of_landmarks(model):
         per_sample = model.loss(outputs, targets, weights)
         assert not torch.isclose(union_loss.total, per_sample.total)  # the two averages really differ
         assert union_loss.per_dataset == per_sample.per_dataset  # logged per-dataset losses do not
+
+
+@pytest.mark.parametrize("average", ["per_sample", "union"])
+def test_the_logged_loss_is_the_loss_the_steps_optimised(model, average):
+    """What the trainer logs (`mean_loss` of the summed per-dataset stats) is the mean of the
+    micro-batches' objectives, union weighting included."""
+    objective, losses, totals = model.objective(average), [], {}
+    with torch.no_grad():
+        for seed, index in ((0, [0, 1, 2, 2]), (1, [1, 1, 0, 2])):
+            images, dataset_index, targets, weights = batch(index, seed)
+            loss, stats = objective(model, {"images": images, "dataset_index": dataset_index,
+                                            "target_heatmaps": targets, "target_weights": weights}, torch.float32)
+            losses.append(float(loss))
+            for name, (loss_sum, n) in stats.items():
+                add_loss_sum(totals, name, float(loss_sum), n)
+    assert objective.mean_loss(totals) == pytest.approx(sum(losses) / 2, rel=1e-6)
 
 
 def test_heads_can_be_added_and_dropped(model):

@@ -35,7 +35,7 @@ def test_validation_and_checkpoint_time_is_set_aside_from_the_step_rate(monkeypa
 
 
 @pytest.mark.parametrize(("name", "tflops"), [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
-                                              ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989),
+                                              ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989), ("NVIDIA H200 NVL", 835),
                                               ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA GeForce RTX 4090", None)])
 def test_each_gpu_gets_its_own_dense_bf16_peak(name, tflops):
     assert peak_flops_of(name) == (tflops and tflops * 1e12)
