@@ -13,16 +13,10 @@ Sapiens checkpoint the run started from (`--base`). Converting:
 - the final 1x1 conv is split into one head per dataset: the multi-dataset model's 88 channels are
   head 0-18, chest 19-24, hand 25-61, leg 62-87; a per-dataset (stage-2) checkpoint is one head.
 
-Reading: `torch.load(weights_only=True)` first. mmengine also pickles objects that it refuses
-(HistoryBuffer in `message_hub`, numpy scalars in `meta`); those files are read by a restricted
-unpickler that resolves only tensor rebuilding and plain containers and stands an inert
-placeholder in for every other global: nothing named in the file is imported or called.
+Reading: `torch_files.read_checkpoint`, which reads mmengine's extra objects without running them.
 """
 from __future__ import annotations
 
-import pickle
-import types
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +27,8 @@ from medsapiens.io import registry
 from medsapiens.io.shard_tar import file_digest
 from medsapiens.model import DEFAULT_IMG_SIZE, LandmarkModel, ModelConfig, MultiHeadDecoder, build_backbone, get_arch
 from medsapiens.model import bundle as bundlelib
-from medsapiens.model.weights import check_torch_zip, load_checkpoint, state_dict_in, weights_only_refusal
+from medsapiens.model.torch_files import read_checkpoint
+from medsapiens.model.weights import load_checkpoint, state_dict_in
 
 STAGE = "medsapiens-release"
 MULTI_DATASET_ORDER = ("head", "chest", "hand", "leg")  # MedSapiens' 88-channel final layer
@@ -120,28 +115,6 @@ def convert_release(
     bundle = bundlelib.Bundle(config, {d: registry.get(d) for d in heads}, CODEC, provenance)
     bundlelib.save(out, model, bundle)
     return ReleaseReport(Path(out), heads, merged, width, loader, report.summary())
-
-
-def read_checkpoint(path: str | Path):
-    """(the unpickled object, how it was read). weights_only first, then the restricted loader."""
-    try:
-        check_torch_zip(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True), "torch.load(weights_only=True)"
-    except InputError:
-        raise
-    except pickle.UnpicklingError as e:
-        refused = weights_only_refusal(e)
-    except Exception as e:  # not a torch file at all
-        raise InputError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
-    placeholders: list[str] = []
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False,
-                         pickle_module=_restricted_pickle(placeholders))
-    except Exception as e:
-        raise InputError(f"{path}: cannot be read safely ({type(e).__name__}: {e})") from None
-    names = sorted(set(placeholders))
-    return obj, (f"the restricted loader (weights_only=True refused: {refused}); "
-                 f"{len(names)} global(s) left as inert placeholders: {', '.join(names)}")
 
 
 def expected_keys(depth: int) -> list[str]:
@@ -243,69 +216,3 @@ def _plain_meta(obj) -> dict:
     if not isinstance(meta, dict):
         return {}
     return {k: meta[k] for k in ("epoch", "iter", "mmengine_version") if type(meta.get(k)) in (int, str)}
-
-
-# The restricted loader. torch.load unpickles with `pickle_module.Unpickler` (storages still come
-# from torch's own persistent_load and storage types); this one resolves the globals below and
-# nothing else.
-
-
-class _Inert:
-    """Stands in for a global the file names: takes any arguments and any state, and does nothing."""
-
-    global_name = "?"
-
-    def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-    def __repr__(self):
-        return f"<not loaded: {self.global_name}>"
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
-    """torch._utils._rebuild_tensor{,_v2} without requires_grad, hooks or metadata."""
-    if not isinstance(storage, torch.storage.TypedStorage):
-        raise pickle.UnpicklingError(f"a tensor's storage is a {type(storage).__name__}")
-    return torch._utils._rebuild_tensor(storage, storage_offset, tuple(size), tuple(stride))
-
-
-def _rebuild_parameter(data, *_ignored):
-    if not isinstance(data, torch.Tensor):
-        raise pickle.UnpicklingError(f"a parameter's data is a {type(data).__name__}")
-    return data
-
-
-_RESOLVED = {
-    "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
-    "torch._utils._rebuild_tensor": _rebuild_tensor,
-    "torch._utils._rebuild_parameter": _rebuild_parameter,
-    "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
-    "collections.OrderedDict": OrderedDict,
-    "builtins.set": set,
-    "builtins.frozenset": frozenset,
-}
-
-
-def _restricted_pickle(placeholders: list[str]):
-    """A stand-in for the `pickle` module whose Unpickler records each unresolved global's name. The
-    pure-Python unpickler: its memo is a dict, where C's is a table sized by the largest index a file
-    names (a few bytes asking for gigabytes)."""
-
-    class Unpickler(pickle._Unpickler):
-        def find_class(self, module, name):
-            full = f"{module}.{name}"
-            if full in _RESOLVED:
-                return _RESOLVED[full]
-            placeholders.append(full)
-            return type("Placeholder", (_Inert,), {"global_name": full})
-
-    def load(file, **kwargs):
-        return Unpickler(file, **kwargs).load()
-
-    return types.SimpleNamespace(__name__=f"{__name__}.restricted_pickle", Unpickler=Unpickler, load=load)

@@ -3,15 +3,14 @@ checkpoints (`backbone.` / `backbone.module.` prefixes), and safetensors in eith
 
 Everything is renamed to timm's keys; the cls token and the pos_embed's cls slot are dropped and
 the pos_embed grid is resized bicubically (align_corners=False, no antialias, float32) to the
-model's grid. Files are read with `torch.load(weights_only=True)` or safetensors, never pickle.
+model's grid. Files are read as safetensors or by `torch_files.read_checkpoint` (a full mmengine
+pose checkpoint included), never by plain pickle.
 """
 from __future__ import annotations
 
 import logging
 import math
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from medsapiens.io.shard_tar import file_digest
 from medsapiens.io.storage import as_umask_allows
 from medsapiens.model.archs import DEFAULT_IMG_SIZE, PATCH_SIZE, ArchSpec, feature_grid, get_arch
 from medsapiens.model.backbone import Backbone, build_backbone
+from medsapiens.model.torch_files import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -80,18 +80,6 @@ class BackboneState:
     notes: list[str]
 
 
-TORCH_ADVICE = ("Weights only load failed", "(1)", "(2)", "Check the documentation", "Please file an issue")
-
-
-def weights_only_refusal(exc: Exception) -> str:
-    """What torch's weights_only reader refused, from its message (the rest of which is advice)."""
-    for line in str(exc).splitlines():
-        line = line.split("WeightsUnpickler error:")[-1].strip()
-        if line and not line.startswith(TORCH_ADVICE):
-            return line.split(" was not an allowed")[0][:200]
-    return "it refused the file"
-
-
 def is_safetensors(path: str) -> bool:
     """By the file's first bytes, whatever its name: an 8-byte header length, then the JSON header."""
     with open(path, "rb") as f:
@@ -99,40 +87,17 @@ def is_safetensors(path: str) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < SAFETENSORS_HEADER_LIMIT
 
 
-def check_torch_zip(path: str) -> None:
-    """A torch file as torch.save writes it (since torch 1.6): a zip whose records are stored, not
-    compressed, so that what loading allocates is bounded by the file's own size. Else one line: the
-    older format and compressed records both let a small file make torch allocate any amount."""
-    if not zipfile.is_zipfile(path):
-        raise InputError(f"{path}: not a readable checkpoint: neither safetensors nor a torch file as torch.save "
-                         "writes it (a zip; a file from torch before 1.6 must be saved again)")
-    with zipfile.ZipFile(path) as archive:
-        records = archive.infolist()
-    inflated, size = sum(r.file_size for r in records), Path(path).stat().st_size
-    if inflated > size or any(r.compress_type != zipfile.ZIP_STORED for r in records):
-        raise InputError(f"{path}: refused: its records are compressed ({inflated:,} bytes from a file of {size:,}), "
-                         "which torch.save never does; save the state dict again with torch.save or as safetensors")
-
-
 def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors of a checkpoint file (safetensors or torch, told by its content) and its safetensors
     metadata ({} for torch files). A file neither can read is one line naming it."""
     path = str(path)
+    if not is_safetensors(path):
+        return state_dict_in(read_checkpoint(path)[0], path), {}
     try:
-        if is_safetensors(path):
-            with safe_open(path, framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        check_torch_zip(path)
-        with open(path, "rb") as f:  # a file object: torch reads no meaning into the name's suffix
-            obj = torch.load(f, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, InputError):
-        raise
-    except pickle.UnpicklingError as e:
-        raise InputError(f"{path}: torch.load(weights_only=True) refuses it ({weights_only_refusal(e)}): "
-                         "save its state dict alone (a dict of tensors) and retry") from None
-    except (OSError, RuntimeError, ValueError, EOFError, SafetensorError, zipfile.BadZipFile) as e:  # truncated
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (OSError, SafetensorError) as e:  # truncated
         raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    return state_dict_in(obj, path), {}
 
 
 def state_dict_in(obj, path) -> dict[str, torch.Tensor]:
@@ -230,13 +195,17 @@ def load_backbone(
 
 
 def compare_with_model(state: BackboneState, model_state: dict[str, torch.Tensor], source: str) -> LoadReport:
-    """Key sets and shapes of a normalised checkpoint against a model's; a shape clash raises."""
+    """Key sets, shapes and kinds of a normalised checkpoint against a model's; a shape clash, or whole
+    numbers where the model has floats (a quantised file, which loading would cast silently), raises."""
     for key, tensor in state.tensors.items():
         if key in model_state and tensor.shape != model_state[key].shape:
             raise InputError(
                 f"{source}: {state.file_keys[key]!r} (model key {key!r}) has shape {tuple(tensor.shape)} "
                 f"in the checkpoint but {tuple(model_state[key].shape)} in the model"
             )
+        if key in model_state and model_state[key].is_floating_point() and not tensor.is_floating_point():
+            raise InputError(f"{source}: {state.file_keys[key]!r} holds {tensor.dtype} values, not floating-point "
+                             "weights (a quantised checkpoint?): give the full-precision file")
     return LoadReport(
         source=source,
         loaded=[k for k in model_state if k in state.tensors],
@@ -334,7 +303,9 @@ def _split_pos_embed(pos_embed, recorded_grid, model_grid, source):
 def _infer_grid(tokens: int, model_grid: tuple[int, int] | None, source: str) -> tuple[int, int] | None:
     """The grid of a position table that records none: a cls slot and a square grid (the released
     pretrained files), the model's own grid (no cls slot), or a square grid; None when none fits. Two
-    different grids that both fit (4096 tokens for a 128x32 model: 64x64 or 128x32?) are refused."""
+    different grids that both fit (4096 tokens for a 128x32 model: 64x64 or 128x32?) are refused, as
+    is a landscape model's grid, which the portrait grid of Sapiens' task files (64x48 at 1024x768)
+    fits as well (3072 tokens for a 48x64 model)."""
     readings = []
     for patches in (tokens - 1, tokens):  # a cls slot, then none
         side = math.isqrt(max(patches, 0))
@@ -342,6 +313,8 @@ def _infer_grid(tokens: int, model_grid: tuple[int, int] | None, source: str) ->
             readings.append((side, side))
     if model_grid and tokens == model_grid[0] * model_grid[1]:
         readings.append(tuple(model_grid))
+        if model_grid[0] < model_grid[1]:
+            readings.append((model_grid[1], model_grid[0]))
     distinct = list(dict.fromkeys(readings))
     if len(distinct) > 1:
         raise InputError(f"{source}: its pos_embed's {tokens} tokens fit a {' and a '.join(map(_grid_text, distinct))} "

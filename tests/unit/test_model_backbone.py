@@ -2,7 +2,9 @@
 checkpoint loading in every supported form."""
 import math
 import zipfile
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -76,9 +78,10 @@ def test_every_checkpoint_form_loads_the_same_weights(tmp_path, tiny_state):
     flat = tmp_path / "flat.pth"
     torch.save(tiny_state, flat)
     head = {"head.final_layer.weight": torch.zeros(19, 768, 1, 1)}
-    pose = tmp_path / "pose.pth"
-    torch.save({"meta": {"epoch": 210}, "state_dict": {**{"backbone." + k: v for k, v in tiny_state.items()}, **head}},
-               pose)
+    pose = tmp_path / "pose.pth"  # as mmengine saves it: numpy arrays and its own objects beside the weights
+    meta = {"epoch": 210, "dataset_meta": {"sigmas": np.full(17, 0.025)}}
+    torch.save({"meta": meta, "message_hub": Fraction(1, 3),
+                "state_dict": {**{"backbone." + k: v for k, v in tiny_state.items()}, **head}}, pose)
     lora = tmp_path / "lora.pth"
     torch.save({"model": {"backbone.module." + k: v for k, v in tiny_state.items()}}, lora)
     released_safetensors = tmp_path / "released.safetensors"
@@ -208,6 +211,23 @@ def test_a_released_square_table_is_resized_for_a_grid_of_as_many_patches(tiny_s
     square = tiny_state["pos_embed"][:, 1:]  # without the cls slot 4096 rows are 64x64 or 128x32: refused
     with pytest.raises(ValueError, match=r"4096 tokens fit a 64x64 and a 128x32 grid; give the input size it was trained at"):
         load_state(build_backbone("sapiens_tiny", (2048, 512)), dict(tiny_state, pos_embed=square))
+
+
+def test_a_portrait_table_that_records_no_grid_is_not_read_as_a_landscape_model_s(tiny_state):
+    """A pose file's 64x48 table (3072 rows, no cls slot, no grid recorded) fits a 768x1024 model's 48x64
+    grid token for token; read as the model's own, it would be laid out wrong without a word."""
+    portrait = build_backbone("sapiens_tiny", (1024, 768))
+    assert portrait.grid_size == (64, 48)
+    pose = {**tiny_state, "pos_embed": torch.randn(1, 64 * 48, tiny_state["pos_embed"].shape[-1])}
+    assert load_state(portrait, pose).complete and torch.equal(portrait.pos_embed.data, pose["pos_embed"])
+    with pytest.raises(ValueError, match=r"3072 tokens fit a 48x64 and a 64x48 grid; give the input size it was trained at"):
+        load_state(build_backbone("sapiens_tiny", (768, 1024)), pose)
+
+
+def test_whole_number_weights_are_refused_not_cast(tiny_state):
+    quantised = {k: (v * 100).round().to(torch.int8) if k == "ln1.weight" else v for k, v in tiny_state.items()}
+    with pytest.raises(ValueError, match=r"'ln1.weight' holds torch.int8 values, not floating-point weights"):
+        load_state(build_backbone("sapiens_tiny", IMG), quantised)
 
 
 def test_a_checkpoint_file_that_cannot_be_read_is_one_line_naming_it(tmp_path, tiny_state):

@@ -16,7 +16,7 @@ from sapiens_checkpoints import released_state
 from medsapiens.launch.cli import main
 from medsapiens.model import ARCHS, load_backbone
 from medsapiens.model import bundle as bundlelib
-from medsapiens.model.release import read_checkpoint
+from medsapiens.model.torch_files import read_checkpoint
 
 ARCH = ARCHS["sapiens_tiny"]
 IMG = (64, 48)
