@@ -226,15 +226,15 @@ def coco_results(results: list, coco_ids: dict) -> Table:
 
 
 def check_landmark_order(name_lists: dict[str, object]) -> None:
-    """Two lists of the same landmark names in different orders would score each landmark against
-    another: refused. Lists of other names (MedSapiens' K0, K1, ...) cannot be checked."""
+    """Lists that name one landmark at different places would score it against another: refused."""
     lists = {who: list(names) for who, names in name_lists.items()
              if isinstance(names, list | tuple) and all(isinstance(n, str) for n in names)}
     for (a, x), (b, y) in itertools.combinations(lists.items(), 2):
-        if x != y and sorted(x) == sorted(y):
-            k = next(i for i, (p, q) in enumerate(zip(x, y, strict=True)) if p != q)
-            raise InputError(f"the {a} and the {b} list the same landmarks in different orders (landmark {k} is "
-                             f"{x[k]!r} in the {a}, {y[k]!r} in the {b}): put them in one order")
+        misplaced = registry.misplaced_name(x, y)
+        if misplaced:
+            i, j = misplaced
+            raise InputError(f"the {a} and the {b} order the landmarks differently ({x[i]!r} is landmark {i} in "
+                             f"the {a}, {j} in the {b}): put them in one order")
 
 
 def landmark_set_for(dataset: str | None, gt: Table, k: int, ids: list[str]) -> LandmarkSet:

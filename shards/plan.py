@@ -136,11 +136,12 @@ def check_registry_order(dataset: str, landmark_set: LandmarkSet, names: tuple, 
     if len(names) != landmark_set.num_landmarks:
         raise PlanError(f"{where} names {len(names)} keypoints, the registry's {dataset!r} has "
                         f"{landmark_set.num_landmarks}")
-    if sorted(names) == sorted(landmark_set.names) and tuple(names) != landmark_set.names:
-        k = next(i for i, (a, b) in enumerate(zip(names, landmark_set.names, strict=True)) if a != b)
-        raise PlanError(f"{where} lists the registry's {dataset!r} keypoints in another order (keypoint {k} is "
-                        f"{names[k]!r}, the registry's {landmark_set.names[k]!r}): reorder the file, or build it "
-                        "under another dataset id to keep its own order")
+    misplaced = registry.misplaced_name(names, landmark_set.names)
+    if misplaced:
+        i, j = misplaced
+        raise PlanError(f"{where} lists the registry's {dataset!r} keypoints in another order (keypoint {i} is "
+                        f"{names[i]!r}, the registry's keypoint {j}): reorder the file, or build it under another "
+                        "dataset id to keep its own order")
     if pairs is not None and {frozenset(p) for p in pairs} != {frozenset(p) for p in landmark_set.flip_pairs or ()}:
         raise PlanError(f"{where} gives flip_pairs other than the registry's {dataset!r} pairs: the registry's "
                         "order and pairs are what is read, so drop flip_pairs from the file, or build it under "
@@ -149,7 +150,7 @@ def check_registry_order(dataset: str, landmark_set: LandmarkSet, names: tuple, 
 
 def rejection_entry(dataset: str, source: str, source_id: str, reason: str, detail: str,
                     split: str | None = None) -> dict:
-    """One line of rejected.jsonl; the split where the input's is known (past its reader)."""
+    """One line of rejected.jsonl; with the split the input would have been in, where that is known."""
     return {"source": source, "dataset": dataset, "id": source_id, "reason": reason, "detail": detail,
             **({"split": split} if split else {})}
 
@@ -182,7 +183,7 @@ def checked_inputs(dataset: str, items: list, rejected: list[dict]) -> list[RawS
 
     for item in items:
         if isinstance(item, Rejected):
-            reject(item.source, item.source_id, item.reason, item.detail)
+            reject(item.source, item.source_id, item.reason, item.detail, item.split)
             continue
         if not NAME_PATTERN.match(item.split):
             raise PlanError(f"--source {dataset}: split name {item.split!r} (of {item.source_id}) may hold only "

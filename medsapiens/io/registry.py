@@ -237,6 +237,14 @@ BUILTIN: dict[str, LandmarkSet] = {
 DEFAULT_CUSTOM_RADII = {"mm": (2.0, 4.0, 10.0), "px": (3.0, 6.0, 9.0)}
 
 
+def misplaced_name(names, reference) -> tuple[int, int] | None:
+    """(i, j) for the first name that `names` holds at i and `reference` at another place j: two lists
+    that would pair different landmarks by position. None where none is (other names, as MedSapiens'
+    K0, K1, ..., are not compared)."""
+    where = {name: j for j, name in enumerate(reference)}
+    return next(((i, where[name]) for i, name in enumerate(names) if where.get(name, i) != i), None)
+
+
 def get(dataset_id: str) -> LandmarkSet:
     try:
         return BUILTIN[dataset_id]

@@ -76,7 +76,7 @@ class LandmarkObjective:
         """The loss the steps optimised, averaged over the samples of `totals` ({dataset: (summed
         unweighted loss, samples)}, as __call__ reports them)."""
         weights = sample_weights(self.average, dict(self.landmarks))
-        weighted = sum(weights.get(name, 1.0) * loss_sum for name, (loss_sum, _) in totals.items())
+        weighted = sum(weights[name] * loss_sum for name, (loss_sum, _) in totals.items())
         return weighted / max(1, sum(n for _, n in totals.values()))
 
     def __call__(self, forward, batch: dict, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:

@@ -19,6 +19,7 @@ import torch
 
 from medsapiens.errors import InputError
 
+WEIGHTS_ONLY = "torch.load(weights_only=True)"
 TORCH_ADVICE = ("Weights only load failed", "(1)", "(2)", "Check the documentation", "Please file an issue")
 
 
@@ -51,19 +52,20 @@ def read_checkpoint(path: str | Path) -> tuple[object, str]:
     neither reads is one line naming it."""
     check_torch_zip(str(path))
     try:
-        return _load(path, weights_only=True), "torch.load(weights_only=True)"
+        return _load(path, weights_only=True), WEIGHTS_ONLY
     except pickle.UnpicklingError as e:
         refused = weights_only_refusal(e)
     except Exception as e:  # truncated, or no torch file
         raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    placeholders: list[str] = []
+    placeholders: set[str] = set()
     try:
         obj = _load(path, weights_only=False, pickle_module=_restricted_pickle(placeholders))
     except Exception as e:
         raise InputError(f"{path}: cannot be read safely ({type(e).__name__}: {e})") from None
-    names = sorted(set(placeholders))
+    names = sorted(placeholders)
+    listed = ", ".join(names[:SHOWN_NAMES]) + (", ..." if len(names) > SHOWN_NAMES else "")
     return obj, (f"the restricted loader (weights_only=True refused: {refused}); "
-                 f"{len(names)} global(s) left as inert placeholders: {', '.join(names)}")
+                 f"{len(names)} global(s) left as inert placeholders: {listed}")
 
 
 def _load(path: str | Path, **kwargs):
@@ -118,18 +120,25 @@ _RESOLVED = {
 }
 
 
-def _restricted_pickle(placeholders: list[str]):
+SHOWN_NAMES = 20  # of the placeholders', in how a file was read
+NAMED_PLACEHOLDERS = 1000  # past these, one shared class: a class costs ~2 KB, a name a few bytes of the file
+
+
+def _restricted_pickle(placeholders: set[str]):
     """A stand-in for the `pickle` module whose Unpickler records each unresolved global's name. The
     pure-Python unpickler: its memo is a dict, where C's is a table sized by the largest index a file
     names (a few bytes asking for gigabytes)."""
+    classes: dict[str, type] = {}
 
     class Unpickler(pickle._Unpickler):
         def find_class(self, module, name):
             full = f"{module}.{name}"
             if full in _RESOLVED:
                 return _RESOLVED[full]
-            placeholders.append(full)
-            return type("Placeholder", (_Inert,), {"global_name": full})
+            placeholders.add(full)
+            if full not in classes and len(classes) < NAMED_PLACEHOLDERS:
+                classes[full] = type("Placeholder", (_Inert,), {"global_name": full})
+            return classes.get(full, _Inert)
 
     def load(file, **kwargs):
         return Unpickler(file, **kwargs).load()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,12 +25,13 @@ from medsapiens.io.shard_tar import file_digest
 from medsapiens.io.storage import as_umask_allows
 from medsapiens.model.archs import DEFAULT_IMG_SIZE, PATCH_SIZE, ArchSpec, feature_grid, get_arch
 from medsapiens.model.backbone import Backbone, build_backbone
-from medsapiens.model.torch_files import read_checkpoint
+from medsapiens.model.torch_files import WEIGHTS_ONLY, read_checkpoint
 
 log = logging.getLogger(__name__)
 
 FORMAT = "medsapiens-backbone"
 GRID_METADATA_KEY = "pos_embed_grid"
+READ_BY = "read_by"  # how a torch file was read, where not plainly (never written to a file)
 WRAPPER_KEYS = ("state_dict", "model")
 SAFETENSORS_HEADER_LIMIT = 100 << 20  # safetensors refuses a header over 100 MB
 BACKBONE_PREFIXES = ("backbone.module.", "backbone.")  # longest first
@@ -89,10 +91,12 @@ def is_safetensors(path: str) -> bool:
 
 def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors of a checkpoint file (safetensors or torch, told by its content) and its safetensors
-    metadata ({} for torch files). A file neither can read is one line naming it."""
+    metadata (for a torch file, READ_BY when the restricted loader read it). A file neither can read is
+    one line naming it."""
     path = str(path)
     if not is_safetensors(path):
-        return state_dict_in(read_checkpoint(path)[0], path), {}
+        obj, read_by = read_checkpoint(path)
+        return state_dict_in(obj, path), ({READ_BY: read_by} if read_by != WEIGHTS_ONLY else {})
     try:
         with safe_open(path, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
@@ -108,7 +112,8 @@ def state_dict_in(obj, path) -> dict[str, torch.Tensor]:
             obj = obj[key]
             break
     if not isinstance(obj, dict):
-        raise InputError(f"{path}: expected a state dict, found {type(obj).__name__}")
+        raise InputError(f"{path}: expected a state dict (a dict of tensors), found {reprlib.repr(obj)}: save the "
+                         "model's state_dict() alone")
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
             raise InputError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
@@ -137,6 +142,8 @@ def normalize_state(
         key = _rename(key) if sapiens else key
         state.tensors[key] = tensor
         state.file_keys[key] = file_key
+    if READ_BY in metadata:
+        state.notes.append(f"read by {metadata[READ_BY]}")
     if "pos_embed" in state.tensors:
         state.tensors["pos_embed"], state.grid, note = _split_pos_embed(
             state.tensors["pos_embed"], _metadata_grid(metadata, source), model_grid, source

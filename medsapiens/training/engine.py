@@ -211,10 +211,6 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-SET_BY_THE_EXPERIMENT = {"train_micro_batch_size_per_gpu": "data.micro_batch",
-                         "gradient_accumulation_steps": "train.grad_accum", "gradient_clipping": "optim.grad_clip"}
-
-
 def deepspeed_config(train: TrainConfig, optim: OptimConfig, micro_batch: int, universal: bool = False) -> dict:
     """The DeepSpeed config: ZeRO settings from the JSON file, the batch, clipping, precision and
     optimizer from the experiment config (which wins over the JSON's defaults for those keys)."""
@@ -222,14 +218,15 @@ def deepspeed_config(train: TrainConfig, optim: OptimConfig, micro_batch: int, u
     owned = {"optimizer", "scheduler", "train_batch_size", "bf16", "fp16"} & set(cfg)
     if owned:
         raise InputError(f"{source}: {sorted(owned)} come from the experiment config, remove them from the JSON")
-    experiment = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": train.grad_accum,
-                  "gradient_clipping": optim.grad_clip}
-    replaced = [f"{key} {cfg[key]!r} by {SET_BY_THE_EXPERIMENT[key]}={value}" for key, value in experiment.items()
+    experiment = {"train_micro_batch_size_per_gpu": ("data.micro_batch", micro_batch),
+                  "gradient_accumulation_steps": ("train.grad_accum", train.grad_accum),
+                  "gradient_clipping": ("optim.grad_clip", optim.grad_clip)}
+    replaced = [f"{key} {cfg[key]!r} by {name}={value}" for key, (name, value) in experiment.items()
                 if cfg.get(key, "auto") not in ("auto", value)]
     if replaced and source.parent != PRESETS and distributed.rank() == 0:  # the presets' values are placeholders
         print(f"note: train.deepspeed {source}: the experiment config sets {', '.join(replaced)}", file=sys.stderr)
     cfg.update(
-        **experiment,
+        {key: value for key, (_, value) in experiment.items()},
         optimizer=optimizer_config(optim),
         bf16={"enabled": resolve_precision(train.precision) == "bf16"},
         steps_per_print=10**9,

@@ -57,12 +57,14 @@ class RawSample:
 
 @dataclass(frozen=True)
 class Rejected:
-    """An input the reader found unusable; `source` names the file that shows it."""
+    """An input the reader found unusable; `source` names the file that shows it; `split`, where the
+    layout tells it, is the split the input would have been in."""
 
     source_id: str
     source: str
     reason: str
     detail: str
+    split: str | None = None
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,7 @@ def read_json(path: Path) -> object:
 BAD_INPUT = (Rejection, ValueError, KeyError, TypeError, OverflowError)
 
 
-def rejected(source_id: str, source, exc: Exception, where=None) -> Rejected:
+def rejected(source_id: str, source, exc: Exception, where=None, split: str | None = None) -> Rejected:
     """The Rejected for an input whose annotation raised `exc` (one of BAD_INPUT): a Rejection keeps its
     reason, anything else is bad_annotation. The detail starts with `where` (default: the source file)."""
     where = str(where or source)
@@ -193,7 +195,7 @@ def rejected(source_id: str, source, exc: Exception, where=None) -> Rejected:
         reason, text = exc.reason, exc.detail
     else:
         reason, text = "bad_annotation", f"no field {exc}" if isinstance(exc, KeyError) else str(exc)
-    return Rejected(source_id, str(source), reason, text if text.startswith(where) else f"{where}: {text}")
+    return Rejected(source_id, str(source), reason, text if text.startswith(where) else f"{where}: {text}", split)
 
 
 def spacing_pair(value, what: str = "spacing", order: str = "xy") -> tuple[float, float]:

@@ -6,7 +6,7 @@
             {"landmarks": [{"title": ..., "value": {"x": ..., "y": ...}}, ...]}
 
 Ground truth is the mean of the two annotators, landmark by landmark: paired by `title` where both
-files title every landmark, else by position. Split folder `valid` becomes `val`. Spacing is
+files title every landmark, by position where neither does (one titled, one not: rejected). Split folder `valid` becomes `val`. Spacing is
 per device, from the `cephalogram_machine_mappings.csv` the dataset ships (cephalogram_id,
 machine, pixel_size), or from option `spacing_csv`: a CSV with an id column (cephalogram_id,
 image_id, ceph_id, id or file) and a mm-per-pixel column (pixel_size, spacing or pixel_spacing);
@@ -111,8 +111,11 @@ def read_points(path: Path) -> tuple[list[str] | None, list[tuple[float, float]]
 
 def mean_of_annotators(senior: tuple, junior: tuple) -> tuple:
     """The mean of the two annotators' (titles, points), landmark by landmark: paired by title where
-    both files title every landmark (in the senior's order), else by position."""
+    both files title every landmark (in the senior's order), by position where neither does."""
     (senior_titles, senior_points), (junior_titles, junior_points) = senior, junior
+    if bool(senior_titles) != bool(junior_titles):
+        raise ValueError(f"only the {'senior' if senior_titles else 'junior'} annotator titles every landmark (once): "
+                         "the two cannot be paired landmark by landmark")
     if senior_titles and junior_titles:
         if set(senior_titles) != set(junior_titles):
             raise ValueError(f"the annotators title different landmarks: {sorted(set(senior_titles) ^ set(junior_titles))[:6]}")
@@ -132,13 +135,13 @@ def scan_split(folder: Path, split: str, table: dict[str, str] | None, table_pat
         paths = [child(notes, who) / f"{image_id}.json" for who in ANNOTATORS]
         missing = [p for p in paths if not p.is_file()]
         if missing:
-            yield Rejected(image_id, str(missing[0]), "missing_annotation", f"no annotation file {missing[0]}")
+            yield Rejected(image_id, str(missing[0]), "missing_annotation", f"no annotation file {missing[0]}", split)
             continue
         try:
             points = mean_of_annotators(*(read_points(p) for p in paths))
             spacing = table_spacing(image_id, table, table_path)
         except BAD_INPUT as exc:
-            yield rejected(image_id, paths[0], exc)
+            yield rejected(image_id, paths[0], exc, split=split)
             continue
         image = first_existing(images / f"{image_id}{suffix}" for suffix in IMAGE_SUFFIXES)
         yield RawSample(image_id, split, str(image), points, spacing_mm=spacing,

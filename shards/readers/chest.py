@@ -52,18 +52,18 @@ def scan(root: Path, options: dict):
     for name, split in zip(names, splits, strict=True):
         image, label = root / "pngs" / f"{name}.png", root / "labels" / f"{name}.txt"
         if not image.is_file():
-            yield Rejected(name, str(label), "missing_image", f"no image {image}")
+            yield Rejected(name, str(label), "missing_image", f"no image {image}", split)
             continue
         try:
             ratios = parse_ratios(label)
         except BAD_INPUT as exc:
-            yield rejected(name, label, exc)
+            yield rejected(name, label, exc, split=split)
             continue
         try:
             with open_image(image) as im:
                 width, height = im.size
         except Exception as exc:  # noqa: BLE001 - any decoder failure means the same to us
-            yield Rejected(name, str(image), "unreadable_image", f"{image}: {exc}")
+            yield Rejected(name, str(image), "unreadable_image", f"{image}: {exc}", split)
             continue
         points = tuple((rx * width, ry * height) for rx, ry in ratios)
         yield RawSample(name, split, str(image), points, expected_size=(width, height))

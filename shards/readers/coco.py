@@ -6,9 +6,9 @@
 
 The source path is one JSON or a directory of them. A file's split comes from its name, a word
 between separators (`_`, `-`, `.`, space) in any letter case: `train`/`training` -> train,
-`val`/`valid`/`validation` -> val, `test`/`testing` -> test, a number after it kept (`test1`); a
-name without one takes the `split` option (so a test file is never trained on for want of `_` after
-`test`). Images are looked up
+`val`/`valid`/`validation` -> val, `test`/`testing` -> test; a number after `test` is kept (ISBI's
+`test1`, `test2`), one after the others dropped (COCO's `train2017` is train). A name without such a
+word takes the `split` option. Images are looked up
 relative to the JSON's directory, then in its `images/` and `Images/` subdirectories (MedSapiens'
 `data/med_sapien/Images`). v = 0 marks a landmark invisible (its position is ignored); v = 1 or 2
 visible (its position is known). An image id listed twice: the first entry is kept, the second
@@ -22,6 +22,7 @@ Spacing: an image's own `spacing` [sx, sy] wins; else, for a file named
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import reprlib
 from collections import defaultdict
@@ -42,7 +43,7 @@ from medsapiens.shards.readers import (
 
 OPTIONS = {"split": "train", "test_fraction": "0", "test_seed": "0"}
 CARVES_TEST = True  # test_fraction > 0: a seeded test split carved from train (shards.plan.with_test)
-SPLIT_RULE = "from train/val/valid/test in the JSON file name (any case, a number kept: test1), else the split option"
+SPLIT_RULE = "from train/val/valid/test in the JSON file name (any case; test1, test2 kept apart), else the split option"
 LANDMARK_SET = None
 SPLIT_IN_NAME = re.compile(r"(?:^|[_. -])(training|train|validation|valid|val|testing|test)(\d*)(?=[_. -])", re.IGNORECASE)
 SPLIT_WORDS = {"training": "train", "validation": "val", "valid": "val", "testing": "test"}
@@ -61,8 +62,8 @@ def split_from_name(path: Path, default: str) -> str:
     found = SPLIT_IN_NAME.search(path.name)
     if not found:
         return default
-    word = found.group(1).lower()
-    return SPLIT_WORDS.get(word, word) + found.group(2)
+    split = SPLIT_WORDS.get(found.group(1).lower(), found.group(1).lower())
+    return split + found.group(2) if split == "test" else split
 
 
 def load_json(path: Path) -> dict:
@@ -212,7 +213,7 @@ def image_item(path: Path, split: str, meta: Path | None, image_id, number: int,
     where = f"{path} images[{number}] (id {image_id!r})"
     if len(anns) != 1:
         reason = "missing_annotation" if not anns else "bad_annotation"
-        return Rejected(source_id, str(path), reason, f"{where}: {len(anns)} annotations, expected one")
+        return Rejected(source_id, str(path), reason, f"{where}: {len(anns)} annotations, expected one", split)
     try:
         if not isinstance(name, str):
             raise ValueError(f"file_name must be a string, got {reprlib.repr(name)}")
@@ -220,7 +221,7 @@ def image_item(path: Path, split: str, meta: Path | None, image_id, number: int,
         spacing, spacing_from = parse_spacing(entry, meta)
         size = image_size(entry)
     except BAD_INPUT as exc:
-        return rejected(source_id, path, exc, where)
+        return rejected(source_id, path, exc, where, split)
     image = first_existing(path.parent / folder / name for folder in IMAGE_DIRS)
     return RawSample(source_id, split, str(image), points, visible, spacing, spacing_from, size)
 
@@ -231,8 +232,7 @@ def scan_file(path: Path, default_split: str):
     meta = meta_folder(path)
     images, bad_images = index_images(path, data["images"])
     by_image, bad_annotations = group_annotations(path, data["annotations"], images)
-    yield from bad_images
-    yield from bad_annotations
+    yield from (dataclasses.replace(r, split=split) for r in bad_images + bad_annotations)
     for image_id, (number, entry) in images.items():
         yield image_item(path, split, meta, image_id, number, entry, by_image.get(image_id, []))
 

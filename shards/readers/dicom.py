@@ -36,7 +36,8 @@ def with_header_spacing(sample: RawSample):
     try:
         spacing, label = dicom_spacing(Path(sample.image))
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a bad file
-        return Rejected(sample.source_id, sample.image, "unreadable_image", f"{sample.image}: not a DICOM file ({exc})")
+        return Rejected(sample.source_id, sample.image, "unreadable_image", f"{sample.image}: not a DICOM file ({exc})",
+                        sample.split)
     return replace(sample, spacing_mm=spacing, spacing_from=label)
 
 

@@ -96,7 +96,7 @@ def scan(root: Path, options: dict):
         try:
             points = parse_row(row)
         except ValueError as exc:
-            yield Rejected(image_id, f"{table}:{line}", "bad_annotation", f"{table} line {line}: {exc}")
+            yield Rejected(image_id, f"{table}:{line}", "bad_annotation", f"{table} line {line}: {exc}", splits[image_id])
             continue
         yield RawSample(image_id, splits[image_id], str(root / "jpg" / f"{image_id}.jpg"), points)
     for image in sorted((root / "jpg").glob("*.jpg")):

@@ -68,21 +68,22 @@ def scan(root: Path, options: dict):
         if not (image_id.isascii() and image_id.isdigit()):
             yield Rejected(image_id, str(root), "bad_annotation", f"id {image_id!r} is not an ISBI number NNN")
             continue
+        split = split_of(int(image_id), val)
         paths = [annotation_path(root, w, image_id) for w in who]
         missing = [p for p in paths if not p.is_file()]
         if missing:
-            yield Rejected(image_id, str(missing[0]), "missing_annotation", f"no annotation file {missing[0]}")
+            yield Rejected(image_id, str(missing[0]), "missing_annotation", f"no annotation file {missing[0]}", split)
             continue
         try:
             per_doctor = [parse_points(p, k) for p in paths]
         except BAD_INPUT as exc:
-            yield rejected(image_id, paths[0], exc)
+            yield rejected(image_id, paths[0], exc, split=split)
             continue
         n = min(len(p) for p in per_doctor)
         points = [tuple(sum(p[i][axis] for p in per_doctor) / len(per_doctor) for axis in (0, 1)) for i in range(n)]
         yield RawSample(
             source_id=image_id,
-            split=split_of(int(image_id), val),
+            split=split,
             image=str(first_existing(folder / f"{image_id}.bmp" for folder in folders)),
             landmarks=tuple(points),
             spacing_mm=(SPACING_MM, SPACING_MM),

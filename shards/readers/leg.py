@@ -77,12 +77,12 @@ def scan(root: Path, options: dict):
             reason = "missing_annotation" if image_id in images else "missing_image"
             detail = f"no {image_id}_meta.json in {root / 'meta'}" if image_id in images else \
                 f"{image_id} is listed for {listed[image_id]} but has neither image nor meta file"
-            yield Rejected(image_id, str(image), reason, detail)
+            yield Rejected(image_id, str(image), reason, detail, listed.get(image_id, "train"))
             continue
         try:
             meta = parse_meta(metas[image_id])
         except BAD_INPUT as exc:
-            yield rejected(image_id, metas[image_id], exc)
+            yield rejected(image_id, metas[image_id], exc, split=listed.get(image_id, "train"))
             continue
         yield RawSample(
             image_id, listed.get(image_id, "train"), str(image), meta["points"],

@@ -67,15 +67,15 @@ def test_the_same_landmark_names_in_another_order_are_refused_as_duplicates_are(
     """Scored by position, a reordered list would score each landmark against another; a second entry
     for an image would replace the first unseen."""
     truth = write(tmp_path / "g.json", coco_truth())
-    reordered = {"dataset": "knee", "landmarks": GUESS, "names": ["lateral", "medial", "apex"]}
-    with pytest.raises(ValueError, match="predictions and the ground truth list the same landmarks in different "
-                                         "orders \\(landmark 0 is 'lateral' in the predictions, 'medial'"):
+    reordered = {"dataset": "knee", "landmarks": GUESS, "names": ["lateral", "medial", "tip"]}  # and one renamed
+    with pytest.raises(ValueError, match="the predictions and the ground truth order the landmarks differently "
+                                         "\\('lateral' is landmark 0 in the predictions, 1 in the ground truth\\)"):
         score_files(write(tmp_path / "p.json", reordered), truth)
     same = {**reordered, "names": ["medial", "lateral", "apex"]}
     assert score_files(write(tmp_path / "p.json", same), truth)[0]["mre"] == pytest.approx(expected_mre())
     head = {"dataset": "head", "landmarks": {"001": [[float(k), float(k)] for k in range(19)]},
             "names": list(reversed(registry.get("head").names))}
-    with pytest.raises(ValueError, match="predictions and the registry's 'head' set list the same landmarks"):
+    with pytest.raises(ValueError, match="predictions and the registry's 'head' set order the landmarks differently"):
         score_files(write(tmp_path / "h.json", head), write(tmp_path / "hg.json", {**head, "names": None}))
     results = [{"image_id": 100 + n, "keypoints": [c for p in GUESS[i] for c in (*p, 0.8)]} for n, i in enumerate(TRUTH)]
     with pytest.raises(ValueError, match="predictions file .*r.json: image 100 has more than one result"):

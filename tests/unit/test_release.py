@@ -229,19 +229,38 @@ def test_unsafe_pickles_convert_without_running_anything(tmp_path, base, monkeyp
     assert torch.equal(model.state_dict()["decoder.heads.chest.bias"], medsapiens_state()["head.final_layer.bias"][19:25])
 
 
+def with_pickle(tmp_path, name: str, pickled: bytes):
+    """A torch file whose data.pkl is `pickled`."""
+    plain, path = tmp_path / "plain.pth", tmp_path / name
+    torch.save({}, plain)
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(path, "w") as out:
+        for record in source.infolist():
+            out.writestr(record, pickled if record.filename.endswith("data.pkl") else source.read(record))
+    return path
+
+
 def test_a_pickle_naming_a_huge_memo_index_allocates_nothing_for_it(tmp_path):
     """The restricted loader reads what weights_only refused: a few bytes asking the unpickler to
     remember an object at index 2^26 must not make it allocate a table of that many slots."""
-    plain = tmp_path / "plain.pth"
-    torch.save({}, plain)
     pickled = b"\x80\x02cnumpy\nfoo\n)Rr" + struct.pack("<I", 1 << 26) + b"0}."  # global, call, LONG_BINPUT
-    hostile = tmp_path / "memo.pth"
-    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(hostile, "w") as out:
-        for record in source.infolist():
-            out.writestr(record, pickled if record.filename.endswith("data.pkl") else source.read(record))
+    hostile = with_pickle(tmp_path, "memo.pth", pickled)
     tracemalloc.start()
     obj, loader = read_checkpoint(hostile)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert obj == {} and "numpy.foo" in loader
     assert peak < 64 * 2**20  # C's unpickler sizes its memo table by the index: 1 GiB here
+
+
+def test_many_distinct_globals_cost_a_bounded_amount_of_memory(tmp_path):
+    """A placeholder class costs about 2 KB, a global's name about 20 bytes of the file: past
+    NAMED_PLACEHOLDERS names one shared class stands in, so memory stays proportional to the file."""
+    calls = b"".join(b"cfake\nname%d\n)R" % i for i in range(20_000))  # global, empty args, call: 20,000 names
+    path = with_pickle(tmp_path, "many.pth", b"\x80\x02(" + calls + b"l.")  # MARK ... LIST
+    tracemalloc.start()
+    obj, loader = read_checkpoint(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(obj) == 20_000 and "20000 global(s) left as inert placeholders: fake.name0, " in loader
+    assert len(loader) < 2000 and repr(obj[0]) == "<not loaded: fake.name0>"
+    assert peak < 40 * path.stat().st_size  # about 24 times here; a class per name took over 120 times

@@ -65,7 +65,7 @@ def test_isbi_ground_truth_option(tmp_path, gt, first):
     assert by_id["151"].landmarks[0] == first and len(by_id["151"].landmarks) == 19  # extra label lines skipped
     assert by_id["151"].split == "test1"
     if gt == "junior" or gt == "mean":  # 152 has no junior annotation
-        assert [(r.source_id, r.reason) for r in rejected] == [("152", "missing_annotation")]
+        assert [(r.source_id, r.reason, r.split) for r in rejected] == [("152", "missing_annotation", "test1")]
     else:
         assert "152" in by_id and not rejected
 
@@ -106,7 +106,8 @@ def test_hand_reports_rows_and_images_without_a_partner(tmp_path):
     (tmp_path / "all.csv").write_text("7," + ",".join(["1.5"] * 74) + "\n9,1,2,3\n")
     samples, rejected = scan(hand, tmp_path)
     assert [s.source_id for s in samples] == ["7"] and samples[0].landmarks[0] == (1.5, 1.5)
-    assert {(r.source_id, r.reason) for r in rejected} == {("9", "bad_annotation"), ("8", "missing_annotation")}
+    assert {(r.source_id, r.reason, r.split) for r in rejected} == {("9", "bad_annotation", "train"),
+                                                                   ("8", "missing_annotation", None)}  # in no split
 
 
 # ---------------------------------------------------------------- chest
@@ -186,7 +187,8 @@ def test_coco_split_from_name_visibility_spacing_and_images_dir(tmp_path):
 @pytest.mark.parametrize("name, split", [
     ("head_coco_test_annotations.json", "test"), ("isbi_test1.json", "test1"), ("Aariz_Test_annotations.json", "test"),
     ("hand_TEST.json", "test"), ("chest_testing.json", "test"), ("leg_validation.json", "val"), ("a.valid.json", "val"),
-    ("spine train.json", "train"), ("contest.json", "default"), ("pretrained_val2.json", "val2")])
+    ("spine train.json", "train"), ("contest.json", "default"), ("person_keypoints_val2017.json", "val"),
+    ("train2017.json", "train"), ("test2017.json", "test2017")])
 def test_coco_split_from_a_word_of_the_file_name_in_any_case(name, split):
     assert coco.split_from_name(Path(name), "default") == split
 
@@ -198,6 +200,7 @@ def test_coco_split_option_and_annotation_problems(tmp_path):
     samples, rejected = scan(coco, path, split="test")
     assert samples == [] and sorted((r.source_id, r.reason) for r in rejected) == \
         [("a", "bad_annotation"), ("annotation-2", "missing_image"), ("b", "missing_annotation")]
+    assert {r.split for r in rejected} == {"test"}  # the split the file's images would have been in
 
 
 def test_registry_dataset_through_coco_must_match_its_k(tmp_path):
@@ -220,8 +223,9 @@ def test_registry_dataset_through_coco_keeps_the_registry_order_or_is_refused(tm
     scan_source(source, Scan())
     assert source.landmark_set == leg
     interleaved = [n for pair in zip(leg.names[:13], leg.names[13:], strict=True) for n in pair]
+    interleaved[0] = "hip"  # not a permutation of the registry's names: still read by position, still refused
     reordered = coco_file(tmp_path / "reordered" / "ann.json", image, annotation, names=interleaved)
-    with pytest.raises(PlanError, match="keypoints in another order \\(keypoint 1 is 'right_0', the registry's 'left_1'"):
+    with pytest.raises(PlanError, match="keypoints in another order \\(keypoint 1 is 'right_0', the registry's keypoint 13"):
         scan_source(open_source(SourceSpec("leg", str(reordered), "coco")), Scan())
     paired = coco_file(tmp_path / "paired" / "ann.json", image, annotation, names=[f"K{i}" for i in range(26)],
                        flip_pairs=[[2 * i, 2 * i + 1] for i in range(13)])
@@ -254,7 +258,7 @@ def test_aariz_means_the_annotators_and_maps_valid_to_val(tmp_path):
         "t1": ("train", (11.0, 23.0), (0.12, 0.12)), "v1": ("val", (11.0, 23.0), (0.127, 0.127))}
     (tmp_path / "Train" / "Annotations" / "Cephalometric Landmarks" / "Junior Orthodontists" / "t1.json").unlink()
     samples, rejected = scan(aariz, tmp_path)
-    assert [(r.source_id, r.reason) for r in rejected] == [("t1", "missing_annotation")]
+    assert [(r.source_id, r.reason, r.split) for r in rejected] == [("t1", "missing_annotation", "train")]
     assert samples[0].spacing_mm is None
     (tmp_path / "cephalogram_machine_mappings.csv").write_text("cephalogram_id,machine,pixel_size\nv1,C,0.14\n")
     samples, _ = scan(aariz, tmp_path)  # the table shipped with the dataset is used without an option
@@ -273,6 +277,9 @@ def test_aariz_pairs_the_annotators_by_title_not_position(tmp_path):
     aariz_note(junior, senior, [f"L{i}" for i in range(28)] + ["Sella"])
     samples, rejected = scan(aariz, tmp_path)
     assert not samples and rejected[0].reason == "bad_annotation" and "title different landmarks: ['L28', 'Sella']" in rejected[0].detail
+    aariz_note(junior, senior, ["L0"] * 29)  # no title of its own per landmark
+    samples, rejected = scan(aariz, tmp_path)
+    assert not samples and "only the senior annotator titles every landmark" in rejected[0].detail
 
 
 # ---------------------------------------------------------------- DICOM
