@@ -241,8 +241,10 @@ def misplaced_name(names, reference) -> tuple[int, int] | None:
     """(i, j) for the first name that `names` holds at i and `reference` at another place j: two lists
     that would pair different landmarks by position. None where none is (other names, as MedSapiens'
     K0, K1, ..., are not compared)."""
-    where = {name: j for j, name in enumerate(reference)}
-    return next(((i, where[name]) for i, name in enumerate(names) if where.get(name, i) != i), None)
+    places: dict[str, list[int]] = {}
+    for j, name in enumerate(reference):
+        places.setdefault(name, []).append(j)
+    return next(((i, places[name][0]) for i, name in enumerate(names) if i not in places.get(name, [i])), None)
 
 
 def get(dataset_id: str) -> LandmarkSet:

@@ -6,13 +6,13 @@
             {"landmarks": [{"title": ..., "value": {"x": ..., "y": ...}}, ...]}
 
 Ground truth is the mean of the two annotators, landmark by landmark: paired by `title` where both
-files title every landmark, by position where neither does (one titled, one not: rejected). Split folder `valid` becomes `val`. Spacing is
-per device, from the `cephalogram_machine_mappings.csv` the dataset ships (cephalogram_id,
-machine, pixel_size), or from option `spacing_csv`: a CSV with an id column (cephalogram_id,
-image_id, ceph_id, id or file) and a mm-per-pixel column (pixel_size, spacing or pixel_spacing);
-without either the samples carry no spacing. A short row, or an id given two different values, stops
-the source in one line naming the row; an image without a row, or with a value that is not a positive
-number, is rejected (`bad_spacing`).
+files title every landmark, by position where neither does (one titled, one not: rejected). Split
+folder `valid` becomes `val`. Spacing is per device, from the `cephalogram_machine_mappings.csv` the
+dataset ships (cephalogram_id, machine, pixel_size), or from option `spacing_csv`: a CSV with an id
+column (cephalogram_id, image_id, ceph_id, id or file) and a mm-per-pixel column (pixel_size,
+spacing or pixel_spacing); without either the samples carry no spacing. A short row, or an id given
+two different values, stops the source in one line naming the row; an image without a row, or with a
+value that is not a positive number, is rejected (`bad_spacing`).
 """
 from __future__ import annotations
 

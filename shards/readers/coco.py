@@ -8,12 +8,12 @@ The source path is one JSON or a directory of them. A file's split comes from it
 between separators (`_`, `-`, `.`, space) in any letter case: `train`/`training` -> train,
 `val`/`valid`/`validation` -> val, `test`/`testing` -> test; a number after `test` is kept (ISBI's
 `test1`, `test2`), one after the others dropped (COCO's `train2017` is train). A name without such a
-word takes the `split` option. Images are looked up
-relative to the JSON's directory, then in its `images/` and `Images/` subdirectories (MedSapiens'
-`data/med_sapien/Images`). v = 0 marks a landmark invisible (its position is ignored); v = 1 or 2
-visible (its position is known). An image id listed twice: the first entry is kept, the second
-rejected (`duplicate_id`); a malformed entry is rejected (`bad_annotation`), a file whose images,
-annotations or categories are not lists stops the source in one line.
+word takes the `split` option. Images are looked up relative to the JSON's directory, then in its
+`images/` and `Images/` subdirectories (MedSapiens' `data/med_sapien/Images`). v = 0 marks a
+landmark invisible (its position is ignored); v = 1 or 2 visible (its position is known). An image
+id listed twice: the first entry is kept, the second rejected (`duplicate_id`); a malformed entry is
+rejected (`bad_annotation`), a file whose images, annotations or categories are not lists stops the
+source in one line.
 
 Spacing: an image's own `spacing` [sx, sy] wins; else, for a file named
 `<set>_coco_<split>_annotations.json`, the MedSapiens meta file beside it,
