@@ -236,6 +236,12 @@ def test_registry_dataset_through_coco_keeps_the_registry_order_or_is_refused(tm
     scan_source(open_source(SourceSpec("leg", str(same_pairs), "coco")), Scan())
 
 
+def test_a_name_listed_twice_is_not_taken_for_a_misplaced_one():
+    assert registry.misplaced_name(["a", "a", "b"], ["a", "a", "b"]) is None
+    assert registry.misplaced_name(["a", "b", "a"], ["a", "a", "b"]) == (1, 2)
+    assert registry.misplaced_name(["K0", "K1"], ["left_0", "left_1"]) is None  # other names: not compared
+
+
 # ---------------------------------------------------------------- Aariz
 def aariz_note(path: Path, points, titles=None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
