@@ -102,6 +102,13 @@ def mixture_weights(manifest: Manifest, cfg: DataConfig, datasets: list[str]) ->
     return weights / weights.sum()
 
 
+def epoch_images(manifest: Manifest, cfg: DataConfig, datasets: list[str]) -> int:
+    """The training images an epoch counts: those of every dataset drawn (a `data.weights` of 0 draws none)."""
+    shares = mixture_weights(manifest, cfg, datasets)
+    return sum(manifest.datasets[d].splits.get(cfg.train_split, 0)
+               for d, share in zip(datasets, shares, strict=True) if share > 0)
+
+
 def is_test_split(split: str) -> bool:
     return split.startswith(TEST_SPLIT_PREFIX)
 

@@ -19,7 +19,7 @@ import yaml
 
 from medsapiens import config as configlib
 from medsapiens import distributed
-from medsapiens.data.pipeline import DataConfig, mixture_weights, validation_split
+from medsapiens.data.pipeline import DataConfig, epoch_images, mixture_weights, validation_split
 from medsapiens.errors import InputError
 from medsapiens.io.locks import writer_lock
 from medsapiens.io.manifest import Manifest
@@ -235,8 +235,7 @@ def check_resumable(run_dir: Path, stage: str, resume: str) -> None:
 def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     """Build the engine for plan.model, write the run files, train."""
     cfg = plan.cfg
-    train_images = sum(plan.manifest.datasets[d].splits.get(cfg.data.train_split, 0) for d in plan.dataset_ids)
-    train_cfg, head = scheduled(cfg.train, train_images, global_batch(cfg))
+    train_cfg, head = scheduled(cfg.train, epoch_images(plan.manifest, cfg.data, plan.dataset_ids), global_batch(cfg))
     train_cfg = replace(train_cfg, precision=resolve_precision(train_cfg.precision))  # `auto` as this machine has it
     optim, warmup_note = resolve_warmup(cfg.optim, train_cfg.max_steps)
     cfg = replace(cfg, train=train_cfg, optim=optim)

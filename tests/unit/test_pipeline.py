@@ -13,6 +13,7 @@ from medsapiens.data.pipeline import (
     DataConfig,
     TrainStream,
     collate,
+    epoch_images,
     eval_examples,
     mixture_weights,
     train_batches,
@@ -121,6 +122,13 @@ def test_mixture_weights(phantom_shards):
     assert np.allclose(doubled, sizes * [1, 2] / (sizes * [1, 2]).sum())
     with pytest.raises(ValueError, match="not being trained"):
         mixture_weights(manifest, small_config(weights={"hand": 1.0}), ["head", "leg"])
+
+
+def test_an_epoch_counts_the_images_of_the_datasets_drawn(phantom_shards):
+    manifest = manifestlib.load(phantom_shards)
+    head, leg = (manifest.datasets[d].splits["train"] for d in ("head", "leg"))
+    assert epoch_images(manifest, small_config(), ["head", "leg"]) == head + leg
+    assert epoch_images(manifest, small_config(weights={"leg": 0.0}), ["head", "leg"]) == head  # leg is never drawn
 
 
 def test_mixing_follows_weights(phantom_shards):
