@@ -4,8 +4,9 @@
 releases) also pickle objects it refuses (HistoryBuffer in `message_hub`, numpy arrays and scalars
 in `meta`); those files are read by a restricted unpickler that resolves only tensor rebuilding and
 plain containers and stands an inert placeholder in for every other global: nothing named in the
-file is imported or called. Only a zip as torch.save writes it, its records stored, is read, so
-what loading allocates is bounded by the file's size.
+file is imported or called. Only a zip as torch.save writes it, its records stored, is read, and
+placeholders past NAMED_PLACEHOLDERS names share one class, so what loading allocates stays
+proportional to the file's size.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import torch
 from medsapiens.errors import InputError
 
 WEIGHTS_ONLY = "torch.load(weights_only=True)"
+SHOWN_NAMES = 20  # of the placeholders', in how a file was read
+NAMED_PLACEHOLDERS = 1000  # past these, one shared class: a class costs ~2 KB, a name a few bytes of the file
 TORCH_ADVICE = ("Weights only load failed", "(1)", "(2)", "Check the documentation", "Please file an issue")
 
 
@@ -118,10 +121,6 @@ _RESOLVED = {
     "builtins.set": set,
     "builtins.frozenset": frozenset,
 }
-
-
-SHOWN_NAMES = 20  # of the placeholders', in how a file was read
-NAMED_PLACEHOLDERS = 1000  # past these, one shared class: a class costs ~2 KB, a name a few bytes of the file
 
 
 def _restricted_pickle(placeholders: set[str]):
