@@ -205,12 +205,15 @@ def compare_with_model(state: BackboneState, model_state: dict[str, torch.Tensor
     """Key sets, shapes and kinds of a normalised checkpoint against a model's; a shape clash, or whole
     numbers where the model has floats (a quantised file, which loading would cast silently), raises."""
     for key, tensor in state.tensors.items():
-        if key in model_state and tensor.shape != model_state[key].shape:
+        expected = model_state.get(key)
+        if expected is None:
+            continue
+        if tensor.shape != expected.shape:
             raise InputError(
                 f"{source}: {state.file_keys[key]!r} (model key {key!r}) has shape {tuple(tensor.shape)} "
-                f"in the checkpoint but {tuple(model_state[key].shape)} in the model"
+                f"in the checkpoint but {tuple(expected.shape)} in the model"
             )
-        if key in model_state and model_state[key].is_floating_point() and not tensor.is_floating_point():
+        if expected.is_floating_point() and not tensor.is_floating_point():
             raise InputError(f"{source}: {state.file_keys[key]!r} holds {tensor.dtype} values, not floating-point "
                              "weights (a quantised checkpoint?): give the full-precision file")
     return LoadReport(

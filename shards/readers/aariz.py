@@ -104,7 +104,7 @@ def read_points(path: Path) -> tuple[list[str] | None, list[tuple[float, float]]
     """(titles, points) in file order; titles None unless every landmark has a title of its own."""
     marks = read_json(path)["landmarks"]
     points = [(float(m["value"]["x"]), float(m["value"]["y"])) for m in marks]
-    titles = [m["title"] if "title" in m else None for m in marks]
+    titles = [m.get("title") for m in marks]
     titled = all(isinstance(t, str) and t for t in titles) and len(set(titles)) == len(titles)
     return (titles if titled else None), points
 
