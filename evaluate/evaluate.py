@@ -23,7 +23,7 @@ from medsapiens.evaluation.inference import PredictSettings, predict_split
 from medsapiens.evaluation.metrics import Protocol
 from medsapiens.evaluation.visualize import draw_landmarks
 from medsapiens.io import registry
-from medsapiens.io.manifest import Manifest, ManifestError
+from medsapiens.io.manifest import Manifest, ManifestError, check_scorable
 from medsapiens.io.manifest import load as load_manifest
 from medsapiens.io.record import safe_name
 from medsapiens.io.registry import LandmarkSet
@@ -35,6 +35,7 @@ def check_split(manifest: Manifest, dataset: str, split: str, bundle: bundlelib.
     if not splits.get(split):
         raise ManifestError(f"{manifest.location}: dataset {dataset!r} has no {split!r} samples "
                             f"(splits: {', '.join(f'{s} {n}' for s, n in sorted(splits.items())) or 'none'})")
+    check_scorable(manifest, dataset, split)
     if dataset not in bundle.heads:
         raise ManifestError(f"the bundle has no head for {dataset!r} (heads: {', '.join(bundle.heads)})")
     ours, theirs = bundle.landmark_sets[dataset], manifest.landmark_set(dataset)
@@ -90,7 +91,7 @@ def evaluate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset:
         report.update(evaluated_on=split, flip_test=bool(flip), selected_on=selection_of(bundle))
         if unscaled := preds.unscalable(protocol):
             report["excluded_images"] = unscaled
-        if rejected := manifest.datasets[dataset].source.get("rejected_by_split", {}).get(split):
+        if rejected := manifest.split_count(dataset, "rejected_by_split", split):
             report["rejected_at_build"] = rejected
         calibration = registry.record_for(bundle.calibration, dataset, bool(flip))
         if calibration:

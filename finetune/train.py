@@ -28,7 +28,7 @@ from medsapiens.evaluation import conformal
 from medsapiens.finetune.config import INIT_SOURCES, RESUME_MODES, RUNS_ROOT, FinetuneConfig
 from medsapiens.finetune.subset import few_shot_manifest
 from medsapiens.io.locks import writer_lock
-from medsapiens.io.manifest import Manifest, ManifestError
+from medsapiens.io.manifest import Manifest, ManifestError, check_scorable
 from medsapiens.io.manifest import load as load_manifest
 from medsapiens.io.registry import LandmarkSet
 from medsapiens.model import bundle as bundlelib
@@ -155,6 +155,8 @@ def evaluation_splits(manifest: Manifest, dataset: str, requested: str) -> list[
     if not chosen:
         raise ManifestError(f"{manifest.location}: dataset {dataset!r} has no {requested!r} split to evaluate "
                             f"(splits: {', '.join(sorted(splits))}); choose one with --eval-split")
+    for split in chosen:
+        check_scorable(manifest, dataset, split)
     return chosen
 
 

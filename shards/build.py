@@ -28,6 +28,7 @@ from medsapiens.io.manifest import FORMAT as MANIFEST_FORMAT
 from medsapiens.io.manifest import MANIFEST_NAME, REJECTED_NAME, DatasetInfo, Manifest, ShardInfo, manifest_url
 from medsapiens.io.progress import progress_bar
 from medsapiens.io.record import FIELDS, sample_key
+from medsapiens.io.registry import LandmarkSet
 from medsapiens.shards import (
     DEFAULT_MAX_SIDE,
     DEFAULT_MULTIPART_MB,
@@ -45,6 +46,7 @@ from medsapiens.shards.plan import (
     scan_source,
     spacing_sources,
 )
+from medsapiens.shards.readers import RawSample
 from medsapiens.shards.writer import PARTIAL_SUFFIX, ShardTask, init_worker, remove_stale_staging, write_shard
 
 
@@ -218,6 +220,8 @@ def assemble_manifest(sources, scan: Scan, stats: list[dict], settings: dict, di
         rejected_by_split = Counter(e["split"] for e in rejected if e["dataset"] == dataset and "split" in e)
         if rejected_by_split:  # what a split's evaluation lacks, so that its report can say so
             info["rejected_by_split"] = dict(sorted(rejected_by_split.items()))
+        if no_spacing := unscorable_by_split(source.landmark_set, scan.samples[dataset], dropped):
+            info["no_spacing_by_split"] = no_spacing
         if scan.unlabelled.get(dataset):
             info["unlabelled_images"] = scan.unlabelled[dataset]
         if dataset in scan.test:
@@ -229,6 +233,14 @@ def assemble_manifest(sources, scan: Scan, stats: list[dict], settings: dict, di
     manifest = Manifest(datasets, shards, scan.inputs, len(rejected), build_info)
     manifest.validate()
     return manifest, rejected
+
+
+def unscorable_by_split(landmark_set: LandmarkSet, samples: list[RawSample], dropped: set[str]) -> dict[str, int]:
+    """Per split, the written images of a dataset scored in mm that have no pixel spacing (validation,
+    evaluation and calibration refuse such a split before predicting it)."""
+    if not landmark_set.needs_spacing:
+        return {}
+    return dict(sorted(Counter(s.split for s in samples if s.spacing_mm is None and s.source_id not in dropped).items()))
 
 
 def as_written(carve: dict, dropped: set[str]) -> dict:
@@ -314,11 +326,16 @@ def dataset_summary(name: str, info: DatasetInfo) -> list[str]:
     line = f"  {name} (K={info.landmark_set.num_landmarks}): {splits}; {validation}"
     if info.source.get("unlabelled_images"):
         line += f"; {info.source['unlabelled_images']} unlabelled image(s) are not inputs"
-    missing = missing_splits(info.splits)
-    if not missing:
-        return [line]
-    return [line, f"  warning: {name} has no {', '.join(missing)} split: its split rule leaves it empty for these "
-                  "inputs (options and rules: docs/splits.md)"]
+    lines = [line]
+    if missing := missing_splits(info.splits):
+        lines.append(f"  warning: {name} has no {', '.join(missing)} split: its split rule leaves it empty for these "
+                     "inputs (options and rules: docs/splits.md)")
+    if no_spacing := info.source.get("no_spacing_by_split"):
+        counts = ", ".join(f"{split} {n}" for split, n in no_spacing.items())
+        lines.append(f"  warning: {name} is scored in mm, but images have no pixel spacing ({counts}): validation, "
+                     "evaluate and calibrate refuse a split that holds any (where a layout takes spacing from: "
+                     "docs/shards.md)")
+    return lines
 
 
 def summary_lines(result: BuildResult) -> list[str]:

@@ -21,6 +21,7 @@ FORMAT = "medsapiens-shards"
 VERSION = 1
 MANIFEST_NAME = "manifest.json"
 REJECTED_NAME = "rejected.jsonl"
+COUNTS_BY_SPLIT = ("rejected_by_split", "no_spacing_by_split")  # what a build counts per split in a dataset's source
 
 
 class ManifestError(UserError, ValueError):
@@ -75,6 +76,10 @@ class Manifest:
                 f"dataset {dataset!r} is not in the manifest at {self.location or '?'}; "
                 f"it has: {', '.join(sorted(self.datasets)) or 'none'}"
             ) from None
+
+    def split_count(self, dataset: str, key: str, split: str) -> int:
+        """A count of COUNTS_BY_SPLIT for one split of a dataset: 0 where the build recorded none."""
+        return self.datasets[dataset].source.get(key, {}).get(split, 0)
 
     @property
     def max_side(self) -> int:
@@ -170,8 +175,24 @@ def _check_types(manifest: Manifest, where: str) -> None:
                                 f"got {info.splits!r:.200}")
         if not isinstance(info.source, dict):
             raise ManifestError(f"{where}: dataset {name!r}: source must be an object")
+        for key in COUNTS_BY_SPLIT:
+            counts = info.source.get(key, {})
+            if not (isinstance(counts, dict) and all(isinstance(s, str) and is_count(n) for s, n in counts.items())):
+                raise ManifestError(f"{where}: dataset {name!r}: source.{key} must map split names to image counts, "
+                                    f"got {counts!r:.200}")
     if not (is_count(manifest.inputs) and is_count(manifest.rejected)) or not isinstance(manifest.build, dict):
         raise ManifestError(f"{where}: totals.inputs and rejected.count must be sample counts, build an object")
+
+
+def check_scorable(manifest: Manifest, dataset: str, split: str) -> None:
+    """Refuse, before any image is predicted, a split whose dataset is scored in mm but holds images the
+    build found no pixel spacing for: scoring would stop at the first of them."""
+    missing = manifest.split_count(dataset, "no_spacing_by_split", split)
+    if missing:
+        raise ManifestError(f"{manifest.location}: {missing} of the {manifest.datasets[dataset].splits.get(split, 0)} "
+                            f"{split!r} images of dataset {dataset!r} have no pixel spacing, and its errors are "
+                            "measured in mm: they cannot be scored. Rebuild the shards with each image's spacing "
+                            "(where a layout takes it from: docs/shards.md)")
 
 
 def manifest_url(location: str | Path) -> str:

@@ -60,6 +60,11 @@ class LandmarkSet:
     def can_flip(self) -> bool:
         return self.flip_pairs is not None
 
+    @property
+    def needs_spacing(self) -> bool:
+        """Its errors are each image's own pixel spacing times pixels: an image without one cannot be scored."""
+        return self.normalization is None and self.unit != "px" and not self.native_spacing_mm
+
     def spacing_or_native(self, spacing):
         """`spacing` (x, y) mm/px when known, else the set's fixed native spacing, else None."""
         if spacing is not None:

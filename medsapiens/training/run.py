@@ -22,7 +22,7 @@ from medsapiens import distributed
 from medsapiens.data.pipeline import DataConfig, epoch_images, mixture_weights, validation_split
 from medsapiens.errors import InputError
 from medsapiens.io.locks import writer_lock
-from medsapiens.io.manifest import Manifest
+from medsapiens.io.manifest import Manifest, check_scorable
 from medsapiens.io.shard_tar import file_digest
 from medsapiens.model import (
     LandmarkModel,
@@ -244,6 +244,9 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
         lambda: check_same_run(run_dir, cfg, resume, plan.manifest.digest, plan.start_digest))
     distributed.decide_on_rank0(lambda: check_resumable(run_dir, plan.stage, resume))
     chosen = selection(plan)
+    for dataset, split in chosen["validated_on"].items():
+        if split:  # refused now, not at the first validation
+            check_scorable(plan.manifest, dataset, split)
     lora: LoraConfig = cfg.lora
     if lora.enabled:
         apply_lora(plan.model, lora)

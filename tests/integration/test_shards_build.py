@@ -305,3 +305,37 @@ def test_landmarks_and_spacing_survive_resizing(tmp_path, bits):
     np.testing.assert_allclose(to_original(record["landmarks"], record["scale"]), points, atol=1e-3)
     np.testing.assert_allclose(np.multiply(record["spacing_mm"], record["scale"]), [0.2, 0.3])
     assert record["orig_size"] == [1000, 700]
+
+
+# ---------------------------------------------------------------- a set scored in mm, images without spacing
+def aariz_dataset(root: Path) -> Path:
+    """Two images per Aariz split folder, both annotators' files, no spacing table."""
+    for folder, split in (("train", "t"), ("valid", "v"), ("test", "s")):
+        for n in range(2):
+            image_id = f"{split}{n}"
+            (root / folder / "Cephalograms").mkdir(parents=True, exist_ok=True)
+            (root / folder / "Cephalograms" / f"{image_id}.png").write_bytes(png_bytes((64, 48), n))
+            marks = [{"landmark_id": k, "title": f"L{k}", "value": {"x": 10 + k, "y": 20}} for k in range(29)]
+            for who in ("Senior Orthodontists", "Junior Orthodontists"):
+                notes = root / folder / "Annotations" / "Cephalometric Landmarks" / who
+                notes.mkdir(parents=True, exist_ok=True)
+                (notes / f"{image_id}.json").write_text(json.dumps({"ceph_id": image_id, "landmarks": marks}))
+    return root
+
+
+def test_a_split_scored_in_mm_without_spacing_is_refused_before_training(tmp_path, capsys):
+    from conftest import pretrain_args, refused_here
+
+    root, out = aariz_dataset(tmp_path / "aariz"), tmp_path / "out"
+    assert build("--source", f"aariz={root}", "--out", out, "--workers", 1) == 0
+    assert load(out).datasets["aariz"].source["no_spacing_by_split"] == {"test": 2, "train": 2, "val": 2}
+    assert "aariz is scored in mm, but images have no pixel spacing (test 2, train 2, val 2)" in capsys.readouterr().out
+    refused_here(capsys, ["pretrain", "run", *pretrain_args(out, tmp_path / "run", "data.datasets=[aariz]")],
+                 "2 of the 2 'val' images of dataset 'aariz' have no pixel spacing, and its errors are measured in mm")
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+    (root / "cephalogram_machine_mappings.csv").write_text(
+        "cephalogram_id,machine,pixel_size\n" + "".join(f"{s}{n},A,0.1\n" for s in "tvs" for n in range(2)))
+    assert build("--source", f"aariz={root}", "--out", tmp_path / "with_table", "--workers", 1) == 0
+    assert "no_spacing_by_split" not in load(tmp_path / "with_table").datasets["aariz"].source
+    assert "no pixel spacing" not in capsys.readouterr().out

@@ -394,6 +394,23 @@ def test_evaluate_refuses_a_head_with_other_landmarks_of_the_same_count(change, 
     check_split(Manifest({"head": DatasetInfo(HEAD, {"test": 3})}, [], 3, 0), "head", "test", bundle)
 
 
+def test_evaluate_calibrate_and_finetune_refuse_a_split_the_build_found_images_without_spacing_in():
+    from medsapiens.evaluate.evaluate import check_split
+    from medsapiens.finetune.train import evaluation_splits
+
+    needs = {d: registry.BUILTIN[d].needs_spacing for d in ("head", "hand", "chest", "leg", "aariz")}
+    assert needs == {"head": False, "hand": False, "chest": False, "leg": True, "aariz": True}  # native, wrist, px
+    leg = registry.BUILTIN["leg"]
+    bundle = SimpleNamespace(heads={"leg": 26}, landmark_sets={"leg": leg})
+    manifest = Manifest({"leg": DatasetInfo(leg, {"test": 3, "val": 2}, {"no_spacing_by_split": {"test": 1}})},
+                        [], 5, 0, location="/shards")
+    with pytest.raises(ManifestError, match="/shards: 1 of the 3 'test' images of dataset 'leg' have no pixel spacing"):
+        check_split(manifest, "leg", "test", bundle)
+    check_split(manifest, "leg", "val", bundle)
+    with pytest.raises(ManifestError, match="1 of the 3 'test' images"):  # fine-tuning: before training
+        evaluation_splits(manifest, "leg", "auto")
+
+
 # 12. model info
 
 @pytest.mark.parametrize("flags", [["--trunk-width", "0"], ["--trunk-width", "-5"], ["--heads", "-100"],
