@@ -28,6 +28,7 @@ from medsapiens.shards.readers import (
     Rejected,
     first_existing,
     optional_path,
+    point_list,
     read_json,
     read_text,
     rejected,
@@ -100,10 +101,10 @@ def table_spacing(image_id: str, table: dict[str, str] | None, path: Path | None
     return mm, mm
 
 
-def read_points(path: Path) -> tuple[list[str] | None, list[tuple[float, float]]]:
+def read_points(path: Path) -> tuple[list[str] | None, tuple[tuple[float, float], ...]]:
     """(titles, points) in file order; titles None unless every landmark has a title of its own."""
     marks = read_json(path)["landmarks"]
-    points = [(float(m["value"]["x"]), float(m["value"]["y"])) for m in marks]
+    points = point_list([[m["value"]["x"], m["value"]["y"]] for m in marks], "landmark values' x and y")
     titles = [m.get("title") for m in marks]
     titled = all(isinstance(t, str) and t for t in titles) and len(set(titles)) == len(titles)
     return (titles if titled else None), points
@@ -137,11 +138,16 @@ def scan_split(folder: Path, split: str, table: dict[str, str] | None, table_pat
         if missing:
             yield Rejected(image_id, str(missing[0]), "missing_annotation", f"no annotation file {missing[0]}", split)
             continue
+        where = paths[0]  # named by a rejection: the file at fault, the senior's for the pair and the table
         try:
-            points = mean_of_annotators(*(read_points(p) for p in paths))
+            marks = []
+            for where in paths:
+                marks.append(read_points(where))
+            where = paths[0]
+            points = mean_of_annotators(*marks)
             spacing = table_spacing(image_id, table, table_path)
         except BAD_INPUT as exc:
-            yield rejected(image_id, paths[0], exc, split=split)
+            yield rejected(image_id, where, exc, split=split)
             continue
         image = first_existing(images / f"{image_id}{suffix}" for suffix in IMAGE_SUFFIXES)
         yield RawSample(image_id, split, str(image), points, spacing_mm=spacing,

@@ -263,6 +263,16 @@ def test_aariz_annotation_nested_too_deep_is_a_rejection_naming_it(tmp_path):
     assert reasons(rejected) == {"A2": "bad_annotation"} and f"{deep}: JSON nested too deep" in rejected[0].detail
 
 
+@pytest.mark.parametrize("x", ["1", True, None])
+def test_aariz_coordinates_that_are_not_numbers_are_a_rejection_naming_the_file(tmp_path, x):
+    aariz_case(tmp_path)
+    junior = tmp_path / "train" / "Annotations" / "Cephalometric Landmarks" / "Junior Orthodontists" / "A2.json"
+    junior.write_text(json.dumps({"landmarks": [{"value": {"x": x, "y": 2}}] + [{"value": {"x": 1, "y": 2}}] * 28}))
+    samples, rejected = scan(aariz, tmp_path)
+    assert [s.source_id for s in samples] == ["A1"] and reasons(rejected) == {"A2": "bad_annotation"}
+    assert rejected[0].detail.startswith(f"{junior}: landmark values' x and y must be a list of [x, y] numbers")
+
+
 @pytest.mark.parametrize("table, message", [
     ("image_id,pixel_size\nA1,0.1\nA2,0.1\nA1,0.12\n", r"id 'A1' has spacing '0.1' at line 2 and '0.12' at line 4"),
     ("cephalogram_id,machine,pixel_size\nA1,C,0.1\nA2,0.1\n", r"line 3 is short: 2 of the header's 3 columns"),
