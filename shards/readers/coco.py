@@ -43,9 +43,11 @@ from medsapiens.shards.readers import (
 
 OPTIONS = {"split": "train", "test_fraction": "0", "test_seed": "0"}
 CARVES_TEST = True  # test_fraction > 0: a seeded test split carved from train (shards.plan.with_test)
-SPLIT_RULE = "from train/val/valid/test in the JSON file name (any case; test1, test2 kept apart), else the split option"
+SPLIT_RULE = ("from train/val/valid/test in the JSON file name (any case, a word of its own or with 'set': testset; "
+              "test1, test2 kept apart), else the split option")
 LANDMARK_SET = None
-SPLIT_IN_NAME = re.compile(r"(?:^|[_. -])(training|train|validation|valid|val|testing|test)(\d*)(?=[_. -])", re.IGNORECASE)
+SPLIT_IN_NAME = re.compile(r"(?:^|[_. ()\[\]-])(training|train|validation|valid|val|testing|test)(\d*)(?:set)?(?=[_. ()\[\]-])",
+                           re.IGNORECASE)
 SPLIT_WORDS = {"training": "train", "validation": "val", "valid": "val", "testing": "test"}
 MEDSAPIENS_NAME = re.compile(r"^(?P<set>.+)_coco_(?:train|val|valid|test)_annotations\.json$")
 IMAGE_DIRS = (".", "images", "Images")

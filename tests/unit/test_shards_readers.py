@@ -188,7 +188,8 @@ def test_coco_split_from_name_visibility_spacing_and_images_dir(tmp_path):
     ("head_coco_test_annotations.json", "test"), ("isbi_test1.json", "test1"), ("Aariz_Test_annotations.json", "test"),
     ("hand_TEST.json", "test"), ("chest_testing.json", "test"), ("leg_validation.json", "val"), ("a.valid.json", "val"),
     ("spine train.json", "train"), ("contest.json", "default"), ("person_keypoints_val2017.json", "val"),
-    ("train2017.json", "train"), ("test2017.json", "test2017")])
+    ("train2017.json", "train"), ("test2017.json", "test2017"), ("testset.json", "test"), ("test(1).json", "test"),
+    ("ceph_TrainSet.json", "train"), ("val-set.json", "val"), ("[test2] leg.json", "test2"), ("latest.json", "default")])
 def test_coco_split_from_a_word_of_the_file_name_in_any_case(name, split):
     assert coco.split_from_name(Path(name), "default") == split
 
