@@ -161,9 +161,10 @@ def selection(plan: RunPlan) -> dict:
 PUBLISHED_GLOBAL_BATCH = 8  # MedSapiens and Sapiens pose: 2 images per GPU on 4 GPUs
 
 # Keys a rerun may change and still continue the same run: none changes what trains (run_dir: a
-# run directory moved or copied elsewhere holds the same run).
+# run directory moved or copied elsewhere holds the same run; activation checkpointing recomputes the
+# same activations, so a run out of GPU memory can continue with it).
 RESUMABLE_CHANGES = {"run_dir", "train.stop_after", "train.log_every", "train.keep_last", "train.val_panels",
-                     "train.dist_timeout_s", "resume"}
+                     "train.dist_timeout_s", "model.grad_checkpointing", "resume"}
 WORLD_SIZE_CHANGES = {"data.micro_batch", "train.grad_accum"}  # to keep the global batch on another number of ranks
 
 

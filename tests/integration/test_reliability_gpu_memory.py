@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from conftest import DEMO_CONFIG, REPO, largest_micro_batches, run
 
 from medsapiens.errors import is_out_of_memory, run_command, torch_memory_report, user_line
@@ -100,3 +101,6 @@ def test_a_training_step_out_of_memory_ends_the_run_in_one_line_and_says_where_a
     assert where == f"stopped at step 3; a rerun into {run_dir} resumes from checkpoint {checkpoints.checkpoint_tag(2)}"
     assert error == (f"error: out of GPU memory at step 4 with data.micro_batch 4 ({TORCH_SAYS}): lower data.micro_batch "
                      "(raise train.grad_accum to keep the global batch) or set model.grad_checkpointing=true")
+    rerun = run([*proc.args, "model.grad_checkpointing=true"], 150)  # the advice taken: the run continues
+    assert rerun.returncode == 0 and "resumed from step 2" in rerun.stderr, rerun.stderr[-3000:]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["grad_checkpointing"] is True
