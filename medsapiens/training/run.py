@@ -194,7 +194,9 @@ def check_same_run(run_dir: Path, cfg, resume: str, manifest_digest: str, start_
     if differing:
         shown = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in list(differing.items())[:8])
         scope = (f" (resuming on another number of ranks, only {', '.join(sorted(WORLD_SIZE_CHANGES))} may change; "
-                 "an epoch schedule keeps its length only at the same global batch)" if resume == "universal" else "")
+                 "an epoch schedule keeps its length only at the same global batch)" if resume == "universal" else
+                 f" (a pretraining run changes these through `medsapiens pretrain universal {run_dir}` and "
+                 "--resume universal)" if set(differing) <= WORLD_SIZE_CHANGES else "")
         raise InputError(f"{run_dir} holds a run with other settings ({shown}{'; ...' if len(differing) > 8 else ''}): "
                          f"rerun with its settings to resume it{scope}, or start afresh in another run directory "
                          "(or with --resume none)")

@@ -32,8 +32,12 @@ def test_a_universal_resume_may_change_only_the_per_rank_batch(saved_run):
     with pytest.raises(InputError, match=r"optim.lr: 0.001 there, 0.05 now\): rerun with its settings to resume it "
                                          r"\(resuming on another number of ranks, only data.micro_batch, train.grad_accum"):
         check_same_run(run_dir, replace(cfg, optim=replace(cfg.optim, lr=0.05)), "universal", DIGEST)
-    with pytest.raises(InputError, match="data.micro_batch: 8 there, 2 now"):
+    with pytest.raises(InputError, match=r"data.micro_batch: 8 there, 2 now\): rerun with its settings to resume it "
+                                         r"\(a pretraining run changes these through `medsapiens pretrain universal "):
         check_same_run(run_dir, replace(cfg, data=replace(cfg.data, micro_batch=2)), "auto", DIGEST)
+    with pytest.raises(InputError, match=r"optim.lr: 0.001 there, 0.05 now\): rerun with its settings to resume it, or"):
+        check_same_run(run_dir, replace(cfg, data=replace(cfg.data, micro_batch=2), optim=replace(cfg.optim, lr=0.05)),
+                       "auto", DIGEST)
 
 
 def test_a_resume_at_another_precision_than_the_run_trained_at_is_refused(saved_run):
