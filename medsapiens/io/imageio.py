@@ -25,6 +25,11 @@ Display rule (what `decode` returns):
 - A multi-frame DICOM or multi-page TIFF needs a frame index (`frame`); without one it is rejected
   with that reason.
 - Float (mode F) pixels must be finite and within 0..65535: NaN or infinity is rejected, never read as 0.
+  A float image whose values all lie within 0..1 holds fractions of white, as float images usually do:
+  it is scaled onto 0..65535, not rounded to black and white.
+- PNG and JPEG are shown upright, as viewers show them: an EXIF Orientation other than 1 is applied,
+  so landmarks placed on screen and the predictions written fall on the image as seen. A TIFF stored
+  turned or mirrored is rejected (PIL reads such files differently by version and compression).
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 from isal import isal_zlib
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medsapiens.errors import InputError
 from medsapiens.io.record import Rejection, check_image_size
@@ -49,6 +54,7 @@ RESAMPLE = Image.Resampling.LANCZOS  # PIL widens the kernel when downscaling: a
 # The formats PIL may open, whatever a file is named: PIL knows others, and some run programs (EPS
 # runs Ghostscript on the file's PostScript).
 FILE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+ORIENTATION_TAG = 0x0112  # EXIF and TIFF: 1 upright, 2-8 mirrored and/or rotated; 5-8 swap width and height
 
 
 def decode(path: str, frame: int | None = None) -> np.ndarray:
@@ -64,6 +70,7 @@ def decode(path: str, frame: int | None = None) -> np.ndarray:
     with image:
         pick_page(image, path, frame)
         check_decodable(*image.size, path)
+        turn = orientation(image, path)  # before load: PIL's TIFF loading consumes the tag
         try:
             image.load()
         except Image.DecompressionBombError as exc:
@@ -71,16 +78,39 @@ def decode(path: str, frame: int | None = None) -> np.ndarray:
         except Exception as exc:  # noqa: BLE001
             reason = "truncated_image" if "truncated" in str(exc) or isinstance(exc, EOFError) else "unreadable_image"
             raise Rejection(reason, f"{path}: {exc}") from None
-        pixels = pil_to_array(image, path)
+        pixels = pil_to_array(image if turn == 1 else ImageOps.exif_transpose(image), path)
     return by_significant_bits(pixels) if pixels.dtype == np.uint16 else pixels
 
 
 def open_image(source) -> Image.Image:
-    """PIL's image of a path or file object, in one of FILE_FORMATS only."""
+    """PIL's image of a path or file object, in one of FILE_FORMATS only. PIL's own pixel bound is lifted
+    while it reads the header: check_decodable bounds the size before any pixel is decoded, at
+    max_pixels(), which MEDSAPIENS_MAX_PIXELS may set past PIL's fixed 179 megapixels."""
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         return Image.open(source, formats=FILE_FORMATS)
     except UnidentifiedImageError:
         raise InputError(f"not a {', '.join(FILE_FORMATS[:-1])} or {FILE_FORMATS[-1]} image") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def orientation(image: Image.Image, path) -> int:
+    """The EXIF Orientation of an image opened but not loaded (1: upright; an unknown value counts as 1).
+    A TIFF stored rotated or mirrored is refused: PIL turns some upright as it loads them and garbles
+    others (uncompressed ones, in Pillow 13), by version."""
+    value = image.getexif().get(ORIENTATION_TAG, 1)
+    turn = value if value in range(1, 9) else 1
+    if turn != 1 and image.format == "TIFF":
+        raise Rejection("unreadable_image", f"{path}: a TIFF stored turned or mirrored (Orientation {turn}) is not "
+                                            "read reliably; save the image upright, or as PNG")
+    return turn
+
+
+def displayed_size(image: Image.Image, path) -> tuple[int, int]:
+    """(width, height) of the upright image, from the header alone."""
+    width, height = image.size
+    return (height, width) if orientation(image, path) >= 5 else (width, height)
 
 
 def pick_page(image: Image.Image, path: str, frame: int | None) -> None:
@@ -157,6 +187,8 @@ def pil_to_array(image: Image.Image, where: str) -> np.ndarray:
             raise Rejection("unreadable_image", f"{where}: NaN or infinite pixels")
         if values.min() < 0 or values.max() > 65535:
             raise Rejection("unreadable_image", f"{where}: {image.mode} pixels outside 0..65535 are not supported")
+        if image.mode == "F" and values.max() <= 1:
+            return from_unit(values, 16)
         return np.rint(values).astype(np.uint16)
     if image.mode == "L":
         return np.asarray(image)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medsapiens.io.imageio import open_image
+from medsapiens.io.imageio import displayed_size, open_image
 from medsapiens.shards.readers import BAD_INPUT, RawSample, Rejected, Unlabelled, order_split, read_text, rejected
 
 OPTIONS: dict[str, str] = {}
@@ -61,7 +61,7 @@ def scan(root: Path, options: dict):
             continue
         try:
             with open_image(image) as im:
-                width, height = im.size
+                width, height = displayed_size(im, image)
         except Exception as exc:  # noqa: BLE001 - any decoder failure means the same to us
             yield Rejected(name, str(image), "unreadable_image", f"{image}: {exc}", split)
             continue

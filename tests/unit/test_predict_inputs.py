@@ -21,7 +21,7 @@ from medsapiens.evaluate.predict import predict
 from medsapiens.evaluate.report import build_report, score_files
 from medsapiens.evaluation.metrics import Protocol
 from medsapiens.io import registry
-from medsapiens.io.imageio import decode, decode_png
+from medsapiens.io.imageio import decode, decode_png, to_float
 from medsapiens.io.manifest import DatasetInfo, Manifest, ManifestError
 from medsapiens.io.record import Rejection
 from medsapiens.launch.cli import main
@@ -293,6 +293,38 @@ def test_a_float_tiff_with_non_finite_pixels_is_unreadable(tmp_path, bad):
     with pytest.raises(Rejection) as refused:
         decode(str(tmp_path / "f.tif"))
     assert refused.value.reason == "unreadable_image" and "NaN or infinite pixels" in refused.value.detail
+
+
+def test_a_float_image_of_fractions_is_scaled_not_rounded_to_black_and_white(tmp_path):
+    fractions = np.tile(np.linspace(0, 1, 32, dtype=np.float32), (24, 1))
+    Image.fromarray(fractions, "F").save(tmp_path / "unit.tif")
+    Image.fromarray(np.rint(fractions * 255).astype(np.uint8)).save(tmp_path / "eight_bit.png")
+    as_fractions, as_bytes = to_float(decode(str(tmp_path / "unit.tif"))), to_float(decode(str(tmp_path / "eight_bit.png")))
+    assert np.abs(as_fractions - as_bytes).max() <= 0.5  # the same picture, within an 8-bit rounding
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_an_image_is_read_upright_as_its_orientation_tag_shows_it(tmp_path, suffix):
+    from medsapiens.io.imageio import displayed_size, open_image
+
+    stored = np.zeros((40, 60), np.uint8)
+    stored[5:8, 50:53] = 255  # near the top right corner as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # viewers turn it 90 degrees clockwise: the spot comes to the bottom right
+    Image.fromarray(stored).save(tmp_path / f"r{suffix}", exif=exif, **({"quality": 100} if suffix == ".jpg" else {}))
+    shown = decode(str(tmp_path / f"r{suffix}"))
+    assert shown.shape == (60, 40) and np.unravel_index(shown.argmax(), shown.shape) in {(50, 32), (50, 33), (50, 34)}
+    with open_image(tmp_path / f"r{suffix}") as image:
+        assert displayed_size(image, "r") == (40, 60)
+
+
+@pytest.mark.parametrize("compression", [None, "tiff_lzw"])
+def test_a_tiff_stored_turned_is_refused_not_read_garbled(tmp_path, compression):
+    path = tmp_path / "turned.tif"
+    Image.fromarray(np.zeros((40, 60), np.uint8)).save(path, tiffinfo={0x0112: 6}, compression=compression)
+    with pytest.raises(Rejection) as refused:
+        decode(str(path))
+    assert refused.value.reason == "unreadable_image" and "stored turned or mirrored (Orientation 6)" in refused.value.detail
 
 
 # 9. deeply nested JSON
