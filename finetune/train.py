@@ -44,20 +44,20 @@ def check_config(cfg: FinetuneConfig) -> None:
     if cfg.resume not in RESUME_MODES:
         raise InputError(f"resume must be one of {RESUME_MODES}, got {cfg.resume!r}")
     if not cfg.dataset:
-        raise InputError("no dataset given (--dataset ID, or the key dataset=ID)")
+        raise InputError("no dataset given (the key dataset=ID; `medsapiens finetune` also takes --dataset ID)")
     if cfg.init == "bundle" and not cfg.bundle:
-        raise InputError("init 'bundle' needs a bundle (--bundle DIR, or the key bundle=DIR)")
+        raise InputError("init 'bundle' needs a bundle (the key bundle=DIR; `medsapiens finetune` also takes --bundle DIR)")
     if cfg.init == "sapiens" and not cfg.model.checkpoint:
-        raise InputError("init 'sapiens' needs a Sapiens checkpoint (--checkpoint FILE, or the key "
-                         "model.checkpoint=FILE)")
+        raise InputError("init 'sapiens' needs a Sapiens checkpoint (the key model.checkpoint=FILE; `medsapiens "
+                         "finetune` also takes --checkpoint FILE)")
     if cfg.shots < 0 or cfg.shot_seed < 0 or any(seed < 0 for seed in cfg.seeds):
-        raise InputError(f"--shots, --seed and --seeds must not be negative (got shots {cfg.shots}, seed "
-                         f"{cfg.shot_seed}, seeds {cfg.seeds})")
+        raise InputError(f"shots, shot_seed and seeds (--shots, --seed, --seeds) must not be negative (got shots "
+                         f"{cfg.shots}, shot_seed {cfg.shot_seed}, seeds {cfg.seeds})")
     repeated = sorted({seed for seed in cfg.seeds if cfg.seeds.count(seed) > 1})
     if repeated:
-        raise InputError(f"--seeds lists seed(s) {repeated} more than once: each seed is one run")
+        raise InputError(f"seeds (--seeds) lists seed(s) {repeated} more than once: each seed is one run")
     if cfg.data.micro_batch < 1:  # before check_settings, to name the flag fine-tuning users give
-        raise InputError(f"--batch-size (data.micro_batch) must be at least 1, got {cfg.data.micro_batch}")
+        raise InputError(f"data.micro_batch (--batch-size) must be at least 1, got {cfg.data.micro_batch}")
     if cfg.calibration_coverage:
         conformal.check_coverage(cfg.calibration_coverage, "calibration_coverage")
     check_settings(cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import socket
 from pathlib import Path
 
 from medsapiens.errors import UserError
@@ -23,6 +24,8 @@ def read_hostfile(path: str | Path) -> dict[str, int]:
         text = Path(path).read_text()
     except FileNotFoundError:
         raise HostError(f"hostfile not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise HostError(f"{path}: not UTF-8 text (byte {exc.start}); expected lines 'HOST slots=N'") from None
     hosts: dict[str, int] = {}
     first_seen: dict[str, int] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
@@ -41,6 +44,12 @@ def read_hostfile(path: str | Path) -> dict[str, int]:
     if not hosts:
         raise HostError(f"{path}: no hosts; expected lines 'HOST slots=N'")
     return hosts
+
+
+def is_this_machine(host: str) -> bool:
+    """A hostfile entry that names the launching machine (by its name, its short name or loopback)."""
+    names = {"localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()}
+    return host in names | {name.split(".")[0] for name in names if not name[:1].isdigit()}
 
 
 def hostfile_text(hosts: dict[str, int]) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -34,6 +35,13 @@ PLACEHOLDER_MARKS = ("YOUR-BUCKET", "/path/to/")  # what the shipped experiment 
 EXAMPLE_CONFIGS = {"pretrain": "launch/experiments/sapiens_0.3b.yaml",
                    "finetune": "launch/experiments/medsapiens_0.3b_finetune.yaml"}
 STOP_GRACE_S = 40.0  # DeepSpeed's per-node launcher gives its ranks 30 s to end before it kills them
+# Not a regular file: DeepSpeed then starts the ranks here only. Without --hostfile it reads its default,
+# /job/hostfile, which some cluster images hold, and would start a "local" launch on the hosts listed there.
+LOCAL_ONLY_HOSTFILE = os.devnull
+# What pdsh's remote shell takes literally in an argument DeepSpeed passes on unquoted; one holding a
+# space DeepSpeed wraps in double quotes, where rank_env.NOT_EXPORTABLE's characters still act.
+SHELL_SAFE_ARGUMENT = re.compile(r"[\w./:=,+@%\[\]-]*")
+SSH_CHECK_TIMEOUT_S = 20
 
 DESCRIPTION = """\
 Start the DeepSpeed ranks of a training run (`python -m medsapiens.pretrain` / `python -m medsapiens.finetune` on every rank).
@@ -111,6 +119,7 @@ class Plan:
     ranks: int | None = None  # None: one per local accelerator, counted by DeepSpeed
     notes: list[str] = field(default_factory=list)  # printed with the plan
     env: dict[str, str] = field(default_factory=dict)  # set for the runner, shown in the command
+    remote_hosts: list[str] = field(default_factory=list)  # the hosts DeepSpeed reaches over ssh with pdsh
 
     @property
     def env_file_path(self) -> Path:
@@ -133,6 +142,7 @@ def run_launch(args) -> int:
         print(describe(plan, os.environ, args.stage), flush=True)
         if args.dry_run:
             return 0
+        check_reachable(plan.remote_hosts)
         write_launch_files(plan)
         return run_command(plan.argv, {**os.environ, **plan.extra_env}, launch_dir=str(launch_dir))
 
@@ -195,8 +205,56 @@ def make_plan(args, environ: Mapping[str, str], cwd: Path, launch_dir: Path) -> 
         plan = hostfile_plan(args, environ, cwd, launch_dir)
     else:
         plan = local_plan(args, environ, launch_dir)
+    if plan.remote_hosts:
+        check_remote_shell_safe(cwd, stage_args)
     plan.argv += ["--module", *stage_args]
     return plan
+
+
+def check_remote_shell_safe(cwd: Path, arguments: list[str]) -> None:
+    """pdsh hands DeepSpeed's command to a remote shell as one line: the working directory unquoted,
+    every argument too unless it holds a space (then in double quotes). A character that shell acts on
+    would change or break what the ranks are given, after this machine checked and printed another."""
+    passes = "letters, digits and _ . / : = , + @ % [ ] - pass as they are"
+    if not SHELL_SAFE_ARGUMENT.fullmatch(str(cwd)):
+        raise LaunchError(f"the working directory {str(cwd)!r}: a launch over ssh has the hosts' shell change to it "
+                          f"unquoted ({passes}); launch from a directory with a plain path")
+    for argument in arguments:
+        if rank_env.NOT_EXPORTABLE.search(argument) if " " in argument else not SHELL_SAFE_ARGUMENT.fullmatch(argument):
+            raise LaunchError(f"{argument!r}: a launch over ssh passes it to the hosts' shell, which would act on "
+                              f"its characters ({passes}); put the value in the config file, or rename the path")
+
+
+def check_remote_tools() -> None:
+    if not shutil.which("pdsh"):
+        raise LaunchError("a launch over ssh needs pdsh on this machine (DeepSpeed starts the ranks of every host "
+                          "with it): install it (e.g. apt install pdsh), or launch with --slurm")
+
+
+def check_reachable(remote_hosts: list[str]) -> None:
+    """Each host answers ssh without a password, as DeepSpeed's pdsh launch needs: checked here, all at
+    once, for one line naming those that do not (DeepSpeed's own check ends in a traceback)."""
+    if not remote_hosts:
+        return
+    checks = {host: subprocess.Popen(["ssh", "-o", "PasswordAuthentication=no", "-o", "BatchMode=yes", "-o",
+                                      f"ConnectTimeout={SSH_CHECK_TIMEOUT_S // 2}", host, "true"],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True)
+              for host in remote_hosts}
+    failed = {}
+    for host, check in checks.items():
+        try:
+            _, err = check.communicate(timeout=SSH_CHECK_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            check.kill()
+            check.communicate()
+            err = f"no answer within {SSH_CHECK_TIMEOUT_S} s"
+        if check.returncode:
+            failed[host] = (err.strip().splitlines() or [f"ssh exited {check.returncode}"])[-1]
+    if failed:
+        shown = "; ".join(f"{host}: {why}" for host, why in failed.items())
+        raise LaunchError(f"cannot reach {len(failed)} of the {len(remote_hosts)} host(s) by ssh without a password, "
+                          f"as the launch needs ({shown})")
 
 
 def local_plan(args, environ: Mapping[str, str], launch_dir: Path) -> Plan:
@@ -205,7 +263,7 @@ def local_plan(args, environ: Mapping[str, str], launch_dir: Path) -> Plan:
     from medsapiens.distributed import free_port
 
     port = args.master_port or free_port()
-    argv = [deepspeed_executable()]
+    argv = [deepspeed_executable(), "--hostfile", LOCAL_ONLY_HOSTFILE]
     check_gpu_count(args.gpus, "--gpus")
     visible = visible_subset(args.gpus, environ)
     if args.gpus and visible is None:
@@ -213,8 +271,15 @@ def local_plan(args, environ: Mapping[str, str], launch_dir: Path) -> Plan:
     argv += ["--master_port", str(port)]
     ranks = f"{args.gpus} rank(s)" if args.gpus else "one rank per local accelerator"
     on = f" on GPUs {visible}" if visible else ""
-    return Plan(f"this machine, {ranks}{on}, master 127.0.0.1:{port}", argv, launch_dir, ranks=args.gpus,
-                env={VISIBLE_DEVICES: visible} if visible else {})
+    return Plan(f"this machine, {ranks}{on}, master 127.0.0.1:{port}", argv, launch_dir,
+                ranks=args.gpus or local_gpu_count(), env={VISIBLE_DEVICES: visible} if visible else {})
+
+
+def local_gpu_count() -> int | None:
+    """The ranks DeepSpeed starts here without --num_gpus on a GPU machine; None on a CPU one (its count)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else None
 
 
 def check_gpu_count(gpus: int | None, flag: str) -> None:
@@ -257,12 +322,17 @@ def hostfile_plan(args, environ: Mapping[str, str], cwd: Path, launch_dir: Path)
     if args.gpus:
         argv += ["--num_gpus", str(args.gpus)]
     argv += ["--master_addr", master, "--master_port", str(port)]
-    over_ssh = len(used) > 1  # with one host DeepSpeed starts the ranks here, in this environment
+    # DeepSpeed starts a single host's ranks here, whichever host it is: one that is not this machine
+    # is reached over ssh as several are (--force_multi)
+    over_ssh = len(used) > 1 or not hosts.is_this_machine(master)
     if over_ssh:
+        check_remote_tools()
         argv += ["--log_level", "warning"]  # at info it logs the pdsh command with every exported value
+        argv += [] if len(used) > 1 else ["--force_multi"]
     summary = f"{len(used)} host(s) from {args.hostfile}, {sum(used.values())} rank(s), master {master}:{port}"
     env_file = rank_env.env_file_variables(environ, cwd) if over_ssh else None
-    return Plan(summary, argv, launch_dir, env_file=env_file, ranks=sum(used.values()))
+    return Plan(summary, argv, launch_dir, env_file=env_file, ranks=sum(used.values()),
+                remote_hosts=list(used) if over_ssh else [])
 
 
 def slurm_plan(args, environ: Mapping[str, str], launch_dir: Path) -> Plan:
@@ -276,6 +346,7 @@ def slurm_plan(args, environ: Mapping[str, str], launch_dir: Path) -> Plan:
         raise LaunchError(f"--nodes {args.nodes}, but the SLURM job has {len(nodes)} node(s) ({nodelist})")
     check_one_launcher_per_node(environ, len(nodes))
     node_rank = slurm_node_rank(environ, nodes)
+    check_slurm_gpus(args.gpus, environ)
     slots, notes = (args.gpus, []) if args.gpus else slurm_slots(environ)
     port = args.master_port or slurm_port(_required(environ, "SLURM_JOB_ID"))
     argv = [deepspeed_executable(), "--hostfile", str(launch_dir / HOSTFILE_NAME), "--no_ssh",
@@ -311,6 +382,14 @@ def slurm_node_rank(environ: Mapping[str, str], nodes: list[str]) -> int:
     if here and here != nodes[int(node_id)]:
         raise LaunchError(f"--slurm: SLURM_NODEID={node_id} names {nodes[int(node_id)]}, but this is {here}")
     return int(node_id)
+
+
+def check_slurm_gpus(gpus: int | None, environ: Mapping[str, str]) -> None:
+    """--gpus within the GPUs SLURM gave each node: a rank past them fails on an invalid device."""
+    given = environ.get(SLURM_SLOT_VARIABLES[0], "")
+    if gpus and given.isdigit() and gpus > int(given):
+        raise LaunchError(f"--gpus {gpus}, but SLURM gave each node {given} GPU(s) ({SLURM_SLOT_VARIABLES[0]}); "
+                          f"give --gpus {given} or fewer, or ask SLURM for more (--gpus-per-node)")
 
 
 def slurm_slots(environ: Mapping[str, str]) -> tuple[int, list[str]]:

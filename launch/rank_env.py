@@ -21,6 +21,7 @@ SECRET_WORDS = ("SECRET", "TOKEN", "PASSWORD", "KEY", "CREDENTIAL")  # AWS_ACCES
 FROM_ENVIRONMENT = "environment"
 # DeepSpeed wraps an exported value in double quotes for the remote shell, where these still act.
 NOT_EXPORTABLE = re.compile(r'["$`\\\n]')
+URL_PASSWORD = re.compile(r"://[^/@\s]*:[^/@\s]*@")  # postgres://user:password@host: shown as <set> too
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,8 @@ class Variable:
     source: str = FROM_ENVIRONMENT  # or the `.deepspeed_env` file it came from
 
     def shown(self) -> str:
-        value = "<set>" if any(word in self.name for word in SECRET_WORDS) else self.value
+        secret = any(word in self.name for word in SECRET_WORDS) or URL_PASSWORD.search(self.value)
+        value = "<set>" if secret else self.value
         origin = "" if self.source == FROM_ENVIRONMENT else f"  (from {self.source})"
         return f"{self.name}={value}{origin}"
 

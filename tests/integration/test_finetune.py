@@ -197,7 +197,7 @@ def test_two_rank_finetune_from_a_raw_sapiens_checkpoint(phantom_shards, tmp_pat
 @pytest.mark.timeout(120)
 def test_finetune_refuses_bad_starts_clearly(phantom_shards, tmp_path):
     proc = run([*CLI, "finetune", *finetune_args(phantom_shards, tmp_path / "x", "--dataset", "leg", "--init", "sapiens")], 60)
-    assert proc.returncode != 0 and "needs a Sapiens checkpoint (--checkpoint FILE" in proc.stderr
+    assert proc.returncode != 0 and "needs a Sapiens checkpoint (the key model.checkpoint=FILE; `medsapiens finetune` also takes --checkpoint FILE)" in proc.stderr
     proc = run([*CLI, "finetune", *finetune_args(phantom_shards, tmp_path / "x", "--dataset", "knee", "--init", "scratch",
                                                  "--steps", "2")], 120)
     assert proc.returncode != 0 and "dataset 'knee' is not in the manifest" in proc.stderr

@@ -57,6 +57,27 @@ def hostfile(tmp_path):
     return path
 
 
+@pytest.fixture
+def remote_tools(monkeypatch, tmp_path):
+    """pdsh and ssh for a launch over ssh: pdsh is only looked for; ssh logs the host it is asked to reach
+    and answers for every host but those named down-*, as ssh does for a name it cannot resolve."""
+    tools = tmp_path / "remote-tools"
+    tools.mkdir()
+    (tools / "pdsh").write_text("#!/bin/sh\nexit 0\n")
+    (tools / "ssh").write_text(f"""#!{sys.executable}
+import sys
+host = sys.argv[-2]
+with open({str(tools / "ssh.log")!r}, "a") as log:
+    log.write(host + "\\n")
+if host.startswith("down-"):
+    sys.exit(f"ssh: Could not resolve hostname {{host}}: Name or service not known")
+""")
+    for tool in ("pdsh", "ssh"):
+        (tools / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
+    return tools / "ssh.log"
+
+
 def launch(capsys, *args) -> tuple[int, str, str]:
     status = main(["launch", *args])
     out, err = capsys.readouterr()
@@ -86,12 +107,12 @@ def test_local_dry_run_prints_the_exact_command(capsys):
                             "--dry-run", "train.max_steps=4", "data.datasets=[head, hand]")
     assert status == 0
     assert out.splitlines()[0] == "medsapiens launch pretrain: this machine, 2 rank(s), master 127.0.0.1:29123"
-    assert printed_command(out) == (f"{DEEPSPEED} --num_gpus 2 --master_port 29123 --module medsapiens.pretrain --config {DEMO} "
+    assert printed_command(out) == (f"{DEEPSPEED} --hostfile /dev/null --num_gpus 2 --master_port 29123 --module medsapiens.pretrain --config {DEMO} "
                                     "train.max_steps=4 'data.datasets=[head, hand]'")
     status, out, _ = launch(capsys, "pretrain", "--config", DEMO, "--dry-run", "--resume", "universal")
     port = int(out.splitlines()[0].rsplit(":", 1)[1])  # a free port, picked here
     assert 1024 < port < 65536
-    assert printed_command(out) == f"{DEEPSPEED} --master_port {port} --module medsapiens.pretrain --config {DEMO} --resume universal"
+    assert printed_command(out) == f"{DEEPSPEED} --hostfile /dev/null --master_port {port} --module medsapiens.pretrain --config {DEMO} --resume universal"
 
 
 def one_gpu_machine(monkeypatch, visible: str | None = None) -> None:
@@ -126,17 +147,19 @@ def test_ranks_past_the_gpus_are_refused_and_visible_devices_are_kept(capsys, mo
     status, out, _ = launch(capsys, "pretrain", "--config", DEMO, "--gpus", "2", "--master-port", "29123", "--dry-run")
     assert status == 0 and out.splitlines()[0] == ("medsapiens launch pretrain: this machine, 2 rank(s) on GPUs 4,5, "
                                                    "master 127.0.0.1:29123")
-    assert printed_command(out) == (f"CUDA_VISIBLE_DEVICES=4,5 {DEEPSPEED} --master_port 29123 --module "
+    assert printed_command(out) == (f"CUDA_VISIBLE_DEVICES=4,5 {DEEPSPEED} --hostfile /dev/null --master_port 29123 --module "
                                     f"medsapiens.pretrain --config {DEMO}")
     status, _, err = launch(capsys, "pretrain", "--config", DEMO, "--gpus", "4", "--dry-run")
     assert status == 2 and "--gpus 4: this machine has 3 GPU(s) (CUDA_VISIBLE_DEVICES=4,5,6)" in err
+    status, out, _ = launch(capsys, "pretrain", "--config", DEMO, "--dry-run")  # one rank per GPU, as DeepSpeed counts
+    assert status == 0 and "global batch: 3 rank(s) x micro-batch 8 x accumulation 1 = 24 (" in out
     one_gpu_machine(monkeypatch, "GPU-8f2c")  # a UUID, which DeepSpeed cannot name: left to --num_gpus
     status, out, _ = launch(capsys, "pretrain", "--config", DEMO, "--gpus", "1", "--master-port", "29123", "--dry-run")
-    assert status == 0 and printed_command(out).startswith(f"{DEEPSPEED} --num_gpus 1 --master_port 29123 ")
+    assert status == 0 and printed_command(out).startswith(f"{DEEPSPEED} --hostfile /dev/null --num_gpus 1 --master_port 29123 ")
 
 
 @pytest.mark.timeout(60)
-def test_hostfile_dry_run_prints_command_env_file_names_and_no_secret(capfd, s3_env, hostfile):
+def test_hostfile_dry_run_prints_command_env_file_names_and_no_secret(capfd, s3_env, hostfile, remote_tools):
     status, out, err = launch(capfd, "pretrain", "--config", DEMO, "--hostfile", str(hostfile), "--nodes", "2",
                               "--dry-run", "train.max_steps=10")
     assert status == 0, err
@@ -159,6 +182,9 @@ def test_hostfile_gpus_above_a_hosts_slots_is_refused(capsys, hostfile):
     status, _, err = launch(capsys, "pretrain", "--config", DEMO, "--hostfile", str(hostfile), "--gpus", "3",
                             "--dry-run")
     assert status == 2 and "--gpus 3 is more than" in err and "node-c (slots=2)" in err
+    hostfile.write_bytes(b"node-a slots=4\nn\xffde slots=4\n")
+    status, _, err = launch(capsys, "pretrain", "--config", DEMO, "--hostfile", str(hostfile), "--dry-run")
+    assert status == 2 and err.strip() == f"error: {hostfile}: not UTF-8 text (byte 16); expected lines 'HOST slots=N'"
 
 
 def slurm_node(monkeypatch, node_id: int, job_id: str = "73581") -> None:
@@ -196,6 +222,9 @@ def test_slurm_dry_run_agrees_across_nodes_but_for_the_node_rank(capsys, monkeyp
                        "bundle=b")
     assert f"master gpu-01:{launcher.slurm_port('73582')}," in out and launcher.slurm_port("73582") != port
     assert "3 SLURM node(s) x 2 = 6 rank(s)" in out and "--module medsapiens.finetune" in printed_command(out)
+    status, _, err = launch(capsys, "pretrain", "--config", DEMO, "--slurm", "--dry-run", "--gpus", "8")
+    assert status == 2 and err.strip() == ("error: --gpus 8, but SLURM gave each node 4 GPU(s) (SLURM_GPUS_ON_NODE); "
+                                           "give --gpus 4 or fewer, or ask SLURM for more (--gpus-per-node)")
 
 
 @pytest.mark.timeout(60)
@@ -273,31 +302,82 @@ sys.exit(3)
 
 @pytest.mark.timeout(60)
 def test_env_file_is_private_merges_the_users_and_no_output_shows_a_secret(capfd, monkeypatch, tmp_path,
-                                                                            s3_env, hostfile):
+                                                                            s3_env, hostfile, remote_tools):
     monkeypatch.setattr(launcher, "deepspeed_executable", lambda: str(fake_deepspeed(tmp_path)))
     user_file = Path(".deepspeed_env")
-    user_file.write_text("# mine\nNCCL_DEBUG=INFO\nMY_FLAG=1\n")
+    user_file.write_text("# mine\nNCCL_DEBUG=INFO\nMY_FLAG=1\nDB_URL=postgres://me:hunter2@db/x\n")
     status, out, err = launch(capfd, "pretrain", "--config", DEMO, "--hostfile", str(hostfile))
     assert status == 3  # the launcher's exit status is forwarded
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["mode"] == 0o600 and record["dir_mode"] == 0o700
     assert record["lines"] == [f"AWS_ACCESS_KEY_ID={KEY_ID}", "AWS_ENDPOINT_URL=http://127.0.0.1:9000",
                                "AWS_REGION=eu-west-1", f"AWS_SECRET_ACCESS_KEY={SECRET}",
-                               f"AWS_SESSION_TOKEN={TOKEN}", "NCCL_DEBUG=INFO", "MY_FLAG=1"]
+                               f"AWS_SESSION_TOKEN={TOKEN}", "NCCL_DEBUG=INFO", "MY_FLAG=1",
+                               "DB_URL=postgres://me:hunter2@db/x"]
     assert record["argv"][:2] == ["--hostfile", str(hostfile)]
     assert not Path(record["env_file"]).parent.exists()  # removed after the run
-    assert user_file.read_text() == "# mine\nNCCL_DEBUG=INFO\nMY_FLAG=1\n"  # untouched
+    assert user_file.read_text() == "# mine\nNCCL_DEBUG=INFO\nMY_FLAG=1\nDB_URL=postgres://me:hunter2@db/x\n"  # untouched
     assert f"NCCL_DEBUG=INFO  (from {Path.cwd() / '.deepspeed_env'})" in out
-    for secret in (SECRET, TOKEN, KEY_ID):
+    assert f"DB_URL=<set>  (from {Path.cwd() / '.deepspeed_env'})" in out  # a password in a URL
+    for secret in (SECRET, TOKEN, KEY_ID, "hunter2"):
         assert secret not in out + err
+    assert sorted(remote_tools.read_text().split()) == ["node-a", "node-b", "node-c"]  # each reached before the launch
 
 
 @pytest.mark.timeout(60)
-def test_a_value_the_remote_shell_would_expand_is_refused_without_showing_it(capsys, monkeypatch, hostfile):
+def test_a_value_the_remote_shell_would_expand_is_refused_without_showing_it(capsys, monkeypatch, hostfile, remote_tools):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "abc$HOME")
     status, out, err = launch(capsys, "pretrain", "--config", DEMO, "--hostfile", str(hostfile), "--dry-run")
     assert status == 2 and "AWS_SECRET_ACCESS_KEY: its value holds a character" in err
     assert "abc$HOME" not in out + err
+
+
+@pytest.mark.timeout(60)
+def test_one_host_elsewhere_is_reached_over_ssh_and_one_here_runs_here(capsys, tmp_path, remote_tools):
+    """DeepSpeed starts a single host's ranks on the launching machine, whichever host it names."""
+    import socket
+
+    elsewhere, here = tmp_path / "elsewhere", tmp_path / "here"
+    elsewhere.write_text("gpu-a slots=2\ngpu-b slots=2\n")
+    here.write_text(f"{socket.gethostname()} slots=2\n")
+    status, out, err = launch(capsys, "pretrain", "--config", DEMO, "--hostfile", str(elsewhere), "--nodes", "1",
+                              "--dry-run")
+    assert status == 0, err
+    assert " --log_level warning --force_multi --module " in printed_command(out) and "env file LAUNCH_DIR" in out
+    status, out, err = launch(capsys, "pretrain", "--config", DEMO, "--hostfile", str(here), "--dry-run")
+    assert status == 0, err
+    assert "--force_multi" not in out and "the ranks inherit this environment" in out
+
+
+@pytest.mark.timeout(60)
+def test_a_launch_over_ssh_without_pdsh_is_refused_in_one_line(capsys, monkeypatch, hostfile):
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # no pdsh on it
+    status, _, err = launch(capsys, "pretrain", "--config", DEMO, "--hostfile", str(hostfile), "--dry-run")
+    assert status == 2 and err.strip() == ("error: a launch over ssh needs pdsh on this machine (DeepSpeed starts "
+                                           "the ranks of every host with it): install it (e.g. apt install pdsh), or "
+                                           "launch with --slurm")
+
+
+@pytest.mark.timeout(60)
+def test_a_launch_over_ssh_refuses_unreachable_hosts_and_arguments_the_remote_shell_would_change(
+        capsys, monkeypatch, tmp_path, remote_tools):
+    monkeypatch.setattr(launcher, "deepspeed_executable", lambda: str(fake_deepspeed(tmp_path)))
+    hosts = tmp_path / "hosts"
+    hosts.write_text("gpu-a slots=1\ndown-b slots=1\ndown-c slots=1\n")
+    status, _, err = launch(capsys, "pretrain", "--config", DEMO, "--hostfile", str(hosts))
+    assert status == 2 and err.strip() == (
+        "error: cannot reach 2 of the 3 host(s) by ssh without a password, as the launch needs (down-b: ssh: Could "
+        "not resolve hostname down-b: Name or service not known; down-c: ssh: Could not resolve hostname down-c: "
+        "Name or service not known)")
+    assert not (tmp_path / "record.json").exists()  # DeepSpeed never started
+    for override, shown in (("run_dir=runs/{a,b}", "'run_dir=runs/{a,b}'"),  # brace expansion: two arguments there
+                            ("run_dir=runs/exp(lr=2e-4)", "'run_dir=runs/exp(lr=2e-4)'"),
+                            ("run_dir=runs/$USER x", "'run_dir=runs/$USER x'")):
+        status, _, err = launch(capsys, "pretrain", "--config", DEMO, "--hostfile", str(hosts), "--dry-run", override)
+        assert status == 2 and err.startswith(f"error: {shown}: a launch over ssh passes it to the hosts' shell"), err
+    status, out, err = launch(capsys, "pretrain", "--config", DEMO, "--hostfile", str(hosts), "--dry-run",
+                              "data.datasets=[head, hand]", "data.shards=s3://b/p")  # double-quoted, as it is
+    assert status == 0, err
 
 
 @pytest.mark.timeout(60)

@@ -66,7 +66,7 @@ def test_one_seed_is_the_run_one_of_several_seeds_would_be():
 def test_a_negative_shot_seed_a_coverage_past_1_and_a_test_split_to_train_on_are_refused_by_name():
     from medsapiens.finetune.train import check_config
 
-    with pytest.raises(InputError, match=r"--shots, --seed and --seeds must not be negative \(got shots 3, seed -1"):
+    with pytest.raises(InputError, match=r"shots, shot_seed and seeds \(--shots, --seed, --seeds\) must not be negative \(got shots 3, shot_seed -1"):
         check_config(configlib.load(FinetuneConfig, None, ["dataset=leg", "bundle=b", "shots=3", "shot_seed=-1"]))
     with pytest.raises(InputError, match=r"^calibration_coverage must lie strictly between 0 and 1, got 1.5$"):
         check_config(configlib.load(FinetuneConfig, None, ["dataset=leg", "bundle=b", "calibration_coverage=1.5"]))

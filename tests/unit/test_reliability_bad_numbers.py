@@ -77,10 +77,11 @@ def test_launch_finetune_checks_the_stage_before_any_rank_starts(capsys):
     """What a fine-tuning rank would refuse at once (no dataset, no bundle) is refused by the launcher,
     naming the config key, as launch takes no --dataset flag."""
     assert main(["launch", "finetune", "--config", str(FINETUNE_DEMO), "--gpus", "2"]) == 2
-    assert capsys.readouterr().err.strip() == (f"error: {FINETUNE_DEMO}: no dataset given (--dataset ID, or the key "
-                                               "dataset=ID)")
+    assert capsys.readouterr().err.strip() == (f"error: {FINETUNE_DEMO}: no dataset given (the key dataset=ID; "
+                                               "`medsapiens finetune` also takes --dataset ID)")
     assert main(["launch", "finetune", "--config", str(FINETUNE_DEMO), "--dry-run", "dataset=leg"]) == 2
-    assert capsys.readouterr().err.strip() == "error: init 'bundle' needs a bundle (--bundle DIR, or the key bundle=DIR)"
+    assert capsys.readouterr().err.strip() == ("error: init 'bundle' needs a bundle (the key bundle=DIR; `medsapiens "
+                                               "finetune` also takes --bundle DIR)")
 
 
 @pytest.mark.timeout(60)
