@@ -5,8 +5,9 @@ known: `--spacing` wins, else the DICOM tags; the conformal radius of each landm
 calibrated; `outside_image` names the landmarks placed outside the image), `predictions.json` in the
 format `medsapiens evaluate --predictions` reads, optional overlays, and `failures.json` listing every
 input that could not be read or predicted (NaN or infinite output: `non_finite_prediction`; an id
-`predictions` or `failures`: `reserved_id`) and every folder that could not be listed
-(`unreadable_folder`), with the reason. Each input is isolated: one bad file is listed, the others
+`predictions` or `failures`: `reserved_id`; in a folder, an image of another format:
+`unsupported_image`, a link to nothing: `missing_image`) and every folder that could not be listed
+(`unreadable_folder`), with the reason. A run stopped by SIGTERM or SIGHUP still writes both summaries. Each input is isolated: one bad file is listed, the others
 complete, and both JSON files are always written. An --out holding an earlier run's predictions is
 refused (the two runs' files would mix) unless `overwrite`, which first removes that run's files.
 
@@ -29,9 +30,13 @@ from medsapiens.evaluation.metrics import Protocol
 from medsapiens.evaluation.visualize import draw_landmarks
 from medsapiens.io import jsondoc, registry
 from medsapiens.io.imageio import decode, dicom_spacing, is_dicom, to_float
+from medsapiens.io.processes import ended_like_ctrl_c
 from medsapiens.io.record import Rejection
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".tif", ".tiff", ".dcm"}
+# Images of other formats found in a folder are listed as failures, not passed over like other files.
+OTHER_IMAGE_SUFFIXES = (set(Image.registered_extensions())
+                        | {".webp", ".gif", ".jp2", ".j2k", ".heic", ".avif", ".nii", ".nrrd", ".mha", ".mhd"}) - IMAGE_SUFFIXES
 # The summary files' stems: an image with one of these ids would overwrite them, or they it.
 RESERVED_IDS = {"predictions", "failures"}
 
@@ -43,7 +48,7 @@ def collect_inputs(inputs: list[str], failures: list[dict] | None = None) -> lis
     paths = []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths += sorted(p for p in walk_files(item, failures) if is_image_file(p))
+            paths += folder_images(item, failures)
         elif item.is_file():
             paths.append(item)
         else:
@@ -57,14 +62,45 @@ def collect_inputs(inputs: list[str], failures: list[dict] | None = None) -> lis
 
 
 def walk_files(folder: Path, failures: list[dict] | None):
+    """Every file under `folder`, through linked folders too (each real folder once: a link back up is
+    no loop)."""
     def unreadable(exc: OSError) -> None:
         if failures is None:
             raise exc
         failures.append(failure(Path(exc.filename), "unreadable_folder",
                                 f"{exc.filename}: {exc.strerror}; the images in it were not predicted"))
 
-    for root, _, files in os.walk(folder, onerror=unreadable):
+    walked = set()
+    for root, folders, files in os.walk(folder, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(root)
+        if real in walked:
+            folders.clear()
+            continue
+        walked.add(real)
         yield from (Path(root) / name for name in files)
+
+
+def folder_images(folder: Path, failures: list[dict] | None) -> list[Path]:
+    """The image files under `folder`, sorted. Images predict does not read (another format, a link to
+    nothing) are listed in `failures` (raised when it is None); files of other kinds are passed over."""
+    found = []
+    for path in sorted(walk_files(folder, failures)):
+        if is_image_file(path):
+            found.append(path)
+        elif problem := unread_image(path):
+            if failures is None:
+                raise InputError(problem[1])
+            failures.append(failure(path, *problem))
+    return found
+
+
+def unread_image(path: Path) -> tuple[str, str] | None:
+    """(reason, detail) for an image file predict does not read; None for a file of another kind."""
+    if path.is_symlink() and not path.exists():
+        return "missing_image", f"{path}: a link to {os.readlink(path)}, which does not exist"
+    if path.suffix.lower() in OTHER_IMAGE_SUFFIXES:
+        return "unsupported_image", f"{path}: {path.suffix} images are not read (PNG, JPEG, BMP, TIFF and DICOM are): convert it"
+    return None
 
 
 def is_image_file(path: Path) -> bool:
@@ -214,38 +250,42 @@ def predict(inputs: list[str], out_dir, options: PredictOptions = PredictOptions
                 continue
             fields, radii_px = bounds.of(pts, sp, (image.shape[1], image.shape[0]))
             result = result_for(path, pts, sc, image, sp, source, dataset, landmark_set.names, fields)
+            results.append(result)  # before its files: the summary of a stopped run lists every file it wrote
             (out / f"{path.stem}.json").write_text(json.dumps(result, indent=1))
             if options.overlays:
                 Image.fromarray(draw_landmarks(image, pred=pts, bounds=radii_px)).save(
                     out / "overlays" / f"{path.stem}.png")
-            results.append(result)
         batch.clear()
 
-    try:
-        for path in paths:
-            if path.stem in seen:
-                failures.append(failure(path, "duplicate_id", f"{path} has the id {path.stem!r} of {seen[path.stem]}"))
-                continue
-            seen[path.stem] = path
-            if path.stem.lower() in RESERVED_IDS:  # .lower(): the summary files' names on a case-blind disk
-                failures.append(failure(path, "reserved_id", f"{path}: the id {path.stem!r} would share its output "
-                                        f"file with {path.stem.lower()}.json; rename the image"))
-                continue
-            try:
-                image, sp, source = read_input(path, options.spacing, options.frame)
-            except Rejection as exc:
-                failures.append(failure(path, exc.reason, exc.detail))
-                continue
-            except Exception as exc:  # noqa: BLE001 - one unreadable input must not lose the others
-                failures.append(failure(path, "unreadable_image", f"{path}: {type(exc).__name__}: {exc}"))
-                continue
-            batch.append((path, image, sp, source))
-            if len(batch) == options.batch_size:
+    def admit(path: Path) -> tuple | None:
+        """(path, image, spacing, its source) to predict, or None with the reason listed in failures."""
+        if path.stem in seen:
+            failures.append(failure(path, "duplicate_id", f"{path} has the id {path.stem!r} of {seen[path.stem]}"))
+            return None
+        seen[path.stem] = path
+        if path.stem.lower() in RESERVED_IDS:  # .lower(): the summary files' names on a case-blind disk
+            failures.append(failure(path, "reserved_id", f"{path}: the id {path.stem!r} would share its output "
+                                    f"file with {path.stem.lower()}.json; rename the image"))
+            return None
+        try:
+            return (path, *read_input(path, options.spacing, options.frame))
+        except Rejection as exc:
+            failures.append(failure(path, exc.reason, exc.detail))
+        except Exception as exc:  # noqa: BLE001 - one unreadable input must not lose the others
+            failures.append(failure(path, "unreadable_image", f"{path}: {type(exc).__name__}: {exc}"))
+        return None
+
+    with ended_like_ctrl_c():  # a stopped run still writes its summaries: what it predicted, what failed
+        try:
+            for path in paths:
+                if entry := admit(path):
+                    batch.append(entry)
+                if len(batch) == options.batch_size:
+                    flush()
+            if batch:
                 flush()
-        if batch:
-            flush()
-    finally:
-        (out / "predictions.json").write_text(json.dumps(
-            {"dataset": dataset, "landmarks": {r["id"]: r["landmarks"] for r in results}}, indent=1))
-        (out / "failures.json").write_text(json.dumps(failures, indent=1))
+        finally:
+            (out / "predictions.json").write_text(json.dumps(
+                {"dataset": dataset, "landmarks": {r["id"]: r["landmarks"] for r in results}}, indent=1))
+            (out / "failures.json").write_text(json.dumps(failures, indent=1))
     return results, failures

@@ -1,5 +1,5 @@
 """Processes: helpers that end with the one that started them (Linux's parent-death signal), ones born
-with signals blocked, and the end of a command's process. Standard library only, so a helper process
+with signals blocked, stop signals taken as Ctrl-C, and the end of a command's process. Standard library only, so a helper process
 that uses it starts in a moment."""
 from __future__ import annotations
 
@@ -35,6 +35,26 @@ def children_born_blocking(signals):
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+@contextlib.contextmanager
+def ended_like_ctrl_c(signals=(signal.SIGTERM, signal.SIGHUP)):
+    """Within, `signals` (a scheduler's time limit, `docker stop`, a closed terminal) end the command as
+    Ctrl-C does, through its `finally` blocks, which record what is done, instead of killing it on the
+    spot. Outside the main thread, where no handler can be set, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def exit_process(code: int) -> NoReturn:

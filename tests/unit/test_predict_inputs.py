@@ -217,6 +217,50 @@ def test_a_folder_that_cannot_be_listed_is_a_listed_failure(model, tmp_path, mon
     assert json.loads((tmp_path / "out" / "failures.json").read_text()) == failures
 
 
+def test_a_folder_is_walked_through_links_and_images_it_cannot_read_are_listed(model, tmp_path):
+    folder = images(tmp_path / "in", "a.png")
+    (folder / "b.webp").write_bytes(b"RIFF....WEBP")
+    (folder / "notes.txt").write_text("taken on the ward")
+    elsewhere = images(tmp_path / "store" / "batch2", "c.png")
+    Image.new("L", (40, 30), 128).save(elsewhere / "d.JPE", format="JPEG")
+    (folder / "batch2").symlink_to(elsewhere)
+    (elsewhere / "back").symlink_to(folder)  # a loop: each real folder is walked once
+    (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    results, failures = predict([str(folder)], tmp_path / "out", onnx=model)
+    assert [r["id"] for r in results] == ["a", "c", "d"]  # c and d through the linked folder
+    assert sorted((Path(f["image"]).name, f["reason"]) for f in failures) == [
+        ("b.webp", "unsupported_image"), ("gone.png", "missing_image")]  # notes.txt: not an image, passed over
+
+
+STOPPED_AT_THIRD = """
+import os, signal, sys
+from medsapiens.evaluate import predict
+from medsapiens.launch.cli import command
+read, seen = predict.read_input, []
+def read_input(*args):
+    seen.append(args[0])
+    if len(seen) == 3:  # SIGTERM arrives while the third image is read: a scheduler's time limit
+        os.kill(os.getpid(), signal.SIGTERM)
+    return read(*args)
+predict.read_input = read_input
+command()
+"""
+
+
+def test_a_predict_stopped_by_sigterm_writes_its_summaries_and_is_not_mixed_with_the_next(model, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    folder, out = images(tmp_path / "in", *(f"i{n}.png" for n in range(6))), tmp_path / "out"
+    stopped = subprocess.run([sys.executable, "-c", STOPPED_AT_THIRD, "predict", "--onnx", str(model), "--batch-size",
+                              "1", "--out", str(out), str(folder)], capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 130 and stopped.stderr.strip().endswith("interrupted"), stopped.stderr
+    listed = json.loads((out / "predictions.json").read_text())["landmarks"]
+    assert sorted(listed) == ["i0", "i1"] == sorted(p.stem for p in out.glob("i*.json"))  # the summary names them
+    refused_here(capsys, ["predict", "--onnx", str(model), "--out", str(out), str(folder)],
+                 "holds the predictions of an earlier run (2 image(s))")
+
+
 # 4, 5, 7. flags refused up front
 
 @pytest.mark.parametrize("command", [
