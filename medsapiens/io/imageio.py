@@ -48,7 +48,9 @@ from medsapiens.errors import InputError
 from medsapiens.io.record import Rejection, check_image_size
 
 MAX_PIXELS_ENV = "MEDSAPIENS_MAX_PIXELS"
-DEFAULT_MAX_PIXELS = 64_000_000  # a stitched full-spine radiograph at 0.1 mm is ~56 MP; decoded at most 4 bytes each
+# A stitched full-spine radiograph at 0.1 mm is ~56 MP. Decoded pixels take at most 4 bytes each; a
+# DICOM's display transforms work in float64 and peak near 40 bytes a pixel (1.8 GB for 49 MP, measured).
+DEFAULT_MAX_PIXELS = 64_000_000
 PNG_COMPRESS_LEVEL = 3  # lossless either way; 3 is several times faster than 9 for a few % more bytes
 RESAMPLE = Image.Resampling.LANCZOS  # PIL widens the kernel when downscaling: antialiased
 # The formats PIL may open, whatever a file is named: PIL knows others, and some run programs (EPS
