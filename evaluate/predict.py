@@ -125,20 +125,33 @@ def failure(path: Path, reason: str, detail: str) -> dict:
     return {"image": str(path), "reason": reason, "detail": detail}
 
 
-def inside_image(points: np.ndarray, shape) -> np.ndarray:
-    """Per landmark: within the image's pixel area (centres on integers, so [-0.5, size - 0.5))."""
-    height, width = shape[:2]
+def inside_image(points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Per landmark: within the (W, H) image's pixel area (centres on integers, so [-0.5, size - 0.5))."""
+    width, height = size
     x, y = points[:, 0], points[:, 1]
     return (x >= -0.5) & (x < width - 0.5) & (y >= -0.5) & (y < height - 0.5)
 
 
-def result_for(path: Path, points: np.ndarray, scores: np.ndarray, image, spacing, source, dataset, names,
-               bounds: dict | None) -> dict:
+@dataclass
+class Pending:
+    """An image read and made ready for the model, until its batch is predicted. Only its model input is
+    kept, not the full-size image (a batch of 8 large radiographs took gigabytes), unless it is drawn."""
+
+    path: Path
+    prepared: object  # the landmarker's model input and affine
+    size: tuple[int, int]  # (W, H) of the original image
+    spacing: tuple[float, float] | None
+    source: str | None  # where the spacing came from
+    image: np.ndarray | None  # kept only for an overlay
+
+
+def result_for(path: Path, points: np.ndarray, scores: np.ndarray, size: tuple[int, int], spacing, source, dataset,
+               names, bounds: dict | None) -> dict:
     result = {
-        "image": str(path), "id": path.stem, "dataset": dataset, "size": [image.shape[1], image.shape[0]],
+        "image": str(path), "id": path.stem, "dataset": dataset, "size": list(size),
         "names": list(names), "landmarks": np.round(points, 3).tolist(), "scores": np.round(scores, 4).tolist(),
         "spacing_mm": list(spacing) if spacing else None, "spacing_source": source,
-        "outside_image": [name for name, inside in zip(names, inside_image(points, image.shape), strict=True) if not inside],
+        "outside_image": [name for name, inside in zip(names, inside_image(points, size), strict=True) if not inside],
     }
     if spacing:
         result["landmarks_mm"] = np.round(points * np.asarray(spacing), 3).tolist()
@@ -238,27 +251,29 @@ def predict(inputs: list[str], out_dir, options: PredictOptions = PredictOptions
     bounds = Bounds(landmark_set, registry.record_for(landmarker.calibration, dataset, landmarker.flip_test[dataset]))
     (out / "overlays" if options.overlays else out).mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
-    batch: list[tuple] = []  # (path, image, spacing, its source) of the images not yet predicted
+    batch: list[Pending] = []  # the images read, not yet predicted
     seen: dict[str, Path] = {}  # id -> the first input with it
 
     def flush():
-        points, scores = landmarker.predict([image for _, image, _, _ in batch], dataset)
-        for (path, image, sp, source), pts, sc in zip(batch, points, scores, strict=True):
+        points, scores = landmarker.predict([pending.prepared for pending in batch], dataset)
+        for pending, pts, sc in zip(batch, points, scores, strict=True):
+            path = pending.path
             if not (np.isfinite(pts).all() and np.isfinite(sc).all()):
                 failures.append(failure(path, "non_finite_prediction", f"{path}: the model's heatmaps gave NaN or "
                                         "infinite landmarks or scores for this image"))
                 continue
-            fields, radii_px = bounds.of(pts, sp, (image.shape[1], image.shape[0]))
-            result = result_for(path, pts, sc, image, sp, source, dataset, landmark_set.names, fields)
+            fields, radii_px = bounds.of(pts, pending.spacing, pending.size)
+            result = result_for(path, pts, sc, pending.size, pending.spacing, pending.source, dataset,
+                                landmark_set.names, fields)
             results.append(result)  # before its files: the summary of a stopped run lists every file it wrote
             (out / f"{path.stem}.json").write_text(json.dumps(result, indent=1))
-            if options.overlays:
-                Image.fromarray(draw_landmarks(image, pred=pts, bounds=radii_px)).save(
+            if pending.image is not None:
+                Image.fromarray(draw_landmarks(pending.image, pred=pts, bounds=radii_px)).save(
                     out / "overlays" / f"{path.stem}.png")
         batch.clear()
 
-    def admit(path: Path) -> tuple | None:
-        """(path, image, spacing, its source) to predict, or None with the reason listed in failures."""
+    def admit(path: Path) -> Pending | None:
+        """The image to predict, or None with the reason listed in failures."""
         if path.stem in seen:
             failures.append(failure(path, "duplicate_id", f"{path} has the id {path.stem!r} of {seen[path.stem]}"))
             return None
@@ -268,7 +283,9 @@ def predict(inputs: list[str], out_dir, options: PredictOptions = PredictOptions
                                     f"file with {path.stem.lower()}.json; rename the image"))
             return None
         try:
-            return (path, *read_input(path, options.spacing, options.frame))
+            image, spacing, source = read_input(path, options.spacing, options.frame)
+            return Pending(path, landmarker.prepare(image), (image.shape[1], image.shape[0]), spacing, source,
+                           image if options.overlays else None)
         except Rejection as exc:
             failures.append(failure(path, exc.reason, exc.detail))
         except Exception as exc:  # noqa: BLE001 - one unreadable input must not lose the others

@@ -53,10 +53,9 @@ class OnnxLandmarker:
         self.flip_test = dict(self.meta["flip_test"])
         self.calibration = self.meta.get("calibration") or {}
 
-    def inputs(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """(stacked model inputs, each image's affine) for images from medsapiens.io.imageio."""
-        pairs = [preprocess.model_input(image, self.input_size, self.margin) for image in images]
-        return np.stack([x for x, _ in pairs]), [m for _, m in pairs]
+    def prepare(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(model input, its affine) of an image from medsapiens.io.imageio: all a prediction keeps of it."""
+        return preprocess.model_input(image, self.input_size, self.margin)
 
     def run_inputs(self, batch: np.ndarray, dataset: str) -> tuple[np.ndarray, np.ndarray]:
         """(landmarks (B, K, 2) in input pixels, scores (B, K)) of preprocessed inputs."""
@@ -72,11 +71,10 @@ class OnnxLandmarker:
                              f"for {len(batch)} image(s), not {(*expected, 2)} and {expected}")
         return landmarks, scores
 
-    def predict(self, images: list[np.ndarray], dataset: str) -> tuple[np.ndarray, np.ndarray]:
-        """(landmarks (B, K, 2) in original pixels, scores (B, K))."""
-        batch, matrices = self.inputs(images)
-        landmarks, scores = self.run_inputs(batch, dataset)
-        original = np.stack([preprocess.apply_affine(np.linalg.inv(m), p) for m, p in zip(matrices, landmarks, strict=True)])
+    def predict(self, prepared: list[tuple[np.ndarray, np.ndarray]], dataset: str) -> tuple[np.ndarray, np.ndarray]:
+        """(landmarks (B, K, 2) in original pixels, scores (B, K)) of images made ready by `prepare`."""
+        landmarks, scores = self.run_inputs(np.stack([x for x, _ in prepared]), dataset)
+        original = np.stack([preprocess.apply_affine(np.linalg.inv(m), p) for (_, m), p in zip(prepared, landmarks, strict=True)])
         return original, scores
 
 

@@ -11,7 +11,7 @@ import torch
 
 from medsapiens import distributed
 from medsapiens.data.codec import apply_affine, decode_udp, flip_heatmaps, heatmap_to_input
-from medsapiens.data.pipeline import eval_example, eval_examples, heatmap_size
+from medsapiens.data.pipeline import EvalExample, eval_example, eval_examples, heatmap_size
 from medsapiens.evaluation.metrics import Protocol, radial_errors
 from medsapiens.io.manifest import Manifest
 from medsapiens.io.record import original_spacing, to_original
@@ -149,11 +149,14 @@ class BundleLandmarker:
         self.calibration = self.bundle.calibration
         self.flip_test = {d: flip_test and s.can_flip for d, s in self.landmark_sets.items()}
 
-    def predict(self, images: list, dataset: str) -> tuple[np.ndarray, np.ndarray]:
-        """(landmarks (B, K, 2) in original pixels, scores (B, K))."""
-        size, codec = self.bundle.input_size, self.bundle.codec
-        examples = [eval_example(image, {}, size, codec.margin) for image in images]
+    def prepare(self, image) -> EvalExample:
+        """The model input and affine of an image from medsapiens.io.imageio: all a prediction keeps of it."""
+        return eval_example(image, {}, self.bundle.input_size, self.bundle.codec.margin)
+
+    def predict(self, examples: list[EvalExample], dataset: str) -> tuple[np.ndarray, np.ndarray]:
+        """(landmarks (B, K, 2) in original pixels, scores (B, K)) of images made ready by `prepare`."""
         perm = self.landmark_sets[dataset].flip_permutation() if self.flip_test[dataset] else None
         heat = predict_heatmaps(self.model, torch.stack([e.image for e in examples]).to(self.device), dataset,
                                 self.model.dataset_ids.index(dataset), perm)
-        return heatmaps_to_image(heat, torch.stack([e.matrix for e in examples]), size, codec.blur_kernel)
+        return heatmaps_to_image(heat, torch.stack([e.matrix for e in examples]), self.bundle.input_size,
+                                 self.bundle.codec.blur_kernel)

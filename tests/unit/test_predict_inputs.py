@@ -232,6 +232,35 @@ def test_a_folder_is_walked_through_links_and_images_it_cannot_read_are_listed(m
         ("b.webp", "unsupported_image"), ("gone.png", "missing_image")]  # notes.txt: not an image, passed over
 
 
+PEAK_OF_A_RUN = """
+import json, sys
+from medsapiens.evaluate.predict import PredictOptions, predict
+results, _ = predict([sys.argv[2]], sys.argv[3], PredictOptions(batch_size=int(sys.argv[4])), onnx=sys.argv[1])
+peak = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"predicted": len(results), "peak_mib": int(peak.split()[1]) / 1024}))
+"""
+
+
+def test_a_batch_keeps_model_inputs_not_the_full_size_images(model, tmp_path):
+    """Eight 9-megapixel radiographs (36 MB each as floats) in one batch cost about what one does."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "large"
+    folder.mkdir()
+    for n in range(8):
+        Image.new("L", (3000, 3000), 100 + n).save(folder / f"x{n}.png")
+    peaks = {}
+    for batch in (1, 8):
+        proc = subprocess.run([sys.executable, "-c", PEAK_OF_A_RUN, str(model), str(folder), str(tmp_path / f"b{batch}"),
+                               str(batch)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        run = json.loads(proc.stdout.splitlines()[-1])
+        assert run["predicted"] == 8
+        peaks[batch] = run["peak_mib"]
+    assert peaks[8] - peaks[1] < 100, peaks  # holding the images would take 7 x 34 MiB more
+
+
 STOPPED_AT_THIRD = """
 import os, signal, sys
 from medsapiens.evaluate import predict
