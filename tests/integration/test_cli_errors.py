@@ -56,7 +56,7 @@ def test_finetune_checks_dataset_bundle_and_numbers_before_starting(phantom_shar
     refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "--steps", "-1"], "max_steps")
     refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "--shots", "-2"], "--shots")
     refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "--batch-size", "0"], "--batch-size")
-    refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "--seeds", "0,1,0"], "--seeds lists seed(s) [0] more than once")
+    refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "--seeds", "0,1,0"], "seeds (--seeds) lists seed(s) [0] more than once")
     refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "--steps", "5", "--epochs", "2"], "give --steps or --epochs")
     refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "data.val_split=train"], "data.val_split is the training split")
     refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "--shots", "5000"], "--shots 5000 asks for more images than 'leg'")
