@@ -71,6 +71,7 @@ class BuildOptions:
                                    ("--workers", self.workers, 1), ("--multipart-mb", self.multipart_mb, 5)):
             if value < least:
                 raise PlanError(f"{flag} must be at least {least}, got {value}")
+        storage.check_location(self.out)
         if not storage.is_s3(self.out) and Path(self.out).exists() and not Path(self.out).is_dir():
             raise PlanError(f"--out {self.out} is a file; the shards need a folder")
         if self.outside not in OUTSIDE_CHOICES:
@@ -107,8 +108,9 @@ def plan_tasks(sources, scan: Scan, options: BuildOptions, out: str, settings: d
             for index, start in enumerate(range(0, len(samples), options.shard_size)):
                 chunk = tuple(samples[start:start + options.shard_size])
                 name = f"{dataset}-{split}-{index:06d}"
-                fingerprint = canonical_digest(
-                    {"options": digest, "shard": name, "inputs": [input_fingerprint(s) for s in chunk]})
+                fingerprint = canonical_digest(  # landmark names from a COCO file change no option
+                    {"options": digest, "shard": name, "landmark_set": source.landmark_set.to_dict(),
+                     "inputs": [input_fingerprint(s) for s in chunk]})
                 tasks.append(ShardTask(
                     name, out, dataset, split, chunk, source.landmark_set, options.max_side, options.outside,
                     fingerprint, digest, settings, options.multipart_mb * 1024 * 1024,

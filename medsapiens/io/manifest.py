@@ -197,6 +197,7 @@ def check_scorable(manifest: Manifest, dataset: str, split: str) -> None:
 
 def manifest_url(location: str | Path) -> str:
     """Accept a shard directory (local or s3://) or the manifest file itself."""
+    storage.check_location(location)
     location = str(location)
     return location if location.endswith(".json") else storage.join(location, MANIFEST_NAME)
 

@@ -14,6 +14,7 @@ import errno
 import functools
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -58,6 +59,18 @@ class S3Error(UserError, RuntimeError):
 
 def is_s3(url: str) -> bool:
     return str(url).startswith("s3://")
+
+
+OTHER_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/")  # s3:/b, S3://b, gs://b: meant as a URL, not a local path
+
+
+def check_location(location) -> None:
+    """Refuse a location that looks like a URL but not s3://BUCKET/...: a typo such as `s3:/` or `S3://`
+    would otherwise become a local folder of that name, and the data would never reach the bucket."""
+    text = str(location)
+    if not is_s3(text) and OTHER_URL.match(text):
+        raise InputError(f"{text}: neither s3://BUCKET/PREFIX nor a local path (URLs are read and written on S3 "
+                         "only, spelled s3:// in lower case)")
 
 
 def join(base: str, *names: str) -> str:

@@ -41,16 +41,22 @@ def with_header_spacing(sample: RawSample):
     return replace(sample, spacing_mm=spacing, spacing_from=label)
 
 
+def named_files(path: Path) -> set[Path]:
+    """Every file a COCO JSON's images[] names, those of entries it rejects too (they are counted there,
+    once), wherever the coco reader would look for them."""
+    return {(path.parent / folder / entry["file_name"]).resolve() for entry in coco.load_json(path)["images"]
+            if isinstance(entry, dict) and isinstance(entry.get("file_name"), str) and "\0" not in entry["file_name"]
+            for folder in coco.IMAGE_DIRS}
+
+
 def scan(root: Path, options: dict):
     if not root.is_dir():
         raise ReaderError(f"the dicom reader takes a directory of DICOM files and a COCO JSON, got {root}")
     named = set()
     for path in coco.annotation_files(root):
+        named |= named_files(path)
         for item in coco.scan_file(path, options["split"]):
-            if isinstance(item, RawSample):
-                named.add(Path(item.image).resolve())
-                item = with_header_spacing(item)
-            yield item
+            yield with_header_spacing(item) if isinstance(item, RawSample) else item
     for dcm in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix != ".json" and is_dicom(p)):
         if dcm.resolve() not in named:
             yield Rejected(dcm.stem, str(dcm), "missing_annotation", f"{dcm} is named by no COCO JSON in {root}")

@@ -339,3 +339,36 @@ def test_a_split_scored_in_mm_without_spacing_is_refused_before_training(tmp_pat
     assert build("--source", f"aariz={root}", "--out", tmp_path / "with_table", "--workers", 1) == 0
     assert "no_spacing_by_split" not in load(tmp_path / "with_table").datasets["aariz"].source
     assert "no pixel spacing" not in capsys.readouterr().out
+
+
+def test_keypoints_renamed_in_a_coco_file_rewrite_the_shards_that_hold_the_old_names(tmp_path, capsys):
+    root, out = tmp_path / "spine", tmp_path / "out"
+    root.mkdir()
+    names = ["a", "b", "c"]
+    for n in range(4):
+        (root / f"s{n}.png").write_bytes(png_bytes((32, 32), n))
+
+    def annotations(names):
+        (root / "spine_train.json").write_text(json.dumps({
+            "images": [{"id": n, "file_name": f"s{n}.png"} for n in range(4)],
+            "annotations": [{"image_id": n, "keypoints": [5, 5, 2, 10, 10, 2, 20, 20, 2]} for n in range(4)],
+            "categories": [{"id": 1, "keypoints": names}]}))
+
+    annotations(names)
+    assert build("--source", f"spine:coco={root}", "--out", out, "--workers", 1) == 0
+    annotations(["apex", "base", "tip"])  # only the names change: no option, no input file's pixels
+    assert build("--source", f"spine:coco={root}", "--out", out, "--workers", 1) == 0
+    assert "0 already complete" in capsys.readouterr().out
+    assert main(["shards", "verify", str(out)]) == 0  # the records hold the names the manifest gives
+    assert {tuple(s["json"]["names"]) for s in read_shards(out).values()} == {("apex", "base", "tip")}
+
+
+@pytest.mark.parametrize("typo", ["s3:/bucket/shards", "S3://bucket/shards", "gs://bucket/shards"])
+def test_a_url_that_is_not_s3_is_refused_not_made_a_local_folder(tmp_path, monkeypatch, capsys, typo):
+    monkeypatch.chdir(tmp_path)
+    root = write_phantoms(tmp_path / "raw", n=2, seed=0)["chest"]
+    assert build("--source", f"chest={root}", "--out", typo) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {typo}: neither s3://BUCKET/PREFIX nor a local path (URLs are "
+                                               "read and written on S3 only, spelled s3:// in lower case)")
+    assert main(["shards", "verify", typo]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # no folder named after the URL

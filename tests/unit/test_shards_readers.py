@@ -337,6 +337,15 @@ def test_dicom_spacing_tags_and_unannotated_files(dicom_dir):
     assert [(r.source_id, r.reason) for r in rejected] == [("orphan", "missing_annotation")]
 
 
+def test_a_dicom_whose_annotation_is_rejected_is_counted_once(dicom_dir):
+    images = [{"id": i, "file_name": f"{n}.dcm", "width": 40, "height": 30} for i, n in enumerate("abcd")]
+    keypoints = [[1, 2, 2] * 3] * 3 + [[1, 2, 2, 5]]  # d's: not triples
+    coco_file(dicom_dir / "ann.json", images, [{"image_id": i, "keypoints": k} for i, k in enumerate(keypoints)])
+    samples, rejected = scan(dicom, dicom_dir)
+    assert sorted(s.source_id for s in samples) == ["a", "b", "c"]
+    assert sorted((r.source_id, r.reason) for r in rejected) == [("d", "bad_annotation"), ("orphan", "missing_annotation")]
+
+
 def test_dicom_without_a_window_is_stretched_inverted_and_kept_16_bit(dicom_dir):
     from medsapiens.io.imageio import decode
 
