@@ -21,8 +21,9 @@ def register(subparsers) -> None:
         "test on the test split(s) into RUN_DIR/eval/<split>. The default schedule is MedSapiens' published one: "
         "210 epochs, lr x0.1 at epochs 170 and 200, 500 warm-up steps, the steps derived from the training "
         "images and the global batch (printed at start); launch/experiments/medsapiens_0.3b_finetune.yaml "
-        "holds the full published settings. With --seeds, one run per seed under RUN_DIR/seed_N and the mean +- std in "
-        "RUN_DIR/summary.json. Multi-rank: `medsapiens launch finetune --config FILE`.",
+        "holds the full published settings. With --seeds, one run per seed under RUN_DIR/seed_N and, per evaluated "
+        "split, the mean +- std over the seeds in RUN_DIR/summary.json. Multi-rank: `medsapiens launch finetune "
+        "--config FILE`.",
         epilog="Examples:\n  medsapiens finetune --bundle runs/pretrain/bundle --shards SHARDS --dataset leg\n"
         "  medsapiens finetune --bundle B --shards S --dataset leg --lora --shots 5 --seeds 0,1,2\n"
         "  medsapiens finetune --init sapiens --checkpoint sapiens_0.3b_epoch_1600_clean.pth --arch sapiens_0.3b "
@@ -38,7 +39,7 @@ def register(subparsers) -> None:
     ft.add_argument("--reinit-head", action="store_true",
                     help="start this dataset's head afresh even if the bundle has one (as MedSapiens' fine-tuning does)")
     ft.add_argument("--shots", type=int, help="train on K images of the train split (few-shot)")
-    ft.add_argument("--seed", type=int, help="which K images (and the training seed)")
+    ft.add_argument("--seed", type=int, help="which K images, and the training seed (the key shot_seed)")
     ft.add_argument("--seeds", type=seed_list, help="comma-separated seeds, run one after another, e.g. 0,1,2")
     ft.add_argument("--epochs", type=float, help="training epochs (default 210, the published schedule)")
     ft.add_argument("--steps", type=int, help="training steps instead of epochs")
@@ -74,6 +75,8 @@ def finetune_overrides(args) -> list[str]:
         overrides.append("flip_test=false")
     if args.steps is not None and args.epochs is not None:
         raise InputError("give --steps or --epochs, not both")
+    if args.seed is not None and args.seeds:
+        raise InputError("give --seed or --seeds, not both: each seed of --seeds is the seed of its run")
     starts = (("--bundle", args.bundle, "bundle"), ("--checkpoint", args.checkpoint, "sapiens"))
     unread = [flag for flag, given, read_by in starts if given and args.init not in (None, read_by)]
     if unread:

@@ -56,6 +56,14 @@ def check_config(cfg: FinetuneConfig) -> None:
     repeated = sorted({seed for seed in cfg.seeds if cfg.seeds.count(seed) > 1})
     if repeated:
         raise InputError(f"seeds (--seeds) lists seed(s) {repeated} more than once: each seed is one run")
+    replaced = [f"{key} {value}" for key, value in (("shot_seed (--seed)", cfg.shot_seed), ("train.seed", cfg.train.seed))
+                if cfg.seeds and value]
+    if replaced:
+        raise InputError(f"{' and '.join(replaced)} with seeds (--seeds): each seed of the list is both, for its "
+                         "run; give one or the other")
+    if cfg.shots and cfg.train.seed not in (0, cfg.shot_seed):
+        raise InputError(f"train.seed {cfg.train.seed} in a few-shot run: it trains with its shot seed (shot_seed, "
+                         f"--seed: {cfg.shot_seed}), as each of seeds does; give that seed only")
     if cfg.data.micro_batch < 1:  # before check_settings, to name the flag fine-tuning users give
         raise InputError(f"data.micro_batch (--batch-size) must be at least 1, got {cfg.data.micro_batch}")
     if cfg.calibration_coverage:
@@ -89,10 +97,24 @@ def check_bundle_model(cfg: FinetuneConfig, given: set[str]) -> None:
 
 
 def check_inputs(cfg: FinetuneConfig) -> None:
-    """The shards, the dataset in them and the bundle, read before DeepSpeed starts (minutes on many ranks)."""
+    """The shards, the dataset in them and the starting weights, read before DeepSpeed starts (minutes on
+    many ranks)."""
     training_manifest_check(load_manifest(cfg.data.shards), cfg)
     if cfg.init == "bundle":
         bundlelib.read_config(cfg.bundle)
+        check_bundle_outside(cfg.bundle, cfg.run_dir)
+    if cfg.init == "sapiens" and not Path(cfg.model.checkpoint).is_file():
+        raise InputError(f"model.checkpoint (--checkpoint) {cfg.model.checkpoint}: "
+                         f"{'a folder' if Path(cfg.model.checkpoint).is_dir() else 'no such file'}, where init 'sapiens' "
+                         "needs a Sapiens checkpoint file (.pth or .safetensors)")
+
+
+def check_bundle_outside(bundle: str, run_dir: str) -> None:
+    """The run writes its bundle to RUN_DIR/bundle (--resume none moves RUN_DIR aside): the bundle it
+    starts from must lie elsewhere, or the export replaces it."""
+    if run_dir and Path(run_dir).resolve() in (Path(bundle).resolve(), *Path(bundle).resolve().parents):
+        raise InputError(f"--bundle {bundle} lies in --run-dir {run_dir}, where the run writes its own bundle: it "
+                         "would be replaced; give another --run-dir")
 
 
 def training_manifest_check(manifest: Manifest, cfg: FinetuneConfig) -> None:
@@ -187,13 +209,13 @@ def check_same_subset(subset_dir: Path, cfg: FinetuneConfig, manifest: Manifest)
 
 
 def export_best(cfg: FinetuneConfig, run_dir: Path, tag: str, model_cfg, landmark_set, origin: dict,
-                validation, selection: dict) -> Path:
+                validation, selection: dict, data: dict) -> Path:
     model = load_trained(model_cfg.build({cfg.dataset: landmark_set.num_landmarks}), checkpoint_dir(run_dir), tag,
                          cfg.lora)
     provenance = {"stage": "finetune", "dataset": cfg.dataset, **origin, "lora": cfg.lora.enabled,
                   "shots": cfg.shots, "shot_seed": cfg.shot_seed, "checkpoint": tag,
                   "steps": tag_step(tag), "selection": selection, "validation": validation,
-                  "manifest": {"location": cfg.data.shards}, "config": configlib.to_dict(cfg)}
+                  **data, "config": configlib.to_dict(cfg)}
     bundle = bundlelib.Bundle(model_cfg, {cfg.dataset: landmark_set}, bundlelib.CodecSettings.of(cfg.data), provenance)
     return bundlelib.save(run_dir / "bundle", model, bundle)
 
@@ -230,10 +252,12 @@ class SeedsResult:
 
     def lines(self) -> list[str]:
         s = self.summary
-        sdr = ", ".join(f"SDR@{r} {v['mean']:.2f} +- {v['std']:.2f}%" for r, v in s["sdr"].items())
-        return [f"{len(s['seeds'])} seeds: MRE {s['mre']['mean']:.3f} +- {s['mre']['std']:.3f} {s['unit']} "
-                f"(mean +- std over seeds), {sdr}",
-                json.dumps({"seeds": s["seeds"], "mre": s["mre"]["values"]}),
+        lines = []
+        for split, numbers in s["splits"].items():
+            sdr = ", ".join(f"SDR@{r} {v['mean']:.2f} +- {v['std']:.2f}%" for r, v in numbers["sdr"].items())
+            lines.append(f"{split}: {len(s['seeds'])} seeds: MRE {numbers['mre']['mean']:.3f} +- "
+                         f"{numbers['mre']['std']:.3f} {s['unit']} (mean +- std over seeds), {sdr}")
+        return [*lines, json.dumps({"seeds": s["seeds"], "mre": {split: n["mre"]["values"] for split, n in s["splits"].items()}}),
                 f"summary: {self.summary_file}; each seed's bundle and reports under {self.run_dir}/seed_<n>"]
 
 
@@ -248,7 +272,7 @@ class StoppedShort:
     def lines(self) -> list[str]:
         waiting = f"; seed(s) {', '.join(map(str, self.seeds_waiting))} not started" if self.seeds_waiting else ""
         return [f"{self.run_dir}: stopped before the schedule's end (train.stop_after), no bundle or evaluation "
-                f"yet{waiting}; rerun the same command to go on"]
+                f"yet{waiting}; rerun the command with train.stop_after raised or dropped to go on"]
 
 
 def run_one(cfg: FinetuneConfig) -> FinetuneResult | StoppedShort | None:
@@ -286,8 +310,9 @@ def run_one(cfg: FinetuneConfig) -> FinetuneResult | StoppedShort | None:
     best = result.best
     tag = best["tag"] if best else latest_tag(checkpoint_dir(run_dir))
     validation = best and best["validation"]
+    data = {"manifest": trained_on(cfg, manifest), "evaluation_splits": evaluated}
     distributed.decide_on_rank0(lambda: export_best(result.config, run_dir, tag, model_cfg, landmark_set, origin,
-                                                    validation, result.selection))
+                                                    validation, result.selection, data))
     model, bundle = bundlelib.load(run_dir / "bundle", result.device)
     calibrate_run(cfg, model, bundle, manifest, result.device)
     options = EvalOptions(cfg.flip_test, cfg.data.micro_batch, result.device, cfg.eval_overlays)
@@ -297,6 +322,15 @@ def run_one(cfg: FinetuneConfig) -> FinetuneResult | StoppedShort | None:
         return None
     return FinetuneResult(str(run_dir), str(run_dir / "bundle"), cfg.shot_seed, best, result.trainable_parameters,
                           reports)
+
+
+def trained_on(cfg: FinetuneConfig, manifest: Manifest) -> dict:
+    """The shards a bundle was fine-tuned on, as its provenance names them: the manifest given (location
+    and sha256) and, for a few-shot run, the keys of the images drawn from it."""
+    few_shot = manifest.build.get("few_shot")
+    if not few_shot:
+        return {"location": cfg.data.shards, "sha256": manifest.digest}
+    return {"location": cfg.data.shards, "sha256": few_shot["from_sha256"], "few_shot_keys": few_shot["keys"]}
 
 
 def calibrate_run(cfg: FinetuneConfig, model, bundle: bundlelib.Bundle, manifest: Manifest, device) -> None:
@@ -314,15 +348,21 @@ def calibrate_run(cfg: FinetuneConfig, model, bundle: bundlelib.Bundle, manifest
     distributed.decide_on_rank0(lambda: bundlelib.write_config(Path(cfg.run_dir) / "bundle", bundle))
 
 
+SEED_STD = "population (ddof 0) over the seeds"
+
+
 def seed_summary(results: list[FinetuneResult]) -> dict:
-    """Mean and std over seeds of MRE, both stds and each SDR radius, with the per-seed values."""
+    """Per evaluated split (ISBI 2015 has two), the mean and std over seeds of MRE, both stds and each SDR
+    radius, with the per-seed values."""
     def stats(values):
         return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": [float(v) for v in values]}
 
-    reports = [r.report for r in results]
-    summary = {name: stats([r[name] for r in reports]) for name in ("mre", "mre_std_images", "mre_std_landmarks")}
-    summary["sdr"] = {radius: stats([r["sdr"][radius] for r in reports]) for radius in reports[0]["sdr"]}
-    return {"seeds": [r.seed for r in results], "unit": reports[0]["unit"], **summary,
+    def split_summary(reports: list[dict]) -> dict:
+        summary = {name: stats([r[name] for r in reports]) for name in ("mre", "mre_std_images", "mre_std_landmarks")}
+        return {**summary, "sdr": {radius: stats([r["sdr"][radius] for r in reports]) for radius in reports[0]["sdr"]}}
+
+    splits = {split: split_summary([r.reports[split] for r in results]) for split in results[0].reports}
+    return {"seeds": [r.seed for r in results], "unit": results[0].report["unit"], "std": SEED_STD, "splits": splits,
             "runs": [{"seed": r.seed, "run_dir": r.run_dir, "bundle": r.bundle} for r in results]}
 
 
@@ -350,6 +390,12 @@ def settled_run_dir(cfg: FinetuneConfig) -> FinetuneConfig:
     return cfg
 
 
+def with_shot_seed(cfg: FinetuneConfig, seed: int) -> FinetuneConfig:
+    """A few-shot run of `seed`: the images drawn and the training (init, order, augmentation) both follow
+    it, whether it came as --seed, shot_seed or one of seeds."""
+    return replace(cfg, shot_seed=seed, train=replace(cfg.train, seed=seed))
+
+
 def run(cfg: FinetuneConfig) -> FinetuneResult | SeedsResult | StoppedShort | None:
     """Fine-tune (once, or once per seed); rank 0 returns the result, other ranks None. A seed stopped
     short by train.stop_after ends the job there: the seeds after it wait for the rerun."""
@@ -359,12 +405,11 @@ def run(cfg: FinetuneConfig) -> FinetuneResult | SeedsResult | StoppedShort | No
         cfg = settled_run_dir(cfg)
         held.enter_context(distributed.held_by_rank0(writer_lock(Path(cfg.run_dir), "fine-tuning")))
         if not cfg.seeds:
-            result = run_one(cfg)
+            result = run_one(with_shot_seed(cfg, cfg.shot_seed) if cfg.shots else cfg)
             return result if distributed.rank() == 0 else None
         results = []
         for n, seed in enumerate(cfg.seeds):
-            result = run_one(replace(cfg, shot_seed=seed, seeds=[], run_dir=str(Path(cfg.run_dir) / f"seed_{seed}"),
-                                     train=replace(cfg.train, seed=seed)))
+            result = run_one(replace(with_shot_seed(cfg, seed), seeds=[], run_dir=str(Path(cfg.run_dir) / f"seed_{seed}")))
             if isinstance(result, StoppedShort):
                 return replace(result, seeds_waiting=cfg.seeds[n + 1:]) if distributed.rank() == 0 else None
             results.append(result)

@@ -60,6 +60,10 @@ def test_finetune_checks_dataset_bundle_and_numbers_before_starting(phantom_shar
     refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "--steps", "5", "--epochs", "2"], "give --steps or --epochs")
     refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "data.val_split=train"], "data.val_split is the training split")
     refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "--shots", "5000"], "--shots 5000 asks for more images than 'leg'")
+    for missing, what in ((tmp_path / "none.pth", "no such file"), (tmp_path, "a folder")):
+        refused_here(capsys, [*base, "--dataset", "leg", "--init", "sapiens", "--checkpoint", str(missing)],
+                     f"model.checkpoint (--checkpoint) {missing}: {what}, where init 'sapiens' needs a Sapiens checkpoint")
+    assert not (tmp_path / "run").exists()  # refused before the run directory is made
 
 
 def test_only_user_errors_become_one_line_a_bug_keeps_its_traceback(monkeypatch, capsys):

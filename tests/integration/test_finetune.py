@@ -72,20 +72,27 @@ def test_few_shot_seeds_reuse_the_head_and_report_mean_and_std(head_hand_bundle,
     stopped = seeds_run("train.stop_after=5")  # a time-limited job: nothing final until the schedule's end
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert f"{run_dir}/seed_0: stopped before the schedule's end (train.stop_after), no bundle or evaluation yet; " \
-        "seed(s) 1 not started; rerun the same command to go on" in stopped.stdout
+        "seed(s) 1 not started; rerun the command with train.stop_after raised or dropped to go on" in stopped.stdout
     assert not (run_dir / "seed_0" / "bundle").exists() and not (run_dir / "seed_1").exists()
     assert not (run_dir / "summary.json").exists()
     proc = seeds_run()
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from step 5" in proc.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
-    per_seed = [json.loads((run_dir / f"seed_{s}" / "eval" / "test1" / "report.json").read_text()) for s in (0, 1)]
-    mres = [r["mre"] for r in per_seed]
-    assert summary["mre"]["values"] == pytest.approx(mres)
-    assert summary["mre"]["mean"] == pytest.approx(np.mean(mres)) and summary["mre"]["std"] == pytest.approx(np.std(mres))
-    assert summary["sdr"]["2"]["mean"] == pytest.approx(np.mean([r["sdr"]["2"] for r in per_seed]))
+    assert list(summary["splits"]) == ["test1", "test2"]  # ISBI 2015's two test splits, each summarised
+    for split, numbers in summary["splits"].items():
+        per_seed = [json.loads((run_dir / f"seed_{s}" / "eval" / split / "report.json").read_text()) for s in (0, 1)]
+        mres = [r["mre"] for r in per_seed]
+        assert numbers["mre"]["values"] == pytest.approx(mres)
+        assert numbers["mre"]["mean"] == pytest.approx(np.mean(mres)) and numbers["mre"]["std"] == pytest.approx(np.std(mres))
+        assert numbers["sdr"]["2"]["mean"] == pytest.approx(np.mean([r["sdr"]["2"] for r in per_seed]))
+        assert f"{split}: 2 seeds: MRE {numbers['mre']['mean']:.3f} +- " in proc.stdout
     subsets = [json.loads((run_dir / f"seed_{s}" / "subset" / "subset.json").read_text())["keys"] for s in (0, 1)]
     assert len(subsets[0]) == 3 and subsets[0] != subsets[1]
+    provenance = json.loads((run_dir / "seed_0" / "bundle" / "config.json").read_text())["provenance"]
+    assert provenance["evaluation_splits"] == ["test1", "test2"] and provenance["manifest"] == {
+        "location": str(phantom_shards), "sha256": manifestlib.load(phantom_shards).digest, "few_shot_keys": subsets[0]}
+    assert yaml.safe_load((run_dir / "seed_1" / "config.yaml").read_text())["train"]["seed"] == 1  # draws and trains
     subset_manifest = manifestlib.load(run_dir / "seed_0" / "subset")
     splits = subset_manifest.datasets["head"].splits
     assert splits["train"] == 3 and splits["test1"] == manifestlib.load(phantom_shards).datasets["head"].splits["test1"]

@@ -81,3 +81,30 @@ def test_seeds_are_whole_numbers_between_commas(capsys):
             config_of("--seeds", bad)
         assert f"argument --seeds: expected whole numbers of at least 0 between commas, e.g. 0,1,2, got {bad!r}" in \
             capsys.readouterr().err
+
+
+def test_a_shot_seed_given_as_flag_or_as_key_is_the_same_run_and_one_that_would_be_ignored_is_refused():
+    from medsapiens.finetune.train import check_config, with_shot_seed
+
+    base = ["dataset=leg", "bundle=b", "shots=3"]
+    as_flag = config_of("--dataset", "leg", "--bundle", "b", "--shots", "3", "--seed", "1")
+    as_key = configlib.load(FinetuneConfig, None, [*base, "shot_seed=1"])  # all `launch finetune` takes
+    assert with_shot_seed(as_key, as_key.shot_seed) == with_shot_seed(as_flag, as_flag.shot_seed)
+    assert with_shot_seed(as_key, 1).train.seed == 1  # the draw and the training both follow the seed
+    with pytest.raises(InputError, match="give --seed or --seeds, not both"):
+        config_of("--seed", "7", "--seeds", "0,1")
+    with pytest.raises(InputError, match=r"^shot_seed \(--seed\) 7 with seeds \(--seeds\): each seed of the list is both"):
+        check_config(configlib.load(FinetuneConfig, None, [*base, "shot_seed=7", "seeds=[0, 1]"]))
+    with pytest.raises(InputError, match=r"^train.seed 5 in a few-shot run: it trains with its shot seed"):
+        check_config(configlib.load(FinetuneConfig, None, [*base, "shot_seed=1", "train.seed=5"]))
+
+
+def test_a_run_directory_holding_the_bundle_it_starts_from_is_refused(tmp_path):
+    from medsapiens.finetune.train import check_bundle_outside
+
+    bundle = tmp_path / "runs" / "medsapiens" / "bundle"
+    for run_dir in (bundle.parent, bundle.parent.parent, bundle):
+        with pytest.raises(InputError, match="lies in --run-dir .*, where the run writes its own bundle"):
+            check_bundle_outside(str(bundle), str(run_dir))
+    check_bundle_outside(str(bundle), str(tmp_path / "runs" / "other"))
+    check_bundle_outside(str(bundle), "")  # a fresh directory, chosen at start
