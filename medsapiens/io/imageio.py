@@ -72,9 +72,11 @@ def decode(path: str, frame: int | None = None) -> np.ndarray:
     with image:
         pick_page(image, path, frame)
         check_decodable(*image.size, path)
-        turn = orientation(image, path)  # before load: PIL's TIFF loading consumes the tag
         try:
+            turn = orientation(image, path)  # before load: PIL's TIFF loading consumes the tag
             image.load()
+        except Rejection:
+            raise
         except Image.DecompressionBombError as exc:
             raise Rejection("absurd_image_size", f"{path}: {exc}") from None
         except Exception as exc:  # noqa: BLE001
