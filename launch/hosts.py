@@ -47,9 +47,12 @@ def read_hostfile(path: str | Path) -> dict[str, int]:
 
 
 def is_this_machine(host: str) -> bool:
-    """A hostfile entry that names the launching machine (by its name, its short name or loopback)."""
-    names = {"localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()}
-    return host in names | {name.split(".")[0] for name in names if not name[:1].isdigit()}
+    """A hostfile entry that names the launching machine: loopback, or its host name, long or short (no
+    DNS lookup: it could hang the launch)."""
+    here = socket.gethostname()
+    if host in ("localhost", "127.0.0.1", "::1", here):
+        return True
+    return not host[:1].isdigit() and host.split(".")[0] == here.split(".")[0]
 
 
 def hostfile_text(hosts: dict[str, int]) -> str:

@@ -226,9 +226,10 @@ def check_remote_shell_safe(cwd: Path, arguments: list[str]) -> None:
 
 
 def check_remote_tools() -> None:
-    if not shutil.which("pdsh"):
-        raise LaunchError("a launch over ssh needs pdsh on this machine (DeepSpeed starts the ranks of every host "
-                          "with it): install it (e.g. apt install pdsh), or launch with --slurm")
+    for tool in ("pdsh", "ssh"):
+        if not shutil.which(tool):
+            raise LaunchError(f"a launch over ssh needs {tool} on this machine (DeepSpeed starts the ranks of every "
+                              f"host with pdsh over ssh): install it (e.g. apt install {tool}), or launch with --slurm")
 
 
 def check_reachable(remote_hosts: list[str]) -> None:

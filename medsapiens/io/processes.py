@@ -1,6 +1,6 @@
 """Processes: helpers that end with the one that started them (Linux's parent-death signal), ones born
-with signals blocked, stop signals taken as Ctrl-C, and the end of a command's process. Standard library only, so a helper process
-that uses it starts in a moment."""
+with signals blocked, stop signals taken as Ctrl-C, and the end of a command's process. Standard
+library only, so a helper process that uses it starts in a moment."""
 from __future__ import annotations
 
 import atexit

@@ -354,8 +354,8 @@ def test_a_launch_over_ssh_without_pdsh_is_refused_in_one_line(capsys, monkeypat
     monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # no pdsh on it
     status, _, err = launch(capsys, "pretrain", "--config", DEMO, "--hostfile", str(hostfile), "--dry-run")
     assert status == 2 and err.strip() == ("error: a launch over ssh needs pdsh on this machine (DeepSpeed starts "
-                                           "the ranks of every host with it): install it (e.g. apt install pdsh), or "
-                                           "launch with --slurm")
+                                           "the ranks of every host with pdsh over ssh): install it (e.g. apt install "
+                                           "pdsh), or launch with --slurm")
 
 
 @pytest.mark.timeout(60)
