@@ -7,7 +7,8 @@ format `medsapiens evaluate --predictions` reads, optional overlays, and `failur
 input that could not be read or predicted (NaN or infinite output: `non_finite_prediction`; an id
 `predictions` or `failures`: `reserved_id`; in a folder, an image of another format:
 `unsupported_image`, a link to nothing: `missing_image`) and every folder that could not be listed
-(`unreadable_folder`), with the reason. A run stopped by SIGTERM or SIGHUP still writes both summaries. Each input is isolated: one bad file is listed, the others
+(`unreadable_folder`), with the reason. A run stopped by SIGTERM or SIGHUP still writes both summaries.
+Each input is isolated: one bad file is listed, the others
 complete, and both JSON files are always written. An --out holding an earlier run's predictions is
 refused (the two runs' files would mix) unless `overwrite`, which first removes that run's files.
 
@@ -35,8 +36,8 @@ from medsapiens.io.record import Rejection
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".tif", ".tiff", ".dcm"}
 # Images of other formats found in a folder are listed as failures, not passed over like other files.
-OTHER_IMAGE_SUFFIXES = (set(Image.registered_extensions())
-                        | {".webp", ".gif", ".jp2", ".j2k", ".heic", ".avif", ".nii", ".nrrd", ".mha", ".mhd"}) - IMAGE_SUFFIXES
+OTHER_IMAGE_SUFFIXES = (set(Image.registered_extensions()) | {".webp", ".gif", ".jp2", ".j2k", ".heic", ".avif",
+                                                               ".nii", ".nrrd", ".mha", ".mhd"}) - IMAGE_SUFFIXES
 # The summary files' stems: an image with one of these ids would overwrite them, or they it.
 RESERVED_IDS = {"predictions", "failures"}
 
@@ -99,7 +100,8 @@ def unread_image(path: Path) -> tuple[str, str] | None:
     if path.is_symlink() and not path.exists():
         return "missing_image", f"{path}: a link to {os.readlink(path)}, which does not exist"
     if path.suffix.lower() in OTHER_IMAGE_SUFFIXES:
-        return "unsupported_image", f"{path}: {path.suffix} images are not read (PNG, JPEG, BMP, TIFF and DICOM are): convert it"
+        return "unsupported_image", (f"{path}: {path.suffix} images are not read (PNG, JPEG, BMP, TIFF and DICOM are): "
+                                     "convert it")
     return None
 
 

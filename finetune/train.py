@@ -46,7 +46,8 @@ def check_config(cfg: FinetuneConfig) -> None:
     if not cfg.dataset:
         raise InputError("no dataset given (the key dataset=ID; `medsapiens finetune` also takes --dataset ID)")
     if cfg.init == "bundle" and not cfg.bundle:
-        raise InputError("init 'bundle' needs a bundle (the key bundle=DIR; `medsapiens finetune` also takes --bundle DIR)")
+        raise InputError("init 'bundle' needs a bundle (the key bundle=DIR; `medsapiens finetune` also takes "
+                         "--bundle DIR)")
     if cfg.init == "sapiens" and not cfg.model.checkpoint:
         raise InputError("init 'sapiens' needs a Sapiens checkpoint (the key model.checkpoint=FILE; `medsapiens "
                          "finetune` also takes --checkpoint FILE)")
@@ -56,8 +57,8 @@ def check_config(cfg: FinetuneConfig) -> None:
     repeated = sorted({seed for seed in cfg.seeds if cfg.seeds.count(seed) > 1})
     if repeated:
         raise InputError(f"seeds (--seeds) lists seed(s) {repeated} more than once: each seed is one run")
-    replaced = [f"{key} {value}" for key, value in (("shot_seed (--seed)", cfg.shot_seed), ("train.seed", cfg.train.seed))
-                if cfg.seeds and value]
+    given = (("shot_seed (--seed)", cfg.shot_seed), ("train.seed", cfg.train.seed))
+    replaced = [f"{key} {value}" for key, value in given if cfg.seeds and value]
     if replaced:
         raise InputError(f"{' and '.join(replaced)} with seeds (--seeds): each seed of the list is both, for its "
                          "run; give one or the other")
@@ -257,7 +258,8 @@ class SeedsResult:
             sdr = ", ".join(f"SDR@{r} {v['mean']:.2f} +- {v['std']:.2f}%" for r, v in numbers["sdr"].items())
             lines.append(f"{split}: {len(s['seeds'])} seeds: MRE {numbers['mre']['mean']:.3f} +- "
                          f"{numbers['mre']['std']:.3f} {s['unit']} (mean +- std over seeds), {sdr}")
-        return [*lines, json.dumps({"seeds": s["seeds"], "mre": {split: n["mre"]["values"] for split, n in s["splits"].items()}}),
+        values = {split: numbers["mre"]["values"] for split, numbers in s["splits"].items()}
+        return [*lines, json.dumps({"seeds": s["seeds"], "mre": values}),
                 f"summary: {self.summary_file}; each seed's bundle and reports under {self.run_dir}/seed_<n>"]
 
 
@@ -409,7 +411,8 @@ def run(cfg: FinetuneConfig) -> FinetuneResult | SeedsResult | StoppedShort | No
             return result if distributed.rank() == 0 else None
         results = []
         for n, seed in enumerate(cfg.seeds):
-            result = run_one(replace(with_shot_seed(cfg, seed), seeds=[], run_dir=str(Path(cfg.run_dir) / f"seed_{seed}")))
+            seed_dir = str(Path(cfg.run_dir) / f"seed_{seed}")
+            result = run_one(replace(with_shot_seed(cfg, seed), seeds=[], run_dir=seed_dir))
             if isinstance(result, StoppedShort):
                 return replace(result, seeds_waiting=cfg.seeds[n + 1:]) if distributed.rank() == 0 else None
             results.append(result)

@@ -74,7 +74,8 @@ class OnnxLandmarker:
     def predict(self, prepared: list[tuple[np.ndarray, np.ndarray]], dataset: str) -> tuple[np.ndarray, np.ndarray]:
         """(landmarks (B, K, 2) in original pixels, scores (B, K)) of images made ready by `prepare`."""
         landmarks, scores = self.run_inputs(np.stack([x for x, _ in prepared]), dataset)
-        original = np.stack([preprocess.apply_affine(np.linalg.inv(m), p) for (_, m), p in zip(prepared, landmarks, strict=True)])
+        original = np.stack([preprocess.apply_affine(np.linalg.inv(matrix), points)
+                             for (_, matrix), points in zip(prepared, landmarks, strict=True)])
         return original, scores
 
 
