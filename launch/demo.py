@@ -167,7 +167,7 @@ def pretrain(plan: DemoPlan, shards: Path, backbone: Path) -> Path:
 def finetune(plan: DemoPlan, shards: Path, bundle: Path, backbone: Path, init: str) -> dict:
     run_dir = plan.out / "finetune" / init
     summary = run_dir / "summary.json"
-    if not summary.exists():
+    if not summary.exists() or "splits" not in json.loads(summary.read_text()):  # none yet, or an older format's
         start = {"bundle": ["--bundle", str(bundle)], "sapiens": ["--init", "sapiens", "--checkpoint", str(backbone)],
                  "scratch": ["--init", "scratch"]}[init]
         run(medsapiens("finetune", "--config", str(EXPERIMENTS / "demo_finetune.yaml"), *start,
@@ -177,15 +177,22 @@ def finetune(plan: DemoPlan, shards: Path, bundle: Path, backbone: Path, init: s
     return json.loads(summary.read_text())
 
 
+def headline(summary: dict) -> tuple[str, dict]:
+    """The first evaluated split of a seeds summary, and its numbers (the held-out set has one test split)."""
+    return next(iter(summary["splits"].items()))
+
+
 def table(plan: DemoPlan, results: dict) -> str:
     first = next(iter(results.values()))
-    unit, radii = first["unit"], list(first["sdr"])
-    header = f"| Method ({plan.shots}-shot {plan.held_out}, {len(plan.seeds)} seeds) | MRE ({unit}) | " + \
+    split, numbers = headline(first)
+    unit, radii = first["unit"], list(numbers["sdr"])
+    header = f"| Method ({plan.shots}-shot {plan.held_out} {split}, {len(plan.seeds)} seeds) | MRE ({unit}) | " + \
         " | ".join(f"SDR {r} {unit} (%)" for r in radii) + " |"
     lines = [header, "|---|---:|" + "---:|" * len(radii)]
     for name, r in results.items():
-        cells = [f"{r['mre']['mean']:.2f} ± {r['mre']['std']:.2f}"]
-        cells += [f"{r['sdr'][k]['mean']:.1f} ± {r['sdr'][k]['std']:.1f}" for k in radii]
+        numbers = headline(r)[1]
+        cells = [f"{numbers['mre']['mean']:.2f} ± {numbers['mre']['std']:.2f}"]
+        cells += [f"{numbers['sdr'][k]['mean']:.1f} ± {numbers['sdr'][k]['std']:.1f}" for k in radii]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -195,9 +202,10 @@ def starts_figure(plan: DemoPlan, results: dict) -> Path:
     from medsapiens.evaluate.figures import runs_ced_figure
 
     first = next(iter(results.values()))
-    starts = {name: [csv for run in r["runs"] for csv in sorted(Path(run["run_dir"]).glob("eval/*/per_image.csv"))[:1]]
+    split, numbers = headline(first)
+    starts = {name: [Path(run["run_dir"]) / "eval" / split / "per_image.csv" for run in r["runs"]]
               for name, r in results.items()}
-    return runs_ced_figure(starts, first["unit"], [float(k) for k in first["sdr"]], plan.out / "ced_starts.png",
+    return runs_ced_figure(starts, first["unit"], [float(k) for k in numbers["sdr"]], plan.out / "ced_starts.png",
                            f"{plan.shots}-shot {plan.held_out}, {len(plan.seeds)} seeds pooled: error CDF per start")
 
 

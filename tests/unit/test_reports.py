@@ -16,7 +16,7 @@ from medsapiens.evaluate.figures import ced_curve
 from medsapiens.evaluate.report import build_report, write_report
 from medsapiens.evaluation.metrics import Protocol
 from medsapiens.io import registry
-from medsapiens.launch.demo import DemoPlan, claim_out, starts_figure
+from medsapiens.launch.demo import DemoPlan, claim_out, starts_figure, table
 
 IDS = [f"img{i:02d}" for i in range(12)]
 
@@ -51,16 +51,23 @@ def test_report_has_its_cumulative_error_curve_and_per_landmark_bars(tmp_path):
     assert y[np.searchsorted(x, 2.0, side="right") - 1] == pytest.approx((errors <= 2.0).mean())
 
 
-def test_demo_draws_one_curve_per_start_in_one_figure(tmp_path):
+def test_demo_tables_and_draws_the_seed_summaries_fine_tuning_writes(tmp_path):
+    from medsapiens.finetune.train import FinetuneResult, seed_summary
+
     results = {}
     for n, (name, scale) in enumerate((("pretrained", 0.6), ("same backbone", 1.0), ("scratch", 1.2))):
         runs = []
         for seed in range(2):
             run_dir = tmp_path / f"start{n}" / f"seed_{seed}"
-            write_scored(run_dir / "eval" / "test", errors_of(10 * n + seed, scale * 3, "leg"), "leg")
-            runs.append({"seed": seed, "run_dir": str(run_dir)})
-        results[name] = {"unit": "mm", "sdr": {"2": {}, "4": {}, "10": {}}, "runs": runs}
-    path = starts_figure(DemoPlan(out=tmp_path, seeds=(0, 1)), results)
+            report = write_scored(run_dir / "eval" / "test", errors_of(10 * n + seed, scale * 3, "leg"), "leg")
+            runs.append(FinetuneResult(str(run_dir), str(run_dir / "bundle"), seed, None, 0, {"test": report}))
+        results[name] = json.loads(json.dumps(seed_summary(runs)))  # as the demo reads summary.json back
+    plan = DemoPlan(out=tmp_path, seeds=(0, 1))
+    rows = table_rows(table(plan, results), "scratch")
+    scratch = results["scratch"]["splits"]["test"]
+    assert rows[0][1] == f"{scratch['mre']['mean']:.2f} ± {scratch['mre']['std']:.2f}"
+    assert "leg test, 2 seeds" in table(plan, results).splitlines()[0]
+    path = starts_figure(plan, results)
     assert path == tmp_path / "ced_starts.png"
     looks_like_a_figure(path)
 
@@ -115,7 +122,7 @@ def test_demo_steps_reach_the_stage_commands(tmp_path, monkeypatch):
         if "--run-dir" in cmd:
             run_dir = Path(cmd[cmd.index("--run-dir") + 1])
             run_dir.mkdir(parents=True)
-            (run_dir / "summary.json").write_text("{}")
+            (run_dir / "summary.json").write_text(json.dumps({"splits": {}}))
 
     monkeypatch.setattr(demo, "run", finish)
     shards, init = tmp_path / "shards", tmp_path / "init.safetensors"
