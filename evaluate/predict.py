@@ -36,8 +36,8 @@ from medsapiens.io.record import Rejection
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".tif", ".tiff", ".dcm"}
 # Images of other formats found in a folder are listed as failures, not passed over like other files.
-OTHER_IMAGE_SUFFIXES = (set(Image.registered_extensions()) | {".webp", ".gif", ".jp2", ".j2k", ".heic", ".avif",
-                                                               ".nii", ".nrrd", ".mha", ".mhd"}) - IMAGE_SUFFIXES
+OTHER_IMAGE_SUFFIXES = {".webp", ".gif", ".jp2", ".j2k", ".jpx", ".heic", ".heif", ".avif", ".tga", ".pgm", ".ppm",
+                        ".pnm", ".pbm", ".psd", ".dicom", ".nii", ".nrrd", ".mha", ".mhd"}
 # The summary files' stems: an image with one of these ids would overwrite them, or they it.
 RESERVED_IDS = {"predictions", "failures"}
 
@@ -97,9 +97,10 @@ def folder_images(folder: Path, failures: list[dict] | None) -> list[Path]:
 
 def unread_image(path: Path) -> tuple[str, str] | None:
     """(reason, detail) for an image file predict does not read; None for a file of another kind."""
-    if path.is_symlink() and not path.exists():
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES and path.is_symlink() and not path.exists():
         return "missing_image", f"{path}: a link to {os.readlink(path)}, which does not exist"
-    if path.suffix.lower() in OTHER_IMAGE_SUFFIXES:
+    if suffix in OTHER_IMAGE_SUFFIXES:
         return "unsupported_image", (f"{path}: {path.suffix} images are not read (PNG, JPEG, BMP, TIFF and DICOM are): "
                                      "convert it")
     return None

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from medsapiens import config as configlib
 from medsapiens import distributed
@@ -32,8 +33,9 @@ from medsapiens.io.manifest import Manifest, ManifestError, check_scorable
 from medsapiens.io.manifest import load as load_manifest
 from medsapiens.io.registry import LandmarkSet
 from medsapiens.model import bundle as bundlelib
-from medsapiens.training.checkpoints import checkpoint_dir, has_checkpoint, latest_tag, tag_step
+from medsapiens.training.checkpoints import checkpoint_dir, has_checkpoint, latest_tag, tag_step, tags
 from medsapiens.training.run import RunPlan, check_settings, load_trained, move_aside, train, weights_digest
+from medsapiens.training.trainer import RESOLVED_CONFIG
 
 SUMMARY = "summary.json"
 
@@ -398,6 +400,17 @@ def with_shot_seed(cfg: FinetuneConfig, seed: int) -> FinetuneConfig:
     return replace(cfg, shot_seed=seed, train=replace(cfg.train, seed=seed))
 
 
+def trained_with_seed_zero(cfg: FinetuneConfig) -> bool:
+    """A few-shot run in cfg.run_dir that started from the key shot_seed with train.seed 0, before a few-shot
+    run trained with its shot seed: it resumes with the seed it trained with."""
+    saved = Path(cfg.run_dir) / RESOLVED_CONFIG
+    if cfg.resume != "auto" or not tags(checkpoint_dir(Path(cfg.run_dir))) or not saved.is_file():  # as check_same_run
+        return False
+    before = yaml.safe_load(saved.read_text()) or {}
+    trained = before.get("train")
+    return before.get("shot_seed") == cfg.shot_seed != 0 and isinstance(trained, dict) and trained.get("seed") == 0
+
+
 def run(cfg: FinetuneConfig) -> FinetuneResult | SeedsResult | StoppedShort | None:
     """Fine-tune (once, or once per seed); rank 0 returns the result, other ranks None. A seed stopped
     short by train.stop_after ends the job there: the seeds after it wait for the rerun."""
@@ -407,7 +420,8 @@ def run(cfg: FinetuneConfig) -> FinetuneResult | SeedsResult | StoppedShort | No
         cfg = settled_run_dir(cfg)
         held.enter_context(distributed.held_by_rank0(writer_lock(Path(cfg.run_dir), "fine-tuning")))
         if not cfg.seeds:
-            result = run_one(with_shot_seed(cfg, cfg.shot_seed) if cfg.shots else cfg)
+            few_shot = cfg.shots and not trained_with_seed_zero(cfg)
+            result = run_one(with_shot_seed(cfg, cfg.shot_seed) if few_shot else cfg)
             return result if distributed.rank() == 0 else None
         results = []
         for n, seed in enumerate(cfg.seeds):

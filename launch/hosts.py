@@ -50,7 +50,7 @@ def is_this_machine(host: str) -> bool:
     """A hostfile entry that names the launching machine: loopback, or its host name, long or short (no
     DNS lookup: it could hang the launch)."""
     here = socket.gethostname()
-    if host in ("localhost", "127.0.0.1", "::1", here):
+    if host in ("localhost", "::1", here) or host.startswith("127."):  # Debian names itself 127.0.1.1
         return True
     return not host[:1].isdigit() and host.split(".")[0] == here.split(".")[0]
 

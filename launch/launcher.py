@@ -40,7 +40,7 @@ STOP_GRACE_S = 40.0  # DeepSpeed's per-node launcher gives its ranks 30 s to end
 LOCAL_ONLY_HOSTFILE = os.devnull
 # What pdsh's remote shell takes literally in an argument DeepSpeed passes on unquoted; one holding a
 # space DeepSpeed wraps in double quotes, where rank_env.NOT_EXPORTABLE's characters still act.
-SHELL_SAFE_ARGUMENT = re.compile(r"[\w./:=,+@%\[\]-]*")
+SHELL_SAFE_ARGUMENT = re.compile(r"[\w./:=,+@\[\]-]*")  # no %: pdsh puts the host in for %h, %n, %u
 SSH_CHECK_TIMEOUT_S = 20
 
 DESCRIPTION = """\
@@ -215,7 +215,7 @@ def check_remote_shell_safe(cwd: Path, arguments: list[str]) -> None:
     """pdsh hands DeepSpeed's command to a remote shell as one line: the working directory unquoted,
     every argument too unless it holds a space (then in double quotes). A character that shell acts on
     would change or break what the ranks are given, after this machine checked and printed another."""
-    passes = "letters, digits and _ . / : = , + @ % [ ] - pass as they are"
+    passes = "letters, digits and _ . / : = , + @ [ ] - pass as they are"
     if not SHELL_SAFE_ARGUMENT.fullmatch(str(cwd)):
         raise LaunchError(f"the working directory {str(cwd)!r}: a launch over ssh has the hosts' shell change to it "
                           f"unquoted ({passes}); launch from a directory with a plain path")

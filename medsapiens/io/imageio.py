@@ -112,8 +112,10 @@ def orientation(image: Image.Image, path) -> int:
 
 
 def displayed_size(image: Image.Image, path) -> tuple[int, int]:
-    """(width, height) of the upright image, from the header alone."""
+    """(width, height) of the upright image. Reading a PNG's orientation may decode it (its eXIf chunk can
+    follow the pixels): the size is bounded first, as decode bounds it."""
     width, height = image.size
+    check_decodable(width, height, str(path))
     return (height, width) if orientation(image, path) >= 5 else (width, height)
 
 

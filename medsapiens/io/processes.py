@@ -41,7 +41,8 @@ def children_born_blocking(signals):
 def ended_like_ctrl_c(signals=(signal.SIGTERM, signal.SIGHUP)):
     """Within, `signals` (a scheduler's time limit, `docker stop`, a closed terminal) end the command as
     Ctrl-C does, through its `finally` blocks, which record what is done, instead of killing it on the
-    spot. Outside the main thread, where no handler can be set, nothing changes."""
+    spot. A signal ignored (SIGHUP under nohup) stays ignored; outside the main thread, where no handler
+    can be set, nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -49,7 +50,8 @@ def ended_like_ctrl_c(signals=(signal.SIGTERM, signal.SIGHUP)):
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    previous = {signum: signal.signal(signum, interrupt) for signum in signals}
+    ignored = {signum for signum in signals if signal.getsignal(signum) == signal.SIG_IGN}  # nohup's SIGHUP
+    previous = {signum: signal.signal(signum, interrupt) for signum in signals if signum not in ignored}
     try:
         yield
     finally:

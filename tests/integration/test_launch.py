@@ -339,14 +339,15 @@ def test_one_host_elsewhere_is_reached_over_ssh_and_one_here_runs_here(capsys, t
 
     elsewhere, here = tmp_path / "elsewhere", tmp_path / "here"
     elsewhere.write_text("gpu-a slots=2\ngpu-b slots=2\n")
-    here.write_text(f"{socket.gethostname()} slots=2\n")
     status, out, err = launch(capsys, "pretrain", "--config", DEMO, "--hostfile", str(elsewhere), "--nodes", "1",
                               "--dry-run")
     assert status == 0, err
     assert " --log_level warning --force_multi --module " in printed_command(out) and "env file LAUNCH_DIR" in out
-    status, out, err = launch(capsys, "pretrain", "--config", DEMO, "--hostfile", str(here), "--dry-run")
-    assert status == 0, err
-    assert "--force_multi" not in out and "the ranks inherit this environment" in out
+    for name in (socket.gethostname(), "127.0.1.1"):  # Debian's /etc/hosts names the machine 127.0.1.1
+        here.write_text(f"{name} slots=2\n")
+        status, out, err = launch(capsys, "pretrain", "--config", DEMO, "--hostfile", str(here), "--dry-run")
+        assert status == 0, err
+        assert "--force_multi" not in out and "the ranks inherit this environment" in out
 
 
 @pytest.mark.timeout(60)
@@ -372,7 +373,8 @@ def test_a_launch_over_ssh_refuses_unreachable_hosts_and_arguments_the_remote_sh
     assert not (tmp_path / "record.json").exists()  # DeepSpeed never started
     for override, shown in (("run_dir=runs/{a,b}", "'run_dir=runs/{a,b}'"),  # brace expansion: two arguments there
                             ("run_dir=runs/exp(lr=2e-4)", "'run_dir=runs/exp(lr=2e-4)'"),
-                            ("run_dir=runs/$USER x", "'run_dir=runs/$USER x'")):
+                            ("run_dir=runs/$USER x", "'run_dir=runs/$USER x'"),
+                            ("run_dir=runs/x_%n", "'run_dir=runs/x_%n'")):  # pdsh writes each host's number for %n
         status, _, err = launch(capsys, "pretrain", "--config", DEMO, "--hostfile", str(hosts), "--dry-run", override)
         assert status == 2 and err.startswith(f"error: {shown}: a launch over ssh passes it to the hosts' shell"), err
     status, out, err = launch(capsys, "pretrain", "--config", DEMO, "--hostfile", str(hosts), "--dry-run",

@@ -108,3 +108,20 @@ def test_a_run_directory_holding_the_bundle_it_starts_from_is_refused(tmp_path):
             check_bundle_outside(str(bundle), str(run_dir))
     check_bundle_outside(str(bundle), str(tmp_path / "runs" / "other"))
     check_bundle_outside(str(bundle), "")  # a fresh directory, chosen at start
+
+
+def test_a_few_shot_run_started_with_training_seed_zero_resumes_with_it(tmp_path):
+    """Runs started from the key shot_seed before a few-shot run trained with its shot seed hold train.seed 0:
+    they resume as they were, where the rule would make every rerun another run, refused."""
+    from medsapiens.finetune.train import trained_with_seed_zero
+    from medsapiens.training.trainer import RESOLVED_CONFIG
+
+    cfg = configlib.load(FinetuneConfig, None, ["dataset=leg", "bundle=b", "shots=3", "shot_seed=2",
+                                                f"run_dir={tmp_path}"])
+    configlib.save(cfg, tmp_path / RESOLVED_CONFIG)
+    assert not trained_with_seed_zero(cfg)  # no checkpoint yet: a fresh start takes the rule
+    (tmp_path / "checkpoints" / "step_00000002").mkdir(parents=True)
+    assert trained_with_seed_zero(cfg)
+    assert not trained_with_seed_zero(replace(cfg, resume="none"))
+    configlib.save(replace(cfg, train=replace(cfg.train, seed=2)), tmp_path / RESOLVED_CONFIG)
+    assert not trained_with_seed_zero(cfg)  # started under the rule

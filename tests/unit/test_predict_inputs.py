@@ -221,6 +221,8 @@ def test_a_folder_is_walked_through_links_and_images_it_cannot_read_are_listed(m
     folder = images(tmp_path / "in", "a.png")
     (folder / "b.webp").write_bytes(b"RIFF....WEBP")
     (folder / "notes.txt").write_text("taken on the ward")
+    (folder / "report.pdf").write_bytes(b"%PDF-1.4")  # not an image, though PIL knows the suffix
+    (folder / ".#notes.txt").symlink_to("root@ward.1234")  # an editor's lock: no image, gone or not
     elsewhere = images(tmp_path / "store" / "batch2", "c.png")
     Image.new("L", (40, 30), 128).save(elsewhere / "d.JPE", format="JPEG")
     (folder / "batch2").symlink_to(elsewhere)
@@ -229,7 +231,7 @@ def test_a_folder_is_walked_through_links_and_images_it_cannot_read_are_listed(m
     results, failures = predict([str(folder)], tmp_path / "out", onnx=model)
     assert [r["id"] for r in results] == ["a", "c", "d"]  # c and d through the linked folder
     assert sorted((Path(f["image"]).name, f["reason"]) for f in failures) == [
-        ("b.webp", "unsupported_image"), ("gone.png", "missing_image")]  # notes.txt: not an image, passed over
+        ("b.webp", "unsupported_image"), ("gone.png", "missing_image")]  # the other files: passed over
 
 
 PEAK_OF_A_RUN = """
@@ -389,6 +391,15 @@ def test_an_image_is_read_upright_as_its_orientation_tag_shows_it(tmp_path, suff
     assert shown.shape == (60, 40) and np.unravel_index(shown.argmax(), shown.shape) in {(50, 32), (50, 33), (50, 34)}
     with open_image(tmp_path / f"r{suffix}") as image:
         assert displayed_size(image, "r") == (40, 60)
+
+
+def test_the_size_a_reader_takes_from_a_header_is_bounded_before_any_pixel_is_decoded(tmp_path, monkeypatch):
+    from medsapiens.io.imageio import displayed_size, open_image
+
+    Image.new("L", (400, 300)).save(tmp_path / "wide.png")
+    monkeypatch.setenv("MEDSAPIENS_MAX_PIXELS", "100000")
+    with open_image(tmp_path / "wide.png") as image, pytest.raises(Rejection, match="400x300 px is 0 megapixels"):
+        displayed_size(image, tmp_path / "wide.png")  # a PNG's orientation may need its pixels decoded
 
 
 @pytest.mark.parametrize("compression", [None, "tiff_lzw"])
@@ -576,3 +587,20 @@ def test_a_folder_given_for_a_file_and_a_file_for_a_bundle_are_one_line(tmp_path
     refused_here(capsys, ["predict", "--bundle", str(tmp_path / "g.json"), "--out", str(tmp_path / "o"),
                           str(images(tmp_path / "in", "a.png"))],
                  f"{tmp_path / 'g.json'} is not a bundle: a bundle is a folder")
+
+
+def test_stop_signals_end_predict_as_ctrl_c_but_an_ignored_one_stays_ignored():
+    import signal
+
+    from medsapiens.io.processes import ended_like_ctrl_c
+
+    term = signal.getsignal(signal.SIGTERM)
+    hangup = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup leaves it
+    try:
+        with ended_like_ctrl_c():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN  # closing the terminal: nohup's choice holds
+            with pytest.raises(KeyboardInterrupt):
+                signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGTERM) == term  # as it was, after
+    finally:
+        signal.signal(signal.SIGHUP, hangup)
