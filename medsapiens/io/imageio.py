@@ -115,7 +115,7 @@ def displayed_size(image: Image.Image, path) -> tuple[int, int]:
     """(width, height) of the upright image. Reading a PNG's orientation may decode it (its eXIf chunk can
     follow the pixels): the size is bounded first, as decode bounds it."""
     width, height = image.size
-    check_decodable(width, height, str(path))
+    check_pixel_bound(width, height, str(path))
     return (height, width) if orientation(image, path) >= 5 else (width, height)
 
 
@@ -179,6 +179,10 @@ def check_decodable(width: int, height: int, where: str) -> None:
     """From the header, before any pixel is decoded: each side plausible and at most max_pixels() pixels,
     so no file's declared size can claim more memory than that bound allows."""
     check_image_size(width, height)
+    check_pixel_bound(width, height, where)
+
+
+def check_pixel_bound(width: int, height: int, where: str) -> None:
     if width * height > max_pixels():
         raise Rejection("absurd_image_size", f"{where}: {width}x{height} px is {width * height / 1e6:.0f} megapixels, "
                         f"over the {max_pixels() / 1e6:.0f} decoded at most (set {MAX_PIXELS_ENV} to allow more)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medsapiens.io.imageio import displayed_size, open_image
+from medsapiens.io.record import Rejection
 from medsapiens.shards.readers import BAD_INPUT, RawSample, Rejected, Unlabelled, order_split, read_text, rejected
 
 OPTIONS: dict[str, str] = {}
@@ -62,6 +63,9 @@ def scan(root: Path, options: dict):
         try:
             with open_image(image) as im:
                 width, height = displayed_size(im, image)
+        except Rejection as exc:
+            yield Rejected(name, str(image), exc.reason, exc.detail, split)
+            continue
         except Exception as exc:  # noqa: BLE001 - any decoder failure means the same to us
             yield Rejected(name, str(image), "unreadable_image", f"{image}: {exc}", split)
             continue
