@@ -228,8 +228,9 @@ def image_item(path: Path, split: str, meta: Path | None, image_id, number: int,
     return RawSample(source_id, split, str(image), points, visible, spacing, spacing_from, size)
 
 
-def scan_file(path: Path, default_split: str):
-    data = load_json(path)
+def scan_file(path: Path, default_split: str, data: dict | None = None):
+    """The items of one COCO file; `data`, its load_json, where the caller has read it already."""
+    data = load_json(path) if data is None else data
     split = split_from_name(path, default_split)
     meta = meta_folder(path)
     images, bad_images = index_images(path, data["images"])

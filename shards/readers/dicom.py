@@ -41,10 +41,10 @@ def with_header_spacing(sample: RawSample):
     return replace(sample, spacing_mm=spacing, spacing_from=label)
 
 
-def named_files(path: Path) -> set[Path]:
+def named_files(path: Path, data: dict) -> set[Path]:
     """Every file a COCO JSON's images[] names, those of entries it rejects too (they are counted there,
     once), wherever the coco reader would look for them."""
-    return {(path.parent / folder / entry["file_name"]).resolve() for entry in coco.load_json(path)["images"]
+    return {(path.parent / folder / entry["file_name"]).resolve() for entry in data["images"]
             if isinstance(entry, dict) and isinstance(entry.get("file_name"), str) and "\0" not in entry["file_name"]
             for folder in coco.IMAGE_DIRS}
 
@@ -54,8 +54,9 @@ def scan(root: Path, options: dict):
         raise ReaderError(f"the dicom reader takes a directory of DICOM files and a COCO JSON, got {root}")
     named = set()
     for path in coco.annotation_files(root):
-        named |= named_files(path)
-        for item in coco.scan_file(path, options["split"]):
+        data = coco.load_json(path)
+        named |= named_files(path, data)
+        for item in coco.scan_file(path, options["split"], data):
             yield with_header_spacing(item) if isinstance(item, RawSample) else item
     for dcm in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix != ".json" and is_dicom(p)):
         if dcm.resolve() not in named:
