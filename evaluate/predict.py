@@ -7,10 +7,12 @@ format `medsapiens evaluate --predictions` reads, optional overlays, and `failur
 input that could not be read or predicted (NaN or infinite output: `non_finite_prediction`; an id
 `predictions` or `failures`: `reserved_id`; in a folder, an image of another format:
 `unsupported_image`, a link to nothing: `missing_image`) and every folder that could not be listed
-(`unreadable_folder`), with the reason. A run stopped by SIGTERM or SIGHUP still writes both summaries.
+(`unreadable_folder`), with the reason. A run stopped by SIGTERM or SIGHUP still writes both summaries;
+one killed outright leaves its journal, `in_progress.jsonl`, naming the files it wrote.
 Each input is isolated: one bad file is listed, the others
 complete, and both JSON files are always written. An --out holding an earlier run's predictions is
-refused (the two runs' files would mix) unless `overwrite`, which first removes that run's files.
+refused (the two runs' files would mix), as is one holding a killed run's journal, unless `overwrite`,
+which first removes that run's files.
 
 This module imports no torch: with `--onnx` the model runs on onnxruntime (medsapiens.deploy.runtime),
 else on torch (medsapiens.evaluation.inference.BundleLandmarker, imported only then).
@@ -29,7 +31,7 @@ from medsapiens.errors import InputError
 from medsapiens.evaluation import conformal
 from medsapiens.evaluation.metrics import Protocol
 from medsapiens.evaluation.visualize import draw_landmarks
-from medsapiens.io import jsondoc, registry
+from medsapiens.io import jsondoc, registry, storage
 from medsapiens.io.imageio import decode, dicom_spacing, is_dicom, to_float
 from medsapiens.io.processes import ended_like_ctrl_c
 from medsapiens.io.record import Rejection
@@ -40,6 +42,9 @@ OTHER_IMAGE_SUFFIXES = {".webp", ".gif", ".jp2", ".j2k", ".jpx", ".heic", ".heif
                         ".pnm", ".pbm", ".psd", ".dicom", ".nii", ".nrrd", ".mha", ".mhd"}
 # The summary files' stems: an image with one of these ids would overwrite them, or they it.
 RESERVED_IDS = {"predictions", "failures"}
+# Lists each id before its files are written and goes once the summaries are: a run killed outright
+# (SIGKILL, the OOM killer) leaves it behind, naming the files it wrote.
+JOURNAL = "in_progress.jsonl"
 
 
 def collect_inputs(inputs: list[str], failures: list[dict] | None = None) -> list[Path]:
@@ -215,25 +220,51 @@ class PredictOptions:
 
 
 def clear_earlier_run(out: Path, overwrite: bool) -> None:
-    """Refuses an `out` holding an earlier run's predictions.json, or with `overwrite` removes that run's
-    files: the per-image JSONs and overlays of the ids it lists, and the two summaries."""
-    summary = out / "predictions.json"
-    if not summary.is_file():
+    """Refuses an `out` holding an earlier run's files, or with `overwrite` removes them: the per-image
+    JSONs and overlays of the ids that run wrote (its journal lists them when it was killed before its
+    summaries, else predictions.json does), its summaries and its journal."""
+    summary, journal = out / "predictions.json", out / JOURNAL
+    killed = journal.is_file()
+    if not (killed or summary.is_file()):
         return
-    earlier = jsondoc.parse(summary.read_bytes(), summary)
-    ids = earlier.get("landmarks") if isinstance(earlier, dict) else None
-    if not isinstance(ids, dict) or not all(isinstance(i, str) and i == Path(i).name and i not in ("", ".", "..")
-                                            for i in ids):
-        raise InputError(f"--out {out}: {summary} is not a predictions file of `medsapiens predict`; "
-                         "choose another --out")
+    ids = journal_ids(journal) if killed else summary_ids(summary)
     if not overwrite:
-        raise InputError(f"--out {out} holds the predictions of an earlier run ({len(ids)} image(s)); give "
-                         "--overwrite to replace them, or another --out")
+        earlier = ("the files of an earlier run that was killed before it wrote its summaries" if killed else
+                   "the predictions of an earlier run")
+        raise InputError(f"--out {out} holds {earlier} ({len(ids)} image(s)); give --overwrite to replace them, "
+                         "or another --out")
     for image_id in ids:
         (out / f"{image_id}.json").unlink(missing_ok=True)
         (out / "overlays" / f"{image_id}.png").unlink(missing_ok=True)
-    (out / "failures.json").unlink(missing_ok=True)
-    summary.unlink()
+    for name in ("failures.json", "predictions.json", JOURNAL):
+        (out / name).unlink(missing_ok=True)
+
+
+def summary_ids(summary: Path) -> list[str]:
+    earlier = jsondoc.parse(summary.read_bytes(), summary)
+    ids = earlier.get("landmarks") if isinstance(earlier, dict) else None
+    if not isinstance(ids, dict) or not all(map(is_image_id, ids)):
+        raise InputError(f"--out {summary.parent}: {summary} is not a predictions file of `medsapiens predict`; "
+                         "choose another --out")
+    return list(ids)
+
+
+def journal_ids(journal: Path) -> list[str]:
+    """The ids a journal lists; a last line cut short by the kill is no id (its files were not begun)."""
+    lines = journal.read_bytes().split(b"\n")[:-1]
+    try:
+        ids = [json.loads(line) for line in lines]
+    except ValueError:
+        ids = [None]
+    if not all(map(is_image_id, ids)):
+        raise InputError(f"--out {journal.parent}: {journal} is not a journal of `medsapiens predict`; choose "
+                         "another --out")
+    return ids
+
+
+def is_image_id(image_id) -> bool:
+    """An id names files inside --out only: no separator, no `.` or `..`."""
+    return isinstance(image_id, str) and image_id == Path(image_id).name and image_id not in ("", ".", "..")
 
 
 def predict(inputs: list[str], out_dir, options: PredictOptions = PredictOptions(), *, bundle_dir=None, onnx=None):
@@ -256,6 +287,7 @@ def predict(inputs: list[str], out_dir, options: PredictOptions = PredictOptions
     results: list[dict] = []
     batch: list[Pending] = []  # the images read, not yet predicted
     seen: dict[str, Path] = {}  # id -> the first input with it
+    journal = (out / JOURNAL).open("w", encoding="utf-8")
 
     def flush():
         points, scores = landmarker.predict([pending.prepared for pending in batch], dataset)
@@ -268,6 +300,8 @@ def predict(inputs: list[str], out_dir, options: PredictOptions = PredictOptions
             fields, radii_px = bounds.of(pts, pending.spacing, pending.size)
             result = result_for(path, pts, sc, pending.size, pending.spacing, pending.source, dataset,
                                 landmark_set.names, fields)
+            journal.write(json.dumps(path.stem) + "\n")
+            journal.flush()
             results.append(result)  # before its files: the summary of a stopped run lists every file it wrote
             (out / f"{path.stem}.json").write_text(json.dumps(result, indent=1))
             if pending.image is not None:
@@ -295,7 +329,7 @@ def predict(inputs: list[str], out_dir, options: PredictOptions = PredictOptions
             failures.append(failure(path, "unreadable_image", f"{path}: {type(exc).__name__}: {exc}"))
         return None
 
-    with ended_like_ctrl_c():  # a stopped run still writes its summaries: what it predicted, what failed
+    with ended_like_ctrl_c(), journal:  # a stopped run still writes its summaries: what it predicted, what failed
         try:
             for path in paths:
                 if entry := admit(path):
@@ -305,7 +339,8 @@ def predict(inputs: list[str], out_dir, options: PredictOptions = PredictOptions
             if batch:
                 flush()
         finally:
-            (out / "predictions.json").write_text(json.dumps(
-                {"dataset": dataset, "landmarks": {r["id"]: r["landmarks"] for r in results}}, indent=1))
-            (out / "failures.json").write_text(json.dumps(failures, indent=1))
+            storage.write_bytes(str(out / "predictions.json"), json.dumps(
+                {"dataset": dataset, "landmarks": {r["id"]: r["landmarks"] for r in results}}, indent=1).encode())
+            storage.write_bytes(str(out / "failures.json"), json.dumps(failures, indent=1).encode())
+            (out / JOURNAL).unlink()
     return results, failures

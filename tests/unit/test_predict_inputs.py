@@ -270,26 +270,53 @@ from medsapiens.launch.cli import command
 read, seen = predict.read_input, []
 def read_input(*args):
     seen.append(args[0])
-    if len(seen) == 3:  # SIGTERM arrives while the third image is read: a scheduler's time limit
-        os.kill(os.getpid(), signal.SIGTERM)
+    if len(seen) == 3:  # the signal arrives while the third image is read: a scheduler's time limit, the OOM killer
+        os.kill(os.getpid(), signal.SIG{signal})
     return read(*args)
 predict.read_input = read_input
 command()
 """
 
 
-def test_a_predict_stopped_by_sigterm_writes_its_summaries_and_is_not_mixed_with_the_next(model, tmp_path, capsys):
+def predict_stopped_at_third(signal: str, model, folder, out):
     import subprocess
     import sys
 
+    return subprocess.run([sys.executable, "-c", STOPPED_AT_THIRD.format(signal=signal), "predict", "--onnx",
+                           str(model), "--batch-size", "1", "--out", str(out), str(folder)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_predict_stopped_by_sigterm_writes_its_summaries_and_is_not_mixed_with_the_next(model, tmp_path, capsys):
     folder, out = images(tmp_path / "in", *(f"i{n}.png" for n in range(6))), tmp_path / "out"
-    stopped = subprocess.run([sys.executable, "-c", STOPPED_AT_THIRD, "predict", "--onnx", str(model), "--batch-size",
-                              "1", "--out", str(out), str(folder)], capture_output=True, text=True, timeout=120)
+    stopped = predict_stopped_at_third("TERM", model, folder, out)
+    assert not (out / "in_progress.jsonl").exists()
     assert stopped.returncode == 130 and stopped.stderr.strip().endswith("interrupted"), stopped.stderr
     listed = json.loads((out / "predictions.json").read_text())["landmarks"]
     assert sorted(listed) == ["i0", "i1"] == sorted(p.stem for p in out.glob("i*.json"))  # the summary names them
     refused_here(capsys, ["predict", "--onnx", str(model), "--out", str(out), str(folder)],
                  "holds the predictions of an earlier run (2 image(s))")
+
+
+def test_a_predict_killed_outright_leaves_a_journal_that_the_next_run_refuses_or_clears(model, tmp_path, capsys):
+    folder, out = images(tmp_path / "in", *(f"i{n}.png" for n in range(6))), tmp_path / "out"
+    (out / "keep.txt").parent.mkdir()
+    (out / "keep.txt").write_text("not predict's")
+    killed = predict_stopped_at_third("KILL", model, folder, out)
+    assert killed.returncode == -9 and not (out / "predictions.json").exists()
+    assert sorted(p.stem for p in out.glob("i*.json")) == ["i0", "i1"]
+    with (out / "in_progress.jsonl").open("a") as journal:
+        journal.write('"i2')  # a line the kill cut short: its files were not begun
+    refused_here(capsys, ["predict", "--onnx", str(model), "--out", str(out), str(folder)],
+                 "killed before it wrote its summaries (2 image(s))", "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["i0.json", "i1.json", "in_progress.jsonl", "keep.txt"]
+    (out / "i0.json").write_text("stale")
+    assert main(["predict", "--onnx", str(model), "--out", str(out), "--overwrite", str(folder / "i1.png")]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["failures.json", "i1.json", "keep.txt", "predictions.json"]
+    (out / "in_progress.jsonl").write_text('"../keep"\n')
+    refused_here(capsys, ["predict", "--onnx", str(model), "--out", str(out), "--overwrite", str(folder)],
+                 "is not a journal of `medsapiens predict`")
+    assert (out / "keep.txt").exists()
 
 
 # 4, 5, 7. flags refused up front
