@@ -2,6 +2,7 @@
 node list (`gpu-[01-03,07],login5`), both as an ordered {host: slots} or list of hosts."""
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import re
 import socket
@@ -47,12 +48,26 @@ def read_hostfile(path: str | Path) -> dict[str, int]:
 
 
 def is_this_machine(host: str) -> bool:
-    """A hostfile entry that names the launching machine: loopback, or its host name, long or short (no
-    DNS lookup: it could hang the launch)."""
+    """A hostfile entry that names the launching machine: loopback, its host name, long or short, or an
+    address of one of its interfaces (no DNS lookup: it could hang the launch)."""
     here = socket.gethostname()
-    if host in ("localhost", "::1", here) or host.startswith("127."):  # Debian names itself 127.0.1.1
+    if host in ("localhost", "::1", here) or host.startswith("127.") or holds_address(host):  # Debian: 127.0.1.1
         return True
     return not host[:1].isdigit() and host.split(".")[0] == here.split(".")[0]
+
+
+def holds_address(host: str) -> bool:
+    """Whether `host` is an IP address of this machine: only those can be bound to."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    with socket.socket(socket.AF_INET6 if address.version == 6 else socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError:
+            return False
+    return True
 
 
 def hostfile_text(hosts: dict[str, int]) -> str:

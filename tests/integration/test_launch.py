@@ -332,6 +332,26 @@ def test_a_value_the_remote_shell_would_expand_is_refused_without_showing_it(cap
     assert "abc$HOME" not in out + err
 
 
+def outward_addresses() -> list[str]:
+    """This machine's address on its default route, if it has one (a UDP connect sends nothing)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            return []
+        return [probe.getsockname()[0]]
+
+
+def test_an_address_names_this_machine_only_if_one_of_its_interfaces_holds_it():
+    from medsapiens.launch import hosts
+
+    assert hosts.holds_address("127.0.0.1") and all(map(hosts.holds_address, outward_addresses()))
+    assert not hosts.holds_address("203.0.113.254")  # documentation addresses: no machine holds them
+    assert not hosts.is_this_machine("203.0.113.254") and not hosts.holds_address("gpu-a")
+
+
 @pytest.mark.timeout(60)
 def test_one_host_elsewhere_is_reached_over_ssh_and_one_here_runs_here(capsys, tmp_path, remote_tools):
     """DeepSpeed starts a single host's ranks on the launching machine, whichever host it names."""
@@ -343,7 +363,7 @@ def test_one_host_elsewhere_is_reached_over_ssh_and_one_here_runs_here(capsys, t
                               "--dry-run")
     assert status == 0, err
     assert " --log_level warning --force_multi --module " in printed_command(out) and "env file LAUNCH_DIR" in out
-    for name in (socket.gethostname(), "127.0.1.1"):  # Debian's /etc/hosts names the machine 127.0.1.1
+    for name in (socket.gethostname(), "127.0.1.1", *outward_addresses()):  # Debian's /etc/hosts: 127.0.1.1
         here.write_text(f"{name} slots=2\n")
         status, out, err = launch(capsys, "pretrain", "--config", DEMO, "--hostfile", str(here), "--dry-run")
         assert status == 0, err
