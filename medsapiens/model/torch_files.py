@@ -64,7 +64,9 @@ def read_checkpoint(path: str | Path) -> tuple[object, str]:
     try:
         obj = _load(path, weights_only=False, pickle_module=_restricted_pickle(placeholders))
     except Exception as e:
-        raise InputError(f"{path}: cannot be read safely ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: not a readable checkpoint (weights_only: {refused}; the restricted loader: "
+                         f"{type(e).__name__}: {e}); if it should be one, it is damaged: compare its size or "
+                         "checksum with the original's") from None
     names = sorted(placeholders)
     listed = ", ".join(names[:SHOWN_NAMES]) + (", ..." if len(names) > SHOWN_NAMES else "")
     return obj, (f"the restricted loader (weights_only=True refused: {refused}); "

@@ -239,6 +239,15 @@ def with_pickle(tmp_path, name: str, pickled: bytes):
     return path
 
 
+def test_a_damaged_pickle_is_called_unreadable_with_what_each_loader_said(tmp_path, base, capsys):
+    damaged = with_pickle(tmp_path, "damaged.pth", b"\x80\x02}q\x00\xff.")  # a byte that is no opcode
+    assert convert(damaged, base, tmp_path / "b") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{damaged}: not a readable checkpoint (weights_only: " in err
+    assert "the restricted loader: KeyError: 255" in err and "it is damaged" in err
+    assert not (tmp_path / "b").exists()
+
+
 def test_a_pickle_naming_a_huge_memo_index_allocates_nothing_for_it(tmp_path):
     """The restricted loader reads what weights_only refused: a few bytes asking the unpickler to
     remember an object at index 2^26 must not make it allocate a table of that many slots."""
