@@ -2,7 +2,8 @@
 then an engine is built and takes one step for each ZeRO config given.
 
 Usage: ds_engine_ops.py OUT.json ZERO_JSON [ZERO_JSON ...]. Writes, per config, the optimizer class
-DeepSpeed made, whether it is PyTorch's fused kernel, the step's loss, and the ops it tried to build.
+DeepSpeed made, whether it is PyTorch's fused kernel, the step's loss, what the optimizer holds per
+parameter, and the ops it tried to build.
 The CPU all-reduce op that gloo start-up builds is left out: a CUDA run starts on NCCL instead.
 """
 import json
@@ -34,7 +35,20 @@ def one_step(zero_json: str) -> dict:
     stats, _ = engine.train_step([batch], LandmarkObjective())
     optimizer = engine.ds.basic_optimizer
     return {"zero": zero_json, "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
-            "fused": optimizer.defaults.get("fused"), "loss": float(stats[0]["head"][0]) / 2}
+            "fused": optimizer.defaults.get("fused"), "loss": float(stats[0]["head"][0]) / 2,
+            **held_by_the_optimizer(engine)}
+
+
+def held_by_the_optimizer(engine) -> dict:
+    """Bytes per parameter of the fp32 master weights and Adam's states after a step, and whether the
+    masters are a copy of the model's weights (sharing no storage with them)."""
+    zero, params = engine.ds.optimizer, list(engine.ds.module.parameters())
+    masters = getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_partitioned_groups_flat
+    states = [v for state in engine.ds.basic_optimizer.state.values() for v in state.values() if v.dim() > 0]
+    weights = {p.untyped_storage().data_ptr() for p in params}
+    count = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
+    return {"master_is_a_copy": not any(m.untyped_storage().data_ptr() in weights for m in masters),
+            "bytes_per_param": sum(t.numel() * t.element_size() for t in [*masters, *states]) / count}
 
 
 def main(out: str, zero_jsons: list[str]) -> None:

@@ -5,8 +5,10 @@ decoder's (de)convolutions: the convention of torch.utils.flop_counter and of MF
 activations, softmax and bias adds are left out (well under 1%). A training step costs about
 3 x forward (backward = 2 x forward: gradients of the activations and of the weights); a frozen
 backbone (LoRA) needs only its activations' gradients, 2 x its forward (the adapters' matmuls are
-well under 1%). Activation checkpointing adds a recomputed backbone forward, which MFU
-conventionally does not count.
+well under 1%), except in attention's two products, whose operands both need gradients: 3 x. The
+patch conv computes no gradient of its input, the image: 2 x its forward, 1 x when frozen.
+Activation checkpointing recomputes most of a backbone forward, which MFU conventionally does not
+count.
 
 `head_channels` is the number of final-head channels an image goes through: its dataset's K (or
 the sum over heads, an upper bound; the heads cost well under 1% either way).
@@ -38,8 +40,10 @@ UPSAMPLING = 4  # two stride-2 deconvs: heatmaps are (H/4, W/4), 16x the token g
 # weights and grads; in the optimizer fp32 master weights, Adam m and v, and the fp32 copy of the
 # gradients that the step reads (2 + 2 + 16 bytes; on one H200 this static part plus the activations
 # below came within 2% of the measured peaks of sapiens_0.3b with ZeRO-2 and sapiens_2b with ZeRO-3).
+# DeepSpeed's ZeRO optimizer holds the same four in fp32 too: its master partition is a copy of the
+# weights, not the weights themselves (4 + 4 + 16; without ZeRO it steps the weights: 8 of the 16).
 PRECISIONS = {
-    "fp32": {"weights": 4, "grads": 4, "optimizer": 8, "activation": 4},
+    "fp32": {"weights": 4, "grads": 4, "optimizer": 16, "activation": 4},
     "bf16": {"weights": 2, "grads": 2, "optimizer": 16, "activation": 2},
 }
 # Usable memory of common training GPUs (what the driver reports), GiB.
@@ -51,6 +55,9 @@ FRAMEWORK_ALLOWANCE = 0.1  # CUDA context, allocator fragmentation, workspaces, 
 class Split:
     backbone: int
     decoder: int
+    # of `backbone`'s FLOPs: attention's QK^T and AV, products of two activations; the patch conv, on the image
+    attention: int = 0
+    patch: int = 0
 
     @property
     def total(self) -> int:
@@ -113,27 +120,37 @@ def forward_flops(arch: str | ArchSpec, img_size=DEFAULT_IMG_SIZE, trunk_width: 
     c, w = a.embed_dim, trunk_width
     patch = 2 * tokens * c * 3 * PATCH_SIZE**2
     blocks = sum(_block_flops(a, i, tokens) for i in range(a.depth))
+    attention = a.depth * _attention_flops(a, tokens)
     # a transposed conv multiplies every input pixel by the whole kernel
     deconvs = 2 * DECONV_TAPS * (tokens * c * w + UPSAMPLING * tokens * w * w)
     heatmap_pixels = UPSAMPLING**2 * tokens
     convs = 2 * heatmap_pixels * (2 * w * w + w * head_channels)
-    return Split(patch + blocks, deconvs + convs)
+    return Split(patch + blocks, deconvs + convs, attention, patch)
 
 
 def training_flops(forward: Split, frozen_backbone: bool = False) -> int:
     """FLOPs of one image's training step, forward and backward (see the module docstring)."""
-    return (2 if frozen_backbone else 3) * forward.backbone + 3 * forward.decoder
+    weighted = forward.backbone - forward.attention - forward.patch  # the matmuls with weights
+    if frozen_backbone:
+        return 2 * weighted + 3 * forward.attention + forward.patch + 3 * forward.decoder
+    return 3 * forward.total - forward.patch
 
 
 def _block_flops(a: ArchSpec, block: int, patches: int) -> int:
     c, m = a.embed_dim, a.mlp_dim
     n = patches + prefix_tokens(a)
-    attention = 4 * n * n * c  # QK^T and AV over all heads (grouped heads share K and V, not the work)
+    attention = _attention_flops(a, patches)
     if a.family == "sapiens2":
         kv = kv_heads(a, block) * c // a.num_heads
         matmuls = 2 * n * (2 * c * c + 2 * c * kv + 3 * c * m)
         return matmuls + attention + 3 * patches * (c + kv)
     return 2 * n * (4 * c * c + 2 * c * m) + attention
+
+
+def _attention_flops(a: ArchSpec, patches: int) -> int:
+    """QK^T and AV of one block, over all heads (grouped heads share K and V, not the work)."""
+    n = patches + prefix_tokens(a)
+    return 4 * n * n * a.embed_dim
 
 
 def memory_estimate(arch: str | ArchSpec, img_size=DEFAULT_IMG_SIZE, trunk_width: int = DEFAULT_TRUNK_WIDTH,

@@ -15,6 +15,7 @@ from conftest import REPO, run
 
 from medsapiens import distributed
 from medsapiens.errors import InputError
+from medsapiens.model.cost import PRECISIONS
 from medsapiens.training.engine import OptimConfig, TrainConfig, deepspeed_config
 
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "all_to_all", "barrier",
@@ -175,6 +176,8 @@ def test_the_engine_builds_no_deepspeed_op_for_any_zero_stage(tmp_path):
     for row in result["rows"]:
         assert (row["optimizer"], row["fused"]) == ("torch.optim.adamw.AdamW", True), row
         assert row["loss"] > 0
+        # fp32 too: a master copy and Adam's m and v, and the step's fp32 gradient partition, as the estimate counts
+        assert row["master_is_a_copy"] and abs(row["bytes_per_param"] + 4 - PRECISIONS["fp32"]["optimizer"]) < 0.01
 
 
 @pytest.mark.parametrize("cuda, computes_bf16, resolved", [(False, False, "fp32"), (True, False, "fp32"),

@@ -81,7 +81,7 @@ def test_memory_estimate_states_per_precision():
     params = count_params("sapiens_0.3b", trunk_width=768, head_channels=K).total
     fp32 = memory_estimate("sapiens_0.3b", head_channels=K, precision="fp32")
     bf16 = memory_estimate("sapiens_0.3b", head_channels=K, precision="bf16")
-    assert (fp32.weights, fp32.grads, fp32.optimizer) == (4 * params, 4 * params, 8 * params)
+    assert (fp32.weights, fp32.grads, fp32.optimizer) == (4 * params, 4 * params, 16 * params)
     assert (bf16.weights, bf16.grads, bf16.optimizer) == (2 * params, 2 * params, 16 * params)
     assert bf16.activations * 2 == fp32.activations
     assert bf16.total(micro_batch=2, checkpointing=True) == 20 * params + 2 * bf16.activations_checkpointed
@@ -110,7 +110,9 @@ def test_largest_micro_batch_fits_and_the_next_does_not():
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_training_flops_match_the_flop_counter_over_forward_and_backward(lora):
-    """3 x forward when everything trains; a frozen backbone (LoRA) has no weight gradients to compute."""
+    """3 x forward when everything trains, less the patch conv's input gradient; a frozen backbone (LoRA) has
+    no weight gradients to compute, but attention still needs both its operands' gradients. The count
+    leaves out the adapters' own matmuls."""
     from medsapiens.model import apply_lora, training_flops
 
     model = tiny_model(64)
@@ -120,4 +122,4 @@ def test_training_flops_match_the_flop_counter_over_forward_and_backward(lora):
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model.loss(model(torch.randn(1, 3, *IMG), torch.tensor([0])), targets, weights).total.backward()
     expected = training_flops(forward_flops("sapiens_tiny", IMG, 64, K), frozen_backbone=lora)
-    assert abs(expected / counter.get_total_flops() - 1) < 0.02
+    assert abs(expected / counter.get_total_flops() - 1) < (0.01 if lora else 1e-6)
