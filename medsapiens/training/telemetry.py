@@ -15,12 +15,14 @@ import torch
 
 # Dense bf16 tensor-core peaks (FLOP/s) of common training GPUs, for MFU, matched in this order against
 # the device's name: the PCIe and NVL cards before the SXM ones ("NVIDIA H100 80GB HBM3", "NVIDIA H200").
+# The V100 has no bf16: its fp16 tensor-core peak stands in (its runs train in fp32).
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H200": 989e12, "H100": 989e12,
                    "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
 
 
 def peak_flops_of(name: str) -> float | None:
-    """The dense bf16 peak of the GPU named `name` (as torch names it), None when not in the table."""
+    """The dense bf16 peak (the V100's fp16) of the GPU named `name` (as torch names it), None when not in the
+    table."""
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
@@ -108,7 +110,8 @@ class StepTimer:
         peak = peak_flops(device)
         if peak and train_flops_per_sample:
             out["perf/mfu"] = train_flops_per_sample * self.samples / elapsed / peak
-        if device.type == "cuda":
+        if device.type == "cuda":  # since the previous report: an earlier seed's or the start-up's peak is not this one
             out["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.reset_peak_memory_stats(device)
         self.reset()
         return out
