@@ -17,12 +17,14 @@ Exit statuses, the same for every command:
 """
 from __future__ import annotations
 
+import os
 import sys
 
 EXIT_CHECK_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 75  # sysexits' "try again"
 EXIT_INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
+EXIT_BROKEN_PIPE = 141  # the shell's status for a process ended by SIGPIPE
 
 # Files the user named that are not there or not readable: the OS message names the path.
 FILE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -105,6 +107,9 @@ def run_command(work, *args) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of our output went (`| head`): stop quietly, as a command killed by SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or Python's exit flush complains again
+        return EXIT_BROKEN_PIPE
     except Exception as exc:  # noqa: BLE001 - sorted by user_message: one line for the user's mistake, else raise
         if user_message(exc) is None:
             raise

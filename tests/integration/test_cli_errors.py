@@ -89,3 +89,12 @@ def test_only_user_errors_become_one_line_a_bug_keeps_its_traceback(monkeypatch,
         else:
             assert medsapiens.launch.cli.main(["model", "info", "--arch", "sapiens_tiny"]) == code
             assert capsys.readouterr().err == "error: run/checkpoints: no complete tag\n"
+
+
+def test_output_into_a_pipe_whose_reader_left_ends_quietly():
+    """`medsapiens model info | head -4`: the reader closes the pipe before the command is done writing."""
+    proc = subprocess.Popen([*CLI, "model", "info", "--arch", "sapiens_tiny"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before its first line: every write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""
