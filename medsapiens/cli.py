@@ -43,6 +43,8 @@ def register(subparsers) -> None:
                          help="--from sapiens: the input size the checkpoint was trained at, where its position "
                          "table cannot tell (a non-square grid, e.g. a pose model's 1024 768); --from medsapiens: "
                          "the bundle's input size (default: MedSapiens' 1024 768); multiples of 16")
+    convert.add_argument("--force", action="store_true", help="replace what --out already holds (the file, or the "
+                         "bundle with its calibration)")
     convert.set_defaults(func=run_convert)
 
     ex = subparsers.add_parser("export", help="export a bundle for deployment (ONNX)")
@@ -129,7 +131,8 @@ def run_convert(args) -> int:
         raise InputError("--arch is required with --from sapiens (e.g. --arch sapiens_0.3b)")
     from medsapiens.model import convert_checkpoint
 
-    report = convert_checkpoint(args.checkpoint, args.arch, args.out, tuple(args.img_size) if args.img_size else None)
+    report = convert_checkpoint(args.checkpoint, args.arch, args.out, tuple(args.img_size) if args.img_size else None,
+                                args.force)
     print(report.summary())
     print(f"wrote {args.out}")
     return 0
@@ -143,7 +146,7 @@ def run_convert_release(args) -> int:
     from medsapiens.model.release import convert_release
 
     report = convert_release(args.checkpoint, args.base, args.out, arch=args.arch or "sapiens_0.3b",
-                             img_size=tuple(args.img_size or DEFAULT_IMG_SIZE), dataset=args.dataset)
+                             img_size=tuple(args.img_size or DEFAULT_IMG_SIZE), dataset=args.dataset, force=args.force)
     print(report.summary())
     print(f"wrote bundle {args.out}")
     return 0

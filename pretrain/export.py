@@ -7,7 +7,6 @@ from pathlib import Path
 
 from medsapiens import config as configlib
 from medsapiens.errors import InputError
-from medsapiens.io.manifest import MANIFEST_NAME
 from medsapiens.io.registry import LandmarkSet
 from medsapiens.model import bundle as bundlelib
 from medsapiens.pretrain.config import PretrainConfig
@@ -21,7 +20,7 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None, force: 
     Anything else already in `out` is refused unless `force`: exporting over it would lose it without a word."""
     run_dir, out = Path(run_dir), Path(out)
     info = pretraining_run_info(run_dir)
-    check_bundle_folder(out)
+    bundlelib.check_folder(out)
     cfg = configlib.load(PretrainConfig, run_dir / RESOLVED_CONFIG)
     ckpt_dir = checkpoint_dir(run_dir)
     if tag is None:
@@ -65,16 +64,6 @@ def pretraining_run_info(run_dir: Path) -> dict:
         raise InputError(f"{run_dir} is a {info.get('stage', 'unknown')} run, not a pretraining run: a fine-tuning "
                          "run exports its best checkpoint itself, to RUN_DIR/bundle, and resumes as it stopped")
     return info
-
-
-def check_bundle_folder(out: Path) -> None:
-    """A bundle is a folder of its own: never a file, a run directory or a shard directory."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; a bundle is a folder")
-    held = [name for name in (RUN_INFO, MANIFEST_NAME) if (out / name).exists()]
-    if held:
-        raise InputError(f"--out {out} holds {held[0]}: a run or shard directory; a bundle needs a folder of its "
-                         "own (e.g. RUN_DIR/bundle)")
 
 
 def previous_export(out: Path, run_dir: Path, tag: str) -> bool:

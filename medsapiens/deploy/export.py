@@ -20,7 +20,7 @@ from medsapiens.data import preprocess
 from medsapiens.data.codec import decode_udp, flip_heatmaps, heatmap_to_input
 from medsapiens.data.pipeline import heatmap_size
 from medsapiens.errors import InputError
-from medsapiens.io import registry
+from medsapiens.io import registry, storage
 from medsapiens.model import bundle as bundlelib
 
 METADATA_KEY = "medsapiens"
@@ -95,7 +95,7 @@ def export_onnx(bundle_dir, out_path, dataset: str | None = None, flip_test: boo
     """Write the ONNX model of a bundle (one head, or every head when `dataset` is None); an existing
     file at `out_path` only with `force`."""
     out = Path(out_path)
-    check_out(out, force)
+    storage.check_new_file(out, "MODEL.onnx", force)
     try:
         import onnx  # noqa: F401 - save_onnx needs it
         import onnxscript  # noqa: F401 - torch's dynamo exporter needs it
@@ -121,15 +121,6 @@ def export_onnx(bundle_dir, out_path, dataset: str | None = None, flip_test: boo
     weight_bytes = sum(t.numel() * t.element_size() for t in graph.state_dict().values())
     save_onnx(proto, out, external=weight_bytes > EXTERNAL_DATA_OVER)
     return out
-
-
-def check_out(out: Path, force: bool) -> None:
-    if out.suffix.lower() != ".onnx":
-        raise InputError(f"--out {out}: name the model file MODEL.onnx")
-    if out.is_dir():
-        raise InputError(f"--out {out} is a folder; name the model file MODEL.onnx")
-    if out.exists() and not force:
-        raise InputError(f"--out {out} exists; pass --force to replace it")
 
 
 def save_onnx(proto, out: Path, external: bool) -> None:

@@ -196,6 +196,18 @@ def write_bytes(url: str, data: bytes) -> None:
     os.replace(tmp.name, path)
 
 
+def check_new_file(out: Path, what: str, force: bool) -> None:
+    """`--out` names the file to write, `what` (e.g. MODEL.onnx, with its suffix): never a folder, and an
+    existing file is replaced only with `force`."""
+    suffix = Path(what).suffix
+    if out.suffix.lower() != suffix:
+        raise InputError(f"--out {out}: name the file {what}")
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; name the file {what}")
+    if out.exists() and not force:
+        raise InputError(f"--out {out} exists; pass --force to replace it")
+
+
 FULL_DISK_BYTES = 16 << 20  # a failed write with less free space than this is taken for a full disk
 
 

@@ -97,6 +97,20 @@ def save(out_dir: str | Path, model: torch.nn.Module, bundle: Bundle) -> Path:
     return out
 
 
+def check_folder(out: Path) -> bool:
+    """A bundle goes into a folder of its own: absent, empty or a bundle's; never a file, a run or shard
+    directory, or a folder of other files. True when it holds a bundle's files."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; a bundle is a folder")
+    held = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    others = [name for name in held if name not in (WEIGHTS, CONFIG)]
+    if others:
+        more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+        raise InputError(f"--out {out} holds {others[0]}{more}, not a bundle's files: a bundle needs a folder of its "
+                         "own (e.g. RUN_DIR/bundle)")
+    return bool(held)
+
+
 def holds_weights(path: str | Path, model: torch.nn.Module) -> bool:
     """True when the bundle at `path` holds exactly `model`'s weights (compared one tensor at a time)."""
     state = model.state_dict()

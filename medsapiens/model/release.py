@@ -70,9 +70,17 @@ def convert_release(
     arch: str = "sapiens_0.3b",
     img_size: tuple[int, int] = DEFAULT_IMG_SIZE,
     dataset: str | None = None,
+    force: bool = False,
 ) -> ReleaseReport:
-    """Write the bundle of a released MedSapiens checkpoint (see the module docstring)."""
+    """Write the bundle of a released MedSapiens checkpoint (see the module docstring); a bundle already
+    at `out` is replaced only with `force`."""
     arch = get_arch(arch)
+    if arch.family != "sapiens":
+        raise InputError(f"--arch {arch.name}: the MedSapiens releases are LoRA adapters of a Sapiens (v1) backbone, "
+                         "e.g. sapiens_0.3b")
+    out = Path(out)
+    if bundlelib.check_folder(out) and not force:
+        raise InputError(f"--out {out} already holds a bundle: pass --force to replace it, or give another --out")
     img_size = (int(img_size[0]), int(img_size[1]))
     for label, path in (("checkpoint", checkpoint), ("base checkpoint", base)):
         if not Path(path).is_file():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import reprlib
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from safetensors.torch import save_file
 
 from medsapiens.errors import CheckpointError, InputError
 from medsapiens.io.shard_tar import file_digest
-from medsapiens.io.storage import as_umask_allows
+from medsapiens.io.storage import as_umask_allows, check_new_file, local_write
 from medsapiens.model.archs import DEFAULT_IMG_SIZE, PATCH_SIZE, ArchSpec, feature_grid, get_arch
 from medsapiens.model.backbone import Backbone, build_backbone
 from medsapiens.model.torch_files import WEIGHTS_ONLY, read_checkpoint
@@ -227,14 +228,16 @@ def compare_with_model(state: BackboneState, model_state: dict[str, torch.Tensor
 
 
 def convert_checkpoint(path: str | Path, arch: str | ArchSpec, out: str | Path,
-                       trained_size: tuple[int, int] | None = None) -> LoadReport:
+                       trained_size: tuple[int, int] | None = None, force: bool = False) -> LoadReport:
     """Write the backbone of a Sapiens checkpoint as safetensors in timm naming (a Sapiens2 one in its
     own naming, the `backbone.` prefix of a task checkpoint dropped).
 
     The pos_embed stays at the checkpoint's grid (cls slot dropped); the grid, arch and source are
     recorded in the metadata. `trained_size` (H, W) gives the grid where the file's position table
-    cannot (a non-square one). The file must fit `arch` exactly: nothing missing or unexpected."""
+    cannot (a non-square one). The file must fit `arch` exactly: nothing missing or unexpected. A file
+    already at `out` is replaced only with `force`."""
     arch = get_arch(arch)
+    check_new_file(Path(out), "BACKBONE.safetensors", force)
     tensors, metadata = read_tensors(path)
     if trained_size is not None:
         metadata = with_grid(metadata, feature_grid(trained_size), str(path))
@@ -248,17 +251,17 @@ def convert_checkpoint(path: str | Path, arch: str | ArchSpec, out: str | Path,
     report = compare_with_model(state, probe.state_dict(), str(path))
     if not report.complete:
         raise InputError(f"{path} does not fit {arch.name}:\n{report.summary()}")
-    save_file(
-        {k: t.contiguous() for k, t in state.tensors.items()},
-        str(out),
-        metadata={
+    out, partial = Path(out), Path(out).with_name(f".{Path(out).name}.tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with local_write(out, partial):
+        save_file({k: t.contiguous() for k, t in state.tensors.items()}, str(partial), metadata={
             "format": FORMAT,
             "arch": arch.name,
             **({GRID_METADATA_KEY: _grid_text(state.grid)} if state.grid else {}),
             "source": Path(path).name,
             "source_sha256": file_digest(path)[0],
-        },
-    )
+        })
+    os.replace(partial, out)
     as_umask_allows(out)
     return report
 

@@ -49,8 +49,18 @@ def test_convert_writes_a_backbone_with_its_provenance(tmp_path, capsys):
     assert tensors["pos_embed"].shape == (1, 4096, 192)
     assert metadata["arch"] == "sapiens_tiny" and metadata["pos_embed_grid"] == "64x64"
     assert metadata["source"] == "sapiens_tiny_clean.pth" and len(metadata["source_sha256"]) == 64
-    assert main(["model", "convert", str(checkpoint), "--arch", "sapiens_small", "--out", str(out)]) == 2
-    assert "in the checkpoint but" in capsys.readouterr().err
+    written = out.read_bytes()
+    assert main(["model", "convert", str(checkpoint), "--arch", "sapiens_tiny", "--out", str(out)]) == 2
+    assert f"--out {out} exists; pass --force to replace it" in capsys.readouterr().err
+    assert main(["model", "convert", str(checkpoint), "--arch", "sapiens_small", "--out", str(out), "--force"]) == 2
+    assert "in the checkpoint but" in capsys.readouterr().err and out.read_bytes() == written
+    assert main(["model", "convert", str(checkpoint), "--arch", "sapiens_tiny", "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path}: name the file BACKBONE.safetensors" in capsys.readouterr().err
+    deeper = tmp_path / "new" / "folder" / "tiny.safetensors"
+    assert main(["model", "convert", str(checkpoint), "--arch", "sapiens_tiny", "--out", str(deeper)]) == 0
+    again, again_metadata = read_tensors(deeper)
+    assert again_metadata == metadata and all(torch.equal(again[k], t) for k, t in tensors.items())
+    assert not list(deeper.parent.glob(".*"))  # no temporary left
 
 
 def test_cli_registration_imports_no_torch():

@@ -41,7 +41,7 @@ def test_an_export_never_replaces_a_file_unasked(tmp_path, capsys):
     earlier = tmp_path / "m.onnx"
     earlier.write_bytes(b"an earlier export")
     (tmp_path / "folder.onnx").mkdir()
-    for out, message in ((notes, "name the model file MODEL.onnx"), (earlier, "exists; pass --force to replace it"),
+    for out, message in ((notes, "name the file MODEL.onnx"), (earlier, "exists; pass --force to replace it"),
                          (tmp_path / "folder.onnx", "is a folder")):
         assert main(["export", "onnx", str(tmp_path / "no-bundle"), "--out", str(out)]) == 2
         err = capsys.readouterr().err

@@ -107,6 +107,25 @@ def test_multi_dataset_checkpoint_becomes_a_four_head_bundle(tmp_path, base, cap
         assert model.heatmaps(torch.randn(2, 3, *IMG), "leg").shape == (2, 26, 16, 12)
 
 
+def test_a_bundle_is_replaced_only_with_force_and_never_written_into_other_folders(tmp_path, base, capsys):
+    checkpoint, out = save_mmengine(tmp_path / "best_EPE_epoch_199.pth", medsapiens_state()), tmp_path / "bundle"
+    assert convert(checkpoint, base, out, "--dataset", "leg") == 0
+    written = (out / bundlelib.CONFIG).read_text()
+    assert convert(checkpoint, base, out) == 2
+    assert f"--out {out} already holds a bundle: pass --force" in capsys.readouterr().err
+    assert (out / bundlelib.CONFIG).read_text() == written
+    assert convert(checkpoint, base, out, "--force") == 0 and list(bundlelib.load(out)[1].heads) == list(SPANS)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text("{}")
+    assert convert(checkpoint, base, run_dir, "--force") == 2
+    assert f"--out {run_dir} holds run.json, not a bundle's files" in capsys.readouterr().err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["run.json"]
+    assert main(["model", "convert", "--from", "medsapiens", str(checkpoint), "--base", str(base), "--out",
+                 str(tmp_path / "b2"), "--arch", "sapiens2_0.4b"]) == 2
+    assert "--arch sapiens2_0.4b: the MedSapiens releases are LoRA adapters of a Sapiens (v1)" in capsys.readouterr().err
+
+
 def test_single_dataset_checkpoints_need_their_dataset(tmp_path, base, capsys):
     state = medsapiens_state(channels=26)
     checkpoint = save_mmengine(tmp_path / "legs_best_EPE_epoch_208.pth", state)
