@@ -250,7 +250,8 @@ def convert_checkpoint(path: str | Path, arch: str | ArchSpec, out: str | Path,
         probe = build_backbone(arch, size)
     report = compare_with_model(state, probe.state_dict(), str(path))
     if not report.complete:
-        raise InputError(f"{path} does not fit {arch.name}:\n{report.summary()}")
+        raise InputError(f"{path} does not fit {arch.name}: "
+                         + "; ".join(line.strip() for line in report.summary().splitlines()[1:]))
     out, partial = Path(out), Path(out).with_name(f".{Path(out).name}.tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
     with local_write(out, partial):

@@ -63,6 +63,17 @@ def test_convert_writes_a_backbone_with_its_provenance(tmp_path, capsys):
     assert not list(deeper.parent.glob(".*"))  # no temporary left
 
 
+def test_a_checkpoint_missing_a_tensor_is_one_line_naming_it(tmp_path, capsys):
+    state = released_state(ARCHS["sapiens_tiny"])
+    del state["layers.2.ln2.bias"]
+    checkpoint, out = tmp_path / "missing.pth", tmp_path / "tiny.safetensors"
+    torch.save(state, checkpoint)
+    assert main(["model", "convert", str(checkpoint), "--arch", "sapiens_tiny", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{checkpoint} does not fit sapiens_tiny: missing (1): blocks.2.norm2.bias" in err
+    assert not out.exists()
+
+
 def test_cli_registration_imports_no_torch():
     code = "import sys, medsapiens.launch.cli; medsapiens.launch.cli.build_parser(); sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
