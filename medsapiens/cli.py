@@ -41,7 +41,7 @@ def register(subparsers) -> None:
                          "(head, chest, hand, leg); with the 88-channel multi-dataset model: keep only this head")
     convert.add_argument("--img-size", nargs=2, type=int, metavar=("H", "W"),
                          help="--from sapiens: the input size the checkpoint was trained at, where its position "
-                         "table cannot tell (a non-square grid, e.g. a pose model's 1024 768); --from medsapiens: "
+                         "table cannot tell (a non-square grid, e.g. a pose model's 1024 768; Sapiens2 has none); --from medsapiens: "
                          "the bundle's input size (default: MedSapiens' 1024 768); multiples of 16")
     convert.add_argument("--force", action="store_true", help="replace what --out already holds (the file, or the "
                          "bundle with its calibration)")

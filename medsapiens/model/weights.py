@@ -238,6 +238,9 @@ def convert_checkpoint(path: str | Path, arch: str | ArchSpec, out: str | Path,
     already at `out` is replaced only with `force`."""
     arch = get_arch(arch)
     check_new_file(Path(out), "BACKBONE.safetensors", force)
+    if trained_size is not None and arch.family != "sapiens":
+        raise InputError(f"--img-size: a {arch.name} checkpoint has no position table whose grid it would tell; "
+                         "convert without it (the backbone takes any input size)")
     tensors, metadata = read_tensors(path)
     if trained_size is not None:
         metadata = with_grid(metadata, feature_grid(trained_size), str(path))

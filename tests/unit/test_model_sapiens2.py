@@ -54,13 +54,16 @@ def test_a_released_file_loads_with_nothing_missing_or_unexpected_and_names_what
         load_backbone(arch, str(short), img_size=IMG)
 
 
-def test_model_convert_writes_the_backbone_of_a_task_checkpoint(tmp_path):
+def test_model_convert_writes_the_backbone_of_a_task_checkpoint(tmp_path, capsys):
     state = random_released_state(get_arch("sapiens2_tiny"))
     pose = tmp_path / "pose.safetensors"
     save_file({**{f"backbone.{k}": v for k, v in state.items()}, "decode_head.final.weight": torch.ones(3)}, str(pose))
     assert main(["model", "convert", str(pose), "--arch", "sapiens2_tiny", "--out", str(tmp_path / "b.safetensors")]) == 0
     assert load_file(str(tmp_path / "b.safetensors")).keys() == state.keys()
     assert main(["model", "convert", str(pose), "--arch", "sapiens2_0.1b", "--out", str(tmp_path / "c.safetensors")]) == 2
+    assert main(["model", "convert", str(pose), "--arch", "sapiens2_tiny", "--out", str(tmp_path / "d.safetensors"),
+                 "--img-size", "1024", "768"]) == 2
+    assert "--img-size: a sapiens2_tiny checkpoint has no position table" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", RELEASED)
