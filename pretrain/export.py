@@ -17,7 +17,8 @@ from medsapiens.training.trainer import RESOLVED_CONFIG, RUN_INFO, validation_at
 
 def export(run_dir: str | Path, out: str | Path, tag: str | None = None, force: bool = False) -> bool:
     """Write the bundle; False when `out` already held this very export (left as is, calibration included).
-    Anything else already in `out` is refused unless `force`: exporting over it would lose it without a word."""
+    Another bundle in `out` is refused unless `force`: exporting over it would lose it without a word; files
+    of other kinds there are refused either way (a bundle has a folder of its own)."""
     run_dir, out = Path(run_dir), Path(out)
     info = pretraining_run_info(run_dir)
     bundlelib.check_folder(out)
