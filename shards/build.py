@@ -163,8 +163,8 @@ def finished_stats(task: ShardTask, overwrite: bool) -> dict | None:
         raise InputError(f"{task.stats_url} was written by a build with other options "
                          f"({describe_difference(stats.get('options', {}), task.settings)}); "
                          "pass --overwrite to replace it, or choose another --out")
-    if stats.get("fingerprint") != task.fingerprint or (stats["samples"] and not storage.exists(task.url)):
-        return None
+    if stats.get("fingerprint") != task.fingerprint or (stats["samples"] and storage.size(task.url) != stats["bytes"]):
+        return None  # changed inputs, or a shard deleted or cut short since
     return stats
 
 

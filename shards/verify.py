@@ -57,6 +57,8 @@ def shard_problems(manifest: Manifest, shard: ShardInfo, seen: set[str]) -> list
             problems += sample_problems(manifest, shard, key, sample)
     except FileNotFoundError:
         return [f"{url}: missing"]
+    except storage.S3Refusal as exc:  # another bucket's (a few-shot subset's shards), refused: the others still count
+        return [f"{url}: unreadable ({exc})"]
     except shard_tar.ShardError as exc:
         problems.append(str(exc))
     if count != shard.samples:

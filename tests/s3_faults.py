@@ -2,8 +2,9 @@
 
 Each new connection takes the next fault from a queue (then passes through once it is empty):
 `silent` (reads the request, never answers), `slow` (answers, a little at a time), `500`, `503`
-and `403` (answer 500 Internal Server Error, 503 Service Unavailable or 403 Forbidden and close) and `drop` (forwards the request, then cuts the
-connection half-way through the answer). `freeze()` stops every byte on every connection, open or
+and `403` (answer 500 Internal Server Error, 503 Service Unavailable or 403 Forbidden and close), `continue`
+(answers a status line `100 Continue` and closes before its blank line) and `drop` (forwards the request,
+then cuts the connection half-way through the answer). `freeze()` stops every byte on every connection, open or
 new, as a SIGSTOPped endpoint would; `thaw()` lets them flow again.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import socket
 import threading
 import time
 
-FAULTS = ("silent", "slow", "500", "503", "403", "drop")
+FAULTS = ("silent", "slow", "500", "503", "403", "continue", "drop")
 STATUS = {"500": b"500 Internal Server Error", "503": b"503 Service Unavailable", "403": b"403 Forbidden"}
 SLOW_CHUNK, SLOW_DELAY_S = 16 * 1024, 0.05
 
@@ -59,9 +60,11 @@ class FaultProxy:
 
     def _serve(self, client: socket.socket, fault: str) -> None:
         with client:
-            if fault == "silent" or fault in STATUS:
+            if fault in ("silent", "continue") or fault in STATUS:
                 request = _read_request(client)
-                if fault in STATUS and request:
+                if fault == "continue" and request:
+                    client.sendall(b"HTTP/1.1 100 Continue\r\n")
+                elif fault in STATUS and request:
                     client.sendall(b"HTTP/1.1 " + STATUS[fault] + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                 else:
                     self.closed.wait()

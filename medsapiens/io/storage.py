@@ -57,6 +57,10 @@ class S3Error(UserError, RuntimeError):
     """An S3 request that failed for good (after the retries), naming the object."""
 
 
+class S3Refusal(S3Error):
+    """An S3 answer that refuses the request (no such bucket, access denied): that object's, not the endpoint's."""
+
+
 def is_s3(url: str) -> bool:
     return str(url).startswith("s3://")
 
@@ -71,6 +75,8 @@ def check_location(location) -> None:
     if not is_s3(text) and OTHER_URL.match(text):
         raise InputError(f"{text}: neither s3://BUCKET/PREFIX nor a local path (URLs are read and written on S3 "
                          "only, spelled s3:// in lower case)")
+    if is_s3(text) and not urlparse(text).netloc:
+        raise InputError(f"{text}: names no bucket; give s3://BUCKET/PREFIX")
 
 
 def join(base: str, *names: str) -> str:
@@ -90,10 +96,22 @@ def split_s3(url: str) -> tuple[str, str]:
 def _client_for_pid(pid: int):
     import boto3
     from botocore.config import Config
+    from botocore.exceptions import ProfileNotFound
+    from botocore.handlers import add_expect_header
 
     bounds = limits()
-    return boto3.client("s3", config=Config(connect_timeout=bounds.connect_timeout_s, read_timeout=bounds.read_timeout_s,
-                                            retries={"total_max_attempts": 1}))
+    try:
+        client = boto3.client("s3", config=Config(connect_timeout=bounds.connect_timeout_s,
+                                                  read_timeout=bounds.read_timeout_s, retries={"total_max_attempts": 1}))
+    except ProfileNotFound as exc:
+        raise InputError(f"S3: {exc}: set AWS_PROFILE to a profile of your AWS config, or unset it") from None
+    except ValueError as exc:  # boto3's "Invalid endpoint: ..."
+        raise InputError(f"S3: {exc}: the endpoint (AWS_ENDPOINT_URL or the profile's endpoint_url) must be a URL "
+                         "with its scheme, e.g. http://127.0.0.1:9000") from None
+    # botocore asks for `100 Continue` before a file's body, and reads an answer that ends after its status
+    # line forever, at full CPU, where no timeout applies: the body goes without asking
+    client.meta.events.unregister("before-call.s3", add_expect_header)
+    return client
 
 
 def s3_client():
@@ -119,9 +137,9 @@ def _code_and_status(answer) -> tuple[str, int]:
 
 def _transient(exc: Exception) -> bool:
     from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import ReadTimeoutError
+    from botocore.exceptions import HTTPClientError
 
-    if isinstance(exc, (BotoConnectionError, ReadTimeoutError, ConnectionError, TimeoutError)):
+    if isinstance(exc, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)):  # read timeouts too
         return True
     answer = _answer(exc)
     if answer is None:
@@ -145,7 +163,7 @@ def with_retries(what: str, fn, *args, **kwargs):
                     raise
                 code, status = _code_and_status(answer)
                 message = answer.response.get("Error", {}).get("Message", "")
-                raise S3Error(f"{what}: {code or 'refused'} (HTTP {status}){': ' + message if message else ''}") from None
+                raise S3Refusal(f"{what}: {code or 'refused'} (HTTP {status}){': ' + message if message else ''}") from None
             delay = min(30.0, 0.2 * 2**attempt) * (0.5 + random.random())
             elapsed = time.monotonic() - started
             if attempt == bounds.attempts or elapsed + delay > bounds.give_up_after_s:
@@ -252,15 +270,19 @@ def as_umask_allows(path) -> None:
 
 
 def exists(url: str) -> bool:
+    return size(url) is not None if is_s3(url) else Path(url).exists()
+
+
+def size(url: str) -> int | None:
+    """The bytes of a file or object; None when there is none."""
     if not is_s3(url):
-        return Path(url).exists()
+        return Path(url).stat().st_size if Path(url).is_file() else None
     bucket, key = split_s3(url)
     try:
-        with_retries(f"head {url}", s3_client().head_object, Bucket=bucket, Key=key)
-        return True
+        return with_retries(f"head {url}", s3_client().head_object, Bucket=bucket, Key=key)["ContentLength"]
     except Exception as exc:
         if _not_found(exc):
-            return False
+            return None
         raise
 
 

@@ -67,13 +67,31 @@ def test_a_failing_endpoint_gives_up_in_bounded_time_naming_the_object(proxy, fa
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("size", [1000, 6 << 20])  # one request; two parts
-def test_an_upload_answered_503_is_retried(proxy, tmp_path, size, capsys):
+@pytest.mark.parametrize("fault", ["503", "continue"])  # botocore read a 100 Continue cut short forever, at full CPU
+def test_an_upload_answered_503_or_cut_short_is_retried(proxy, tmp_path, size, fault, capsys):
     local = tmp_path / "shard.tar"
     local.write_bytes(os.urandom(size))
-    proxy.inject("503")
+    proxy.inject(fault)
     storage.upload_file(local, f"{BUCKET}/up/shard.tar", multipart_threshold=5 << 20)
     assert not proxy.faults and storage.read_bytes(f"{BUCKET}/up/shard.tar") == local.read_bytes()
     assert f"warning: upload {BUCKET}/up/shard.tar failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ({"AWS_PROFILE": "nowhere"}, "The config profile (nowhere) could not be found: set AWS_PROFILE"),
+    ({"AWS_ENDPOINT_URL": "127.0.0.1:9000"}, "Invalid endpoint: 127.0.0.1:9000: the endpoint (AWS_ENDPOINT_URL"),
+])
+def test_an_s3_setting_that_cannot_work_is_one_line(tmp_path, monkeypatch, capsys, setting, expected):
+    from conftest import refused_here
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no AWS config of the machine's
+    for name, value in setting.items():
+        monkeypatch.setenv(name, value)
+    storage._client_for_pid.cache_clear()
+    try:
+        refused_here(capsys, ["shards", "verify", f"{BUCKET}/shards"], expected)
+    finally:
+        storage._client_for_pid.cache_clear()
 
 
 @pytest.mark.timeout(120)

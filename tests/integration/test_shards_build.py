@@ -180,6 +180,20 @@ def test_rerun_skips_finished_shards_and_refuses_other_options(phantoms, tmp_pat
     assert not (out / "manifest.json").exists()  # the 48 manifest would describe shards being replaced
 
 
+def test_a_shard_deleted_or_cut_short_since_its_build_is_rewritten_by_a_rerun(phantoms, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [*sources({"chest": phantoms["chest"]}), "--out", out, "--workers", 1, "--max-side", 64]
+    assert build(*args) == 0
+    tars = sorted(out.glob("*.tar"))
+    whole = {tar.name: tar.read_bytes() for tar in tars}
+    tars[0].unlink()
+    tars[1].write_bytes(whole[tars[1].name][: len(whole[tars[1].name]) // 2])
+    capsys.readouterr()
+    assert build(*args) == 0
+    assert "(2 shard(s) written, 1 already complete)" in capsys.readouterr().out
+    assert {tar.name: tar.read_bytes() for tar in sorted(out.glob("*.tar"))} == whole
+
+
 def test_an_edited_image_redoes_only_its_shard(tmp_path, capsys):
     root = tmp_path / "leg"
     write_phantoms(tmp_path, n=4, seed=2, sets=["leg"])
@@ -372,3 +386,10 @@ def test_a_url_that_is_not_s3_is_refused_not_made_a_local_folder(tmp_path, monke
                                                "read and written on S3 only, spelled s3:// in lower case)")
     assert main(["shards", "verify", typo]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # no folder named after the URL
+
+
+def test_an_s3_url_without_a_bucket_is_refused(tmp_path, capsys):
+    root = write_phantoms(tmp_path / "raw", n=2, seed=0)["chest"]
+    for command in (["shards", "build", "--source", f"chest={root}", "--out", "s3://"], ["shards", "verify", "s3://"]):
+        assert main(command) == 2
+        assert capsys.readouterr().err.strip() == "error: s3://: names no bucket; give s3://BUCKET/PREFIX"

@@ -64,6 +64,21 @@ def test_build_inspect_verify_and_stream_a_shard_on_s3(s3_env, tmp_path, monkeyp
     for result in (built, rerun, inspected, verified):
         assert SECRET not in result.stdout + result.stderr and KEY_ID not in result.stdout + result.stderr
 
+    hand = "runs/shards/hand-train-000000.tar"
+    whole = client.get_object(Bucket="medsapiens-test", Key=hand)["Body"].read()
+    client.put_object(Bucket="medsapiens-test", Key=hand, Body=whole[: len(whole) // 2])  # cut short since
+    rerun = cli(env, "build", *sources, "--out", url, "--workers", 2, "--multipart-mb", 5)
+    assert "(1 shard(s) written, 6 already complete)" in rerun.stdout, rerun.stderr
+    assert client.get_object(Bucket="medsapiens-test", Key=hand)["Body"].read() == whole
+
+    elsewhere = dict(manifest, shards=[dict(s, url=f"{url}/{s['url']}") for s in manifest["shards"]])
+    elsewhere["shards"][0]["url"] = "s3://no-such-bucket/shard.tar"  # absolute, as a few-shot subset's are
+    client.put_object(Bucket="medsapiens-test", Key="runs/subset/manifest.json", Body=json.dumps(elsewhere))
+    verified = cli(env, "verify", "s3://medsapiens-test/runs/subset")
+    assert verified.returncode == 1 and "s3://no-such-bucket/shard.tar: unreadable (" in verified.stdout, verified.stdout
+    assert "NoSuchBucket" in verified.stdout
+    assert "error: 1 problem(s) in s3://medsapiens-test/runs/subset" in verified.stderr  # the other shards read well
+
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     import webdataset as wds
