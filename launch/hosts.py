@@ -57,17 +57,18 @@ def is_this_machine(host: str) -> bool:
 
 
 def holds_address(host: str) -> bool:
-    """Whether `host` is an IP address of this machine: only those can be bound to."""
+    """Whether `host` is an IP address of this machine: the kernel routes to such an address from itself
+    (a UDP connect sends nothing, only picks the source address; any address may be bound to)."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         return False
     with socket.socket(socket.AF_INET6 if address.version == 6 else socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:
-            probe.bind((host, 0))
-        except OSError:
+            probe.connect((host, 9))
+        except OSError:  # no route: not here
             return False
-    return True
+        return ipaddress.ip_address(probe.getsockname()[0]) == address
 
 
 def hostfile_text(hosts: dict[str, int]) -> str:

@@ -14,6 +14,7 @@ Exit statuses, the same for every command:
     2   the command could not run as given (`UserError`: bad flag, config, file; a diverged run)
     75  a stop signal (SIGTERM, SIGUSR1) ended the run after a complete checkpoint: rerun to resume
     130 Ctrl-C (128 + SIGINT), with no traceback: whoever pressed it knows why
+    141 the reader of its output went (128 + SIGPIPE: `| head`), with no traceback
 """
 from __future__ import annotations
 

@@ -96,7 +96,7 @@ def split_s3(url: str) -> tuple[str, str]:
 def _client_for_pid(pid: int):
     import boto3
     from botocore.config import Config
-    from botocore.exceptions import ProfileNotFound
+    from botocore.exceptions import BotoCoreError, ProfileNotFound
     from botocore.handlers import add_expect_header
 
     bounds = limits()
@@ -105,7 +105,11 @@ def _client_for_pid(pid: int):
                                                   read_timeout=bounds.read_timeout_s, retries={"total_max_attempts": 1}))
     except ProfileNotFound as exc:
         raise InputError(f"S3: {exc}: set AWS_PROFILE to a profile of your AWS config, or unset it") from None
-    except ValueError as exc:  # boto3's "Invalid endpoint: ..."
+    except BotoCoreError as exc:  # a config file that does not parse, a region that is no region name
+        raise InputError(f"S3: {exc}") from None
+    except ValueError as exc:
+        if not str(exc).startswith("Invalid endpoint"):
+            raise
         raise InputError(f"S3: {exc}: the endpoint (AWS_ENDPOINT_URL or the profile's endpoint_url) must be a URL "
                          "with its scheme, e.g. http://127.0.0.1:9000") from None
     # botocore asks for `100 Continue` before a file's body, and reads an answer that ends after its status

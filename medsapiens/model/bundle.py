@@ -97,9 +97,9 @@ def save(out_dir: str | Path, model: torch.nn.Module, bundle: Bundle) -> Path:
     return out
 
 
-def check_folder(out: Path) -> bool:
+def check_folder(out: Path) -> list[str]:
     """A bundle goes into a folder of its own: absent, empty or a bundle's; never a file, a run or shard
-    directory, or a folder of other files. True when it holds a bundle's files."""
+    directory, or a folder of other files. Returns the bundle's file names it holds already."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; a bundle is a folder")
     held = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
@@ -108,7 +108,7 @@ def check_folder(out: Path) -> bool:
         more = f" and {len(others) - 1} more" if len(others) > 1 else ""
         raise InputError(f"--out {out} holds {others[0]}{more}, not a bundle's files: a bundle needs a folder of its "
                          "own (e.g. RUN_DIR/bundle)")
-    return bool(held)
+    return held
 
 
 def holds_weights(path: str | Path, model: torch.nn.Module) -> bool:

@@ -155,8 +155,9 @@ def _attention_flops(a: ArchSpec, patches: int) -> int:
 
 def memory_estimate(arch: str | ArchSpec, img_size=DEFAULT_IMG_SIZE, trunk_width: int = DEFAULT_TRUNK_WIDTH,
                     head_channels: int = 0, precision: str = "bf16") -> MemoryEstimate:
-    """Training memory with AdamW, all parameters trainable, on one device without ZeRO (ZeRO-1
-    divides `optimizer` by the data-parallel size, ZeRO-2 also `grads`, ZeRO-3 also `weights`).
+    """Training memory with AdamW under DeepSpeed's ZeRO optimizer, all parameters trainable, on one
+    device (ZeRO-1 divides `optimizer` by the data-parallel size, ZeRO-2 also `grads`, ZeRO-3 also
+    `weights`).
 
     Activations assume a fused SDPA kernel (flash or memory-efficient: no N x N attention matrix
     kept) and, with checkpointing, timm's per-block checkpoints: every block keeps its input and one

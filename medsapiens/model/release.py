@@ -79,8 +79,10 @@ def convert_release(
         raise InputError(f"--arch {arch.name}: the MedSapiens releases are LoRA adapters of a Sapiens (v1) backbone, "
                          "e.g. sapiens_0.3b")
     out = Path(out)
-    if bundlelib.check_folder(out) and not force:
-        raise InputError(f"--out {out} already holds a bundle: pass --force to replace it, or give another --out")
+    held = bundlelib.check_folder(out)
+    if held and not force:
+        raise InputError(f"--out {out} already holds {' and '.join(held)}: pass --force to replace them, or give "
+                         "another --out")
     img_size = (int(img_size[0]), int(img_size[1]))
     for label, path in (("checkpoint", checkpoint), ("base checkpoint", base)):
         if not Path(path).is_file():

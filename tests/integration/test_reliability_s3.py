@@ -80,13 +80,20 @@ def test_an_upload_answered_503_or_cut_short_is_retried(proxy, tmp_path, size, f
 @pytest.mark.parametrize("setting, expected", [
     ({"AWS_PROFILE": "nowhere"}, "The config profile (nowhere) could not be found: set AWS_PROFILE"),
     ({"AWS_ENDPOINT_URL": "127.0.0.1:9000"}, "Invalid endpoint: 127.0.0.1:9000: the endpoint (AWS_ENDPOINT_URL"),
+    ({"AWS_DEFAULT_REGION": "us east 1"}, "S3: Provided region_name 'us east 1' doesn't match"),
+    ({"AWS_CONFIG_FILE": "{config}"}, "S3: Unable to parse config file"),
 ])
 def test_an_s3_setting_that_cannot_work_is_one_line(tmp_path, monkeypatch, capsys, setting, expected):
+    import boto3
     from conftest import refused_here
 
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # a session reads its config once, when it is made
     monkeypatch.setenv("HOME", str(tmp_path))  # no AWS config of the machine's
+    (tmp_path / "config").write_text("[default\nregion = x\n")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
     for name, value in setting.items():
-        monkeypatch.setenv(name, value)
+        monkeypatch.setenv(name, value.format(config=tmp_path / "config"))
     storage._client_for_pid.cache_clear()
     try:
         refused_here(capsys, ["shards", "verify", f"{BUCKET}/shards"], expected)

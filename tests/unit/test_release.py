@@ -112,7 +112,7 @@ def test_a_bundle_is_replaced_only_with_force_and_never_written_into_other_folde
     assert convert(checkpoint, base, out, "--dataset", "leg") == 0
     written = (out / bundlelib.CONFIG).read_text()
     assert convert(checkpoint, base, out) == 2
-    assert f"--out {out} already holds a bundle: pass --force" in capsys.readouterr().err
+    assert f"--out {out} already holds config.json and model.safetensors: pass --force" in capsys.readouterr().err
     assert (out / bundlelib.CONFIG).read_text() == written
     assert convert(checkpoint, base, out, "--force") == 0 and list(bundlelib.load(out)[1].heads) == list(SPANS)
     run_dir = tmp_path / "run"
