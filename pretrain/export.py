@@ -21,7 +21,7 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None, force: 
     of other kinds there are refused either way (a bundle has a folder of its own)."""
     run_dir, out = Path(run_dir), Path(out)
     info = pretraining_run_info(run_dir)
-    bundlelib.check_folder(out)
+    held_files = bundlelib.check_folder(out)
     cfg = configlib.load(PretrainConfig, run_dir / RESOLVED_CONFIG)
     ckpt_dir = checkpoint_dir(run_dir)
     if tag is None:
@@ -29,7 +29,7 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None, force: 
         if tag_step(tag) < cfg.train.max_steps:
             raise InputError(f"{run_dir} stopped at step {tag_step(tag)} of {cfg.train.max_steps}: rerun its command to "
                              f"finish it, or export that checkpoint on purpose with --tag {tag}")
-    same_export = not force and previous_export(out, run_dir, tag)
+    same_export = not force and previous_export(out, held_files, run_dir, tag)
     sets = {d: LandmarkSet.from_dict(info["landmark_sets"][d]) for d in info["dataset_ids"]}
     model_cfg = replace(cfg.model, checkpoint=None, grad_checkpointing=False)
     model = load_trained(model_cfg.build({d: s.num_landmarks for d, s in sets.items()}), ckpt_dir, tag, cfg.lora)
@@ -67,10 +67,10 @@ def pretraining_run_info(run_dir: Path) -> dict:
     return info
 
 
-def previous_export(out: Path, run_dir: Path, tag: str) -> bool:
-    """False when `out` holds no bundle files; True when it holds a bundle exported from this checkpoint of
-    this run (its weights still to be compared); anything else there is refused, naming what it holds."""
-    held_files = [name for name in (bundlelib.WEIGHTS, bundlelib.CONFIG) if (out / name).exists()]
+def previous_export(out: Path, held_files: list[str], run_dir: Path, tag: str) -> bool:
+    """False when `out` holds no bundle files (`held_files`, as check_folder found them); True when it holds a
+    bundle exported from this checkpoint of this run (its weights still to be compared); anything else there is
+    refused, naming what it holds."""
     if not held_files:
         return False
     try:

@@ -138,12 +138,11 @@ def scan_split(folder: Path, split: str, table: dict[str, str] | None, table_pat
         if missing:
             yield Rejected(image_id, str(missing[0]), "missing_annotation", f"no annotation file {missing[0]}", split)
             continue
-        where = paths[0]  # named by a rejection: the file at fault, the senior's for the pair and the table
         try:
             marks = []
-            for where in paths:
+            for where in paths:  # named by a rejection: the file at fault
                 marks.append(read_points(where))
-            where = paths[0]
+            where = paths[0]  # the senior's, for the pair and the table
             points = mean_of_annotators(*marks)
             spacing = table_spacing(image_id, table, table_path)
         except BAD_INPUT as exc:
