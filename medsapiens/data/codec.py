@@ -107,7 +107,8 @@ def decode_udp(heatmaps: torch.Tensor, blur_kernel: int = 11):
     """Argmax + DARK-UDP refinement (blur, log, one Newton step on the 3x3 neighbourhood).
 
     heatmaps: (..., K, h, w). Returns (keypoints (..., K, 2) in heatmap pixels, scores (..., K)).
-    Where the Newton step is not finite (flat or degenerate maps) the argmax is kept.
+    Where the Newton step is not finite (flat or degenerate maps) the argmax is kept; a map holding NaN or
+    infinity (a diverged model) gives NaN keypoints, never its argmax's position.
     """
     lead, (h, w) = heatmaps.shape[:-2], heatmaps.shape[-2:]
     maps = heatmaps.detach().reshape(-1, h, w).float()
@@ -136,6 +137,7 @@ def decode_udp(heatmaps: torch.Tensor, blur_kernel: int = 11):
     refined = base - torch.stack([step_x, step_y], dim=-1)
     ok = torch.isfinite(refined).all(-1, keepdim=True)
     keypoints = torch.where(ok, refined, base).float()
+    keypoints = torch.where(torch.isfinite(scores)[:, None], keypoints, torch.full_like(keypoints, float("nan")))
     return keypoints.reshape(*lead, 2), scores.reshape(lead)
 
 

@@ -12,6 +12,7 @@ import torch
 from medsapiens import distributed
 from medsapiens.data.codec import apply_affine, decode_udp, flip_heatmaps, heatmap_to_input
 from medsapiens.data.pipeline import EvalExample, eval_example, eval_examples, heatmap_size
+from medsapiens.errors import InputError
 from medsapiens.evaluation.metrics import Protocol, radial_errors
 from medsapiens.io.manifest import Manifest
 from medsapiens.io.record import original_spacing, to_original
@@ -55,7 +56,9 @@ class SplitPredictions:
 
     def errors(self, protocol: Protocol):
         """(errors (N, K) in the protocol's unit, mask (N, K) of those that count): invisible landmarks and
-        the images the protocol cannot scale (`unscalable`) do not."""
+        the images the protocol cannot scale (`unscalable`) do not. Predictions that are not finite (the
+        heatmaps of a diverged model) are refused, naming the images, rather than scored."""
+        refuse_non_finite(self.pred, self.ids)
         mask = np.stack(self.visible) > 0
         unscaled = protocol.unscalable_images(mask, self.ids)
         factors = np.stack([np.ones(2) if i in unscaled else protocol.unit_per_pixel(g, s, o, i)
@@ -65,6 +68,14 @@ class SplitPredictions:
 
     def unscalable(self, protocol: Protocol) -> dict[str, str]:
         return protocol.unscalable_images(np.stack(self.visible) > 0, self.ids)
+
+
+def refuse_non_finite(pred: list, ids: list[str]) -> None:
+    bad = [image_id for image_id, points in zip(ids, pred, strict=True) if not np.isfinite(points).all()]
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise InputError(f"the model's heatmaps hold NaN or infinity on {len(bad)} image(s) ({', '.join(bad[:5])}{more}): "
+                         "no landmark to score (a diverged model?)")
 
 
 @dataclass(frozen=True)

@@ -87,3 +87,30 @@ def test_predict_lists_a_non_finite_prediction_as_a_failure_and_flags_landmarks_
 
     for name in ("predictions.json", f"{images[1].stem}.json", "failures.json"):
         json.loads((tmp_path / "pred" / name).read_text(), parse_constant=no_nan)
+
+
+def test_evaluation_refuses_heatmaps_that_are_not_finite_naming_the_image(head_hand_bundle, phantom_shards, tmp_path,
+                                                                        monkeypatch):
+    from medsapiens.errors import InputError
+    from medsapiens.evaluate.evaluate import EvalOptions, evaluate_model
+    from medsapiens.evaluation import inference
+    from medsapiens.io.manifest import load as load_manifest
+    from medsapiens.model import bundle as bundlelib
+
+    real = inference.predict_heatmaps
+    poisoned = []
+
+    def diverged_on_the_first_image(model, images, *args):  # finite weights, NaN heatmaps for one image
+        heat = real(model, images, *args)
+        if not poisoned:
+            heat[0] = float("nan")
+            poisoned.append(True)
+        return heat
+
+    monkeypatch.setattr(inference, "predict_heatmaps", diverged_on_the_first_image)
+    model, bundle = bundlelib.load(head_hand_bundle)
+    first = sorted(p.stem for p in (phantom_shards.parent / "raw" / "head" / "RawImage" / "Test1Data").glob("*.bmp"))[0]
+    with pytest.raises(InputError, match=rf"NaN or infinity on 1 image\(s\) \({first}\): no landmark to score"):
+        evaluate_model(model, bundle, load_manifest(phantom_shards), "head", "test1", tmp_path / "eval",
+                       EvalOptions(flip_test=False))
+    assert not (tmp_path / "eval" / "report.json").exists()

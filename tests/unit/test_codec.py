@@ -153,3 +153,13 @@ def test_scaling_stays_on_the_points_device():
     pts = torch.zeros(5, 2, device="meta")
     assert input_to_heatmap(pts, (192, 256), (48, 64)).device == pts.device
     assert heatmap_to_input(pts, (192, 256), (48, 64)).device == pts.device
+
+
+def test_a_heatmap_holding_nan_or_infinity_decodes_to_nan_not_to_its_argmax():
+    heat = torch.zeros(3, 64, 48)
+    heat[:, 10, 20] = 1.0
+    heat[0, 30, 30] = float("nan")
+    heat[1, 5, 5] = float("inf")
+    decoded, scores = decode_udp(heat)
+    assert torch.isnan(decoded[:2]).all() and not torch.isfinite(scores[:2]).any()
+    assert (decoded[2] - torch.tensor([20.0, 10.0])).norm() < 1.0
