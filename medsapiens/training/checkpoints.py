@@ -224,17 +224,18 @@ def current_universal(ckpt_dir: Path) -> str:
 
 def steps_beside_their_parameters(optimizer) -> None:
     """A fused (or capturable) torch optimizer's `step` as float32 on its parameter's device, where
-    `Optimizer.load_state_dict` puts it. DeepSpeed's universal load sets `step` as its converter saved
-    it, on the CPU, and the fused CUDA AdamW kernel refuses a CPU step at the first update."""
-    for group in getattr(optimizer, "param_groups", []):
-        if not (group.get("fused") or group.get("capturable")):
-            continue
-        for param in group["params"]:
-            state = optimizer.state.get(param, {})
-            step = state.get("step")
-            if step is not None and not (torch.is_tensor(step) and step.device == param.device
-                                         and step.dtype == torch.float32):
-                state["step"] = torch.as_tensor(step, dtype=torch.float32).to(param.device)
+    `Optimizer.load_state_dict` puts it, one tensor per parameter. DeepSpeed's universal load sets `step`
+    as its converter saved it, on the CPU, where the fused CUDA AdamW kernel cannot read it; under ZeRO-3
+    it hands every partition one shared tensor, which each sub-group's update would advance again. The
+    states are walked, not the groups: ZeRO-3 lists a group's parameters only while it steps them (the
+    engine's groups are all fused or none is)."""
+    groups = getattr(optimizer, "param_groups", [])
+    if not groups or not all(group.get("fused") or group.get("capturable") for group in groups):
+        return
+    for param, state in optimizer.state.items():
+        step = state.get("step")
+        if step is not None:
+            state["step"] = torch.tensor(float(step), dtype=torch.float32, device=param.device)
 
 
 def best_entry(step: int, score: float, validation: dict) -> dict:

@@ -132,6 +132,21 @@ def test_universal_checkpoint_resumes_at_another_world_size(phantom_shards, tmp_
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_a_universal_resume_counts_each_adam_step_once(tmp_path, zero):
+    """Adam's bias correction reads each parameter's step: after a universal resume every state has its own,
+    a float32 where the fused update reads it, advanced by one per update (ZeRO-3's loader hands all its
+    partitions one tensor, which each sub-group's update advanced again)."""
+    out, config = tmp_path / "steps.json", REPO / "medsapiens" / "training" / "deepspeed" / f"{zero}.json"
+    proc = run([sys.executable, str(REPO / "tests" / "ds_universal_step.py"), str(out), str(tmp_path), str(config)],
+               240, env={"PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = json.loads(out.read_text())
+    assert steps["states"] > 1 and steps["step_tensors"] == steps["states"] and steps["dtypes"] == ["torch.float32"]
+    assert steps["loaded"] == [3.0] * steps["states"] and steps["after_one_update"] == [4.0] * steps["states"]
+
+
+@pytest.mark.timeout(300)
 def test_a_resume_from_a_replaced_model_checkpoint_is_refused(phantom_shards, tmp_path):
     """The run records the sha256 of the weights it started from; the same path holding other weights
     since is another run's start, and the bundle would name a start the file no longer holds."""

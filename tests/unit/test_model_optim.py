@@ -115,15 +115,20 @@ def test_lora_with_grad_checkpointing_trains_the_adapters(model):
 @pytest.mark.parametrize("saved", [torch.tensor(5), torch.tensor(5.0, dtype=torch.float64), 5])
 def test_a_loaded_step_is_put_where_the_fused_update_needs_it(saved):
     """DeepSpeed's universal load sets each `step` as its files hold it (on the CPU, whatever the
-    parameters' device); the fused update needs a float32 step beside its parameter."""
+    parameters' device, one tensor for all of ZeRO-3's partitions); the fused update needs a float32 step
+    of its own beside each parameter."""
     from medsapiens.training.checkpoints import steps_beside_their_parameters
 
-    fused, plain = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
-    optimizer = torch.optim.AdamW([{"params": [fused]}], fused=True)
-    optimizer.add_param_group({"params": [plain], "fused": False})
-    fused.grad = plain.grad = torch.ones(4)
-    optimizer.state[fused]["step"] = optimizer.state[plain]["step"] = saved
-    steps_beside_their_parameters(optimizer)
-    moved = optimizer.state[fused]["step"]
-    assert torch.is_tensor(moved) and moved.dtype == torch.float32 and moved.device == fused.device and moved == 5
-    assert optimizer.state[plain]["step"] is saved  # a plain AdamW keeps its step as loaded
+    def loaded(fused: bool):
+        params = [torch.nn.Parameter(torch.ones(4)) for _ in range(2)]
+        optimizer = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:]}], fused=fused)
+        for param in params:
+            optimizer.state[param]["step"] = saved
+        steps_beside_their_parameters(optimizer)
+        return params, [optimizer.state[param]["step"] for param in params]
+
+    params, steps = loaded(fused=True)
+    for param, step in zip(params, steps, strict=True):
+        assert torch.is_tensor(step) and step.dtype == torch.float32 and step.device == param.device and step == 5
+    assert steps[0] is not steps[1] and steps[0] is not saved
+    assert all(step is saved for step in loaded(fused=False)[1])  # a plain AdamW keeps its steps as loaded
