@@ -178,6 +178,8 @@ def _evaluate(args) -> int:
         c = report["coverage"]
         print(f"conformal coverage on {args.split}: {c['overall']:.1%} (nominal {c['nominal']:.0%}, "
               f"calibrated on {c['calibrated_on']!r})")
+    if "coverage_not_measured" in report:
+        print(f"conformal coverage not measured: {report['coverage_not_measured']}")
     print(f"report: {args.out}/report.json, {args.out}/report.md, {args.out}/per_image.csv")
     return 0
 

@@ -96,6 +96,10 @@ def comparison(paths) -> dict:
         values = {str(r.get(key)) for r in reports}
         if len(values) > 1:
             raise InputError(f"the reports are of different {what} ({'; '.join(sorted(values))}): not comparable")
+    read = {annotations_measured(r) for r in reports if "annotations" in r}
+    if len(read) > 1:
+        raise InputError(f"the reports were measured on shards read with other ground truth or test images "
+                         f"({'; '.join(sorted(read))}): not comparable")
     units = {r["unit"] for r in reports}
     radii = list(dict.fromkeys(r for report in reports for r in report["sdr"]))
     landmarks = list(reports[0]["per_landmark"])
@@ -115,6 +119,18 @@ def comparison(paths) -> dict:
 # the protocol keys: absent in all of them is alike too).
 MEASURED_ALIKE = (("unit", "units"), ("dataset", "datasets"), ("protocol", "protocols"),
                   ("sdr_convention", "SDR conventions"))
+
+
+VAL_OPTIONS = ("val", "val_fraction", "val_seed", "val_list")  # reader options that carve val, not test or truth
+
+
+def annotations_measured(report: dict) -> str:
+    """The reader and the options of it that decide ground truth and test images, as text."""
+    read = report["annotations"]
+    if not (isinstance(read, dict) and isinstance(read.get("options"), dict)):
+        return str(read)
+    kept = ", ".join(f"{k}={v}" for k, v in sorted(read["options"].items()) if k not in VAL_OPTIONS)
+    return f"{read.get('reader')} reader" + (f" with {kept}" if kept else "")
 
 
 def measured_on(report: dict) -> str:

@@ -87,14 +87,18 @@ def evaluate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset:
         protocol = Protocol(landmark_set, options.wrist_landmarks, options.convention)
         errors, mask = preds.errors(protocol)
         flip = " with flip test" if options.flip_test and landmark_set.can_flip else ""
-        report = build_report(errors, mask, preds.ids, protocol, dataset, f"{split} split of {manifest.location}{flip}")
-        report.update(evaluated_on=split, flip_test=bool(flip), selected_on=selection_of(bundle))
-        if unscaled := preds.unscalable(protocol):
-            report["excluded_images"] = unscaled
+        report = build_report(errors, mask, preds.ids, protocol, dataset, f"{split} split of {manifest.location}{flip}",
+                              preds.unscalable(protocol))
+        report.update(evaluated_on=split, flip_test=bool(flip), selected_on=selection_of(bundle),
+                      annotations=annotations_read(manifest, dataset))
         if rejected := manifest.split_count(dataset, "rejected_by_split", split):
             report["rejected_at_build"] = rejected
         calibration = registry.record_for(bundle.calibration, dataset, bool(flip))
-        if calibration:
+        if calibration and protocol.wrist_pair_is_not_the_default():  # the radii scale by the default pair
+            report["coverage_not_measured"] = (f"the radii were calibrated on errors scaled by the default wrist "
+                                               f"landmarks {Protocol(landmark_set).wrist_pair}, this evaluation's by "
+                                               f"{protocol.wrist_pair}")
+        elif calibration:
             report["coverage"] = conformal.coverage_report(errors, mask, calibration, landmark_set.names)
         remove_earlier_report(Path(out_dir))  # a fine-tuning rerun's; the evaluate command asks first
         write_report(report, np.where(mask, errors, np.nan), preds.ids, landmark_set.names, out_dir)
@@ -103,6 +107,13 @@ def evaluate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset:
 
     distributed.decide_on_rank0(score)  # a bad image stops every rank, not rank 0 alone
     return reports[0] if reports else None
+
+
+def annotations_read(manifest: Manifest, dataset: str) -> dict:
+    """The reader and options the dataset's shards were built with: which ground truth (ISBI's senior,
+    junior or mean of both) and which test images a report's numbers are on."""
+    source = manifest.datasets[dataset].source
+    return {"reader": source.get("reader"), "options": source.get("options", {})}
 
 
 def refuse_unfit_split(split: str, bundle: bundlelib.Bundle) -> None:

@@ -19,20 +19,27 @@ from medsapiens.io.registry import LandmarkSet
 
 
 def build_report(errors: np.ndarray, mask: np.ndarray, ids: list[str], protocol: Protocol, dataset: str,
-                 source: str) -> dict:
+                 source: str, excluded_images: dict[str, str] | None = None) -> dict:
+    """The report of (N, K) errors where `mask` holds; `excluded_images` (id: reason) are the images the
+    protocol could not scale, their rows all out of `mask`: counted apart from the images scored."""
     landmark_set = protocol.landmark_set
     summary = summarize(errors, landmark_set.sdr_radii, protocol.sdr_convention, mask, landmark_set.names, ids)
-    return {
+    scored = np.array([i not in (excluded_images or {}) for i in ids], dtype=bool)
+    report = {
         "dataset": dataset,
         "source": source,
         "unit": protocol.unit,
-        "excluded_landmarks": int((~np.asarray(mask, dtype=bool)).sum()),  # invisible in the ground truth
         "protocol": protocol.description(),
         "sdr_convention": f"error {protocol.sdr_convention} r",
         "std_meaning": {"mre_std_landmarks": "std over all (image, landmark) errors",
                         "mre_std_images": "std of per-image mean errors (the +- MedSapiens prints)"},
         **summary,
+        "images": int(scored.sum()),
+        "excluded_landmarks": int((~np.asarray(mask, dtype=bool)[scored]).sum()),  # invisible in the ground truth
     }
+    if excluded_images:
+        report["excluded_images"] = dict(excluded_images)
+    return report
 
 
 REPORT_FILES = ("report.json", "report.md", "per_image.csv", CED, PER_LANDMARK)
@@ -76,12 +83,13 @@ def markdown(report: dict) -> str:
         f"# Evaluation: {report['dataset']} ({report['source']})",
         "",
         f"{report['images']} images, {report['landmarks']} landmarks ({report.get('excluded_landmarks', 0)} invisible "
-        f"in the ground truth, left out). Protocol: {report['protocol']}. "
+        f"in the ground truth, left out){images_left_out(report)}. Protocol: {report['protocol']}. "
         f"SDR counts {report['sdr_convention']}.",
         *(f"Left out: {image_id}: {reason}." for image_id, reason in report.get("excluded_images", {}).items()),
         *([f"Not in these numbers: {report['rejected_at_build']} image(s) of this split rejected when the shards were "
            "built (each with its reason in the shards' rejected.jsonl)."] if report.get("rejected_at_build") else []),
         *selection_lines(report),
+        *annotation_lines(report),
         "",
         f"| MRE ({unit}) | std over landmarks | std of image means | " + " | ".join(f"SDR {r} {unit}" for r in radii) + " |",
         "|---:|---:|---:|" + "---:|" * len(radii),
@@ -103,8 +111,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def images_left_out(report: dict) -> str:
+    count = len(report.get("excluded_images", {}))
+    return f"; {count} more image(s) left out, each named below" if count else ""
+
+
 def coverage_lines(report: dict) -> list[str]:
     """The conformal radii's empirical coverage on this split, when the bundle is calibrated."""
+    if "coverage_not_measured" in report:
+        return ["", "## Conformal error bounds", "", f"Coverage not measured: {report['coverage_not_measured']}."]
     if "coverage" not in report:
         return []
     c = report["coverage"]
@@ -125,6 +140,16 @@ def selection_lines(report: dict) -> list[str]:
     split = f"the {chosen['split']!r} split" if chosen["split"] else "no split"
     return ["", f"Evaluated on the {report['evaluated_on']!r} split{' with flip test' if report['flip_test'] else ''}; "
                 f"checkpoint selected on {split} ({chosen['stage']}: {chosen['rule']})."]
+
+
+def annotation_lines(report: dict) -> list[str]:
+    """The reader and options that built the shards: the ground truth and test images behind the numbers."""
+    read = report.get("annotations")
+    if not isinstance(read, dict):
+        return []
+    options = read.get("options") if isinstance(read.get("options"), dict) else {}
+    given = ", ".join(f"{k}={v}" for k, v in options.items()) or "its defaults"
+    return ["", f"Ground truth and split as the shards' `{read.get('reader')}` reader read them, with {given}."]
 
 
 def _read_json(path: str | Path, what: str):
@@ -193,9 +218,11 @@ def points(landmarks, where: str) -> np.ndarray:
     return np.array([[np.nan, np.nan] if p is None else p for p in landmarks], dtype=np.float64)
 
 
-def coco_points(keypoints) -> np.ndarray:
+def coco_points(keypoints, third_is_visibility: bool = True) -> np.ndarray:
+    """(K, 2) from [x, y, v] * K: NaN where a ground truth's v is 0; a results file's third value is a
+    score, which says nothing of whether the landmark was predicted."""
     triples = np.asarray(keypoints, dtype=np.float64).reshape(-1, 3)
-    return np.where(triples[:, 2:3] > 0, triples[:, :2], np.nan)
+    return np.where(triples[:, 2:3] > 0, triples[:, :2], np.nan) if third_is_visibility else triples[:, :2]
 
 
 def coco_ground_truth(data: dict) -> Table:
@@ -221,7 +248,7 @@ def coco_results(results: list, coco_ids: dict) -> Table:
         if image_id in table.landmarks:
             raise InputError(f"image {result['image_id']!r} has more than one result; keep one per image (the "
                              "highest-scoring detection)")
-        table.landmarks[image_id] = coco_points(result["keypoints"])
+        table.landmarks[image_id] = coco_points(result["keypoints"], third_is_visibility=False)
     return table
 
 
@@ -293,9 +320,7 @@ def score_files(predictions: str | Path, ground_truth: str | Path, wrist_landmar
     visible[[ids.index(i) for i in unscaled]] = False
     factors = [np.ones(2) if i in unscaled else unit_per_pixel(protocol, gt, i, truth[n]) for n, i in enumerate(ids)]
     errors = radial_errors(guess, np.where(visible[..., None], truth, guess), np.stack(factors))
-    report = build_report(errors, visible, ids, protocol, landmark_set.id, f"predictions {predictions}")
-    if unscaled:
-        report["excluded_images"] = unscaled
+    report = build_report(errors, visible, ids, protocol, landmark_set.id, f"predictions {predictions}", unscaled)
     return report, np.where(visible, errors, np.nan), ids
 
 

@@ -36,6 +36,9 @@ class Protocol:
         a, b = self.wrist_landmarks or self.landmark_set.normalization["landmarks"]
         return a, b
 
+    def wrist_pair_is_not_the_default(self) -> bool:
+        return self.rule == "wrist_width" and self.wrist_pair != tuple(self.landmark_set.normalization["landmarks"])
+
     @property
     def unit(self) -> str:
         return self.landmark_set.unit
@@ -48,7 +51,9 @@ class Protocol:
         if self.rule == "frame":
             w, h = norm["size"]
             return f"errors in pixels of the image resized to {w}x{h}"
-        return "errors in original pixels times the pixel spacing (mm); pixels where no spacing is known"
+        if self.unit == "px":
+            return "errors in original pixels (no pixel spacing applied: not every image of this set has one)"
+        return "errors in original pixels times the pixel spacing, in mm"
 
     def unscalable_images(self, visible: np.ndarray, ids: list[str]) -> dict[str, str]:
         """Images whose errors this protocol cannot scale (hand: a wrist landmark invisible, its position

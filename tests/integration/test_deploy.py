@@ -210,6 +210,8 @@ def test_calibration_is_stored_read_back_and_reported_by_evaluate(calibrated, he
     assert report["coverage"]["nominal"] == COVERAGE and report["coverage"]["calibrated_on"] == "val"
     assert abs(report["coverage"]["overall"] - COVERAGE) < 0.12  # one split of 22 images; the seeds test is tighter
     assert "Conformal error bounds" in (out / "report.md").read_text() and "conformal coverage" in proc.stdout
+    assert report["annotations"]["reader"] == "isbi2015" and report["annotations"]["options"]["gt"] == "mean"
+    assert "Ground truth and split as the shards' `isbi2015` reader read them, with gt=mean" in (out / "report.md").read_text()
 
 
 def test_export_onnx_without_the_onnx_extra_is_one_line_with_the_install_hint(head_expert, tmp_path):

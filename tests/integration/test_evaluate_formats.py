@@ -56,9 +56,10 @@ def test_coco_ground_truth_with_predict_output(tmp_path):
     assert list(report["per_landmark"]) == ["medial", "lateral", "apex"] and report["excluded_landmarks"] == 1
 
 
-def test_coco_results_against_coco_ground_truth(tmp_path):
+@pytest.mark.parametrize("keypoint_score", [0.8, 0.0, -1.5])  # a score, not a visibility: any value is a prediction
+def test_coco_results_against_coco_ground_truth(tmp_path, keypoint_score):
     results = [{"image_id": 100 + n, "category_id": 1, "score": 0.9,
-                "keypoints": [c for p in GUESS[i] for c in (*p, 0.8)]} for n, i in enumerate(TRUTH)]
+                "keypoints": [c for p in GUESS[i] for c in (*p, keypoint_score)]} for n, i in enumerate(TRUTH)]
     report, _, _ = score_files(write(tmp_path / "r.json", results), write(tmp_path / "g.json", coco_truth()))
     assert report["unit"] == "px" and report["mre"] == pytest.approx(expected_mre())
 
@@ -119,16 +120,20 @@ def test_hand_image_with_an_invisible_wrist_landmark_is_left_out_and_named(tmp_p
     truth = {i: rng.uniform(50, 400, (37, 2)).round(1).tolist() for i in ("h1", "h2")}
     guess = {i: (np.array(p) + 3.0).tolist() for i, p in truth.items()}
     truth["h2"][5] = None  # wrist landmark 5 (Payer's pair is 1, 5) not visible
+    truth["h1"][7] = None  # an invisible landmark of a scored image
     report, errors, ids = score_files(write(tmp_path / "p.json", {"dataset": "hand", "landmarks": guess}),
                                       write(tmp_path / "g.json", {"dataset": "hand", "landmarks": truth}))
     assert report["excluded_images"] == {"h2": "wrist landmark 5 invisible: the hand protocol cannot scale its errors"}
-    assert report["excluded_landmarks"] == 37 and np.isnan(errors[1]).all()
+    assert (report["images"], report["landmarks"], report["excluded_landmarks"]) == (1, 36, 1)
+    assert np.isnan(errors[1]).all() and np.isnan(errors[0, 7])
     width = np.linalg.norm(np.subtract(truth["h1"][1], truth["h1"][5]))
     assert report["mre"] == pytest.approx(np.hypot(3, 3) * 50 / width)
     out = tmp_path / "report"
     from medsapiens.evaluate.report import write_report
     write_report(report, errors, ids, [str(k) for k in range(37)], out)
-    assert "h2: wrist landmark 5 invisible" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "1 images, 36 landmarks (1 invisible in the ground truth, left out); 1 more image(s) left out" in text
+    assert "h2: wrist landmark 5 invisible" in text
 
 
 @pytest.mark.parametrize("spacing", [[0, 0], [-0.2, 0.2], [float("nan"), 0.2], "12", [True, 1], [0.2], [[0.2], 0.2]])
@@ -167,3 +172,27 @@ def test_a_misspelled_key_in_a_landmark_file_is_refused_naming_it(tmp_path):
     with pytest.raises(InputError, match=r"ground-truth file .*g.json: .*unknown key\(s\) datset; a landmark file has "
                                          r"dataset, landmarks, spacing_mm, image_size, names, landmark_set"):
         score_files(write(tmp_path / "p.json", {"dataset": "knee", "landmarks": GUESS}), gt)
+
+
+def test_coverage_is_measured_only_with_the_wrist_pair_the_radii_were_calibrated_with(head_hand_bundle, phantom_shards,
+                                                                                     tmp_path):
+    """Hand radii are in mm scaled by the default wrist pair: errors scaled by another pair are in another
+    unit, and their coverage would mean nothing."""
+    from medsapiens.evaluate.evaluate import EvalOptions, evaluate_model
+    from medsapiens.evaluation import conformal
+    from medsapiens.io.manifest import load as load_manifest
+    from medsapiens.model import bundle as bundlelib
+
+    model, bundle = bundlelib.load(head_hand_bundle)
+    names = bundle.landmark_sets["hand"].names
+    bundle.calibration = {"hand": conformal.calibrate(np.ones((20, len(names))), np.ones((20, len(names)), bool), 0.9,
+                                                      names, "mm", "val", False)}
+    manifest = load_manifest(phantom_shards)
+    default = evaluate_model(model, bundle, manifest, "hand", "test", tmp_path / "a", EvalOptions(flip_test=False))
+    assert "coverage" in default and "coverage_not_measured" not in default
+    gu2net = evaluate_model(model, bundle, manifest, "hand", "test", tmp_path / "b",
+                            EvalOptions(flip_test=False, wrist_landmarks=(0, 4)))
+    assert "coverage" not in gu2net
+    assert gu2net["coverage_not_measured"] == ("the radii were calibrated on errors scaled by the default wrist "
+                                               "landmarks (1, 5), this evaluation's by (0, 4)")
+    assert "Coverage not measured: the radii were calibrated" in (tmp_path / "b" / "report.md").read_text()

@@ -119,3 +119,13 @@ def test_score_files_refuses_missing_predictions_and_chest_without_size(tmp_path
     pred = _write(tmp_path, "pred.json", {"dataset": "chest", "landmarks": {"x": pts, "y": pts}})
     with pytest.raises(ValueError, match="image_size"):
         score_files(pred, gt)
+
+
+def test_the_protocol_line_says_whether_a_spacing_was_applied():
+    names = ("apex", "base")
+    in_px, in_mm = registry.custom("knee", names, None, unit="px"), registry.custom("knee", names, None, unit="mm")
+    gt, pred = np.zeros((2, 2)), np.array([[3.0, 4.0], [0.0, 0.0]])
+    px = Protocol(in_px)
+    assert radial_errors(pred[None], gt[None], px.unit_per_pixel(gt, (0.2, 0.2), None)[None])[0, 0] == 5.0
+    assert px.description() == "errors in original pixels (no pixel spacing applied: not every image of this set has one)"
+    assert Protocol(in_mm).description() == "errors in original pixels times the pixel spacing, in mm"

@@ -165,6 +165,27 @@ def test_compare_prints_the_reports_values_and_a_paired_test(tmp_path):
     assert float(landmark[3]) == round(delta, 3) and float(landmark[1]) == round(a["per_landmark"][first]["mre"], 3)
 
 
+def test_compare_refuses_reports_on_another_ground_truth_but_not_on_another_val_carving(tmp_path, capsys):
+    from medsapiens.launch.cli import main
+
+    def scored(name: str, options: dict) -> str:
+        write_scored(tmp_path / name, errors_of(0, 1.0))
+        path = tmp_path / name / "report.json"
+        report = json.loads(path.read_text())
+        report["annotations"] = {"reader": "isbi2015", "options": options}
+        path.write_text(json.dumps(report))
+        return str(path)
+
+    mean = scored("mean", {"gt": "mean", "val": "seeded", "val_seed": "0"})
+    other_val = scored("other_val", {"gt": "mean", "val": "gu2net", "val_seed": "3"})
+    senior = scored("senior", {"gt": "senior", "val": "seeded", "val_seed": "0"})
+    assert main(["evaluate", "--compare", mean, other_val, "--out", str(tmp_path / "cmp")]) == 0
+    capsys.readouterr()
+    refused_here(capsys, ["evaluate", "--compare", mean, senior, "--out", str(tmp_path / "cmp2")],
+                 "the reports were measured on shards read with other ground truth or test images "
+                 "(isbi2015 reader with gt=mean; isbi2015 reader with gt=senior): not comparable")
+
+
 def test_compare_refuses_what_is_not_a_report(tmp_path, capsys):
     (tmp_path / "x.json").write_text("{}")
     refused_here(capsys, ["evaluate", "--compare", str(tmp_path / "x.json"), str(tmp_path / "x.json")],
