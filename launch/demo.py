@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from medsapiens.cli import positive_int
 from medsapiens.errors import EXIT_USER_ERROR, UserError
 from medsapiens.launch.launcher import check_gpu_count
@@ -48,13 +50,24 @@ class DemoPlan:
 
     @property
     def settings(self) -> dict:
-        """What decides the demo's results: a rerun into the same folder must ask for the same."""
-        return {"arch": self.arch, "held_out": self.held_out, "ranks": self.ranks,
-                "pretrain_steps": self.pretrain_steps, "finetune_steps": self.finetune_steps}
+        """What decides the demo's results: a rerun into the same folder must ask for the same (step counts
+        as they run: a count not given is the experiment config's)."""
+        return with_steps_resolved({"arch": self.arch, "held_out": self.held_out, "ranks": self.ranks,
+                                    "pretrain_steps": self.pretrain_steps, "finetune_steps": self.finetune_steps})
 
     @property
     def sets(self) -> tuple[str, ...]:
         return (*self.pretrain_sets, self.held_out)
+
+
+STEP_CONFIGS = {"pretrain_steps": "demo.yaml", "finetune_steps": "demo_finetune.yaml"}
+
+
+def with_steps_resolved(settings: dict) -> dict:
+    """Step counts left unset (None, also in a marker written before they were resolved) as the stage runs
+    them: its experiment config's train.max_steps."""
+    return {key: yaml.safe_load((EXPERIMENTS / STEP_CONFIGS[key]).read_text())["train"]["max_steps"]
+            if key in STEP_CONFIGS and value is None else value for key, value in settings.items()}
 
 
 def medsapiens(*args: str) -> list[str]:
@@ -86,7 +99,7 @@ def claim_out(plan: DemoPlan) -> None:
     check_demo_folder(plan.out)
     marker = plan.out / DEMO_MARKER
     if marker.exists():
-        made_with = json.loads(marker.read_text())
+        made_with = with_steps_resolved(json.loads(marker.read_text()))
     elif (plan.out / LEGACY_MARKER).exists():
         made_with = {"arch": "sapiens_tiny"}  # a demo from before the marker held its settings
     else:

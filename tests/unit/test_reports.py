@@ -79,7 +79,7 @@ def test_demo_folder_holds_one_demo(tmp_path):
     with pytest.raises(UserError, match="holds a demo made with other settings: arch sapiens2_tiny "
                                         r"\(now sapiens_tiny\); pass --fresh"):
         claim_out(DemoPlan(out=tmp_path))
-    with pytest.raises(UserError, match=r"held_out leg \(now hand\), finetune_steps None \(now 200\)"):
+    with pytest.raises(UserError, match=r"held_out leg \(now hand\), finetune_steps 120 \(now 200\)"):
         claim_out(DemoPlan(out=tmp_path, arch="sapiens2_tiny", held_out="hand", finetune_steps=200))
     (tmp_path / "demo.json").unlink()  # a demo from before the marker is the default arch's
     (tmp_path / "sapiens_tiny_init.safetensors").touch()
@@ -87,9 +87,14 @@ def test_demo_folder_holds_one_demo(tmp_path):
         claim_out(DemoPlan(out=tmp_path, arch="sapiens2_tiny"))
     claim_out(DemoPlan(out=tmp_path, pretrain_steps=1500))
     assert json.loads((tmp_path / "demo.json").read_text()) == {
-        "arch": "sapiens_tiny", "held_out": "leg", "ranks": 2, "pretrain_steps": 1500, "finetune_steps": None}
-    with pytest.raises(UserError, match=r"pretrain_steps 1500 \(now None\)"):
+        "arch": "sapiens_tiny", "held_out": "leg", "ranks": 2, "pretrain_steps": 1500, "finetune_steps": 120}
+    with pytest.raises(UserError, match=r"pretrain_steps 1500 \(now 800\)"):
         claim_out(DemoPlan(out=tmp_path))
+    # the configs' step counts, given or not, and a marker from before they were written resolved: one demo
+    (tmp_path / "demo.json").write_text(json.dumps({"arch": "sapiens_tiny", "held_out": "leg", "ranks": 2,
+                                                    "pretrain_steps": None, "finetune_steps": None}))
+    claim_out(DemoPlan(out=tmp_path, pretrain_steps=800, finetune_steps=120))
+    claim_out(DemoPlan(out=tmp_path))
 
 
 def test_the_demo_never_writes_into_or_deletes_a_folder_of_other_files(tmp_path, capsys):
