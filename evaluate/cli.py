@@ -23,7 +23,8 @@ def register(subparsers) -> None:
     ev.add_argument("--shards", help="shard directory or s3:// prefix (with --bundle)")
     ev.add_argument("--dataset", help="dataset id (default: the bundle's only head; with --predictions, the files' "
                     "dataset, which it must match, else the protocol to score them by)")
-    ev.add_argument("--split", help="split to evaluate (with --bundle; default test)")
+    ev.add_argument("--split", help="split to evaluate (with --bundle; default test); splits joined by '+' are "
+                    "scored as one, e.g. test1+test2 for ISBI 2015's 250 test images")
     ev.add_argument("--flip-test", action=argparse.BooleanOptionalAction,
                     help="average with the mirrored image, as MedSapiens evaluates (with --bundle; default on; "
                     "--no-flip-test)")

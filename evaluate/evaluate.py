@@ -74,12 +74,22 @@ class EvalOptions:
 def evaluate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset: str, split: str, out_dir,
                    options: EvalOptions = EvalOptions()) -> dict | None:
     """Predict a split on every rank; rank 0 writes the report files (an earlier report there replaced, its
-    overlays included) and returns the report."""
-    check_split(manifest, dataset, split, bundle)
+    overlays included) and returns the report. `split` may join splits with '+' (ISBI 2015's two test sets
+    as one, `test1+test2`), scored as one."""
+    parts = split_parts(split)
+    for part in parts:
+        check_split(manifest, dataset, part, bundle)
     landmark_set = manifest.landmark_set(dataset)
     check_wrist_landmarks(options.wrist_landmarks, landmark_set)
-    preds = predict_split(model, manifest, dataset, model.dataset_ids.index(dataset), split,
-                          options.settings(model, bundle), panels=options.overlays)
+    preds = None
+    for part in parts:
+        got = predict_split(model, manifest, dataset, model.dataset_ids.index(dataset), part,
+                            options.settings(model, bundle), panels=options.overlays)
+        if preds is None:
+            preds = got
+        elif got is not None:
+            preds.extend(got)
+            preds.panels = preds.panels[:options.overlays]
     reports: list[dict] = []
 
     def score() -> None:
@@ -91,7 +101,7 @@ def evaluate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset:
                               preds.unscalable(protocol))
         report.update(evaluated_on=split, flip_test=bool(flip), selected_on=selection_of(bundle),
                       annotations=annotations_read(manifest, dataset))
-        if rejected := manifest.split_count(dataset, "rejected_by_split", split):
+        if rejected := sum(manifest.split_count(dataset, "rejected_by_split", part) for part in parts):
             report["rejected_at_build"] = rejected
         calibration = registry.record_for(bundle.calibration, dataset, bool(flip))
         if calibration and protocol.wrist_pair_is_not_the_default():  # the radii scale by the default pair
@@ -107,6 +117,13 @@ def evaluate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset:
 
     distributed.decide_on_rank0(score)  # a bad image stops every rank, not rank 0 alone
     return reports[0] if reports else None
+
+
+def split_parts(split: str) -> list[str]:
+    parts = split.split("+")
+    if "" in parts or len(set(parts)) < len(parts):
+        raise InputError(f"--split {split}: name a split, or distinct splits joined by '+' (test1+test2)")
+    return parts
 
 
 def annotations_read(manifest: Manifest, dataset: str) -> dict:

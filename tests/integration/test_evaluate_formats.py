@@ -196,3 +196,28 @@ def test_coverage_is_measured_only_with_the_wrist_pair_the_radii_were_calibrated
     assert gu2net["coverage_not_measured"] == ("the radii were calibrated on errors scaled by the default wrist "
                                                "landmarks (1, 5), this evaluation's by (0, 4)")
     assert "Coverage not measured: the radii were calibrated" in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_splits_joined_by_a_plus_are_scored_as_one(head_hand_bundle, phantom_shards, tmp_path):
+    """ISBI 2015's Test1 and Test2 as one test set of 250 images, as GU2Net's loader tests."""
+    from medsapiens.errors import InputError
+    from medsapiens.evaluate.evaluate import EvalOptions, evaluate_model
+    from medsapiens.io.manifest import ManifestError
+    from medsapiens.io.manifest import load as load_manifest
+    from medsapiens.model import bundle as bundlelib
+
+    model, bundle = bundlelib.load(head_hand_bundle)
+    manifest = load_manifest(phantom_shards)
+    options = EvalOptions(flip_test=False, overlays=2)
+    one, two, both = (evaluate_model(model, bundle, manifest, "head", split, tmp_path / split, options)
+                      for split in ("test1", "test2", "test1+test2"))
+    assert both["evaluated_on"] == "test1+test2" and both["per_image"] == {**one["per_image"], **two["per_image"]}
+    assert both["images"] == one["images"] + two["images"] == manifest.datasets["head"].splits["test1"] + \
+        manifest.datasets["head"].splits["test2"]
+    pooled = (one["mre"] * one["landmarks"] + two["mre"] * two["landmarks"]) / (one["landmarks"] + two["landmarks"])
+    assert both["mre"] == pytest.approx(pooled)
+    assert len(list((tmp_path / "test1+test2" / "overlays").glob("*.png"))) == 2
+    with pytest.raises(InputError, match=r"--split test1\+test1: name a split, or distinct splits joined by '\+'"):
+        evaluate_model(model, bundle, manifest, "head", "test1+test1", tmp_path / "x", options)
+    with pytest.raises(ManifestError, match="dataset 'head' has no 'tset2' samples"):
+        evaluate_model(model, bundle, manifest, "head", "test1+tset2", tmp_path / "y", options)
