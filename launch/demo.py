@@ -18,8 +18,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from medsapiens.cli import positive_int
 from medsapiens.errors import EXIT_USER_ERROR, UserError
 from medsapiens.launch.launcher import check_gpu_count
@@ -66,6 +64,8 @@ STEP_CONFIGS = {"pretrain_steps": "demo.yaml", "finetune_steps": "demo_finetune.
 def with_steps_resolved(settings: dict) -> dict:
     """Step counts left unset (None, also in a marker written before they were resolved) as the stage runs
     them: its experiment config's train.max_steps."""
+    import yaml  # here: the CLI that imports this module also runs in the torch-free predict install, without yaml
+
     return {key: yaml.safe_load((EXPERIMENTS / STEP_CONFIGS[key]).read_text())["train"]["max_steps"]
             if key in STEP_CONFIGS and value is None else value for key, value in settings.items()}
 
