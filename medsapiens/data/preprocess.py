@@ -31,14 +31,15 @@ def whole_image_affine(image_size, input_size, margin: float = 1.25, scale: floa
 
     The whole image, padded to the input's aspect ratio and enlarged by `margin`, fills the input.
     `scale` > 1 zooms in, `rotation_deg` turns counter-clockwise on screen, `shift` moves the
-    crop by that fraction of the box size, and `flip` mirrors horizontally about the input centre.
+    crop by that fraction of the image's width and height enlarged by `margin` (mmpose's
+    RandomBBoxTransform shifts the padded box before TopdownAffine fixes its aspect ratio), and
+    `flip` mirrors horizontally about the input centre.
     """
     (iw, ih), (ow, oh) = image_size, input_size
     box_w = max(iw, ih * ow / oh) * margin
-    box_h = box_w * oh / ow
     s = ow / box_w * scale
-    cx = (iw - 1) / 2 + shift[0] * box_w
-    cy = (ih - 1) / 2 + shift[1] * box_h
+    cx = (iw - 1) / 2 + shift[0] * iw * margin
+    cy = (ih - 1) / 2 + shift[1] * ih * margin
     t = math.radians(rotation_deg)
     cos, sin = math.cos(t), math.sin(t)
     mirror = -1.0 if flip else 1.0

@@ -129,6 +129,18 @@ def test_whole_image_affine_fits_image_with_margin():
     assert abs((mapped[1, 1] - mapped[0, 1]) - 399 * 256 / (400 * 1.25)) < 1e-9  # height fills 1/1.25
 
 
+@pytest.mark.parametrize("image_size", [(2800, 7000), (1000, 1000), (1935, 2400)])
+def test_a_shift_moves_the_crop_by_a_fraction_of_the_padded_image_not_of_the_aspect_fixed_box(image_size):
+    """mmpose's RandomBBoxTransform moves the centre by shift x the padded box (W, H) x 1.25 before
+    TopdownAffine widens the box to 3:4: a tall leg image shifts sideways by its own width's share."""
+    (w, h), shift = image_size, (0.1, -0.05)
+    still, moved = (whole_image_affine(image_size, (768, 1024), shift=s) for s in ((0.0, 0.0), shift))
+    centre = torch.tensor([[(768 - 1) / 2, (1024 - 1) / 2]], dtype=torch.float64)
+    centre_before, centre_after = (apply_affine(torch.linalg.inv(m), centre)[0] for m in (still, moved))
+    assert torch.allclose(centre_after - centre_before, torch.tensor([0.1 * w * 1.25, -0.05 * h * 1.25],
+                                                                     dtype=torch.float64))
+
+
 def test_flip_matches_encoding_of_mirrored_points():
     input_size, heatmap_size = (192, 256), (48, 64)
     kp = torch.tensor([[40.0, 50.0], [150.0, 60.0], [96.0, 200.0]])
