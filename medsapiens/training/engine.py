@@ -144,8 +144,10 @@ def resolve_warmup(optim: OptimConfig, max_steps: int) -> tuple[OptimConfig, str
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """Multiplier of the base lr after `step` optimizer steps: a linear warm-up times step decay
     (the two multiply, as mmengine's LinearLR and MultiStepLR do: a run shorter than its warm-up
-    still drops at the milestones), or warm-up then cosine, or constant."""
-    warmup = cfg.warmup_factor + (1 - cfg.warmup_factor) * step / cfg.warmup_steps if step < cfg.warmup_steps else 1.0
+    still drops at the milestones), or warm-up then cosine, or constant. The warm-up reaches the base lr
+    at its last step, warmup_steps - 1, as mmengine's LinearLR (total_iters = end - begin - 1) does."""
+    ramp = step / max(1, cfg.warmup_steps - 1)
+    warmup = cfg.warmup_factor + (1 - cfg.warmup_factor) * ramp if step < cfg.warmup_steps else 1.0
     if cfg.schedule == "step":
         return warmup * cfg.gamma ** sum(step >= m * max_steps for m in cfg.milestones)
     if step < cfg.warmup_steps:

@@ -22,12 +22,14 @@ def test_published_schedule_in_steps(images, batch, steps_per_epoch, warmup_step
     optim, _ = resolve_warmup(OptimConfig(), train.max_steps)
     assert optim.warmup_steps == warmup_steps
     factors = [lr_factor(step, optim, train.max_steps) for step in range(train.max_steps)]
-    warmup = [optim.warmup_factor + (1 - optim.warmup_factor) * min(1.0, s / optim.warmup_steps)
+    # mmengine's LinearLR(begin=0, end=W): total_iters = W - 1, so its last step, W - 1, is at the base lr
+    warmup = [optim.warmup_factor + (1 - optim.warmup_factor) * min(1.0, s / (optim.warmup_steps - 1))
               for s in range(train.max_steps)]
     decay = [f / w for f, w in zip(factors, warmup, strict=True)]  # the step decay, even inside the warm-up
     assert decay.index(pytest.approx(0.1)) == 170 * steps_per_epoch
     assert decay.index(pytest.approx(0.01)) == 200 * steps_per_epoch and decay[-1] == pytest.approx(0.01)
-    assert factors[0] == pytest.approx(0.001)
+    assert factors[0] == pytest.approx(0.001) and factors[1] == pytest.approx(0.001 + 0.999 / (warmup_steps - 1))
+    assert factors[warmup_steps - 1] == 1.0 > factors[warmup_steps - 2]  # mmengine's last warm-up step: the base lr
     described = schedule_text(optim, text, train.max_steps)
     assert f"{images} training images / global batch {batch}" in described
     assert f"lr x0.1 at steps {170 * steps_per_epoch}, {200 * steps_per_epoch}" in described
