@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from medsapiens.errors import InputError
+from medsapiens.evaluation.metrics import SPACING_RULE_LINES
 from medsapiens.io import jsondoc
 from medsapiens.io.record import is_finite_number, is_number
 
@@ -23,6 +24,8 @@ DRAWS = 20000
 SEED = 0
 
 
+# How reports written before the spacing rule's line named its unit described it, for mm and px sets alike
+SPACING_RULE_LINE_BEFORE = "errors in original pixels times the pixel spacing (mm); pixels where no spacing is known"
 REPORT_KEYS = ("mre", "mre_std_landmarks", "mre_std_images", "sdr", "per_landmark", "per_image", "unit")
 
 
@@ -37,6 +40,8 @@ def load_report(path) -> dict:
     problem = report_problem(report)
     if problem:
         raise InputError(f"{path}: {problem}")
+    if report.get("protocol") == SPACING_RULE_LINE_BEFORE and report["unit"] in SPACING_RULE_LINES:
+        report["protocol"] = SPACING_RULE_LINES[report["unit"]]  # the same protocol, as reports name it now
     return report
 
 
@@ -121,7 +126,9 @@ MEASURED_ALIKE = (("unit", "units"), ("dataset", "datasets"), ("protocol", "prot
                   ("sdr_convention", "SDR conventions"))
 
 
-VAL_OPTIONS = ("val", "val_fraction", "val_seed", "val_list")  # reader options that carve val, not test or truth
+# reader options left out of the comparison: those that carve val only, and those naming a file (its path differs
+# from one machine to another; the images a test list picks show in the reports' per-image ids)
+NOT_COMPARED = ("val", "val_fraction", "val_seed", "val_list", "test_list", "spacing_csv")
 
 
 def annotations_measured(report: dict) -> str:
@@ -129,7 +136,7 @@ def annotations_measured(report: dict) -> str:
     read = report["annotations"]
     if not (isinstance(read, dict) and isinstance(read.get("options"), dict)):
         return str(read)
-    kept = ", ".join(f"{k}={v}" for k, v in sorted(read["options"].items()) if k not in VAL_OPTIONS)
+    kept = ", ".join(f"{k}={v}" for k, v in sorted(read["options"].items()) if k not in NOT_COMPARED)
     return f"{read.get('reader')} reader" + (f" with {kept}" if kept else "")
 
 

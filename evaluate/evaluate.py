@@ -99,12 +99,13 @@ def evaluate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset:
         flip = " with flip test" if options.flip_test and landmark_set.can_flip else ""
         report = build_report(errors, mask, preds.ids, protocol, dataset, f"{split} split of {manifest.location}{flip}",
                               preds.unscalable(protocol))
-        report.update(evaluated_on=split, flip_test=bool(flip), selected_on=selection_of(bundle),
-                      annotations=annotations_read(manifest, dataset))
+        report.update(evaluated_on=split, flip_test=bool(flip), selected_on=selection_of(bundle))
+        if annotations := annotations_read(manifest, dataset):
+            report["annotations"] = annotations
         if rejected := sum(manifest.split_count(dataset, "rejected_by_split", part) for part in parts):
             report["rejected_at_build"] = rejected
         calibration = registry.record_for(bundle.calibration, dataset, bool(flip))
-        if calibration and protocol.wrist_pair_is_not_the_default():  # the radii scale by the default pair
+        if calibration and not protocol.scales_like_the_default():  # the radii scale by the default pair
             report["coverage_not_measured"] = (f"the radii were calibrated on errors scaled by the default wrist "
                                                f"landmarks {Protocol(landmark_set).wrist_pair}, this evaluation's by "
                                                f"{protocol.wrist_pair}")
@@ -130,7 +131,7 @@ def annotations_read(manifest: Manifest, dataset: str) -> dict:
     """The reader and options the dataset's shards were built with: which ground truth (ISBI's senior,
     junior or mean of both) and which test images a report's numbers are on."""
     source = manifest.datasets[dataset].source
-    return {"reader": source.get("reader"), "options": source.get("options", {})}
+    return {"reader": source["reader"], "options": source.get("options", {})} if "reader" in source else {}
 
 
 def refuse_unfit_split(split: str, bundle: bundlelib.Bundle) -> None:
@@ -166,17 +167,20 @@ def calibrate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset
     preds = predict_split(model, manifest, dataset, model.dataset_ids.index(dataset), split,
                           options.settings(model, bundle))
     record = None
-    refused: list[str | None] = [None]
+    refused: list[tuple[bool, str] | None] = [None]  # (too few images?, why)
     if preds is not None:  # rank 0: it has every rank's predictions
-        errors, mask = preds.errors(Protocol(landmark_set))
         try:
+            errors, mask = preds.errors(Protocol(landmark_set))
             record = conformal.calibrate(errors, mask, coverage, landmark_set.names, landmark_set.unit, split,
                                          bool(options.flip_test and landmark_set.can_flip))
         except conformal.TooFewToCalibrate as exc:
-            refused[0] = f"{dataset} {exc}"
-    distributed.broadcast_from_rank0(refused)  # every rank raises alike
+            refused[0] = (True, f"{dataset} {exc}")
+        except InputError as exc:  # predictions that are not finite
+            refused[0] = (False, str(exc))
+    distributed.broadcast_from_rank0(refused)  # every rank raises alike (fine-tuning skips a calibration too few allow)
     if refused[0]:
-        raise conformal.TooFewToCalibrate(refused[0])
+        too_few, why = refused[0]
+        raise conformal.TooFewToCalibrate(why) if too_few else InputError(why)
     return record
 
 
@@ -239,7 +243,9 @@ def evaluate_bundle(bundle_dir, shards: str, dataset: str | None, split: str, ou
 def summary_line(report: dict) -> str:
     sdr = ", ".join(f"SDR@{r}: {v:.2f}%" for r, v in report["sdr"].items())
     rejected = report.get("rejected_at_build")
-    kept = f"{report['images']} images" + (f"; {rejected} more rejected at the shards' build" if rejected else "")
+    left_out = len(report.get("excluded_images", {}))
+    kept = (f"{report['images']} images" + (f"; {left_out} left out, named in the report" if left_out else "")
+            + (f"; {rejected} more rejected at the shards' build" if rejected else ""))
     return (f"{report['dataset']}: MRE {report['mre']:.3f} +- {report['mre_std_images']:.3f} {report['unit']} "
             f"(+- over images; {kept}), {sdr}")
 

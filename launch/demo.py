@@ -97,20 +97,20 @@ def claim_out(plan: DemoPlan) -> None:
     """An output folder holds one demo: its finished stages are skipped on a rerun, so a rerun there
     with other settings (arch, held-out set, ranks, steps) would mix two runs into one table."""
     check_demo_folder(plan.out)
-    marker = plan.out / DEMO_MARKER
+    marker, settings = plan.out / DEMO_MARKER, plan.settings
     if marker.exists():
         made_with = with_steps_resolved(json.loads(marker.read_text()))
     elif (plan.out / LEGACY_MARKER).exists():
         made_with = {"arch": "sapiens_tiny"}  # a demo from before the marker held its settings
     else:
-        made_with = plan.settings
-    differing = [f"{key} {made_with[key]} (now {plan.settings[key]})" for key in plan.settings
-                 if key in made_with and made_with[key] != plan.settings[key]]
+        made_with = settings
+    differing = [f"{key} {made_with[key]} (now {settings[key]})" for key in settings
+                 if key in made_with and made_with[key] != settings[key]]
     if differing:
         raise UserError(f"{plan.out} holds a demo made with other settings: {', '.join(differing)}; "
                         "pass --fresh to start over there, or another --out")
     plan.out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(plan.settings))
+    marker.write_text(json.dumps(settings))
 
 
 DEMO_MARKER = "demo.json"

@@ -137,7 +137,9 @@ def decode_udp(heatmaps: torch.Tensor, blur_kernel: int = 11):
     refined = base - torch.stack([step_x, step_y], dim=-1)
     ok = torch.isfinite(refined).all(-1, keepdim=True)
     keypoints = torch.where(ok, refined, base).float()
-    keypoints = torch.where(torch.isfinite(scores)[:, None], keypoints, torch.full_like(keypoints, float("nan")))
+    # the maps themselves are checked: ONNX's ReduceMax skips NaN where torch's max returns it
+    finite = torch.isfinite(maps).flatten(1).all(1)
+    keypoints = torch.where(finite[:, None], keypoints, torch.full_like(keypoints, float("nan")))
     return keypoints.reshape(*lead, 2), scores.reshape(lead)
 
 

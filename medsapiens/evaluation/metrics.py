@@ -15,6 +15,8 @@ from medsapiens.io.record import is_positive_pair
 from medsapiens.io.registry import LandmarkSet
 
 SDR_CONVENTIONS = {"<": np.less, "<=": np.less_equal}
+SPACING_RULE_LINES = {"mm": "errors in original pixels times the pixel spacing, in mm",
+                      "px": "errors in original pixels (this set is measured in pixels: no pixel spacing applied)"}
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,9 @@ class Protocol:
         a, b = self.wrist_landmarks or self.landmark_set.normalization["landmarks"]
         return a, b
 
-    def wrist_pair_is_not_the_default(self) -> bool:
-        return self.rule == "wrist_width" and self.wrist_pair != tuple(self.landmark_set.normalization["landmarks"])
+    def scales_like_the_default(self) -> bool:
+        """Whether errors come out as with the set's own rule (a hand's wrist pair given in either order)."""
+        return self.rule != "wrist_width" or set(self.wrist_pair) == set(self.landmark_set.normalization["landmarks"])
 
     @property
     def unit(self) -> str:
@@ -51,9 +54,7 @@ class Protocol:
         if self.rule == "frame":
             w, h = norm["size"]
             return f"errors in pixels of the image resized to {w}x{h}"
-        if self.unit == "px":
-            return "errors in original pixels (no pixel spacing applied: not every image of this set has one)"
-        return "errors in original pixels times the pixel spacing, in mm"
+        return SPACING_RULE_LINES[self.unit]
 
     def unscalable_images(self, visible: np.ndarray, ids: list[str]) -> dict[str, str]:
         """Images whose errors this protocol cannot scale (hand: a wrist landmark invisible, its position

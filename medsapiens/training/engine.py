@@ -127,12 +127,12 @@ def resolve_warmup(optim: OptimConfig, max_steps: int) -> tuple[OptimConfig, str
     """The optimizer config with its warm-up in steps for a run of `max_steps`, and a note on it for
     the printed schedule ("" when there is nothing to say). Unset, the warm-up is the published 500
     steps, at most a fifth of the run: a short run would otherwise never reach its lr."""
-    if optim.warmup_steps is not None:
+    if optim.warmup_steps is not None:  # it reaches the base lr at step warmup_steps - 1
         drop = first_drop(optim, max_steps)
-        if drop is not None and optim.warmup_steps >= drop:
+        if drop is not None and optim.warmup_steps > drop:
             return optim, f" (warning: optim.warmup_steps reaches the first lr drop at step {drop})"
-        if optim.warmup_steps >= max_steps:
-            return optim, f" (warning: optim.warmup_steps is the whole {max_steps}-step run: the lr never reaches its base)"
+        if optim.warmup_steps > max_steps:
+            return optim, f" (warning: optim.warmup_steps outlasts the {max_steps}-step run: the lr never reaches its base)"
         return optim, ""
     steps = min(PUBLISHED_WARMUP_STEPS, math.ceil(WARMUP_SHARE * max_steps))
     scaled = steps < PUBLISHED_WARMUP_STEPS
@@ -144,8 +144,8 @@ def resolve_warmup(optim: OptimConfig, max_steps: int) -> tuple[OptimConfig, str
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """Multiplier of the base lr after `step` optimizer steps: a linear warm-up times step decay
     (the two multiply, as mmengine's LinearLR and MultiStepLR do: a run shorter than its warm-up
-    still drops at the milestones), or warm-up then cosine, or constant. The warm-up reaches the base lr
-    at its last step, warmup_steps - 1, as mmengine's LinearLR (total_iters = end - begin - 1) does."""
+    still drops at the milestones), or warm-up then cosine, or constant. A warm-up of W > 1 steps reaches
+    the base lr at its last step, W - 1, as mmengine's LinearLR (total_iters = end - begin - 1) does."""
     ramp = step / max(1, cfg.warmup_steps - 1)
     warmup = cfg.warmup_factor + (1 - cfg.warmup_factor) * ramp if step < cfg.warmup_steps else 1.0
     if cfg.schedule == "step":

@@ -47,9 +47,9 @@ def test_an_explicit_warmup_wins_with_a_warning_past_the_first_drop():
     assert resolve_warmup(OptimConfig(warmup_steps=3), 20) == (OptimConfig(warmup_steps=3), "")
     optim, note = resolve_warmup(OptimConfig(warmup_steps=500), 20)
     assert optim.warmup_steps == 500 and "warning: optim.warmup_steps reaches the first lr drop at step 17" in note
-    cosine = OptimConfig(warmup_steps=20, schedule="cosine")
-    assert resolve_warmup(cosine, 20)[1] == " (warning: optim.warmup_steps is the whole 20-step run: the lr never reaches its base)"
-    assert resolve_warmup(cosine, 21)[1] == ""
+    cosine = OptimConfig(warmup_steps=21, schedule="cosine")  # the base lr at step 20, past a 20-step run
+    assert resolve_warmup(cosine, 20)[1] == " (warning: optim.warmup_steps outlasts the 20-step run: the lr never reaches its base)"
+    assert resolve_warmup(cosine, 21)[1] == "" and lr_factor(20, cosine, 21) == 1.0
 
 
 def test_max_steps_stay_when_no_epochs_are_given():

@@ -89,10 +89,11 @@ def test_predict_lists_a_non_finite_prediction_as_a_failure_and_flags_landmarks_
         json.loads((tmp_path / "pred" / name).read_text(), parse_constant=no_nan)
 
 
-def test_evaluation_refuses_heatmaps_that_are_not_finite_naming_the_image(head_hand_bundle, phantom_shards, tmp_path,
-                                                                        monkeypatch):
+@pytest.mark.parametrize("split", ["test1", "val"])  # evaluation, calibration
+def test_evaluation_and_calibration_refuse_heatmaps_that_are_not_finite_naming_the_image(head_hand_bundle, phantom_shards,
+                                                                                        tmp_path, monkeypatch, split):
     from medsapiens.errors import InputError
-    from medsapiens.evaluate.evaluate import EvalOptions, evaluate_model
+    from medsapiens.evaluate.evaluate import EvalOptions, calibrate_model, evaluate_model
     from medsapiens.evaluation import inference
     from medsapiens.io.manifest import load as load_manifest
     from medsapiens.model import bundle as bundlelib
@@ -109,8 +110,12 @@ def test_evaluation_refuses_heatmaps_that_are_not_finite_naming_the_image(head_h
 
     monkeypatch.setattr(inference, "predict_heatmaps", diverged_on_the_first_image)
     model, bundle = bundlelib.load(head_hand_bundle)
-    first = sorted(p.stem for p in (phantom_shards.parent / "raw" / "head" / "RawImage" / "Test1Data").glob("*.bmp"))[0]
-    with pytest.raises(InputError, match=rf"NaN or infinity on 1 image\(s\) \({first}\): no landmark to score"):
-        evaluate_model(model, bundle, load_manifest(phantom_shards), "head", "test1", tmp_path / "eval",
-                       EvalOptions(flip_test=False))
+    manifest = load_manifest(phantom_shards)
+    with pytest.raises(InputError, match=r"NaN or infinity on 1 image\(s\) \(\d+\): no landmark to score") as refusal:
+        if split == "val":
+            calibrate_model(model, bundle, manifest, "head", split, 0.5, EvalOptions(flip_test=False))
+        else:
+            evaluate_model(model, bundle, manifest, "head", split, tmp_path / "eval", EvalOptions(flip_test=False))
+    named = refusal.value.args[0].split("(")[2].split(")")[0]
+    assert named in {p.stem for p in (phantom_shards.parent / "raw" / "head" / "RawImage").rglob("*.bmp")}
     assert not (tmp_path / "eval" / "report.json").exists()

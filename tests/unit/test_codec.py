@@ -171,7 +171,7 @@ def test_a_heatmap_holding_nan_or_infinity_decodes_to_nan_not_to_its_argmax():
     heat = torch.zeros(3, 64, 48)
     heat[:, 10, 20] = 1.0
     heat[0, 30, 30] = float("nan")
-    heat[1, 5, 5] = float("inf")
-    decoded, scores = decode_udp(heat)
-    assert torch.isnan(decoded[:2]).all() and not torch.isfinite(scores[:2]).any()
+    heat[1, 5, 5] = float("-inf")  # away from the peak: the argmax alone would not see it
+    decoded, _ = decode_udp(heat)
+    assert torch.isnan(decoded[:2]).all()
     assert (decoded[2] - torch.tensor([20.0, 10.0])).norm() < 1.0

@@ -127,5 +127,5 @@ def test_the_protocol_line_says_whether_a_spacing_was_applied():
     gt, pred = np.zeros((2, 2)), np.array([[3.0, 4.0], [0.0, 0.0]])
     px = Protocol(in_px)
     assert radial_errors(pred[None], gt[None], px.unit_per_pixel(gt, (0.2, 0.2), None)[None])[0, 0] == 5.0
-    assert px.description() == "errors in original pixels (no pixel spacing applied: not every image of this set has one)"
+    assert px.description() == "errors in original pixels (this set is measured in pixels: no pixel spacing applied)"
     assert Protocol(in_mm).description() == "errors in original pixels times the pixel spacing, in mm"

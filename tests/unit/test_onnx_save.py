@@ -49,3 +49,29 @@ def test_an_export_never_replaces_a_file_unasked(tmp_path, capsys):
     assert notes.read_text() == "my notes" and earlier.read_bytes() == b"an earlier export"
     assert main(["export", "onnx", str(tmp_path / "no-bundle"), "--out", str(earlier), "--force"]) == 2
     assert "no-bundle is not a bundle" in capsys.readouterr().err  # past the check: --force lets it replace the file
+
+
+def test_the_exported_decoding_gives_nan_for_a_map_holding_nan_or_infinity_as_torch_does():
+    """onnxruntime's max skips NaN where torch's returns it: the decoding checks the maps themselves."""
+    import warnings
+
+    import torch
+
+    from medsapiens.data.codec import decode_udp
+    from medsapiens.deploy.export import OPSET
+
+    class Decode(torch.nn.Module):
+        def forward(self, heatmaps):
+            return decode_udp(heatmaps)[0]
+
+    heat = torch.zeros(1, 4, 16, 12)
+    heat[..., 5, 6] = 1.0
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(Decode(), (heat,), input_names=["heatmaps"], opset_version=OPSET, dynamo=True,
+                                    verbose=False, optimize=True)
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    heat[0, 0, 2, 2], heat[0, 1, 3, 3], heat[0, 2, 9, 9] = float("nan"), float("inf"), float("-inf")
+    decoded = session.run(None, {"heatmaps": heat.numpy()})[0]
+    np.testing.assert_array_equal(np.isnan(decoded).all(-1), [[True, True, True, False]])
+    np.testing.assert_allclose(decoded[0, 3], decode_udp(heat)[0][0, 3].numpy(), atol=1e-5)

@@ -191,6 +191,16 @@ def test_compare_refuses_reports_on_another_ground_truth_but_not_on_another_val_
                  "(isbi2015 reader with gt=mean; isbi2015 reader with gt=senior): not comparable")
 
 
+def test_compare_takes_a_report_naming_the_spacing_rule_as_reports_did_before(tmp_path, capsys):
+    from medsapiens.evaluate.compare import SPACING_RULE_LINE_BEFORE, comparison
+
+    old, new = (write_scored(tmp_path / name, errors_of(0, 1.0)) for name in ("old", "new"))
+    assert new["protocol"] == "errors in original pixels times the pixel spacing, in mm"
+    path = tmp_path / "old" / "report.json"
+    path.write_text(json.dumps({**old, "protocol": SPACING_RULE_LINE_BEFORE}))
+    assert comparison([path, tmp_path / "new" / "report.json"])["paired"][0]["p"] == 1.0
+
+
 def test_compare_refuses_what_is_not_a_report(tmp_path, capsys):
     (tmp_path / "x.json").write_text("{}")
     refused_here(capsys, ["evaluate", "--compare", str(tmp_path / "x.json"), str(tmp_path / "x.json")],
