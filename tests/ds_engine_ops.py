@@ -25,14 +25,23 @@ def refuse_to_build(builder, *args, **kwargs):
     raise RuntimeError(f"the engine asked DeepSpeed to build its {builder.name} op")
 
 
-def one_step(zero_json: str) -> dict:
+def tiny_engine(zero_json: str, universal: bool = False) -> Engine:
+    """sapiens_tiny with one 19-landmark head under the ZeRO config, fp32, seeded."""
     torch.manual_seed(0)
     model = ModelConfig(arch="sapiens_tiny", img_size=(128, 96), trunk_width=32).build({"head": 19})
-    engine = Engine(model, param_groups(model, 0.05), TrainConfig(deepspeed=zero_json, precision="fp32"),
-                    OptimConfig(warmup_steps=1), micro_batch=2)
-    batch = {"images": torch.rand(2, 1, 128, 96) * 255, "dataset_index": torch.zeros(2, dtype=torch.long),
-             "target_heatmaps": torch.rand(2, 19, 32, 24), "target_weights": torch.ones(2, 19)}
-    stats, _ = engine.train_step([batch], LandmarkObjective())
+    return Engine(model, param_groups(model, 0.05), TrainConfig(deepspeed=zero_json, precision="fp32"),
+                  OptimConfig(warmup_steps=1), micro_batch=2, universal=universal)
+
+
+def tiny_batch() -> dict:
+    """Two random images and targets for tiny_engine's head."""
+    return {"images": torch.rand(2, 1, 128, 96) * 255, "dataset_index": torch.zeros(2, dtype=torch.long),
+            "target_heatmaps": torch.rand(2, 19, 32, 24), "target_weights": torch.ones(2, 19)}
+
+
+def one_step(zero_json: str) -> dict:
+    engine = tiny_engine(zero_json)
+    stats, _ = engine.train_step([tiny_batch()], LandmarkObjective())
     optimizer = engine.ds.basic_optimizer
     return {"zero": zero_json, "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
             "fused": optimizer.defaults.get("fused"), "loss": float(stats[0]["head"][0]) / 2,
