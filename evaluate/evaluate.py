@@ -120,10 +120,10 @@ def evaluate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset:
     return reports[0] if reports else None
 
 
-def split_parts(split: str) -> list[str]:
+def split_parts(split: str, flag: str = "--split") -> list[str]:
     parts = split.split("+")
     if "" in parts or len(set(parts)) < len(parts):
-        raise InputError(f"--split {split}: name a split, or distinct splits joined by '+' (test1+test2)")
+        raise InputError(f"{flag} {split}: name a split, or distinct splits joined by '+' (test1+test2)")
     return parts
 
 

@@ -45,7 +45,8 @@ def register(subparsers) -> None:
     ft.add_argument("--steps", type=int, help="training steps instead of epochs")
     ft.add_argument("--batch-size", type=int, help="micro-batch per rank (data.micro_batch)")
     ft.add_argument("--no-flip-test", action="store_true", help="evaluate without averaging the mirrored image")
-    ft.add_argument("--eval-split", help="split evaluated at the end (default: test, else every test* split)")
+    ft.add_argument("--eval-split", help="split evaluated at the end (default: test, else every test* split, each reported; "
+                    "test1+test2 scores both as one)")
     ft.add_argument("--run-dir", help="output directory (default: a new runs/finetune/<dataset>-<init>[-lora][-<K>shot]-<time>); a run "
                     "there with the same settings is resumed from its newest complete checkpoint, read as weights "
                     "only (a file naming anything else is refused); one with other settings is refused, naming them")

@@ -29,7 +29,8 @@ class FinetuneConfig:
     shots: 0 trains on the whole train split, K > 0 on K images drawn by `shot_seed`; `seeds`
     lists several shot seeds to run one after another (their mean and std are reported).
     eval_split: the split evaluated at the end; `auto` takes `test`, else every `test*` split
-    (ISBI 2015's test1 and test2), each reported; the first one is the run's headline.
+    (ISBI 2015's test1 and test2), each reported; the first one is the run's headline. Splits joined
+    by '+' (`test1+test2`) are scored as one, as `medsapiens evaluate --split` does.
     flip_test: average with the mirrored image at evaluation (as MedSapiens always does).
     calibration_coverage: the selected bundle's split conformal radii per landmark are calibrated on
     data.val_split at this coverage (0: none; skipped, and said, when the val split is too small).

@@ -23,6 +23,7 @@ from medsapiens.evaluate.evaluate import (
     EvalOptions,
     calibrate_model,
     evaluate_model,
+    split_parts,
     summary_line,
 )
 from medsapiens.evaluation import conformal
@@ -174,14 +175,16 @@ def check_reusable_head(bundle_dir: str, bundle: bundlelib.Bundle, dataset: str,
 def evaluation_splits(manifest: Manifest, dataset: str, requested: str) -> list[str]:
     splits = manifest.datasets[dataset].splits
     if requested != "auto":
-        chosen = [requested] if splits.get(requested) else []
+        parts = split_parts(requested, "--eval-split")
+        chosen = [requested] if all(splits.get(part) for part in parts) else []
     else:
         chosen = ["test"] if splits.get("test") else sorted(s for s in splits if is_test_split(s) and splits[s])
     if not chosen:
         raise ManifestError(f"{manifest.location}: dataset {dataset!r} has no {requested!r} split to evaluate "
                             f"(splits: {', '.join(sorted(splits))}); choose one with --eval-split")
     for split in chosen:
-        check_scorable(manifest, dataset, split)
+        for part in split_parts(split):
+            check_scorable(manifest, dataset, part)
     return chosen
 
 

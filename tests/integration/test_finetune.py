@@ -14,10 +14,11 @@ from conftest import CLI, FINETUNE_CONFIG, deepspeed_module, finetune_args, loss
 from safetensors.torch import load_file
 
 from medsapiens import config as configlib
+from medsapiens.errors import InputError
 from medsapiens.evaluate.evaluate import EvalOptions, evaluate_model
 from medsapiens.finetune.config import FinetuneConfig
 from medsapiens.finetune.subset import draw_keys
-from medsapiens.finetune.train import initial_model
+from medsapiens.finetune.train import evaluation_splits, initial_model
 from medsapiens.io import manifest as manifestlib
 from medsapiens.io.manifest import ManifestError
 from medsapiens.io.shard_tar import file_digest
@@ -208,6 +209,17 @@ def test_finetune_refuses_bad_starts_clearly(phantom_shards, tmp_path):
     proc = run([*CLI, "finetune", *finetune_args(phantom_shards, tmp_path / "x", "--dataset", "knee", "--init", "scratch",
                                                  "--steps", "2")], 120)
     assert proc.returncode != 0 and "dataset 'knee' is not in the manifest" in proc.stderr
+
+
+def test_the_evaluated_splits_are_chosen_and_checked_before_training(phantom_shards):
+    """`auto` reports ISBI 2015's two test sets each; test1+test2 scores them as one, as `evaluate --split` does."""
+    manifest = manifestlib.load(phantom_shards)
+    assert evaluation_splits(manifest, "head", "auto") == ["test1", "test2"]
+    assert evaluation_splits(manifest, "head", "test1+test2") == ["test1+test2"]
+    with pytest.raises(ManifestError, match=r"dataset 'head' has no 'test1\+tset2' split to evaluate \(splits: "):
+        evaluation_splits(manifest, "head", "test1+tset2")
+    with pytest.raises(InputError, match=r"--eval-split test2\+test2: name a split, or distinct splits joined by '\+'"):
+        evaluation_splits(manifest, "head", "test2+test2")
 
 
 def isbi_truth(raw_head: Path, image: Path) -> np.ndarray:
