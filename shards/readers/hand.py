@@ -1,18 +1,20 @@
 """Digital Hand Atlas with Payer's 37 landmarks (`hand`).
 
     jpg/<image_id>.jpg
-    all.csv    rows `image_id,x0,y0,...,x36,y36` (float pixels), no header
+    all.csv    rows `image_id,x0,y0,...,x36,y36` (float pixels), no header (or labels/all.csv,
+               where GU2Net's loader reads it)
 
-No official split: `split=gu2net` (default, GU2Net's, Zhu et al. MICCAI 2021) takes the ids in
-natural order: 550 train, 59 val, the rest test (with fewer than 610 images the test split is
-empty: the build summary warns); `split=seeded` shuffles the sorted ids with `seed` and takes
+Only the images with a row are inputs: the atlas' other JPGs are counted as unlabelled, and a row
+whose JPG is missing is rejected. No official split: `split=gu2net` (default, GU2Net's, Zhu et al.
+MICCAI 2021) takes the ids that have both a row and a JPG in natural order, as its loader does: 550
+train, 59 val, the rest test (with fewer than 610 images the test split is empty: the build summary
+warns); `split=seeded` shuffles the same ids, sorted, with `seed` and takes
 `test_fraction`, then `val_fraction`, the rest train (`val_fraction` is also the fraction the
 plan carves from train when gu2net leaves val empty). No pixel spacing: errors are normalised by
 the wrist width.
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from medsapiens.shards.readers import (
     RawSample,
     ReaderError,
     Rejected,
+    Unlabelled,
     choice,
     natural_key,
     number,
@@ -85,20 +88,38 @@ def parse_row(row: list[str]) -> tuple[tuple[float, float], ...]:
     return tuple(zip(values[0::2], values[1::2], strict=True))
 
 
+def landmark_table(root: Path) -> Path:
+    for table in (root / "all.csv", root / "labels" / "all.csv"):
+        if table.is_file():
+            return table
+    raise ReaderError(f"no landmark table {root / 'all.csv'} or {root / 'labels' / 'all.csv'} (the hand layout is "
+                      "jpg/<id>.jpg + all.csv)")
+
+
+def table_rows(table: Path) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of each row that names an id. Payer's table holds plain numbers: no quoting."""
+    rows = [(line, text.split(",")) for line, text in enumerate(read_text(table).splitlines(), 1)]
+    return [(line, fields) for line, fields in rows if fields[0].strip()]
+
+
 def scan(root: Path, options: dict):
-    table = root / "all.csv"
-    if not table.is_file():
-        raise ReaderError(f"no landmark table {table} (the hand layout is jpg/<id>.jpg + all.csv)")
-    rows = [r for r in csv.reader(read_text(table).splitlines()) if r and r[0].strip()]
-    splits = assign_splits(list({r[0].strip() for r in rows}), options)
-    for line, row in enumerate(rows, 1):
-        image_id = row[0].strip()
+    table = landmark_table(root)
+    rows = table_rows(table)
+    images = {p.stem: p for p in sorted((root / "jpg").glob("*.jpg"))}
+    listed = {fields[0].strip() for _, fields in rows}
+    for image_id, image in images.items():
+        if image_id not in listed:
+            yield Unlabelled(image_id, str(image))
+    splits = assign_splits([image_id for image_id in listed if image_id in images], options)
+    for line, fields in rows:
+        image_id = fields[0].strip()
+        if image_id not in splits:
+            image = root / "jpg" / f"{image_id}.jpg"
+            yield Rejected(image_id, f"{table}:{line}", "missing_image", f"{table} line {line}: no image {image}")
+            continue
         try:
-            points = parse_row(row)
+            points = parse_row(fields)
         except ValueError as exc:
             yield Rejected(image_id, f"{table}:{line}", "bad_annotation", f"{table} line {line}: {exc}", splits[image_id])
             continue
-        yield RawSample(image_id, splits[image_id], str(root / "jpg" / f"{image_id}.jpg"), points)
-    for image in sorted((root / "jpg").glob("*.jpg")):
-        if image.stem not in splits:
-            yield Rejected(image.stem, str(image), "missing_annotation", f"{image.name} has no row in {table}")
+        yield RawSample(image_id, splits[image_id], str(images[image_id]), points)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medsapiens.io import registry
+from medsapiens.io.record import Rejection
 from medsapiens.shards.readers import BAD_INPUT, RawSample, Rejected, choice, first_existing, read_text, rejected
 
 OPTIONS = {"gt": "mean", "val": "seeded"}
@@ -37,7 +38,7 @@ def validation_rule(options: dict) -> str:
 
 
 def parse_points(path: Path, k: int) -> list[tuple[float, float]]:
-    """The first k `x,y` lines; fewer lines give fewer points (rejected later as a wrong count)."""
+    """The first k `x,y` lines (fewer when the file has fewer)."""
     lines = [line.strip() for line in read_text(path).splitlines() if line.strip()][:k]
     points = []
     for number, line in enumerate(lines, 1):
@@ -47,6 +48,14 @@ def parse_points(path: Path, k: int) -> list[tuple[float, float]]:
         except ValueError:
             raise ValueError(f"line {number} is {line!r}, expected 'x,y'") from None
         points.append((x, y))
+    return points
+
+
+def annotator_points(path: Path, k: int) -> list[tuple[float, float]]:
+    """One doctor's k landmarks; a file with fewer is rejected naming it, not averaged short."""
+    points = parse_points(path, k)
+    if len(points) < k:
+        raise Rejection("wrong_landmark_count", f"{len(points)} landmark lines, expected {k}")
     return points
 
 
@@ -74,13 +83,16 @@ def scan(root: Path, options: dict):
         if missing:
             yield Rejected(image_id, str(missing[0]), "missing_annotation", f"no annotation file {missing[0]}", split)
             continue
-        try:
-            per_doctor = [parse_points(p, k) for p in paths]
-        except BAD_INPUT as exc:
-            yield rejected(image_id, paths[0], exc, split=split)
+        per_doctor = []
+        for path in paths:
+            try:
+                per_doctor.append(annotator_points(path, k))
+            except BAD_INPUT as exc:
+                yield rejected(image_id, path, exc, split=split)
+                break
+        if len(per_doctor) < len(paths):
             continue
-        n = min(len(p) for p in per_doctor)
-        points = [tuple(sum(p[i][axis] for p in per_doctor) / len(per_doctor) for axis in (0, 1)) for i in range(n)]
+        points = [tuple(sum(p[i][axis] for p in per_doctor) / len(per_doctor) for axis in (0, 1)) for i in range(k)]
         yield RawSample(
             source_id=image_id,
             split=split,

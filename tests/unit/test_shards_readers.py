@@ -70,6 +70,22 @@ def test_isbi_ground_truth_option(tmp_path, gt, first):
         assert "152" in by_id and not rejected
 
 
+@pytest.mark.parametrize("broken, reason, detail", [
+    ("junior", "bad_annotation", "line 5 is '835;996', expected 'x,y'"),
+    ("senior", "wrong_landmark_count", "18 landmark lines, expected 19"),
+])
+def test_isbi_rejects_the_mean_naming_the_doctor_file_at_fault(tmp_path, broken, reason, detail):
+    write_isbi_case(tmp_path)
+    note = tmp_path / "AnnotationsByMD" / f"400_{broken}" / "151.txt"
+    lines = note.read_text().splitlines()
+    lines[4:5] = ["835;996"] if broken == "junior" else []
+    note.write_text("\n".join(lines[:18] if broken == "senior" else lines) + "\n")
+    samples, rejected = scan(isbi2015, tmp_path, gt="mean")
+    assert "151" not in {s.source_id for s in samples}
+    assert [(r.reason, r.source, r.detail) for r in rejected if r.source_id == "151"] == [
+        (reason, str(note), f"{note}: {detail}")]
+
+
 def test_unknown_option_names_the_valid_ones():
     with pytest.raises(ReaderError, match="valid options: gt"):
         readers.resolve_options(isbi2015, {"gold": "senior"})
@@ -100,14 +116,39 @@ def test_hand_split_options():
     assert seeded != hand.assign_splits(ids, {**seeded_options, "seed": "1"})
 
 
-def test_hand_reports_rows_and_images_without_a_partner(tmp_path):
-    small_image(tmp_path / "jpg" / "7.jpg")
-    small_image(tmp_path / "jpg" / "8.jpg")
-    (tmp_path / "all.csv").write_text("7," + ",".join(["1.5"] * 74) + "\n9,1,2,3\n")
-    samples, rejected = scan(hand, tmp_path)
+def test_hand_reports_rows_without_an_image_and_counts_images_without_a_row_as_unlabelled(tmp_path):
+    for image_id in ("7", "8", "10"):
+        small_image(tmp_path / "jpg" / f"{image_id}.jpg")
+    (tmp_path / "all.csv").write_text("7," + ",".join(["1.5"] * 74) + "\n\n9,1,2\n10,1,2,3\n")
+    items = list(hand.scan(tmp_path, readers.resolve_options(hand, {})))
+    samples = [i for i in items if isinstance(i, RawSample)]
     assert [s.source_id for s in samples] == ["7"] and samples[0].landmarks[0] == (1.5, 1.5)
-    assert {(r.source_id, r.reason, r.split) for r in rejected} == {("9", "bad_annotation", "train"),
-                                                                   ("8", "missing_annotation", None)}  # in no split
+    assert [(i.source_id, i.reason, i.split, i.source) for i in items if isinstance(i, Rejected)] == [
+        ("9", "missing_image", None, f"{tmp_path / 'all.csv'}:3"),  # in no split: GU2Net numbers images only
+        ("10", "bad_annotation", "train", f"{tmp_path / 'all.csv'}:4")]
+    assert [(i.source_id, i.source) for i in items if isinstance(i, readers.Unlabelled)] == [
+        ("8", str(tmp_path / "jpg" / "8.jpg"))]  # an atlas image Payer did not label: not an input
+
+
+def test_hand_gu2net_split_numbers_the_rows_that_have_an_image_as_its_loader_does(tmp_path):
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "all.csv").write_text("".join(f"{i},1,2\n" for i in range(3001, 3701)))
+    (tmp_path / "jpg").mkdir()
+    for i in range(3001, 3701):
+        if i != 3005:
+            (tmp_path / "jpg" / f"{i}.jpg").touch()
+    samples, rejected = scan(hand, tmp_path)
+    split = {s.source_id: s.split for s in samples}
+    assert [split[str(i)] for i in (3551, 3552, 3610, 3611)] == ["train", "val", "val", "test"]
+    assert [(r.source_id, r.reason, r.split) for r in rejected] == [("3005", "missing_image", None)]
+    assert {name: list(split.values()).count(name) for name in ("train", "val", "test")} == {
+        "train": 550, "val": 59, "test": 699 - 609}
+
+
+def test_hand_without_a_landmark_table_names_both_places(tmp_path):
+    with pytest.raises(ReaderError, match=f"no landmark table {tmp_path / 'all.csv'} or "
+                                          f"{tmp_path / 'labels' / 'all.csv'}"):
+        scan(hand, tmp_path)
 
 
 # ---------------------------------------------------------------- chest

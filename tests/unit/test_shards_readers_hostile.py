@@ -95,6 +95,16 @@ def test_hand_table_not_utf8_is_one_line_naming_it(tmp_path, encoding):
         scan_source(open_source(SourceSpec("hand", str(tmp_path))), Scan())
 
 
+def test_hand_table_with_a_stray_quote_costs_that_row_only(tmp_path):
+    for image_id in ("3001", "3002"):
+        (tmp_path / "jpg").mkdir(exist_ok=True)
+        (tmp_path / "jpg" / f"{image_id}.jpg").touch()
+    (tmp_path / "all.csv").write_text('"3001,' + ",".join(["1.5"] * 74) + "\n3002," + ",".join(["2.5"] * 74) + "\n")
+    samples, rejected = scan(hand, tmp_path)
+    assert [s.source_id for s in samples] == ["3002"] and samples[0].landmarks[0] == (2.5, 2.5)
+    assert [(r.source_id, r.reason, r.source) for r in rejected] == [('"3001', "missing_image", f"{tmp_path / 'all.csv'}:1")]
+
+
 @pytest.mark.parametrize("options, message", [
     ({"test_fraction": "nan"}, r"test_fraction='nan' must lie in \[0, 1\)"),
     ({"test_fraction": "1.5"}, r"test_fraction='1.5' must lie in \[0, 1\)"),
