@@ -1,8 +1,9 @@
 """Streaming input pipeline: shards listed in a manifest -> augmented images + UDP targets.
 
-Training reads resampled shards (every rank and DataLoader worker draws its own shards, each read
-from a random position on, wrapping round; there are no epochs, the trainer runs a fixed number of
-steps), mixes datasets by weight, and is
+Training reads resampled shards (every rank and DataLoader worker draws its own shards; there are no
+epochs, the trainer runs a fixed number of steps), each image of a split equally often whatever the
+sizes of its shards and wherever a segment cuts the stream (`TrainStream._shard_cycle`), mixes
+datasets by weight, and is
 deterministic in (seed, segment start step, rank, worker). The stream restarts at the start of
 every segment of `segment_steps` steps; checkpoints are taken on segment boundaries, so a resumed
 run reproduces exactly the batches an uninterrupted run would have seen.
@@ -187,17 +188,6 @@ class CorruptCounter:
             )
 
 
-def rotated(manifest: Manifest, shard, start: int):
-    """The shard's samples from position `start` on, then those before it. The stream restarts at every
-    segment, so a shard's read is often cut short: drawn at a random start, what is left out is a random
-    stretch of the shard, not always its end (never read at all when segments are short). The samples
-    before `start` are read twice, passed over the first time."""
-    yield from itertools.islice(read_shard(manifest, shard), start, None)
-    if start:
-        with contextlib.closing(read_shard(manifest, shard)) as again:
-            yield from itertools.islice(again, start)
-
-
 class TrainStream(IterableDataset):
     """Infinite stream of collated micro-batches for one rank; see the module docstring."""
 
@@ -214,16 +204,23 @@ class TrainStream(IterableDataset):
         self.landmark_sets = [manifest.landmark_set(d) for d in dataset_ids]
 
     def _shard_cycle(self, dataset: str, rng: np.random.Generator):
+        """(url, sample) of the split's shards, each drawn uniformly and read whole, except the first: drawn
+        by size and entered at a random sample, as if the stream had been running forever. Every position
+        of the stream is then each image equally likely, so a segment that stops after a few samples, or
+        after many, draws each image equally often. (Drawn by size and read whole, an image's rate grew
+        with its shard's size; drawn uniformly from the start, short segments favoured small shards.)"""
         shards = self.manifest.shards_for(dataset, self.cfg.train_split)
-        p = np.array([s.samples for s in shards], dtype=np.float64)
-        p /= p.sum()
+        sizes = np.array([s.samples for s in shards], dtype=np.float64)
+        index = int(rng.choice(len(shards), p=sizes / sizes.sum()))
+        start = int(rng.integers(shards[index].samples))
         s3_failures = 0
         while True:
-            shard = shards[rng.choice(len(shards), p=p)]
+            shard = shards[index]
             url = self.manifest.url_of(shard)
             try:
-                for sample in rotated(self.manifest, shard, int(rng.integers(shard.samples))):
-                    yield url, sample
+                with contextlib.closing(read_shard(self.manifest, shard)) as samples:
+                    for sample in itertools.islice(samples, start, None):
+                        yield url, sample
                 s3_failures = 0
             except ShardError:  # not the shard the manifest lists: stop, do not train on it
                 raise
@@ -237,6 +234,7 @@ class TrainStream(IterableDataset):
                 print(f"warning: {exc}; drawing another shard", file=sys.stderr)
             except Exception as exc:  # a damaged shard: count it and draw another
                 yield url, exc
+            index, start = int(rng.integers(len(shards))), 0
 
     def _dataset_stream(self, dataset: str, seed_seq: np.random.SeedSequence):
         from webdataset.filters import shuffle

@@ -1,6 +1,7 @@
 import dataclasses
 import itertools
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -70,6 +71,35 @@ def test_segments_cut_short_still_reach_every_sample_of_a_shard(phantom_shards):
         samples = stream._dataset_stream("head", np.random.SeedSequence([0, segment]))
         drawn |= {sample["__key__"] for _, sample in itertools.islice(samples, 2)}
     assert len(drawn) == sum(s.samples for s in shards)
+
+
+def shards_of_sizes(manifest_dir, tmp_path, sizes) -> manifestlib.Manifest:
+    """A head train split in shards of these sizes; the members hold no image (the shard draw decodes none)."""
+    info, shards, n = manifestlib.load(manifest_dir).datasets["head"], [], 0
+    for i, size in enumerate(sizes):
+        path = tmp_path / f"head-train-{i:06d}.tar"
+        write_samples(path, ({"__key__": f"head_train_{n + j:04d}", "json": b"{}"} for j in range(size)))
+        n += size
+        shards.append(manifestlib.ShardInfo(path.name, "head", "train", size, *reversed(file_digest(path))))
+    sizes_manifest = manifestlib.Manifest({"head": manifestlib.DatasetInfo(info.landmark_set, {"train": n})}, shards, n, 0)
+    (tmp_path / "manifest.json").write_bytes(sizes_manifest.to_json())
+    return manifestlib.load(tmp_path)
+
+
+@pytest.mark.parametrize("per_segment", [1, 6, 40])
+def test_each_image_is_drawn_equally_often_whatever_its_shard_size_and_the_segment_length(phantom_shards, tmp_path,
+                                                                                         per_segment):
+    """A split's last shard is its leftover: its images must not be trained on less (or more) than the others,
+    whether a segment reads a few samples of one shard or many shards."""
+    manifest = shards_of_sizes(phantom_shards, tmp_path, (12, 12, 2))
+    stream = TrainStream(manifest, small_config(shuffle_buffer=1), ["head"], INPUT, seed=0, rank=0)
+    counts = Counter()
+    for segment in range(6000 // per_segment):
+        samples = stream._shard_cycle("head", np.random.default_rng([0, segment]))
+        counts.update(sample["__key__"] for _, sample in itertools.islice(samples, per_segment))
+    rate = {name: np.mean([counts[f"head_train_{i:04d}"] for i in ids]) * 26 / sum(counts.values())
+            for name, ids in (("large shards", range(24)), ("small shard", range(24, 26)))}
+    assert rate["large shards"] == pytest.approx(1, abs=0.03) and rate["small shard"] == pytest.approx(1, abs=0.15), rate
 
 
 @pytest.mark.timeout(120)
