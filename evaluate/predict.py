@@ -105,6 +105,8 @@ def unread_image(path: Path) -> tuple[str, str] | None:
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES and path.is_symlink() and not path.exists():
         return "missing_image", f"{path}: a link to {os.readlink(path)}, which does not exist"
+    if suffix in IMAGE_SUFFIXES and not path.is_file():
+        return "unreadable_image", f"{path}: not a regular file (a pipe, device or socket): not read"
     if suffix in OTHER_IMAGE_SUFFIXES:
         return "unsupported_image", (f"{path}: {path.suffix} images are not read (PNG, JPEG, BMP, TIFF and DICOM are): "
                                      "convert it")

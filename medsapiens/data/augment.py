@@ -13,7 +13,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medsapiens.config import positive
 from medsapiens.data import preprocess
 from medsapiens.data.codec import whole_image_affine
 from medsapiens.errors import InputError
@@ -48,7 +47,10 @@ class AugmentConfig:
         for key in ("rotation_deg", "shift", "brightness"):
             if not getattr(self, key) >= 0:
                 raise InputError(f"data.augment.{key} must be at least 0, got {getattr(self, key)}")
-        positive("data.augment.margin", self.margin)
+        if not preprocess.is_margin(self.margin):
+            low, high = preprocess.MARGIN_RANGE
+            raise InputError(f"data.augment.margin must be a number from {low:g} to {high:g}, "
+                             f"got {self.margin}")
         for key, top in (("scale_range", math.inf), ("contrast", math.inf), ("dropout_size", 1.0)):
             lo, hi = getattr(self, key)
             if not 0 < lo <= hi <= top:

@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+MAX_INPUT_SIDE = 8192  # Sapiens2 runs at up to 4K; past this a model's tokens outgrow any GPU
+MARGIN_RANGE = (1.0, 4.0)  # the image enlarged by 1.25 in the recipe; below 1 it is cut, far above it a dot
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
@@ -23,6 +25,11 @@ DESCRIPTION = (
     "likewise y), pixel centres on integers; sampled bilinearly with zeros outside, after an integer "
     "area-average (factor floor(1 / s)) when s < 0.5. Outputs are in input pixels: invert the affine to get "
     "original pixels.")
+
+
+def is_margin(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        MARGIN_RANGE[0] <= value <= MARGIN_RANGE[1]
 
 
 def whole_image_affine(image_size, input_size, margin: float = 1.25, scale: float = 1.0,

@@ -17,7 +17,7 @@ import numpy as np
 from medsapiens.data import preprocess
 from medsapiens.errors import InputError
 from medsapiens.io import jsondoc
-from medsapiens.io.record import is_finite_number, is_whole
+from medsapiens.io.record import is_whole
 from medsapiens.io.registry import LandmarkSet, check_calibrations
 
 METADATA_KEY = "medsapiens"  # as medsapiens.deploy.export writes it (that module imports torch)
@@ -173,10 +173,13 @@ def check_input(spec: dict, graph_inputs) -> None:
     """input.size [W, H] must be the graph's own (B, 3, H, W) input: the metadata alone never decides
     how large an array is allocated."""
     size, margin = spec["size"], spec["margin"]
-    if not (is_finite_number(margin) and margin > 0):
-        raise ValueError(f"input.margin must be a positive finite number, got {margin!r:.80}")
-    if not (isinstance(size, list) and len(size) == 2 and all(is_whole(v) and v > 0 for v in size)):
-        raise ValueError(f"input.size must be [W, H], two positive integers, got {size!r:.80}")
+    if not preprocess.is_margin(margin):
+        raise ValueError(f"input.margin must be a number from {preprocess.MARGIN_RANGE[0]:g} to "
+                         f"{preprocess.MARGIN_RANGE[1]:g}, got {margin!r:.80}")
+    if not (isinstance(size, list) and len(size) == 2 and all(is_whole(v) and 0 < v <= preprocess.MAX_INPUT_SIDE
+                                                              for v in size)):
+        raise ValueError(f"input.size must be [W, H], two integers from 1 to {preprocess.MAX_INPUT_SIDE}, "
+                         f"got {size!r:.80}")
     shape = graph_inputs[0].shape if len(graph_inputs) == 1 and graph_inputs[0].name == "images" else None
     if not (shape and len(shape) == 4 and not is_whole(shape[0]) and shape[1] == 3 and is_whole(shape[2])
             and is_whole(shape[3])):

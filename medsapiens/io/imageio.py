@@ -20,7 +20,9 @@ Display rule (what `decode` returns):
   bits: it is scaled by its significant bits, the smallest b >= 8 that holds its maximum, as
   v / (2^b - 1). So a full-range 16-bit image is unchanged, 10- or 12-bit content in 16 bits is
   not left black, and a 16-bit image and its faithful 8-bit export (v / 257, or v * 255 / 1023
-  for 10-bit content) give the model the same input to within one 8-bit rounding. 8-bit DICOM
+  for 10-bit content) give the model the same input to within one 8-bit rounding. A 16-bit or
+  float TIFF stored WhiteIsZero is inverted after that scaling, so that bone is bright (PIL
+  inverts 8-bit ones itself). 8-bit DICOM
   without a window is kept as stored, like 8-bit files.
 - A multi-frame DICOM or multi-page TIFF needs a frame index (`frame`); without one it is rejected
   with that reason.
@@ -57,6 +59,7 @@ RESAMPLE = Image.Resampling.LANCZOS  # PIL widens the kernel when downscaling: a
 # runs Ghostscript on the file's PostScript).
 FILE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 ORIENTATION_TAG = 0x0112  # EXIF and TIFF: 1 upright, 2-8 mirrored and/or rotated; 5-8 swap width and height
+PHOTOMETRIC_TAG = 262  # TIFF: 0 WhiteIsZero (as DICOM's MONOCHROME1), 1 BlackIsZero
 
 
 def decode(path: str, frame: int | None = None) -> np.ndarray:
@@ -74,6 +77,7 @@ def decode(path: str, frame: int | None = None) -> np.ndarray:
         check_decodable(*image.size, path)
         try:
             turn = orientation(image, path)  # before load: PIL's TIFF loading consumes the tag
+            inverted = stored_white_is_zero(image)
             image.load()
         except Rejection:
             raise
@@ -83,7 +87,16 @@ def decode(path: str, frame: int | None = None) -> np.ndarray:
             reason = "truncated_image" if "truncated" in str(exc) or isinstance(exc, EOFError) else "unreadable_image"
             raise Rejection(reason, f"{path}: {exc}") from None
         pixels = pil_to_array(image if turn == 1 else ImageOps.exif_transpose(image), path)
-    return by_significant_bits(pixels) if pixels.dtype == np.uint16 else pixels
+    if pixels.dtype != np.uint16:
+        return pixels
+    shown = by_significant_bits(pixels)
+    return np.iinfo(np.uint16).max - shown if inverted else shown
+
+
+def stored_white_is_zero(image: Image.Image) -> bool:
+    """A grey TIFF of more than 8 bits stored WhiteIsZero: PIL inverts 1- and 8-bit ones as it reads them,
+    but hands these over as stored, bone dark."""
+    return image.format == "TIFF" and image.tag_v2.get(PHOTOMETRIC_TAG) == 0 and image.mode not in ("1", "L")
 
 
 def open_image(source) -> Image.Image:

@@ -136,6 +136,10 @@ class LandmarkSet:
         for pair in self.flip_pairs or ():
             if not all(0 <= i < len(self.names) for i in pair):
                 raise ValueError(f"{where}: flip pair {pair} outside 0..{len(self.names) - 1}")
+        paired = [i for pair in self.flip_pairs or () for i in set(pair)]  # [i, i]: a midline landmark, itself
+        if len(set(paired)) < len(paired):  # the mirror would not be a permutation of the landmarks
+            raise ValueError(f"{where}: flip pairs {[list(p) for p in self.flip_pairs]} name a landmark twice "
+                             f"(landmark {next(i for i in paired if paired.count(i) > 1)})")
 
 
 def _is_normalization(rule, k: int) -> bool:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from medsapiens.data.preprocess import MAX_INPUT_SIDE
 from medsapiens.errors import InputError
 from medsapiens.io.record import is_whole
 
@@ -64,9 +65,6 @@ def get_arch(arch: str | ArchSpec) -> ArchSpec:
         return ARCHS[arch]
     except KeyError:
         raise InputError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}") from None
-
-
-MAX_INPUT_SIDE = 8192  # Sapiens2 runs at up to 4K; past this a model's tokens outgrow any GPU
 
 
 def feature_grid(img_size: tuple[int, int]) -> tuple[int, int]:

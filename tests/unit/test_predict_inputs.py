@@ -99,15 +99,19 @@ def test_a_tiny_model_with_valid_metadata_predicts(model, tmp_path):
     ([1, 2], "not exported by `medsapiens export onnx`"),
     ({k: v for k, v in metadata().items() if k != "flip_test"}, "missing key 'flip_test'"),
     (metadata(input={"name": "images", "size": SIZE}), "missing key 'margin'"),
-    (metadata(input={"size": SIZE, "margin": float("nan")}), "input.margin must be a positive finite number"),
-    (metadata(input={"size": SIZE, "margin": -1}), "input.margin must be a positive finite number"),
-    (metadata(input={"size": [24], "margin": 1.25}), "input.size must be [W, H], two positive integers"),
-    (metadata(input={"size": [24, "32"], "margin": 1.25}), "input.size must be [W, H], two positive integers"),
-    (metadata(input={"size": [100000, 100000], "margin": 1.25}), "not the graph's input width and height [24, 32]"),
+    (metadata(input={"size": SIZE, "margin": float("nan")}), "input.margin must be a number from 1 to 4"),
+    (metadata(input={"size": SIZE, "margin": -1}), "input.margin must be a number from 1 to 4"),
+    (metadata(input={"size": SIZE, "margin": 1e-300}), "input.margin must be a number from 1 to 4"),  # all at the centre
+    (metadata(input={"size": SIZE, "margin": 1e300}), "input.margin must be a number from 1 to 4"),
+    (metadata(input={"size": [24], "margin": 1.25}), "input.size must be [W, H], two integers from 1 to 8192"),
+    (metadata(input={"size": [24, "32"], "margin": 1.25}), "input.size must be [W, H], two integers from 1 to 8192"),
+    (metadata(input={"size": [4000, 4000], "margin": 1.25}), "not the graph's input width and height [24, 32]"),
     (metadata(input={"size": [32, 24], "margin": 1.25}), "not the graph's input width and height [24, 32]"),
     (metadata(outputs={"head": {"landmarks": "head_landmarks", "scores": "nope"}}), "['nope'], not among"),
     (metadata(landmark_sets={"head": {**HEAD.to_dict(), "unit": "inch"}}), "unit must be 'mm' or 'px'"),
     (metadata(landmark_sets={"head": [1]}), "landmark_sets must map each head to an object"),
+    (metadata(landmark_sets={"head": {**HEAD.to_dict(), "flip_pairs": [[0, 1], [1, 2]]}}),
+     "flip pairs [[0, 1], [1, 2]] name a landmark twice (landmark 1)"),
     (metadata(heads={"head": 5}), "heads {'head': 5} disagree with the landmark sets"),
     (metadata(flip_test={"head": "yes"}), "flip_test of 'head' must be true or false"),
     (metadata(flip_test={}), "flip_test of 'head' must be true or false"),
@@ -123,6 +127,16 @@ def test_onnx_metadata_is_checked_in_one_line_naming_the_file(tmp_path, meta, me
         OnnxLandmarker(path)
     text = str(refused.value)
     assert text.startswith(str(path)) and message in text and "\n" not in text, text
+
+
+def test_an_onnx_graph_with_an_input_larger_than_any_model_takes_is_refused_before_any_image(tmp_path):
+    """Its metadata agreeing with its graph, a 2 KB file would have predict allocate gigabytes per image."""
+    from medsapiens.deploy.runtime import OnnxLandmarker
+
+    path = tiny_onnx(tmp_path / "huge.onnx", metadata(input={"size": [16384, 16384], "margin": 1.25}),
+                     graph_size=(16384, 16384))
+    with pytest.raises(InputError, match=r"input.size must be \[W, H\], two integers from 1 to 8192, got \[16384, "):
+        OnnxLandmarker(path)
 
 
 def test_an_onnx_graph_without_a_fixed_input_size_is_refused(tmp_path):
@@ -228,10 +242,13 @@ def test_a_folder_is_walked_through_links_and_images_it_cannot_read_are_listed(m
     (folder / "batch2").symlink_to(elsewhere)
     (elsewhere / "back").symlink_to(folder)  # a loop: each real folder is walked once
     (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    os.mkfifo(folder / "scan.png")  # named as an image, not a file: listed, never opened (it would block)
+    (folder / "null.dcm").symlink_to("/dev/null")
     results, failures = predict([str(folder)], tmp_path / "out", onnx=model)
     assert [r["id"] for r in results] == ["a", "c", "d"]  # c and d through the linked folder
     assert sorted((Path(f["image"]).name, f["reason"]) for f in failures) == [
-        ("b.webp", "unsupported_image"), ("gone.png", "missing_image")]  # the other files: passed over
+        ("b.webp", "unsupported_image"), ("gone.png", "missing_image"), ("null.dcm", "unreadable_image"),
+        ("scan.png", "unreadable_image")]  # the other files: passed over
 
 
 PEAK_OF_A_RUN = """
@@ -395,6 +412,18 @@ def test_a_float_tiff_with_non_finite_pixels_is_unreadable(tmp_path, bad):
     with pytest.raises(Rejection) as refused:
         decode(str(tmp_path / "f.tif"))
     assert refused.value.reason == "unreadable_image" and "NaN or infinite pixels" in refused.value.detail
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_a_deep_tiff_stored_white_is_zero_is_read_with_bone_bright(tmp_path, dtype):
+    """PIL inverts an 8-bit WhiteIsZero TIFF as it reads it, but hands 16-bit and float ones over as stored."""
+    shown = np.tile(np.arange(0, 256, 8, dtype=np.uint8), (24, 1))
+    Image.fromarray(shown).save(tmp_path / "shown.png")
+    Image.fromarray((65535 - shown.astype(np.uint16) * 257).astype(dtype)).save(tmp_path / "deep.tif",
+                                                                                 tiffinfo={262: 0})
+    assert Image.open(tmp_path / "deep.tif").tag_v2[262] == 0
+    read, expected = (to_float(decode(str(tmp_path / name))) for name in ("deep.tif", "shown.png"))
+    assert np.abs(read - expected).max() <= 0.5
 
 
 def test_a_float_image_of_fractions_is_scaled_not_rounded_to_black_and_white(tmp_path):
