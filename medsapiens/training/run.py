@@ -173,6 +173,20 @@ def weights_digest(path: str | None) -> str | None:
     return file_digest(Path(path))[0] if path and distributed.rank() == 0 else None
 
 
+def check_same_global_batch(run_dir: Path, before: dict, ranks_before: int | None, cfg) -> None:
+    """On another number of ranks the per-rank batch may change, the global batch may not: the step count
+    and the lr schedule were set for it."""
+    micro, accum = before.get("data", {}).get("micro_batch"), before.get("train", {}).get("grad_accum")
+    if not (ranks_before and micro and accum) or micro * accum * ranks_before == global_batch(cfg):
+        return
+    was, ranks = micro * accum * ranks_before, distributed.world_size()
+    keep = (f"data.micro_batch x train.grad_accum = {was // ranks} keeps it on {ranks} rank(s)" if was % ranks == 0
+            else f"{ranks} rank(s) cannot keep it: use a number of ranks that divides {was}")
+    raise InputError(f"{run_dir} trained at a global batch of {was} ({micro} x {accum} x {ranks_before} rank(s)); "
+                     f"this resume would train at {global_batch(cfg)} ({cfg.data.micro_batch} x {cfg.train.grad_accum} x "
+                     f"{ranks} rank(s)): {keep}")
+
+
 def check_same_run(run_dir: Path, cfg, resume: str, manifest_digest: str, start_digest: str | None = None) -> None:
     """A rerun that resumes continues the run in run_dir, so its resolved config must be the one saved
     there (the keys of RESUMABLE_CHANGES and the stage config's AFTER_TRAINING aside; with `universal`,
@@ -201,6 +215,8 @@ def check_same_run(run_dir: Path, cfg, resume: str, manifest_digest: str, start_
                          f"rerun with its settings to resume it{scope}, or start afresh in another run directory "
                          "(or with --resume none)")
     info = json.loads((run_dir / RUN_INFO).read_text()) if (run_dir / RUN_INFO).is_file() else {}
+    if resume == "universal":
+        check_same_global_batch(run_dir, before, info.get("world_size"), cfg)
     trained_on, started_from = info.get("manifest", {}).get("sha256"), info.get("start_sha256")
     afresh = "start afresh in another run directory (or with --resume none)"
     if trained_on and trained_on != manifest_digest:

@@ -40,6 +40,18 @@ def test_a_universal_resume_may_change_only_the_per_rank_batch(saved_run):
                        "auto", DIGEST)
 
 
+def test_a_universal_resume_keeps_the_global_batch_the_run_trained_at(saved_run):
+    """Two ranks of 8 trained it: one rank of 8 would halve the batch under the same steps and lr schedule."""
+    run_dir, cfg = saved_run
+    (run_dir / RUN_INFO).write_text(json.dumps({"manifest": {"sha256": DIGEST}, "world_size": 2}))
+    with pytest.raises(InputError, match=rf"{run_dir} trained at a global batch of 16 \(8 x 1 x 2 rank\(s\)\); this resume "
+                                         r"would train at 8 \(8 x 1 x 1 rank\(s\)\): data.micro_batch x train.grad_accum "
+                                         r"= 16 keeps it on 1 rank\(s\)"):
+        check_same_run(run_dir, cfg, "universal", DIGEST)
+    check_same_run(run_dir, replace(cfg, train=replace(cfg.train, grad_accum=2)), "universal", DIGEST)
+    check_same_run(run_dir, replace(cfg, data=replace(cfg.data, micro_batch=16)), "universal", DIGEST)
+
+
 def test_a_resume_at_another_precision_than_the_run_trained_at_is_refused(saved_run):
     """`auto` is saved as what it meant where the run started (bf16 on a GPU): resuming that run where
     it means fp32 (a CPU machine) is another run."""
