@@ -47,10 +47,7 @@ class AugmentConfig:
         for key in ("rotation_deg", "shift", "brightness"):
             if not getattr(self, key) >= 0:
                 raise InputError(f"data.augment.{key} must be at least 0, got {getattr(self, key)}")
-        if not preprocess.is_margin(self.margin):
-            low, high = preprocess.MARGIN_RANGE
-            raise InputError(f"data.augment.margin must be a number from {low:g} to {high:g}, "
-                             f"got {self.margin}")
+        preprocess.check_margin("data.augment.margin", self.margin)
         for key, top in (("scale_range", math.inf), ("contrast", math.inf), ("dropout_size", 1.0)):
             lo, hi = getattr(self, key)
             if not 0 < lo <= hi <= top:

@@ -204,15 +204,20 @@ class TrainStream(IterableDataset):
         self.landmark_sets = [manifest.landmark_set(d) for d in dataset_ids]
 
     def _shard_cycle(self, dataset: str, rng: np.random.Generator):
-        """(url, sample) of the split's shards, each drawn uniformly and read whole, except the first: drawn
-        by size and entered at a random sample, as if the stream had been running forever. Every position
-        of the stream is then each image equally likely, so a segment that stops after a few samples, or
-        after many, draws each image equally often. (Drawn by size and read whole, an image's rate grew
-        with its shard's size; drawn uniformly from the start, short segments favoured small shards.)"""
+        """(url, sample) of the split's shards (url, exception for a damaged one), each drawn uniformly and
+        read whole, except the first and any after a read cut short: drawn by size and entered at a random
+        sample, as if the stream had been running forever. Every position of the stream is then each image
+        equally likely, so a segment that stops after a few samples, or after many, draws each image
+        equally often. (Drawn by size and read whole, an image's rate grew with its shard's size; drawn
+        uniformly from the start, short segments favoured small shards.)"""
         shards = self.manifest.shards_for(dataset, self.cfg.train_split)
         sizes = np.array([s.samples for s in shards], dtype=np.float64)
-        index = int(rng.choice(len(shards), p=sizes / sizes.sum()))
-        start = int(rng.integers(shards[index].samples))
+
+        def entered() -> tuple[int, int]:
+            index = int(rng.choice(len(shards), p=sizes / sizes.sum()))
+            return index, int(rng.integers(shards[index].samples))
+
+        index, start = entered()
         s3_failures = 0
         while True:
             shard = shards[index]
@@ -221,7 +226,6 @@ class TrainStream(IterableDataset):
                 with contextlib.closing(read_shard(self.manifest, shard)) as samples:
                     for sample in itertools.islice(samples, start, None):
                         yield url, sample
-                s3_failures = 0
             except ShardError:  # not the shard the manifest lists: stop, do not train on it
                 raise
             except OSError as exc:  # gone or unreadable: drawing others would train on another mix than listed
@@ -234,7 +238,11 @@ class TrainStream(IterableDataset):
                 print(f"warning: {exc}; drawing another shard", file=sys.stderr)
             except Exception as exc:  # a damaged shard: count it and draw another
                 yield url, exc
-            index, start = int(rng.integers(len(shards))), 0
+            else:
+                s3_failures = 0
+                index, start = int(rng.integers(len(shards))), 0
+                continue
+            index, start = entered()  # after a read cut short, as at the start
 
     def _dataset_stream(self, dataset: str, seed_seq: np.random.SeedSequence):
         from webdataset.filters import shuffle

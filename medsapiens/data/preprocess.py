@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from medsapiens.errors import InputError
+
 MAX_INPUT_SIDE = 8192  # Sapiens2 runs at up to 4K; past this a model's tokens outgrow any GPU
 MARGIN_RANGE = (1.0, 4.0)  # the image enlarged by 1.25 in the recipe; below 1 it is cut, far above it a dot
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -27,9 +29,10 @@ DESCRIPTION = (
     "original pixels.")
 
 
-def is_margin(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
-        MARGIN_RANGE[0] <= value <= MARGIN_RANGE[1]
+def check_margin(key: str, value) -> None:
+    low, high = MARGIN_RANGE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise InputError(f"{key} must be a number from {low:g} to {high:g}, got {value!r:.80}")
 
 
 def whole_image_affine(image_size, input_size, margin: float = 1.25, scale: float = 1.0,

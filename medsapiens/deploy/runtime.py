@@ -173,9 +173,7 @@ def check_input(spec: dict, graph_inputs) -> None:
     """input.size [W, H] must be the graph's own (B, 3, H, W) input: the metadata alone never decides
     how large an array is allocated."""
     size, margin = spec["size"], spec["margin"]
-    if not preprocess.is_margin(margin):
-        raise ValueError(f"input.margin must be a number from {preprocess.MARGIN_RANGE[0]:g} to "
-                         f"{preprocess.MARGIN_RANGE[1]:g}, got {margin!r:.80}")
+    preprocess.check_margin("input.margin", margin)
     if not (isinstance(size, list) and len(size) == 2 and all(is_whole(v) and 0 < v <= preprocess.MAX_INPUT_SIDE
                                                               for v in size)):
         raise ValueError(f"input.size must be [W, H], two integers from 1 to {preprocess.MAX_INPUT_SIDE}, "

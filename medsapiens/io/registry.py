@@ -136,10 +136,16 @@ class LandmarkSet:
         for pair in self.flip_pairs or ():
             if not all(0 <= i < len(self.names) for i in pair):
                 raise ValueError(f"{where}: flip pair {pair} outside 0..{len(self.names) - 1}")
-        paired = [i for pair in self.flip_pairs or () for i in set(pair)]  # [i, i]: a midline landmark, itself
-        if len(set(paired)) < len(paired):  # the mirror would not be a permutation of the landmarks
-            raise ValueError(f"{where}: flip pairs {[list(p) for p in self.flip_pairs]} name a landmark twice "
-                             f"(landmark {next(i for i in paired if paired.count(i) > 1)})")
+        twice = landmark_in_two_flip_pairs(self.flip_pairs or ())
+        if twice is not None:
+            raise ValueError(f"{where}: flip pairs {[list(p) for p in self.flip_pairs]} put landmark {twice} in two "
+                             "pairs: the mirror would not be a permutation of the landmarks")
+
+
+def landmark_in_two_flip_pairs(pairs) -> int | None:
+    """A landmark two different pairs name, or None ([i, j] and [j, i] are one pair; [i, i], a midline landmark)."""
+    paired = [i for pair in {frozenset(p) for p in pairs} for i in pair]
+    return next((i for i in paired if paired.count(i) > 1), None)
 
 
 def _is_normalization(rule, k: int) -> bool:

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from medsapiens import distributed
-from medsapiens.data.preprocess import MARGIN_RANGE, is_margin
+from medsapiens.data.preprocess import check_margin
 from medsapiens.errors import InputError
 from medsapiens.io import jsondoc, storage
 from medsapiens.io.record import is_finite_number, is_whole
@@ -46,9 +46,7 @@ class CodecSettings:
     def check(self) -> None:
         if not (is_finite_number(self.sigma) and self.sigma > 0):
             raise ValueError(f"codec: sigma must be a positive number, got {self.sigma!r}")
-        if not is_margin(self.margin):
-            raise ValueError(f"codec: margin must be a number from {MARGIN_RANGE[0]:g} to {MARGIN_RANGE[1]:g}, "
-                             f"got {self.margin!r}")
+        check_margin("codec.margin", self.margin)
         if not is_whole(self.blur_kernel) or not 1 <= self.blur_kernel <= MAX_BLUR_KERNEL or self.blur_kernel % 2 == 0:
             raise ValueError(f"codec: blur_kernel must be an odd number from 1 to {MAX_BLUR_KERNEL}, got {self.blur_kernel!r}")
 

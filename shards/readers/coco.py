@@ -28,6 +28,7 @@ import reprlib
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
 
+from medsapiens.io import registry
 from medsapiens.io.record import is_number, is_whole
 from medsapiens.shards.readers import (
     BAD_INPUT,
@@ -100,6 +101,10 @@ def category_landmarks(category: dict, path: Path) -> tuple[tuple, tuple | None]
             is_whole(i) and 0 <= i < len(names) for i in p) for p in pairs)):
         raise ReaderError(f"{path}: flip_pairs must be [i, j] keypoint indices 0..{len(names) - 1}, "
                           f"got {reprlib.repr(pairs)}")
+    twice = registry.landmark_in_two_flip_pairs(pairs)
+    if twice is not None:
+        raise ReaderError(f"{path}: flip_pairs put keypoint {twice} ({names[twice]!r}) in two pairs, got "
+                          f"{reprlib.repr(pairs)}")
     return tuple(names), tuple(tuple(p) for p in pairs)
 
 

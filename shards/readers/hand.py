@@ -1,8 +1,8 @@
 """Digital Hand Atlas with Payer's 37 landmarks (`hand`).
 
     jpg/<image_id>.jpg
-    all.csv    rows `image_id,x0,y0,...,x36,y36` (float pixels), no header (or labels/all.csv,
-               where GU2Net's loader reads it)
+    all.csv    rows `image_id,x0,y0,...,x36,y36` (float pixels), no header, no quoting (or
+               labels/all.csv, where some copies of GU2Net's loader read it)
 
 Only the images with a row are inputs: the atlas' other JPGs are counted as unlabelled, and a row
 whose JPG is missing is rejected. No official split: `split=gu2net` (default, GU2Net's, Zhu et al.
@@ -32,7 +32,7 @@ from medsapiens.shards.readers import (
 )
 
 OPTIONS = {"split": "gu2net", "seed": "0", "val_fraction": "0.066", "test_fraction": "0.32"}
-SPLIT_RULE = ("split=gu2net: id order, 550 train, 59 val, rest test; split=seeded: sorted ids shuffled by "
+SPLIT_RULE = ("ids with a row and a JPG; split=gu2net: id order, 550 train, 59 val, rest test; split=seeded: sorted ids shuffled by "
               "numpy default_rng(seed), first test_fraction test, next val_fraction val, rest train")
 LANDMARK_SET = "hand"
 SPLIT_CHOICES = ("gu2net", "seeded")

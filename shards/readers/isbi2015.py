@@ -90,14 +90,13 @@ def scan(root: Path, options: dict):
             except BAD_INPUT as exc:
                 yield rejected(image_id, path, exc, split=split)
                 break
-        if len(per_doctor) < len(paths):
-            continue
-        points = [tuple(sum(p[i][axis] for p in per_doctor) / len(per_doctor) for axis in (0, 1)) for i in range(k)]
-        yield RawSample(
-            source_id=image_id,
-            split=split,
-            image=str(first_existing(folder / f"{image_id}.bmp" for folder in folders)),
-            landmarks=tuple(points),
-            spacing_mm=(SPACING_MM, SPACING_MM),
-            spacing_from="ISBI 2015 fixed 0.1 mm/px",
-        )
+        else:
+            points = [tuple(sum(p[i][axis] for p in per_doctor) / len(per_doctor) for axis in (0, 1)) for i in range(k)]
+            yield RawSample(
+                source_id=image_id,
+                split=split,
+                image=str(first_existing(folder / f"{image_id}.bmp" for folder in folders)),
+                landmarks=tuple(points),
+                spacing_mm=(SPACING_MM, SPACING_MM),
+                spacing_from="ISBI 2015 fixed 0.1 mm/px",
+            )

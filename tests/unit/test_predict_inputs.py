@@ -111,7 +111,7 @@ def test_a_tiny_model_with_valid_metadata_predicts(model, tmp_path):
     (metadata(landmark_sets={"head": {**HEAD.to_dict(), "unit": "inch"}}), "unit must be 'mm' or 'px'"),
     (metadata(landmark_sets={"head": [1]}), "landmark_sets must map each head to an object"),
     (metadata(landmark_sets={"head": {**HEAD.to_dict(), "flip_pairs": [[0, 1], [1, 2]]}}),
-     "flip pairs [[0, 1], [1, 2]] name a landmark twice (landmark 1)"),
+     "flip pairs [[0, 1], [1, 2]] put landmark 1 in two pairs"),
     (metadata(heads={"head": 5}), "heads {'head': 5} disagree with the landmark sets"),
     (metadata(flip_test={"head": "yes"}), "flip_test of 'head' must be true or false"),
     (metadata(flip_test={}), "flip_test of 'head' must be true or false"),

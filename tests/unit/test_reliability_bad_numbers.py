@@ -41,6 +41,7 @@ BAD = [
     ("lora.dropout=1.5", "lora.dropout must be in [0, 1), got 1.5"),
     ("data.augment.scale_range=[0, 0]", "data.augment.scale_range must be [low, high] with 0 < low <= high"),
     ("data.augment.flip_prob=5", "data.augment.flip_prob is a probability, in [0, 1]"),
+    ("data.augment.margin=0.5", "data.augment.margin must be a number from 1 to 4, got 0.5"),
     ("optim.milestones=[170, 200]", "optim.milestones are fractions of the run, ascending in (0, 1]"),
     ("train.val_limit=-1", "train.val_limit must be at least 0, got -1"),
     ("train.val_panels=-1", "train.val_panels must be at least 0, got -1"),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from medsapiens.io import registry
 from medsapiens.shards import readers
 from medsapiens.shards.plan import PlanError, Scan, SourceSpec, open_source, scan_source
 from medsapiens.shards.readers import RawSample, ReaderError, Rejected, aariz, coco, hand, isbi2015, leg
@@ -247,12 +248,20 @@ def test_coco_file_not_json_deep_or_not_utf8_is_one_line_naming_it(tmp_path):
     ({"keypoints": "ab"}, "keypoints must be a list of names"),
     ({"keypoints": ["a", "b"], "flip_pairs": [[0, 5]]}, "flip_pairs must be"),
     ({"keypoints": ["a", "b"], "flip_pairs": 3}, "flip_pairs must be"),
+    ({"keypoints": ["a", "b", "c"], "flip_pairs": [[0, 1], [1, 2]]}, r"flip_pairs put keypoint 1 \('b'\) in two pairs"),
 ])
 def test_coco_category_of_the_wrong_shape_is_one_line(tmp_path, category, message):
     path = tmp_path / "ann.json"
     path.write_text(json.dumps({**coco_data([GOOD_IMAGE], [GOOD_ANNOTATION]), "categories": [category]}))
     with pytest.raises(ReaderError, match=f"ann.json: the category's {message}|ann.json: {message}"):
         coco.landmark_names(path, {})
+
+
+def test_coco_flip_pairs_listed_both_ways_or_twice_are_one_pair():
+    category = {"keypoints": ["a", "b", "c"], "flip_pairs": [[0, 1], [1, 0], [0, 1], [2, 2]]}
+    names, pairs = coco.category_landmarks(category, Path("ann.json"))
+    landmarks = registry.custom("spine", names, pairs)
+    assert landmarks.flip_permutation() == [1, 0, 2]
 
 
 # ---------------------------------------------------------------- Aariz
