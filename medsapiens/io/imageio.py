@@ -22,8 +22,7 @@ Display rule (what `decode` returns):
   not left black, and a 16-bit image and its faithful 8-bit export (v / 257, or v * 255 / 1023
   for 10-bit content) give the model the same input to within one 8-bit rounding. A 16-bit or
   float TIFF stored WhiteIsZero is inverted after that scaling, so that bone is bright (PIL
-  inverts 8-bit ones itself). 8-bit DICOM
-  without a window is kept as stored, like 8-bit files.
+  inverts 8-bit ones itself). 8-bit DICOM without a window is kept as stored, like 8-bit files.
 - A multi-frame DICOM or multi-page TIFF needs a frame index (`frame`); without one it is rejected
   with that reason.
 - Float (mode F) pixels must be finite and within 0..65535: NaN or infinity is rejected, never read as 0.
