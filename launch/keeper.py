@@ -6,7 +6,10 @@ group when the launcher dies without a word (SIGKILL, the OOM killer), which no 
 launcher itself could do, and then removes the launcher's private directory (its hostfile and env
 file, which may hold credentials) in the launcher's stead.
 
-    python -m medsapiens.launch.keeper LAUNCHER_PID GRACE_S LAUNCH_DIR|- COMMAND...
+    python -m medsapiens.launch.keeper LAUNCHER_PID GRACE_S LAUNCH_DIR|- local|ssh COMMAND...
+
+Over ssh, SIGUSR1 is passed on as SIGTERM: DeepSpeed's runner passes only SIGTERM on to the other
+hosts (pdsh pkill), and the ranks stop after a checkpoint on either.
 
 Standard library only (and `medsapiens.io.processes`, which is too), so it starts in a moment.
 """
@@ -21,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from medsapiens.errors import EXIT_STOPPED
 from medsapiens.io import processes
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -54,8 +58,10 @@ class Relay:
                 return child.wait(timeout=POLL_S)
 
     def exit_status(self, status: int) -> int:
-        """128 + the first signal passed on, else the child's status (128 + N when signal N ended it)."""
-        if self.received:
+        """The child's failure; else 128 + the first signal passed on (a stop asked for: a scheduler's script
+        requeues on it); else the child's status (128 + N when signal N ended it)."""
+        failed = 0 < status < 128 and status != EXIT_STOPPED
+        if self.received and not failed:
             return 128 + self.received[0]
         return status if status >= 0 else 128 - status
 
@@ -64,12 +70,13 @@ class Relay:
             signal.signal(signum, handler)
 
 
-def command(launcher_pid: int, grace_s: float, launch_dir: str | None, argv: list[str]) -> list[str]:
+def command(launcher_pid: int, grace_s: float, launch_dir: str | None, over_ssh: bool, argv: list[str]) -> list[str]:
     """The keeper's own command line, for the launcher to start."""
-    return [sys.executable, "-m", "medsapiens.launch.keeper", str(launcher_pid), str(grace_s), launch_dir or "-", *argv]
+    return [sys.executable, "-m", "medsapiens.launch.keeper", str(launcher_pid), str(grace_s), launch_dir or "-",
+            "ssh" if over_ssh else "local", *argv]
 
 
-def keep(launcher_pid: int, grace_s: float, launch_dir: str | None, argv: list[str]) -> int:
+def keep(launcher_pid: int, grace_s: float, launch_dir: str | None, over_ssh: bool, argv: list[str]) -> int:
     relay = Relay()
     if not _end_with(launcher_pid):
         _clean_up_after(launch_dir)
@@ -82,20 +89,28 @@ def keep(launcher_pid: int, grace_s: float, launch_dir: str | None, argv: list[s
         if signum == signal.SIGINT:
             signum = signal.SIGKILL if interrupted else signal.SIGTERM
             interrupted.append(True)
+        elif signum == signal.SIGUSR1 and over_ssh:
+            signum = signal.SIGTERM
         with contextlib.suppress(ProcessLookupError):
             os.killpg(runner.pid, signum)
 
     status = relay.wait(runner, send)
-    deadline = time.monotonic() + grace_s
+    deadline, left_running = time.monotonic() + grace_s, False
     while _group_alive(runner.pid):
         relay.pass_on(send)
         if time.monotonic() > deadline:
             send(signal.SIGKILL)
+            left_running = True
             break
         time.sleep(POLL_S)
     if os.getppid() != launcher_pid:
         _clean_up_after(launch_dir)
-    return relay.exit_status(status)
+    status = relay.exit_status(status)
+    if left_running and status == 0:  # DeepSpeed's runner says 0 when its node launcher was killed (the OOM killer)
+        print(f"medsapiens launch: processes of the job were still running {grace_s:g} s after DeepSpeed's runner "
+              "ended; killed them: the job did not end cleanly", file=sys.stderr, flush=True)
+        return 128 + signal.SIGKILL
+    return status
 
 
 def _end_with(launcher_pid: int) -> bool:
@@ -122,4 +137,5 @@ def _group_alive(pgid: int) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(keep(int(sys.argv[1]), float(sys.argv[2]), None if sys.argv[3] == "-" else sys.argv[3], sys.argv[4:]))
+    sys.exit(keep(int(sys.argv[1]), float(sys.argv[2]), None if sys.argv[3] == "-" else sys.argv[3],
+                  sys.argv[4] == "ssh", sys.argv[5:]))

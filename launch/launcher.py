@@ -144,7 +144,8 @@ def run_launch(args) -> int:
             return 0
         check_reachable(plan.remote_hosts)
         write_launch_files(plan)
-        return run_command(plan.argv, {**os.environ, **plan.extra_env}, launch_dir=str(launch_dir))
+        return run_command(plan.argv, {**os.environ, **plan.extra_env}, launch_dir=str(launch_dir),
+                           over_ssh=bool(plan.remote_hosts))
 
 
 def placeholders(cfg) -> list[str]:
@@ -330,6 +331,8 @@ def hostfile_plan(args, environ: Mapping[str, str], cwd: Path, launch_dir: Path)
         check_remote_tools()
         argv += ["--log_level", "warning"]  # at info it logs the pdsh command with every exported value
         argv += [] if len(used) > 1 else ["--force_multi"]
+    else:  # DeepSpeed would ssh to this machine to check a hostfile's first host
+        argv += ["--no_ssh_check"]
     summary = f"{len(used)} host(s) from {args.hostfile}, {sum(used.values())} rank(s), master {master}:{port}"
     env_file = rank_env.env_file_variables(environ, cwd) if over_ssh else None
     return Plan(summary, argv, launch_dir, env_file=env_file, ranks=sum(used.values()),
@@ -455,7 +458,7 @@ def write_launch_files(plan: Plan) -> None:
 
 
 def run_command(argv: list[str], env: Mapping[str, str], stop_grace_s: float = STOP_GRACE_S,
-                launch_dir: str | None = None) -> int:
+                launch_dir: str | None = None, over_ssh: bool = False) -> int:
     """Run the launcher under a keeper (launch/keeper.py), which passes Ctrl-C, SIGTERM and SIGUSR1
     on to every process the launcher starts, and lets none of them outlive the grace period once the
     launcher is gone, even when this process is killed outright (then the keeper also removes
@@ -463,7 +466,7 @@ def run_command(argv: list[str], env: Mapping[str, str], stop_grace_s: float = S
     Returns its exit status, or 128 + the signal that stopped us."""
     relay = keeper.Relay()  # before the keeper starts: no signal is missed
     try:
-        child = subprocess.Popen(keeper.command(os.getpid(), stop_grace_s, launch_dir, argv), env=dict(env),
+        child = subprocess.Popen(keeper.command(os.getpid(), stop_grace_s, launch_dir, over_ssh, argv), env=dict(env),
                                  start_new_session=True)
         status = relay.wait(child, child.send_signal)
     finally:

@@ -19,8 +19,9 @@ from medsapiens.errors import InputError
 RANK_PREFIXES = ("AWS_", "NCCL_", "MEDSAPIENS_")
 SECRET_WORDS = ("SECRET", "TOKEN", "PASSWORD", "KEY", "CREDENTIAL")  # AWS_ACCESS_KEY_ID included
 FROM_ENVIRONMENT = "environment"
-# DeepSpeed wraps an exported value in double quotes for the remote shell, where these still act.
-NOT_EXPORTABLE = re.compile(r'["$`\\\n]')
+# DeepSpeed wraps an exported value in double quotes for the remote shell, where these still act; pdsh
+# rewrites % sequences (%h, %n) anywhere in the command it runs.
+NOT_EXPORTABLE = re.compile(r'["$`\\\n%]')
 URL_PASSWORD = re.compile(r"://[^/@\s]*:[^/@\s]*@")  # postgres://user:password@host: shown as <set> too
 
 
@@ -73,7 +74,7 @@ def env_file_variables(environ: Mapping[str, str], cwd: Path) -> list[Variable]:
     ours = rank_variables(environ)
     for variable in ours:
         if NOT_EXPORTABLE.search(variable.value):
-            raise InputError(f"{variable.name}: its value holds a character (\" $ ` \\ or a newline) that "
+            raise InputError(f"{variable.name}: its value holds a character (\" $ ` \\ % or a newline) that "
                              "DeepSpeed's ssh launch cannot pass on; set it on the hosts instead")
     merged = {v.name: v for v in ours}
     for path in user_env_files(environ, cwd):

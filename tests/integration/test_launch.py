@@ -325,11 +325,13 @@ def test_env_file_is_private_merges_the_users_and_no_output_shows_a_secret(capfd
 
 
 @pytest.mark.timeout(60)
-def test_a_value_the_remote_shell_would_expand_is_refused_without_showing_it(capsys, monkeypatch, hostfile, remote_tools):
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "abc$HOME")
+@pytest.mark.parametrize("value", ["abc$HOME", "abc%hdef"])  # the remote shell's $, pdsh's %h
+def test_a_value_the_remote_shell_would_expand_is_refused_without_showing_it(capsys, monkeypatch, hostfile, remote_tools,
+                                                                               value):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", value)
     status, out, err = launch(capsys, "pretrain", "--config", DEMO, "--hostfile", str(hostfile), "--dry-run")
     assert status == 2 and "AWS_SECRET_ACCESS_KEY: its value holds a character" in err
-    assert "abc$HOME" not in out + err
+    assert value not in out + err
 
 
 def outward_addresses() -> list[str]:
@@ -364,11 +366,13 @@ def test_one_host_elsewhere_is_reached_over_ssh_and_one_here_runs_here(capsys, t
                               "--dry-run")
     assert status == 0, err
     assert " --log_level warning --force_multi --module " in printed_command(out) and "env file LAUNCH_DIR" in out
+    assert "--no_ssh_check" not in out
     for name in (socket.gethostname(), "127.0.1.1", *outward_addresses()):  # Debian's /etc/hosts: 127.0.1.1
         here.write_text(f"{name} slots=2\n")
         status, out, err = launch(capsys, "pretrain", "--config", DEMO, "--hostfile", str(here), "--dry-run")
         assert status == 0, err
         assert "--force_multi" not in out and "the ranks inherit this environment" in out
+        assert " --no_ssh_check " in printed_command(out)  # DeepSpeed would ssh here to check a hostfile
 
 
 @pytest.mark.timeout(60)
@@ -555,6 +559,62 @@ def test_ctrl_c_reaches_the_job_as_sigterm_and_a_second_one_stops_it_at_once(tmp
     assert proc.wait(timeout=20) == 128 + signal.SIGINT
     assert time.monotonic() - second < 15  # not the 30 s grace: killed at once
     assert log.read_text().split() == ["started", "SIGTERM"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("over_ssh, heard", [(False, "SIGUSR1"), (True, "SIGTERM")])
+def test_sigusr1_reaches_the_job_as_sigterm_over_ssh(tmp_path, over_ssh, heard):
+    """DeepSpeed's runner passes only SIGTERM on to the other hosts (pdsh pkill): SLURM's warning signal
+    to a launch over ssh would stop this machine's processes alone."""
+    log = tmp_path / "signals"
+    harness = (f"import os, sys\nfrom medsapiens.launch.launcher import run_command\n"
+               f"sys.exit(run_command([sys.executable, '-c', {RECORDING_RUNNER!r}, {str(log)!r}], os.environ, "
+               f"stop_grace_s=1.0, over_ssh={over_ssh}))")
+    proc = subprocess.Popen([sys.executable, "-c", harness], env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 20
+    while not log.exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    for signum, lines in ((signal.SIGUSR1, ["started", heard]), (signal.SIGINT, ["started", heard, "SIGTERM"])):
+        proc.send_signal(signum)
+        while log.read_text().split() != lines:
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # a second Ctrl-C: the recording runner stops on nothing else
+    assert proc.wait(timeout=20) == 128 + signal.SIGUSR1
+
+
+LEAVES_A_CHILD = """
+import subprocess, sys
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("runner_status, status", [(0, 128 + signal.SIGKILL), (1, 1)])
+def test_a_job_whose_processes_outlive_the_runner_does_not_end_with_status_0(tmp_path, runner_status, status):
+    """DeepSpeed's runner exits 0 when its node launcher is killed outright (the OOM killer), leaving the ranks."""
+    harness = (f"import os, sys\nfrom medsapiens.launch.launcher import run_command\n"
+               f"sys.exit(run_command([sys.executable, '-c', {LEAVES_A_CHILD!r}, '{runner_status}'], os.environ, "
+               f"stop_grace_s=1.0))")
+    proc = subprocess.run([sys.executable, "-c", harness], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == status
+    assert ("still running 1 s after DeepSpeed's runner ended; killed them" in proc.stderr) == (runner_status == 0)
+
+
+def test_a_failure_outranks_the_stop_signal_in_the_exit_status():
+    """A scheduler's script requeues on 128 + the signal: a crash while stopping must not read as a clean stop."""
+    from medsapiens.errors import EXIT_STOPPED
+    from medsapiens.launch.keeper import Relay
+
+    relay = Relay()
+    try:
+        relay.received.append(signal.SIGUSR1)
+        assert [relay.exit_status(s) for s in (0, EXIT_STOPPED, -signal.SIGTERM, 143, 1)] == [138, 138, 138, 138, 1]
+    finally:
+        relay.restore()
 
 
 @pytest.fixture(scope="module")
