@@ -11,7 +11,8 @@ file, which may hold credentials) in the launcher's stead.
 Over ssh, SIGUSR1 is passed on as SIGTERM: DeepSpeed's runner passes only SIGTERM on to the other
 hosts (pdsh pkill), and the ranks stop after a checkpoint on either.
 
-Standard library only (and `medsapiens.io.processes`, which is too), so it starts in a moment.
+Standard library only (and `medsapiens.io.processes` and `medsapiens.errors`, which are too), so it starts
+in a moment.
 """
 from __future__ import annotations
 
