@@ -177,13 +177,15 @@ def check_same_global_batch(run_dir: Path, before: dict, ranks_before: int | Non
     """On another number of ranks the per-rank batch may change, the global batch may not: the step count
     and the lr schedule were set for it."""
     micro, accum = before.get("data", {}).get("micro_batch"), before.get("train", {}).get("grad_accum")
-    if not (ranks_before and micro and accum) or micro * accum * ranks_before == global_batch(cfg):
+    if not (ranks_before and micro and accum):
         return
-    was, ranks = micro * accum * ranks_before, distributed.world_size()
+    was, now, ranks = micro * accum * ranks_before, global_batch(cfg), distributed.world_size()
+    if was == now:
+        return
     keep = (f"data.micro_batch x train.grad_accum = {was // ranks} keeps it on {ranks} rank(s)" if was % ranks == 0
             else f"{ranks} rank(s) cannot keep it: use a number of ranks that divides {was}")
     raise InputError(f"{run_dir} trained at a global batch of {was} ({micro} x {accum} x {ranks_before} rank(s)); "
-                     f"this resume would train at {global_batch(cfg)} ({cfg.data.micro_batch} x {cfg.train.grad_accum} x "
+                     f"this resume would train at {now} ({cfg.data.micro_batch} x {cfg.train.grad_accum} x "
                      f"{ranks} rank(s)): {keep}")
 
 
