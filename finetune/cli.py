@@ -19,8 +19,9 @@ def register(subparsers) -> None:
         description="Fine-tune on one dataset of a shard set: full or LoRA, on all or K training images. "
         "The best checkpoint on the val split (never a test split) becomes RUN_DIR/bundle, evaluated with flip "
         "test on the test split(s) into RUN_DIR/eval/<split>. The default schedule is MedSapiens' published one: "
-        "210 epochs, lr x0.1 at epochs 170 and 200, 500 warm-up steps, the steps derived from the training "
-        "images and the global batch (printed at start); launch/experiments/medsapiens_0.3b_finetune.yaml "
+        "210 epochs, lr x0.1 at epochs 170 and 200, 500 warm-up steps (a fifth of a run under 2500 steps), the "
+        "steps derived from the training images and the global batch (printed at start); "
+        "launch/experiments/medsapiens_0.3b_finetune.yaml "
         "holds the full published settings. With --seeds, one run per seed under RUN_DIR/seed_N and, per evaluated "
         "split, the mean +- std over the seeds in RUN_DIR/summary.json. Multi-rank: `medsapiens launch finetune "
         "--config FILE`.",
@@ -66,14 +67,17 @@ def seed_list(text: str) -> list[int]:
 
 
 def finetune_overrides(args) -> list[str]:
+    """The flags as KEY=VALUE overrides, then the user's own; one of those setting a key a flag sets is
+    refused (it would silently replace the flag's value)."""
     # JSON is YAML: a flag's value comes back with its type (`--dataset no` stays the string "no")
-    overrides = [f"{FLAG_KEYS[k]}={json.dumps(v)}" for k, v in vars(args).items() if k in FLAG_KEYS and v is not None]
+    flagged = [(f"--{k.replace('_', '-')}", f"{FLAG_KEYS[k]}={json.dumps(v)}")
+               for k, v in vars(args).items() if k in FLAG_KEYS and v is not None]
     if args.lora:
-        overrides.append("lora.enabled=true")
+        flagged.append(("--lora", "lora.enabled=true"))
     if args.reinit_head:
-        overrides.append("reinit_head=true")
+        flagged.append(("--reinit-head", "reinit_head=true"))
     if args.no_flip_test:
-        overrides.append("flip_test=false")
+        flagged.append(("--no-flip-test", "flip_test=false"))
     if args.steps is not None and args.epochs is not None:
         raise InputError("give --steps or --epochs, not both")
     if args.seed is not None and args.seeds:
@@ -84,14 +88,26 @@ def finetune_overrides(args) -> list[str]:
         raise InputError(f"--init {args.init} does not read {' or '.join(unread)}: leave it out, or choose the --init "
                          "that starts from it (--bundle: bundle, --checkpoint: sapiens)")
     if args.steps is not None:
-        overrides.append("train.epochs=0")  # --steps replaces the epoch schedule
+        flagged.append(("--steps", "train.epochs=0"))  # --steps replaces the epoch schedule
     if args.epochs is not None:
-        overrides.append("train.max_steps=0")
+        flagged.append(("--epochs", "train.max_steps=0"))
     if args.seed is not None:
-        overrides.append(f"train.seed={args.seed}")  # as each of --seeds does
+        flagged.append(("--seed", f"train.seed={args.seed}"))  # as each of --seeds does
     if args.seeds:
-        overrides.append(f"seeds={json.dumps(args.seeds)}")
-    return overrides + args.overrides
+        flagged.append(("--seeds", f"seeds={json.dumps(args.seeds)}"))
+    check_flags_kept(flagged, args.overrides)
+    return [override for _, override in flagged] + args.overrides
+
+
+def check_flags_kept(flagged: list[tuple[str, str]], overrides: list[str]) -> None:
+    from medsapiens import config as configlib
+
+    for item in overrides:
+        key, value = configlib.parse_override(item)
+        for flag, set_by_flag in flagged:
+            flag_key = set_by_flag.partition("=")[0]
+            if any(configlib.overlapping(flag_key, leaf) for leaf in configlib.keys_set(key, value)):
+                raise InputError(f"{flag} sets {flag_key}, and so does the override {key}=...: give one of them")
 
 
 def _finetune(args) -> int:

@@ -57,6 +57,8 @@ def check_config(cfg: FinetuneConfig) -> None:
     if cfg.shots < 0 or cfg.shot_seed < 0 or any(seed < 0 for seed in cfg.seeds):
         raise InputError(f"shots, shot_seed and seeds (--shots, --seed, --seeds) must not be negative (got shots "
                          f"{cfg.shots}, shot_seed {cfg.shot_seed}, seeds {cfg.seeds})")
+    for seed in (cfg.shot_seed, *cfg.seeds):
+        configlib.a_seed("shot_seed and seeds (--seed, --seeds)", seed)
     repeated = sorted({seed for seed in cfg.seeds if cfg.seeds.count(seed) > 1})
     if repeated:
         raise InputError(f"seeds (--seeds) lists seed(s) {repeated} more than once: each seed is one run")

@@ -187,12 +187,7 @@ def check_config(stage: str, config: str, overrides: list[str]):
         from medsapiens.finetune.config import FinetuneConfig as config_class
         from medsapiens.finetune.train import check_config as check  # the stage's own: dataset, start, seeds
 
-    def validated(extra: list[str]):
-        cfg = configlib.from_dict(config_class, configlib.load_data(config, extra))
-        check(cfg)  # the deepspeed file included
-        return cfg
-
-    return configlib.blame(validated, config, overrides)
+    return configlib.load(config_class, config, overrides, check)  # read as the ranks will; the deepspeed file checked
 
 
 def make_plan(args, environ: Mapping[str, str], cwd: Path, launch_dir: Path) -> Plan:

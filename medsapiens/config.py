@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -53,14 +54,14 @@ def _coerce(value, hint, where: str):
             return value
         raise ConfigError(f"{where}: expected true or false, got {_short(value)}")
     if hint in (int, float):
-        if isinstance(value, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
+        if isinstance(value, str):  # a number written as text: `010`, or a flag's JSON `Infinity`
             try:
                 value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {_short(value)}")
-        if (hint is int or isinstance(value, int)) and not _fits_a_float(value):  # inf, nan, 10**400
+        if not _fits_a_float(value):  # inf, nan, 10**400: no setting means them
             kind = "integer" if hint is int else "number"
             raise ConfigError(f"{where}: expected a finite {kind}, got {_short(value)}")
         if hint is int and float(value) != int(value):
@@ -77,15 +78,34 @@ MAX_NESTING = 32  # sections and lists inside each other; real configs use 3
 MAX_YAML_BYTES = 1 << 20
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """YAML 1.1's safe loader with YAML 1.2's plain booleans and numbers: `1e-3` is a float (a string in
+    YAML 1.1), and `yes`, `on` and `10:00` (600, base 60, in YAML 1.1) stay strings, which a number or
+    true/false setting refuses; `010` (octal 8 in YAML 1.1) is read as the decimal 10."""
+
+
+BOOL_TAG, INT_TAG, FLOAT_TAG = (f"tag:yaml.org,2002:{kind}" for kind in ("bool", "int", "float"))
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (BOOL_TAG, INT_TAG, FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ConfigLoader.add_implicit_resolver(BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+ConfigLoader.add_implicit_resolver(INT_TAG, re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$"), list("-+0123456789"))
+ConfigLoader.add_implicit_resolver(FLOAT_TAG, re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"
+    r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
 def read_yaml(text: str, where: str):
-    """YAML without anchors or aliases (a few bytes of nested aliases expand to gigabytes), with at most
-    MAX_NESTING levels and no key given twice in one mapping (YAML keeps the last silently), checked on
-    the parser's event stream before anything is built. Errors are one line."""
+    """YAML (ConfigLoader's) without anchors, aliases or merge keys (a few bytes of nested aliases expand
+    to gigabytes; a merge gives a key twice), with at most MAX_NESTING levels and no key given twice in one
+    mapping (YAML keeps the last silently), checked on the parser's event stream before anything is built.
+    Errors are one line."""
     if len(text) > MAX_YAML_BYTES:
         raise ConfigError(f"{where}: {len(text)} bytes, more than a config's {MAX_YAML_BYTES}")
     open_nodes: list[dict] = []  # per open mapping or list: its keys so far, whether a key comes next
     try:
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        for event in yaml.parse(text, Loader=ConfigLoader):
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
                 raise ConfigError(f"{where}: YAML anchors and aliases (&, *) are not accepted in configs; "
                                   "write the values out")
@@ -99,9 +119,11 @@ def read_yaml(text: str, where: str):
                     raise ConfigError(f"{where}: nested more than {MAX_NESTING} levels deep")
                 mapping = isinstance(event, yaml.MappingStartEvent)
                 open_nodes.append({"keys": set() if mapping else None, "key_next": True})
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=ConfigLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: not valid YAML: {yaml_problem(exc)}") from None
+    except ValueError as exc:  # an integer of more digits than Python converts, a date of month 13
+        raise ConfigError(f"{where}: a value YAML cannot read: {str(exc).split(';')[0]}") from None
 
 
 def check_key(mapping: dict, event, where: str) -> None:
@@ -110,6 +132,8 @@ def check_key(mapping: dict, event, where: str) -> None:
         line = f" (line {event.start_mark.line + 1})" if event.start_mark else ""
         if event.value in mapping["keys"]:
             raise ConfigError(f"{where}: key {event.value!r} given twice in one section{line}")
+        if event.value == "<<":
+            raise ConfigError(f"{where}: YAML merge keys (<<) are not accepted in configs{line}; write the values out")
         mapping["keys"].add(event.value)
     mapping["key_next"] = not mapping["key_next"]
 
@@ -137,6 +161,14 @@ def _short(value) -> str:
 def at_least(key: str, value: int, minimum: int) -> None:
     if value < minimum:
         raise ConfigError(f"{key} must be at least {minimum}, got {value}")
+
+
+SEEDS = 2**32  # seeds 0 .. 2**32 - 1: plenty for any run; torch.manual_seed fails past 2**64
+
+
+def a_seed(key: str, value: int) -> None:
+    if not 0 <= value < SEEDS:
+        raise ConfigError(f"{key} must be a seed from 0 to {SEEDS - 1}, got {value}")
 
 
 def positive(key: str, value: float) -> None:
@@ -183,19 +215,47 @@ def field_default(field: dataclasses.Field):
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` strings (values parsed as YAML scalars/lists) to a nested dict."""
+    """Apply `a.b.c=value` strings (values parsed as YAML) to a nested dict. A mapping sets the keys it
+    names, as their dotted forms would (`optim={lr: 1e-3}` is `optim.lr=1e-3`: the file's other `optim`
+    keys stay). Of a key given twice the last wins, as a script adding its own overrides after its
+    defaults expects."""
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = read_yaml(raw, f"override {key}") if raw else ""
+        key, value = parse_override(item)
+        merge_into(data, key.split("."), value, item)
     return data
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    """`a.b=value` -> ("a.b", the value read as YAML; "" for nothing after the =)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    return key, read_yaml(raw, f"override {key}") if raw else ""
+
+
+def keys_set(key: str, value) -> list[str]:
+    """The dotted keys an override of `key` to `value` sets: a mapping's own keys, else `key`."""
+    if isinstance(value, dict) and value:
+        return [leaf for name, inner in value.items() for leaf in keys_set(f"{key}.{name}", inner)]
+    return [key]
+
+
+def overlapping(a: str, b: str) -> bool:
+    """Whether setting dotted keys a and b sets one thing twice (the same key, or one inside the other)."""
+    return a == b or a.startswith(f"{b}.") or b.startswith(f"{a}.")
+
+
+def merge_into(node: dict, parts: list, value, item: str) -> None:
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+    last = parts[-1]
+    if isinstance(value, dict) and isinstance(node.get(last), dict):
+        for name, inner in value.items():
+            merge_into(node[last], [name], inner, item)
+    else:
+        node[last] = value
 
 
 def read_config_text(path: str | Path) -> str:
@@ -225,14 +285,18 @@ def load_data(path: str | Path | None = None, overrides: list[str] = ()) -> dict
     return apply_overrides(data, list(overrides))
 
 
-def load(cls, path: str | Path | None = None, overrides: list[str] = ()):
-    """YAML file (optional) + overrides -> a validated instance of dataclass `cls`."""
-    def check(extra: list[str]):
+def load(cls, path: str | Path | None = None, overrides: list[str] = (), check=None):
+    """YAML file (optional) + overrides -> a validated instance of dataclass `cls`, on which `check` (the
+    stage's checks, if given) raises a UserError blamed on the file or the override that caused it."""
+    def loaded(extra: list[str]):
         data = load_data(path)
         drop_replaced_choices(cls, data, apply_overrides({}, extra))
-        return from_dict(cls, apply_overrides(data, extra))
+        cfg = from_dict(cls, apply_overrides(data, extra))
+        if check is not None:
+            check(cfg)
+        return cfg
 
-    return blame(check, path, list(overrides))
+    return blame(loaded, path, list(overrides))
 
 
 def drop_replaced_choices(cls, data: dict, given: dict) -> None:

@@ -8,6 +8,7 @@ import torch
 
 from medsapiens import distributed
 from medsapiens.distributed import distributed_job
+from medsapiens.errors import InputError
 from medsapiens.io import storage
 from medsapiens.io.locks import writer_lock
 from medsapiens.io.manifest import Manifest, ManifestError
@@ -31,6 +32,11 @@ def preflight(cfg: PretrainConfig) -> tuple[Manifest, list[str]]:
     URLs. Returns the manifest and the datasets to train."""
     if not cfg.data.shards:
         raise ManifestError("data.shards is not set: give the shard directory or s3:// prefix")
+    checkpoint = cfg.model.checkpoint
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        found = "a folder" if checkpoint and Path(checkpoint).is_dir() else "no such file"
+        raise InputError(f"model.checkpoint {checkpoint!r}: {found}; give a Sapiens checkpoint file (.pth or "
+                         ".safetensors), or null to start from random weights")
     manifest = load_manifest(cfg.data.shards)
     datasets = selected_datasets(manifest, cfg.data.datasets)
     for shard in (s for s in manifest.shards if s.dataset in datasets):

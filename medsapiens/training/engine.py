@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from medsapiens import distributed
-from medsapiens.config import at_least, positive
+from medsapiens.config import a_seed, at_least, positive
 from medsapiens.errors import InputError
 from medsapiens.io import jsondoc
 from medsapiens.training import checkpoints
@@ -100,7 +100,7 @@ class TrainConfig:
             at_least(f"train.{key}", getattr(self, key), 1)
         at_least("train.max_steps", self.max_steps, 0)
         at_least("train.stop_after", self.stop_after, 0)
-        at_least("train.seed", self.seed, 0)
+        a_seed("train.seed", self.seed)
         at_least("train.dist_timeout_s", self.dist_timeout_s, 1)
         at_least("train.val_limit", self.val_limit, 0)
         at_least("train.val_panels", self.val_panels, 0)

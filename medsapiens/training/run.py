@@ -21,6 +21,7 @@ from medsapiens import config as configlib
 from medsapiens import distributed
 from medsapiens.data.pipeline import DataConfig, epoch_images, mixture_weights, validation_split
 from medsapiens.errors import InputError
+from medsapiens.io import jsondoc
 from medsapiens.io.locks import writer_lock
 from medsapiens.io.manifest import Manifest, check_scorable
 from medsapiens.io.shard_tar import file_digest
@@ -43,11 +44,19 @@ from medsapiens.training.engine import (
     TrainConfig,
     check_zero_stage,
     current_spelling,
+    read_deepspeed_json,
     resolve_precision,
     resolve_warmup,
 )
 from medsapiens.training.memory import memory_plan
-from medsapiens.training.trainer import RESOLVED_CONFIG, RUN_INFO, RunContext, Trainer, write_run_files
+from medsapiens.training.trainer import (
+    RESOLVED_CONFIG,
+    RESOLVED_DEEPSPEED,
+    RUN_INFO,
+    RunContext,
+    Trainer,
+    write_run_files,
+)
 
 
 class StageConfig(Protocol):
@@ -216,6 +225,7 @@ def check_same_run(run_dir: Path, cfg, resume: str, manifest_digest: str, start_
         raise InputError(f"{run_dir} holds a run with other settings ({shown}{'; ...' if len(differing) > 8 else ''}): "
                          f"rerun with its settings to resume it{scope}, or start afresh in another run directory "
                          "(or with --resume none)")
+    check_same_zero_stage(run_dir, cfg)
     info = json.loads((run_dir / RUN_INFO).read_text()) if (run_dir / RUN_INFO).is_file() else {}
     if resume == "universal":
         check_same_global_batch(run_dir, before, info.get("world_size"), cfg)
@@ -229,6 +239,21 @@ def check_same_run(run_dir: Path, cfg, resume: str, manifest_digest: str, start_
         raise checkpoints.CheckpointError(
             f"{run_dir} holds a run that started from other weights (sha256 {started_from[:12]}, now "
             f"{start_digest[:12]}: the file it started from was replaced since): resume it from those, or {afresh}")
+
+
+def check_same_zero_stage(run_dir: Path, cfg) -> None:
+    """A JSON file of the user's (train.deepspeed) may change under its name between reruns; a checkpoint
+    does not resume under another ZeRO stage than the one in the run's resolved DeepSpeed config."""
+    saved = run_dir / RESOLVED_DEEPSPEED
+    if not saved.is_file():
+        return
+    was, now = (zero.get("zero_optimization", {}).get("stage", 0) if isinstance(zero, dict) else None
+                for zero in (jsondoc.read(saved, str(saved)), read_deepspeed_json(cfg.train.deepspeed)[1]))
+    if was != now:
+        raise InputError(f"{run_dir} trained under ZeRO stage {was} ({saved.name}); train.deepspeed "
+                         f"{cfg.train.deepspeed} now asks for stage {now}: a checkpoint does not resume under another "
+                         "stage. Give the file its stage back to resume, or start afresh in another run directory "
+                         "(or with --resume none)")
 
 
 def check_resumable(run_dir: Path, stage: str, resume: str) -> None:

@@ -30,6 +30,23 @@ def peak_flops(device: torch.device) -> float | None:
     return peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
+METRICS = "metrics.jsonl"
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl's rows, less a last line a crash cut short mid-write (the row was lost with it)."""
+    path = Path(run_dir) / METRICS
+    lines = path.read_text().splitlines() if path.is_file() else []
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise
+    return rows
+
+
 class Telemetry:
     """Starting at `start_step` (a resume, or 0 after an attempt that left no checkpoint), whatever was
     logged after that step by the attempt that stopped is dropped, so no step is logged twice."""
@@ -41,10 +58,10 @@ class Telemetry:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
-            path = Path(run_dir) / "metrics.jsonl"
+            path = Path(run_dir) / METRICS
             if path.is_file():
-                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-                path.write_text("".join(f"{line}\n" for line in kept))
+                kept = [row for row in metric_rows(run_dir) if row["step"] <= start_step]
+                path.write_text("".join(f"{json.dumps(row)}\n" for row in kept))
             self.jsonl = open(path, "a")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

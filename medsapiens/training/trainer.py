@@ -31,10 +31,11 @@ from medsapiens.io.progress import progress_bar
 from medsapiens.training import checkpoints
 from medsapiens.training.engine import Engine, TrainConfig
 from medsapiens.training.memory import MemoryPlan, device_memory_gib, out_of_memory
-from medsapiens.training.telemetry import StepTimer, Telemetry
+from medsapiens.training.telemetry import StepTimer, Telemetry, metric_rows
 
 RUN_INFO = "run.json"
 RESOLVED_CONFIG = "config.yaml"
+RESOLVED_DEEPSPEED = "deepspeed.json"
 
 
 def add_loss_sum(sums: dict, name: str, loss_sum, count: int) -> None:
@@ -103,7 +104,7 @@ class Trainer:
         self.is_main = distributed.rank() == 0
         self.telemetry: Telemetry | None = None
         if self.is_main:
-            (ctx.run_dir / "deepspeed.json").write_text(json.dumps(engine.config, indent=2))
+            (ctx.run_dir / RESOLVED_DEEPSPEED).write_text(json.dumps(engine.config, indent=2))
             compiled = ", torch.compile (the first steps compile)" if ctx.train.compile else ""
             batch, accum, world = ctx.data.micro_batch, ctx.train.grad_accum, distributed.world_size()
             print(f"DeepSpeed ZeRO-{engine.zero_stage}, {engine.precision}{compiled}: micro-batch {batch} x "
@@ -178,7 +179,8 @@ class Trainer:
                 stopping = done == train.stop_after
                 final = done == train.max_steps
                 signalled = not (final or stopping) and stop.agreed()
-                if done % train.log_every == 0 or final or stopping or signalled:  # a stop logs its part of a window
+                # a checkpoint or a stop logs its part of a window: a run resumed there starts a new one
+                if done % train.log_every == 0 or done % train.checkpoint_every == 0 or final or stopping or signalled:
                     progress.set_postfix(loss=f"{self._log_train(done, sums, grad_norm, lrs, timer):.4g}", refresh=False)
                     sums = {}
                 with timer.aside():
@@ -313,9 +315,7 @@ def validation_text(results: dict) -> str:
 
 def validation_at(run_dir: Path, step: int) -> dict[str, float]:
     """The validation scalars of the last validation at or before `step` (from metrics.jsonl)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    rows = [r for r in rows if r["step"] <= step and any(k.startswith("val/") for k in r)]
+    rows = [r for r in metric_rows(run_dir) if r["step"] <= step and any(k.startswith("val/") for k in r)]
     if not rows:
         return {}
     last = max(r["step"] for r in rows)

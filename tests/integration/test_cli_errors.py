@@ -26,6 +26,9 @@ def test_predict_and_evaluate_name_what_is_missing(tmp_path, capsys):
 def test_pretrain_run_as_documented_and_export_of_a_folder_that_is_no_run(tmp_path, capsys):
     refused(["pretrain", "run", "--config", str(tmp_path / "missing.yaml")], "config file not found", "missing.yaml")
     refused_here(capsys, ["pretrain", "run", "--config", str(DEMO_CONFIG), "train.no_such_key=1"], "no_such_key")
+    for given, what in ((tmp_path / "none.pth", "no such file"), ("", "no such file"), (tmp_path, "a folder")):
+        refused_here(capsys, ["pretrain", "run", "--config", str(DEMO_CONFIG), f"run_dir={tmp_path / 'r'}",
+                              f"model.checkpoint={given}"], f"model.checkpoint '{given}': {what}; give a Sapiens checkpoint")
     refused_here(capsys, ["pretrain", "export", str(tmp_path), "--out", str(tmp_path / "b")],
                  f"{tmp_path} is not a training run directory (no run.json")
     run_dir = tmp_path / "run"

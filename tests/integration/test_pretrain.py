@@ -86,8 +86,8 @@ def test_resume_continues_the_same_losses(zero2_run, phantom_shards, tmp_path):
     assert max(losses(run_dir)) == 6
     assert f"stopped at step 6 (train.stop_after); a rerun into {run_dir} resumes from checkpoint step_00000006" \
         in first.stderr
-    with open(run_dir / "metrics.jsonl", "a") as f:  # as if the job had died at step 8, past its checkpoint
-        f.write('{"step": 7, "loss/total": 99.0}\n{"step": 8, "loss/total": 99.0}\n')
+    with open(run_dir / "metrics.jsonl", "a") as f:  # as if the job had died writing step 9, past its checkpoint
+        f.write('{"step": 7, "loss/total": 99.0}\n{"step": 8, "loss/total": 99.0}\n{"step": 9, "loss/to')
     second = deepspeed_module("medsapiens.pretrain", 2, config_args(phantom_shards, run_dir))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from step 6" in second.stderr
@@ -178,22 +178,23 @@ def test_resume_none_starts_over_with_the_earlier_run_moved_aside_whole(two_rank
     run_dir = tmp_path / "run"
     shutil.copytree(two_rank_run, run_dir)
     earlier = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    args = pretrain_args(phantom_shards, run_dir, "train.max_steps=4", "train.checkpoint_every=2", "train.val_every=2",
-                         "train.keep_last=1", "optim.lr=5e-4", "train.stop_after=2", "train.log_every=3")
+    args = pretrain_args(phantom_shards, run_dir, "train.max_steps=6", "train.checkpoint_every=2", "train.val_every=2",
+                         "train.keep_last=1", "optim.lr=5e-4", "train.stop_after=4", "train.log_every=3")
     afresh = run([sys.executable, "-m", "medsapiens.pretrain", "--resume", "none", *args], 180)
     assert afresh.returncode == 0, afresh.stderr[-3000:]
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
     assert len(aside) == 1 and f"moved the earlier run in {run_dir} to {aside[0]}" in afresh.stderr
     assert sorted(p.name for p in (aside[0] / "checkpoints").iterdir()) == earlier
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000002"]
-    assert sorted(losses(run_dir)) == [2] and "resumed" not in afresh.stderr  # the stop logs its part of a window
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000004"]
+    # a checkpoint (2) and the stop (4) log their parts of a window: a run resumed there starts a new one
+    assert sorted(losses(run_dir)) == [2, 3, 4] and "resumed" not in afresh.stderr
 
     # the same stop again: the run is there already, and does not train past it to the end
     again = run([sys.executable, "-m", "medsapiens.pretrain", *args], 180)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "at step 2 already, not before train.stop_after (2): nothing trained" in again.stderr
-    assert sorted(losses(run_dir)) == [2]
+    assert "at step 4 already, not before train.stop_after (4): nothing trained" in again.stderr
+    assert sorted(losses(run_dir)) == [2, 3, 4]
 
 
 @pytest.mark.timeout(300)

@@ -11,7 +11,7 @@ def test_yaml_plus_dotted_overrides(tmp_path):
     path.write_text("data:\n  micro_batch: 4\n  augment:\n    rotation_deg: 30\noptim:\n  lr: 1.0e-3\n")
     cfg = configlib.load(Experiment, path, ["optim.betas=[0.8, 0.9]", "train.max_steps=7", "data.datasets=[head, hand]",
                                             "optim.eps=1e-6"])
-    assert cfg.optim.eps == 1e-6  # YAML 1.1 reads 1e-6 as a string
+    assert cfg.optim.eps == 1e-6  # a float without a dot, as YAML 1.2 reads it (1.1: a string)
     assert cfg.data.micro_batch == 4 and cfg.data.augment.rotation_deg == 30.0
     assert cfg.optim.lr == 1e-3 and cfg.optim.betas == (0.8, 0.9)
     assert cfg.train.max_steps == 7 and cfg.data.datasets == ["head", "hand"]
@@ -28,6 +28,41 @@ def test_an_override_naming_one_schedule_length_replaces_the_files_other(tmp_pat
     path.write_text("train:\n  max_steps: 2000\n")
     train = configlib.load(Experiment, path, ["train.epochs=20", "train.max_steps=1000"]).train  # both: as given
     assert (train.epochs, train.max_steps) == (20, 1000)
+
+
+def test_an_override_giving_a_section_sets_only_its_keys(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("optim:\n  lr: 1.0e-3\n  weight_decay: 0.05\n  schedule: cosine\n"
+                    "data:\n  augment:\n    scale_range: [0.75, 1.25]\n")
+    cfg = configlib.load(Experiment, path, ["optim={lr: 2.0e-3}", "data.augment={rotation_deg: 10}"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.schedule) == (2e-3, 0.05, "cosine")
+    assert (cfg.data.augment.rotation_deg, cfg.data.augment.scale_range) == (10, (0.75, 1.25))
+    assert cfg == configlib.load(Experiment, path, ["optim.lr=2.0e-3", "data.augment.rotation_deg=10"])
+
+
+def test_of_a_key_given_twice_by_the_overrides_the_last_wins():
+    """As a script adding its own overrides after its defaults expects (a file's key given twice is refused)."""
+    assert configlib.load(Experiment, None, ["optim.lr=1e-3", "train.max_steps=5", "optim.lr=2e-3"]).optim.lr == 2e-3
+    assert configlib.load(Experiment, None, ["optim={lr: 1.0e-3, eps: 1.0e-6}", "optim.lr=2e-3"]).optim.eps == 1e-6
+
+
+@pytest.mark.parametrize(("override", "refusal"), [
+    ("optim.lr=.inf", "optim.lr: expected a finite number, got inf"),
+    ("train.epochs=1e400", "train.epochs: expected a finite number, got inf"),
+    ("data.augment.shift=nan", "data.augment.shift: expected a finite number, got nan"),
+    ("data.augment.scale_range=[0.5, .inf]", r"data.augment.scale_range[1]: expected a finite number, got inf"),
+    ("train.compile=yes", "train.compile: expected true or false, got 'yes'"),  # YAML 1.1: true
+    ("train.compile=off", "train.compile: expected true or false, got 'off'"),  # YAML 1.1: false
+    ("train.max_steps=10:00", "train.max_steps: expected a number, got '10:00'"),  # YAML 1.1: 600
+])
+def test_a_number_no_setting_means_and_yaml_1_1s_spellings_are_refused(override, refusal):
+    with pytest.raises(configlib.ConfigError, match=re.escape(refusal)):
+        configlib.load(Experiment, None, [override])
+
+
+def test_numbers_read_as_written():
+    cfg = configlib.load(Experiment, None, ["train.max_steps=010", "optim.eps=1e-6", "train.seed=1_000"])
+    assert (cfg.train.max_steps, cfg.optim.eps, cfg.train.seed) == (10, 1e-6, 1000)  # YAML 1.1: octal 8
 
 
 def test_unknown_keys_are_named(tmp_path):
@@ -74,11 +109,17 @@ def test_an_integer_past_a_floats_range_is_refused_by_name(value):
 def test_a_config_file_that_is_no_yaml_text_is_one_line(tmp_path):
     cases = {"latin1.yaml": b"run_dir: caf\xe9\n", "keys.yaml": b"run_dir: x\n1: 2\n",
              "nested.yaml": b"train:\n  null: 3\n", "tab.yaml": b"run_dir: x\n\tbad: 1\n",
-             "twice.yaml": b"optim:\n  lr: -5\n  weight_decay: 0.1\n  lr: 1.0e-3\n"}  # YAML keeps the last lr
+             "twice.yaml": b"optim:\n  lr: -5\n  weight_decay: 0.1\n  lr: 1.0e-3\n",  # YAML keeps the last lr
+             "merge.yaml": b"optim:\n  lr: 1.0e-3\n  <<: {lr: 5.0, weight_decay: 0.3}\n",  # lr twice again
+             "digits.yaml": b"train:\n  max_steps: " + b"9" * 5000 + b"\n",
+             "date.yaml": b"run_dir: 2026-13-01\n"}
     messages = {"latin1.yaml": "not UTF-8 text (byte 12)", "keys.yaml": "key 1 is not a name",
                 "nested.yaml": "key None under train is not a name",
                 "tab.yaml": "not valid YAML: found character '\\t' that cannot start any token at line 2, column 1",
-                "twice.yaml": "key 'lr' given twice in one section (line 4)"}
+                "twice.yaml": "key 'lr' given twice in one section (line 4)",
+                "merge.yaml": "YAML merge keys (<<) are not accepted in configs (line 3)",
+                "digits.yaml": "a value YAML cannot read: Exceeds the limit (4300 digits)",
+                "date.yaml": "a value YAML cannot read: month must be in 1..12"}
     for name, raw in cases.items():
         (tmp_path / name).write_bytes(raw)
         with pytest.raises(configlib.ConfigError, match=re.escape(messages[name])) as refused:

@@ -1,6 +1,7 @@
 """finetune's typed flags reach the config with their type, not re-read as YAML."""
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -33,6 +34,21 @@ def test_an_override_changes_its_own_key_and_keeps_the_published_schedule():
         train = config_of(*argv).train
         assert (train.max_steps, train.keep_last, train.val_every) == (0, 1, published.val_every), argv
     assert config_of("--steps", "30").train.keep_last == 1
+
+
+@pytest.mark.parametrize(("argv", "refusal"), [
+    (["--lora", "lora.enabled=false"], "--lora sets lora.enabled, and so does the override lora.enabled=..."),
+    (["--resume", "none", "resume=auto"], "--resume sets resume, and so does the override resume=..."),
+    (["--steps", "50", "train.max_steps=70"], "--steps sets train.max_steps"),
+    (["--steps", "50", "train={epochs: 3}"], "--steps sets train.epochs, and so does the override train=..."),
+    (["--no-flip-test", "flip_test=true"], "--no-flip-test sets flip_test"),
+    (["--seed", "3", "train.seed=4"], "--seed sets train.seed"),
+])
+def test_an_override_of_a_key_a_flag_sets_is_refused(argv, refusal):
+    """The override used to win silently: `--lora lora.enabled=false` trained every weight."""
+    with pytest.raises(InputError, match=rf"^{re.escape(refusal)}"):
+        config_of(*argv)
+    assert config_of("--steps", "50", "train={seed: 3}").train.seed == 3  # a key of that section no flag sets
 
 
 def test_steps_and_epochs_are_one_or_the_other():

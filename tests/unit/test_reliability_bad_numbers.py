@@ -22,7 +22,9 @@ def finetune_config(tmp_path_factory):
 BAD = [
     ("optim.lr=-0.001", "optim.lr must be a positive number, got -0.001"),
     ("optim.lr=0", "optim.lr must be a positive number, got 0"),
-    ("optim.lr=.nan", "optim.lr must be a positive number, got nan"),
+    ("optim.lr=.nan", "optim.lr: expected a finite number, got nan"),
+    ("train.epochs=.inf", "train.epochs: expected a finite number, got inf"),
+    ("train.epochs=0", "give train.epochs > 0 or train.max_steps >= 1"),  # the file's max_steps replaced, as ranks read it
     ("train.max_steps=-5", "train.max_steps must be at least 0, got -5"),
     ("train.max_steps=0", "give train.epochs > 0 or train.max_steps >= 1"),
     ("data.micro_batch=0", "must be at least 1, got 0"),  # finetune names its flag --batch-size too
@@ -33,7 +35,8 @@ BAD = [
     ("model.img_size=[0, 96]", "image size 0x96 must be positive multiples of 16"),
     ("optim.schedule=linear", "optim.schedule must be one of step, cosine, constant"),
     ("data.sigma=-1", "data.sigma must be a positive number"),
-    ("train.seed=-1", "train.seed must be at least 0, got -1"),
+    ("train.seed=-1", "train.seed must be a seed from 0 to 4294967295, got -1"),
+    ("train.seed=1e20", "train.seed must be a seed from 0 to 4294967295, got 100000000000000000000"),
     ("data.temperature=0", "data.temperature must be a positive number"),
     ("data.weights={head: -1}", "data.weights must be non-negative numbers, not all 0"),
     ("data.datasets=[head, head]", "data.datasets lists ['head'] more than once"),

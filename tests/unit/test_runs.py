@@ -12,7 +12,7 @@ from medsapiens.pretrain.config import PretrainConfig
 from medsapiens.training.checkpoints import CheckpointError
 from medsapiens.training.run import check_same_run
 from medsapiens.training.telemetry import Telemetry
-from medsapiens.training.trainer import RESOLVED_CONFIG, RUN_INFO
+from medsapiens.training.trainer import RESOLVED_CONFIG, RESOLVED_DEEPSPEED, RUN_INFO
 
 DIGEST = "a" * 64
 
@@ -82,6 +82,22 @@ def test_a_resume_from_other_starting_weights_is_refused(saved_run):
         check_same_run(run_dir, cfg, "auto", DIGEST, "d" * 64)
 
 
+def test_a_resume_under_another_zero_stage_of_the_same_json_file_is_refused(saved_run, tmp_path_factory):
+    """The file's name is the setting saved: editing its stage between reruns went unnoticed."""
+    run_dir, cfg = saved_run
+    own = tmp_path_factory.mktemp("user") / "ds.json"
+    own.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    cfg = replace(cfg, train=replace(cfg.train, deepspeed=str(own)))
+    configlib.save(cfg, run_dir / RESOLVED_CONFIG)
+    (run_dir / RESOLVED_DEEPSPEED).write_text(json.dumps({"train_batch_size": 8, "zero_optimization": {"stage": 2}}))
+    check_same_run(run_dir, cfg, "auto", DIGEST)
+    own.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    with pytest.raises(InputError, match=rf"{run_dir} trained under ZeRO stage 2 \(deepspeed.json\); train.deepspeed "
+                                         rf"{own} now asks for stage 1: a checkpoint does not resume under another stage"):
+        check_same_run(run_dir, cfg, "auto", DIGEST)
+    check_same_run(run_dir, cfg, "none", DIGEST)  # a fresh start compares nothing
+
+
 def test_a_fresh_start_over_an_attempt_without_checkpoint_logs_each_step_once(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -94,6 +110,16 @@ def test_a_fresh_start_over_an_attempt_without_checkpoint_logs_each_step_once(tm
     assert [(r["step"], r["lr"]) for r in rows] == [(1, 1e-3), (2, 1e-3)]
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
     assert [(e.step, e.value) for e in events.Scalars("lr")] == [(1, pytest.approx(1e-3)), (2, pytest.approx(1e-3))]
+
+
+def test_a_last_metrics_line_cut_short_by_a_crash_is_left_out_and_a_resume_drops_it(tmp_path):
+    from medsapiens.training.trainer import validation_at
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 2, "val/head/mre": 3.0}\n{"step": 4, "loss/total": 1.0}\n'
+                                            '{"step": 6, "val/head/mr')  # the disk filled up mid-write
+    assert validation_at(tmp_path, 6) == {"step": 2, "val/head/mre": 3.0}  # as `pretrain export` reads it
+    Telemetry(tmp_path, True, start_step=4).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 2, "val/head/mre": 3.0}\n{"step": 4, "loss/total": 1.0}\n'
 
 
 def test_options_and_overrides_mix_in_any_order():
