@@ -202,8 +202,9 @@ def check_same_run(run_dir: Path, cfg, resume: str, manifest_digest: str, start_
     """A rerun that resumes continues the run in run_dir, so its resolved config must be the one saved
     there (the keys of RESUMABLE_CHANGES and the stage config's AFTER_TRAINING aside; with `universal`,
     which resumes on another number of ranks, also those of WORLD_SIZE_CHANGES), on the same shard
-    manifest, from the same starting weights. Raises naming each difference, before anything in run_dir
-    is rewritten."""
+    manifest, from the same starting weights: data.shards and model.checkpoint may name them elsewhere
+    when their sha256 is the one the run recorded. Raises naming each difference, before anything in
+    run_dir is rewritten."""
     saved = run_dir / RESOLVED_CONFIG
     if resume == "none" or not checkpoints.tags(checkpoints.checkpoint_dir(run_dir)) or not saved.is_file():
         return
@@ -213,7 +214,11 @@ def check_same_run(run_dir: Path, cfg, resume: str, manifest_digest: str, start_
     if isinstance(before.get("train"), dict) and before["train"].get("precision") == "auto":  # saved unresolved
         before["train"]["precision"] = cfg.train.precision
     cfg = replace(cfg, train=replace(cfg.train, deepspeed=current_spelling(cfg.train.deepspeed)))
-    may_change = (RESUMABLE_CHANGES | getattr(cfg, "AFTER_TRAINING", frozenset())
+    info = json.loads((run_dir / RUN_INFO).read_text()) if (run_dir / RUN_INFO).is_file() else {}
+    trained_on, started_from = info.get("manifest", {}).get("sha256"), info.get("start_sha256")
+    found_elsewhere = ({"data.shards"} if trained_on and trained_on == manifest_digest else set()) | (
+        {"model.checkpoint"} if started_from and started_from == start_digest else set())  # moved, or spelled otherwise
+    may_change = (RESUMABLE_CHANGES | getattr(cfg, "AFTER_TRAINING", frozenset()) | found_elsewhere
                   | (WORLD_SIZE_CHANGES if resume == "universal" else set()))
     differing = {k: v for k, v in configlib.differences(before, cfg).items() if k not in may_change}
     if differing:
@@ -226,10 +231,8 @@ def check_same_run(run_dir: Path, cfg, resume: str, manifest_digest: str, start_
                          f"rerun with its settings to resume it{scope}, or start afresh in another run directory "
                          "(or with --resume none)")
     check_same_zero_stage(run_dir, cfg)
-    info = json.loads((run_dir / RUN_INFO).read_text()) if (run_dir / RUN_INFO).is_file() else {}
     if resume == "universal":
         check_same_global_batch(run_dir, before, info.get("world_size"), cfg)
-    trained_on, started_from = info.get("manifest", {}).get("sha256"), info.get("start_sha256")
     afresh = "start afresh in another run directory (or with --resume none)"
     if trained_on and trained_on != manifest_digest:
         raise checkpoints.CheckpointError(

@@ -82,6 +82,19 @@ def test_a_resume_from_other_starting_weights_is_refused(saved_run):
         check_same_run(run_dir, cfg, "auto", DIGEST, "d" * 64)
 
 
+def test_shards_and_starting_weights_found_elsewhere_resume_when_their_sha256_is_the_runs(saved_run):
+    """Moved from S3 to local disk, or spelled with a trailing slash: the content decides, as for run_dir."""
+    run_dir, cfg = saved_run
+    (run_dir / RUN_INFO).write_text(json.dumps({"manifest": {"sha256": DIGEST}, "start_sha256": "c" * 64}))
+    configlib.save(replace(cfg, model=replace(cfg.model, checkpoint="/models/sapiens.pth")), run_dir / RESOLVED_CONFIG)
+    moved = replace(cfg, data=replace(cfg.data, shards="/local/copy/"), model=replace(cfg.model, checkpoint="s.pth"))
+    check_same_run(run_dir, moved, "auto", DIGEST, "c" * 64)
+    with pytest.raises(InputError, match=r"model.checkpoint: '/models/sapiens.pth' there, 's.pth' now"):
+        check_same_run(run_dir, moved, "auto", DIGEST, "d" * 64)
+    with pytest.raises(InputError, match=rf"data.shards: {cfg.data.shards!r} there, '/local/copy/' now"):
+        check_same_run(run_dir, moved, "auto", "b" * 64, "c" * 64)
+
+
 def test_a_resume_under_another_zero_stage_of_the_same_json_file_is_refused(saved_run, tmp_path_factory):
     """The file's name is the setting saved: editing its stage between reruns went unnoticed."""
     run_dir, cfg = saved_run
