@@ -120,7 +120,7 @@ def run_finetune(config_path: str | None, overrides: list[str]) -> int:
     from medsapiens.finetune.train import check_bundle_model, run
 
     cfg = configlib.load(FinetuneConfig, config_path, overrides)
-    check_bundle_model(cfg, set(configlib.flatten(configlib.load_data(config_path, overrides))))
+    check_bundle_model(cfg, set(configlib.flatten(configlib.load_data(FinetuneConfig, config_path, overrides))))
     return report_result(run(cfg))
 
 

@@ -79,9 +79,9 @@ MAX_YAML_BYTES = 1 << 20
 
 
 class ConfigLoader(yaml.SafeLoader):
-    """YAML 1.1's safe loader with YAML 1.2's plain booleans and numbers: `1e-3` is a float (a string in
-    YAML 1.1), and `yes`, `on` and `10:00` (600, base 60, in YAML 1.1) stay strings, which a number or
-    true/false setting refuses; `010` (octal 8 in YAML 1.1) is read as the decimal 10."""
+    """YAML 1.1's safe loader with YAML 1.2's plain booleans and decimal numbers: `1e-3` is a float (a
+    string in YAML 1.1), and `yes`, `on` and `10:00` (600, base 60, in YAML 1.1) stay strings, which a
+    number or true/false setting refuses; `010` (octal 8 in YAML 1.1) is read as the decimal 10."""
 
 
 BOOL_TAG, INT_TAG, FLOAT_TAG = (f"tag:yaml.org,2002:{kind}" for kind in ("bool", "int", "float"))
@@ -94,6 +94,16 @@ ConfigLoader.add_implicit_resolver(FLOAT_TAG, re.compile(
     r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"
     r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
     list("-+0123456789."))
+
+
+class ConfigDumper(yaml.SafeDumper):
+    """Quotes a string that YAML 1.1 or ConfigLoader would read as something else (`2e-3`, `yes`): a saved
+    config reads back the same by both."""
+
+
+ConfigDumper.yaml_implicit_resolvers = {
+    first: [*yaml.SafeDumper.yaml_implicit_resolvers.get(first, []), *ConfigLoader.yaml_implicit_resolvers.get(first, [])]
+    for first in yaml.SafeDumper.yaml_implicit_resolvers.keys() | ConfigLoader.yaml_implicit_resolvers.keys()}
 
 
 def read_yaml(text: str, where: str):
@@ -122,6 +132,8 @@ def read_yaml(text: str, where: str):
         return yaml.load(text, Loader=ConfigLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: not valid YAML: {yaml_problem(exc)}") from None
+    except ConfigError:
+        raise
     except ValueError as exc:  # an integer of more digits than Python converts, a date of month 13
         raise ConfigError(f"{where}: a value YAML cannot read: {str(exc).split(';')[0]}") from None
 
@@ -214,14 +226,15 @@ def field_default(field: dataclasses.Field):
     return None if field.default is dataclasses.MISSING else field.default
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` strings (values parsed as YAML) to a nested dict. A mapping sets the keys it
-    names, as their dotted forms would (`optim={lr: 1e-3}` is `optim.lr=1e-3`: the file's other `optim`
-    keys stay). Of a key given twice the last wins, as a script adding its own overrides after its
+def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
+    """Apply `a.b.c=value` strings (values parsed as YAML) to a nested dict of dataclass `cls`. A mapping
+    given to a section sets the keys it names, as their dotted forms would (`optim={lr: 1e-3}` is
+    `optim.lr=1e-3`: the file's other `optim` keys stay); one given to a mapping setting (`data.weights`)
+    replaces it. Of a key given twice the last wins, as a script adding its own overrides after its
     defaults expects."""
     for item in overrides:
         key, value = parse_override(item)
-        merge_into(data, key.split("."), value, item)
+        merge_into(data, key.split("."), value, item, cls)
     return data
 
 
@@ -245,17 +258,27 @@ def overlapping(a: str, b: str) -> bool:
     return a == b or a.startswith(f"{b}.") or b.startswith(f"{a}.")
 
 
-def merge_into(node: dict, parts: list, value, item: str) -> None:
+def merge_into(node: dict, parts: list, value, item: str, section) -> None:
+    """Set `value` at the dotted path `parts` under `node`, a mapping of dataclass `section` (None once
+    past the dataclasses)."""
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        node, section = node.setdefault(part, {}), field_type(section, part)
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
-    last = parts[-1]
-    if isinstance(value, dict) and isinstance(node.get(last), dict):
+    last, section = parts[-1], field_type(section, parts[-1])
+    if isinstance(value, dict) and isinstance(node.get(last), dict) and section is not None:
         for name, inner in value.items():
-            merge_into(node[last], [name], inner, item)
+            merge_into(node[last], [name], inner, item, section)
     else:
         node[last] = value
+
+
+def field_type(cls, name) -> type | None:
+    """The dataclass type of field `name` of dataclass `cls`, or None (not a dataclass, or no such field)."""
+    if cls is None or not isinstance(name, str):
+        return None
+    hint = typing.get_type_hints(cls).get(name)
+    return hint if dataclasses.is_dataclass(hint) else None
 
 
 def read_config_text(path: str | Path) -> str:
@@ -275,23 +298,23 @@ def read_config_text(path: str | Path) -> str:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); a config is a YAML file") from None
 
 
-def load_data(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
-    """YAML file (optional) + overrides -> the nested dict, not yet checked against a config class."""
+def load_data(cls, path: str | Path | None = None, overrides: list[str] = ()) -> dict:
+    """YAML file (optional) + overrides -> the nested dict, not yet checked against dataclass `cls`."""
     data = {}
     if path is not None:
         data = read_yaml(read_config_text(path), str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
-    return apply_overrides(data, list(overrides))
+    return apply_overrides(data, list(overrides), cls)
 
 
 def load(cls, path: str | Path | None = None, overrides: list[str] = (), check=None):
     """YAML file (optional) + overrides -> a validated instance of dataclass `cls`, on which `check` (the
     stage's checks, if given) raises a UserError blamed on the file or the override that caused it."""
     def loaded(extra: list[str]):
-        data = load_data(path)
-        drop_replaced_choices(cls, data, apply_overrides({}, extra))
-        cfg = from_dict(cls, apply_overrides(data, extra))
+        data = load_data(cls, path)
+        drop_replaced_choices(cls, data, apply_overrides({}, extra, cls))
+        cfg = from_dict(cls, apply_overrides(data, extra, cls))
         if check is not None:
             check(cfg)
         return cfg
@@ -375,7 +398,7 @@ def differences(saved: dict, cfg) -> dict[str, tuple]:
 
 def save(cfg, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(yaml.dump(to_dict(cfg), Dumper=ConfigDumper, sort_keys=False))
 
 
 def digest(cfg) -> str:

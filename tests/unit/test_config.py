@@ -38,6 +38,9 @@ def test_an_override_giving_a_section_sets_only_its_keys(tmp_path):
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.schedule) == (2e-3, 0.05, "cosine")
     assert (cfg.data.augment.rotation_deg, cfg.data.augment.scale_range) == (10, (0.75, 1.25))
     assert cfg == configlib.load(Experiment, path, ["optim.lr=2.0e-3", "data.augment.rotation_deg=10"])
+    path.write_text("data:\n  weights: {head: 2, hand: 1}\n")  # a mapping setting, not a section: replaced
+    assert configlib.load(Experiment, path, ["data.weights={leg: 3}"]).data.weights == {"leg": 3}
+    assert configlib.load(Experiment, path, ["data={weights: {}}"]).data.weights == {}
 
 
 def test_of_a_key_given_twice_by_the_overrides_the_last_wins():
@@ -124,7 +127,7 @@ def test_a_config_file_that_is_no_yaml_text_is_one_line(tmp_path):
         (tmp_path / name).write_bytes(raw)
         with pytest.raises(configlib.ConfigError, match=re.escape(messages[name])) as refused:
             configlib.load(Experiment, tmp_path / name)
-        assert "\n" not in str(refused.value)
+        assert "\n" not in str(refused.value) and str(refused.value).count(name) == 1  # said once, not re-wrapped
     (tmp_path / "fine.yaml").write_text("data:\n  weights: {head: 2, hand: 1}\n  datasets: [head, hand]\n"
                                         "  augment: {scale_range: [0.8, 1.2], rotation_deg: 10}\n")  # a key per map
     assert configlib.load(Experiment, tmp_path / "fine.yaml").data.weights == {"head": 2, "hand": 1}
@@ -136,10 +139,14 @@ def test_a_config_file_that_is_no_yaml_text_is_one_line(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = configlib.load(Experiment, None, ["optim.lr=0.002", "data.weights={head: 2.0}"])
+    import yaml
+
+    cfg = configlib.load(Experiment, None, ["optim.lr=0.002", "data.weights={head: 2.0}", "run_dir='2e-3'",
+                                            "data.datasets=['1e3', 'yes', '010']"])  # strings that look like others
     configlib.save(cfg, tmp_path / "resolved.yaml")
     again = configlib.load(Experiment, tmp_path / "resolved.yaml")
     assert again == cfg and configlib.digest(again) == configlib.digest(cfg)
+    assert yaml.safe_load((tmp_path / "resolved.yaml").read_text()) == configlib.to_dict(cfg)  # read by YAML 1.1 too
     assert configlib.digest(configlib.load(Experiment, None, ["optim.lr=0.003"])) != configlib.digest(cfg)
 
 
