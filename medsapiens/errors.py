@@ -106,7 +106,7 @@ def run_command(work, *args) -> int:
     try:
         return int(work(*args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        say("interrupted")
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader of our output went (`| head`): stop quietly, as a command killed by SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or Python's exit flush complains again
@@ -114,5 +114,12 @@ def run_command(work, *args) -> int:
     except Exception as exc:  # noqa: BLE001 - sorted by user_message: one line for the user's mistake, else raise
         if user_message(exc) is None:
             raise
-        print(user_line(exc), file=sys.stderr)
+        say(user_line(exc))
         return exit_code(exc)
+
+
+def say(line: str) -> None:
+    """One line on stderr in one write: under `python -u` (DeepSpeed's ranks) print writes the text and its
+    newline apart, and two ranks' lines ran together."""
+    sys.stderr.write(f"{line}\n")
+    sys.stderr.flush()

@@ -82,6 +82,8 @@ def previous_export(out: Path, held_files: list[str], run_dir: Path, tag: str) -
     if (source.get("stage"), source.get("run_dir"), source.get("checkpoint")) == ("pretrain", str(run_dir.resolve()), tag):
         return True
     calibrated = f", calibrated for {', '.join(held.calibration)}" if held.calibration else ""
-    raise InputError(f"{out} already holds a bundle ({source.get('stage', 'unknown')} checkpoint "
-                     f"{source.get('checkpoint', '?')} of {source.get('run_dir', '?')}{calibrated}): left untouched; "
+    stage = source.get("stage", "unknown")
+    of_run = f" of {source['run_dir']}" if source.get("run_dir") else f" of a {stage} run"
+    raise InputError(f"{out} already holds a bundle ({stage} checkpoint {source.get('checkpoint', '?')}{of_run}"
+                     f"{calibrated}): left untouched; "
                      f"pass --force to replace it with {tag} of {run_dir}, or give another --out")

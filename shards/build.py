@@ -131,8 +131,20 @@ def refuse_shared_names(tasks: list[ShardTask]) -> None:
 
 
 def describe_difference(old: dict, new: dict) -> str:
+    """Each setting that differs, by its path (`sources[0].options.val_fraction: "0.1" -> "0.3"`), at most 8."""
+    old, new = leaves(old), leaves(new)
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    return "; ".join(f"{k}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in changed) or "unknown"
+    shown = "; ".join(f"{k}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in changed[:8])
+    return (shown + ("; ..." if len(changed) > 8 else "")) or "unknown"
+
+
+def leaves(value, path: str = "") -> dict:
+    """A nested settings value as {path: leaf}: mappings by key, lists of mappings by index."""
+    if isinstance(value, dict):
+        return {k: v for key, inner in value.items() for k, v in leaves(inner, f"{path}.{key}" if path else key).items()}
+    if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+        return {k: v for i, item in enumerate(value) for k, v in leaves(item, f"{path}[{i}]").items()}
+    return {path: value}
 
 
 def refuse_other_options(out: str, settings: dict, digest: str, overwrite: bool) -> None:

@@ -94,6 +94,29 @@ def test_only_user_errors_become_one_line_a_bug_keeps_its_traceback(monkeypatch,
             assert capsys.readouterr().err == "error: run/checkpoints: no complete tag\n"
 
 
+def test_a_user_error_is_written_in_one_write_so_ranks_lines_do_not_run_together(monkeypatch):
+    """Under `python -u` (how DeepSpeed starts ranks) print wrote the text and its newline apart: two ranks'
+    identical errors came out as one line."""
+    import io
+
+    from medsapiens.errors import InputError, run_command
+
+    writes: list[str] = []
+
+    class Unbuffered(io.StringIO):
+        def write(self, text):
+            writes.append(text)
+            return len(text)
+
+    monkeypatch.setattr("sys.stderr", Unbuffered())
+
+    def refuse():
+        raise InputError("no manifest at shardz/manifest.json")
+
+    assert run_command(refuse) == 2
+    assert writes == ["error: no manifest at shardz/manifest.json\n"]
+
+
 def test_output_into_a_pipe_whose_reader_left_ends_quietly():
     """`medsapiens model info | head -4`: the reader closes the pipe before the command is done writing."""
     proc = subprocess.Popen([*CLI, "model", "info", "--arch", "sapiens_tiny"], stdout=subprocess.PIPE,

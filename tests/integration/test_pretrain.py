@@ -225,6 +225,12 @@ def test_export_replaces_nothing_without_force_and_a_rerun_changes_nothing(two_r
             f"calibrated for head): left untouched; pass --force to replace it with step_00000002 of {two_rank_run}"
             ) in older.stderr
     assert contents(out) == before
+    finetuned = bundlelib.read_config(out)  # a fine-tuned bundle records no run directory
+    finetuned.provenance = {"stage": "finetune", "checkpoint": "step_00000020"}
+    bundlelib.write_config(out, finetuned)
+    assert (f"error: {out} already holds a bundle (finetune checkpoint step_00000020 of a finetune run, calibrated "
+            "for head): left untouched") in export(out).stderr
+    bundlelib.write_config(out, calibrated)
 
     weights = load_file(out / bundlelib.WEIGHTS)
     name = next(iter(weights))
