@@ -6,6 +6,7 @@ The root lives in `launch/` (the top of the dependency graph) so that the shared
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import NoReturn
 
 from medsapiens import cli as model_cli
@@ -39,8 +40,20 @@ def main(argv: list[str] | None = None) -> int:
     if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
         args.overrides += extra
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        command_parser(parser, argv if argv is not None else sys.argv[1:]).error(
+            f"unrecognized arguments: {' '.join(extra)}")
     return run_command(args.func, args)
+
+
+def command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The (sub)command's own parser that `argv` names (`finetune`, `launch pretrain`), whose usage an error
+    prints: the top-level usage says nothing of the flags the command takes."""
+    for action in parser._actions:  # argparse keeps its subcommands only here
+        if isinstance(action, argparse._SubParsersAction):
+            for n, token in enumerate(argv):
+                if token in action.choices:
+                    return command_parser(action.choices[token], argv[n + 1:])
+    return parser
 
 
 def command() -> NoReturn:

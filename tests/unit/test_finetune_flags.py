@@ -141,3 +141,16 @@ def test_a_few_shot_run_started_with_training_seed_zero_resumes_with_it(tmp_path
     assert not trained_with_seed_zero(replace(cfg, resume="none"))
     configlib.save(replace(cfg, train=replace(cfg.train, seed=2)), tmp_path / RESOLVED_CONFIG)
     assert not trained_with_seed_zero(cfg)  # started under the rule
+
+
+@pytest.mark.parametrize("argv", [["finetune", "--foo"], ["launch", "pretrain", "--config", "x.yaml", "--foo"]])
+def test_an_unknown_flag_shows_the_commands_own_usage(capsys, argv):
+    """The top-level usage (`medsapiens [-h] COMMAND ...`) says nothing of the flags the command takes."""
+    from medsapiens.launch.cli import main
+
+    with pytest.raises(SystemExit) as ended:
+        main(argv)
+    command = " ".join(a for a in argv if not a.startswith("-") and "." not in a)
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and err.startswith(f"usage: medsapiens {command} [-h]")
+    assert err.endswith(f"medsapiens {command}: error: unrecognized arguments: --foo\n")
