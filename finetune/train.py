@@ -35,7 +35,15 @@ from medsapiens.io.manifest import load as load_manifest
 from medsapiens.io.registry import LandmarkSet
 from medsapiens.model import bundle as bundlelib
 from medsapiens.training.checkpoints import checkpoint_dir, has_checkpoint, latest_tag, tag_step, tags
-from medsapiens.training.run import RunPlan, check_settings, load_trained, move_aside, train, weights_digest
+from medsapiens.training.run import (
+    RunPlan,
+    check_settings,
+    load_trained,
+    move_aside,
+    not_a_file,
+    train,
+    weights_digest,
+)
 from medsapiens.training.trainer import RESOLVED_CONFIG
 
 SUMMARY = "summary.json"
@@ -109,9 +117,8 @@ def check_inputs(cfg: FinetuneConfig) -> None:
     if cfg.init == "bundle":
         bundlelib.read_config(cfg.bundle)
         check_bundle_outside(cfg.bundle, cfg.run_dir)
-    if cfg.init == "sapiens" and not Path(cfg.model.checkpoint).is_file():
-        raise InputError(f"model.checkpoint (--checkpoint) {cfg.model.checkpoint}: "
-                         f"{'a folder' if Path(cfg.model.checkpoint).is_dir() else 'no such file'}, where init 'sapiens' "
+    if cfg.init == "sapiens" and (found := not_a_file(cfg.model.checkpoint)):
+        raise InputError(f"model.checkpoint (--checkpoint) {cfg.model.checkpoint}: {found}, where init 'sapiens' "
                          "needs a Sapiens checkpoint file (.pth or .safetensors)")
 
 

@@ -330,10 +330,9 @@ def drop_replaced_choices(cls, data: dict, given: dict) -> None:
         if set(group) & set(given):
             for key in set(group) - set(given):
                 data.pop(key, None)
-    hints = typing.get_type_hints(cls)
     for key, value in given.items():
-        section = hints.get(key)
-        if isinstance(value, dict) and isinstance(data.get(key), dict) and dataclasses.is_dataclass(section):
+        section = field_type(cls, key)
+        if isinstance(value, dict) and isinstance(data.get(key), dict) and section is not None:
             drop_replaced_choices(section, data[key], value)
 
 

@@ -14,7 +14,7 @@ from medsapiens.io.locks import writer_lock
 from medsapiens.io.manifest import Manifest, ManifestError
 from medsapiens.io.manifest import load as load_manifest
 from medsapiens.pretrain.config import PretrainConfig
-from medsapiens.training.run import RunPlan, check_settings, move_aside, train, weights_digest
+from medsapiens.training.run import RunPlan, check_settings, move_aside, not_a_file, train, weights_digest
 
 
 def selected_datasets(manifest: Manifest, requested: list[str]) -> list[str]:
@@ -33,8 +33,7 @@ def preflight(cfg: PretrainConfig) -> tuple[Manifest, list[str]]:
     if not cfg.data.shards:
         raise ManifestError("data.shards is not set: give the shard directory or s3:// prefix")
     checkpoint = cfg.model.checkpoint
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        found = "a folder" if checkpoint and Path(checkpoint).is_dir() else "no such file"
+    if checkpoint is not None and (found := not_a_file(checkpoint)):
         raise InputError(f"model.checkpoint {checkpoint!r}: {found}; give a Sapiens checkpoint file (.pth or "
                          ".safetensors), or null to start from random weights")
     manifest = load_manifest(cfg.data.shards)

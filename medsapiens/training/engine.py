@@ -189,12 +189,16 @@ def read_deepspeed_json(value: str) -> tuple[Path, dict]:
     return source, cfg
 
 
+def zero_stage(deepspeed: dict):
+    """A DeepSpeed config's ZeRO stage, as DeepSpeed reads it (0 when not given)."""
+    return deepspeed.get("zero_optimization", {}).get("stage", 0)
+
+
 def check_zero_stage(train: TrainConfig, frozen_weights: bool) -> None:
     """A ZeRO stage whose checkpoints an export can read back whole: stage 0 writes no ZeRO files, and
     stage 1 leaves frozen weights out (DeepSpeed saves them from stage 2 on); either would train for
     nothing, failing only at the export."""
-    source, cfg = read_deepspeed_json(train.deepspeed)
-    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    stage = zero_stage(read_deepspeed_json(train.deepspeed)[1])
     if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
         raise InputError(f"train.deepspeed {train.deepspeed}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     if stage == 0:

@@ -47,6 +47,7 @@ from medsapiens.training.engine import (
     read_deepspeed_json,
     resolve_precision,
     resolve_warmup,
+    zero_stage,
 )
 from medsapiens.training.memory import memory_plan
 from medsapiens.training.trainer import (
@@ -177,6 +178,13 @@ RESUMABLE_CHANGES = {"run_dir", "train.stop_after", "train.log_every", "train.ke
 WORLD_SIZE_CHANGES = {"data.micro_batch", "train.grad_accum"}  # to keep the global batch on another number of ranks
 
 
+def not_a_file(path: str) -> str | None:
+    """What a path that should name a weights file names instead ("a folder", "no such file"), or None."""
+    if Path(path).is_file():
+        return None
+    return "a folder" if path and Path(path).is_dir() else "no such file"
+
+
 def weights_digest(path: str | None) -> str | None:
     """The sha256 of the weights file a run starts from, on rank 0 (which decides a resume), else None."""
     return file_digest(Path(path))[0] if path and distributed.rank() == 0 else None
@@ -250,7 +258,7 @@ def check_same_zero_stage(run_dir: Path, cfg) -> None:
     saved = run_dir / RESOLVED_DEEPSPEED
     if not saved.is_file():
         return
-    was, now = (zero.get("zero_optimization", {}).get("stage", 0) if isinstance(zero, dict) else None
+    was, now = (zero_stage(zero) if isinstance(zero, dict) else None
                 for zero in (jsondoc.read(saved, str(saved)), read_deepspeed_json(cfg.train.deepspeed)[1]))
     if was != now:
         raise InputError(f"{run_dir} trained under ZeRO stage {was} ({saved.name}); train.deepspeed "
