@@ -7,7 +7,6 @@ pattern when n <= 16, else 20000 draws from a fixed seed); p = (1 + #{|mean| >= 
 """
 from __future__ import annotations
 
-import json
 import math
 from itertools import product
 from pathlib import Path
@@ -20,6 +19,9 @@ from medsapiens.io import jsondoc
 from medsapiens.io.record import is_finite_number, is_number
 
 EXACT_UP_TO = 16
+# Per-image MREs closer than this (in the unit: 1 micrometre, or a thousandth of a pixel) are the same
+# result written two ways, e.g. `predict` rounds landmarks to 0.001 px before `evaluate --predictions`.
+TIE = 1e-3
 DRAWS = 20000
 SEED = 0
 
@@ -37,12 +39,23 @@ def load_report(path) -> dict:
     missing = [k for k in REPORT_KEYS if k not in report] if isinstance(report, dict) else list(REPORT_KEYS)
     if missing:
         raise InputError(f"{path}: not an evaluation report.json (no {', '.join(missing)})")
+    null_as_nan(report)
     problem = report_problem(report)
     if problem:
         raise InputError(f"{path}: {problem}")
     if report.get("protocol") == SPACING_RULE_LINE_BEFORE and report["unit"] in SPACING_RULE_LINES:
         report["protocol"] = SPACING_RULE_LINES[report["unit"]]  # the same protocol, as reports name it now
     return report
+
+
+def null_as_nan(report: dict) -> None:
+    """report.json writes NaN as null (an image left out, a landmark never visible); an earlier one wrote NaN."""
+    if isinstance(report["per_image"], dict):
+        report["per_image"] = {k: math.nan if v is None else v for k, v in report["per_image"].items()}
+    if isinstance(report["per_landmark"], dict):
+        for entry in report["per_landmark"].values():
+            if isinstance(entry, dict) and entry.get("mre", 0) is None:
+                entry["mre"] = math.nan
 
 
 def report_problem(report: dict) -> str | None:
@@ -81,13 +94,15 @@ def sign_flip_test(differences) -> float:
 
 
 def paired(base: dict, other: dict) -> dict:
-    """The test on the images both reports scored; an image one of them left out (NaN) is counted in `left_out`."""
+    """The test on the images both reports scored; an image one of them left out (NaN) is counted in
+    `left_out`. A difference under TIE is a tie: neither better nor worse."""
     shared = sorted(set(base["per_image"]) & set(other["per_image"]))
     scored = [i for i in shared if not (math.isnan(base["per_image"][i]) or math.isnan(other["per_image"][i]))]
     left_out = len(shared) - len(scored)
     if not scored:
         return {"images": 0, "mean_difference": None, "p": None, "left_out": left_out}
     d = np.array([other["per_image"][i] - base["per_image"][i] for i in scored])
+    d[np.abs(d) < TIE] = 0.0
     return {"images": len(scored), "mean_difference": float(d.mean()), "p": sign_flip_test(d),
             "better": int((d < 0).sum()), "worse": int((d > 0).sum()), "left_out": left_out}
 
@@ -105,6 +120,10 @@ def comparison(paths) -> dict:
     if len(read) > 1:
         raise InputError(f"the reports were measured on shards read with other ground truth or test images "
                          f"({'; '.join(sorted(read))}): not comparable")
+    refuse_other_images(paths, reports)
+    if len({r["scales_digest"] for r in reports if "scales_digest" in r}) > 1:
+        raise InputError("the reports converted the same images' errors with other pixel spacings (another spacing "
+                         "table, or spacing option, when the shards were built): not comparable")
     units = {r["unit"] for r in reports}
     radii = list(dict.fromkeys(r for report in reports for r in report["sdr"]))
     landmarks = list(reports[0]["per_landmark"])
@@ -120,6 +139,18 @@ def comparison(paths) -> dict:
     }
 
 
+def refuse_other_images(paths, reports) -> None:
+    """Each report's numbers are over its own images: side by side, they must be the same images."""
+    first = set(reports[0]["per_image"])
+    for path, report in zip(paths[1:], reports[1:], strict=True):
+        images = set(report["per_image"])
+        if images != first:
+            only = sorted(first ^ images)
+            raise InputError(f"{paths[0]} and {path} scored other images ({len(first)} and {len(images)}, "
+                             f"{len(first & images)} in common; e.g. {', '.join(only[:3])} in one only): "
+                             "their numbers are not comparable")
+
+
 # What must be the same for two reports' numbers to be comparable at all (an earlier report may lack
 # the protocol keys: absent in all of them is alike too).
 MEASURED_ALIKE = (("unit", "units"), ("dataset", "datasets"), ("protocol", "protocols"),
@@ -127,7 +158,8 @@ MEASURED_ALIKE = (("unit", "units"), ("dataset", "datasets"), ("protocol", "prot
 
 
 # reader options left out of the comparison: those that carve val only, and those naming a file (its path differs
-# from one machine to another; the images a test list picks show in the reports' per-image ids)
+# from one machine to another; the images a test list picks are compared as the reports' per-image ids, the
+# spacings a table gives as their scales_digest)
 NOT_COMPARED = ("val", "val_fraction", "val_seed", "val_list", "test_list", "spacing_csv")
 
 
@@ -153,7 +185,7 @@ def number(value, digits: int = 3) -> str:
 def markdown(c: dict) -> str:
     unit, radii, rows = c["unit"], c["radii"], c["rows"]
     below = "<=" if "<=" in str(c["sdr_convention"]) else "<"
-    lines = ["| # | report | measured on | images | MRE (" + unit + ") | std over landmarks | std of image means | "
+    lines = ["| # | report | measured on | images | MRE (" + unit + ") | std over all errors | std of image means | "
              + " | ".join(f"SDR {below} {r} {unit} (%)" for r in radii) + " |",
              "|---:|---|---|---:|---:|---:|---:|" + "---:|" * len(radii)]
     for n, row in enumerate(rows):
@@ -189,5 +221,5 @@ def compare_reports(paths, out_dir=None) -> str:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "compare.md").write_text(text)
-        (out / "compare.json").write_text(json.dumps(c, indent=2) + "\n")
+        (out / "compare.json").write_text(jsondoc.dumps(c) + "\n")
     return text

@@ -98,7 +98,7 @@ def evaluate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset:
         errors, mask = preds.errors(protocol)
         flip = " with flip test" if options.flip_test and landmark_set.can_flip else ""
         report = build_report(errors, mask, preds.ids, protocol, dataset, f"{split} split of {manifest.location}{flip}",
-                              preds.unscalable(protocol))
+                              preds.unit_per_pixel(protocol), preds.unscalable(protocol))
         report.update(evaluated_on=split, flip_test=bool(flip), selected_on=selection_of(bundle))
         if annotations := annotations_read(manifest, dataset):
             report["annotations"] = annotations

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -12,16 +11,17 @@ import numpy as np
 
 from medsapiens.errors import InputError
 from medsapiens.evaluate.figures import CED, PER_LANDMARK, report_figures
-from medsapiens.evaluation.metrics import Protocol, radial_errors, summarize
+from medsapiens.evaluation.metrics import Protocol, radial_errors, scales_digest, summarize
 from medsapiens.io import jsondoc, registry
 from medsapiens.io.record import is_number
 from medsapiens.io.registry import LandmarkSet
 
 
 def build_report(errors: np.ndarray, mask: np.ndarray, ids: list[str], protocol: Protocol, dataset: str,
-                 source: str, excluded_images: dict[str, str] | None = None) -> dict:
-    """The report of (N, K) errors where `mask` holds; `excluded_images` (id: reason) are the images the
-    protocol could not scale, their rows all out of `mask`: counted apart from the images scored."""
+                 source: str, unit_per_pixel: np.ndarray, excluded_images: dict[str, str] | None = None) -> dict:
+    """The report of (N, K) errors where `mask` holds, converted to the unit by each image's (sx, sy) in
+    `unit_per_pixel`; `excluded_images` (id: reason) are the images the protocol could not scale, their
+    rows all out of `mask`: counted apart from the images scored."""
     landmark_set = protocol.landmark_set
     summary = summarize(errors, landmark_set.sdr_radii, protocol.sdr_convention, mask, landmark_set.names, ids)
     scored = np.array([i not in (excluded_images or {}) for i in ids], dtype=bool)
@@ -35,6 +35,7 @@ def build_report(errors: np.ndarray, mask: np.ndarray, ids: list[str], protocol:
                         "mre_std_images": "std of per-image mean errors (the +- MedSapiens prints)"},
         **summary,
         "images": int(scored.sum()),
+        "scales_digest": scales_digest(ids, unit_per_pixel),
         "excluded_landmarks": int((~np.asarray(mask, dtype=bool)[scored]).sum()),  # invisible in the ground truth
     }
     if excluded_images:
@@ -66,7 +67,7 @@ def write_report(report: dict, errors: np.ndarray, ids: list[str], names, out_di
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report_figures(report, errors, out)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.json").write_text(jsondoc.dumps(report) + "\n")
     (out / "report.md").write_text(markdown(report))
     with open(out / "per_image.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -91,7 +92,7 @@ def markdown(report: dict) -> str:
         *selection_lines(report),
         *annotation_lines(report),
         "",
-        f"| MRE ({unit}) | std over landmarks | std of image means | " + " | ".join(f"SDR {r} {unit}" for r in radii) + " |",
+        f"| MRE ({unit}) | std over all errors | std of image means | " + " | ".join(f"SDR {r} {unit}" for r in radii) + " |",
         "|---:|---:|---:|" + "---:|" * len(radii),
         f"| {report['mre']:.3f} | {report['mre_std_landmarks']:.3f} | {report['mre_std_images']:.3f} | "
         + " | ".join(f"{report['sdr'][r]:.2f}%" for r in radii) + " |",
@@ -318,15 +319,23 @@ def score_files(predictions: str | Path, ground_truth: str | Path, wrist_landmar
         raise InputError(f"predictions for image(s) {unpredicted[:10]} leave out landmarks the ground truth has")
     unscaled = protocol.unscalable_images(visible, ids)
     visible[[ids.index(i) for i in unscaled]] = False
-    factors = [np.ones(2) if i in unscaled else unit_per_pixel(protocol, gt, i, truth[n]) for n, i in enumerate(ids)]
-    errors = radial_errors(guess, np.where(visible[..., None], truth, guess), np.stack(factors))
-    report = build_report(errors, visible, ids, protocol, landmark_set.id, f"predictions {predictions}", unscaled)
+    factors = np.stack([np.ones(2) if i in unscaled else unit_per_pixel(protocol, gt, i, truth[n])
+                        for n, i in enumerate(ids)])
+    errors = radial_errors(guess, np.where(visible[..., None], truth, guess), factors)
+    report = build_report(errors, visible, ids, protocol, landmark_set.id, f"predictions {predictions}", factors,
+                          unscaled)
     return report, np.where(visible, errors, np.nan), ids
 
 
 def check_wrist_landmarks(pair: tuple[int, int] | None, landmark_set: LandmarkSet) -> None:
-    """--hand-landmarks A,B: two landmarks of the set (negative indices would count from the end)."""
-    if pair is not None and not all(0 <= i < landmark_set.num_landmarks for i in pair):
+    """--hand-landmarks A,B: two landmarks of a set scaled by its wrist width (negative indices would count
+    from the end)."""
+    if pair is None:
+        return
+    if Protocol(landmark_set).rule != "wrist_width":
+        raise InputError(f"--hand-landmarks {pair[0]},{pair[1]}: {landmark_set.id}'s errors are not scaled by a wrist "
+                         "width, so the flag would change nothing; leave it out")
+    if not all(0 <= i < landmark_set.num_landmarks for i in pair):
         raise InputError(f"--hand-landmarks {pair[0]},{pair[1]}: {landmark_set.id} has landmarks "
                          f"0..{landmark_set.num_landmarks - 1}")
 

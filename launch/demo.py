@@ -238,7 +238,7 @@ def run_demo(plan: DemoPlan) -> dict:
     for number, (init, name) in enumerate(STARTS, start=5):
         step(number, total, f"{plan.shots}-shot fine-tuning on {plan.held_out} from: {name}")
         results[name] = {"init": init, **finetune(plan, shards, bundle, backbone, init)}
-    step(total, total, "results on the held-out test split (mean ± std over seeds)")
+    step(total, total, "results on the held-out test split (mean ± population std over seeds)")
     text = table(plan, results)
     report = {"arch": plan.arch, "dataset": plan.held_out, "shots": plan.shots, "seeds": list(plan.seeds),
               "pretrained_on": list(plan.pretrain_sets), "unit": next(iter(results.values()))["unit"],

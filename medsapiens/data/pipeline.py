@@ -345,6 +345,13 @@ def eval_example(image, meta, input_size, margin: float) -> EvalExample:
     return EvalExample(normalize(warp(image, matrix, input_size)), matrix, meta)
 
 
+def shard_start(manifest: Manifest, shard, n: int):
+    """A shard's first n samples. A shard taken whole is read to its end, where its sha256 and sample count
+    are checked against the manifest (a shard swapped or holding other samples is refused, not scored)."""
+    samples = read_shard(manifest, shard)
+    return samples if n == shard.samples else itertools.islice(samples, n)
+
+
 def eval_examples(manifest: Manifest, dataset: str, split: str, input_size, margin: float = 1.25,
                   rank: int = 0, world_size: int = 1, limit: int = 0):
     """This rank's share of a split: whole shards, dealt round-robin (each shard is read by one rank
@@ -362,8 +369,7 @@ def eval_examples(manifest: Manifest, dataset: str, split: str, input_size, marg
                  if start < limit]
     per_rank = max(sum(n for _, n in taken[r::world_size]) for r in range(world_size))
     landmark_set = manifest.landmark_set(dataset)
-    samples = itertools.chain.from_iterable(itertools.islice(read_shard(manifest, shard), n)
-                                            for shard, n in taken[rank::world_size])
+    samples = itertools.chain.from_iterable(shard_start(manifest, shard, n) for shard, n in taken[rank::world_size])
     last, count = None, 0
     for sample in samples:
         image, meta = decode_sample(sample, landmark_set, manifest.max_side)

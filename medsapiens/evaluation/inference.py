@@ -60,11 +60,14 @@ class SplitPredictions:
         heatmaps of a diverged model) are refused, naming the images, rather than scored."""
         refuse_non_finite(self.pred, self.ids)
         mask = np.stack(self.visible) > 0
-        unscaled = protocol.unscalable_images(mask, self.ids)
-        factors = np.stack([np.ones(2) if i in unscaled else protocol.unit_per_pixel(g, s, o, i)
-                            for g, s, o, i in zip(self.gt, self.spacing, self.orig_size, self.ids, strict=True)])
-        mask[[i in unscaled for i in self.ids]] = False
-        return radial_errors(np.stack(self.pred), np.stack(self.gt), factors), mask
+        mask[[i in self.unscalable(protocol) for i in self.ids]] = False
+        return radial_errors(np.stack(self.pred), np.stack(self.gt), self.unit_per_pixel(protocol)), mask
+
+    def unit_per_pixel(self, protocol: Protocol) -> np.ndarray:
+        """(N, 2): each image's (sx, sy), ones for an image the protocol cannot scale."""
+        unscaled = self.unscalable(protocol)
+        return np.stack([np.ones(2) if i in unscaled else protocol.unit_per_pixel(g, s, o, i)
+                         for g, s, o, i in zip(self.gt, self.spacing, self.orig_size, self.ids, strict=True)])
 
     def unscalable(self, protocol: Protocol) -> dict[str, str]:
         return protocol.unscalable_images(np.stack(self.visible) > 0, self.ids)

@@ -3,6 +3,7 @@ that is too large to parse, is one line naming the file."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from medsapiens.errors import InputError
@@ -39,3 +40,19 @@ def parse(raw: str | bytes, where) -> object:
         raise InputError(f"{where}: JSON nested too deep to read") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise InputError(f"{where}: not valid JSON ({exc})") from None
+
+
+def dumps(value, indent: int | None = 2) -> str:
+    """Standard JSON, which has no NaN: a NaN (an image left out, a landmark never visible) is written as
+    null, so that strict readers (JavaScript's JSON.parse, jq) take the file."""
+    return json.dumps(nan_to_null(value), indent=indent, allow_nan=False)
+
+
+def nan_to_null(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: nan_to_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [nan_to_null(item) for item in value]
+    return value

@@ -24,6 +24,18 @@ def test_head_spacing_and_sdr_conventions():
     assert strict["mre"] == pytest.approx(7.0 / 19)
 
 
+def test_an_error_a_rounding_away_from_a_radius_counts_as_on_it():
+    """(18, 24) px at 0.1 mm is 3.0000000000000004 mm, (7, 24) px 2.5000000000000004: '<=' left both out."""
+    gt = np.zeros((1, 19, 2))
+    pred = np.tile(np.array([18.0, 24.0]), (1, 19, 1))
+    pred[0, 1] = [7.0, 24.0]
+    errors = radial_errors(pred, gt, np.full((1, 2), 0.1))
+    assert errors[0, 0] > 3.0 and errors[0, 1] > 2.5  # what the float arithmetic gives
+    assert summarize(errors, (2.5, 3.0), "<=")["sdr"] == {"2.5": pytest.approx(100 / 19), "3": 100.0}
+    assert summarize(errors, (2.5, 3.0), "<")["sdr"] == {"2.5": 0.0, "3": pytest.approx(100 / 19)}
+    assert summarize(errors[:, :1] * (1 - 1e-12), (3.0,), "<")["sdr"] == {"3": 0.0}  # a rounding below: on it
+
+
 def test_hand_wrist_normalisation_default_and_gu2net_option():
     gt = np.zeros((37, 2))
     gt[1], gt[5] = [0, 0], [100, 0]  # wrist width 100 px -> 0.5 mm/px

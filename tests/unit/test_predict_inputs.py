@@ -504,7 +504,8 @@ IDS = [f"i{n}" for n in range(6)]
 
 def report_file(path: Path, scale: float = 1.0, dataset: str = "head", **changes) -> str:
     errors = np.random.default_rng(0).gamma(2.0, scale, (len(IDS), 19))
-    report = build_report(errors, np.ones_like(errors, bool), IDS, Protocol(HEAD), dataset, "synthetic")
+    report = build_report(errors, np.ones_like(errors, bool), IDS, Protocol(HEAD), dataset, "synthetic",
+                          np.full((len(IDS), 2), 0.1))
     path.write_text(json.dumps({**report, **changes}))
     return str(path)
 
@@ -620,6 +621,9 @@ def test_evaluate_scores_files_by_the_dataset_given_and_refuses_flags_it_would_n
     assert main([*files, "--dataset", "head", "--out", str(tmp_path / "e")]) == 0
     report = json.loads((tmp_path / "e" / "report.json").read_text())
     assert report["dataset"] == "head" and report["mre"] == pytest.approx(0.5)  # 5 px at ISBI's 0.1 mm/px
+    refused_here(capsys, [*files, "--dataset", "head", "--hand-landmarks", "0,4", "--out", str(tmp_path / "h")],
+                 "--hand-landmarks 0,4: head's errors are not scaled by a wrist width, so the flag would change "
+                 "nothing; leave it out")
     (tmp_path / "p.json").write_text(json.dumps({"dataset": "head", "landmarks": {"x": shifted}}))
     refused_here(capsys, [*files, "--dataset", "leg", "--out", str(tmp_path / "f")],
                  "--dataset leg: the files are for dataset 'head'")

@@ -18,7 +18,7 @@ import pytest
 from conftest import change_shard_padding
 from PIL import Image
 
-from medsapiens.data.pipeline import DataConfig, TrainStream, decode_sample, read_shard
+from medsapiens.data.pipeline import DataConfig, TrainStream, decode_sample, eval_examples, read_shard
 from medsapiens.io.manifest import load as load_manifest
 from medsapiens.io.record import Rejection
 from medsapiens.io.shard_tar import ShardError
@@ -99,6 +99,26 @@ def test_training_stops_on_a_shard_whose_sha256_changed(shards):
     with pytest.raises(ShardError, match="the shard changed since it was built"):
         for _, _ in zip(range(100), stream, strict=False):
             pass
+
+
+@pytest.mark.timeout(60)
+def test_evaluation_reads_each_shard_it_takes_whole_to_its_end_where_sha256_and_count_are_checked(shards):
+    """Evaluation, validation and calibration stopped reading a shard at its listed count, before the checks at its
+    end: a swapped shard was scored, and one holding a sample more than listed lost it from the report."""
+    change_shard_padding(shards, "head", "test1")
+    manifest = load_manifest(shards)
+    with pytest.raises(ShardError, match="the shard changed since it was built"):
+        list(eval_examples(manifest, "head", "test1", (96, 128)))
+    assert len(list(eval_examples(manifest, "head", "test1", (96, 128), limit=3))) == 3  # a shard cut short: unread
+    listed = json.loads((shards / "manifest.json").read_text())
+    entry = next(s for s in listed["shards"] if s["dataset"] == "head" and s["split"] == "test2")
+    entry["samples"] -= 1
+    listed["datasets"]["head"]["splits"]["test2"] -= 1
+    listed["totals"]["inputs"] -= 1
+    listed["totals"]["written"] -= 1
+    (shards / "manifest.json").write_text(json.dumps(listed))
+    with pytest.raises(ShardError, match=f"{entry['samples'] + 1} samples, the manifest says {entry['samples']}"):
+        list(eval_examples(load_manifest(shards), "head", "test2", (96, 128)))
 
 
 @pytest.mark.timeout(120)

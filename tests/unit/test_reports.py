@@ -21,12 +21,12 @@ from medsapiens.launch.demo import DemoPlan, claim_out, starts_figure, table
 IDS = [f"img{i:02d}" for i in range(12)]
 
 
-def write_scored(out, errors: np.ndarray, dataset: str = "head"):
+def write_scored(out, errors: np.ndarray, dataset: str = "head", ids=tuple(IDS), spacing: float = 0.1, mask=None):
     """report.json, report.md, per_image.csv and figures of given (N, K) errors."""
     protocol = Protocol(registry.get(dataset))
-    mask = np.ones_like(errors, dtype=bool)
-    report = build_report(errors, mask, IDS, protocol, dataset, "synthetic errors")
-    write_report(report, errors, IDS, protocol.landmark_set.names, out)
+    mask = np.ones_like(errors, dtype=bool) if mask is None else mask
+    report = build_report(errors, mask, list(ids), protocol, dataset, "synthetic errors", np.full((len(ids), 2), spacing))
+    write_report(report, np.where(mask, errors, np.nan), list(ids), protocol.landmark_set.names, out)
     return report
 
 
@@ -201,6 +201,53 @@ def test_compare_takes_a_report_naming_the_spacing_rule_as_reports_did_before(tm
     assert comparison([path, tmp_path / "new" / "report.json"])["paired"][0]["p"] == 1.0
 
 
+def test_compare_refuses_reports_of_other_images_or_other_pixel_spacings(tmp_path, capsys):
+    """Rows of different test images were printed as equals, their paired test run on the images in common; and
+    reports whose images another spacing table had scaled compared as if measured alike."""
+    write_scored(tmp_path / "a", errors_of(0, 1.0))
+    write_scored(tmp_path / "b", errors_of(0, 1.0), ids=(*IDS[:10], "x1", "x2"))
+    write_scored(tmp_path / "c", errors_of(0, 1.0), spacing=0.11)
+    a, b, c = (str(tmp_path / name / "report.json") for name in "abc")
+    refused_here(capsys, ["evaluate", "--compare", a, b],
+                 f"{a} and {b} scored other images (12 and 12, 10 in common; e.g. img10, img11, x1 in one only): "
+                 "their numbers are not comparable")
+    refused_here(capsys, ["evaluate", "--compare", a, c],
+                 "the reports converted the same images' errors with other pixel spacings")
+
+
+def test_compare_counts_a_difference_under_a_thousandth_of_the_unit_as_a_tie(tmp_path):
+    """The same predictions scored twice, once through predict's landmarks rounded to 0.001 px, were 'better' on
+    most images with p 0.01."""
+    from medsapiens.evaluate.compare import comparison, markdown
+
+    errors = errors_of(0, 1.0)
+    write_scored(tmp_path / "a", errors)
+    write_scored(tmp_path / "b", errors + np.where(np.arange(len(IDS)) < 10, -2e-5, 1e-5)[:, None])
+    write_scored(tmp_path / "c", errors + 0.01)
+    same, worse = comparison([tmp_path / name / "report.json" for name in "abc"])["paired"]
+    assert (same["better"], same["worse"], same["mean_difference"], same["p"]) == (0, 0, 0.0, 1.0)
+    assert worse["worse"] == 12 and worse["p"] == pytest.approx(2 / 2**12)
+    assert "| std over all errors |" in markdown(comparison([tmp_path / "a" / "report.json"] * 2))
+
+
+def test_report_json_is_strict_json_with_null_where_nothing_was_scored_and_compare_reads_it(tmp_path):
+    """NaN (an image left out, a landmark never visible) was written as a bare NaN token, which strict JSON
+    readers refuse, and an image left out was listed among the worst images."""
+    from medsapiens.evaluate.compare import comparison
+
+    mask = np.ones((len(IDS), 19), dtype=bool)
+    mask[3] = False  # an image left out
+    mask[:, 7] = False  # a landmark never visible
+    write_scored(tmp_path / "a", errors_of(0, 1.0), mask=mask)
+    text = (tmp_path / "a" / "report.json").read_text()
+    report = json.loads(text, parse_constant=lambda token: pytest.fail(f"{token} in report.json"))
+    name = registry.get("head").names[7]
+    assert report["per_image"]["img03"] is None and report["per_landmark"][name]["mre"] is None
+    assert len(report["worst"]) == 10 and "img03" not in {entry["id"] for entry in report["worst"]}
+    test = comparison([tmp_path / "a" / "report.json"] * 2)["paired"][0]
+    assert (test["images"], test["left_out"]) == (11, 1)
+
+
 def test_compare_refuses_what_is_not_a_report(tmp_path, capsys):
     (tmp_path / "x.json").write_text("{}")
     refused_here(capsys, ["evaluate", "--compare", str(tmp_path / "x.json"), str(tmp_path / "x.json")],
@@ -239,6 +286,7 @@ def test_per_image_csv_reads_back_whatever_the_image_ids_hold(tmp_path):
     errors = errors_of(3, 1.0)
     ids = [f"scan, {n}" for n in range(len(IDS))]  # a comma in a file name
     protocol = Protocol(registry.get("head"))
-    report = build_report(errors, np.ones_like(errors, dtype=bool), ids, protocol, "head", "synthetic errors")
+    report = build_report(errors, np.ones_like(errors, dtype=bool), ids, protocol, "head", "synthetic errors",
+                          np.full((len(ids), 2), 0.1))
     write_report(report, errors, ids, protocol.landmark_set.names, tmp_path)
     assert errors_from_csv(tmp_path / "per_image.csv") == pytest.approx(np.round(errors, 4), abs=1e-9)
