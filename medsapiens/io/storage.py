@@ -21,7 +21,6 @@ import tempfile
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from urllib.parse import urlparse
 
 from medsapiens.errors import InputError, UserError
 
@@ -75,8 +74,8 @@ def check_location(location) -> None:
     if not is_s3(text) and OTHER_URL.match(text):
         raise InputError(f"{text}: neither s3://BUCKET/PREFIX nor a local path (URLs are read and written on S3 "
                          "only, spelled s3:// in lower case)")
-    if is_s3(text) and not urlparse(text).netloc:
-        raise InputError(f"{text}: names no bucket; give s3://BUCKET/PREFIX")
+    if is_s3(text):
+        split_s3(text)
 
 
 def join(base: str, *names: str) -> str:
@@ -86,10 +85,11 @@ def join(base: str, *names: str) -> str:
 
 
 def split_s3(url: str) -> tuple[str, str]:
-    parsed = urlparse(url)
-    if parsed.scheme != "s3" or not parsed.netloc:
-        raise InputError(f"not an s3://bucket/key URL: {url!r}")
-    return parsed.netloc, parsed.path.lstrip("/")
+    """(bucket, key), split at the first '/' only: '#' and '?' are part of a key, not a URL's fragment or query."""
+    bucket, _, key = str(url).removeprefix("s3://").partition("/")
+    if not is_s3(url) or not bucket:
+        raise InputError(f"{url}: names no bucket; give s3://BUCKET/PREFIX")
+    return bucket, key.lstrip("/")
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,11 +106,11 @@ def _client_for_pid(pid: int):
     except ProfileNotFound as exc:
         raise InputError(f"S3: {exc}: set AWS_PROFILE to a profile of your AWS config, or unset it") from None
     except BotoCoreError as exc:  # a config file that does not parse, a region that is no region name
-        raise InputError(f"S3: {exc}") from None
+        raise InputError(f"S3: {without_userinfo(str(exc))}") from None
     except ValueError as exc:
         if not str(exc).startswith("Invalid endpoint"):
             raise
-        raise InputError(f"S3: {exc}: the endpoint (AWS_ENDPOINT_URL or the profile's endpoint_url) must be a URL "
+        raise InputError(f"S3: {without_userinfo(str(exc))}: the endpoint (AWS_ENDPOINT_URL or the profile's endpoint_url) must be a URL "
                          "with its scheme, e.g. http://127.0.0.1:9000") from None
     # botocore asks for `100 Continue` before a file's body, and reads an answer that ends after its status
     # line forever, at full CPU, where no timeout applies: the body goes without asking
@@ -141,9 +141,10 @@ def _code_and_status(answer) -> tuple[str, int]:
 
 def _transient(exc: Exception) -> bool:
     from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import HTTPClientError
+    from botocore.exceptions import HTTPClientError, IncompleteReadError
 
-    if isinstance(exc, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)):  # read timeouts too
+    if isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError, ConnectionError,
+                        TimeoutError)):  # read timeouts and bodies cut short too
         return True
     answer = _answer(exc)
     if answer is None:
@@ -172,11 +173,19 @@ def with_retries(what: str, fn, *args, **kwargs):
             elapsed = time.monotonic() - started
             if attempt == bounds.attempts or elapsed + delay > bounds.give_up_after_s:
                 raise S3Error(f"{what}: gave up after {attempt} attempt(s) in {elapsed:.0f} s: "
-                              f"{type(exc).__name__}: {exc}") from None
+                              f"{type(exc).__name__}: {without_userinfo(str(exc))}") from None
             print(f"warning: {what} failed ({type(exc).__name__}), retry {attempt} of {bounds.attempts - 1} in "
                   f"{delay:.1f} s", file=sys.stderr)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def without_userinfo(text: str) -> str:
+    """Text quoting a URL, with any user:password@ in it masked: an endpoint URL may carry a proxy's credentials."""
+    return USERINFO.sub("//***@", text)
+
+
+USERINFO = re.compile(r"//[^/@\s\"']+@")
 
 
 def _not_found(exc: Exception) -> bool:
@@ -191,10 +200,13 @@ def read_bytes(url: str, limit: int | None = None) -> bytes:
         with open(url, "rb") as f:
             return f.read(amount)
     bucket, key = split_s3(url)
-    try:
-        body = with_retries(f"get {url}", s3_client().get_object, Bucket=bucket, Key=key)["Body"]
-        with contextlib.closing(body):
+
+    def get() -> bytes:  # a connection cut while the body is read is retried like a failed request
+        with contextlib.closing(s3_client().get_object(Bucket=bucket, Key=key)["Body"]) as body:
             return body.read(amount)
+
+    try:
+        return with_retries(f"get {url}", get)
     except Exception as exc:
         if _not_found(exc):
             raise FileNotFoundError(f"no such object: {url}") from None
@@ -321,7 +333,7 @@ class S3Stream:
             data = self.body.read(None if size < 0 else size)
         except Exception as exc:  # noqa: BLE001 - botocore and urllib3 raise many kinds
             raise S3Error(f"reading {self.url}: the connection failed after {self.bytes} bytes "
-                          f"({type(exc).__name__}: {exc})") from None
+                          f"({type(exc).__name__}: {without_userinfo(str(exc))})") from None
         self.bytes += len(data)
         return data
 

@@ -41,7 +41,8 @@ def check_torch_zip(path: str) -> None:
     older format and compressed records both let a small file make torch allocate any amount."""
     if not zipfile.is_zipfile(path):
         raise InputError(f"{path}: not a readable checkpoint: neither safetensors nor a torch file as torch.save "
-                         "writes it (a zip; a file from torch before 1.6 must be saved again)")
+                         "writes it (a zip; a file from torch before 1.6 must be saved again); if it should be one, "
+                         "it is cut short or damaged: compare its size or checksum with the original's")
     with zipfile.ZipFile(path) as archive:
         records = archive.infolist()
     inflated, size = sum(r.file_size for r in records), Path(path).stat().st_size

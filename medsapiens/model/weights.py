@@ -8,11 +8,11 @@ pose checkpoint included), never by plain pickle.
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
 import reprlib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from medsapiens import distributed
 from medsapiens.errors import CheckpointError, InputError
 from medsapiens.io.shard_tar import file_digest
 from medsapiens.io.storage import as_umask_allows, check_new_file, local_write
@@ -28,10 +29,9 @@ from medsapiens.model.archs import DEFAULT_IMG_SIZE, PATCH_SIZE, ArchSpec, featu
 from medsapiens.model.backbone import Backbone, build_backbone
 from medsapiens.model.torch_files import WEIGHTS_ONLY, read_checkpoint
 
-log = logging.getLogger(__name__)
-
 FORMAT = "medsapiens-backbone"
 GRID_METADATA_KEY = "pos_embed_grid"
+TASK_GRID = feature_grid(DEFAULT_IMG_SIZE)  # 64x48: the grid of Sapiens' pose (and other task) files
 READ_BY = "read_by"  # how a torch file was read, where not plainly (never written to a file)
 WRAPPER_KEYS = ("state_dict", "model")
 SAFETENSORS_HEADER_LIMIT = 100 << 20  # safetensors refuses a header over 100 MB
@@ -100,9 +100,11 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         return state_dict_in(obj, path), ({READ_BY: read_by} if read_by != WEIGHTS_ONLY else {})
     try:
         with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (OSError, SafetensorError) as e:  # truncated
         raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    refuse_non_finite(tensors, path, FROM_ELSEWHERE)
+    return tensors, metadata
 
 
 def state_dict_in(obj, path) -> dict[str, torch.Tensor]:
@@ -118,6 +120,11 @@ def state_dict_in(obj, path) -> dict[str, torch.Tensor]:
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
             raise InputError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        if value.untyped_storage().nbytes() < value.numel() * value.element_size():
+            raise InputError(f"{path}: entry {key!r} claims {value.numel():,} values over a storage of "
+                             f"{value.untyped_storage().nbytes():,} bytes (one value repeated by a zero stride): "
+                             "refused, as torch.save never writes a model's weights so")
+    refuse_non_finite(obj, path, FROM_ELSEWHERE)
     return obj
 
 
@@ -141,6 +148,9 @@ def normalize_state(
             state.ignored.append(file_key)
             continue
         key = _rename(key) if sapiens else key
+        if key in state.tensors:
+            raise InputError(f"{source}: {state.file_keys[key]!r} and {file_key!r} are both the backbone's {key!r}: "
+                             "keep one of them in the file")
         state.tensors[key] = tensor
         state.file_keys[key] = file_key
     if READ_BY in metadata:
@@ -197,7 +207,8 @@ def load_backbone(
             raise InputError(report.summary() + ("\n  it holds LoRA adapters, not a whole backbone: a MedSapiens release "
                                                  "converts with `medsapiens model convert --from medsapiens`"
                                                  if adapters else ""))
-        log.info(report.summary())
+        if distributed.rank() == 0:  # what was resized, dropped or read by the restricted loader
+            print(report.summary(), file=sys.stderr)
     backbone.set_grad_checkpointing(grad_checkpointing)
     return backbone
 
@@ -319,10 +330,10 @@ def _split_pos_embed(pos_embed, recorded_grid, model_grid, source):
 
 def _infer_grid(tokens: int, model_grid: tuple[int, int] | None, source: str) -> tuple[int, int] | None:
     """The grid of a position table that records none: a cls slot and a square grid (the released
-    pretrained files), the model's own grid (no cls slot), or a square grid; None when none fits. Two
-    different grids that both fit (4096 tokens for a 128x32 model: 64x64 or 128x32?) are refused, as
-    is a landscape model's grid, which the portrait grid of Sapiens' task files (64x48 at 1024x768)
-    fits as well (3072 tokens for a 48x64 model)."""
+    pretrained files), the grid of Sapiens' task files (64x48 at 1024x768, no cls slot), the model's own
+    grid, or a square grid; None when none fits. Two different grids that both fit are refused: 4096
+    tokens for a 128x32 model (64x64 or 128x32?), 3072 for a 96x32 or a landscape 48x64 model (the
+    task files' 64x48 too)."""
     readings = []
     for patches in (tokens - 1, tokens):  # a cls slot, then none
         side = math.isqrt(max(patches, 0))
@@ -332,6 +343,8 @@ def _infer_grid(tokens: int, model_grid: tuple[int, int] | None, source: str) ->
         readings.append(tuple(model_grid))
         if model_grid[0] < model_grid[1]:
             readings.append((model_grid[1], model_grid[0]))
+    if tokens == TASK_GRID[0] * TASK_GRID[1]:
+        readings.append(TASK_GRID)
     distinct = list(dict.fromkeys(readings))
     if len(distinct) > 1:
         raise InputError(f"{source}: its pos_embed's {tokens} tokens fit a {' and a '.join(map(_grid_text, distinct))} "
@@ -368,10 +381,13 @@ def _abbreviate(keys: list[str], most: int = 8) -> str:
     return shown + (f", ... (+{len(keys) - most} more)" if len(keys) > most else "")
 
 
-def refuse_non_finite(state: dict[str, torch.Tensor], source) -> None:
+OUR_RUN = "the run that wrote it diverged; use an earlier checkpoint or train again with a lower lr"
+FROM_ELSEWHERE = "the file is damaged, or the run that wrote it diverged; compare it with the original"
+
+
+def refuse_non_finite(state: dict[str, torch.Tensor], source, why: str = OUR_RUN) -> None:
     """A model whose weights hold NaN or infinity (a diverged run's) predicts nothing: refused, naming a tensor."""
     bad = next((name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()),
                None)
     if bad is not None:
-        raise CheckpointError(f"{source}: weight {bad!r} is not finite (NaN or infinity): the run that wrote it "
-                              "diverged; use an earlier checkpoint or train again with a lower lr")
+        raise CheckpointError(f"{source}: weight {bad!r} is not finite (NaN or infinity): {why}")

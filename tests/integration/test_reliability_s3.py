@@ -122,6 +122,32 @@ def test_a_missing_bucket_or_denied_access_is_one_line(proxy, head_phantoms, tmp
 
 
 @pytest.mark.timeout(120)
+def test_a_body_cut_short_is_retried_and_a_prefix_may_hold_hash_and_question_marks(proxy, s3_env, head_phantoms,
+                                                                                    capsys):
+    """A manifest's or stats file's body cut mid-read was a traceback, not a retry; and `s3://b/exp#1` was read as
+    the key `exp` with a URL fragment, so every shard, stats file and the manifest overwrote that one object."""
+    body = os.urandom(200_000)
+    storage.write_bytes(f"{BUCKET}/cut/manifest.json", body)
+    proxy.inject("drop")
+    assert storage.read_bytes(f"{BUCKET}/cut/manifest.json") == body and not proxy.faults
+    assert f"warning: get {BUCKET}/cut/manifest.json failed" in capsys.readouterr().err
+    build_to(f"{BUCKET}/exp#1?v=2", head_phantoms)
+    keys = [item["Key"] for item in s3_env[1].list_objects_v2(Bucket=BUCKET[5:], Prefix="exp")["Contents"]]
+    assert "exp#1?v=2/manifest.json" in keys and all(key.startswith("exp#1?v=2/") for key in keys), keys
+    assert len(shard_digests(f"{BUCKET}/exp#1?v=2")) == 4
+
+
+@pytest.mark.timeout(60)
+def test_an_endpoint_url_s_credentials_are_never_printed(proxy, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://proxyuser:proxyPASSWORD@127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("MEDSAPIENS_S3_ATTEMPTS", "2")
+    storage._client_for_pid.cache_clear()
+    with pytest.raises(storage.S3Error, match=r"gave up after 2 attempt") as refused:
+        storage.read_bytes(f"{BUCKET}/a.json")
+    assert "proxyPASSWORD" not in str(refused.value) and "//***@127.0.0.1:9" in str(refused.value), refused.value
+
+
+@pytest.mark.timeout(120)
 def test_a_build_through_5xx_drops_silence_and_slowness_ends_identical(proxy, head_phantoms, capsys):
     build_to(f"{BUCKET}/direct", head_phantoms)  # the proxy passes everything through
     proxy.inject("503", "drop", "silent", "slow", "500", "drop")

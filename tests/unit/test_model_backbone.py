@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from sapiens_checkpoints import released_state
 
+from medsapiens.errors import CheckpointError, InputError
 from medsapiens.model import ARCHS, build_backbone, convert_checkpoint, load_backbone, load_checkpoint, load_state
 from medsapiens.model.weights import read_tensors
 
@@ -224,6 +225,12 @@ def test_a_portrait_table_that_records_no_grid_is_not_read_as_a_landscape_model_
     assert load_state(portrait, pose).complete and torch.equal(portrait.pos_embed.data, pose["pos_embed"])
     with pytest.raises(ValueError, match=r"3072 tokens fit a 48x64 and a 64x48 grid; give the input size it was trained at"):
         load_state(build_backbone("sapiens_tiny", (768, 1024)), pose)
+    for size, grid in (((1536, 512), "96x32"), ((2048, 384), "128x24")):  # as many tokens: read row by row before
+        with pytest.raises(ValueError, match=rf"3072 tokens fit a {grid} and a 64x48 grid; give the input size"):
+            load_state(build_backbone("sapiens_tiny", size), pose)
+    recorded = {"pos_embed_grid": "64x48"}
+    report = load_state(build_backbone("sapiens_tiny", (1536, 512)), pose, recorded)
+    assert report.complete and "pos_embed resized from 64x48 to 96x32" in report.notes
 
 
 def test_whole_number_weights_are_refused_not_cast(tiny_state):
@@ -244,7 +251,7 @@ def test_a_checkpoint_file_that_cannot_be_read_is_one_line_naming_it(tmp_path, t
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a checkpoint at all")
     for path in (truncated, junk):
-        with pytest.raises(InputError, match=rf"^{path}: not a readable checkpoint"):
+        with pytest.raises(InputError, match=rf"^{path}: not a readable checkpoint.* cut short or damaged"):
             read_tensors(path)
     legacy = tmp_path / "legacy.pth"  # torch before 1.6: storages sized by the pickle, allocated before reading
     torch.save(tiny_state, legacy, _use_new_zipfile_serialization=False)
@@ -265,6 +272,39 @@ def test_a_checkpoint_file_that_cannot_be_read_is_one_line_naming_it(tmp_path, t
             load_checkpoint(build_backbone("sapiens_tiny", IMG), path)
     with pytest.raises(InputError, match=r"pos_embed has shape \(4097, 192\), not \(1, tokens, channels\)"):
         load_state(build_backbone("sapiens_tiny", IMG), dict(tiny_state, pos_embed=tiny_state["pos_embed"][0]))
+
+
+def test_a_tensor_repeating_one_value_a_file_of_kilobytes_makes_huge_is_refused_before_use(tmp_path):
+    """A zero stride lets a few-KB file claim a (1, 4097, 10^6) pos_embed: resizing it took 750 MB (75 GB at
+    10^8), and a release's trunk width read from such a file built a decoder of any size."""
+    claimed = torch.zeros(1).expand(1, 4097, 1_000_000)
+    torch.save({"pos_embed": claimed}, tmp_path / "huge.pth")
+    assert (tmp_path / "huge.pth").stat().st_size < 2000
+    with pytest.raises(InputError, match=r"entry 'pos_embed' claims 4,097,000,000 values over a storage of 4 bytes"):
+        read_tensors(tmp_path / "huge.pth")
+
+
+def test_two_file_keys_for_one_backbone_key_and_non_finite_weights_are_refused(tmp_path, tiny_state):
+    """Of two copies of a weight (`backbone.` and `backbone.module.`) the last silently won; a NaN weight was
+    converted and trained on, to fail later as a 'diverged' run."""
+    both = {f"backbone.{k}": v for k, v in tiny_state.items()}
+    both["backbone.module.layers.0.attn.qkv.weight"] = torch.zeros_like(tiny_state["layers.0.attn.qkv.weight"])
+    with pytest.raises(InputError, match=r"'backbone.layers.0.attn.qkv.weight' and 'backbone.module.layers.0.attn"
+                                         r".qkv.weight' are both the backbone's 'blocks.0.attn.qkv.weight'"):
+        load_state(build_backbone("sapiens_tiny", IMG), both)
+    broken = dict(tiny_state, **{"ln1.weight": torch.full_like(tiny_state["ln1.weight"], float("nan"))})
+    torch.save(broken, tmp_path / "nan.pth")
+    save_file(broken, tmp_path / "nan.safetensors")
+    for path in (tmp_path / "nan.pth", tmp_path / "nan.safetensors"):
+        with pytest.raises(CheckpointError, match=rf"^{path}: weight 'ln1.weight' is not finite .*: the file is damaged"):
+            read_tensors(path)
+
+
+def test_a_loaded_checkpoint_s_report_is_printed(tmp_path, tiny_state, capsys):
+    torch.save(tiny_state, tmp_path / "released.pth")
+    load_backbone("sapiens_tiny", str(tmp_path / "released.pth"), img_size=IMG)
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'released.pth'}: loaded" in err and "pos_embed cls slot dropped" in err, err
 
 
 def test_lora_adapters_alone_are_named_as_such(tmp_path, tiny_state):
