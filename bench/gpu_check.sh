@@ -21,9 +21,12 @@
 # from `model info`); PROFILE names the rows followed by torch.profiler's top operators and the
 # time by kind of work (default bf16+compile, the setting the MFU target is about; "all" or "" for
 # every row or none). For a smoke run of the script itself on a CPU: DEVICE=cpu and OVERRIDES with a
-# tiny model (e.g.
-# "model.arch=sapiens_tiny model.img_size=[128,96] model.trunk_width=32"), added to the pretraining
-# and fine-tuning settings.
+# tiny model in bf16, as a GPU trains (e.g. "model.arch=sapiens_tiny model.img_size=[128,96]
+# model.trunk_width=32 train.precision=bf16"), added to the pretraining and fine-tuning settings; to
+# see what the GPU machine sees, with no medsapiens installed, put a sitecustomize.py on PYTHONPATH
+# that drops the editable install's import hook from sys.meta_path.
+# On the device tool: carry .whl (git ignores it), and name the H200 kind: the micro-batches below
+# need its 141 GB.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="$(mkdir -p "${1:?give an output folder}" && cd "$1" && pwd)"
@@ -44,7 +47,12 @@ fi
 mkdir -p "$work/src/medsapiens"
 ln -s "$PWD"/medsapiens/* "$work/src/medsapiens/"
 for stage in shards pretrain finetune evaluate launch; do ln -s "$PWD/$stage" "$work/src/medsapiens/$stage"; done
-export PYTHONPATH="$work/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+# PYTHONSAFEPATH: `python -m` would put the checkout first on the import path, and its medsapiens/ holds no stage
+export PYTHONPATH="$work/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
+if ! python3 -c 'import deepspeed, webdataset, pydantic, isal, hjson' >/dev/null 2>"$work/imports.err"; then
+    echo "$(tail -1 "$work/imports.err"): run bench/gpu_wheels.sh where packages can be fetched, bring .whl/ here" >&2
+    exit 2
+fi
 export TORCH_EXTENSIONS_DIR="$work/torch_extensions"  # empty: whatever DeepSpeed compiles shows up here
 {
     date -u +"%Y-%m-%d %H:%M UTC"
@@ -61,7 +69,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log, record status and seconds
     shift 2
     echo "== $name: $*" | tee -a "$out/e2e.log"
     start=$(date +%s)
-    timeout "$limit" "$@" >>"$out/e2e.log" 2>&1
+    timeout -k 30 "$limit" "$@" >>"$out/e2e.log" 2>&1
     rc=$?
     echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $(( $(date +%s) - start ))}" | tee -a "$steps_json"
     [ "$rc" -eq 0 ] || status=1
@@ -77,7 +85,7 @@ step shards 120 $ms shards build --source head="$w/raw/head" --source hand="$w/r
     --opt hand.split=seeded --no-progress &&
 step pretrain 200 $ms launch pretrain --config launch/experiments/sapiens_0.3b.yaml --gpus 1 model.checkpoint=null \
     data.shards="$w/shards" "data.datasets=[head,hand,chest]" data.micro_batch=16 data.workers=8 train.epochs=0 \
-    train.max_steps=30 train.val_every=30 train.checkpoint_every=30 train.log_every=10 train.val_limit=32 \
+    train.max_steps=30 optim.warmup_steps=3 train.val_every=30 train.checkpoint_every=30 train.log_every=10 train.val_limit=32 \
     run_dir="$w/pretrain" ${OVERRIDES:-} &&
 step export 120 $ms pretrain export "$w/pretrain" --out "$w/bundle" &&
 step finetune 200 $ms finetune --bundle "$w/bundle" --shards "$w/shards" --dataset leg --steps 20 --run-dir "$w/ft" \
@@ -117,7 +125,7 @@ profiled="${PROFILE-bf16+compile}"
 for setting in $settings; do
     profile=()
     case " $profiled " in *" ${setting%:*} "* | *" all "*) profile=(--profile) ;; esac
-    timeout 240 python3 bench/train_step.py --only "${setting%:*}" --micro-batch "${setting#*:}" --steps 5 \
+    timeout -k 30 240 python3 bench/train_step.py --only "${setting%:*}" --micro-batch "${setting#*:}" --steps 5 \
         --warmup 2 --jsonl "$out/train_step.jsonl" "${profile[@]}" 2>&1 | tee -a "$out/train_step.log" || status=1
 done
 python3 bench/train_step.py --summary "$out/train_step.jsonl" | tee "$out/summary.txt"

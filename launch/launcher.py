@@ -26,6 +26,10 @@ from medsapiens.launch import hosts, keeper, rank_env
 STAGES = ("pretrain", "finetune")
 HOSTFILE_NAME = "hostfile"
 ENV_FILE_NAME = "deepspeed_env"
+# The keeper and every rank start as `python -m medsapiens...`, which puts the working directory first on
+# the import path: run from a checkout with the package installed (not editable), its own medsapiens/ folder,
+# which holds no stage, would be imported. DeepSpeed passes PYTHON* variables on to every node.
+SAFE_IMPORTS = {"PYTHONSAFEPATH": "1"}
 LAUNCH_DIR_PLACEHOLDER = Path("LAUNCH_DIR")  # what --dry-run shows for the private directory a launch makes
 DEFAULT_MASTER_PORT = 29500  # torch.distributed's and DeepSpeed's default
 VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
@@ -144,7 +148,7 @@ def run_launch(args) -> int:
             return 0
         check_reachable(plan.remote_hosts)
         write_launch_files(plan)
-        return run_command(plan.argv, {**os.environ, **plan.extra_env}, launch_dir=str(launch_dir),
+        return run_command(plan.argv, {**os.environ, **plan.extra_env, **SAFE_IMPORTS}, launch_dir=str(launch_dir),
                            over_ssh=bool(plan.remote_hosts))
 
 

@@ -638,9 +638,14 @@ def assert_complete_checkpoint(run: Path) -> None:
 
 @pytest.mark.timeout(180)
 def test_real_two_rank_cpu_launch_leaves_a_complete_checkpoint(monkeypatch, tmp_path, phantom_shards):
-    monkeypatch.chdir(REPO)  # the ranks run `python -m medsapiens.pretrain` from here
+    """Launched from a folder holding a `medsapiens/` of its own, as a checkout's root is where the package is
+    installed (not editable): `python -m medsapiens...` imported that folder, which holds no stage."""
+    checkout = tmp_path / "checkout"
+    (checkout / "medsapiens").mkdir(parents=True)
+    (checkout / "medsapiens" / "__init__.py").write_text("raise ImportError('the working directory was imported')\n")
+    monkeypatch.chdir(checkout)  # the keeper and the ranks run `python -m medsapiens...` from here
     monkeypatch.setenv("HOME", REAL_HOME)
-    status = main(["launch", "pretrain", "--config", "launch/experiments/demo.yaml", "--gpus", "2",
+    status = main(["launch", "pretrain", "--config", str(REPO / "launch/experiments/demo.yaml"), "--gpus", "2",
                    *tiny_run(phantom_shards, tmp_path / "run")])
     assert status == 0
     assert_complete_checkpoint(tmp_path / "run")
