@@ -74,6 +74,8 @@ def report_problem(report: dict) -> str | None:
         return "per_landmark must map each landmark name to an object with its mre, a number (NaN: never visible)"
     if not (isinstance(report["per_image"], dict) and all(map(is_number_or_nan, report["per_image"].values()))):
         return "per_image must map each image id to its MRE, a number (NaN: left out)"
+    if not isinstance(report.get("scales_digest", ""), str):
+        return "scales_digest must be a string"
     return None
 
 

@@ -35,11 +35,12 @@ def build_report(errors: np.ndarray, mask: np.ndarray, ids: list[str], protocol:
                         "mre_std_images": "std of per-image mean errors (the +- MedSapiens prints)"},
         **summary,
         "images": int(scored.sum()),
-        "scales_digest": scales_digest(ids, unit_per_pixel),
         "excluded_landmarks": int((~np.asarray(mask, dtype=bool)[scored]).sum()),  # invisible in the ground truth
     }
     if excluded_images:
         report["excluded_images"] = dict(excluded_images)
+    if protocol.rule != "wrist_width":  # a wrist width comes from the ground truth, which `annotations` compares
+        report["scales_digest"] = scales_digest(ids, unit_per_pixel)
     return report
 
 

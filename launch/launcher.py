@@ -28,7 +28,8 @@ HOSTFILE_NAME = "hostfile"
 ENV_FILE_NAME = "deepspeed_env"
 # The keeper and every rank start as `python -m medsapiens...`, which puts the working directory first on
 # the import path: run from a checkout with the package installed (not editable), its own medsapiens/ folder,
-# which holds no stage, would be imported. DeepSpeed passes PYTHON* variables on to every node.
+# which holds no stage, would be imported. DeepSpeed passes PYTHON* variables on to every node. (Python 3.11+;
+# over ssh DeepSpeed also puts the working directory on PYTHONPATH: check_no_other_package_in.)
 SAFE_IMPORTS = {"PYTHONSAFEPATH": "1"}
 LAUNCH_DIR_PLACEHOLDER = Path("LAUNCH_DIR")  # what --dry-run shows for the private directory a launch makes
 DEFAULT_MASTER_PORT = 29500  # torch.distributed's and DeepSpeed's default
@@ -328,6 +329,7 @@ def hostfile_plan(args, environ: Mapping[str, str], cwd: Path, launch_dir: Path)
     over_ssh = len(used) > 1 or not hosts.is_this_machine(master)
     if over_ssh:
         check_remote_tools()
+        check_no_other_package_in(cwd)
         argv += ["--log_level", "warning"]  # at info it logs the pdsh command with every exported value
         argv += [] if len(used) > 1 else ["--force_multi"]
     else:  # DeepSpeed would ssh to this machine to check a hostfile's first host
@@ -336,6 +338,18 @@ def hostfile_plan(args, environ: Mapping[str, str], cwd: Path, launch_dir: Path)
     env_file = rank_env.env_file_variables(environ, cwd) if over_ssh else None
     return Plan(summary, argv, launch_dir, env_file=env_file, ranks=sum(used.values()),
                 remote_hosts=list(used) if over_ssh else [])
+
+
+def check_no_other_package_in(cwd: Path) -> None:
+    """Over ssh, DeepSpeed puts the working directory first on every rank's PYTHONPATH, which PYTHONSAFEPATH
+    leaves in place: a `medsapiens/` there other than the package this launcher runs (a checkout's root, the
+    package installed not editable) would be the ranks' medsapiens, which holds no stage."""
+    import medsapiens
+
+    there = cwd / "medsapiens"
+    if there.is_dir() and there.resolve() != Path(medsapiens.__file__).resolve().parent:
+        raise LaunchError(f"{cwd} holds a medsapiens/ folder other than the installed package, which DeepSpeed's ssh "
+                          "launch would put first on every rank's import path: launch from another folder")
 
 
 def slurm_plan(args, environ: Mapping[str, str], launch_dir: Path) -> Plan:

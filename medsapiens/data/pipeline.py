@@ -10,6 +10,7 @@ run reproduces exactly the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import math
@@ -346,10 +347,13 @@ def eval_example(image, meta, input_size, margin: float) -> EvalExample:
 
 
 def shard_start(manifest: Manifest, shard, n: int):
-    """A shard's first n samples. A shard taken whole is read to its end, where its sha256 and sample count
-    are checked against the manifest (a shard swapped or holding other samples is refused, not scored)."""
+    """A shard's first n samples. A shard taken whole is then read to its end, where its sha256 and sample
+    count are checked against the manifest (a shard swapped or holding other samples is refused, not
+    scored), and no sample past the listed count is given: every rank makes as many forward passes."""
     samples = read_shard(manifest, shard)
-    return samples if n == shard.samples else itertools.islice(samples, n)
+    yield from itertools.islice(samples, n)
+    if n == shard.samples:
+        collections.deque(samples, maxlen=0)
 
 
 def eval_examples(manifest: Manifest, dataset: str, split: str, input_size, margin: float = 1.25,

@@ -60,7 +60,8 @@ class SplitPredictions:
         heatmaps of a diverged model) are refused, naming the images, rather than scored."""
         refuse_non_finite(self.pred, self.ids)
         mask = np.stack(self.visible) > 0
-        mask[[i in self.unscalable(protocol) for i in self.ids]] = False
+        unscaled = self.unscalable(protocol)
+        mask[[i in unscaled for i in self.ids]] = False
         return radial_errors(np.stack(self.pred), np.stack(self.gt), self.unit_per_pixel(protocol)), mask
 
     def unit_per_pixel(self, protocol: Protocol) -> np.ndarray:

@@ -105,7 +105,8 @@ def radial_errors(pred_orig, gt_orig, unit_per_pixel) -> np.ndarray:
 def scales_digest(ids, unit_per_pixel) -> str:
     """A digest of how each image's errors were converted to the unit: its (sx, sy) to 6 significant digits.
     Two reports of the same images and ground truth with different digests used different pixel spacings."""
-    text = ";".join(f"{i}:{sx:.6g},{sy:.6g}" for i, (sx, sy) in sorted(zip(ids, unit_per_pixel, strict=True)))
+    pairs = sorted(zip(ids, unit_per_pixel, strict=True), key=lambda pair: pair[0])
+    text = ";".join(f"{i}:{sx:.6g},{sy:.6g}" for i, (sx, sy) in pairs)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

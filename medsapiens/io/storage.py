@@ -89,7 +89,12 @@ def split_s3(url: str) -> tuple[str, str]:
     bucket, _, key = str(url).removeprefix("s3://").partition("/")
     if not is_s3(url) or not bucket:
         raise InputError(f"{url}: names no bucket; give s3://BUCKET/PREFIX")
+    if not BUCKET_NAME.fullmatch(bucket):
+        raise InputError(f"{url}: {bucket!r} is not a bucket name (letters, digits, '.', '-' and '_')")
     return bucket, key.lstrip("/")
+
+
+BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -185,7 +190,7 @@ def without_userinfo(text: str) -> str:
     return USERINFO.sub("//***@", text)
 
 
-USERINFO = re.compile(r"//[^/@\s\"']+@")
+USERINFO = re.compile(r"//[^/\s\"']+@")  # to the last '@' before the host: a password may hold one
 
 
 def _not_found(exc: Exception) -> bool:
@@ -202,8 +207,15 @@ def read_bytes(url: str, limit: int | None = None) -> bytes:
     bucket, key = split_s3(url)
 
     def get() -> bytes:  # a connection cut while the body is read is retried like a failed request
-        with contextlib.closing(s3_client().get_object(Bucket=bucket, Key=key)["Body"]) as body:
-            return body.read(amount)
+        from botocore.exceptions import IncompleteReadError
+
+        answer = s3_client().get_object(Bucket=bucket, Key=key)
+        with contextlib.closing(answer["Body"]) as body:
+            data = body.read(amount)
+        expected = answer["ContentLength"] if amount is None else min(answer["ContentLength"], amount)
+        if len(data) < expected:  # botocore checks the length only of a read to the end
+            raise IncompleteReadError(actual_bytes=len(data), expected_bytes=expected)
+        return data
 
     try:
         return with_retries(f"get {url}", get)

@@ -28,7 +28,7 @@ from medsapiens.io.shard_tar import file_digest
 from medsapiens.model import DEFAULT_IMG_SIZE, LandmarkModel, ModelConfig, MultiHeadDecoder, build_backbone, get_arch
 from medsapiens.model import bundle as bundlelib
 from medsapiens.model.torch_files import read_checkpoint
-from medsapiens.model.weights import load_checkpoint, state_dict_in
+from medsapiens.model.weights import FROM_ELSEWHERE, load_checkpoint, refuse_non_finite, state_dict_in
 
 STAGE = "medsapiens-release"
 MULTI_DATASET_ORDER = ("head", "chest", "hand", "leg")  # MedSapiens' 88-channel final layer
@@ -109,6 +109,7 @@ def convert_release(
         weights[f"heads.{d}.bias"] = state[FINAL + "bias"][a:b]
     decoder.load_state_dict(weights, strict=True)
     model = LandmarkModel(backbone, decoder)
+    refuse_non_finite(model.state_dict(), checkpoint, FROM_ELSEWHERE)  # the adapters merged, the decoder
 
     provenance = {
         "stage": STAGE,

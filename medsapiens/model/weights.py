@@ -100,11 +100,9 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         return state_dict_in(obj, path), ({READ_BY: read_by} if read_by != WEIGHTS_ONLY else {})
     try:
         with safe_open(path, framework="pt") as f:
-            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (OSError, SafetensorError) as e:  # truncated
         raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    refuse_non_finite(tensors, path, FROM_ELSEWHERE)
-    return tensors, metadata
 
 
 def state_dict_in(obj, path) -> dict[str, torch.Tensor]:
@@ -120,11 +118,13 @@ def state_dict_in(obj, path) -> dict[str, torch.Tensor]:
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
             raise InputError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        if value.layout != torch.strided or value.is_meta:
+            raise InputError(f"{path}: entry {key!r} is a {value.layout} tensor{' on the meta device' * value.is_meta}, "
+                             "not dense weights")
         if value.untyped_storage().nbytes() < value.numel() * value.element_size():
             raise InputError(f"{path}: entry {key!r} claims {value.numel():,} values over a storage of "
                              f"{value.untyped_storage().nbytes():,} bytes (one value repeated by a zero stride): "
                              "refused, as torch.save never writes a model's weights so")
-    refuse_non_finite(obj, path, FROM_ELSEWHERE)
     return obj
 
 
@@ -214,8 +214,9 @@ def load_backbone(
 
 
 def compare_with_model(state: BackboneState, model_state: dict[str, torch.Tensor], source: str) -> LoadReport:
-    """Key sets, shapes and kinds of a normalised checkpoint against a model's; a shape clash, or whole
-    numbers where the model has floats (a quantised file, which loading would cast silently), raises."""
+    """Key sets, shapes and kinds of a normalised checkpoint against a model's; a shape clash, whole
+    numbers where the model has floats (a quantised file, which loading would cast silently), or a weight
+    the model takes that is not finite, raises."""
     for key, tensor in state.tensors.items():
         expected = model_state.get(key)
         if expected is None:
@@ -228,6 +229,8 @@ def compare_with_model(state: BackboneState, model_state: dict[str, torch.Tensor
         if expected.is_floating_point() and not tensor.is_floating_point():
             raise InputError(f"{source}: {state.file_keys[key]!r} holds {tensor.dtype} values, not floating-point "
                              "weights (a quantised checkpoint?): give the full-precision file")
+    refuse_non_finite({state.file_keys[k]: state.tensors[k] for k in model_state if k in state.tensors}, source,
+                      FROM_ELSEWHERE)
     return LoadReport(
         source=source,
         loaded=[k for k in model_state if k in state.tensors],
@@ -330,10 +333,10 @@ def _split_pos_embed(pos_embed, recorded_grid, model_grid, source):
 
 def _infer_grid(tokens: int, model_grid: tuple[int, int] | None, source: str) -> tuple[int, int] | None:
     """The grid of a position table that records none: a cls slot and a square grid (the released
-    pretrained files), the grid of Sapiens' task files (64x48 at 1024x768, no cls slot), the model's own
-    grid, or a square grid; None when none fits. Two different grids that both fit are refused: 4096
-    tokens for a 128x32 model (64x64 or 128x32?), 3072 for a 96x32 or a landscape 48x64 model (the
-    task files' 64x48 too)."""
+    pretrained files), the model's own grid (no cls slot), or a square grid; None when none fits. Two
+    different grids that both fit are refused: 4096 tokens for a 128x32 model (64x64 or 128x32?), and
+    for a model of 3072 patches other than 64x48 (a landscape 48x64, 1536x512's 96x32) the grid of
+    Sapiens' task files (64x48 at 1024x768), which fits as well."""
     readings = []
     for patches in (tokens - 1, tokens):  # a cls slot, then none
         side = math.isqrt(max(patches, 0))
@@ -343,8 +346,8 @@ def _infer_grid(tokens: int, model_grid: tuple[int, int] | None, source: str) ->
         readings.append(tuple(model_grid))
         if model_grid[0] < model_grid[1]:
             readings.append((model_grid[1], model_grid[0]))
-    if tokens == TASK_GRID[0] * TASK_GRID[1]:
-        readings.append(TASK_GRID)
+        if tokens == TASK_GRID[0] * TASK_GRID[1]:
+            readings.append(TASK_GRID)
     distinct = list(dict.fromkeys(readings))
     if len(distinct) > 1:
         raise InputError(f"{source}: its pos_embed's {tokens} tokens fit a {' and a '.join(map(_grid_text, distinct))} "
@@ -387,7 +390,7 @@ FROM_ELSEWHERE = "the file is damaged, or the run that wrote it diverged; compar
 
 def refuse_non_finite(state: dict[str, torch.Tensor], source, why: str = OUR_RUN) -> None:
     """A model whose weights hold NaN or infinity (a diverged run's) predicts nothing: refused, naming a tensor."""
-    bad = next((name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()),
-               None)
+    bad = next((name for name, tensor in state.items()
+                if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all()), None)
     if bad is not None:
         raise CheckpointError(f"{source}: weight {bad!r} is not finite (NaN or infinity): {why}")

@@ -178,6 +178,21 @@ def test_hostfile_dry_run_prints_command_env_file_names_and_no_secret(capfd, s3_
 
 
 @pytest.mark.timeout(60)
+def test_an_ssh_launch_from_a_folder_holding_another_medsapiens_is_refused(capsys, monkeypatch, tmp_path, hostfile,
+                                                                          remote_tools):
+    """DeepSpeed's ssh launch puts the working directory first on every rank's PYTHONPATH: its medsapiens/ (a
+    checkout's root, the package installed not editable) would be imported by every rank, holding no stage."""
+    (tmp_path / "checkout" / "medsapiens").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "checkout")
+    status, _, err = launch(capsys, "pretrain", "--config", DEMO, "--hostfile", str(hostfile), "--dry-run")
+    assert status == 2 and err.strip() == (
+        f"error: {tmp_path / 'checkout'} holds a medsapiens/ folder other than the installed package, which "
+        "DeepSpeed's ssh launch would put first on every rank's import path: launch from another folder")
+    monkeypatch.chdir(REPO)  # the package's own checkout, installed editable: its medsapiens/ is the one run
+    assert launch(capsys, "pretrain", "--config", DEMO, "--hostfile", str(hostfile), "--dry-run")[0] == 0
+
+
+@pytest.mark.timeout(60)
 def test_hostfile_gpus_above_a_hosts_slots_is_refused(capsys, hostfile):
     status, _, err = launch(capsys, "pretrain", "--config", DEMO, "--hostfile", str(hostfile), "--gpus", "3",
                             "--dry-run")

@@ -128,13 +128,52 @@ def test_a_body_cut_short_is_retried_and_a_prefix_may_hold_hash_and_question_mar
     the key `exp` with a URL fragment, so every shard, stats file and the manifest overwrote that one object."""
     body = os.urandom(200_000)
     storage.write_bytes(f"{BUCKET}/cut/manifest.json", body)
-    proxy.inject("drop")
-    assert storage.read_bytes(f"{BUCKET}/cut/manifest.json") == body and not proxy.faults
-    assert f"warning: get {BUCKET}/cut/manifest.json failed" in capsys.readouterr().err
+    for limit in (None, 1 << 20):  # what every reader passes: a read of at most so much stopped short silently
+        proxy.inject("drop")
+        assert storage.read_bytes(f"{BUCKET}/cut/manifest.json", limit) == body and not proxy.faults
+        assert f"warning: get {BUCKET}/cut/manifest.json failed" in capsys.readouterr().err
     build_to(f"{BUCKET}/exp#1?v=2", head_phantoms)
     keys = [item["Key"] for item in s3_env[1].list_objects_v2(Bucket=BUCKET[5:], Prefix="exp")["Contents"]]
     assert "exp#1?v=2/manifest.json" in keys and all(key.startswith("exp#1?v=2/") for key in keys), keys
     assert len(shard_digests(f"{BUCKET}/exp#1?v=2")) == 4
+
+
+@pytest.mark.timeout(60)
+def test_a_read_of_at_most_so_many_bytes_whose_body_ends_early_is_retried(monkeypatch, capsys):
+    """An endpoint that sends half the body it announced, then closes cleanly: a read with a limit (every reader
+    passes one) returned the half as the whole object, where botocore checks only a read to the end."""
+    import socket
+    import threading
+
+    body, requests = os.urandom(200_000), []
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:  # closed: the test is over
+                return
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += connection.recv(65536)
+            requests.append(request)
+            sent = body[:len(body) // 2] if len(requests) == 1 else body
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + sent)
+            connection.shutdown(socket.SHUT_RDWR)
+            connection.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.getsockname()[1]}", "AWS_ACCESS_KEY_ID": "id",
+                        "AWS_SECRET_ACCESS_KEY": "secret", "AWS_DEFAULT_REGION": "us-east-1", **LIMITS}.items():
+        monkeypatch.setenv(name, value)
+    storage._client_for_pid.cache_clear()
+    try:
+        assert storage.read_bytes(f"{BUCKET}/manifest.json", 1 << 20) == body and len(requests) == 2
+    finally:
+        storage._client_for_pid.cache_clear()
+        server.close()
+    assert "(IncompleteReadError), retry 1 of 3" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(60)

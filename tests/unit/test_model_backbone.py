@@ -231,6 +231,8 @@ def test_a_portrait_table_that_records_no_grid_is_not_read_as_a_landscape_model_
     recorded = {"pos_embed_grid": "64x48"}
     report = load_state(build_backbone("sapiens_tiny", (1536, 512)), pose, recorded)
     assert report.complete and "pos_embed resized from 64x48 to 96x32" in report.notes
+    with pytest.raises(ValueError, match=r"3072 tokens are neither the model's grid nor a square grid"):
+        load_state(build_backbone("sapiens_tiny", (512, 384)), pose)  # 32x24: the table's grid is not guessed
 
 
 def test_whole_number_weights_are_refused_not_cast(tiny_state):
@@ -282,6 +284,9 @@ def test_a_tensor_repeating_one_value_a_file_of_kilobytes_makes_huge_is_refused_
     assert (tmp_path / "huge.pth").stat().st_size < 2000
     with pytest.raises(InputError, match=r"entry 'pos_embed' claims 4,097,000,000 values over a storage of 4 bytes"):
         read_tensors(tmp_path / "huge.pth")
+    torch.save({"pos_embed": torch.zeros(2, 4).to_sparse()}, tmp_path / "sparse.pth")
+    with pytest.raises(InputError, match=r"entry 'pos_embed' is a torch.sparse_coo tensor, not dense weights"):
+        read_tensors(tmp_path / "sparse.pth")
 
 
 def test_two_file_keys_for_one_backbone_key_and_non_finite_weights_are_refused(tmp_path, tiny_state):
@@ -297,7 +302,11 @@ def test_two_file_keys_for_one_backbone_key_and_non_finite_weights_are_refused(t
     save_file(broken, tmp_path / "nan.safetensors")
     for path in (tmp_path / "nan.pth", tmp_path / "nan.safetensors"):
         with pytest.raises(CheckpointError, match=rf"^{path}: weight 'ln1.weight' is not finite .*: the file is damaged"):
-            read_tensors(path)
+            load_checkpoint(build_backbone("sapiens_tiny", IMG), path)
+    with pytest.raises(CheckpointError, match=r"nan.pth: weight 'ln1.weight' is not finite"):
+        convert_checkpoint(tmp_path / "nan.pth", "sapiens_tiny", tmp_path / "out.safetensors")
+    masked = {**{f"backbone.{k}": v for k, v in tiny_state.items()}, "head.mask": torch.full((4,), float("-inf"))}
+    assert load_state(build_backbone("sapiens_tiny", IMG), masked).complete  # the head: outside the backbone, unread
 
 
 def test_a_loaded_checkpoint_s_report_is_printed(tmp_path, tiny_state, capsys):
