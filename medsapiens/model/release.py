@@ -90,6 +90,7 @@ def convert_release(
     obj, loader = read_checkpoint(checkpoint)
     state = state_dict_in(obj, checkpoint)
     width, channels = check_state(state, arch, checkpoint)
+    refuse_non_finite(state, checkpoint, FROM_ELSEWHERE)  # its adapters and head; the base is checked as it loads
     heads = head_channels(channels, dataset, checkpoint)
 
     backbone = build_backbone(arch, img_size)
@@ -109,7 +110,6 @@ def convert_release(
         weights[f"heads.{d}.bias"] = state[FINAL + "bias"][a:b]
     decoder.load_state_dict(weights, strict=True)
     model = LandmarkModel(backbone, decoder)
-    refuse_non_finite(model.state_dict(), checkpoint, FROM_ELSEWHERE)  # the adapters merged, the decoder
 
     provenance = {
         "stage": STAGE,

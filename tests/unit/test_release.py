@@ -167,6 +167,10 @@ def test_wrong_shapes_and_keys_are_refused_by_name(tmp_path, base, capsys):
     state["backbone.module.layers.4.attn.qkv.lora_down.weight"] = torch.zeros(4, ARCH.embed_dim)
     assert "unexpected 'backbone.module.layers.4.attn.qkv.lora_down.weight'" in refused(state, "unexpected")
     assert "not a MedSapiens checkpoint" in refused(released_state(ARCH), "plain_sapiens")
+    state = medsapiens_state()
+    state["backbone.module.layers.1.attn.qkv.lora_up.weight"][0, 0] = float("nan")  # merged, a NaN backbone weight
+    assert ("weight 'backbone.module.layers.1.attn.qkv.lora_up.weight' is not finite (NaN or infinity): the file is "
+            "damaged") in refused(state, "nan")
 
 
 def test_user_mistakes_are_one_line_errors(tmp_path, base, capsys):
