@@ -35,7 +35,8 @@ def register(subparsers) -> None:
     ft.add_argument("--bundle", help="pretrained bundle directory (init 'bundle', the default)")
     ft.add_argument("--init", choices=["bundle", "sapiens", "scratch"], help="where the weights start")
     ft.add_argument("--checkpoint", help="raw Sapiens checkpoint for --init sapiens")
-    ft.add_argument("--arch", help="architecture for --init sapiens/scratch, e.g. sapiens_0.3b")
+    ft.add_argument("--arch", help="architecture for --init sapiens/scratch (default sapiens_0.3b, at model.img_size 1024x768; "
+                    "`medsapiens model info --arch A` gives its size and memory)")
     ft.add_argument("--lora", action="store_true", help="train only LoRA adapters and the decoder")
     ft.add_argument("--reinit-head", action="store_true",
                     help="start this dataset's head afresh even if the bundle has one (as MedSapiens' fine-tuning does)")
@@ -48,8 +49,8 @@ def register(subparsers) -> None:
     ft.add_argument("--no-flip-test", action="store_true", help="evaluate without averaging the mirrored image")
     ft.add_argument("--eval-split", help="split evaluated at the end (default: test, else every test* split, each reported; "
                     "test1+test2 scores both as one)")
-    ft.add_argument("--run-dir", help="output directory (default: a new runs/finetune/<dataset>-<init>[-lora][-<K>shot]-<time>); a run "
-                    "there with the same settings is resumed from its newest complete checkpoint, read as weights "
+    ft.add_argument("--run-dir", help="output directory (default: runs/finetune/<dataset>-<init>[-lora][-<K>shot]-<digest>, the digest "
+                    "of the settings that train, so the same command finds its run again); a run there with the same settings is resumed from its newest complete checkpoint, read as weights "
                     "only (a file naming anything else is refused); one with other settings is refused, naming them")
     ft.add_argument("--resume", choices=["auto", "none"],
                     help="auto (default): continue the run in --run-dir if there is one; none: move it aside "
@@ -80,6 +81,9 @@ def finetune_overrides(args) -> list[str]:
         flagged.append(("--no-flip-test", "flip_test=false"))
     if args.steps is not None and args.epochs is not None:
         raise InputError("give --steps or --epochs, not both")
+    for flag, value in (("--steps", args.steps), ("--epochs", args.epochs)):
+        if value is not None and value <= 0:
+            raise InputError(f"{flag} must be above 0, got {value:g}")
     if args.seed is not None and args.seeds:
         raise InputError("give --seed or --seeds, not both: each seed of --seeds is the seed of its run")
     starts = (("--bundle", args.bundle, "bundle"), ("--checkpoint", args.checkpoint, "sapiens"))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from medsapiens.training.run import (
     move_aside,
     not_a_file,
     train,
+    training_settings_digest,
     weights_digest,
 )
 from medsapiens.training.trainer import RESOLVED_CONFIG
@@ -382,21 +382,18 @@ def seed_summary(results: list[FinetuneResult]) -> dict:
             "runs": [{"seed": r.seed, "run_dir": r.run_dir, "bundle": r.bundle} for r in results]}
 
 
-def fresh_run_dir(cfg: FinetuneConfig) -> str:
-    """runs/finetune/<dataset>-<init>[-lora][-<K>shot]-<time>, not yet taken."""
+def default_run_dir(cfg: FinetuneConfig) -> str:
+    """runs/finetune/<dataset>-<init>[-lora][-<K>shot]-<digest of the settings that train>: the same command
+    (rerun after a stop signal or train.stop_after, or requeued) finds its run again and resumes it; other
+    settings get a directory of their own."""
     parts = [cfg.dataset, cfg.init, *(["lora"] if cfg.lora.enabled else []), *([f"{cfg.shots}shot"] if cfg.shots else [])]
-    base = Path(RUNS_ROOT) / f"{'-'.join(parts)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = Path(f"{base}-{n}")
-    return str(candidate)
+    return str(Path(RUNS_ROOT) / f"{'-'.join(parts)}-{training_settings_digest(cfg)}")
 
 
 def settled_run_dir(cfg: FinetuneConfig) -> FinetuneConfig:
-    """The config with its run directory chosen by rank 0 (a fresh one when none is given), an
+    """The config with its run directory chosen by rank 0 (the default one when none is given), an
     earlier run there moved aside for --resume none."""
-    chosen = [(cfg.run_dir or fresh_run_dir(cfg)) if distributed.rank() == 0 else None]
+    chosen = [(cfg.run_dir or default_run_dir(cfg)) if distributed.rank() == 0 else None]
     distributed.broadcast_from_rank0(chosen)
     cfg = replace(cfg, run_dir=chosen[0])
     if cfg.resume == "none":

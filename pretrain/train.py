@@ -27,9 +27,9 @@ def selected_datasets(manifest: Manifest, requested: list[str]) -> list[str]:
     return list(requested) or sorted(manifest.datasets)
 
 
-def preflight(cfg: PretrainConfig) -> tuple[Manifest, list[str]]:
-    """What can be known wrong before the first step beyond the settings: manifest, datasets, shard
-    URLs. Returns the manifest and the datasets to train."""
+def read_inputs(cfg: PretrainConfig) -> tuple[Manifest, list[str]]:
+    """The manifest and the datasets to train, the starting weights checked: on every rank, before
+    DeepSpeed starts (a minute, and more on many ranks), as fine-tuning reads its own."""
     if not cfg.data.shards:
         raise ManifestError("data.shards is not set: give the shard directory or s3:// prefix")
     checkpoint = cfg.model.checkpoint
@@ -37,28 +37,28 @@ def preflight(cfg: PretrainConfig) -> tuple[Manifest, list[str]]:
         raise InputError(f"model.checkpoint {checkpoint!r}: {found}; give a Sapiens checkpoint file (.pth or "
                          ".safetensors), or null to start from random weights")
     manifest = load_manifest(cfg.data.shards)
-    datasets = selected_datasets(manifest, cfg.data.datasets)
+    return manifest, selected_datasets(manifest, cfg.data.datasets)
+
+
+def check_shards_reachable(manifest: Manifest, datasets: list[str]) -> None:
     for shard in (s for s in manifest.shards if s.dataset in datasets):
         url = manifest.url_of(shard)
         if not storage.exists(url):
             raise ManifestError(f"shard {url} listed in {manifest.location} is unreachable")
-    return manifest, datasets
 
 
 def run(cfg: PretrainConfig, resume: str = "auto") -> dict:
     check_settings(cfg)  # on every rank, before the process group (whose timeout is a setting)
+    manifest, dataset_ids = read_inputs(cfg)
     with distributed_job(cfg.train.dist_timeout_s):
         if resume == "none":
             distributed.decide_on_rank0(lambda: move_aside(Path(cfg.run_dir), "training run"))
-        return train_in(cfg, resume)
+        return train_in(cfg, resume, manifest, dataset_ids)
 
 
-def train_in(cfg: PretrainConfig, resume: str) -> dict:
+def train_in(cfg: PretrainConfig, resume: str, manifest: Manifest, dataset_ids: list[str]) -> dict:
     with distributed.held_by_rank0(writer_lock(Path(cfg.run_dir), "training run")):
-        found: list = [None]
-        distributed.decide_on_rank0(lambda: found.__setitem__(0, preflight(cfg)))
-        distributed.broadcast_from_rank0(found)  # loaded once, on rank 0
-        manifest, dataset_ids = found[0]
+        distributed.decide_on_rank0(lambda: check_shards_reachable(manifest, dataset_ids))  # one rank's requests
         torch.manual_seed(cfg.train.seed)
         model = cfg.model.build({d: manifest.landmark_set(d).num_landmarks for d in dataset_ids})
         plan = RunPlan("pretrain", cfg, manifest, dataset_ids, model, cfg.model,

@@ -206,7 +206,7 @@ def load(location: str | Path) -> Manifest:
     url = manifest_url(location)
     try:
         raw = storage.read_bytes(url, jsondoc.MAX_BYTES)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise NoManifest(f"no manifest at {url} (build shards with `medsapiens shards build`)") from None
     try:
         data = jsondoc.parse(raw, url)

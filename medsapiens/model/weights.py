@@ -251,6 +251,9 @@ def convert_checkpoint(path: str | Path, arch: str | ArchSpec, out: str | Path,
     cannot (a non-square one). The file must fit `arch` exactly: nothing missing or unexpected. A file
     already at `out` is replaced only with `force`."""
     arch = get_arch(arch)
+    if not Path(path).is_file():
+        raise InputError(f"checkpoint {path}: {'a folder' if Path(path).is_dir() else 'no such file'}; give the "
+                         "Sapiens checkpoint file to convert (.pth or .safetensors)")
     check_new_file(Path(out), "BACKBONE.safetensors", force)
     if trained_size is not None and arch.family != "sapiens":
         raise InputError(f"--img-size: a {arch.name} checkpoint has no position table whose grid it would tell; "

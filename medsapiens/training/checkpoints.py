@@ -209,11 +209,16 @@ def load(ds_engine, ckpt_dir: Path) -> dict | None:
     return (client or {}).get(CLIENT_STATE_KEY, {})
 
 
+def universal_tag(ckpt_dir: Path) -> str | None:
+    """The universal checkpoint `medsapiens pretrain universal` made last, if any."""
+    pointer = Path(ckpt_dir) / LATEST_UNIVERSAL
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
 def current_universal(ckpt_dir: Path) -> str:
     """The universal checkpoint `--resume universal` loads: the conversion of the run's newest complete
     checkpoint, never an older one (the steps since would be trained again)."""
-    pointer = ckpt_dir / LATEST_UNIVERSAL
-    universal = pointer.read_text().strip() if pointer.is_file() else None
+    universal = universal_tag(ckpt_dir)
     newest = complete_tags(ckpt_dir)[-1] if has_checkpoint(ckpt_dir) else None
     if universal is None or (newest is not None and tag_step(universal) < tag_step(newest)):
         found = f"its universal checkpoint is {universal}, older than" if universal else "it has no universal checkpoint of"

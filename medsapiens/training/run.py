@@ -6,6 +6,7 @@ manifest, the datasets, whether the best validation checkpoint is kept).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -178,6 +179,19 @@ RESUMABLE_CHANGES = {"run_dir", "train.stop_after", "train.log_every", "train.ke
 WORLD_SIZE_CHANGES = {"data.micro_batch", "train.grad_accum"}  # to keep the global batch on another number of ranks
 
 
+def changes_a_resume_allows(cfg) -> set[str]:
+    """RESUMABLE_CHANGES and the keys the stage's config acts on only after training (AFTER_TRAINING)."""
+    return RESUMABLE_CHANGES | getattr(cfg, "AFTER_TRAINING", frozenset())
+
+
+def training_settings_digest(cfg) -> str:
+    """12 hex digits of the config's keys that a resume may not change: the same for a rerun of the same
+    command, with train.stop_after raised or dropped, or with another evaluation split."""
+    allowed = changes_a_resume_allows(cfg)
+    kept = {key: value for key, value in configlib.flatten(configlib.to_dict(cfg)).items() if key not in allowed}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def not_a_file(path: str) -> str | None:
     """What a path that should name a weights file names instead ("a folder", "no such file"), or None."""
     if Path(path).is_file():
@@ -225,8 +239,9 @@ def check_same_run(run_dir: Path, cfg, resume: str, manifest_digest: str, start_
     info = json.loads((run_dir / RUN_INFO).read_text()) if (run_dir / RUN_INFO).is_file() else {}
     trained_on, started_from = info.get("manifest", {}).get("sha256"), info.get("start_sha256")
     found_elsewhere = ({"data.shards"} if trained_on and trained_on == manifest_digest else set()) | (
-        {"model.checkpoint"} if started_from and started_from == start_digest else set())  # moved, or spelled otherwise
-    may_change = (RESUMABLE_CHANGES | getattr(cfg, "AFTER_TRAINING", frozenset()) | found_elsewhere
+        getattr(cfg, "STARTING_WEIGHTS", {"model.checkpoint"}) if started_from and started_from == start_digest
+        else set())  # moved, or spelled otherwise
+    may_change = (changes_a_resume_allows(cfg) | found_elsewhere
                   | (WORLD_SIZE_CHANGES if resume == "universal" else set()))
     differing = {k: v for k, v in configlib.differences(before, cfg).items() if k not in may_change}
     if differing:
@@ -289,9 +304,27 @@ def check_resumable(run_dir: Path, stage: str, resume: str) -> None:
         f"resume only on as many ranks as saved them; rerun on {saved} rank(s), or {way_out}")
 
 
+def settled_resume(run_dir: Path, resume: str) -> str:
+    """`universal` once the run resumed from its conversion has saved a checkpoint of its own on as many ranks
+    as now: that newest one resumes (`auto`), so a stopped run goes on with the same command. Rank 0 decides."""
+    mode = [resume]
+    ckpt_dir = checkpoints.checkpoint_dir(run_dir)
+    if resume == "universal" and distributed.rank() == 0 and checkpoints.has_checkpoint(ckpt_dir):
+        universal, newest = checkpoints.universal_tag(ckpt_dir), checkpoints.latest_tag(ckpt_dir)
+        if (universal and checkpoints.tag_step(universal) < checkpoints.tag_step(newest)
+                and checkpoints.saved_world_size(ckpt_dir / newest) == distributed.world_size()):
+            mode[0] = "auto"
+            print(f"--resume universal: checkpoint {newest}, newer than the universal {universal}, was saved by "
+                  f"{distributed.world_size()} rank(s), as many as now: resuming it as --resume auto does",
+                  file=sys.stderr)
+    distributed.broadcast_from_rank0(mode)
+    return mode[0]
+
+
 def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     """Build the engine for plan.model, write the run files, train."""
     cfg = plan.cfg
+    resume = settled_resume(Path(cfg.run_dir), resume)
     train_cfg, head = scheduled(cfg.train, epoch_images(plan.manifest, cfg.data, plan.dataset_ids), global_batch(cfg))
     train_cfg = replace(train_cfg, precision=resolve_precision(train_cfg.precision))  # `auto` as this machine has it
     optim, warmup_note = resolve_warmup(cfg.optim, train_cfg.max_steps)

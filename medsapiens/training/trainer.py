@@ -192,10 +192,10 @@ class Trainer:
                 if stopping:
                     break
                 if signalled:
-                    raise Stopped(f"stopped at step {done} by a stop signal; checkpoint "
-                                  f"{checkpoints.checkpoint_tag(done)} in {self.ckpt_dir} is complete; rerun the "
-                                  "same command to resume")
+                    raise self._stopped(done, f"stopped at step {done}", "resume")
                 waiting_since = time.perf_counter()
+            if stop.agreed():  # a signal during the last step or its checkpoint: what follows training must wait too
+                raise self._stopped(done, f"stopped after step {done}, the last one trained,", "go on")
         except Stopped:
             raise
         except BaseException:
@@ -230,6 +230,11 @@ class Trainer:
                             f"{', '.join(datasets)}); no checkpoint after it is written: lower optim.lr (now "
                             f"{self.engine.optim_cfg.lr:g}) or check the data, then start afresh (--resume none, or "
                             "another run directory): a rerun as it is would diverge again")
+
+    def _stopped(self, step: int, when: str, rerun_does: str) -> Stopped:
+        """A stop signal after `step`'s checkpoint (every step a signal ends has one)."""
+        return Stopped(f"{when} by a stop signal; checkpoint {checkpoints.checkpoint_tag(step)} in "
+                       f"{self.ckpt_dir} is complete; rerun the same command to {rerun_does}")
 
     def _say_where_a_rerun_resumes(self, what: str) -> None:
         if self.is_main:

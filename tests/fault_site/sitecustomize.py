@@ -4,7 +4,8 @@ DeepSpeed saves a file whose name ends with MEDSAPIENS_FAULT_FILE: `freeze` writ
 and stops the process (SIGSTOP, as a rank stalled on a slow disk), `kill` kills the process (SIGKILL)
 before it writes anything, `raise` raises a RuntimeError there (a crash: a bug or a library's error).
 With MEDSAPIENS_FAULT_OOM_AT_BACKWARD=N instead, that rank's N-th backward pass raises torch's
-out-of-memory error, as on a GPU too small for the micro-batch.
+out-of-memory error, as on a GPU too small for the micro-batch; with MEDSAPIENS_FAULT_SIGTERM_AT_BACKWARD=N,
+it sends the process SIGTERM, as a scheduler's preemption landing mid-step.
 Exactly at that point, on every run: no polling, no race."""
 import os
 
@@ -30,17 +31,22 @@ if os.environ.get("MEDSAPIENS_FAULT_FILE") and FAULTY_RANK:
 
     torch.save = _faulty_save
 
-if os.environ.get("MEDSAPIENS_FAULT_OOM_AT_BACKWARD") and FAULTY_RANK:
+BACKWARD_FAULTS = ("MEDSAPIENS_FAULT_OOM_AT_BACKWARD", "MEDSAPIENS_FAULT_SIGTERM_AT_BACKWARD")
+if FAULTY_RANK and any(os.environ.get(name) for name in BACKWARD_FAULTS):
+    import signal
+
     import torch
 
     _backward, _backwards = torch.autograd.backward, [0]
     OOM_REPORT = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 39.49 GiB of which "
                   "1.10 GiB is free. Including non-PyTorch memory, this process has 38.38 GiB memory in use.")
 
-    def _backward_out_of_memory(*args, **kwargs):
+    def _faulty_backward(*args, **kwargs):
         _backwards[0] += 1
-        if _backwards[0] == int(os.environ["MEDSAPIENS_FAULT_OOM_AT_BACKWARD"]):
+        if str(_backwards[0]) == os.environ.get("MEDSAPIENS_FAULT_OOM_AT_BACKWARD"):
             raise torch.OutOfMemoryError(OOM_REPORT)
+        if str(_backwards[0]) == os.environ.get("MEDSAPIENS_FAULT_SIGTERM_AT_BACKWARD"):
+            os.kill(os.getpid(), signal.SIGTERM)
         return _backward(*args, **kwargs)
 
-    torch.autograd.backward = _backward_out_of_memory
+    torch.autograd.backward = _faulty_backward

@@ -41,6 +41,15 @@ def test_pretrain_run_as_documented_and_export_of_a_folder_that_is_no_run(tmp_pa
     refused_here(capsys, ["pretrain", "universal", str(run_dir)], f"{run_dir} is a finetune run, not a pretraining run")
 
 
+def test_convert_and_verify_name_the_file_that_is_not_what_they_read(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("notes")
+    refused_here(capsys, ["shards", "verify", str(tmp_path / "notes.txt")],
+                 f"no manifest at {tmp_path}/notes.txt/manifest.json")
+    for given, what in ((tmp_path / "none.pth", "no such file"), (tmp_path, "a folder")):
+        refused_here(capsys, ["model", "convert", str(given), "--arch", "sapiens_tiny", "--out", str(tmp_path / "b.safetensors")],
+                     f"checkpoint {given}: {what}; give the Sapiens checkpoint file to convert")
+
+
 def test_s3_without_credentials(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=str(tmp_path / "none"),
@@ -56,7 +65,7 @@ def test_finetune_checks_dataset_bundle_and_numbers_before_starting(phantom_shar
     base = ["finetune", "--shards", str(phantom_shards), "--run-dir", str(tmp_path / "run")]
     refused([*base, "--dataset", "knee", "--init", "scratch"], "dataset 'knee' is not in the manifest")
     refused_here(capsys, [*base, "--dataset", "leg", "--bundle", str(tmp_path / "nobundle")], "nobundle is not a bundle")
-    refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "--steps", "-1"], "max_steps")
+    refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "--steps", "-1"], "--steps must be above 0")
     refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "--shots", "-2"], "--shots")
     refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "--batch-size", "0"], "--batch-size")
     refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "--seeds", "0,1,0"], "seeds (--seeds) lists seed(s) [0] more than once")

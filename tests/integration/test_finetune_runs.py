@@ -1,4 +1,4 @@
-"""Fine-tuning runs do what they say: a fresh run directory per run by default, a rerun resumes only
+"""Fine-tuning runs do what they say: a run directory named by the settings by default, a rerun resumes only
 with the same settings, a short run's warm-up is shortened, and the saved config is the model that
 trained."""
 from __future__ import annotations
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CLI, refused_here, run
+from conftest import CLI, REPO, refused_here, run
 
+from medsapiens.errors import EXIT_STOPPED
 from medsapiens.model import bundle as bundlelib
 
 SHORT = ("--steps", "6", "train.val_every=3", "train.checkpoint_every=3", "data.workers=0", "train.val_limit=4")
@@ -20,8 +21,8 @@ def finetune_cli(shards, bundle, *extra) -> list[str]:
     return ["finetune", "--bundle", str(bundle), "--shards", str(shards), "--dataset", "leg", *SHORT, *extra]
 
 
-def finetune(shards, bundle, *extra, cwd: Path | None = None):
-    return run([*CLI, *finetune_cli(shards, bundle, *extra)], 240, **({"cwd": cwd} if cwd else {}))
+def finetune(shards, bundle, *extra, cwd: Path | None = None, env: dict | None = None):
+    return run([*CLI, *finetune_cli(shards, bundle, *extra)], 240, env=env, **({"cwd": cwd} if cwd else {}))
 
 
 @pytest.mark.timeout(600)
@@ -31,7 +32,7 @@ def test_the_readme_examples_run_one_after_another_in_one_directory(head_hand_bu
     assert full.returncode == 0, full.stderr[-3000:]
     assert lora.returncode == 0, lora.stderr[-3000:]
     runs = sorted((tmp_path / "runs" / "finetune").iterdir())
-    assert [r.name.rsplit("-", 2)[0] for r in runs] == ["leg-bundle", "leg-bundle-lora"]
+    assert [r.name.rsplit("-", 1)[0] for r in runs] == ["leg-bundle", "leg-bundle-lora"]
     # 6 steps: the published 500-step warm-up, shortened to a fifth of the run
     assert "warm-up 2 steps from x0.001 (the published 500 shortened to a fifth of this 6-step run" in full.stderr
     for run_dir, proc in zip(runs, (full, lora), strict=True):
@@ -43,6 +44,27 @@ def test_the_readme_examples_run_one_after_another_in_one_directory(head_hand_bu
         assert saved["model"]["arch"] == "sapiens_tiny" == bundlelib.read_config(run_dir / "bundle").model.arch
         assert saved["model"]["img_size"] == [128, 96] and saved["optim"]["warmup_steps"] == 2
         assert trained["origin"]["init"] == "bundle"
+
+
+@pytest.mark.timeout(600)
+def test_a_stop_signal_in_the_last_step_waits_for_the_same_command_which_finds_its_run(head_hand_bundle,
+                                                                                      phantom_shards, tmp_path):
+    """No --run-dir: the default directory is named by the settings that train, so the rerun a stop asks for
+    resumes there; a signal during the last step stops the job before the export (a scheduler's kill would
+    cut that short)."""
+    preempted = {"PYTHONPATH": str(REPO / "tests" / "fault_site"), "MEDSAPIENS_FAULT_RANK": "0",
+                 "MEDSAPIENS_FAULT_SIGTERM_AT_BACKWARD": "6"}
+    stopped = finetune(phantom_shards, head_hand_bundle, cwd=tmp_path, env=preempted)
+    assert stopped.returncode == EXIT_STOPPED, stopped.stderr[-3000:]
+    [run_dir] = (tmp_path / "runs" / "finetune").iterdir()
+    assert (f"stopped after step 6, the last one trained, by a stop signal; checkpoint step_00000006 in "
+            f"runs/finetune/{run_dir.name}/checkpoints is complete; rerun the same command to go on") in stopped.stderr
+    assert not (run_dir / "bundle").exists() and not (run_dir / "eval").exists()
+    again = finetune(phantom_shards, head_hand_bundle, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "runs" / "finetune").iterdir()] == [run_dir.name]
+    assert "resumed from step 6" in again.stderr and "finished at step 6 already" in again.stderr
+    assert (run_dir / "eval" / "test" / "report.md").is_file()
 
 
 @pytest.mark.timeout(600)
@@ -58,7 +80,9 @@ def test_a_rerun_resumes_only_with_the_same_settings(head_hand_bundle, phantom_s
                  f"{run_dir} holds a run with other settings (optim.lr: 0.0005 there, 0.01 now)")
     assert (run_dir / "config.yaml").read_text() == config
 
-    same = finetune(phantom_shards, head_hand_bundle, "--run-dir", str(run_dir), "train.log_every=2",
+    alias = tmp_path / "the-same-bundle"
+    alias.symlink_to(head_hand_bundle)  # the bundle named otherwise: its sha256 is the run's
+    same = finetune(phantom_shards, alias, "--run-dir", str(run_dir), "train.log_every=2",
                     "calibration_coverage=0", "flip_test=false")
     assert same.returncode == 0, same.stderr[-3000:]
     assert "resumed from step 6" in same.stderr  # neither log_every nor what is evaluated after changes what trains

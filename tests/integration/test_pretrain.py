@@ -3,6 +3,7 @@ TensorBoard read back, checkpoints, exact resume, universal checkpoints, export.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import time
@@ -100,7 +101,7 @@ def test_resume_continues_the_same_losses(zero2_run, phantom_shards, tmp_path):
         assert resumed[step] == pytest.approx(whole[step], rel=1e-5, abs=1e-7), step
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 def test_universal_checkpoint_resumes_at_another_world_size(phantom_shards, tmp_path):
     run_dir = tmp_path / "run"
     first = deepspeed_module("medsapiens.pretrain", 2, config_args(phantom_shards, run_dir, "train.stop_after=6"))
@@ -125,8 +126,14 @@ def test_universal_checkpoint_resumes_at_another_world_size(phantom_shards, tmp_
     assert by_step[7] < 2 * by_step[6]  # trained weights were loaded, not a fresh start
     assert json.loads((run_dir / "run.json").read_text())["world_size"] == 1
     newest = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if not p.name.endswith("_universal"))[-1]
-    stale = run([*universal, *config_args(phantom_shards, run_dir, "data.micro_batch=8")], 180)  # would redo 7..
-    assert stale.returncode == 2 and "Traceback" not in stale.stderr, stale.stderr[-3000:]
+    # the same command again (a requeued job) goes on from the newest checkpoint, saved on as many ranks
+    again = run([*universal, *config_args(phantom_shards, run_dir, "data.micro_batch=8")], 180)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (f"--resume universal: checkpoint {newest}, newer than the universal step_00000006_universal, was saved by "
+            "1 rank(s), as many as now: resuming it as --resume auto does") in again.stderr
+    assert f"resumed from step {STEPS}" in again.stderr and f"finished at step {STEPS} already" in again.stderr
+    stale = deepspeed_module("medsapiens.pretrain", 2, ["--resume", "universal", *config_args(phantom_shards, run_dir)])
+    assert stale.returncode == 2 and "Traceback" not in stale.stderr, stale.stderr[-3000:]  # it would redo 7..
     assert (f"error: {run_dir}: its universal checkpoint is step_00000006_universal, older than its newest checkpoint "
             f"{newest}: convert that one with `medsapiens pretrain universal {run_dir}`") in stale.stderr
 
@@ -338,11 +345,17 @@ def test_compiled_model_gives_the_eager_loss_gradients_and_names(phantom_shards,
     ("data.datasets=[head, knee]", "dataset(s) ['knee']"),
     ("data.shards=/nonexistent/shards", "no manifest at /nonexistent/shards/manifest.json"),
 ])
-def test_preflight_stops_with_a_clear_message(phantom_shards, tmp_path, override, message):
-    proc = run([sys.executable, "-m", "medsapiens.pretrain", *config_args(phantom_shards, tmp_path / "run", override)], 100)
-    assert proc.returncode != 0
-    assert message in proc.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
+def test_preflight_stops_with_a_clear_message_before_deepspeed_starts(phantom_shards, tmp_path, override, message,
+                                                                      monkeypatch):
+    """Read on every rank before the process group: a wrong path is told at once, not after DeepSpeed's minute."""
+    from medsapiens.pretrain import train as pretraining
+    from medsapiens.pretrain.config import PretrainConfig
+
+    monkeypatch.setattr(pretraining, "distributed_job", lambda *_: pytest.fail("DeepSpeed started first"))
+    args = config_args(phantom_shards, tmp_path / "run", override)
+    with pytest.raises(manifestlib.ManifestError, match=re.escape(message)):
+        pretraining.run(configlib.load(PretrainConfig, args[1], args[2:]))
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.timeout(120)

@@ -183,3 +183,17 @@ def test_a_long_wrong_value_is_cut_in_the_error_line():
     with pytest.raises(ConfigError, match=r"expected a string, got \[0, 0, .*\.\.\. \(") as refused:
         load(PretrainConfig, None, [f"run_dir=[{', '.join(['0'] * 1_000)}]"])
     assert len(str(refused.value)) < 400
+
+
+def test_every_setting_of_both_stages_is_in_the_recipes_table():
+    """docs/recipes.md's "Every setting" names each key a config takes; a key added to a dataclass
+    without a line there fails here."""
+    from pathlib import Path
+
+    from medsapiens.finetune.config import FinetuneConfig
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "recipes.md").read_text()
+    table = text.split("## Every setting", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([a-z_.]+)`", table))
+    keys = {key for cls in (Experiment, FinetuneConfig) for key in configlib.flatten(configlib.to_dict(cls()))}
+    assert sorted(keys - named) == []

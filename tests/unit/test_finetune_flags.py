@@ -54,6 +54,8 @@ def test_an_override_of_a_key_a_flag_sets_is_refused(argv, refusal):
 def test_steps_and_epochs_are_one_or_the_other():
     with pytest.raises(InputError, match="give --steps or --epochs, not both"):
         config_of("--steps", "5", "--epochs", "2")
+    with pytest.raises(InputError, match=r"^--steps must be above 0, got 0$"):  # not train.max_steps, set by no one
+        config_of("--steps", "0")
     both = configlib.load(FinetuneConfig, None, ["train.epochs=2", "train.max_steps=800"]).train
     with pytest.raises(InputError, match=r"train.epochs \(2\) gives 26 steps here \(100 training images / global "
                                          r"batch 8\), train.max_steps says 800: give one and set the other to 0"):

@@ -8,6 +8,8 @@ from conftest import DEMO_CONFIG
 
 from medsapiens import config as configlib
 from medsapiens.errors import InputError
+from medsapiens.finetune.config import FinetuneConfig
+from medsapiens.finetune.train import default_run_dir
 from medsapiens.pretrain.config import PretrainConfig
 from medsapiens.training.checkpoints import CheckpointError
 from medsapiens.training.run import check_same_run
@@ -93,6 +95,17 @@ def test_shards_and_starting_weights_found_elsewhere_resume_when_their_sha256_is
         check_same_run(run_dir, moved, "auto", DIGEST, "d" * 64)
     with pytest.raises(InputError, match=rf"data.shards: {cfg.data.shards!r} there, '/local/copy/' now"):
         check_same_run(run_dir, moved, "auto", "b" * 64, "c" * 64)
+
+
+def test_the_default_fine_tuning_directory_is_found_again_by_a_rerun_that_resumes_and_not_by_other_settings():
+    cfg = FinetuneConfig(dataset="leg", bundle="bundle")
+    resumes = [replace(cfg, train=replace(cfg.train, stop_after=500, log_every=5)), replace(cfg, eval_split="test1"),
+               replace(cfg, flip_test=False, calibration_coverage=0.0), replace(cfg, resume="none")]
+    others = [replace(cfg, optim=replace(cfg.optim, lr=1e-2)), replace(cfg, shots=5), replace(cfg, shot_seed=1),
+              replace(cfg, seeds=[0, 1]), replace(cfg, train=replace(cfg.train, max_steps=100))]
+    assert {default_run_dir(c) for c in [cfg, *resumes]} == {default_run_dir(cfg)}
+    assert len({default_run_dir(c) for c in [cfg, *others]}) == 1 + len(others)
+    assert default_run_dir(replace(cfg, shots=5)).startswith("runs/finetune/leg-bundle-5shot-")
 
 
 def test_a_resume_under_another_zero_stage_of_the_same_json_file_is_refused(saved_run, tmp_path_factory):
