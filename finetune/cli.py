@@ -35,8 +35,8 @@ def register(subparsers) -> None:
     ft.add_argument("--bundle", help="pretrained bundle directory (init 'bundle', the default)")
     ft.add_argument("--init", choices=["bundle", "sapiens", "scratch"], help="where the weights start")
     ft.add_argument("--checkpoint", help="raw Sapiens checkpoint for --init sapiens")
-    ft.add_argument("--arch", help="architecture for --init sapiens/scratch (default sapiens_0.3b, at model.img_size 1024x768; "
-                    "`medsapiens model info --arch A` gives its size and memory)")
+    ft.add_argument("--arch", help="architecture for --init sapiens/scratch (default sapiens_0.3b, at "
+                    "model.img_size 1024x768; `medsapiens model info --arch A` gives its size and memory)")
     ft.add_argument("--lora", action="store_true", help="train only LoRA adapters and the decoder")
     ft.add_argument("--reinit-head", action="store_true",
                     help="start this dataset's head afresh even if the bundle has one (as MedSapiens' fine-tuning does)")
@@ -49,9 +49,10 @@ def register(subparsers) -> None:
     ft.add_argument("--no-flip-test", action="store_true", help="evaluate without averaging the mirrored image")
     ft.add_argument("--eval-split", help="split evaluated at the end (default: test, else every test* split, each reported; "
                     "test1+test2 scores both as one)")
-    ft.add_argument("--run-dir", help="output directory (default: runs/finetune/<dataset>-<init>[-lora][-<K>shot]-<digest>, the digest "
-                    "of the settings that train, so the same command finds its run again); a run there with the same settings is resumed from its newest complete checkpoint, read as weights "
-                    "only (a file naming anything else is refused); one with other settings is refused, naming them")
+    ft.add_argument("--run-dir", help="output directory (default: runs/finetune/<dataset>-<init>[-lora][-<K>shot]-"
+                    "<digest of what trains>, which the same command finds again); a run there with the same "
+                    "settings is resumed from its newest complete checkpoint, read as weights only (a file naming "
+                    "anything else is refused); one with other settings is refused, naming them")
     ft.add_argument("--resume", choices=["auto", "none"],
                     help="auto (default): continue the run in --run-dir if there is one; none: move it aside "
                     "(RUN_DIR.replaced-<time>) and start afresh")

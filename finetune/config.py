@@ -34,15 +34,15 @@ class FinetuneConfig:
     flip_test: average with the mirrored image at evaluation (as MedSapiens always does).
     calibration_coverage: the selected bundle's split conformal radii per landmark are calibrated on
     data.val_split at this coverage (0: none; skipped, and said, when the val split is too small).
-    run_dir: empty for runs/finetune/<dataset>-<init>[-lora][-<K>shot]-<digest of the settings that train>,
-    which the same command finds again (a rerun after a stop resumes there).
+    run_dir: empty for runs/finetune/<dataset>-<init>[-lora][-<K>shot]-<digest of what trains>, which the
+    same command finds again (a rerun after a stop resumes there).
     resume: `auto` continues the run in run_dir when its settings are the same (refused otherwise);
     `none` moves an earlier run there aside (to <run_dir>.replaced-<time>) and starts afresh."""
 
     # Keys that act only after training (evaluation, calibration): a rerun may change them and still resume.
     AFTER_TRAINING: ClassVar[frozenset[str]] = frozenset({"eval_split", "flip_test", "eval_overlays",
                                                           "calibration_coverage"})
-    # The keys naming the weights a run starts from: a rerun may spell them otherwise when the file's sha256 is the same.
+    # The keys naming the weights a run starts from: a rerun may name them otherwise when their sha256 is the same.
     STARTING_WEIGHTS: ClassVar[frozenset[str]] = frozenset({"model.checkpoint", "bundle"})
     RUN_DIR_CHOSEN_WHEN_EMPTY: ClassVar[bool] = True
 

@@ -34,6 +34,7 @@ from medsapiens.io.manifest import load as load_manifest
 from medsapiens.io.registry import LandmarkSet
 from medsapiens.model import bundle as bundlelib
 from medsapiens.training.checkpoints import checkpoint_dir, has_checkpoint, latest_tag, tag_step, tags
+from medsapiens.training.engine import resolve_precision
 from medsapiens.training.run import (
     RunPlan,
     check_settings,
@@ -116,6 +117,8 @@ def check_inputs(cfg: FinetuneConfig) -> None:
     training_manifest_check(load_manifest(cfg.data.shards), cfg)
     if cfg.init == "bundle":
         bundlelib.read_config(cfg.bundle)
+        if not (Path(cfg.bundle) / bundlelib.WEIGHTS).is_file():
+            raise InputError(f"{cfg.bundle} is not a bundle: no {bundlelib.WEIGHTS} beside its {bundlelib.CONFIG}")
         check_bundle_outside(cfg.bundle, cfg.run_dir)
     if cfg.init == "sapiens" and (found := not_a_file(cfg.model.checkpoint)):
         raise InputError(f"model.checkpoint (--checkpoint) {cfg.model.checkpoint}: {found}, where init 'sapiens' "
@@ -383,11 +386,15 @@ def seed_summary(results: list[FinetuneResult]) -> dict:
 
 
 def default_run_dir(cfg: FinetuneConfig) -> str:
-    """runs/finetune/<dataset>-<init>[-lora][-<K>shot]-<digest of the settings that train>: the same command
-    (rerun after a stop signal or train.stop_after, or requeued) finds its run again and resumes it; other
-    settings get a directory of their own."""
+    """runs/finetune/<dataset>-<init>[-lora][-<K>shot]-<digest of what trains>: the same command (rerun after a
+    stop signal or train.stop_after, or requeued) finds its run again and resumes it; other settings, shards
+    or starting weights (by content, not path), another number of ranks or precision get their own."""
     parts = [cfg.dataset, cfg.init, *(["lora"] if cfg.lora.enabled else []), *([f"{cfg.shots}shot"] if cfg.shots else [])]
-    return str(Path(RUNS_ROOT) / f"{'-'.join(parts)}-{training_settings_digest(cfg)}")
+    identity = {"data.shards": load_manifest(cfg.data.shards).digest, "ranks": distributed.world_size(),
+                "train.precision": resolve_precision(cfg.train.precision),
+                "bundle": weights_digest(str(Path(cfg.bundle) / bundlelib.WEIGHTS)) if cfg.init == "bundle" else None,
+                "model.checkpoint": weights_digest(cfg.model.checkpoint) if cfg.init == "sapiens" else None}
+    return str(Path(RUNS_ROOT) / f"{'-'.join(parts)}-{training_settings_digest(cfg, identity)}")
 
 
 def settled_run_dir(cfg: FinetuneConfig) -> FinetuneConfig:

@@ -6,6 +6,7 @@ manifest, the datasets, whether the best validation checkpoint is kept).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -184,12 +185,14 @@ def changes_a_resume_allows(cfg) -> set[str]:
     return RESUMABLE_CHANGES | getattr(cfg, "AFTER_TRAINING", frozenset())
 
 
-def training_settings_digest(cfg) -> str:
-    """12 hex digits of the config's keys that a resume may not change: the same for a rerun of the same
-    command, with train.stop_after raised or dropped, or with another evaluation split."""
+def training_settings_digest(cfg, identity: dict) -> str:
+    """12 hex digits of the config's keys that a resume may not change, those `identity` names replaced by
+    its values (what a path holds rather than the path; the ranks and the precision that resolve the
+    schedule): the same for a rerun of the same command, with train.stop_after raised or dropped, or
+    with another evaluation split."""
     allowed = changes_a_resume_allows(cfg)
     kept = {key: value for key, value in configlib.flatten(configlib.to_dict(cfg)).items() if key not in allowed}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps({**kept, **identity}, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def not_a_file(path: str) -> str | None:
@@ -201,7 +204,17 @@ def not_a_file(path: str) -> str | None:
 
 def weights_digest(path: str | None) -> str | None:
     """The sha256 of the weights file a run starts from, on rank 0 (which decides a resume), else None."""
-    return file_digest(Path(path))[0] if path and distributed.rank() == 0 else None
+    if not path or distributed.rank() != 0:
+        return None
+    found = Path(path).resolve()
+    stat = found.stat()
+    return digest_of_unchanged_file(str(found), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def digest_of_unchanged_file(path: str, size: int, mtime_ns: int) -> str:
+    """file_digest, once per file as long as its size and modification time stay (weights of gigabytes)."""
+    return file_digest(Path(path))[0]
 
 
 def check_same_global_batch(run_dir: Path, before: dict, ranks_before: int | None, cfg) -> None:
@@ -304,15 +317,18 @@ def check_resumable(run_dir: Path, stage: str, resume: str) -> None:
         f"resume only on as many ranks as saved them; rerun on {saved} rank(s), or {way_out}")
 
 
-def settled_resume(run_dir: Path, resume: str) -> str:
+def settled_resume(run_dir: Path, cfg, resume: str) -> str:
     """`universal` once the run resumed from its conversion has saved a checkpoint of its own on as many ranks
-    as now: that newest one resumes (`auto`), so a stopped run goes on with the same command. Rank 0 decides."""
+    as now, with the per-rank batch it has now: that newest one resumes (`auto`), so a stopped run goes on
+    with the same command. Rank 0 decides."""
     mode = [resume]
     ckpt_dir = checkpoints.checkpoint_dir(run_dir)
     if resume == "universal" and distributed.rank() == 0 and checkpoints.has_checkpoint(ckpt_dir):
         universal, newest = checkpoints.universal_tag(ckpt_dir), checkpoints.latest_tag(ckpt_dir)
+        saved = yaml.safe_load((run_dir / RESOLVED_CONFIG).read_text()) if (run_dir / RESOLVED_CONFIG).is_file() else {}
         if (universal and checkpoints.tag_step(universal) < checkpoints.tag_step(newest)
-                and checkpoints.saved_world_size(ckpt_dir / newest) == distributed.world_size()):
+                and checkpoints.saved_world_size(ckpt_dir / newest) == distributed.world_size()
+                and not set(configlib.differences(saved or {}, cfg)) & WORLD_SIZE_CHANGES):
             mode[0] = "auto"
             print(f"--resume universal: checkpoint {newest}, newer than the universal {universal}, was saved by "
                   f"{distributed.world_size()} rank(s), as many as now: resuming it as --resume auto does",
@@ -324,7 +340,7 @@ def settled_resume(run_dir: Path, resume: str) -> str:
 def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     """Build the engine for plan.model, write the run files, train."""
     cfg = plan.cfg
-    resume = settled_resume(Path(cfg.run_dir), resume)
+    resume = settled_resume(Path(cfg.run_dir), cfg, resume)
     train_cfg, head = scheduled(cfg.train, epoch_images(plan.manifest, cfg.data, plan.dataset_ids), global_batch(cfg))
     train_cfg = replace(train_cfg, precision=resolve_precision(train_cfg.precision))  # `auto` as this machine has it
     optim, warmup_note = resolve_warmup(cfg.optim, train_cfg.max_steps)

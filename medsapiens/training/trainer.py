@@ -194,8 +194,9 @@ class Trainer:
                 if signalled:
                     raise self._stopped(done, f"stopped at step {done}", "resume")
                 waiting_since = time.perf_counter()
-            if stop.agreed():  # a signal during the last step or its checkpoint: what follows training must wait too
-                raise self._stopped(done, f"stopped after step {done}, the last one trained,", "go on")
+            # a signal during the schedule's last step or its checkpoint: what follows training must wait too
+            if done == train.max_steps and stop.agreed():
+                raise self._stopped(done, f"stopped after step {done}, the schedule's last,", "go on")
         except Stopped:
             raise
         except BaseException:

@@ -46,7 +46,8 @@ def test_convert_and_verify_name_the_file_that_is_not_what_they_read(tmp_path, c
     refused_here(capsys, ["shards", "verify", str(tmp_path / "notes.txt")],
                  f"no manifest at {tmp_path}/notes.txt/manifest.json")
     for given, what in ((tmp_path / "none.pth", "no such file"), (tmp_path, "a folder")):
-        refused_here(capsys, ["model", "convert", str(given), "--arch", "sapiens_tiny", "--out", str(tmp_path / "b.safetensors")],
+        out = str(tmp_path / "b.safetensors")
+        refused_here(capsys, ["model", "convert", str(given), "--arch", "sapiens_tiny", "--out", out],
                      f"checkpoint {given}: {what}; give the Sapiens checkpoint file to convert")
 
 

@@ -57,7 +57,7 @@ def test_a_stop_signal_in_the_last_step_waits_for_the_same_command_which_finds_i
     stopped = finetune(phantom_shards, head_hand_bundle, cwd=tmp_path, env=preempted)
     assert stopped.returncode == EXIT_STOPPED, stopped.stderr[-3000:]
     [run_dir] = (tmp_path / "runs" / "finetune").iterdir()
-    assert (f"stopped after step 6, the last one trained, by a stop signal; checkpoint step_00000006 in "
+    assert (f"stopped after step 6, the schedule's last, by a stop signal; checkpoint step_00000006 in "
             f"runs/finetune/{run_dir.name}/checkpoints is complete; rerun the same command to go on") in stopped.stderr
     assert not (run_dir / "bundle").exists() and not (run_dir / "eval").exists()
     again = finetune(phantom_shards, head_hand_bundle, cwd=tmp_path)
@@ -129,3 +129,7 @@ def test_a_model_key_contradicting_the_bundle_is_refused(head_hand_bundle, phant
                           "model.img_size=[256, 192] (the bundle's: [128, 96])")
     assert "grad_checkpointing" not in stderr and "sapiens.pth" not in stderr  # neither contradicts
     assert not (tmp_path / "ft").exists()
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    (weightless / bundlelib.CONFIG).write_bytes((head_hand_bundle / bundlelib.CONFIG).read_bytes())
+    refused_here(capsys, finetune_cli(phantom_shards, weightless), f"{weightless} is not a bundle: no model.safetensors")

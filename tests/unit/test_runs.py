@@ -7,12 +7,14 @@ import pytest
 from conftest import DEMO_CONFIG
 
 from medsapiens import config as configlib
+from medsapiens import distributed
 from medsapiens.errors import InputError
 from medsapiens.finetune.config import FinetuneConfig
 from medsapiens.finetune.train import default_run_dir
+from medsapiens.model import bundle as bundlelib
 from medsapiens.pretrain.config import PretrainConfig
 from medsapiens.training.checkpoints import CheckpointError
-from medsapiens.training.run import check_same_run
+from medsapiens.training.run import check_same_run, settled_resume
 from medsapiens.training.telemetry import Telemetry
 from medsapiens.training.trainer import RESOLVED_CONFIG, RESOLVED_DEEPSPEED, RUN_INFO
 
@@ -97,15 +99,45 @@ def test_shards_and_starting_weights_found_elsewhere_resume_when_their_sha256_is
         check_same_run(run_dir, moved, "auto", "b" * 64, "c" * 64)
 
 
-def test_the_default_fine_tuning_directory_is_found_again_by_a_rerun_that_resumes_and_not_by_other_settings():
-    cfg = FinetuneConfig(dataset="leg", bundle="bundle")
+def test_the_default_fine_tuning_directory_is_found_again_by_a_rerun_that_resumes_and_not_by_other_settings(
+        phantom_shards, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("bundle", "other"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / bundlelib.WEIGHTS).write_bytes(name.encode())
+    (tmp_path / "alias").symlink_to(tmp_path / "bundle")
+    data = replace(FinetuneConfig().data, shards=str(phantom_shards))
+    cfg = FinetuneConfig(dataset="leg", bundle="bundle", data=data)
     resumes = [replace(cfg, train=replace(cfg.train, stop_after=500, log_every=5)), replace(cfg, eval_split="test1"),
-               replace(cfg, flip_test=False, calibration_coverage=0.0), replace(cfg, resume="none")]
+               replace(cfg, flip_test=False, calibration_coverage=0.0), replace(cfg, resume="none"),
+               replace(cfg, bundle=str(tmp_path / "alias")),  # the same weights by another path
+               replace(cfg, model=replace(cfg.model, checkpoint="unread.pth"))]  # init bundle reads no checkpoint
     others = [replace(cfg, optim=replace(cfg.optim, lr=1e-2)), replace(cfg, shots=5), replace(cfg, shot_seed=1),
-              replace(cfg, seeds=[0, 1]), replace(cfg, train=replace(cfg.train, max_steps=100))]
-    assert {default_run_dir(c) for c in [cfg, *resumes]} == {default_run_dir(cfg)}
+              replace(cfg, seeds=[0, 1]), replace(cfg, train=replace(cfg.train, max_steps=100)),
+              replace(cfg, bundle="other"), replace(cfg, train=replace(cfg.train, precision="bf16"))]
+    one_rank = default_run_dir(cfg)
+    assert {default_run_dir(c) for c in resumes} == {one_rank}
     assert len({default_run_dir(c) for c in [cfg, *others]}) == 1 + len(others)
     assert default_run_dir(replace(cfg, shots=5)).startswith("runs/finetune/leg-bundle-5shot-")
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)  # the same command on 4 ranks: another epoch schedule
+    assert default_run_dir(cfg) != one_rank
+
+
+def test_a_universal_rerun_goes_on_from_the_runs_own_newer_checkpoint_at_the_same_ranks_and_batch(saved_run):
+    """The run resumed from step 2's conversion on one rank and saved step 4 there: the same command
+    again resumes step 4; at another per-rank batch it keeps asking for the newest's conversion."""
+    run_dir, cfg = saved_run
+    ckpt_dir = run_dir / "checkpoints"
+    (ckpt_dir / "step_00000002_universal").mkdir()
+    (ckpt_dir / "latest_universal").write_text("step_00000002_universal")
+    shard = "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    (ckpt_dir / "step_00000004").mkdir()
+    (ckpt_dir / "step_00000004" / shard).write_bytes(b"x")
+    (ckpt_dir / "step_00000004" / "complete.json").write_text(json.dumps({shard: 1}))
+    assert settled_resume(run_dir, cfg, "universal") == "auto"
+    assert settled_resume(run_dir, replace(cfg, data=replace(cfg.data, micro_batch=2)), "universal") == "universal"
+    (ckpt_dir / "latest_universal").write_text("step_00000004_universal")  # converted again: loaded as asked
+    assert settled_resume(run_dir, cfg, "universal") == "universal"
 
 
 def test_a_resume_under_another_zero_stage_of_the_same_json_file_is_refused(saved_run, tmp_path_factory):
