@@ -110,7 +110,7 @@ def evaluate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset:
                                                f"landmarks {Protocol(landmark_set).wrist_pair}, this evaluation's by "
                                                f"{protocol.wrist_pair}")
         elif calibration:
-            report["coverage"] = conformal.coverage_report(errors, mask, calibration, landmark_set.names)
+            report["coverage"] = conformal.coverage_report(errors, mask, calibration, landmark_set.names, split)
         remove_earlier_report(Path(out_dir))  # a fine-tuning rerun's; the evaluate command asks first
         write_report(report, np.where(mask, errors, np.nan), preds.ids, landmark_set.names, out_dir)
         write_overlays(preds.panels, Path(out_dir) / OVERLAYS)

@@ -274,7 +274,7 @@ class SeedsResult:
         for split, numbers in s["splits"].items():
             sdr = ", ".join(f"SDR@{r} {v['mean']:.2f} +- {v['std']:.2f}%" for r, v in numbers["sdr"].items())
             lines.append(f"{split}: {len(s['seeds'])} seeds: MRE {numbers['mre']['mean']:.3f} +- "
-                         f"{numbers['mre']['std']:.3f} {s['unit']} (mean +- std over seeds), {sdr}")
+                         f"{numbers['mre']['std']:.3f} {s['unit']} (mean +- population std over seeds), {sdr}")
         values = {split: numbers["mre"]["values"] for split, numbers in s["splits"].items()}
         return [*lines, json.dumps({"seeds": s["seeds"], "mre": values}),
                 f"summary: {self.summary_file}; each seed's bundle and reports under {self.run_dir}/seed_<n>"]

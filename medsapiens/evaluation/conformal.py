@@ -87,10 +87,12 @@ def coverage_of(errors: np.ndarray, mask: np.ndarray, radii) -> tuple[float, np.
     return float(inside[mask].mean()), per_landmark
 
 
-def coverage_report(errors: np.ndarray, mask: np.ndarray, calibration: dict, names) -> dict:
-    """Empirical coverage on an evaluated split, beside the nominal level and its bounds."""
+def coverage_report(errors: np.ndarray, mask: np.ndarray, calibration: dict, names, split: str) -> dict:
+    """Empirical coverage on the evaluated `split`, beside the nominal level and its bounds; on the split
+    the radii were calibrated on it is not held out (at least the nominal level by construction)."""
     overall, per_landmark = coverage_of(errors, mask, calibration["radii"])
     return {"nominal": calibration["coverage"], "overall": overall, "calibrated_on": calibration["split"],
+            "held_out": split != calibration["split"],
             "calibration_images": calibration["images"], "unit": calibration["unit"],
             "bound": f">= {calibration['coverage']:g} (finite-sample, exchangeable images); "
                      f"<= {calibration['coverage']:g} + 1/(n+1) without ties; radius = {QUANTILE}",

@@ -208,6 +208,7 @@ def test_calibration_is_stored_read_back_and_reported_by_evaluate(calibrated, he
     inside = errors <= np.array(stored["radii"]) + 5e-5  # per_image.csv rounds to 1e-4
     assert report["coverage"]["overall"] == pytest.approx(inside.mean(), abs=1 / inside.size)
     assert report["coverage"]["nominal"] == COVERAGE and report["coverage"]["calibrated_on"] == "val"
+    assert report["coverage"]["held_out"] is True  # test1, not the val split it was calibrated on
     assert abs(report["coverage"]["overall"] - COVERAGE) < 0.12  # one split of 22 images; the seeds test is tighter
     assert "Conformal error bounds" in (out / "report.md").read_text() and "conformal coverage" in proc.stdout
     assert report["annotations"]["reader"] == "isbi2015" and report["annotations"]["options"]["gt"] == "mean"

@@ -293,3 +293,19 @@ def test_per_image_csv_reads_back_whatever_the_image_ids_hold(tmp_path):
                           np.full((len(ids), 2), 0.1))
     write_report(report, errors, ids, protocol.landmark_set.names, tmp_path)
     assert errors_from_csv(tmp_path / "per_image.csv") == pytest.approx(np.round(errors, 4), abs=1e-9)
+
+
+def test_coverage_on_the_split_the_radii_were_calibrated_on_is_said_not_to_be_held_out():
+    from medsapiens.evaluate.report import coverage_lines
+    from medsapiens.evaluation import conformal
+
+    names = registry.get("head").names
+    errors, mask = np.random.default_rng(0).exponential(2.0, (12, 19)), np.ones((12, 19), bool)
+    calibration = conformal.calibrate(errors, mask, 0.9, names, "mm", "val", True)
+    same = conformal.coverage_report(errors, mask, calibration, names, "val")
+    other = conformal.coverage_report(errors, mask, calibration, names, "test")
+    assert (same["held_out"], other["held_out"]) == (False, True)
+    assert same["overall"] == 1.0  # 12 images at 90%: each radius is the largest calibration error
+    said = "\n".join(coverage_lines({"coverage": same}))
+    assert "on the split the radii were calibrated on: not held out" in said
+    assert "not held out" not in "\n".join(coverage_lines({"coverage": other}))
