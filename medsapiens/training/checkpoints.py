@@ -252,7 +252,8 @@ def write_best(run_dir: Path, best: dict) -> None:
 
 
 def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 weights of the whole model, gathered from the ZeRO partitions of every rank."""
+    """The whole model's weights, gathered from the ZeRO partitions of every rank: fp32 master copies of
+    what trained, frozen weights in the dtype they trained in (bf16 in a bf16 LoRA run, docs/model.md)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     if not is_complete(Path(ckpt_dir) / tag):
