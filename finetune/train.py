@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from medsapiens import config as configlib
 from medsapiens import distributed
@@ -41,11 +40,11 @@ from medsapiens.training.run import (
     load_trained,
     move_aside,
     not_a_file,
+    saved_config,
     train,
     training_settings_digest,
     weights_digest,
 )
-from medsapiens.training.trainer import RESOLVED_CONFIG
 
 SUMMARY = "summary.json"
 
@@ -117,8 +116,7 @@ def check_inputs(cfg: FinetuneConfig) -> None:
     training_manifest_check(load_manifest(cfg.data.shards), cfg)
     if cfg.init == "bundle":
         bundlelib.read_config(cfg.bundle)
-        if not (Path(cfg.bundle) / bundlelib.WEIGHTS).is_file():
-            raise InputError(f"{cfg.bundle} is not a bundle: no {bundlelib.WEIGHTS} beside its {bundlelib.CONFIG}")
+        bundlelib.weights_file(cfg.bundle)
         check_bundle_outside(cfg.bundle, cfg.run_dir)
     if cfg.init == "sapiens" and (found := not_a_file(cfg.model.checkpoint)):
         raise InputError(f"model.checkpoint (--checkpoint) {cfg.model.checkpoint}: {found}, where init 'sapiens' "
@@ -419,10 +417,11 @@ def with_shot_seed(cfg: FinetuneConfig, seed: int) -> FinetuneConfig:
 def trained_with_seed_zero(cfg: FinetuneConfig) -> bool:
     """A few-shot run in cfg.run_dir that started from the key shot_seed with train.seed 0, before a few-shot
     run trained with its shot seed: it resumes with the seed it trained with."""
-    saved = Path(cfg.run_dir) / RESOLVED_CONFIG
-    if cfg.resume != "auto" or not tags(checkpoint_dir(Path(cfg.run_dir))) or not saved.is_file():  # as check_same_run
+    if cfg.resume != "auto" or not tags(checkpoint_dir(Path(cfg.run_dir))):  # as check_same_run
         return False
-    before = yaml.safe_load(saved.read_text()) or {}
+    before = saved_config(Path(cfg.run_dir))
+    if before is None:
+        return False
     trained = before.get("train")
     return before.get("shot_seed") == cfg.shot_seed != 0 and isinstance(trained, dict) and trained.get("seed") == 0
 

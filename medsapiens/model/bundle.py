@@ -183,7 +183,7 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
     from its header, before the model is built or a tensor is read."""
     device = distributed.use_device(device)
     bundle = read_config(path)
-    weights = Path(path) / WEIGHTS
+    weights = weights_file(path)
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in bundle.model.build(bundle.heads).state_dict().items()}
     check_weights_header(weights, expected)
@@ -192,6 +192,14 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
     refuse_non_finite(state, weights)
     model.load_state_dict(state)
     return model.to(device).eval(), bundle
+
+
+def weights_file(path: str | Path) -> Path:
+    """The bundle's weights file; a folder without one is refused, naming what it lacks."""
+    weights = Path(path) / WEIGHTS
+    if not weights.is_file():
+        raise InputError(f"{path} is not a bundle: no {WEIGHTS} beside its {CONFIG}")
+    return weights
 
 
 def check_weights_header(weights: Path, expected: dict[str, tuple[int, ...]]) -> None:

@@ -233,6 +233,12 @@ def check_same_global_batch(run_dir: Path, before: dict, ranks_before: int | Non
                      f"{ranks} rank(s)): {keep}")
 
 
+def saved_config(run_dir: Path) -> dict | None:
+    """The resolved config a run saved in run_dir (config.yaml), or None where none was saved."""
+    saved = Path(run_dir) / RESOLVED_CONFIG
+    return (yaml.safe_load(saved.read_text()) or {}) if saved.is_file() else None
+
+
 def check_same_run(run_dir: Path, cfg, resume: str, manifest_digest: str, start_digest: str | None = None) -> None:
     """A rerun that resumes continues the run in run_dir, so its resolved config must be the one saved
     there (the keys of RESUMABLE_CHANGES and the stage config's AFTER_TRAINING aside; with `universal`,
@@ -240,10 +246,11 @@ def check_same_run(run_dir: Path, cfg, resume: str, manifest_digest: str, start_
     manifest, from the same starting weights: data.shards and model.checkpoint may name them elsewhere
     when their sha256 is the one the run recorded. Raises naming each difference, before anything in
     run_dir is rewritten."""
-    saved = run_dir / RESOLVED_CONFIG
-    if resume == "none" or not checkpoints.tags(checkpoints.checkpoint_dir(run_dir)) or not saved.is_file():
+    if resume == "none" or not checkpoints.tags(checkpoints.checkpoint_dir(run_dir)):
         return
-    before = yaml.safe_load(saved.read_text()) or {}
+    before = saved_config(run_dir)
+    if before is None:
+        return
     if isinstance(before.get("train"), dict) and "deepspeed" in before["train"]:
         before["train"]["deepspeed"] = current_spelling(before["train"]["deepspeed"])
     if isinstance(before.get("train"), dict) and before["train"].get("precision") == "auto":  # saved unresolved
@@ -325,7 +332,7 @@ def settled_resume(run_dir: Path, cfg, resume: str) -> str:
     ckpt_dir = checkpoints.checkpoint_dir(run_dir)
     if resume == "universal" and distributed.rank() == 0 and checkpoints.has_checkpoint(ckpt_dir):
         universal, newest = checkpoints.universal_tag(ckpt_dir), checkpoints.latest_tag(ckpt_dir)
-        saved = yaml.safe_load((run_dir / RESOLVED_CONFIG).read_text()) if (run_dir / RESOLVED_CONFIG).is_file() else {}
+        saved = saved_config(run_dir) or {}
         if (universal and checkpoints.tag_step(universal) < checkpoints.tag_step(newest)
                 and checkpoints.saved_world_size(ckpt_dir / newest) == distributed.world_size()
                 and not set(configlib.differences(saved or {}, cfg)) & WORLD_SIZE_CHANGES):
