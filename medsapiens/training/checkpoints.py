@@ -247,8 +247,20 @@ def best_entry(step: int, score: float, validation: dict) -> dict:
     return {"step": step, "tag": checkpoint_tag(step), "mre": score, "validation": validation}
 
 
-def write_best(run_dir: Path, best: dict) -> None:
-    (Path(run_dir) / BEST).write_text(json.dumps(best, indent=2))
+def best_still_kept(ckpt_dir: Path, best: dict | None) -> dict | None:
+    """The best entry a resumed checkpoint recorded, or None when its tag is no longer complete on disk. A
+    resume that fell back past a removed newest checkpoint reads an older record, whose best the removed
+    save may have pruned for its own, newer best."""
+    return best if best and is_complete(Path(ckpt_dir) / best["tag"]) else None
+
+
+def write_best(run_dir: Path, best: dict | None) -> None:
+    """`best.json`, or none while no kept checkpoint is the best."""
+    path = Path(run_dir) / BEST
+    if best is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_text(json.dumps(best, indent=2))
 
 
 def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:

@@ -137,9 +137,13 @@ class Trainer:
                 f"the checkpoint in {self.ckpt_dir} was trained on another shard manifest "
                 f"(sha256 {state.get('manifest_digest', '?')[:12]}, now {self.ctx.manifest.digest[:12]})"
             )
-        self.best = state.get("best")
+        recorded = state.get("best")
+        self.best = checkpoints.best_still_kept(self.ckpt_dir, recorded)
         if self.is_main:
             print(f"resumed from step {state['step']} ({self.ckpt_dir})", file=sys.stderr)
+            if recorded and self.best is None:
+                print(f"the best validation checkpoint it records, {recorded['tag']}, is gone: the best is "
+                      "chosen again from the validations to come", file=sys.stderr)
         return int(state["step"])
 
     def fit(self, start_step: int) -> dict:
@@ -301,7 +305,7 @@ class Trainer:
             "world_size": distributed.world_size(),
             "best": self.best,
         }, keep=keep)
-        if self.is_main and self.best:
+        if self.is_main and self.ctx.track_best:
             checkpoints.write_best(self.ctx.run_dir, self.best)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,24 @@ def test_a_model_key_contradicting_the_bundle_is_refused(head_hand_bundle, phant
     weightless.mkdir()
     (weightless / bundlelib.CONFIG).write_bytes((head_hand_bundle / bundlelib.CONFIG).read_bytes())
     refused_here(capsys, finetune_cli(phantom_shards, weightless), f"{weightless} is not a bundle: no model.safetensors")
+
+
+@pytest.mark.timeout(600)
+def test_a_resume_whose_recorded_best_is_gone_chooses_the_best_again(head_hand_bundle, phantom_shards, tmp_path):
+    """A resume that fell back past a removed newest checkpoint reads an older record, whose best that removed
+    save may have pruned for its own: the best is chosen again, and the export never names a deleted tag."""
+    run_dir = tmp_path / "ft"
+    preempted = {"PYTHONPATH": str(REPO / "tests" / "fault_site"), "MEDSAPIENS_FAULT_RANK": "0",
+                 "MEDSAPIENS_FAULT_SIGTERM_AT_BACKWARD": "4"}
+    stopped = finetune(phantom_shards, head_hand_bundle, "--run-dir", str(run_dir), env=preempted)
+    assert stopped.returncode == EXIT_STOPPED, stopped.stderr[-3000:]
+    ckpt_dir = run_dir / "checkpoints"
+    assert json.loads((run_dir / "best.json").read_text())["tag"] == "step_00000003"  # step 4's record names it
+    shutil.rmtree(ckpt_dir / "step_00000003")  # as the prune for a newer best whose save was then torn
+    again = finetune(phantom_shards, head_hand_bundle, "--run-dir", str(run_dir))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from step 4" in again.stderr
+    assert ("the best validation checkpoint it records, step_00000003, is gone: the best is chosen again from the "
+            "validations to come") in again.stderr
+    assert json.loads((run_dir / "best.json").read_text())["tag"] == "step_00000006"
+    assert bundlelib.read_config(run_dir / "bundle").provenance["checkpoint"] == "step_00000006"
