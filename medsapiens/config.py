@@ -243,7 +243,23 @@ def parse_override(item: str) -> tuple[str, object]:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not of the form key=value")
-    return key, read_yaml(raw, f"override {key}") if raw else ""
+    if not raw:
+        return key, ""
+    value = read_yaml(raw, f"override {key}")
+    check_no_comment_dropped(item, raw, value)
+    return key, value
+
+
+def check_no_comment_dropped(item: str, raw: str, value) -> None:
+    """Refuse a value YAML cut at a comment: `run_dir=/runs/exp #2` would be /runs/exp, another run."""
+    for mark in re.finditer(r"(?:^|\s)#", raw):
+        try:
+            before = read_yaml(raw[:mark.start()], "")
+        except ConfigError:  # the # is inside quotes or brackets: part of the value
+            continue
+        if before == value:
+            raise ConfigError(f"override {item!r}: YAML reads {raw[mark.start():].strip()!r} as a comment and "
+                              "drops it; quote the value to keep the #, or leave the comment out")
 
 
 def keys_set(key: str, value) -> list[str]:

@@ -63,6 +63,16 @@ def test_a_number_no_setting_means_and_yaml_1_1s_spellings_are_refused(override,
         configlib.load(Experiment, None, [override])
 
 
+def test_a_value_yaml_would_cut_at_a_comment_is_refused():
+    """` #` starts a YAML comment: `run_dir=/runs/exp #2` would silently be another run's /runs/exp."""
+    for override in ("run_dir=/runs/exp #2", "data.datasets=[head, hand] # not leg", "data.shards=#1"):
+        with pytest.raises(configlib.ConfigError, match=re.escape(f"override {override!r}: YAML reads '#")):
+            configlib.load(Experiment, None, [override])
+    cfg = configlib.load(Experiment, None, ["run_dir='/runs/exp #2'", "data.shards=/data/set#1",
+                                            'data.datasets=[head, "hand #2"]'])
+    assert (cfg.run_dir, cfg.data.shards, cfg.data.datasets) == ("/runs/exp #2", "/data/set#1", ["head", "hand #2"])
+
+
 def test_numbers_read_as_written():
     cfg = configlib.load(Experiment, None, ["train.max_steps=010", "optim.eps=1e-6", "train.seed=1_000"])
     assert (cfg.train.max_steps, cfg.optim.eps, cfg.train.seed) == (10, 1e-6, 1000)  # YAML 1.1: octal 8
