@@ -43,6 +43,7 @@ from medsapiens.training.run import (
     saved_config,
     train,
     training_settings_digest,
+    validated_on,
     weights_digest,
 )
 
@@ -137,6 +138,7 @@ def training_manifest_check(manifest: Manifest, cfg: FinetuneConfig) -> None:
     if cfg.shots > available:
         raise InputError(f"--shots {cfg.shots} asks for more images than {cfg.dataset!r} has in its "
                          f"{cfg.data.train_split!r} split ({available})")
+    validated_on(manifest, [cfg.dataset], cfg.data.val_split)
     evaluation_splits(manifest, cfg.dataset, cfg.eval_split)  # fail now, not after training
 
 

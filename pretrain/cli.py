@@ -22,7 +22,7 @@ def register(subparsers) -> None:
         "export", help="write a bundle (model.safetensors + config.json) from a run",
         description="Reads the run's newest complete checkpoint as weights only: a checkpoint file that "
         "names anything else is refused. Share the bundle, not the run directory.")
-    export.add_argument("run_dir", help="the run directory (the config's run_dir)")
+    export.add_argument("run_dir", help="the pretraining run directory (the config's run_dir)")
     export.add_argument("--out", required=True, help="bundle directory to write")
     export.add_argument("--tag", help="checkpoint tag, e.g. step_00001000 (default: the latest complete one, once the "
                         "run has finished: a run stopped short exports only with --tag)")
@@ -35,7 +35,7 @@ def register(subparsers) -> None:
         "universal", help="convert a checkpoint for resuming at another world size",
         description="Runs DeepSpeed's ds_to_universal on a checkpoint of RUN_DIR and marks it as "
         "`latest_universal`; then resume with `--resume universal` on any number of ranks.")
-    universal.add_argument("run_dir")
+    universal.add_argument("run_dir", help="the pretraining run directory (the config's run_dir)")
     universal.add_argument("--tag", help="checkpoint tag (default: the latest complete one)")
     universal.set_defaults(func=_universal)
 

@@ -14,7 +14,15 @@ from medsapiens.io.locks import writer_lock
 from medsapiens.io.manifest import Manifest, ManifestError
 from medsapiens.io.manifest import load as load_manifest
 from medsapiens.pretrain.config import PretrainConfig
-from medsapiens.training.run import RunPlan, check_settings, move_aside, not_a_file, train, weights_digest
+from medsapiens.training.run import (
+    RunPlan,
+    check_settings,
+    move_aside,
+    not_a_file,
+    train,
+    validated_on,
+    weights_digest,
+)
 
 
 def selected_datasets(manifest: Manifest, requested: list[str]) -> list[str]:
@@ -28,7 +36,7 @@ def selected_datasets(manifest: Manifest, requested: list[str]) -> list[str]:
 
 
 def read_inputs(cfg: PretrainConfig) -> tuple[Manifest, list[str]]:
-    """The manifest and the datasets to train, the starting weights checked: on every rank, before
+    """The manifest and the datasets to train, the starting weights and the val split checked: on every rank, before
     DeepSpeed starts (a minute, and more on many ranks), as fine-tuning reads its own."""
     if not cfg.data.shards:
         raise ManifestError("data.shards is not set: give the shard directory or s3:// prefix")
@@ -37,7 +45,9 @@ def read_inputs(cfg: PretrainConfig) -> tuple[Manifest, list[str]]:
         raise InputError(f"model.checkpoint {checkpoint!r}: {found}; give a Sapiens checkpoint file (.pth or "
                          ".safetensors), or null to start from random weights")
     manifest = load_manifest(cfg.data.shards)
-    return manifest, selected_datasets(manifest, cfg.data.datasets)
+    datasets = selected_datasets(manifest, cfg.data.datasets)
+    validated_on(manifest, datasets, cfg.data.val_split)
+    return manifest, datasets
 
 
 def check_shards_reachable(manifest: Manifest, datasets: list[str]) -> None:

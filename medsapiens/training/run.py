@@ -154,17 +154,26 @@ def schedule_text(optim: OptimConfig, head: str, max_steps: int, warmup_note: st
     return f"{text}, then {optim.schedule}"
 
 
+def validated_on(manifest: Manifest, dataset_ids: list[str], split: str) -> dict[str, str | None]:
+    """Each dataset's validation split (None where it has none). A split other than the default that none
+    of them has is refused: a typo would leave the run without validation."""
+    found = {d: validation_split(manifest, d, split) for d in dataset_ids}
+    if split != DataConfig.val_split and not any(found.values()):
+        has = "; ".join(f"{d}: {', '.join(manifest.datasets[d].splits)}" for d in dataset_ids)
+        raise InputError(f"data.val_split={split!r} is a split of none of the datasets trained ({has})")
+    return found
+
+
 def selection(plan: RunPlan) -> dict:
     """Which split chooses the exported checkpoint (recorded in run.json and the bundle)."""
     split = plan.cfg.data.val_split
-    found = {d: validation_split(plan.manifest, d, split) for d in plan.dataset_ids}
+    found = validated_on(plan.manifest, plan.dataset_ids, split)
     if not plan.track_best:
-        rule, chosen = "none: the last checkpoint is exported; validation on the val split is only logged", None
+        validated = [d for d, found_split in found.items() if found_split]
+        on = f"on {split!r} of {', '.join(validated)}" if validated else f"none: no {split!r} split"
+        rule, chosen = f"none: the last checkpoint is exported; validation ({on}) is only logged", None
     elif all(found.values()):
         rule, chosen = "the checkpoint with the lowest val MRE", split
-    elif split != DataConfig.val_split and not any(found.values()):
-        has = "; ".join(f"{d}: {', '.join(plan.manifest.datasets[d].splits)}" for d in plan.dataset_ids)
-        raise InputError(f"data.val_split={split!r} is a split of none of the datasets trained ({has})")
     else:
         rule, chosen = f"none: no {split!r} split to select on, the last checkpoint is exported", None
     return {"split": chosen, "validated_on": found, "rule": rule}

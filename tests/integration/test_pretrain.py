@@ -16,6 +16,7 @@ from conftest import CLI, REPO, deepspeed_module, losses, pretrain_args, run
 from safetensors.torch import load_file, save_file
 
 from medsapiens import config as configlib
+from medsapiens.errors import UserError
 from medsapiens.io import manifest as manifestlib
 from medsapiens.model import bundle as bundlelib
 from medsapiens.training.engine import OptimConfig, lr_factor
@@ -344,6 +345,7 @@ def test_compiled_model_gives_the_eager_loss_gradients_and_names(phantom_shards,
 @pytest.mark.parametrize("override, message", [
     ("data.datasets=[head, knee]", "dataset(s) ['knee']"),
     ("data.shards=/nonexistent/shards", "no manifest at /nonexistent/shards/manifest.json"),
+    ("data.val_split=vall", "data.val_split='vall' is a split of none of the datasets trained (head: test1, test2, train, val; "),
 ])
 def test_preflight_stops_with_a_clear_message_before_deepspeed_starts(phantom_shards, tmp_path, override, message,
                                                                       monkeypatch):
@@ -353,7 +355,7 @@ def test_preflight_stops_with_a_clear_message_before_deepspeed_starts(phantom_sh
 
     monkeypatch.setattr(pretraining, "distributed_job", lambda *_: pytest.fail("DeepSpeed started first"))
     args = config_args(phantom_shards, tmp_path / "run", override)
-    with pytest.raises(manifestlib.ManifestError, match=re.escape(message)):
+    with pytest.raises(UserError, match=re.escape(message)):
         pretraining.run(configlib.load(PretrainConfig, args[1], args[2:]))
     assert not (tmp_path / "run").exists()
 
