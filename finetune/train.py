@@ -79,6 +79,10 @@ def check_config(cfg: FinetuneConfig) -> None:
     if cfg.shots and cfg.train.seed not in (0, cfg.shot_seed):
         raise InputError(f"train.seed {cfg.train.seed} in a few-shot run: it trains with its shot seed (shot_seed, "
                          f"--seed: {cfg.shot_seed}), as each of seeds does; give that seed only")
+    if not cfg.shots and cfg.shot_seed != cfg.train.seed and cfg.shot_seed:
+        raise InputError(f"shot_seed {cfg.shot_seed} without shots: it draws a few-shot run's images (--shots K), and "
+                         f"this run trains on the whole split with train.seed {cfg.train.seed}; give --seed "
+                         f"{cfg.shot_seed} (both seeds) to train with it, or leave shot_seed out")
     if cfg.data.micro_batch < 1:  # before check_settings, to name the flag fine-tuning users give
         raise InputError(f"data.micro_batch (--batch-size) must be at least 1, got {cfg.data.micro_batch}")
     if cfg.calibration_coverage:

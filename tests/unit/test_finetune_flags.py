@@ -115,6 +115,12 @@ def test_a_shot_seed_given_as_flag_or_as_key_is_the_same_run_and_one_that_would_
         check_config(configlib.load(FinetuneConfig, None, [*base, "shot_seed=7", "seeds=[0, 1]"]))
     with pytest.raises(InputError, match=r"^train.seed 5 in a few-shot run: it trains with its shot seed"):
         check_config(configlib.load(FinetuneConfig, None, [*base, "shot_seed=1", "train.seed=5"]))
+    whole_split = ["dataset=leg", "bundle=b"]
+    with pytest.raises(InputError, match=r"^shot_seed 3 without shots: it draws a few-shot run's images \(--shots K\), "
+                       r"and this run trains on the whole split with train.seed 0; give --seed 3"):
+        check_config(configlib.load(FinetuneConfig, None, [*whole_split, "shot_seed=3"]))  # it would train with 0
+    check_config(config_of("--dataset", "leg", "--bundle", "b", "--seed", "3"))  # both seeds: as asked
+    check_config(configlib.load(FinetuneConfig, None, [*whole_split, "train.seed=5"]))
 
 
 def test_a_run_directory_holding_the_bundle_it_starts_from_is_refused(tmp_path):
