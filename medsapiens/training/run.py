@@ -134,7 +134,7 @@ def scheduled(train: TrainConfig, train_images: int, batch: int) -> tuple[TrainC
     max_steps given too must be that count (a run's saved config.yaml holds both)."""
     if train.epochs:
         steps_per_epoch = math.ceil(train_images / batch)
-        steps = math.ceil(train.epochs * steps_per_epoch)
+        steps = math.ceil(round(train.epochs * steps_per_epoch, 6))  # 0.14 x 50 is 7.000000000000001
         if train.max_steps and train.max_steps != steps:
             raise InputError(f"train.epochs ({train.epochs:g}) gives {steps} steps here ({train_images} training images / "
                              f"global batch {batch}), train.max_steps says {train.max_steps}: give one and set the other to 0")
@@ -149,8 +149,10 @@ def scheduled(train: TrainConfig, train_images: int, batch: int) -> tuple[TrainC
 def schedule_text(optim: OptimConfig, head: str, max_steps: int, warmup_note: str = "") -> str:
     text = f"schedule: {head}; warm-up {optim.warmup_steps} steps from x{optim.warmup_factor:g}{warmup_note}"
     if optim.schedule == "step":
-        drops = ", ".join(str(math.ceil(m * max_steps)) for m in optim.milestones)
-        return f"{text}, then lr x{optim.gamma:g} at steps {drops}"
+        drops = [math.ceil(m * max_steps) for m in optim.milestones]
+        late = sum(drop >= max_steps for drop in drops)
+        never = f" ({late} of them at the run's last step or later: never applied)" if late else ""
+        return f"{text}, then lr x{optim.gamma:g} after steps {', '.join(map(str, drops))}{never}"
     return f"{text}, then {optim.schedule}"
 
 

@@ -32,15 +32,18 @@ def test_published_schedule_in_steps(images, batch, steps_per_epoch, warmup_step
     assert factors[warmup_steps - 1] == 1.0 > factors[warmup_steps - 2]  # mmengine's last warm-up step: the base lr
     described = schedule_text(optim, text, train.max_steps)
     assert f"{images} training images / global batch {batch}" in described
-    assert f"lr x0.1 at steps {170 * steps_per_epoch}, {200 * steps_per_epoch}" in described
+    assert f"lr x0.1 after steps {170 * steps_per_epoch}, {200 * steps_per_epoch}" in described
+    assert "never applied" not in described
 
 
 def test_a_short_run_shortens_an_unset_warmup_and_says_so():
     optim, note = resolve_warmup(OptimConfig(), 20)
     assert optim.warmup_steps == 4 and "the published 500 shortened to a fifth of this 20-step run" in note
     text = schedule_text(optim, "20 steps (global batch 8)", 20, note)
-    assert "warm-up 4 steps from x0.001 (the published 500 shortened" in text and "at steps 17, 20" in text
+    assert "warm-up 4 steps from x0.001 (the published 500 shortened" in text
+    assert "lr x0.1 after steps 17, 20 (1 of them at the run's last step or later: never applied)" in text
     assert lr_factor(4, optim, 20) == 1.0  # the lr is reached before the first drop
+    assert lr_factor(16, optim, 20) == 1.0 and lr_factor(17, optim, 20) == 0.1 == lr_factor(19, optim, 20)
 
 
 def test_an_explicit_warmup_wins_with_a_warning_past_the_first_drop():

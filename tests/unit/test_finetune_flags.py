@@ -61,6 +61,8 @@ def test_steps_and_epochs_are_one_or_the_other():
                                          r"batch 8\), train.max_steps says 800: give one and set the other to 0"):
         scheduled(both, 100, 8)
     assert scheduled(replace(both, max_steps=26), 100, 8)[0].max_steps == 26  # a run's own config.yaml, reloaded
+    fraction = configlib.load(FinetuneConfig, None, ["train.epochs=0.14"]).train
+    assert scheduled(fraction, 400, 8)[0].max_steps == 7  # 0.14 x 50 steps, not 0.14 x 50 in floating point, 8
 
 
 @pytest.mark.parametrize("argv, unread", [
