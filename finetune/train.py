@@ -14,7 +14,7 @@ import torch
 
 from medsapiens import config as configlib
 from medsapiens import distributed
-from medsapiens.data.pipeline import is_test_split
+from medsapiens.data.pipeline import DataConfig, is_test_split
 from medsapiens.distributed import distributed_job
 from medsapiens.errors import InputError
 from medsapiens.evaluate.evaluate import (
@@ -50,6 +50,9 @@ from medsapiens.training.run import (
 SUMMARY = "summary.json"
 
 
+MIXTURE_KEYS = ("datasets", "mixing", "temperature", "weights")  # what pretraining draws its batches from
+
+
 def check_config(cfg: FinetuneConfig) -> None:
     if cfg.init not in INIT_SOURCES:
         raise InputError(f"init must be one of {INIT_SOURCES}, got {cfg.init!r}")
@@ -57,6 +60,10 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise InputError(f"resume must be one of {RESUME_MODES}, got {cfg.resume!r}")
     if not cfg.dataset:
         raise InputError("no dataset given (the key dataset=ID; `medsapiens finetune` also takes --dataset ID)")
+    mixture = [f"data.{key}" for key in MIXTURE_KEYS if getattr(cfg.data, key) != getattr(DataConfig(), key)]
+    if mixture:
+        raise InputError(f"{', '.join(mixture)}: pretraining's mixture of datasets, which fine-tuning does not read: "
+                         f"it trains one, {cfg.dataset!r} (--dataset); leave them out")
     if cfg.init == "bundle" and not cfg.bundle:
         raise InputError("init 'bundle' needs a bundle (the key bundle=DIR; `medsapiens finetune` also takes "
                          "--bundle DIR)")

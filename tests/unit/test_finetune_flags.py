@@ -94,6 +94,18 @@ def test_a_negative_shot_seed_a_coverage_past_1_and_a_test_split_to_train_on_are
         check_config(configlib.load(FinetuneConfig, None, ["dataset=leg", "bundle=b", "data.train_split=test1"]))
 
 
+def test_pretrainings_dataset_mixture_given_to_fine_tuning_is_refused():
+    """Fine-tuning trains --dataset: a pretraining config's datasets or mixing would be saved and ignored."""
+    from medsapiens.finetune.train import check_config
+
+    base = ["dataset=leg", "bundle=b"]
+    for given, named in ((["data.datasets=[head]"], "data.datasets"),
+                         (["data.mixing=temperature", "data.weights={leg: 2}"], "data.mixing, data.weights")):
+        with pytest.raises(InputError, match=rf"^{re.escape(named)}: pretraining's mixture of datasets, which "
+                                             r"fine-tuning does not read: it trains one, 'leg' \(--dataset\)"):
+            check_config(configlib.load(FinetuneConfig, None, [*base, *given]))
+
+
 def test_seeds_are_whole_numbers_between_commas(capsys):
     assert config_of("--seeds", "2, 0,1").seeds == [2, 0, 1]
     for bad in ("0,,1", "0,1]", "-1", "", "1.5"):
