@@ -211,6 +211,33 @@ def broadcast_from_rank0(objects: list) -> None:
         dist.broadcast_object_list(objects, src=0, device=collective_device())
 
 
+def check_shared_folder(folder: Path, what: str) -> None:
+    """Refuse, in one line naming the ranks and hosts, a `folder` some rank does not see as rank 0 writes
+    it (a folder local to each host, where the ranks' files must come together)."""
+    if world_size() == 1:
+        return
+    name = [f".shared-check-{os.urandom(8).hex()}" if rank() == 0 else None]  # a new name: no cached lookup
+    if rank() == 0:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / name[0]).write_text(name[0])
+    broadcast_from_rank0(name)
+    probe = Path(folder) / name[0]
+    try:
+        seen = probe.read_text() == name[0]
+    except OSError:
+        seen = False
+    blind = gather_to_rank0(None if seen else f"rank {rank()} on {socket.gethostname()}")
+
+    def check() -> None:
+        probe.unlink(missing_ok=True)
+        missing = [who for who in blind if who]
+        if missing:
+            raise UserError(f"{what} {folder} is not one folder shared by every rank: {', '.join(missing)} cannot see "
+                            "the file rank 0 wrote there; put it on a file system every host mounts at that path")
+
+    decide_on_rank0(check)
+
+
 def sum_across_ranks(values: dict[str, tuple[float, int]], names: list[str]) -> dict[str, tuple[float, int]]:
     """Sum (value_sum, count) pairs per name over ranks; names missing on a rank count as (0, 0)."""
     rows = [[float(s), c] for s, c in (values.get(n, (0.0, 0)) for n in names)]

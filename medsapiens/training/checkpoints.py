@@ -83,9 +83,11 @@ def tag_step(tag: str) -> int:
     return int(tag.removeprefix(TAG_PREFIX).removesuffix("_universal"))
 
 
-def written_files(tag_dir: Path) -> dict[str, int]:
-    """Every file in a tag folder and its size."""
-    return {p.name: p.stat().st_size for p in sorted(Path(tag_dir).iterdir()) if p.is_file() and p.name != COMPLETE}
+def size_on_disk(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
 
 
 def is_complete(tag_dir: Path) -> bool:
@@ -161,8 +163,8 @@ def save(ds_engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: in
     confirmed = distributed.gather_to_rank0(ds_engine.checkpoint_engine.medsapiens_written)
     if rank == 0:
         files = {name: size for files in confirmed for name, size in files.items()}
-        on_disk = written_files(tag_dir)
-        wrong = sorted(name for name, size in files.items() if on_disk.get(name) != size)
+        # each file by name: a shared file system may list a folder from a stale cache
+        wrong = sorted(name for name, size in files.items() if size_on_disk(tag_dir / name) != size)
         if wrong:
             raise CheckpointError(f"checkpoint {tag_dir}: file(s) {wrong} differ from what the ranks wrote")
         write_atomically(tag_dir / COMPLETE, json.dumps(files, indent=1))

@@ -371,6 +371,7 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     for dataset, split in chosen["validated_on"].items():
         if split:  # refused now, not at the first validation
             check_scorable(plan.manifest, dataset, split)
+    distributed.check_shared_folder(run_dir, "run_dir")  # the ranks' checkpoint files come together there
     lora: LoraConfig = cfg.lora
     if lora.enabled:
         apply_lora(plan.model, lora)

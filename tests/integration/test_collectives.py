@@ -206,3 +206,39 @@ def test_a_zero_stage_whose_checkpoints_no_export_reads_is_refused_before_traini
         (tmp_path / "ds.json").write_text(text)
         with pytest.raises(InputError, match=message):
             check_zero_stage(TrainConfig(deepspeed=str(tmp_path / "ds.json")), frozen_weights=False)
+
+
+def _see_the_run_dir(rank: int, store: str, folders: list[str], outcomes: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        distributed.check_shared_folder(Path(folders[rank]), "run_dir")
+        outcome = "ok"
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        outcome = f"{type(exc).__name__}: {exc}"
+    finally:
+        dist.destroy_process_group()
+    Path(outcomes, str(rank)).write_text(outcome)
+
+
+@pytest.mark.timeout(120)
+def test_a_run_dir_some_rank_does_not_share_is_refused_on_every_rank(tmp_path):
+    """Multi-node ranks must write their checkpoint files into one folder: a run directory local to each
+    host (the same path, another disk) is refused at start, naming the rank, not at the first checkpoint."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    host = socket.gethostname()
+    for case, folders in (("shared", [tmp_path / "run"] * 2), ("local", [tmp_path / "run", tmp_path / "copy"])):
+        outcomes = tmp_path / f"outcomes-{case}"
+        outcomes.mkdir()
+        mp.spawn(_see_the_run_dir, args=(str(tmp_path / f"store-{case}"), [str(f) for f in folders], str(outcomes)),
+                 nprocs=2)
+        said = [(outcomes / str(rank)).read_text() for rank in (0, 1)]
+        if case == "shared":
+            assert said == ["ok", "ok"]
+            assert not list((tmp_path / "run").iterdir())  # the probe is gone
+        else:
+            assert said[0] == said[1] == (
+                f"UserError: run_dir {tmp_path / 'run'} is not one folder shared by every rank: rank 1 on {host} "
+                "cannot see the file rank 0 wrote there; put it on a file system every host mounts at that path")
