@@ -58,12 +58,12 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise InputError(f"init must be one of {INIT_SOURCES}, got {cfg.init!r}")
     if cfg.resume not in RESUME_MODES:
         raise InputError(f"resume must be one of {RESUME_MODES}, got {cfg.resume!r}")
-    if not cfg.dataset:
-        raise InputError("no dataset given (the key dataset=ID; `medsapiens finetune` also takes --dataset ID)")
     mixture = [f"data.{key}" for key in MIXTURE_KEYS if getattr(cfg.data, key) != getattr(DataConfig(), key)]
     if mixture:
         raise InputError(f"{', '.join(mixture)}: pretraining's mixture of datasets, which fine-tuning does not read: "
-                         f"it trains one, {cfg.dataset!r} (--dataset); leave them out")
+                         "it trains the one dataset given (--dataset, the key dataset=ID); leave them out")
+    if not cfg.dataset:
+        raise InputError("no dataset given (the key dataset=ID; `medsapiens finetune` also takes --dataset ID)")
     if cfg.init == "bundle" and not cfg.bundle:
         raise InputError("init 'bundle' needs a bundle (the key bundle=DIR; `medsapiens finetune` also takes "
                          "--bundle DIR)")

@@ -364,6 +364,7 @@ def slurm_plan(args, environ: Mapping[str, str], launch_dir: Path) -> Plan:
     check_one_launcher_per_node(environ, len(nodes))
     node_rank = slurm_node_rank(environ, nodes)
     check_slurm_gpus(args.gpus, environ)
+    check_slurm_gpus_from_zero(environ)
     slots, notes = (args.gpus, []) if args.gpus else slurm_slots(environ)
     port = args.master_port or slurm_port(_required(environ, "SLURM_JOB_ID"))
     argv = [deepspeed_executable(), "--hostfile", str(launch_dir / HOSTFILE_NAME), "--no_ssh",
@@ -407,6 +408,17 @@ def check_slurm_gpus(gpus: int | None, environ: Mapping[str, str]) -> None:
     if gpus and given.isdigit() and gpus > int(given):
         raise LaunchError(f"--gpus {gpus}, but SLURM gave each node {given} GPU(s) ({SLURM_SLOT_VARIABLES[0]}); "
                           f"give --gpus {given} or fewer, or ask SLURM for more (--gpus-per-node)")
+
+
+def check_slurm_gpus_from_zero(environ: Mapping[str, str]) -> None:
+    """DeepSpeed's per-node launcher starts its ranks on GPUs 0..N-1 whatever CUDA_VISIBLE_DEVICES lists: on
+    a node where SLURM gave this job other GPUs (no device cgroup), they would be other jobs' GPUs."""
+    listed = [device.strip() for device in environ.get(VISIBLE_DEVICES, "").split(",") if device.strip()]
+    if all(d.isdecimal() for d in listed) and [int(d) for d in listed] != list(range(len(listed))):
+        raise LaunchError(f"--slurm: SLURM gave this node GPUs {','.join(listed)} ({VISIBLE_DEVICES}), but DeepSpeed's "
+                          f"launcher starts the ranks on GPUs 0..{len(listed) - 1}, which are other jobs': ask for whole "
+                          "nodes (--exclusive), or have SLURM confine jobs to their GPUs (ConstrainDevices=yes in "
+                          "cgroup.conf: a job then sees its GPUs as 0, 1, ...)")
 
 
 def slurm_slots(environ: Mapping[str, str]) -> tuple[int, list[str]]:

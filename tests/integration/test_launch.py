@@ -23,6 +23,7 @@ from medsapiens.pretrain.config import PretrainConfig
 from medsapiens.training.engine import deepspeed_file
 
 DEMO = str(REPO / "launch/experiments/demo.yaml")
+DEMO_FINETUNE = str(REPO / "launch/experiments/demo_finetune.yaml")
 SECRET, TOKEN, KEY_ID = "wJalrXUtnFEMI-not-a-real-secret", "FQoGZXIvYXdzEJr-session", "AKIAEXAMPLEKEYID"
 RANK_ENV_PREFIXES = ("AWS_", "NCCL_", "MEDSAPIENS_", "SLURM", "DS_ENV_FILE")
 REAL_HOME = os.path.expanduser("~")  # holds the compiled DeepSpeed op (~/.cache/torch_extensions)
@@ -211,6 +212,7 @@ def slurm_node(monkeypatch, node_id: int, job_id: str = "73581") -> None:
     monkeypatch.setenv("SLURM_NODEID", str(node_id))
     monkeypatch.setenv("SLURMD_NODENAME", nodes[node_id])
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "4")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")  # as SLURM sets it where jobs are confined to their GPUs
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "1")  # srun --ntasks-per-node=1: one launcher, not one rank
 
 
@@ -233,9 +235,9 @@ def test_slurm_dry_run_agrees_across_nodes_but_for_the_node_rank(capsys, monkeyp
             f"{DEEPSPEED} --hostfile LAUNCH_DIR/hostfile --no_ssh --node_rank {node_id} --master_addr gpu-01 "
             f"--master_port {port} --module medsapiens.pretrain --config {DEMO}")
     slurm_node(monkeypatch, 0, job_id="73582")
-    _, out, _ = launch(capsys, "finetune", "--config", DEMO, "--slurm", "--dry-run", "--gpus", "2", "dataset=leg",
-                       "bundle=b")
-    assert f"master gpu-01:{launcher.slurm_port('73582')}," in out and launcher.slurm_port("73582") != port
+    _, out, err = launch(capsys, "finetune", "--config", DEMO_FINETUNE, "--slurm", "--dry-run", "--gpus", "2",
+                         "dataset=leg", "bundle=b")
+    assert f"master gpu-01:{launcher.slurm_port('73582')}," in out and launcher.slurm_port("73582") != port, err
     assert "3 SLURM node(s) x 2 = 6 rank(s)" in out and "--module medsapiens.finetune" in printed_command(out)
     status, _, err = launch(capsys, "pretrain", "--config", DEMO, "--slurm", "--dry-run", "--gpus", "8")
     assert status == 2 and err.strip() == ("error: --gpus 8, but SLURM gave each node 4 GPU(s) (SLURM_GPUS_ON_NODE); "
@@ -287,6 +289,8 @@ def test_the_plan_flags_placeholders_and_gives_the_global_batch(capsys, monkeypa
     ({"SLURM_GPUS_ON_NODE": None, "SLURM_NTASKS_PER_NODE": None}, "pass --gpus N"),
     ({"SLURM_STEP_NODELIST": "gpu-[01-02"}, "a '[' is never closed"),
     ({"SLURM_JOB_ID": None}, "SLURM_JOB_ID is not set"),
+    ({"CUDA_VISIBLE_DEVICES": "4,5,6,7"}, "SLURM gave this node GPUs 4,5,6,7 (CUDA_VISIBLE_DEVICES), but DeepSpeed's "
+                                          "launcher starts the ranks on GPUs 0..3, which are other jobs'"),
 ])
 def test_slurm_misconfigurations_fail_before_launching(capsys, monkeypatch, change, message):
     slurm_node(monkeypatch, 1)

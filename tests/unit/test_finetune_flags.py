@@ -102,7 +102,7 @@ def test_pretrainings_dataset_mixture_given_to_fine_tuning_is_refused():
     for given, named in ((["data.datasets=[head]"], "data.datasets"),
                          (["data.mixing=temperature", "data.weights={leg: 2}"], "data.mixing, data.weights")):
         with pytest.raises(InputError, match=rf"^{re.escape(named)}: pretraining's mixture of datasets, which "
-                                             r"fine-tuning does not read: it trains one, 'leg' \(--dataset\)"):
+                                             r"fine-tuning does not read: it trains the one dataset given \(--dataset"):
             check_config(configlib.load(FinetuneConfig, None, [*base, *given]))
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import DEMO_CONFIG, REPO
 
+from medsapiens.finetune.train import MIXTURE_KEYS
 from medsapiens.launch.cli import main
 
 FINETUNE_DEMO = REPO / "launch/experiments/demo_finetune.yaml"
@@ -62,7 +63,10 @@ def test_bad_number_refused_by_dry_run(capsys, finetune_config, stage, override,
     status = main(["launch", stage, "--config", str(config), "--dry-run", override])
     out, err = capsys.readouterr()
     assert status == 2 and out == ""
-    assert err.count("\n") == 1 and err.startswith(f"error: override {override.partition('=')[0]}: ")  # not the file
+    key = override.partition("=")[0]
+    assert err.count("\n") == 1 and err.startswith(f"error: override {key}: ")  # not the file
+    if stage == "finetune" and key.removeprefix("data.") in MIXTURE_KEYS:
+        message = f"{key}: pretraining's mixture of datasets, which fine-tuning does not read"
     assert message in err
 
 
