@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch.distributed as dist
 from conftest import REPO, run
 
 from medsapiens import distributed
-from medsapiens.errors import InputError
+from medsapiens.errors import InputError, UserError
 from medsapiens.model.cost import PRECISIONS
 from medsapiens.training.engine import OptimConfig, TrainConfig, deepspeed_config
 
@@ -242,3 +243,18 @@ def test_a_run_dir_some_rank_does_not_share_is_refused_on_every_rank(tmp_path):
             assert said[0] == said[1] == (
                 f"UserError: run_dir {tmp_path / 'run'} is not one folder shared by every rank: rank 1 on {host} "
                 "cannot see the file rank 0 wrote there; put it on a file system every host mounts at that path")
+
+
+def test_ranks_an_mpi_launcher_or_srun_started_without_rank_are_refused(monkeypatch):
+    """DeepSpeed's MPI launchers and a plain `srun -n 4` set no RANK: each process would be rank 0 of its own
+    one-rank job, all training in one run directory."""
+    monkeypatch.delenv("RANK", raising=False)
+    for name in distributed.OTHER_LAUNCHERS_WORLD_SIZE:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # `srun medsapiens pretrain run`: one process, as asked
+    distributed.check_no_other_launcher()
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    with pytest.raises(UserError, match=re.escape("this process is one of 4 started by a launcher that does not set "
+                                                  "RANK (OMPI_COMM_WORLD_SIZE): each would train alone as rank 0")):
+        distributed.init_distributed(60)
+    assert not dist.is_initialized()
