@@ -217,6 +217,14 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
+def emulated_bf16_warning(precision: str) -> str | None:
+    """A line for bf16 asked of a GPU that only emulates it (before Ampere: V100, T4), where it is slower."""
+    if precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return (f"warning: train.precision bf16 on a {torch.cuda.get_device_name()}, which only emulates bf16 (slower "
+                "than fp32): train.precision=auto trains in fp32 there")
+    return None
+
+
 def deepspeed_config(train: TrainConfig, optim: OptimConfig, micro_batch: int, universal: bool = False) -> dict:
     """The DeepSpeed config: ZeRO settings from the JSON file, the batch, clipping, precision and
     optimizer from the experiment config (which wins over the JSON's defaults for those keys)."""

@@ -46,6 +46,7 @@ from medsapiens.training.engine import (
     TrainConfig,
     check_zero_stage,
     current_spelling,
+    emulated_bf16_warning,
     read_deepspeed_json,
     resolve_precision,
     resolve_warmup,
@@ -361,6 +362,8 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     resume = settled_resume(Path(cfg.run_dir), cfg, resume)
     train_cfg, head = scheduled(cfg.train, epoch_images(plan.manifest, cfg.data, plan.dataset_ids), global_batch(cfg))
     train_cfg = replace(train_cfg, precision=resolve_precision(train_cfg.precision))  # `auto` as this machine has it
+    if distributed.rank() == 0 and (warning := emulated_bf16_warning(train_cfg.precision)):
+        print(warning, file=sys.stderr)
     optim, warmup_note = resolve_warmup(cfg.optim, train_cfg.max_steps)
     cfg = replace(cfg, train=train_cfg, optim=optim)
     run_dir = Path(cfg.run_dir)

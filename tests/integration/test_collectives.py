@@ -192,6 +192,22 @@ def test_precision_auto_is_bf16_only_on_a_gpu_that_computes_in_it(monkeypatch, c
     assert resolve_precision("bf16") == "bf16"
 
 
+@pytest.mark.parametrize("computes_bf16", [False, True])
+def test_bf16_asked_of_a_gpu_that_only_emulates_it_is_warned_about(monkeypatch, computes_bf16):
+    from medsapiens.training.engine import emulated_bf16_warning
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: computes_bf16 or including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    warning = emulated_bf16_warning("bf16")
+    if computes_bf16:
+        assert warning is None
+    else:
+        assert warning == ("warning: train.precision bf16 on a Tesla V100-SXM2-32GB, which only emulates bf16 (slower "
+                           "than fp32): train.precision=auto trains in fp32 there")
+    assert emulated_bf16_warning("fp32") is None
+
+
 def test_a_zero_stage_whose_checkpoints_no_export_reads_is_refused_before_training(tmp_path):
     from medsapiens.training.engine import check_zero_stage
 
