@@ -143,7 +143,7 @@ def run_launch(args) -> int:
     with workspace as launch_dir:
         cfg = check_config(args.stage, args.config, args.overrides)
         plan = make_plan(args, os.environ, Path.cwd(), Path(launch_dir))
-        plan.notes += config_notes(cfg, plan.ranks)
+        plan.notes += overrides_note(cfg, args.stage, args.config) + config_notes(cfg, plan.ranks)
         print(describe(plan, os.environ, args.stage), flush=True)
         if args.dry_run:
             return 0
@@ -181,18 +181,36 @@ def config_notes(cfg, ranks: int | None) -> list[str]:
     return notes
 
 
+def stage_config(stage: str):
+    """The stage's config class and its own checks."""
+    if stage == "pretrain":
+        from medsapiens.pretrain.config import PretrainConfig
+        from medsapiens.training.run import check_settings
+
+        return PretrainConfig, check_settings
+    from medsapiens.finetune.config import FinetuneConfig
+    from medsapiens.finetune.train import check_config as check  # the stage's own: dataset, start, seeds
+
+    return FinetuneConfig, check
+
+
 def check_config(stage: str, config: str, overrides: list[str]):
     """Fail in seconds on a config typo, not after the ranks have started; returns the config."""
     from medsapiens import config as configlib
 
-    if stage == "pretrain":
-        from medsapiens.pretrain.config import PretrainConfig as config_class
-        from medsapiens.training.run import check_settings as check
-    else:
-        from medsapiens.finetune.config import FinetuneConfig as config_class
-        from medsapiens.finetune.train import check_config as check  # the stage's own: dataset, start, seeds
-
+    config_class, check = stage_config(stage)
     return configlib.load(config_class, config, overrides, check)  # read as the ranks will; the deepspeed file checked
+
+
+def overrides_note(cfg, stage: str, config: str) -> list[str]:
+    """A line with each setting the overrides change, as the ranks will read it, beside the file's value."""
+    from medsapiens import config as configlib
+
+    config_class, _ = stage_config(stage)
+    resolved = configlib.flatten(configlib.to_dict(cfg))
+    in_file = configlib.flatten(configlib.to_dict(configlib.load(config_class, config, [])))
+    changed = [f"{key} {in_file.get(key)!r} -> {value!r}" for key, value in resolved.items() if in_file.get(key) != value]
+    return [f"the overrides change: {'; '.join(changed)}"] if changed else []
 
 
 def make_plan(args, environ: Mapping[str, str], cwd: Path, launch_dir: Path) -> Plan:

@@ -108,10 +108,13 @@ def test_local_dry_run_prints_the_exact_command(capsys):
                             "--dry-run", "train.max_steps=4", "data.datasets=[head, hand]")
     assert status == 0
     assert out.splitlines()[0] == "medsapiens launch pretrain: this machine, 2 rank(s), master 127.0.0.1:29123"
+    assert out.splitlines()[1] == ("the overrides change: data.datasets ['head', 'hand', 'chest'] -> ['head', 'hand']; "
+                                   "train.max_steps 800 -> 4")  # as the ranks will read them
     assert printed_command(out) == (f"{DEEPSPEED} --hostfile /dev/null --num_gpus 2 --master_port 29123 --module medsapiens.pretrain --config {DEMO} "
                                     "train.max_steps=4 'data.datasets=[head, hand]'")
     status, out, _ = launch(capsys, "pretrain", "--config", DEMO, "--dry-run", "--resume", "universal")
     port = int(out.splitlines()[0].rsplit(":", 1)[1])  # a free port, picked here
+    assert "the overrides change" not in out
     assert 1024 < port < 65536
     assert printed_command(out) == f"{DEEPSPEED} --hostfile /dev/null --master_port {port} --module medsapiens.pretrain --config {DEMO} --resume universal"
 
