@@ -182,6 +182,14 @@ def selection(plan: RunPlan) -> dict:
     return {"split": chosen, "validated_on": found, "rule": rule}
 
 
+def one_validation_note(track_best: bool, train_cfg: TrainConfig) -> str:
+    """Said when a run that selects on val validates only at its last step: it has nothing to choose from."""
+    if not track_best or train_cfg.max_steps > train_cfg.val_every:
+        return ""
+    return (f" (one validation in this {train_cfg.max_steps}-step run, at its end: train.val_every is "
+            f"{train_cfg.val_every}, so the last checkpoint is the one kept)")
+
+
 PUBLISHED_GLOBAL_BATCH = 8  # MedSapiens and Sapiens pose: 2 images per GPU on 4 GPUs
 
 # Keys a rerun may change and still continue the same run: none changes what trains (run_dir: a
@@ -389,8 +397,8 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
                         start_sha256=plan.start_digest, **plan.info)
         what = " (LoRA + decoder)" if lora.enabled else ""
         print(f"{plan.stage}: {trainable:,} of {total:,} parameters train{what}; "
-              f"{schedule_text(optim, head, train_cfg.max_steps, warmup_note)}; checkpoint selection: {chosen['rule']}",
-              file=sys.stderr)
+              f"{schedule_text(optim, head, train_cfg.max_steps, warmup_note)}; checkpoint selection: {chosen['rule']}"
+              f"{one_validation_note(plan.track_best, train_cfg)}", file=sys.stderr)
         if len(plan.dataset_ids) > 1:
             shares = mixture_weights(plan.manifest, cfg.data, plan.dataset_ids)
             print(f"mixing ({cfg.data.mixing}{', data.weights' if cfg.data.weights else ''}): " + ", ".join(

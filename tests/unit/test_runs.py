@@ -185,3 +185,15 @@ def test_options_and_overrides_mix_in_any_order():
 
     args = build_parser().parse_intermixed_args(["--config", "F.yaml", "a=1", "--resume", "none", "b=2"])
     assert (args.config, args.resume, args.overrides) == ("F.yaml", "none", ["a=1", "b=2"])
+
+
+def test_a_run_that_selects_on_val_but_validates_once_says_so():
+    """`--steps 100` with the recipe's val_every 500: one validation, at the end, so nothing is selected."""
+    from medsapiens.training.engine import TrainConfig
+    from medsapiens.training.run import one_validation_note
+
+    short = TrainConfig(max_steps=100, val_every=500, checkpoint_every=500)
+    assert one_validation_note(True, short) == (" (one validation in this 100-step run, at its end: train.val_every "
+                                                "is 500, so the last checkpoint is the one kept)")
+    assert one_validation_note(False, short) == ""  # pretraining selects nothing anyway
+    assert one_validation_note(True, replace(short, val_every=50, checkpoint_every=50)) == ""
