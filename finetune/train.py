@@ -88,8 +88,9 @@ def check_config(cfg: FinetuneConfig) -> None:
                          f"--seed: {cfg.shot_seed}), as each of seeds does; give that seed only")
     if not cfg.shots and cfg.shot_seed != cfg.train.seed and cfg.shot_seed:
         raise InputError(f"shot_seed {cfg.shot_seed} without shots: it draws a few-shot run's images (--shots K), and "
-                         f"this run trains on the whole split with train.seed {cfg.train.seed}; give --seed "
-                         f"{cfg.shot_seed} (both seeds) to train with it, or leave shot_seed out")
+                         f"this run trains on the whole split with train.seed {cfg.train.seed}; give train.seed="
+                         f"{cfg.shot_seed} as well to train with it (`medsapiens finetune --seed {cfg.shot_seed}` sets "
+                         "both), or leave shot_seed out")
     if cfg.data.micro_batch < 1:  # before check_settings, to name the flag fine-tuning users give
         raise InputError(f"data.micro_batch (--batch-size) must be at least 1, got {cfg.data.micro_batch}")
     if cfg.calibration_coverage:
@@ -447,6 +448,7 @@ def run(cfg: FinetuneConfig) -> FinetuneResult | SeedsResult | StoppedShort | No
     with distributed_job(cfg.train.dist_timeout_s), contextlib.ExitStack() as held:
         cfg = settled_run_dir(cfg)
         held.enter_context(distributed.held_by_rank0(writer_lock(Path(cfg.run_dir), "fine-tuning")))
+        distributed.check_shared_folder(Path(cfg.run_dir), "run_dir")  # checkpoints, the few-shot draw, the bundle
         if not cfg.seeds:
             few_shot = cfg.shots and not trained_with_seed_zero(cfg)
             result = run_one(with_shot_seed(cfg, cfg.shot_seed) if few_shot else cfg)

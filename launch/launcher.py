@@ -208,7 +208,10 @@ def overrides_note(cfg, stage: str, config: str) -> list[str]:
 
     config_class, _ = stage_config(stage)
     resolved = configlib.flatten(configlib.to_dict(cfg))
-    in_file = configlib.flatten(configlib.to_dict(configlib.load(config_class, config, [])))
+    try:
+        in_file = configlib.flatten(configlib.to_dict(configlib.load(config_class, config, [])))
+    except configlib.ConfigError:  # a file valid only with its overrides (a placeholder one replaces)
+        return []
     changed = [f"{key} {in_file.get(key)!r} -> {value!r}" for key, value in resolved.items() if in_file.get(key) != value]
     return [f"the overrides change: {'; '.join(changed)}"] if changed else []
 
@@ -382,8 +385,8 @@ def slurm_plan(args, environ: Mapping[str, str], launch_dir: Path) -> Plan:
     check_one_launcher_per_node(environ, len(nodes))
     node_rank = slurm_node_rank(environ, nodes)
     check_slurm_gpus(args.gpus, environ)
-    check_slurm_gpus_from_zero(environ)
     slots, notes = (args.gpus, []) if args.gpus else slurm_slots(environ)
+    check_slurm_gpus_from_zero(slots, environ)
     port = args.master_port or slurm_port(_required(environ, "SLURM_JOB_ID"))
     argv = [deepspeed_executable(), "--hostfile", str(launch_dir / HOSTFILE_NAME), "--no_ssh",
             "--node_rank", str(node_rank), "--master_addr", nodes[0], "--master_port", str(port)]
@@ -428,15 +431,16 @@ def check_slurm_gpus(gpus: int | None, environ: Mapping[str, str]) -> None:
                           f"give --gpus {given} or fewer, or ask SLURM for more (--gpus-per-node)")
 
 
-def check_slurm_gpus_from_zero(environ: Mapping[str, str]) -> None:
-    """DeepSpeed's per-node launcher starts its ranks on GPUs 0..N-1 whatever CUDA_VISIBLE_DEVICES lists: on
-    a node where SLURM gave this job other GPUs (no device cgroup), they would be other jobs' GPUs."""
+def check_slurm_gpus_from_zero(slots: int, environ: Mapping[str, str]) -> None:
+    """DeepSpeed's per-node launcher starts its `slots` ranks on GPUs 0..slots-1 whatever CUDA_VISIBLE_DEVICES
+    lists: on a node where SLURM gave this job other GPUs (no device cgroup), some would not be the job's."""
     listed = [device.strip() for device in environ.get(VISIBLE_DEVICES, "").split(",") if device.strip()]
-    if all(d.isdecimal() for d in listed) and [int(d) for d in listed] != list(range(len(listed))):
-        raise LaunchError(f"--slurm: SLURM gave this node GPUs {','.join(listed)} ({VISIBLE_DEVICES}), but DeepSpeed's "
-                          f"launcher starts the ranks on GPUs 0..{len(listed) - 1}, which are other jobs': ask for whole "
-                          "nodes (--exclusive), or have SLURM confine jobs to their GPUs (ConstrainDevices=yes in "
-                          "cgroup.conf: a job then sees its GPUs as 0, 1, ...)")
+    if listed and all(d.isdecimal() for d in listed) and not set(range(slots)) <= {int(d) for d in listed}:
+        node = environ.get("SLURMD_NODENAME", "this node")
+        raise LaunchError(f"--slurm: SLURM gave this job GPUs {','.join(listed)} on {node} ({VISIBLE_DEVICES}), but "
+                          f"DeepSpeed's launcher starts its {slots} ranks there on GPUs 0..{slots - 1}, not all of them "
+                          "the job's: ask for whole nodes (--exclusive), or have SLURM confine jobs to their GPUs "
+                          "(ConstrainDevices=yes in cgroup.conf: a job then sees its GPUs as 0, 1, ...)")
 
 
 def slurm_slots(environ: Mapping[str, str]) -> tuple[int, list[str]]:

@@ -23,9 +23,8 @@ import torch.distributed as dist
 
 from medsapiens.errors import UserError, user_message
 
-# How many processes an MPI launcher or srun started (the launchers that set no RANK themselves)
-OTHER_LAUNCHERS_WORLD_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE",
-                              "SLURM_STEP_NUM_TASKS")
+# How many processes an MPI launcher started (mpirun, and DeepSpeed's openmpi and mvapich runners set no RANK)
+OTHER_LAUNCHERS_WORLD_SIZE = ("OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 SHARED_MEMORY = Path("/dev/shm")  # where POSIX shm_open names live on Linux
 # Start-up notices of DeepSpeed and torch that tell a CPU user nothing (DeepSpeed is imported later,
 # lazily, by this module and its users; the filters are in place before its loggers print).
@@ -103,13 +102,13 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
 
 
 def check_no_other_launcher() -> None:
-    """Without RANK, a process trains alone as rank 0 of one: refuse one that an MPI launcher or srun
-    started as one of several (each would train alone, all in one run directory)."""
+    """Without RANK, a process trains alone as rank 0 of one: refuse one that an MPI launcher started as
+    one of several (each would train alone, all in one run directory)."""
     for name in OTHER_LAUNCHERS_WORLD_SIZE:
         if os.environ.get(name, "1").strip() not in ("", "0", "1"):
-            raise UserError(f"this process is one of {os.environ[name]} started by a launcher that does not set RANK "
+            raise UserError(f"this process is one of {os.environ[name]} started by an MPI launcher, which sets no RANK "
                             f"({name}): each would train alone as rank 0; start the ranks with `medsapiens launch` "
-                            "(or DeepSpeed's own launcher)")
+                            "(DeepSpeed's own ssh launcher, or --slurm)")
 
 
 def release_shared_memory_name() -> None:

@@ -68,6 +68,7 @@ def run(cfg: PretrainConfig, resume: str = "auto") -> dict:
 
 def train_in(cfg: PretrainConfig, resume: str, manifest: Manifest, dataset_ids: list[str]) -> dict:
     with distributed.held_by_rank0(writer_lock(Path(cfg.run_dir), "training run")):
+        distributed.check_shared_folder(Path(cfg.run_dir), "run_dir")  # the ranks' checkpoint files come together there
         distributed.decide_on_rank0(lambda: check_shards_reachable(manifest, dataset_ids))  # one rank's requests
         torch.manual_seed(cfg.train.seed)
         model = cfg.model.build({d: manifest.landmark_set(d).num_landmarks for d in dataset_ids})

@@ -135,7 +135,7 @@ def scheduled(train: TrainConfig, train_images: int, batch: int) -> tuple[TrainC
     max_steps given too must be that count (a run's saved config.yaml holds both)."""
     if train.epochs:
         steps_per_epoch = math.ceil(train_images / batch)
-        steps = math.ceil(round(train.epochs * steps_per_epoch, 6))  # 0.14 x 50 is 7.000000000000001
+        steps = math.ceil(train.epochs * steps_per_epoch)
         if train.max_steps and train.max_steps != steps:
             raise InputError(f"train.epochs ({train.epochs:g}) gives {steps} steps here ({train_images} training images / "
                              f"global batch {batch}), train.max_steps says {train.max_steps}: give one and set the other to 0")
@@ -182,9 +182,9 @@ def selection(plan: RunPlan) -> dict:
     return {"split": chosen, "validated_on": found, "rule": rule}
 
 
-def one_validation_note(track_best: bool, train_cfg: TrainConfig) -> str:
+def one_validation_note(selects: bool, train_cfg: TrainConfig) -> str:
     """Said when a run that selects on val validates only at its last step: it has nothing to choose from."""
-    if not track_best or train_cfg.max_steps > train_cfg.val_every:
+    if not selects or train_cfg.max_steps > train_cfg.val_every:
         return ""
     return (f" (one validation in this {train_cfg.max_steps}-step run, at its end: train.val_every is "
             f"{train_cfg.val_every}, so the last checkpoint is the one kept)")
@@ -382,7 +382,6 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     for dataset, split in chosen["validated_on"].items():
         if split:  # refused now, not at the first validation
             check_scorable(plan.manifest, dataset, split)
-    distributed.check_shared_folder(run_dir, "run_dir")  # the ranks' checkpoint files come together there
     lora: LoraConfig = cfg.lora
     if lora.enabled:
         apply_lora(plan.model, lora)
@@ -398,7 +397,7 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
         what = " (LoRA + decoder)" if lora.enabled else ""
         print(f"{plan.stage}: {trainable:,} of {total:,} parameters train{what}; "
               f"{schedule_text(optim, head, train_cfg.max_steps, warmup_note)}; checkpoint selection: {chosen['rule']}"
-              f"{one_validation_note(plan.track_best, train_cfg)}", file=sys.stderr)
+              f"{one_validation_note(chosen['split'] is not None, train_cfg)}", file=sys.stderr)
         if len(plan.dataset_ids) > 1:
             shares = mixture_weights(plan.manifest, cfg.data, plan.dataset_ids)
             print(f"mixing ({cfg.data.mixing}{', data.weights' if cfg.data.weights else ''}): " + ", ".join(

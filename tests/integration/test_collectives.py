@@ -261,16 +261,17 @@ def test_a_run_dir_some_rank_does_not_share_is_refused_on_every_rank(tmp_path):
                 "cannot see the file rank 0 wrote there; put it on a file system every host mounts at that path")
 
 
-def test_ranks_an_mpi_launcher_or_srun_started_without_rank_are_refused(monkeypatch):
-    """DeepSpeed's MPI launchers and a plain `srun -n 4` set no RANK: each process would be rank 0 of its own
+def test_ranks_an_mpi_launcher_started_without_rank_are_refused(monkeypatch):
+    """mpirun and DeepSpeed's openmpi and mvapich runners set no RANK: each process would be rank 0 of its own
     one-rank job, all training in one run directory."""
     monkeypatch.delenv("RANK", raising=False)
     for name in distributed.OTHER_LAUNCHERS_WORLD_SIZE:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # `srun medsapiens pretrain run`: one process, as asked
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")  # a shell of `srun -n 4 --pty bash`: this process runs alone
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "1")  # `mpirun -n 1`
     distributed.check_no_other_launcher()
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
-    with pytest.raises(UserError, match=re.escape("this process is one of 4 started by a launcher that does not set "
+    with pytest.raises(UserError, match=re.escape("this process is one of 4 started by an MPI launcher, which sets no "
                                                   "RANK (OMPI_COMM_WORLD_SIZE): each would train alone as rank 0")):
         distributed.init_distributed(60)
     assert not dist.is_initialized()

@@ -103,7 +103,7 @@ def section(out: str, title: str) -> list[str]:
 
 
 @pytest.mark.timeout(60)
-def test_local_dry_run_prints_the_exact_command(capsys):
+def test_local_dry_run_prints_the_exact_command(capsys, tmp_path):
     status, out, _ = launch(capsys, "pretrain", "--config", DEMO, "--gpus", "2", "--master-port", "29123",
                             "--dry-run", "train.max_steps=4", "data.datasets=[head, hand]")
     assert status == 0
@@ -117,6 +117,10 @@ def test_local_dry_run_prints_the_exact_command(capsys):
     assert "the overrides change" not in out
     assert 1024 < port < 65536
     assert printed_command(out) == f"{DEEPSPEED} --hostfile /dev/null --master_port {port} --module medsapiens.pretrain --config {DEMO} --resume universal"
+    unset = tmp_path / "unset.yaml"  # valid only with its override: nothing to compare it with
+    unset.write_text(Path(DEMO).read_text().replace("max_steps: 800", "max_steps: ???"))
+    status, out, err = launch(capsys, "pretrain", "--config", str(unset), "--dry-run", "train.max_steps=4")
+    assert status == 0 and "the overrides change" not in out, err
 
 
 def one_gpu_machine(monkeypatch, visible: str | None = None) -> None:
@@ -242,6 +246,10 @@ def test_slurm_dry_run_agrees_across_nodes_but_for_the_node_rank(capsys, monkeyp
                          "dataset=leg", "bundle=b")
     assert f"master gpu-01:{launcher.slurm_port('73582')}," in out and launcher.slurm_port("73582") != port, err
     assert "3 SLURM node(s) x 2 = 6 rank(s)" in out and "--module medsapiens.finetune" in printed_command(out)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0,5,7")  # the 2 ranks' GPUs 0 and 1 are the job's
+    status, out, err = launch(capsys, "pretrain", "--config", DEMO, "--slurm", "--dry-run", "--gpus", "2")
+    assert status == 0, err
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
     status, _, err = launch(capsys, "pretrain", "--config", DEMO, "--slurm", "--dry-run", "--gpus", "8")
     assert status == 2 and err.strip() == ("error: --gpus 8, but SLURM gave each node 4 GPU(s) (SLURM_GPUS_ON_NODE); "
                                            "give --gpus 4 or fewer, or ask SLURM for more (--gpus-per-node)")
@@ -292,8 +300,9 @@ def test_the_plan_flags_placeholders_and_gives_the_global_batch(capsys, monkeypa
     ({"SLURM_GPUS_ON_NODE": None, "SLURM_NTASKS_PER_NODE": None}, "pass --gpus N"),
     ({"SLURM_STEP_NODELIST": "gpu-[01-02"}, "a '[' is never closed"),
     ({"SLURM_JOB_ID": None}, "SLURM_JOB_ID is not set"),
-    ({"CUDA_VISIBLE_DEVICES": "4,5,6,7"}, "SLURM gave this node GPUs 4,5,6,7 (CUDA_VISIBLE_DEVICES), but DeepSpeed's "
-                                          "launcher starts the ranks on GPUs 0..3, which are other jobs'"),
+    ({"CUDA_VISIBLE_DEVICES": "4,5,6,7"}, "SLURM gave this job GPUs 4,5,6,7 on gpu-02 (CUDA_VISIBLE_DEVICES), but "
+                                          "DeepSpeed's launcher starts its 4 ranks there on GPUs 0..3, not all of them "
+                                          "the job's"),
 ])
 def test_slurm_misconfigurations_fail_before_launching(capsys, monkeypatch, change, message):
     slurm_node(monkeypatch, 1)

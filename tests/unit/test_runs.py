@@ -195,5 +195,5 @@ def test_a_run_that_selects_on_val_but_validates_once_says_so():
     short = TrainConfig(max_steps=100, val_every=500, checkpoint_every=500)
     assert one_validation_note(True, short) == (" (one validation in this 100-step run, at its end: train.val_every "
                                                 "is 500, so the last checkpoint is the one kept)")
-    assert one_validation_note(False, short) == ""  # pretraining selects nothing anyway
+    assert one_validation_note(False, short) == ""  # pretraining, or no val split: nothing is selected
     assert one_validation_note(True, replace(short, val_every=50, checkpoint_every=50)) == ""
