@@ -32,6 +32,7 @@ from medsapiens.io.manifest import Manifest, ManifestError, check_scorable
 from medsapiens.io.manifest import load as load_manifest
 from medsapiens.io.registry import LandmarkSet
 from medsapiens.model import bundle as bundlelib
+from medsapiens.model.weights import not_a_file
 from medsapiens.training.checkpoints import checkpoint_dir, has_checkpoint, latest_tag, tag_step, tags
 from medsapiens.training.engine import resolve_precision
 from medsapiens.training.run import (
@@ -39,7 +40,6 @@ from medsapiens.training.run import (
     check_settings,
     load_trained,
     move_aside,
-    not_a_file,
     saved_config,
     train,
     training_settings_digest,
@@ -58,7 +58,8 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise InputError(f"init must be one of {INIT_SOURCES}, got {cfg.init!r}")
     if cfg.resume not in RESUME_MODES:
         raise InputError(f"resume must be one of {RESUME_MODES}, got {cfg.resume!r}")
-    mixture = [f"data.{key}" for key in MIXTURE_KEYS if getattr(cfg.data, key) != getattr(DataConfig(), key)]
+    defaults = DataConfig()
+    mixture = [f"data.{key}" for key in MIXTURE_KEYS if getattr(cfg.data, key) != getattr(defaults, key)]
     if mixture:
         raise InputError(f"{', '.join(mixture)}: pretraining's mixture of datasets, which fine-tuning does not read: "
                          "it trains the one dataset given (--dataset, the key dataset=ID); leave them out")

@@ -317,6 +317,11 @@ def check_gpu_count(gpus: int | None, flag: str) -> None:
                           f"{flag} {torch.cuda.device_count()} or fewer")
 
 
+def visible_devices(environ: Mapping[str, str]) -> list[str]:
+    """The GPUs CUDA_VISIBLE_DEVICES lists (indices or UUIDs), in its order; none when it is unset."""
+    return [device.strip() for device in environ.get(VISIBLE_DEVICES, "").split(",") if device.strip()]
+
+
 def visible_subset(gpus: int | None, environ: Mapping[str, str]) -> str | None:
     """The first `gpus` GPUs CUDA_VISIBLE_DEVICES lists, for the runner to start on: given --num_gpus,
     DeepSpeed ignores and drops that variable, and its ranks would run on GPUs 0..gpus-1, whichever job
@@ -324,7 +329,7 @@ def visible_subset(gpus: int | None, environ: Mapping[str, str]) -> str | None:
     (such a list is left to --num_gpus: GPUs 0..gpus-1 of those the machine shows); None on a CPU machine."""
     import torch
 
-    listed = [device.strip() for device in environ.get(VISIBLE_DEVICES, "").split(",") if device.strip()]
+    listed = visible_devices(environ)
     if not gpus or not torch.cuda.is_available() or not listed or not all(d.isdecimal() for d in listed):
         return None
     return ",".join(listed[:gpus])
@@ -434,7 +439,7 @@ def check_slurm_gpus(gpus: int | None, environ: Mapping[str, str]) -> None:
 def check_slurm_gpus_from_zero(slots: int, environ: Mapping[str, str]) -> None:
     """DeepSpeed's per-node launcher starts its `slots` ranks on GPUs 0..slots-1 whatever CUDA_VISIBLE_DEVICES
     lists: on a node where SLURM gave this job other GPUs (no device cgroup), some would not be the job's."""
-    listed = [device.strip() for device in environ.get(VISIBLE_DEVICES, "").split(",") if device.strip()]
+    listed = visible_devices(environ)
     if listed and all(d.isdecimal() for d in listed) and not set(range(slots)) <= {int(d) for d in listed}:
         node = environ.get("SLURMD_NODENAME", "this node")
         raise LaunchError(f"--slurm: SLURM gave this job GPUs {','.join(listed)} on {node} ({VISIBLE_DEVICES}), but "

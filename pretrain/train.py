@@ -13,12 +13,12 @@ from medsapiens.io import storage
 from medsapiens.io.locks import writer_lock
 from medsapiens.io.manifest import Manifest, ManifestError
 from medsapiens.io.manifest import load as load_manifest
+from medsapiens.model.weights import not_a_file
 from medsapiens.pretrain.config import PretrainConfig
 from medsapiens.training.run import (
     RunPlan,
     check_settings,
     move_aside,
-    not_a_file,
     train,
     validated_on,
     weights_digest,

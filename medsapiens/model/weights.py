@@ -241,6 +241,13 @@ def compare_with_model(state: BackboneState, model_state: dict[str, torch.Tensor
     )
 
 
+def not_a_file(path: str | Path) -> str | None:
+    """What a path that should name a weights file names instead ("a folder", "no such file"), or None."""
+    if Path(path).is_file():
+        return None
+    return "a folder" if path and Path(path).is_dir() else "no such file"
+
+
 def convert_checkpoint(path: str | Path, arch: str | ArchSpec, out: str | Path,
                        trained_size: tuple[int, int] | None = None, force: bool = False) -> LoadReport:
     """Write the backbone of a Sapiens checkpoint as safetensors in timm naming (a Sapiens2 one in its
@@ -251,9 +258,9 @@ def convert_checkpoint(path: str | Path, arch: str | ArchSpec, out: str | Path,
     cannot (a non-square one). The file must fit `arch` exactly: nothing missing or unexpected. A file
     already at `out` is replaced only with `force`."""
     arch = get_arch(arch)
-    if not Path(path).is_file():
-        raise InputError(f"checkpoint {path}: {'a folder' if Path(path).is_dir() else 'no such file'}; give the "
-                         "Sapiens checkpoint file to convert (.pth or .safetensors)")
+    if found := not_a_file(path):
+        raise InputError(f"checkpoint {path}: {found}; give the Sapiens checkpoint file to convert (.pth or "
+                         ".safetensors)")
     check_new_file(Path(out), "BACKBONE.safetensors", force)
     if trained_size is not None and arch.family != "sapiens":
         raise InputError(f"--img-size: a {arch.name} checkpoint has no position table whose grid it would tell; "

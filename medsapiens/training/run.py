@@ -215,13 +215,6 @@ def training_settings_digest(cfg, identity: dict) -> str:
     return hashlib.sha256(json.dumps({**kept, **identity}, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def not_a_file(path: str) -> str | None:
-    """What a path that should name a weights file names instead ("a folder", "no such file"), or None."""
-    if Path(path).is_file():
-        return None
-    return "a folder" if path and Path(path).is_dir() else "no such file"
-
-
 def weights_digest(path: str | None) -> str | None:
     """The sha256 of the weights file a run starts from, on rank 0 (which decides a resume), else None."""
     if not path or distributed.rank() != 0:
@@ -355,7 +348,7 @@ def settled_resume(run_dir: Path, cfg, resume: str) -> str:
         saved = saved_config(run_dir) or {}
         if (universal and checkpoints.tag_step(universal) < checkpoints.tag_step(newest)
                 and checkpoints.saved_world_size(ckpt_dir / newest) == distributed.world_size()
-                and not set(configlib.differences(saved or {}, cfg)) & WORLD_SIZE_CHANGES):
+                and not set(configlib.differences(saved, cfg)) & WORLD_SIZE_CHANGES):
             mode[0] = "auto"
             print(f"--resume universal: checkpoint {newest}, newer than the universal {universal}, was saved by "
                   f"{distributed.world_size()} rank(s), as many as now: resuming it as --resume auto does",
