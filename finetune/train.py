@@ -220,16 +220,19 @@ def training_manifest(cfg: FinetuneConfig, run_dir: Path) -> Manifest:
     if not cfg.shots:
         return manifest
     subset_dir = run_dir / "subset"
-    if cfg.resume == "auto" and has_checkpoint(checkpoint_dir(run_dir)):
-        distributed.decide_on_rank0(lambda: check_same_subset(subset_dir, cfg, manifest))
+    if cfg.resume == "auto":
+        distributed.decide_on_rank0(lambda: check_same_subset(run_dir, cfg, manifest))
     distributed.decide_on_rank0(lambda: few_shot_manifest(manifest, cfg.dataset, cfg.shots, cfg.shot_seed, subset_dir,
                                                           cfg.data.train_split))
     return load_manifest(subset_dir)
 
 
-def check_same_subset(subset_dir: Path, cfg: FinetuneConfig, manifest: Manifest) -> None:
-    """A resumed few-shot run keeps the images it drew: another draw (or other shards) is refused before
-    the run's subset is rewritten, as `check_same_run` refuses other settings."""
+def check_same_subset(run_dir: Path, cfg: FinetuneConfig, manifest: Manifest) -> None:
+    """A few-shot run that resumes a checkpoint keeps the images it drew: another draw (or other shards) is
+    refused before the run's subset is rewritten, as `check_same_run` refuses other settings. Rank 0's."""
+    if not has_checkpoint(checkpoint_dir(run_dir)):
+        return
+    subset_dir = run_dir / "subset"
     drawn = load_manifest(subset_dir).build.get("few_shot", {}) if (subset_dir / "subset.json").is_file() else {}
     before = (drawn.get("shots"), drawn.get("seed"), drawn.get("from_sha256"))
     if drawn and before != (cfg.shots, cfg.shot_seed, manifest.digest):
@@ -340,11 +343,11 @@ def run_one(cfg: FinetuneConfig) -> FinetuneResult | StoppedShort | None:
     if not result.finished:
         return StoppedShort(str(run_dir))
     best = result.best
-    tag = best["tag"] if best else latest_tag(checkpoint_dir(run_dir))
     validation = best and best["validation"]
     data = {"manifest": trained_on(cfg, manifest), "evaluation_splits": evaluated}
-    distributed.decide_on_rank0(lambda: export_best(result.config, run_dir, tag, model_cfg, landmark_set, origin,
-                                                    validation, result.selection, data))
+    distributed.decide_on_rank0(lambda: export_best(
+        result.config, run_dir, best["tag"] if best else latest_tag(checkpoint_dir(run_dir)), model_cfg, landmark_set,
+        origin, validation, result.selection, data))
     model, bundle = bundlelib.load(run_dir / "bundle", result.device)
     calibrate_run(cfg, model, bundle, manifest, result.device)
     options = EvalOptions(cfg.flip_test, cfg.data.micro_batch, result.device, cfg.eval_overlays)

@@ -307,10 +307,19 @@ def local_gpu_count() -> int | None:
 
 def check_gpu_count(gpus: int | None, flag: str) -> None:
     """On a machine with CUDA, `gpus` ranks need as many GPUs here (of those CUDA_VISIBLE_DEVICES lists,
-    when set): a rank past them fails to start on an invalid device. CPU ranks: as many as asked."""
+    when set): a rank past them fails to start on an invalid device. CPU ranks: as many as asked.
+    CUDA_VISIBLE_DEVICES must list indices: DeepSpeed's launcher cannot pass UUIDs on to its ranks, which
+    would run on GPUs 0..gpus-1 of the machine instead (with --num_gpus) or not start (without)."""
     import torch
 
-    if gpus and torch.cuda.is_available() and gpus > torch.cuda.device_count():
+    if not torch.cuda.is_available():
+        return
+    listed = visible_devices(os.environ)
+    if not all(device.isdecimal() for device in listed):
+        raise LaunchError(f"{VISIBLE_DEVICES}={','.join(listed)} names GPUs otherwise than by index, which DeepSpeed's "
+                          "launcher cannot pass on: its ranks would run on GPUs 0, 1, ... of this machine, not those "
+                          f"listed; list them by index ({VISIBLE_DEVICES}=2,3)")
+    if gpus and gpus > torch.cuda.device_count():
         listed = os.environ.get(VISIBLE_DEVICES)
         shown = f" ({VISIBLE_DEVICES}={listed})" if listed else ""
         raise LaunchError(f"{flag} {gpus}: this machine has {torch.cuda.device_count()} GPU(s){shown}; give "
@@ -323,14 +332,13 @@ def visible_devices(environ: Mapping[str, str]) -> list[str]:
 
 
 def visible_subset(gpus: int | None, environ: Mapping[str, str]) -> str | None:
-    """The first `gpus` GPUs CUDA_VISIBLE_DEVICES lists, for the runner to start on: given --num_gpus,
-    DeepSpeed ignores and drops that variable, and its ranks would run on GPUs 0..gpus-1, whichever job
-    they belong to. None without the variable, or when it names GPUs by UUID, which DeepSpeed cannot
-    (such a list is left to --num_gpus: GPUs 0..gpus-1 of those the machine shows); None on a CPU machine."""
+    """The first `gpus` GPUs CUDA_VISIBLE_DEVICES lists (by index: `check_gpu_count`), for the runner to start
+    on: given --num_gpus, DeepSpeed ignores and drops that variable, and its ranks would run on GPUs
+    0..gpus-1, whichever job they belong to. None without the variable, and on a CPU machine."""
     import torch
 
     listed = visible_devices(environ)
-    if not gpus or not torch.cuda.is_available() or not listed or not all(d.isdecimal() for d in listed):
+    if not gpus or not torch.cuda.is_available() or not listed:
         return None
     return ",".join(listed[:gpus])
 

@@ -240,14 +240,22 @@ def check_shared_folder(folder: Path, what: str) -> None:
         seen = probe.read_text() == name[0]
     except OSError:
         seen = False
-    blind = gather_to_rank0(None if seen else f"rank {rank()} on {socket.gethostname()}")
+    try:
+        check_every_rank(seen, lambda ranks: f"{what} {folder} is not one folder shared by every rank: {ranks} cannot "
+                         "see the file rank 0 wrote there; put it on a file system every host mounts at that path")
+    finally:
+        if rank() == 0:
+            probe.unlink(missing_ok=True)
+
+
+def check_every_rank(ok: bool, problem) -> None:
+    """Refuse on every rank, with `problem(the ranks and hosts where ok is false)` as the one line, unless
+    `ok` holds on all of them."""
+    failing = gather_to_rank0(None if ok else f"rank {rank()} on {socket.gethostname()}")
 
     def check() -> None:
-        probe.unlink(missing_ok=True)
-        missing = [who for who in blind if who]
-        if missing:
-            raise UserError(f"{what} {folder} is not one folder shared by every rank: {', '.join(missing)} cannot see "
-                            "the file rank 0 wrote there; put it on a file system every host mounts at that path")
+        if missing := [who for who in failing if who]:
+            raise UserError(problem(", ".join(missing)))
 
     decide_on_rank0(check)
 

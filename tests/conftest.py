@@ -120,6 +120,13 @@ def deepspeed_module(module: str, ranks: int, args: list[str], timeout: float = 
                timeout, env=env)
 
 
+def unlisted_on(rank: int, name: str) -> dict:
+    """Environment for a job whose `rank` lists no entry named `name` in any folder (tests/fault_site), as a shared
+    file system's stale cache lists a folder to one host."""
+    return {"PYTHONPATH": str(REPO / "tests" / "fault_site"), "MEDSAPIENS_FAULT_RANK": str(rank),
+            "MEDSAPIENS_FAULT_UNLISTED": name}
+
+
 def pretrain_args(shards, run_dir, *extra) -> list[str]:
     """The demo pretraining, made small: a narrow trunk, micro-batch 4, every step logged."""
     return ["--config", str(DEMO_CONFIG), f"data.shards={shards}", f"run_dir={run_dir}", "train.log_every=1",

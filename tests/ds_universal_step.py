@@ -25,7 +25,7 @@ def main(out: str, work: str, zero_json: str) -> None:
     first.close()
     checkpoints.make_universal(ckpt)
     resumed = tiny_engine(zero_json, universal=True)
-    resumed.load(ckpt)
+    resumed.load(ckpt, checkpoints.resume_tag(ckpt, "universal"))
     states = resumed.ds.basic_optimizer.state
     steps = [state["step"] for state in states.values()]
     loaded = [float(step) for step in steps]

@@ -197,13 +197,28 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def load(ds_engine, ckpt_dir: Path) -> dict | None:
-    """Load the newest complete checkpoint (or the universal one when so configured); our client state."""
+def resume_tag(ckpt_dir: Path, mode: str) -> str | None:
+    """The checkpoint `--resume mode` loads: `auto` the newest complete one (None when there is none),
+    `universal` the conversion of the newest, `none` None."""
+    if mode == "universal":
+        return current_universal(ckpt_dir)
+    return latest_tag(ckpt_dir) if mode == "auto" and has_checkpoint(ckpt_dir) else None
+
+
+def is_loadable(ckpt_dir: Path, tag: str) -> bool:
+    """Whether this process sees `tag` whole: a ZeRO checkpoint complete (and readable), a universal one's
+    folder there."""
+    tag_dir = Path(ckpt_dir) / tag
+    try:
+        return tag_dir.is_dir() if tag.endswith("_universal") else is_complete(tag_dir)
+    except CheckpointError:
+        return False
+
+
+def load(ds_engine, ckpt_dir: Path, tag: str) -> dict | None:
+    """Load checkpoint `tag` (a universal one when the engine is so configured); our client state."""
     ckpt_dir = Path(ckpt_dir)
-    universal = ds_engine.load_universal_checkpoint()
-    tag = None if universal else latest_tag(ckpt_dir)
-    where = ckpt_dir / (current_universal(ckpt_dir) if universal else tag)
-    with weights_only_loading(where):
+    with weights_only_loading(ckpt_dir / tag):
         path, client = ds_engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         return None

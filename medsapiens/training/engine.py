@@ -320,8 +320,8 @@ class Engine:
     def save(self, ckpt_dir: Path, step: int, client_state: dict, keep: set[str] = frozenset()) -> None:
         checkpoints.save(self.ds, ckpt_dir, step, client_state, self.train_cfg.keep_last, keep)
 
-    def load(self, ckpt_dir: Path) -> dict | None:
-        return checkpoints.load(self.ds, ckpt_dir)
+    def load(self, ckpt_dir: Path, tag: str) -> dict | None:
+        return checkpoints.load(self.ds, ckpt_dir, tag)
 
     @property
     def device(self) -> torch.device:

@@ -121,15 +121,25 @@ class Trainer:
 
     def resume(self, mode: str) -> int:
         """Load a checkpoint ('auto': the last complete one, if any; 'universal'; 'none'); return the step.
-        Incomplete checkpoints (saves that died) are removed first."""
-        if self.is_main:
-            torn = checkpoints.remove_incomplete(self.ckpt_dir)
-            if torn:
+        Incomplete checkpoints (saves that died) are removed first. Rank 0 chooses the checkpoint and every
+        rank loads that one: a shared file system may list a folder to a rank from a stale cache."""
+        chosen: list[str | None] = [None]
+
+        def choose() -> None:
+            if torn := checkpoints.remove_incomplete(self.ckpt_dir):
                 print(f"removed the incomplete checkpoint(s) {', '.join(torn)}: saves that did not finish",
                       file=sys.stderr)
-        if mode == "none" or (mode == "auto" and not checkpoints.has_checkpoint(self.ckpt_dir)):
+            chosen[0] = checkpoints.resume_tag(self.ckpt_dir, mode)
+
+        distributed.decide_on_rank0(choose)
+        distributed.broadcast_from_rank0(chosen)
+        tag = chosen[0]
+        if tag is None:
             return 0
-        state = self.engine.load(self.ckpt_dir)
+        distributed.check_every_rank(checkpoints.is_loadable(self.ckpt_dir, tag), lambda ranks: (
+            f"checkpoint {self.ckpt_dir / tag}, which rank 0 resumes, is not whole as {ranks} see(s) it: "
+            "the run directory must be one folder every host sees alike"))
+        state = self.engine.load(self.ckpt_dir, tag)
         if state is None:
             raise checkpoints.CheckpointError(f"no checkpoint to resume from in {self.ckpt_dir}")
         if state.get("manifest_digest") != self.ctx.manifest.digest:

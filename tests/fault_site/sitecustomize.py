@@ -5,8 +5,9 @@ and stops the process (SIGSTOP, as a rank stalled on a slow disk), `kill` kills 
 before it writes anything, `raise` raises a RuntimeError there (a crash: a bug or a library's error).
 With MEDSAPIENS_FAULT_OOM_AT_BACKWARD=N instead, that rank's N-th backward pass raises torch's
 out-of-memory error, as on a GPU too small for the micro-batch; with MEDSAPIENS_FAULT_SIGTERM_AT_BACKWARD=N,
-it sends the process SIGTERM, as a scheduler's preemption landing mid-step.
-Exactly at that point, on every run: no polling, no race."""
+it sends the process SIGTERM, as a scheduler's preemption landing mid-step. With MEDSAPIENS_FAULT_UNLISTED=NAME,
+that rank's folder listings (`Path.glob`) leave out the entries named NAME, as a shared file system's stale
+cache lists a folder to one host. Exactly at that point, on every run: no polling, no race."""
 import os
 
 FAULTY_RANK = os.environ.get("LOCAL_RANK", "0") == os.environ.get("MEDSAPIENS_FAULT_RANK")
@@ -50,3 +51,14 @@ if FAULTY_RANK and any(os.environ.get(name) for name in BACKWARD_FAULTS):
         return _backward(*args, **kwargs)
 
     torch.autograd.backward = _faulty_backward
+
+if FAULTY_RANK and os.environ.get("MEDSAPIENS_FAULT_UNLISTED"):
+    import pathlib
+
+    _glob = pathlib.Path.glob
+
+    def _stale_glob(self, pattern, *args, **kwargs):
+        return (found for found in _glob(self, pattern, *args, **kwargs)
+                if found.name != os.environ["MEDSAPIENS_FAULT_UNLISTED"])
+
+    pathlib.Path.glob = _stale_glob

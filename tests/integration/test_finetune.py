@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import CLI, FINETUNE_CONFIG, deepspeed_module, finetune_args, losses, run, write_dicom
+from conftest import CLI, FINETUNE_CONFIG, deepspeed_module, finetune_args, losses, run, unlisted_on, write_dicom
 from safetensors.torch import load_file
 
 from medsapiens import config as configlib
@@ -188,12 +188,15 @@ def test_two_rank_finetune_from_a_raw_sapiens_checkpoint(phantom_shards, tmp_pat
     checkpoint = tmp_path / "sapiens_tiny_epoch_1_clean.pth"
     torch.save(released_state(get_arch("sapiens_tiny")), checkpoint)
     run_dir = tmp_path / "chest"
-    proc = deepspeed_module("medsapiens.finetune", 2, ["--config", str(FINETUNE_CONFIG), f"data.shards={phantom_shards}",
-                                            f"run_dir={run_dir}", "dataset=chest", "init=sapiens",
-                                            f"model.checkpoint={checkpoint}", "model.trunk_width=32",
-                                            "train.max_steps=6", "train.val_every=3", "train.checkpoint_every=3",
-                                            "data.workers=0", "data.micro_batch=4"])
+    args = ["--config", str(FINETUNE_CONFIG), f"data.shards={phantom_shards}", f"run_dir={run_dir}", "dataset=chest",
+            "init=sapiens", f"model.checkpoint={checkpoint}", "model.trunk_width=32", "shots=4", "train.max_steps=6",
+            "train.val_every=3", "train.checkpoint_every=3", "data.workers=0", "data.micro_batch=4"]
+    first = deepspeed_module("medsapiens.finetune", 2, [*args, "train.stop_after=3"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    stale = unlisted_on(1, "step_00000003")  # rank 1 alone does not list the checkpoint
+    proc = deepspeed_module("medsapiens.finetune", 2, args, env=stale)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step 3" in proc.stderr
     info = json.loads((run_dir / "run.json").read_text())
     assert info["world_size"] == 2 and info["origin"] == {"init": "sapiens", "checkpoint": str(checkpoint),
                                                           "checkpoint_sha256": file_digest(checkpoint)[0]}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CLI, REPO, deepspeed_module, losses, pretrain_args, run
+from conftest import CLI, REPO, deepspeed_module, losses, pretrain_args, run, unlisted_on
 from safetensors.torch import load_file, save_file
 
 from medsapiens import config as configlib
@@ -90,7 +90,8 @@ def test_resume_continues_the_same_losses(zero2_run, phantom_shards, tmp_path):
         in first.stderr
     with open(run_dir / "metrics.jsonl", "a") as f:  # as if the job had died writing step 9, past its checkpoint
         f.write('{"step": 7, "loss/total": 99.0}\n{"step": 8, "loss/total": 99.0}\n{"step": 9, "loss/to')
-    second = deepspeed_module("medsapiens.pretrain", 2, config_args(phantom_shards, run_dir))
+    stale = unlisted_on(1, "step_00000006")  # rank 1 alone does not list the checkpoint
+    second = deepspeed_module("medsapiens.pretrain", 2, config_args(phantom_shards, run_dir), env=stale)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from step 6" in second.stderr
     assert "finished at step 12; last validation: head MRE " in second.stderr and " mm (val), hand MRE " in second.stderr
