@@ -416,9 +416,7 @@ def default_run_dir(cfg: FinetuneConfig) -> str:
 def settled_run_dir(cfg: FinetuneConfig) -> FinetuneConfig:
     """The config with its run directory chosen by rank 0 (the default one when none is given), an
     earlier run there moved aside for --resume none."""
-    chosen = [(cfg.run_dir or default_run_dir(cfg)) if distributed.rank() == 0 else None]
-    distributed.broadcast_from_rank0(chosen)
-    cfg = replace(cfg, run_dir=chosen[0])
+    cfg = replace(cfg, run_dir=distributed.computed_on_rank0(lambda: cfg.run_dir or default_run_dir(cfg)))
     if cfg.resume == "none":
         distributed.decide_on_rank0(lambda: move_aside(Path(cfg.run_dir), "fine-tuning"))
     if distributed.rank() == 0:
@@ -454,7 +452,7 @@ def run(cfg: FinetuneConfig) -> FinetuneResult | SeedsResult | StoppedShort | No
         held.enter_context(distributed.held_by_rank0(writer_lock(Path(cfg.run_dir), "fine-tuning")))
         distributed.check_shared_folder(Path(cfg.run_dir), "run_dir")  # checkpoints, the few-shot draw, the bundle
         if not cfg.seeds:
-            few_shot = cfg.shots and not trained_with_seed_zero(cfg)
+            few_shot = cfg.shots and not distributed.computed_on_rank0(lambda: trained_with_seed_zero(cfg))
             result = run_one(with_shot_seed(cfg, cfg.shot_seed) if few_shot else cfg)
             return result if distributed.rank() == 0 else None
         results = []

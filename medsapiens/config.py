@@ -417,4 +417,8 @@ def save(cfg, path: str | Path) -> None:
 
 
 def digest(cfg) -> str:
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
+    return json_digest(to_dict(cfg))
+
+
+def json_digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import glob
 import logging
 import os
 import socket
@@ -26,6 +27,7 @@ from medsapiens.errors import UserError, user_message
 # How many processes an MPI launcher started (mpirun, and DeepSpeed's openmpi and mvapich runners set no RANK)
 OTHER_LAUNCHERS_WORLD_SIZE = ("OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 SHARED_MEMORY = Path("/dev/shm")  # where POSIX shm_open names live on Linux
+NVIDIA_DEVICE_FILES = "/dev/nvidia[0-9]*"  # one per GPU the NVIDIA driver gives this host (or container)
 # Start-up notices of DeepSpeed and torch that tell a CPU user nothing (DeepSpeed is imported later,
 # lazily, by this module and its users; the filters are in place before its loggers print).
 CPU_NOTICES = {"DeepSpeed": "Setting accelerator to CPU", "torch.utils.cpp_extension": "No CUDA runtime is found"}
@@ -84,6 +86,7 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     The rank's GPU is made current first: NCCL binds each communicator to the current device."""
     if "RANK" not in os.environ:
         check_no_other_launcher()
+    check_gpus_usable()
     import deepspeed
 
     # DeepSpeed's ZeRO calls a torch collective that torch now flags as deprecated, once per step.
@@ -99,6 +102,26 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     if not cuda:
         release_shared_memory_name()
     return dist.get_rank(), dist.get_world_size()
+
+
+def check_gpus_usable() -> None:
+    """Refuse to start on a host whose NVIDIA GPUs CUDA cannot use (a driver older than this torch's CUDA, a
+    torch built without CUDA, a GPU fallen off the bus): the rank would train on the CPU, and beside ranks on
+    GPUs it would wait out the timeout on gloo while they use NCCL. CUDA_VISIBLE_DEVICES= (empty) asks for
+    the CPU."""
+    if torch.cuda.is_available() or os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return
+    gpus = glob.glob(NVIDIA_DEVICE_FILES)
+    if not gpus:
+        return
+    try:
+        torch.cuda.init()
+        reason = "it sees no GPU"
+    except Exception as exc:  # noqa: BLE001 - torch's reason, whichever error carries it
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    raise UserError(f"{socket.gethostname()} has {len(gpus)} NVIDIA GPU(s) ({NVIDIA_DEVICE_FILES}) that CUDA cannot "
+                    f"use ({reason}): the run would train on the CPU; mend the driver or install a torch for its CUDA, "
+                    "or set CUDA_VISIBLE_DEVICES= (empty) to train on the CPU")
 
 
 def check_no_other_launcher() -> None:
@@ -210,6 +233,19 @@ def decide_on_rank0(check) -> None:
         raise UserError(message) if kind == "user" else RuntimeError(f"rank 0 failed: {message}")
 
 
+def computed_on_rank0(compute):
+    """`compute()`'s value on rank 0, given to every rank (whose own view, of a shared file system say, may
+    differ); if it raises, every rank raises, as in decide_on_rank0."""
+    value = [None]
+
+    def run() -> None:
+        value[0] = compute()
+
+    decide_on_rank0(run)
+    broadcast_from_rank0(value)
+    return value[0]
+
+
 @contextlib.contextmanager
 def held_by_rank0(context):
     """Enter the context manager `context` on rank 0 only, for the body; if entering fails there,
@@ -256,6 +292,22 @@ def check_every_rank(ok: bool, problem) -> None:
     def check() -> None:
         if missing := [who for who in failing if who]:
             raise UserError(problem(", ".join(missing)))
+
+    decide_on_rank0(check)
+
+
+def check_same_on_every_rank(values: dict[str, str], advice: str) -> None:
+    """Refuse, on every rank, in one line, a job where some rank holds other `values` (what each rank read or
+    resolved for itself) than rank 0, naming the ranks, hosts and values that differ, then `advice`."""
+    held = gather_to_rank0((f"rank {rank()} on {socket.gethostname()}", values))
+
+    def check() -> None:
+        reference = held[0][1]
+        differ = [f"{who}: " + ", ".join(f"{name} {value} (rank 0: {reference.get(name)})"
+                                        for name, value in theirs.items() if value != reference.get(name))
+                  for who, theirs in held[1:] if theirs != reference]
+        if differ:
+            raise UserError(f"the ranks do not start alike: {'; '.join(differ)}; {advice}")
 
     decide_on_rank0(check)
 

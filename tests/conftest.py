@@ -127,6 +127,13 @@ def unlisted_on(rank: int, name: str) -> dict:
             "MEDSAPIENS_FAULT_UNLISTED": name}
 
 
+def stale_copy_on(rank: int, path: Path, copy: Path) -> dict:
+    """Environment for a job whose `rank` reads `copy` where it opens `path` (tests/fault_site), as a host
+    holding an older copy of a file at the same path."""
+    return {"PYTHONPATH": str(REPO / "tests" / "fault_site"), "MEDSAPIENS_FAULT_RANK": str(rank),
+            "MEDSAPIENS_FAULT_STALE_COPY": f"{path}{os.pathsep}{copy}"}
+
+
 def pretrain_args(shards, run_dir, *extra) -> list[str]:
     """The demo pretraining, made small: a narrow trunk, micro-batch 4, every step logged."""
     return ["--config", str(DEMO_CONFIG), f"data.shards={shards}", f"run_dir={run_dir}", "train.log_every=1",

@@ -7,7 +7,6 @@ manifest, the datasets, whether the best validation checkpoint is kept).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import sys
@@ -212,7 +211,7 @@ def training_settings_digest(cfg, identity: dict) -> str:
     with another evaluation split."""
     allowed = changes_a_resume_allows(cfg)
     kept = {key: value for key, value in configlib.flatten(configlib.to_dict(cfg)).items() if key not in allowed}
-    return hashlib.sha256(json.dumps({**kept, **identity}, sort_keys=True).encode()).hexdigest()[:12]
+    return configlib.json_digest({**kept, **identity})[:12]
 
 
 def weights_digest(path: str | None) -> str | None:
@@ -341,20 +340,34 @@ def settled_resume(run_dir: Path, cfg, resume: str) -> str:
     """`universal` once the run resumed from its conversion has saved a checkpoint of its own on as many ranks
     as now, with the per-rank batch it has now: that newest one resumes (`auto`), so a stopped run goes on
     with the same command. Rank 0 decides."""
-    mode = [resume]
     ckpt_dir = checkpoints.checkpoint_dir(run_dir)
-    if resume == "universal" and distributed.rank() == 0 and checkpoints.has_checkpoint(ckpt_dir):
+
+    def settle() -> str:
+        if resume != "universal" or not checkpoints.has_checkpoint(ckpt_dir):
+            return resume
         universal, newest = checkpoints.universal_tag(ckpt_dir), checkpoints.latest_tag(ckpt_dir)
         saved = saved_config(run_dir) or {}
         if (universal and checkpoints.tag_step(universal) < checkpoints.tag_step(newest)
                 and checkpoints.saved_world_size(ckpt_dir / newest) == distributed.world_size()
                 and not set(configlib.differences(saved, cfg)) & WORLD_SIZE_CHANGES):
-            mode[0] = "auto"
             print(f"--resume universal: checkpoint {newest}, newer than the universal {universal}, was saved by "
                   f"{distributed.world_size()} rank(s), as many as now: resuming it as --resume auto does",
                   file=sys.stderr)
-    distributed.broadcast_from_rank0(mode)
-    return mode[0]
+            return "auto"
+        return resume
+
+    return distributed.computed_on_rank0(settle)
+
+
+def starting_inputs(plan: RunPlan, precision: str) -> dict[str, str]:
+    """What this rank read for itself and must hold as rank 0 does: DeepSpeed copies rank 0's weights
+    to every rank, but each rank's schedule, data, model shapes and ZeRO settings come from these."""
+    _, zero = read_deepspeed_json(plan.cfg.train.deepspeed)
+    short = 12
+    return {"config": f"sha256 {configlib.digest(plan.cfg)[:short]}",
+            "shard manifest": f"sha256 {plan.manifest.digest[:short]}",
+            "DeepSpeed JSON": f"sha256 {configlib.json_digest(zero)[:short]}",
+            "train.precision": precision}
 
 
 def train(plan: RunPlan, resume: str = "auto") -> RunResult:
@@ -363,6 +376,9 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     resume = settled_resume(Path(cfg.run_dir), cfg, resume)
     train_cfg, head = scheduled(cfg.train, epoch_images(plan.manifest, cfg.data, plan.dataset_ids), global_batch(cfg))
     train_cfg = replace(train_cfg, precision=resolve_precision(train_cfg.precision))  # `auto` as this machine has it
+    distributed.check_same_on_every_rank(
+        starting_inputs(plan, train_cfg.precision), "every host must read the same files at the same paths "
+        "(a stale copy?), and GPUs of mixed generations need train.precision set explicitly (fp32 or bf16)")
     if distributed.rank() == 0 and (warning := emulated_bf16_warning(train_cfg.precision)):
         print(warning, file=sys.stderr)
     optim, warmup_note = resolve_warmup(cfg.optim, train_cfg.max_steps)

@@ -123,17 +123,13 @@ class Trainer:
         """Load a checkpoint ('auto': the last complete one, if any; 'universal'; 'none'); return the step.
         Incomplete checkpoints (saves that died) are removed first. Rank 0 chooses the checkpoint and every
         rank loads that one: a shared file system may list a folder to a rank from a stale cache."""
-        chosen: list[str | None] = [None]
-
-        def choose() -> None:
+        def choose() -> str | None:
             if torn := checkpoints.remove_incomplete(self.ckpt_dir):
                 print(f"removed the incomplete checkpoint(s) {', '.join(torn)}: saves that did not finish",
                       file=sys.stderr)
-            chosen[0] = checkpoints.resume_tag(self.ckpt_dir, mode)
+            return checkpoints.resume_tag(self.ckpt_dir, mode)
 
-        distributed.decide_on_rank0(choose)
-        distributed.broadcast_from_rank0(chosen)
-        tag = chosen[0]
+        tag = distributed.computed_on_rank0(choose)
         if tag is None:
             return 0
         distributed.check_every_rank(checkpoints.is_loadable(self.ckpt_dir, tag), lambda ranks: (

@@ -7,7 +7,9 @@ With MEDSAPIENS_FAULT_OOM_AT_BACKWARD=N instead, that rank's N-th backward pass 
 out-of-memory error, as on a GPU too small for the micro-batch; with MEDSAPIENS_FAULT_SIGTERM_AT_BACKWARD=N,
 it sends the process SIGTERM, as a scheduler's preemption landing mid-step. With MEDSAPIENS_FAULT_UNLISTED=NAME,
 that rank's folder listings (`Path.glob`) leave out the entries named NAME, as a shared file system's stale
-cache lists a folder to one host. Exactly at that point, on every run: no polling, no race."""
+cache lists a folder to one host. With MEDSAPIENS_FAULT_STALE_COPY=PATH:COPY, that rank reads the file COPY
+whenever it opens PATH, as a host holding an older copy of a file at the same path.
+Exactly at that point, on every run: no polling, no race."""
 import os
 
 FAULTY_RANK = os.environ.get("LOCAL_RANK", "0") == os.environ.get("MEDSAPIENS_FAULT_RANK")
@@ -62,3 +64,16 @@ if FAULTY_RANK and os.environ.get("MEDSAPIENS_FAULT_UNLISTED"):
                 if found.name != os.environ["MEDSAPIENS_FAULT_UNLISTED"])
 
     pathlib.Path.glob = _stale_glob
+
+if FAULTY_RANK and os.environ.get("MEDSAPIENS_FAULT_STALE_COPY"):
+    import builtins
+
+    _open = builtins.open
+    _path, _copy = os.environ["MEDSAPIENS_FAULT_STALE_COPY"].split(os.pathsep)
+
+    def _stale_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.abspath(file) == _path:
+            file = _copy
+        return _open(file, *args, **kwargs)
+
+    builtins.open = _stale_open

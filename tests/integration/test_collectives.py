@@ -275,3 +275,30 @@ def test_ranks_an_mpi_launcher_started_without_rank_are_refused(monkeypatch):
                                                   "RANK (OMPI_COMM_WORLD_SIZE): each would train alone as rank 0")):
         distributed.init_distributed(60)
     assert not dist.is_initialized()
+
+
+def test_a_host_whose_gpus_cuda_cannot_use_is_refused_unless_the_cpu_is_asked_for(monkeypatch, tmp_path):
+    """A driver older than torch's CUDA: the rank would train on the CPU (beside GPU hosts, on gloo, waiting
+    out the timeout of their NCCL collectives)."""
+    import socket
+
+    (tmp_path / "nvidia0").touch()
+    (tmp_path / "nvidiactl").touch()  # the driver's control file: not a GPU
+    monkeypatch.setattr(distributed, "NVIDIA_DEVICE_FILES", str(tmp_path / "nvidia[0-9]*"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "init", lambda: (_ for _ in ()).throw(
+        RuntimeError("The NVIDIA driver on your system is too old (found version 11040).\nPlease update it.")))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(UserError) as refused:
+        distributed.init_distributed(60)
+    assert str(refused.value) == (
+        f"{socket.gethostname()} has 1 NVIDIA GPU(s) ({tmp_path}/nvidia[0-9]*) that CUDA cannot use (The NVIDIA driver "
+        "on your system is too old (found version 11040).): the run would train on the CPU; mend the driver or install "
+        "a torch for its CUDA, or set CUDA_VISIBLE_DEVICES= (empty) to train on the CPU")
+    assert not dist.is_initialized()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    distributed.check_gpus_usable()  # the CPU asked for
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    (tmp_path / "nvidia0").unlink()
+    distributed.check_gpus_usable()  # a host without NVIDIA GPUs

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CLI, REPO, deepspeed_module, losses, pretrain_args, run, unlisted_on
+from conftest import CLI, REPO, deepspeed_module, losses, pretrain_args, run, stale_copy_on, unlisted_on
 from safetensors.torch import load_file, save_file
 
 from medsapiens import config as configlib
@@ -359,6 +359,23 @@ def test_preflight_stops_with_a_clear_message_before_deepspeed_starts(phantom_sh
     with pytest.raises(UserError, match=re.escape(message)):
         pretraining.run(configlib.load(PretrainConfig, args[1], args[2:]))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.timeout(180)
+def test_ranks_that_read_another_manifest_are_refused_before_the_engine(phantom_shards, tmp_path):
+    """A host with a stale copy of the shards at the same path would train on other data, or hang where its
+    heads or schedule differ: every rank checks that it read what rank 0 read."""
+    manifest = json.loads((phantom_shards / "manifest.json").read_text())
+    manifest["datasets"]["head"]["source"]["copied"] = "last week"
+    stale = tmp_path / "stale-manifest.json"
+    stale.write_text(json.dumps(manifest))
+    run_dir = tmp_path / "run"
+    proc = deepspeed_module("medsapiens.pretrain", 2, config_args(phantom_shards, run_dir),
+                            env=stale_copy_on(1, phantom_shards / "manifest.json", stale))
+    assert proc.returncode == 2
+    assert re.search(r"error: the ranks do not start alike: rank 1 on \S+: shard manifest sha256 [0-9a-f]{12} \(rank 0: "
+                     r"sha256 [0-9a-f]{12}\); every host must read the same files at the same paths", proc.stderr)
+    assert "DeepSpeed ZeRO-" not in proc.stderr and not (run_dir / "checkpoints").exists()
 
 
 @pytest.mark.timeout(120)
