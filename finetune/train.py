@@ -31,16 +31,19 @@ from medsapiens.io.locks import writer_lock
 from medsapiens.io.manifest import Manifest, ManifestError, check_scorable
 from medsapiens.io.manifest import load as load_manifest
 from medsapiens.io.registry import LandmarkSet
+from medsapiens.io.shard_tar import file_digest
 from medsapiens.model import bundle as bundlelib
 from medsapiens.model.weights import not_a_file
 from medsapiens.training.checkpoints import checkpoint_dir, has_checkpoint, latest_tag, tag_step, tags
 from medsapiens.training.engine import resolve_precision
 from medsapiens.training.run import (
     RunPlan,
+    check_ranks_read_alike,
     check_settings,
     load_trained,
     move_aside,
     saved_config,
+    sha256_shown,
     train,
     training_settings_digest,
     validated_on,
@@ -124,17 +127,20 @@ def check_bundle_model(cfg: FinetuneConfig, given: set[str]) -> None:
                          "start from --init sapiens or scratch to choose the model")
 
 
-def check_inputs(cfg: FinetuneConfig) -> None:
+def check_inputs(cfg: FinetuneConfig) -> tuple[Manifest, dict[str, str]]:
     """The shards, the dataset in them and the starting weights, read before DeepSpeed starts (minutes on
-    many ranks)."""
-    training_manifest_check(load_manifest(cfg.data.shards), cfg)
+    many ranks): the shards' manifest, and the bundle's config by its sha256 (the model it builds)."""
+    manifest = load_manifest(cfg.data.shards)
+    training_manifest_check(manifest, cfg)
     if cfg.init == "bundle":
         bundlelib.read_config(cfg.bundle)
         bundlelib.weights_file(cfg.bundle)
         check_bundle_outside(cfg.bundle, cfg.run_dir)
+        return manifest, {"bundle config": sha256_shown(file_digest(Path(cfg.bundle) / bundlelib.CONFIG)[0])}
     if cfg.init == "sapiens" and (found := not_a_file(cfg.model.checkpoint)):
         raise InputError(f"model.checkpoint (--checkpoint) {cfg.model.checkpoint}: {found}, where init 'sapiens' "
                          "needs a Sapiens checkpoint file (.pth or .safetensors)")
+    return manifest, {}
 
 
 def check_bundle_outside(bundle: str, run_dir: str) -> None:
@@ -229,7 +235,7 @@ def training_manifest(cfg: FinetuneConfig, run_dir: Path) -> Manifest:
 
 def check_same_subset(run_dir: Path, cfg: FinetuneConfig, manifest: Manifest) -> None:
     """A few-shot run that resumes a checkpoint keeps the images it drew: another draw (or other shards) is
-    refused before the run's subset is rewritten, as `check_same_run` refuses other settings. Rank 0's."""
+    refused before the run's subset is rewritten, as `check_same_run` refuses other settings. Run on rank 0."""
     if not has_checkpoint(checkpoint_dir(run_dir)):
         return
     subset_dir = run_dir / "subset"
@@ -240,6 +246,11 @@ def check_same_subset(run_dir: Path, cfg: FinetuneConfig, manifest: Manifest) ->
                          f"sha256 {str(before[2])[:12]}; this run asks for {cfg.shots} with seed {cfg.shot_seed} from "
                          f"{manifest.digest[:12]}: rerun with its settings to resume it, or start afresh in another run "
                          "directory (or with --resume none)")
+
+
+def exported_tag(run_dir: Path, best: dict | None) -> str:
+    """The checkpoint the bundle is made of: the best on val, else the last."""
+    return best["tag"] if best else latest_tag(checkpoint_dir(run_dir))
 
 
 def export_best(cfg: FinetuneConfig, run_dir: Path, tag: str, model_cfg, landmark_set, origin: dict,
@@ -345,9 +356,8 @@ def run_one(cfg: FinetuneConfig) -> FinetuneResult | StoppedShort | None:
     best = result.best
     validation = best and best["validation"]
     data = {"manifest": trained_on(cfg, manifest), "evaluation_splits": evaluated}
-    distributed.decide_on_rank0(lambda: export_best(
-        result.config, run_dir, best["tag"] if best else latest_tag(checkpoint_dir(run_dir)), model_cfg, landmark_set,
-        origin, validation, result.selection, data))
+    distributed.decide_on_rank0(lambda: export_best(result.config, run_dir, exported_tag(run_dir, best), model_cfg,
+                                                    landmark_set, origin, validation, result.selection, data))
     model, bundle = bundlelib.load(run_dir / "bundle", result.device)
     calibrate_run(cfg, model, bundle, manifest, result.device)
     options = EvalOptions(cfg.flip_test, cfg.data.micro_batch, result.device, cfg.eval_overlays)
@@ -446,8 +456,9 @@ def run(cfg: FinetuneConfig) -> FinetuneResult | SeedsResult | StoppedShort | No
     """Fine-tune (once, or once per seed); rank 0 returns the result, other ranks None. A seed stopped
     short by train.stop_after ends the job there: the seeds after it wait for the rerun."""
     check_config(cfg)
-    check_inputs(cfg)
+    manifest, bundle = check_inputs(cfg)
     with distributed_job(cfg.train.dist_timeout_s), contextlib.ExitStack() as held:
+        check_ranks_read_alike(cfg, manifest, **bundle)
         cfg = settled_run_dir(cfg)
         held.enter_context(distributed.held_by_rank0(writer_lock(Path(cfg.run_dir), "fine-tuning")))
         distributed.check_shared_folder(Path(cfg.run_dir), "run_dir")  # checkpoints, the few-shot draw, the bundle

@@ -11,6 +11,7 @@ Every stage skips work a previous run already finished, so an interrupted demo c
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -286,7 +287,7 @@ def default_ranks() -> int:
 def _demo(args) -> int:
     out = Path(args.out or ("runs/demo" if args.arch == "sapiens_tiny" else f"runs/demo_{args.arch}"))
     ranks = args.ranks or default_ranks()
-    check_gpu_count(ranks, "--ranks")
+    check_gpu_count(ranks, "--ranks", os.environ)
     if args.fresh and out.exists():
         check_demo_folder(out)
         shutil.rmtree(out)

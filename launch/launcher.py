@@ -287,7 +287,7 @@ def local_plan(args, environ: Mapping[str, str], launch_dir: Path) -> Plan:
 
     port = args.master_port or free_port()
     argv = [deepspeed_executable(), "--hostfile", LOCAL_ONLY_HOSTFILE]
-    check_gpu_count(args.gpus, "--gpus")
+    check_gpu_count(args.gpus, "--gpus", environ)
     visible = visible_subset(args.gpus, environ)
     if args.gpus and visible is None:
         argv += ["--num_gpus", str(args.gpus)]
@@ -305,7 +305,7 @@ def local_gpu_count() -> int | None:
     return torch.cuda.device_count() if torch.cuda.is_available() else None
 
 
-def check_gpu_count(gpus: int | None, flag: str) -> None:
+def check_gpu_count(gpus: int | None, flag: str, environ: Mapping[str, str]) -> None:
     """On a machine with CUDA, `gpus` ranks need as many GPUs here (of those CUDA_VISIBLE_DEVICES lists,
     when set): a rank past them fails to start on an invalid device. CPU ranks: as many as asked.
     CUDA_VISIBLE_DEVICES must list indices: DeepSpeed's launcher cannot pass UUIDs on to its ranks, which
@@ -314,14 +314,14 @@ def check_gpu_count(gpus: int | None, flag: str) -> None:
 
     if not torch.cuda.is_available():
         return
-    listed = visible_devices(os.environ)
+    listed = visible_devices(environ)
     if not all(device.isdecimal() for device in listed):
         raise LaunchError(f"{VISIBLE_DEVICES}={','.join(listed)} names GPUs otherwise than by index, which DeepSpeed's "
-                          "launcher cannot pass on: its ranks would run on GPUs 0, 1, ... of this machine, not those "
-                          f"listed; list them by index ({VISIBLE_DEVICES}=2,3)")
+                          "launcher cannot pass on to its ranks (they would run on GPUs 0, 1, ... of this machine, or "
+                          f"not start): list whole GPUs by index ({VISIBLE_DEVICES}=2,3); a MIG slice, which only a "
+                          "UUID names, takes one process started without the launcher (python -m medsapiens.pretrain)")
     if gpus and gpus > torch.cuda.device_count():
-        listed = os.environ.get(VISIBLE_DEVICES)
-        shown = f" ({VISIBLE_DEVICES}={listed})" if listed else ""
+        shown = f" ({VISIBLE_DEVICES}={','.join(listed)})" if listed else ""
         raise LaunchError(f"{flag} {gpus}: this machine has {torch.cuda.device_count()} GPU(s){shown}; give "
                           f"{flag} {torch.cuda.device_count()} or fewer")
 
@@ -399,6 +399,8 @@ def slurm_plan(args, environ: Mapping[str, str], launch_dir: Path) -> Plan:
     node_rank = slurm_node_rank(environ, nodes)
     check_slurm_gpus(args.gpus, environ)
     slots, notes = (args.gpus, []) if args.gpus else slurm_slots(environ)
+    if not args.gpus:
+        check_slurm_gpus_even(slots, len(nodes), environ)
     check_slurm_gpus_from_zero(slots, environ)
     port = args.master_port or slurm_port(_required(environ, "SLURM_JOB_ID"))
     argv = [deepspeed_executable(), "--hostfile", str(launch_dir / HOSTFILE_NAME), "--no_ssh",
@@ -442,6 +444,17 @@ def check_slurm_gpus(gpus: int | None, environ: Mapping[str, str]) -> None:
     if gpus and given.isdigit() and gpus > int(given):
         raise LaunchError(f"--gpus {gpus}, but SLURM gave each node {given} GPU(s) ({SLURM_SLOT_VARIABLES[0]}); "
                           f"give --gpus {given} or fewer, or ask SLURM for more (--gpus-per-node)")
+
+
+def check_slurm_gpus_even(slots: int, node_count: int, environ: Mapping[str, str]) -> None:
+    """Every node's launcher writes the same hostfile from its own ranks per node: a job-wide `--gpus N`
+    that SLURM spread unevenly would number the ranks differently on each node, and the job would hang."""
+    total = environ.get("SLURM_GPUS", "")  # set by `--gpus N`, not by `--gpus-per-node`
+    if total.isdigit() and int(total) != slots * node_count:
+        node = environ.get("SLURMD_NODENAME", "this node")
+        raise LaunchError(f"--slurm: SLURM gave the job {total} GPUs (SLURM_GPUS) over {node_count} node(s), {slots} "
+                          f"on {node}: not as many on each, and every node must start as many ranks; ask for them "
+                          "per node (--gpus-per-node), or pass --gpus N")
 
 
 def check_slurm_gpus_from_zero(slots: int, environ: Mapping[str, str]) -> None:

@@ -28,6 +28,7 @@ from medsapiens.errors import UserError, user_message
 OTHER_LAUNCHERS_WORLD_SIZE = ("OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 SHARED_MEMORY = Path("/dev/shm")  # where POSIX shm_open names live on Linux
 NVIDIA_DEVICE_FILES = "/dev/nvidia[0-9]*"  # one per GPU the NVIDIA driver gives this host (or container)
+ALLOW_CPU = "MEDSAPIENS_ALLOW_CPU"  # =1: train on the CPU of a host whose GPUs CUDA cannot use (the launchers pass it on)
 # Start-up notices of DeepSpeed and torch that tell a CPU user nothing (DeepSpeed is imported later,
 # lazily, by this module and its users; the filters are in place before its loggers print).
 CPU_NOTICES = {"DeepSpeed": "Setting accelerator to CPU", "torch.utils.cpp_extension": "No CUDA runtime is found"}
@@ -107,9 +108,9 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
 def check_gpus_usable() -> None:
     """Refuse to start on a host whose NVIDIA GPUs CUDA cannot use (a driver older than this torch's CUDA, a
     torch built without CUDA, a GPU fallen off the bus): the rank would train on the CPU, and beside ranks on
-    GPUs it would wait out the timeout on gloo while they use NCCL. CUDA_VISIBLE_DEVICES= (empty) asks for
-    the CPU."""
-    if torch.cuda.is_available() or os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+    GPUs it would wait out the timeout on gloo while they use NCCL. ALLOW_CPU=1 asks for the CPU, as does
+    CUDA_VISIBLE_DEVICES= (empty) in a process started without a launcher (DeepSpeed's sets that variable)."""
+    if torch.cuda.is_available() or os.environ.get(ALLOW_CPU) == "1" or os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
         return
     gpus = glob.glob(NVIDIA_DEVICE_FILES)
     if not gpus:
@@ -121,7 +122,7 @@ def check_gpus_usable() -> None:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     raise UserError(f"{socket.gethostname()} has {len(gpus)} NVIDIA GPU(s) ({NVIDIA_DEVICE_FILES}) that CUDA cannot "
                     f"use ({reason}): the run would train on the CPU; mend the driver or install a torch for its CUDA, "
-                    "or set CUDA_VISIBLE_DEVICES= (empty) to train on the CPU")
+                    f"or set {ALLOW_CPU}=1 to train on the CPU")
 
 
 def check_no_other_launcher() -> None:
@@ -277,17 +278,18 @@ def check_shared_folder(folder: Path, what: str) -> None:
     except OSError:
         seen = False
     try:
-        check_every_rank(seen, lambda ranks: f"{what} {folder} is not one folder shared by every rank: {ranks} cannot "
-                         "see the file rank 0 wrote there; put it on a file system every host mounts at that path")
+        check_every_rank(None if seen else "cannot see the file rank 0 wrote there", lambda ranks: (
+            f"{what} {folder} is not one folder shared by every rank: {ranks}; put it on a file system every host "
+            "mounts at that path"))
     finally:
         if rank() == 0:
             probe.unlink(missing_ok=True)
 
 
-def check_every_rank(ok: bool, problem) -> None:
-    """Refuse on every rank, with `problem(the ranks and hosts where ok is false)` as the one line, unless
-    `ok` holds on all of them."""
-    failing = gather_to_rank0(None if ok else f"rank {rank()} on {socket.gethostname()}")
+def check_every_rank(trouble: str | None, problem) -> None:
+    """Refuse on every rank, in one line, `problem(the ranks and hosts with their trouble)`, unless no rank
+    has `trouble` (None)."""
+    failing = gather_to_rank0(None if trouble is None else f"rank {rank()} on {socket.gethostname()} ({trouble})")
 
     def check() -> None:
         if missing := [who for who in failing if who]:

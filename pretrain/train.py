@@ -17,6 +17,7 @@ from medsapiens.model.weights import not_a_file
 from medsapiens.pretrain.config import PretrainConfig
 from medsapiens.training.run import (
     RunPlan,
+    check_ranks_read_alike,
     check_settings,
     move_aside,
     train,
@@ -61,6 +62,7 @@ def run(cfg: PretrainConfig, resume: str = "auto") -> dict:
     check_settings(cfg)  # on every rank, before the process group (whose timeout is a setting)
     manifest, dataset_ids = read_inputs(cfg)
     with distributed_job(cfg.train.dist_timeout_s):
+        check_ranks_read_alike(cfg, manifest)
         if resume == "none":
             distributed.decide_on_rank0(lambda: move_aside(Path(cfg.run_dir), "training run"))
         return train_in(cfg, resume, manifest, dataset_ids)

@@ -128,10 +128,10 @@ def unlisted_on(rank: int, name: str) -> dict:
 
 
 def stale_copy_on(rank: int, path: Path, copy: Path) -> dict:
-    """Environment for a job whose `rank` reads `copy` where it opens `path` (tests/fault_site), as a host
-    holding an older copy of a file at the same path."""
+    """Environment for a job whose `rank` reads `copy` where it opens `path` with open() (tests/fault_site),
+    as a host holding an older copy of a file at the same path."""
     return {"PYTHONPATH": str(REPO / "tests" / "fault_site"), "MEDSAPIENS_FAULT_RANK": str(rank),
-            "MEDSAPIENS_FAULT_STALE_COPY": f"{path}{os.pathsep}{copy}"}
+            "MEDSAPIENS_FAULT_STALE_PATH": str(path), "MEDSAPIENS_FAULT_STALE_COPY": str(copy)}
 
 
 def pretrain_args(shards, run_dir, *extra) -> list[str]:

@@ -38,6 +38,7 @@ TAG_PREFIX = "step_"
 LATEST_UNIVERSAL = "latest_universal"  # names the universal checkpoint `--resume universal` loads
 # Each rank's ZeRO optimizer partition: `[bf16_]zero_pp_rank_<dp rank>_mp_rank_<mp rank>_optim_states.pt`.
 OPTIMIZER_SHARD = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_?optim_states\.pt")
+RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")  # a file of one rank's ZeRO partition (optimizer; model states under ZeRO-3)
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load obeys it over an explicit weights_only=False
 
 
@@ -202,17 +203,29 @@ def resume_tag(ckpt_dir: Path, mode: str) -> str | None:
     `universal` the conversion of the newest, `none` None."""
     if mode == "universal":
         return current_universal(ckpt_dir)
-    return latest_tag(ckpt_dir) if mode == "auto" and has_checkpoint(ckpt_dir) else None
+    complete = complete_tags(ckpt_dir) if mode == "auto" else []
+    return complete[-1] if complete else None
 
 
-def is_loadable(ckpt_dir: Path, tag: str) -> bool:
-    """Whether this process sees `tag` whole: a ZeRO checkpoint complete (and readable), a universal one's
-    folder there."""
+def unloadable(ckpt_dir: Path, tag: str, rank: int) -> str | None:
+    """Why `rank` cannot load checkpoint `tag` as it sees it, or None: a universal checkpoint's folder, or a
+    ZeRO one's `complete.json` and the files of it the rank reads (those of no rank, and its own)."""
     tag_dir = Path(ckpt_dir) / tag
+    if tag.endswith("_universal"):
+        return None if tag_dir.is_dir() else "no such folder"
     try:
-        return tag_dir.is_dir() if tag.endswith("_universal") else is_complete(tag_dir)
-    except CheckpointError:
-        return False
+        listed = json.loads((tag_dir / COMPLETE).read_text())
+        wrong = [name for name, size in listed.items()
+                 if reads_file(name, rank) and size_on_disk(tag_dir / name) != size]
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"{COMPLETE} unreadable: {exc}"
+    return f"{', '.join(wrong)} missing or of another size" if wrong else None
+
+
+def reads_file(name: str, rank: int) -> bool:
+    """Whether `rank` loads a checkpoint file: each rank loads its own ZeRO partitions, and the shared files."""
+    owner = RANK_FILE.search(name)
+    return owner is None or int(owner.group(1)) == rank
 
 
 def load(ds_engine, ckpt_dir: Path, tag: str) -> dict | None:

@@ -359,15 +359,29 @@ def settled_resume(run_dir: Path, cfg, resume: str) -> str:
     return distributed.computed_on_rank0(settle)
 
 
-def starting_inputs(plan: RunPlan, precision: str) -> dict[str, str]:
-    """What this rank read for itself and must hold as rank 0 does: DeepSpeed copies rank 0's weights
-    to every rank, but each rank's schedule, data, model shapes and ZeRO settings come from these."""
-    _, zero = read_deepspeed_json(plan.cfg.train.deepspeed)
-    short = 12
-    return {"config": f"sha256 {configlib.digest(plan.cfg)[:short]}",
-            "shard manifest": f"sha256 {plan.manifest.digest[:short]}",
-            "DeepSpeed JSON": f"sha256 {configlib.json_digest(zero)[:short]}",
-            "train.precision": precision}
+def check_ranks_read_alike(cfg, manifest: Manifest, **more: str) -> None:
+    """Right after the process group starts, before any decision a rank's own inputs steer: every rank read
+    rank 0's config, shard manifest and DeepSpeed JSON (and `more`, name: identity) and resolves
+    train.precision as rank 0 does. DeepSpeed copies rank 0's weights to every rank, but each rank's data,
+    schedule, model shapes and ZeRO settings come from these: a host holding a stale copy at the same path
+    trained on other data than config.yaml records, or hung."""
+    distributed.check_same_on_every_rank(
+        {"config": sha256_shown(configlib.digest(cfg)), "shard manifest": sha256_shown(manifest.digest),
+         "DeepSpeed JSON": deepspeed_json_identity(cfg.train.deepspeed),
+         "train.precision": resolve_precision(cfg.train.precision), **more},
+        "each host must read the same files at the same paths (a stale copy?); on GPUs of mixed generations, set "
+        "train.precision to fp32 or bf16")
+
+
+def sha256_shown(digest: str) -> str:
+    return f"sha256 {digest[:12]}"
+
+
+def deepspeed_json_identity(deepspeed: str) -> str:
+    try:
+        return sha256_shown(configlib.json_digest(read_deepspeed_json(deepspeed)[1]))
+    except InputError as exc:  # told beside rank 0's, or by every rank at the engine's start
+        return f"unreadable ({exc})"
 
 
 def train(plan: RunPlan, resume: str = "auto") -> RunResult:
@@ -376,9 +390,6 @@ def train(plan: RunPlan, resume: str = "auto") -> RunResult:
     resume = settled_resume(Path(cfg.run_dir), cfg, resume)
     train_cfg, head = scheduled(cfg.train, epoch_images(plan.manifest, cfg.data, plan.dataset_ids), global_batch(cfg))
     train_cfg = replace(train_cfg, precision=resolve_precision(train_cfg.precision))  # `auto` as this machine has it
-    distributed.check_same_on_every_rank(
-        starting_inputs(plan, train_cfg.precision), "every host must read the same files at the same paths "
-        "(a stale copy?), and GPUs of mixed generations need train.precision set explicitly (fp32 or bf16)")
     if distributed.rank() == 0 and (warning := emulated_bf16_warning(train_cfg.precision)):
         print(warning, file=sys.stderr)
     optim, warmup_note = resolve_warmup(cfg.optim, train_cfg.max_steps)

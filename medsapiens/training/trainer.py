@@ -132,9 +132,9 @@ class Trainer:
         tag = distributed.computed_on_rank0(choose)
         if tag is None:
             return 0
-        distributed.check_every_rank(checkpoints.is_loadable(self.ckpt_dir, tag), lambda ranks: (
-            f"checkpoint {self.ckpt_dir / tag}, which rank 0 resumes, is not whole as {ranks} see(s) it: "
-            "the run directory must be one folder every host sees alike"))
+        distributed.check_every_rank(checkpoints.unloadable(self.ckpt_dir, tag, distributed.rank()), lambda ranks: (
+            f"checkpoint {self.ckpt_dir / tag}, which rank 0 resumes, cannot be loaded by {ranks}: the run directory "
+            "must be one folder every host sees alike"))
         state = self.engine.load(self.ckpt_dir, tag)
         if state is None:
             raise checkpoints.CheckpointError(f"no checkpoint to resume from in {self.ckpt_dir}")

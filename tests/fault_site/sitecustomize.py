@@ -7,8 +7,9 @@ With MEDSAPIENS_FAULT_OOM_AT_BACKWARD=N instead, that rank's N-th backward pass 
 out-of-memory error, as on a GPU too small for the micro-batch; with MEDSAPIENS_FAULT_SIGTERM_AT_BACKWARD=N,
 it sends the process SIGTERM, as a scheduler's preemption landing mid-step. With MEDSAPIENS_FAULT_UNLISTED=NAME,
 that rank's folder listings (`Path.glob`) leave out the entries named NAME, as a shared file system's stale
-cache lists a folder to one host. With MEDSAPIENS_FAULT_STALE_COPY=PATH:COPY, that rank reads the file COPY
-whenever it opens PATH, as a host holding an older copy of a file at the same path.
+cache lists a folder to one host. With MEDSAPIENS_FAULT_STALE_PATH=PATH and MEDSAPIENS_FAULT_STALE_COPY=COPY,
+that rank's `open(PATH)` opens COPY, as a host holding an older copy of a file at the same path (`pathlib`'s
+reads, which call `io.open`, are left alone).
 Exactly at that point, on every run: no polling, no race."""
 import os
 
@@ -65,15 +66,14 @@ if FAULTY_RANK and os.environ.get("MEDSAPIENS_FAULT_UNLISTED"):
 
     pathlib.Path.glob = _stale_glob
 
-if FAULTY_RANK and os.environ.get("MEDSAPIENS_FAULT_STALE_COPY"):
+if FAULTY_RANK and os.environ.get("MEDSAPIENS_FAULT_STALE_PATH"):
     import builtins
 
     _open = builtins.open
-    _path, _copy = os.environ["MEDSAPIENS_FAULT_STALE_COPY"].split(os.pathsep)
 
     def _stale_open(file, *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)) and os.path.abspath(file) == _path:
-            file = _copy
+        if isinstance(file, (str, os.PathLike)) and os.path.abspath(file) == os.environ["MEDSAPIENS_FAULT_STALE_PATH"]:
+            file = os.environ["MEDSAPIENS_FAULT_STALE_COPY"]
         return _open(file, *args, **kwargs)
 
     builtins.open = _stale_open

@@ -258,7 +258,7 @@ def test_a_run_dir_some_rank_does_not_share_is_refused_on_every_rank(tmp_path):
         else:
             assert said[0] == said[1] == (
                 f"UserError: run_dir {tmp_path / 'run'} is not one folder shared by every rank: rank 1 on {host} "
-                "cannot see the file rank 0 wrote there; put it on a file system every host mounts at that path")
+                "(cannot see the file rank 0 wrote there); put it on a file system every host mounts at that path")
 
 
 def test_ranks_an_mpi_launcher_started_without_rank_are_refused(monkeypatch):
@@ -295,10 +295,16 @@ def test_a_host_whose_gpus_cuda_cannot_use_is_refused_unless_the_cpu_is_asked_fo
     assert str(refused.value) == (
         f"{socket.gethostname()} has 1 NVIDIA GPU(s) ({tmp_path}/nvidia[0-9]*) that CUDA cannot use (The NVIDIA driver "
         "on your system is too old (found version 11040).): the run would train on the CPU; mend the driver or install "
-        "a torch for its CUDA, or set CUDA_VISIBLE_DEVICES= (empty) to train on the CPU")
+        "a torch for its CUDA, or set MEDSAPIENS_ALLOW_CPU=1 to train on the CPU")
     assert not dist.is_initialized()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # as DeepSpeed's launcher sets it for each rank, on a CPU too
+    with pytest.raises(UserError):
+        distributed.check_gpus_usable()
+    monkeypatch.setenv("MEDSAPIENS_ALLOW_CPU", "1")
+    distributed.check_gpus_usable()  # the CPU asked for, by launched ranks too
+    monkeypatch.delenv("MEDSAPIENS_ALLOW_CPU")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    distributed.check_gpus_usable()  # the CPU asked for
+    distributed.check_gpus_usable()  # the GPUs hidden from a process started alone
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     (tmp_path / "nvidia0").unlink()
     distributed.check_gpus_usable()  # a host without NVIDIA GPUs

@@ -163,8 +163,9 @@ def test_ranks_past_the_gpus_are_refused_and_visible_devices_are_kept(capsys, mo
     assert status == 0 and "global batch: 3 rank(s) x micro-batch 8 x accumulation 1 = 24 (" in out
     one_gpu_machine(monkeypatch, "GPU-8f2c")  # a UUID, which DeepSpeed drops: its rank would run on GPU 0
     uuid_refused = ("error: CUDA_VISIBLE_DEVICES=GPU-8f2c names GPUs otherwise than by index, which DeepSpeed's "
-                    "launcher cannot pass on: its ranks would run on GPUs 0, 1, ... of this machine, not those "
-                    "listed; list them by index (CUDA_VISIBLE_DEVICES=2,3)")
+                    "launcher cannot pass on to its ranks (they would run on GPUs 0, 1, ... of this machine, or not "
+                    "start): list whole GPUs by index (CUDA_VISIBLE_DEVICES=2,3); a MIG slice, which only a UUID "
+                    "names, takes one process started without the launcher (python -m medsapiens.pretrain)")
     for flags in (["--gpus", "1"], []):
         status, _, err = launch(capsys, "pretrain", "--config", DEMO, *flags, "--dry-run")
         assert status == 2 and err.strip() == uuid_refused
@@ -233,6 +234,7 @@ def test_slurm_dry_run_agrees_across_nodes_but_for_the_node_rank(capsys, monkeyp
     outputs = []
     for node_id in range(3):
         slurm_node(monkeypatch, node_id)
+        monkeypatch.setenv("SLURM_GPUS", "12")  # `--gpus 12`, 4 on each node
         status, out, err = launch(capsys, "pretrain", "--config", DEMO, "--slurm", "--dry-run")
         assert status == 0, err
         outputs.append(out)
@@ -306,6 +308,8 @@ def test_the_plan_flags_placeholders_and_gives_the_global_batch(capsys, monkeypa
     ({"SLURM_GPUS_ON_NODE": None, "SLURM_NTASKS_PER_NODE": None}, "pass --gpus N"),
     ({"SLURM_STEP_NODELIST": "gpu-[01-02"}, "a '[' is never closed"),
     ({"SLURM_JOB_ID": None}, "SLURM_JOB_ID is not set"),
+    ({"SLURM_GPUS": "10"}, "SLURM gave the job 10 GPUs (SLURM_GPUS) over 3 node(s), 4 on gpu-02: not as many on "
+                           "each"),
     ({"CUDA_VISIBLE_DEVICES": "4,5,6,7"}, "SLURM gave this job GPUs 4,5,6,7 on gpu-02 (CUDA_VISIBLE_DEVICES), but "
                                           "DeepSpeed's launcher starts its 4 ranks there on GPUs 0..3, not all of them "
                                           "the job's"),

@@ -374,7 +374,7 @@ def test_ranks_that_read_another_manifest_are_refused_before_the_engine(phantom_
                             env=stale_copy_on(1, phantom_shards / "manifest.json", stale))
     assert proc.returncode == 2
     assert re.search(r"error: the ranks do not start alike: rank 1 on \S+: shard manifest sha256 [0-9a-f]{12} \(rank 0: "
-                     r"sha256 [0-9a-f]{12}\); every host must read the same files at the same paths", proc.stderr)
+                     r"sha256 [0-9a-f]{12}\); each host must read the same files at the same paths", proc.stderr)
     assert "DeepSpeed ZeRO-" not in proc.stderr and not (run_dir / "checkpoints").exists()
 
 

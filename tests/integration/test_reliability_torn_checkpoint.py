@@ -45,6 +45,22 @@ def test_only_tags_whose_files_match_their_record_are_complete(tmp_path):
 
 
 @pytest.mark.timeout(30)
+def test_each_rank_checks_the_files_of_the_chosen_checkpoint_it_loads(tmp_path):
+    """Rank 0 chooses the checkpoint; a rank that cannot read its share of it says which file and why."""
+    files = {"mp_rank_00_model_states.pt": b"x" * 10, "zero_pp_rank_0_mp_rank_00_optim_states.pt": b"y" * 20,
+             "zero_pp_rank_1_mp_rank_00_optim_states.pt": b"z" * 20}
+    tag_dir = fake_tag(tmp_path, 2, files)
+    assert [checkpoints.unloadable(tmp_path, "step_00000002", rank) for rank in (0, 1)] == [None, None]
+    (tag_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"z" * 5)  # an older copy on rank 1's host
+    assert checkpoints.unloadable(tmp_path, "step_00000002", 0) is None  # rank 0 never reads rank 1's partition
+    assert checkpoints.unloadable(tmp_path, "step_00000002", 1) == \
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt missing or of another size"
+    (tag_dir / "complete.json").write_text("{not json")
+    assert checkpoints.unloadable(tmp_path, "step_00000002", 0).startswith("complete.json unreadable: ")
+    assert checkpoints.unloadable(tmp_path, "step_00000004_universal", 0) == "no such folder"
+
+
+@pytest.mark.timeout(30)
 def test_pruning_drops_torn_tags_no_rank_will_finish_and_keeps_the_best(tmp_path):
     files = {"mp_rank_00_model_states.pt": b"x" * 10}
     for step, complete in ((2, True), (4, False), (6, True), (8, True), (10, False)):
