@@ -288,14 +288,15 @@ def local_plan(args, environ: Mapping[str, str], launch_dir: Path) -> Plan:
     port = args.master_port or free_port()
     argv = [deepspeed_executable(), "--hostfile", LOCAL_ONLY_HOSTFILE]
     check_gpu_count(args.gpus, "--gpus", environ)
-    visible = visible_subset(args.gpus, environ)
-    if args.gpus and visible is None:
-        argv += ["--num_gpus", str(args.gpus)]
+    gpus = args.gpus or len(named_by_uuid(environ)) or None  # DeepSpeed's runner reads no UUIDs: it gets their count
+    visible = visible_subset(gpus, environ)
+    if gpus and visible is None:
+        argv += ["--num_gpus", str(gpus)]
     argv += ["--master_port", str(port)]
-    ranks = f"{args.gpus} rank(s)" if args.gpus else "one rank per local accelerator"
+    ranks = f"{gpus} rank(s)" if gpus else "one rank per local accelerator"
     on = f" on GPUs {visible}" if visible else ""
     return Plan(f"this machine, {ranks}{on}, master 127.0.0.1:{port}", argv, launch_dir,
-                ranks=args.gpus or local_gpu_count(), env={VISIBLE_DEVICES: visible} if visible else {})
+                ranks=gpus or local_gpu_count(), env={VISIBLE_DEVICES: visible} if visible else {})
 
 
 def local_gpu_count() -> int | None:
@@ -308,19 +309,20 @@ def local_gpu_count() -> int | None:
 def check_gpu_count(gpus: int | None, flag: str, environ: Mapping[str, str]) -> None:
     """On a machine with CUDA, `gpus` ranks need as many GPUs here (of those CUDA_VISIBLE_DEVICES lists,
     when set): a rank past them fails to start on an invalid device. CPU ranks: as many as asked.
-    CUDA_VISIBLE_DEVICES must list indices: DeepSpeed's launcher cannot pass UUIDs on to its ranks, which
-    would run on GPUs 0..gpus-1 of the machine instead (with --num_gpus) or not start (without)."""
+    GPUs listed by UUID must be all the machine has: DeepSpeed's launcher cannot pass UUIDs on, and its
+    ranks run on GPUs 0, 1, ... of the machine instead."""
     import torch
 
     if not torch.cuda.is_available():
         return
-    listed = visible_devices(environ)
-    if not all(device.isdecimal() for device in listed):
-        raise LaunchError(f"{VISIBLE_DEVICES}={','.join(listed)} names GPUs otherwise than by index, which DeepSpeed's "
-                          "launcher cannot pass on to its ranks (they would run on GPUs 0, 1, ... of this machine, or "
-                          f"not start): list whole GPUs by index ({VISIBLE_DEVICES}=2,3); a MIG slice, which only a "
-                          "UUID names, takes one process started without the launcher (python -m medsapiens.pretrain)")
+    if (uuids := named_by_uuid(environ)) and (seen := gpus_without_visible_devices(environ)) > len(uuids):
+        raise LaunchError(f"{VISIBLE_DEVICES}={','.join(uuids)} names {len(uuids)} of the {seen} GPUs here by UUID, "
+                          "which DeepSpeed's launcher cannot pass on: its ranks would run on GPUs 0, 1, ... of all "
+                          f"{seen}, perhaps not those; list them by index ({VISIBLE_DEVICES}=2,3). A MIG slice, which "
+                          "only a UUID names, takes one process started without the launcher (python -m "
+                          "medsapiens.pretrain)")
     if gpus and gpus > torch.cuda.device_count():
+        listed = visible_devices(environ)
         shown = f" ({VISIBLE_DEVICES}={','.join(listed)})" if listed else ""
         raise LaunchError(f"{flag} {gpus}: this machine has {torch.cuda.device_count()} GPU(s){shown}; give "
                           f"{flag} {torch.cuda.device_count()} or fewer")
@@ -331,14 +333,33 @@ def visible_devices(environ: Mapping[str, str]) -> list[str]:
     return [device.strip() for device in environ.get(VISIBLE_DEVICES, "").split(",") if device.strip()]
 
 
-def visible_subset(gpus: int | None, environ: Mapping[str, str]) -> str | None:
-    """The first `gpus` GPUs CUDA_VISIBLE_DEVICES lists (by index: `check_gpu_count`), for the runner to start
-    on: given --num_gpus, DeepSpeed ignores and drops that variable, and its ranks would run on GPUs
-    0..gpus-1, whichever job they belong to. None without the variable, and on a CPU machine."""
+def named_by_uuid(environ: Mapping[str, str]) -> list[str]:
+    """The GPUs CUDA_VISIBLE_DEVICES names otherwise than by index (`GPU-…`, `MIG-…`) on a machine with CUDA;
+    none when it lists indices, is unset, or on a CPU machine."""
     import torch
 
     listed = visible_devices(environ)
-    if not gpus or not torch.cuda.is_available() or not listed:
+    return listed if torch.cuda.is_available() and not all(d.isdecimal() for d in listed) else []
+
+
+def gpus_without_visible_devices(environ: Mapping[str, str]) -> int:
+    """The GPUs a process here sees without CUDA_VISIBLE_DEVICES, as DeepSpeed's ranks do once its runner
+    dropped it (a container may show only its own)."""
+    env = {name: value for name, value in environ.items() if name != VISIBLE_DEVICES}
+    counted = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    return int(counted.stdout.strip() or 0)
+
+
+def visible_subset(gpus: int | None, environ: Mapping[str, str]) -> str | None:
+    """The first `gpus` GPUs CUDA_VISIBLE_DEVICES lists, for the runner to start on: given --num_gpus,
+    DeepSpeed ignores and drops that variable, and its ranks would run on GPUs 0..gpus-1, whichever job
+    they belong to. None without the variable, when it names GPUs by UUID, which DeepSpeed cannot (they are
+    all the machine's: `check_gpu_count`), and on a CPU machine."""
+    import torch
+
+    listed = visible_devices(environ)
+    if not gpus or not torch.cuda.is_available() or not listed or named_by_uuid(environ):
         return None
     return ",".join(listed[:gpus])
 

@@ -161,11 +161,18 @@ def test_ranks_past_the_gpus_are_refused_and_visible_devices_are_kept(capsys, mo
     assert status == 2 and "--gpus 4: this machine has 3 GPU(s) (CUDA_VISIBLE_DEVICES=4,5,6)" in err
     status, out, _ = launch(capsys, "pretrain", "--config", DEMO, "--dry-run")  # one rank per GPU, as DeepSpeed counts
     assert status == 0 and "global batch: 3 rank(s) x micro-batch 8 x accumulation 1 = 24 (" in out
-    one_gpu_machine(monkeypatch, "GPU-8f2c")  # a UUID, which DeepSpeed drops: its rank would run on GPU 0
-    uuid_refused = ("error: CUDA_VISIBLE_DEVICES=GPU-8f2c names GPUs otherwise than by index, which DeepSpeed's "
-                    "launcher cannot pass on to its ranks (they would run on GPUs 0, 1, ... of this machine, or not "
-                    "start): list whole GPUs by index (CUDA_VISIBLE_DEVICES=2,3); a MIG slice, which only a UUID "
-                    "names, takes one process started without the launcher (python -m medsapiens.pretrain)")
+    # UUIDs, which DeepSpeed's runner drops (and cannot parse without --num_gpus): its ranks use GPUs 0, 1, ...
+    one_gpu_machine(monkeypatch, "GPU-8f2c")
+    monkeypatch.setattr(launcher, "gpus_without_visible_devices", lambda environ: 1)  # a container showing its own
+    for flags in (["--gpus", "1"], []):
+        status, out, _ = launch(capsys, "pretrain", "--config", DEMO, *flags, "--master-port", "29123", "--dry-run")
+        assert status == 0 and printed_command(out).startswith(
+            f"{DEEPSPEED} --hostfile /dev/null --num_gpus 1 --master_port 29123 ")
+    monkeypatch.setattr(launcher, "gpus_without_visible_devices", lambda environ: 4)  # a host showing all of its GPUs
+    uuid_refused = ("error: CUDA_VISIBLE_DEVICES=GPU-8f2c names 1 of the 4 GPUs here by UUID, which DeepSpeed's "
+                    "launcher cannot pass on: its ranks would run on GPUs 0, 1, ... of all 4, perhaps not those; list "
+                    "them by index (CUDA_VISIBLE_DEVICES=2,3). A MIG slice, which only a UUID names, takes one process "
+                    "started without the launcher (python -m medsapiens.pretrain)")
     for flags in (["--gpus", "1"], []):
         status, _, err = launch(capsys, "pretrain", "--config", DEMO, *flags, "--dry-run")
         assert status == 2 and err.strip() == uuid_refused
