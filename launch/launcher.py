@@ -344,11 +344,14 @@ def named_by_uuid(environ: Mapping[str, str]) -> list[str]:
 
 def gpus_without_visible_devices(environ: Mapping[str, str]) -> int:
     """The GPUs a process here sees without CUDA_VISIBLE_DEVICES, as DeepSpeed's ranks do once its runner
-    dropped it (a container may show only its own)."""
+    dropped it (a container may show only its own); 0 when that process cannot tell."""
     env = {name: value for name, value in environ.items() if name != VISIBLE_DEVICES}
-    counted = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"], env=env,
-                             capture_output=True, text=True, timeout=120)
-    return int(counted.stdout.strip() or 0)
+    try:
+        counted = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"], env=env,
+                                 capture_output=True, text=True, timeout=120)
+        return int(counted.stdout.strip())
+    except (subprocess.TimeoutExpired, ValueError):
+        return 0
 
 
 def visible_subset(gpus: int | None, environ: Mapping[str, str]) -> str | None:
