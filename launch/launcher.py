@@ -309,23 +309,33 @@ def local_gpu_count() -> int | None:
 def check_gpu_count(gpus: int | None, flag: str, environ: Mapping[str, str]) -> None:
     """On a machine with CUDA, `gpus` ranks need as many GPUs here (of those CUDA_VISIBLE_DEVICES lists,
     when set): a rank past them fails to start on an invalid device. CPU ranks: as many as asked.
-    GPUs listed by UUID must be all the machine has: DeepSpeed's launcher cannot pass UUIDs on, and its
+    GPUs listed by UUID must be all the machine shows: DeepSpeed's launcher cannot pass UUIDs on, and its
     ranks run on GPUs 0, 1, ... of the machine instead."""
     import torch
 
     if not torch.cuda.is_available():
         return
-    if (uuids := named_by_uuid(environ)) and (seen := gpus_without_visible_devices(environ)) > len(uuids):
-        raise LaunchError(f"{VISIBLE_DEVICES}={','.join(uuids)} names {len(uuids)} of the {seen} GPUs here by UUID, "
-                          "which DeepSpeed's launcher cannot pass on: its ranks would run on GPUs 0, 1, ... of all "
-                          f"{seen}, perhaps not those; list them by index ({VISIBLE_DEVICES}=2,3). A MIG slice, which "
-                          "only a UUID names, takes one process started without the launcher (python -m "
-                          "medsapiens.pretrain)")
+    if uuids := named_by_uuid(environ):
+        check_uuids_are_all_gpus(uuids, environ)
     if gpus and gpus > torch.cuda.device_count():
         listed = visible_devices(environ)
         shown = f" ({VISIBLE_DEVICES}={','.join(listed)})" if listed else ""
         raise LaunchError(f"{flag} {gpus}: this machine has {torch.cuda.device_count()} GPU(s){shown}; give "
                           f"{flag} {torch.cuda.device_count()} or fewer")
+
+
+def check_uuids_are_all_gpus(uuids: list[str], environ: Mapping[str, str]) -> None:
+    """The GPUs listed by UUID must be the very GPUs a process here sees without the variable (a container
+    showing only its own), which DeepSpeed's ranks use once its runner dropped it."""
+    listed, every = gpus_seen(environ), gpus_seen({k: v for k, v in environ.items() if k != VISIBLE_DEVICES})
+    if listed is not None and listed == every:
+        return
+    why = (f"names {len(listed)} GPU(s), not the {len(every)} a process here sees without it," if listed is not None
+           and every is not None else "names GPUs that cannot be matched with those a process here sees without it")
+    raise LaunchError(f"{VISIBLE_DEVICES}={','.join(uuids)} {why} by UUID, which DeepSpeed's launcher cannot pass on: "
+                      "its ranks would run on GPUs 0, 1, ... of the machine, perhaps not those; list them by index "
+                      f"({VISIBLE_DEVICES}=2,3). A MIG slice, which only a UUID names, takes one process started "
+                      "without the launcher (python -m medsapiens.pretrain)")
 
 
 def visible_devices(environ: Mapping[str, str]) -> list[str]:
@@ -342,16 +352,15 @@ def named_by_uuid(environ: Mapping[str, str]) -> list[str]:
     return listed if torch.cuda.is_available() and not all(d.isdecimal() for d in listed) else []
 
 
-def gpus_without_visible_devices(environ: Mapping[str, str]) -> int:
-    """The GPUs a process here sees without CUDA_VISIBLE_DEVICES, as DeepSpeed's ranks do once its runner
-    dropped it (a container may show only its own); 0 when that process cannot tell."""
-    env = {name: value for name, value in environ.items() if name != VISIBLE_DEVICES}
+def gpus_seen(environ: Mapping[str, str]) -> list[str] | None:
+    """The UUIDs of the GPUs a process started here with `environ` sees, sorted; None when it cannot tell."""
+    probe = "import torch; print(*(torch.cuda.get_device_properties(i).uuid for i in range(torch.cuda.device_count())))"
     try:
-        counted = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"], env=env,
-                                 capture_output=True, text=True, timeout=120)
-        return int(counted.stdout.strip())
-    except (subprocess.TimeoutExpired, ValueError):
-        return 0
+        seen = subprocess.run([sys.executable, "-c", probe], env=dict(environ), capture_output=True, text=True,
+                              timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return sorted(seen.stdout.split()) if seen.returncode == 0 else None
 
 
 def visible_subset(gpus: int | None, environ: Mapping[str, str]) -> str | None:

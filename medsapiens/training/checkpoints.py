@@ -38,6 +38,7 @@ TAG_PREFIX = "step_"
 LATEST_UNIVERSAL = "latest_universal"  # names the universal checkpoint `--resume universal` loads
 # Each rank's ZeRO optimizer partition: `[bf16_]zero_pp_rank_<dp rank>_mp_rank_<mp rank>_optim_states.pt`.
 OPTIMIZER_SHARD = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_?optim_states\.pt")
+MODEL_STATES = "_model_states.pt"  # `mp_rank_00_model_states.pt`; under ZeRO-3 one per rank
 RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")  # a file of one rank's ZeRO partition (optimizer; model states under ZeRO-3)
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load obeys it over an explicit weights_only=False
 
@@ -217,9 +218,14 @@ def unloadable(ckpt_dir: Path, tag: str, rank: int) -> str | None:
         listed = json.loads((tag_dir / COMPLETE).read_text())
         wrong = [name for name, size in listed.items()
                  if reads_file(name, rank) and size_on_disk(tag_dir / name) != size]
+        shown = set(os.listdir(tag_dir))  # DeepSpeed finds the model states by listing the folder
+        unlisted = [name for name in listed if name.endswith(MODEL_STATES) and reads_file(name, rank)
+                    and name not in shown]
     except (OSError, ValueError, AttributeError) as exc:
         return f"{COMPLETE} unreadable: {exc}"
-    return f"{', '.join(wrong)} missing or of another size" if wrong else None
+    if wrong:
+        return f"{', '.join(wrong)} missing or of another size"
+    return f"{', '.join(unlisted)} not in its listing of the folder (a stale cache?)" if unlisted else None
 
 
 def reads_file(name: str, rank: int) -> bool:

@@ -163,20 +163,23 @@ def test_ranks_past_the_gpus_are_refused_and_visible_devices_are_kept(capsys, mo
     assert status == 0 and "global batch: 3 rank(s) x micro-batch 8 x accumulation 1 = 24 (" in out
     # UUIDs, which DeepSpeed's runner drops (and cannot parse without --num_gpus): its ranks use GPUs 0, 1, ...
     one_gpu_machine(monkeypatch, "GPU-8f2c")
-    monkeypatch.setattr(launcher, "gpus_without_visible_devices", lambda environ: 1)  # a container showing its own
+    all_gpus = ["8f2c"]  # a container showing only its own GPU, with the variable or without
+    monkeypatch.setattr(launcher, "gpus_seen", lambda environ: ["8f2c"] if "CUDA_VISIBLE_DEVICES" in environ else all_gpus)
     for flags in (["--gpus", "1"], []):
         status, out, _ = launch(capsys, "pretrain", "--config", DEMO, *flags, "--master-port", "29123", "--dry-run")
         assert status == 0 and printed_command(out).startswith(
             f"{DEEPSPEED} --hostfile /dev/null --num_gpus 1 --master_port 29123 ")
-    monkeypatch.setattr(launcher, "gpus_without_visible_devices", lambda environ: 4)  # a host showing all of its GPUs
-    uuid_refused = ("error: CUDA_VISIBLE_DEVICES=GPU-8f2c names 1 of the 4 GPUs here by UUID, which DeepSpeed's "
-                    "launcher cannot pass on: its ranks would run on GPUs 0, 1, ... of all 4, perhaps not those; list "
-                    "them by index (CUDA_VISIBLE_DEVICES=2,3). A MIG slice, which only a UUID names, takes one process "
-                    "started without the launcher (python -m medsapiens.pretrain)")
-    for flags in (["--gpus", "1"], []):
-        status, _, err = launch(capsys, "pretrain", "--config", DEMO, *flags, "--dry-run")
-        assert status == 2 and err.strip() == uuid_refused
-    assert main(["demo", "--out", str(demo)]) == 2 and capsys.readouterr().err.strip() == uuid_refused
+    tail = (" by UUID, which DeepSpeed's launcher cannot pass on: its ranks would run on GPUs 0, 1, ... of the machine, "
+            "perhaps not those; list them by index (CUDA_VISIBLE_DEVICES=2,3). A MIG slice, which only a UUID names, "
+            "takes one process started without the launcher (python -m medsapiens.pretrain)")
+    for every, why in ((["07aa", "3b1e", "8f2c", "c4d0"], "names 1 GPU(s), not the 4 a process here sees without it,"),
+                       (["07aa"], "names 1 GPU(s), not the 1 a process here sees without it,"),  # another (a MIG slice)
+                       (None, "names GPUs that cannot be matched with those a process here sees without it")):
+        all_gpus = every
+        for flags in (["--gpus", "1"], []):
+            status, _, err = launch(capsys, "pretrain", "--config", DEMO, *flags, "--dry-run")
+            assert status == 2 and err.strip() == f"error: CUDA_VISIBLE_DEVICES=GPU-8f2c {why}{tail}"
+    assert main(["demo", "--out", str(demo)]) == 2 and "CUDA_VISIBLE_DEVICES=GPU-8f2c names" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(60)

@@ -55,6 +55,12 @@ def test_each_rank_checks_the_files_of_the_chosen_checkpoint_it_loads(tmp_path):
     assert checkpoints.unloadable(tmp_path, "step_00000002", 0) is None  # rank 0 never reads rank 1's partition
     assert checkpoints.unloadable(tmp_path, "step_00000002", 1) == \
         "zero_pp_rank_1_mp_rank_00_optim_states.pt missing or of another size"
+    (tag_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"z" * 20)
+    listing = os.listdir
+    with pytest.MonkeyPatch.context() as stale:  # the folder listed from a stale cache, as DeepSpeed lists it
+        stale.setattr(checkpoints.os, "listdir", lambda path: [n for n in listing(path) if "model_states" not in n])
+        assert checkpoints.unloadable(tmp_path, "step_00000002", 1) == \
+            "mp_rank_00_model_states.pt not in its listing of the folder (a stale cache?)"
     (tag_dir / "complete.json").write_text("{not json")
     assert checkpoints.unloadable(tmp_path, "step_00000002", 0).startswith("complete.json unreadable: ")
     assert checkpoints.unloadable(tmp_path, "step_00000004_universal", 0) == "no such folder"
