@@ -267,14 +267,17 @@ def check_shared_folder(folder: Path, what: str) -> None:
     it (a folder local to each host, where the ranks' files must come together)."""
     if world_size() == 1:
         return
-    name = [f".shared-check-{os.urandom(8).hex()}" if rank() == 0 else None]  # a new name: no cached lookup
-    if rank() == 0:
+
+    def write_probe() -> str:
+        name = f".shared-check-{os.urandom(8).hex()}"  # a new name: no cached lookup
         Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / name[0]).write_text(name[0])
-    broadcast_from_rank0(name)
-    probe = Path(folder) / name[0]
+        (Path(folder) / name).write_text(name)
+        return name
+
+    name = computed_on_rank0(write_probe)
+    probe = Path(folder) / name
     try:
-        seen = probe.read_text() == name[0]
+        seen = probe.read_text() == name
     except OSError:
         seen = False
     try:
@@ -286,10 +289,15 @@ def check_shared_folder(folder: Path, what: str) -> None:
             probe.unlink(missing_ok=True)
 
 
+def this_rank() -> str:
+    """This rank and its host, as a refusal names them."""
+    return f"rank {rank()} on {socket.gethostname()}"
+
+
 def check_every_rank(trouble: str | None, problem) -> None:
     """Refuse on every rank, in one line, `problem(the ranks and hosts with their trouble)`, unless no rank
     has `trouble` (None)."""
-    failing = gather_to_rank0(None if trouble is None else f"rank {rank()} on {socket.gethostname()} ({trouble})")
+    failing = gather_to_rank0(None if trouble is None else f"{this_rank()} ({trouble})")
 
     def check() -> None:
         if missing := [who for who in failing if who]:
@@ -301,7 +309,7 @@ def check_every_rank(trouble: str | None, problem) -> None:
 def check_same_on_every_rank(values: dict[str, str], advice: str) -> None:
     """Refuse, on every rank, in one line, a job where some rank holds other `values` (what each rank read or
     resolved for itself) than rank 0, naming the ranks, hosts and values that differ, then `advice`."""
-    held = gather_to_rank0((f"rank {rank()} on {socket.gethostname()}", values))
+    held = gather_to_rank0((this_rank(), values))
 
     def check() -> None:
         reference = held[0][1]
