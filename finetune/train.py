@@ -219,10 +219,9 @@ def evaluation_splits(manifest: Manifest, dataset: str, requested: str) -> list[
     return chosen
 
 
-def training_manifest(cfg: FinetuneConfig, run_dir: Path) -> Manifest:
-    """The shards to train on: the given ones, or (K-shot) a subset written by rank 0."""
-    manifest = load_manifest(cfg.data.shards)
-    training_manifest_check(manifest, cfg)
+def training_manifest(cfg: FinetuneConfig, manifest: Manifest, run_dir: Path) -> Manifest:
+    """The shards to train on: the given ones (`manifest`, checked at start), or (K-shot) a subset of them
+    written by rank 0."""
     if not cfg.shots:
         return manifest
     subset_dir = run_dir / "subset"
@@ -321,13 +320,13 @@ class StoppedShort:
                 f"yet{waiting}; rerun the command with train.stop_after raised or dropped to go on"]
 
 
-def run_one(cfg: FinetuneConfig) -> FinetuneResult | StoppedShort | None:
-    """Train, export the best checkpoint, evaluate. Rank 0 returns the result, other ranks None; a run
-    stopped short by train.stop_after is StoppedShort on every rank."""
+def run_one(cfg: FinetuneConfig, shards: Manifest) -> FinetuneResult | StoppedShort | None:
+    """Train on `shards` (the manifest every rank read alike), export the best checkpoint, evaluate. Rank 0
+    returns the result, other ranks None; a run stopped short by train.stop_after is StoppedShort on every rank."""
     run_dir = Path(cfg.run_dir)
     if distributed.rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-    manifest = training_manifest(cfg, run_dir)
+    manifest = training_manifest(cfg, shards, run_dir)
     landmark_set = manifest.landmark_set(cfg.dataset)
     torch.manual_seed(cfg.train.seed)
     model, model_cfg, origin = initial_model(cfg, landmark_set)
@@ -464,12 +463,12 @@ def run(cfg: FinetuneConfig) -> FinetuneResult | SeedsResult | StoppedShort | No
         distributed.check_shared_folder(Path(cfg.run_dir), "run_dir")  # checkpoints, the few-shot draw, the bundle
         if not cfg.seeds:
             few_shot = cfg.shots and not distributed.computed_on_rank0(lambda: trained_with_seed_zero(cfg))
-            result = run_one(with_shot_seed(cfg, cfg.shot_seed) if few_shot else cfg)
+            result = run_one(with_shot_seed(cfg, cfg.shot_seed) if few_shot else cfg, manifest)
             return result if distributed.rank() == 0 else None
         results = []
         for n, seed in enumerate(cfg.seeds):
             seed_dir = str(Path(cfg.run_dir) / f"seed_{seed}")
-            result = run_one(replace(with_shot_seed(cfg, seed), seeds=[], run_dir=seed_dir))
+            result = run_one(replace(with_shot_seed(cfg, seed), seeds=[], run_dir=seed_dir), manifest)
             if isinstance(result, StoppedShort):
                 return replace(result, seeds_waiting=cfg.seeds[n + 1:]) if distributed.rank() == 0 else None
             results.append(result)
