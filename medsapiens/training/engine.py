@@ -118,9 +118,20 @@ PUBLISHED_WARMUP_STEPS = 500
 WARMUP_SHARE = 0.2  # the published schedules warm up for 3-14% of their steps
 
 
+def whole_steps(steps: float) -> int:
+    """A step count computed in floating point, rounded up: the whole number it meant when it lands just
+    above one (0.14 epochs x 50 steps is 7.000000000000001 steps: 7, not 8)."""
+    return math.ceil(steps - 1e-9)
+
+
+def drop_steps(optim: OptimConfig, max_steps: int) -> list[int]:
+    """The steps at which a step schedule's lr drops (milestones are fractions of the run)."""
+    return [whole_steps(m * max_steps) for m in optim.milestones] if optim.schedule == "step" else []
+
+
 def first_drop(optim: OptimConfig, max_steps: int) -> int | None:
     """The step of the first lr drop of a step schedule (None for the others)."""
-    return math.ceil(min(optim.milestones) * max_steps) if optim.schedule == "step" and optim.milestones else None
+    return min(drop_steps(optim, max_steps), default=None)
 
 
 def resolve_warmup(optim: OptimConfig, max_steps: int) -> tuple[OptimConfig, str]:
@@ -134,7 +145,7 @@ def resolve_warmup(optim: OptimConfig, max_steps: int) -> tuple[OptimConfig, str
         if optim.warmup_steps > max_steps:
             return optim, f" (warning: optim.warmup_steps outlasts the {max_steps}-step run: the lr never reaches its base)"
         return optim, ""
-    steps = min(PUBLISHED_WARMUP_STEPS, math.ceil(WARMUP_SHARE * max_steps))
+    steps = min(PUBLISHED_WARMUP_STEPS, whole_steps(WARMUP_SHARE * max_steps))
     scaled = steps < PUBLISHED_WARMUP_STEPS
     note = (f" (the published {PUBLISHED_WARMUP_STEPS} shortened to a fifth of this {max_steps}-step run; "
             "optim.warmup_steps sets it)") if scaled else ""
@@ -149,7 +160,7 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     ramp = step / max(1, cfg.warmup_steps - 1)
     warmup = cfg.warmup_factor + (1 - cfg.warmup_factor) * ramp if step < cfg.warmup_steps else 1.0
     if cfg.schedule == "step":
-        return warmup * cfg.gamma ** sum(step >= m * max_steps for m in cfg.milestones)
+        return warmup * cfg.gamma ** sum(step >= drop for drop in drop_steps(cfg, max_steps))
     if step < cfg.warmup_steps:
         return warmup
     if cfg.schedule == "cosine":

@@ -45,10 +45,12 @@ from medsapiens.training.engine import (
     TrainConfig,
     check_zero_stage,
     current_spelling,
+    drop_steps,
     emulated_bf16_warning,
     read_deepspeed_json,
     resolve_precision,
     resolve_warmup,
+    whole_steps,
     zero_stage,
 )
 from medsapiens.training.memory import memory_plan
@@ -134,7 +136,7 @@ def scheduled(train: TrainConfig, train_images: int, batch: int) -> tuple[TrainC
     max_steps given too must be that count (a run's saved config.yaml holds both)."""
     if train.epochs:
         steps_per_epoch = math.ceil(train_images / batch)
-        steps = math.ceil(train.epochs * steps_per_epoch)
+        steps = whole_steps(train.epochs * steps_per_epoch)
         if train.max_steps and train.max_steps != steps:
             raise InputError(f"train.epochs ({train.epochs:g}) gives {steps} steps here ({train_images} training images / "
                              f"global batch {batch}), train.max_steps says {train.max_steps}: give one and set the other to 0")
@@ -149,7 +151,7 @@ def scheduled(train: TrainConfig, train_images: int, batch: int) -> tuple[TrainC
 def schedule_text(optim: OptimConfig, head: str, max_steps: int, warmup_note: str = "") -> str:
     text = f"schedule: {head}; warm-up {optim.warmup_steps} steps from x{optim.warmup_factor:g}{warmup_note}"
     if optim.schedule == "step":
-        drops = [math.ceil(m * max_steps) for m in optim.milestones]
+        drops = drop_steps(optim, max_steps)
         late = sum(drop >= max_steps for drop in drops)
         never = f" ({late} of them at the run's last step or later: never applied)" if late else ""
         return f"{text}, then lr x{optim.gamma:g} after steps {', '.join(map(str, drops))}{never}"
