@@ -333,9 +333,32 @@ def load(cls, path: str | Path | None = None, overrides: list[str] = (), check=N
         cfg = from_dict(cls, apply_overrides(data, extra, cls))
         if check is not None:
             check(cfg)
+        check_overrides_read(cfg, extra)
         return cfg
 
     return blame(loaded, path, list(overrides))
+
+
+def check_overrides_read(cfg, overrides: list[str]) -> None:
+    """An override of a key that the resolved config does not read is refused, rather than changing
+    nothing in silence (`optim.milestones` under a cosine schedule, `lora.qkv_rank` with LoRA off). A
+    section's `APPLIES_WHEN` maps such a key to the setting it depends on and the value that makes it read."""
+    for item in overrides:
+        for leaf in keys_set(*parse_override(item)):
+            *path, name = leaf.split(".")
+            section = cfg
+            for part in path:
+                section = getattr(section, part, None)
+            gate, wanted = getattr(type(section), "APPLIES_WHEN", {}).get(name, (None, None))
+            if gate is not None and getattr(section, gate) != wanted:
+                setting = ".".join([*path, gate])
+                raise ConfigError(f"{leaf} is read only with {setting}={_spelled(wanted)}, and this run has "
+                                  f"{setting}={_spelled(getattr(section, gate))}: leave {leaf} out, or set {setting} too")
+
+
+def _spelled(value) -> str:
+    """A setting's value as an override spells it."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def drop_replaced_choices(cls, data: dict, given: dict) -> None:

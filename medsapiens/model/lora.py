@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 
@@ -23,6 +24,8 @@ LORA_PARAM = ".lora_"  # in every adapter parameter's name (peft's lora_A / lora
 @dataclass
 class LoraConfig:
     """The `lora` config section; the defaults are MedSapiens' adapters."""
+
+    APPLIES_WHEN: ClassVar = {key: ("enabled", True) for key in ("qkv_rank", "qkv_alpha", "proj_rank", "proj_alpha", "dropout")}
 
     enabled: bool = False
     qkv_rank: int = 4

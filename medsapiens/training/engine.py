@@ -34,6 +34,9 @@ class OptimConfig:
     """warmup_steps: None takes the published 500 steps, shortened to a fifth of a shorter run
     (`resolve_warmup`); a number is used as given."""
 
+    APPLIES_WHEN: ClassVar = {"milestones": ("schedule", "step"), "gamma": ("schedule", "step"),
+                              "min_lr_factor": ("schedule", "cosine")}
+
     lr: float = 5e-4
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8

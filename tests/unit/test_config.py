@@ -103,6 +103,26 @@ def test_an_error_names_the_override_it_comes_from_not_the_file(tmp_path):
         configlib.load(Experiment, path, ["optim.lr=0.1"])
 
 
+def test_an_override_the_run_would_not_read_is_refused_by_name(tmp_path):
+    """An override must change the run: one of a key the chosen options ignore would change nothing, in silence."""
+    from medsapiens.finetune.config import FinetuneConfig
+
+    path = tmp_path / "exp.yaml"
+    path.write_text("optim:\n  schedule: cosine\n  milestones: [0.5, 0.9]\n")  # a file's unread keys stay allowed
+    with pytest.raises(configlib.ConfigError, match=r"^override optim\.milestones: optim\.milestones is read only with "
+                       r"optim\.schedule=step, and this run has optim\.schedule=cosine: leave optim\.milestones out, or"):
+        configlib.load(Experiment, path, ["optim.lr=1e-3", "optim.milestones=[0.7, 0.9]"])
+    with pytest.raises(configlib.ConfigError, match=r"optim\.gamma is read only with optim\.schedule=step"):
+        configlib.load(Experiment, None, ["optim={schedule: constant, gamma: 0.5}"])  # a section's keys, one by one
+    with pytest.raises(configlib.ConfigError, match=r"optim\.min_lr_factor is read only with optim\.schedule=cosine"):
+        configlib.load(Experiment, None, ["optim.min_lr_factor=0.1"])
+    with pytest.raises(configlib.ConfigError, match=r"^override lora\.qkv_rank: lora\.qkv_rank is read only with "
+                       r"lora\.enabled=true, and this run has lora\.enabled=false"):
+        configlib.load(FinetuneConfig, None, ["lora.qkv_rank=8"])
+    assert configlib.load(Experiment, path, ["optim.schedule=step", "optim.milestones=[0.7, 0.9]"]).optim.milestones == (0.7, 0.9)
+    assert configlib.load(FinetuneConfig, None, ["lora.enabled=true", "lora.qkv_rank=8"]).lora.qkv_rank == 8
+
+
 def test_types_are_checked():
     with pytest.raises(configlib.ConfigError, match="train.max_steps: expected an integer"):
         configlib.load(Experiment, None, ["train.max_steps=1.5"])

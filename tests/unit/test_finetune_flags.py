@@ -51,6 +51,13 @@ def test_an_override_of_a_key_a_flag_sets_is_refused(argv, refusal):
     assert config_of("--steps", "50", "train={seed: 3}").train.seed == 3  # a key of that section no flag sets
 
 
+def test_a_lora_setting_without_lora_is_refused_and_taken_with_it():
+    """Without --lora the adapters' settings change nothing: the run would train every weight, in silence."""
+    with pytest.raises(configlib.ConfigError, match=r"lora\.proj_rank is read only with lora\.enabled=true"):
+        config_of("lora.proj_rank=16")
+    assert config_of("--lora", "lora.proj_rank=16").lora.proj_rank == 16
+
+
 def test_steps_and_epochs_are_one_or_the_other():
     with pytest.raises(InputError, match="give --steps or --epochs, not both"):
         config_of("--steps", "5", "--epochs", "2")

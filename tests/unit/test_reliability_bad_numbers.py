@@ -93,6 +93,16 @@ def test_launch_finetune_checks_the_stage_before_any_rank_starts(capsys):
 
 
 @pytest.mark.timeout(60)
+def test_an_override_the_run_would_not_read_is_refused_by_dry_run(capsys):
+    """The demo trains on a cosine schedule: milestones given there would change nothing."""
+    assert main(["launch", "pretrain", "--config", str(DEMO_CONFIG), "--dry-run", "optim.milestones=[0.5, 0.9]"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == ("error: override optim.milestones: optim.milestones is read only with optim.schedule=step, "
+                                 "and this run has optim.schedule=cosine: leave optim.milestones out, or set "
+                                 "optim.schedule too\n")
+
+
+@pytest.mark.timeout(60)
 def test_max_steps_zero_is_fine_with_epochs(capsys):
     status = main(["launch", "pretrain", "--config", str(DEMO_CONFIG), "--dry-run", "train.max_steps=0",
                    "train.epochs=2"])
