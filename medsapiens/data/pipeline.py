@@ -19,6 +19,7 @@ import signal
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -39,6 +40,8 @@ TEST_SPLIT_PREFIX = "test"  # test, test1, test2, ...: held out, never used for 
 
 @dataclass
 class DataConfig:
+    APPLIES_WHEN: ClassVar = {"temperature": ("mixing", "temperature")}
+
     shards: str = ""
     datasets: list[str] = field(default_factory=list)
     mixing: str = "proportional"

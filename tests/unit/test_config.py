@@ -116,6 +116,8 @@ def test_an_override_the_run_would_not_read_is_refused_by_name(tmp_path):
         configlib.load(Experiment, None, ["optim={schedule: constant, gamma: 0.5}"])  # a section's keys, one by one
     with pytest.raises(configlib.ConfigError, match=r"optim\.min_lr_factor is read only with optim\.schedule=cosine"):
         configlib.load(Experiment, None, ["optim.min_lr_factor=0.1"])
+    with pytest.raises(configlib.ConfigError, match=r"data\.temperature is read only with data\.mixing=temperature"):
+        configlib.load(Experiment, None, ["data.temperature=4"])
     with pytest.raises(configlib.ConfigError, match=r"^override lora\.qkv_rank: lora\.qkv_rank is read only with "
                        r"lora\.enabled=true, and this run has lora\.enabled=false"):
         configlib.load(FinetuneConfig, None, ["lora.qkv_rank=8"])
