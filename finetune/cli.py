@@ -122,9 +122,9 @@ def _finetune(args) -> int:
 def run_finetune(config_path: str | None, overrides: list[str]) -> int:
     from medsapiens import config as configlib
     from medsapiens.finetune.config import FinetuneConfig
-    from medsapiens.finetune.train import check_bundle_model, run
+    from medsapiens.finetune.train import check_bundle_model, check_config, run
 
-    cfg = configlib.load(FinetuneConfig, config_path, overrides)
+    cfg = configlib.load(FinetuneConfig, config_path, overrides, check_config)  # its refusals before the generic ones
     check_bundle_model(cfg, set(configlib.flatten(configlib.load_data(FinetuneConfig, config_path, overrides))))
     return report_result(run(cfg))
 

@@ -45,6 +45,7 @@ class FinetuneConfig:
     # The keys naming the weights a run starts from: a rerun may name them otherwise when their sha256 is the same.
     STARTING_WEIGHTS: ClassVar[frozenset[str]] = frozenset({"model.checkpoint", "bundle"})
     RUN_DIR_CHOSEN_WHEN_EMPTY: ClassVar[bool] = True
+    APPLIES_WHEN: ClassVar = {"reinit_head": ("init", "bundle")}
 
     run_dir: str = ""
     resume: str = "auto"

@@ -339,21 +339,33 @@ def load(cls, path: str | Path | None = None, overrides: list[str] = (), check=N
     return blame(loaded, path, list(overrides))
 
 
+def unread_keys(cfg, prefix: str = "") -> dict[str, tuple[str, object, object]]:
+    """The dotted keys of `cfg` that its other settings leave unread (a section's `APPLIES_WHEN` maps such
+    a key to the setting it depends on and the value that makes it read) -> (that setting, the value it
+    needs, the value it has)."""
+    unread = {}
+    for field in dataclasses.fields(cfg):
+        if dataclasses.is_dataclass(value := getattr(cfg, field.name)):
+            unread |= unread_keys(value, f"{prefix}{field.name}.")
+    for key, (gate, wanted) in getattr(type(cfg), "APPLIES_WHEN", {}).items():
+        if getattr(cfg, gate) != wanted:
+            unread[prefix + key] = (prefix + gate, wanted, getattr(cfg, gate))
+    return unread
+
+
 def check_overrides_read(cfg, overrides: list[str]) -> None:
-    """An override of a key that the resolved config does not read is refused, rather than changing
-    nothing in silence (`optim.milestones` under a cosine schedule, `lora.qkv_rank` with LoRA off). A
-    section's `APPLIES_WHEN` maps such a key to the setting it depends on and the value that makes it read."""
-    for item in overrides:
-        for leaf in keys_set(*parse_override(item)):
-            *path, name = leaf.split(".")
-            section = cfg
-            for part in path:
-                section = getattr(section, part, None)
-            gate, wanted = getattr(type(section), "APPLIES_WHEN", {}).get(name, (None, None))
-            if gate is not None and getattr(section, gate) != wanted:
-                setting = ".".join([*path, gate])
-                raise ConfigError(f"{leaf} is read only with {setting}={_spelled(wanted)}, and this run has "
-                                  f"{setting}={_spelled(getattr(section, gate))}: leave {leaf} out, or set {setting} too")
+    """An override of a key the resolved config does not read is refused, rather than changing nothing in
+    silence (`optim.milestones` under a cosine schedule, `lora.qkv_rank` with LoRA off)."""
+    unread = unread_keys(cfg)
+    given = dict.fromkeys(leaf for item in overrides for leaf in keys_set(*parse_override(item)) if leaf in unread)
+    by_setting: dict[tuple, list[str]] = {}
+    for key in given:
+        by_setting.setdefault(unread[key], []).append(key)
+    if by_setting:
+        raise ConfigError("; ".join(
+            f"{', '.join(keys)} {'is' if len(keys) == 1 else 'are'} read only with {gate}={_spelled(wanted)}, and this "
+            f"run has {gate}={_spelled(have)}: leave {'it' if len(keys) == 1 else 'them'} out, or set "
+            f"{gate}={_spelled(wanted)}" for (gate, wanted, have), keys in by_setting.items()))
 
 
 def _spelled(value) -> str:

@@ -56,8 +56,9 @@ def run_training(args) -> None:
     from medsapiens import config as configlib
     from medsapiens.pretrain.config import PretrainConfig
     from medsapiens.pretrain.train import run
+    from medsapiens.training.run import check_settings
 
-    run(configlib.load(PretrainConfig, args.config, args.overrides), args.resume)
+    run(configlib.load(PretrainConfig, args.config, args.overrides, check_settings), args.resume)  # as launch checks it
 
 
 def _export(args) -> int:

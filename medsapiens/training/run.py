@@ -255,7 +255,8 @@ def saved_config(run_dir: Path) -> dict | None:
 
 def check_same_run(run_dir: Path, cfg, resume: str, manifest_digest: str, start_digest: str | None = None) -> None:
     """A rerun that resumes continues the run in run_dir, so its resolved config must be the one saved
-    there (the keys of RESUMABLE_CHANGES and the stage config's AFTER_TRAINING aside; with `universal`,
+    there (the keys of RESUMABLE_CHANGES and the stage config's AFTER_TRAINING aside, and those neither
+    reads: a key unread now was unread there too, or the setting it depends on differs; with `universal`,
     which resumes on another number of ranks, also those of WORLD_SIZE_CHANGES), on the same shard
     manifest, from the same starting weights: data.shards and model.checkpoint may name them elsewhere
     when their sha256 is the one the run recorded. Raises naming each difference, before anything in
@@ -275,7 +276,7 @@ def check_same_run(run_dir: Path, cfg, resume: str, manifest_digest: str, start_
     found_elsewhere = ({"data.shards"} if trained_on and trained_on == manifest_digest else set()) | (
         getattr(cfg, "STARTING_WEIGHTS", {"model.checkpoint"}) if started_from and started_from == start_digest
         else set())  # moved, or spelled otherwise
-    may_change = (changes_a_resume_allows(cfg) | found_elsewhere
+    may_change = (changes_a_resume_allows(cfg) | found_elsewhere | set(configlib.unread_keys(cfg))
                   | (WORLD_SIZE_CHANGES if resume == "universal" else set()))
     differing = {k: v for k, v in configlib.differences(before, cfg).items() if k not in may_change}
     if differing:

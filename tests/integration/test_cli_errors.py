@@ -73,6 +73,10 @@ def test_finetune_checks_dataset_bundle_and_numbers_before_starting(phantom_shar
     refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "--steps", "5", "--epochs", "2"], "give --steps or --epochs")
     refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "data.val_split=train"], "data.val_split is the training split")
     refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "--shots", "5000"], "--shots 5000 asks for more images than 'leg'")
+    refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "--reinit-head"],
+                 "reinit_head is read only with init=bundle, and this run has init=scratch: leave it out")
+    refused_here(capsys, [*base, "--dataset", "leg", "--init", "scratch", "data.temperature=3"],  # the stage's own word
+                 "data.temperature: pretraining's mixture of datasets, which fine-tuning does not read")
     for missing, what in ((tmp_path / "none.pth", "no such file"), (tmp_path, "a folder")):
         refused_here(capsys, [*base, "--dataset", "leg", "--init", "sapiens", "--checkpoint", str(missing)],
                      f"model.checkpoint (--checkpoint) {missing}: {what}, where init 'sapiens' needs a Sapiens checkpoint")

@@ -56,13 +56,13 @@ def test_an_explicit_warmup_wins_with_a_warning_past_the_first_drop():
 
 
 def test_a_fraction_of_a_run_is_the_step_it_means_not_the_next():
-    """0.14 epochs x 50 steps and 0.7 x 10 steps are 7 steps, not the 8 that floating point's 7.000000000000001
-    rounds up to: a short schedule trains and drops the lr where the config says."""
+    """0.14 epochs x 50 steps, or a milestone of 0.14 in a 50-step run, is 7 steps, not the 8 that floating
+    point's 7.000000000000001 rounds up to: a short schedule trains and drops the lr where the config says."""
     train, text = scheduled(TrainConfig(epochs=0.14, max_steps=0), 400, 8)
     assert train.max_steps == 7 and text.endswith("= 7 steps")
-    optim = OptimConfig(warmup_steps=1, milestones=(0.7, 1.0))
-    assert [lr_factor(step, optim, 10) for step in (6, 7)] == [1.0, pytest.approx(0.1)]
-    assert "lr x0.1 after steps 7, 10" in schedule_text(optim, "10 steps", 10)
+    optim = OptimConfig(warmup_steps=1, milestones=(0.14, 1.0))
+    assert [lr_factor(step, optim, 50) for step in (6, 7)] == [1.0, pytest.approx(0.1)]
+    assert "lr x0.1 after steps 7, 50" in schedule_text(optim, "50 steps", 50)
 
 
 def test_max_steps_stay_when_no_epochs_are_given():

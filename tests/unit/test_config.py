@@ -110,7 +110,8 @@ def test_an_override_the_run_would_not_read_is_refused_by_name(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text("optim:\n  schedule: cosine\n  milestones: [0.5, 0.9]\n")  # a file's unread keys stay allowed
     with pytest.raises(configlib.ConfigError, match=r"^override optim\.milestones: optim\.milestones is read only with "
-                       r"optim\.schedule=step, and this run has optim\.schedule=cosine: leave optim\.milestones out, or"):
+                       r"optim\.schedule=step, and this run has optim\.schedule=cosine: leave it out, or set "
+                       r"optim\.schedule=step$"):
         configlib.load(Experiment, path, ["optim.lr=1e-3", "optim.milestones=[0.7, 0.9]"])
     with pytest.raises(configlib.ConfigError, match=r"optim\.gamma is read only with optim\.schedule=step"):
         configlib.load(Experiment, None, ["optim={schedule: constant, gamma: 0.5}"])  # a section's keys, one by one
@@ -118,9 +119,11 @@ def test_an_override_the_run_would_not_read_is_refused_by_name(tmp_path):
         configlib.load(Experiment, None, ["optim.min_lr_factor=0.1"])
     with pytest.raises(configlib.ConfigError, match=r"data\.temperature is read only with data\.mixing=temperature"):
         configlib.load(Experiment, None, ["data.temperature=4"])
-    with pytest.raises(configlib.ConfigError, match=r"^override lora\.qkv_rank: lora\.qkv_rank is read only with "
-                       r"lora\.enabled=true, and this run has lora\.enabled=false"):
-        configlib.load(FinetuneConfig, None, ["lora.qkv_rank=8"])
+    with pytest.raises(configlib.ConfigError, match=r"^override lora\.qkv_rank, lora\.dropout: lora\.qkv_rank, lora\.dropout "
+                       r"are read only with lora\.enabled=true, and this run has lora\.enabled=false: leave them out"):
+        configlib.load(FinetuneConfig, None, ["lora.qkv_rank=8", "train.seed=2", "lora.dropout=0.2"])  # all at once
+    with pytest.raises(configlib.ConfigError, match=r"reinit_head is read only with init=bundle, and this run has init=scratch"):
+        configlib.load(FinetuneConfig, None, ["init=scratch", "reinit_head=true"])
     assert configlib.load(Experiment, path, ["optim.schedule=step", "optim.milestones=[0.7, 0.9]"]).optim.milestones == (0.7, 0.9)
     assert configlib.load(FinetuneConfig, None, ["lora.enabled=true", "lora.qkv_rank=8"]).lora.qkv_rank == 8
 

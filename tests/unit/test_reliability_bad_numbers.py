@@ -98,8 +98,7 @@ def test_an_override_the_run_would_not_read_is_refused_by_dry_run(capsys):
     assert main(["launch", "pretrain", "--config", str(DEMO_CONFIG), "--dry-run", "optim.milestones=[0.5, 0.9]"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err == ("error: override optim.milestones: optim.milestones is read only with optim.schedule=step, "
-                                 "and this run has optim.schedule=cosine: leave optim.milestones out, or set "
-                                 "optim.schedule too\n")
+                                 "and this run has optim.schedule=cosine: leave it out, or set optim.schedule=step\n")
 
 
 @pytest.mark.timeout(60)

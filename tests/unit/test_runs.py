@@ -44,6 +44,18 @@ def test_a_universal_resume_may_change_only_the_per_rank_batch(saved_run):
                        "auto", DIGEST)
 
 
+def test_a_resume_compares_only_the_keys_its_run_reads(saved_run):
+    """The demo trains on a cosine schedule: milestones saved there (by an override no longer taken) or given
+    now change nothing, while the cosine floor it does read must be the same."""
+    run_dir, cfg = saved_run
+    assert cfg.optim.schedule == "cosine"
+    check_same_run(run_dir, replace(cfg, optim=replace(cfg.optim, milestones=(0.5,), gamma=0.5)), "auto", DIGEST)
+    with pytest.raises(InputError, match=r"optim.min_lr_factor: .* there, 0.5 now"):
+        check_same_run(run_dir, replace(cfg, optim=replace(cfg.optim, min_lr_factor=0.5)), "auto", DIGEST)
+    with pytest.raises(InputError, match=r"optim.schedule: 'cosine' there, 'step' now"):
+        check_same_run(run_dir, replace(cfg, optim=replace(cfg.optim, schedule="step", milestones=(0.5,))), "auto", DIGEST)
+
+
 def test_a_universal_resume_keeps_the_global_batch_the_run_trained_at(saved_run):
     """Two ranks of 8 trained it: one rank of 8 would halve the batch under the same steps and lr schedule."""
     run_dir, cfg = saved_run
