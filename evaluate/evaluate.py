@@ -155,7 +155,8 @@ def training_split(bundle: bundlelib.Bundle) -> str:
 def calibrate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset: str, split: str = "val",
                     coverage: float = 0.9, options: EvalOptions = EvalOptions()) -> dict | None:
     """Split conformal radii per landmark on `split`, with flip test as evaluation and predict use it by
-    default; every rank predicts, rank 0 returns the calibration record. The split is never a test split
+    default; every rank predicts, rank 0 returns the calibration record (which names the shards it was
+    calibrated on: their location and the sha256 of their manifest). The split is never a test split
     or the one the bundle trained on: `calibrate` checks (refuse_unfit_split), as fine-tuning's
     DataConfig.check does, before any model is loaded."""
     conformal.check_coverage(coverage)
@@ -171,8 +172,9 @@ def calibrate_model(model, bundle: bundlelib.Bundle, manifest: Manifest, dataset
     if preds is not None:  # rank 0: it has every rank's predictions
         try:
             errors, mask = preds.errors(Protocol(landmark_set))
-            record = conformal.calibrate(errors, mask, coverage, landmark_set.names, landmark_set.unit, split,
-                                         bool(options.flip_test and landmark_set.can_flip))
+            record = {**conformal.calibrate(errors, mask, coverage, landmark_set.names, landmark_set.unit, split,
+                                            bool(options.flip_test and landmark_set.can_flip)),
+                      "shards": {"location": manifest.location, "sha256": manifest.digest}}
         except conformal.TooFewToCalibrate as exc:
             refused[0] = (True, f"{dataset} {exc}")
         except InputError as exc:  # predictions that are not finite

@@ -122,6 +122,13 @@ IN_SAMPLE = (", on the split the radii were calibrated on: not held out, so at l
              "construction (evaluate another split to measure it)")
 
 
+def shards_named(shards) -> str:
+    """", of the shards at LOCATION (manifest sha256 PREFIX)" for a calibration that records them (older ones do not)."""
+    if not isinstance(shards, dict):
+        return ""
+    return f" of the shards at `{shards.get('location')}`, manifest sha256 {str(shards.get('sha256'))[:12]}"
+
+
 def coverage_lines(report: dict) -> list[str]:
     """The conformal radii's empirical coverage on this split, when the bundle is calibrated."""
     if "coverage_not_measured" in report:
@@ -130,7 +137,8 @@ def coverage_lines(report: dict) -> list[str]:
         return []
     c = report["coverage"]
     lines = ["", "## Conformal error bounds", "",
-             f"Per-landmark radii calibrated on the {c['calibrated_on']!r} split ({c['calibration_images']} images) at "
+             f"Per-landmark radii calibrated on the {c['calibrated_on']!r} split ({c['calibration_images']} images"
+             f"{shards_named(c.get('calibration_shards'))}) at "
              f"{c['nominal']:.0%} nominal coverage; bound: {c['bound']}. Empirical coverage here: "
              f"**{c['overall']:.1%}** overall{IN_SAMPLE if c.get('held_out') is False else ''}.", "",
              f"| landmark | radius ({c['unit']}) | coverage |", "|---|---:|---:|"]

@@ -93,7 +93,8 @@ def coverage_report(errors: np.ndarray, mask: np.ndarray, calibration: dict, nam
     overall, per_landmark = coverage_of(errors, mask, calibration["radii"])
     return {"nominal": calibration["coverage"], "overall": overall, "calibrated_on": calibration["split"],
             "held_out": split != calibration["split"],
-            "calibration_images": calibration["images"], "unit": calibration["unit"],
+            "calibration_images": calibration["images"], "calibration_shards": calibration.get("shards"),
+            "unit": calibration["unit"],
             "bound": f">= {calibration['coverage']:g} (finite-sample, exchangeable images); "
                      f"<= {calibration['coverage']:g} + 1/(n+1) without ties; radius = {QUANTILE}",
             "per_landmark": {name: {"radius": r, "coverage": float(c)}

@@ -2,6 +2,7 @@
 radii (calibrated, stored, read back, covering held-out phantoms at the nominal level)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -77,6 +78,10 @@ def exported(calibrated, tmp_path_factory) -> Path:
     proc = run([*CLI, "export", "onnx", str(calibrated), "--out", str(out)], 300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def raw_head_images(phantom_shards) -> list[Path]:
@@ -197,7 +202,8 @@ def test_calibration_is_stored_read_back_and_reported_by_evaluate(calibrated, he
     stored = bundlelib.read_config(calibrated).calibration["head"]
     expected = conformal.calibrate(split_errors(calibrated, held_out_shards, "val"), np.ones((11, 19), bool), COVERAGE,
                                    stored["names"], "mm", "val", True)
-    assert stored == expected  # the radii in config.json are those of the val errors, recomputed here
+    manifest = held_out_shards / "manifest.json"
+    assert stored == {**expected, "shards": {"location": str(held_out_shards.resolve()), "sha256": sha256_of(manifest)}}
     assert stored["images"] == 11 and stored["unit"] == "mm" and stored["split"] == "val"
     out = tmp_path / "eval"
     proc = run([*CLI, "evaluate", "--bundle", str(calibrated), "--shards", str(held_out_shards), "--split", "test1",
@@ -211,6 +217,8 @@ def test_calibration_is_stored_read_back_and_reported_by_evaluate(calibrated, he
     assert report["coverage"]["held_out"] is True  # test1, not the val split it was calibrated on
     assert abs(report["coverage"]["overall"] - COVERAGE) < 0.12  # one split of 22 images; the seeds test is tighter
     assert "Conformal error bounds" in (out / "report.md").read_text() and "conformal coverage" in proc.stdout
+    assert (f"calibrated on the 'val' split (11 images of the shards at `{held_out_shards.resolve()}`, manifest sha256 "
+            f"{sha256_of(manifest)[:12]})") in (out / "report.md").read_text()
     assert report["annotations"]["reader"] == "isbi2015" and report["annotations"]["options"]["gt"] == "mean"
     assert "Ground truth and split as the shards' `isbi2015` reader read them, with gt=mean" in (out / "report.md").read_text()
 
