@@ -16,15 +16,20 @@ from medsapiens.io import jsondoc, registry
 from medsapiens.io.record import is_number
 from medsapiens.io.registry import LandmarkSet
 
+NOTHING_VISIBLE = "no landmark visible in the ground truth: nothing to measure"
+
 
 def build_report(errors: np.ndarray, mask: np.ndarray, ids: list[str], protocol: Protocol, dataset: str,
                  source: str, unit_per_pixel: np.ndarray, excluded_images: dict[str, str] | None = None) -> dict:
     """The report of (N, K) errors where `mask` holds, converted to the unit by each image's (sx, sy) in
     `unit_per_pixel`; `excluded_images` (id: reason) are the images the protocol could not scale, their
-    rows all out of `mask`: counted apart from the images scored."""
+    rows all out of `mask`: counted apart from the images scored, as are the images with no landmark visible
+    in the ground truth (nothing of them is measured)."""
     landmark_set = protocol.landmark_set
     summary = summarize(errors, landmark_set.sdr_radii, protocol.sdr_convention, mask, landmark_set.names, ids)
-    scored = np.array([i not in (excluded_images or {}) for i in ids], dtype=bool)
+    nothing_visible = {ids[n]: NOTHING_VISIBLE for n in np.flatnonzero(~np.asarray(mask, dtype=bool).any(axis=1))}
+    excluded_images = {**nothing_visible, **(excluded_images or {})}
+    scored = np.array([i not in excluded_images for i in ids], dtype=bool)
     report = {
         "dataset": dataset,
         "source": source,

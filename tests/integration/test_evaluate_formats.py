@@ -48,6 +48,20 @@ def test_custom_dataset_in_our_format_needs_no_landmark_set_key(tmp_path):
     assert report["unit"] == "mm" and report["mre"] == pytest.approx(expected_mre(0.5))
 
 
+def test_an_image_with_no_landmark_visible_is_left_out_and_named_not_counted(tmp_path):
+    """Nothing of it is measured: counting it among the images scored would overstate the evaluation."""
+    truth = {"dataset": "knee", "landmarks": {**TRUTH, "b": [*TRUTH["b"][:2], None], "c": [None, None, None]}}
+    pred = write(tmp_path / "p.json", {"dataset": "knee", "landmarks": {**GUESS, "c": [[1.0, 1.0]] * 3}})
+    report, errors, ids = score_files(pred, write(tmp_path / "g.json", truth))
+    assert ids == ["a", "b", "c"] and np.isnan(errors[2]).all()
+    assert report["images"] == 2 and report["excluded_landmarks"] == 1 and report["mre"] == pytest.approx(expected_mre())
+    assert report["excluded_images"] == {"c": "no landmark visible in the ground truth: nothing to measure"}
+    from medsapiens.evaluate.report import markdown
+
+    assert "2 images, 5 landmarks (1 invisible in the ground truth, left out); 1 more image(s) left out" in markdown(report)
+    assert "Left out: c: no landmark visible in the ground truth: nothing to measure." in markdown(report)
+
+
 def test_coco_ground_truth_with_predict_output(tmp_path):
     """predict names images by file stem: the COCO file_name 'scans/a.dcm' is id 'a'."""
     pred = write(tmp_path / "p.json", {"dataset": "knee", "landmarks": GUESS})
