@@ -107,8 +107,10 @@ class Trainer:
             (ctx.run_dir / RESOLVED_DEEPSPEED).write_text(json.dumps(engine.config, indent=2))
             compiled = ", torch.compile (the first steps compile)" if ctx.train.compile else ""
             batch, accum, world = ctx.data.micro_batch, ctx.train.grad_accum, distributed.world_size()
+            threads = f", {torch.get_num_threads()} CPU thread(s) per rank" if engine.device.type == "cpu" else ""
             print(f"DeepSpeed ZeRO-{engine.zero_stage}, {engine.precision}{compiled}: micro-batch {batch} x "
-                  f"accumulation {accum} x {world} rank(s) = global batch {batch * accum * world}", file=sys.stderr)
+                  f"accumulation {accum} x {world} rank(s) = global batch {batch * accum * world}{threads}",
+                  file=sys.stderr)
         self.best: dict | None = None
         self.last_validation: dict = {}
         self.finished = False  # the schedule's last step is done (not stopped short by train.stop_after)

@@ -1,10 +1,12 @@
 """The GPU path's device rules, checked on CPU: every collective's tensors on the device its backend
 serves (NCCL: the rank's GPU), the rank's GPU current before the process group starts, every
-collective in one module, and no DeepSpeed op compiled for the optimizer."""
+collective in one module, no DeepSpeed op compiled for the optimizer; and each rank's share of the
+node's CPU cores."""
 from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -95,6 +97,34 @@ def test_the_rank_gpu_is_current_before_the_process_group_starts(monkeypatch):
         monkeypatch.setenv(name, value)
     assert distributed.init_distributed(60) == (1, 2)
     assert calls == [("set_device", 1), ("init_process_group", "nccl")]
+
+
+@pytest.fixture
+def torch_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_the_ranks_of_a_node_share_its_cores_unless_omp_num_threads_says_otherwise(monkeypatch, torch_threads):
+    """Every rank started with torch's default (all 8 cores it may run on) would ask for ranks x 8 threads."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    for name in ("OMP_NUM_THREADS", "LOCAL_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for launcher, local_ranks, share in (("LOCAL_SIZE", "2", 4), ("LOCAL_SIZE", "3", 2), ("LOCAL_SIZE", "16", 1),
+                                         ("LOCAL_WORLD_SIZE", "4", 2), ("LOCAL_SIZE", "1", 8)):
+        torch.set_num_threads(8)
+        monkeypatch.setenv(launcher, local_ranks)
+        assert distributed.share_cores() == torch.get_num_threads() == share, (launcher, local_ranks)
+        monkeypatch.delenv(launcher)
+    torch.set_num_threads(8)
+    assert distributed.share_cores() == 8  # a process alone
+    torch.set_num_threads(3)
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    assert distributed.share_cores() == 3  # lowered only: more threads than torch chose are never asked for
+    torch.set_num_threads(8)
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")  # the user's choice
+    assert distributed.share_cores() == 8
 
 
 def test_use_device_makes_a_gpu_current(monkeypatch):

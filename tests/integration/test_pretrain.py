@@ -3,6 +3,7 @@ TensorBoard read back, checkpoints, exact resume, universal checkpoints, export.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -34,6 +35,7 @@ def zero2_run(phantom_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("zero2") / "run"
     proc = deepspeed_module("medsapiens.pretrain", 2, config_args(phantom_shards, run_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir.parent / "job.log").write_text(proc.stderr)
     return run_dir
 
 
@@ -41,6 +43,9 @@ def zero2_run(phantom_shards, tmp_path_factory):
 def test_two_ranks_zero2_train_log_checkpoint_and_export(zero2_run, phantom_shards, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    share = min(torch.get_num_threads(), max(1, len(os.sched_getaffinity(0)) // 2))  # the 2 ranks share the cores
+    assert (f"micro-batch 4 x accumulation 1 x 2 rank(s) = global batch 8, {share} CPU thread(s) per rank"
+            in (zero2_run.parent / "job.log").read_text())
     by_step = losses(zero2_run)
     assert sorted(by_step) == list(range(1, STEPS + 1))
     assert sum(by_step[s] for s in (10, 11, 12)) < sum(by_step[s] for s in (1, 2, 3))  # the loss falls
@@ -123,6 +128,7 @@ def test_universal_checkpoint_resumes_at_another_world_size(phantom_shards, tmp_
     one_rank = run([*universal, *config_args(phantom_shards, run_dir, "data.micro_batch=8")], 180)  # the global batch kept
     assert one_rank.returncode == 0, one_rank.stderr[-3000:]
     assert "resumed from step 6" in one_rank.stderr
+    assert f"x 1 rank(s) = global batch 8, {torch.get_num_threads()} CPU thread(s) per rank" in one_rank.stderr  # alone, all
     by_step = losses(run_dir)
     assert set(range(1, STEPS + 1)) <= set(by_step)
     assert by_step[7] < 2 * by_step[6]  # trained weights were loaded, not a fresh start
