@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from medsapiens.data.pipeline import DataConfig
-from medsapiens.model import LoraConfig, ModelConfig
+from medsapiens.model import LAYER_DECAY_APPLIES_WHEN, LoraConfig, ModelConfig
 from medsapiens.training.engine import OptimConfig, TrainConfig
 
 INIT_SOURCES = ("bundle", "sapiens", "scratch")
@@ -45,7 +45,7 @@ class FinetuneConfig:
     # The keys naming the weights a run starts from: a rerun may name them otherwise when their sha256 is the same.
     STARTING_WEIGHTS: ClassVar[frozenset[str]] = frozenset({"model.checkpoint", "bundle"})
     RUN_DIR_CHOSEN_WHEN_EMPTY: ClassVar[bool] = True
-    APPLIES_WHEN: ClassVar = {"reinit_head": ("init", "bundle")}
+    APPLIES_WHEN: ClassVar = {"reinit_head": ("init", "bundle"), **LAYER_DECAY_APPLIES_WHEN}
 
     run_dir: str = ""
     resume: str = "auto"

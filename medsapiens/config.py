@@ -6,6 +6,7 @@ the resolved config is what runs and what gets written next to the run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -341,15 +342,15 @@ def load(cls, path: str | Path | None = None, overrides: list[str] = (), check=N
 
 def unread_keys(cfg, prefix: str = "") -> dict[str, tuple[str, object, object]]:
     """The dotted keys of `cfg` that its other settings leave unread (a section's `APPLIES_WHEN` maps such
-    a key to the setting it depends on and the value that makes it read) -> (that setting, the value it
-    needs, the value it has)."""
+    a key, dotted below it, to the setting it depends on, dotted too, and the value that makes it read)
+    -> (that setting, the value it needs, the value it has)."""
     unread = {}
     for field in dataclasses.fields(cfg):
         if dataclasses.is_dataclass(value := getattr(cfg, field.name)):
             unread |= unread_keys(value, f"{prefix}{field.name}.")
     for key, (gate, wanted) in getattr(type(cfg), "APPLIES_WHEN", {}).items():
-        if getattr(cfg, gate) != wanted:
-            unread[prefix + key] = (prefix + gate, wanted, getattr(cfg, gate))
+        if (have := functools.reduce(getattr, gate.split("."), cfg)) != wanted:
+            unread[prefix + key] = (prefix + gate, wanted, have)
     return unread
 
 

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from medsapiens.data.pipeline import DataConfig
-from medsapiens.model import LoraConfig, ModelConfig
+from medsapiens.model import LAYER_DECAY_APPLIES_WHEN, LoraConfig, ModelConfig
 from medsapiens.training.engine import OptimConfig, TrainConfig
 
 
@@ -12,6 +13,8 @@ from medsapiens.training.engine import OptimConfig, TrainConfig
 class PretrainConfig:
     """lora.enabled trains LoRA adapters and the decoder on a frozen backbone (MedSapiens'
     multi-dataset stage); the exported bundle holds the merged weights."""
+
+    APPLIES_WHEN: ClassVar = LAYER_DECAY_APPLIES_WHEN
 
     run_dir: str = "runs/pretrain"
     model: ModelConfig = field(default_factory=ModelConfig)

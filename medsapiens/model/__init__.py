@@ -5,7 +5,14 @@ from medsapiens.model.backbone import SapiensViT, build_backbone
 from medsapiens.model.cost import MemoryEstimate, Split, count_params, forward_flops, memory_estimate, training_flops
 from medsapiens.model.decoder import HeadOutput, MultiHeadDecoder
 from medsapiens.model.landmark_model import LandmarkModel, ModelConfig, build_model
-from medsapiens.model.lora import LoraConfig, apply_lora, base_backbone, count_trainable, merge_lora
+from medsapiens.model.lora import (
+    LAYER_DECAY_APPLIES_WHEN,
+    LoraConfig,
+    apply_lora,
+    base_backbone,
+    count_trainable,
+    merge_lora,
+)
 from medsapiens.model.loss import HeatmapLoss, LandmarkObjective, heatmap_loss
 from medsapiens.model.param_groups import param_groups
 from medsapiens.model.weights import (

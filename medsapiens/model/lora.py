@@ -19,6 +19,9 @@ from medsapiens.model.backbone import Backbone
 QKV, PROJ = "attn.qkv", "attn.proj"
 QKV_TARGETS = {"sapiens": (QKV,), "sapiens2": ("attn.wq", "attn.wk", "attn.wv")}
 LORA_PARAM = ".lora_"  # in every adapter parameter's name (peft's lora_A / lora_B)
+# For a stage config's APPLIES_WHEN: with LoRA the adapters and the decoder train at the base lr (param_groups),
+# the rest of the backbone is frozen, so layer_decay scales nothing.
+LAYER_DECAY_APPLIES_WHEN = {"optim.layer_decay": ("lora.enabled", False)}
 
 
 @dataclass

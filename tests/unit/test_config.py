@@ -124,6 +124,11 @@ def test_an_override_the_run_would_not_read_is_refused_by_name(tmp_path):
         configlib.load(FinetuneConfig, None, ["lora.qkv_rank=8", "train.seed=2", "lora.dropout=0.2"])  # all at once
     with pytest.raises(configlib.ConfigError, match=r"reinit_head is read only with init=bundle, and this run has init=scratch"):
         configlib.load(FinetuneConfig, None, ["init=scratch", "reinit_head=true"])
+    for stage in (Experiment, FinetuneConfig):  # LoRA's adapters and the decoder train at the base lr: no layer scales
+        with pytest.raises(configlib.ConfigError, match=r"^override lora\.enabled, optim\.layer_decay: optim\.layer_decay is read only with "
+                           r"lora\.enabled=false, and this run has lora\.enabled=true: leave it out, or set lora\.enabled=false$"):
+            configlib.load(stage, None, ["lora.enabled=true", "optim.layer_decay=0.9"])
+        assert configlib.load(stage, None, ["optim.layer_decay=0.9"]).optim.layer_decay == 0.9
     assert configlib.load(Experiment, path, ["optim.schedule=step", "optim.milestones=[0.7, 0.9]"]).optim.milestones == (0.7, 0.9)
     assert configlib.load(FinetuneConfig, None, ["lora.enabled=true", "lora.qkv_rank=8"]).lora.qkv_rank == 8
 
