@@ -340,6 +340,11 @@ def load(cls, path: str | Path | None = None, overrides: list[str] = (), check=N
     return blame(loaded, path, list(overrides))
 
 
+# An `APPLIES_WHEN` value: the setting (a probability or a step count, never below 0) is above 0. None, a
+# count chosen at run time, is never 0.
+ABOVE_ZERO = object()
+
+
 def unread_keys(cfg, prefix: str = "") -> dict[str, tuple[str, object, object]]:
     """The dotted keys of `cfg` that its other settings leave unread (a section's `APPLIES_WHEN` maps such
     a key, dotted below it, to the setting it depends on, dotted too, and the value that makes it read)
@@ -349,7 +354,8 @@ def unread_keys(cfg, prefix: str = "") -> dict[str, tuple[str, object, object]]:
         if dataclasses.is_dataclass(value := getattr(cfg, field.name)):
             unread |= unread_keys(value, f"{prefix}{field.name}.")
     for key, (gate, wanted) in getattr(type(cfg), "APPLIES_WHEN", {}).items():
-        if (have := functools.reduce(getattr, gate.split("."), cfg)) != wanted:
+        have = functools.reduce(getattr, gate.split("."), cfg)
+        if not (have != 0 if wanted is ABOVE_ZERO else have == wanted):
             unread[prefix + key] = (prefix + gate, wanted, have)
     return unread
 
@@ -364,9 +370,13 @@ def check_overrides_read(cfg, overrides: list[str]) -> None:
         by_setting.setdefault(unread[key], []).append(key)
     if by_setting:
         raise ConfigError("; ".join(
-            f"{', '.join(keys)} {'is' if len(keys) == 1 else 'are'} read only with {gate}={_spelled(wanted)}, and this "
+            f"{', '.join(keys)} {'is' if len(keys) == 1 else 'are'} read only with {_setting(gate, wanted)}, and this "
             f"run has {gate}={_spelled(have)}: leave {'it' if len(keys) == 1 else 'them'} out, or set "
-            f"{gate}={_spelled(wanted)}" for (gate, wanted, have), keys in by_setting.items()))
+            f"{_setting(gate, wanted)}" for (gate, wanted, have), keys in by_setting.items()))
+
+
+def _setting(gate: str, wanted) -> str:
+    return f"{gate} above 0" if wanted is ABOVE_ZERO else f"{gate}={_spelled(wanted)}"
 
 
 def _spelled(value) -> str:

@@ -8,11 +8,13 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medsapiens.config import ABOVE_ZERO
 from medsapiens.data import preprocess
 from medsapiens.data.codec import whole_image_affine
 from medsapiens.errors import InputError
@@ -24,6 +26,11 @@ BLUR_KERNELS = (3, 5, 7)  # the sizes the recipe's albumentations Blur and Media
 
 @dataclass
 class AugmentConfig:
+    # a size drawn only with its probability above 0
+    APPLIES_WHEN: ClassVar = {"rotation_deg": ("rotation_prob", ABOVE_ZERO), "shift": ("shift_prob", ABOVE_ZERO),
+                              "brightness": ("photometric_prob", ABOVE_ZERO), "contrast": ("photometric_prob", ABOVE_ZERO),
+                              "dropout_size": ("dropout_prob", ABOVE_ZERO)}
+
     margin: float = 1.25
     scale_range: tuple[float, float] = (0.5, 1.5)
     rotation_deg: float = 80.0

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from medsapiens import distributed
-from medsapiens.config import a_seed, at_least, positive
+from medsapiens.config import ABOVE_ZERO, a_seed, at_least, positive
 from medsapiens.errors import InputError
 from medsapiens.io import jsondoc
 from medsapiens.training import checkpoints
@@ -35,7 +35,7 @@ class OptimConfig:
     (`resolve_warmup`); a number is used as given."""
 
     APPLIES_WHEN: ClassVar = {"milestones": ("schedule", "step"), "gamma": ("schedule", "step"),
-                              "min_lr_factor": ("schedule", "cosine")}
+                              "min_lr_factor": ("schedule", "cosine"), "warmup_factor": ("warmup_steps", ABOVE_ZERO)}
 
     lr: float = 5e-4
     betas: tuple[float, float] = (0.9, 0.999)

@@ -129,6 +129,16 @@ def test_an_override_the_run_would_not_read_is_refused_by_name(tmp_path):
                            r"lora\.enabled=false, and this run has lora\.enabled=true: leave it out, or set lora\.enabled=false$"):
             configlib.load(stage, None, ["lora.enabled=true", "optim.layer_decay=0.9"])
         assert configlib.load(stage, None, ["optim.layer_decay=0.9"]).optim.layer_decay == 0.9
+    path.write_text("data:\n  augment:\n    dropout_prob: 0.0\n")  # as the demo's config: no dropout hole
+    with pytest.raises(configlib.ConfigError, match=r"^override data\.augment\.dropout_size: data\.augment\.dropout_size is "
+                       r"read only with data\.augment\.dropout_prob above 0, and this run has data\.augment\.dropout_prob=0\.0: "
+                       r"leave it out, or set data\.augment\.dropout_prob above 0$"):
+        configlib.load(Experiment, path, ["data.augment.dropout_size=[0.1, 0.2]"])
+    assert configlib.load(Experiment, path, ["data.augment.dropout_prob=0.5", "data.augment.dropout_size=[0.1, 0.2]"])
+    with pytest.raises(configlib.ConfigError, match=r"optim\.warmup_factor is read only with optim\.warmup_steps above 0, "
+                       r"and this run has optim\.warmup_steps=0"):
+        configlib.load(Experiment, None, ["optim.warmup_steps=0", "optim.warmup_factor=0.1"])
+    assert configlib.load(Experiment, None, ["optim.warmup_factor=0.1"]).optim.warmup_steps is None  # chosen at run time
     assert configlib.load(Experiment, path, ["optim.schedule=step", "optim.milestones=[0.7, 0.9]"]).optim.milestones == (0.7, 0.9)
     assert configlib.load(FinetuneConfig, None, ["lora.enabled=true", "lora.qkv_rank=8"]).lora.qkv_rank == 8
 
