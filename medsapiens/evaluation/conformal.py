@@ -72,8 +72,9 @@ def calibrate(errors: np.ndarray, mask: np.ndarray, coverage: float, names, unit
     errors = np.where(np.asarray(mask, dtype=bool), errors, np.nan)
     counts = np.isfinite(errors).sum(axis=0)
     radii = [radius(errors[:, k], coverage) for k in range(errors.shape[1])]
+    images = int(np.isfinite(errors).any(axis=1).sum())  # an image with no landmark visible sets no radius
     return {"method": METHOD, "quantile": QUANTILE, "coverage": coverage, "alpha": round(1 - coverage, 12),
-            "split": split, "images": int(len(errors)), "n": counts.tolist(), "unit": unit, "flip_test": flip_test,
+            "split": split, "images": images, "n": counts.tolist(), "unit": unit, "flip_test": flip_test,
             "names": list(names), "radii": radii,
             "bound": {"lower": coverage, "upper_without_ties": [coverage + 1 / (n + 1) for n in counts.tolist()]}}
 

@@ -159,7 +159,7 @@ def test_split_conformal_coverage_meets_its_finite_sample_bounds_on_exchangeable
         conformal.radius(np.ones(8), COVERAGE)
 
 
-def test_a_landmark_visible_in_too_few_calibration_images_is_named():
+def test_a_landmark_visible_in_too_few_calibration_images_is_named_and_images_seeing_none_are_not_counted():
     errors, mask = np.ones((12, 3)), np.ones((12, 3), dtype=bool)
     mask[:6, 2] = False  # landmark c visible in 6 of the 12 images, 9 needed at 90%
     with pytest.raises(conformal.TooFewToCalibrate, match=r"^'val': landmark\(s\) c \(6\) visible in too few images "
@@ -167,6 +167,9 @@ def test_a_landmark_visible_in_too_few_calibration_images_is_named():
         conformal.calibrate(errors, mask, COVERAGE, ["a", "b", "c"], "mm", "val", True)
     mask[:3, 2] = True
     assert conformal.calibrate(errors, mask, COVERAGE, ["a", "b", "c"], "mm", "val", True)["n"] == [12, 12, 9]
+    record = conformal.calibrate(np.ones((13, 3)), np.vstack([mask, np.zeros((1, 3), dtype=bool)]), COVERAGE,
+                                 ["a", "b", "c"], "mm", "val", True)
+    assert (record["images"], record["n"]) == (12, [12, 12, 9])  # an image with nothing visible is not counted
 
 
 def split_errors(bundle_dir, shards, split) -> np.ndarray:
