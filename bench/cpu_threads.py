@@ -1,6 +1,6 @@
-"""Training speed of CPU ranks: each rank taking its share of the cores (what a rank does unless
-OMP_NUM_THREADS is set) against every rank taking all of them (torch's own default, here forced with
-OMP_NUM_THREADS=<cores>). The demo's pretraining (sapiens_tiny, ZeRO-2) through the real launcher on
+"""Training speed of CPU ranks: each rank taking its share of torch's threads (what a rank does unless
+OMP_NUM_THREADS is set) against every rank taking torch's own count, all the cores (forced here with
+OMP_NUM_THREADS). The demo's pretraining (sapiens_tiny, ZeRO-2) through the real launcher on
 the phantoms; runs alternate, side by side in one run.
 
     python bench/cpu_threads.py [--ranks 2] [--steps 150] [--runs 2]
@@ -16,6 +16,8 @@ import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
+
+import torch
 
 from medsapiens.distributed import free_port
 from medsapiens.shards.build import BuildOptions, build
@@ -44,7 +46,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="training steps per run")
     parser.add_argument("--runs", type=int, default=2, help="runs of each setting, alternating")
     args = parser.parse_args()
-    cores = len(os.sched_getaffinity(0))
+    cores = torch.get_num_threads()  # torch's own count for a process here, as a rank starts with it
     settings = {"a share of the cores per rank": {}, "all cores per rank": {"OMP_NUM_THREADS": str(cores)}}
     rates: dict[str, list[float]] = {name: [] for name in settings}
     with tempfile.TemporaryDirectory() as tmp:

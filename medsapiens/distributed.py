@@ -28,6 +28,7 @@ from medsapiens.errors import UserError, user_message
 OTHER_LAUNCHERS_WORLD_SIZE = ("OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 SHARED_MEMORY = Path("/dev/shm")  # where POSIX shm_open names live on Linux
 NVIDIA_DEVICE_FILES = "/dev/nvidia[0-9]*"  # one per GPU the NVIDIA driver gives this host (or container)
+TORCH_THREADS = torch.get_num_threads()  # torch's own count, before `share_cores` (which a rank may run more than once)
 ALLOW_CPU = "MEDSAPIENS_ALLOW_CPU"  # =1: train on the CPU of a host whose GPUs CUDA cannot use (the launchers pass it on)
 # Start-up notices of DeepSpeed and torch that tell a CPU user nothing (DeepSpeed is imported later,
 # lazily, by this module and its users; the filters are in place before its loggers print).
@@ -107,17 +108,15 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
 
 
 def share_cores() -> int:
-    """Give this rank its share of the cores it may run on for torch's CPU threads, and return that count.
+    """Give this rank its share of torch's CPU threads, and return the count: torch's own count for the
+    process (its physical cores, within its CPU affinity) divided by the node's ranks (LOCAL_SIZE, which
+    DeepSpeed's launcher sets), at least 1.
 
-    Each process of torch starts as many threads as its machine has cores; the launcher starts one
-    process per rank, so a node's ranks would ask for ranks x cores threads between them: 2 CPU ranks on
-    2 cores trained 1.2x as fast with one thread each as with two (`bench/cpu_threads.py`).
-    OMP_NUM_THREADS, when set, is the user's choice and stays; a count is only ever lowered."""
+    Left alone, each rank would take all of the node's cores: 2 CPU ranks on 2 cores trained 1.2x as
+    fast with one thread each as with two (`bench/cpu_threads.py`). OMP_NUM_THREADS, when set, is the
+    user's choice and stays (torchrun sets it to 1)."""
     if "OMP_NUM_THREADS" not in os.environ:
-        local_ranks = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)  # DeepSpeed, torchrun
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        share = max(1, cores // local_ranks)
-        torch.set_num_threads(min(torch.get_num_threads(), share))
+        torch.set_num_threads(max(1, TORCH_THREADS // int(os.environ.get("LOCAL_SIZE") or 1)))
     return torch.get_num_threads()
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -107,24 +106,17 @@ def torch_threads():
 
 
 def test_the_ranks_of_a_node_share_its_cores_unless_omp_num_threads_says_otherwise(monkeypatch, torch_threads):
-    """Every rank started with torch's default (all 8 cores it may run on) would ask for ranks x 8 threads."""
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
-    for name in ("OMP_NUM_THREADS", "LOCAL_SIZE", "LOCAL_WORLD_SIZE"):
+    """Every rank started with torch's own count (here 8 threads) would take all the node's cores."""
+    monkeypatch.setattr(distributed, "TORCH_THREADS", 8)
+    for name in ("OMP_NUM_THREADS", "LOCAL_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    for launcher, local_ranks, share in (("LOCAL_SIZE", "2", 4), ("LOCAL_SIZE", "3", 2), ("LOCAL_SIZE", "16", 1),
-                                         ("LOCAL_WORLD_SIZE", "4", 2), ("LOCAL_SIZE", "1", 8)):
-        torch.set_num_threads(8)
-        monkeypatch.setenv(launcher, local_ranks)
-        assert distributed.share_cores() == torch.get_num_threads() == share, (launcher, local_ranks)
-        monkeypatch.delenv(launcher)
-    torch.set_num_threads(8)
-    assert distributed.share_cores() == 8  # a process alone
-    torch.set_num_threads(3)
-    monkeypatch.setenv("LOCAL_SIZE", "2")
-    assert distributed.share_cores() == 3  # lowered only: more threads than torch chose are never asked for
-    torch.set_num_threads(8)
-    monkeypatch.setenv("OMP_NUM_THREADS", "8")  # the user's choice
-    assert distributed.share_cores() == 8
+    assert distributed.share_cores() == torch.get_num_threads() == 8  # a process alone
+    for local_ranks, share in (("2", 4), ("3", 2), ("16", 1), ("2", 4)):  # the last: a second start in one process
+        monkeypatch.setenv("LOCAL_SIZE", local_ranks)
+        assert distributed.share_cores() == distributed.share_cores() == torch.get_num_threads() == share, local_ranks
+    torch.set_num_threads(6)
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")  # the user's choice
+    assert distributed.share_cores() == 6
 
 
 def test_use_device_makes_a_gpu_current(monkeypatch):
