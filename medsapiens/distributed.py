@@ -114,9 +114,10 @@ def share_cores() -> int:
 
     Left alone, each rank would take all of the node's cores: 2 CPU ranks on 2 cores trained 1.2x as
     fast with one thread each as with two (`bench/cpu_threads.py`). OMP_NUM_THREADS, when set, is the
-    user's choice and stays (torchrun sets it to 1)."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, TORCH_THREADS // int(os.environ.get("LOCAL_SIZE") or 1)))
+    user's choice and stays (torchrun sets it to 1), as does the count of a process alone on its node."""
+    local_ranks = int(os.environ.get("LOCAL_SIZE") or 1)
+    if local_ranks > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, TORCH_THREADS // local_ranks))
     return torch.get_num_threads()
 
 

@@ -110,7 +110,8 @@ def test_the_ranks_of_a_node_share_its_cores_unless_omp_num_threads_says_otherwi
     monkeypatch.setattr(distributed, "TORCH_THREADS", 8)
     for name in ("OMP_NUM_THREADS", "LOCAL_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    assert distributed.share_cores() == torch.get_num_threads() == 8  # a process alone
+    torch.set_num_threads(3)  # as a caller of the stage's Python API may have
+    assert distributed.share_cores() == 3  # a process alone keeps its count
     for local_ranks, share in (("2", 4), ("3", 2), ("16", 1), ("2", 4)):  # the last: a second start in one process
         monkeypatch.setenv("LOCAL_SIZE", local_ranks)
         assert distributed.share_cores() == distributed.share_cores() == torch.get_num_threads() == share, local_ranks
