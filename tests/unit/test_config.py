@@ -134,7 +134,8 @@ def test_an_override_the_run_would_not_read_is_refused_by_name(tmp_path):
                        r"read only with data\.augment\.dropout_prob above 0, and this run has data\.augment\.dropout_prob=0\.0: "
                        r"leave it out, or set data\.augment\.dropout_prob above 0$"):
         configlib.load(Experiment, path, ["data.augment.dropout_size=[0.1, 0.2]"])
-    assert configlib.load(Experiment, path, ["data.augment.dropout_prob=0.5", "data.augment.dropout_size=[0.1, 0.2]"])
+    taken = configlib.load(Experiment, path, ["data.augment.dropout_prob=0.5", "data.augment.dropout_size=[0.1, 0.2]"])
+    assert taken.data.augment.dropout_size == (0.1, 0.2)
     with pytest.raises(configlib.ConfigError, match=r"optim\.warmup_factor is read only with optim\.warmup_steps above 0, "
                        r"and this run has optim\.warmup_steps=0"):
         configlib.load(Experiment, None, ["optim.warmup_steps=0", "optim.warmup_factor=0.1"])
