@@ -15,23 +15,28 @@
 # first run on an H200 took about 4 and 7); the default runs both.
 # OUT_DIR gets gpu.txt (machine, versions), e2e.log and e2e.json (each step's status and seconds,
 # the TensorBoard tags, the ops built), train_step.log (rows, profiles), train_step.jsonl (one row
-# a line) and summary.txt. Exit status: 0 when every step and row ran, 1 otherwise.
-# SETTINGS overrides the rows, NAME:MICRO_BATCH each (names from bench/train_step.py; the micro-batches
-# are the largest powers of two that fitted one H200; Sapiens2-0.4B's, not yet measured there, is
-# from `model info`); PROFILE names the rows followed by torch.profiler's top operators and the
+# a line) and summary.txt (the table, then the pipeline's img/s against the bench's bf16 row at the
+# pipeline's micro-batch, measured too when the card fitted another: run both parts into one OUT_DIR).
+# Exit status: 0 when every step and row ran, 1 otherwise.
+# SETTINGS overrides the rows, NAME or NAME:MICRO_BATCH each (names from bench/train_step.py). Without a
+# micro-batch a row starts at the largest power of two that the memory estimate of `model info` fits on
+# this GPU, and halves until a step runs: on one H200 the estimate starts at the first run's
+# micro-batches but 1b's (64, where 32 fitted), on an 80 GB H100 at about half of them.
+# PROFILE names the rows followed by torch.profiler's top operators and the
 # time by kind of work (default bf16+compile, the setting the MFU target is about; "all" or "" for
 # every row or none). For a smoke run of the script itself on a CPU: DEVICE=cpu and OVERRIDES with a
 # tiny model in bf16, as a GPU trains (e.g. "model.arch=sapiens_tiny model.img_size=[128,96]
 # model.trunk_width=32 train.precision=bf16"), added to the pretraining and fine-tuning settings; to
 # see what the GPU machine sees, with no medsapiens installed, put a sitecustomize.py on PYTHONPATH
 # that drops the editable install's import hook from sys.meta_path.
-# On the device tool: carry .whl (git ignores it), and name the H200 kind: the micro-batches below
-# need its 141 GB.
+# On the device tool: carry .whl (git ignores it); the H200 kind gives rows comparable with the first run's
+# table (bench/RESULTS.md), an H100 runs the same script at the micro-batches its memory fits.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="$(mkdir -p "${1:?give an output folder}" && cd "$1" && pwd)"
-settings="${SETTINGS:-recipe:16 bf16:32 bf16+compile:32 bf16+ckpt:64 1b-zero3+ckpt:32 2b-zero3+ckpt:32 s2-0.4b-bf16:16}"
+settings="${SETTINGS:-recipe bf16 bf16+compile bf16+ckpt 1b-zero3+ckpt 2b-zero3+ckpt s2-0.4b-bf16}"
 part="${PART:-all}"
+pipeline_batch=16  # the pipeline part's micro-batch, and the bench row it is compared with
 case "$part" in all | e2e | rows) ;; *) echo "PART must be all, e2e or rows, got '$part'" >&2; exit 2 ;; esac
 work="$(mktemp -d)"
 status=0
@@ -84,12 +89,12 @@ step shards 120 $ms shards build --source head="$w/raw/head" --source hand="$w/r
     --source chest="$w/raw/chest" --source leg="$w/raw/leg" --out "$w/shards" --max-side 1024 --workers 8 \
     --opt hand.split=seeded --no-progress &&
 step pretrain 200 $ms launch pretrain --config launch/experiments/sapiens_0.3b.yaml --gpus 1 model.checkpoint=null \
-    data.shards="$w/shards" "data.datasets=[head,hand,chest]" data.micro_batch=16 data.workers=8 train.epochs=0 \
+    data.shards="$w/shards" "data.datasets=[head,hand,chest]" data.micro_batch=$pipeline_batch data.workers=8 train.epochs=0 \
     train.max_steps=30 optim.warmup_steps=3 train.val_every=30 train.checkpoint_every=30 train.log_every=10 train.val_limit=32 \
     run_dir="$w/pretrain" ${OVERRIDES:-} &&
 step export 120 $ms pretrain export "$w/pretrain" --out "$w/bundle" &&
 step finetune 200 $ms finetune --bundle "$w/bundle" --shards "$w/shards" --dataset leg --steps 20 --run-dir "$w/ft" \
-    data.micro_batch=16 data.workers=8 train.val_every=20 train.checkpoint_every=20 ${OVERRIDES:-} &&
+    data.micro_batch=$pipeline_batch data.workers=8 train.val_every=20 train.checkpoint_every=20 ${OVERRIDES:-} &&
 step evaluate 90 $ms evaluate --bundle "$w/ft/bundle" --shards "$w/shards" --split test --out "$w/eval" --device "${DEVICE:-cuda}" &&
 step predict 90 $ms predict --bundle "$w/ft/bundle" --out "$w/pred" --device "${DEVICE:-cuda}" $(ls "$w"/raw/leg/pngs/*.png | head -4) &&
 step onnx 180 env PYTHONPATH="/tmp/site-onnx:$PYTHONPATH" $ms export onnx "$w/ft/bundle" --out "$w/leg.onnx"
@@ -124,11 +129,32 @@ rows() {
 profiled="${PROFILE-bf16+compile}"
 for setting in $settings; do
     profile=()
-    case " $profiled " in *" ${setting%:*} "* | *" all "*) profile=(--profile) ;; esac
-    timeout -k 30 240 python3 bench/train_step.py --only "${setting%:*}" --micro-batch "${setting#*:}" --steps 5 \
+    name="${setting%%:*}" micro_batch=()
+    [ "$name" = "$setting" ] || micro_batch=(--micro-batch "${setting#*:}")
+    case " $profiled " in *" $name "* | *" all "*) profile=(--profile) ;; esac
+    timeout -k 30 240 python3 bench/train_step.py --only "$name" "${micro_batch[@]}" --steps 5 \
         --warmup 2 --jsonl "$out/train_step.jsonl" "${profile[@]}" 2>&1 | tee -a "$out/train_step.log" || status=1
 done
+case " $settings " in *" bf16 "*)  # its micro-batch fitted the card: measure the pipeline's too, unless it was that
+    grep -q "\"name\": \"bf16\",.*\"micro_batch\": $pipeline_batch," "$out/train_step.jsonl" 2>/dev/null ||
+        timeout -k 30 240 python3 bench/train_step.py --only bf16 --micro-batch "$pipeline_batch" --steps 5 --warmup 2 \
+            --jsonl "$out/train_step.jsonl" 2>&1 | tee -a "$out/train_step.log" || status=1 ;;
+esac
 python3 bench/train_step.py --summary "$out/train_step.jsonl" | tee "$out/summary.txt"
+python3 - "$out" "$pipeline_batch" <<'EOF' | tee -a "$out/summary.txt"
+import json, sys
+from pathlib import Path
+out, batch = Path(sys.argv[1]), int(sys.argv[2])
+rows = [json.loads(line) for line in open(out / "train_step.jsonl") if line.strip()]
+bench = next((r["images_per_s"] for r in rows if r["name"] == "bf16" and r["micro_batch"] == batch), None)
+e2e = json.loads((out / "e2e.json").read_text()) if (out / "e2e.json").is_file() else {}
+pipeline = e2e.get("pretrain", {}).get("perf/samples_per_s_all_ranks", [None])[-1]
+if bench and pipeline:
+    print(f"the pipeline (launch pretrain, micro-batch {batch}, last window): {pipeline:.2f} img/s, "
+          f"{pipeline / bench:.0%} of the bench's bf16 row at micro-batch {batch} ({bench:.2f} img/s)")
+else:
+    print(f"no pipeline comparison: it needs PART=e2e's e2e.json here and a bf16 row at micro-batch {batch}")
+EOF
 }
 
 [ "$part" = rows ] || e2e

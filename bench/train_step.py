@@ -9,8 +9,9 @@ the published recipe's fp32 eager step against bf16 with and without torch.compi
 checkpointing; sapiens_1b and sapiens_2b with bf16, checkpointing and ZeRO-3. Attention is timm's
 fused path, PyTorch's scaled_dot_product_attention.
 
-For each setting: the largest micro-batch that fits (doubling up to --max-batch; or --micro-batch as
-given), images/s at that micro-batch, MFU = training FLOPs (medsapiens.model.cost: 3 x the analytic
+For each setting: the largest micro-batch that fits (or --micro-batch as given): the largest power of
+two up to --max-batch that the memory estimate of `medsapiens model info` fits on this GPU, halved
+until a step runs; images/s at that micro-batch, MFU = training FLOPs (medsapiens.model.cost: 3 x the analytic
 forward) x images/s / peak, and the peak memory. The peak is the device's dense bf16 rate from
 medsapiens.training.telemetry's table (the one TensorBoard's perf/mfu uses), else --peak-tflops, else
 a bf16 (fp32 on CPU) matmul timed here; the ratio row divides each setting's
@@ -30,9 +31,10 @@ import torch
 from medsapiens.distributed import init_distributed, shutdown
 from medsapiens.model import ModelConfig, param_groups
 from medsapiens.model.archs import DEFAULT_TRUNK_WIDTH
-from medsapiens.model.cost import forward_flops, training_flops
+from medsapiens.model.cost import forward_flops, largest_micro_batch, memory_estimate, training_flops
 from medsapiens.model.loss import LandmarkObjective
 from medsapiens.training.engine import Engine, OptimConfig, TrainConfig
+from medsapiens.training.memory import device_memory_gib
 from medsapiens.training.telemetry import peak_flops_of
 
 K = 19  # the ISBI head's landmarks
@@ -94,12 +96,12 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def build_engine(setting: Setting, img_size, max_batch: int) -> Engine:
+def build_engine(setting: Setting, img_size, micro_batch: int) -> Engine:
     model = ModelConfig(arch=setting.arch, img_size=img_size, trunk_width=setting.trunk_width,
                         grad_checkpointing=setting.checkpointing).build({"head": K})
     train = TrainConfig(precision=setting.precision, deepspeed=ZERO[setting.zero], max_steps=10**6,
                         compile=setting.compile)
-    return Engine(model, param_groups(model, 0.05), train, OptimConfig(warmup_steps=1), micro_batch=max_batch)
+    return Engine(model, param_groups(model, 0.05), train, OptimConfig(warmup_steps=1), micro_batch=micro_batch)
 
 
 def run_steps(engine: Engine, batch: dict, steps: int) -> float:
@@ -113,21 +115,38 @@ def run_steps(engine: Engine, batch: dict, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def largest_fitting(engine: Engine, img_size, max_batch: int) -> tuple[int, bool]:
-    """(the largest power-of-two micro-batch up to max_batch whose step runs (0: not even 1),
-    whether a larger one ran out of memory)."""
-    fits, size = 0, 1
-    while size <= max_batch:
+def micro_batch_tries(setting: Setting, img_size, max_batch: int, device_gib: float | None) -> list[int]:
+    """The micro-batches to try, largest first: the largest power of two up to max_batch that the memory
+    estimate of `medsapiens model info` fits in `device_gib` (max_batch's on a CPU: None), halving to 1.
+    On a card of another size than the first run's, each setting starts where it should fit."""
+    fit = max_batch
+    if device_gib is not None:
+        estimate = memory_estimate(setting.arch, img_size, setting.trunk_width, K, setting.precision)
+        fit = min(max_batch, max(1, largest_micro_batch(estimate, device_gib, setting.checkpointing, setting.zero)))
+    top = 1 << (fit.bit_length() - 1)
+    return [top >> i for i in range(top.bit_length())]
+
+
+def engine_that_runs(setting: Setting, img_size, tries: list[int]) -> tuple[Engine | None, int]:
+    """An engine whose step ran at the first micro-batch of `tries` that does not run out of memory, and
+    that micro-batch; (None, 0) when none does. Each try is a fresh engine: a step that ran out of memory
+    half-way may leave ZeRO's buffers half-filled."""
+    for size in tries:
+        engine = None
         try:
+            engine = build_engine(setting, img_size, size)
             run_steps(engine, synthetic_batch(size, img_size, engine.device), 1)
+            return engine, size
         except RuntimeError as exc:
             if not is_oom(exc):
                 raise
-            return fits, True
-        finally:
-            release_cached_memory()
-        fits, size = size, size * 2
-    return fits, False
+        # out of the except block: its traceback, which holds the step's tensors, is gone
+        print(f"{setting.name}: micro-batch {size} ran out of memory", flush=True)
+        if engine is not None:
+            engine.close()
+        del engine
+        release_cached_memory()
+    return None, 0
 
 
 def release_cached_memory() -> None:
@@ -236,29 +255,24 @@ def profile_step(engine: Engine, batch: dict, steps: int = 3, top: int = 25) -> 
 
 def measure(setting: Setting, img_size, steps: int, warmup: int, max_batch: int, peak_tflops: float,
             profile: bool = False, micro_batch: int = 0) -> dict:
-    """One setting's row; at `micro_batch` when given, else at the largest that fits up to `max_batch`."""
+    """One setting's row; at `micro_batch` when given, else at the largest of micro_batch_tries that runs."""
+    device_gib = device_memory_gib(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    tries = [micro_batch] if micro_batch else micro_batch_tries(setting, img_size, max_batch, device_gib)
+    engine, fits = engine_that_runs(setting, img_size, tries)
+    row = {**asdict(setting), "micro_batch": fits, "images_per_s": 0.0, "mfu": 0.0, "peak_memory_gb": 0.0}
+    if engine is None:
+        return row
+    batch = synthetic_batch(fits, img_size, engine.device)
+    run_steps(engine, batch, warmup)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    engine = build_engine(setting, img_size, micro_batch or max_batch)
-    fits, ran_out = (micro_batch, False) if micro_batch else largest_fitting(engine, img_size, max_batch)
-    if ran_out:  # a step that ran out of memory half-way may leave ZeRO's buffers half-filled
-        engine.close()
-        del engine
-        release_cached_memory()
-        engine = build_engine(setting, img_size, max_batch)
-    row = {**asdict(setting), "micro_batch": fits, "images_per_s": 0.0, "mfu": 0.0, "peak_memory_gb": 0.0}
-    if fits:
-        batch = synthetic_batch(fits, img_size, engine.device)
-        run_steps(engine, batch, warmup)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        rate = fits * steps / run_steps(engine, batch, steps)
-        flops = training_flops(forward_flops(setting.arch, img_size, setting.trunk_width, head_channels=K))
-        row.update(images_per_s=rate, mfu=flops * rate / (peak_tflops * 1e12), peak_memory_gb=peak_memory_gb())
-        if profile:
-            table, row["profile"] = profile_step(engine, batch)
-            print(f"profile of {setting.name}, micro-batch {fits}, 3 steps:\n{table}\n"
-                  f"{setting.name}: {shares_line(row['profile'])}", flush=True)
+    rate = fits * steps / run_steps(engine, batch, steps)
+    flops = training_flops(forward_flops(setting.arch, img_size, setting.trunk_width, head_channels=K))
+    row.update(images_per_s=rate, mfu=flops * rate / (peak_tflops * 1e12), peak_memory_gb=peak_memory_gb())
+    if profile:
+        table, row["profile"] = profile_step(engine, batch)
+        print(f"profile of {setting.name}, micro-batch {fits}, 3 steps:\n{table}\n"
+              f"{setting.name}: {shares_line(row['profile'])}", flush=True)
     engine.close()
     del engine
     release_cached_memory()
@@ -299,7 +313,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="the CPU config (the default without CUDA)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per setting")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
-    parser.add_argument("--max-batch", type=int, default=64, help="largest micro-batch tried")
+    parser.add_argument("--max-batch", type=int, default=64, help="largest micro-batch tried (on a GPU, the memory estimate may start lower)")
     parser.add_argument("--micro-batch", type=int, default=0,
                         help="measure at this micro-batch instead of searching for the largest that fits")
     parser.add_argument("--only", nargs="*", default=None, help="run only these settings, in the table's order")

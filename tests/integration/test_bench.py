@@ -74,3 +74,55 @@ def test_a_cuda_profile_counts_kernels_not_the_gpu_spans_of_annotations():
     assert profile["device_busy"] == pytest.approx(0.45)
     assert {k: v for k, v in profile["shares"].items() if v} == pytest.approx(
         {"matmul": 0.6, "attention": 0.2, "communication": 0.2})
+
+
+def test_a_row_starts_at_the_micro_batch_the_memory_estimate_fits_on_the_card_and_halves_from_there():
+    sys.path.insert(0, str(REPO / "bench"))
+    from train_step import K, cuda_settings, micro_batch_tries
+
+    from medsapiens.model.cost import GPU_MEMORY_GIB, largest_micro_batch, memory_estimate
+
+    assert micro_batch_tries(cuda_settings()[0], (1024, 768), 8, None) == [8, 4, 2, 1]  # a CPU: from --max-batch
+    assert micro_batch_tries(cuda_settings()[0], (1024, 768), 6, None) == [4, 2, 1]
+    starts = {}
+    for setting in cuda_settings():
+        estimate = memory_estimate(setting.arch, (1024, 768), setting.trunk_width, K, setting.precision)
+        for card, gib in GPU_MEMORY_GIB.items():
+            tries = micro_batch_tries(setting, (1024, 768), 64, gib)
+            assert tries == [tries[0] >> i for i in range(len(tries))] and tries[-1] == 1, tries
+            fits = largest_micro_batch(estimate, gib, setting.checkpointing, setting.zero)
+            assert tries[0] == 64 if fits >= 64 else (tries[0] <= max(1, fits) < 2 * tries[0]), (setting.name, card)
+            starts[setting.name, card] = tries[0]
+    assert starts["bf16", "80 GB"] < starts["bf16", "141 GB"] < starts["bf16+ckpt", "141 GB"]
+    assert starts["2b-zero3+ckpt", "40 GB"] == 1  # the estimate fits nothing there: the step itself decides
+
+
+@pytest.mark.timeout(300)
+def test_a_micro_batch_out_of_memory_is_halved_and_a_given_one_gives_an_empty_row_not_a_traceback(tmp_path):
+    """On the tiny CPU config, with every step above one image made to run out of GPU memory as a CUDA step does."""
+    script = tmp_path / "oom.py"
+    script.write_text(
+        "import json, sys, torch\n"
+        f"sys.path.insert(0, {str(REPO / 'bench')!r})\n"
+        "import train_step\n"
+        "from medsapiens.distributed import init_distributed, shutdown\n"
+        "real = train_step.run_steps\n"
+        "def run_steps(engine, batch, steps):\n"
+        "    if len(batch['images']) > 1:\n"
+        "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')\n"
+        "    return real(engine, batch, steps)\n"
+        "train_step.run_steps = run_steps\n"
+        "init_distributed(120)\n"
+        "recipe = train_step.cpu_settings()[0]\n"
+        "rows = [train_step.measure(recipe, (128, 96), 1, 0, 4, 1.0),\n"
+        "        train_step.measure(recipe, (128, 96), 1, 0, 4, 1.0, micro_batch=2)]\n"
+        "print(json.dumps([[r['micro_batch'], r['images_per_s']] for r in rows]))\n"
+        "shutdown()\n")
+    proc = run([sys.executable, str(script)], timeout=280, env={"PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    (fitted, fitted_rate), given = json.loads(lines[-1])
+    assert fitted == 1 and fitted_rate > 0 and given == [0, 0.0]
+    assert [line for line in lines if "ran out of memory" in line] == [
+        "recipe: micro-batch 4 ran out of memory", "recipe: micro-batch 2 ran out of memory",
+        "recipe: micro-batch 2 ran out of memory"]
