@@ -122,8 +122,8 @@ def micro_batch_tries(setting: Setting, img_size, max_batch: int, device_gib: fl
     fit = max_batch
     if device_gib is not None:
         estimate = memory_estimate(setting.arch, img_size, setting.trunk_width, K, setting.precision)
-        fit = min(max_batch, max(1, largest_micro_batch(estimate, device_gib, setting.checkpointing, setting.zero)))
-    top = 1 << (fit.bit_length() - 1)
+        fit = min(fit, largest_micro_batch(estimate, device_gib, setting.checkpointing, setting.zero))
+    top = 1 << (max(1, fit).bit_length() - 1)  # at least 1: where the estimate fits nothing, the step decides
     return [top >> i for i in range(top.bit_length())]
 
 
@@ -315,7 +315,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--max-batch", type=int, default=64, help="largest micro-batch tried (on a GPU, the memory estimate may start lower)")
     parser.add_argument("--micro-batch", type=int, default=0,
-                        help="measure at this micro-batch instead of searching for the largest that fits")
+                        help="measure at this micro-batch instead of searching for the largest that fits "
+                             "(a row of 0 images/s when it runs out of memory)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these settings, in the table's order")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU")
     parser.add_argument("--profile", action="store_true",
