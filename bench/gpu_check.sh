@@ -125,21 +125,23 @@ if [ "${DEVICE:-cuda}" = cuda ] && [ -n "$(ls -A "$TORCH_EXTENSIONS_DIR" 2>/dev/
 fi
 }
 
+row() {  # row NAME [train_step.py options]: one setting in a process of its own, kept as it is measured
+    timeout -k 30 240 python3 bench/train_step.py --only "$@" --steps 5 --warmup 2 --jsonl "$out/train_step.jsonl" \
+        2>&1 | tee -a "$out/train_step.log" || status=1
+}
+
 rows() {
 profiled="${PROFILE-bf16+compile}"
 for setting in $settings; do
-    profile=()
-    name="${setting%%:*}" micro_batch=()
-    [ "$name" = "$setting" ] || micro_batch=(--micro-batch "${setting#*:}")
-    case " $profiled " in *" $name "* | *" all "*) profile=(--profile) ;; esac
-    timeout -k 30 240 python3 bench/train_step.py --only "$name" "${micro_batch[@]}" --steps 5 \
-        --warmup 2 --jsonl "$out/train_step.jsonl" "${profile[@]}" 2>&1 | tee -a "$out/train_step.log" || status=1
+    name="${setting%%:*}" options=()
+    [ "$name" = "$setting" ] || options+=(--micro-batch "${setting#*:}")
+    case " $profiled " in *" $name "* | *" all "*) options+=(--profile) ;; esac
+    row "$name" "${options[@]}"
+    # where the card fitted bf16 another micro-batch, the pipeline's too, for the summary's comparison
+    if [ "$name" = bf16 ] && ! grep -q "\"name\": \"bf16\",.*\"micro_batch\": $pipeline_batch," "$out/train_step.jsonl" 2>/dev/null; then
+        row bf16 --micro-batch "$pipeline_batch"
+    fi
 done
-case " $settings " in *" bf16 "*)  # its micro-batch fitted the card: measure the pipeline's too, unless it was that
-    grep -q "\"name\": \"bf16\",.*\"micro_batch\": $pipeline_batch," "$out/train_step.jsonl" 2>/dev/null ||
-        timeout -k 30 240 python3 bench/train_step.py --only bf16 --micro-batch "$pipeline_batch" --steps 5 --warmup 2 \
-            --jsonl "$out/train_step.jsonl" 2>&1 | tee -a "$out/train_step.log" || status=1 ;;
-esac
 python3 bench/train_step.py --summary "$out/train_step.jsonl" | tee "$out/summary.txt"
 python3 - "$out" "$pipeline_batch" <<'EOF' | tee -a "$out/summary.txt"
 import json, sys
