@@ -13,7 +13,7 @@ from medsapiens.errors import InputError
 from medsapiens.evaluate.figures import CED, PER_LANDMARK, report_figures
 from medsapiens.evaluation.metrics import Protocol, radial_errors, scales_digest, summarize
 from medsapiens.io import jsondoc, registry
-from medsapiens.io.record import is_number
+from medsapiens.io.record import is_finite_number
 from medsapiens.io.registry import LandmarkSet
 
 NOTHING_VISIBLE = "no landmark visible in the ground truth: nothing to measure"
@@ -228,19 +228,24 @@ def read_table(path: str | Path, what: str, coco_ids: dict | None = None) -> Tab
 
 
 def points(landmarks, where: str) -> np.ndarray:
-    """[[x, y] | null, ...] -> (K, 2) float, NaN for null; x and y numbers (not strings or bools), exactly two."""
+    """[[x, y] | null, ...] -> (K, 2) float, NaN for null; x and y finite numbers (not strings or bools, not
+    NaN, which would pass for invisible, or infinity), exactly two."""
     if not isinstance(landmarks, list):
         raise TypeError(f"{where}: landmarks must be a list of [x, y] or null, got {landmarks!r:.80}")
     for k, p in enumerate(landmarks):
-        if p is not None and not (isinstance(p, list) and len(p) == 2 and all(map(is_number, p))):
-            raise TypeError(f"{where}, landmark {k}: expected [x, y] (two numbers) or null, got {p!r:.80}")
+        if p is not None and not (isinstance(p, list) and len(p) == 2 and all(map(is_finite_number, p))):
+            raise InputError(f"{where}, landmark {k}: expected [x, y] (two finite numbers) or null (invisible), "
+                             f"got {p!r:.80}")
     return np.array([[np.nan, np.nan] if p is None else p for p in landmarks], dtype=np.float64)
 
 
-def coco_points(keypoints, third_is_visibility: bool = True) -> np.ndarray:
-    """(K, 2) from [x, y, v] * K: NaN where a ground truth's v is 0; a results file's third value is a
-    score, which says nothing of whether the landmark was predicted."""
+def coco_points(keypoints, where: str, third_is_visibility: bool = True) -> np.ndarray:
+    """(K, 2) from [x, y, v] * K, all finite: NaN where a ground truth's v is 0; a results file's third
+    value is a score, which says nothing of whether the landmark was predicted."""
     triples = np.asarray(keypoints, dtype=np.float64).reshape(-1, 3)
+    if not np.isfinite(triples).all():
+        k = int(np.flatnonzero(~np.isfinite(triples).all(axis=1))[0])
+        raise InputError(f"{where}, landmark {k}: keypoints must be finite numbers, got {triples[k].tolist()}")
     return np.where(triples[:, 2:3] > 0, triples[:, :2], np.nan) if third_is_visibility else triples[:, :2]
 
 
@@ -252,7 +257,7 @@ def coco_ground_truth(data: dict) -> Table:
         image_id, entry = ids[ann["image_id"]], images[ann["image_id"]]
         if image_id in table.landmarks:
             raise InputError(f"image {ann['image_id']!r} has more than one annotation; the ground truth is one per image")
-        table.landmarks[image_id] = coco_points(ann["keypoints"])
+        table.landmarks[image_id] = coco_points(ann["keypoints"], f"image {ann['image_id']!r}")
         if entry.get("spacing") is not None:
             table.spacing_mm[image_id] = entry["spacing"]  # checked where it converts errors to mm
         if entry.get("width") and entry.get("height"):
@@ -267,7 +272,8 @@ def coco_results(results: list, coco_ids: dict) -> Table:
         if image_id in table.landmarks:
             raise InputError(f"image {result['image_id']!r} has more than one result; keep one per image (the "
                              "highest-scoring detection)")
-        table.landmarks[image_id] = coco_points(result["keypoints"], third_is_visibility=False)
+        table.landmarks[image_id] = coco_points(result["keypoints"], f"image {result['image_id']!r}",
+                                                third_is_visibility=False)
     return table
 
 

@@ -164,7 +164,7 @@ def test_a_spacing_that_is_not_two_positive_numbers_is_refused_naming_the_image(
 
 
 @pytest.mark.parametrize("landmarks, message", [
-    ({"a": [["13", "14"], [20, 30], [40, 46]], "b": GUESS["b"]}, "image a, landmark 0: expected [x, y] (two numbers)"),
+    ({"a": [["13", "14"], [20, 30], [40, 46]], "b": GUESS["b"]}, "image a, landmark 0: expected [x, y] (two finite numbers)"),
     ({"a": [[13, 14, 1], [20, 30], [40, 46]], "b": GUESS["b"]}, "image a, landmark 0: expected [x, y]"),
     ({"a": [[True, False], [20, 30], [40, 46]], "b": GUESS["b"]}, "image a, landmark 0: expected [x, y]"),
     ([1, 2], '"landmarks" must map each image id to its list of points'),
@@ -177,6 +177,30 @@ def test_predictions_with_malformed_points_are_refused_in_one_line(tmp_path, lan
     pred = write(tmp_path / "p.json", {"dataset": "knee", "landmarks": landmarks})
     with pytest.raises(InputError, match=re.escape(message)):
         score_files(pred, gt)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_point_that_is_not_a_finite_number_is_refused_naming_its_file_image_and_landmark(tmp_path, value):
+    """json writes NaN and Infinity, and reads them back: a NaN in the ground truth used to pass for an invisible
+    landmark (left out of the MRE), an infinity for a diverged model's prediction."""
+    from medsapiens.errors import InputError
+
+    truth = {**TRUTH, "b": [[5.0, 5.0], [value, 25.0], [35.0, 30.0]]}
+    guess = write(tmp_path / "p.json", {"dataset": "knee", "landmarks": GUESS})
+    gt = write(tmp_path / "g.json", {"dataset": "knee", "landmarks": truth})
+    with pytest.raises(InputError, match=re.escape(f"ground-truth file {gt}: image b, landmark 1: expected [x, y] (two "
+                                                   f"finite numbers) or null (invisible), got [{value}, 25.0]")):
+        score_files(guess, gt)
+    coco = coco_truth()
+    coco["annotations"][1]["keypoints"][4] = value
+    with pytest.raises(InputError, match=re.escape(f"ground-truth file {tmp_path / 'c.json'}: image 101, landmark 1: "
+                                                   f"keypoints must be finite numbers, got [15.0, {value}, 2.0]")):
+        score_files(guess, write(tmp_path / "c.json", coco))
+    results = [{"image_id": 100 + n, "category_id": 1, "keypoints": [c for p in GUESS[i] for c in (*p, 0.9)]}
+               for n, i in enumerate(TRUTH)]
+    results[0]["keypoints"][0] = value
+    with pytest.raises(InputError, match=re.escape(f"predictions file {tmp_path / 'r.json'}: image 100, landmark 0")):
+        score_files(write(tmp_path / "r.json", results), write(tmp_path / "c2.json", coco_truth()))
 
 
 def test_a_misspelled_key_in_a_landmark_file_is_refused_naming_it(tmp_path):
