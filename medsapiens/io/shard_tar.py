@@ -170,12 +170,21 @@ def decode_sample(sample: dict, landmark_set=None, max_side: int = MAX_IMAGE_SID
     """Shard sample -> (image as float32 (H, W) or (H, W, 3) on a 0-255 scale, validated record);
     a Rejection naming the sample and shard when either half is unreadable or inconsistent."""
     where = f"sample {sample.get('__key__')} of {sample.get('__url__')}"
+    missing = [part for part in (RECORD, IMAGE) if part not in sample]
+    if missing:
+        held = ", ".join(f".{part}" for part in sorted(members_of(sample))) or "nothing"
+        raise Rejection("missing_annotation" if RECORD in missing else "missing_image",
+                        f"{where}: no .{' or .'.join(missing)} part (it holds {held}): a shard cut short or written by "
+                        "another tool? `medsapiens shards verify` checks every shard whole")
     try:
         meta = json.loads(sample[RECORD])
-        pixels = decode_pixels(sample, max_side)
     except RecursionError:
         raise Rejection("bad_annotation", f"{where}: its record is JSON nested too deep to read") from None
-    except (KeyError, OSError, ValueError) as exc:
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise Rejection("bad_annotation", f"{where}: its record is not valid JSON ({exc})") from None
+    try:
+        pixels = decode_pixels(sample, max_side)
+    except (OSError, ValueError) as exc:
         raise Rejection("unreadable_image", f"{where}: {exc}") from None
     if not isinstance(meta, dict):
         raise Rejection("bad_annotation", f"{where}: its record is not a JSON object")

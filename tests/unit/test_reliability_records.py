@@ -125,3 +125,20 @@ def test_a_record_nested_too_deep_is_a_named_rejection_not_a_traceback(shards):
     for record, message in ((deep, "its record is JSON nested too deep to read"), (b"[1, 2]", "its record is not a JSON object")):
         with pytest.raises(Rejection, match=f"sample x of y: {message}"):
             decode_sample({"png": png, "json": record, "__key__": "x", "__url__": "y"}, manifest.landmark_set("head"))
+
+
+def test_a_sample_missing_a_part_or_with_a_broken_record_is_named_as_such_not_as_an_unreadable_image(shards):
+    """A shard cut short ends on a sample without its .json; a record of bad JSON is no image's fault."""
+    manifest = load_manifest(shards)
+    shard = manifest.shards_for("head", "val")[0]
+    with tarfile.open(shards / shard.url) as tar:
+        parts = {m.name.partition(".")[2]: tar.extractfile(m).read() for m in tar.getmembers()[:2]}
+    for sample, reason, message in (
+            ({"png": parts["png"]}, "missing_annotation", "no .json part (it holds .png): a shard cut short"),
+            ({"json": parts["json"]}, "missing_image", "no .png part (it holds .json)"),
+            ({"cls": b"1"}, "missing_annotation", "no .json or .png part (it holds .cls)"),
+            ({"png": parts["png"], "json": b"{oops"}, "bad_annotation", "its record is not valid JSON (Expecting"),
+            ({"png": parts["png"], "json": b"\xff\xfe"}, "bad_annotation", "its record is not valid JSON")):
+        with pytest.raises(Rejection) as caught:
+            decode_sample({**sample, "__key__": "x", "__url__": "y"}, manifest.landmark_set("head"))
+        assert caught.value.reason == reason and caught.value.detail.startswith(f"sample x of y: {message}"), caught.value
