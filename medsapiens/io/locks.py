@@ -21,6 +21,10 @@ LOCK_NAME = ".lock"
 def writer_lock(folder: Path, what: str):
     """Hold FOLDER/.lock for the body; a folder another live process holds is refused naming it."""
     folder = Path(folder)
+    clash = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if clash is not None:
+        where = str(folder) if clash == folder else f"{folder}: {clash}"
+        raise InputError(f"{where} is a file, not a folder: name a folder for the {what}")
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / LOCK_NAME, "a+") as handle:
         try:

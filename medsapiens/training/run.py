@@ -454,7 +454,7 @@ def load_trained(model, ckpt_dir: Path, tag: str, lora: LoraConfig):
 def move_aside(run_dir: Path, task: str) -> None:
     """--resume none: an earlier run in run_dir goes to <run_dir>.replaced-<time>, nothing is deleted
     (refused while another process writes there)."""
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.is_dir() and any(run_dir.iterdir()):  # a file there is refused by the writer lock
         aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
         with writer_lock(run_dir, task):
             run_dir.rename(aside)

@@ -12,6 +12,7 @@ import time
 import pytest
 from conftest import CLI, DEMO_CONFIG, REPO, run
 
+from medsapiens.errors import InputError
 from medsapiens.io.locks import LOCK_NAME, writer_lock
 
 
@@ -56,3 +57,20 @@ def test_a_killed_holder_keeps_nothing(phantom_shards, tmp_path):
     holder.wait(timeout=30)
     time.sleep(0.2)
     assert build(phantom_shards.parent / "raw", out).returncode == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_run_directory_that_is_a_file_is_refused_in_one_line_naming_it(phantom_shards, tmp_path):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    for run_dir, flags in ((afile, []), (afile, ["--resume", "none"]), (afile / "sub", [])):
+        proc = run([*CLI, "finetune", "--config", str(REPO / "launch/experiments/demo_finetune.yaml"), "--shards",
+                    str(phantom_shards), "--dataset", "head", "--init", "scratch", "--steps", "1", "--run-dir", str(run_dir),
+                    "model.trunk_width=32", "data.workers=0", *flags], 60)
+        where = str(afile) if run_dir == afile else f"{run_dir}: {afile}"
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+            f"error: {where} is a file, not a folder: name a folder for the fine-tuning"), proc.stderr[-2000:]
+    with pytest.raises(InputError, match=f"{afile} is a file, not a folder: name a folder for the training run"):
+        with writer_lock(afile, "training run"):
+            pass
+    assert afile.read_text() == "mine"
