@@ -31,7 +31,10 @@ from medsapiens.model import bundle as bundlelib
 
 
 def check_split(manifest: Manifest, dataset: str, split: str, bundle: bundlelib.Bundle) -> None:
-    splits = manifest.datasets[dataset].splits if dataset in manifest.datasets else {}
+    if dataset not in manifest.datasets:
+        raise ManifestError(f"{manifest.location}: no dataset {dataset!r} in these shards (they hold "
+                            f"{', '.join(sorted(manifest.datasets)) or 'none'})")
+    splits = manifest.datasets[dataset].splits
     if not splits.get(split):
         raise ManifestError(f"{manifest.location}: dataset {dataset!r} has no {split!r} samples "
                             f"(splits: {', '.join(f'{s} {n}' for s, n in sorted(splits.items())) or 'none'})")

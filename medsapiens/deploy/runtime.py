@@ -33,6 +33,9 @@ class OnnxLandmarker:
             import onnxruntime as ort
         except ImportError:
             raise InputError("--onnx needs onnxruntime: pip install 'medsapiens[onnx]'") from None
+        if Path(path).is_dir():
+            raise InputError(f"--onnx {path} is a folder, not an ONNX file: a model bundle goes to --bundle, and "
+                             "`medsapiens export onnx BUNDLE --out FILE.onnx` makes the file --onnx takes")
         if not Path(path).is_file():
             raise FileNotFoundError(f"no ONNX model {path}")
         options = ort.SessionOptions()

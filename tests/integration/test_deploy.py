@@ -144,6 +144,14 @@ def test_predict_onnx_refuses_a_flip_setting_the_model_was_not_exported_with(exp
     assert proc.returncode == 2 and "exported with flip test" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_predict_onnx_given_a_bundle_folder_says_where_a_bundle_goes(head_expert, phantom_shards, tmp_path):
+    proc = run([*CLI, "predict", "--onnx", str(head_expert / "bundle"), "--out", str(tmp_path),
+                str(raw_head_images(phantom_shards)[0])], 60)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: --onnx {head_expert / 'bundle'} is a folder, not an ONNX file: a model bundle goes to --bundle, and "
+        "`medsapiens export onnx BUNDLE --out FILE.onnx` makes the file --onnx takes")
+
+
 def test_split_conformal_coverage_meets_its_finite_sample_bounds_on_exchangeable_errors():
     rng = np.random.default_rng(0)
     for n in (10, 19, 30):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -223,6 +224,17 @@ def test_the_evaluated_splits_are_chosen_and_checked_before_training(phantom_sha
         evaluation_splits(manifest, "head", "test1+tset2")
     with pytest.raises(InputError, match=r"--eval-split test2\+test2: name a split, or distinct splits joined by '\+'"):
         evaluation_splits(manifest, "head", "test2+test2")
+
+
+def test_evaluate_names_a_dataset_the_shards_lack_before_its_splits(phantom_shards):
+    from medsapiens.evaluate.evaluate import check_split
+
+    manifest = manifestlib.load(phantom_shards)
+    with pytest.raises(ManifestError, match=re.escape(f"{manifest.location}: no dataset 'knee' in these shards (they hold "
+                                                      f"{', '.join(sorted(manifest.datasets))})")):
+        check_split(manifest, "knee", "test", bundle=None)
+    with pytest.raises(ManifestError, match=re.escape("dataset 'head' has no 'tset' samples (splits: test1 ")):
+        check_split(manifest, "head", "tset", bundle=None)
 
 
 def isbi_truth(raw_head: Path, image: Path) -> np.ndarray:
