@@ -40,7 +40,7 @@ def register(subparsers) -> None:
     ft.add_argument("--lora", action="store_true", help="train only LoRA adapters and the decoder")
     ft.add_argument("--reinit-head", action="store_true",
                     help="start this dataset's head afresh even if the bundle has one (as MedSapiens' fine-tuning does)")
-    ft.add_argument("--shots", type=int, help="train on K images of the train split (few-shot)")
+    ft.add_argument("--shots", type=int, help="train on K images of the train split (few-shot; default: every image)")
     ft.add_argument("--seed", type=int, help="which K images, and the training seed (the key shot_seed)")
     ft.add_argument("--seeds", type=seed_list, help="comma-separated seeds, run one after another, e.g. 0,1,2")
     ft.add_argument("--epochs", type=float, help="training epochs (default 210, the published schedule)")
@@ -85,6 +85,8 @@ def finetune_overrides(args) -> list[str]:
     for flag, value in (("--steps", args.steps), ("--epochs", args.epochs)):
         if value is not None and value <= 0:
             raise InputError(f"{flag} must be above 0, got {value:g}")
+    if args.shots is not None and args.shots <= 0:  # the key's 0, every image, is what leaving the flag out gives
+        raise InputError(f"--shots must be above 0, got {args.shots}: leave it out to train on every image")
     if args.seed is not None and args.seeds:
         raise InputError("give --seed or --seeds, not both: each seed of --seeds is the seed of its run")
     starts = (("--bundle", args.bundle, "bundle"), ("--checkpoint", args.checkpoint, "sapiens"))

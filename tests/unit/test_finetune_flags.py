@@ -63,6 +63,10 @@ def test_steps_and_epochs_are_one_or_the_other():
         config_of("--steps", "5", "--epochs", "2")
     with pytest.raises(InputError, match=r"^--steps must be above 0, got 0$"):  # not train.max_steps, set by no one
         config_of("--steps", "0")
+    for shots in ("0", "-3"):  # the key's 0 means every image; a flag asking for none is a mistake
+        with pytest.raises(InputError, match=rf"^--shots must be above 0, got {shots}: leave it out to train on every"):
+            config_of("--shots", shots)
+    assert config_of("--shots", "3").shots == 3
     both = configlib.load(FinetuneConfig, None, ["train.epochs=2", "train.max_steps=800"]).train
     with pytest.raises(InputError, match=r"train.epochs \(2\) gives 26 steps here \(100 training images / global "
                                          r"batch 8\), train.max_steps says 800: give one and set the other to 0"):
