@@ -319,7 +319,10 @@ def load_data(cls, path: str | Path | None = None, overrides: list[str] = ()) ->
     """YAML file (optional) + overrides -> the nested dict, not yet checked against dataclass `cls`."""
     data = {}
     if path is not None:
-        data = read_yaml(read_config_text(path), str(path)) or {}
+        data = read_yaml(read_config_text(path), str(path))
+        if data is None:  # a run of every default from a blank file is rather the wrong file than a wish
+            raise ConfigError(f"{path}: no settings in it (empty, or comments only); a config is a YAML mapping of "
+                              "settings ({} for every default)")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     return apply_overrides(data, list(overrides), cls)

@@ -166,14 +166,16 @@ def test_a_config_file_that_is_no_yaml_text_is_one_line(tmp_path):
              "twice.yaml": b"optim:\n  lr: -5\n  weight_decay: 0.1\n  lr: 1.0e-3\n",  # YAML keeps the last lr
              "merge.yaml": b"optim:\n  lr: 1.0e-3\n  <<: {lr: 5.0, weight_decay: 0.3}\n",  # lr twice again
              "digits.yaml": b"train:\n  max_steps: " + b"9" * 5000 + b"\n",
-             "date.yaml": b"run_dir: 2026-13-01\n"}
+             "date.yaml": b"run_dir: 2026-13-01\n", "empty.yaml": b"", "comments.yaml": b"# lr: 1.0e-3\n\n"}
     messages = {"latin1.yaml": "not UTF-8 text (byte 12)", "keys.yaml": "key 1 is not a name",
                 "nested.yaml": "key None under train is not a name",
                 "tab.yaml": "not valid YAML: found character '\\t' that cannot start any token at line 2, column 1",
                 "twice.yaml": "key 'lr' given twice in one section (line 4)",
                 "merge.yaml": "YAML merge keys (<<) are not accepted in configs (line 3)",
                 "digits.yaml": "a value YAML cannot read: Exceeds the limit (4300 digits)",
-                "date.yaml": "a value YAML cannot read: month must be in 1..12"}
+                "date.yaml": "a value YAML cannot read: month must be in 1..12",
+                "empty.yaml": "no settings in it (empty, or comments only); a config is a YAML mapping of settings ({} "
+                              "for every default)", "comments.yaml": "no settings in it (empty, or comments only)"}
     for name, raw in cases.items():
         (tmp_path / name).write_bytes(raw)
         with pytest.raises(configlib.ConfigError, match=re.escape(messages[name])) as refused:
@@ -182,6 +184,8 @@ def test_a_config_file_that_is_no_yaml_text_is_one_line(tmp_path):
     (tmp_path / "fine.yaml").write_text("data:\n  weights: {head: 2, hand: 1}\n  datasets: [head, hand]\n"
                                         "  augment: {scale_range: [0.8, 1.2], rotation_deg: 10}\n")  # a key per map
     assert configlib.load(Experiment, tmp_path / "fine.yaml").data.weights == {"head": 2, "hand": 1}
+    (tmp_path / "defaults.yaml").write_text("{}\n")  # every default, on purpose
+    assert configlib.load(Experiment, tmp_path / "defaults.yaml") == configlib.load(Experiment, None)
     with pytest.raises(configlib.ConfigError, match=rf"config file {tmp_path}: cannot be read"):
         configlib.load(Experiment, tmp_path)
     (tmp_path / "large.yaml").write_text("run_dir: " + "\u00e9" * 600_000 + "\n")  # 1.2 MB in 600 000 characters
