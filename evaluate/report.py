@@ -240,13 +240,18 @@ def points(landmarks, where: str) -> np.ndarray:
 
 
 def coco_points(keypoints, where: str, third_is_visibility: bool = True) -> np.ndarray:
-    """(K, 2) from [x, y, v] * K, all finite: NaN where a ground truth's v is 0; a results file's third
-    value is a score, which says nothing of whether the landmark was predicted."""
+    """(K, 2) from [x, y, v] * K: NaN where a ground truth's v is 0; a results file's third value is a
+    score, which says nothing of whether the landmark was predicted. What is read must be finite: v, and
+    x and y where they count (a NaN would pass for an invisible landmark)."""
     triples = np.asarray(keypoints, dtype=np.float64).reshape(-1, 3)
-    if not np.isfinite(triples).all():
-        k = int(np.flatnonzero(~np.isfinite(triples).all(axis=1))[0])
+    counted = triples[:, 2] > 0 if third_is_visibility else np.ones(len(triples), dtype=bool)
+    finite = np.isfinite(triples[:, :2]).all(axis=1) | ~counted
+    if third_is_visibility:
+        finite &= np.isfinite(triples[:, 2])
+    if not finite.all():
+        k = int(np.flatnonzero(~finite)[0])
         raise InputError(f"{where}, landmark {k}: keypoints must be finite numbers, got {triples[k].tolist()}")
-    return np.where(triples[:, 2:3] > 0, triples[:, :2], np.nan) if third_is_visibility else triples[:, :2]
+    return np.where(counted[:, None], triples[:, :2], np.nan)
 
 
 def coco_ground_truth(data: dict) -> Table:

@@ -196,6 +196,12 @@ def test_a_point_that_is_not_a_finite_number_is_refused_naming_its_file_image_an
     with pytest.raises(InputError, match=re.escape(f"ground-truth file {tmp_path / 'c.json'}: image 101, landmark 1: "
                                                    f"keypoints must be finite numbers, got [15.0, {value}, 2.0]")):
         score_files(guess, write(tmp_path / "c.json", coco))
+    coco["annotations"][1]["keypoints"][4] = 25.0
+    coco["annotations"][1]["keypoints"][6:9] = [value, value, 0]  # b's invisible one: its x and y are not read
+    assert score_files(guess, write(tmp_path / "c1.json", coco))[0]["excluded_landmarks"] == 1
+    coco["annotations"][1]["keypoints"][8] = value
+    with pytest.raises(InputError, match=re.escape("image 101, landmark 2: keypoints must be finite numbers")):
+        score_files(guess, write(tmp_path / "c1.json", coco))
     results = [{"image_id": 100 + n, "category_id": 1, "keypoints": [c for p in GUESS[i] for c in (*p, 0.9)]}
                for n, i in enumerate(TRUTH)]
     results[0]["keypoints"][0] = value
