@@ -147,7 +147,8 @@ python3 - "$out" "$pipeline_batch" <<'EOF' | tee -a "$out/summary.txt"
 import json, sys
 from pathlib import Path
 out, batch = Path(sys.argv[1]), int(sys.argv[2])
-rows = [json.loads(line) for line in open(out / "train_step.jsonl") if line.strip()]
+kept = out / "train_step.jsonl"
+rows = [json.loads(line) for line in kept.read_text().splitlines() if line.strip()] if kept.is_file() else []
 bench = next((r["images_per_s"] for r in rows if r["name"] == "bf16" and r["micro_batch"] == batch), None)
 e2e = json.loads((out / "e2e.json").read_text()) if (out / "e2e.json").is_file() else {}
 pipeline = e2e.get("pretrain", {}).get("perf/samples_per_s_all_ranks", [None])[-1]
