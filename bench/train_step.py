@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from medsapiens.distributed import init_distributed, shutdown
+from medsapiens.errors import is_out_of_memory
 from medsapiens.model import ModelConfig, param_groups
 from medsapiens.model.archs import DEFAULT_TRUNK_WIDTH
 from medsapiens.model.cost import forward_flops, largest_micro_batch, memory_estimate, training_flops
@@ -92,10 +93,6 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
 def build_engine(setting: Setting, img_size, micro_batch: int) -> Engine:
     model = ModelConfig(arch=setting.arch, img_size=img_size, trunk_width=setting.trunk_width,
                         grad_checkpointing=setting.checkpointing).build({"head": K})
@@ -138,7 +135,7 @@ def engine_that_runs(setting: Setting, img_size, tries: list[int]) -> tuple[Engi
             run_steps(engine, synthetic_batch(size, img_size, engine.device), 1)
             return engine, size
         except RuntimeError as exc:
-            if not is_oom(exc):
+            if not is_out_of_memory(exc):
                 raise
         # out of the except block: its traceback, which holds the step's tensors, is gone
         print(f"{setting.name}: micro-batch {size} ran out of memory", flush=True)
