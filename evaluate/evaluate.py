@@ -31,9 +31,7 @@ from medsapiens.model import bundle as bundlelib
 
 
 def check_split(manifest: Manifest, dataset: str, split: str, bundle: bundlelib.Bundle) -> None:
-    if dataset not in manifest.datasets:
-        raise ManifestError(f"{manifest.location}: no dataset {dataset!r} in these shards (they hold "
-                            f"{', '.join(sorted(manifest.datasets)) or 'none'})")
+    theirs = manifest.landmark_set(dataset)  # first: it names the datasets the shards hold when this one is not there
     splits = manifest.datasets[dataset].splits
     if not splits.get(split):
         raise ManifestError(f"{manifest.location}: dataset {dataset!r} has no {split!r} samples "
@@ -41,7 +39,7 @@ def check_split(manifest: Manifest, dataset: str, split: str, bundle: bundlelib.
     check_scorable(manifest, dataset, split)
     if dataset not in bundle.heads:
         raise ManifestError(f"the bundle has no head for {dataset!r} (heads: {', '.join(bundle.heads)})")
-    ours, theirs = bundle.landmark_sets[dataset], manifest.landmark_set(dataset)
+    ours = bundle.landmark_sets[dataset]
     if ours.num_landmarks != theirs.num_landmarks:
         raise ManifestError(f"the bundle's {dataset!r} head predicts {ours.num_landmarks} landmarks, "
                             f"the shards have {theirs.num_landmarks}")

@@ -230,8 +230,8 @@ def test_evaluate_names_a_dataset_the_shards_lack_before_its_splits(phantom_shar
     from medsapiens.evaluate.evaluate import check_split
 
     manifest = manifestlib.load(phantom_shards)
-    with pytest.raises(ManifestError, match=re.escape(f"{manifest.location}: no dataset 'knee' in these shards (they hold "
-                                                      f"{', '.join(sorted(manifest.datasets))})")):
+    with pytest.raises(ManifestError, match=re.escape(f"dataset 'knee' is not in the manifest at {manifest.location}; "
+                                                      f"it has: {', '.join(sorted(manifest.datasets))}")):
         check_split(manifest, "knee", "test", bundle=None)
     with pytest.raises(ManifestError, match=re.escape("dataset 'head' has no 'tset' samples (splits: test1 ")):
         check_split(manifest, "head", "tset", bundle=None)
