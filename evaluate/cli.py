@@ -7,6 +7,7 @@ from pathlib import Path
 
 from medsapiens.cli import count, positive_int
 from medsapiens.errors import CheckFailed, InputError
+from medsapiens.io import storage
 
 
 def register(subparsers) -> None:
@@ -102,10 +103,9 @@ def check_out(out: str | None) -> None:
     """--out must be a folder, or a path one can create: refused before any work, not after it."""
     if out is None:
         return
-    path = Path(out)
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise InputError(f"--out {out}: {existing} is a file, not a folder")
+    clash = storage.file_in_the_way(Path(out))
+    if clash is not None:
+        raise InputError(f"--out {out}: {clash} is a file, not a folder")
 
 
 def check_device(device: str, onnx=None) -> None:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from medsapiens.errors import InputError
+from medsapiens.io import storage
 
 LOCK_NAME = ".lock"
 
@@ -21,7 +22,7 @@ LOCK_NAME = ".lock"
 def writer_lock(folder: Path, what: str):
     """Hold FOLDER/.lock for the body; a folder another live process holds is refused naming it."""
     folder = Path(folder)
-    clash = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    clash = storage.file_in_the_way(folder)
     if clash is not None:
         where = str(folder) if clash == folder else f"{folder}: {clash}"
         raise InputError(f"{where} is a file, not a folder: name a folder for the {what}")

@@ -254,6 +254,13 @@ def check_new_file(out: Path, what: str, force: bool) -> None:
         raise InputError(f"--out {out} exists; pass --force to replace it")
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """The file at `folder` or above it that keeps a folder from being made there (the nearest path that
+    exists, when it is no folder); None when there is none."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
 FULL_DISK_BYTES = 16 << 20  # a failed write with less free space than this is taken for a full disk
 
 
