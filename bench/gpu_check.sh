@@ -119,8 +119,8 @@ if (work / "leg.onnx").is_file():
 print(json.dumps(result, indent=1))
 EOF
 cat "$out/e2e.json"
-if [ "${DEVICE:-cuda}" = cuda ] && [ -n "$(ls -A "$TORCH_EXTENSIONS_DIR" 2>/dev/null)" ]; then
-    echo "DeepSpeed compiled ops on the GPU path: $(ls "$TORCH_EXTENSIONS_DIR")"
+if [ -n "$(ls -A "$TORCH_EXTENSIONS_DIR" 2>/dev/null)" ]; then
+    echo "DeepSpeed compiled ops: $(ls "$TORCH_EXTENSIONS_DIR")"
     status=1
 fi
 }

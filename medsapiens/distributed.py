@@ -26,13 +26,12 @@ from medsapiens.errors import UserError, user_message
 
 # How many processes an MPI launcher started (mpirun, and DeepSpeed's openmpi and mvapich runners set no RANK)
 OTHER_LAUNCHERS_WORLD_SIZE = ("OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-SHARED_MEMORY = Path("/dev/shm")  # where POSIX shm_open names live on Linux
 NVIDIA_DEVICE_FILES = "/dev/nvidia[0-9]*"  # one per GPU the NVIDIA driver gives this host (or container)
 TORCH_THREADS = torch.get_num_threads()  # torch's own count, before `share_cores` (which a rank may run more than once)
 ALLOW_CPU = "MEDSAPIENS_ALLOW_CPU"  # =1: train on the CPU of a host whose GPUs CUDA cannot use (the launchers pass it on)
 # Start-up notices of DeepSpeed and torch that tell a CPU user nothing (DeepSpeed is imported later,
 # lazily, by this module and its users; the filters are in place before its loggers print).
-CPU_NOTICES = {"DeepSpeed": "Setting accelerator to CPU", "torch.utils.cpp_extension": "No CUDA runtime is found"}
+CPU_NOTICES = {"DeepSpeed": "Setting accelerator to CPU"}
 
 
 class _DropNotice(logging.Filter):
@@ -100,11 +99,23 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     cuda = torch.cuda.is_available()
     if cuda:
         use_device(f"cuda:{local_gpu()}")
+    without_deepspeed_inference_all_reduce()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
                                timeout=datetime.timedelta(seconds=timeout_s))
-    if not cuda:
-        release_shared_memory_name()
     return dist.get_rank(), dist.get_world_size()
+
+
+def without_deepspeed_inference_all_reduce() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce when it starts on a CPU.
+
+    DeepSpeed's CPU start-up builds that op with the host's C++ compiler (48 s on a 2-core host, once per
+    environment) and maps a 66 MB /dev/shm buffer per rank that it never unlinks, yet only its
+    tensor-parallel inference calls it: training's collectives go through torch.distributed (gloo) either
+    way. An op DeepSpeed holds incompatible is never built; its backend then has no shared-memory op."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
 def share_cores() -> int:
@@ -149,19 +160,6 @@ def check_no_other_launcher() -> None:
             raise UserError(f"this process is one of {os.environ[name]} started by an MPI launcher, which sets no RANK "
                             f"({name}): each would train alone as rank 0; start the ranks with `medsapiens launch` "
                             "(DeepSpeed's own ssh launcher, or --slurm)")
-
-
-def release_shared_memory_name() -> None:
-    """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU all-reduce.
-
-    DeepSpeed maps one buffer per rank (66 MB) and never unlinks it: each CPU job, finished or killed,
-    left them in RAM. Once every rank has mapped every buffer (done inside init_distributed; the
-    barrier waits for the slowest rank), the names can go: the mappings stay valid until exit.
-    """
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
-    barrier()
-    (SHARED_MEMORY / name).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -21,9 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 DEMO_CONFIG = REPO / "launch" / "experiments" / "demo.yaml"
 SECRET = "fake-secret-that-must-never-be-printed-8c1f"
-# DeepSpeed's compiled ops, per virtual environment: checkouts sharing ~/.cache/torch_extensions
-# rebuild them for each other (their include paths differ), minutes on a small machine.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 KEY_ID = "AKIAFAKEKEYID0000042"
 
 

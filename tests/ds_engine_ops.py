@@ -1,10 +1,9 @@
-"""What the engine asks DeepSpeed to build, on CPU: DeepSpeed's op builders refuse after start-up,
-then an engine is built and takes one step for each ZeRO config given.
+"""What a run asks DeepSpeed to build, on CPU: DeepSpeed's op builders refuse from the start, then
+torch.distributed starts as a run starts it and an engine is built and takes one step for each ZeRO config given.
 
 Usage: ds_engine_ops.py OUT.json ZERO_JSON [ZERO_JSON ...]. Writes, per config, the optimizer class
 DeepSpeed made, whether it is PyTorch's fused kernel, the step's loss, what the optimizer holds per
 parameter, and the ops it tried to build.
-The CPU all-reduce op that gloo start-up builds is left out: a CUDA run starts on NCCL instead.
 """
 import json
 import sys
@@ -22,7 +21,7 @@ built: list[str] = []
 
 def refuse_to_build(builder, *args, **kwargs):
     built.append(builder.name)
-    raise RuntimeError(f"the engine asked DeepSpeed to build its {builder.name} op")
+    raise RuntimeError(f"the run asked DeepSpeed to build its {builder.name} op")
 
 
 def tiny_engine(zero_json: str, universal: bool = False) -> Engine:
@@ -61,8 +60,8 @@ def held_by_the_optimizer(engine) -> dict:
 
 
 def main(out: str, zero_jsons: list[str]) -> None:
-    init_distributed(60)
     OpBuilder.load = refuse_to_build
+    init_distributed(60)
     rows = [one_step(z) for z in zero_jsons]
     with open(out, "w") as f:
         json.dump({"rows": rows, "built": built}, f)

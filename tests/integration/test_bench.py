@@ -8,7 +8,6 @@ import pytest
 from conftest import REPO, run
 
 
-@pytest.mark.timeout(600)  # the first DeepSpeed test of a fresh venv also builds its CPU comm op
 def test_train_step_bench_measures_each_setting_against_the_recipe(tmp_path):
     out, kept = tmp_path / "train_step.json", tmp_path / "rows.jsonl"
     proc = run([sys.executable, "bench/train_step.py", "--tiny", "--steps", "1", "--warmup", "0", "--max-batch", "2",

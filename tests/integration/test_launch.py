@@ -26,7 +26,6 @@ DEMO = str(REPO / "launch/experiments/demo.yaml")
 DEMO_FINETUNE = str(REPO / "launch/experiments/demo_finetune.yaml")
 SECRET, TOKEN, KEY_ID = "wJalrXUtnFEMI-not-a-real-secret", "FQoGZXIvYXdzEJr-session", "AKIAEXAMPLEKEYID"
 RANK_ENV_PREFIXES = ("AWS_", "NCCL_", "MEDSAPIENS_", "SLURM", "DS_ENV_FILE")
-REAL_HOME = os.path.expanduser("~")  # holds the compiled DeepSpeed op (~/.cache/torch_extensions)
 
 
 @pytest.fixture(autouse=True)
@@ -695,7 +694,6 @@ def test_real_two_rank_cpu_launch_leaves_a_complete_checkpoint(monkeypatch, tmp_
     (checkout / "medsapiens").mkdir(parents=True)
     (checkout / "medsapiens" / "__init__.py").write_text("raise ImportError('the working directory was imported')\n")
     monkeypatch.chdir(checkout)  # the keeper and the ranks run `python -m medsapiens...` from here
-    monkeypatch.setenv("HOME", REAL_HOME)
     status = main(["launch", "pretrain", "--config", str(REPO / "launch/experiments/demo.yaml"), "--gpus", "2",
                    *tiny_run(phantom_shards, tmp_path / "run")])
     assert status == 0
@@ -708,7 +706,7 @@ def test_real_launch_on_two_simulated_slurm_nodes_without_ssh(tmp_path, phantom_
     one rank each: node ranks, master address and port must agree for the ranks to meet."""
     job = {"SLURM_JOB_ID": "4711", "SLURM_JOB_NODELIST": "localhost,127.0.0.1",
            "SLURM_STEP_NODELIST": "localhost,127.0.0.1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_GPUS_ON_NODE": "1",
-           "HOME": REAL_HOME, "PYTHONPATH": str(REPO)}
+           "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "medsapiens.launch.cli", "launch", "pretrain", "--slurm", "--config",
                "launch/experiments/demo.yaml", *tiny_run(phantom_shards, tmp_path / "run")]
     nodes = [subprocess.Popen(command, cwd=REPO, env={**os.environ, **job, "SLURM_NODEID": str(node)},
@@ -732,7 +730,7 @@ def test_sigusr1_to_a_real_launch_stops_every_rank_after_a_checkpoint(tmp_path, 
                "--gpus", "2", f"data.shards={phantom_shards}", f"run_dir={run_dir}", "data.datasets=[head,hand]",
                "train.max_steps=400", "train.checkpoint_every=200", "train.val_every=400", "train.log_every=1",
                "data.workers=1", "data.micro_batch=4", "model.trunk_width=32", "train.dist_timeout_s=120"]
-    job = subprocess.Popen(command, cwd=REPO, env={**os.environ, "HOME": REAL_HOME, "PYTHONPATH": str(REPO)},
+    job = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 150
     while not (run_dir / "metrics.jsonl").is_file() or len((run_dir / "metrics.jsonl").read_text().splitlines()) < 3:

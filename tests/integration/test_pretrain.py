@@ -24,6 +24,7 @@ from medsapiens.model import bundle as bundlelib
 from medsapiens.training.engine import OptimConfig, lr_factor
 
 STEPS = 12
+SHARED_MEMORY = Path("/dev/shm")  # where POSIX shm_open names live on Linux
 
 
 def config_args(shards, run_dir, *extra) -> list[str]:
@@ -34,8 +35,13 @@ def config_args(shards, run_dir, *extra) -> list[str]:
 @pytest.fixture(scope="module")
 def zero2_run(phantom_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("zero2") / "run"
-    proc = deepspeed_module("medsapiens.pretrain", 2, config_args(phantom_shards, run_dir))
+    extensions = run_dir.parent / "torch_extensions"  # where DeepSpeed would compile an op
+    shared_memory = set(SHARED_MEMORY.glob("deepspeed_*"))
+    proc = deepspeed_module("medsapiens.pretrain", 2, config_args(phantom_shards, run_dir),
+                            env={"TORCH_EXTENSIONS_DIR": str(extensions)})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not extensions.exists() and "built successfully" not in proc.stdout + proc.stderr  # no C++ compiler used
+    assert set(SHARED_MEMORY.glob("deepspeed_*")) <= shared_memory  # nor DeepSpeed's shared-memory all-reduce
     (run_dir.parent / "job.log").write_text(proc.stderr)
     return run_dir
 
@@ -87,10 +93,8 @@ def test_two_ranks_zero2_train_log_checkpoint_and_export(zero2_run, phantom_shar
 @pytest.mark.timeout(300)
 def test_resume_continues_the_same_losses(zero2_run, phantom_shards, tmp_path):
     run_dir = tmp_path / "run"
-    shared_memory = set(Path("/dev/shm").glob("deepspeed_*"))
     first = deepspeed_module("medsapiens.pretrain", 2, config_args(phantom_shards, run_dir, "train.stop_after=6"))
     assert first.returncode == 0, first.stderr[-3000:]
-    assert set(Path("/dev/shm").glob("deepspeed_*")) <= shared_memory  # DeepSpeed's all-reduce buffers freed
     assert max(losses(run_dir)) == 6
     assert f"stopped at step 6 (train.stop_after); a rerun into {run_dir} resumes from checkpoint step_00000006" \
         in first.stderr
