@@ -99,7 +99,8 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     cuda = torch.cuda.is_available()
     if cuda:
         use_device(f"cuda:{local_gpu()}")
-    without_deepspeed_inference_all_reduce()
+    else:
+        without_deepspeed_inference_all_reduce()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
                                timeout=datetime.timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
@@ -111,7 +112,9 @@ def without_deepspeed_inference_all_reduce() -> None:
     DeepSpeed's CPU start-up builds that op with the host's C++ compiler (48 s on a 2-core host, once per
     environment) and maps a 66 MB /dev/shm buffer per rank that it never unlinks, yet only its
     tensor-parallel inference calls it: training's collectives go through torch.distributed (gloo) either
-    way. An op DeepSpeed holds incompatible is never built; its backend then has no shared-memory op."""
+    way. An op DeepSpeed holds incompatible is never built; its backend then has no shared-memory op.
+    CPU only: DeepSpeed's CUDA accelerator has no such op, and reading its table of compatible ops there
+    would probe the build of every CUDA op."""
     import deepspeed.ops
     from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
 
