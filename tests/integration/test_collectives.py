@@ -89,6 +89,8 @@ def test_the_rank_gpu_is_current_before_the_process_group_starts(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
     monkeypatch.setattr(deepspeed, "init_distributed",
                         lambda dist_backend, timeout: calls.append(("init_process_group", dist_backend)))
+    # the CPU's switch reads DeepSpeed's table of compatible ops, which on a GPU would probe every CUDA op
+    monkeypatch.setattr(distributed, "without_deepspeed_inference_all_reduce", lambda: calls.append(("cpu switch",)))
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     for name, value in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
