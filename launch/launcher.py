@@ -55,7 +55,8 @@ Where the ranks run:
   (default)        this machine: --gpus ranks (one per GPU, on the first --gpus of CUDA_VISIBLE_DEVICES
                    when it lists indices; on a CPU-only machine, CPU ranks with gloo)
   --hostfile H     the hosts of H (lines 'HOST slots=N'); DeepSpeed starts them over ssh with pdsh,
-                   master = the first host. Variables the ranks need (AWS_*, NCCL_*, MEDSAPIENS_*) go in
+                   master = the first host. Variables the ranks need (AWS_*, NCCL_*, MEDSAPIENS_*,
+                   PYTORCH_*, TORCH_NCCL_* ...: docs/launch.md) go in
                    a private env file (mode 0600) that DeepSpeed exports on every host; your own
                    ~/.deepspeed_env and ./.deepspeed_env lines are merged into it.
   --slurm          every node of the SLURM job, without ssh: run ONE launcher per node, e.g.

@@ -1,5 +1,7 @@
 """The environment the training ranks need from the launching shell: S3 endpoint and credentials
-(AWS_*), NCCL tuning (NCCL_*) and MEDSAPIENS_* settings.
+(AWS_*), NCCL tuning (NCCL_*), MEDSAPIENS_* settings, and PyTorch's own run-time settings on the GPU
+(PYTORCH_* such as PYTORCH_CUDA_ALLOC_CONF, which the out-of-memory line advises; TORCH_NCCL_*,
+TORCH_CUDNN_*, TORCH_DISTRIBUTED_*; CUDA_LAUNCH_BLOCKING).
 
 Ranks started on this machine or by srun inherit the environment. Ranks that DeepSpeed starts over
 ssh (a hostfile with several hosts) get only what DeepSpeed exports: the PYTHON*/MLFLOW*/MV2*/UCX*
@@ -16,7 +18,9 @@ from pathlib import Path
 
 from medsapiens.errors import InputError
 
-RANK_PREFIXES = ("AWS_", "NCCL_", "MEDSAPIENS_")
+# Not CUDA_VISIBLE_DEVICES (DeepSpeed sets it on each host) nor paths of this machine (TORCH_HOME).
+RANK_PREFIXES = ("AWS_", "NCCL_", "MEDSAPIENS_", "PYTORCH_", "TORCH_NCCL_", "TORCH_CUDNN_", "TORCH_DISTRIBUTED_",
+                 "CUDA_LAUNCH_BLOCKING")
 SECRET_WORDS = ("SECRET", "TOKEN", "PASSWORD", "KEY", "CREDENTIAL")  # AWS_ACCESS_KEY_ID included
 FROM_ENVIRONMENT = "environment"
 # DeepSpeed wraps an exported value in double quotes for the remote shell, where these still act; pdsh

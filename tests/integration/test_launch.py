@@ -19,20 +19,20 @@ from medsapiens import config as configlib
 from medsapiens.errors import InputError, UserError
 from medsapiens.launch import launcher
 from medsapiens.launch.cli import main
+from medsapiens.launch.rank_env import RANK_PREFIXES
 from medsapiens.pretrain.config import PretrainConfig
 from medsapiens.training.engine import deepspeed_file
 
 DEMO = str(REPO / "launch/experiments/demo.yaml")
 DEMO_FINETUNE = str(REPO / "launch/experiments/demo_finetune.yaml")
 SECRET, TOKEN, KEY_ID = "wJalrXUtnFEMI-not-a-real-secret", "FQoGZXIvYXdzEJr-session", "AKIAEXAMPLEKEYID"
-RANK_ENV_PREFIXES = ("AWS_", "NCCL_", "MEDSAPIENS_", "SLURM", "DS_ENV_FILE")
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch, tmp_path):
     """No variables of the caller's shell or SLURM job leak in; home and cwd hold no .deepspeed_env."""
     for name in list(os.environ):
-        if name.startswith(RANK_ENV_PREFIXES):
+        if name.startswith((*RANK_PREFIXES, "SLURM", "DS_ENV_FILE")):
             monkeypatch.delenv(name)
     (tmp_path / "home").mkdir()
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -182,7 +182,13 @@ def test_ranks_past_the_gpus_are_refused_and_visible_devices_are_kept(capsys, mo
 
 
 @pytest.mark.timeout(60)
-def test_hostfile_dry_run_prints_command_env_file_names_and_no_secret(capfd, s3_env, hostfile, remote_tools):
+def test_hostfile_dry_run_prints_command_env_file_names_and_no_secret(capfd, monkeypatch, s3_env, hostfile,
+                                                                     remote_tools):
+    # PyTorch's GPU settings go to the other hosts too (the out-of-memory line advises the allocator's);
+    # the GPUs DeepSpeed assigns on each host and this machine's paths do not
+    for name, value in {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "TORCH_NCCL_BLOCKING_WAIT": "1",
+                        "CUDA_LAUNCH_BLOCKING": "1", "CUDA_VISIBLE_DEVICES": "2,3", "TORCH_HOME": "/home/me/.torch"}.items():
+        monkeypatch.setenv(name, value)
     status, out, err = launch(capfd, "pretrain", "--config", DEMO, "--hostfile", str(hostfile), "--nodes", "2",
                               "--dry-run", "train.max_steps=10")
     assert status == 0, err
@@ -194,7 +200,8 @@ def test_hostfile_dry_run_prints_command_env_file_names_and_no_secret(capfd, s3_
         "train.max_steps=10")
     assert section(out, "env file LAUNCH_DIR/deepspeed_env") == [
         "AWS_ACCESS_KEY_ID=<set>", "AWS_ENDPOINT_URL=http://127.0.0.1:9000", "AWS_REGION=eu-west-1",
-        "AWS_SECRET_ACCESS_KEY=<set>", "AWS_SESSION_TOKEN=<set>", "NCCL_DEBUG=WARN"]
+        "AWS_SECRET_ACCESS_KEY=<set>", "AWS_SESSION_TOKEN=<set>", "CUDA_LAUNCH_BLOCKING=1", "NCCL_DEBUG=WARN",
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True", "TORCH_NCCL_BLOCKING_WAIT=1"]
     for secret in (SECRET, TOKEN, KEY_ID):
         assert secret not in out + err
     assert not Path("LAUNCH_DIR").exists()  # a dry run writes nothing
