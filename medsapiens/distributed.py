@@ -31,7 +31,8 @@ TORCH_THREADS = torch.get_num_threads()  # torch's own count, before `share_core
 ALLOW_CPU = "MEDSAPIENS_ALLOW_CPU"  # =1: train on the CPU of a host whose GPUs CUDA cannot use (the launchers pass it on)
 # Start-up notices of DeepSpeed and torch that tell a CPU user nothing (DeepSpeed is imported later,
 # lazily, by this module and its users; the filters are in place before its loggers print).
-CPU_NOTICES = {"DeepSpeed": "Setting accelerator to CPU"}
+# (torch.utils.cpp_extension's: when torch.compile, train.compile=true, builds its CPU kernels)
+CPU_NOTICES = {"DeepSpeed": "Setting accelerator to CPU", "torch.utils.cpp_extension": "No CUDA runtime is found"}
 
 
 class _DropNotice(logging.Filter):
