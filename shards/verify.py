@@ -55,7 +55,7 @@ def shard_problems(manifest: Manifest, shard: ShardInfo, seen: set[str]) -> list
                 problems.append(f"{url}: sample {key} appears twice in the shard set")
             seen.add(key)
             problems += sample_problems(manifest, shard, key, sample)
-    except FileNotFoundError:
+    except shard_tar.MissingShard:
         return [f"{url}: missing"]
     except storage.S3Refusal as exc:  # another bucket's (a few-shot subset's shards), refused: the others still count
         return [f"{url}: unreadable ({exc})"]

@@ -73,6 +73,10 @@ class ShardError(UserError, ValueError):
     """A shard that is not what its manifest says (compressed, too long, another sha256)."""
 
 
+class MissingShard(ShardError):
+    """A shard its manifest lists that is not there."""
+
+
 class CheckedStream:
     """A read-only stream that counts and hashes every byte read and refuses to go past `limit`."""
 
@@ -141,10 +145,15 @@ def tar_samples(stream: CheckedStream):
 def read_shard(manifest, shard):
     """Samples of one shard ({"__key__", "__url__", extension: bytes}), in order, as WebDataset
     gives them, read only as the manifest promised: its sha256 is checked at its end, a ShardError
-    when it differs."""
+    when it differs or when the shard is not there."""
     url = manifest.url_of(shard)
     seen: set[str] = set()
-    with contextlib.closing(CheckedStream(storage.open_stream(url), url, shard.bytes)) as stream:
+    try:
+        raw = storage.open_stream(url)
+    except FileNotFoundError:  # not the bare OS message: say whose list names it, and what checks them all
+        raise MissingShard(f"{url}: missing, though {manifest.location} lists it "
+                         "(`medsapiens shards verify` checks every shard)") from None
+    with contextlib.closing(CheckedStream(raw, url, shard.bytes)) as stream:
         for key, members in tar_samples(stream):
             if key in seen:
                 raise ShardError(f"{url}: sample {key} appears twice; a shard holds each key once")

@@ -131,9 +131,23 @@ def test_training_stops_on_a_listed_shard_that_is_gone(shards):
     gone = manifest.url_of(manifest.shards_for("head", "train")[0])
     Path(gone).unlink()
     stream = TrainStream(manifest, DataConfig(micro_batch=2, shuffle_buffer=4), ["head"], (96, 128), 0, 0)
-    with pytest.raises(ShardError, match=f"{gone}: a shard the manifest lists cannot be read"):
+    with pytest.raises(ShardError, match=f"{gone}: missing, though {shards} lists it"):
         for _, _ in zip(range(100), stream, strict=False):
             pass
+
+
+@pytest.mark.timeout(60)
+def test_a_listed_shard_that_is_gone_is_named_with_its_manifest_by_evaluation_and_inspect(shards, capsys):
+    """Evaluation, validation and calibration said only the OS's `[Errno 2] No such file or directory`."""
+    manifest = load_manifest(shards)
+    gone = manifest.url_of(manifest.shards_for("head", "test1")[0])
+    Path(gone).unlink()
+    with pytest.raises(ShardError, match=f"{gone}: missing, though {shards} lists it"):
+        list(eval_examples(manifest, "head", "test1", (96, 128)))
+    assert main(["shards", "inspect", str(shards)]) == 1
+    assert f"error: {gone}: missing, though {shards} lists it" in capsys.readouterr().err
+    assert main(["shards", "verify", str(shards)]) == 1
+    assert f"{gone}: missing\n" in capsys.readouterr().out
 
 
 def retarred(data: bytes, order) -> bytes:
