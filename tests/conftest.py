@@ -110,6 +110,16 @@ def refused_here(capsys, args: list[str], *expected: str) -> str:
     return stderr
 
 
+def cli_here(capsys, args: list[str]) -> subprocess.CompletedProcess:
+    """The `medsapiens` command through its main in this process, for tests of what a command decides rather
+    than of its process: each subprocess spends seconds importing torch, timm and DeepSpeed."""
+    from medsapiens.launch.cli import main
+
+    code = main(args)
+    printed = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, printed.out, printed.err)
+
+
 def deepspeed_module(module: str, ranks: int, args: list[str], timeout: float = 240,
                      env: dict | None = None) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N --module M ...`: N CPU ranks on gloo through the real launcher."""

@@ -11,7 +11,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import CLI, FINETUNE_CONFIG, deepspeed_module, finetune_args, losses, run, unlisted_on, write_dicom
+from conftest import (
+    CLI,
+    FINETUNE_CONFIG,
+    cli_here,
+    deepspeed_module,
+    finetune_args,
+    losses,
+    run,
+    unlisted_on,
+    write_dicom,
+)
 from safetensors.torch import load_file
 
 from medsapiens import config as configlib
@@ -244,12 +254,12 @@ def isbi_truth(raw_head: Path, image: Path) -> np.ndarray:
 
 
 @pytest.mark.timeout(500)
-def test_predict_on_phantom_images_lands_near_the_truth(head_expert, phantom_shards, tmp_path):
+def test_predict_on_phantom_images_lands_near_the_truth(head_expert, phantom_shards, tmp_path, capsys):
     raw_head = phantom_shards.parent / "raw" / "head"
     images = sorted((raw_head / "RawImage" / "Test1Data").glob("*.bmp"))
     out = tmp_path / "pred"
-    proc = run([*CLI, "predict", "--bundle", str(head_expert / "bundle"), "--out", str(out), "--overlays",
-                str(raw_head / "RawImage" / "Test1Data")], 120)
+    proc = cli_here(capsys, ["predict", "--bundle", str(head_expert / "bundle"), "--out", str(out), "--overlays",
+                             str(raw_head / "RawImage" / "Test1Data")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     train_truth = np.stack([isbi_truth(raw_head, p) for p in (raw_head / "RawImage" / "TrainingData").glob("*.bmp")])
     mean_shape = train_truth.mean(axis=0)  # the best guess that ignores the image
@@ -267,7 +277,7 @@ def test_predict_on_phantom_images_lands_near_the_truth(head_expert, phantom_sha
 
 
 @pytest.mark.timeout(120)
-def test_a_16_bit_image_and_its_8_bit_export_give_the_same_landmarks(head_expert, phantom_shards, tmp_path):
+def test_a_16_bit_image_and_its_8_bit_export_give_the_same_landmarks(head_expert, phantom_shards, tmp_path, capsys):
     """A trained model, the same radiograph as 8-bit, 16-bit and 10-bit-in-16 PNG: landmarks within
     1 px at the model's input scale (96 x 128 for these 480 x 600 images)."""
     from PIL import Image
@@ -280,7 +290,7 @@ def test_a_16_bit_image_and_its_8_bit_export_give_the_same_landmarks(head_expert
     Image.fromarray((eight * 257).astype(np.uint16)).save(inputs / "sixteen.png")
     Image.fromarray(np.rint(eight * 1023 / 255).astype(np.uint16)).save(inputs / "ten.png")
     out = tmp_path / "out"
-    proc = run([*CLI, "predict", "--bundle", str(head_expert / "bundle"), "--out", str(out), str(inputs)], 120)
+    proc = cli_here(capsys, ["predict", "--bundle", str(head_expert / "bundle"), "--out", str(out), str(inputs)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     landmarks = json.loads((out / "predictions.json").read_text())["landmarks"]
     for other in ("sixteen", "ten"):
@@ -289,14 +299,14 @@ def test_a_16_bit_image_and_its_8_bit_export_give_the_same_landmarks(head_expert
 
 
 @pytest.mark.timeout(120)
-def test_predict_reads_dicom_spacing_and_lists_failures(head_expert, tmp_path):
+def test_predict_reads_dicom_spacing_and_lists_failures(head_expert, tmp_path, capsys):
     inputs = tmp_path / "in"
     inputs.mkdir()
     pixels = np.random.default_rng(0).integers(0, 4000, (300, 240)).astype(np.uint16).tobytes()
     write_dicom(inputs / "scan.dcm", 300, 240, pixels, bits_stored=12, PixelSpacing=[0.2, 0.1])  # row, column
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "out"
-    proc = run([*CLI, "predict", "--bundle", str(head_expert / "bundle"), "--out", str(out), str(inputs)], 120)
+    proc = cli_here(capsys, ["predict", "--bundle", str(head_expert / "bundle"), "--out", str(out), str(inputs)])
     assert proc.returncode == 0  # one input failed: listed, the run completes
     result = json.loads((out / "scan.json").read_text())
     assert result["spacing_mm"] == [0.1, 0.2] and "PixelSpacing" in result["spacing_source"]
@@ -304,17 +314,17 @@ def test_predict_reads_dicom_spacing_and_lists_failures(head_expert, tmp_path):
     failures = json.loads((out / "failures.json").read_text())
     assert [f["image"] for f in failures] == [str(inputs / "broken.png")] and failures[0]["reason"] == "unreadable_image"
     assert "broken.png" in proc.stderr
-    nothing = run([*CLI, "predict", "--bundle", str(head_expert / "bundle"), "--out", str(tmp_path / "none"),
-                   str(inputs / "broken.png")], 120)
+    nothing = cli_here(capsys, ["predict", "--bundle", str(head_expert / "bundle"), "--out", str(tmp_path / "none"),
+                                str(inputs / "broken.png")])
     assert nothing.returncode == 1 and "error: none of the 1 input(s) could be predicted" in nothing.stderr
     assert json.loads((tmp_path / "none" / "failures.json").read_text())[0]["reason"] == "unreadable_image"
 
 
 @pytest.mark.timeout(200)
-def test_evaluate_writes_reports_and_agrees_with_prediction_files(head_expert, phantom_shards, tmp_path):
+def test_evaluate_writes_reports_and_agrees_with_prediction_files(head_expert, phantom_shards, tmp_path, capsys):
     out = tmp_path / "eval"
-    proc = run([*CLI, "evaluate", "--bundle", str(head_expert / "bundle"), "--shards", str(phantom_shards),
-                "--split", "test1", "--out", str(out), "--overlays", "3"], 120)
+    proc = cli_here(capsys, ["evaluate", "--bundle", str(head_expert / "bundle"), "--shards", str(phantom_shards),
+                             "--split", "test1", "--out", str(out), "--overlays", "3"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     for key in ("mre", "mre_std_landmarks", "mre_std_images", "sdr", "per_landmark", "worst", "unit",
@@ -326,21 +336,22 @@ def test_evaluate_writes_reports_and_agrees_with_prediction_files(head_expert, p
     # The same images scored from prediction files (predict on the raw BMPs, ground truth from the txt files)
     raw_head = phantom_shards.parent / "raw" / "head"
     pred_dir = tmp_path / "pred"
-    assert run([*CLI, "predict", "--bundle", str(head_expert / "bundle"), "--out", str(pred_dir),
-                str(raw_head / "RawImage" / "Test1Data")], 120).returncode == 0
+    assert cli_here(capsys, ["predict", "--bundle", str(head_expert / "bundle"), "--out", str(pred_dir),
+                             str(raw_head / "RawImage" / "Test1Data")]).returncode == 0
     ids = sorted(json.loads((pred_dir / "predictions.json").read_text())["landmarks"])
     truth = {"dataset": "head", "landmarks": {i: isbi_truth(raw_head, Path(f"{i}.bmp")).tolist() for i in ids}}
     (tmp_path / "gt.json").write_text(json.dumps(truth))
     files = tmp_path / "files"
-    assert run([*CLI, "evaluate", "--predictions", str(pred_dir / "predictions.json"), "--ground-truth",
-                str(tmp_path / "gt.json"), "--out", str(files)], 60).returncode == 0
+    assert cli_here(capsys, ["evaluate", "--predictions", str(pred_dir / "predictions.json"), "--ground-truth",
+                             str(tmp_path / "gt.json"), "--out", str(files)]).returncode == 0
     from_files = json.loads((files / "report.json").read_text())
     assert from_files["images"] == report["images"]
     assert from_files["mre"] == pytest.approx(report["mre"], rel=0.05)  # shards store images resized to 128 px
 
 
 @pytest.mark.timeout(200)
-def test_an_image_of_the_split_rejected_at_the_build_is_counted_in_its_evaluation(head_expert, phantom_shards, tmp_path):
+def test_an_image_of_the_split_rejected_at_the_build_is_counted_in_its_evaluation(head_expert, phantom_shards, tmp_path,
+                                                                                  capsys):
     """A test image the build rejects (a landmark outside it) would otherwise leave the split smaller
     without a word: the manifest counts it per split, the evaluation says so."""
     from medsapiens.shards.build import BuildOptions, build
@@ -358,8 +369,8 @@ def test_an_image_of_the_split_rejected_at_the_build_is_counted_in_its_evaluatio
     rejected = [json.loads(line) for line in (shards / "rejected.jsonl").read_text().splitlines()]
     assert [(r["id"], r["split"], r["reason"]) for r in rejected] == [("151", "test1", "landmark_outside_image")]
     out = tmp_path / "eval"
-    proc = run([*CLI, "evaluate", "--bundle", str(head_expert / "bundle"), "--shards", str(shards), "--split", "test1",
-                "--out", str(out)], 120)
+    proc = cli_here(capsys, ["evaluate", "--bundle", str(head_expert / "bundle"), "--shards", str(shards),
+                             "--split", "test1", "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["rejected_at_build"] == 1 and "; 1 more rejected at the shards' build)" in proc.stdout

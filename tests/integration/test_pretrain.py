@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CLI, REPO, deepspeed_module, losses, pretrain_args, run, stale_copy_on, unlisted_on
+from conftest import REPO, cli_here, deepspeed_module, losses, pretrain_args, run, stale_copy_on, unlisted_on
 from safetensors.torch import load_file, save_file
 
 from medsapiens import config as configlib
@@ -43,6 +43,21 @@ def zero2_run(phantom_shards, tmp_path_factory):
     assert not extensions.exists() and "built successfully" not in proc.stdout + proc.stderr  # no C++ compiler used
     assert set(SHARED_MEMORY.glob("deepspeed_*")) <= shared_memory  # nor DeepSpeed's shared-memory all-reduce
     (run_dir.parent / "job.log").write_text(proc.stderr)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def stopped_at_6(phantom_shards, tmp_path_factory) -> tuple[Path, str]:
+    """The zero2_run's schedule stopped at step 6 by train.stop_after, with what it printed; tests copy it."""
+    run_dir = tmp_path_factory.mktemp("stopped") / "run"
+    proc = deepspeed_module("medsapiens.pretrain", 2, config_args(phantom_shards, run_dir, "train.stop_after=6"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc.stderr
+
+
+def copy_of(stopped_at_6, tmp_path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped_at_6[0], run_dir)
     return run_dir
 
 
@@ -91,13 +106,12 @@ def test_two_ranks_zero2_train_log_checkpoint_and_export(zero2_run, phantom_shar
 
 
 @pytest.mark.timeout(300)
-def test_resume_continues_the_same_losses(zero2_run, phantom_shards, tmp_path):
-    run_dir = tmp_path / "run"
-    first = deepspeed_module("medsapiens.pretrain", 2, config_args(phantom_shards, run_dir, "train.stop_after=6"))
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_resume_continues_the_same_losses(zero2_run, stopped_at_6, phantom_shards, tmp_path):
+    stopped, printed = stopped_at_6
+    assert f"stopped at step 6 (train.stop_after); a rerun into {stopped} resumes from checkpoint step_00000006" \
+        in printed
+    run_dir = copy_of(stopped_at_6, tmp_path)
     assert max(losses(run_dir)) == 6
-    assert f"stopped at step 6 (train.stop_after); a rerun into {run_dir} resumes from checkpoint step_00000006" \
-        in first.stderr
     with open(run_dir / "metrics.jsonl", "a") as f:  # as if the job had died writing step 9, past its checkpoint
         f.write('{"step": 7, "loss/total": 99.0}\n{"step": 8, "loss/total": 99.0}\n{"step": 9, "loss/to')
     stale = unlisted_on(1, "step_00000006")  # rank 1 alone does not list the checkpoint
@@ -114,10 +128,8 @@ def test_resume_continues_the_same_losses(zero2_run, phantom_shards, tmp_path):
 
 
 @pytest.mark.timeout(420)
-def test_universal_checkpoint_resumes_at_another_world_size(phantom_shards, tmp_path):
-    run_dir = tmp_path / "run"
-    first = deepspeed_module("medsapiens.pretrain", 2, config_args(phantom_shards, run_dir, "train.stop_after=6"))
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_universal_checkpoint_resumes_at_another_world_size(stopped_at_6, phantom_shards, tmp_path):
+    run_dir = copy_of(stopped_at_6, tmp_path)
     as_is = run([sys.executable, "-m", "medsapiens.pretrain", *config_args(phantom_shards, run_dir)], 180)
     assert as_is.returncode == 2 and "Traceback" not in as_is.stderr, as_is.stderr[-3000:]
     assert (f"error: checkpoint {run_dir}/checkpoints/step_00000006 was saved by 2 rank(s), this run has 1: "
@@ -219,11 +231,11 @@ def test_resume_none_starts_over_with_the_earlier_run_moved_aside_whole(two_rank
 
 
 @pytest.mark.timeout(300)
-def test_export_replaces_nothing_without_force_and_a_rerun_changes_nothing(two_rank_run, tmp_path):
+def test_export_replaces_nothing_without_force_and_a_rerun_changes_nothing(two_rank_run, tmp_path, capsys):
     out, notes = tmp_path / "bundle", tmp_path / "notes"
 
     def export(where, *extra):
-        return run([*CLI, "pretrain", "export", str(two_rank_run), "--out", str(where), *extra], 120)
+        return cli_here(capsys, ["pretrain", "export", str(two_rank_run), "--out", str(where), *extra])
 
     def contents(where):
         return {p.name: p.read_bytes() for p in where.iterdir()}
