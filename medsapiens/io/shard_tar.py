@@ -70,7 +70,7 @@ KEY = re.compile(r"[A-Za-z0-9_-]+")  # what record.sample_key makes
 
 
 class ShardError(UserError, ValueError):
-    """A shard that is not what its manifest says (compressed, too long, another sha256)."""
+    """A shard that is not what its manifest says (compressed, too long, another sha256, missing)."""
 
 
 class MissingShard(ShardError):
@@ -152,7 +152,7 @@ def read_shard(manifest, shard):
         raw = storage.open_stream(url)
     except FileNotFoundError:  # not the bare OS message: say whose list names it, and what checks them all
         raise MissingShard(f"{url}: missing, though {manifest.location} lists it "
-                         "(`medsapiens shards verify` checks every shard)") from None
+                           "(`medsapiens shards verify` checks every shard)") from None
     with contextlib.closing(CheckedStream(raw, url, shard.bytes)) as stream:
         for key, members in tar_samples(stream):
             if key in seen:
