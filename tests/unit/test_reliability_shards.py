@@ -134,6 +134,11 @@ def test_training_stops_on_a_listed_shard_that_is_gone(shards):
     with pytest.raises(ShardError, match=f"{gone}: missing, though {shards} lists it"):
         for _, _ in zip(range(100), stream, strict=False):
             pass
+    Path(gone).mkdir()  # there, but unreadable: an OSError other than a missing file
+    stream = TrainStream(manifest, DataConfig(micro_batch=2, shuffle_buffer=4), ["head"], (96, 128), 0, 0)
+    with pytest.raises(ShardError, match=f"{gone}: a shard the manifest lists cannot be read"):
+        for _, _ in zip(range(100), stream, strict=False):
+            pass
 
 
 @pytest.mark.timeout(60)
