@@ -6,8 +6,10 @@ training) is marked `slow`."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -25,12 +27,49 @@ KEY_ID = "AKIAFAKEKEYID0000042"
 
 
 INTEGRATION = Path(__file__).resolve().parent / "integration"
+# The session fixtures that train something. setup.cfg runs the suite on 2 pytest-xdist workers, a test file at a
+# time (`--dist loadfile`); the files naming one of these run on the one worker that builds it.
+SHARED_RUNS = {"head_hand_bundle": "trained models", "head_expert": "trained models", "two_rank_run": "two-rank run"}
 
 
 def pytest_collection_modifyitems(items) -> None:
     for item in items:
         if INTEGRATION in Path(item.fspath).parents:
             item.add_marker(pytest.mark.slow)
+        for fixture in SHARED_RUNS.keys() & set(item.fixturenames):
+            if work_unit(item.nodeid.split("::")[0]) != SHARED_RUNS[fixture]:
+                raise pytest.UsageError(f"{item.nodeid} uses {fixture} but is not scheduled with it (work_unit): "
+                                        "name it in the test file, one shared run per file")
+
+
+def pytest_configure(config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # A worker and every process it starts take one thread, as each of two ranks on 2 cores does: two
+        # trainings side by side, each with torch's own count, took twice as long (bench/RESULTS.md, "The test
+        # suite on 2 workers").
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@functools.cache
+def work_unit(test_file: str) -> str:
+    """What a test file is scheduled with: the shared run it names, else the file alone."""
+    text = (REPO / test_file).read_text()
+    return next((unit for name, unit in SHARED_RUNS.items() if re.search(rf"\b{name}\b", text)), test_file)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with the files of one shared run in one unit of work. (xdist's own `loadgroup` cannot
+    do it with pytest 9.2, whose node ids its marks no longer reach.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedRunScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(super()._split_scope(nodeid))
+
+    return SharedRunScheduling(config, log)
 
 
 def largest_micro_batches(capsys, arch: str) -> dict[str, list[int]]:
