@@ -92,8 +92,10 @@ def run(cmd: list[str], timeout: float, cwd: Path = REPO, env: dict | None = Non
     """Run a command to completion within `timeout` seconds; its output is kept for assertions. On a
     timeout, pytest-timeout's alarm or Ctrl-C, its whole process group is killed: DeepSpeed's runner
     with its ranks; `medsapiens launch`, whose job runs in sessions of its own, with its keeper, which
-    then stops the job as for any killed launcher."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    then stops the job as for any killed launcher. `env` adds to this process's environment; a None value leaves
+    that variable out."""
+    merged = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {name: value for name, value in merged.items() if value is not None}
     with subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as job:
         try:

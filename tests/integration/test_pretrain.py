@@ -38,7 +38,7 @@ def zero2_run(phantom_shards, tmp_path_factory):
     extensions = run_dir.parent / "torch_extensions"  # where DeepSpeed would compile an op
     shared_memory = set(SHARED_MEMORY.glob("deepspeed_*"))
     proc = deepspeed_module("medsapiens.pretrain", 2, config_args(phantom_shards, run_dir),
-                            env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+                            env={"TORCH_EXTENSIONS_DIR": str(extensions), "OMP_NUM_THREADS": None})  # not the workers' 1
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not extensions.exists() and "built successfully" not in proc.stdout + proc.stderr  # no C++ compiler used
     assert set(SHARED_MEMORY.glob("deepspeed_*")) <= shared_memory  # nor DeepSpeed's shared-memory all-reduce
@@ -65,7 +65,8 @@ def copy_of(stopped_at_6, tmp_path) -> Path:
 def test_two_ranks_zero2_train_log_checkpoint_and_export(zero2_run, phantom_shards, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    share = os.environ.get("OMP_NUM_THREADS") or max(1, TORCH_THREADS // 2)  # the 2 ranks share the cores
+    alone = run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], 60, env={"OMP_NUM_THREADS": None})
+    share = max(1, int(alone.stdout) // 2)  # the 2 ranks share torch's own count
     assert (f"micro-batch 4 x accumulation 1 x 2 rank(s) = global batch 8, {share} CPU thread(s) per rank"
             in (zero2_run.parent / "job.log").read_text())
     by_step = losses(zero2_run)
